@@ -1,0 +1,2 @@
+"""The integer-constraint autotuner (``rnnops.autotune``): hardware model, per-kernel search
+spaces, ranking, measurement and the persistent per-device cache."""

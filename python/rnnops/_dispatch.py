@@ -1,0 +1,95 @@
+"""Backend registry and selection.
+
+Each op registers one implementation per backend. Backends, in the order ``auto`` tries them:
+
+- CUDA tensors: ``cuda``, ``triton``, ``chunked``, ``reference`` (the autotune cache will rank
+  the first two per shape bucket once it exists).
+- CPU tensors: ``chunked``, ``reference``.
+
+An implementation may come with a ``supports(**info)`` function that returns ``None`` when it
+can take the inputs, or a sentence saying why not; ``auto`` skips such a backend, an explicit
+request for it raises ``ValueError`` with that sentence.
+
+``RNNOPS_BACKEND=<name>`` replaces ``auto`` for every op that has that backend; ops without it
+keep the ``auto`` order. An explicit ``backend=`` argument always wins.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("reference", "chunked", "triton", "cuda")
+_AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "chunked", "reference"),
+    "cpu": ("chunked", "reference"),
+}
+
+
+@dataclass(frozen=True)
+class Implementation:
+    fn: Callable
+    supports: Callable[..., str | None] | None = None
+
+    def reason_unsupported(self, info: dict) -> str | None:
+        return None if self.supports is None else self.supports(**info)
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, supports: Callable[..., str | None] | None = None):
+    """Decorator: register ``fn`` as ``op``'s implementation for ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+
+    def wrap(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, supports)
+        return fn
+
+    return wrap
+
+
+def available(op: str) -> tuple[str, ...]:
+    """Backends registered for ``op``, in ``BACKENDS`` order."""
+    return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
+
+
+def resolve(op: str, backend, device: torch.device, **info) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for ``backend`` ("auto" or a name); returns (name, fn).
+
+    ``info`` (dtype, sizes, ...) is passed to each candidate's ``supports`` check.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
+    impls = _REGISTRY[op]
+    if backend == "auto":
+        preferred = os.environ.get("RNNOPS_BACKEND", "").strip()
+        if preferred:
+            if preferred not in BACKENDS:
+                raise ValueError(
+                    f"{op}: RNNOPS_BACKEND={preferred!r} is not a backend; known: {', '.join(BACKENDS)}"
+                )
+            if preferred in impls:
+                backend = preferred
+    if backend != "auto":
+        if backend not in impls:
+            raise ValueError(
+                f"{op}: backend must be 'auto' or one of {', '.join(map(repr, available(op)))}, "
+                f"got {backend!r}"
+            )
+        reason = impls[backend].reason_unsupported(info)
+        if reason is not None:
+            raise ValueError(f"{op}: backend {backend!r} cannot take these inputs: {reason}")
+        return backend, impls[backend].fn
+    reasons = []
+    for name in _AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]:
+        if name not in impls:
+            continue
+        reason = impls[name].reason_unsupported(info)
+        if reason is None:
+            return name, impls[name].fn
+        reasons.append(f"{name}: {reason}")
+    raise ValueError(f"{op}: no backend can take these inputs on {device}: " + "; ".join(reasons))

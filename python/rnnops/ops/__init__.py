@@ -1,0 +1,1 @@
+"""Public functional ops: validation at the boundary, then dispatch to a backend."""

@@ -1,0 +1,204 @@
+"""The delta rule (DeltaNet, Gated DeltaNet) and DeltaProduct."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validate as check
+from .._dispatch import resolve
+from ._common import add_time_axis, state_or_zeros
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    allow_neg_eigval: bool = False,
+    qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The delta rule with an optional scalar gate, per token and head (state S: (K, V))::
+
+        S <- exp(g_t) * S                                (Gated DeltaNet, if g is given)
+        S <- S + beta_t k_t (v_t - S^T k_t)^T            (S <- (I - beta k k^T) S + beta k v^T)
+        o_t = scale * S^T q_t
+
+    Args:
+        q, k: (B, T, H, K); keys are used as given (l2-normalise them, or pass qk_l2norm=True).
+        v: (B, T, H, V).
+        beta: (B, T, H) in [0, 1], or in [0, 2] with allow_neg_eigval=True (the transition
+            then has eigenvalues in [-1, 1]).
+        g: None or (B, T, H) log-decay, <= 0.
+        scale: defaults to K ** -0.5.
+        initial_state: (N, H, K, V), N = B, or the number of sequences with cu_seqlens.
+        output_final_state: return the state after the last token (else None).
+        cu_seqlens: int32/int64 offsets [0, ..., T] of packed sequences (B must be 1).
+        qk_l2norm: l2-normalise q and k over K first.
+        chunk_size: tokens per chunk for the chunked algorithms.
+        backend: "auto", "reference", "chunked".
+
+    Returns:
+        o (B, T, H, V) in q's dtype, and the final state (N, H, K, V) in float32 (float64 for
+        float64 inputs) or None. T = 0 gives an empty o and the initial state (or zeros).
+    """
+    checked = _validate("delta_rule", q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size,
+                     allow_neg_eigval, num_householder=None)
+    return _run("delta_rule", checked, q, k, v, beta, g, initial_state, output_final_state, cu_seqlens,
+                qk_l2norm, backend)
+
+
+def delta_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    num_householder: int,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    allow_neg_eigval: bool = False,
+    qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DeltaProduct: n_h = num_householder delta-rule steps per token::
+
+        S <- exp(g_t) * S                                              (if gated)
+        for j in 0..n_h-1:  S <- S + beta_tj k_tj (v_tj - S^T k_tj)^T
+        o_t = scale * S^T q_t
+
+    Shapes as :func:`delta_rule` except k (B, T, n_h, H, K), v (B, T, n_h, H, V) and
+    beta (B, T, n_h, H). num_householder = 1 is the delta rule.
+    """
+    checked = _validate("delta_product", q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size,
+                     allow_neg_eigval, num_householder=num_householder)
+    return _run("delta_product", checked, q, k, v, beta, g, initial_state, output_final_state, cu_seqlens,
+                qk_l2norm, backend)
+
+
+def delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+    allow_neg_eigval: bool = False,
+    qk_l2norm: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of :func:`delta_rule`: q, k (B, H, K); v (B, H, V); beta, g (B, H);
+    state (B, H, K, V) or None (zeros). Returns o (B, H, V) and the new state."""
+    op = "delta_rule_step"
+    o, new_state = delta_rule(
+        add_time_axis(op, "q", q, "B H K"),
+        add_time_axis(op, "k", k, "B H K"),
+        add_time_axis(op, "v", v, "B H V"),
+        add_time_axis(op, "beta", beta, "B H"),
+        add_time_axis(op, "g", g, "B H"),
+        scale=scale, initial_state=state, output_final_state=True, allow_neg_eigval=allow_neg_eigval,
+        qk_l2norm=qk_l2norm, backend=backend,
+    )
+    return o[:, 0], new_state
+
+
+def delta_product_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    num_householder: int,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+    allow_neg_eigval: bool = False,
+    qk_l2norm: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of :func:`delta_product`: q (B, H, K); k (B, n_h, H, K);
+    v (B, n_h, H, V); beta (B, n_h, H); g (B, H); state (B, H, K, V) or None (zeros)."""
+    op = "delta_product_step"
+    o, new_state = delta_product(
+        add_time_axis(op, "q", q, "B H K"),
+        add_time_axis(op, "k", k, "B NH H K"),
+        add_time_axis(op, "v", v, "B NH H V"),
+        add_time_axis(op, "beta", beta, "B NH H"),
+        add_time_axis(op, "g", g, "B H"),
+        num_householder=num_householder, scale=scale, initial_state=state, output_final_state=True,
+        allow_neg_eigval=allow_neg_eigval, qk_l2norm=qk_l2norm, backend=backend,
+    )
+    return o[:, 0], new_state
+
+
+class _Checked(NamedTuple):
+    dims: check.Dims
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+    chunk_size: int
+
+
+def _validate(op, q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size, allow_neg_eigval,
+              num_householder):
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
+        check.require_tensor(op, name, x)
+    for name, x in (("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
+        check.require_tensor(op, name, x, optional=True)
+    dims = check.Dims(op)
+    dims.bind("q", q, "B T H K")
+    if num_householder is None:
+        dims.bind("k", k, "B T H K")
+        dims.bind("v", v, "B T H V")
+        dims.bind("beta", beta, "B T H")
+    else:
+        dims.bind_int("NH", check.positive_int(op, "num_householder", num_householder), "num_householder")
+        dims.bind("k", k, "B T NH H K")
+        dims.bind("v", v, "B T NH H V")
+        dims.bind("beta", beta, "B T NH H")
+    if g is not None:
+        dims.bind("g", g, "B T H")
+    dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v, "beta": beta})
+    check.parameter_dtypes(op, {"g": g, "initial_state": initial_state}, dtype)
+    device = check.same_device(op, {"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state})
+    if cu_seqlens is None:
+        dims.bind_int("N", dims["B"], "the batch size")
+    else:
+        dims.bind_int("N", check.check_cu_seqlens(op, cu_seqlens, dims["B"], dims["T"], device), "len(cu_seqlens) - 1")
+    if initial_state is not None:
+        dims.bind("initial_state", initial_state, "N H K V")
+    beta_max = 2.0 if allow_neg_eigval else 1.0
+    check.check_range(op, "beta", beta, 0.0, beta_max,
+                      "a step size; [0, 2] needs allow_neg_eigval=True" if beta_max == 1.0 else "allow_neg_eigval=True")
+    check.check_range(op, "g", g, float("-inf"), 0.0, "a log-decay")
+    return _Checked(dims, dtype, device, check.resolve_scale(op, scale, dims["K"]),
+                    check.positive_int(op, "chunk_size", chunk_size))
+
+
+def _run(op, checked: _Checked, q, k, v, beta, g, initial_state, output_final_state, cu_seqlens, qk_l2norm,
+         backend):
+    dims, dtype, device, scale, chunk_size = checked
+    if dims["T"] == 0:
+        final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
+        return q.new_empty(q.shape[:3] + (dims["V"],)), final if output_final_state else None
+    if qk_l2norm:
+        q, k = (F.normalize(x.to(check.accumulation_dtype(dtype)), dim=-1).to(dtype) for x in (q, k))
+    _, impl = resolve(op, backend, device, dtype=dtype)
+    o, final = impl(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                    output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    return o, final if output_final_state else None

@@ -1,0 +1,105 @@
+"""Chunked linear attention with optional scalar or per-key log-decay."""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as check
+from .._dispatch import resolve
+from ._common import add_time_axis, state_or_zeros
+
+
+def linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Linear attention, a linear RNN with a matrix state S of shape (K, V) per head::
+
+        S_t = exp(g_t) * S_{t-1} + k_t^T v_t        (decay broadcast over V)
+        o_t = scale * q_t S_t
+
+    Args:
+        q, k: (B, T, H, K). v: (B, T, H, V).
+        g: None (plain linear attention), (B, T, H) scalar log-decay per head (RetNet,
+            Mamba-2 SSD, simple GLA) or (B, T, H, K) per-key log-decay (GLA). Must be <= 0.
+        scale: defaults to K ** -0.5.
+        initial_state: (N, H, K, V), N = B, or the number of sequences with cu_seqlens.
+        output_final_state: return the state after the last token (else None).
+        cu_seqlens: int32/int64 offsets [0, ..., T] of packed sequences (B must be 1).
+        chunk_size: tokens per chunk for the chunked algorithms.
+        backend: "auto", "reference", "chunked" (see ``rnnops.backends``).
+
+    Returns:
+        o (B, T, H, V) in q's dtype, and the final state (N, H, K, V) in float32 (float64 for
+        float64 inputs) or None. T = 0 gives an empty o and the initial state (or zeros).
+    """
+    op = "linear_attn"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check.require_tensor(op, name, x)
+    for name, x in (("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
+        check.require_tensor(op, name, x, optional=True)
+    dims = check.Dims(op)
+    dims.bind("q", q, "B T H K")
+    dims.bind("k", k, "B T H K")
+    dims.bind("v", v, "B T H V")
+    if g is not None:
+        dims.bind_one_of("g", g, ("B T H", "B T H K"))
+    dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v})
+    check.parameter_dtypes(op, {"g": g, "initial_state": initial_state}, dtype)
+    device = check.same_device(op, {"q": q, "k": k, "v": v, "g": g, "initial_state": initial_state})
+    if cu_seqlens is None:
+        dims.bind_int("N", dims["B"], "the batch size")
+    else:
+        dims.bind_int("N", check.check_cu_seqlens(op, cu_seqlens, dims["B"], dims["T"], device), "len(cu_seqlens) - 1")
+    if initial_state is not None:
+        dims.bind("initial_state", initial_state, "N H K V")
+    scale = check.resolve_scale(op, scale, dims["K"])
+    chunk_size = check.positive_int(op, "chunk_size", chunk_size)
+    check.check_range(op, "g", g, float("-inf"), 0.0, "a log-decay")
+
+    if dims["T"] == 0:
+        final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
+        return v.new_empty(v.shape), final if output_final_state else None
+    _, impl = resolve(op, backend, device, dtype=dtype, g=g)
+    o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
+                    output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    return o, final if output_final_state else None
+
+
+def linear_attn_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of :func:`linear_attn`.
+
+    q, k (B, H, K); v (B, H, V); g None, (B, H) or (B, H, K); state (B, H, K, V) or None (zeros).
+    Returns o (B, H, V) and the new state (B, H, K, V).
+    """
+    op = "linear_attn_step"
+    g_layout = "B H K" if isinstance(g, torch.Tensor) and g.dim() == 3 else "B H"
+    o, new_state = linear_attn(
+        add_time_axis(op, "q", q, "B H K"),
+        add_time_axis(op, "k", k, "B H K"),
+        add_time_axis(op, "v", v, "B H V"),
+        add_time_axis(op, "g", g, g_layout),
+        scale=scale,
+        initial_state=state,
+        output_final_state=True,
+        backend=backend,
+    )
+    return o[:, 0], new_state
+

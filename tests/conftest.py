@@ -1,0 +1,65 @@
+"""Shared test helpers: relative errors, backend comparisons with gradients, GPU skipping."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (b the reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(a, b, bound: float, what: str = "") -> None:
+    err = rel_err(a, b)
+    assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.0e}"
+
+
+def run_with_grads(fn, inputs: dict, cotangent_seed: int = 1):
+    """Run ``fn(**inputs)`` -> tensor or tuple of tensors (None entries allowed) on fresh leaf
+    copies of the floating inputs, back-propagate fixed random cotangents, and return
+    (outputs, {name: grad})."""
+    leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in inputs.items()}
+    outs = fn(**leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    outs = tuple(o for o in outs if o is not None)
+    gen = torch.Generator().manual_seed(cotangent_seed)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
+    torch.autograd.backward(outs, cotangents)
+    grads = {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    return outs, grads
+
+
+def as_float64(inputs: dict) -> dict:
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def compare_backends(fn, inputs: dict, bound: float, test: str = "chunked", reference: str = "reference"):
+    """Outputs and every input gradient of ``fn(backend=test, **inputs)`` against the float64
+    reference on the same inputs."""
+    outs_t, grads_t = run_with_grads(lambda **kw: fn(backend=test, **kw), inputs)
+    outs_r, grads_r = run_with_grads(lambda **kw: fn(backend=reference, **kw), as_float64(inputs))
+    assert len(outs_t) == len(outs_r)
+    for i, (a, b) in enumerate(zip(outs_t, outs_r)):
+        assert_close(a, b, bound, f"output {i}")
+    for name, grad in grads_r.items():
+        assert grads_t[name] is not None, f"no gradient for {name}"
+        assert_close(grads_t[name], grad, bound, f"d/d{name}")
