@@ -80,6 +80,16 @@ class Dims:
         expected = " or ".join(f"({', '.join(lay.split())})" for lay in layouts)
         raise ValueError(f"{self.op}: {name} must have shape {expected}, got shape {_shape(x)}")
 
+    def bind_sequences(self, letter: str, cu_seqlens, device: torch.device) -> int:
+        """Bind the number of sequences (the states' leading size): B, or len(cu_seqlens) - 1
+        for packed sequences (validated by :func:`check_cu_seqlens`)."""
+        if cu_seqlens is None:
+            self.bind_int(letter, self.sizes["B"], "the batch size")
+        else:
+            count = check_cu_seqlens(self.op, cu_seqlens, self.sizes["B"], self.sizes["T"], device)
+            self.bind_int(letter, count, "len(cu_seqlens) - 1")
+        return self.sizes[letter]
+
     def bind_int(self, letter: str, value: int, name: str) -> None:
         """Bind a dimension from an integer argument (e.g. num_householder)."""
         if letter in self.sizes and self.sizes[letter] != value:

@@ -176,10 +176,7 @@ def _validate(op, q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size
     dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v, "beta": beta})
     check.parameter_dtypes(op, {"g": g, "initial_state": initial_state}, dtype)
     device = check.same_device(op, {"q": q, "k": k, "v": v, "beta": beta, "g": g, "initial_state": initial_state})
-    if cu_seqlens is None:
-        dims.bind_int("N", dims["B"], "the batch size")
-    else:
-        dims.bind_int("N", check.check_cu_seqlens(op, cu_seqlens, dims["B"], dims["T"], device), "len(cu_seqlens) - 1")
+    dims.bind_sequences("N", cu_seqlens, device)
     if initial_state is not None:
         dims.bind("initial_state", initial_state, "N H K V")
     beta_max = 2.0 if allow_neg_eigval else 1.0

@@ -55,10 +55,7 @@ def linear_attn(
     dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v})
     check.parameter_dtypes(op, {"g": g, "initial_state": initial_state}, dtype)
     device = check.same_device(op, {"q": q, "k": k, "v": v, "g": g, "initial_state": initial_state})
-    if cu_seqlens is None:
-        dims.bind_int("N", dims["B"], "the batch size")
-    else:
-        dims.bind_int("N", check.check_cu_seqlens(op, cu_seqlens, dims["B"], dims["T"], device), "len(cu_seqlens) - 1")
+    dims.bind_sequences("N", cu_seqlens, device)
     if initial_state is not None:
         dims.bind("initial_state", initial_state, "N H K V")
     scale = check.resolve_scale(op, scale, dims["K"])

@@ -71,10 +71,7 @@ def selective_scan(
                                 "initial_state": initial_state}, dtype)
     device = check.same_device(op, {"u": u, "delta": delta, "z": z, "A": A, "B": B, "C": C, "D": D,
                                     "delta_bias": delta_bias, "initial_state": initial_state})
-    if cu_seqlens is None:
-        dims.bind_int("S", dims["B"], "the batch size")
-    else:
-        dims.bind_int("S", check.check_cu_seqlens(op, cu_seqlens, dims["B"], dims["T"], device), "len(cu_seqlens) - 1")
+    dims.bind_sequences("S", cu_seqlens, device)
     if initial_state is not None:
         dims.bind("initial_state", initial_state, "S Dm N")
 
