@@ -1,62 +1,115 @@
-"""The bench harness end to end on tiny cases (the real --quick run is the README's main job)."""
+"""The bench harness and report end to end on tiny cases (the real --quick run is the README's
+main job; its cases are too slow for a test)."""
 import json
 
+import pytest
 import torch
 
 import rnnops
 from rnnops.__main__ import main
 from rnnops.bench import cases as bench_cases
-from rnnops.bench import cli
-from rnnops.bench.timing import measure
+from rnnops.bench import cli, report
+from rnnops.bench.runner import run_case
+from rnnops.bench.timing import measure, peak_memory
+
+CPU = torch.device("cpu")
 
 
 def tiny_cases():
     return [
-        bench_cases._linear_attn_case("per-key", 1, 20, 2, 8, 8),
-        bench_cases._delta_case(2, True, 1, 12, 2, 8, 8),
-        bench_cases._selective_scan_case(1, 16, 8, 4),
-        bench_cases._rnn_module_case("gru", 2, 6, 8),
+        bench_cases.linear_attn_case("per-key", 1, 20, 2, 8, 8, quick=True, sweep="T"),
+        bench_cases.linear_attn_case("per-key", 1, 40, 2, 8, 8, sweep="T"),
+        bench_cases.delta_case(2, True, 1, 12, 2, 8, 8, quick=True),
+        bench_cases.selective_scan_case(1, 16, 8, 4, quick=True),
+        bench_cases.rnn_case("gru", 2, 6, 2, 4, quick=True),
     ]
 
 
-def test_every_standard_case_builds_and_runs_every_target_on_tiny_inputs(monkeypatch):
-    """Standard cases at their real shapes are too slow for a test; check their code paths
-    on shrunken copies of each family instead, and that the standard list covers all families."""
-    families = {case.op for case in bench_cases.standard_cases()}
-    assert families == {"linear_attn", "delta_rule", "delta_product", "selective_scan", "rnn"}
-    for case in tiny_cases():
-        rows = cli.run_case(case, torch.device("cpu"), torch.float32, None, repeats=1, log=lambda m: None)
-        assert {r["target"] for r in rows} == set(case.targets)
-        for row in rows:
-            assert row["rel_err"] < 1e-5, row
-            assert row["fwd"].median > 0 and row["fwd_bwd"].median > 0
+def test_standard_cases_cover_every_family_on_both_devices():
+    families = {"linear_attn", "delta_rule", "delta_product", "selective_scan", "rnn"}
+    for device in ("cpu", "cuda"):
+        cases = bench_cases.standard_cases(torch.device(device))
+        assert {c.op for c in cases} == families
+        assert {c.op for c in cases if c.quick} == families
+        assert len({c.name for c in cases}) == len(cases), "case names must be unique"
 
 
-def test_cli_writes_results_that_parse_back(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "standard_cases", tiny_cases)
+@pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.name)
+def test_every_case_runs_every_target(case):
+    rows, notes = run_case(case, CPU, torch.float32, repeats=1)
+    assert {r["target"] for r in rows} >= set(rnnops.available_backends(case.op))
+    for row in rows:
+        assert not row["mismatch"], row
+        assert row["fwd"].median > 0 and row["fwd_bwd"].median > 0
+        assert row["roofline"]["fwd"]["tflops"] > 0 and row["roofline"]["fwd"]["fraction"] is None
+    if case.op == "rnn":
+        assert "torch.nn.GRU" in {r["target"] for r in rows}
+
+
+def test_a_wrong_target_is_reported_as_a_mismatch(monkeypatch):
+    case = bench_cases.linear_attn_case("none", 1, 10, 1, 4, 4)
+    good = case.run
+    monkeypatch.setattr(case, "run", lambda x, backend: good(x, backend) * (1.01 if backend == "chunked" else 1))
+    rows, _ = run_case(case, CPU, torch.float32, repeats=1)
+    assert {r["target"]: r["mismatch"] for r in rows} == {"reference": False, "chunked": True}
+
+
+def test_cli_writes_a_report_that_parses_back(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "standard_cases", lambda device: tiny_cases())
     assert main(["bench", "--quick", "--ops", "linear_attn", "rnn", "--repeats", "1", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    assert "linear_attn" in table and "torch.nn.GRU" in table and "x base" in table
+    assert "torch.nn.GRU" in table and "x base f+b" in table
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["environment"]["rnnops"] == rnnops.__version__
-    targets = {(r["op"], r["target"]) for r in results["rows"]}
-    assert targets == {("linear_attn", "reference"), ("linear_attn", "chunked"), ("rnn", "torch.nn.GRU"),
-                       ("rnn", "reference")}
+    assert results["environment"]["rnnops"] == rnnops.__version__ and results["dtype"] == "float32"
+    assert {(r["op"], r["target"]) for r in results["rows"]} == {
+        ("linear_attn", "reference"), ("linear_attn", "chunked"), ("rnn", "reference"), ("rnn", "torch.nn.GRU")}
     for row in results["rows"]:
         assert row["fwd"]["median_s"] > 0 and len(row["fwd_bwd"]["samples_s"]) >= 1
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## linear_attn" in markdown and "| case | target |" in markdown
+    assert "speedup.png" in markdown  # rnn: reference against torch.nn.GRU
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<table>") >= 2 and "data:image/png;base64" in html
+    assert report.console_table(results) in table
 
 
-def test_backend_filter_keeps_baseline_and_peers():
-    la, _, _, gru = tiny_cases()
-    assert cli._targets(la, ["chunked"]) == ["reference", "chunked"]
-    assert cli._targets(la, ["reference"]) == ["reference"]
-    assert cli._targets(gru, ["chunked"]) == ["torch.nn.GRU"]
-    assert cli._targets(gru, None) == ["torch.nn.GRU", "reference"]
+def test_full_mode_plots_the_sweeps(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "standard_cases", lambda device: tiny_cases()[:2])
+    main(["bench", "--repeats", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "throughput_T.png").stat().st_size > 1000
+
+
+def test_compare_prints_ratios(tmp_path, capsys):
+    def results(seconds):
+        timing = {"median_s": seconds, "spread": 0.0, "samples_s": [seconds]}
+        return {"rows": [{"case": "c", "target": "chunked", "fwd": timing, "fwd_bwd": timing}]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(results(0.004)))
+    b.write_text(json.dumps(results(0.002)))
+    main(["bench", "--compare", str(a), str(b)])
+    out = capsys.readouterr().out
+    assert "2.00x" in out and "geometric mean A/B over 2 timings: 2.000x" in out
+
+
+def test_unknown_op_is_refused(monkeypatch):
+    with pytest.raises(SystemExit, match="unknown op"):
+        main(["bench", "--ops", "attention"])
 
 
 def test_measure_respects_repeats_and_time_limits():
     calls = []
-    timing = measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=4)
+    timing = measure(lambda: calls.append(1), CPU, warmup=2, repeats=4)
     assert len(timing.samples) == 4 and len(calls) == 6
-    slow = measure(lambda: sum(range(20000)), torch.device("cpu"), warmup=0, repeats=50, max_seconds=0.0)
+    slow = measure(lambda: sum(range(20000)), CPU, warmup=0, repeats=50, max_seconds=0.0)
     assert len(slow.samples) == 1
+
+
+def test_peak_memory_counts_live_tensors():
+    def two_alive_at_once():
+        a = torch.ones(1_000_000)
+        b = a * 2
+        del a
+        return (b + 1).sum()
+
+    assert 8_000_000 <= peak_memory(two_alive_at_once, CPU) < 8_100_000

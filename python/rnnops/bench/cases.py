@@ -1,8 +1,12 @@
-"""Standard benchmark cases: per op family, the inputs and every way to run them.
+"""Standard benchmark cases: per op family, the inputs, how to run them, and their work.
 
-A :class:`Case` builds its inputs once (``make``) and runs them through a *target*: one of the
-op's backends, or a peer implementation (e.g. ``torch.nn.LSTM``). Its ``baseline`` target is
-what speedups are quoted against and what the other targets' outputs are checked against.
+A :class:`Case` builds its inputs once (``make``; our op's argument names, our layouts) and
+runs them through one of our backends (``run``); peers (``rnnops.bench.peers``) convert the
+same inputs to their own layouts. Case lists differ by device: the CPU cases are sized for the
+Python-loop reference, the GPU cases are the shapes the kernel issues and the peers' own
+benchmarks name (flash-linear-attention: B8 H16 K=V=128; mamba_ssm: B8 D2048 N16; FlashRNN:
+B16 T1024 with (head dim, heads) from (16, 48) to (768, 1)). ``quick`` cases form
+``bench --quick``; ``sweep`` marks the cases of the T and B sweeps plotted in the report.
 """
 from __future__ import annotations
 
@@ -14,60 +18,62 @@ import torch.nn.functional as F
 
 import rnnops
 
+from . import roofline
+from .roofline import Work
+
+RNN_GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
+
 
 @dataclass
 class Case:
     op: str
     name: str
-    shape: dict[str, int]
+    shape: dict[str, object]  # sizes, plus variant tags: gate, gated, num_householder, cell
     make: Callable[[torch.device, torch.dtype], dict]
-    run: Callable[[dict, str], object]
-    targets: tuple[str, ...]
-    baseline: str = "reference"
-    quick: bool = True
+    run: Callable[[dict, str], torch.Tensor]  # (inputs, backend) -> the op's main output
+    work: Callable[[torch.dtype], Work]
+    quick: bool = False
+    sweep: str | None = None  # "T" or "B"
+    time_reference: bool = True  # False where the Python-loop reference would take minutes
 
 
 def _randn(shape, device, dtype, scale=1.0):
-    return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype)
+    return (torch.randn(shape, device=device) * scale).to(dtype)
 
 
-def _qkv(B, T, H, K, V, device, dtype):
-    return {
-        "q": _randn((B, T, H, K), device, dtype),
-        "k": F.normalize(torch.randn(B, T, H, K, device=device), dim=-1).to(dtype),
-        "v": _randn((B, T, H, V), device, dtype),
-    }
+def _unit(shape, device, dtype):
+    return F.normalize(torch.randn(shape, device=device), dim=-1).to(dtype)
 
 
-def _linear_attn_case(gate: str, B, T, H, K, V, quick=True) -> Case:
+def linear_attn_case(gate: str, B, T, H, K, V, **flags) -> Case:
     def make(device, dtype):
-        inputs = _qkv(B, T, H, K, V, device, dtype)
+        x = {"q": _randn((B, T, H, K), device, dtype), "k": _unit((B, T, H, K), device, dtype),
+             "v": _randn((B, T, H, V), device, dtype)}
         if gate == "scalar":
-            inputs["g"] = F.logsigmoid(torch.randn(B, T, H, device=device) + 4).to(dtype)
+            x["g"] = F.logsigmoid(torch.randn(B, T, H, device=device) + 4).to(dtype)
         elif gate == "per-key":
-            inputs["g"] = (F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16).to(dtype)
-        return inputs
+            x["g"] = (F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16).to(dtype)
+        return x
 
     def run(x, backend):
         return rnnops.linear_attn(x["q"], x["k"], x["v"], x.get("g"), backend=backend)[0]
 
-    label = {"none": "plain", "scalar": "scalar decay", "per-key": "GLA"}[gate]
-    return Case("linear_attn", f"{label} B{B} T{T} H{H} K{K} V{V}", dict(B=B, T=T, H=H, K=K, V=V), make, run,
-                rnnops.available_backends("linear_attn"), quick=quick)
+    label = {"none": "linear attention", "scalar": "scalar decay", "per-key": "GLA"}[gate]
+    return Case("linear_attn", f"{label} B{B} T{T} H{H} K{K} V{V}", dict(B=B, T=T, H=H, K=K, V=V, gate=gate),
+                make, run, lambda dtype: roofline.linear_attn(B, T, H, K, V, gate, dtype), **flags)
 
 
-def _delta_case(num_householder: int, gated: bool, B, T, H, K, V, quick=True) -> Case:
+def delta_case(num_householder: int, gated: bool, B, T, H, K, V, **flags) -> Case:
     op = "delta_rule" if num_householder == 1 else "delta_product"
+    steps = () if num_householder == 1 else (num_householder,)
 
     def make(device, dtype):
-        inputs = _qkv(B, T, H, K, V, device, dtype)
-        extra = () if num_householder == 1 else (num_householder,)
-        inputs["k"] = F.normalize(torch.randn((B, T) + extra + (H, K), device=device), dim=-1).to(dtype)
-        inputs["v"] = _randn((B, T) + extra + (H, V), device, dtype)
-        inputs["beta"] = torch.rand((B, T) + extra + (H,), device=device).to(dtype)
+        x = {"q": _randn((B, T, H, K), device, dtype), "k": _unit((B, T) + steps + (H, K), device, dtype),
+             "v": _randn((B, T) + steps + (H, V), device, dtype),
+             "beta": torch.rand((B, T) + steps + (H,), device=device).to(dtype)}
         if gated:
-            inputs["g"] = F.logsigmoid(torch.randn(B, T, H, device=device) + 4).to(dtype)
-        return inputs
+            x["g"] = F.logsigmoid(torch.randn(B, T, H, device=device) + 4).to(dtype)
+        return x
 
     def run(x, backend):
         args = (x["q"], x["k"], x["v"], x["beta"], x.get("g"))
@@ -76,63 +82,83 @@ def _delta_case(num_householder: int, gated: bool, B, T, H, K, V, quick=True) ->
         return rnnops.delta_product(*args, num_householder=num_householder, backend=backend)[0]
 
     label = ("gated " if gated else "") + ("delta rule" if num_householder == 1 else f"DeltaProduct n_h={num_householder}")
-    return Case(op, f"{label} B{B} T{T} H{H} K{K} V{V}", dict(B=B, T=T, H=H, K=K, V=V, n_h=num_householder),
-                make, run, rnnops.available_backends(op), quick=quick)
+    return Case(op, f"{label} B{B} T{T} H{H} K{K} V{V}",
+                dict(B=B, T=T, H=H, K=K, V=V, gated=gated, num_householder=num_householder), make, run,
+                lambda dtype: roofline.delta_rule(B, T, H, K, V, gated, dtype, num_householder=num_householder),
+                **flags)
 
 
-def _selective_scan_case(B, T, Dm, N, quick=True) -> Case:
+def selective_scan_case(B, T, Dm, N, **flags) -> Case:
     def make(device, dtype):
-        return {
-            "u": _randn((B, T, Dm), device, dtype),
-            "delta": _randn((B, T, Dm), device, dtype, 0.5),
-            "A": -torch.rand(Dm, N, device=device) * 4 - 0.5,
-            "B": _randn((B, T, N), device, dtype),
-            "C": _randn((B, T, N), device, dtype),
-            "D": torch.randn(Dm, device=device),
-            "z": _randn((B, T, Dm), device, dtype),
-            "delta_bias": torch.randn(Dm, device=device) * 0.1 - 2,
-        }
+        return {"u": _randn((B, T, Dm), device, dtype), "delta": _randn((B, T, Dm), device, dtype, 0.5),
+                "A": -torch.rand(Dm, N, device=device) * 4 - 0.5, "B": _randn((B, T, N), device, dtype),
+                "C": _randn((B, T, N), device, dtype), "D": torch.randn(Dm, device=device),
+                "z": _randn((B, T, Dm), device, dtype), "delta_bias": torch.randn(Dm, device=device) * 0.1 - 2}
 
     def run(x, backend):
         return rnnops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
                                      delta_softplus=True, backend=backend)
 
     return Case("selective_scan", f"Mamba-1 B{B} T{T} D{Dm} N{N}", dict(B=B, T=T, Dm=Dm, N=N), make, run,
-                rnnops.available_backends("selective_scan"), quick=quick)
+                lambda dtype: roofline.selective_scan(B, T, Dm, N, dtype), **flags)
 
 
-def _rnn_module_case(cell: str, B, T, hidden, quick=True) -> Case:
-    """rnnops.nn.LSTM/GRU per backend against torch.nn.LSTM/GRU (cuDNN / oneDNN)."""
-    torch_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
-    ours_cls = {"lstm": rnnops.nn.LSTM, "gru": rnnops.nn.GRU}[cell]
-    peer = f"torch.nn.{torch_cls.__name__}"
+def rnn_case(cell: str, B, T, H, D, **flags) -> Case:
+    """The input projection (input size H * D) runs inside every target, as in torch.nn.LSTM."""
+    G, hidden = RNN_GATES[cell], H * D
 
     def make(device, dtype):
-        reference = torch_cls(hidden, hidden, batch_first=True, device=device, dtype=dtype)
-        modules = {peer: reference}
-        for backend in rnnops.available_backends("rnn"):
-            ours = ours_cls(hidden, hidden, batch_first=True, device=device, dtype=dtype, backend=backend)
-            ours.load_state_dict(reference.state_dict())
-            modules[backend] = ours
-        return {"x": _randn((B, T, hidden), device, dtype), "modules": modules}
+        bound = hidden**-0.5
+        return {"x": _randn((B, T, hidden), device, dtype),
+                "W_ih": (torch.rand(G * hidden, hidden, device=device) * 2 - 1).mul(bound).to(dtype),
+                "b_ih": (torch.rand(G * hidden, device=device) * 2 - 1).mul(bound).to(dtype),
+                "R": (torch.rand(G, H, D, D, device=device) * 2 - 1).mul(D**-0.5).to(dtype),
+                "b": (torch.rand(G, H, D, device=device) * 2 - 1).mul(bound).to(dtype)}
 
-    def run(x, target):
-        return x["modules"][target](x["x"])[0]
+    def run(x, backend):
+        x_gates = F.linear(x["x"], x["W_ih"], x["b_ih"]).view(B, T, G, H, D)
+        return rnnops.rnn(x_gates, x["R"], x["b"], cell=cell, backend=backend)[0].reshape(B, T, hidden)
 
-    return Case("rnn", f"nn.{torch_cls.__name__} B{B} T{T} hidden{hidden}", dict(B=B, T=T, D=hidden, H=1), make, run,
-                (peer,) + rnnops.available_backends("rnn"), baseline=peer, quick=quick)
+    return Case("rnn", f"{cell} B{B} T{T} H{H} D{D}", dict(B=B, T=T, H=H, D=D, cell=cell), make, run,
+                lambda dtype: roofline.rnn(B, T, H, D, G, dtype), **flags)
 
 
-def standard_cases() -> list[Case]:
-    """Every case; ``quick`` ones form ``bench --quick`` (about a minute on two CPU cores)."""
-    cases = []
-    for T, quick in ((4096, True), (1024, False), (16384, False)):
-        for gate in ("none", "scalar", "per-key"):
-            cases.append(_linear_attn_case(gate, 1, T, 4, 64, 64, quick))
-        for gated in (False, True):
-            cases.append(_delta_case(1, gated, 1, T, 4, 64, 64, quick))
-    cases.append(_delta_case(2, True, 1, 2048, 4, 64, 64))
-    cases.append(_selective_scan_case(1, 2048, 1024, 16))
-    cases.append(_rnn_module_case("lstm", 8, 256, 256))
-    cases.append(_rnn_module_case("gru", 8, 256, 256))
+def _linear_family(B, T, H, K, V, **flags) -> list[Case]:
+    cases = [linear_attn_case(gate, B, T, H, K, V, **flags) for gate in ("none", "scalar", "per-key")]
+    cases += [delta_case(1, gated, B, T, H, K, V, **flags) for gated in (False, True)]
     return cases
+
+
+def cpu_cases() -> list[Case]:
+    cases = _linear_family(1, 4096, 4, 64, 64, quick=True, sweep="T")
+    for T in (1024, 16384):
+        cases += _linear_family(1, T, 4, 64, 64, sweep="T")
+    cases += _linear_family(4, 1024, 4, 64, 64, sweep="B")
+    cases.append(delta_case(2, True, 1, 2048, 4, 64, 64, quick=True))
+    cases.append(selective_scan_case(1, 2048, 1024, 16, quick=True, sweep="T"))
+    cases += [selective_scan_case(1, T, 1024, 16, sweep="T") for T in (512, 8192)]
+    cases += [rnn_case(cell, 8, 256, 1, 256, quick=True) for cell in ("lstm", "gru")]
+    cases += [rnn_case(cell, 8, 256, 4, 64) for cell in ("lstm", "gru")]
+    return cases
+
+
+FLASHRNN_HEADS = ((16, 48), (32, 24), (64, 12), (128, 6), (256, 3), (768, 1))  # (head dim, heads)
+
+
+def gpu_cases() -> list[Case]:
+    big = dict(time_reference=False)
+    cases = []
+    for T in (1024, 2048, 4096, 8192, 16384):
+        cases += _linear_family(8, T, 16, 128, 128, quick=T == 4096, sweep="T", **big)
+    for B in (1, 2, 4, 16):
+        cases += _linear_family(B, 4096, 16, 128, 128, sweep="B", **big)
+    cases += [delta_case(2, True, 8, T, 16, 128, 128, quick=T == 2048, **big) for T in (2048, 4096)]
+    cases += [selective_scan_case(8, T, 2048, 16, quick=T == 2048, sweep="T", **big) for T in (2048, 8192)]
+    for cell in ("lstm", "gru"):
+        for D, H in FLASHRNN_HEADS + ((192, 4),):
+            cases.append(rnn_case(cell, 16, 1024, H, D, quick=(D, H) in ((64, 12), (768, 1)) and cell == "lstm"))
+    return cases
+
+
+def standard_cases(device: torch.device) -> list[Case]:
+    return gpu_cases() if device.type == "cuda" else cpu_cases()

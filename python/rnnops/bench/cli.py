@@ -1,150 +1,144 @@
-"""``python -m rnnops bench``: run the standard cases, print a table, optionally write JSON.
+"""``python -m rnnops bench``: run the standard cases, print a table, write the report.
 
-Each target (backend or peer) is first checked against the case's baseline output (relative
-error reported), then timed forward (under no_grad) and forward+backward (random cotangent),
-median over repeats after a warm-up.
+    python -m rnnops bench [--quick] [--ops OP ...] [--backends NAME ...] [--peers]
+                           [--dtype DTYPE] [--device DEV] [--out DIR]
+    python -m rnnops bench --compare A.json B.json
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import platform
+import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import rnnops
 
-from .cases import Case, standard_cases
-from .timing import Timing, measure
+from . import report
+from .cases import standard_cases
+from .runner import run_case
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PEER_PACKAGES = ("flashrnn", "fla-core", "mamba-ssm", "triton")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the small standard set (about a minute on a CPU)")
     parser.add_argument("--ops", nargs="+", metavar="OP", help="only these op families (e.g. linear_attn rnn)")
-    parser.add_argument("--backends", nargs="+", metavar="NAME",
-                        help="only these backends (peers and each case's baseline always run)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--backends", nargs="+", metavar="NAME", help="only these rnnops backends")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time the installed peers (flashrnn, fla, mamba_ssm); torch.nn always runs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (at least)")
-    parser.add_argument("--out", type=Path, help="directory for results.json")
-
-
-def _select(cases: list[Case], args) -> list[Case]:
-    known = sorted({case.op for case in cases})
-    if args.ops:
-        unknown = sorted(set(args.ops) - set(known))
-        if unknown:
-            raise SystemExit(f"bench: unknown op(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return [c for c in cases if (c.quick or not args.quick) and (not args.ops or c.op in args.ops)]
-
-
-def _targets(case: Case, backends) -> list[str]:
-    return [t for t in case.targets if t == case.baseline or t not in rnnops._dispatch.BACKENDS
-            or backends is None or t in backends]
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _fwd_bwd(case: Case, inputs: dict, target: str, cotangent: torch.Tensor):
-    leaves = [x for x in inputs.values() if isinstance(x, torch.Tensor) and x.requires_grad]
-    leaves += [p for m in inputs.get("modules", {}).values() for p in m.parameters()]
-
-    def step():
-        for leaf in leaves:
-            leaf.grad = None
-        case.run(inputs, target).backward(cotangent)
-
-    return step
-
-
-def run_case(case: Case, device: torch.device, dtype: torch.dtype, backends, repeats: int, log) -> list[dict]:
-    torch.manual_seed(0)
-    inputs = case.make(device, dtype)
-    targets = _targets(case, backends)
-    with torch.no_grad():
-        outputs = {t: case.run(inputs, t) for t in targets}
-    rows = []
-    for target in targets:
-        with torch.no_grad():
-            fwd = measure(lambda: case.run(inputs, target), device, repeats=repeats, min_seconds=0.3,
-                          max_seconds=2.0)
-        rows.append({"op": case.op, "case": case.name, "shape": case.shape, "target": target,
-                     "baseline": case.baseline, "rel_err": _rel_err(outputs[target], outputs[case.baseline]),
-                     "fwd": fwd})
-        log(f"  {target:18s} fwd {fwd.median * 1e3:9.2f} ms")
-    for x in inputs.values():
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            x.requires_grad_(True)
-    cotangent = torch.randn_like(outputs[case.baseline])
-    for row in rows:
-        timing = measure(_fwd_bwd(case, inputs, row["target"], cotangent), device, repeats=repeats, min_seconds=0.3,
-                         max_seconds=2.0)
-        row["fwd_bwd"] = timing
-        log(f"  {row['target']:18s} fwd+bwd {timing.median * 1e3:9.2f} ms")
-    return rows
-
-
-def _speedup(rows: list[dict], row: dict, key: str) -> float:
-    base = next(r for r in rows if r["case"] == row["case"] and r["target"] == row["baseline"])
-    return base[key].median / row[key].median
-
-
-def format_table(rows: list[dict]) -> str:
-    header = ("op", "case", "target", "fwd ms", "x base", "fwd+bwd ms", "x base", "rel err", "baseline")
-    lines = [header]
-    for row in rows:
-        lines.append((row["op"], row["case"], row["target"], f"{row['fwd'].median * 1e3:.2f}",
-                      f"{_speedup(rows, row, 'fwd'):.1f}", f"{row['fwd_bwd'].median * 1e3:.2f}",
-                      f"{_speedup(rows, row, 'fwd_bwd'):.1f}", f"{row['rel_err']:.1e}", row["baseline"]))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    parser.add_argument("--out", type=Path, help="directory for results.json, report.md, report.html, plots")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                        help="print the ratios between two results files and exit")
 
 
 def environment(device: torch.device) -> dict:
     env = {"rnnops": rnnops.__version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": str(device), "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(rnnops.__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
     if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, cuda=torch.version.cuda, driver=torch.cuda.driver_version()
+                   if hasattr(torch.cuda, "driver_version") else None)
+    peers = {}
+    for package in PEER_PACKAGES:
+        try:
+            peers[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    env["triton"] = peers.pop("triton", None)
+    env["peers"] = peers
     return env
 
 
-def _serialise(row: dict) -> dict:
-    out = dict(row)
-    for key in ("fwd", "fwd_bwd"):
-        timing: Timing = row[key]
-        out[key] = {"median_s": timing.median, "spread": timing.spread, "samples_s": timing.samples}
+def _serialise(rows: list[dict]) -> list[dict]:
+    out = []
+    for row in rows:
+        row = dict(row)
+        for phase in ("fwd", "fwd_bwd"):
+            timing = row[phase]
+            row[phase] = None if timing is None else {"median_s": timing.median, "spread": timing.spread,
+                                                      "samples_s": timing.samples}
+        out.append(row)
     return out
 
 
+class Progress:
+    """One status line on a terminal, plain lines otherwise (both on stderr)."""
+
+    def __init__(self, total: int):
+        self.total, self.index = total, 0
+        self.tty = sys.stderr.isatty()
+
+    def case(self, index: int):
+        self.index = index
+
+    def __call__(self, text: str):
+        done = int(20 * (self.index - 1) / max(self.total, 1))
+        line = f"[{'#' * done}{'.' * (20 - done)}] {self.index}/{self.total} {text}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line[:150])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.compare:
+        a, b = (json.loads(path.read_text()) for path in args.compare)
+        print(report.compare(a, b))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
-    cases = _select(standard_cases(), args)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    cases = standard_cases(device)
+    known = sorted({case.op for case in cases})
+    if args.ops and set(args.ops) - set(known):
+        raise SystemExit(f"bench: unknown op(s) {', '.join(sorted(set(args.ops) - set(known)))}; known: {', '.join(known)}")
+    cases = [c for c in cases if (c.quick or not args.quick) and (not args.ops or c.op in args.ops)]
+    hardware = None
+    if device.type == "cuda":
+        from rnnops.autotune.hardware import from_device
 
-    def log(message):
-        print(message, file=sys.stderr, flush=True)
-
-    rows = []
-    for i, case in enumerate(cases, 1):
-        log(f"[{i}/{len(cases)}] {case.op}: {case.name}")
-        rows += run_case(case, device, dtype, args.backends, args.repeats, log)
-    print(f"rnnops {rnnops.__version__} on {device} ({args.dtype}); medians; 'x base' = speedup over the "
-          f"baseline target")
-    print(format_table(rows))
+        hardware = from_device(device.index or 0)
+    progress = Progress(len(cases))
+    rows, notes = [], {}
+    for index, case in enumerate(cases, 1):
+        progress.case(index)
+        case_rows, case_notes = run_case(case, device, dtype, backends=args.backends, include_peers=args.peers,
+                                         repeats=args.repeats, progress=progress, hardware=hardware)
+        rows += case_rows
+        if case_notes:
+            notes[case.name] = case_notes
+    progress.close()
+    results = {"schema": 1, "environment": environment(device), "device": str(device), "dtype": str(dtype).split(".")[-1],
+               "quick": args.quick, "hardware": None if hardware is None else asdict(hardware),
+               "rows": _serialise(rows), "notes": notes}
+    print(f"rnnops {rnnops.__version__} on {results['environment'].get('gpu') or device} ({results['dtype']}); "
+          "medians; 'x base' = speedup over the case's baseline")
+    print(report.console_table(results))
+    for case, case_notes in notes.items():
+        for note in case_notes:
+            print(f"note: {case}: {note}")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        results = {"environment": environment(device), "dtype": args.dtype, "rows": [_serialise(r) for r in rows]}
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        log(f"wrote {args.out / 'results.json'}")
+        written = report.write_report(results, args.out)
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0

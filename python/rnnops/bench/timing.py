@@ -50,3 +50,26 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
         enough = len(samples) >= repeats and spent >= min_seconds
         if enough or spent >= max_seconds or len(samples) >= 100:
             return Timing(samples)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes of tensor memory ``fn()`` allocates above what was in use when it started:
+    the CUDA caching allocator's peak on a GPU; on a CPU the running sum of the profiler's
+    allocation and free events (CPU tensors have no allocator statistics)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    in_use = peak = 0
+    for _, delta in deltas:
+        in_use += delta
+        peak = max(peak, in_use)
+    return peak

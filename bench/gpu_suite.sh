@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU suite, one `device` call (< 10 minutes): install the tree, print the GPU and versions,
+# run the GPU tests, compute-sanitizer on the CUDA kernels, and the bench with peers. Everything
+# lands in $OUT (results.json, report.md, report.html, plots, suite.log); the table prints last.
+#
+#   run: bash bench/gpu_suite.sh        (carry .whl for the peers: see README, "GPU suite")
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/rnnops-gpu}
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+section() { echo; echo "=== $* ($(date +%T))"; }
+
+{
+  section install
+  python -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl && export PYTHONPATH=/tmp/peers:${PYTHONPATH:-}
+  fi
+
+  section versions
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python - <<'PY'
+import importlib.metadata as md, torch, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+for pkg in ("fla-core", "flashrnn", "mamba-ssm", "cupy-cuda13x", "cupy-cuda12x"):
+    try:
+        print(pkg, md.version(pkg))
+    except md.PackageNotFoundError:
+        print(pkg, "not installed")
+PY
+  nvcc --version | tail -1
+
+  section "GPU tests"
+  timeout 240 python -m pytest -m gpu -q -x -p no:cacheprovider tests
+
+  section "compute-sanitizer"
+  if ls csrc/*/*.cu >/dev/null 2>&1 && [ -f bench/sanitize.py ]; then
+    for tool in memcheck racecheck; do timeout 120 compute-sanitizer --tool $tool python bench/sanitize.py; done
+  else
+    echo "no CUDA kernels yet: nothing to sanitize"
+  fi
+
+  section bench
+  timeout 330 python -m rnnops bench --quick --peers --out "$OUT" 2>/dev/null
+} 2>&1 | tee "$LOG"
+
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
+echo
+echo "commit with: cp \$files_at/results.json bench/results/${gpu}-$(date +%F).json"

@@ -1,0 +1,72 @@
+"""Work per op (flops and bytes) and the roofline floor it implies on a given GPU.
+
+Bytes are the algorithmic minimum: every input read once, every output written once (weights
+and decays included, states excluded as the standard cases start from zero). Flops follow the
+chunked algorithms the kernels implement (full C x C blocks, as kernels compute them), the
+backward counted as twice the forward's flops and bytes (its inputs plus the output gradient
+in, one gradient per input out). The floor is max(bytes / bandwidth, flops / peak).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rnnops.autotune.hardware import Hardware
+
+DTYPE_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+MATMUL_PEAK = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+               torch.float64: "float64"}
+
+
+@dataclass(frozen=True)
+class Work:
+    """Forward flops and bytes, and the compute dtype whose peak bounds the flops."""
+
+    flops: float
+    bytes: float
+    peak_dtype: str
+
+    def phase(self, phase: str) -> tuple[float, float]:
+        """(flops, bytes) of "fwd" or "fwd_bwd" (= 3x the forward)."""
+        factor = {"fwd": 1.0, "fwd_bwd": 3.0}[phase]
+        return self.flops * factor, self.bytes * factor
+
+    def floor_seconds(self, hardware: Hardware, phase: str) -> float | None:
+        """The roofline's lower bound on the time, or None if the hardware's peaks are unknown."""
+        peak = hardware.peak(self.peak_dtype)
+        if not peak or not hardware.memory_bandwidth:
+            return None
+        flops, moved = self.phase(phase)
+        return max(moved / hardware.memory_bandwidth, flops / peak)
+
+
+def linear_attn(B, T, H, K, V, gate: str, dtype, chunk=64) -> Work:
+    s = DTYPE_BYTES[dtype]
+    gate_elems = {"none": 0, "scalar": 1, "per-key": K}[gate]
+    moved = B * T * H * (2 * K + 2 * V + gate_elems) * s
+    flops = 2 * B * T * H * (chunk * K + chunk * V + 2 * K * V)
+    return Work(flops, moved, MATMUL_PEAK[dtype])
+
+
+def delta_rule(B, T, H, K, V, gated: bool, dtype, chunk=64, num_householder=1) -> Work:
+    s = DTYPE_BYTES[dtype]
+    steps = T * num_householder
+    moved = (B * T * H * (K + V + (1 if gated else 0)) + B * steps * H * (K + V + 1)) * s
+    per_step_macs = 2 * chunk * K + chunk * chunk / 3 + chunk * (K + V) + 3 * K * V + chunk * V
+    return Work(2 * B * steps * H * per_step_macs, moved, MATMUL_PEAK[dtype])
+
+
+def selective_scan(B, T, Dm, N, dtype, groups: int = 1) -> Work:
+    s = DTYPE_BYTES[dtype]
+    moved = (4 * B * T * Dm + 2 * B * T * groups * N) * s + 4 * (Dm * N + 2 * Dm)
+    return Work(7 * B * T * Dm * N, moved, "float32")
+
+
+def rnn(B, T, H, D, gates: int, dtype) -> Work:
+    """With the input projection (input size H * D) that every compared target runs."""
+    s = DTYPE_BYTES[dtype]
+    hidden = H * D
+    moved = (2 * B * T * hidden + gates * hidden * hidden + gates * H * D * D + 2 * gates * hidden) * s
+    flops = 2 * B * T * gates * hidden * hidden + 2 * B * T * gates * H * D * D + 10 * B * T * gates * hidden
+    return Work(flops, moved, MATMUL_PEAK[dtype])

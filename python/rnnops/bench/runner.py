@@ -1,0 +1,143 @@
+"""Run one standard case through every target: check, time, measure memory, place on the roofline.
+
+A target is one of our backends or a peer. Every target's output is first compared with the
+case's oracle (the reference, or on GPUs where the reference is not timed, the float32
+``chunked`` backend): a mismatch is reported in the row, never hidden. Then forward (under
+no_grad) and forward+backward (fixed random cotangent, fresh leaf inputs) are timed, medians
+after a warm-up, and their peak memory is measured.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import rnnops
+
+from .cases import Case
+from .peers import PeerUnavailable, peers_for
+from .timing import measure, peak_memory
+
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str  # "rnnops", "peer", or "peer-reference" (a peer's pure-PyTorch reference)
+    prepare: Callable[[dict], dict]  # our inputs -> what call() takes (outside the timed region)
+    call: Callable[[dict], torch.Tensor]
+    to_ours: Callable[[torch.Tensor], torch.Tensor]
+
+
+def targets_for(case: Case, device: torch.device, dtype: torch.dtype, backends, include_peers: bool):
+    """Our backends (all, or those named) and the applicable peers; returns (targets, notes)."""
+    targets, notes = [], []
+    for backend in rnnops.available_backends(case.op):
+        if backends is not None and backend not in backends:
+            continue
+        if backend == "reference" and device.type == "cuda" and not case.time_reference:
+            notes.append("reference: not timed at this size on a GPU (a Python loop over T)")
+            continue
+        targets.append(Target(backend, "rnnops", lambda x: x,
+                              lambda x, backend=backend: case.run(x, backend), lambda out: out))
+    for peer in peers_for(case, include_peers):
+        try:
+            call = peer.load(device, dtype)
+        except PeerUnavailable as why:
+            notes.append(f"{peer.name}: skipped, {why}")
+            continue
+        kind = "peer-reference" if peer.is_reference(device) else "peer"
+        targets.append(Target(peer.name, kind, lambda x, peer=peer: peer.prepare(case, x), call,
+                              lambda out, peer=peer: peer.to_ours(case, out)))
+    return targets, notes
+
+
+def _leaves(state: dict) -> tuple[dict, list[torch.Tensor]]:
+    """Fresh leaf tensors that require grad, in place of the floating tensors of ``state``."""
+    fresh, leaves = {}, []
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.detach().requires_grad_(True)
+            leaves.append(value)
+        elif isinstance(value, torch.nn.Module):
+            leaves += list(value.parameters())
+        fresh[key] = value
+    return fresh, leaves
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape:
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=None, include_peers=False,
+             repeats: int = 3, progress=lambda text: None, hardware=None) -> tuple[list[dict], list[str]]:
+    torch.manual_seed(0)
+    inputs = case.make(device, dtype)
+    targets, notes = targets_for(case, device, dtype, backends, include_peers)
+    outputs, states = {}, {}
+    for target in list(targets):
+        try:
+            with torch.no_grad():
+                states[target.name] = target.prepare(inputs)
+                outputs[target.name] = target.call(states[target.name])
+        except Exception as error:  # a peer rejecting the case is reported, not fatal
+            notes.append(f"{target.name}: failed ({type(error).__name__}: {str(error)[:200]})")
+            targets.remove(target)
+    if not targets:
+        return [], notes
+    oracle = next((t.name for t in targets if t.name in ("reference", "chunked")), targets[0].name)
+    oracle_out = next(t for t in targets if t.name == oracle).to_ours(outputs[oracle])
+    rows = []
+    for target in targets:
+        err = rel_err(target.to_ours(outputs[target.name]), oracle_out)
+        row = {"op": case.op, "case": case.name, "shape": case.shape, "sweep": case.sweep, "target": target.name,
+               "kind": target.kind, "oracle": oracle, "rel_err": err, "mismatch": not err <= TOLERANCE[dtype]}
+        state = states[target.name]
+
+        def forward(target=target, state=state):
+            with torch.no_grad():
+                return target.call(state)
+
+        progress(f"{case.op}: {case.name} | {target.name} fwd")
+        row["fwd"] = measure(forward, device, repeats=repeats, min_seconds=0.3, max_seconds=2.0)
+        row["memory_fwd"] = peak_memory(forward, device)
+        fresh, leaves = _leaves(target.prepare(inputs))
+        cotangent = torch.randn(outputs[target.name].shape, generator=torch.Generator().manual_seed(1)).to(
+            device=device, dtype=outputs[target.name].dtype)
+
+        def forward_backward(target=target, fresh=fresh, leaves=leaves, cotangent=cotangent):
+            for leaf in leaves:
+                leaf.grad = None
+            target.call(fresh).backward(cotangent)
+
+        progress(f"{case.op}: {case.name} | {target.name} fwd+bwd")
+        try:
+            row["fwd_bwd"] = measure(forward_backward, device, repeats=repeats, min_seconds=0.3, max_seconds=2.0)
+            row["memory_fwd_bwd"] = peak_memory(forward_backward, device)
+        except Exception as error:
+            notes.append(f"{target.name}: backward failed ({type(error).__name__}: {str(error)[:200]})")
+            row["fwd_bwd"], row["memory_fwd_bwd"] = None, None
+        row["roofline"] = _roofline(case, dtype, row, hardware)
+        rows.append(row)
+    return rows, notes
+
+
+def _roofline(case: Case, dtype: torch.dtype, row: dict, hardware) -> dict:
+    """Achieved TFLOP/s and GB/s per phase, and the fraction of the roofline floor reached."""
+    work = case.work(dtype)
+    result = {}
+    for phase in ("fwd", "fwd_bwd"):
+        if row.get(phase) is None:
+            continue
+        seconds = row[phase].median
+        flops, moved = work.phase(phase)
+        entry = {"tflops": flops / seconds / 1e12, "gbps": moved / seconds / 1e9}
+        floor = work.floor_seconds(hardware, phase) if hardware is not None else None
+        entry["fraction"] = None if floor is None else floor / seconds
+        result[phase] = entry
+    return result
