@@ -8,7 +8,7 @@ CPU = torch.device("cpu")
 
 
 def test_available_backends():
-    assert rnnops.available_backends("linear_attn") == ("reference", "chunked")
+    assert rnnops.available_backends("linear_attn") == ("reference", "chunked", "triton")
     assert rnnops.available_backends("selective_scan") == ("reference", "chunked")
     assert rnnops.available_backends("rnn") == ("reference",)
 
@@ -33,7 +33,7 @@ def test_environment_overrides_auto_only(monkeypatch):
 def test_unsupported_inputs_are_skipped_by_auto_and_explained_when_asked(monkeypatch):
     monkeypatch.delenv("RNNOPS_BACKEND", raising=False)
     op = "test_only_op"
-    _dispatch.register(op, "chunked", supports=lambda dtype: None if dtype == torch.float32 else f"{dtype} unsupported")(
+    _dispatch.register(op, "chunked", supports=lambda dtype, **_: None if dtype == torch.float32 else f"{dtype} unsupported")(
         lambda: "chunked")
     _dispatch.register(op, "reference")(lambda: "reference")
     try:

@@ -57,11 +57,17 @@ def available(op: str) -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
 
 
+def unsupported(op: str, backend: str, **info) -> str | None:
+    """Why ``backend`` cannot take inputs described by ``info`` (device, dtype, ...), or None."""
+    return _REGISTRY[op][backend].reason_unsupported(info)
+
+
 def resolve(op: str, backend, device: torch.device, **info) -> tuple[str, Callable]:
     """Pick the implementation of ``op`` for ``backend`` ("auto" or a name); returns (name, fn).
 
-    ``info`` (dtype, sizes, ...) is passed to each candidate's ``supports`` check.
+    ``info`` (dtype, sizes, ...) and ``device`` are passed to each candidate's ``supports`` check.
     """
+    info = dict(info, device=device)
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
     impls = _REGISTRY[op]

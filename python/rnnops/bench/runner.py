@@ -40,6 +40,10 @@ def targets_for(case: Case, device: torch.device, dtype: torch.dtype, backends, 
         if backend == "reference" and device.type == "cuda" and not case.time_reference:
             notes.append("reference: not timed at this size on a GPU (a Python loop over T)")
             continue
+        reason = rnnops._dispatch.unsupported(case.op, backend, device=device, dtype=dtype)
+        if reason:
+            notes.append(f"{backend}: skipped, {reason}")
+            continue
         targets.append(Target(backend, "rnnops", lambda x: x,
                               lambda x, backend=backend: case.run(x, backend), lambda out: out))
     for peer in peers_for(case, include_peers):
@@ -85,8 +89,9 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
             with torch.no_grad():
                 states[target.name] = target.prepare(inputs)
                 outputs[target.name] = target.call(states[target.name])
-        except Exception as error:  # a peer rejecting the case is reported, not fatal
-            notes.append(f"{target.name}: failed ({type(error).__name__}: {str(error)[:200]})")
+        except Exception as error:  # a target rejecting the case is reported, not fatal
+            verb = "skipped" if isinstance(error, ValueError) and target.kind == "rnnops" else "failed"
+            notes.append(f"{target.name}: {verb} ({type(error).__name__}: {str(error)[:200]})")
             targets.remove(target)
     if not targets:
         return [], notes

@@ -65,7 +65,7 @@ def linear_attn(
     if dims["T"] == 0:
         final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
         return v.new_empty(v.shape), final if output_final_state else None
-    _, impl = resolve(op, backend, device, dtype=dtype, g=g)
+    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size)
     o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return o, final if output_final_state else None

@@ -1,0 +1,51 @@
+"""Search spaces as integer variables with small domains and named constraints.
+
+A kernel declares its tunable parameters once (:class:`Space`); :meth:`Space.legal` lists
+every assignment that satisfies all constraints, and :meth:`Space.explain` says how many
+assignments each constraint removed. Solving enumerates the product of the domains, which is
+small for every kernel here (a few thousand points at most).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``test(*values of variables)`` must hold; ``name`` says why, for --explain."""
+
+    name: str
+    variables: tuple[str, ...]
+    test: Callable[..., bool]
+
+    def holds(self, point: dict[str, int]) -> bool:
+        return bool(self.test(*(point[v] for v in self.variables)))
+
+
+@dataclass(frozen=True)
+class Space:
+    variables: dict[str, Sequence[int]]
+    constraints: tuple[Constraint, ...]
+
+    def points(self):
+        names = list(self.variables)
+        for values in itertools.product(*(self.variables[n] for n in names)):
+            yield dict(zip(names, values))
+
+    def legal(self) -> list[dict[str, int]]:
+        return [p for p in self.points() if all(c.holds(p) for c in self.constraints)]
+
+    def explain(self) -> list[tuple[str, int]]:
+        """(constraint, how many points it removes on its own) for each constraint."""
+        points = list(self.points())
+        return [(c.name, sum(not c.holds(p) for p in points)) for c in self.constraints]
+
+
+def powers_of_two(low: int, high: int) -> list[int]:
+    return [1 << i for i in range(low.bit_length() - 1, high.bit_length()) if low <= 1 << i <= high]
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

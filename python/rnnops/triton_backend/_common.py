@@ -1,0 +1,98 @@
+"""Host-side helpers shared by the Triton ops: device checks, chunk layout, dot precision."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Fill every buffer a kernel writes with NaN first, so that an element a kernel forgets to write
+# fails the tests instead of passing with whatever the allocator left there.
+POISON = os.environ.get("RNNOPS_POISON", "0") == "1"
+
+
+def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled when POISON is on)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None if they can)."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+
+
+def dtype_reason(dtype: torch.dtype) -> str | None:
+    if dtype in KERNEL_DTYPES:
+        return None
+    return f"supports float16, bfloat16 and float32 inputs, got {dtype}"
+
+
+def head_dim_reason(name: str, size: int) -> str | None:
+    if size % 16 == 0 and 16 <= size <= 256:
+        return None
+    return f"{name} must be a multiple of 16 in [16, 256], got {size}"
+
+
+def chunk_reason(chunk: int) -> str | None:
+    if chunk in (16, 32, 64, 128):
+        return None
+    return f"chunk_size must be 16, 32, 64 or 128, got {chunk}"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get IEEE float32 dot products unless the user allowed TF32 through
+    torch.backends.cuda.matmul.allow_tf32; half inputs are not affected."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@dataclass
+class ChunkLayout:
+    """Every batch as packed sequences: offsets ``cu_seqlens`` (N + 1), and per program the
+    (sequence, chunk) it handles.
+
+    ``chunk_offsets[i]`` is sequence i's first global chunk; ``chunk_indices`` (programs, 2)
+    maps each program to (sequence, chunk in sequence), or (-1, -1) past the real chunk count.
+    For packed input the number of chunks is bounded without reading the offsets (ceil(T / BT)
+    + N), so nothing synchronises with the device.
+    """
+
+    cu_seqlens: torch.Tensor
+    chunk_offsets: torch.Tensor
+    chunk_indices: torch.Tensor
+    sequences: int
+    total_rows: int
+
+    @property
+    def programs(self) -> int:
+        return self.chunk_indices.shape[0]
+
+    @classmethod
+    def build(cls, batch: int, time: int, chunk: int, cu_seqlens: torch.Tensor | None, device) -> ChunkLayout:
+        if cu_seqlens is None:
+            per_seq = -(-time // chunk)
+            seqs = torch.arange(batch, device=device, dtype=torch.int32)
+            cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * time
+            offsets = torch.arange(batch + 1, device=device, dtype=torch.int32) * per_seq
+            indices = torch.stack([seqs.repeat_interleave(per_seq),
+                                   torch.arange(per_seq, device=device, dtype=torch.int32).repeat(batch)], dim=1)
+            return cls(cu, offsets, indices.contiguous(), batch, batch * time)
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        sequences = cu.numel() - 1
+        counts = (cu[1:] - cu[:-1] + chunk - 1) // chunk
+        offsets = torch.cat([cu.new_zeros(1), counts.cumsum(0).to(torch.int32)])
+        programs = -(-time // chunk) + sequences
+        index = torch.arange(programs, device=device, dtype=torch.int32)
+        seq = torch.searchsorted(offsets[1:], index, right=True).to(torch.int32)
+        valid = seq < sequences
+        within = index - offsets[seq.clamp(max=sequences - 1)]
+        indices = torch.stack([torch.where(valid, seq, -1), torch.where(valid, within, -1)], dim=1)
+        return cls(cu, offsets, indices.contiguous(), sequences, time)

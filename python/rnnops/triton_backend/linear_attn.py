@@ -1,0 +1,197 @@
+"""Triton linear attention: configuration, search space, autograd Function, registration.
+
+Memory: the forward saves only its inputs (q, k, v, g, initial_state); the backward
+recomputes the chunk-local cumulative decay, the per-chunk states (one K x V fp32 state per
+chunk) and, for per-key decay, the intra-chunk scores (BT fp32 values per token and head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
+
+from .._dispatch import register
+from ._common import ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, empty, head_dim_reason
+
+
+@dataclass(frozen=True)
+class LinearAttnConfig:
+    """Tile sizes and launch parameters shared by the linear-attention kernels. The chunk size
+    is the op's ``chunk_size`` argument."""
+
+    block_k: int = 64
+    block_v: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def blocks(self, K: int, V: int) -> tuple[int, int]:
+        """Tiles no larger than the (power-of-two rounded) head dims."""
+        return min(self.block_k, next_power_of_two(K)), min(self.block_v, next_power_of_two(V))
+
+
+DEFAULT_CONFIG = LinearAttnConfig()
+
+
+def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
+    """The legal configurations for head dims K, V as integer constraints."""
+    return Space(
+        {"block_k": powers_of_two(16, 128), "block_v": powers_of_two(16, 128), "num_warps": [1, 2, 4, 8],
+         "num_stages": [1, 2, 3, 4]},
+        (
+            Constraint("block_k <= K rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(K)),
+            Constraint("block_v <= V rounded up to a power of two", ("block_v",), lambda bv: bv <= next_power_of_two(V)),
+            Constraint("the fp32 state tile fits in 128 registers per thread",
+                       ("block_k", "block_v", "num_warps"),
+                       lambda bk, bv, w: bk * bv <= 128 * hardware.warp_size * w),
+            Constraint("pipelined q/k/v tiles and the chunk's scores fit in shared memory",
+                       ("block_k", "block_v", "num_stages"),
+                       lambda bk, bv, s: s * chunk * (2 * bk + 2 * bv) * dtype_bytes + 4 * chunk * chunk
+                       <= hardware.shared_memory_per_block),
+        ),
+    )
+
+
+def supports(*, dtype, device, head_dims=None, chunk_size=None, **_) -> str | None:
+    """Why these inputs cannot take the Triton kernels (None if they can)."""
+    reasons = [dtype_reason(dtype), device_reason(device)]
+    if head_dims is not None:
+        reasons += [head_dim_reason(name, size) for name, size in zip(("K", "V"), head_dims)]
+    if chunk_size is not None:
+        reasons.append(chunk_reason(chunk_size))
+    reasons = [r for r in reasons if r]
+    return "; ".join(reasons) or None
+
+
+def _kernels():
+    from rnnops.triton_kernels import linear_attn as kernels
+
+    return kernels
+
+
+class _Run:
+    """Shapes, layout and launch parameters of one call, shared by forward and backward."""
+
+    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config: LinearAttnConfig):
+        kernels = _kernels()
+        self.B, self.T, self.H, self.K = q.shape
+        self.V = v.shape[-1]
+        self.gate = kernels.NO_GATE if g is None else (kernels.SCALAR_GATE if g.dim() == 3 else kernels.KEY_GATE)
+        self.chunk, self.scale, self.config = chunk, scale, config
+        self.BK, self.BV = config.blocks(self.K, self.V)
+        self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
+        self.precision = dot_precision(q.dtype)
+        self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
+
+    def flat(self, x):
+        """(B, T, H, ...) -> contiguous (B*T, H, ...)."""
+        return None if x is None else x.reshape((self.B * self.T,) + x.shape[2:]).contiguous()
+
+    def cumulative_decay(self, g):
+        if g is None:
+            return None
+        kernels = _kernels()
+        G = empty(g.shape, dtype=torch.float32, device=g.device)
+        kernels.cumsum_kernel[(self.layout.programs, self.H)](
+            g, G, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
+            BT=self.chunk, BK=self.BK, **self.launch)
+        return G
+
+    def intra_scores(self, q, k, G):
+        if self.gate != _kernels().KEY_GATE:
+            return None
+        A = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
+        _kernels().intra_scores_kernel[(self.layout.programs, self.H)](
+            q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
+            PRECISION=self.precision, BT=self.chunk, BC=_kernels().SUB_CHUNK, BK=self.BK, **self.launch)
+        return A
+
+    def states(self, k, v, G, initial_state, store_final):
+        lay = self.layout
+        h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
+        final = (empty((lay.sequences, self.H, self.K, self.V), dtype=torch.float32, device=k.device) if store_final
+                 else None)
+        grid = (-(-self.K // self.BK), -(-self.V // self.BV), lay.sequences * self.H)
+        _kernels().states_fwd_kernel[grid](
+            k, v, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
+            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.BK, BV=self.BV,
+            **self.common, **self.launch)
+        return h, final
+
+
+class LinearAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
+        run = _Run(q, v, g, cu_seqlens, chunk, scale, config)
+        qf, kf, vf, gf = (run.flat(x) for x in (q, k, v, g))
+        state0 = None if initial_state is None else initial_state.float().contiguous()
+        G = run.cumulative_decay(gf)
+        A = run.intra_scores(qf, kf, G)
+        h, final = run.states(kf, vf, G, state0, output_final_state)
+        o = empty(vf.shape, dtype=vf.dtype, device=vf.device)
+        lay = run.layout
+        _kernels().output_kernel[(-(-run.V // run.BV), lay.programs, run.H)](
+            qf, kf, vf, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, scale, V=run.V, BK=run.BK, BV=run.BV,
+            **run.common, **run.launch)
+        ctx.save_for_backward(qf, kf, vf, gf, state0)
+        ctx.run, ctx.g_dtype = run, None if g is None else g.dtype
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        return o.view(v.shape), final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        qf, kf, vf, gf, state0 = ctx.saved_tensors
+        run = ctx.run
+        kernels, lay = _kernels(), run.layout
+        do = run.flat(do)
+        G = run.cumulative_decay(gf)
+        A = run.intra_scores(qf, kf, G)
+        h, _ = run.states(kf, vf, G, state0, store_final=False)
+        dh = empty(h.shape, dtype=h.dtype, device=h.device)
+        d_initial = None if state0 is None else empty(state0.shape, dtype=state0.dtype, device=state0.device)
+        grid = (-(-run.K // run.BK), -(-run.V // run.BV), lay.sequences * run.H)
+        kernels.states_bwd_kernel[grid](
+            qf, do, G, dh, None if d_final is None else d_final.float().contiguous(), d_initial, lay.chunk_offsets,
+            lay.cu_seqlens, run.scale, V=run.V, HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
+            BK=run.BK, BV=run.BV, **run.common, **run.launch)
+        dq_intra = dk_intra = None
+        if run.gate == kernels.KEY_GATE:
+            dA = empty((qf.shape[0], run.H, run.chunk), dtype=torch.float32, device=qf.device)
+            kernels.d_scores_kernel[(lay.programs, run.H)](
+                do, vf, dA, lay.chunk_indices, lay.cu_seqlens, run.scale, H=run.H, V=run.V,
+                PRECISION=run.precision, BT=run.chunk, BV=run.BV, **run.launch)
+            dq_intra = empty(qf.shape, dtype=torch.float32, device=qf.device)
+            dk_intra = empty(qf.shape, dtype=torch.float32, device=qf.device)
+            kernels.intra_dqk_kernel[(lay.programs, run.H)](
+                qf, kf, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=run.H, K=run.K,
+                PRECISION=run.precision, BT=run.chunk, BC=kernels.SUB_CHUNK, BK=run.BK, **run.launch)
+        dq, dk = (empty(qf.shape, dtype=qf.dtype, device=qf.device) for _ in range(2))
+        k_tiles = -(-run.K // run.BK)
+        dG = None
+        if run.gate == kernels.KEY_GATE:
+            dG = empty(gf.shape, dtype=torch.float32, device=qf.device)
+        elif run.gate == kernels.SCALAR_GATE:
+            dG = empty((k_tiles,) + gf.shape, dtype=torch.float32, device=qf.device)
+        kernels.dqk_kernel[(k_tiles, lay.programs, run.H)](
+            qf, kf, vf, G, h, dh, do, dq_intra, dk_intra, dq, dk, dG, lay.chunk_indices, lay.cu_seqlens, run.scale,
+            lay.total_rows, V=run.V, BK=run.BK, BV=run.BV, **run.common, **run.launch)
+        dv = empty(vf.shape, dtype=vf.dtype, device=vf.device)
+        kernels.dv_kernel[(-(-run.V // run.BV), lay.programs, run.H)](
+            qf, kf, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, run.scale, V=run.V, BK=run.BK, BV=run.BV,
+            **run.common, **run.launch)
+        dg = None
+        if dG is not None:
+            dg = (dG if run.gate == kernels.KEY_GATE else dG.sum(0)).to(ctx.g_dtype)
+        shape = (run.B, run.T, run.H)
+        return (dq.view(shape + (run.K,)), dk.view(shape + (run.K,)), dv.view(shape + (run.V,)),
+                None if dg is None else dg.view(shape + dg.shape[2:]),
+                None if d_initial is None else d_initial.to(ctx.initial_dtype), None, None, None, None, None)
+
+
+@register("linear_attn", "triton", supports=supports)
+def linear_attn(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                config: LinearAttnConfig = DEFAULT_CONFIG):
+    return LinearAttnFunction.apply(q, k, v, g, initial_state, scale, cu_seqlens, chunk_size, output_final_state,
+                                    config)

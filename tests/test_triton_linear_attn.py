@@ -1,0 +1,125 @@
+"""Triton linear attention against the float64 reference: forward and every gradient.
+
+On the CPU the kernels run in Triton's interpreter (tiny shapes; its bfloat16 dot products
+are broken, so bfloat16 is covered by the GPU tests only). Every buffer a kernel writes is
+poisoned with NaN first, so an element left unwritten fails.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rnnops
+from conftest import HAS_CUDA, compare_backends
+from rnnops.autotune import hardware
+from rnnops.triton_backend import _common, linear_attn as triton_linear_attn
+
+GATES = ["none", "scalar", "per-key"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+def make_inputs(B=2, T=40, H=2, K=16, V=32, gate="none", dtype=torch.float32, initial=True, gate_scale=1.0,
+                device="cpu"):
+    x = {"q": torch.randn(B, T, H, K), "k": F.normalize(torch.randn(B, T, H, K), dim=-1), "v": torch.randn(B, T, H, V)}
+    if gate == "scalar":
+        x["g"] = -torch.rand(B, T, H) * gate_scale
+    elif gate == "per-key":
+        x["g"] = -torch.rand(B, T, H, K) * gate_scale
+    x = {k: v.to(device=device, dtype=dtype) for k, v in x.items()}
+    if initial:
+        x["initial_state"] = torch.randn(B, H, K, V, device=device)
+    return x
+
+
+def run(backend, chunk_size=16, cu_seqlens=None, final=True, **x):
+    return rnnops.linear_attn(**x, output_final_state=final, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                              backend=backend)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("shape", [
+    dict(T=40), dict(T=1), dict(T=70, chunk=32), dict(K=48, V=16, H=3, initial=False), dict(T=20, final=False),
+], ids=["T40", "T1", "T70-chunk32", "K48-V16-H3-no-initial", "no-final"])
+def test_matches_reference(gate, shape):
+    shape = dict(shape)
+    chunk, final = shape.pop("chunk", 16), shape.pop("final", True)
+    x = make_inputs(gate=gate, **shape)
+    compare_backends(lambda backend, **kw: run(backend, chunk, final=final, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("gate", ["scalar", "per-key"])
+def test_strong_decay(gate):
+    x = make_inputs(T=70, gate=gate, gate_scale=20.0)
+    compare_backends(lambda backend, **kw: run(backend, 32, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_varlen(gate):
+    offsets = torch.tensor([0, 5, 5, 30, 31, 50])
+    x = make_inputs(B=1, T=50, gate=gate, initial=False)
+    x["initial_state"] = torch.randn(5, 2, 16, 32)
+    compare_backends(lambda backend, **kw: run(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_float16(gate):
+    x = make_inputs(gate=gate, dtype=torch.float16)
+    compare_backends(lambda backend, **kw: run(backend, **kw), x, 2e-3, test="triton")
+
+
+def test_unsupported_inputs_are_refused_by_name():
+    x = make_inputs(K=20)
+    with pytest.raises(ValueError, match="backend 'triton' cannot take these inputs: K must be a multiple of 16"):
+        run("triton", **x)
+    with pytest.raises(ValueError, match="chunk_size must be 16, 32, 64 or 128, got 24"):
+        run("triton", 24, **make_inputs())
+    with pytest.raises(ValueError, match="supports float16, bfloat16 and float32 inputs, got torch.float64"):
+        run("triton", **make_inputs(dtype=torch.float64))
+
+
+def test_device_and_precision_rules(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "needs a CUDA device" in _common.device_reason(torch.device("cpu"))
+    assert _common.device_reason(torch.device("cuda")) is None
+    assert _common.dot_precision(torch.float32) == "ieee"
+    assert _common.dot_precision(torch.bfloat16) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert _common.dot_precision(torch.float32) == "tf32"
+
+
+def test_auto_does_not_pick_triton_on_the_cpu():
+    assert rnnops._dispatch.resolve("linear_attn", "auto", torch.device("cpu"), dtype=torch.float32,
+                                    head_dims=(64, 64), chunk_size=64)[0] == "chunked"
+
+
+@pytest.mark.parametrize("gpu", ["A100", "H100", "RTX 4090"])
+def test_config_space(gpu):
+    hw = hardware.named(gpu)
+    space = triton_linear_attn.space(128, 128, 64, 2, hw)
+    legal = space.legal()
+    assert legal and triton_linear_attn.DEFAULT_CONFIG.__dict__ in legal
+    assert all(c.holds(p) for p in legal for c in space.constraints)
+    assert sum(removed for _, removed in space.explain()) > 0
+    small = triton_linear_attn.space(16, 32, 16, 4, hw).legal()
+    assert all(p["block_k"] <= 16 and p["block_v"] <= 32 for p in small)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+def test_realistic_shapes_on_gpu(gate, dtype, bound):
+    x = make_inputs(B=2, T=1000, H=4, K=128, V=64, gate=gate, dtype=dtype, device="cuda")
+    compare_backends(lambda backend, **kw: run(backend, 64, **kw), x, bound, test="triton")
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_and_auto_picks_triton():
+    offsets = torch.tensor([0, 100, 100, 1000, 1003], device="cuda")
+    x = make_inputs(B=1, T=1003, H=4, K=64, V=64, gate="per-key", initial=False, device="cuda")
+    compare_backends(lambda backend, **kw: run(backend, 64, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
+    assert rnnops._dispatch.resolve("linear_attn", "auto", torch.device("cuda"), dtype=torch.bfloat16,
+                                    head_dims=(64, 64), chunk_size=64)[0] == "triton"
+    assert HAS_CUDA

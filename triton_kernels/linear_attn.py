@@ -1,0 +1,480 @@
+"""Triton kernels for chunked linear attention with no, scalar or per-key log-decay.
+
+Computes, per head (S: K x V state, g the log-decay, scale s):
+    S_t = exp(g_t) * S_{t-1} + k_t^T v_t,        o_t = s * q_t S_t
+chunk by chunk (BT tokens, G the inclusive cumulative log-decay inside the chunk, S_in the
+state entering it, "last" its last valid token):
+    o      = s * [(q * e^G) @ S_in + (A * mask) @ v],   A[i, j] = sum_d q_id k_jd e^(G_id - G_jd)
+    S_out  = e^(G_last) * S_in + (k * e^(G_last - G))^T @ v
+Every exponent is <= 0 (G is non-increasing for g <= 0), and the factored ones are clamped at 0
+so that rows past a sequence's end (G read as 0) cannot overflow either: nothing overflows,
+however strong the decay. Per-key decay cannot factor exp(G_i - G_j) over a whole chunk safely, so its scores are
+built from BC-token sub-chunks: off-diagonal blocks factor around the first token of the row
+block (both factors <= 1), diagonal blocks are summed exactly per pair (``intra_scores``).
+
+Gradients (do the output gradient, dS_out the gradient of the state leaving a chunk):
+    dS_in  = e^(G_last) * dS_out + s * (q * e^G)^T @ do                      (``states_bwd``)
+    dv     = s * (A * mask)^T @ do + (k * e^(G_last - G)) @ dS_out           (``dv``)
+    dq     = s * [e^G * (do @ S_in^T) + intra(dA)],  dA = (do @ v^T) * mask  (``dqk``)
+    dk     = s * intra^T(dA) + e^(G_last - G) * (v @ dS_out^T)
+    dG_t   = q_t * dq_t - k_t * dk_t   (+ rowsum(S_out * dS_out) on the last token)
+    dg     = reverse cumsum of dG within the chunk
+Nothing but the inputs is saved for the backward: G, the chunk states and the scores are
+recomputed (memory per token: none beyond the inputs; per chunk: one K x V state in fp32).
+
+Sequences are always handled as packed: a batch is the packed case with equal lengths.
+``chunk_indices`` maps each program to (sequence, chunk of that sequence) or (-1, -1) past the
+real chunk count; ``chunk_offsets[i]`` is sequence i's first global chunk. Tensors are
+contiguous (B*T, H, ...): q, k (., H, K); v, o (., H, V); g (., H) or (., H, K).
+
+Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk):
+    cumsum       (chunks, H)               one chunk's g, all of K in BK tiles
+    states_fwd   (K/BK, V/BV, seqs * H)    the chunk loop of one sequence, S tile in registers
+    intra_scores (chunks, H)               per-key only: A for one chunk, K in BK tiles
+    output       (V/BV, chunks, H)         o tile; K in BK tiles
+    states_bwd   (K/BK, V/BV, seqs * H)    reverse chunk loop
+    intra_dqk    (chunks, H)               per-key only: the intra parts of dq, dk from dA
+    dqk          (K/BK, chunks, H)         dq, dk, dG for one K tile; V in BV tiles
+    dv           (V/BV, chunks, H)         dv tile; K in BK tiles
+
+Work per call, B*T tokens, H heads (bf16 inputs: 2-byte elements):
+    forward  reads q, k (K each), v (V), g (0, 1 or K) and writes o (V) per token and head;
+             writes and reads one K*V fp32 state per chunk; 2*(BT*K + BT*V + 2*K*V) flops
+             per token and head (plus BT*K for per-key sub-chunk scores).
+    backward reads the forward's inputs and do, writes dq, dk, dv, dg, recomputes the states
+             (one more state pass) and moves two K*V states per chunk; about twice the
+             forward's flops.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
+SUB_CHUNK = 16
+
+
+@triton.jit
+def _chunk_rows(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
+    """(valid, first row, exclusive end row of the sequence, last valid row of the chunk)."""
+    seq = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
+    n = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
+    valid = seq >= 0
+    seq = tl.maximum(seq, 0)
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    t0 = bos + n * BT
+    last = tl.minimum(t0 + BT, eos) - 1
+    return valid, t0, eos, last
+
+
+@triton.jit
+def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr):
+    """G = inclusive cumulative sum of g inside each chunk, in fp32."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        if GATE == 1:
+            offs = rows * H + i_h
+            x = tl.load(g + offs, mask=rows < eos, other=0.0).to(tl.float32)
+            tl.store(G + offs, tl.cumsum(x, axis=0), mask=rows < eos)
+        else:
+            for i_k in range(tl.cdiv(K, BK)):
+                cols = i_k * BK + tl.arange(0, BK)
+                offs = (rows[:, None] * H + i_h) * K + cols[None, :]
+                mask = (rows[:, None] < eos) & (cols[None, :] < K)
+                x = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(G + offs, tl.cumsum(x, axis=0), mask=mask)
+
+
+@triton.jit
+def _load_decay(G, rows, row_mask, cols, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
+    """The (BT, BK) cumulative log-decay tile (scalar decay broadcast over K; zeros ungated)."""
+    if GATE == 2:
+        return tl.load(G + (rows[:, None] * H + i_h) * K + cols[None, :],
+                       mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+    elif GATE == 1:
+        return tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)[:, None] + tl.zeros([1, cols.shape[0]], tl.float32)
+    else:
+        return tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+
+
+@triton.jit
+def _load_last_decay(G, last, cols, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
+    """The (BK,) cumulative log-decay at the chunk's last valid token."""
+    if GATE == 2:
+        return tl.load(G + (last * H + i_h) * K + cols, mask=cols < K, other=0.0)
+    elif GATE == 1:
+        return tl.load(G + last * H + i_h) + tl.zeros([cols.shape[0]], tl.float32)
+    else:
+        return tl.zeros([cols.shape[0]], tl.float32)
+
+
+@triton.jit
+def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_seqlens,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+                      HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """h[chunk] = the state entering each chunk of one sequence; final_state after the last."""
+    i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, i_h = i_sh // H, i_sh % H
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    first = tl.load(chunk_offsets + seq).to(tl.int64)
+    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_offs = rk[:, None] * V + rv[None, :]
+    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    S = tl.zeros([BK, BV], tl.float32)
+    if HAS_INITIAL:
+        S += tl.load(initial_state + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    for n in range(chunks):
+        tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S, mask=state_mask)
+        t0 = bos + n * BT
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
+                      other=0.0)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
+                      other=0.0)
+        if GATE != 0:
+            last = tl.minimum(t0 + BT, eos) - 1
+            g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
+            b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
+            S *= tl.exp(g_last)[:, None]
+            b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(b_v.dtype)
+        S += tl.dot(tl.trans(b_k), b_v, input_precision=PRECISION)
+    if STORE_FINAL:
+        tl.store(final_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
+
+
+@triton.jit
+def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+                        PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Per-key decay: A[i, j] = sum_d q_id k_jd exp(G_id - G_jd) for j <= i (else 0), stored as
+    A[(row, head), column-in-chunk] in fp32. Sub-chunks of BC tokens: blocks below the
+    diagonal are one matmul each, factored around the row block's first token; diagonal blocks
+    are summed exactly, one column at a time."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        r = tl.arange(0, BC)
+        for i_i in tl.static_range(BT // BC):
+            rows = t0 + i_i * BC + r
+            row_mask = rows < eos
+            for i_j in tl.static_range(BT // BC):
+                cols = t0 + i_j * BC + r
+                col_mask = cols < eos
+                block = tl.zeros([BC, BC], tl.float32)
+                if i_j < i_i:
+                    ref = tl.minimum(t0 + i_i * BC, last)  # a row past the end has no valid rows anyway
+                    for i_k in range(tl.cdiv(K, BK)):
+                        rk = i_k * BK + tl.arange(0, BK)
+                        kmask = rk < K
+                        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :],
+                                      mask=row_mask[:, None] & kmask[None, :], other=0.0)
+                        b_k = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :],
+                                      mask=col_mask[:, None] & kmask[None, :], other=0.0)
+                        g_row = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :],
+                                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
+                        g_col = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :],
+                                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
+                        g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
+                        q_part = (b_q * tl.exp(tl.minimum(g_row - g_ref[None, :], 0.0))).to(b_q.dtype)
+                        k_part = (b_k * tl.exp(tl.minimum(g_ref[None, :] - g_col, 0.0))).to(b_k.dtype)
+                        block += tl.dot(q_part, tl.trans(k_part), input_precision=PRECISION)
+                elif i_j == i_i:
+                    for c in range(BC):
+                        col = tl.minimum(t0 + i_i * BC + c, last)  # past the end: feeds masked rows only
+                        for i_k in range(tl.cdiv(K, BK)):
+                            rk = i_k * BK + tl.arange(0, BK)
+                            kmask = rk < K
+                            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :],
+                                          mask=row_mask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                            g_row = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :],
+                                            mask=row_mask[:, None] & kmask[None, :], other=0.0)
+                            k_col = tl.load(k + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
+                            g_col = tl.load(G + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
+                            exponent = tl.where(r[:, None] >= c, g_row - g_col[None, :], float("-inf"))
+                            column = tl.sum(b_q * k_col.to(tl.float32)[None, :] * tl.exp(exponent), axis=1)
+                            block += tl.where(r[None, :] == c, column[:, None], 0.0)
+                tl.store(A + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :], block, mask=row_mask[:, None])
+
+
+@triton.jit
+def _scores(q, k, G, A, rows, row_mask, last, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
+            PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """The chunk's masked (BT, BT) scores: from A for per-key decay, else q k^T times the decay."""
+    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+    if GATE == 2:
+        return tl.load(A + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
+                       other=0.0)
+    scores = tl.zeros([BT, BT], tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        mask = row_mask[:, None] & (rk[None, :] < K)
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :], mask=mask, other=0.0)
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=mask, other=0.0)
+        scores += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    if GATE == 1:
+        g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+        exponent = tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf"))
+        return scores * tl.exp(exponent)
+    return tl.where(causal, scores, 0.0)
+
+
+@triton.jit
+def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr):
+    """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        rv = i_v * BV + tl.arange(0, BV)
+        vmask = row_mask[:, None] & (rv[None, :] < V)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        acc = tl.zeros([BT, BV], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
+                          other=0.0)
+            b_S = tl.load(h + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
+                          mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+            if GATE != 0:
+                b_q = (b_q * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
+            acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
+        scores = _scores(q, k, G, A, rows, row_mask, last, i_h, H, K, GATE, PRECISION, BT, BK)
+        acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
+        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlens, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+                      HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dh[chunk] = the gradient of the state leaving each chunk, walking one sequence backwards;
+    d_initial is the gradient of the state entering its first chunk."""
+    i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, i_h = i_sh // H, i_sh % H
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    first = tl.load(chunk_offsets + seq).to(tl.int64)
+    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_offs = rk[:, None] * V + rv[None, :]
+    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    dS = tl.zeros([BK, BV], tl.float32)
+    if HAS_D_FINAL:
+        dS += tl.load(d_final + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    for m in range(chunks):
+        n = chunks - 1 - m
+        tl.store(dh + ((first + n) * H + i_h) * K * V + state_offs, dS, mask=state_mask)
+        t0 = bos + n * BT
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
+                      other=0.0)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
+                       other=0.0)
+        if GATE != 0:
+            last = tl.minimum(t0 + BT, eos) - 1
+            dS *= tl.exp(_load_last_decay(G, last, rk, i_h, H, K, GATE))[:, None]
+            b_q = (b_q * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE))).to(b_do.dtype)
+        dS += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
+    if STORE_D_INITIAL:
+        tl.store(d_initial + (seq * H + i_h) * K * V + state_offs, dS, mask=state_mask)
+
+
+@triton.jit
+def d_scores_kernel(do, v, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr, V: tl.constexpr,
+                    PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per-key decay: dA = scale * (do @ v^T) * causal mask, fp32, layout as A."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        acc = tl.zeros([BT, BT], tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            rv = i_v * BV + tl.arange(0, BV)
+            mask = row_mask[:, None] & (rv[None, :] < V)
+            b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=mask, other=0.0)
+            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=mask, other=0.0)
+            acc += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+        tl.store(dA + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], tl.where(causal, acc * scale, 0.0),
+                 mask=row_mask[:, None])
+
+
+@triton.jit
+def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+                     PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Per-key decay, the intra-chunk parts of the gradients (fp32):
+        dq_i = sum_{j <= i} dA_ij k_j e^(G_i - G_j),   dk_j = sum_{i >= j} dA_ij q_i e^(G_i - G_j)
+    by sub-chunks as in intra_scores_kernel (factored below the diagonal, exact on it)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        r = tl.arange(0, BC)
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            kmask = rk < K
+            for i_i in tl.static_range(BT // BC):
+                rows = t0 + i_i * BC + r
+                row_mask = rows < eos
+                tile_mask = row_mask[:, None] & kmask[None, :]
+                g_i = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :], mask=tile_mask, other=0.0)
+                acc_q = tl.zeros([BC, BK], tl.float32)
+                acc_k = tl.zeros([BC, BK], tl.float32)
+                for i_j in tl.static_range(BT // BC):
+                    cols = t0 + i_j * BC + r
+                    col_mask = cols < eos
+                    other_mask = col_mask[:, None] & kmask[None, :]
+                    if i_j < i_i:  # dq_i from keys of block j, factored around block i's first token
+                        ref = tl.minimum(t0 + i_i * BC, last)
+                        g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
+                        b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :],
+                                       mask=row_mask[:, None], other=0.0)
+                        k_j = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                        g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                        k_part = (k_j * tl.exp(tl.minimum(g_ref[None, :] - g_j, 0.0))).to(k_j.dtype)
+                        acc_q += (tl.dot(b_dA.to(k_j.dtype), k_part, input_precision=PRECISION)
+                                  * tl.exp(tl.minimum(g_i - g_ref[None, :], 0.0)))
+                    elif i_j > i_i:  # dk_i from queries of block j, factored around block j's first token
+                        ref = tl.minimum(t0 + i_j * BC, last)  # past the end: block j's queries are zeros
+                        g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
+                        b_dA = tl.load(dA + (cols[:, None] * H + i_h) * BT + i_i * BC + r[None, :],
+                                       mask=col_mask[:, None], other=0.0)
+                        q_j = tl.load(q + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                        g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                        q_part = (q_j * tl.exp(tl.minimum(g_j - g_ref[None, :], 0.0))).to(q_j.dtype)
+                        acc_k += (tl.dot(tl.trans(b_dA).to(q_j.dtype), q_part, input_precision=PRECISION)
+                                  * tl.exp(tl.minimum(g_ref[None, :] - g_i, 0.0)))
+                    else:  # the diagonal block, exactly, one partner token at a time
+                        for c in range(BC):
+                            in_range = (t0 + i_i * BC + c < eos).to(tl.float32)
+                            col = tl.minimum(t0 + i_i * BC + c, last)
+                            k_c = tl.load(k + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
+                            q_c = tl.load(q + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
+                            g_c = tl.load(G + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
+                            # dq rows i >= c use dA[i, c]; dk rows i <= c use dA[c, i] (zero past the end)
+                            dA_col = tl.load(dA + (rows * H + i_h) * BT + i_i * BC + c, mask=row_mask, other=0.0)
+                            dA_row = in_range * tl.load(dA + (col * H + i_h) * BT + i_i * BC + r, mask=row_mask,
+                                                        other=0.0)
+                            below = r[:, None] >= c
+                            acc_q += tl.where(below, dA_col[:, None] * k_c[None, :]
+                                              * tl.exp(tl.where(below, g_i - g_c[None, :], 0.0)), 0.0)
+                            above = r[:, None] <= c
+                            acc_k += tl.where(above, dA_row[:, None] * q_c[None, :]
+                                              * tl.exp(tl.where(above, g_c[None, :] - g_i, 0.0)), 0.0)
+                offs = (rows[:, None] * H + i_h) * K + rk[None, :]
+                tl.store(dq + offs, acc_q, mask=tile_mask)
+                tl.store(dk + offs, acc_k, mask=tile_mask)
+
+
+@triton.jit
+def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dq, dk, dG, chunk_indices, cu_seqlens, scale, total_rows,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
+    dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
+    tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller
+    adds the K tiles)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        rk = i_k * BK + tl.arange(0, BK)
+        kmask = rk < K
+        tile_mask = row_mask[:, None] & kmask[None, :]
+        tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+        b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
+        b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+        dq_inter = tl.zeros([BT, BK], tl.float32)
+        dk_state = tl.zeros([BT, BK], tl.float32)
+        dA = tl.zeros([BT, BT], tl.float32)
+        end_term = tl.zeros([BK], tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            rv = i_v * BV + tl.arange(0, BV)
+            vmask = row_mask[:, None] & (rv[None, :] < V)
+            state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
+            state_mask = kmask[:, None] & (rv[None, :] < V)
+            b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+            b_S = tl.load(h + state, mask=state_mask, other=0.0)
+            b_dS = tl.load(dh + state, mask=state_mask, other=0.0)
+            dq_inter += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
+            dk_state += tl.dot(b_v, tl.trans(b_dS).to(b_v.dtype), input_precision=PRECISION)
+            if GATE != 2:
+                dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+            if GATE != 0:
+                end_term += tl.sum(b_S * b_dS, axis=1)
+        b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
+        if GATE != 0:
+            g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
+            end_term *= tl.exp(g_last)
+            dq_inter *= tl.exp(b_g)
+            dk_state *= tl.exp(g_last[None, :] - b_g)
+        if GATE == 2:
+            b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
+            b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
+        else:
+            causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+            if GATE == 1:
+                g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+                dA = dA * tl.exp(tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
+            else:
+                dA = tl.where(causal, dA, 0.0)
+            dA = (dA * scale).to(b_q.dtype)
+            b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
+            b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
+        tl.store(dq + tile, b_dq.to(dq.dtype.element_ty), mask=tile_mask)
+        tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
+        if GATE != 0:
+            d_gate = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+            end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
+            d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0)
+            d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
+            if GATE == 2:
+                tl.store(dG + tile, d_gate, mask=tile_mask)
+            else:
+                tl.store(dG + (i_k * total_rows + rows) * H + i_h, tl.sum(d_gate, axis=1), mask=row_mask)
+
+
+@triton.jit
+def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
+              V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr):
+    """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        rv = i_v * BV + tl.arange(0, BV)
+        vmask = row_mask[:, None] & (rv[None, :] < V)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        acc = tl.zeros([BT, BV], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
+                          other=0.0)
+            b_dS = tl.load(dh + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
+                           mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+            if GATE != 0:
+                g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
+                b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
+                b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(b_do.dtype)
+            acc += tl.dot(b_k, b_dS.to(b_do.dtype), input_precision=PRECISION)
+        scores = _scores(q, k, G, A, rows, row_mask, last, i_h, H, K, GATE, PRECISION, BT, BK)
+        acc += scale * tl.dot(tl.trans(scores).to(b_do.dtype), b_do, input_precision=PRECISION)
+        tl.store(dv + (rows[:, None] * H + i_h) * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)
