@@ -42,9 +42,9 @@ PY
   fi
 
   section bench
-  timeout 330 python -m rnnops bench --quick --peers --out "$OUT" 2>/dev/null
+  timeout 330 python -m rnnops bench --quick --peers --out "$OUT"
 } 2>&1 | tee "$LOG"
 
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
 echo
-echo "commit with: cp \$files_at/results.json bench/results/${gpu}-$(date +%F).json"
+echo "commit with: cp \$files_at/results.json bench/results/${gpu:-unknown-gpu}-$(date +%F).json"

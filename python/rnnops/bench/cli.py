@@ -11,6 +11,7 @@ import datetime
 import importlib.metadata
 import json
 import platform
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -102,6 +103,10 @@ class Progress:
             sys.stderr.write("\r\033[K")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> int:
     if args.compare:
         a, b = (json.loads(path.read_text()) for path in args.compare)
@@ -121,13 +126,19 @@ def main(args: argparse.Namespace) -> int:
         hardware = from_device(device.index or 0)
     progress = Progress(len(cases))
     rows, notes = [], {}
-    for index, case in enumerate(cases, 1):
-        progress.case(index)
-        case_rows, case_notes = run_case(case, device, dtype, backends=args.backends, include_peers=args.peers,
-                                         repeats=args.repeats, progress=progress, hardware=hardware)
-        rows += case_rows
-        if case_notes:
-            notes[case.name] = case_notes
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases
+    try:
+        for index, case in enumerate(cases, 1):
+            progress.case(index)
+            case_rows, case_notes = run_case(case, device, dtype, backends=args.backends, include_peers=args.peers,
+                                             repeats=args.repeats, progress=progress, hardware=hardware)
+            rows += case_rows
+            if case_notes:
+                notes[case.name] = case_notes
+    except KeyboardInterrupt:
+        notes["interrupted"] = [f"stopped after {len({r['case'] for r in rows})} of {len(cases)} cases"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     progress.close()
     results = {"schema": 1, "environment": environment(device), "device": str(device), "dtype": str(dtype).split(".")[-1],
                "quick": args.quick, "hardware": None if hardware is None else asdict(hardware),
