@@ -381,13 +381,16 @@ def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.const
 
 
 @triton.jit
-def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dq, dk, dG, chunk_indices, cu_seqlens, scale, total_rows,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens, scale,
+               total_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+               DELTA: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
     dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
     tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller
-    adds the K tiles)."""
+    adds the K tiles).
+
+    DELTA (the delta rule, v its pseudo-values, dv2 their gradient): also dW = -dv2 @ S_in^T,
+    and dk and dG are partial (the UT transform adds its terms), dG not yet reverse-cumulated."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -403,6 +406,7 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dq, dk, dG, chunk_indi
         dk_state = tl.zeros([BT, BK], tl.float32)
         dA = tl.zeros([BT, BT], tl.float32)
         end_term = tl.zeros([BK], tl.float32)
+        b_dW = tl.zeros([BT, BK], tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             rv = i_v * BV + tl.arange(0, BV)
             vmask = row_mask[:, None] & (rv[None, :] < V)
@@ -418,6 +422,9 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dq, dk, dG, chunk_indi
                 dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
             if GATE != 0:
                 end_term += tl.sum(b_S * b_dS, axis=1)
+            if DELTA:
+                b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+                b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
         b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
         if GATE != 0:
             g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
@@ -439,11 +446,14 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dq, dk, dG, chunk_indi
             b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
         tl.store(dq + tile, b_dq.to(dq.dtype.element_ty), mask=tile_mask)
         tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
+        if DELTA:
+            tl.store(dW + tile, b_dW, mask=tile_mask)
         if GATE != 0:
             d_gate = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
             end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
             d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0)
-            d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
+            if not DELTA:
+                d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
             if GATE == 2:
                 tl.store(dG + tile, d_gate, mask=tile_mask)
             else:

@@ -7,13 +7,14 @@ Per chunk of C tokens with cumulative log-decay G (zero without a gate), Gamma =
     O = (Gamma * Q) S_in + (Q K^T * exp(G_i - G_j), j <= i) X
     S_out = Gamma_C S_in + (K * exp(G_C - G))^T X
 Everything but the chunk-to-chunk recurrence S_out = M S_in + Y (M = Gamma_C I - K_out^T W,
-Y = K_out^T U, K_out = K * exp(G_C - G)) is batched over all chunks. DeltaProduct interleaves its n_h Householder steps
-into a sequence n_h times longer (gate on the first step, query on the last).
+Y = K_out^T U, K_out = K * exp(G_C - G)) is batched over all chunks. DeltaProduct runs as the
+delta rule on its interleaved steps (``rnnops._delta_product``).
 """
 from __future__ import annotations
 
 import torch
 
+from .._delta_product import via_delta_rule
 from .._dispatch import register
 from .._validate import accumulation_dtype
 from ._common import cumulative_log_decay, pair_decay, run_in_chunks, scan_chunks
@@ -69,23 +70,4 @@ def delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu
     return o.to(q.dtype), final
 
 
-@register("delta_product", "chunked")
-def delta_product(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
-    batch, time, steps = k.shape[:3]
-
-    def interleave(x):
-        return x.reshape((batch, time * steps) + x.shape[3:])
-
-    def on_step(x, position):
-        """Place a per-token tensor on one Householder step, zeros on the others."""
-        zeros = x.new_zeros((batch, time, steps - 1) + x.shape[2:])
-        parts = [zeros, x[:, :, None]] if position == "last" else [x[:, :, None], zeros]
-        return interleave(torch.cat(parts, dim=2))
-
-    o, final = delta_rule(
-        on_step(q, "last"), interleave(k), interleave(v), interleave(beta),
-        None if g is None else on_step(g, "first"),
-        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens * steps, chunk_size=chunk_size,
-    )
-    return o.reshape((batch, time, steps) + o.shape[2:])[:, :, -1], final
+register("delta_product", "chunked")(via_delta_rule(delta_rule))

@@ -195,7 +195,7 @@ def _run(op, checked: _Checked, q, k, v, beta, g, initial_state, output_final_st
         return q.new_empty(q.shape[:3] + (dims["V"],)), final if output_final_state else None
     if qk_l2norm:
         q, k = (F.normalize(x.to(check.accumulation_dtype(dtype)), dim=-1).to(dtype) for x in (q, k))
-    _, impl = resolve(op, backend, device, dtype=dtype)
+    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size)
     o, final = impl(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return o, final if output_final_state else None

@@ -70,8 +70,10 @@ def _kernels():
     return kernels
 
 
-class _Run:
-    """Shapes, layout and launch parameters of one call, shared by forward and backward."""
+class ChunkedRun:
+    """Shapes, packed-sequence layout and launch parameters of one call, and the launches of the
+    linear-attention kernels; shared by forward and backward, and by the delta rule (which
+    reuses the cumulative decay, output and dq/dk kernels on its pseudo-values)."""
 
     def __init__(self, q, v, g, cu_seqlens, chunk, scale, config: LinearAttnConfig):
         kernels = _kernels()
@@ -85,6 +87,14 @@ class _Run:
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
 
+    @property
+    def k_tiles(self) -> int:
+        return -(-self.K // self.BK)
+
+    @property
+    def v_tiles(self) -> int:
+        return -(-self.V // self.BV)
+
     def flat(self, x):
         """(B, T, H, ...) -> contiguous (B*T, H, ...)."""
         return None if x is None else x.reshape((self.B * self.T,) + x.shape[2:]).contiguous()
@@ -92,9 +102,8 @@ class _Run:
     def cumulative_decay(self, g):
         if g is None:
             return None
-        kernels = _kernels()
         G = empty(g.shape, dtype=torch.float32, device=g.device)
-        kernels.cumsum_kernel[(self.layout.programs, self.H)](
+        _kernels().cumsum_kernel[(self.layout.programs, self.H)](
             g, G, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
             BT=self.chunk, BK=self.BK, **self.launch)
         return G
@@ -113,81 +122,108 @@ class _Run:
         h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
         final = (empty((lay.sequences, self.H, self.K, self.V), dtype=torch.float32, device=k.device) if store_final
                  else None)
-        grid = (-(-self.K // self.BK), -(-self.V // self.BV), lay.sequences * self.H)
-        _kernels().states_fwd_kernel[grid](
+        _kernels().states_fwd_kernel[(self.k_tiles, self.v_tiles, lay.sequences * self.H)](
             k, v, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
             HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.BK, BV=self.BV,
             **self.common, **self.launch)
         return h, final
 
+    def output(self, q, k, v, G, A, h):
+        o = empty(v.shape, dtype=v.dtype, device=v.device)
+        lay = self.layout
+        _kernels().output_kernel[(self.v_tiles, lay.programs, self.H)](
+            q, k, v, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, BK=self.BK, BV=self.BV,
+            **self.common, **self.launch)
+        return o
+
+    def states_backward(self, q, do, G, d_final, initial_state):
+        lay = self.layout
+        dh = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=q.device)
+        d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
+        _kernels().states_bwd_kernel[(self.k_tiles, self.v_tiles, lay.sequences * self.H)](
+            q, do, G, dh, None if d_final is None else d_final.float().contiguous(), d_initial, lay.chunk_offsets,
+            lay.cu_seqlens, self.scale, V=self.V, HAS_D_FINAL=d_final is not None,
+            STORE_D_INITIAL=initial_state is not None, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+        return dh, d_initial
+
+    def intra_gradients(self, q, k, v, G, do):
+        """Per-key decay: the intra-chunk parts of dq and dk (fp32), else (None, None)."""
+        kernels, lay = _kernels(), self.layout
+        if self.gate != kernels.KEY_GATE:
+            return None, None
+        dA = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
+        kernels.d_scores_kernel[(lay.programs, self.H)](
+            do, v, dA, lay.chunk_indices, lay.cu_seqlens, self.scale, H=self.H, V=self.V,
+            PRECISION=self.precision, BT=self.chunk, BV=self.BV, **self.launch)
+        dq_intra, dk_intra = (empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        kernels.intra_dqk_kernel[(lay.programs, self.H)](
+            q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K,
+            PRECISION=self.precision, BT=self.chunk, BC=kernels.SUB_CHUNK, BK=self.BK, **self.launch)
+        return dq_intra, dk_intra
+
+    def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None):
+        """dq (q's dtype), dk, and for gated runs dG: per key tile (reverse-cumulated) for
+        linear attention; with the delta rule's dv2, also dW, and dk and dG partial (fp32)."""
+        kernels, lay = _kernels(), self.layout
+        delta = dv2 is not None
+        dq = empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = empty(k.shape, dtype=torch.float32 if delta else k.dtype, device=k.device)
+        dW = empty(k.shape, dtype=torch.float32, device=k.device) if delta else None
+        dG = None
+        if self.gate == kernels.KEY_GATE:
+            dG = empty((q.shape[0], self.H, self.K), dtype=torch.float32, device=q.device)
+        elif self.gate == kernels.SCALAR_GATE:
+            dG = empty((self.k_tiles, q.shape[0], self.H), dtype=torch.float32, device=q.device)
+        kernels.dqk_kernel[(self.k_tiles, lay.programs, self.H)](
+            q, k, v, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices, lay.cu_seqlens,
+            self.scale, lay.total_rows, V=self.V, DELTA=delta, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+        return dq, dk, dW, dG
+
+    def dv(self, q, k, G, A, dh, do):
+        dv = empty(do.shape, dtype=do.dtype, device=do.device)
+        lay = self.layout
+        _kernels().dv_kernel[(self.v_tiles, lay.programs, self.H)](
+            q, k, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, BK=self.BK, BV=self.BV,
+            **self.common, **self.launch)
+        return dv
+
+    def unflat(self, x, dtype=None):
+        """(B*T, H, ...) -> (B, T, H, ...), optionally cast."""
+        if x is None:
+            return None
+        x = x.view((self.B, self.T) + x.shape[1:])
+        return x if dtype is None else x.to(dtype)
+
 
 class LinearAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
-        run = _Run(q, v, g, cu_seqlens, chunk, scale, config)
+        run = ChunkedRun(q, v, g, cu_seqlens, chunk, scale, config)
         qf, kf, vf, gf = (run.flat(x) for x in (q, k, v, g))
         state0 = None if initial_state is None else initial_state.float().contiguous()
         G = run.cumulative_decay(gf)
-        A = run.intra_scores(qf, kf, G)
         h, final = run.states(kf, vf, G, state0, output_final_state)
-        o = empty(vf.shape, dtype=vf.dtype, device=vf.device)
-        lay = run.layout
-        _kernels().output_kernel[(-(-run.V // run.BV), lay.programs, run.H)](
-            qf, kf, vf, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, scale, V=run.V, BK=run.BK, BV=run.BV,
-            **run.common, **run.launch)
+        o = run.output(qf, kf, vf, G, run.intra_scores(qf, kf, G), h)
         ctx.save_for_backward(qf, kf, vf, gf, state0)
-        ctx.run, ctx.g_dtype = run, None if g is None else g.dtype
-        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
-        return o.view(v.shape), final
+        ctx.run = run
+        ctx.dtypes = (None if g is None else g.dtype, None if initial_state is None else initial_state.dtype)
+        return run.unflat(o), final
 
     @staticmethod
     def backward(ctx, do, d_final):
         qf, kf, vf, gf, state0 = ctx.saved_tensors
         run = ctx.run
-        kernels, lay = _kernels(), run.layout
         do = run.flat(do)
         G = run.cumulative_decay(gf)
         A = run.intra_scores(qf, kf, G)
         h, _ = run.states(kf, vf, G, state0, store_final=False)
-        dh = empty(h.shape, dtype=h.dtype, device=h.device)
-        d_initial = None if state0 is None else empty(state0.shape, dtype=state0.dtype, device=state0.device)
-        grid = (-(-run.K // run.BK), -(-run.V // run.BV), lay.sequences * run.H)
-        kernels.states_bwd_kernel[grid](
-            qf, do, G, dh, None if d_final is None else d_final.float().contiguous(), d_initial, lay.chunk_offsets,
-            lay.cu_seqlens, run.scale, V=run.V, HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
-            BK=run.BK, BV=run.BV, **run.common, **run.launch)
-        dq_intra = dk_intra = None
-        if run.gate == kernels.KEY_GATE:
-            dA = empty((qf.shape[0], run.H, run.chunk), dtype=torch.float32, device=qf.device)
-            kernels.d_scores_kernel[(lay.programs, run.H)](
-                do, vf, dA, lay.chunk_indices, lay.cu_seqlens, run.scale, H=run.H, V=run.V,
-                PRECISION=run.precision, BT=run.chunk, BV=run.BV, **run.launch)
-            dq_intra = empty(qf.shape, dtype=torch.float32, device=qf.device)
-            dk_intra = empty(qf.shape, dtype=torch.float32, device=qf.device)
-            kernels.intra_dqk_kernel[(lay.programs, run.H)](
-                qf, kf, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=run.H, K=run.K,
-                PRECISION=run.precision, BT=run.chunk, BC=kernels.SUB_CHUNK, BK=run.BK, **run.launch)
-        dq, dk = (empty(qf.shape, dtype=qf.dtype, device=qf.device) for _ in range(2))
-        k_tiles = -(-run.K // run.BK)
-        dG = None
-        if run.gate == kernels.KEY_GATE:
-            dG = empty(gf.shape, dtype=torch.float32, device=qf.device)
-        elif run.gate == kernels.SCALAR_GATE:
-            dG = empty((k_tiles,) + gf.shape, dtype=torch.float32, device=qf.device)
-        kernels.dqk_kernel[(k_tiles, lay.programs, run.H)](
-            qf, kf, vf, G, h, dh, do, dq_intra, dk_intra, dq, dk, dG, lay.chunk_indices, lay.cu_seqlens, run.scale,
-            lay.total_rows, V=run.V, BK=run.BK, BV=run.BV, **run.common, **run.launch)
-        dv = empty(vf.shape, dtype=vf.dtype, device=vf.device)
-        kernels.dv_kernel[(-(-run.V // run.BV), lay.programs, run.H)](
-            qf, kf, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, run.scale, V=run.V, BK=run.BK, BV=run.BV,
-            **run.common, **run.launch)
-        dg = None
-        if dG is not None:
-            dg = (dG if run.gate == kernels.KEY_GATE else dG.sum(0)).to(ctx.g_dtype)
-        shape = (run.B, run.T, run.H)
-        return (dq.view(shape + (run.K,)), dk.view(shape + (run.K,)), dv.view(shape + (run.V,)),
-                None if dg is None else dg.view(shape + dg.shape[2:]),
-                None if d_initial is None else d_initial.to(ctx.initial_dtype), None, None, None, None, None)
+        dh, d_initial = run.states_backward(qf, do, G, d_final, state0)
+        dq, dk, _, dG = run.dqk(qf, kf, vf, G, h, dh, do, run.intra_gradients(qf, kf, vf, G, do))
+        dv = run.dv(qf, kf, G, A, dh, do)
+        dg = None if dG is None else (dG if run.gate == _kernels().KEY_GATE else dG.sum(0))
+        g_dtype, initial_dtype = ctx.dtypes
+        return (run.unflat(dq), run.unflat(dk), run.unflat(dv), run.unflat(dg, g_dtype),
+                None if d_initial is None else d_initial.to(initial_dtype), None, None, None, None, None)
 
 
 @register("linear_attn", "triton", supports=supports)

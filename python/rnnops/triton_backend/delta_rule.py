@@ -1,0 +1,150 @@
+"""Triton delta rule and DeltaProduct: configuration, search space, autograd Function.
+
+The forward runs the UT transform, the chunk-state loop (which also yields the pseudo-values
+V_new) and linear attention's output kernel on V_new; the backward runs the state loop
+backwards, linear attention's dq/dk kernel on V_new, and the UT transform's backward.
+Memory: only the inputs are saved; W, U (K + V values per token and head), the chunk states
+(one K x V fp32 state per chunk) and V_new are recomputed in the backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
+
+from .._delta_product import via_delta_rule
+from .._dispatch import register
+from ._common import empty
+from .linear_attn import ChunkedRun, LinearAttnConfig
+from .linear_attn import space as linear_attn_space
+from .linear_attn import supports as linear_attn_supports
+
+
+@dataclass(frozen=True)
+class DeltaRuleConfig(LinearAttnConfig):
+    """LinearAttnConfig plus the V tile of the state loops, which hold all of K (rounded up
+    to a power of two) times ``state_block_v`` of the state in registers."""
+
+    state_block_v: int = 32
+
+
+DEFAULT_CONFIG = DeltaRuleConfig()
+
+
+def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
+    base = linear_attn_space(K, V, chunk, dtype_bytes, hardware)
+    return Space(
+        dict(base.variables, state_block_v=powers_of_two(16, 64)),
+        base.constraints + (
+            Constraint("state_block_v <= V rounded up to a power of two", ("state_block_v",),
+                       lambda bv: bv <= next_power_of_two(V)),
+            Constraint("the full-K fp32 state tile fits in 128 registers per thread", ("state_block_v", "num_warps"),
+                       lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
+        ),
+    )
+
+
+def supports(**info) -> str | None:
+    return linear_attn_supports(**info)
+
+
+def _kernels():
+    from rnnops.triton_kernels import delta_rule as kernels
+
+    return kernels
+
+
+class _DeltaRun(ChunkedRun):
+    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config: DeltaRuleConfig):
+        super().__init__(q, v, g, cu_seqlens, chunk, scale, config)
+        self.BKF = next_power_of_two(self.K)
+        self.SBV = min(config.state_block_v, next_power_of_two(self.V))
+        self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": self.precision,
+                      "BT": chunk}
+
+    def ut(self, k, v, beta, G):
+        W = empty(k.shape, dtype=k.dtype, device=k.device)
+        U = empty(v.shape, dtype=v.dtype, device=v.device)
+        _kernels().ut_fwd_kernel[(self.layout.programs, self.H)](
+            k, v, beta, G, W, U, self.layout.chunk_indices, self.layout.cu_seqlens, BK=self.BK, BV=self.BV,
+            **self.delta, **self.launch)
+        return W, U
+
+    def delta_states(self, k, W, U, G, initial_state, store_final):
+        lay = self.layout
+        h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
+        v_new = empty(U.shape, dtype=U.dtype, device=U.device)
+        final = (empty((lay.sequences, self.H, self.K, self.V), dtype=torch.float32, device=k.device) if store_final
+                 else None)
+        _kernels().states_fwd_kernel[(-(-self.V // self.SBV), lay.sequences * self.H)](
+            k, W, U, G, h, v_new, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
+            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BKF=self.BKF, BV=self.SBV,
+            **self.delta, **self.launch)
+        return h, v_new, final
+
+    def delta_states_backward(self, q, k, W, G, do, d_final, initial_state):
+        lay = self.layout
+        dh = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=q.device)
+        dv_new = empty(do.shape, dtype=torch.float32, device=do.device)
+        d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
+        _kernels().states_bwd_kernel[(-(-self.V // self.SBV), lay.sequences * self.H)](
+            q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
+            lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
+            STORE_D_INITIAL=initial_state is not None, BKF=self.BKF, BV=self.SBV, **self.delta, **self.launch)
+        return dh, dv_new, d_initial
+
+    def ut_backward(self, k, v, beta, G, dv_new, dW, dk, dG):
+        """dv, dbeta; completes dk (in place, fp32) and returns dg for gated runs."""
+        lay = self.layout
+        dv = empty(v.shape, dtype=v.dtype, device=v.device)
+        dbeta = empty(beta.shape, dtype=torch.float32, device=beta.device)
+        dg = None if G is None else empty(G.shape, dtype=torch.float32, device=G.device)
+        _kernels().ut_bwd_kernel[(lay.programs, self.H)](
+            k, v, beta, G, dv_new, dW, dk, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens, lay.total_rows,
+            BK=self.BK, BV=self.BV, **self.delta, **self.launch)
+        return dv, dbeta, dg
+
+
+class DeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
+        run = _DeltaRun(q, v, g, cu_seqlens, chunk, scale, config)
+        qf, kf, vf, bf, gf = (run.flat(x) for x in (q, k, v, beta, g))
+        state0 = None if initial_state is None else initial_state.float().contiguous()
+        G = run.cumulative_decay(gf)
+        W, U = run.ut(kf, vf, bf, G)
+        h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
+        o = run.output(qf, kf, v_new, G, None, h)
+        ctx.save_for_backward(qf, kf, vf, bf, gf, state0)
+        ctx.run = run
+        ctx.dtypes = (k.dtype, beta.dtype, None if g is None else g.dtype,
+                      None if initial_state is None else initial_state.dtype)
+        return run.unflat(o), final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        qf, kf, vf, bf, gf, state0 = ctx.saved_tensors
+        run = ctx.run
+        do = run.flat(do)
+        G = run.cumulative_decay(gf)
+        W, U = run.ut(kf, vf, bf, G)
+        h, v_new, _ = run.delta_states(kf, W, U, G, state0, store_final=False)
+        dh, dv_new, d_initial = run.delta_states_backward(qf, kf, W, G, do, d_final, state0)
+        dq, dk, dW, dG = run.dqk(qf, kf, v_new, G, h, dh, do, dv2=dv_new)
+        dv, dbeta, dg = run.ut_backward(kf, vf, bf, G, dv_new, dW, dk, dG)
+        k_dtype, beta_dtype, g_dtype, initial_dtype = ctx.dtypes
+        return (run.unflat(dq), run.unflat(dk, k_dtype), run.unflat(dv), run.unflat(dbeta, beta_dtype),
+                run.unflat(dg, g_dtype), None if d_initial is None else d_initial.to(initial_dtype),
+                None, None, None, None, None)
+
+
+@register("delta_rule", "triton", supports=supports)
+def delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+               config: DeltaRuleConfig = DEFAULT_CONFIG):
+    return DeltaRuleFunction.apply(q, k, v, beta, g, initial_state, scale, cu_seqlens, chunk_size,
+                                   output_final_state, config)
+
+
+register("delta_product", "triton", supports=supports)(via_delta_rule(delta_rule))

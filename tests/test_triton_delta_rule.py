@@ -1,0 +1,102 @@
+"""Triton delta rule and DeltaProduct against the float64 reference: forward and every gradient
+(interpreter on the CPU, poisoned outputs; bfloat16 on GPUs only, see test_triton_linear_attn)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rnnops
+from conftest import compare_backends
+from rnnops.autotune import hardware
+from rnnops.triton_backend import _common, delta_rule as triton_delta_rule
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+def make_inputs(B=2, T=40, H=2, K=16, V=32, gated=False, num_householder=None, dtype=torch.float32, initial=True,
+                gate_scale=1.0, beta_max=1.0, device="cpu"):
+    steps = () if num_householder is None else (num_householder,)
+    x = {"q": torch.randn(B, T, H, K), "k": F.normalize(torch.randn((B, T) + steps + (H, K)), dim=-1),
+         "v": torch.randn((B, T) + steps + (H, V)), "beta": torch.rand((B, T) + steps + (H,)) * beta_max}
+    if gated:
+        x["g"] = -torch.rand(B, T, H) * gate_scale
+    x = {k: v.to(device=device, dtype=dtype) for k, v in x.items()}
+    if initial:
+        x["initial_state"] = torch.randn(B, H, K, V, device=device)
+    return x
+
+
+def delta(backend, chunk_size=16, cu_seqlens=None, final=True, **x):
+    return rnnops.delta_rule(**x, output_final_state=final, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                             allow_neg_eigval=True, backend=backend)
+
+
+def product(backend, chunk_size=16, num_householder=2, **x):
+    return rnnops.delta_product(**x, num_householder=num_householder, output_final_state=True,
+                                chunk_size=chunk_size, allow_neg_eigval=True, backend=backend)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("shape", [
+    dict(T=40), dict(T=1), dict(T=70, chunk=32), dict(K=48, V=16, H=3, initial=False), dict(T=20, final=False),
+    dict(beta_max=2.0),
+], ids=["T40", "T1", "T70-chunk32", "K48-V16-H3-no-initial", "no-final", "negative-eigenvalues"])
+def test_delta_rule_matches_reference(gated, shape):
+    shape = dict(shape)
+    chunk, final = shape.pop("chunk", 16), shape.pop("final", True)
+    x = make_inputs(gated=gated, **shape)
+    compare_backends(lambda backend, **kw: delta(backend, chunk, final=final, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_varlen(gated):
+    offsets = torch.tensor([0, 5, 5, 30, 31, 50])
+    x = make_inputs(B=1, T=50, gated=gated, initial=False)
+    x["initial_state"] = torch.randn(5, 2, 16, 32)
+    compare_backends(lambda backend, **kw: delta(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
+
+
+def test_strong_gate():
+    x = make_inputs(T=70, gated=True, gate_scale=20.0)
+    compare_backends(lambda backend, **kw: delta(backend, 32, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("num_householder", [1, 3])
+def test_delta_product(gated, num_householder):
+    x = make_inputs(T=13, gated=gated, num_householder=num_householder, beta_max=2.0)
+    compare_backends(lambda backend, **kw: product(backend, 16, num_householder, **kw), x, 1e-5, test="triton")
+
+
+def test_float16():
+    x = make_inputs(gated=True, dtype=torch.float16)
+    compare_backends(lambda backend, **kw: delta(backend, **kw), x, 2e-3, test="triton")
+
+
+def test_head_dims_are_checked():
+    with pytest.raises(ValueError, match="V must be a multiple of 16 in \\[16, 256\\], got 24"):
+        delta("triton", **make_inputs(V=24))
+
+
+@pytest.mark.parametrize("gpu", ["A100", "H100"])
+def test_config_space(gpu):
+    legal = triton_delta_rule.space(256, 128, 64, 2, hardware.named(gpu)).legal()
+    assert legal and all(256 * p["state_block_v"] <= 128 * 32 * p["num_warps"] for p in legal)
+    defaults = dict(triton_delta_rule.DEFAULT_CONFIG.__dict__)
+    assert defaults in triton_delta_rule.space(128, 128, 64, 2, hardware.named(gpu)).legal()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+def test_realistic_shapes_on_gpu(gated, dtype, bound):
+    x = make_inputs(B=2, T=1000, H=4, K=128, V=128, gated=gated, dtype=dtype, device="cuda")
+    compare_backends(lambda backend, **kw: delta(backend, 64, **kw), x, bound, test="triton")
+
+
+@pytest.mark.gpu
+def test_delta_product_on_gpu():
+    x = make_inputs(B=2, T=500, H=4, K=64, V=64, gated=True, num_householder=2, dtype=torch.bfloat16, device="cuda")
+    compare_backends(lambda backend, **kw: product(backend, 64, 2, **kw), x, 2e-2, test="triton")

@@ -1,0 +1,274 @@
+"""Triton kernels for the chunked (gated) delta rule, forward and backward.
+
+Per head, S: K x V, beta_t the step size, g_t an optional scalar log-decay, scale s:
+    S <- e^(g_t) S;   S <- S + beta_t k_t (v_t - S^T k_t)^T;   o_t = s * S^T q_t
+Per chunk of BT tokens (G the inclusive cumulative log-decay, Gamma = e^G, D_ij = e^(G_i - G_j)):
+    L      = strictly_lower(beta_i (k_i . k_j) D_ij),   T = (I + L)^-1        (UT transform)
+    W      = T diag(beta Gamma) K,   U = T diag(beta) V                        (``ut_fwd``)
+    V_new  = U - W S_in                          (the chunk's pseudo-values)  (``states_fwd``)
+    S_out  = Gamma_last S_in + (K * e^(G_last - G))^T V_new
+    o      = s [(Gamma q) S_in + (q k^T * D, j <= i) V_new]   (linear_attn's output kernel)
+T comes from forward substitution on the BT x BT block in registers (row i of T is
+e_i - sum_{j<i} L_ij T_j). All exponents are <= 0 and clamped so, as in linear_attn.
+
+Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks backwards):
+    dV_new = s (q k^T * D, j <= i)^T do + (K * e^(G_last - G)) dh             (= dU)
+    dS_in  = Gamma_last dh + s (Gamma q)^T do - W^T dV_new
+    dq, dk, dW = -dV_new S_in^T and dG (output and state terms): linear_attn's dqk kernel
+    through T (``ut_bwd``): dT = dU (beta V)^T + dW (beta Gamma K)^T,  dL = -T^T dT T^T,
+        dv = beta T^T dU,  dk += beta Gamma T^T dW + (E + E^T) K  with E = dL * beta_i * D,
+        dbeta = rowsum(V T^T dU) + rowsum(Gamma K T^T dW) + rowsum(dL * KK * D),
+        dG += Gamma beta rowsum(K T^T dW) + rowsum(F) - colsum(F),  F = dL * L,
+    then dg = reverse cumsum of dG within the chunk.
+Saved for the backward: the inputs only; W, U, the states and V_new are recomputed.
+
+Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a power of two):
+    ut_fwd, ut_bwd        (chunks, H)
+    states_fwd/_bwd       (V/BV, sequences * H)
+Work per token and head: forward 2*(2*BT*K + BT^2/3 + BT*(K+V) + 3*K*V + BT*V) flops; reads
+q, k, v, beta (, g), writes o, and moves W, U, V_new and one K*V state per chunk.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .linear_attn import _chunk_rows
+
+
+@triton.jit
+def _gram(k, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+          BK: tl.constexpr):
+    """k k^T for one chunk (BT x BT, fp32), K in BK tiles."""
+    kk = tl.zeros([BT, BT], tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
+                      other=0.0)
+        kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    return kk
+
+
+@triton.jit
+def _pair_decay(G, rows, row_mask, i_h, H: tl.constexpr, GATED: tl.constexpr, BT: tl.constexpr):
+    """D_ij = e^(G_i - G_j) for j <= i (0 above the diagonal), fp32."""
+    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+    if GATED:
+        g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+        return tl.exp(tl.where(causal, tl.minimum(g[:, None] - g[None, :], 0.0), float("-inf")))
+    return tl.where(causal, 1.0, 0.0)
+
+
+@triton.jit
+def _unit_lower_inverse(L, BT: tl.constexpr):
+    """(I + L)^-1 for strictly lower-triangular L (BT x BT, fp32), by forward substitution."""
+    o = tl.arange(0, BT)
+    T = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    for i in range(1, BT):
+        l_i = tl.sum(tl.where(o[:, None] == i, L, 0.0), axis=0)
+        T = tl.where(o[:, None] == i, T - tl.sum(l_i[:, None] * T, axis=0)[None, :], T)
+    return T
+
+
+@triton.jit
+def _ut_matrices(k, beta, G, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, GATED: tl.constexpr,
+                 PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """(beta, Gamma, k k^T, D, T) of one chunk."""
+    b_beta = tl.load(beta + rows * H + i_h, mask=row_mask, other=0.0).to(tl.float32)
+    if GATED:
+        gamma = tl.exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))
+    else:
+        gamma = tl.where(row_mask, 1.0, 0.0)
+    kk = _gram(k, rows, row_mask, i_h, H, K, PRECISION, BT, BK)
+    D = _pair_decay(G, rows, row_mask, i_h, H, GATED, BT)
+    strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
+    L = tl.where(strict, b_beta[:, None] * kk * D, 0.0)
+    return b_beta, gamma, kk, D, _unit_lower_inverse(L, BT)
+
+
+@triton.jit
+def ut_fwd_kernel(k, v, beta, G, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr):
+    """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk (stored in v's dtype)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        b_beta, gamma, kk, D, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            mask = row_mask[:, None] & (rk[None, :] < K)
+            b_k = tl.load(k + tile, mask=mask, other=0.0)
+            rhs = (b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)
+            tl.store(W + tile, tl.dot(T.to(b_k.dtype), rhs, input_precision=PRECISION).to(W.dtype.element_ty), mask=mask)
+        for i_v in range(tl.cdiv(V, BV)):
+            rv = i_v * BV + tl.arange(0, BV)
+            tile = (rows[:, None] * H + i_h) * V + rv[None, :]
+            mask = row_mask[:, None] & (rv[None, :] < V)
+            b_v = tl.load(v + tile, mask=mask, other=0.0)
+            rhs = (b_v * b_beta[:, None]).to(b_v.dtype)
+            tl.store(U + tile, tl.dot(T.to(b_v.dtype), rhs, input_precision=PRECISION).to(U.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_offsets, cu_seqlens,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
+                      HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
+    """The chunk loop of one sequence: h[chunk] = S_in, v_new = U - W S_in, S_out."""
+    i_v, i_sh = tl.program_id(0), tl.program_id(1)
+    seq, i_h = i_sh // H, i_sh % H
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    first = tl.load(chunk_offsets + seq).to(tl.int64)
+    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    rk = tl.arange(0, BKF)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_offs = rk[:, None] * V + rv[None, :]
+    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    S = tl.zeros([BKF, BV], tl.float32)
+    if HAS_INITIAL:
+        S += tl.load(initial_state + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    for n in range(chunks):
+        tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S, mask=state_mask)
+        t0 = bos + n * BT
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        kmask = row_mask[:, None] & (rk[None, :] < K)
+        vtile = (rows[:, None] * H + i_h) * V + rv[None, :]
+        vmask = row_mask[:, None] & (rv[None, :] < V)
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=kmask, other=0.0)
+        b_W = tl.load(W + (rows[:, None] * H + i_h) * K + rk[None, :], mask=kmask, other=0.0)
+        b_u = tl.load(U + vtile, mask=vmask, other=0.0).to(tl.float32)
+        b_new = b_u - tl.dot(b_W, S.to(b_W.dtype), input_precision=PRECISION)
+        tl.store(v_new + vtile, b_new.to(v_new.dtype.element_ty), mask=vmask)
+        if GATED:
+            last = tl.minimum(t0 + BT, eos) - 1
+            g_last = tl.load(G + last * H + i_h)
+            g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+            S *= tl.exp(g_last)
+            b_k = (b_k * tl.exp(tl.minimum(g_last - g, 0.0))[:, None]).to(b_k.dtype)
+        S += tl.dot(tl.trans(b_k), b_new.to(b_k.dtype), input_precision=PRECISION)
+    if STORE_FINAL:
+        tl.store(final_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
+
+
+@triton.jit
+def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offsets, cu_seqlens, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
+                      HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
+    """One sequence backwards: dh[chunk] = dS_out, dv_new (the pseudo-values' full gradient),
+    and d_initial = dS_in of the first chunk."""
+    i_v, i_sh = tl.program_id(0), tl.program_id(1)
+    seq, i_h = i_sh // H, i_sh % H
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    first = tl.load(chunk_offsets + seq).to(tl.int64)
+    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    rk = tl.arange(0, BKF)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_offs = rk[:, None] * V + rv[None, :]
+    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    dS = tl.zeros([BKF, BV], tl.float32)
+    if HAS_D_FINAL:
+        dS += tl.load(d_final + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    for m in range(chunks):
+        n = chunks - 1 - m
+        tl.store(dh + ((first + n) * H + i_h) * K * V + state_offs, dS, mask=state_mask)
+        t0 = bos + n * BT
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        kmask = row_mask[:, None] & (rk[None, :] < K)
+        ktile = (rows[:, None] * H + i_h) * K + rk[None, :]
+        vtile = (rows[:, None] * H + i_h) * V + rv[None, :]
+        vmask = row_mask[:, None] & (rv[None, :] < V)
+        b_q = tl.load(q + ktile, mask=kmask, other=0.0)
+        b_k = tl.load(k + ktile, mask=kmask, other=0.0)
+        b_W = tl.load(W + ktile, mask=kmask, other=0.0)
+        b_do = tl.load(do + vtile, mask=vmask, other=0.0)
+        scores = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * _pair_decay(G, rows, row_mask, i_h, H,
+                                                                                      GATED, BT)
+        if GATED:
+            last = tl.minimum(t0 + BT, eos) - 1
+            g_last = tl.load(G + last * H + i_h)
+            g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+            k_out = (b_k * tl.exp(tl.minimum(g_last - g, 0.0))[:, None]).to(b_k.dtype)
+            q_in = (b_q * tl.exp(g)[:, None]).to(b_q.dtype)
+        else:
+            k_out, q_in = b_k, b_q
+        b_dv = scale * tl.dot(tl.trans(scores).to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dv += tl.dot(k_out, dS.to(b_k.dtype), input_precision=PRECISION)
+        tl.store(dv_new + vtile, b_dv.to(dv_new.dtype.element_ty), mask=vmask)
+        if GATED:
+            dS *= tl.exp(g_last)
+        dS += scale * tl.dot(tl.trans(q_in), b_do, input_precision=PRECISION)
+        dS -= tl.dot(tl.trans(b_W), b_dv.to(b_W.dtype), input_precision=PRECISION)
+    if STORE_D_INITIAL:
+        tl.store(d_initial + (seq * H + i_h) * K * V + state_offs, dS, mask=state_mask)
+
+
+@triton.jit
+def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, cu_seqlens, total_rows,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Gradients through the UT transform for one chunk: dv and dbeta; adds to dk (fp32, holding
+    the output and state terms); gated: dg = reverse cumsum of (dG summed over its K tiles + the
+    UT terms) within the chunk."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        b_beta, gamma, kk, D, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        dT = tl.zeros([BT, BT], tl.float32)
+        d_beta = tl.zeros([BT], tl.float32)
+        d_gate = tl.zeros([BT], tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            rv = i_v * BV + tl.arange(0, BV)
+            tile = (rows[:, None] * H + i_h) * V + rv[None, :]
+            mask = row_mask[:, None] & (rv[None, :] < V)
+            b_v = tl.load(v + tile, mask=mask, other=0.0).to(tl.float32)
+            b_dU = tl.load(dU + tile, mask=mask, other=0.0).to(tl.float32)
+            x = tl.dot(tl.trans(T), b_dU, input_precision="ieee")
+            tl.store(dv + tile, (b_beta[:, None] * x).to(dv.dtype.element_ty), mask=mask)
+            d_beta += tl.sum(b_v * x, axis=1)
+            dT += tl.dot(b_dU, tl.trans(b_v * b_beta[:, None]), input_precision="ieee")
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            mask = row_mask[:, None] & (rk[None, :] < K)
+            b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
+            b_dW = tl.load(dW + tile, mask=mask, other=0.0)
+            y = tl.dot(tl.trans(T), b_dW, input_precision="ieee")
+            k_y = tl.sum(b_k * y, axis=1)
+            d_beta += gamma * k_y
+            d_gate += gamma * b_beta * k_y
+            dT += tl.dot(b_dW, tl.trans(b_k * (b_beta * gamma)[:, None]), input_precision="ieee")
+        strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
+        dL = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision="ieee"), input_precision="ieee")
+        dL = tl.where(strict, dL, 0.0)
+        kkd = kk * D
+        d_beta += tl.sum(dL * kkd, axis=1)
+        E = dL * b_beta[:, None] * D
+        F = E * kk
+        d_gate += tl.sum(F, axis=1) - tl.sum(F, axis=0)
+        tl.store(dbeta + rows * H + i_h, d_beta, mask=row_mask)
+        sym = E + tl.trans(E)
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            mask = row_mask[:, None] & (rk[None, :] < K)
+            b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
+            b_dW = tl.load(dW + tile, mask=mask, other=0.0)
+            y = tl.dot(tl.trans(T), b_dW, input_precision="ieee")
+            b_dk = tl.load(dk + tile, mask=mask, other=0.0) + (b_beta * gamma)[:, None] * y
+            b_dk += tl.dot(sym, b_k, input_precision="ieee")
+            tl.store(dk + tile, b_dk, mask=mask)
+        if GATED:
+            for i_k in range(tl.cdiv(K, BK)):
+                d_gate += tl.load(dG + (i_k * total_rows + rows) * H + i_h, mask=row_mask, other=0.0)
+            tl.store(dg + rows * H + i_h, tl.cumsum(d_gate, axis=0, reverse=True), mask=row_mask)
