@@ -1,14 +1,12 @@
 """The delta rule (DeltaNet, Gated DeltaNet) and DeltaProduct."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from .. import _validate as check
-from .._dispatch import resolve
-from ._common import add_time_axis, state_or_zeros
+from .._dispatch import register, resolve
+from ._common import Checked, add_time_axis, needs_grad, state_or_zeros
 
 
 def delta_rule(
@@ -103,18 +101,13 @@ def delta_rule_step(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of :func:`delta_rule`: q, k (B, H, K); v (B, H, V); beta, g (B, H);
-    state (B, H, K, V) or None (zeros). Returns o (B, H, V) and the new state."""
+    state (B, H, K, V) or None (zeros). Returns o (B, H, V) and the new state. The ``triton``
+    backend runs it as one fused kernel (inference: without autograd)."""
     op = "delta_rule_step"
-    o, new_state = delta_rule(
-        add_time_axis(op, "q", q, "B H K"),
-        add_time_axis(op, "k", k, "B H K"),
-        add_time_axis(op, "v", v, "B H V"),
-        add_time_axis(op, "beta", beta, "B H"),
-        add_time_axis(op, "g", g, "B H"),
-        scale=scale, initial_state=state, output_final_state=True, allow_neg_eigval=allow_neg_eigval,
-        qk_l2norm=qk_l2norm, backend=backend,
-    )
-    return o[:, 0], new_state
+    sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
+                (("q", q, "B H K"), ("k", k, "B H K"), ("v", v, "B H V"), ("beta", beta, "B H"), ("g", g, "B H"))]
+    checked = _validate(op, *sequence, state, None, scale, 1, allow_neg_eigval, num_householder=None)
+    return _step(op, checked, q, k, v, beta, g, state, qk_l2norm, backend)
 
 
 def delta_product_step(
@@ -134,24 +127,42 @@ def delta_product_step(
     """One decoding step of :func:`delta_product`: q (B, H, K); k (B, n_h, H, K);
     v (B, n_h, H, V); beta (B, n_h, H); g (B, H); state (B, H, K, V) or None (zeros)."""
     op = "delta_product_step"
-    o, new_state = delta_product(
-        add_time_axis(op, "q", q, "B H K"),
-        add_time_axis(op, "k", k, "B NH H K"),
-        add_time_axis(op, "v", v, "B NH H V"),
-        add_time_axis(op, "beta", beta, "B NH H"),
-        add_time_axis(op, "g", g, "B H"),
-        num_householder=num_householder, scale=scale, initial_state=state, output_final_state=True,
-        allow_neg_eigval=allow_neg_eigval, qk_l2norm=qk_l2norm, backend=backend,
-    )
-    return o[:, 0], new_state
+    sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
+                (("q", q, "B H K"), ("k", k, "B NH H K"), ("v", v, "B NH H V"), ("beta", beta, "B NH H"),
+                 ("g", g, "B H"))]
+    checked = _validate(op, *sequence, state, None, scale, 1, allow_neg_eigval, num_householder=num_householder)
+    return _step(op, checked, q, k, v, beta, g, state, qk_l2norm, backend)
 
 
-class _Checked(NamedTuple):
-    dims: check.Dims
-    dtype: torch.dtype
-    device: torch.device
-    scale: float
-    chunk_size: int
+def _step(op, checked: Checked, q, k, v, beta, g, state, qk_l2norm, backend):
+    dims, dtype, device, scale, _ = checked
+    if qk_l2norm:
+        q, k = _l2_normalised(dtype, q, k)
+    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
+                      requires_grad=needs_grad(q, k, v, beta, g, state))
+    return impl(q, k, v, beta, g, state=state, scale=scale)
+
+
+def _sequence_step(sequence_op, backend: str):
+    """A step as a one-token sequence on ``backend`` (any backend of the sequence op)."""
+
+    def step(q, k, v, beta, g, *, state, scale):
+        extra = {} if sequence_op is delta_rule else {"num_householder": k.shape[1]}
+        o, new_state = sequence_op(*(None if x is None else x.unsqueeze(1) for x in (q, k, v, beta, g)),
+                                   scale=scale, initial_state=state, output_final_state=True, allow_neg_eigval=True,
+                                   backend=backend, **extra)
+        return o[:, 0], new_state
+
+    return step
+
+
+for _backend in ("reference", "chunked"):
+    register("delta_rule_step", _backend)(_sequence_step(delta_rule, _backend))
+    register("delta_product_step", _backend)(_sequence_step(delta_product, _backend))
+
+
+def _l2_normalised(dtype, *tensors):
+    return tuple(F.normalize(x.to(check.accumulation_dtype(dtype)), dim=-1).to(dtype) for x in tensors)
 
 
 def _validate(op, q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size, allow_neg_eigval,
@@ -183,18 +194,18 @@ def _validate(op, q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size
     check.check_range(op, "beta", beta, 0.0, beta_max,
                       "a step size; [0, 2] needs allow_neg_eigval=True" if beta_max == 1.0 else "allow_neg_eigval=True")
     check.check_range(op, "g", g, float("-inf"), 0.0, "a log-decay")
-    return _Checked(dims, dtype, device, check.resolve_scale(op, scale, dims["K"]),
-                    check.positive_int(op, "chunk_size", chunk_size))
+    return Checked(dims, dtype, device, check.resolve_scale(op, scale, dims["K"]),
+                   check.positive_int(op, "chunk_size", chunk_size))
 
 
-def _run(op, checked: _Checked, q, k, v, beta, g, initial_state, output_final_state, cu_seqlens, qk_l2norm,
+def _run(op, checked: Checked, q, k, v, beta, g, initial_state, output_final_state, cu_seqlens, qk_l2norm,
          backend):
     dims, dtype, device, scale, chunk_size = checked
     if dims["T"] == 0:
         final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
         return q.new_empty(q.shape[:3] + (dims["V"],)), final if output_final_state else None
     if qk_l2norm:
-        q, k = (F.normalize(x.to(check.accumulation_dtype(dtype)), dim=-1).to(dtype) for x in (q, k))
+        q, k = _l2_normalised(dtype, q, k)
     _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size)
     o, final = impl(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)

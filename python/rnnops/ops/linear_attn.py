@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from .._dispatch import resolve
-from ._common import add_time_axis, state_or_zeros
+from .._dispatch import register, resolve
+from ._common import Checked, add_time_axis, needs_grad, state_or_zeros
 
 
 def linear_attn(
@@ -35,13 +35,66 @@ def linear_attn(
         output_final_state: return the state after the last token (else None).
         cu_seqlens: int32/int64 offsets [0, ..., T] of packed sequences (B must be 1).
         chunk_size: tokens per chunk for the chunked algorithms.
-        backend: "auto", "reference", "chunked" (see ``rnnops.backends``).
+        backend: "auto" or a name from ``rnnops.available_backends("linear_attn")``.
 
     Returns:
         o (B, T, H, V) in q's dtype, and the final state (N, H, K, V) in float32 (float64 for
         float64 inputs) or None. T = 0 gives an empty o and the initial state (or zeros).
     """
-    op = "linear_attn"
+    dims, dtype, device, scale, chunk_size = _validate("linear_attn", q, k, v, g, initial_state, cu_seqlens, scale,
+                                                       chunk_size)
+    if dims["T"] == 0:
+        final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
+        return v.new_empty(v.shape), final if output_final_state else None
+    _, impl = resolve("linear_attn", backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
+                      chunk_size=chunk_size)
+    o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
+                    output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    return o, final if output_final_state else None
+
+
+def linear_attn_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    state: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of :func:`linear_attn`.
+
+    q, k (B, H, K); v (B, H, V); g None, (B, H) or (B, H, K); state (B, H, K, V) or None (zeros).
+    Returns o (B, H, V) and the new state (B, H, K, V). The ``triton`` backend runs it as one
+    fused kernel (inference: without autograd).
+    """
+    op = "linear_attn_step"
+    g_layout = "B H K" if isinstance(g, torch.Tensor) and g.dim() == 3 else "B H"
+    sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
+                (("q", q, "B H K"), ("k", k, "B H K"), ("v", v, "B H V"), ("g", g, g_layout))]
+    dims, dtype, device, scale, _ = _validate(op, *sequence, state, None, scale, 1)
+    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
+                      requires_grad=needs_grad(q, k, v, g, state))
+    return impl(q, k, v, g, state=state, scale=scale)
+
+
+def _sequence_step(backend: str):
+    """A step as a one-token sequence on ``backend`` (any backend of linear_attn)."""
+
+    def step(q, k, v, g, *, state, scale):
+        o, new_state = linear_attn(*(None if x is None else x.unsqueeze(1) for x in (q, k, v, g)), scale=scale,
+                                   initial_state=state, output_final_state=True, backend=backend)
+        return o[:, 0], new_state
+
+    return step
+
+
+for _backend in ("reference", "chunked"):
+    register("linear_attn_step", _backend)(_sequence_step(_backend))
+
+
+def _validate(op, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size) -> Checked:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check.require_tensor(op, name, x)
     for name, x in (("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
@@ -61,42 +114,4 @@ def linear_attn(
     scale = check.resolve_scale(op, scale, dims["K"])
     chunk_size = check.positive_int(op, "chunk_size", chunk_size)
     check.check_range(op, "g", g, float("-inf"), 0.0, "a log-decay")
-
-    if dims["T"] == 0:
-        final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
-        return v.new_empty(v.shape), final if output_final_state else None
-    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size)
-    o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
-                    output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    return o, final if output_final_state else None
-
-
-def linear_attn_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor | None = None,
-    *,
-    state: torch.Tensor | None = None,
-    scale: float | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of :func:`linear_attn`.
-
-    q, k (B, H, K); v (B, H, V); g None, (B, H) or (B, H, K); state (B, H, K, V) or None (zeros).
-    Returns o (B, H, V) and the new state (B, H, K, V).
-    """
-    op = "linear_attn_step"
-    g_layout = "B H K" if isinstance(g, torch.Tensor) and g.dim() == 3 else "B H"
-    o, new_state = linear_attn(
-        add_time_axis(op, "q", q, "B H K"),
-        add_time_axis(op, "k", k, "B H K"),
-        add_time_axis(op, "v", v, "B H V"),
-        add_time_axis(op, "g", g, g_layout),
-        scale=scale,
-        initial_state=state,
-        output_final_state=True,
-        backend=backend,
-    )
-    return o[:, 0], new_state
-
+    return Checked(dims, dtype, device, scale, chunk_size)
