@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from .._dispatch import resolve
-from ._common import add_time_axis, state_or_zeros
+from .._dispatch import register, resolve
+from ._common import add_time_axis, needs_grad, state_or_zeros
 
 _BC_LAYOUTS = ("Dm N", "B T N", "B T {g} N")
 
@@ -47,39 +47,12 @@ def selective_scan(
         y (batch, T, Dm) in u's dtype, or (y, last_state) with last_state (S, Dm, N) in
         float32 (float64 for float64 inputs). T = 0 gives an empty y and the initial state.
     """
-    op = "selective_scan"
-    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        check.require_tensor(op, name, x)
-    optional = {"D": D, "z": z, "delta_bias": delta_bias, "initial_state": initial_state, "cu_seqlens": cu_seqlens}
-    for name, x in optional.items():
-        check.require_tensor(op, name, x, optional=True)
-    dims = check.Dims(op)
-    dims.bind("u", u, "B T Dm")
-    dims.bind("delta", delta, "B T Dm")
-    if z is not None:
-        dims.bind("z", z, "B T Dm")
-    dims.bind("A", A, "Dm N")
-    for name, M in (("B", B), ("C", C)):
-        layout = dims.bind_one_of(name, M, [lay.format(g="G" + name) for lay in _BC_LAYOUTS])
-        if "G" + name in layout and dims["Dm"] % dims["G" + name]:
-            raise ValueError(f"{op}: the group count of {name} (G={dims['G' + name]}) must divide Dm={dims['Dm']}")
-    for name, x in (("D", D), ("delta_bias", delta_bias)):
-        if x is not None:
-            dims.bind(name, x, "Dm")
-    dtype = check.activation_dtype(op, {"u": u, "delta": delta, "z": z})
-    check.parameter_dtypes(op, {"A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias,
-                                "initial_state": initial_state}, dtype)
-    device = check.same_device(op, {"u": u, "delta": delta, "z": z, "A": A, "B": B, "C": C, "D": D,
-                                    "delta_bias": delta_bias, "initial_state": initial_state})
-    dims.bind_sequences("S", cu_seqlens, device)
-    if initial_state is not None:
-        dims.bind("initial_state", initial_state, "S Dm N")
-
+    dims, dtype, device = _validate("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     if dims["T"] == 0:
         y = u.new_empty(u.shape)
         last = state_or_zeros(initial_state, (dims["S"], dims["Dm"], dims["N"]), dtype, device)
     else:
-        _, impl = resolve(op, backend, device, dtype=dtype)
+        _, impl = resolve("selective_scan", backend, device, dtype=dtype)
         y, last = impl(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state=initial_state,
                        output_final_state=bool(return_last_state), cu_seqlens=cu_seqlens)
     return (y, last) if return_last_state else y
@@ -111,18 +84,59 @@ def selective_state_update(
     def bc_layout(M):
         return "B G N" if isinstance(M, torch.Tensor) and M.dim() == 3 else "B N"
 
-    y, new_state = selective_scan(
-        add_time_axis(op, "u", u, "B Dm"),
-        add_time_axis(op, "delta", delta, "B Dm"),
-        A,
-        add_time_axis(op, "B", B, bc_layout(B)),
-        add_time_axis(op, "C", C, bc_layout(C)),
-        D,
-        add_time_axis(op, "z", z, "B Dm"),
-        delta_bias,
-        delta_softplus,
-        initial_state=state,
-        return_last_state=True,
-        backend=backend,
-    )
-    return y[:, 0], new_state
+    sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
+                (("u", u, "B Dm"), ("delta", delta, "B Dm"), ("B", B, bc_layout(B)), ("C", C, bc_layout(C)),
+                 ("z", z, "B Dm"))]
+    _, dtype, device = _validate(op, sequence[0], sequence[1], A, sequence[2], sequence[3], D, sequence[4], delta_bias,
+                                 state, None)
+    _, impl = resolve(op, backend, device, dtype=dtype,
+                      requires_grad=needs_grad(state, u, delta, A, B, C, D, z, delta_bias))
+    return impl(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+
+
+def _sequence_step(backend: str):
+    """A step as a one-token scan on ``backend`` (any backend of selective_scan)."""
+
+    def step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        def token(x):
+            return None if x is None else x.unsqueeze(1)
+
+        y, new_state = selective_scan(token(u), token(delta), A, token(B), token(C), D, token(z), delta_bias,
+                                      delta_softplus, initial_state=state, return_last_state=True, backend=backend)
+        return y[:, 0], new_state
+
+    return step
+
+
+for _backend in ("reference", "chunked"):
+    register("selective_state_update", _backend)(_sequence_step(_backend))
+
+
+def _validate(op, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        check.require_tensor(op, name, x)
+    optional = {"D": D, "z": z, "delta_bias": delta_bias, "initial_state": initial_state, "cu_seqlens": cu_seqlens}
+    for name, x in optional.items():
+        check.require_tensor(op, name, x, optional=True)
+    dims = check.Dims(op)
+    dims.bind("u", u, "B T Dm")
+    dims.bind("delta", delta, "B T Dm")
+    if z is not None:
+        dims.bind("z", z, "B T Dm")
+    dims.bind("A", A, "Dm N")
+    for name, M in (("B", B), ("C", C)):
+        layout = dims.bind_one_of(name, M, [lay.format(g="G" + name) for lay in _BC_LAYOUTS])
+        if "G" + name in layout and dims["Dm"] % dims["G" + name]:
+            raise ValueError(f"{op}: the group count of {name} (G={dims['G' + name]}) must divide Dm={dims['Dm']}")
+    for name, x in (("D", D), ("delta_bias", delta_bias)):
+        if x is not None:
+            dims.bind(name, x, "Dm")
+    dtype = check.activation_dtype(op, {"u": u, "delta": delta, "z": z})
+    check.parameter_dtypes(op, {"A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias,
+                                "initial_state": initial_state}, dtype)
+    device = check.same_device(op, {"u": u, "delta": delta, "z": z, "A": A, "B": B, "C": C, "D": D,
+                                    "delta_bias": delta_bias, "initial_state": initial_state})
+    dims.bind_sequences("S", cu_seqlens, device)
+    if initial_state is not None:
+        dims.bind("initial_state", initial_state, "S Dm N")
+    return dims, dtype, device

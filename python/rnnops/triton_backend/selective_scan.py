@@ -1,0 +1,178 @@
+"""Triton selective scan (Mamba-1) and its decoding step: configuration, autograd Function.
+
+Memory: besides the inputs, the forward saves the state entering every chunk of
+``config.chunk`` steps (Dm x N fp32 per chunk and sequence); the backward recomputes the states
+inside each chunk from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
+
+from .._dispatch import register
+from ._common import ChunkLayout, device_reason, dtype_reason, empty
+from .recurrent_step import supports as step_supports
+
+
+@dataclass(frozen=True)
+class SelectiveScanConfig:
+    chunk: int = 64  # time steps per associative scan
+    block_d: int = 32  # channels per program (capped by the group size of grouped B / C)
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+DEFAULT_CONFIG = SelectiveScanConfig()
+
+
+def space(Dm: int, N: int, hardware) -> Space:
+    return Space(
+        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "num_warps": [1, 2, 4, 8],
+         "num_stages": [1, 2]},
+        (
+            Constraint("block_d <= Dm rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(Dm)),
+            Constraint("the state tile and ~8 (chunk, block_d) fp32 tiles fit in 255 registers per thread",
+                       ("chunk", "block_d", "num_warps"),
+                       lambda bt, bd, w: (bd * next_power_of_two(N) + 8 * bt * bd) <= 255 * hardware.warp_size * w),
+        ),
+    )
+
+
+def supports(*, dtype, device, **_) -> str | None:
+    reasons = [r for r in (dtype_reason(dtype), device_reason(device)) if r]
+    return "; ".join(reasons) or None
+
+
+def _kernels():
+    from rnnops.triton_kernels import selective_scan as kernels
+
+    return kernels
+
+
+def _lowest_power_of_two(n: int) -> int:
+    return n & -n
+
+
+def _bc_layout(M: torch.Tensor, channels: int):
+    """(mode, strides (b, t, g, n), channels per group) of a B or C operand."""
+    kernels = _kernels()
+    if M.dim() == 2:
+        return kernels.STATIC, (0, M.stride(0), 0, M.stride(1)), channels
+    if M.dim() == 3:
+        return kernels.SHARED, (M.stride(0), M.stride(1), 0, M.stride(2)), channels
+    return kernels.GROUPED, (M.stride(0), M.stride(1), M.stride(2), M.stride(3)), channels // M.shape[2]
+
+
+class _ScanRun:
+    def __init__(self, u, A, B, C, cu_seqlens, config: SelectiveScanConfig):
+        self.batch, self.T, self.Dm = u.shape
+        self.N = A.shape[1]
+        self.B_mode, self.B_strides, self.B_group = _bc_layout(B, self.Dm)
+        self.C_mode, self.C_strides, self.C_group = _bc_layout(C, self.Dm)
+        self.BD = min(config.block_d, next_power_of_two(self.Dm), _lowest_power_of_two(self.B_group),
+                      _lowest_power_of_two(self.C_group))
+        self.layout = ChunkLayout.build(self.batch, self.T, config.chunk, cu_seqlens, u.device)
+        self.packed = cu_seqlens is not None
+        self.config = config
+        self.grid = (-(-self.Dm // self.BD), self.layout.sequences)
+        self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    def constants(self, D, z, delta_bias, softplus):
+        return {"Dm": self.Dm, "N": self.N, "NP": next_power_of_two(self.N), "B_MODE": self.B_mode,
+                "C_MODE": self.C_mode, "HAS_D": D is not None, "HAS_Z": z is not None,
+                "HAS_BIAS": delta_bias is not None, "SOFTPLUS": softplus, "PACKED": self.packed,
+                "BT": self.config.chunk, "BD": self.BD}
+
+    def strides(self, u, delta, z, out):
+        zs = z.stride() if z is not None else (0, 0, 0)
+        return (*u.stride(), *delta.stride(), *zs, *out.stride(), *self.B_strides, *self.C_strides,
+                self.B_group, self.C_group)
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, cu_seqlens, output_final_state,
+                config):
+        run = _ScanRun(u, A, B, C, cu_seqlens, config)
+        A_, D_, bias_ = (None if x is None else x.contiguous() for x in (A, D, delta_bias))
+        state0 = None if initial_state is None else initial_state.float().contiguous()
+        out = empty(u.shape, dtype=u.dtype, device=u.device)
+        lay = run.layout
+        h = empty((lay.programs, run.Dm, run.N), dtype=torch.float32, device=u.device)
+        final = empty((lay.sequences, run.Dm, run.N), dtype=torch.float32, device=u.device) if output_final_state else None
+        _kernels().scan_fwd_kernel[run.grid](
+            u, delta, A_, B, C, D_, z, bias_, out, h, state0, final, lay.cu_seqlens, lay.chunk_offsets,
+            *run.strides(u, delta, z, out), HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
+            **run.constants(D, z, delta_bias, softplus), **run.launch)
+        ctx.save_for_backward(u, delta, A_, B, C, D_, z, bias_, h, state0)
+        ctx.run, ctx.softplus = run, softplus
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        return out, final
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        u, delta, A, B, C, D, z, delta_bias, h, state0 = ctx.saved_tensors
+        run = ctx.run
+        lay = run.layout
+        f32 = {"dtype": torch.float32, "device": u.device}
+        rows = run.batch * run.T
+        du, d_delta = empty((rows, run.Dm), **f32), empty((rows, run.Dm), **f32)
+        dz = empty((rows, run.Dm), **f32) if z is not None else None
+        per_sequence = (lay.sequences, run.Dm, run.N)
+        dA = empty(per_sequence, **f32)
+        channel_blocks = run.grid[0]
+        dB = empty(per_sequence if run.B_mode == 0 else (channel_blocks, rows, run.N), **f32)
+        dC = empty(per_sequence if run.C_mode == 0 else (channel_blocks, rows, run.N), **f32)
+        dD = empty((lay.sequences, run.Dm), **f32) if D is not None else None
+        d_bias = empty((lay.sequences, run.Dm), **f32) if delta_bias is not None else None
+        d_initial = empty(per_sequence, **f32) if state0 is not None else None
+        d_out = d_out if d_out.stride() == u.stride() else d_out.contiguous()
+        _kernels().scan_bwd_kernel[run.grid](
+            u, delta, A, B, C, D, z, delta_bias, d_out, h, None if d_final is None else d_final.float().contiguous(),
+            d_initial, du, d_delta, dz, dA, dB, dC, dD, d_bias, lay.cu_seqlens, lay.chunk_offsets, rows,
+            *run.strides(u, delta, z, d_out), HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
+            **run.constants(D, z, delta_bias, ctx.softplus), **run.launch)
+        shape = (run.batch, run.T, run.Dm)
+        grads = [du.view(shape), d_delta.view(shape), dA.sum(0), _reduce_bc(dB, B, run), _reduce_bc(dC, C, run),
+                 None if dD is None else dD.sum(0), None if dz is None else dz.view(shape),
+                 None if d_bias is None else d_bias.sum(0), d_initial]
+        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads[:8], None, grads[8], None, None, None)
+
+
+def _reduce_bc(partial: torch.Tensor, M: torch.Tensor, run: _ScanRun) -> torch.Tensor:
+    """Sum the per-block (or per-sequence) partial gradient of B or C into M's shape."""
+    if M.dim() == 2:
+        return partial.sum(0)
+    if M.dim() == 3:
+        return partial.sum(0).view(M.shape)
+    groups = M.shape[2]
+    per_group = partial.view(groups, -1, *partial.shape[1:]).sum(1)  # blocks are ordered by channel
+    return per_group.view(groups, run.batch, run.T, run.N).permute(1, 2, 0, 3)
+
+
+@register("selective_scan", "triton", supports=supports)
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initial_state, output_final_state,
+                   cu_seqlens, config: SelectiveScanConfig = DEFAULT_CONFIG):
+    return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
+                                       output_final_state, config)
+
+
+@register("selective_state_update", "triton", supports=step_supports)
+def selective_state_update(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    batch, channels = u.shape
+    N = A.shape[1]
+    B3, C3 = (M if M.dim() == 3 else M[:, None] for M in (B, C))
+    out = empty((batch, channels), dtype=u.dtype, device=u.device)
+    new_state = empty((batch, channels, N), dtype=torch.float32, device=u.device)
+    block = min(64, next_power_of_two(channels))
+    _kernels().state_update_kernel[(-(-channels // block), batch)](
+        state.float().contiguous(), u.contiguous(), delta.contiguous(), A.contiguous(), B3.contiguous(),
+        C3.contiguous(), None if D is None else D.contiguous(), None if z is None else z.contiguous(),
+        None if delta_bias is None else delta_bias.contiguous(), new_state, out, channels // B3.shape[1],
+        channels // C3.shape[1], Dm=channels, N=N, NP=next_power_of_two(N), GB=B3.shape[1], GC=C3.shape[1],
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, BD=block)
+    return out, new_state

@@ -1,0 +1,109 @@
+"""Triton selective scan against the float64 reference: forward and every gradient, every B/C
+layout, strided inputs, states, packed sequences, the decoding step (interpreter on the CPU,
+poisoned outputs)."""
+import pytest
+import torch
+
+import rnnops
+from conftest import assert_close, compare_backends
+from rnnops.autotune import hardware
+from rnnops.triton_backend import _common, selective_scan as triton_scan
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+def make_inputs(B=2, T=23, Dm=6, N=4, layout_B="shared", layout_C="grouped", initial=True, extras=True, A_scale=3.0,
+                dtype=torch.float32, device="cpu"):
+    def bc(layout):
+        return {"static": (Dm, N), "shared": (B, T, N), "grouped": (B, T, 3, N)}[layout]
+
+    x = {"u": torch.randn(B, T, Dm), "delta": torch.randn(B, T, Dm), "A": -torch.rand(Dm, N) * A_scale,
+         "B": torch.randn(bc(layout_B)), "C": torch.randn(bc(layout_C))}
+    if extras:
+        x.update(D=torch.randn(Dm), z=torch.randn(B, T, Dm), delta_bias=torch.randn(Dm))
+    if initial:
+        x["initial_state"] = torch.randn(B, Dm, N)
+    return {k: v.to(device=device, dtype=dtype if k in ("u", "delta", "z") else torch.float32) for k, v in x.items()}
+
+
+def scan(backend, softplus=True, cu_seqlens=None, **x):
+    return rnnops.selective_scan(**x, delta_softplus=softplus, return_last_state=True, cu_seqlens=cu_seqlens,
+                                 backend=backend)
+
+
+@pytest.mark.parametrize("layouts", [("static", "static"), ("shared", "shared"), ("grouped", "shared"),
+                                     ("shared", "grouped")], ids=lambda x: "/".join(x))
+def test_layouts(layouts):
+    x = make_inputs(layout_B=layouts[0], layout_C=layouts[1])
+    compare_backends(scan, x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("shape", [dict(T=1), dict(T=100, initial=False), dict(extras=False),
+                                   dict(T=70, A_scale=200.0)], ids=["T1", "T100-no-initial", "no-D-z-bias", "large-A"])
+def test_shapes_and_options(shape):
+    compare_backends(scan, make_inputs(**shape), 1e-5, test="triton")
+
+
+def test_without_softplus():
+    x = make_inputs()
+    x["delta"] = x["delta"].abs() * 0.3
+    x["delta_bias"] = x["delta_bias"].abs() * 0.1  # dt = delta + delta_bias >= 0: a decaying state
+    compare_backends(lambda backend, **kw: scan(backend, False, **kw), x, 1e-5, test="triton")
+
+
+def test_varlen():
+    offsets = torch.tensor([0, 5, 5, 17, 18, 30])
+    x = make_inputs(B=1, T=30, initial=False)
+    x["initial_state"] = torch.randn(5, 6, 4)
+    compare_backends(lambda backend, **kw: scan(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
+
+
+def test_mamba_layout_strides_without_copies():
+    x = make_inputs(layout_B="static", layout_C="static")
+    strided = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
+               for k, v in x.items()}
+    assert not strided["u"].is_contiguous()
+    compare_backends(scan, strided, 1e-5, test="triton")
+
+
+def test_float16_activations():
+    compare_backends(scan, make_inputs(dtype=torch.float16), 2e-3, test="triton")
+
+
+@pytest.mark.parametrize("layout", ["shared", "grouped"])
+def test_state_update(layout):
+    x = make_inputs(T=3, layout_B=layout, layout_C=layout)
+    y_seq, S_seq = scan("reference", **x)
+    S = x["initial_state"]
+    for t in range(3):
+        y, S = rnnops.selective_state_update(S, x["u"][:, t], x["delta"][:, t], x["A"], x["B"][:, t], x["C"][:, t],
+                                             x["D"], x["z"][:, t], x["delta_bias"], True, backend="triton")
+        assert_close(y, y_seq[:, t], 1e-5)
+    assert_close(S, S_seq, 1e-5)
+
+
+@pytest.mark.parametrize("gpu", ["A100", "H100"])
+def test_config_space(gpu):
+    legal = triton_scan.space(2048, 16, hardware.named(gpu)).legal()
+    assert triton_scan.DEFAULT_CONFIG.__dict__ in legal
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_realistic_shapes_on_gpu(dtype, bound):
+    x = make_inputs(B=2, T=2000, Dm=96, N=16, layout_B="grouped", layout_C="shared", dtype=dtype, device="cuda")
+    compare_backends(scan, x, bound, test="triton")
+
+
+@pytest.mark.gpu
+def test_long_sequence_on_gpu():
+    """T = 64k: stable and accurate (forward; the reference's backward would not fit)."""
+    x = make_inputs(B=1, T=65536, Dm=32, N=16, layout_B="shared", layout_C="shared", device="cuda")
+    with torch.no_grad():
+        y, last = scan("triton", **x)
+        y_ref, last_ref = scan("chunked", **{k: v.double() for k, v in x.items()})
+    assert_close(y.cpu(), y_ref.cpu(), 1e-5)
+    assert_close(last.cpu(), last_ref.cpu(), 1e-5)
