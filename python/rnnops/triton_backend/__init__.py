@@ -12,4 +12,4 @@ import importlib.util
 AVAILABLE = importlib.util.find_spec("triton") is not None
 
 if AVAILABLE:
-    from . import delta_rule, linear_attn, recurrent_step, selective_scan  # noqa: F401  (registration)
+    from . import delta_rule, linear_attn, recurrent_step, rnn, selective_scan  # noqa: F401  (registration)

@@ -1,0 +1,81 @@
+"""Triton fused recurrent cells against the float64 reference: forward, final states and every
+gradient (x_gates, R, b, initial states), interpreter on the CPU, poisoned outputs."""
+import pytest
+import torch
+
+import rnnops
+from conftest import compare_backends
+from rnnops.autotune import hardware
+from rnnops.triton_backend import _common, rnn as triton_rnn
+
+GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
+STATES = {"lstm": 2, "gru": 1, "slstm": 4, "elman": 1}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+def make_inputs(cell, B=3, T=5, H=2, D=16, initial=True, bias=True, dtype=torch.float32, device="cpu"):
+    x = {"x_gates": torch.randn(B, T, GATES[cell], H, D).to(dtype),
+         "R": torch.randn(GATES[cell], H, D, D) / D**0.5}
+    if bias:
+        x["b"] = torch.randn(GATES[cell], H, D) * 0.1
+    if initial:
+        for i in range(STATES[cell]):
+            x[f"state{i}"] = torch.randn(B, H, D).abs() + 0.5 if (cell, i) == ("slstm", 2) else torch.randn(B, H, D)
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def run(cell):
+    def call(backend, x_gates, R, b=None, **states):
+        state = tuple(states[f"state{i}"] for i in range(len(states))) or None
+        h_seq, final = rnnops.rnn(x_gates, R, b, state, cell=cell, backend=backend)
+        return (h_seq,) + final
+
+    return call
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("shape", [dict(), dict(B=20, D=32, initial=False, bias=False), dict(T=3, H=1, D=80),
+                                   dict(T=1)], ids=["basic", "B20-D32-no-state-no-bias", "D80-tiles", "T1"])
+def test_matches_reference(cell, shape):
+    compare_backends(run(cell), make_inputs(cell, **shape), 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_float16(cell):
+    compare_backends(run(cell), make_inputs(cell, dtype=torch.float16), 3e-3, test="triton")
+
+
+def test_head_dim_limits_are_stated():
+    x = make_inputs("lstm", D=24)
+    with pytest.raises(ValueError, match="the head dim D must be a multiple of 16 in \\[16, 256\\], got 24"):
+        run("lstm")("triton", **x)
+
+
+@pytest.mark.parametrize("gpu", ["A100", "H100"])
+def test_config_space(gpu):
+    legal = triton_rnn.space(256, 4, hardware.named(gpu)).legal()
+    assert triton_rnn.DEFAULT_CONFIG.__dict__ in legal
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H,D", [(1, 256), (4, 64), (12, 64)])
+def test_realistic_shapes_on_gpu(cell, dtype, bound, H, D):
+    x = make_inputs(cell, B=16, T=128, H=H, D=D, dtype=dtype, device="cuda")
+    compare_backends(run(cell), x, bound, test="triton")
+
+
+@pytest.mark.gpu
+def test_nn_lstm_uses_triton_on_gpu():
+    module = rnnops.nn.LSTM(64, 128, num_heads=2, batch_first=True).cuda()
+    reference = rnnops.nn.LSTM(64, 128, num_heads=2, batch_first=True, backend="reference").cuda()
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(4, 50, 64, device="cuda")
+    assert rnnops._dispatch.resolve("rnn", "auto", torch.device("cuda"), dtype=torch.float32, cell="lstm",
+                                    head_dim=64)[0] == "triton"
+    torch.testing.assert_close(module(x)[0], reference(x)[0], rtol=1e-4, atol=1e-5)

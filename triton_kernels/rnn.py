@@ -1,0 +1,291 @@
+"""Triton kernels for the fused recurrent cells (LSTM, GRU, sLSTM, Elman) with heads.
+
+One launch runs the whole sequence. A program owns one head and a tile of BB batch rows and
+walks the time steps; each step computes the head's recurrent pre-activations
+r_g = h_{t-1} R_g^T (+ b_g) for every gate with tl.dot, tiled BD output units by BKD
+reduction units, then the cell's pointwise update on the same tile (equations in
+rnnops.reference.rnn). The step's new states go to global memory (L1/L2-resident at these
+sizes) and a block barrier orders them before the next step reads them; R is re-read from L2
+each step, so any head size up to 256 runs (larger heads need the CUDA backend's multi-block
+grid barrier).
+
+Saved for the backward, written once: every state per step (fp32, S per unit: lstm h c,
+gru h, slstm h c n m, elman h) and the gates' pre-activations (fp32, G per unit, plus GRU's
+R_n h + b_n). The backward walks time in reverse with the same tiling: the pointwise
+gradients of each tile, then (after a barrier) dh_{t-1} += sum_g dr_g R_g for every tile;
+carried gradients live in a (S, B, H, D) fp32 buffer that ends as the initial states'
+gradient. dR = sum_{b,t} dr^T h_{t-1} and db = sum dr are left to one batched matmul on the
+host (tensor cores, instead of per-program fp32 accumulators).
+
+Layouts (contiguous): x_gates (B, T, G, H, D); R (G, H, D, D); b (G, H, D); states
+(B, T, S, H, D); pre (B, T, P, H, D); h_seq (B, T, H, D); initial/carry (S, B, H, D).
+Work per step, batch row and head: 2 G D^2 flops (the recurrent matmul) plus about 10 G D
+pointwise; reads G D inputs and the G D^2 weights (from L2), writes (S + P + 1) D values.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LSTM, GRU, SLSTM, ELMAN = 0, 1, 2, 3
+GATES = {LSTM: 4, GRU: 3, SLSTM: 4, ELMAN: 1}
+STATES = {LSTM: 2, GRU: 1, SLSTM: 4, ELMAN: 1}
+
+
+@triton.jit
+def _prev(states, initial, s, t, rb, ru, mask, T, B, S: tl.constexpr, H: tl.constexpr, D: tl.constexpr, i_h,
+          HAS_INITIAL: tl.constexpr):
+    """State s at step t - 1 on the (BB, BD) tile: the initial state (or zeros) at t = 0."""
+    if t > 0:
+        value = tl.load(states + (((rb[:, None] * T + t - 1) * S + s) * H + i_h) * D + ru[None, :], mask=mask,
+                        other=0.0)
+    else:
+        if HAS_INITIAL:
+            value = tl.load(initial + ((s * B + rb[:, None]) * H + i_h) * D + ru[None, :], mask=mask, other=0.0)
+        else:
+            value = tl.zeros(mask.shape, tl.float32)
+    return value
+
+
+@triton.jit
+def _recurrent(R, states, initial, g, t, rb, bmask, ru, umask, T, B, S: tl.constexpr, H: tl.constexpr,
+               D: tl.constexpr, i_h, HAS_INITIAL: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr):
+    """h_{t-1} R_g^T on the (BB, BD) tile of output units ``ru``."""
+    acc = tl.zeros([BB, BD], tl.float32)
+    for i_k in range(tl.cdiv(D, BKD)):
+        rk = i_k * BKD + tl.arange(0, BKD)
+        kmask = rk < D
+        h_prev = _prev(states, initial, 0, t, rb, rk, bmask[:, None] & kmask[None, :], T, B, S, H, D, i_h, HAS_INITIAL)
+        w = tl.load(R + ((g * H + i_h) * D + ru[:, None]) * D + rk[None, :], mask=umask[:, None] & kmask[None, :],
+                    other=0.0)
+        acc += tl.dot(h_prev.to(DTYPE), tl.trans(w.to(DTYPE)), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _gate_input(x, bias, g, t, rb, ru, mask, T, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, i_h,
+                HAS_BIAS: tl.constexpr):
+    """x_g (+ b_g) on the tile, fp32."""
+    value = tl.load(x + (((rb[:, None] * T + t) * G + g) * H + i_h) * D + ru[None, :], mask=mask, other=0.0)
+    value = value.to(tl.float32)
+    if HAS_BIAS:
+        value += tl.load(bias + (g * H + i_h) * D + ru, mask=ru < D, other=0.0).to(tl.float32)[None, :]
+    return value
+
+
+@triton.jit
+def _gate_pre(x, bias, R, states, initial, g, t, rb, bmask, ru, umask, mask, T, B, G: tl.constexpr, S: tl.constexpr,
+              H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr, HAS_INITIAL: tl.constexpr,
+              DTYPE: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr):
+    """x_g + h_{t-1} R_g^T + b_g on the tile."""
+    return _gate_input(x, bias, g, t, rb, ru, mask, T, G, H, D, i_h, HAS_BIAS) + _recurrent(
+        R, states, initial, g, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+
+
+@triton.jit
+def _store_step(buffer, value, slot, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.constexpr, D: tl.constexpr, i_h):
+    tl.store(buffer + (((rb[:, None] * T + t) * slots + slot) * H + i_h) * D + ru[None, :], value, mask=mask)
+
+
+@triton.jit
+def _load_step(buffer, slot, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.constexpr, D: tl.constexpr, i_h):
+    return tl.load(buffer + (((rb[:, None] * T + t) * slots + slot) * H + i_h) * D + ru[None, :], mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexpr, D: tl.constexpr,
+                   CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_INITIAL: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr,
+                   BKD: tl.constexpr):
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    rb = i_b * BB + tl.arange(0, BB)
+    bmask = rb < B
+    DTYPE: tl.constexpr = x.dtype.element_ty
+    for t in range(T):
+        for i_u in range(tl.cdiv(D, BD)):
+            ru = i_u * BD + tl.arange(0, BD)
+            umask = ru < D
+            mask = bmask[:, None] & umask[None, :]
+            if CELL == 1:  # GRU: r, z from x + R h + b; n = tanh(x_n + r (R_n h + b_n))
+                p_r = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                p_z = _gate_pre(x, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                rec_n = _recurrent(R, states, initial, 2, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL,
+                                   DTYPE, PRECISION, BB, BD, BKD)
+                if HAS_BIAS:
+                    rec_n += tl.load(bias + (2 * H + i_h) * D + ru, mask=umask, other=0.0).to(tl.float32)[None, :]
+                reset = tl.sigmoid(p_r)
+                p_n = tl.load(x + (((rb[:, None] * T + t) * G + 2) * H + i_h) * D + ru[None, :], mask=mask,
+                              other=0.0).to(tl.float32) + reset * rec_n
+                update = tl.sigmoid(p_z)
+                h_prev = _prev(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                candidate = 2.0 * tl.sigmoid(2.0 * p_n) - 1.0
+                h = (1.0 - update) * candidate + update * h_prev
+                _store_step(pre, p_r, 0, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(pre, p_z, 1, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(pre, p_n, 2, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(pre, rec_n, 3, P, t, rb, ru, mask, T, H, D, i_h)
+            elif CELL == 3:  # Elman
+                p = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                              HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                h = 2.0 * tl.sigmoid(2.0 * p) - 1.0
+                _store_step(pre, p, 0, P, t, rb, ru, mask, T, H, D, i_h)
+            else:  # LSTM and sLSTM: gates i, f, z, o
+                p_i = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                p_f = _gate_pre(x, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                p_z = _gate_pre(x, bias, R, states, initial, 2, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                p_o = _gate_pre(x, bias, R, states, initial, 3, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                c_prev = _prev(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                z_act = 2.0 * tl.sigmoid(2.0 * p_z) - 1.0
+                if CELL == 0:
+                    c = tl.sigmoid(p_f) * c_prev + tl.sigmoid(p_i) * z_act
+                    h = tl.sigmoid(p_o) * (2.0 * tl.sigmoid(2.0 * c) - 1.0)
+                else:
+                    n_prev = _prev(states, initial, 2, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                    m_prev = _prev(states, initial, 3, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                    log_f = tl.minimum(p_f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(p_f)))
+                    m = tl.maximum(log_f + m_prev, p_i)
+                    input_gate = tl.exp(p_i - m)
+                    forget_gate = tl.exp(log_f + m_prev - m)
+                    c = forget_gate * c_prev + input_gate * z_act
+                    n = forget_gate * n_prev + input_gate
+                    h = tl.sigmoid(p_o) * c / n
+                    _store_step(states, n, 2, S, t, rb, ru, mask, T, H, D, i_h)
+                    _store_step(states, m, 3, S, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(states, c, 1, S, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(pre, p_i, 0, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(pre, p_f, 1, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(pre, p_z, 2, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(pre, p_o, 3, P, t, rb, ru, mask, T, H, D, i_h)
+            _store_step(states, h, 0, S, t, rb, ru, mask, T, H, D, i_h)
+            tl.store(h_seq + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], h.to(DTYPE), mask=mask)
+        tl.debug_barrier()  # this step's states before the next step reads them
+
+
+@triton.jit
+def _carry(buffer, s, rb, ru, mask, B, H: tl.constexpr, D: tl.constexpr, i_h):
+    return buffer + ((s * B + rb[:, None]) * H + i_h) * D + ru[None, :]
+
+
+@triton.jit
+def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H: tl.constexpr, D: tl.constexpr,
+                   CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                   PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr):
+    """Reverse time walk. ``carry`` (S, B, H, D) fp32 holds on entry the final states'
+    gradient, between steps the gradient reaching the previous states, and on exit the
+    initial states' gradient. Writes dx (fp32, the gates' pre-activation gradients) and, for
+    GRU, drec_n = dn * r (the gradient of R_n h + b_n)."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    rb = i_b * BB + tl.arange(0, BB)
+    bmask = rb < B
+    for m in range(T):
+        t = T - 1 - m
+        for i_u in range(tl.cdiv(D, BD)):
+            ru = i_u * BD + tl.arange(0, BD)
+            mask = bmask[:, None] & (ru[None, :] < D)
+            dh = tl.load(_carry(carry, 0, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
+            dh += tl.load(d_h_seq + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], mask=mask,
+                          other=0.0).to(tl.float32)
+            h = _load_step(states, 0, S, t, rb, ru, mask, T, H, D, i_h)
+            dh_direct = tl.zeros([BB, BD], tl.float32)
+            if CELL == 1:
+                p_r = _load_step(pre, 0, P, t, rb, ru, mask, T, H, D, i_h)
+                p_z = _load_step(pre, 1, P, t, rb, ru, mask, T, H, D, i_h)
+                p_n = _load_step(pre, 2, P, t, rb, ru, mask, T, H, D, i_h)
+                rec_n = _load_step(pre, 3, P, t, rb, ru, mask, T, H, D, i_h)
+                h_prev = _prev(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                reset, update = tl.sigmoid(p_r), tl.sigmoid(p_z)
+                candidate = 2.0 * tl.sigmoid(2.0 * p_n) - 1.0
+                d_pn = dh * (1.0 - update) * (1.0 - candidate * candidate)
+                d_pz = dh * (h_prev - candidate) * update * (1.0 - update)
+                d_pr = d_pn * rec_n * reset * (1.0 - reset)
+                dh_direct = dh * update
+                _store_step(dx, d_pr, 0, G, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(dx, d_pz, 1, G, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(dx, d_pn, 2, G, t, rb, ru, mask, T, H, D, i_h)
+                tl.store(drec_n + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], d_pn * reset, mask=mask)
+            elif CELL == 3:
+                _store_step(dx, dh * (1.0 - h * h), 0, G, t, rb, ru, mask, T, H, D, i_h)
+            else:
+                p_i = _load_step(pre, 0, P, t, rb, ru, mask, T, H, D, i_h)
+                p_f = _load_step(pre, 1, P, t, rb, ru, mask, T, H, D, i_h)
+                p_z = _load_step(pre, 2, P, t, rb, ru, mask, T, H, D, i_h)
+                p_o = _load_step(pre, 3, P, t, rb, ru, mask, T, H, D, i_h)
+                c = _load_step(states, 1, S, t, rb, ru, mask, T, H, D, i_h)
+                c_prev = _prev(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                dc = tl.load(_carry(carry, 1, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
+                z_act = 2.0 * tl.sigmoid(2.0 * p_z) - 1.0
+                o_gate = tl.sigmoid(p_o)
+                if CELL == 0:
+                    i_gate, f_gate = tl.sigmoid(p_i), tl.sigmoid(p_f)
+                    tanh_c = 2.0 * tl.sigmoid(2.0 * c) - 1.0
+                    dc += dh * o_gate * (1.0 - tanh_c * tanh_c)
+                    d_pi = dc * z_act * i_gate * (1.0 - i_gate)
+                    d_pf = dc * c_prev * f_gate * (1.0 - f_gate)
+                    d_pz = dc * i_gate * (1.0 - z_act * z_act)
+                    d_po = dh * tanh_c * o_gate * (1.0 - o_gate)
+                    tl.store(_carry(carry, 1, rb, ru, mask, B, H, D, i_h), dc * f_gate, mask=mask)
+                else:
+                    n = _load_step(states, 2, S, t, rb, ru, mask, T, H, D, i_h)
+                    m_new = _load_step(states, 3, S, t, rb, ru, mask, T, H, D, i_h)
+                    n_prev = _prev(states, initial, 2, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                    m_prev = _prev(states, initial, 3, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                    dn = tl.load(_carry(carry, 2, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
+                    dm = tl.load(_carry(carry, 3, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
+                    log_f = tl.minimum(p_f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(p_f)))
+                    input_gate = tl.exp(p_i - m_new)
+                    forget_gate = tl.exp(log_f + m_prev - m_new)
+                    n_safe = tl.where(mask, n, 1.0)
+                    d_po = dh * c / n_safe * o_gate * (1.0 - o_gate)
+                    dc += dh * o_gate / n_safe
+                    dn -= dh * o_gate * c / (n_safe * n_safe)
+                    d_forget = dc * c_prev + dn * n_prev
+                    d_input = dc * z_act + dn
+                    d_pz = dc * input_gate * (1.0 - z_act * z_act)
+                    d_pi = d_input * input_gate
+                    d_logf = d_forget * forget_gate
+                    dm_prev = d_forget * forget_gate
+                    dm += -d_input * input_gate - d_forget * forget_gate
+                    # m_new = max(log_f + m_prev, p_i): the larger argument takes dm (ties split it)
+                    lhs = log_f + m_prev
+                    to_lhs = tl.where(lhs > p_i, dm, tl.where(lhs == p_i, 0.5 * dm, 0.0))
+                    d_pi += dm - to_lhs
+                    d_logf += to_lhs
+                    dm_prev += to_lhs
+                    d_pf = d_logf * (1.0 - tl.sigmoid(p_f))
+                    tl.store(_carry(carry, 1, rb, ru, mask, B, H, D, i_h), dc * forget_gate, mask=mask)
+                    tl.store(_carry(carry, 2, rb, ru, mask, B, H, D, i_h), dn * forget_gate, mask=mask)
+                    tl.store(_carry(carry, 3, rb, ru, mask, B, H, D, i_h), dm_prev, mask=mask)
+                _store_step(dx, d_pi, 0, G, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(dx, d_pf, 1, G, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(dx, d_pz, 2, G, t, rb, ru, mask, T, H, D, i_h)
+                _store_step(dx, d_po, 3, G, t, rb, ru, mask, T, H, D, i_h)
+            tl.store(_carry(carry, 0, rb, ru, mask, B, H, D, i_h), dh_direct, mask=mask)
+        tl.debug_barrier()  # every tile's gate gradients before the recurrent products read them
+        for i_u in range(tl.cdiv(D, BD)):
+            rj = i_u * BD + tl.arange(0, BD)
+            jmask = rj < D
+            mask = bmask[:, None] & jmask[None, :]
+            acc = tl.zeros([BB, BD], tl.float32)
+            for g in tl.static_range(G):
+                for i_k in range(tl.cdiv(D, BKD)):
+                    ri = i_k * BKD + tl.arange(0, BKD)
+                    imask = bmask[:, None] & (ri[None, :] < D)
+                    if CELL == 1 and g == 2:
+                        d_rec = tl.load(drec_n + ((rb[:, None] * T + t) * H + i_h) * D + ri[None, :], mask=imask,
+                                        other=0.0)
+                    else:
+                        d_rec = _load_step(dx, g, G, t, rb, ri, imask, T, H, D, i_h)
+                    w = tl.load(R + ((g * H + i_h) * D + ri[:, None]) * D + rj[None, :],
+                                mask=(ri[:, None] < D) & jmask[None, :], other=0.0).to(tl.float32)
+                    acc += tl.dot(d_rec, w, input_precision=PRECISION)
+            pointer = _carry(carry, 0, rb, rj, mask, B, H, D, i_h)
+            tl.store(pointer, tl.load(pointer, mask=mask, other=0.0) + acc, mask=mask)
+        tl.debug_barrier()
