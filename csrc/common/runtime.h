@@ -1,0 +1,46 @@
+// The one header every kernel includes: real CUDA under nvcc / NVRTC, the CPU simulator
+// (sim/sim.h) under a host compiler. Kernels use only what both sides provide:
+//   RNNOPS_SHARED(T, name, count)   a block's static shared array
+//   RNNOPS_DYNAMIC_SHARED(T, name)   the launch's dynamic shared memory as T*
+//   rnnops::grid_sync()              grid-wide barrier (cooperative launches only)
+//   rnnops::to_float / from_float    float <-> float, __half, __nv_bfloat16
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#define RNNOPS_SHARED(T, name, count) __shared__ T name[count]
+#define RNNOPS_DYNAMIC_SHARED(T, name)                                 \
+  extern __shared__ __align__(16) unsigned char rnnops_dynamic_smem[]; \
+  T* name = reinterpret_cast<T*>(rnnops_dynamic_smem)
+namespace rnnops {
+__device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
+}  // namespace rnnops
+#else
+#include "../sim/sim.h"
+#define RNNOPS_SHARED(T, name, count) T* name = ::rnnops::sim::shared_array<T>(count)
+#define RNNOPS_DYNAMIC_SHARED(T, name) T* name = ::rnnops::sim::dynamic_shared<T>()
+namespace rnnops {
+inline void grid_sync() { sim::sync_grid(); }
+}  // namespace rnnops
+#endif
+
+namespace rnnops {
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : logf(1.0f + __expf(x)); }
+}  // namespace rnnops
