@@ -7,8 +7,9 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # Triton kernels run in Triton's interpreter on CPU tensors (set before they import)
+if not HAS_CUDA:  # kernels run on CPU tensors: Triton's interpreter (set before they import), the CUDA simulator
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("RNNOPS_CUDA_SIMULATOR", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -62,6 +62,12 @@ def test_address_sanitizer_build_runs_clean_kernels_and_catches_an_out_of_bounds
         a, b = torch.randn(32, 32).half(), torch.randn(32, 32).half()
         sim.wmma_matmul(a, b, 1.0)
         sim.warp_scan(torch.randn(128))
+        import rnnops  # every CUDA kernel on one small case, forward and backward
+        x = {k: torch.randn(2, 9, 6, requires_grad=True) for k in ("u", "delta", "z")}
+        A, B, C = -torch.rand(6, 4), torch.randn(2, 9, 4), torch.randn(2, 9, 3, 4)
+        y, last = rnnops.selective_scan(x["u"], x["delta"], A, B, C, torch.randn(6), x["z"], torch.randn(6), True,
+                                        initial_state=torch.randn(2, 6, 4), return_last_state=True, backend="cuda")
+        (y.sum() + last.sum()).backward()
     """)
     assert clean.returncode == 0, clean.stderr[-3000:]
     bad = _in_asan_child("sim.out_of_bounds(torch.randn(7))")

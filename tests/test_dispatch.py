@@ -9,7 +9,7 @@ CPU = torch.device("cpu")
 
 def test_available_backends():
     assert rnnops.available_backends("linear_attn") == ("reference", "chunked", "triton")
-    assert rnnops.available_backends("selective_scan") == ("reference", "chunked", "triton")
+    assert rnnops.available_backends("selective_scan") == ("reference", "chunked", "triton", "cuda")
     assert rnnops.available_backends("selective_state_update") == ("reference", "chunked", "triton")
     assert rnnops.available_backends("rnn") == ("reference", "triton")
 

@@ -3,6 +3,7 @@
 // -fsanitize=address for the AddressSanitizer tests).
 #include <torch/extension.h>
 
+#include "../scan/selective_scan.cuh"
 #include "../sim/selftest.h"
 
 namespace {
@@ -68,6 +69,96 @@ torch::Tensor out_of_bounds(torch::Tensor x) {
   return out;
 }
 
+// ---------------------------------------------------------------- selective scan
+// The host side (rnnops.cuda_backend.selective_scan) computes every stride, mode and size; these
+// functions only package them into the kernels' structs and launch through the simulator.
+
+using rnnops::scan::BCOperand;
+using rnnops::scan::Operand;
+using rnnops::scan::ScanShape;
+
+Operand operand(const std::vector<int64_t>& s) { return Operand{s[0], s[1], s[2]}; }
+
+BCOperand bc_operand(const torch::Tensor& t, const std::vector<int64_t>& s) {
+  // s: mode, stride b, t, g, n, channels per group
+  return BCOperand{t.data_ptr<float>(), static_cast<int>(s[0]), s[1], s[2], s[3], s[4], static_cast<int>(s[5])};
+}
+
+template <class F>
+void dispatch_tiles(int64_t warps, int64_t items, F&& f) {
+#define RNNOPS_TILE(W, I) \
+  if (warps == W && items == I) return f(std::integral_constant<int, W>{}, std::integral_constant<int, I>{});
+  RNNOPS_TILE(1, 4) RNNOPS_TILE(2, 4) RNNOPS_TILE(4, 4) RNNOPS_TILE(2, 8) RNNOPS_TILE(4, 8) RNNOPS_TILE(8, 8)
+#undef RNNOPS_TILE
+  TORCH_CHECK(false, "no simulator build for warps=", warps, " items=", items);
+}
+
+template <class F>
+void dispatch_dtype(torch::ScalarType dtype, F&& f) {
+  if (dtype == torch::kFloat32) return f(float{});
+  if (dtype == torch::kFloat16) return f(__half{});
+  if (dtype == torch::kBFloat16) return f(__nv_bfloat16{});
+  TORCH_CHECK(false, "the simulator kernels take float32, float16 or bfloat16, got ", dtype);
+}
+
+template <class T>
+const T* ptr(const torch::Tensor& t) {  // an empty tensor stands for "absent"
+  return t.defined() && t.numel() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
+}
+template <class T>
+T* mut(const torch::Tensor& t) {
+  return t.defined() && t.numel() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+void scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                  torch::Tensor D, torch::Tensor z, torch::Tensor delta_bias, torch::Tensor out, torch::Tensor chunk_states,
+                  torch::Tensor initial_state, torch::Tensor final_state, torch::Tensor cu_seqlens,
+                  torch::Tensor chunk_offsets, std::vector<int64_t> strides, std::vector<int64_t> b_layout,
+                  std::vector<int64_t> c_layout, std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
+  // strides: u, delta, z, out (b, t, d each); shape: Dm, N, packed, has_d, has_z, has_bias, softplus;
+  // launch_shape: grid x, grid y, warps, items, dynamic shared bytes
+  auto at = [&](int k) { return std::vector<int64_t>(strides.begin() + 3 * k, strides.begin() + 3 * k + 3); };
+  ScanShape s{static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2]),
+              static_cast<int>(shape[3]), static_cast<int>(shape[4]), static_cast<int>(shape[5]),
+              static_cast<int>(shape[6])};
+  dispatch_dtype(u.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_tiles(launch_shape[2], launch_shape[3], [&](auto w, auto i) {
+      launch(rnnops::scan::selective_scan_fwd<T, decltype(w)::value, decltype(i)::value>,
+             dim3(launch_shape[0], launch_shape[1]), dim3(32 * decltype(w)::value), launch_shape[4], false,
+             ptr<T>(u), operand(at(0)), ptr<T>(delta), operand(at(1)), ptr<float>(A), bc_operand(B, b_layout),
+             bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(at(2)), ptr<float>(delta_bias), mut<T>(out),
+             operand(at(3)), mut<float>(chunk_states), ptr<float>(initial_state), mut<float>(final_state),
+             ptr<int>(cu_seqlens), ptr<int>(chunk_offsets), s);
+    });
+  });
+}
+
+void scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                   torch::Tensor D, torch::Tensor z, torch::Tensor delta_bias, torch::Tensor d_out,
+                   torch::Tensor chunk_states, torch::Tensor d_final, torch::Tensor d_initial, torch::Tensor du,
+                   torch::Tensor d_delta, torch::Tensor dz, torch::Tensor dA, torch::Tensor dB, torch::Tensor dC,
+                   torch::Tensor dD, torch::Tensor d_bias, torch::Tensor cu_seqlens, torch::Tensor chunk_offsets,
+                   std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> c_layout,
+                   std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
+  auto at = [&](int k) { return std::vector<int64_t>(strides.begin() + 3 * k, strides.begin() + 3 * k + 3); };
+  ScanShape s{static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2]),
+              static_cast<int>(shape[3]), static_cast<int>(shape[4]), static_cast<int>(shape[5]),
+              static_cast<int>(shape[6])};
+  dispatch_dtype(u.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_tiles(launch_shape[2], launch_shape[3], [&](auto w, auto i) {
+      launch(rnnops::scan::selective_scan_bwd<T, decltype(w)::value, decltype(i)::value>,
+             dim3(launch_shape[0], launch_shape[1]), dim3(32 * decltype(w)::value), launch_shape[4], false,
+             ptr<T>(u), operand(at(0)), ptr<T>(delta), operand(at(1)), ptr<float>(A), bc_operand(B, b_layout),
+             bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(at(2)), ptr<float>(delta_bias), ptr<T>(d_out),
+             operand(at(3)), ptr<float>(chunk_states), ptr<float>(d_final), mut<float>(d_initial), mut<float>(du),
+             mut<float>(d_delta), mut<float>(dz), mut<float>(dA), mut<float>(dB), mut<float>(dC), mut<float>(dD),
+             mut<float>(d_bias), ptr<int>(cu_seqlens), ptr<int>(chunk_offsets), s);
+    });
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -76,4 +167,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wmma_matmul", &wmma_matmul);
   m.def("grid_barrier", &grid_barrier);
   m.def("out_of_bounds", &out_of_bounds);
+  m.def("scan_forward", &scan_forward);
+  m.def("scan_backward", &scan_backward);
 }

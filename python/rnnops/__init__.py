@@ -11,7 +11,7 @@ Families (layouts are batch-first and head-split; see each function's docstring)
 Every op takes ``backend="auto"|"reference"|"chunked"|...``; :func:`available_backends` lists
 what an op has. :mod:`rnnops.nn` has drop-ins for ``torch.nn.LSTM`` and ``torch.nn.GRU``.
 """
-from . import chunked, reference, triton_backend  # noqa: F401  (register the backends)
+from . import chunked, cuda_backend, reference, triton_backend  # noqa: F401  (register the backends)
 from ._dispatch import available as available_backends
 from ._version import __version__
 from .ops.delta_rule import delta_product, delta_product_step, delta_rule, delta_rule_step

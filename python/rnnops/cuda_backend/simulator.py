@@ -56,5 +56,5 @@ def load(asan: bool = False):
 def asan_environment() -> dict[str, str]:
     """Environment for a child process that loads the AddressSanitizer build."""
     libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
-    return env
+    return dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+                RNNOPS_CUDA_SIMULATOR="1", RNNOPS_CUDA_SIMULATOR_ASAN="1")

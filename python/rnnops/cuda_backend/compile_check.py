@@ -1,0 +1,71 @@
+"""Compile the CUDA kernels with nvcc for a real architecture and read ptxas' report: registers,
+spills, stack, shared memory per kernel. Used by the tests (every default configuration must
+compile for sm_80 and sm_90a without spills) and by the autotuner's legality checks."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .simulator import csrc_dir
+
+
+@dataclass(frozen=True)
+class Instantiation:
+    header: str  # relative to csrc/
+    kernel: str  # e.g. "rnnops::scan::selective_scan_fwd<__nv_bfloat16, 4, 8>"
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    name: str  # mangled
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    shared_bytes: int
+
+
+def nvcc() -> str | None:
+    return shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
+
+
+def source(instantiations: list[Instantiation]) -> str:
+    headers = sorted({i.header for i in instantiations})
+    lines = [f'#include "{h}"' for h in headers] + ["void rnnops_instantiate() {"]
+    lines += [f"  (void)&{i.kernel};" for i in instantiations] + ["}"]
+    return "\n".join(lines) + "\n"
+
+
+_FUNCTION = re.compile(r"Function properties for (\S+)")
+_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def ptxas_reports(instantiations: list[Instantiation], arch: str) -> list[KernelReport]:
+    """Compile for ``arch`` (e.g. "sm_80", "sm_90a") and parse ``-Xptxas -v``; raises
+    RuntimeError with nvcc's output on a compile error."""
+    compiler = nvcc()
+    if compiler is None:
+        raise FileNotFoundError("nvcc not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp) / "instantiate.cu"
+        cu.write_text(source(instantiations))
+        result = subprocess.run([compiler, "-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-I",
+                                 str(csrc_dir()), "-o", str(Path(tmp) / "out.cubin"), str(cu)],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nvcc failed for {arch}:\n{result.stdout}\n{result.stderr}")
+    reports, current, stack = [], None, None
+    for line in (result.stdout + result.stderr).splitlines():
+        if (m := _FUNCTION.search(line)):
+            current = m.group(1)
+        elif (m := _STACK.search(line)) and current:
+            stack = tuple(int(x) for x in m.groups())
+        elif (m := _USED.search(line)) and current and stack:
+            reports.append(KernelReport(current, int(m.group(1)), stack[1], stack[2], stack[0], int(m.group(2) or 0)))
+            current, stack = None, None
+    return reports

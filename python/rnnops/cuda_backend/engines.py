@@ -1,0 +1,54 @@
+"""Where the CUDA kernels run: the CPU simulator (CPU tensors) or NVRTC through cupy (CUDA
+tensors). Both engines take the same arguments, tensors plus the integer vectors the host code
+computed, so that everything but the final launch is shared."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..triton_backend import _common
+
+SIMULATOR_ENV = "RNNOPS_CUDA_SIMULATOR"
+
+
+def simulating() -> bool:
+    return os.environ.get(SIMULATOR_ENV, "0") == "1"
+
+
+def device_reason(device: torch.device) -> str | None:
+    """Why the CUDA kernels cannot run on ``device`` (None if they can)."""
+    if device.type == "cpu":
+        return None if simulating() else f"runs CPU tensors only in the simulator ({SIMULATOR_ENV}=1)"
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device.type}"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "needs cupy for NVRTC (pip install 'rnnops[cuda]')"
+    return None
+
+
+def empty(shape, *, dtype, device) -> torch.Tensor:
+    """Kernel outputs, NaN-poisoned when the Triton backend's POISON switch is on (one switch for
+    every kernel backend)."""
+    return _common.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def simulator():
+    """The simulator extension (its AddressSanitizer build with RNNOPS_CUDA_SIMULATOR_ASAN=1, in a
+    process started with libasan preloaded)."""
+    from . import simulator as sim
+
+    return sim.load(asan=os.environ.get("RNNOPS_CUDA_SIMULATOR_ASAN", "0") == "1")
+
+
+def engine(device: torch.device):
+    """The module whose functions launch the kernels for tensors on ``device``."""
+    if device.type == "cpu":
+        return simulator()
+    from . import nvrtc
+
+    return nvrtc.engine(device)

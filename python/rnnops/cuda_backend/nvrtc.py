@@ -1,0 +1,102 @@
+"""Run the CUDA kernels on a GPU: NVRTC through cupy (imported lazily), one compiled module per
+(kernel family, instantiations, architecture), cached by cupy on disk, launched on torch's
+current stream. Exposes the same functions as the simulator extension."""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+from .simulator import csrc_dir
+
+_DTYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as error:
+        raise RuntimeError("the cuda backend needs cupy (pip install 'rnnops[cuda]')") from error
+    return cupy
+
+
+@functools.cache
+def _module(header: str, names: tuple[str, ...], arch: str):
+    cupy = _cupy()
+    code = f'#include "{header}"\n'
+    return cupy.RawModule(code=code, options=("-std=c++17", f"-I{csrc_dir()}", f"--gpu-architecture={arch}"),
+                          name_expressions=names)
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}" + ("a" if major == 9 else "")
+
+
+def _pointer(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr() if t.numel() else 0)
+
+
+def _struct(fields: list[tuple[str, str]], values: tuple):
+    dtype = np.dtype(fields, align=True)
+    return np.array(values, dtype=dtype)[()]
+
+
+class Engine:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.arch = _arch(device)
+
+    def _launch(self, header: str, kernel: str, grid, block, shared_bytes: int, args, cooperative: bool = False):
+        cupy = _cupy()
+        function = _module(header, (kernel,), self.arch).get_function(kernel)
+        if shared_bytes > 48 * 1024:
+            function.max_dynamic_shared_size_bytes = shared_bytes
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+        try:
+            with stream:
+                function(tuple(grid), tuple(block), args, shared_mem=shared_bytes, enable_cooperative_groups=cooperative)
+            if os.environ.get("RNNOPS_DEBUG", "0") not in ("", "0"):
+                stream.synchronize()
+        except Exception as error:
+            raise RuntimeError(f"CUDA kernel {kernel} (grid {grid}, block {block}) failed: {error}") from error
+
+    # ------------------------------------------------------------ selective scan
+
+    def _scan_args(self, u, strides, b_layout, B, c_layout, C, shape):
+        operand = [("b", "<i8"), ("t", "<i8"), ("d", "<i8")]
+        bc = [("data", "<u8"), ("mode", "<i4"), ("b", "<i8"), ("t", "<i8"), ("g", "<i8"), ("n", "<i8"),
+              ("channels_per_group", "<i4")]
+        scan_shape = [(name, "<i4") for name in ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus")]
+        ops = [_struct(operand, tuple(strides[3 * k: 3 * k + 3])) for k in range(4)]
+        bcs = [_struct(bc, (int(_pointer(M)), *layout)) for M, layout in ((B, b_layout), (C, c_layout))]
+        return ops, bcs, _struct(scan_shape, tuple(shape))
+
+    def scan_forward(self, u, delta, A, B, C, D, z, delta_bias, out, chunk_states, initial_state, final_state,
+                     cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape, launch_shape):
+        grid_x, grid_y, warps, items, shared = launch_shape
+        ops, (bm, cm), scan_shape = self._scan_args(u, strides, b_layout, B, c_layout, C, shape)
+        kernel = f"rnnops::scan::selective_scan_fwd<{_DTYPE_NAMES[u.dtype]}, {warps}, {items}>"
+        args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, cm, _pointer(D), _pointer(z), ops[2],
+                _pointer(delta_bias), _pointer(out), ops[3], _pointer(chunk_states), _pointer(initial_state),
+                _pointer(final_state), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
+        self._launch("scan/selective_scan.cuh", kernel, (grid_x, grid_y), (32 * warps,), shared, args)
+
+    def scan_backward(self, u, delta, A, B, C, D, z, delta_bias, d_out, chunk_states, d_final, d_initial, du, d_delta,
+                      dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape,
+                      launch_shape):
+        grid_x, grid_y, warps, items, shared = launch_shape
+        ops, (bm, cm), scan_shape = self._scan_args(u, strides, b_layout, B, c_layout, C, shape)
+        kernel = f"rnnops::scan::selective_scan_bwd<{_DTYPE_NAMES[u.dtype]}, {warps}, {items}>"
+        args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, cm, _pointer(D), _pointer(z), ops[2],
+                _pointer(delta_bias), _pointer(d_out), ops[3], _pointer(chunk_states), _pointer(d_final),
+                _pointer(d_initial), _pointer(du), _pointer(d_delta), _pointer(dz), _pointer(dA), _pointer(dB),
+                _pointer(dC), _pointer(dD), _pointer(d_bias), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
+        self._launch("scan/selective_scan.cuh", kernel, (grid_x, grid_y), (32 * warps,), shared, args)
+
+
+@functools.cache
+def engine(device: torch.device) -> Engine:
+    return Engine(device)

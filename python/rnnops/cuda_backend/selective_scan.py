@@ -1,0 +1,122 @@
+"""CUDA selective scan (csrc/scan/selective_scan.cuh): configuration, search space, autograd
+Function, registration as backend "cuda".
+
+Memory: besides the inputs, the forward saves the state entering every chunk of
+warps * items steps (Dm x N fp32 per chunk and sequence); the backward replays the forward
+inside each chunk from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rnnops.autotune.space import Constraint, Space
+
+from .._dispatch import register
+from ..triton_backend._common import ChunkLayout, dtype_reason
+from .engines import device_reason, empty, engine
+
+STATIC, SHARED, GROUPED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    warps: int = 4  # warps per block; a block owns 32 channels
+    items: int = 8  # consecutive steps per warp; a chunk is warps * items steps
+
+
+DEFAULT_CONFIG = ScanConfig()
+TILES = ((1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (8, 8))  # the instantiated (warps, items) pairs
+
+
+def space(N: int, hardware) -> Space:
+    return Space(
+        {"warps": [1, 2, 4, 8], "items": [4, 8]},
+        (
+            Constraint("an instantiated (warps, items) pair", ("warps", "items"), lambda w, i: (w, i) in TILES),
+            Constraint("backward shared memory (3 N x 32 fp32 + segments) fits a block", ("warps",),
+                       lambda w: 3 * N * 32 * 4 + w * 32 * 4 * 3 <= hardware.shared_memory_per_block),
+        ),
+    )
+
+
+def supports(*, dtype, device, **_) -> str | None:
+    reasons = [r for r in (dtype_reason(dtype), device_reason(device)) if r]
+    return "; ".join(reasons) or None
+
+
+def _bc_layout(M: torch.Tensor, channels: int) -> list[int]:
+    """mode, strides (b, t, g, n), channels per group; static B/C use t for the Dm stride."""
+    if M.dim() == 2:
+        return [STATIC, 0, M.stride(0), 0, M.stride(1), channels]
+    if M.dim() == 3:
+        return [SHARED, M.stride(0), M.stride(1), 0, M.stride(2), channels]
+    return [GROUPED, M.stride(0), M.stride(1), M.stride(2), M.stride(3), channels // M.shape[2]]
+
+
+def _strides(*tensors) -> list[int]:
+    return [s for t in tensors for s in (t.stride() if t is not None else (0, 0, 0))]
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, cu_seqlens, output_final_state,
+                config):
+        batch, time, channels = u.shape
+        N = A.shape[1]
+        chunk = config.warps * config.items
+        layout = ChunkLayout.build(batch, time, chunk, cu_seqlens, u.device)
+        A, B, C, D, delta_bias = (None if x is None else x.float() for x in (A.contiguous(), B, C, D, delta_bias))
+        state0 = None if initial_state is None else initial_state.float().contiguous()
+        out = empty(u.shape, dtype=u.dtype, device=u.device)
+        f32 = {"dtype": torch.float32, "device": u.device}
+        chunk_states = empty((layout.programs, channels, N), **f32)
+        final = empty((layout.sequences, channels, N), **f32) if output_final_state else None
+        shape = [channels, N, int(cu_seqlens is not None), int(D is not None), int(z is not None),
+                 int(delta_bias is not None), int(softplus)]
+        grid = [-(-channels // 32), layout.sequences]
+        engine(u.device).scan_forward(
+            u, delta, A, B, C, _none(D), _none(z), _none(delta_bias), out, chunk_states, _none(state0), _none(final),
+            layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), _bc_layout(B, channels),
+            _bc_layout(C, channels), shape, grid + [config.warps, config.items, N * 32 * 4])
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
+        ctx.layout, ctx.shape, ctx.grid, ctx.config = layout, shape, grid, config
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+        return out, final
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        u, delta, A, B, C, D, z, delta_bias, chunk_states, state0 = ctx.saved_tensors
+        layout, config = ctx.layout, ctx.config
+        batch, time, channels = u.shape
+        N = A.shape[1]
+        f32 = {"dtype": torch.float32, "device": u.device}
+        du, d_delta = (empty(u.shape, **f32) for _ in range(2))
+        dz = empty(u.shape, **f32) if z is not None else None
+        dA = torch.zeros(A.shape, **f32)
+        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
+        dD = torch.zeros(channels, **f32) if D is not None else None
+        d_bias = torch.zeros(channels, **f32) if delta_bias is not None else None
+        d_initial = empty(state0.shape, **f32) if state0 is not None else None
+        engine(u.device).scan_backward(
+            u, delta, A, B, C, _none(D), _none(z), _none(delta_bias), d_out, chunk_states,
+            _none(None if d_final is None else d_final.float().contiguous()), _none(d_initial), du, d_delta, _none(dz),
+            dA, dB, dC, _none(dD), _none(d_bias), layout.cu_seqlens, layout.chunk_offsets,
+            _strides(u, delta, z, d_out), _bc_layout(B, channels), _bc_layout(C, channels), ctx.shape,
+            ctx.grid + [config.warps, config.items, 3 * N * 32 * 4])
+        grads = [du, d_delta, dA, dB, dC, dD, dz, d_bias, d_initial]
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads[:8], None, grads[8], None, None, None)
+
+
+def _none(tensor):
+    """The bindings take an undefined tensor for "absent"."""
+    return torch.Tensor() if tensor is None else tensor
+
+
+@register("selective_scan", "cuda", supports=supports)
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initial_state, output_final_state,
+                   cu_seqlens, config: ScanConfig = DEFAULT_CONFIG):
+    return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
+                                       output_final_state, config)

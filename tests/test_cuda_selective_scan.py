@@ -1,0 +1,87 @@
+"""CUDA selective scan (csrc/scan) through the simulator against the float64 reference, forward
+and every gradient; its instantiations compile for sm_80 and sm_90a without spills."""
+import pytest
+import torch
+
+from conftest import compare_backends
+from rnnops.autotune import hardware
+from rnnops.cuda_backend import compile_check
+from rnnops.cuda_backend import selective_scan as cuda_scan
+from rnnops.triton_backend import _common
+from test_triton_selective_scan import make_inputs, scan
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON", True)
+
+
+@pytest.mark.parametrize("layouts", [("static", "static"), ("shared", "shared"), ("grouped", "shared"),
+                                     ("shared", "grouped")], ids=lambda x: "/".join(x))
+def test_layouts(layouts):
+    compare_backends(scan, make_inputs(layout_B=layouts[0], layout_C=layouts[1]), 1e-5, test="cuda")
+
+
+@pytest.mark.parametrize("shape", [dict(T=1), dict(T=100, initial=False), dict(extras=False),
+                                   dict(T=70, A_scale=200.0), dict(Dm=40, T=40)],
+                         ids=["T1", "T100-no-initial", "no-D-z-bias", "large-A", "Dm40-two-blocks"])
+def test_shapes_and_options(shape):
+    x = make_inputs(**shape)
+    if shape.get("Dm") == 40:
+        x["C"] = torch.randn(2, 40, 4, 4)  # 4 groups of 10 channels: a warp spans groups
+    compare_backends(scan, x, 1e-5, test="cuda")
+
+
+def test_varlen_and_strides():
+    offsets = torch.tensor([0, 5, 5, 17, 18, 30])
+    x = make_inputs(B=1, T=30, initial=False)
+    x["initial_state"] = torch.randn(5, 6, 4)
+    x["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    compare_backends(lambda backend, **kw: scan(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_activations(dtype):
+    compare_backends(scan, make_inputs(dtype=dtype), 2e-2 if dtype == torch.bfloat16 else 2e-3, test="cuda")
+
+
+@pytest.mark.parametrize("config", [cuda_scan.ScanConfig(1, 4), cuda_scan.ScanConfig(2, 8)])
+def test_other_tiles(config):
+    x = make_inputs(T=37)
+    compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")
+
+
+def rnnops_scan(backend, config, **x):
+    """The scan with an explicit tile configuration for the cuda backend."""
+    if backend == "cuda":
+        initial = x.pop("initial_state", None)
+        args = [x["u"], x["delta"], x["A"], x["B"], x["C"], x.get("D"), x.get("z"), x.get("delta_bias"), True]
+        return cuda_scan.selective_scan(*args, initial_state=initial, output_final_state=True, cu_seqlens=None,
+                                        config=config)
+    return scan(backend, **x)
+
+
+def test_config_space():
+    legal = cuda_scan.space(16, hardware.named("H100")).legal()
+    assert {"warps": cuda_scan.DEFAULT_CONFIG.warps, "items": cuda_scan.DEFAULT_CONFIG.items} in legal
+
+
+@pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_default_configs_compile_without_spills(arch):
+    config = cuda_scan.DEFAULT_CONFIG
+    kernels = [compile_check.Instantiation("scan/selective_scan.cuh",
+                                           f"rnnops::scan::selective_scan_{phase}<{dtype}, {config.warps}, {config.items}>")
+               for phase in ("fwd", "bwd") for dtype in ("float", "__half", "__nv_bfloat16")]
+    reports = compile_check.ptxas_reports(kernels, arch)
+    assert len(reports) == len(kernels)
+    for report in reports:
+        assert report.spill_stores == 0 and report.spill_loads == 0, report
+        assert report.registers <= 255
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_realistic_shapes_on_gpu(dtype, bound):
+    x = make_inputs(B=2, T=2000, Dm=96, N=16, layout_B="grouped", layout_C="shared", dtype=dtype, device="cuda")
+    compare_backends(scan, x, bound, test="cuda")
