@@ -41,8 +41,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.80", "pytest-benchmark>=4.0",
-                 "fla-core>=0.6.0", "flashrnn>=1.0.8"],  # peers, for their adapters' tests
+        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "hypothesis>=6.80", "pytest-benchmark>=4.0", "ninja>=1.11",
+                 "fla-core>=0.6.0", "flashrnn>=1.0.8"],  # ninja: the CUDA simulator's build; peers: adapter tests
         "cuda": ["cupy-cuda13x>=13.6"],
         "bench": ["matplotlib>=3.7"],
     },

@@ -37,7 +37,7 @@ def test_standard_cases_cover_every_family_on_both_devices():
 @pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.name)
 def test_every_case_runs_every_target(case):
     rows, notes = run_case(case, CPU, torch.float32, repeats=1)
-    assert {r["target"] for r in rows} >= set(rnnops.available_backends(case.op)) - {"triton"}
+    assert {r["target"] for r in rows} >= set(rnnops.available_backends(case.op)) - {"triton", "cuda"}
     for row in rows:
         assert not row["mismatch"], row
         assert row["fwd"].median > 0 and row["fwd_bwd"].median > 0

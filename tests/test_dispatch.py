@@ -11,7 +11,7 @@ def test_available_backends():
     assert rnnops.available_backends("linear_attn") == ("reference", "chunked", "triton")
     assert rnnops.available_backends("selective_scan") == ("reference", "chunked", "triton", "cuda")
     assert rnnops.available_backends("selective_state_update") == ("reference", "chunked", "triton")
-    assert rnnops.available_backends("rnn") == ("reference", "triton")
+    assert rnnops.available_backends("rnn") == ("reference", "triton", "cuda")
 
 
 def test_auto_prefers_chunked_on_cpu_and_falls_back(monkeypatch):

@@ -6,7 +6,8 @@ import torch
 import rnnops
 from conftest import compare_backends
 from rnnops.autotune import hardware
-from rnnops.triton_backend import _common, rnn as triton_rnn
+from rnnops import _buffers
+from rnnops.triton_backend import rnn as triton_rnn
 
 GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
 STATES = {"lstm": 2, "gru": 1, "slstm": 4, "elman": 1}
@@ -14,7 +15,7 @@ STATES = {"lstm": 2, "gru": 1, "slstm": 4, "elman": 1}
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
+    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 def make_inputs(cell, B=3, T=5, H=2, D=16, initial=True, bias=True, dtype=torch.float32, device="cpu"):

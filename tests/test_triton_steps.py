@@ -5,12 +5,12 @@ import torch.nn.functional as F
 
 import rnnops
 from conftest import assert_close
-from rnnops.triton_backend import _common
+from rnnops import _buffers
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(_common, "POISON", True)
+    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 @pytest.mark.parametrize("gate", ["none", "scalar", "per-key"])

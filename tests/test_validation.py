@@ -106,7 +106,7 @@ CASES = {
     "rnn state shape": (rnn(state=(torch.zeros(2, 3, 8), torch.zeros(2, 3, 7))), ValueError, r"state\[c\] has shape"),
     "rnn int": (rnn(x_gates=torch.ones(2, 5, 4, 3, 8, dtype=torch.int64)), TypeError, r"x_gates must be float16"),
     "rnn R device": (rnn(R=torch.randn(4, 3, 8, 8, device=META)), ValueError, r"R is on meta but x_gates is on cpu"),
-    "rnn backend": (rnn(backend="chunked"), ValueError, r"rnn: backend must be 'auto' or one of 'reference', 'triton', got 'chunked'"),
+    "rnn backend": (rnn(backend="chunked"), ValueError, r"rnn: backend must be 'auto' or one of 'reference', 'triton', 'cuda', got 'chunked'"),
 }
 
 

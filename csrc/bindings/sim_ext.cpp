@@ -3,6 +3,7 @@
 // -fsanitize=address for the AddressSanitizer tests).
 #include <torch/extension.h>
 
+#include "../rnn/rnn.cuh"
 #include "../scan/selective_scan.cuh"
 #include "../sim/selftest.h"
 
@@ -159,6 +160,55 @@ void scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch:
   });
 }
 
+// ---------------------------------------------------------------- fused recurrent cells
+
+template <class F>
+void dispatch_cell(int64_t cell, int64_t units, F&& f) {
+#define RNNOPS_CELL(C, U) \
+  if (cell == C && units == U) return f(std::integral_constant<int, C>{}, std::integral_constant<int, U>{});
+  RNNOPS_CELL(0, 16) RNNOPS_CELL(0, 32) RNNOPS_CELL(0, 64) RNNOPS_CELL(1, 16) RNNOPS_CELL(1, 32) RNNOPS_CELL(1, 64)
+  RNNOPS_CELL(2, 16) RNNOPS_CELL(2, 32) RNNOPS_CELL(2, 64) RNNOPS_CELL(3, 16) RNNOPS_CELL(3, 32) RNNOPS_CELL(3, 64)
+#undef RNNOPS_CELL
+  TORCH_CHECK(false, "no simulator build for cell=", cell, " units=", units);
+}
+
+rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
+  return rnnops::rnn::RNNShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
+                               static_cast<int>(v[3]), static_cast<int>(v[4]), static_cast<int>(v[5]),
+                               static_cast<int>(v[6])};
+}
+
+void rnn_forward(torch::Tensor x, torch::Tensor R, torch::Tensor bias, torch::Tensor initial, torch::Tensor states,
+                 torch::Tensor pre, torch::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
+                 std::vector<int64_t> launch_shape) {
+  // shape: B, T, H, D, splits, has_bias, has_initial; launch: grid x, y, z, threads, dynamic shared bytes
+  const auto s = rnn_shape(shape);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_cell(cell, units, [&](auto c, auto u) {
+      launch(rnnops::rnn::rnn_fwd<T, decltype(c)::value, decltype(u)::value>,
+             dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4],
+             s.splits > 1, ptr<T>(x), ptr<T>(R), ptr<float>(bias), ptr<float>(initial), mut<float>(states),
+             mut<float>(pre), mut<T>(h_seq), s);
+    });
+  });
+}
+
+void rnn_backward(torch::Tensor R, torch::Tensor initial, torch::Tensor states, torch::Tensor pre,
+                  torch::Tensor d_h_seq, torch::Tensor carry, torch::Tensor dx, torch::Tensor drec_n,
+                  std::vector<int64_t> shape, int64_t cell, int64_t units, std::vector<int64_t> launch_shape) {
+  const auto s = rnn_shape(shape);
+  dispatch_dtype(R.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_cell(cell, units, [&](auto c, auto u) {
+      launch(rnnops::rnn::rnn_bwd<T, decltype(c)::value, decltype(u)::value>,
+             dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4],
+             s.splits > 1, ptr<T>(R), ptr<float>(initial), ptr<float>(states), ptr<float>(pre), ptr<T>(d_h_seq),
+             mut<float>(carry), mut<float>(dx), mut<float>(drec_n), s);
+    });
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -169,4 +219,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("out_of_bounds", &out_of_bounds);
   m.def("scan_forward", &scan_forward);
   m.def("scan_backward", &scan_backward);
+  m.def("rnn_forward", &rnn_forward);
+  m.def("rnn_backward", &rnn_backward);
 }

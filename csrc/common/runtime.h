@@ -4,10 +4,12 @@
 //   RNNOPS_DYNAMIC_SHARED(T, name)   the launch's dynamic shared memory as T*
 //   rnnops::grid_sync()              grid-wide barrier (cooperative launches only)
 //   rnnops::to_float / from_float    float <-> float, __half, __nv_bfloat16
+//   rnnops::is_same_v                std::is_same_v (libcu++'s under NVRTC)
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #include <cooperative_groups.h>
+#include <cuda/std/type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -17,6 +19,8 @@
   T* name = reinterpret_cast<T*>(rnnops_dynamic_smem)
 namespace rnnops {
 __device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
+template <class A, class B>
+inline constexpr bool is_same_v = cuda::std::is_same_v<A, B>;
 }  // namespace rnnops
 #else
 #include "../sim/sim.h"
@@ -24,6 +28,8 @@ __device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sy
 #define RNNOPS_DYNAMIC_SHARED(T, name) T* name = ::rnnops::sim::dynamic_shared<T>()
 namespace rnnops {
 inline void grid_sync() { sim::sync_grid(); }
+template <class A, class B>
+inline constexpr bool is_same_v = std::is_same_v<A, B>;
 }  // namespace rnnops
 #endif
 

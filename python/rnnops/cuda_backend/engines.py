@@ -8,7 +8,6 @@ import os
 
 import torch
 
-from ..triton_backend import _common
 
 SIMULATOR_ENV = "RNNOPS_CUDA_SIMULATOR"
 
@@ -28,12 +27,6 @@ def device_reason(device: torch.device) -> str | None:
     except ImportError:
         return "needs cupy for NVRTC (pip install 'rnnops[cuda]')"
     return None
-
-
-def empty(shape, *, dtype, device) -> torch.Tensor:
-    """Kernel outputs, NaN-poisoned when the Triton backend's POISON switch is on (one switch for
-    every kernel backend)."""
-    return _common.empty(shape, dtype=dtype, device=device)
 
 
 @functools.cache

@@ -96,6 +96,24 @@ class Engine:
                 _pointer(dC), _pointer(dD), _pointer(d_bias), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
         self._launch("scan/selective_scan.cuh", kernel, (grid_x, grid_y), (32 * warps,), shared, args)
 
+    # ------------------------------------------------------------ fused recurrent cells
+
+    def _rnn(self, phase, args, shape, cell, units, launch_shape, dtype):
+        grid_x, grid_y, grid_z, threads, shared = launch_shape
+        rnn_shape = _struct([(name, "<i4") for name in ("B", "T", "H", "D", "splits", "has_bias", "has_initial")],
+                            tuple(shape))
+        kernel = f"rnnops::rnn::rnn_{phase}<{_DTYPE_NAMES[dtype]}, {cell}, {units}>"
+        self._launch("rnn/rnn.cuh", kernel, (grid_x, grid_y, grid_z), (threads,), shared, (*args, rnn_shape),
+                     cooperative=grid_z > 1)
+
+    def rnn_forward(self, x, R, bias, initial, states, pre, h_seq, shape, cell, units, launch_shape):
+        args = tuple(_pointer(t) for t in (x, R, bias, initial, states, pre, h_seq))
+        self._rnn("fwd", args, shape, cell, units, launch_shape, x.dtype)
+
+    def rnn_backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, shape, cell, units, launch_shape):
+        args = tuple(_pointer(t) for t in (R, initial, states, pre, d_h_seq, carry, dx, drec_n))
+        self._rnn("bwd", args, shape, cell, units, launch_shape, R.dtype)
+
 
 @functools.cache
 def engine(device: torch.device) -> Engine:

@@ -15,7 +15,8 @@ from rnnops.autotune.space import Constraint, Space
 
 from .._dispatch import register
 from ..triton_backend._common import ChunkLayout, dtype_reason
-from .engines import device_reason, empty, engine
+from .._buffers import empty
+from .engines import device_reason, engine
 
 STATIC, SHARED, GROUPED = 0, 1, 2
 

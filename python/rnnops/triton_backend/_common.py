@@ -8,17 +8,6 @@ import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Fill every buffer a kernel writes with NaN first, so that an element a kernel forgets to write
-# fails the tests instead of passing with whatever the allocator left there.
-POISON = os.environ.get("RNNOPS_POISON", "0") == "1"
-
-
-def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.empty for kernel outputs (NaN-filled when POISON is on)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if POISON else out
-
-
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -15,8 +15,8 @@ import torch
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._delta_product import via_delta_rule
+from .._buffers import empty
 from .._dispatch import register
-from ._common import empty
 from .linear_attn import ChunkedRun, LinearAttnConfig
 from .linear_attn import space as linear_attn_space
 from .linear_attn import supports as linear_attn_supports

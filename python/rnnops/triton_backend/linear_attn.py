@@ -12,8 +12,9 @@ import torch
 
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
+from .._buffers import empty
 from .._dispatch import register
-from ._common import ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, empty, head_dim_reason
+from ._common import ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, head_dim_reason
 
 
 @dataclass(frozen=True)

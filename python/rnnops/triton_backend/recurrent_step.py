@@ -7,8 +7,9 @@ import torch
 
 from rnnops.autotune.space import next_power_of_two
 
+from .._buffers import empty
 from .._dispatch import register
-from ._common import device_reason, dtype_reason, empty
+from ._common import device_reason, dtype_reason
 
 
 def supports(*, dtype, device, head_dims=None, requires_grad=False, **_) -> str | None:

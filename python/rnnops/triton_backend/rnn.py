@@ -1,20 +1,16 @@
-"""Triton fused recurrent cells: configuration, search space, autograd Function.
-
-Memory: the forward writes every state per step (fp32; lstm 2, gru 1, slstm 4, elman 1 values
-per unit) and the gates' pre-activations (fp32, G per unit, GRU one more) for the backward:
-(S + P) * 4 bytes per token, head and unit. dR and db come from one batched matmul over the
-gates' gradients in the backward.
-"""
+"""Triton fused recurrent cells: configuration, search space, launcher (the autograd Function
+is rnnops._fused_rnn's). Memory: (S + P) * 4 bytes per token, head and unit are written for the
+backward (every state and the gates' pre-activations, fp32)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._dispatch import register
-from ._common import device_reason, dot_precision, dtype_reason, empty
+from .._fused_rnn import CELL_IDS, GATES, STATES, FusedRNNFunction, pre_slots
+from ._common import device_reason, dot_precision, dtype_reason
 
 
 @dataclass(frozen=True)
@@ -43,11 +39,6 @@ def space(D: int, gates: int, hardware) -> Space:
     )
 
 
-CELLS = {"lstm": 0, "gru": 1, "slstm": 2, "elman": 3}
-GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
-STATES = {"lstm": 2, "gru": 1, "slstm": 4, "elman": 1}
-
-
 def supports(*, dtype, device, head_dim=None, **_) -> str | None:
     reasons = [dtype_reason(dtype), device_reason(device)]
     if head_dim is not None and not (head_dim % 16 == 0 and 16 <= head_dim <= 256):
@@ -63,53 +54,29 @@ def _kernels():
     return kernels
 
 
-class RNNFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_gates, R, b, cell, config, *state):
-        batch, time, gates, heads, dim = x_gates.shape
-        slots = STATES[cell]
-        pre_slots = gates + (1 if cell == "gru" else 0)
-        x = x_gates.contiguous()
-        initial = None if not state else torch.stack([s.float() for s in state]).contiguous()
-        f32 = {"dtype": torch.float32, "device": x.device}
-        states = empty((batch, time, slots, heads, dim), **f32)
-        pre = empty((batch, time, pre_slots, heads, dim), **f32)
-        h_seq = empty((batch, time, heads, dim), dtype=x.dtype, device=x.device)
-        block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
-        meta = dict(H=heads, D=dim, CELL=CELLS[cell], G=gates, S=slots, P=pre_slots, HAS_INITIAL=initial is not None,
-                    PRECISION=dot_precision(x.dtype), BB=config.block_b, BD=block_d, BKD=block_k,
-                    num_warps=config.num_warps, num_stages=config.num_stages)
-        grid = (heads, -(-batch // config.block_b))
-        _kernels().rnn_fwd_kernel[grid](x, R.contiguous(), None if b is None else b.contiguous(), initial, states, pre,
-                                        h_seq, time, batch, HAS_BIAS=b is not None, **meta)
-        ctx.save_for_backward(R, b, initial, states, pre)
-        ctx.meta, ctx.grid, ctx.cell = meta, grid, cell
-        ctx.dtypes = (x_gates.dtype, R.dtype, None if b is None else b.dtype, [s.dtype for s in state])
-        return (h_seq, *states[:, -1].unbind(1))
+class _Launcher:
+    """Launches the Triton kernels on the buffers of rnnops._fused_rnn.FusedRNNFunction."""
 
-    @staticmethod
-    def backward(ctx, d_h_seq, *d_final):
-        R, b, initial, states, pre = ctx.saved_tensors
-        batch, time, slots, heads, dim = states.shape
-        gates = ctx.meta["G"]
-        f32 = {"dtype": torch.float32, "device": states.device}
-        carry = torch.stack([torch.zeros((batch, heads, dim), **f32) if d is None else d.float() for d in d_final])
-        carry = carry.contiguous()
-        dx = empty((batch, time, gates, heads, dim), **f32)
-        drec_n = empty((batch, time, heads, dim), **f32) if ctx.cell == "gru" else None
-        _kernels().rnn_bwd_kernel[ctx.grid](R.contiguous(), initial, states, pre, d_h_seq.contiguous(), carry, dx,
-                                            drec_n, time, batch, **ctx.meta)
-        d_rec = dx if drec_n is None else torch.cat([dx[:, :, :2], drec_n[:, :, None]], dim=2)
-        h0 = initial[0] if initial is not None else torch.zeros((batch, heads, dim), **f32)
-        h_prev = torch.cat([h0[:, None], states[:, :-1, 0]], dim=1)
-        dR = torch.einsum("btghi,bthj->ghij", d_rec, h_prev)
-        x_dtype, R_dtype, b_dtype, state_dtypes = ctx.dtypes
-        db = None if b is None else d_rec.sum((0, 1)).to(b_dtype)
-        d_state = [carry[s].to(dtype) for s, dtype in enumerate(state_dtypes)]
-        return (dx.to(x_dtype), dR.to(R_dtype), db, None, None, *d_state)
+    def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype):
+        block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
+        self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=GATES[cell], S=STATES[cell], P=pre_slots(cell),
+                         PRECISION=dot_precision(dtype), BB=config.block_b, BD=block_d, BKD=block_k,
+                         num_warps=config.num_warps, num_stages=config.num_stages)
+        self.grid = (heads, -(-batch // config.block_b))
+        self.time, self.batch = time, batch
+
+    def forward(self, x, R, b, initial, states, pre, h_seq):
+        _kernels().rnn_fwd_kernel[self.grid](x, R, b, initial, states, pre, h_seq, self.time, self.batch,
+                                             HAS_BIAS=b is not None, HAS_INITIAL=initial is not None, **self.meta)
+
+    def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
+        _kernels().rnn_bwd_kernel[self.grid](R, initial, states, pre, d_h_seq, carry, dx, drec_n, self.time,
+                                             self.batch, HAS_INITIAL=initial is not None, **self.meta)
 
 
 @register("rnn", "triton", supports=supports)
 def rnn(x_gates, R, b, state, *, cell, config: RNNConfig = DEFAULT_CONFIG):
-    h_seq, *final = RNNFunction.apply(x_gates, R, b, cell, config, *(state or ()))
+    batch, time, _, heads, dim = x_gates.shape
+    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype)
+    h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)

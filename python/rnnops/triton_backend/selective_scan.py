@@ -12,8 +12,9 @@ import torch
 
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
+from .._buffers import empty
 from .._dispatch import register
-from ._common import ChunkLayout, device_reason, dtype_reason, empty
+from ._common import ChunkLayout, device_reason, dtype_reason
 from .recurrent_step import supports as step_supports
 
 

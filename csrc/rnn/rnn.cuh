@@ -1,0 +1,284 @@
+// Fused recurrent cells (LSTM, GRU, sLSTM, Elman) with heads in CUDA, forward and backward.
+//
+// One persistent launch runs the sequence. A block owns one head, a tile of 16 batch rows and a
+// slice of U units of every gate; the slice of the head's recurrent weights R (G x U x D) stays
+// in shared memory for the whole sequence. Each step loads h_{t-1} (16 x D), computes the
+// slice's recurrent pre-activations h_{t-1} R_slice^T with tensor cores (wmma m16n16k16,
+// half / bfloat16; float32 stays on CUDA cores in IEEE arithmetic), applies the cell's
+// pointwise update (equations in rnnops.reference.rnn) and writes the new states. Heads too
+// large for one block split their units over several blocks (grid.z), which then meet at a
+// grid barrier every step (cooperative launch); otherwise a block barrier suffices.
+//
+// The backward walks time in reverse: the pointwise gradients of the slice (into dx, and the
+// carried gradients of c / n / m), a barrier, then dh_{t-1} for the slice's units as
+// sum_g dx_g R_g[:, slice] from the transposed weight slice resident in shared memory. dR and db
+// are one batched matmul on the host. Buffers and layouts are those of the Triton kernels
+// (triton_kernels/rnn.py): states (B, T, S, H, D) and pre-activations (B, T, P, H, D) in fp32,
+// carries (S, B, H, D) fp32, x_gates (B, T, G, H, D) and h_seq (B, T, H, D) of type T.
+// Work per step, batch row and head: 2 G D^2 flops plus about 10 G D pointwise; R is read once.
+#pragma once
+#include "../common/runtime.h"
+
+namespace rnnops::rnn {
+
+enum Cell : int { kLSTM = 0, kGRU = 1, kSLSTM = 2, kElman = 3 };
+
+template <int CELL>
+struct CellInfo {
+  static constexpr int G = CELL == kGRU ? 3 : (CELL == kElman ? 1 : 4);  // gates
+  static constexpr int S = CELL == kLSTM ? 2 : (CELL == kSLSTM ? 4 : 1);  // states
+  static constexpr int P = CELL == kGRU ? 4 : G;                          // saved pre-activations
+};
+
+struct RNNShape {
+  int B, T, H, D, splits;
+  int has_bias, has_initial;
+};
+
+constexpr int kRows = 16;  // batch rows per block (one wmma tile)
+
+__device__ __forceinline__ long long step_index(const RNNShape& s, int b, int t, int slot, int slots, int unit,
+                                                int head) {
+  return ((((long long)b * s.T + t) * slots + slot) * s.H + head) * s.D + unit;
+}
+
+__device__ __forceinline__ float previous_state(const RNNShape& s, const float* states, const float* initial, int slot,
+                                                int b, int t, int unit, int head, int S) {
+  if (t > 0) return states[step_index(s, b, t - 1, slot, S, unit, head)];
+  return s.has_initial ? initial[(((long long)slot * s.B + b) * s.H + head) * s.D + unit] : 0.0f;
+}
+
+__device__ __forceinline__ void block_barrier(const RNNShape& s) {
+  if (s.splits > 1) {
+    rnnops::grid_sync();
+  } else {
+    __syncthreads();
+  }
+}
+
+// acc[r][n] = sum_k h[r][k] w[n][k] for the block's 16 rows and GU = G * U output columns.
+template <class T>
+__device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int GU) {
+  if constexpr (rnnops::is_same_v<T, float>) {
+    for (int idx = threadIdx.x; idx < kRows * GU; idx += blockDim.x) {
+      const int r = idx / GU, n = idx % GU;
+      float sum = 0.0f;
+      for (int k = 0; k < D; ++k) sum += h[r * D + k] * w[n * D + k];
+      acc[idx] = sum;
+    }
+  } else {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int tile = warp; tile < GU / 16; tile += warps) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      wmma::fill_fragment(c, 0.0f);
+      for (int k = 0; k < D; k += 16) {
+        wmma::load_matrix_sync(a, h + k, D);
+        wmma::load_matrix_sync(b, w + tile * 16 * D + k, D);
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(acc + tile * 16, c, GU, wmma::mem_row_major);
+    }
+  }
+}
+
+__device__ __forceinline__ float tanh_fast(float x) { return 2.0f * rnnops::sigmoid(2.0f * x) - 1.0f; }
+__device__ __forceinline__ float log_sigmoid(float x) { return fminf(x, 0.0f) - logf(1.0f + __expf(-fabsf(x))); }
+
+template <class T, int CELL, int U>
+__global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* initial, float* states, float* pre,
+                        T* h_seq, RNNShape s) {
+  using Info = CellInfo<CELL>;
+  constexpr int G = Info::G, S = Info::S, P = Info::P, GU = G * U;
+  const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
+  const int D = s.D;
+  RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
+  T* w = reinterpret_cast<T*>(smem);                      // [G * U][D]
+  T* h = w + GU * D;                                      // [16][D]
+  float* acc = reinterpret_cast<float*>(h + kRows * D);  // [16][G * U]
+  for (int idx = threadIdx.x; idx < GU * D; idx += blockDim.x) {
+    const int n = idx / D, k = idx % D, g = n / U, unit = unit0 + n % U;
+    w[idx] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
+  }
+  for (int t = 0; t < s.T; ++t) {
+    for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
+      const int r = idx / D, k = idx % D, b = row0 + r;
+      h[idx] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, t, k, head, S) : 0.0f);
+    }
+    __syncthreads();
+    recurrent_matmul(h, w, acc, D, GU);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
+      const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+      if (b >= s.B || unit >= D) continue;
+      auto gate = [&](int g) {  // x_g + (R_g h)_unit + b_g
+        float value = to_float(x[((((long long)b * s.T + t) * G + g) * s.H + head) * D + unit]) + acc[r * GU + g * U + u];
+        return s.has_bias ? value + bias[(g * s.H + head) * D + unit] : value;
+      };
+      auto save = [&](float* buffer, int slot, int slots, float value) {
+        buffer[step_index(s, b, t, slot, slots, unit, head)] = value;
+      };
+      float h_new;
+      if constexpr (CELL == kGRU) {
+        const float p_r = gate(0), p_z = gate(1);
+        const float rec_n = acc[r * GU + 2 * U + u] + (s.has_bias ? bias[(2 * s.H + head) * D + unit] : 0.0f);
+        const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z);
+        const float p_n = to_float(x[((((long long)b * s.T + t) * G + 2) * s.H + head) * D + unit]) + reset * rec_n;
+        const float h_prev = previous_state(s, states, initial, 0, b, t, unit, head, S);
+        h_new = (1.0f - update) * tanh_fast(p_n) + update * h_prev;
+        save(pre, 0, P, p_r);
+        save(pre, 1, P, p_z);
+        save(pre, 2, P, p_n);
+        save(pre, 3, P, rec_n);
+      } else if constexpr (CELL == kElman) {
+        const float p = gate(0);
+        h_new = tanh_fast(p);
+        save(pre, 0, P, p);
+      } else {
+        const float p_i = gate(0), p_f = gate(1), p_z = gate(2), p_o = gate(3);
+        const float c_prev = previous_state(s, states, initial, 1, b, t, unit, head, S);
+        const float z_act = tanh_fast(p_z);
+        float c;
+        if constexpr (CELL == kLSTM) {
+          c = rnnops::sigmoid(p_f) * c_prev + rnnops::sigmoid(p_i) * z_act;
+          h_new = rnnops::sigmoid(p_o) * tanh_fast(c);
+        } else {
+          const float n_prev = previous_state(s, states, initial, 2, b, t, unit, head, S);
+          const float m_prev = previous_state(s, states, initial, 3, b, t, unit, head, S);
+          const float log_f = log_sigmoid(p_f);
+          const float m = fmaxf(log_f + m_prev, p_i);
+          const float input_gate = __expf(p_i - m), forget_gate = __expf(log_f + m_prev - m);
+          c = forget_gate * c_prev + input_gate * z_act;
+          const float n = forget_gate * n_prev + input_gate;
+          h_new = rnnops::sigmoid(p_o) * c / n;
+          save(states, 2, S, n);
+          save(states, 3, S, m);
+        }
+        save(states, 1, S, c);
+        save(pre, 0, P, p_i);
+        save(pre, 1, P, p_f);
+        save(pre, 2, P, p_z);
+        save(pre, 3, P, p_o);
+      }
+      save(states, 0, S, h_new);
+      h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
+    }
+    block_barrier(s);  // this step's states before anyone reads them
+  }
+}
+
+template <class T, int CELL, int U>
+__global__ void rnn_bwd(const T* R, const float* initial, const float* states, const float* pre, const T* d_h_seq,
+                        float* carry, float* dx, float* drec_n, RNNShape s) {
+  using Info = CellInfo<CELL>;
+  constexpr int G = Info::G, S = Info::S, P = Info::P;
+  constexpr int KC = 64;  // reduction chunk of the dh_{t-1} product
+  const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
+  const int D = s.D;
+  RNNOPS_DYNAMIC_SHARED(float, smem);
+  float* wt = smem;              // [G * D][U]: R_g[i][slice], transposed slice
+  float* chunk = wt + G * D * U;  // [16][KC]
+  for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
+    const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;
+    wt[idx] = unit < D ? to_float(R[(((long long)g * s.H + head) * D + i) * D + unit]) : 0.0f;
+  }
+  auto carry_at = [&](int slot, int b, int unit) -> float& {
+    return carry[(((long long)slot * s.B + b) * s.H + head) * D + unit];
+  };
+  for (int t = s.T - 1; t >= 0; --t) {
+    for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
+      const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+      if (b >= s.B || unit >= D) continue;
+      auto load = [&](const float* buffer, int slot, int slots) { return buffer[step_index(s, b, t, slot, slots, unit, head)]; };
+      auto put = [&](int g, float value) { dx[step_index(s, b, t, g, G, unit, head)] = value; };
+      float dh = carry_at(0, b, unit) + to_float(d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
+      float dh_direct = 0.0f;
+      if constexpr (CELL == kGRU) {
+        const float p_r = load(pre, 0, P), p_z = load(pre, 1, P), p_n = load(pre, 2, P), rec_n = load(pre, 3, P);
+        const float h_prev = previous_state(s, states, initial, 0, b, t, unit, head, S);
+        const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z), cand = tanh_fast(p_n);
+        const float d_pn = dh * (1.0f - update) * (1.0f - cand * cand);
+        put(0, d_pn * rec_n * reset * (1.0f - reset));
+        put(1, dh * (h_prev - cand) * update * (1.0f - update));
+        put(2, d_pn);
+        drec_n[step_index(s, b, t, 0, 1, unit, head)] = d_pn * reset;
+        dh_direct = dh * update;
+      } else if constexpr (CELL == kElman) {
+        const float h_t = load(states, 0, S);
+        put(0, dh * (1.0f - h_t * h_t));
+      } else {
+        const float p_i = load(pre, 0, P), p_f = load(pre, 1, P), p_z = load(pre, 2, P), p_o = load(pre, 3, P);
+        const float c = load(states, 1, S);
+        const float c_prev = previous_state(s, states, initial, 1, b, t, unit, head, S);
+        const float z_act = tanh_fast(p_z), o_gate = rnnops::sigmoid(p_o);
+        float dc = carry_at(1, b, unit);
+        if constexpr (CELL == kLSTM) {
+          const float i_gate = rnnops::sigmoid(p_i), f_gate = rnnops::sigmoid(p_f), tanh_c = tanh_fast(c);
+          dc += dh * o_gate * (1.0f - tanh_c * tanh_c);
+          put(0, dc * z_act * i_gate * (1.0f - i_gate));
+          put(1, dc * c_prev * f_gate * (1.0f - f_gate));
+          put(2, dc * i_gate * (1.0f - z_act * z_act));
+          put(3, dh * tanh_c * o_gate * (1.0f - o_gate));
+          carry_at(1, b, unit) = dc * f_gate;
+        } else {
+          const float n = load(states, 2, S), m_new = load(states, 3, S);
+          const float n_prev = previous_state(s, states, initial, 2, b, t, unit, head, S);
+          const float m_prev = previous_state(s, states, initial, 3, b, t, unit, head, S);
+          float dn = carry_at(2, b, unit), dm = carry_at(3, b, unit);
+          const float log_f = log_sigmoid(p_f);
+          const float input_gate = __expf(p_i - m_new), forget_gate = __expf(log_f + m_prev - m_new);
+          const float d_po = dh * c / n * o_gate * (1.0f - o_gate);
+          dc += dh * o_gate / n;
+          dn -= dh * o_gate * c / (n * n);
+          const float d_forget = dc * c_prev + dn * n_prev, d_input = dc * z_act + dn;
+          float d_pi = d_input * input_gate, d_logf = d_forget * forget_gate, dm_prev = d_forget * forget_gate;
+          dm += -d_input * input_gate - d_forget * forget_gate;
+          const float lhs = log_f + m_prev;  // m_new = max(lhs, p_i): the larger takes dm, ties split it
+          const float to_lhs = lhs > p_i ? dm : (lhs == p_i ? 0.5f * dm : 0.0f);
+          d_pi += dm - to_lhs;
+          d_logf += to_lhs;
+          dm_prev += to_lhs;
+          put(0, d_pi);
+          put(1, d_logf * (1.0f - rnnops::sigmoid(p_f)));
+          put(2, dc * input_gate * (1.0f - z_act * z_act));
+          put(3, d_po);
+          carry_at(1, b, unit) = dc * forget_gate;
+          carry_at(2, b, unit) = dn * forget_gate;
+          carry_at(3, b, unit) = dm_prev;
+        }
+      }
+      carry_at(0, b, unit) = dh_direct;
+    }
+    block_barrier(s);  // every slice's gate gradients before the products read them
+    constexpr int kMaxOutputs = (kRows * U + 31) / 32;
+    float sum[kMaxOutputs];
+    for (int j = 0; j < kMaxOutputs; ++j) sum[j] = 0.0f;
+    for (int k0 = 0; k0 < G * D; k0 += KC) {
+      for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) {
+        const int r = idx / KC, gi = k0 + idx % KC, g = gi / D, i = gi % D, b = row0 + r;
+        float value = 0.0f;
+        if (b < s.B && gi < G * D)
+          value = (CELL == kGRU && g == 2) ? drec_n[step_index(s, b, t, 0, 1, i, head)]
+                                          : dx[step_index(s, b, t, g, G, i, head)];
+        chunk[idx] = value;
+      }
+      __syncthreads();
+      for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
+        const int r = idx / U, u = idx % U;
+        float acc = 0.0f;
+        for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += chunk[r * KC + kk] * wt[(k0 + kk) * U + u];
+        sum[j] += acc;
+      }
+      __syncthreads();
+    }
+    for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
+      const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+      if (b < s.B && unit < D) carry_at(0, b, unit) += sum[j];
+    }
+    block_barrier(s);
+  }
+}
+
+}  // namespace rnnops::rnn

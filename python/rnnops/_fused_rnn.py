@@ -1,0 +1,58 @@
+"""The autograd Function shared by the fused recurrent-cell kernels (Triton and CUDA).
+
+Both backends' kernels use the same buffers: the forward writes every state per step (fp32,
+S per unit) and the gates' pre-activations (fp32, P per unit) once; the backward walks time in
+reverse with carried gradients in an (S, B, H, D) fp32 buffer, writing the pre-activations'
+gradients (and GRU's gradient of R_n h + b_n). dR and db are then one batched matmul here.
+A backend supplies a ``launcher`` with ``forward(x, R, b, initial, states, pre, h_seq)`` and
+``backward(R, initial, states, pre, d_h_seq, carry, dx, drec_n)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._buffers import empty
+
+GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
+STATES = {"lstm": 2, "gru": 1, "slstm": 4, "elman": 1}
+CELL_IDS = {"lstm": 0, "gru": 1, "slstm": 2, "elman": 3}
+
+
+def pre_slots(cell: str) -> int:
+    return GATES[cell] + (1 if cell == "gru" else 0)
+
+
+class FusedRNNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, launcher, x_gates, R, b, cell, *state):
+        batch, time, gates, heads, dim = x_gates.shape
+        f32 = {"dtype": torch.float32, "device": x_gates.device}
+        initial = torch.stack([s.float() for s in state]).contiguous() if state else None
+        states = empty((batch, time, STATES[cell], heads, dim), **f32)
+        pre = empty((batch, time, pre_slots(cell), heads, dim), **f32)
+        h_seq = empty((batch, time, heads, dim), dtype=x_gates.dtype, device=x_gates.device)
+        R_, b_ = R.to(x_gates.dtype).contiguous(), None if b is None else b.float().contiguous()
+        launcher.forward(x_gates.contiguous(), R_, b_, initial, states, pre, h_seq)
+        ctx.save_for_backward(R_, b, initial, states, pre)
+        ctx.launcher, ctx.cell = launcher, cell
+        ctx.dtypes = (x_gates.dtype, R.dtype, [s.dtype for s in state])
+        return (h_seq, *states[:, -1].unbind(1))
+
+    @staticmethod
+    def backward(ctx, d_h_seq, *d_final):
+        R, b, initial, states, pre = ctx.saved_tensors
+        batch, time, slots, heads, dim = states.shape
+        f32 = {"dtype": torch.float32, "device": states.device}
+        carry = torch.stack([torch.zeros((batch, heads, dim), **f32) if d is None else d.float() for d in d_final])
+        carry = carry.contiguous()
+        dx = empty((batch, time, GATES[ctx.cell], heads, dim), **f32)
+        drec_n = empty((batch, time, heads, dim), **f32) if ctx.cell == "gru" else None
+        ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n)
+        d_rec = dx if drec_n is None else torch.cat([dx[:, :, :2], drec_n[:, :, None]], dim=2)
+        h0 = initial[0] if initial is not None else torch.zeros((batch, heads, dim), **f32)
+        h_prev = torch.cat([h0[:, None], states[:, :-1, 0]], dim=1)
+        x_dtype, R_dtype, state_dtypes = ctx.dtypes
+        dR = torch.einsum("btghi,bthj->ghij", d_rec, h_prev).to(R_dtype)
+        db = None if b is None else d_rec.sum((0, 1)).to(b.dtype)
+        d_state = [carry[s].to(dtype) for s, dtype in enumerate(state_dtypes)]
+        return (None, dx.to(x_dtype), dR, db, None, *d_state)

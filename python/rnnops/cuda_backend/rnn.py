@@ -1,0 +1,91 @@
+"""CUDA fused recurrent cells (csrc/rnn/rnn.cuh): configuration, search space, launcher (the
+autograd Function is rnnops._fused_rnn's), registration as backend "cuda".
+
+A block owns 16 batch rows and ``units`` units of one head, with that slice of the recurrent
+weights in shared memory; heads wider than ``units`` split over several blocks that meet at a
+grid barrier every step (a cooperative launch: every block must be resident at once).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rnnops.autotune.space import Constraint, Space
+
+from .._dispatch import register
+from .._fused_rnn import CELL_IDS, GATES, FusedRNNFunction
+from ..triton_backend._common import dtype_reason
+from .engines import device_reason, engine
+
+ROWS = 16  # batch rows per block
+UNITS = (16, 32, 64)  # the instantiated slice widths
+
+
+@dataclass(frozen=True)
+class RNNConfig:
+    units: int = 64  # units of a head per block
+    threads: int = 128
+
+
+DEFAULT_CONFIG = RNNConfig()
+
+
+def shared_bytes(D: int, gates: int, units: int, element_bytes: int) -> tuple[int, int]:
+    """Dynamic shared memory of the forward and backward kernels."""
+    forward = gates * units * D * element_bytes + ROWS * D * element_bytes + ROWS * gates * units * 4
+    backward = gates * D * units * 4 + ROWS * 64 * 4
+    return forward, backward
+
+
+def space(D: int, gates: int, element_bytes: int, hardware) -> Space:
+    return Space(
+        {"units": list(UNITS), "threads": [64, 128, 256]},
+        (
+            Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
+            Constraint("the weight slice and buffers fit in a block's shared memory", ("units",),
+                       lambda u: max(shared_bytes(D, gates, u, element_bytes)) <= hardware.shared_memory_per_block),
+        ),
+    )
+
+
+def supports(*, dtype, device, head_dim=None, **_) -> str | None:
+    reasons = [dtype_reason(dtype), device_reason(device)]
+    if head_dim is not None and head_dim % 16:
+        reasons.append(f"the head dim D must be a multiple of 16, got {head_dim}")
+    reasons = [r for r in reasons if r]
+    return "; ".join(reasons) or None
+
+
+class _Launcher:
+    def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
+                 device):
+        units = min(config.units, max(u for u in UNITS if u <= max(16, dim)))
+        splits = -(-dim // units)
+        forward_bytes, backward_bytes = shared_bytes(dim, GATES[cell], units, element_bytes)
+        self.cell, self.units, self.device = CELL_IDS[cell], units, device
+        self.grid = [heads, -(-batch // ROWS), splits, config.threads]
+        self.shared = (forward_bytes, backward_bytes)
+        self.shape = [batch, time, heads, dim, splits]
+
+    def forward(self, x, R, b, initial, states, pre, h_seq):
+        engine(self.device).rnn_forward(x, R, _none(b), _none(initial), states, pre, h_seq,
+                                        self.shape + [int(b is not None), int(initial is not None)], self.cell,
+                                        self.units, self.grid + [self.shared[0]])
+
+    def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
+        engine(self.device).rnn_backward(R, _none(initial), states, pre, d_h_seq, carry, dx, _none(drec_n),
+                                         self.shape + [0, int(initial is not None)], self.cell, self.units,
+                                         self.grid + [self.shared[1]])
+
+
+def _none(tensor):
+    import torch
+
+    return torch.Tensor() if tensor is None else tensor
+
+
+@register("rnn", "cuda", supports=supports)
+def rnn(x_gates, R, b, state, *, cell, config: RNNConfig = DEFAULT_CONFIG):
+    batch, time, _, heads, dim = x_gates.shape
+    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.element_size(), x_gates.device)
+    h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
+    return h_seq, tuple(final)

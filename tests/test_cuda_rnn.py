@@ -1,0 +1,58 @@
+"""CUDA fused recurrent cells (csrc/rnn) through the simulator against the float64 reference:
+forward, final states and every gradient, heads split over blocks with a grid barrier; their
+instantiations compile for sm_80 and sm_90a without spills."""
+import pytest
+import torch
+
+from conftest import compare_backends
+from rnnops import _buffers
+from rnnops.autotune import hardware
+from rnnops.cuda_backend import compile_check
+from rnnops.cuda_backend import rnn as cuda_rnn
+from test_triton_rnn import GATES, make_inputs, run
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_buffers, "POISON", True)
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("shape", [dict(), dict(B=20, D=32, initial=False, bias=False), dict(T=3, H=2, D=80),
+                                   dict(T=1)], ids=["basic", "B20-D32-no-state-no-bias", "D80-split-over-blocks", "T1"])
+def test_matches_reference(cell, shape):
+    compare_backends(run(cell), make_inputs(cell, **shape), 1e-5, test="cuda")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "slstm"])
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_tensor_core_path(cell, dtype, bound):
+    compare_backends(run(cell), make_inputs(cell, D=32, dtype=dtype), bound, test="cuda")
+
+
+def test_config_space_fits_shared_memory():
+    h100 = hardware.named("H100")
+    for D in (64, 256, 768):
+        legal = cuda_rnn.space(D, 4, 2, h100).legal()
+        assert legal and all(max(cuda_rnn.shared_bytes(D, 4, p["units"], 2)) <= h100.shared_memory_per_block
+                             for p in legal)
+
+
+@pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_default_configs_compile_without_spills(arch):
+    units = cuda_rnn.DEFAULT_CONFIG.units
+    kernels = [compile_check.Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_{phase}<{dtype}, {cell}, {units}>")
+               for phase in ("fwd", "bwd") for dtype in ("float", "__nv_bfloat16") for cell in range(4)]
+    reports = compile_check.ptxas_reports(kernels, arch)
+    assert len(reports) == len(kernels)
+    for report in reports:
+        assert report.spill_stores == 0 and report.spill_loads == 0, report
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("H,D", [(1, 768), (4, 192), (12, 64)])
+def test_realistic_shapes_on_gpu(cell, H, D):
+    x = make_inputs(cell, B=16, T=64, H=H, D=D, dtype=torch.bfloat16, device="cuda")
+    compare_backends(run(cell), x, 2e-2, test="cuda")
