@@ -37,10 +37,12 @@ def chunk_reason(chunk: int) -> str | None:
     return f"chunk_size must be 16, 32, 64 or 128, got {chunk}"
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get IEEE float32 dot products unless the user allowed TF32 through
-    torch.backends.cuda.matmul.allow_tf32; half inputs are not affected."""
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
+    """float32 inputs get IEEE float32 dot products unless the user allowed TF32 (by default
+    through torch.backends.cuda.matmul.allow_tf32); half inputs are not affected."""
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if dtype != torch.float32 or allow_tf32 else "ieee"
 
 
 @dataclass
