@@ -1,0 +1,27 @@
+"""One small case per CUDA kernel, forward and backward, for compute-sanitizer (memcheck,
+racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``."""
+import torch
+
+import rnnops
+
+
+def main() -> None:
+    device = "cuda"
+    torch.manual_seed(0)
+    for cell, gates in (("lstm", 4), ("gru", 3), ("slstm", 4), ("elman", 1)):
+        for dim in (32, 96):  # one block per head, and a head split over blocks (grid barrier)
+            x = torch.randn(3, 5, gates, 2, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            R = (torch.randn(gates, 2, dim, dim, device=device) / dim**0.5).requires_grad_()
+            h_seq, final = rnnops.rnn(x, R, None, cell=cell, backend="cuda")
+            (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
+    u, delta, z = (torch.randn(2, 37, 40, device=device, requires_grad=True) for _ in range(3))
+    A, B, C = -torch.rand(40, 8, device=device), torch.randn(2, 37, 8, device=device), torch.randn(2, 37, 4, 8, device=device)
+    y, last = rnnops.selective_scan(u, delta, A, B, C, torch.randn(40, device=device), z, None, True,
+                                    return_last_state=True, backend="cuda")
+    (y.sum() + last.sum()).backward()
+    torch.cuda.synchronize()
+    print("sanitize: every CUDA kernel ran")
+
+
+if __name__ == "__main__":
+    main()
