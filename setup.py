@@ -34,10 +34,11 @@ setup(
         "rnnops.csrc": "csrc",
     },
     packages=find_packages("python") + ["rnnops.triton_kernels", "rnnops.autotune", "rnnops.csrc"],
-    package_data={"rnnops.csrc": _csrc_files()},
+    package_data={"rnnops.csrc": _csrc_files(), "rnnops.autotune": ["defaults/*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
+        "python-constraint2>=2.0",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={

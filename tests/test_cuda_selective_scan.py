@@ -45,7 +45,7 @@ def test_half_activations(dtype):
     compare_backends(scan, make_inputs(dtype=dtype), 2e-2 if dtype == torch.bfloat16 else 2e-3, test="cuda")
 
 
-@pytest.mark.parametrize("config", [cuda_scan.ScanConfig(1, 4), cuda_scan.ScanConfig(2, 8)])
+@pytest.mark.parametrize("config", [cuda_scan.ScanConfig(1, 4), cuda_scan.ScanConfig(8, 8)])
 def test_other_tiles(config):
     x = make_inputs(T=37)
     compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")

@@ -89,7 +89,7 @@ template <class F>
 void dispatch_tiles(int64_t warps, int64_t items, F&& f) {
 #define RNNOPS_TILE(W, I) \
   if (warps == W && items == I) return f(std::integral_constant<int, W>{}, std::integral_constant<int, I>{});
-  RNNOPS_TILE(1, 4) RNNOPS_TILE(2, 4) RNNOPS_TILE(4, 4) RNNOPS_TILE(2, 8) RNNOPS_TILE(4, 8) RNNOPS_TILE(8, 8)
+  RNNOPS_TILE(1, 4) RNNOPS_TILE(2, 4) RNNOPS_TILE(4, 4) RNNOPS_TILE(4, 8) RNNOPS_TILE(8, 8)
 #undef RNNOPS_TILE
   TORCH_CHECK(false, "no simulator build for warps=", warps, " items=", items);
 }

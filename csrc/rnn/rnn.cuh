@@ -177,12 +177,12 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   constexpr int KC = 64;  // reduction chunk of the dh_{t-1} product
   const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
   const int D = s.D;
-  RNNOPS_DYNAMIC_SHARED(float, smem);
-  float* wt = smem;              // [G * D][U]: R_g[i][slice], transposed slice
-  float* chunk = wt + G * D * U;  // [16][KC]
+  RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
+  T* wt = reinterpret_cast<T*>(smem);                           // [G * D][U]: R_g[i][slice], transposed
+  float* chunk = reinterpret_cast<float*>(wt + G * D * U);      // [16][KC]
   for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
     const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;
-    wt[idx] = unit < D ? to_float(R[(((long long)g * s.H + head) * D + i) * D + unit]) : 0.0f;
+    wt[idx] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
   }
   auto carry_at = [&](int slot, int b, int unit) -> float& {
     return carry[(((long long)slot * s.B + b) * s.H + head) * D + unit];
@@ -268,7 +268,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
       for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
         const int r = idx / U, u = idx % U;
         float acc = 0.0f;
-        for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += chunk[r * KC + kk] * wt[(k0 + kk) * U + u];
+        for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += chunk[r * KC + kk] * to_float(wt[(k0 + kk) * U + u]);
         sum[j] += acc;
       }
       __syncthreads();

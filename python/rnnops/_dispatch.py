@@ -2,8 +2,8 @@
 
 Each op registers one implementation per backend. Backends, in the order ``auto`` tries them:
 
-- CUDA tensors: ``cuda``, ``triton``, ``chunked``, ``reference`` (the autotune cache will rank
-  the first two per shape bucket once it exists).
+- CUDA tensors: the backend the autotune cache measured fastest for the call's shape bucket,
+  then ``cuda``, ``triton``, ``chunked``, ``reference``.
 - CPU tensors: ``chunked``, ``reference``.
 
 An implementation may come with a ``supports(**info)`` function that returns ``None`` when it
@@ -91,7 +91,14 @@ def resolve(op: str, backend, device: torch.device, **info) -> tuple[str, Callab
             raise ValueError(f"{op}: backend {backend!r} cannot take these inputs: {reason}")
         return backend, impls[backend].fn
     reasons = []
-    for name in _AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]:
+    order = _AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]
+    if device.type == "cuda" and info.get("shape") is not None:
+        from rnnops.autotune.cache import preferred_backend
+
+        fastest = preferred_backend(op, info["shape"], info.get("dtype"), device)
+        if fastest in impls:
+            order = (fastest,) + tuple(name for name in order if name != fastest)
+    for name in order:
         if name not in impls:
             continue
         reason = impls[name].reason_unsupported(info)

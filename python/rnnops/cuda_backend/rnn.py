@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rnnops.autotune.cache import tuned
 from rnnops.autotune.space import Constraint, Space
 
 from .._dispatch import register
@@ -32,7 +33,7 @@ DEFAULT_CONFIG = RNNConfig()
 def shared_bytes(D: int, gates: int, units: int, element_bytes: int) -> tuple[int, int]:
     """Dynamic shared memory of the forward and backward kernels."""
     forward = gates * units * D * element_bytes + ROWS * D * element_bytes + ROWS * gates * units * 4
-    backward = gates * D * units * 4 + ROWS * 64 * 4
+    backward = gates * D * units * element_bytes + ROWS * 64 * 4
     return forward, backward
 
 
@@ -84,8 +85,11 @@ def _none(tensor):
 
 
 @register("rnn", "cuda", supports=supports)
-def rnn(x_gates, R, b, state, *, cell, config: RNNConfig = DEFAULT_CONFIG):
+def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
+    if config is None:
+        shape = dict(B=batch, T=time, H=heads, D=dim, cell=cell)
+        config = tuned("rnn", "cuda", shape, x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
     launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.element_size(), x_gates.device)
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)

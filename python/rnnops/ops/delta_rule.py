@@ -206,7 +206,10 @@ def _run(op, checked: Checked, q, k, v, beta, g, initial_state, output_final_sta
         return q.new_empty(q.shape[:3] + (dims["V"],)), final if output_final_state else None
     if qk_l2norm:
         q, k = _l2_normalised(dtype, q, k)
-    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size)
+    shape = dict(B=dims["B"], T=dims["T"], H=dims["H"], K=dims["K"], V=dims["V"], gated=g is not None,
+                 num_householder=dims.sizes.get("NH", 1))
+    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size,
+                      shape=shape)
     o, final = impl(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return o, final if output_final_state else None

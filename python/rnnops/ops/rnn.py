@@ -71,7 +71,8 @@ def rnn(
         initial = state if state is not None else (None,) * len(spec.states)
         final = tuple(state_or_zeros(s, shape, dtype, device) for s in initial)
         return x_gates.new_empty(x_gates.shape[:2] + shape[1:]), final
-    _, impl = resolve(op, backend, device, dtype=dtype, cell=cell, head_dim=dims["D"])
+    shape = dict(B=dims["B"], T=dims["T"], H=dims["H"], D=dims["D"], cell=cell)
+    _, impl = resolve(op, backend, device, dtype=dtype, cell=cell, head_dim=dims["D"], shape=shape)
     return impl(x_gates, R, b, None if state is None else tuple(state), cell=cell)
 
 

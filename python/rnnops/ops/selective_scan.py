@@ -52,7 +52,8 @@ def selective_scan(
         y = u.new_empty(u.shape)
         last = state_or_zeros(initial_state, (dims["S"], dims["Dm"], dims["N"]), dtype, device)
     else:
-        _, impl = resolve("selective_scan", backend, device, dtype=dtype)
+        shape = dict(B=dims["B"], T=dims["T"], Dm=dims["Dm"], N=dims["N"])
+        _, impl = resolve("selective_scan", backend, device, dtype=dtype, shape=shape)
         y, last = impl(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state=initial_state,
                        output_final_state=bool(return_last_state), cu_seqlens=cu_seqlens)
     return (y, last) if return_last_state else y

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rnnops.autotune.cache import tuned
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._delta_product import via_delta_rule
@@ -140,11 +141,21 @@ class DeltaRuleFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def _tuned(op, q, v, g, steps, config):
+    shape = dict(zip("BTHK", q.shape), V=v.shape[-1], gated=g is not None, num_householder=steps)
+    return config or tuned(op, "triton", shape, q.dtype, q.device, DEFAULT_CONFIG)
+
+
 @register("delta_rule", "triton", supports=supports)
 def delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-               config: DeltaRuleConfig = DEFAULT_CONFIG):
+               config: DeltaRuleConfig | None = None):
     return DeltaRuleFunction.apply(q, k, v, beta, g, initial_state, scale, cu_seqlens, chunk_size,
-                                   output_final_state, config)
+                                   output_final_state, _tuned("delta_rule", q, v, g, 1, config))
 
 
-register("delta_product", "triton", supports=supports)(via_delta_rule(delta_rule))
+_interleaved = via_delta_rule(delta_rule)
+
+
+@register("delta_product", "triton", supports=supports)
+def delta_product(q, k, v, beta, g, *, config: DeltaRuleConfig | None = None, **kwargs):
+    return _interleaved(q, k, v, beta, g, config=_tuned("delta_product", q, v, g, k.shape[2], config), **kwargs)

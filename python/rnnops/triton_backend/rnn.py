@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+from rnnops.autotune.cache import tuned
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._dispatch import register
@@ -75,8 +76,11 @@ class _Launcher:
 
 
 @register("rnn", "triton", supports=supports)
-def rnn(x_gates, R, b, state, *, cell, config: RNNConfig = DEFAULT_CONFIG):
+def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
+    if config is None:
+        shape = dict(B=batch, T=time, H=heads, D=dim, cell=cell)
+        config = tuned("rnn", "triton", shape, x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
     launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype)
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)

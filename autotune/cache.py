@@ -1,0 +1,183 @@
+"""The persistent autotune cache and the configuration look-up every kernel launch makes.
+
+One JSON file per device, keyed by the GPU name, compute capability, driver, torch, triton and
+rnnops versions; entries per op, backend and shape bucket hold the chosen configuration and its
+measured time. Files are written atomically (a temporary file and os.replace, writers merging
+under an flock), so concurrent processes never see half a file. A corrupt, truncated or foreign
+file is ignored with a warning, a read-only directory keeps results in memory with a warning:
+neither ever stops an op. Look-ups are served from memory after the first one per device.
+Where nothing was tuned, the defaults shipped for the matching offline GPU
+(autotune/defaults/*.json, ranked by the cost model) apply, then the kernel's default config.
+
+Location: $RNNOPS_CACHE_DIR, else ~/.cache/rnnops/autotune.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+DEFAULTS_DIR = Path(__file__).parent / "defaults"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RNNOPS_CACHE_DIR") or Path.home() / ".cache" / "rnnops" / "autotune")
+
+
+def identity(device: torch.device) -> dict:
+    """What a cache file must match to be used on ``device``."""
+    import rnnops
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    props = torch.cuda.get_device_properties(device)
+    driver = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
+    return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "driver": driver,
+            "torch": torch.__version__, "triton": triton_version, "rnnops": rnnops.__version__}
+
+
+def key(op: str, backend: str, bucket: str) -> str:
+    return f"{op}|{backend}|{bucket}"
+
+
+class TuneCache:
+    """The cache file of one device (``identity``), loaded on first use."""
+
+    def __init__(self, path: Path, ident: dict):
+        self.path, self.identity = Path(path), ident
+        self._entries: dict | None = None
+
+    @classmethod
+    def for_identity(cls, ident: dict) -> TuneCache:
+        slug = re.sub(r"[^a-z0-9]+", "-", ident["gpu"].lower()).strip("-")
+        return cls(cache_dir() / f"{slug}-sm{ident['capability'].replace('.', '')}.json", ident)
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            warnings.warn(f"rnnops autotune cache {self.path} is unreadable ({error}); ignoring it", RuntimeWarning)
+            return {}
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("identity") != self.identity:
+            warnings.warn(f"rnnops autotune cache {self.path} belongs to another device or version; ignoring it",
+                          RuntimeWarning)
+            return {}
+        entries = data.get("entries")
+        return entries if isinstance(entries, dict) else {}
+
+    @property
+    def entries(self) -> dict:
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries
+
+    def get(self, op: str, backend: str, bucket: str) -> dict | None:
+        return self.entries.get(key(op, backend, bucket))
+
+    def best_backend(self, op: str, bucket: str) -> str | None:
+        """The backend with the fastest measured time for this op and bucket, if any was tuned."""
+        timed = [(entry["seconds"], k.split("|")[1]) for k, entry in self.entries.items()
+                 if k.startswith(f"{op}|") and k.endswith(f"|{bucket}") and entry.get("seconds")]
+        return min(timed)[1] if timed else None
+
+    def put(self, new_entries: dict) -> None:
+        """Merge ``new_entries`` into memory and into the file (atomically; warns if it cannot)."""
+        self.entries.update(new_entries)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                merged = self._read()
+                merged.update(new_entries)
+                payload = json.dumps({"format": FORMAT, "identity": self.identity, "entries": merged}, indent=1)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(payload)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self.path)
+                self._entries = merged
+        except OSError as error:
+            warnings.warn(f"rnnops autotune cache {self.path} cannot be written ({error}); results stay in memory",
+                          RuntimeWarning)
+
+
+_CACHES: dict[int, TuneCache] = {}
+_OVERRIDES: dict[str, dict] = {}
+
+
+def for_device(device: torch.device) -> TuneCache | None:
+    """The cache of a CUDA device (None for other devices)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CACHES:
+        _CACHES[index] = TuneCache.for_identity(identity(torch.device("cuda", index)))
+    return _CACHES[index]
+
+
+def shipped_defaults(gpu_name: str) -> dict:
+    from .hardware import match_name
+
+    known = match_name(gpu_name)
+    if known is None:
+        return {}
+    path = DEFAULTS_DIR / f"{re.sub(r'[^a-z0-9]+', '-', known.name.lower())}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def override(op: str, backend: str, bucket: str, config: dict):
+    """Make look-ups of (op, backend, bucket) return ``config`` (how the tuner times candidates)."""
+    k = key(op, backend, bucket)
+    _OVERRIDES[k] = config
+    try:
+        yield
+    finally:
+        del _OVERRIDES[k]
+
+
+def tuned(op: str, backend: str, shape: dict, dtype: torch.dtype, device: torch.device, default):
+    """The configuration a kernel launch uses: an override, the device's tuned entry, the shipped
+    default for its GPU, or ``default`` (a config dataclass instance of the same type)."""
+    from .kernels import bucket
+
+    k = key(op, backend, bucket(op, shape, dtype))
+    values = _OVERRIDES.get(k)
+    if values is None and (cache := for_device(device)) is not None:
+        entry = cache.entries.get(k)
+        values = entry["config"] if entry else shipped_defaults(cache.identity["gpu"]).get(k)
+    if values is None:
+        return default
+    return dataclasses.replace(default, **values)
+
+
+def preferred_backend(op: str, shape: dict, dtype: torch.dtype, device: torch.device) -> str | None:
+    """The backend the device's cache measured fastest for this op and shape bucket, if any."""
+    from .kernels import bucket
+
+    device_cache = for_device(device)
+    if device_cache is None:
+        return None
+    try:
+        return device_cache.best_backend(op, bucket(op, shape, dtype))
+    except (KeyError, ValueError):
+        return None

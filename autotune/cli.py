@@ -1,0 +1,92 @@
+"""``python -m rnnops autotune``: tune, explain, export and import kernel configurations.
+
+    python -m rnnops autotune [--ops OP ...] [--shapes SHAPE ...] [--budget-s N] [--top K]
+                              [--export FILE | --import FILE]
+    python -m rnnops autotune --gpu NAME --dry-run [--export FILE]    (no GPU needed)
+    python -m rnnops autotune --explain OP SHAPE [--gpu NAME]
+
+SHAPE is name=value pairs: "B=8,T=4096,H=16,K=128,V=128,gate=per-key".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import cache, tuner
+from .hardware import from_device, named
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ops", nargs="+", default=["all"], help="op families to tune (default: all)")
+    parser.add_argument("--shapes", nargs="+", metavar="SHAPE", help="shapes instead of the standard GPU cases")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new shapes after this long")
+    parser.add_argument("--top", type=int, default=4, help="ranked configurations measured per shape")
+    parser.add_argument("--dtype", choices=sorted(tuner.DTYPES), default="bfloat16")
+    parser.add_argument("--gpu", help="an offline GPU (V100, A100, L4, RTX 4090, H100, H200) for --dry-run / --explain")
+    parser.add_argument("--dry-run", action="store_true", help="solve and rank only (works without a GPU)")
+    parser.add_argument("--explain", nargs=2, metavar=("OP", "SHAPE"), help="constraints, counts and the ranking")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--export", type=Path, metavar="FILE", help="write the chosen configurations")
+    group.add_argument("--import", dest="import_", type=Path, metavar="FILE", help="merge configurations into the cache")
+
+
+def _hardware(args):
+    if args.gpu:
+        return named(args.gpu)
+    if not torch.cuda.is_available():
+        raise SystemExit("autotune: no GPU here; name one with --gpu NAME (and --dry-run) to solve and rank offline")
+    return from_device()
+
+
+def table(results: list[tuner.Result]) -> str:
+    from rnnops.bench.report import format_table
+
+    lines = []
+    for r in results:
+        config = ", ".join(f"{k}={v}" for k, v in r.config.items())
+        lines.append((r.op, r.backend, r.bucket, config, "-" if r.seconds is None else f"{r.seconds * 1e3:.3f}",
+                      "-" if r.speedup is None else f"{r.speedup:.2f}x", str(r.legal), str(r.measured),
+                      "; ".join(r.notes)[:60]))
+    return format_table(("op", "backend", "bucket", "config", "ms", "x default", "legal", "measured", "notes"), lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    dtype = tuner.DTYPES[args.dtype]
+    shapes = [tuner.parse_shape(s) for s in args.shapes] if args.shapes else None
+    if args.explain:
+        op, shape = args.explain
+        print(tuner.explain(op, tuner.parse_shape(shape), _hardware(args), dtype))
+        return 0
+    if args.import_:
+        if not torch.cuda.is_available():
+            raise SystemExit("autotune: --import needs the GPU whose cache it fills")
+        cache.for_device(torch.device("cuda")).put(json.loads(args.import_.read_text())["entries"])
+        print(f"imported {args.import_}")
+        return 0
+    if args.dry_run:
+        results = tuner.dry_run(args.ops, _hardware(args), dtype, shapes)
+        print(table(results))
+        if args.export:
+            chosen = {cache.key(r.op, r.backend, r.bucket): r.config for r in results}
+            args.export.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("autotune: measuring needs a GPU; use --gpu NAME --dry-run to solve and rank offline")
+    device = torch.device("cuda")
+
+    def progress(text: str) -> None:
+        sys.stderr.write("\r\033[K" + text[:150] if sys.stderr.isatty() else text + "\n")
+        sys.stderr.flush()
+
+    results = tuner.tune(args.ops, device, dtype, from_device(), top=args.top, budget_s=args.budget_s, shapes=shapes,
+                         progress=progress)
+    print(table(results))
+    if args.export:
+        device_cache = cache.for_device(device)
+        args.export.write_text(json.dumps({"format": cache.FORMAT, "identity": device_cache.identity,
+                                           "entries": device_cache.entries}, indent=1) + "\n")
+    return 0

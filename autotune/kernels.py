@@ -1,0 +1,162 @@
+"""The tunable kernels: for each (op, backend) its configuration type, search space, shape bucket
+and analytic cost. Adding a kernel is one ``Tunable`` entry here.
+
+Shapes are the bench cases' shape dicts (B, T, H, K, V, gate, gated, num_householder, Dm, N,
+D, cell). Buckets group shapes that want the same configuration: exact head dims, dtype and
+variant, and powers of two of the sizes that set the grid.
+
+The cost model ranks legal configurations before any is measured: the op's roofline floor
+(bytes and flops, rnnops.bench.roofline) times a wave-quantisation factor (programs over
+resident slots, rounded up) and a penalty for tiles that waste lanes or registers. It only has
+to put the winner among the few configurations the tuner measures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .hardware import Hardware
+from .space import Space
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
+    """The shape bucket of a call (a string key for the cache)."""
+    d = DTYPE_NAMES.get(dtype, str(dtype))
+    if op in ("linear_attn", "delta_rule", "delta_product"):
+        variant = shape.get("gate", "gated" if shape.get("gated") else "plain")
+        tokens = shape["B"] * shape["T"] * shape["H"] * shape.get("num_householder", 1)
+        return f"{d}:K{shape['K']}:V{shape['V']}:{variant}:tokens~{_pow2(tokens)}"
+    if op == "selective_scan":
+        return f"{d}:N{shape['N']}:Dm~{_pow2(shape['Dm'])}:rows~{_pow2(shape['B'] * shape['T'])}"
+    if op == "rnn":
+        return f"{d}:{shape['cell']}:H{shape['H']}:D{shape['D']}:B~{_pow2(shape['B'])}"
+    raise ValueError(f"no buckets for op {op!r}")
+
+
+@dataclass(frozen=True)
+class Tunable:
+    op: str
+    backend: str
+    module: str  # the backend module holding DEFAULT_CONFIG and space()
+    make_space: Callable[[object, dict, torch.dtype, Hardware], Space]  # (module, shape, dtype, hw)
+    programs: Callable[[dict, dict], int]  # (config, shape) -> programs / blocks launched
+    threads: Callable[[dict], int]  # config -> threads per program
+    penalty: Callable[[dict, dict], float] = lambda config, shape: 1.0  # tile inefficiency and recomputation
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}.{self.op}"
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+    def default(self) -> dict:
+        return dataclasses.asdict(self.load().DEFAULT_CONFIG)
+
+    def config(self, values: dict):
+        return type(self.load().DEFAULT_CONFIG)(**values)
+
+    def space(self, shape: dict, dtype: torch.dtype, hardware: Hardware) -> Space:
+        return self.make_space(self.load(), shape, dtype, hardware)
+
+    def cost(self, config: dict, shape: dict, dtype: torch.dtype, hardware: Hardware) -> float:
+        """Estimated seconds of forward + backward."""
+        from rnnops.bench.cases import RNN_GATES
+        from rnnops.bench import roofline
+
+        if self.op == "linear_attn":
+            work = roofline.linear_attn(shape["B"], shape["T"], shape["H"], shape["K"], shape["V"], shape["gate"], dtype)
+        elif self.op in ("delta_rule", "delta_product"):
+            work = roofline.delta_rule(shape["B"], shape["T"], shape["H"], shape["K"], shape["V"], shape["gated"], dtype,
+                                       num_householder=shape.get("num_householder", 1))
+        elif self.op == "selective_scan":
+            work = roofline.selective_scan(shape["B"], shape["T"], shape["Dm"], shape["N"], dtype)
+        else:
+            work = roofline.rnn(shape["B"], shape["T"], shape["H"], shape["D"], RNN_GATES[shape["cell"]], dtype)
+        floor = work.floor_seconds(hardware, "fwd_bwd") or 1.0
+        threads = self.threads(config)
+        per_sm = max(1, min(hardware.max_threads_per_sm // threads, hardware.max_blocks_per_sm))
+        programs = self.programs(config, shape)
+        waves = math.ceil(programs / (hardware.sm_count * per_sm))
+        utilisation = programs / (waves * hardware.sm_count * per_sm)
+        thread_penalty = 1.0 + 0.1 * math.log2(max(threads, 32) / 128) ** 2
+        return floor / max(utilisation, 1e-3) * thread_penalty * self.penalty(config, shape)
+
+    def rank_key(self, config: dict, shape: dict, dtype: torch.dtype, hardware: Hardware):
+        """Estimated cost, ties broken towards the kernel's default configuration."""
+        default = self.default()
+        return self.cost(config, shape, dtype, hardware), sum(config.get(k) != v for k, v in default.items())
+
+
+def _linear_space(module, shape, dtype, hw):
+    return module.space(shape["K"], shape["V"], 64, torch.tensor([], dtype=dtype).element_size(), hw)
+
+
+def _linear_programs(config, shape):
+    return shape["B"] * shape["H"] * math.ceil(shape["T"] / 64) * math.ceil(shape["V"] / config["block_v"])
+
+
+def _tile(block: int) -> float:
+    """Relative cost of a tl.dot operand tile of this width (small tiles waste the tensor cores)."""
+    return (1.0 + 32.0 / block) / 1.5
+
+
+def _linear_penalty(config, shape):
+    """Small tiles, and the intra-chunk scores recomputed once per V tile."""
+    v_tiles = math.ceil(shape["V"] / config["block_v"])
+    recompute = 1.0 + (v_tiles - 1) * 64 * shape["K"] / (64 * (shape["K"] + shape["V"]) + 2 * shape["K"] * shape["V"])
+    return _tile(config["block_k"]) * _tile(config["block_v"]) * recompute
+
+
+TUNABLES = [
+    Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
+            lambda c: 32 * c["num_warps"], _linear_penalty),
+    Tunable("delta_rule", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
+            lambda c: 32 * c["num_warps"], _linear_penalty),
+    Tunable("delta_product", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
+            lambda c: 32 * c["num_warps"], _linear_penalty),
+    Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
+            lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * c["num_warps"],
+            lambda c, s: (1.0 + 16.0 / c["chunk"]) * (1.0 + 8.0 / c["block_d"])),
+    Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
+            lambda m, s, dt, hw: m.space(s["N"], hw),
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],
+            lambda c, s: 1.0 + 4.0 / c["items"]),
+    Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
+            lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw),
+            lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],
+            lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16))),
+    Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
+            lambda m, s, dt, hw: m.space(s["D"], _gates(s), torch.tensor([], dtype=dt).element_size(), hw),
+            lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
+            lambda c, s: 1.0 + 0.5 * (math.ceil(s["D"] / c["units"]) - 1)),  # a grid barrier per step when split
+]
+
+
+def _gates(shape: dict) -> int:
+    from rnnops.bench.cases import RNN_GATES
+
+    return RNN_GATES[shape["cell"]]
+
+
+def tunables(ops=None) -> list[Tunable]:
+    return [t for t in TUNABLES if ops is None or "all" in ops or t.op in ops]
+
+
+def find(op: str, backend: str) -> Tunable:
+    for t in TUNABLES:
+        if t.op == op and t.backend == backend:
+            return t
+    raise KeyError(f"no tunable kernel for {backend}.{op}")

@@ -1,0 +1,195 @@
+"""Solve, rank, measure: choose each kernel's configuration per shape bucket.
+
+For every tunable kernel and standard shape: enumerate the legal configurations
+(kernels.Tunable.space), order them by the analytic cost model, and measure only the best few
+plus the default on the device (forward + backward, CUDA events, inputs rotated so that they do
+not sit in L2, medians). The winner goes into the device's cache (autotune.cache). Without a GPU
+(``dry_run``) the ranking alone is reported, for any offline GPU.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import cache, kernels
+from .hardware import Hardware
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    bucket: str
+    shape: dict
+    legal: int
+    ranked: list[dict]
+    config: dict
+    default: dict
+    seconds: float | None = None
+    default_seconds: float | None = None
+    measured: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.seconds and self.default_seconds:
+            return self.default_seconds / self.seconds
+        return None
+
+
+def parse_shape(text: str) -> dict:
+    """"B=8,T=4096,H=16,K=128,V=128,gate=none" -> dict (ints where they parse)."""
+    shape = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not value:
+            raise ValueError(f"shape entries are name=value, got {part!r}")
+        shape[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    for flag in ("gated",):
+        if isinstance(shape.get(flag), str):
+            shape[flag] = shape[flag].lower() in ("1", "true", "yes")
+    return shape
+
+
+def standard_shapes(op: str) -> list[dict]:
+    """The GPU standard cases' shapes for ``op`` (rnnops.bench.cases)."""
+    from rnnops.bench.cases import gpu_cases
+
+    seen, shapes = set(), []
+    for case in gpu_cases():
+        if case.op != op:
+            continue
+        frozen = tuple(sorted(case.shape.items()))
+        if frozen not in seen:
+            seen.add(frozen)
+            shapes.append(dict(case.shape))
+    return shapes
+
+
+def rank(tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware) -> tuple[int, list[dict]]:
+    """(legal count, legal configurations by estimated cost, cheapest first)."""
+    legal = tunable.space(shape, dtype, hardware).legal()
+    return len(legal), sorted(legal, key=lambda c: tunable.rank_key(c, shape, dtype, hardware))
+
+
+def dry_run(ops, hardware: Hardware, dtype: torch.dtype, shapes: list[dict] | None = None) -> list[Result]:
+    results = []
+    for tunable in kernels.tunables(ops):
+        for shape in shapes if shapes is not None else standard_shapes(tunable.op):
+            count, ranked = rank(tunable, shape, dtype, hardware)
+            results.append(Result(tunable.op, tunable.backend, kernels.bucket(tunable.op, shape, dtype), shape, count,
+                                  ranked[:5], ranked[0] if ranked else tunable.default(), tunable.default()))
+    return results
+
+
+def _case_for(op: str, shape: dict):
+    from rnnops.bench import cases
+
+    if op == "linear_attn":
+        return cases.linear_attn_case(shape["gate"], shape["B"], shape["T"], shape["H"], shape["K"], shape["V"])
+    if op in ("delta_rule", "delta_product"):
+        return cases.delta_case(shape.get("num_householder", 1), shape["gated"], shape["B"], shape["T"], shape["H"],
+                                shape["K"], shape["V"])
+    if op == "selective_scan":
+        return cases.selective_scan_case(shape["B"], shape["T"], shape["Dm"], shape["N"])
+    return cases.rnn_case(shape["cell"], shape["B"], shape["T"], shape["H"], shape["D"])
+
+
+def measure_config(tunable: kernels.Tunable, case, inputs: list[dict], bucket: str, config: dict,
+                   device: torch.device) -> float:
+    """Median seconds of forward + backward with ``config``, rotating over ``inputs``."""
+    from rnnops.bench.timing import measure
+
+    state = {"i": 0}
+
+    def step():
+        x = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        out = case.run(x, tunable.backend)
+        out.backward(torch.ones_like(out))
+
+    with cache.override(tunable.op, tunable.backend, bucket, config):
+        return measure(step, device, warmup=1, repeats=5, min_seconds=0.05, max_seconds=1.0).median
+
+
+def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, top: int = 4,
+         budget_s: float = 300.0, shapes: list[dict] | None = None,
+         progress: Callable[[str], None] = lambda text: None) -> list[Result]:
+    """Measure the ``top`` ranked configurations and the default per kernel and shape; store the
+    winners in the device's cache. Stops starting new shapes once ``budget_s`` is spent."""
+    from rnnops._dispatch import unsupported
+
+    start = time.perf_counter()
+    results = []
+    device_cache = cache.for_device(device)
+    for tunable in kernels.tunables(ops):
+        for shape in shapes if shapes is not None else standard_shapes(tunable.op):
+            if time.perf_counter() - start > budget_s:
+                progress(f"budget of {budget_s:.0f} s spent; {tunable.name} {shape} not tuned")
+                continue
+            bucket = kernels.bucket(tunable.op, shape, dtype)
+            count, ranked = rank(tunable, shape, dtype, hardware)
+            default = tunable.default()
+            result = Result(tunable.op, tunable.backend, bucket, shape, count, ranked[:5], default, default)
+            reason = unsupported(tunable.op, tunable.backend, device=device, dtype=dtype)
+            if reason:
+                result.notes.append(f"skipped: {reason}")
+                results.append(result)
+                continue
+            case = _case_for(tunable.op, shape)
+            torch.manual_seed(0)
+            inputs = [{k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                       for k, v in case.make(device, dtype).items()} for _ in range(2)]
+            candidates = ranked[:top] + ([default] if default not in ranked[:top] else [])
+            timings = {}
+            for config in candidates:
+                progress(f"{tunable.name} {bucket} {config}")
+                try:
+                    timings[tuple(sorted(config.items()))] = measure_config(tunable, case, inputs, bucket, config, device)
+                except Exception as error:  # a configuration that fails to compile or launch is skipped
+                    result.notes.append(f"{config}: {type(error).__name__}: {str(error)[:120]}")
+            if timings:
+                best = min(timings, key=timings.get)
+                result.config, result.seconds = dict(best), timings[best]
+                result.default_seconds = timings.get(tuple(sorted(default.items())))
+                result.measured = len(timings)
+                if device_cache is not None:
+                    device_cache.put({cache.key(tunable.op, tunable.backend, bucket):
+                                      {"config": result.config, "seconds": result.seconds,
+                                       "default_seconds": result.default_seconds, "legal": count,
+                                       "measured": result.measured}})
+            results.append(result)
+    return results
+
+
+def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype) -> str:
+    """The constraints of every kernel for ``op`` at ``shape``, what each removes, and the ranking."""
+    lines = []
+    for tunable in kernels.tunables([op]):
+        space = tunable.space(shape, dtype, hardware)
+        total = 1
+        for domain in space.variables.values():
+            total *= len(domain)
+        count, ranked = rank(tunable, shape, dtype, hardware)
+        lines.append(f"{tunable.name} on {hardware.name}, bucket {kernels.bucket(op, shape, dtype)}")
+        lines.append("  variables: " + ", ".join(f"{n} in {list(d)}" for n, d in space.variables.items()))
+        lines.append(f"  {total} combinations, {count} legal")
+        for name, removed in space.explain():
+            lines.append(f"  - {name}: removes {removed}")
+        default = tunable.default()
+        cost_default = tunable.cost(default, shape, dtype, hardware)
+        for i, config in enumerate(ranked[:5]):
+            cost = tunable.cost(config, shape, dtype, hardware)
+            lines.append(f"  #{i + 1} {config}: estimated {cost * 1e3:.3f} ms ({cost_default / cost:.2f}x the default's "
+                         f"estimate)")
+        lines.append(f"  default {default}: estimated {cost_default * 1e3:.3f} ms"
+                     + ("" if default in ranked else " (not legal here)"))
+        if ranked:
+            lines.append(f"  winner by the model: {ranked[0]} (lowest estimated time: roofline floor over wave "
+                         "utilisation, times the thread-count penalty); measuring decides on a GPU")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The autotuner on the CPU: spaces for every offline GPU and kernel, solver against brute force,
+CUDA configurations against nvcc, the cache's robustness, config look-ups, and the CLI."""
+import json
+import multiprocessing
+import os
+import warnings
+
+import pytest
+import torch
+
+from rnnops.autotune import cache, hardware, kernels, tuner
+from rnnops.autotune.cache import TuneCache
+from rnnops.cuda_backend import compile_check
+from rnnops.cuda_backend import rnn as cuda_rnn
+from rnnops.__main__ import main
+
+GPUS = list(hardware.OFFLINE)
+IDENTITY = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "driver": 13000, "torch": "x", "triton": "y",
+            "rnnops": "z"}
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("tunable", kernels.TUNABLES, ids=lambda t: t.name)
+def test_spaces_are_legal_and_match_brute_force(gpu, tunable):
+    hw = hardware.named(gpu)
+    for shape in tuner.standard_shapes(tunable.op):
+        space = tunable.space(shape, torch.bfloat16, hw)
+        legal = space.legal()
+        # the documented gap: a 768-wide head whose smallest weight slice (16 units of every gate, with the
+        # step's buffers) needs more shared memory than a block has (V100, L4, RTX 4090 for LSTM)
+        too_wide = tunable.name == "cuda.rnn" and max(
+            cuda_rnn.shared_bytes(shape["D"], kernels._gates(shape), 16, 2)
+        ) > hw.shared_memory_per_block
+        assert bool(legal) != too_wide, (gpu, shape)
+        assert sorted(map(sorted, (p.items() for p in legal))) == sorted(map(sorted, (p.items() for p in space.brute_force())))
+        for config in legal:
+            assert tunable.threads(config) <= hw.max_threads_per_block
+            assert tunable.programs(config, shape) >= 1
+
+
+def test_rank_puts_the_cheapest_first_and_counts_are_reported():
+    hw = hardware.named("H100")
+    tunable = kernels.find("linear_attn", "triton")
+    shape = tuner.standard_shapes("linear_attn")[0]
+    count, ranked = tuner.rank(tunable, shape, torch.bfloat16, hw)
+    costs = [tunable.cost(c, shape, torch.bfloat16, hw) for c in ranked]
+    assert count == len(ranked) and costs == sorted(costs)
+
+
+@pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
+@pytest.mark.parametrize("gpu,arch", [("A100", "sm_80"), ("H100", "sm_90a")])
+def test_cuda_configs_the_model_accepts_compile_within_its_budget(gpu, arch):
+    hw = hardware.named(gpu)
+    scan_configs = kernels.find("selective_scan", "cuda").space({"N": 16}, torch.bfloat16, hw).legal()
+    rnn_configs = kernels.find("rnn", "cuda").space({"D": 768, "cell": "lstm"}, torch.bfloat16, hw).legal()
+    instantiations = [compile_check.Instantiation("scan/selective_scan.cuh",
+                                                  f"rnnops::scan::selective_scan_{p}<__nv_bfloat16, {c['warps']}, {c['items']}>")
+                      for c in scan_configs for p in ("fwd", "bwd")]
+    instantiations += [compile_check.Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_{p}<__nv_bfloat16, 0, {u}>")
+                       for u in sorted({c["units"] for c in rnn_configs}) for p in ("fwd", "bwd")]
+    reports = compile_check.ptxas_reports(instantiations, arch)
+    assert len(reports) == len(instantiations)
+    threads = max([32 * c["warps"] for c in scan_configs] + [c["threads"] for c in rnn_configs])
+    for report in reports:
+        assert report.spill_stores == 0 and report.spill_loads == 0, report
+        assert report.shared_bytes <= hw.shared_memory_per_block
+    assert all(r.registers * 128 <= hw.registers_per_block for r in reports) and threads <= hw.max_threads_per_block
+
+
+def _cache(tmp_path):
+    return TuneCache(tmp_path / "device.json", IDENTITY)
+
+
+def test_cache_round_trip(tmp_path):
+    _cache(tmp_path).put({"op|triton|b": {"config": {"block_k": 32}, "seconds": 1.0}})
+    fresh = _cache(tmp_path)
+    assert fresh.get("op", "triton", "b")["config"] == {"block_k": 32}
+    fresh.put({"op|cuda|b": {"config": {"units": 16}, "seconds": 0.5}})
+    assert _cache(tmp_path).best_backend("op", "b") == "cuda"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "identity": {"gpu": "A100"}, "entries": {}}',
+                                     '{"format": 99}', "", "[1, 2]"],
+                         ids=["corrupt", "foreign-device", "wrong-version", "empty", "not-a-dict"])
+def test_bad_cache_files_are_ignored_with_a_warning(tmp_path, content):
+    (tmp_path / "device.json").write_text(content)
+    with pytest.warns(RuntimeWarning, match="rnnops autotune cache"):
+        assert _cache(tmp_path).entries == {}
+
+
+def test_truncated_file_is_ignored(tmp_path):
+    _cache(tmp_path).put({"op|triton|b": {"config": {"block_k": 32}, "seconds": 1.0}})
+    path = tmp_path / "device.json"
+    path.write_text(path.read_text()[:20])
+    with pytest.warns(RuntimeWarning):
+        assert _cache(tmp_path).get("op", "triton", "b") is None
+
+
+def _writer(directory, worker):
+    c = TuneCache(directory / "device.json", IDENTITY)
+    for i in range(20):
+        c.put({f"op|w{worker}|{i}": {"config": {"i": i}, "seconds": 1.0}})
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    processes = [multiprocessing.get_context("spawn").Process(target=_writer, args=(tmp_path, w)) for w in range(3)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    entries = _cache(tmp_path).entries
+    assert len(entries) == 60 and json.loads((tmp_path / "device.json").read_text())["format"] == cache.FORMAT
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_directory_keeps_results_in_memory(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        c = _cache(tmp_path)
+        with pytest.warns(RuntimeWarning, match="cannot be written"):
+            c.put({"op|triton|b": {"config": {}, "seconds": 1.0}})
+        assert c.get("op", "triton", "b") is not None
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_unwritable_cache_path_keeps_results_in_memory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    c = TuneCache(blocker / "sub" / "device.json", IDENTITY)  # a file where a directory should be
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        c.put({"op|triton|b": {"config": {}, "seconds": 1.0}})
+    assert c.get("op", "triton", "b") is not None
+
+
+def test_kernels_take_their_configuration_from_the_look_up(monkeypatch):
+    from rnnops.triton_backend import linear_attn as triton_linear_attn
+
+    seen = []
+    original = triton_linear_attn.LinearAttnFunction.apply
+    monkeypatch.setattr(triton_linear_attn.LinearAttnFunction, "apply",
+                        lambda *args: seen.append(args[-1]) or original(*args))
+    q, k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 32)
+    shape = dict(B=1, T=20, H=2, K=16, V=32, gate="none")
+    bucket = kernels.bucket("linear_attn", shape, torch.float32)
+    import rnnops
+
+    reference = rnnops.linear_attn(q, k, v, chunk_size=16, backend="reference")[0]
+    with cache.override("linear_attn", "triton", bucket, {"block_v": 16, "num_warps": 2}):
+        out = rnnops.linear_attn(q, k, v, chunk_size=16, backend="triton")[0]
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    assert seen[-1].block_v == 16 and seen[-1].num_warps == 2
+    rnnops.linear_attn(q, k, v, chunk_size=16, backend="triton")
+    assert seen[-1] == triton_linear_attn.DEFAULT_CONFIG  # no entry on the CPU: the default
+
+
+def test_shipped_defaults_are_legal_for_their_gpu():
+    for gpu in GPUS:
+        defaults = cache.shipped_defaults({"H100": "NVIDIA H100 80GB HBM3"}.get(gpu, gpu))
+        assert defaults, gpu
+        hw = hardware.named(gpu)
+        for k, config in defaults.items():
+            op, backend, _ = k.split("|")
+            tunable = kernels.find(op, backend)
+            assert set(config) == set(tunable.default())
+            assert tunable.config(config) is not None
+            assert hw
+
+
+def test_cli_dry_run_explain_and_export(tmp_path, capsys):
+    out = tmp_path / "defaults.json"
+    assert main(["autotune", "--gpu", "A100", "--dry-run", "--ops", "selective_scan", "rnn", "--export", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "selective_scan" in table and "rnn" in table and "legal" in table
+    assert all(k.split("|")[0] in ("selective_scan", "rnn") for k in json.loads(out.read_text()))
+    main(["autotune", "--explain", "linear_attn", "B=8,T=4096,H=16,K=128,V=128,gate=per-key", "--gpu", "H100"])
+    text = capsys.readouterr().out
+    assert "triton.linear_attn on H100" in text and "removes" in text and "winner by the model" in text
+    with pytest.raises(SystemExit, match="measuring needs a GPU"):
+        with warnings.catch_warnings():
+            main(["autotune", "--ops", "rnn"])
