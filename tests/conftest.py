@@ -38,18 +38,29 @@ def assert_close(a, b, bound: float, what: str = "") -> None:
 
 
 def run_with_grads(fn, inputs: dict, cotangent_seed: int = 1):
-    """Run ``fn(**inputs)`` -> tensor or tuple of tensors (None entries allowed) on fresh leaf
-    copies of the floating inputs, back-propagate fixed random cotangents, and return
-    (outputs, {name: grad})."""
-    leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-              for k, v in inputs.items()}
-    outs = fn(**leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    outs = tuple(o for o in outs if o is not None)
+    """Run ``fn(**inputs)`` -> tensor or (nested) tuple of tensors (None entries allowed) on fresh
+    leaf copies of the floating inputs (also inside tuple inputs, named ``name[i]``),
+    back-propagate fixed random cotangents, and return (flat outputs, {name: grad})."""
+    def leaf(v):
+        if isinstance(v, tuple):
+            return tuple(leaf(x) for x in v)
+        return v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def flat(out):
+        return [t for part in (out if isinstance(out, tuple) else (out,))
+                for t in (flat(part) if isinstance(part, tuple) else [part]) if t is not None]
+
+    leaves = {k: leaf(v) for k, v in inputs.items()}
+    outs = tuple(flat(fn(**leaves)))
     gen = torch.Generator().manual_seed(cotangent_seed)
     cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
-    torch.autograd.backward(outs, cotangents)
-    grads = {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    differentiable = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+    torch.autograd.backward([o for o, _ in differentiable], [c for _, c in differentiable])
+    grads = {}
+    for k, v in leaves.items():
+        for i, x in enumerate(v) if isinstance(v, tuple) else [(None, v)]:
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                grads[k if i is None else f"{k}[{i}]"] = x.grad
     return outs, grads
 
 

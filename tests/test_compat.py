@@ -129,3 +129,37 @@ def test_flashrnn_refuses_slstm():
     with pytest.raises(ValueError, match="function='slstm' is not supported"):
         flashrnn.flashrnn(torch.randn(1, 2, 4, 1, 16), torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16),
                           function="slstm")
+
+
+def _compat_calls():
+    q, k, v = _qkv()
+    g_key, g = F.logsigmoid(torch.randn(2, 13, 3, 8, dtype=D64)), F.logsigmoid(torch.randn(2, 13, 3, dtype=D64))
+    beta = torch.rand(2, 13, 3, dtype=D64)
+    u, delta = torch.randn(2, 6, 11, dtype=D64), torch.rand(2, 6, 11, dtype=D64)
+    A, B = -torch.rand(6, 4, dtype=D64), torch.randn(2, 4, 11, dtype=D64)
+    state = torch.randn(2, 6, 4, dtype=D64)
+    G = 3  # gru
+    return {
+        "chunk_gla": lambda: fla.chunk_gla(q, k, v, g_key, output_final_state=True),
+        "chunk_simple_gla": lambda: fla.chunk_simple_gla(q, k, v, g),
+        "chunk_delta_rule": lambda: fla.chunk_delta_rule(q, k, v, beta),
+        "chunk_gated_delta_rule": lambda: fla.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True),
+        "selective_scan_fn": lambda: mamba_ssm.selective_scan_fn(u, delta, A, B, B, return_last_state=True),
+        "selective_state_update": lambda: mamba_ssm.selective_state_update(state.clone(), u[..., 0], delta[..., 0], A,
+                                                                           B[..., 0], B[..., 0]),
+        "flashrnn": lambda: flashrnn.flashrnn(torch.randn(2, 7, G, 2, 16), 0.2 * torch.randn(G, 2, 16, 16),
+                                              torch.randn(G + 1, 2, 16), function="gru", dtype="float32"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_compat_calls()))
+def test_compat_functions_compile_without_graph_breaks(name):
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    want = _compat_calls()[name]()
+    torch.manual_seed(3)
+    call = _compat_calls()[name]
+    got = torch.compile(call, fullgraph=True, backend="aot_eager")()
+    for a, b in zip(got, want, strict=True):
+        if b is not None:
+            assert_close(a, b, 1e-12 if b.dtype == D64 else 1e-6, name)

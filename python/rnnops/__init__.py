@@ -10,6 +10,8 @@ Families (layouts are batch-first and head-split; see each function's docstring)
 
 Every op takes ``backend="auto"|"reference"|"chunked"|...``; :func:`available_backends` lists
 what an op has. :mod:`rnnops.nn` has drop-ins for ``torch.nn.LSTM`` and ``torch.nn.GRU``.
+Each op is also the operator ``torch.ops.rnnops.<name>``, so torch.compile(fullgraph=True) and
+torch.export trace models that use them (``rnnops._library``).
 """
 from . import chunked, cuda_backend, reference, triton_backend  # noqa: F401  (register the backends)
 from ._dispatch import available as available_backends

@@ -7,7 +7,8 @@ what was given and says what was expected.
 Checks that need tensor *values* (value ranges, cu_seqlens order) read the data, which forces a
 device-to-host copy on a GPU. They always run on CPU tensors and run on GPU tensors only when
 the environment variable ``RNNOPS_DEBUG`` is set to a non-empty value other than ``0``, so the
-hot path never synchronises.
+hot path never synchronises. While torch.compile or torch.export traces an op they are skipped
+(there are no values yet); the traced operator runs them when it executes (see ``_library``).
 
 Dtype rule (all ops): the per-token tensors of an op ("activations", e.g. q, k, v, beta) share
 one floating dtype X in {float16, bfloat16, float32, float64}; parameters and states (decays,
@@ -32,6 +33,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def value_checks_enabled(device: torch.device) -> bool:
     """Whether checks that read tensor values run for tensors on ``device``."""
+    if torch.compiler.is_compiling():
+        return False
     return device.type == "cpu" or os.environ.get("RNNOPS_DEBUG", "0") not in ("", "0")
 
 

@@ -28,6 +28,21 @@ def state_or_zeros(initial_state: torch.Tensor | None, shape, dtype: torch.dtype
     return initial_state.to(acc, copy=True)
 
 
+def fake_linear_outputs(q: torch.Tensor, v: torch.Tensor, states: int | None):
+    """Output shapes of the linear family without computing them (for tracing): o like q with
+    v's last size, and a (states, H, K, V) state in the accumulation dtype (None: no state).
+    Works for sequences (B, T, H, K) and single steps (B, H, K)."""
+    o = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    if states is None:
+        return o, None
+    return o, q.new_empty((states,) + q.shape[-2:] + v.shape[-1:], dtype=accumulation_dtype(q.dtype))
+
+
+def sequence_count(batch: int, cu_seqlens: torch.Tensor | None) -> int:
+    """The number of states: the batch size, or len(cu_seqlens) - 1 for packed sequences."""
+    return batch if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
 def add_time_axis(op: str, name: str, x: torch.Tensor | None, layout: str) -> torch.Tensor | None:
     """A decoding input of ``layout`` (batch first, no time axis) as a length-1 sequence."""
     if x is None:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from .. import _validate as check
 from .._dispatch import register, resolve
-from ._common import Checked, add_time_axis, needs_grad, state_or_zeros
+from .._library import LibraryOp, tracing
+from ._common import Checked, add_time_axis, fake_linear_outputs, needs_grad, sequence_count, state_or_zeros
 
 
 def delta_rule(
@@ -51,6 +52,10 @@ def delta_rule(
     """
     checked = _validate("delta_rule", q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size,
                      allow_neg_eigval, num_householder=None)
+    if tracing(q):
+        o, final = _DELTA_RULE(q, k, v, beta, g, checked.scale, initial_state, bool(output_final_state), cu_seqlens,
+                               bool(allow_neg_eigval), bool(qk_l2norm), checked.chunk_size, backend)
+        return o, final if output_final_state else None
     return _run("delta_rule", checked, q, k, v, beta, g, initial_state, output_final_state, cu_seqlens,
                 qk_l2norm, backend)
 
@@ -83,6 +88,11 @@ def delta_product(
     """
     checked = _validate("delta_product", q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size,
                      allow_neg_eigval, num_householder=num_householder)
+    if tracing(q):
+        o, final = _DELTA_PRODUCT(q, k, v, beta, g, num_householder, checked.scale, initial_state,
+                                  bool(output_final_state), cu_seqlens, bool(allow_neg_eigval), bool(qk_l2norm),
+                                  checked.chunk_size, backend)
+        return o, final if output_final_state else None
     return _run("delta_product", checked, q, k, v, beta, g, initial_state, output_final_state, cu_seqlens,
                 qk_l2norm, backend)
 
@@ -107,6 +117,9 @@ def delta_rule_step(
     sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
                 (("q", q, "B H K"), ("k", k, "B H K"), ("v", v, "B H V"), ("beta", beta, "B H"), ("g", g, "B H"))]
     checked = _validate(op, *sequence, state, None, scale, 1, allow_neg_eigval, num_householder=None)
+    if tracing(q):
+        return tuple(_DELTA_RULE_STEP(q, k, v, beta, g, state, checked.scale, bool(allow_neg_eigval),
+                                      bool(qk_l2norm), backend))
     return _step(op, checked, q, k, v, beta, g, state, qk_l2norm, backend)
 
 
@@ -131,6 +144,9 @@ def delta_product_step(
                 (("q", q, "B H K"), ("k", k, "B NH H K"), ("v", v, "B NH H V"), ("beta", beta, "B NH H"),
                  ("g", g, "B H"))]
     checked = _validate(op, *sequence, state, None, scale, 1, allow_neg_eigval, num_householder=num_householder)
+    if tracing(q):
+        return tuple(_DELTA_PRODUCT_STEP(q, k, v, beta, g, num_householder, state, checked.scale,
+                                         bool(allow_neg_eigval), bool(qk_l2norm), backend))
     return _step(op, checked, q, k, v, beta, g, state, qk_l2norm, backend)
 
 
@@ -141,6 +157,29 @@ def _step(op, checked: Checked, q, k, v, beta, g, state, qk_l2norm, backend):
     _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
                       requires_grad=needs_grad(q, k, v, beta, g, state))
     return impl(q, k, v, beta, g, state=state, scale=scale)
+
+
+_SEQUENCE_ARGS = ("float? scale, Tensor? initial_state, bool output_final_state, Tensor? cu_seqlens, "
+                  "bool allow_neg_eigval, bool qk_l2norm, int chunk_size, str backend")
+_STEP_ARGS = "Tensor? state, float? scale, bool allow_neg_eigval, bool qk_l2norm, str backend"
+
+
+def _fake_sequence(q, k, v, beta, g, *args):
+    *_, output_final_state, cu_seqlens, _allow_neg_eigval, _qk_l2norm, _chunk_size, _backend = args
+    return fake_linear_outputs(q, v, sequence_count(q.shape[0], cu_seqlens) if output_final_state else None)
+
+
+def _fake_step(q, k, v, *args):
+    return fake_linear_outputs(q, v, q.shape[0])
+
+
+_DELTA_ARGS = "Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, "
+_DELTA_RULE = LibraryOp("delta_rule", _DELTA_ARGS + _SEQUENCE_ARGS, delta_rule, _fake_sequence)
+_DELTA_PRODUCT = LibraryOp("delta_product", _DELTA_ARGS + "int num_householder, " + _SEQUENCE_ARGS, delta_product,
+                           _fake_sequence)
+_DELTA_RULE_STEP = LibraryOp("delta_rule_step", _DELTA_ARGS + _STEP_ARGS, delta_rule_step, _fake_step)
+_DELTA_PRODUCT_STEP = LibraryOp("delta_product_step", _DELTA_ARGS + "int num_householder, " + _STEP_ARGS,
+                                delta_product_step, _fake_step)
 
 
 def _sequence_step(sequence_op, backend: str):

@@ -5,7 +5,8 @@ import torch
 
 from .. import _validate as check
 from .._dispatch import register, resolve
-from ._common import Checked, add_time_axis, needs_grad, state_or_zeros
+from .._library import LibraryOp, tracing
+from ._common import Checked, add_time_axis, fake_linear_outputs, needs_grad, sequence_count, state_or_zeros
 
 
 def linear_attn(
@@ -43,6 +44,10 @@ def linear_attn(
     """
     dims, dtype, device, scale, chunk_size = _validate("linear_attn", q, k, v, g, initial_state, cu_seqlens, scale,
                                                        chunk_size)
+    if tracing(q):
+        o, final = _LINEAR_ATTN(q, k, v, g, scale, initial_state, bool(output_final_state), cu_seqlens, chunk_size,
+                                backend)
+        return o, final if output_final_state else None
     if dims["T"] == 0:
         final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
         return v.new_empty(v.shape), final if output_final_state else None
@@ -76,9 +81,31 @@ def linear_attn_step(
     sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
                 (("q", q, "B H K"), ("k", k, "B H K"), ("v", v, "B H V"), ("g", g, g_layout))]
     dims, dtype, device, scale, _ = _validate(op, *sequence, state, None, scale, 1)
+    if tracing(q):
+        return tuple(_LINEAR_ATTN_STEP(q, k, v, g, state, scale, backend))
     _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
                       requires_grad=needs_grad(q, k, v, g, state))
     return impl(q, k, v, g, state=state, scale=scale)
+
+
+def _fake_linear_attn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, backend):
+    return fake_linear_outputs(q, v, sequence_count(q.shape[0], cu_seqlens) if output_final_state else None)
+
+
+def _fake_linear_attn_step(q, k, v, g, state, scale, backend):
+    return fake_linear_outputs(q, v, q.shape[0])
+
+
+_LINEAR_ATTN = LibraryOp(
+    "linear_attn",
+    "Tensor q, Tensor k, Tensor v, Tensor? g, float? scale, Tensor? initial_state, bool output_final_state, "
+    "Tensor? cu_seqlens, int chunk_size, str backend",
+    linear_attn,
+    _fake_linear_attn,
+)
+_LINEAR_ATTN_STEP = LibraryOp("linear_attn_step",
+                              "Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? state, float? scale, str backend",
+                              linear_attn_step, _fake_linear_attn_step)
 
 
 def _sequence_step(backend: str):

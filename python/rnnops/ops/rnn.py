@@ -5,6 +5,8 @@ import torch
 
 from .. import _validate as check
 from .._dispatch import resolve
+from .._library import LibraryOp, tracing
+from .._validate import accumulation_dtype
 from ..reference.rnn import CELLS
 from ._common import add_time_axis, state_or_zeros
 
@@ -65,6 +67,9 @@ def rnn(
     dtype = check.activation_dtype(op, {"x_gates": x_gates})
     check.parameter_dtypes(op, {"R": R, "b": b, **states}, dtype)
     device = check.same_device(op, {"x_gates": x_gates, "R": R, "b": b, **states})
+    if tracing(x_gates):
+        h_seq, *final = _RNN(x_gates, R, b, None if state is None else list(state), cell, backend)
+        return h_seq, tuple(final)
 
     if dims["T"] == 0:
         shape = (dims["B"], dims["H"], dims["D"])
@@ -74,6 +79,16 @@ def rnn(
     shape = dict(B=dims["B"], T=dims["T"], H=dims["H"], D=dims["D"], cell=cell)
     _, impl = resolve(op, backend, device, dtype=dtype, cell=cell, head_dim=dims["D"], shape=shape)
     return impl(x_gates, R, b, None if state is None else tuple(state), cell=cell)
+
+
+def _fake_rnn(x_gates, R, b, state, cell, backend):
+    batch, time, _, heads, size = x_gates.shape
+    final = tuple(x_gates.new_empty((batch, heads, size), dtype=accumulation_dtype(x_gates.dtype))
+                  for _ in CELLS[cell].states)
+    return x_gates.new_empty((batch, time, heads, size)), final
+
+
+_RNN = LibraryOp("rnn", "Tensor x_gates, Tensor R, Tensor? b, Tensor[]? state, str cell, str backend", rnn, _fake_rnn)
 
 
 def rnn_step(

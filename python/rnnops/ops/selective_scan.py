@@ -5,7 +5,9 @@ import torch
 
 from .. import _validate as check
 from .._dispatch import register, resolve
-from ._common import add_time_axis, needs_grad, state_or_zeros
+from .._library import LibraryOp, tracing
+from .._validate import accumulation_dtype
+from ._common import add_time_axis, needs_grad, sequence_count, state_or_zeros
 
 _BC_LAYOUTS = ("Dm N", "B T N", "B T {g} N")
 
@@ -48,6 +50,10 @@ def selective_scan(
         float32 (float64 for float64 inputs). T = 0 gives an empty y and the initial state.
     """
     dims, dtype, device = _validate("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    if tracing(u):
+        outputs = _SELECTIVE_SCAN(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state,
+                                  bool(return_last_state), cu_seqlens, backend)
+        return tuple(outputs) if return_last_state else outputs[0]
     if dims["T"] == 0:
         y = u.new_empty(u.shape)
         last = state_or_zeros(initial_state, (dims["S"], dims["Dm"], dims["N"]), dtype, device)
@@ -90,9 +96,37 @@ def selective_state_update(
                  ("z", z, "B Dm"))]
     _, dtype, device = _validate(op, sequence[0], sequence[1], A, sequence[2], sequence[3], D, sequence[4], delta_bias,
                                  state, None)
+    if tracing(u):
+        return tuple(_SELECTIVE_STATE_UPDATE(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend))
     _, impl = resolve(op, backend, device, dtype=dtype,
                       requires_grad=needs_grad(state, u, delta, A, B, C, D, z, delta_bias))
     return impl(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+
+
+_SCAN_ARGS = ("Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+              "bool delta_softplus")
+
+
+def _fake_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, cu_seqlens,
+               backend):
+    y = u.new_empty(u.shape)
+    if not return_last_state:
+        return y
+    return y, u.new_empty((sequence_count(u.shape[0], cu_seqlens),) + A.shape, dtype=accumulation_dtype(u.dtype))
+
+
+def _fake_state_update(state, u, *args):
+    return u.new_empty(u.shape), state.new_empty(state.shape, dtype=accumulation_dtype(u.dtype))
+
+
+_SELECTIVE_SCAN = LibraryOp(
+    "selective_scan",
+    _SCAN_ARGS + ", Tensor? initial_state, bool return_last_state, Tensor? cu_seqlens, str backend",
+    selective_scan,
+    _fake_scan,
+)
+_SELECTIVE_STATE_UPDATE = LibraryOp("selective_state_update", "Tensor state, " + _SCAN_ARGS + ", str backend",
+                                    selective_state_update, _fake_state_update)
 
 
 def _sequence_step(backend: str):
