@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU suite, one `device` call (< 10 minutes): install the tree, print the GPU and versions,
-# run the GPU tests, compute-sanitizer on the CUDA kernels, and the bench with peers. Everything
+# The GPU suite, one `device` call (< 10 minutes: the step timeouts sum to 570 s): install the
+# tree, print the GPU and versions, run the GPU tests, compute-sanitizer on the CUDA kernels, and
+# the bench with peers (on SIGTERM it still writes the cases it finished). Everything
 # lands in $OUT (results.json, report.md, report.html, plots, suite.log); the table prints last.
 #
 #   run: bash bench/gpu_suite.sh        (carry .whl for the peers: see README, "GPU suite")
@@ -32,15 +33,15 @@ PY
   nvcc --version | tail -1
 
   section "GPU tests"
-  timeout 240 python -m pytest -m gpu -q -x -p no:cacheprovider tests
+  timeout 200 python -m pytest -m gpu -q -x -p no:cacheprovider tests
 
   section "compute-sanitizer"
   for tool in memcheck racecheck; do
-    timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
+    timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
   done
 
   section bench
-  timeout 330 python -m rnnops bench --quick --peers --out "$OUT"
+  timeout 250 python -m rnnops bench --quick --peers --out "$OUT"
 } 2>&1 | tee "$LOG"
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
