@@ -15,9 +15,11 @@ section() { echo; echo "=== $* ($(date +%T))"; }
 {
   section install
   python -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl && export PYTHONPATH=/tmp/peers:${PYTHONPATH:-}
-  fi
+  for wheel in .whl/*.whl; do  # one at a time: a wheel built for another Python must not block the rest
+    [ -e "$wheel" ] || continue
+    python -m pip install -q --no-index --no-deps --target /tmp/peers "$wheel" || echo "not installed: $wheel"
+  done
+  export PYTHONPATH=/tmp/peers:${PYTHONPATH:-}
 
   section versions
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
