@@ -72,7 +72,6 @@ class Tunable:
 
     def cost(self, config: dict, shape: dict, dtype: torch.dtype, hardware: Hardware) -> float:
         """Estimated seconds of forward + backward."""
-        from rnnops.bench.cases import RNN_GATES
         from rnnops.bench import roofline
 
         if self.op == "linear_attn":
@@ -83,7 +82,7 @@ class Tunable:
         elif self.op == "selective_scan":
             work = roofline.selective_scan(shape["B"], shape["T"], shape["Dm"], shape["N"], dtype)
         else:
-            work = roofline.rnn(shape["B"], shape["T"], shape["H"], shape["D"], RNN_GATES[shape["cell"]], dtype)
+            work = roofline.rnn(shape["B"], shape["T"], shape["H"], shape["D"], _gates(shape), dtype)
         floor = work.floor_seconds(hardware, "fwd_bwd") or 1.0
         threads = self.threads(config)
         per_sm = max(1, min(hardware.max_threads_per_sm // threads, hardware.max_blocks_per_sm))
@@ -146,9 +145,9 @@ TUNABLES = [
 
 
 def _gates(shape: dict) -> int:
-    from rnnops.bench.cases import RNN_GATES
+    from rnnops.reference.rnn import CELLS
 
-    return RNN_GATES[shape["cell"]]
+    return CELLS[shape["cell"]].gates
 
 
 def tunables(ops=None) -> list[Tunable]:

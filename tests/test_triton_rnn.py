@@ -8,9 +8,7 @@ from conftest import compare_backends
 from rnnops.autotune import hardware
 from rnnops import _buffers
 from rnnops.triton_backend import rnn as triton_rnn
-
-GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
-STATES = {"lstm": 2, "gru": 1, "slstm": 4, "elman": 1}
+from test_rnn import GATES, STATES
 
 
 @pytest.fixture(autouse=True)

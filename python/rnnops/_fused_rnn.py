@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 
 from ._buffers import empty
+from .reference.rnn import CELLS
 
-GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
-STATES = {"lstm": 2, "gru": 1, "slstm": 4, "elman": 1}
-CELL_IDS = {"lstm": 0, "gru": 1, "slstm": 2, "elman": 3}
+CELL_IDS = {"lstm": 0, "gru": 1, "slstm": 2, "elman": 3}  # the kernels' cell template argument
 
 
 def pre_slots(cell: str) -> int:
-    return GATES[cell] + (1 if cell == "gru" else 0)
+    """Pre-activation slots per unit: one per gate, plus GRU's recurrent n part."""
+    return CELLS[cell].gates + (1 if cell == "gru" else 0)
 
 
 class FusedRNNFunction(torch.autograd.Function):
@@ -28,7 +28,7 @@ class FusedRNNFunction(torch.autograd.Function):
         batch, time, gates, heads, dim = x_gates.shape
         f32 = {"dtype": torch.float32, "device": x_gates.device}
         initial = torch.stack([s.float() for s in state]).contiguous() if state else None
-        states = empty((batch, time, STATES[cell], heads, dim), **f32)
+        states = empty((batch, time, len(CELLS[cell].states), heads, dim), **f32)
         pre = empty((batch, time, pre_slots(cell), heads, dim), **f32)
         h_seq = empty((batch, time, heads, dim), dtype=x_gates.dtype, device=x_gates.device)
         R_, b_ = R.to(x_gates.dtype).contiguous(), None if b is None else b.float().contiguous()
@@ -45,7 +45,7 @@ class FusedRNNFunction(torch.autograd.Function):
         f32 = {"dtype": torch.float32, "device": states.device}
         carry = torch.stack([torch.zeros((batch, heads, dim), **f32) if d is None else d.float() for d in d_final])
         carry = carry.contiguous()
-        dx = empty((batch, time, GATES[ctx.cell], heads, dim), **f32)
+        dx = empty((batch, time, CELLS[ctx.cell].gates, heads, dim), **f32)
         drec_n = empty((batch, time, heads, dim), **f32) if ctx.cell == "gru" else None
         ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n)
         d_rec = dx if drec_n is None else torch.cat([dx[:, :, :2], drec_n[:, :, None]], dim=2)

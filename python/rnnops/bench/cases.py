@@ -18,10 +18,9 @@ import torch.nn.functional as F
 
 import rnnops
 
+from ..reference.rnn import CELLS
 from . import roofline
 from .roofline import Work
-
-RNN_GATES = {"lstm": 4, "gru": 3, "slstm": 4, "elman": 1}
 
 
 @dataclass
@@ -105,7 +104,7 @@ def selective_scan_case(B, T, Dm, N, **flags) -> Case:
 
 def rnn_case(cell: str, B, T, H, D, **flags) -> Case:
     """The input projection (input size H * D) runs inside every target, as in torch.nn.LSTM."""
-    G, hidden = RNN_GATES[cell], H * D
+    G, hidden = CELLS[cell].gates, H * D
 
     def make(device, dtype):
         bound = hidden**-0.5

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cases import RNN_GATES, Case
+from ..reference.rnn import CELLS
+from .cases import Case
 
 
 class PeerUnavailable(Exception):
@@ -58,7 +59,7 @@ def _torch_module(cell: str):
         hidden = H * D
         cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
         module = cls(hidden, hidden, batch_first=True, device=x["x"].device, dtype=x["x"].dtype)
-        block_diagonal = torch.cat([torch.block_diag(*x["R"][g]) for g in range(RNN_GATES[cell])])
+        block_diagonal = torch.cat([torch.block_diag(*x["R"][g]) for g in range(CELLS[cell].gates)])
         with torch.no_grad():
             module.weight_ih_l0.copy_(x["W_ih"])
             module.bias_ih_l0.copy_(x["b_ih"])
@@ -97,7 +98,7 @@ def _flashrnn(backend: str):
             R = R[[2, 0, 1]]
             b = torch.stack([b[2], b[0], b[1], torch.zeros_like(b[2])])
         return {"x": x["x"], "W_ih": x["W_ih"], "b_ih": x["b_ih"], "R": R.contiguous(), "b": b.contiguous(),
-                "cell": cell, "shape": (B, T, RNN_GATES[cell], H, D)}
+                "cell": cell, "shape": (B, T, CELLS[cell].gates, H, D)}
 
     return Peer(f"flashrnn.{backend}", lambda case: case.op == "rnn" and case.shape["cell"] in ("lstm", "gru"),
                 load, prepare, lambda case, h: h.reshape(h.shape[0], h.shape[1], -1),

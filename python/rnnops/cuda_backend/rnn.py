@@ -13,7 +13,8 @@ from rnnops.autotune.cache import tuned
 from rnnops.autotune.space import Constraint, Space
 
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, GATES, FusedRNNFunction
+from .._fused_rnn import CELL_IDS, FusedRNNFunction
+from ..reference.rnn import CELLS
 from ..triton_backend._common import dtype_reason
 from .engines import device_reason, engine
 
@@ -61,7 +62,7 @@ class _Launcher:
                  device):
         units = min(config.units, max(u for u in UNITS if u <= max(16, dim)))
         splits = -(-dim // units)
-        forward_bytes, backward_bytes = shared_bytes(dim, GATES[cell], units, element_bytes)
+        forward_bytes, backward_bytes = shared_bytes(dim, CELLS[cell].gates, units, element_bytes)
         self.cell, self.units, self.device = CELL_IDS[cell], units, device
         self.grid = [heads, -(-batch // ROWS), splits, config.threads]
         self.shared = (forward_bytes, backward_bytes)

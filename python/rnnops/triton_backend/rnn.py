@@ -10,7 +10,8 @@ from rnnops.autotune.cache import tuned
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, GATES, STATES, FusedRNNFunction, pre_slots
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_slots
+from ..reference.rnn import CELLS
 from ._common import device_reason, dot_precision, dtype_reason
 
 
@@ -60,7 +61,7 @@ class _Launcher:
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype):
         block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
-        self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=GATES[cell], S=STATES[cell], P=pre_slots(cell),
+        self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=CELLS[cell].gates, S=len(CELLS[cell].states), P=pre_slots(cell),
                          PRECISION=dot_precision(dtype), BB=config.block_b, BD=block_d, BKD=block_k,
                          num_warps=config.num_warps, num_stages=config.num_stages)
         self.grid = (heads, -(-batch // config.block_b))
