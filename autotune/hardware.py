@@ -47,6 +47,11 @@ class Hardware:
         return self.peak_flops.get(dtype, 0.0)
 
 
+def dtype_name(dtype) -> str:
+    """A torch dtype as the name ``peak`` and the cache keys use: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 _AMPERE_MMA = {"bfloat16": (16, 8, 16), "float16": (16, 8, 16), "tf32": (16, 8, 8)}
 
 OFFLINE: dict[str, Hardware] = {

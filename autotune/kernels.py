@@ -20,27 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .hardware import Hardware
-from .space import Space
-
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+from .hardware import Hardware, dtype_name
+from .space import Space, next_power_of_two
 
 
 def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
     """The shape bucket of a call (a string key for the cache)."""
-    d = DTYPE_NAMES.get(dtype, str(dtype))
+    d = dtype_name(dtype)
     if op in ("linear_attn", "delta_rule", "delta_product"):
         variant = shape.get("gate", "gated" if shape.get("gated") else "plain")
         tokens = shape["B"] * shape["T"] * shape["H"] * shape.get("num_householder", 1)
-        return f"{d}:K{shape['K']}:V{shape['V']}:{variant}:tokens~{_pow2(tokens)}"
+        return f"{d}:K{shape['K']}:V{shape['V']}:{variant}:tokens~{next_power_of_two(tokens)}"
     if op == "selective_scan":
-        return f"{d}:N{shape['N']}:Dm~{_pow2(shape['Dm'])}:rows~{_pow2(shape['B'] * shape['T'])}"
+        return f"{d}:N{shape['N']}:Dm~{next_power_of_two(shape['Dm'])}:rows~{next_power_of_two(shape['B'] * shape['T'])}"
     if op == "rnn":
-        return f"{d}:{shape['cell']}:H{shape['H']}:D{shape['D']}:B~{_pow2(shape['B'])}"
+        return f"{d}:{shape['cell']}:H{shape['H']}:D{shape['D']}:B~{next_power_of_two(shape['B'])}"
     raise ValueError(f"no buckets for op {op!r}")
 
 
@@ -99,7 +93,7 @@ class Tunable:
 
 
 def _linear_space(module, shape, dtype, hw):
-    return module.space(shape["K"], shape["V"], 64, torch.tensor([], dtype=dtype).element_size(), hw)
+    return module.space(shape["K"], shape["V"], 64, dtype.itemsize, hw)
 
 
 def _linear_programs(config, shape):
@@ -138,7 +132,7 @@ TUNABLES = [
             lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],
             lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16))),
     Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
-            lambda m, s, dt, hw: m.space(s["D"], _gates(s), torch.tensor([], dtype=dt).element_size(), hw),
+            lambda m, s, dt, hw: m.space(s["D"], _gates(s), dt.itemsize, hw),
             lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
             lambda c, s: 1.0 + 0.5 * (math.ceil(s["D"] / c["units"]) - 1)),  # a grid barrier per step when split
 ]

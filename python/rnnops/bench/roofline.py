@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from rnnops.autotune.hardware import Hardware
-
-DTYPE_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
-MATMUL_PEAK = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-               torch.float64: "float64"}
+from rnnops.autotune.hardware import Hardware, dtype_name
 
 
 @dataclass(frozen=True)
@@ -42,31 +36,31 @@ class Work:
 
 
 def linear_attn(B, T, H, K, V, gate: str, dtype, chunk=64) -> Work:
-    s = DTYPE_BYTES[dtype]
+    s = dtype.itemsize
     gate_elems = {"none": 0, "scalar": 1, "per-key": K}[gate]
     moved = B * T * H * (2 * K + 2 * V + gate_elems) * s
     flops = 2 * B * T * H * (chunk * K + chunk * V + 2 * K * V)
-    return Work(flops, moved, MATMUL_PEAK[dtype])
+    return Work(flops, moved, dtype_name(dtype))
 
 
 def delta_rule(B, T, H, K, V, gated: bool, dtype, chunk=64, num_householder=1) -> Work:
-    s = DTYPE_BYTES[dtype]
+    s = dtype.itemsize
     steps = T * num_householder
     moved = (B * T * H * (K + V + (1 if gated else 0)) + B * steps * H * (K + V + 1)) * s
     per_step_macs = 2 * chunk * K + chunk * chunk / 3 + chunk * (K + V) + 3 * K * V + chunk * V
-    return Work(2 * B * steps * H * per_step_macs, moved, MATMUL_PEAK[dtype])
+    return Work(2 * B * steps * H * per_step_macs, moved, dtype_name(dtype))
 
 
 def selective_scan(B, T, Dm, N, dtype, groups: int = 1) -> Work:
-    s = DTYPE_BYTES[dtype]
+    s = dtype.itemsize
     moved = (4 * B * T * Dm + 2 * B * T * groups * N) * s + 4 * (Dm * N + 2 * Dm)
     return Work(7 * B * T * Dm * N, moved, "float32")
 
 
 def rnn(B, T, H, D, gates: int, dtype) -> Work:
     """With the input projection (input size H * D) that every compared target runs."""
-    s = DTYPE_BYTES[dtype]
+    s = dtype.itemsize
     hidden = H * D
     moved = (2 * B * T * hidden + gates * hidden * hidden + gates * H * D * D + 2 * gates * hidden) * s
     flops = 2 * B * T * gates * hidden * hidden + 2 * B * T * gates * H * D * D + 10 * B * T * gates * hidden
-    return Work(flops, moved, MATMUL_PEAK[dtype])
+    return Work(flops, moved, dtype_name(dtype))
