@@ -2,8 +2,9 @@
 and analytic cost. Adding a kernel is one ``Tunable`` entry here.
 
 Shapes are the bench cases' shape dicts (B, T, H, K, V, gate, gated, num_householder, Dm, N,
-D, cell). Buckets group shapes that want the same configuration: exact head dims, dtype and
-variant, and powers of two of the sizes that set the grid.
+D, cell); ``*_shape`` build them from a call's tensors (for dispatch and kernel look-ups).
+Buckets group shapes that want the same configuration: exact head dims, dtype and variant, and
+powers of two of the sizes that set the grid.
 
 The cost model ranks legal configurations before any is measured: the op's roofline floor
 (bytes and flops, rnnops.bench.roofline) times a wave-quantisation factor (programs over
@@ -24,6 +25,28 @@ from .hardware import Hardware, dtype_name
 from .space import Space, next_power_of_two
 
 
+def linear_attn_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> dict:
+    """The shape of a linear_attn call: q (B, T, H, K), v (..., V), g None, (B, T, H) or (B, T, H, K)."""
+    gate = "none" if g is None else ("scalar" if g.dim() == 3 else "per-key")
+    return dict(zip("BTHK", q.shape), V=v.shape[-1], gate=gate)
+
+
+def delta_rule_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, num_householder: int) -> dict:
+    """The shape of a delta_rule / delta_product call (q (B, T, H, K), v (..., V))."""
+    return dict(zip("BTHK", q.shape), V=v.shape[-1], gated=g is not None, num_householder=num_householder)
+
+
+def selective_scan_shape(u: torch.Tensor, A: torch.Tensor) -> dict:
+    """The shape of a selective_scan call: u (B, T, Dm), A (Dm, N)."""
+    return dict(zip(("B", "T", "Dm"), u.shape), N=A.shape[1])
+
+
+def rnn_shape(x_gates: torch.Tensor, cell: str) -> dict:
+    """The shape of an rnn call: x_gates (B, T, G, H, D)."""
+    batch, time, _, heads, dim = x_gates.shape
+    return dict(B=batch, T=time, H=heads, D=dim, cell=cell)
+
+
 def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
     """The shape bucket of a call (a string key for the cache)."""
     d = dtype_name(dtype)
@@ -32,7 +55,8 @@ def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
         tokens = shape["B"] * shape["T"] * shape["H"] * shape.get("num_householder", 1)
         return f"{d}:K{shape['K']}:V{shape['V']}:{variant}:tokens~{next_power_of_two(tokens)}"
     if op == "selective_scan":
-        return f"{d}:N{shape['N']}:Dm~{next_power_of_two(shape['Dm'])}:rows~{next_power_of_two(shape['B'] * shape['T'])}"
+        rows = shape["B"] * shape["T"]
+        return f"{d}:N{shape['N']}:Dm~{next_power_of_two(shape['Dm'])}:rows~{next_power_of_two(rows)}"
     if op == "rnn":
         return f"{d}:{shape['cell']}:H{shape['H']}:D{shape['D']}:B~{next_power_of_two(shape['B'])}"
     raise ValueError(f"no buckets for op {op!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space
 
 from .._dispatch import register
@@ -89,8 +90,7 @@ def _none(tensor):
 def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
     if config is None:
-        shape = dict(B=batch, T=time, H=heads, D=dim, cell=cell)
-        config = tuned("rnn", "cuda", shape, x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
+        config = tuned("rnn", "cuda", rnn_shape(x_gates, cell), x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
     launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.element_size(), x_gates.device)
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.kernels import selective_scan_shape
 from rnnops.autotune.space import Constraint, Space
 
 from .._dispatch import register
@@ -122,7 +123,6 @@ def _none(tensor):
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initial_state, output_final_state,
                    cu_seqlens, config: ScanConfig | None = None):
     if config is None:
-        shape = dict(B=u.shape[0], T=u.shape[1], Dm=u.shape[2], N=A.shape[1])
-        config = tuned("selective_scan", "cuda", shape, u.dtype, u.device, DEFAULT_CONFIG)
+        config = tuned("selective_scan", "cuda", selective_scan_shape(u, A), u.dtype, u.device, DEFAULT_CONFIG)
     return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
                                        output_final_state, config)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as check
+from rnnops.autotune.kernels import delta_rule_shape
+
 from .._dispatch import register, resolve
 from .._library import LibraryOp, tracing
 from ._common import Checked, add_time_axis, fake_linear_outputs, needs_grad, sequence_count, state_or_zeros
@@ -245,10 +247,8 @@ def _run(op, checked: Checked, q, k, v, beta, g, initial_state, output_final_sta
         return q.new_empty(q.shape[:3] + (dims["V"],)), final if output_final_state else None
     if qk_l2norm:
         q, k = _l2_normalised(dtype, q, k)
-    shape = dict(B=dims["B"], T=dims["T"], H=dims["H"], K=dims["K"], V=dims["V"], gated=g is not None,
-                 num_householder=dims.sizes.get("NH", 1))
     _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size,
-                      shape=shape)
+                      shape=delta_rule_shape(q, v, g, dims.sizes.get("NH", 1)))
     o, final = impl(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return o, final if output_final_state else None

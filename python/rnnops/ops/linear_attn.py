@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from rnnops.autotune.kernels import linear_attn_shape
+
 from .._dispatch import register, resolve
 from .._library import LibraryOp, tracing
 from ._common import Checked, add_time_axis, fake_linear_outputs, needs_grad, sequence_count, state_or_zeros
@@ -51,10 +53,8 @@ def linear_attn(
     if dims["T"] == 0:
         final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
         return v.new_empty(v.shape), final if output_final_state else None
-    gate = "none" if g is None else ("scalar" if g.dim() == 3 else "per-key")
-    shape = dict(B=dims["B"], T=dims["T"], H=dims["H"], K=dims["K"], V=dims["V"], gate=gate)
     _, impl = resolve("linear_attn", backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
-                      chunk_size=chunk_size, shape=shape)
+                      chunk_size=chunk_size, shape=linear_attn_shape(q, v, g))
     o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return o, final if output_final_state else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from rnnops.autotune.kernels import rnn_shape
+
 from .._dispatch import resolve
 from .._library import LibraryOp, tracing
 from .._validate import accumulation_dtype
@@ -76,8 +78,8 @@ def rnn(
         initial = state if state is not None else (None,) * len(spec.states)
         final = tuple(state_or_zeros(s, shape, dtype, device) for s in initial)
         return x_gates.new_empty(x_gates.shape[:2] + shape[1:]), final
-    shape = dict(B=dims["B"], T=dims["T"], H=dims["H"], D=dims["D"], cell=cell)
-    _, impl = resolve(op, backend, device, dtype=dtype, cell=cell, head_dim=dims["D"], shape=shape)
+    _, impl = resolve(op, backend, device, dtype=dtype, cell=cell, head_dim=dims["D"],
+                      shape=rnn_shape(x_gates, cell))
     return impl(x_gates, R, b, None if state is None else tuple(state), cell=cell)
 
 

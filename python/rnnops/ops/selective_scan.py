@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from rnnops.autotune.kernels import selective_scan_shape
+
 from .._dispatch import register, resolve
 from .._library import LibraryOp, tracing
 from .._validate import accumulation_dtype
@@ -58,8 +60,7 @@ def selective_scan(
         y = u.new_empty(u.shape)
         last = state_or_zeros(initial_state, (dims["S"], dims["Dm"], dims["N"]), dtype, device)
     else:
-        shape = dict(B=dims["B"], T=dims["T"], Dm=dims["Dm"], N=dims["N"])
-        _, impl = resolve("selective_scan", backend, device, dtype=dtype, shape=shape)
+        _, impl = resolve("selective_scan", backend, device, dtype=dtype, shape=selective_scan_shape(u, A))
         y, last = impl(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state=initial_state,
                        output_final_state=bool(return_last_state), cu_seqlens=cu_seqlens)
     return (y, last) if return_last_state else y

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.kernels import delta_rule_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._delta_product import via_delta_rule
@@ -142,8 +143,7 @@ class DeltaRuleFunction(torch.autograd.Function):
 
 
 def _tuned(op, q, v, g, steps, config):
-    shape = dict(zip("BTHK", q.shape), V=v.shape[-1], gated=g is not None, num_householder=steps)
-    return config or tuned(op, "triton", shape, q.dtype, q.device, DEFAULT_CONFIG)
+    return config or tuned(op, "triton", delta_rule_shape(q, v, g, steps), q.dtype, q.device, DEFAULT_CONFIG)
 
 
 @register("delta_rule", "triton", supports=supports)

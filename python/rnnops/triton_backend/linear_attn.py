@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._buffers import empty
@@ -232,8 +233,6 @@ class LinearAttnFunction(torch.autograd.Function):
 def linear_attn(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                 config: LinearAttnConfig | None = None):
     if config is None:
-        gate = "none" if g is None else ("scalar" if g.dim() == 3 else "per-key")
-        shape = dict(zip("BTHK", q.shape), V=v.shape[-1], gate=gate)
-        config = tuned("linear_attn", "triton", shape, q.dtype, q.device, DEFAULT_CONFIG)
+        config = tuned("linear_attn", "triton", linear_attn_shape(q, v, g), q.dtype, q.device, DEFAULT_CONFIG)
     return LinearAttnFunction.apply(q, k, v, g, initial_state, scale, cu_seqlens, chunk_size, output_final_state,
                                     config)

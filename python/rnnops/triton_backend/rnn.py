@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._dispatch import register
@@ -61,8 +62,8 @@ class _Launcher:
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype):
         block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
-        self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=CELLS[cell].gates, S=len(CELLS[cell].states), P=pre_slots(cell),
-                         PRECISION=dot_precision(dtype), BB=config.block_b, BD=block_d, BKD=block_k,
+        self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=CELLS[cell].gates, S=len(CELLS[cell].states),
+                         P=pre_slots(cell), PRECISION=dot_precision(dtype), BB=config.block_b, BD=block_d, BKD=block_k,
                          num_warps=config.num_warps, num_stages=config.num_stages)
         self.grid = (heads, -(-batch // config.block_b))
         self.time, self.batch = time, batch
@@ -80,8 +81,7 @@ class _Launcher:
 def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
     if config is None:
-        shape = dict(B=batch, T=time, H=heads, D=dim, cell=cell)
-        config = tuned("rnn", "triton", shape, x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
+        config = tuned("rnn", "triton", rnn_shape(x_gates, cell), x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
     launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype)
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.kernels import selective_scan_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._buffers import empty
@@ -160,8 +161,7 @@ def _reduce_bc(partial: torch.Tensor, M: torch.Tensor, run: _ScanRun) -> torch.T
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initial_state, output_final_state,
                    cu_seqlens, config: SelectiveScanConfig | None = None):
     if config is None:
-        shape = dict(B=u.shape[0], T=u.shape[1], Dm=u.shape[2], N=A.shape[1])
-        config = tuned("selective_scan", "triton", shape, u.dtype, u.device, DEFAULT_CONFIG)
+        config = tuned("selective_scan", "triton", selective_scan_shape(u, A), u.dtype, u.device, DEFAULT_CONFIG)
     return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
                                        output_final_state, config)
 
