@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import re
@@ -49,6 +50,11 @@ def identity(device: torch.device) -> dict:
             "torch": torch.__version__, "triton": triton_version, "rnnops": rnnops.__version__}
 
 
+def _slug(name: str) -> str:
+    """A GPU name as a file name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def key(op: str, backend: str, bucket: str) -> str:
     return f"{op}|{backend}|{bucket}"
 
@@ -62,8 +68,7 @@ class TuneCache:
 
     @classmethod
     def for_identity(cls, ident: dict) -> TuneCache:
-        slug = re.sub(r"[^a-z0-9]+", "-", ident["gpu"].lower()).strip("-")
-        return cls(cache_dir() / f"{slug}-sm{ident['capability'].replace('.', '')}.json", ident)
+        return cls(cache_dir() / f"{_slug(ident['gpu'])}-sm{ident['capability'].replace('.', '')}.json", ident)
 
     def _read(self) -> dict:
         try:
@@ -131,13 +136,16 @@ def for_device(device: torch.device) -> TuneCache | None:
     return _CACHES[index]
 
 
+@functools.cache
 def shipped_defaults(gpu_name: str) -> dict:
+    """The model-ranked configurations shipped for the offline GPU ``gpu_name`` matches (read
+    once per name: every kernel launch without a tuned entry looks here)."""
     from .hardware import match_name
 
     known = match_name(gpu_name)
     if known is None:
         return {}
-    path = DEFAULTS_DIR / f"{re.sub(r'[^a-z0-9]+', '-', known.name.lower())}.json"
+    path = DEFAULTS_DIR / f"{_slug(known.name)}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
