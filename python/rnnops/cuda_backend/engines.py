@@ -29,6 +29,11 @@ def device_reason(device: torch.device) -> str | None:
     return None
 
 
+def maybe(tensor: torch.Tensor | None) -> torch.Tensor:
+    """Both engines take an undefined tensor for an absent optional argument."""
+    return torch.Tensor() if tensor is None else tensor
+
+
 @functools.cache
 def simulator():
     """The simulator extension (its AddressSanitizer build with RNNOPS_CUDA_SIMULATOR_ASAN=1, in a

@@ -16,8 +16,8 @@ from rnnops.autotune.space import Constraint, Space
 from .._dispatch import register
 from .._fused_rnn import CELL_IDS, FusedRNNFunction
 from ..reference.rnn import CELLS
-from ..triton_backend._common import dtype_reason
-from .engines import device_reason, engine
+from ..triton_backend._common import dtype_reason, join_reasons
+from .engines import device_reason, engine, maybe
 
 ROWS = 16  # batch rows per block
 UNITS = (16, 32, 64)  # the instantiated slice widths
@@ -54,8 +54,7 @@ def supports(*, dtype, device, head_dim=None, **_) -> str | None:
     reasons = [dtype_reason(dtype), device_reason(device)]
     if head_dim is not None and head_dim % 16:
         reasons.append(f"the head dim D must be a multiple of 16, got {head_dim}")
-    reasons = [r for r in reasons if r]
-    return "; ".join(reasons) or None
+    return join_reasons(*reasons)
 
 
 class _Launcher:
@@ -70,20 +69,14 @@ class _Launcher:
         self.shape = [batch, time, heads, dim, splits]
 
     def forward(self, x, R, b, initial, states, pre, h_seq):
-        engine(self.device).rnn_forward(x, R, _none(b), _none(initial), states, pre, h_seq,
+        engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, pre, h_seq,
                                         self.shape + [int(b is not None), int(initial is not None)], self.cell,
                                         self.units, self.grid + [self.shared[0]])
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
-        engine(self.device).rnn_backward(R, _none(initial), states, pre, d_h_seq, carry, dx, _none(drec_n),
+        engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
                                          self.shape + [0, int(initial is not None)], self.cell, self.units,
                                          self.grid + [self.shared[1]])
-
-
-def _none(tensor):
-    import torch
-
-    return torch.Tensor() if tensor is None else tensor
 
 
 @register("rnn", "cuda", supports=supports)

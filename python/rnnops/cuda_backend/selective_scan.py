@@ -16,9 +16,9 @@ from rnnops.autotune.kernels import selective_scan_shape
 from rnnops.autotune.space import Constraint, Space
 
 from .._dispatch import register
-from ..triton_backend._common import ChunkLayout, dtype_reason
+from ..triton_backend._common import ChunkLayout, dtype_reason, join_reasons
 from .._buffers import empty
-from .engines import device_reason, engine
+from .engines import device_reason, engine, maybe
 
 STATIC, SHARED, GROUPED = 0, 1, 2
 
@@ -46,8 +46,7 @@ def space(N: int, hardware) -> Space:
 
 
 def supports(*, dtype, device, **_) -> str | None:
-    reasons = [r for r in (dtype_reason(dtype), device_reason(device)) if r]
-    return "; ".join(reasons) or None
+    return join_reasons(dtype_reason(dtype), device_reason(device))
 
 
 def _bc_layout(M: torch.Tensor, channels: int) -> list[int]:
@@ -81,7 +80,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                  int(delta_bias is not None), int(softplus)]
         grid = [-(-channels // 32), layout.sequences]
         engine(u.device).scan_forward(
-            u, delta, A, B, C, _none(D), _none(z), _none(delta_bias), out, chunk_states, _none(state0), _none(final),
+            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, chunk_states, maybe(state0), maybe(final),
             layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), _bc_layout(B, channels),
             _bc_layout(C, channels), shape, grid + [config.warps, config.items, N * 32 * 4])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
@@ -104,19 +103,14 @@ class SelectiveScanFunction(torch.autograd.Function):
         d_bias = torch.zeros(channels, **f32) if delta_bias is not None else None
         d_initial = empty(state0.shape, **f32) if state0 is not None else None
         engine(u.device).scan_backward(
-            u, delta, A, B, C, _none(D), _none(z), _none(delta_bias), d_out, chunk_states,
-            _none(None if d_final is None else d_final.float().contiguous()), _none(d_initial), du, d_delta, _none(dz),
-            dA, dB, dC, _none(dD), _none(d_bias), layout.cu_seqlens, layout.chunk_offsets,
+            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), d_out, chunk_states,
+            maybe(None if d_final is None else d_final.float().contiguous()), maybe(d_initial), du, d_delta, maybe(dz),
+            dA, dB, dC, maybe(dD), maybe(d_bias), layout.cu_seqlens, layout.chunk_offsets,
             _strides(u, delta, z, d_out), _bc_layout(B, channels), _bc_layout(C, channels), ctx.shape,
             ctx.grid + [config.warps, config.items, 3 * N * 32 * 4])
         grads = [du, d_delta, dA, dB, dC, dD, dz, d_bias, d_initial]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return (*grads[:8], None, grads[8], None, None, None)
-
-
-def _none(tensor):
-    """The bindings take an undefined tensor for "absent"."""
-    return torch.Tensor() if tensor is None else tensor
 
 
 @register("selective_scan", "cuda", supports=supports)

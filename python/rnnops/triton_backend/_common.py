@@ -8,6 +8,12 @@ import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+
+def join_reasons(*reasons: str | None) -> str | None:
+    """A backend's ``supports`` answer from its checks: None if all passed, else their reasons."""
+    return "; ".join(r for r in reasons if r) or None
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

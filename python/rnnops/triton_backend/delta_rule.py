@@ -21,7 +21,7 @@ from .._buffers import empty
 from .._dispatch import register
 from .linear_attn import ChunkedRun, LinearAttnConfig
 from .linear_attn import space as linear_attn_space
-from .linear_attn import supports as linear_attn_supports
+from .linear_attn import supports
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,6 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
                        lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
         ),
     )
-
-
-def supports(**info) -> str | None:
-    return linear_attn_supports(**info)
 
 
 def _kernels():

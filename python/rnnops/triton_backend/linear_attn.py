@@ -16,7 +16,8 @@ from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_o
 
 from .._buffers import empty
 from .._dispatch import register
-from ._common import ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, head_dim_reason
+from ._common import (ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, head_dim_reason,
+                      join_reasons)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,7 @@ def supports(*, dtype, device, head_dims=None, chunk_size=None, **_) -> str | No
         reasons += [head_dim_reason(name, size) for name, size in zip(("K", "V"), head_dims)]
     if chunk_size is not None:
         reasons.append(chunk_reason(chunk_size))
-    reasons = [r for r in reasons if r]
-    return "; ".join(reasons) or None
+    return join_reasons(*reasons)
 
 
 def _kernels():

@@ -9,7 +9,7 @@ from rnnops.autotune.space import next_power_of_two
 
 from .._buffers import empty
 from .._dispatch import register
-from ._common import device_reason, dtype_reason
+from ._common import device_reason, dtype_reason, join_reasons
 
 
 def supports(*, dtype, device, head_dims=None, requires_grad=False, **_) -> str | None:
@@ -18,8 +18,7 @@ def supports(*, dtype, device, head_dims=None, requires_grad=False, **_) -> str 
         reasons.append(f"K must be at most 256, got {head_dims[0]}")
     if requires_grad:
         reasons.append("the decoding kernel has no backward; gradients need a sequence backend")
-    reasons = [r for r in reasons if r]
-    return "; ".join(reasons) or None
+    return join_reasons(*reasons)
 
 
 def _step(q, k, v, beta, g, state, scale, delta: bool):

@@ -13,7 +13,7 @@ from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_o
 from .._dispatch import register
 from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_slots
 from ..reference.rnn import CELLS
-from ._common import device_reason, dot_precision, dtype_reason
+from ._common import device_reason, dot_precision, dtype_reason, join_reasons
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ def supports(*, dtype, device, head_dim=None, **_) -> str | None:
     if head_dim is not None and not (head_dim % 16 == 0 and 16 <= head_dim <= 256):
         reasons.append(f"the head dim D must be a multiple of 16 in [16, 256], got {head_dim} (larger heads: the "
                        "cuda backend)")
-    reasons = [r for r in reasons if r]
-    return "; ".join(reasons) or None
+    return join_reasons(*reasons)
 
 
 def _kernels():

@@ -16,7 +16,7 @@ from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_o
 
 from .._buffers import empty
 from .._dispatch import register
-from ._common import ChunkLayout, device_reason, dtype_reason
+from ._common import ChunkLayout, device_reason, dtype_reason, join_reasons
 from .recurrent_step import supports as step_supports
 
 
@@ -45,8 +45,7 @@ def space(Dm: int, N: int, hardware) -> Space:
 
 
 def supports(*, dtype, device, **_) -> str | None:
-    reasons = [r for r in (dtype_reason(dtype), device_reason(device)) if r]
-    return "; ".join(reasons) or None
+    return join_reasons(dtype_reason(dtype), device_reason(device))
 
 
 def _kernels():
