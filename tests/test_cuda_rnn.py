@@ -42,7 +42,7 @@ def test_config_space_fits_shared_memory():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_default_configs_compile_without_spills(arch):
     units = cuda_rnn.DEFAULT_CONFIG.units
-    kernels = [compile_check.Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_{phase}<{dtype}, {cell}, {units}>")
+    kernels = [compile_check.rnn_kernel(phase, dtype, cell, units)
                for phase in ("fwd", "bwd") for dtype in ("float", "__nv_bfloat16") for cell in range(4)]
     reports = compile_check.ptxas_reports(kernels, arch)
     assert len(reports) == len(kernels)

@@ -70,8 +70,7 @@ def test_config_space():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_default_configs_compile_without_spills(arch):
     config = cuda_scan.DEFAULT_CONFIG
-    kernels = [compile_check.Instantiation("scan/selective_scan.cuh",
-                                           f"rnnops::scan::selective_scan_{phase}<{dtype}, {config.warps}, {config.items}>")
+    kernels = [compile_check.scan_kernel(phase, dtype, config.warps, config.items)
                for phase in ("fwd", "bwd") for dtype in ("float", "__half", "__nv_bfloat16")]
     reports = compile_check.ptxas_reports(kernels, arch)
     assert len(reports) == len(kernels)

@@ -1,6 +1,8 @@
 """Compile the CUDA kernels with nvcc for a real architecture and read ptxas' report: registers,
-spills, stack, shared memory per kernel. Used by the tests (every default configuration must
-compile for sm_80 and sm_90a without spills) and by the autotuner's legality checks."""
+spills, stack, shared memory per kernel. Used by the tests: every default configuration, and
+every configuration the autotuner's spaces accept, must compile for sm_80 and sm_90a without
+spills. :func:`scan_kernel` and :func:`rnn_kernel` name the kernel templates' instantiations
+(also for NVRTC)."""
 from __future__ import annotations
 
 import re
@@ -17,6 +19,18 @@ from .simulator import csrc_dir
 class Instantiation:
     header: str  # relative to csrc/
     kernel: str  # e.g. "rnnops::scan::selective_scan_fwd<__nv_bfloat16, 4, 8>"
+
+
+def scan_kernel(phase: str, ctype: str, warps: int, items: int) -> Instantiation:
+    """selective_scan_fwd / _bwd (``phase`` "fwd" or "bwd") for element type ``ctype`` ("float",
+    "__half", "__nv_bfloat16") and a tile of ``warps`` warps by ``items`` steps."""
+    return Instantiation("scan/selective_scan.cuh", f"rnnops::scan::selective_scan_{phase}<{ctype}, {warps}, {items}>")
+
+
+def rnn_kernel(phase: str, ctype: str, cell: int, units: int) -> Instantiation:
+    """rnn_fwd / rnn_bwd for element type ``ctype``, cell id (rnnops._fused_rnn.CELL_IDS) and
+    ``units`` units of a head per block."""
+    return Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_{phase}<{ctype}, {cell}, {units}>")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+from .compile_check import Instantiation, rnn_kernel, scan_kernel
 from .simulator import csrc_dir
 
 _DTYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -49,9 +50,10 @@ class Engine:
         self.device = device
         self.arch = _arch(device)
 
-    def _launch(self, header: str, kernel: str, grid, block, shared_bytes: int, args, cooperative: bool = False):
+    def _launch(self, instance: Instantiation, grid, block, shared_bytes: int, args, cooperative: bool = False):
         cupy = _cupy()
-        function = _module(header, (kernel,), self.arch).get_function(kernel)
+        kernel = instance.kernel
+        function = _module(instance.header, (kernel,), self.arch).get_function(kernel)
         if shared_bytes > 48 * 1024:
             function.max_dynamic_shared_size_bytes = shared_bytes
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
@@ -78,23 +80,23 @@ class Engine:
                      cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape, launch_shape):
         grid_x, grid_y, warps, items, shared = launch_shape
         ops, (bm, cm), scan_shape = self._scan_args(u, strides, b_layout, B, c_layout, C, shape)
-        kernel = f"rnnops::scan::selective_scan_fwd<{_DTYPE_NAMES[u.dtype]}, {warps}, {items}>"
         args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, cm, _pointer(D), _pointer(z), ops[2],
                 _pointer(delta_bias), _pointer(out), ops[3], _pointer(chunk_states), _pointer(initial_state),
                 _pointer(final_state), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
-        self._launch("scan/selective_scan.cuh", kernel, (grid_x, grid_y), (32 * warps,), shared, args)
+        self._launch(scan_kernel("fwd", _DTYPE_NAMES[u.dtype], warps, items), (grid_x, grid_y), (32 * warps,), shared,
+                     args)
 
     def scan_backward(self, u, delta, A, B, C, D, z, delta_bias, d_out, chunk_states, d_final, d_initial, du, d_delta,
                       dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape,
                       launch_shape):
         grid_x, grid_y, warps, items, shared = launch_shape
         ops, (bm, cm), scan_shape = self._scan_args(u, strides, b_layout, B, c_layout, C, shape)
-        kernel = f"rnnops::scan::selective_scan_bwd<{_DTYPE_NAMES[u.dtype]}, {warps}, {items}>"
         args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, cm, _pointer(D), _pointer(z), ops[2],
                 _pointer(delta_bias), _pointer(d_out), ops[3], _pointer(chunk_states), _pointer(d_final),
                 _pointer(d_initial), _pointer(du), _pointer(d_delta), _pointer(dz), _pointer(dA), _pointer(dB),
                 _pointer(dC), _pointer(dD), _pointer(d_bias), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
-        self._launch("scan/selective_scan.cuh", kernel, (grid_x, grid_y), (32 * warps,), shared, args)
+        self._launch(scan_kernel("bwd", _DTYPE_NAMES[u.dtype], warps, items), (grid_x, grid_y), (32 * warps,), shared,
+                     args)
 
     # ------------------------------------------------------------ fused recurrent cells
 
@@ -102,9 +104,8 @@ class Engine:
         grid_x, grid_y, grid_z, threads, shared = launch_shape
         rnn_shape = _struct([(name, "<i4") for name in ("B", "T", "H", "D", "splits", "has_bias", "has_initial")],
                             tuple(shape))
-        kernel = f"rnnops::rnn::rnn_{phase}<{_DTYPE_NAMES[dtype]}, {cell}, {units}>"
-        self._launch("rnn/rnn.cuh", kernel, (grid_x, grid_y, grid_z), (threads,), shared, (*args, rnn_shape),
-                     cooperative=grid_z > 1)
+        self._launch(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), (grid_x, grid_y, grid_z), (threads,), shared,
+                     (*args, rnn_shape), cooperative=grid_z > 1)
 
     def rnn_forward(self, x, R, bias, initial, states, pre, h_seq, shape, cell, units, launch_shape):
         args = tuple(_pointer(t) for t in (x, R, bias, initial, states, pre, h_seq))
