@@ -11,10 +11,11 @@ import base64
 import html
 import json
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
-ALWAYS_PEERS = ("torch.nn.LSTM", "torch.nn.GRU")
+from .peers import ALWAYS
 
 
 # ---------------------------------------------------------------- reading results
@@ -31,7 +32,7 @@ def baseline(rows: list[dict]) -> dict:
     fast path, else the correctness oracle (the reference, or chunked on GPUs). Peers' own
     pure-PyTorch references are checked and timed, but never the baseline."""
     peers = [r for r in rows if r["kind"] == "peer"]
-    always = [r for r in peers if r["target"] in ALWAYS_PEERS]
+    always = [r for r in peers if r["target"] in ALWAYS]
     if always or peers:
         return (always or peers)[0]
     return next(r for r in rows if r["target"] == rows[0]["oracle"])
@@ -59,6 +60,10 @@ def _mb(nbytes) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
+def _err(row: dict) -> str:
+    return f"{row['rel_err']:.1e}" + (" MISMATCH" if row["mismatch"] else "")
+
+
 def _fraction(row: dict, phase: str = "fwd_bwd") -> str:
     value = row.get("roofline", {}).get(phase, {}).get("fraction")
     return "-" if value is None else f"{100 * value:.0f}%"
@@ -81,9 +86,8 @@ def console_table(results: dict) -> str:
     for rows in case_rows(results).values():
         base = baseline(rows)
         for row in rows:
-            err = f"{row['rel_err']:.1e}" + (" MISMATCH" if row["mismatch"] else "")
             lines.append((row["op"], row["case"], row["target"], _ms(median(row, "fwd")), _ms(median(row, "fwd_bwd")),
-                          _x(speedup(row, base, "fwd")), _x(speedup(row, base, "fwd_bwd")), err, _fraction(row),
+                          _x(speedup(row, base, "fwd")), _x(speedup(row, base, "fwd_bwd")), _err(row), _fraction(row),
                           base["target"]))
     return format_table(header, lines)
 
@@ -114,7 +118,7 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
                  "Times are medians after a warm-up (CUDA events on GPUs, wall clock on CPUs); speedups are ratios "
                  "of medians measured side by side in this run; 'roofline' is the floor max(bytes / bandwidth, "
                  "flops / peak) over the measured time.")]
-    peers = {k: v for k, v in env.get("peers", {}).items()}
+    peers = env.get("peers", {})
     out.append(("p", "Peers: " + (", ".join(f"{k} {v}" for k, v in peers.items()) or "none installed") + "."))
     top = headline(results)
     if top:
@@ -132,8 +136,7 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
             for row in rows:
                 roof = row.get("roofline", {}).get("fwd_bwd", {})
                 lines.append((case, row["target"], _ms(median(row, "fwd")), _ms(median(row, "fwd_bwd")),
-                              f"{_x(speedup(row, base, 'fwd_bwd'))} vs {base['target']}",
-                              f"{row['rel_err']:.1e}" + (" MISMATCH" if row["mismatch"] else ""),
+                              f"{_x(speedup(row, base, 'fwd_bwd'))} vs {base['target']}", _err(row),
                               f"{roof.get('tflops', 0):.3g}", f"{roof.get('gbps', 0):.3g}", _fraction(row),
                               _mb(row.get("memory_fwd_bwd"))))
         out.append(("table", ("case", "target", "fwd ms", "fwd+bwd ms", "speedup (f+b)", "rel err",
@@ -251,28 +254,31 @@ def plot(results: dict, out_dir: Path) -> dict[str, str]:
                 if ratio is not None:
                     bars.append((f"{case} | {ours['target']} vs {peer['target']}", ratio))
     if bars:
-        fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) + 1.2))
-        ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["tab:green" if b[1] >= 1 else "tab:red" for b in bars])
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("speedup, forward+backward (> 1: rnnops faster)")
-        ax.tick_params(axis="y", labelsize=7)
-        fig.tight_layout()
-        written["speedup"] = str(out_dir / "speedup.png")
-        fig.savefig(written["speedup"], dpi=110)
-        plt.close(fig)
-    fractions = [(f"{r['case']} | {r['target']}", r["roofline"]["fwd_bwd"]["fraction"]) for r in results["rows"]
+        written["speedup"] = _bar_chart(plt, out_dir / "speedup.png", bars,
+                                        "speedup, forward+backward (> 1: rnnops faster)", speedups=True)
+    fractions = [(f"{r['case']} | {r['target']}", 100 * r["roofline"]["fwd_bwd"]["fraction"]) for r in results["rows"]
                  if r.get("roofline", {}).get("fwd_bwd", {}).get("fraction") is not None]
     if fractions:
-        fig, ax = plt.subplots(figsize=(9, 0.3 * len(fractions) + 1.2))
-        ax.barh([f[0] for f in fractions], [100 * f[1] for f in fractions])
-        ax.set_xlabel("% of the roofline floor, forward+backward")
-        ax.tick_params(axis="y", labelsize=7)
-        fig.tight_layout()
-        written["roofline"] = str(out_dir / "roofline.png")
-        fig.savefig(written["roofline"], dpi=110)
-        plt.close(fig)
+        written["roofline"] = _bar_chart(plt, out_dir / "roofline.png", fractions,
+                                         "% of the roofline floor, forward+backward")
     return written
+
+
+def _bar_chart(plt, path: Path, bars: list[tuple[str, float]], xlabel: str, speedups: bool = False) -> str:
+    """One horizontal bar per (label, value); speedups on a log axis, green >= 1 > red."""
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) + 1.2))
+    values = [value for _, value in bars]
+    ax.barh([label for label, _ in bars], values,
+            color=["tab:green" if v >= 1 else "tab:red" for v in values] if speedups else None)
+    if speedups:
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def write_report(results: dict, out_dir: Path) -> list[Path]:
@@ -299,8 +305,5 @@ def compare(a: dict, b: dict) -> str:
                       _ms(median(old, "fwd_bwd")), _ms(median(row, "fwd_bwd")), _x(both)))
     table = format_table(("case", "target", "A fwd ms", "B fwd ms", "A/B", "A f+b ms", "B f+b ms", "A/B"), lines)
     if ratios:
-        product = 1.0
-        for r in ratios:
-            product *= r
-        table += f"\ngeometric mean A/B over {len(ratios)} timings: {product ** (1 / len(ratios)):.3f}x"
+        table += f"\ngeometric mean A/B over {len(ratios)} timings: {statistics.geometric_mean(ratios):.3f}x"
     return table
