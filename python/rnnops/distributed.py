@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import rnnops
+from rnnops._validate import accumulation_dtype
 
 
 class _ReceiveState(torch.autograd.Function):
@@ -55,13 +56,12 @@ def _global_rank(group, rank):
 
 def _run(op, state_shape, inputs, initial_state, group, **kwargs):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    acc = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
-    device = inputs[0].device
     if rank == 0:
         state = initial_state
     else:
         # the template requires grad so that the received state does, and its backward sends the gradient back
-        template = torch.empty(state_shape, dtype=acc, device=device, requires_grad=torch.is_grad_enabled())
+        template = torch.empty(state_shape, dtype=accumulation_dtype(inputs[0].dtype), device=inputs[0].device,
+                               requires_grad=torch.is_grad_enabled())
         state = _ReceiveState.apply(template, _global_rank(group, rank - 1), group)
     output, final = op(*inputs, initial_state=state, **kwargs)
     if rank < world - 1:

@@ -39,10 +39,10 @@ def _exporter(op: str, array):
 
 def _wrap(op: str):
     function = getattr(rnnops, op)
+    names = function.__code__.co_varnames[: function.__code__.co_argcount]  # positional parameters, for messages
 
     @functools.wraps(function)
     def call(*args, **kwargs):
-        names = list(function.__code__.co_varnames[: function.__code__.co_argcount])
         arrays = [a for a in list(args) + list(kwargs.values()) if hasattr(a, "__dlpack__")
                   and not isinstance(a, torch.Tensor)]
         converted = [_to_torch(op, names[i] if i < len(names) else f"argument {i}", a) for i, a in enumerate(args)]

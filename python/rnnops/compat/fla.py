@@ -43,7 +43,7 @@ def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     if g is not None and g_gamma is not None:
         raise ValueError("chunk_simple_gla: give g or g_gamma, not both")
     if g_gamma is not None:
-        g = g_gamma.to(q.dtype if q.dtype != torch.float64 else torch.float64).expand(q.shape[:3])
+        g = g_gamma.to(q.dtype).expand(q.shape[:3])
     return rnnops.linear_attn(q, k, v, g, scale=scale, initial_state=initial_state,
                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
