@@ -7,6 +7,7 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+os.environ["RNNOPS_POISON"] = "1"  # every kernel output starts as NaN, so an unwritten element fails (rnnops._buffers)
 if not HAS_CUDA:  # kernels run on CPU tensors: Triton's interpreter (set before they import), the CUDA simulator
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("RNNOPS_CUDA_SIMULATOR", "1")

@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from conftest import compare_backends
-from rnnops import _buffers
 from rnnops.autotune import hardware
 from rnnops.cuda_backend import compile_check
 from rnnops.cuda_backend import rnn as cuda_rnn
 from test_triton_rnn import GATES, make_inputs, run
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 @pytest.mark.parametrize("cell", list(GATES))

@@ -7,13 +7,7 @@ from conftest import compare_backends
 from rnnops.autotune import hardware
 from rnnops.cuda_backend import compile_check
 from rnnops.cuda_backend import selective_scan as cuda_scan
-from rnnops import _buffers
 from test_triton_selective_scan import make_inputs, scan
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 @pytest.mark.parametrize("layouts", [("static", "static"), ("shared", "shared"), ("grouped", "shared"),

@@ -7,13 +7,7 @@ import torch.nn.functional as F
 import rnnops
 from conftest import compare_backends
 from rnnops.autotune import hardware
-from rnnops import _buffers
 from rnnops.triton_backend import delta_rule as triton_delta_rule
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 def make_inputs(B=2, T=40, H=2, K=16, V=32, gated=False, num_householder=None, dtype=torch.float32, initial=True,

@@ -10,16 +10,10 @@ import torch.nn.functional as F
 
 import rnnops
 from conftest import HAS_CUDA, compare_backends
-from rnnops import _buffers
 from rnnops.autotune import hardware
 from rnnops.triton_backend import _common, linear_attn as triton_linear_attn
 
 GATES = ["none", "scalar", "per-key"]
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 def make_inputs(B=2, T=40, H=2, K=16, V=32, gate="none", dtype=torch.float32, initial=True, gate_scale=1.0,

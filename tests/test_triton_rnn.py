@@ -6,14 +6,8 @@ import torch
 import rnnops
 from conftest import compare_backends
 from rnnops.autotune import hardware
-from rnnops import _buffers
 from rnnops.triton_backend import rnn as triton_rnn
 from test_rnn import GATES, STATES
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 def make_inputs(cell, B=3, T=5, H=2, D=16, initial=True, bias=True, dtype=torch.float32, device="cpu"):

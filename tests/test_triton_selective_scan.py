@@ -7,13 +7,7 @@ import torch
 import rnnops
 from conftest import assert_close, compare_backends
 from rnnops.autotune import hardware
-from rnnops import _buffers
 from rnnops.triton_backend import selective_scan as triton_scan
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 def make_inputs(B=2, T=23, Dm=6, N=4, layout_B="shared", layout_C="grouped", initial=True, extras=True, A_scale=3.0,

