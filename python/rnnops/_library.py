@@ -52,7 +52,7 @@ class LibraryOp:
         self._run = run
         _LIB.define(f"{name}({signature}) -> Tensor[]")
         _LIB.impl(name, self._forward, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"rnnops::{name}", lambda *args: _flatten(fake(*args), args))
+        torch.library.register_fake(f"rnnops::{name}", lambda *args: _materialise(_flatten_optional(fake(*args)), args))
         _LIB.define(f"{name}_backward(Tensor?[] grads, bool[] needs, {signature}) -> Tensor[]")
         _LIB.impl(f"{name}_backward", self._backward, "CompositeExplicitAutograd")
         torch.library.register_fake(f"rnnops::{name}_backward", self._backward_fake)
@@ -75,7 +75,7 @@ class LibraryOp:
         return _flatten_optional(self._run(**dict(zip(self.arg_names, args))))
 
     def _forward(self, *args) -> list[torch.Tensor]:
-        return _flatten(self._call_run(args), args)
+        return _materialise(self._call_run(args), args)
 
     def _save(self, ctx, inputs, output) -> None:
         slots = _tensor_slots(inputs, self.arg_types)
@@ -151,10 +151,10 @@ def _flatten_optional(result) -> list[torch.Tensor | None]:
     return [result]
 
 
-def _flatten(result, args) -> list[torch.Tensor]:
-    """``result`` flattened, each output contiguous, None as an empty float32 placeholder."""
+def _materialise(outputs: list[torch.Tensor | None], args) -> list[torch.Tensor]:
+    """The operator's result: each output contiguous, None as an empty float32 placeholder."""
     device = next(_tensors_in(args)).device
-    return [torch.empty(0, device=device) if out is None else out.contiguous() for out in _flatten_optional(result)]
+    return [torch.empty(0, device=device) if out is None else out.contiguous() for out in outputs]
 
 
 def _fresh(outputs: list[torch.Tensor], inputs) -> list[torch.Tensor]:
