@@ -78,7 +78,14 @@ using rnnops::scan::BCOperand;
 using rnnops::scan::Operand;
 using rnnops::scan::ScanShape;
 
-Operand operand(const std::vector<int64_t>& s) { return Operand{s[0], s[1], s[2]}; }
+Operand operand(const std::vector<int64_t>& strides, int k) {  // strides: (b, t, d) of operand k, in order
+  return Operand{strides[3 * k], strides[3 * k + 1], strides[3 * k + 2]};
+}
+
+ScanShape scan_shape(const std::vector<int64_t>& v) {  // Dm, N, packed, has_d, has_z, has_bias, softplus
+  return ScanShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]), static_cast<int>(v[3]),
+                   static_cast<int>(v[4]), static_cast<int>(v[5]), static_cast<int>(v[6])};
+}
 
 BCOperand bc_operand(const torch::Tensor& t, const std::vector<int64_t>& s) {
   // s: mode, stride b, t, g, n, channels per group
@@ -116,21 +123,17 @@ void scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::
                   torch::Tensor initial_state, torch::Tensor final_state, torch::Tensor cu_seqlens,
                   torch::Tensor chunk_offsets, std::vector<int64_t> strides, std::vector<int64_t> b_layout,
                   std::vector<int64_t> c_layout, std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
-  // strides: u, delta, z, out (b, t, d each); shape: Dm, N, packed, has_d, has_z, has_bias, softplus;
-  // launch_shape: grid x, grid y, warps, items, dynamic shared bytes
-  auto at = [&](int k) { return std::vector<int64_t>(strides.begin() + 3 * k, strides.begin() + 3 * k + 3); };
-  ScanShape s{static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2]),
-              static_cast<int>(shape[3]), static_cast<int>(shape[4]), static_cast<int>(shape[5]),
-              static_cast<int>(shape[6])};
+  // strides: u, delta, z, out (b, t, d each); launch_shape: grid x, grid y, warps, items, dynamic shared bytes
+  const auto s = scan_shape(shape);
   dispatch_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_tiles(launch_shape[2], launch_shape[3], [&](auto w, auto i) {
       launch(rnnops::scan::selective_scan_fwd<T, decltype(w)::value, decltype(i)::value>,
              dim3(launch_shape[0], launch_shape[1]), dim3(32 * decltype(w)::value), launch_shape[4], false,
-             ptr<T>(u), operand(at(0)), ptr<T>(delta), operand(at(1)), ptr<float>(A), bc_operand(B, b_layout),
-             bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(at(2)), ptr<float>(delta_bias), mut<T>(out),
-             operand(at(3)), mut<float>(chunk_states), ptr<float>(initial_state), mut<float>(final_state),
-             ptr<int>(cu_seqlens), ptr<int>(chunk_offsets), s);
+             ptr<T>(u), operand(strides, 0), ptr<T>(delta), operand(strides, 1), ptr<float>(A),
+             bc_operand(B, b_layout), bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(strides, 2),
+             ptr<float>(delta_bias), mut<T>(out), operand(strides, 3), mut<float>(chunk_states),
+             ptr<float>(initial_state), mut<float>(final_state), ptr<int>(cu_seqlens), ptr<int>(chunk_offsets), s);
     });
   });
 }
@@ -142,20 +145,19 @@ void scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch:
                    torch::Tensor dD, torch::Tensor d_bias, torch::Tensor cu_seqlens, torch::Tensor chunk_offsets,
                    std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> c_layout,
                    std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
-  auto at = [&](int k) { return std::vector<int64_t>(strides.begin() + 3 * k, strides.begin() + 3 * k + 3); };
-  ScanShape s{static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2]),
-              static_cast<int>(shape[3]), static_cast<int>(shape[4]), static_cast<int>(shape[5]),
-              static_cast<int>(shape[6])};
+  // strides: u, delta, z, d_out (b, t, d each)
+  const auto s = scan_shape(shape);
   dispatch_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_tiles(launch_shape[2], launch_shape[3], [&](auto w, auto i) {
       launch(rnnops::scan::selective_scan_bwd<T, decltype(w)::value, decltype(i)::value>,
              dim3(launch_shape[0], launch_shape[1]), dim3(32 * decltype(w)::value), launch_shape[4], false,
-             ptr<T>(u), operand(at(0)), ptr<T>(delta), operand(at(1)), ptr<float>(A), bc_operand(B, b_layout),
-             bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(at(2)), ptr<float>(delta_bias), ptr<T>(d_out),
-             operand(at(3)), ptr<float>(chunk_states), ptr<float>(d_final), mut<float>(d_initial), mut<float>(du),
-             mut<float>(d_delta), mut<float>(dz), mut<float>(dA), mut<float>(dB), mut<float>(dC), mut<float>(dD),
-             mut<float>(d_bias), ptr<int>(cu_seqlens), ptr<int>(chunk_offsets), s);
+             ptr<T>(u), operand(strides, 0), ptr<T>(delta), operand(strides, 1), ptr<float>(A),
+             bc_operand(B, b_layout), bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(strides, 2),
+             ptr<float>(delta_bias), ptr<T>(d_out), operand(strides, 3), ptr<float>(chunk_states),
+             ptr<float>(d_final), mut<float>(d_initial), mut<float>(du), mut<float>(d_delta), mut<float>(dz),
+             mut<float>(dA), mut<float>(dB), mut<float>(dC), mut<float>(dD), mut<float>(d_bias), ptr<int>(cu_seqlens),
+             ptr<int>(chunk_offsets), s);
     });
   });
 }

@@ -48,6 +48,24 @@ struct ScanShape {
   int has_d, has_z, has_bias, softplus;
 };
 
+// A block's place: lane (= channel d) and warp, and the one sequence it walks, rows [bos, eos) of
+// the packed time axis; that sequence's tensors sit at batch row ``batch``, time ``t - offset``,
+// and its first chunk is global chunk ``first``.
+struct BlockSpan {
+  int lane, warp, d;
+  bool live;  // d < Dm
+  int seq;
+  long long bos, eos, batch, offset, first;
+};
+
+__device__ __forceinline__ BlockSpan block_span(const ScanShape& shape, const int* cu_seqlens,
+                                                const int* chunk_offsets) {
+  const int lane = threadIdx.x % 32, d = blockIdx.x * 32 + lane, seq = blockIdx.y;
+  const long long bos = cu_seqlens[seq];
+  return BlockSpan{lane, static_cast<int>(threadIdx.x / 32), d, d < shape.Dm, seq, bos, cu_seqlens[seq + 1],
+                   shape.packed ? 0 : seq, shape.packed ? 0 : bos, chunk_offsets[seq]};
+}
+
 __device__ __forceinline__ float discretise(float raw, int softplus) { return softplus ? rnnops::softplus(raw) : raw; }
 
 template <int WARPS>
@@ -66,13 +84,7 @@ __global__ void __launch_bounds__(WARPS * 32)
                        const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
   constexpr int CHUNK = WARPS * ITEMS;
   const int Dm = shape.Dm, N = shape.N;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int d = blockIdx.x * 32 + lane;
-  const bool live = d < Dm;
-  const int seq = blockIdx.y;
-  const long long bos = cu_seqlens[seq], eos = cu_seqlens[seq + 1];
-  const long long batch = shape.packed ? 0 : seq, offset = shape.packed ? 0 : bos;
-  const long long first = chunk_offsets[seq];
+  const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
 
   RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 1);
   RNNOPS_DYNAMIC_SHARED(float, carry);  // [N][32]: the state crossing chunk boundaries
@@ -151,6 +163,13 @@ __device__ __forceinline__ float warp_sum(float value) {
   return value;
 }
 
+// Whether every live channel of this block reads the same B or C value per step (shared, or all in
+// one group), so that their gradient contributions can be summed over the warp first.
+__device__ __forceinline__ bool block_shares_row(const BCOperand& M, int Dm) {
+  const int first = static_cast<int>(blockIdx.x) * 32, last_live = min(Dm - 1, first + 31);
+  return M.mode == kShared || (M.mode == kGrouped && first / M.channels_per_group == last_live / M.channels_per_group);
+}
+
 // Adds a per-lane value into an fp32 reduction over channels: one atomic per warp when the
 // warp's channels share the target address (every lane must call), else one per live lane.
 __device__ __forceinline__ void add_over_channels(float* target, float value, bool shared_by_warp, bool live) {
@@ -173,19 +192,9 @@ __global__ void __launch_bounds__(WARPS * 32)
   // dD, d_bias (Dm): summed over sequences; dB, dC in B's / C's layout, contiguous, fp32.
   constexpr int CHUNK = WARPS * ITEMS;
   const int Dm = shape.Dm, N = shape.N;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int d = blockIdx.x * 32 + lane;
-  const bool live = d < Dm;
-  const int seq = blockIdx.y;
-  const long long bos = cu_seqlens[seq], eos = cu_seqlens[seq + 1];
-  const long long batch = shape.packed ? 0 : seq, offset = shape.packed ? 0 : bos;
-  const long long first = chunk_offsets[seq];
+  const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
   const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
-  const int last_live = min(Dm - 1, static_cast<int>(blockIdx.x) * 32 + 31);
-  const bool B_per_warp = Bm.mode == kShared || (Bm.mode == kGrouped &&
-      (static_cast<int>(blockIdx.x) * 32) / Bm.channels_per_group == last_live / Bm.channels_per_group);
-  const bool C_per_warp = Cm.mode == kShared || (Cm.mode == kGrouped &&
-      (static_cast<int>(blockIdx.x) * 32) / Cm.channels_per_group == last_live / Cm.channels_per_group);
+  const bool B_per_warp = block_shares_row(Bm, Dm), C_per_warp = block_shares_row(Cm, Dm);
 
   RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 1);
   RNNOPS_SHARED(float, head_a, WARPS * 32);  // e^(dt A) at each warp's first item
