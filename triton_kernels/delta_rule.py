@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .linear_attn import _chunk_rows
+from ._packed import chunk_rows, sequence_span
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def ut_fwd_kernel(k, v, beta, G, W, U, chunk_indices, cu_seqlens, H: tl.constexp
                   BV: tl.constexpr):
     """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk (stored in v's dtype)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -121,10 +121,7 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
     """The chunk loop of one sequence: h[chunk] = S_in, v_new = U - W S_in, S_out."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
-    bos = tl.load(cu_seqlens + seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    first = tl.load(chunk_offsets + seq).to(tl.int64)
-    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     rk = tl.arange(0, BKF)
     rv = i_v * BV + tl.arange(0, BV)
     state_offs = rk[:, None] * V + rv[None, :]
@@ -165,10 +162,7 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
     and d_initial = dS_in of the first chunk."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
-    bos = tl.load(cu_seqlens + seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    first = tl.load(chunk_offsets + seq).to(tl.int64)
-    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     rk = tl.arange(0, BKF)
     rv = i_v * BV + tl.arange(0, BV)
     state_offs = rk[:, None] * V + rv[None, :]
@@ -219,7 +213,7 @@ def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, c
     the output and state terms); gated: dg = reverse cumsum of (dG summed over its K tiles + the
     UT terms) within the chunk."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos

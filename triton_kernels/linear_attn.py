@@ -50,22 +50,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._packed import chunk_rows, sequence_span
+
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
 SUB_CHUNK = 16
-
-
-@triton.jit
-def _chunk_rows(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
-    """(valid, first row, exclusive end row of the sequence, last valid row of the chunk)."""
-    seq = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
-    n = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
-    valid = seq >= 0
-    seq = tl.maximum(seq, 0)
-    bos = tl.load(cu_seqlens + seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    t0 = bos + n * BT
-    last = tl.minimum(t0 + BT, eos) - 1
-    return valid, t0, eos, last
 
 
 @triton.jit
@@ -73,7 +61,7 @@ def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.conste
                   BT: tl.constexpr, BK: tl.constexpr):
     """G = inclusive cumulative sum of g inside each chunk, in fp32."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         if GATE == 1:
@@ -120,10 +108,7 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
     """h[chunk] = the state entering each chunk of one sequence; final_state after the last."""
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, i_h = i_sh // H, i_sh % H
-    bos = tl.load(cu_seqlens + seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    first = tl.load(chunk_offsets + seq).to(tl.int64)
-    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     state_offs = rk[:, None] * V + rv[None, :]
@@ -159,7 +144,7 @@ def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, 
     diagonal are one matmul each, factored around the row block's first token; diagonal blocks
     are summed exactly, one column at a time."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         r = tl.arange(0, BC)
         for i_i in tl.static_range(BT // BC):
@@ -232,7 +217,7 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
                   BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -263,10 +248,7 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
     d_initial is the gradient of the state entering its first chunk."""
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, i_h = i_sh // H, i_sh % H
-    bos = tl.load(cu_seqlens + seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    first = tl.load(chunk_offsets + seq).to(tl.int64)
-    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     state_offs = rk[:, None] * V + rv[None, :]
@@ -298,7 +280,7 @@ def d_scores_kernel(do, v, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr
                     PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """Per-key decay: dA = scale * (do @ v^T) * causal mask, fp32, layout as A."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -321,7 +303,7 @@ def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.const
         dq_i = sum_{j <= i} dA_ij k_j e^(G_i - G_j),   dk_j = sum_{i >= j} dA_ij q_i e^(G_i - G_j)
     by sub-chunks as in intra_scores_kernel (factored below the diagonal, exact on it)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         r = tl.arange(0, BC)
         for i_k in range(tl.cdiv(K, BK)):
@@ -392,7 +374,7 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
     DELTA (the delta rule, v its pseudo-values, dv2 their gradient): also dW = -dv2 @ S_in^T,
     and dk and dG are partial (the UT transform adds its terms), dG not yet reverse-cumulated."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -466,7 +448,7 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
               BV: tl.constexpr):
     """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    valid, t0, eos, last = _chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos

@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._packed import sequence_span
+
 STATIC, SHARED, GROUPED = 0, 1, 2
 
 
@@ -81,9 +83,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
                     HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PACKED: tl.constexpr,
                     BT: tl.constexpr, BD: tl.constexpr):
     i_d, seq = tl.program_id(0), tl.program_id(1)
-    bos = tl.load(cu_seqlens + seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    first = tl.load(chunk_offsets + seq).to(tl.int64)
+    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     if PACKED:  # packed sequences live in batch row 0
         b = 0
     else:
@@ -98,7 +98,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
     X = tl.zeros([BD, NP], tl.float32)
     if HAS_INITIAL:
         X += tl.load(initial_state + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
-    for c in range(tl.cdiv(eos - bos, BT)):
+    for c in range(chunks):
         tl.store(h + (first + c) * Dm * N + state_offs, X, mask=state_mask)
         rows = bos + c * BT + tl.arange(0, BT)
         row_mask = rows < eos
@@ -145,9 +145,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, d_final, d_in
     d_bias (per sequence, to be summed), dB, dC (per channel block: (Dm / BD, T_total, N) for
     time-varying B/C, (sequence, Dm, N) for static ones) are partial sums for the caller."""
     i_d, seq = tl.program_id(0), tl.program_id(1)
-    bos = tl.load(cu_seqlens + seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-    first = tl.load(chunk_offsets + seq).to(tl.int64)
+    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     if PACKED:
         b = 0
     else:
@@ -169,7 +167,6 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, d_final, d_in
     dD_acc = tl.zeros([BD], tl.float32)
     dbias_acc = tl.zeros([BD], tl.float32)
     a_first = tl.zeros([BD, NP], tl.float32) + 1.0  # e^(dt A) of the first step (none: empty sequence)
-    chunks = tl.cdiv(eos - bos, BT)
     for m in range(chunks):
         c = chunks - 1 - m
         X0 = tl.load(h + (first + c) * Dm * N + state_offs, mask=state_mask, other=0.0)

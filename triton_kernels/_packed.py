@@ -1,0 +1,33 @@
+"""Where a program works in the packed-sequence layout (rnnops.triton_backend._common.ChunkLayout):
+every batch is handled as packed sequences, ``cu_seqlens`` their row offsets, ``chunk_offsets``
+each sequence's first global chunk, ``chunk_indices`` each chunk program's (sequence, chunk)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_rows(chunk_indices, cu_seqlens, i_c, BT: tl.constexpr):
+    """For chunk program ``i_c``: (valid, first row, exclusive end row of the sequence, last valid
+    row of the chunk)."""
+    seq = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
+    n = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
+    valid = seq >= 0
+    seq = tl.maximum(seq, 0)
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    t0 = bos + n * BT
+    last = tl.minimum(t0 + BT, eos) - 1
+    return valid, t0, eos, last
+
+
+@triton.jit
+def sequence_span(chunk_offsets, cu_seqlens, seq):
+    """For a program that walks sequence ``seq``: (first row, exclusive end row, first global
+    chunk, number of chunks)."""
+    bos = tl.load(cu_seqlens + seq).to(tl.int64)
+    eos = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+    first = tl.load(chunk_offsets + seq).to(tl.int64)
+    chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
+    return bos, eos, first, chunks
