@@ -17,6 +17,7 @@ carried gradients live in a (S, B, H, D) fp32 buffer that ends as the initial st
 gradient. dR = sum_{b,t} dr^T h_{t-1} and db = sum dr are left to one batched matmul on the
 host (tensor cores, instead of per-program fp32 accumulators).
 
+CELL ids (rnnops._fused_rnn.CELL_IDS): 0 lstm, 1 gru, 2 slstm, 3 elman.
 Layouts (contiguous): x_gates (B, T, G, H, D); R (G, H, D, D); b (G, H, D); states
 (B, T, S, H, D); pre (B, T, P, H, D); h_seq (B, T, H, D); initial/carry (S, B, H, D).
 Work per step, batch row and head: 2 G D^2 flops (the recurrent matmul) plus about 10 G D
@@ -27,9 +28,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LSTM, GRU, SLSTM, ELMAN = 0, 1, 2, 3
-GATES = {LSTM: 4, GRU: 3, SLSTM: 4, ELMAN: 1}
-STATES = {LSTM: 2, GRU: 1, SLSTM: 4, ELMAN: 1}
 
 
 @triton.jit
@@ -170,7 +168,8 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
 
 
 @triton.jit
-def _carry(buffer, s, rb, ru, mask, B, H: tl.constexpr, D: tl.constexpr, i_h):
+def _carry(buffer, s, rb, ru, B, H: tl.constexpr, D: tl.constexpr, i_h):
+    """Pointers to state s's (BB, BD) tile in the (S, B, H, D) carry buffer."""
     return buffer + ((s * B + rb[:, None]) * H + i_h) * D + ru[None, :]
 
 
@@ -190,7 +189,7 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
         for i_u in range(tl.cdiv(D, BD)):
             ru = i_u * BD + tl.arange(0, BD)
             mask = bmask[:, None] & (ru[None, :] < D)
-            dh = tl.load(_carry(carry, 0, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
+            dh = tl.load(_carry(carry, 0, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
             dh += tl.load(d_h_seq + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], mask=mask,
                           other=0.0).to(tl.float32)
             h = _load_step(states, 0, S, t, rb, ru, mask, T, H, D, i_h)
@@ -220,7 +219,7 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                 p_o = _load_step(pre, 3, P, t, rb, ru, mask, T, H, D, i_h)
                 c = _load_step(states, 1, S, t, rb, ru, mask, T, H, D, i_h)
                 c_prev = _prev(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
-                dc = tl.load(_carry(carry, 1, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
+                dc = tl.load(_carry(carry, 1, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
                 z_act = 2.0 * tl.sigmoid(2.0 * p_z) - 1.0
                 o_gate = tl.sigmoid(p_o)
                 if CELL == 0:
@@ -231,14 +230,14 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                     d_pf = dc * c_prev * f_gate * (1.0 - f_gate)
                     d_pz = dc * i_gate * (1.0 - z_act * z_act)
                     d_po = dh * tanh_c * o_gate * (1.0 - o_gate)
-                    tl.store(_carry(carry, 1, rb, ru, mask, B, H, D, i_h), dc * f_gate, mask=mask)
+                    tl.store(_carry(carry, 1, rb, ru, B, H, D, i_h), dc * f_gate, mask=mask)
                 else:
                     n = _load_step(states, 2, S, t, rb, ru, mask, T, H, D, i_h)
                     m_new = _load_step(states, 3, S, t, rb, ru, mask, T, H, D, i_h)
                     n_prev = _prev(states, initial, 2, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
                     m_prev = _prev(states, initial, 3, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
-                    dn = tl.load(_carry(carry, 2, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
-                    dm = tl.load(_carry(carry, 3, rb, ru, mask, B, H, D, i_h), mask=mask, other=0.0)
+                    dn = tl.load(_carry(carry, 2, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+                    dm = tl.load(_carry(carry, 3, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
                     log_f = tl.minimum(p_f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(p_f)))
                     input_gate = tl.exp(p_i - m_new)
                     forget_gate = tl.exp(log_f + m_prev - m_new)
@@ -260,14 +259,14 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                     d_logf += to_lhs
                     dm_prev += to_lhs
                     d_pf = d_logf * (1.0 - tl.sigmoid(p_f))
-                    tl.store(_carry(carry, 1, rb, ru, mask, B, H, D, i_h), dc * forget_gate, mask=mask)
-                    tl.store(_carry(carry, 2, rb, ru, mask, B, H, D, i_h), dn * forget_gate, mask=mask)
-                    tl.store(_carry(carry, 3, rb, ru, mask, B, H, D, i_h), dm_prev, mask=mask)
+                    tl.store(_carry(carry, 1, rb, ru, B, H, D, i_h), dc * forget_gate, mask=mask)
+                    tl.store(_carry(carry, 2, rb, ru, B, H, D, i_h), dn * forget_gate, mask=mask)
+                    tl.store(_carry(carry, 3, rb, ru, B, H, D, i_h), dm_prev, mask=mask)
                 _store_step(dx, d_pi, 0, G, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(dx, d_pf, 1, G, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(dx, d_pz, 2, G, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(dx, d_po, 3, G, t, rb, ru, mask, T, H, D, i_h)
-            tl.store(_carry(carry, 0, rb, ru, mask, B, H, D, i_h), dh_direct, mask=mask)
+            tl.store(_carry(carry, 0, rb, ru, B, H, D, i_h), dh_direct, mask=mask)
         tl.debug_barrier()  # every tile's gate gradients before the recurrent products read them
         for i_u in range(tl.cdiv(D, BD)):
             rj = i_u * BD + tl.arange(0, BD)
@@ -286,6 +285,6 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                     w = tl.load(R + ((g * H + i_h) * D + ri[:, None]) * D + rj[None, :],
                                 mask=(ri[:, None] < D) & jmask[None, :], other=0.0).to(tl.float32)
                     acc += tl.dot(d_rec, w, input_precision=PRECISION)
-            pointer = _carry(carry, 0, rb, rj, mask, B, H, D, i_h)
+            pointer = _carry(carry, 0, rb, rj, B, H, D, i_h)
             tl.store(pointer, tl.load(pointer, mask=mask, other=0.0) + acc, mask=mask)
         tl.debug_barrier()
