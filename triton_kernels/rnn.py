@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _prev(states, initial, s, t, rb, ru, mask, T, B, S: tl.constexpr, H: tl.constexpr, D: tl.constexpr, i_h,
           HAS_INITIAL: tl.constexpr):

@@ -25,7 +25,7 @@ def pre_slots(cell: str) -> int:
 class FusedRNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, launcher, x_gates, R, b, cell, *state):
-        batch, time, gates, heads, dim = x_gates.shape
+        batch, time, _, heads, dim = x_gates.shape
         f32 = {"dtype": torch.float32, "device": x_gates.device}
         initial = torch.stack([s.float() for s in state]).contiguous() if state else None
         states = empty((batch, time, len(CELLS[cell].states), heads, dim), **f32)
@@ -41,7 +41,7 @@ class FusedRNNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_h_seq, *d_final):
         R, b, initial, states, pre = ctx.saved_tensors
-        batch, time, slots, heads, dim = states.shape
+        batch, time, _, heads, dim = states.shape
         f32 = {"dtype": torch.float32, "device": states.device}
         carry = torch.stack([torch.zeros((batch, heads, dim), **f32) if d is None else d.float() for d in d_final])
         carry = carry.contiguous()

@@ -67,7 +67,7 @@ class Engine:
 
     # ------------------------------------------------------------ selective scan
 
-    def _scan_args(self, u, strides, b_layout, B, c_layout, C, shape):
+    def _scan_args(self, strides, b_layout, B, c_layout, C, shape):
         operand = [("b", "<i8"), ("t", "<i8"), ("d", "<i8")]
         bc = [("data", "<u8"), ("mode", "<i4"), ("b", "<i8"), ("t", "<i8"), ("g", "<i8"), ("n", "<i8"),
               ("channels_per_group", "<i4")]
@@ -79,7 +79,7 @@ class Engine:
     def scan_forward(self, u, delta, A, B, C, D, z, delta_bias, out, chunk_states, initial_state, final_state,
                      cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape, launch_shape):
         grid_x, grid_y, warps, items, shared = launch_shape
-        ops, (bm, cm), scan_shape = self._scan_args(u, strides, b_layout, B, c_layout, C, shape)
+        ops, (bm, cm), scan_shape = self._scan_args(strides, b_layout, B, c_layout, C, shape)
         args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, cm, _pointer(D), _pointer(z), ops[2],
                 _pointer(delta_bias), _pointer(out), ops[3], _pointer(chunk_states), _pointer(initial_state),
                 _pointer(final_state), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
@@ -90,7 +90,7 @@ class Engine:
                       dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape,
                       launch_shape):
         grid_x, grid_y, warps, items, shared = launch_shape
-        ops, (bm, cm), scan_shape = self._scan_args(u, strides, b_layout, B, c_layout, C, shape)
+        ops, (bm, cm), scan_shape = self._scan_args(strides, b_layout, B, c_layout, C, shape)
         args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, cm, _pointer(D), _pointer(z), ops[2],
                 _pointer(delta_bias), _pointer(d_out), ops[3], _pointer(chunk_states), _pointer(d_final),
                 _pointer(d_initial), _pointer(du), _pointer(d_delta), _pointer(dz), _pointer(dA), _pointer(dB),

@@ -92,7 +92,7 @@ class SelectiveScanFunction(torch.autograd.Function):
     def backward(ctx, d_out, d_final):
         u, delta, A, B, C, D, z, delta_bias, chunk_states, state0 = ctx.saved_tensors
         layout, config = ctx.layout, ctx.config
-        batch, time, channels = u.shape
+        channels = u.shape[2]
         N = A.shape[1]
         f32 = {"dtype": torch.float32, "device": u.device}
         du, d_delta = (empty(u.shape, **f32) for _ in range(2))
