@@ -8,6 +8,7 @@ not sit in L2, medians). The winner goes into the device's cache (autotune.cache
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,9 +173,7 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype) -> str
     lines = []
     for tunable in kernels.tunables([op]):
         space = tunable.space(shape, dtype, hardware)
-        total = 1
-        for domain in space.variables.values():
-            total *= len(domain)
+        total = math.prod(len(domain) for domain in space.variables.values())
         count, ranked = rank(tunable, shape, dtype, hardware)
         lines.append(f"{tunable.name} on {hardware.name}, bucket {kernels.bucket(op, shape, dtype)}")
         lines.append("  variables: " + ", ".join(f"{n} in {list(d)}" for n, d in space.variables.items()))
