@@ -79,10 +79,10 @@ def test_device_and_precision_rules(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "needs a CUDA device" in _common.device_reason(torch.device("cpu"))
     assert _common.device_reason(torch.device("cuda")) is None
-    assert _common.dot_precision(torch.float32, allow_tf32=False) == "ieee"
+    assert _common.dot_precision(torch.float32, allow_tf32=False) == "tf32x3"
     assert _common.dot_precision(torch.bfloat16, allow_tf32=False) == "tf32"
     assert _common.dot_precision(torch.float32, allow_tf32=True) == "tf32"
-    assert _common.dot_precision(torch.float32) == "ieee"  # torch's default: no TF32 for matmuls
+    assert _common.dot_precision(torch.float32) == "tf32x3"  # torch's default: no TF32 for matmuls
 
 
 def test_auto_does_not_pick_triton_on_the_cpu():

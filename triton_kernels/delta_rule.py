@@ -227,23 +227,23 @@ def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, c
             mask = row_mask[:, None] & (rv[None, :] < V)
             b_v = tl.load(v + tile, mask=mask, other=0.0).to(tl.float32)
             b_dU = tl.load(dU + tile, mask=mask, other=0.0).to(tl.float32)
-            x = tl.dot(tl.trans(T), b_dU, input_precision="ieee")
+            x = tl.dot(tl.trans(T), b_dU, input_precision=PRECISION)
             tl.store(dv + tile, (b_beta[:, None] * x).to(dv.dtype.element_ty), mask=mask)
             d_beta += tl.sum(b_v * x, axis=1)
-            dT += tl.dot(b_dU, tl.trans(b_v * b_beta[:, None]), input_precision="ieee")
+            dT += tl.dot(b_dU, tl.trans(b_v * b_beta[:, None]), input_precision=PRECISION)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
             b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
             b_dW = tl.load(dW + tile, mask=mask, other=0.0)
-            y = tl.dot(tl.trans(T), b_dW, input_precision="ieee")
+            y = tl.dot(tl.trans(T), b_dW, input_precision=PRECISION)
             k_y = tl.sum(b_k * y, axis=1)
             d_beta += gamma * k_y
             d_gate += gamma * b_beta * k_y
-            dT += tl.dot(b_dW, tl.trans(b_k * (b_beta * gamma)[:, None]), input_precision="ieee")
+            dT += tl.dot(b_dW, tl.trans(b_k * (b_beta * gamma)[:, None]), input_precision=PRECISION)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
-        dL = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision="ieee"), input_precision="ieee")
+        dL = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=PRECISION), input_precision=PRECISION)
         dL = tl.where(strict, dL, 0.0)
         kkd = kk * D
         d_beta += tl.sum(dL * kkd, axis=1)
@@ -258,9 +258,9 @@ def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, c
             mask = row_mask[:, None] & (rk[None, :] < K)
             b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
             b_dW = tl.load(dW + tile, mask=mask, other=0.0)
-            y = tl.dot(tl.trans(T), b_dW, input_precision="ieee")
+            y = tl.dot(tl.trans(T), b_dW, input_precision=PRECISION)
             b_dk = tl.load(dk + tile, mask=mask, other=0.0) + (b_beta * gamma)[:, None] * y
-            b_dk += tl.dot(sym, b_k, input_precision="ieee")
+            b_dk += tl.dot(sym, b_k, input_precision=PRECISION)
             tl.store(dk + tile, b_dk, mask=mask)
         if GATED:
             for i_k in range(tl.cdiv(K, BK)):

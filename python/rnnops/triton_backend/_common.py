@@ -44,11 +44,14 @@ def chunk_reason(chunk: int) -> str | None:
 
 
 def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
-    """float32 inputs get IEEE float32 dot products unless the user allowed TF32 (by default
-    through torch.backends.cuda.matmul.allow_tf32); half inputs are not affected."""
+    """``input_precision`` of the kernels' dot products. float32 inputs get "tf32x3" (each operand
+    split into two TF32 parts, three tensor-core products: float32 accuracy at tensor-core speed;
+    "ieee" would run on CUDA cores and spill) unless the user allowed TF32 (by default through
+    torch.backends.cuda.matmul.allow_tf32). Half inputs get "tf32" for the float32 intermediates
+    their kernels multiply (half operands ignore it)."""
     if allow_tf32 is None:
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if dtype != torch.float32 or allow_tf32 else "ieee"
+    return "tf32x3" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
 @dataclass
