@@ -27,7 +27,7 @@ class LinearAttnConfig:
 
     block_k: int = 64
     block_v: int = 64
-    num_warps: int = 4
+    num_warps: int = 8  # 4 spills in the delta rule's backward at K = V = 128 (compile_check, sm_90)
     num_stages: int = 2
 
     def blocks(self, K: int, V: int) -> tuple[int, int]:
@@ -46,9 +46,10 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
         (
             Constraint("block_k <= K rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(K)),
             Constraint("block_v <= V rounded up to a power of two", ("block_v",), lambda bv: bv <= next_power_of_two(V)),
-            Constraint("the fp32 state tile fits in 128 registers per thread",
+            Constraint("a (block_k, block_v) and a (chunk, chunk) fp32 tile fit in 32 registers per thread "
+                       "(calibrated with rnnops.triton_backend.compile_check: beyond it the backward spills)",
                        ("block_k", "block_v", "num_warps"),
-                       lambda bk, bv, w: bk * bv <= 128 * hardware.warp_size * w),
+                       lambda bk, bv, w: bk * bv + chunk * chunk <= 32 * hardware.warp_size * w),
             Constraint("pipelined q/k/v tiles and the chunk's scores fit in shared memory",
                        ("block_k", "block_v", "num_stages"),
                        lambda bk, bv, s: s * chunk * (2 * bk + 2 * bv) * dtype_bytes + 4 * chunk * chunk
@@ -88,6 +89,8 @@ class ChunkedRun:
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
         self.precision = dot_precision(q.dtype)
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills at 8)
+        self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
         self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
 
     @property
@@ -117,7 +120,7 @@ class ChunkedRun:
         A = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
         _kernels().intra_scores_kernel[(self.layout.programs, self.H)](
             q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
-            PRECISION=self.precision, BT=self.chunk, BC=_kernels().SUB_CHUNK, BK=self.BK, **self.launch)
+            PRECISION=self.precision, BT=self.chunk, BC=_kernels().SUB_CHUNK, BK=self.BK, **self.sub_chunk_launch)
         return A
 
     def states(self, k, v, G, initial_state, store_final):
@@ -161,7 +164,7 @@ class ChunkedRun:
         dq_intra, dk_intra = (empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
         kernels.intra_dqk_kernel[(lay.programs, self.H)](
             q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K,
-            PRECISION=self.precision, BT=self.chunk, BC=kernels.SUB_CHUNK, BK=self.BK, **self.launch)
+            PRECISION=self.precision, BT=self.chunk, BC=kernels.SUB_CHUNK, BK=self.BK, **self.sub_chunk_launch)
         return dq_intra, dk_intra
 
     def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None):
