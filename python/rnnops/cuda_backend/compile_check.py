@@ -5,13 +5,13 @@ spills. :func:`scan_kernel` and :func:`rnn_kernel` name the kernel templates' in
 (also for NVRTC)."""
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._ptxas import KernelReport, parse_log
 from .simulator import csrc_dir
 
 
@@ -33,16 +33,6 @@ def rnn_kernel(phase: str, ctype: str, cell: int, units: int) -> Instantiation:
     return Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_{phase}<{ctype}, {cell}, {units}>")
 
 
-@dataclass(frozen=True)
-class KernelReport:
-    name: str  # mangled
-    registers: int
-    spill_stores: int
-    spill_loads: int
-    stack_bytes: int
-    shared_bytes: int
-
-
 def nvcc() -> str | None:
     return shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
 
@@ -52,11 +42,6 @@ def source(instantiations: list[Instantiation]) -> str:
     lines = [f'#include "{h}"' for h in headers] + ["void rnnops_instantiate() {"]
     lines += [f"  (void)&{i.kernel};" for i in instantiations] + ["}"]
     return "\n".join(lines) + "\n"
-
-
-_FUNCTION = re.compile(r"Function properties for (\S+)")
-_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
 
 
 def ptxas_reports(instantiations: list[Instantiation], arch: str) -> list[KernelReport]:
@@ -73,13 +58,4 @@ def ptxas_reports(instantiations: list[Instantiation], arch: str) -> list[Kernel
                                 capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"nvcc failed for {arch}:\n{result.stdout}\n{result.stderr}")
-    reports, current, stack = [], None, None
-    for line in (result.stdout + result.stderr).splitlines():
-        if (m := _FUNCTION.search(line)):
-            current = m.group(1)
-        elif (m := _STACK.search(line)) and current:
-            stack = tuple(int(x) for x in m.groups())
-        elif (m := _USED.search(line)) and current and stack:
-            reports.append(KernelReport(current, int(m.group(1)), stack[1], stack[2], stack[0], int(m.group(2) or 0)))
-            current, stack = None, None
-    return reports
+    return parse_log(result.stdout + result.stderr)

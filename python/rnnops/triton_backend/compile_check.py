@@ -1,0 +1,215 @@
+"""Compile the Triton kernels for a GPU architecture on a machine without one, and read ptxas'
+report per kernel: registers, spills, stack and shared memory.
+
+Triton's interpreter (the CPU tests) runs any tile shape and any amount of shared memory; the
+compiler does not. This check runs an op's host code with CPU tensors and every kernel launch
+intercepted (nothing executes), then compiles each launched specialisation exactly as the launch
+would have (same argument types, alignment hints, constexprs, num_warps/num_stages) for the target
+(``GPUTarget("cuda", 80 | 90, 32)``). It relies on Triton's JIT internals
+(``create_function_from_signature``, ``JITFunction._pack_args``; checked with Triton 3.9) and
+needs Triton's bundled ptxas, not a GPU or a driver.
+
+The kernels must be imported as compiled kernels, so run it in a process without
+``TRITON_INTERPRET=1``: ``python -m rnnops.triton_backend.compile_check --arch 90 [--json]``
+prints one row per kernel specialisation of the standard cases (:func:`standard_calls`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .._ptxas import KernelReport, parse_log
+
+
+@dataclass
+class Launch:
+    kernel: object  # triton.runtime.jit.JITFunction
+    args: tuple
+    kwargs: dict
+
+
+class _LargestShippedBucket:
+    """Stands in for a device cache's tuned entries: a key's shipped default of the largest size
+    bucket (tokens, rows or batch: the last part of the bucket) with the same op, dtype and head
+    shape, so small CPU stand-in inputs launch with the configurations of benchmark-sized ones."""
+
+    def __init__(self, gpu: str):
+        from rnnops.autotune.cache import shipped_defaults
+
+        self.identity, self.shipped = {"gpu": gpu}, shipped_defaults(gpu)
+
+    @staticmethod
+    def _split(key: str) -> tuple[str, int]:
+        prefix, _, size = key.rpartition("~")
+        return prefix, int(size)
+
+    @property
+    def entries(self):
+        return self
+
+    def get(self, key: str):
+        prefix = self._split(key)[0]
+        sizes = {self._split(k)[1]: config for k, config in self.shipped.items() if self._split(k)[0] == prefix}
+        return {"config": sizes[max(sizes)]} if sizes else None
+
+
+@contextlib.contextmanager
+def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
+    """Within the block, Triton kernel launches are recorded instead of run, and the Triton
+    backends accept CPU tensors (their outputs stay as allocated). With ``gpu`` (a name of
+    rnnops.autotune.hardware) launches use that GPU's shipped default configurations, as they
+    would on it before tuning; without, each kernel's DEFAULT_CONFIG."""
+    from triton.runtime import jit
+
+    from rnnops.autotune import cache
+
+    from . import _common
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_check needs compiled kernels: run it without TRITON_INTERPRET=1")
+    launches: list[Launch] = []
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append(Launch(kernel, args, kwargs))
+
+    offline = None if gpu is None else _LargestShippedBucket(gpu)
+    saved = jit.JITFunction.run, _common.interpreting, cache.for_device
+    jit.JITFunction.run, _common.interpreting, cache.for_device = record, lambda: True, lambda device: offline
+    try:
+        yield launches
+    finally:
+        jit.JITFunction.run, _common.interpreting, cache.for_device = saved
+
+
+def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
+    """Compile each distinct specialisation among ``launches`` for compute capability ``arch``
+    (80, 90, ...); raises what Triton raises on a compile error."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    reports, seen = [], set()
+    for launch in launches:
+        kernel, kwargs = launch.kernel, dict(launch.kwargs, debug=False)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        source = ASTSource(kernel, signature, constexprs, attrs)
+        key = (source.hash(), str(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        log = io.StringIO()
+        with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.compilation.always_compile = True  # ptxas prints its report only when it runs
+            knobs.nvidia.dump_ptxas_log = True
+            compiled = triton.compile(source, target=target, options=options.__dict__)
+        (report,) = parse_log(log.getvalue())
+        reports.append(KernelReport(report.name, report.registers, report.spill_stores, report.spill_loads,
+                                    report.stack_bytes, compiled.metadata.shared))
+    return reports
+
+
+def _with_grads(inputs: dict) -> dict:
+    return {k: v.requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
+def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
+    """(label, call) per op variant at the head dims of the GPU benchmark (rnnops.bench.cases),
+    forward and backward, with B and T cut to a few chunks (tile shapes do not depend on them)."""
+    import rnnops
+    from rnnops.bench import cases
+
+    def forward_backward(case):
+        def call():
+            x = _with_grads(case.make(torch.device("cpu"), dtype))
+            case.run(x, "triton").float().sum().backward()
+        return case.name, call
+
+    chosen = [cases.linear_attn_case(gate, 1, 128, 2, 128, 128) for gate in ("none", "scalar", "per-key")]
+    chosen += [cases.delta_case(n, gated, 1, 128, 2, 128, 128) for n, gated in ((1, False), (1, True), (2, True))]
+    chosen.append(cases.selective_scan_case(1, 128, 2048, 16))
+    chosen += [cases.rnn_case(cell, 2, 8, H, D) for cell in ("lstm", "gru", "slstm", "elman") for D, H in ((64, 12), (256, 3))]
+    calls = [forward_backward(case) for case in chosen]
+
+    B, H, K, V, N, Dm = 2, 2, 128, 128, 16, 2048
+    q, k, v = (torch.randn(B, H, d).to(dtype) for d in (K, K, V))
+    state = torch.randn(B, H, K, V)
+    g = -torch.rand(B, H, K).to(dtype)
+    scan_state = torch.randn(B, Dm, N)
+    u, delta, z = (torch.randn(B, Dm).to(dtype) for _ in range(3))
+    calls += [
+        ("linear_attn_step", lambda: rnnops.linear_attn_step(q, k, v, g, state=state, backend="triton")),
+        ("delta_rule_step", lambda: rnnops.delta_rule_step(q, k, v, torch.rand(B, H).to(dtype), g[..., 0],
+                                                           state=state, backend="triton")),
+        ("selective_state_update", lambda: rnnops.selective_state_update(
+            scan_state, u, delta, -torch.rand(Dm, N), torch.randn(B, N).to(dtype), torch.randn(B, N).to(dtype),
+            torch.randn(Dm), z, delta_softplus=True, backend="triton")),
+    ]
+    return calls
+
+
+def check(arch: int, dtypes=(torch.bfloat16, torch.float32), case: str = "", gpu: str | None = None) -> list[dict]:
+    """Rows (dtype, case, kernel, registers, spills, stack, shared bytes) for every kernel the
+    standard calls whose label matches the regular expression ``case`` launch (with ``gpu``'s shipped configurations,
+    see :func:`captured_launches`), compiled for ``arch``."""
+    rows = []
+    for dtype in dtypes:
+        for label, call in standard_calls(dtype):
+            if not re.search(case, label):
+                continue
+            with captured_launches(gpu) as launches:
+                call()
+            for report in compile_launches(launches, arch):
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "case": label, **asdict(report)})
+    return rows
+
+
+def _capability(gpu: str) -> int:
+    from rnnops.autotune import hardware
+
+    major, minor = hardware.named(gpu).compute_capability
+    return 10 * major + minor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rnnops.triton_backend.compile_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", help="launch with this GPU's shipped default configurations (e.g. H100; "
+                        "default: each kernel's DEFAULT_CONFIG); --arch defaults to its compute capability")
+    parser.add_argument("--arch", type=int, help="compute capability: 80 (A100), 90 (H100), ... (default 90)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), action="append",
+                        help="input dtypes (default bfloat16 and float32)")
+    parser.add_argument("--case", default="", help="only the standard calls whose label matches this regular expression")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else (torch.bfloat16, torch.float32)
+    arch = args.arch or (_capability(args.gpu) if args.gpu else 90)
+    rows = check(arch, dtypes, args.case, args.gpu)
+    if args.json:
+        json.dump(rows, sys.stdout)
+        return 0
+    print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7}")
+    for r in rows:
+        spills = f"{r['spill_stores']}/{r['spill_loads']}"
+        print(f"{r['dtype']:9} {r['case'][:40]:40} {r['name'][:24]:24} {r['registers']:4} {spills:>12} "
+              f"{r['shared_bytes']:7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The Triton kernels compiled for an H100 (sm_90) without a GPU: every kernel the standard calls
+launch compiles, fits the H100's shared memory per block, and, for half inputs, spills no
+registers, both with each kernel's DEFAULT_CONFIG and with the configurations shipped for the
+H100 (rnnops.triton_backend.compile_check; ptxas' report). Triton's interpreter, which runs the
+numerical tests on CPUs, checks none of this.
+
+float32 inputs (tf32x3 dot products) still spill in the delta rule's and the linear-attention
+dq/dk kernels: they are checked to compile and fit, not for spills.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rnnops._ptxas import parse_log
+from rnnops.autotune import hardware
+
+pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
+
+H100 = hardware.named("H100")
+GROUPS = {"linear attention": "linear attention|scalar decay|GLA", "delta rule": "delta rule|DeltaProduct",
+          "selective scan": "Mamba|selective_state_update", "cells": "lstm|gru|elman", "steps": "_step"}
+
+
+def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None) -> list[dict]:
+    """compile_check's rows, run in a process without TRITON_INTERPRET (kernels must be compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "rnnops.triton_backend.compile_check", "--arch", "90", "--json", "--case", case]
+    command += [arg for dtype in dtypes for arg in ("--dtype", dtype)] + (["--gpu", gpu] if gpu else [])
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(result.stdout)
+    assert rows, f"no kernel launched for {case!r}"
+    return rows
+
+
+def describe(row: dict) -> str:
+    return (f"{row['dtype']} {row['case']}: {row['name']} {row['registers']} registers, "
+            f"{row['spill_stores']}/{row['spill_loads']} bytes spilled, {row['shared_bytes']} bytes shared")
+
+
+def assert_fits(rows: list[dict], spill_free: bool) -> None:
+    too_big = [describe(r) for r in rows if r["shared_bytes"] > H100.shared_memory_per_block]
+    assert not too_big, f"over the H100's {H100.shared_memory_per_block} bytes of shared memory: {too_big}"
+    if spill_free:
+        spilled = [describe(r) for r in rows if r["spill_stores"] or r["spill_loads"]]
+        assert not spilled, f"spills registers: {spilled}"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_half_kernels_compile_without_spills_by_default(group):
+    assert_fits(compile_reports(GROUPS[group], ("bfloat16", "float16")), spill_free=True)
+
+
+@pytest.mark.parametrize("group", ["linear attention", "delta rule", "selective scan", "cells"])
+def test_h100_shipped_configs_compile_without_spills(group):
+    assert_fits(compile_reports(GROUPS[group], ("bfloat16",), gpu="H100"), spill_free=True)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_float32_kernels_compile_and_fit(group):
+    assert_fits(compile_reports(GROUPS[group], ("float32",)), spill_free=False)
+
+
+def test_ptxas_report_is_parsed():
+    log = """ptxas info    : Compiling entry function 'dqk_kernel' for 'sm_90a'
+ptxas info    : Function properties for dqk_kernel
+    80 bytes stack frame, 72 bytes spill stores, 68 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 80 bytes cumulative stack size
+ptxas info    : Function properties for _Z4scanILi4EEvv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]
+"""
+    first, second = parse_log(log)
+    assert (first.name, first.registers, first.spill_stores, first.spill_loads, first.stack_bytes) == \
+        ("dqk_kernel", 255, 72, 68, 80)
+    assert (second.name, second.registers, second.spill_stores, second.shared_bytes) == ("_Z4scanILi4EEvv", 40, 0, 1024)
