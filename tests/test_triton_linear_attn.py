@@ -85,6 +85,39 @@ def test_device_and_precision_rules(monkeypatch):
     assert _common.dot_precision(torch.float32) == "tf32x3"  # torch's default: no TF32 for matmuls
 
 
+class _KernelOutOfSharedMemory:
+    """Stands in for a JITFunction whose launches with more than one stage need 185 KB of shared
+    memory on a GPU with 163 KB (or whose launches run out of ``resource``)."""
+
+    __name__ = "states_bwd_kernel"
+
+    def __init__(self, resource="shared memory"):
+        self.resource, self.stages = resource, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def run(*args, num_stages, **kwargs):
+            self.stages.append(num_stages)
+            if num_stages > 1 or self.resource != "shared memory":
+                raise OutOfResources(189188, 166912, self.resource)
+            return "launched"
+        return run
+
+
+def test_launch_falls_back_to_one_stage_when_shared_memory_runs_out():
+    from triton.runtime.errors import OutOfResources
+
+    kernel = _KernelOutOfSharedMemory()
+    with pytest.warns(RuntimeWarning, match="states_bwd_kernel with num_stages=2 .*Required: 189188"):
+        assert _common.launch(kernel, (4, 2), 1.0, num_stages=2, num_warps=8) == "launched"
+    assert kernel.stages == [2, 1]
+    registers = _KernelOutOfSharedMemory("registers")
+    with pytest.raises(OutOfResources, match="registers"):
+        _common.launch(registers, (4, 2), num_stages=2)
+    assert registers.stages == [2]
+
+
 def test_auto_does_not_pick_triton_on_the_cpu():
     assert rnnops._dispatch.resolve("linear_attn", "auto", torch.device("cpu"), dtype=torch.float32,
                                     head_dims=(64, 64), chunk_size=64)[0] == "chunked"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,25 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
     if allow_tf32 is None:
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     return "tf32x3" if dtype == torch.float32 and not allow_tf32 else "tf32"
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``. A launch whose pipelined tiles need more shared memory
+    than the GPU has (a configuration chosen for a larger GPU, or a default on a ~100 KB GPU;
+    Triton raises OutOfResources when it loads the kernel) runs again with ``num_stages=1``, one
+    copy of each tile (e.g. the float32 delta-rule state kernels at K = V = 128: 185 KB with two
+    stages, 96 KB with one), with a warning naming the kernel."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return kernel[grid](*args, **kwargs)
+    except OutOfResources as error:
+        if kwargs.get("num_stages", 1) <= 1 or "shared" not in str(error):
+            raise
+        warnings.warn(f"rnnops: {kernel.__name__} with num_stages={kwargs['num_stages']} {error}; launching it "
+                      "with num_stages=1 (tune this GPU to pick a configuration that fits: python -m rnnops autotune)",
+                      RuntimeWarning, stacklevel=2)
+        return kernel[grid](*args, **dict(kwargs, num_stages=1))
 
 
 @dataclass

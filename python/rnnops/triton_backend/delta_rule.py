@@ -19,6 +19,7 @@ from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_o
 from .._delta_product import via_delta_rule
 from .._buffers import empty
 from .._dispatch import register
+from ._common import launch
 from .linear_attn import ChunkedRun, LinearAttnConfig
 from .linear_attn import space as linear_attn_space
 from .linear_attn import supports
@@ -65,7 +66,8 @@ class _DeltaRun(ChunkedRun):
     def ut(self, k, v, beta, G):
         W = empty(k.shape, dtype=k.dtype, device=k.device)
         U = empty(v.shape, dtype=v.dtype, device=v.device)
-        _kernels().ut_fwd_kernel[(self.layout.programs, self.H)](
+        launch(
+            _kernels().ut_fwd_kernel, (self.layout.programs, self.H),
             k, v, beta, G, W, U, self.layout.chunk_indices, self.layout.cu_seqlens, BK=self.BK, BV=self.BV,
             **self.delta, **self.launch)
         return W, U
@@ -76,7 +78,8 @@ class _DeltaRun(ChunkedRun):
         v_new = empty(U.shape, dtype=U.dtype, device=U.device)
         final = (empty((lay.sequences, self.H, self.K, self.V), dtype=torch.float32, device=k.device) if store_final
                  else None)
-        _kernels().states_fwd_kernel[(-(-self.V // self.SBV), lay.sequences * self.H)](
+        launch(
+            _kernels().states_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             k, W, U, G, h, v_new, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
             HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BKF=self.BKF, BV=self.SBV,
             **self.delta, **self.launch)
@@ -87,7 +90,8 @@ class _DeltaRun(ChunkedRun):
         dh = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=q.device)
         dv_new = empty(do.shape, dtype=torch.float32, device=do.device)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
-        _kernels().states_bwd_kernel[(-(-self.V // self.SBV), lay.sequences * self.H)](
+        launch(
+            _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
             lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
             STORE_D_INITIAL=initial_state is not None, BKF=self.BKF, BV=self.SBV, **self.delta, **self.launch)
@@ -99,7 +103,8 @@ class _DeltaRun(ChunkedRun):
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
         dbeta = empty(beta.shape, dtype=torch.float32, device=beta.device)
         dg = None if G is None else empty(G.shape, dtype=torch.float32, device=G.device)
-        _kernels().ut_bwd_kernel[(lay.programs, self.H)](
+        launch(
+            _kernels().ut_bwd_kernel, (lay.programs, self.H),
             k, v, beta, G, dv_new, dW, dk, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens, lay.total_rows,
             BK=self.BK, BV=self.BV, **self.delta, **self.launch)
         return dv, dbeta, dg

@@ -17,7 +17,7 @@ from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_o
 from .._buffers import empty
 from .._dispatch import register
 from ._common import (ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, head_dim_reason,
-                      join_reasons)
+                      join_reasons, launch)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ class ChunkedRun:
         if g is None:
             return None
         G = empty(g.shape, dtype=torch.float32, device=g.device)
-        _kernels().cumsum_kernel[(self.layout.programs, self.H)](
+        launch(
+            _kernels().cumsum_kernel, (self.layout.programs, self.H),
             g, G, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
             BT=self.chunk, BK=self.BK, **self.launch)
         return G
@@ -118,7 +119,8 @@ class ChunkedRun:
         if self.gate != _kernels().KEY_GATE:
             return None
         A = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
-        _kernels().intra_scores_kernel[(self.layout.programs, self.H)](
+        launch(
+            _kernels().intra_scores_kernel, (self.layout.programs, self.H),
             q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
             PRECISION=self.precision, BT=self.chunk, BC=_kernels().SUB_CHUNK, BK=self.BK, **self.sub_chunk_launch)
         return A
@@ -128,7 +130,8 @@ class ChunkedRun:
         h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
         final = (empty((lay.sequences, self.H, self.K, self.V), dtype=torch.float32, device=k.device) if store_final
                  else None)
-        _kernels().states_fwd_kernel[(self.k_tiles, self.v_tiles, lay.sequences * self.H)](
+        launch(
+            _kernels().states_fwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
             k, v, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
             HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.BK, BV=self.BV,
             **self.common, **self.launch)
@@ -137,7 +140,8 @@ class ChunkedRun:
     def output(self, q, k, v, G, A, h):
         o = empty(v.shape, dtype=v.dtype, device=v.device)
         lay = self.layout
-        _kernels().output_kernel[(self.v_tiles, lay.programs, self.H)](
+        launch(
+            _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, BK=self.BK, BV=self.BV,
             **self.common, **self.launch)
         return o
@@ -146,7 +150,8 @@ class ChunkedRun:
         lay = self.layout
         dh = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=q.device)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
-        _kernels().states_bwd_kernel[(self.k_tiles, self.v_tiles, lay.sequences * self.H)](
+        launch(
+            _kernels().states_bwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
             q, do, G, dh, None if d_final is None else d_final.float().contiguous(), d_initial, lay.chunk_offsets,
             lay.cu_seqlens, self.scale, V=self.V, HAS_D_FINAL=d_final is not None,
             STORE_D_INITIAL=initial_state is not None, BK=self.BK, BV=self.BV, **self.common, **self.launch)
@@ -158,11 +163,13 @@ class ChunkedRun:
         if self.gate != kernels.KEY_GATE:
             return None, None
         dA = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
-        kernels.d_scores_kernel[(lay.programs, self.H)](
+        launch(
+            kernels.d_scores_kernel, (lay.programs, self.H),
             do, v, dA, lay.chunk_indices, lay.cu_seqlens, self.scale, H=self.H, V=self.V,
             PRECISION=self.precision, BT=self.chunk, BV=self.BV, **self.launch)
         dq_intra, dk_intra = (empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-        kernels.intra_dqk_kernel[(lay.programs, self.H)](
+        launch(
+            kernels.intra_dqk_kernel, (lay.programs, self.H),
             q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K,
             PRECISION=self.precision, BT=self.chunk, BC=kernels.SUB_CHUNK, BK=self.BK, **self.sub_chunk_launch)
         return dq_intra, dk_intra
@@ -180,7 +187,8 @@ class ChunkedRun:
             dG = empty((q.shape[0], self.H, self.K), dtype=torch.float32, device=q.device)
         elif self.gate == kernels.SCALAR_GATE:
             dG = empty((self.k_tiles, q.shape[0], self.H), dtype=torch.float32, device=q.device)
-        kernels.dqk_kernel[(self.k_tiles, lay.programs, self.H)](
+        launch(
+            kernels.dqk_kernel, (self.k_tiles, lay.programs, self.H),
             q, k, v, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices, lay.cu_seqlens,
             self.scale, lay.total_rows, V=self.V, DELTA=delta, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dq, dk, dW, dG
@@ -188,7 +196,8 @@ class ChunkedRun:
     def dv(self, q, k, G, A, dh, do):
         dv = empty(do.shape, dtype=do.dtype, device=do.device)
         lay = self.layout
-        _kernels().dv_kernel[(self.v_tiles, lay.programs, self.H)](
+        launch(
+            _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, BK=self.BK, BV=self.BV,
             **self.common, **self.launch)
         return dv
