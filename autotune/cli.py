@@ -2,7 +2,7 @@
 
     python -m rnnops autotune [--ops OP ...] [--shapes SHAPE ...] [--budget-s N] [--top K]
                               [--export FILE | --import FILE]
-    python -m rnnops autotune --gpu NAME --dry-run [--export FILE]    (no GPU needed)
+    python -m rnnops autotune --gpu NAME --dry-run [--compile-check] [--export FILE]    (no GPU needed)
     python -m rnnops autotune --explain OP SHAPE [--gpu NAME]
 
 SHAPE is name=value pairs: "B=8,T=4096,H=16,K=128,V=128,gate=per-key".
@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(tuner.DTYPES), default="bfloat16")
     parser.add_argument("--gpu", help="an offline GPU (V100, A100, L4, RTX 4090, H100, H200) for --dry-run / --explain")
     parser.add_argument("--dry-run", action="store_true", help="solve and rank only (works without a GPU)")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="with --dry-run: compile the best-ranked Triton configurations for the GPU's architecture "
+                             "and keep the first that spills no registers (how autotune/defaults/ are made)")
     parser.add_argument("--explain", nargs=2, metavar=("OP", "SHAPE"), help="constraints, counts and the ranking")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--export", type=Path, metavar="FILE", help="write the chosen configurations")
@@ -68,7 +71,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"imported {args.import_}")
         return 0
     if args.dry_run:
-        results = tuner.dry_run(args.ops, _hardware(args), dtype, shapes)
+        screen = tuner.CompileScreen() if args.compile_check else None
+        results = tuner.dry_run(args.ops, _hardware(args), dtype, shapes, screen,
+                                progress=lambda text: print(text, file=sys.stderr))
         print(table(results))
         if args.export:
             chosen = {cache.key(r.op, r.backend, r.bucket): r.config for r in results}

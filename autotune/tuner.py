@@ -78,17 +78,64 @@ def rank(tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Ha
     return len(legal), sorted(legal, key=lambda c: tunable.rank_key(c, shape, dtype, hardware))
 
 
-def dry_run(ops, hardware: Hardware, dtype: torch.dtype, shapes: list[dict] | None = None) -> list[Result]:
+@dataclass
+class CompileScreen:
+    """Screens ranked Triton configurations by compiling them for the hardware's architecture
+    (rnnops.triton_backend.compile_check: no GPU needed): the first of the ``top`` ranked that
+    spills no registers and fits the shared memory per block wins, else the one that spills
+    least. The cost model cannot see register pressure; ptxas can. Compile results are kept per
+    (architecture, kernel shape, dtype, configuration), so size buckets share them."""
+
+    top: int = 6
+    reports: dict = field(default_factory=dict)
+
+    def choose(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
+               ranked: list[dict], notes: list[str]) -> dict:
+        from rnnops.triton_backend.compile_check import SMALL_SIZES, config_reports
+
+        arch = 10 * hardware.compute_capability[0] + hardware.compute_capability[1]
+        kernel_shape = tuple(sorted(dict(shape, **SMALL_SIZES[tunable.op]).items()))
+        limit = hardware.shared_memory_per_block
+        scored = []
+        for i, config in enumerate(ranked[:self.top]):
+            key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
+            if key not in self.reports:
+                try:
+                    self.reports[key] = config_reports(tunable.op, shape, dtype, config, arch)
+                except Exception as error:  # e.g. an architecture this Triton cannot target
+                    notes.append(f"not compiled for sm_{arch}: {type(error).__name__}: {str(error)[:80]}")
+                    return ranked[0]
+            spills = {r.name: r.spill_stores + r.spill_loads for r in self.reports[key]
+                      if r.spill_stores + r.spill_loads}
+            shared = max((r.shared_bytes for r in self.reports[key]), default=0)
+            if not spills and shared <= limit:
+                return config
+            worst = max(spills, key=spills.get) if spills else None
+            notes.append(f"#{i + 1} rejected: " + (f"{sum(spills.values())} B spilled ({worst} {spills[worst]} B)"
+                                                    if spills else f"{shared} B shared > {limit} B"))
+            scored.append(((shared > limit, sum(spills.values()), i), config))
+        return min(scored, key=lambda s: s[0])[1] if scored else (ranked[0] if ranked else tunable.default())
+
+
+def dry_run(ops, hardware: Hardware, dtype: torch.dtype, shapes: list[dict] | None = None,
+            screen: CompileScreen | None = None,
+            progress: Callable[[str], None] = lambda text: None) -> list[Result]:
+    """Solve and rank without a GPU; with ``screen``, Triton configurations are also compiled."""
     results = []
     for tunable in kernels.tunables(ops):
         for shape in shapes if shapes is not None else standard_shapes(tunable.op):
             count, ranked = rank(tunable, shape, dtype, hardware)
-            results.append(Result(tunable.op, tunable.backend, kernels.bucket(tunable.op, shape, dtype), shape, count,
-                                  ranked[:5], ranked[0] if ranked else tunable.default(), tunable.default()))
+            bucket = kernels.bucket(tunable.op, shape, dtype)
+            result = Result(tunable.op, tunable.backend, bucket, shape, count, ranked[:5],
+                            ranked[0] if ranked else tunable.default(), tunable.default())
+            if screen is not None and tunable.backend == "triton" and ranked:
+                progress(f"compiling {tunable.name} {bucket}")
+                result.config = screen.choose(tunable, shape, dtype, hardware, ranked, result.notes)
+            results.append(result)
     return results
 
 
-def _case_for(op: str, shape: dict):
+def case_for(op: str, shape: dict):
     from rnnops.bench import cases
 
     if op == "linear_attn":
@@ -142,7 +189,7 @@ def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, t
                 result.notes.append(f"skipped: {reason}")
                 results.append(result)
                 continue
-            case = _case_for(tunable.op, shape)
+            case = case_for(tunable.op, shape)
             torch.manual_seed(0)
             inputs = [{k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                        for k, v in case.make(device, dtype).items()} for _ in range(2)]

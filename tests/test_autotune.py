@@ -179,3 +179,32 @@ def test_cli_dry_run_explain_and_export(tmp_path, capsys):
     with pytest.raises(SystemExit, match="measuring needs a GPU"):
         with warnings.catch_warnings():
             main(["autotune", "--ops", "rnn"])
+
+
+def test_compile_screen_keeps_the_best_ranked_config_that_neither_spills_nor_overflows(monkeypatch):
+    from rnnops._ptxas import KernelReport
+    from rnnops.triton_backend import compile_check as triton_compile_check
+
+    hw = hardware.named("A100")
+    shape = {"B": 8, "T": 4096, "H": 16, "K": 128, "V": 128, "gate": "none"}
+    tunable = kernels.find("linear_attn", "triton")
+    ranked = [{"block_k": bk, "block_v": 64, "num_warps": 8, "num_stages": 2} for bk in (128, 64, 32, 16)]
+    outcome = {128: (96, 0), 64: (0, hw.shared_memory_per_block + 1), 32: (0, 1024), 16: (0, 1024)}
+    compiled = []
+
+    def fake_reports(op, shape, dtype, config, arch):
+        compiled.append((arch, config["block_k"], shape["B"], shape["T"]))
+        spilled, shared = outcome[config["block_k"]]
+        return [KernelReport("output_kernel", 64, 0, 0, 0, 1024),
+                KernelReport("dqk_kernel", 255, spilled, 0, 0, shared)]
+
+    monkeypatch.setattr(triton_compile_check, "config_reports", fake_reports)
+    screen, notes = tuner.CompileScreen(), []
+    assert screen.choose(tunable, shape, torch.bfloat16, hw, ranked, notes)["block_k"] == 32
+    assert notes == ["#1 rejected: 96 B spilled (dqk_kernel 96 B)",
+                     f"#2 rejected: {hw.shared_memory_per_block + 1} B shared > {hw.shared_memory_per_block} B"]
+    assert compiled == [(80, 128, 8, 4096), (80, 64, 8, 4096), (80, 32, 8, 4096)]
+    bigger = dict(shape, T=16384)  # another size bucket, same kernels: nothing compiled again
+    assert screen.choose(tunable, bigger, torch.bfloat16, hw, ranked, []) == ranked[2] and len(compiled) == 3
+    outcome.update({32: (8, 1024), 16: (4, 1024)})  # nothing clean in the top: the least spilling that fits
+    assert tuner.CompileScreen(top=4).choose(tunable, shape, torch.bfloat16, hw, ranked, [])["block_k"] == 16

@@ -128,6 +128,27 @@ def _with_grads(inputs: dict) -> dict:
             for k, v in inputs.items()}
 
 
+def _forward_backward(case, dtype: torch.dtype) -> None:
+    x = _with_grads(case.make(torch.device("cpu"), dtype))
+    case.run(x, "triton").float().sum().backward()
+
+
+SMALL_SIZES = {"linear_attn": {"B": 1, "T": 128, "H": 2}, "delta_rule": {"B": 1, "T": 128, "H": 2},
+               "delta_product": {"B": 1, "T": 128, "H": 2}, "selective_scan": {"B": 1, "T": 128},
+               "rnn": {"B": 2, "T": 8}}  # sizes that change the grid, not the kernels
+
+
+def config_reports(op: str, shape: dict, dtype: torch.dtype, config: dict, arch: int) -> list[KernelReport]:
+    """The Triton kernels of ``op``'s forward and backward at ``shape`` (an autotune standard
+    shape; batch and time are cut to SMALL_SIZES) launched with ``config``, compiled for ``arch``."""
+    from rnnops.autotune import cache, kernels, tuner
+
+    small = dict(shape, **SMALL_SIZES[op])
+    with cache.override(op, "triton", kernels.bucket(op, small, dtype), config), captured_launches() as launches:
+        _forward_backward(tuner.case_for(op, small), dtype)
+    return compile_launches(launches, arch)
+
+
 def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     """(label, call) per op variant at the head dims of the GPU benchmark (rnnops.bench.cases),
     forward and backward, with B and T cut to a few chunks (tile shapes do not depend on them)."""
@@ -135,15 +156,13 @@ def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     from rnnops.bench import cases
 
     def forward_backward(case):
-        def call():
-            x = _with_grads(case.make(torch.device("cpu"), dtype))
-            case.run(x, "triton").float().sum().backward()
-        return case.name, call
+        return case.name, lambda: _forward_backward(case, dtype)
 
     chosen = [cases.linear_attn_case(gate, 1, 128, 2, 128, 128) for gate in ("none", "scalar", "per-key")]
     chosen += [cases.delta_case(n, gated, 1, 128, 2, 128, 128) for n, gated in ((1, False), (1, True), (2, True))]
     chosen.append(cases.selective_scan_case(1, 128, 2048, 16))
-    chosen += [cases.rnn_case(cell, 2, 8, H, D) for cell in ("lstm", "gru", "slstm", "elman") for D, H in ((64, 12), (256, 3))]
+    chosen += [cases.rnn_case(cell, 2, 8, H, D)
+               for cell in ("lstm", "gru", "slstm", "elman") for D, H in ((64, 12), (256, 3))]
     calls = [forward_backward(case) for case in chosen]
 
     B, H, K, V, N, Dm = 2, 2, 128, 128, 16, 2048
@@ -194,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, help="compute capability: 80 (A100), 90 (H100), ... (default 90)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), action="append",
                         help="input dtypes (default bfloat16 and float32)")
-    parser.add_argument("--case", default="", help="only the standard calls whose label matches this regular expression")
+    parser.add_argument("--case", default="",
+                        help="only the standard calls whose label matches this regular expression")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else (torch.bfloat16, torch.float32)
