@@ -73,7 +73,8 @@ def _unit_lower_inverse(L, BT: tl.constexpr):
 @triton.jit
 def _ut_matrices(k, beta, G, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, GATED: tl.constexpr,
                  PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """(beta, Gamma, k k^T, D, T) of one chunk."""
+    """(beta, Gamma, M = k k^T * D, T) of one chunk (D itself is cheap to recompute: one
+    BT x BT matrix fewer held in registers)."""
     b_beta = tl.load(beta + rows * H + i_h, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:
         gamma = tl.exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))
@@ -82,8 +83,8 @@ def _ut_matrices(k, beta, G, rows, row_mask, i_h, H: tl.constexpr, K: tl.constex
     kk = _gram(k, rows, row_mask, i_h, H, K, PRECISION, BT, BK)
     D = _pair_decay(G, rows, row_mask, i_h, H, GATED, BT)
     strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
-    L = tl.where(strict, b_beta[:, None] * kk * D, 0.0)
-    return b_beta, gamma, kk, D, _unit_lower_inverse(L, BT)
+    M = kk * D
+    return b_beta, gamma, M, _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), BT)
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def ut_fwd_kernel(k, v, beta, G, W, U, chunk_indices, cu_seqlens, H: tl.constexp
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_beta, gamma, kk, D, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        b_beta, gamma, _, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
@@ -217,7 +218,7 @@ def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, c
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_beta, gamma, kk, D, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        b_beta, gamma, M, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
         dT = tl.zeros([BT, BT], tl.float32)
         d_beta = tl.zeros([BT], tl.float32)
         d_gate = tl.zeros([BT], tl.float32)
@@ -245,12 +246,11 @@ def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, c
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
         dL = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=PRECISION), input_precision=PRECISION)
         dL = tl.where(strict, dL, 0.0)
-        kkd = kk * D
-        d_beta += tl.sum(dL * kkd, axis=1)
-        E = dL * b_beta[:, None] * D
-        F = E * kk
+        d_beta += tl.sum(dL * M, axis=1)
+        F = dL * b_beta[:, None] * M
         d_gate += tl.sum(F, axis=1) - tl.sum(F, axis=0)
         tl.store(dbeta + rows * H + i_h, d_beta, mask=row_mask)
+        E = dL * b_beta[:, None] * _pair_decay(G, rows, row_mask, i_h, H, GATED, BT)
         sym = E + tl.trans(E)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
