@@ -1,0 +1,185 @@
+"""The NVRTC engine (rnnops.cuda_backend.nvrtc) without a GPU: cupy is replaced by a recorder, the
+CUDA backend's host code runs on CPU tensors and its launches go to the NVRTC engine instead of
+the simulator. Every launch is checked against the kernel's C++ signature parsed from csrc/:
+argument count; each pointer parameter receives the tensor the engine was given under the same
+name (so a swapped argument fails); structs by value whose numpy layout (size, offsets, field
+widths) equals g++'s of the same struct; and the CUDA launch limits. The simulator tests
+cover what the kernels compute; this covers the only code they do not run."""
+import inspect
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rnnops.cuda_backend import engines, nvrtc
+from rnnops.cuda_backend import rnn as cuda_rnn
+from rnnops.cuda_backend import selective_scan as cuda_scan
+from rnnops.cuda_backend.simulator import csrc_dir
+from test_triton_rnn import make_inputs as rnn_inputs
+from test_triton_rnn import run as rnn_run
+from test_triton_selective_scan import make_inputs as scan_inputs
+from test_triton_selective_scan import scan
+
+
+class _Function:
+    def __init__(self, name, launches):
+        self.name, self.launches, self.max_dynamic_shared_size_bytes = name, launches, 0
+
+    def __call__(self, grid, block, args, shared_mem=0, enable_cooperative_groups=False):
+        self.launches.append(SimpleNamespace(name=self.name, grid=grid, block=block, args=args, shared=shared_mem,
+                                             cooperative=enable_cooperative_groups,
+                                             shared_opt_in=self.max_dynamic_shared_size_bytes))
+
+
+class _Stream:
+    def __init__(self, pointer):
+        self.pointer = pointer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Launches recorded by a stand-in cupy, with the cuda backend's engine set to NVRTC for CPU tensors."""
+    recorded, modules, calls = [], [], []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.code, self.options, self.names = code, options, name_expressions
+            modules.append(self)
+
+        def get_function(self, name):
+            assert name in self.names, f"{name} was not among the module's name expressions {self.names}"
+            return _Function(name, recorded)
+
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(RawModule=RawModule,
+                                                             cuda=SimpleNamespace(ExternalStream=_Stream)))
+    monkeypatch.setenv(engines.SIMULATOR_ENV, "1")  # the backend takes CPU tensors
+    monkeypatch.setattr(nvrtc, "_arch", lambda device: "sm_90a")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
+    for name in ("scan_forward", "scan_backward", "rnn_forward", "rnn_backward"):
+        monkeypatch.setattr(nvrtc.Engine, name, _recording(getattr(nvrtc.Engine, name), calls))
+    for module in (cuda_scan, cuda_rnn):
+        monkeypatch.setattr(module, "engine", lambda device: nvrtc.Engine(device))
+    nvrtc._module.cache_clear()
+    yield SimpleNamespace(launches=recorded, modules=modules, calls=calls)
+    nvrtc._module.cache_clear()
+
+
+def _recording(method, calls):
+    """``method`` of the engine, also recording its arguments by name."""
+    def record(self, *args, **kwargs):
+        calls.append(inspect.signature(method).bind(self, *args, **kwargs).arguments)
+        return method(self, *args, **kwargs)
+    return record
+
+
+def _signature(header: str, function: str) -> list[str]:
+    """The parameter declarations of the __global__ ``function`` in csrc/``header``."""
+    text = (csrc_dir() / header).read_text()
+    match = re.search(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?" + function + r"\s*\(([^)]*)\)", text)
+    assert match, f"no __global__ {function} in {header}"
+    return [" ".join(p.split()) for p in match.group(1).split(",")]
+
+
+@pytest.fixture(scope="module")
+def cpp_layouts():
+    """g++'s (sizeof, {field: (offsetof, sizeof)}) of the structs the kernels take by value."""
+    structs = {"rnnops::scan::Operand": ("b", "t", "d"),
+               "rnnops::scan::BCOperand": ("data", "mode", "b", "t", "g", "n", "channels_per_group"),
+               "rnnops::scan::ScanShape": ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus"),
+               "rnnops::rnn::RNNShape": ("B", "T", "H", "D", "splits", "has_bias", "has_initial")}
+    lines = ['#include <cstddef>', '#include <cstdio>', '#include "rnn/rnn.cuh"', '#include "scan/selective_scan.cuh"',
+             "int main() {"]
+    for struct, fields in structs.items():
+        lines.append(f'  std::printf("{struct} %zu\\n", sizeof({struct}));')
+        lines += [f'  std::printf("{struct}.{f} %zu %zu\\n", offsetof({struct}, {f}), sizeof({struct}::{f}));'
+                  for f in fields]
+    with tempfile.TemporaryDirectory() as tmp:
+        cpp, binary = f"{tmp}/layout.cpp", f"{tmp}/layout"
+        Path(cpp).write_text("\n".join(lines + ["}"]) + "\n")
+        subprocess.run(["g++", "-std=c++20", "-pthread", "-I", str(csrc_dir()), cpp, "-o", binary], check=True,
+                       capture_output=True)
+        output = subprocess.run([binary], check=True, capture_output=True, text=True).stdout
+    values = dict(line.split(" ", 1) for line in output.splitlines())
+    return {struct.rsplit("::", 1)[1]: (int(values[struct]),
+                                        {f: tuple(map(int, values[f"{struct}.{f}"].split())) for f in fields})
+            for struct, fields in structs.items()}
+
+
+def _address(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr() if tensor.numel() else 0
+
+
+def check_launch(launch, call: dict, cpp_layouts) -> None:
+    """The recorded ``launch`` (made by the engine ``call``) against its kernel's C++ signature and
+    CUDA's launch limits."""
+    header = "scan/selective_scan.cuh" if "::scan::" in launch.name else "rnn/rnn.cuh"
+    function = re.match(r"rnnops::\w+::(\w+)<", launch.name).group(1)
+    params = _signature(header, function)
+    assert len(launch.args) == len(params), f"{launch.name}: {len(launch.args)} arguments for {len(params)} parameters"
+    named = 0
+    for arg, param in zip(launch.args, params):
+        name = param.split()[-1].lstrip("*")
+        if "*" in param:
+            assert isinstance(arg, np.uint64), f"{launch.name}: {param} got {type(arg).__name__}"
+            if isinstance(call.get(name), torch.Tensor):
+                assert int(arg) == _address(call[name]), f"{launch.name}: {param} got another tensor"
+                named += 1
+            continue
+        struct = param.removeprefix("const ").split()[0]
+        size, fields = cpp_layouts[struct]
+        assert isinstance(arg, np.void), f"{launch.name}: {param} got {type(arg).__name__}"
+        assert arg.dtype.itemsize == size, f"{launch.name}: {struct} is {size} bytes, numpy packs {arg.dtype.itemsize}"
+        packed = {f: (arg.dtype.fields[f][1], arg.dtype.fields[f][0].itemsize) for f in arg.dtype.names}
+        assert packed == fields, f"{launch.name}: {struct} (offset, width) {packed} != g++'s {fields}"
+        if struct == "BCOperand":  # B or C by its data pointer
+            assert int(arg["data"]) == _address(call[name.removesuffix("m")]), f"{launch.name}: {param}"
+    assert named == sum("*" in p for p in params), f"{launch.name}: a pointer parameter without a same-named tensor"
+    assert 0 < np.prod(launch.block) <= 1024 and all(0 < g < 2**31 for g in launch.grid)
+    assert launch.shared <= 48 * 1024 or launch.shared_opt_in >= launch.shared, "opt-in for > 48 KB of shared memory"
+
+
+def _leaves(inputs: dict) -> dict:
+    return {k: v.requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
+def test_selective_scan_launches_match_the_kernels(launches, cpp_layouts):
+    x = _leaves(scan_inputs(layout_B="grouped", layout_C="static"))
+    out = scan("cuda", **x)
+    config = cuda_scan.DEFAULT_CONFIG
+    assert [launch.name for launch in launches.launches] == [
+        f"rnnops::scan::selective_scan_fwd<float, {config.warps}, {config.items}>"]
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert [launch.name for launch in launches.launches][1:] == [
+        f"rnnops::scan::selective_scan_bwd<float, {config.warps}, {config.items}>"]
+    for launch, call in zip(launches.launches, launches.calls, strict=True):
+        check_launch(launch, call, cpp_layouts)
+    module = launches.modules[0]
+    assert f"-I{csrc_dir()}" in module.options and "--gpu-architecture=sm_90a" in module.options
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "slstm", "elman"])
+def test_rnn_launches_match_the_kernels(launches, cpp_layouts, cell):
+    x = _leaves(rnn_inputs(cell, T=3, H=2, D=80))
+    out = rnn_run(cell)("cuda", **x)
+    out[0].sum().backward()
+    phases = [re.match(r"rnnops::rnn::rnn_(\w+)<", launch.name).group(1) for launch in launches.launches]
+    assert phases == ["fwd", "bwd"], phases
+    assert any(launch.cooperative for launch in launches.launches), "D=80 splits heads over blocks: a grid barrier"
+    for launch, call in zip(launches.launches, launches.calls, strict=True):
+        check_launch(launch, call, cpp_layouts)
