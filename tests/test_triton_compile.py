@@ -5,7 +5,7 @@ shipped for the GPU (rnnops.triton_backend.compile_check; ptxas' report). Triton
 which runs the numerical tests on CPUs, checks none of this.
 
 float32 inputs (tf32x3 dot products) still spill in the delta rule's and the linear-attention
-dq/dk kernels: they are checked to compile and fit, not for spills.
+kernels: those are checked to compile and fit, not for spills.
 """
 import json
 import os
@@ -70,7 +70,10 @@ def test_a100_shipped_configs_compile_without_spills(group):
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_float32_kernels_compile_and_fit(group):
-    assert_fits(compile_reports(GROUPS[group], ("float32",)), spill_free=False)
+    """Spill-free too for the scan, the cells and the steps; not yet for linear attention's dq/dk
+    and the delta rule (tf32x3 splits every operand in two)."""
+    spill_free = group in ("selective scan", "cells", "steps")
+    assert_fits(compile_reports(GROUPS[group], ("float32",)), spill_free=spill_free)
 
 
 def test_ptxas_report_is_parsed():
