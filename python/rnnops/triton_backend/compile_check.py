@@ -11,7 +11,9 @@ needs Triton's bundled ptxas, not a GPU or a driver.
 
 The kernels must be imported as compiled kernels, so run it in a process without
 ``TRITON_INTERPRET=1``: ``python -m rnnops.triton_backend.compile_check --arch 90 [--json]``
-prints one row per kernel specialisation of the standard cases (:func:`standard_calls`).
+prints one row per kernel specialisation of the standard cases (:func:`standard_calls`); with
+``--gpu NAME`` the launches take that GPU's shipped configurations. :func:`config_reports`
+compiles one op with one configuration (``python -m rnnops autotune --dry-run --compile-check``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -118,8 +120,7 @@ def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
             knobs.nvidia.dump_ptxas_log = True
             compiled = triton.compile(source, target=target, options=options.__dict__)
         (report,) = parse_log(log.getvalue())
-        reports.append(KernelReport(report.name, report.registers, report.spill_stores, report.spill_loads,
-                                    report.stack_bytes, compiled.metadata.shared))
+        reports.append(replace(report, shared_bytes=compiled.metadata.shared))
     return reports
 
 
