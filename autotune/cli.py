@@ -3,7 +3,7 @@
     python -m rnnops autotune [--ops OP ...] [--shapes SHAPE ...] [--budget-s N] [--top K]
                               [--export FILE | --import FILE]
     python -m rnnops autotune --gpu NAME --dry-run [--compile-check] [--export FILE]    (no GPU needed)
-    python -m rnnops autotune --explain OP SHAPE [--gpu NAME]
+    python -m rnnops autotune --explain OP SHAPE [--gpu NAME] [--compile-check]
 
 SHAPE is name=value pairs: "B=8,T=4096,H=16,K=128,V=128,gate=per-key".
 """
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="solve and rank only (works without a GPU)")
     parser.add_argument("--compile-check", action="store_true",
                         help="with --dry-run: compile the best-ranked Triton configurations for the GPU's architecture "
-                             "and keep the first that spills no registers (how autotune/defaults/ are made)")
+                             "and keep the first that spills no registers (how autotune/defaults/ are made); with "
+                             "--explain: show ptxas' registers, spills and shared memory of each ranked configuration")
     parser.add_argument("--explain", nargs=2, metavar=("OP", "SHAPE"), help="constraints, counts and the ranking")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--export", type=Path, metavar="FILE", help="write the chosen configurations")
@@ -62,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
     shapes = [tuner.parse_shape(s) for s in args.shapes] if args.shapes else None
     if args.explain:
         op, shape = args.explain
-        print(tuner.explain(op, tuner.parse_shape(shape), _hardware(args), dtype))
+        screen = tuner.CompileScreen() if args.compile_check else None
+        print(tuner.explain(op, tuner.parse_shape(shape), _hardware(args), dtype, screen))
         return 0
     if args.import_:
         if not torch.cuda.is_available():

@@ -89,25 +89,32 @@ class CompileScreen:
     top: int = 6
     reports: dict = field(default_factory=dict)
 
-    def choose(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
-               ranked: list[dict], notes: list[str]) -> dict:
+    def compiled(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
+                 config: dict) -> tuple[dict[str, int], int, int]:
+        """({kernel: bytes spilled} for the kernels that spill, most shared bytes, most registers)
+        of ``config``'s kernels compiled for the hardware's architecture."""
         from rnnops.triton_backend.compile_check import SMALL_SIZES, config_reports
 
         arch = 10 * hardware.compute_capability[0] + hardware.compute_capability[1]
         kernel_shape = tuple(sorted(dict(shape, **SMALL_SIZES[tunable.op]).items()))
+        key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
+        if key not in self.reports:
+            self.reports[key] = config_reports(tunable.op, shape, dtype, config, arch)
+        reports = self.reports[key]
+        spills = {r.name: r.spill_stores + r.spill_loads for r in reports if r.spill_stores + r.spill_loads}
+        return (spills, max((r.shared_bytes for r in reports), default=0),
+                max((r.registers for r in reports), default=0))
+
+    def choose(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
+               ranked: list[dict], notes: list[str]) -> dict:
         limit = hardware.shared_memory_per_block
         scored = []
         for i, config in enumerate(ranked[:self.top]):
-            key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
-            if key not in self.reports:
-                try:
-                    self.reports[key] = config_reports(tunable.op, shape, dtype, config, arch)
-                except Exception as error:  # e.g. an architecture this Triton cannot target
-                    notes.append(f"not compiled for sm_{arch}: {type(error).__name__}: {str(error)[:80]}")
-                    return ranked[0]
-            spills = {r.name: r.spill_stores + r.spill_loads for r in self.reports[key]
-                      if r.spill_stores + r.spill_loads}
-            shared = max((r.shared_bytes for r in self.reports[key]), default=0)
+            try:
+                spills, shared, _ = self.compiled(tunable, shape, dtype, hardware, config)
+            except Exception as error:  # e.g. an architecture this Triton cannot target
+                notes.append(f"not compiled for {hardware.arch}: {type(error).__name__}: {str(error)[:80]}")
+                return ranked[0]
             if not spills and shared <= limit:
                 return config
             worst = max(spills, key=spills.get) if spills else None
@@ -215,8 +222,10 @@ def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, t
     return results
 
 
-def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype) -> str:
-    """The constraints of every kernel for ``op`` at ``shape``, what each removes, and the ranking."""
+def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
+            screen: CompileScreen | None = None) -> str:
+    """The constraints of every kernel for ``op`` at ``shape``, what each removes, and the ranking;
+    with ``screen``, what ptxas reports for each ranked Triton configuration."""
     lines = []
     for tunable in kernels.tunables([op]):
         space = tunable.space(shape, dtype, hardware)
@@ -233,6 +242,11 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype) -> str
             cost = tunable.cost(config, shape, dtype, hardware)
             lines.append(f"  #{i + 1} {config}: estimated {cost * 1e3:.3f} ms ({cost_default / cost:.2f}x the default's "
                          f"estimate)")
+            if screen is not None and tunable.backend == "triton":
+                spills, shared, registers = screen.compiled(tunable, shape, dtype, hardware, config)
+                lines.append(f"      compiled for {hardware.arch}: up to {registers} registers, "
+                             + (", ".join(f"{k} spills {v} B" for k, v in spills.items()) or "no spills")
+                             + f", {shared} B shared of {hardware.shared_memory_per_block}")
         lines.append(f"  default {default}: estimated {cost_default * 1e3:.3f} ms"
                      + ("" if default in ranked else " (not legal here)"))
         if ranked:

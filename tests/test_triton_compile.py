@@ -76,6 +76,17 @@ def test_float32_kernels_compile_and_fit(group):
     assert_fits(compile_reports(GROUPS[group], ("float32",)), spill_free=spill_free)
 
 
+def test_autotune_explain_shows_what_ptxas_reports():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "rnnops", "autotune", "--explain", "selective_scan",
+                             "B=8,T=2048,Dm=2048,N=16", "--gpu", "H100", "--compile-check"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "triton.selective_scan on H100" in result.stdout
+    assert result.stdout.count("compiled for sm_90: up to") == 5, result.stdout
+    assert f"B shared of {H100.shared_memory_per_block}" in result.stdout
+
+
 def test_ptxas_report_is_parsed():
     log = """ptxas info    : Compiling entry function 'dqk_kernel' for 'sm_90a'
 ptxas info    : Function properties for dqk_kernel
