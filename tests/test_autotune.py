@@ -151,7 +151,9 @@ def test_kernels_take_their_configuration_from_the_look_up(monkeypatch):
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
     assert seen[-1].block_v == 16 and seen[-1].num_warps == 2
     rnnops.linear_attn(q, k, v, chunk_size=16, backend="triton")
-    assert seen[-1] == triton_linear_attn.DEFAULT_CONFIG  # no entry on the CPU: the default
+    assert seen[-1] == triton_linear_attn.FLOAT32_DEFAULT_CONFIG  # no entry on the CPU: float32's default
+    rnnops.linear_attn(q.half(), k.half(), v.half(), chunk_size=16, backend="triton")
+    assert seen[-1] == triton_linear_attn.DEFAULT_CONFIG
 
 
 def test_shipped_defaults_are_legal_for_their_gpu():

@@ -81,6 +81,8 @@ def test_config_space(gpu):
     assert legal and all(256 * p["state_block_v"] <= 128 * 32 * p["num_warps"] for p in legal)
     defaults = dict(triton_delta_rule.DEFAULT_CONFIG.__dict__)
     assert defaults in triton_delta_rule.space(128, 128, 64, 2, hardware.named(gpu)).legal()
+    assert triton_delta_rule.FLOAT32_DEFAULT_CONFIG.__dict__ in triton_delta_rule.space(
+        128, 128, 64, 4, hardware.named(gpu)).legal()
 
 
 @pytest.mark.gpu

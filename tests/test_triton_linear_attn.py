@@ -129,6 +129,7 @@ def test_config_space(gpu):
     space = triton_linear_attn.space(128, 128, 64, 2, hw)
     legal = space.legal()
     assert legal and triton_linear_attn.DEFAULT_CONFIG.__dict__ in legal
+    assert triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__ in triton_linear_attn.space(128, 128, 64, 4, hw).legal()
     assert all(c.holds(p) for p in legal for c in space.constraints)
     assert sum(removed for _, removed in space.explain()) > 0
     small = triton_linear_attn.space(16, 32, 16, 4, hw).legal()

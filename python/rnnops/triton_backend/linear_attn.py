@@ -36,6 +36,14 @@ class LinearAttnConfig:
 
 
 DEFAULT_CONFIG = LinearAttnConfig()
+# float32 (tf32x3) splits every dot operand in two: 64 x 64 tiles spill up to 1.4 KB per thread
+# in dq/dk at K = V = 128, 32 x 32 tiles nothing (compile_check, sm_90)
+FLOAT32_DEFAULT_CONFIG = LinearAttnConfig(block_k=32, block_v=32)
+
+
+def default_config(dtype: torch.dtype, half=DEFAULT_CONFIG, single=FLOAT32_DEFAULT_CONFIG):
+    """The configuration without a tuned or shipped entry: ``single`` for float32 inputs."""
+    return single if dtype == torch.float32 else half
 
 
 def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
@@ -245,6 +253,7 @@ class LinearAttnFunction(torch.autograd.Function):
 def linear_attn(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                 config: LinearAttnConfig | None = None):
     if config is None:
-        config = tuned("linear_attn", "triton", linear_attn_shape(q, v, g), q.dtype, q.device, DEFAULT_CONFIG)
+        config = tuned("linear_attn", "triton", linear_attn_shape(q, v, g), q.dtype, q.device,
+                       default_config(q.dtype))
     return LinearAttnFunction.apply(q, k, v, g, initial_state, scale, cu_seqlens, chunk_size, output_final_state,
                                     config)
