@@ -93,9 +93,9 @@ class CompileScreen:
                  config: dict) -> tuple[dict[str, int], int, int]:
         """({kernel: bytes spilled} for the kernels that spill, most shared bytes, most registers)
         of ``config``'s kernels compiled for the hardware's architecture."""
-        from rnnops.triton_backend.compile_check import SMALL_SIZES, config_reports
+        from rnnops.triton_backend.compile_check import SMALL_SIZES, capability, config_reports
 
-        arch = 10 * hardware.compute_capability[0] + hardware.compute_capability[1]
+        arch = capability(hardware)
         kernel_shape = tuple(sorted(dict(shape, **SMALL_SIZES[tunable.op]).items()))
         key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
         if key not in self.reports:

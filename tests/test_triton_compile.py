@@ -21,17 +21,17 @@ from rnnops.autotune import hardware
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 H100 = hardware.named("H100")
+COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels must be compiled
 GROUPS = {"linear attention": "linear attention|scalar decay|GLA", "delta rule": "delta rule|DeltaProduct",
           "selective scan": "Mamba|selective_state_update", "cells": "lstm|gru|elman", "steps": "_step"}
 
 
 def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, arch: int = 90) -> list[dict]:
-    """compile_check's rows, run in a process without TRITON_INTERPRET (kernels must be compiled)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """compile_check's rows, run in a process without TRITON_INTERPRET."""
     command = [sys.executable, "-m", "rnnops.triton_backend.compile_check", "--arch", str(arch), "--json", "--case",
                case]
     command += [arg for dtype in dtypes for arg in ("--dtype", dtype)] + (["--gpu", gpu] if gpu else [])
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=COMPILING_ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(result.stdout)
     assert rows, f"no kernel launched for {case!r}"
@@ -79,10 +79,9 @@ def test_float32_kernels_compile_and_fit(group):
 
 
 def test_autotune_explain_shows_what_ptxas_reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "rnnops", "autotune", "--explain", "selective_scan",
                              "B=8,T=2048,Dm=2048,N=16", "--gpu", "H100", "--compile-check"],
-                            capture_output=True, text=True, env=env, timeout=600)
+                            capture_output=True, text=True, env=COMPILING_ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "triton.selective_scan on H100" in result.stdout
     assert result.stdout.count("compiled for sm_90: up to") == 5, result.stdout

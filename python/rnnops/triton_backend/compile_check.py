@@ -154,17 +154,18 @@ def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     """(label, call) per op variant at the head dims of the GPU benchmark (rnnops.bench.cases),
     forward and backward, with B and T cut to a few chunks (tile shapes do not depend on them)."""
     import rnnops
-    from rnnops.bench import cases
+    from rnnops.autotune.tuner import case_for
 
     def forward_backward(case):
         return case.name, lambda: _forward_backward(case, dtype)
 
-    chosen = [cases.linear_attn_case(gate, 1, 128, 2, 128, 128) for gate in ("none", "scalar", "per-key")]
-    chosen += [cases.delta_case(n, gated, 1, 128, 2, 128, 128) for n, gated in ((1, False), (1, True), (2, True))]
-    chosen.append(cases.selective_scan_case(1, 128, 2048, 16))
-    chosen += [cases.rnn_case(cell, 2, 8, H, D)
+    shapes = [("linear_attn", {"K": 128, "V": 128, "gate": gate}) for gate in ("none", "scalar", "per-key")]
+    shapes += [(op, {"K": 128, "V": 128, "gated": gated, "num_householder": n})
+               for op, n, gated in (("delta_rule", 1, False), ("delta_rule", 1, True), ("delta_product", 2, True))]
+    shapes.append(("selective_scan", {"Dm": 2048, "N": 16}))
+    shapes += [("rnn", {"cell": cell, "H": H, "D": D})
                for cell in ("lstm", "gru", "slstm", "elman") for D, H in ((64, 12), (256, 3))]
-    calls = [forward_backward(case) for case in chosen]
+    calls = [forward_backward(case_for(op, dict(shape, **SMALL_SIZES[op]))) for op, shape in shapes]
 
     B, H, K, V, N, Dm = 2, 2, 128, 128, 16, 2048
     q, k, v = (torch.randn(B, H, d).to(dtype) for d in (K, K, V))
@@ -199,10 +200,9 @@ def check(arch: int, dtypes=(torch.bfloat16, torch.float32), case: str = "", gpu
     return rows
 
 
-def _capability(gpu: str) -> int:
-    from rnnops.autotune import hardware
-
-    major, minor = hardware.named(gpu).compute_capability
+def capability(hardware) -> int:
+    """The ``arch`` number of a rnnops.autotune.hardware.Hardware: (9, 0) -> 90."""
+    major, minor = hardware.compute_capability
     return 10 * major + minor
 
 
@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else (torch.bfloat16, torch.float32)
-    arch = args.arch or (_capability(args.gpu) if args.gpu else 90)
+    from rnnops.autotune.hardware import named
+
+    arch = args.arch or (capability(named(args.gpu)) if args.gpu else 90)
     rows = check(arch, dtypes, args.case, args.gpu)
     if args.json:
         json.dump(rows, sys.stdout)
