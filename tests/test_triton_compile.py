@@ -6,6 +6,12 @@ which runs the numerical tests on CPUs, checks none of this.
 
 float32 inputs (tf32x3 dot products) still spill in the delta rule and GLA's state kernels:
 those are checked to compile and fit, not for spills.
+
+"Without spills" allows SPILL_TOLERANCE bytes per kernel: ptxas sometimes keeps a kernel at 128
+registers for occupancy and moves a few bytes to local memory, and which kernels it does that to
+changes between its versions (Triton 3.6 bundles ptxas 12.x, 3.9 ptxas 13.x; seen: 4-24 B in the
+float32 cells and GLA's sub-chunk kernels on one and not the other). Running out of registers
+spills hundreds of bytes to tens of kilobytes, which these tests exist to catch.
 """
 import json
 import os
@@ -21,6 +27,7 @@ from rnnops.autotune import hardware
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
 H100 = hardware.named("H100")
+SPILL_TOLERANCE = 32  # bytes stored or loaded per kernel (module docstring)
 COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels must be compiled
 GROUPS = {"linear attention": "linear attention|scalar decay|GLA", "delta rule": "delta rule|DeltaProduct",
           "selective scan": "Mamba|selective_state_update", "cells": "lstm|gru|elman", "steps": "_step"}
@@ -47,7 +54,7 @@ def assert_fits(rows: list[dict], spill_free: bool, gpu=H100) -> None:
     too_big = [describe(r) for r in rows if r["shared_bytes"] > gpu.shared_memory_per_block]
     assert not too_big, f"over the {gpu.name}'s {gpu.shared_memory_per_block} bytes of shared memory: {too_big}"
     if spill_free:
-        spilled = [describe(r) for r in rows if r["spill_stores"] or r["spill_loads"]]
+        spilled = [describe(r) for r in rows if max(r["spill_stores"], r["spill_loads"]) > SPILL_TOLERANCE]
         assert not spilled, f"spills registers: {spilled}"
 
 
@@ -71,11 +78,12 @@ def test_a100_shipped_configs_compile_without_spills(group):
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_float32_kernels_compile_and_fit(group):
-    """Spill-free too, except GLA's state kernels (8-20 B) and the delta rule (tf32x3 splits every
-    operand in two; its state kernels hold full-K tiles)."""
+    """Spill-free too, except the delta rule's state and UT kernels (0.7-2 KB: tf32x3 splits every
+    operand in two, and the state kernels hold full-K tiles)."""
     rows = compile_reports(GROUPS[group], ("float32",))
-    assert_fits([r for r in rows if re.match("GLA|gated|delta|DeltaProduct", r["case"])], spill_free=False)
-    assert_fits([r for r in rows if not re.match("GLA|gated|delta|DeltaProduct", r["case"])], spill_free=True)
+    spilling = re.compile("delta rule|DeltaProduct")
+    assert_fits([r for r in rows if spilling.search(r["case"])], spill_free=False)
+    assert_fits([r for r in rows if not spilling.search(r["case"])], spill_free=True)
 
 
 def test_autotune_explain_shows_what_ptxas_reports():

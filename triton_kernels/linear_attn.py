@@ -444,9 +444,10 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
 
 @triton.jit
 def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
-              V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-              BV: tl.constexpr):
-    """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile."""
+              V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr):
+    """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile; without
+    dh (HAS_DH false) only the intra-chunk term (the delta rule's states_bwd adds the state term)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -456,17 +457,18 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         acc = tl.zeros([BT, BV], tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            rk = i_k * BK + tl.arange(0, BK)
-            b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
-                          other=0.0)
-            b_dS = tl.load(dh + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
-                           mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
-            if GATE != 0:
-                g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
-                b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
-                b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(b_do.dtype)
-            acc += tl.dot(b_k, b_dS.to(b_do.dtype), input_precision=PRECISION)
+        if HAS_DH:
+            for i_k in range(tl.cdiv(K, BK)):
+                rk = i_k * BK + tl.arange(0, BK)
+                b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :],
+                              mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
+                b_dS = tl.load(dh + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
+                               mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+                if GATE != 0:
+                    g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
+                    b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
+                    b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(b_do.dtype)
+                acc += tl.dot(b_k, b_dS.to(b_do.dtype), input_precision=PRECISION)
         scores = _scores(q, k, G, A, rows, row_mask, last, i_h, H, K, GATE, PRECISION, BT, BK)
         acc += scale * tl.dot(tl.trans(scores).to(b_do.dtype), b_do, input_precision=PRECISION)
         tl.store(dv + (rows[:, None] * H + i_h) * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)

@@ -91,7 +91,8 @@ class _DeltaRun(ChunkedRun):
     def delta_states_backward(self, q, k, W, G, do, d_final, initial_state):
         lay = self.layout
         dh = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=q.device)
-        dv_new = empty(do.shape, dtype=torch.float32, device=do.device)
+        # the intra-chunk term in parallel, so the sequential loop only adds the state term
+        dv_new = self.dv(q, k, G, None, None, do, dtype=torch.float32)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
         launch(
             _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),

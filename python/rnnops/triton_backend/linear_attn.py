@@ -97,7 +97,8 @@ class ChunkedRun:
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
         self.precision = dot_precision(q.dtype)
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills at 8)
+        # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills
+        # at 8, and at 2 too: compile_check, sm_90)
         self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
         self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
 
@@ -201,13 +202,14 @@ class ChunkedRun:
             self.scale, lay.total_rows, V=self.V, DELTA=delta, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dq, dk, dW, dG
 
-    def dv(self, q, k, G, A, dh, do):
-        dv = empty(do.shape, dtype=do.dtype, device=do.device)
+    def dv(self, q, k, G, A, dh, do, dtype=None):
+        """dv in ``dtype`` (default do's); with dh None only the intra-chunk term."""
+        dv = empty(do.shape, dtype=dtype or do.dtype, device=do.device)
         lay = self.layout
         launch(
             _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
-            q, k, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, BK=self.BK, BV=self.BV,
-            **self.common, **self.launch)
+            q, k, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, HAS_DH=dh is not None,
+            BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dv
 
     def unflat(self, x, dtype=None):
