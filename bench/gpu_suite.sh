@@ -35,7 +35,9 @@ PY
   nvcc --version | tail -1
 
   section "GPU tests"
-  timeout 200 python -m pytest -m gpu -q -x -p no:cacheprovider tests
+  # 8 workers: most of the time is compiling (Triton and NVRTC: hundreds of specialisations on a cold
+  # cache, about a second each); up to 20 failures are listed rather than stopping at the first
+  timeout 200 python -m pytest -m gpu -q -n 8 --maxfail=20 -p no:cacheprovider tests
 
   section "compute-sanitizer"
   for tool in memcheck racecheck; do
