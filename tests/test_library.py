@@ -119,6 +119,40 @@ def test_compiled_fullgraph_matches_eager(case):
             assert_close(got_grads[name], grad, 1e-12, f"d/d{name}")
 
 
+@pytest.mark.parametrize("case", ["linear_attn-gla-varlen", "delta_rule-no-state", "delta_product"])
+def test_compiled_triton_backward_skips_the_forward_kernels(case, monkeypatch):
+    """The operator's backward calls the op again only to differentiate it: the Triton linear
+    family then sets up its autograd context without launching its forward kernels (no
+    output_kernel, which only the forward launches), and the gradients are the eager ones.
+    (Interpreter on the CPU, float32, chunks of 16.)"""
+    from rnnops.triton_backend import delta_rule as triton_delta_rule
+    from rnnops.triton_backend import linear_attn as triton_linear_attn
+
+    fn, inputs = {name: (f, x) for name, f, x in _cases(dtype=torch.float32, chunk_size=16)}[case]
+    call = lambda **x: fn(**x, backend="triton")  # noqa: E731
+    launched = []
+    for module in (triton_linear_attn, triton_delta_rule):
+        launch = module.launch
+        monkeypatch.setattr(module, "launch", lambda kernel, *a, _launch=launch, **kw: (
+            launched.append(kernel.fn.__name__), _launch(kernel, *a, **kw))[1])
+    want, want_grads = run_with_grads(call, inputs)
+    assert "output_kernel" in launched  # the spy sees the forward
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
+              for k, v in inputs.items()}
+    outs = [o for o in compiled(**leaves) if o is not None]
+    for a, b in zip(outs, want, strict=True):
+        assert_close(a, b, 1e-6, "output")
+    launched.clear()
+    gen = torch.Generator().manual_seed(1)  # run_with_grads' cotangents
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outs]
+    torch.autograd.backward(outs, cotangents)
+    assert launched and "output_kernel" not in launched, launched
+    for name, grad in want_grads.items():
+        assert_close(leaves[name].grad, grad, 1e-6, f"d/d{name}")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_meta_tensors_give_shapes_without_computing(case):
     fn, inputs = CASES[case]

@@ -11,9 +11,13 @@ node:
   tests would catch it);
 - the fake (meta) kernel computes the output shapes and dtypes, never reading values;
 - autograd is registered through a second operator ``torch.ops.rnnops.X_backward`` that
-  recomputes the forward with gradients enabled and differentiates it with the backend's own
-  autograd. A compiled training step therefore pays one extra forward of each rnnops op; eager
-  training does not. Double backward through the compiled op is not supported.
+  calls the op again with gradients enabled and differentiates it with the backend's own
+  autograd, under rnnops._backward_only: the Triton linear-attention, delta-rule and
+  DeltaProduct Functions, whose backward needs only their inputs, then skip the forward's
+  kernels, so a compiled training step costs what an eager one does. The other backends
+  recompute the forward (one extra forward per op: the fused cells and the scans keep forward
+  intermediates for their backward, the reference and chunked ones are plain autograd). Double
+  backward through the compiled op is not supported.
 
 Outputs that an op returns as None (an unrequested final state) travel through the operator as
 empty placeholders; the public function turns them back into None.
@@ -23,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from ._backward_only import backward_only
 
 _LIB = torch.library.Library("rnnops", "DEF")
 OPS: dict[str, LibraryOp] = {}
@@ -91,9 +97,10 @@ class LibraryOp:
         return tuple(_fill_slots(args, self.arg_types, per_slot, non_tensor=None))
 
     def _backward(self, grads, needs, *args) -> list[torch.Tensor]:
-        """Recompute the forward with gradients on for the slots flagged in ``needs`` and
-        differentiate it; returns one contiguous gradient per flagged slot."""
-        with torch.enable_grad():
+        """Call the op again with gradients on for the slots flagged in ``needs`` (its outputs
+        unread: backward_only) and differentiate it; returns one contiguous gradient per flagged
+        slot."""
+        with torch.enable_grad(), backward_only():
             slots = _tensor_slots(args, self.arg_types)
             leaves = [t.detach().requires_grad_(True) if need else t for t, need in zip(slots, needs)]
             outs = self._call_run(_fill_slots(args, self.arg_types, leaves))

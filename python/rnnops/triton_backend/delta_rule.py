@@ -17,6 +17,7 @@ from rnnops.autotune.kernels import delta_rule_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._delta_product import via_delta_rule
+from .._backward_only import outputs_wanted
 from .._buffers import empty
 from .._dispatch import register
 from ._common import launch
@@ -120,14 +121,16 @@ class DeltaRuleFunction(torch.autograd.Function):
         run = _DeltaRun(q, v, g, cu_seqlens, chunk, scale, config)
         qf, kf, vf, bf, gf = (run.flat(x) for x in (q, k, v, beta, g))
         state0 = None if initial_state is None else initial_state.float().contiguous()
-        G = run.cumulative_decay(gf)
-        W, U = run.ut(kf, vf, bf, G)
-        h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
-        o = run.output(qf, kf, v_new, G, None, h)
         ctx.save_for_backward(qf, kf, vf, bf, gf, state0)
         ctx.run = run
         ctx.dtypes = (k.dtype, beta.dtype, None if g is None else g.dtype,
                       None if initial_state is None else initial_state.dtype)
+        if not outputs_wanted():
+            return run.unread_outputs(v, output_final_state)
+        G = run.cumulative_decay(gf)
+        W, U = run.ut(kf, vf, bf, G)
+        h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
+        o = run.output(qf, kf, v_new, G, None, h)
         return run.unflat(o), final
 
     @staticmethod

@@ -14,6 +14,7 @@ from rnnops.autotune.cache import tuned
 from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
+from .._backward_only import outputs_wanted
 from .._buffers import empty
 from .._dispatch import register
 from ._common import (ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, head_dim_reason,
@@ -212,6 +213,12 @@ class ChunkedRun:
             BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dv
 
+    def unread_outputs(self, v, output_final_state: bool):
+        """(o, final state) of the right shapes, uninitialised (rnnops._backward_only)."""
+        final = (torch.empty((self.layout.sequences, self.H, self.K, self.V), dtype=torch.float32, device=v.device)
+                 if output_final_state else None)
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device), final
+
     def unflat(self, x, dtype=None):
         """(B*T, H, ...) -> (B, T, H, ...), optionally cast."""
         if x is None:
@@ -226,12 +233,14 @@ class LinearAttnFunction(torch.autograd.Function):
         run = ChunkedRun(q, v, g, cu_seqlens, chunk, scale, config)
         qf, kf, vf, gf = (run.flat(x) for x in (q, k, v, g))
         state0 = None if initial_state is None else initial_state.float().contiguous()
-        G = run.cumulative_decay(gf)
-        h, final = run.states(kf, vf, G, state0, output_final_state)
-        o = run.output(qf, kf, vf, G, run.intra_scores(qf, kf, G), h)
         ctx.save_for_backward(qf, kf, vf, gf, state0)
         ctx.run = run
         ctx.dtypes = (None if g is None else g.dtype, None if initial_state is None else initial_state.dtype)
+        if not outputs_wanted():
+            return run.unread_outputs(v, output_final_state)
+        G = run.cumulative_decay(gf)
+        h, final = run.states(kf, vf, G, state0, output_final_state)
+        o = run.output(qf, kf, vf, G, run.intra_scores(qf, kf, G), h)
         return run.unflat(o), final
 
     @staticmethod
