@@ -129,7 +129,10 @@ def test_compiled_triton_backward_skips_the_forward_kernels(case, monkeypatch):
     from rnnops.triton_backend import linear_attn as triton_linear_attn
 
     fn, inputs = {name: (f, x) for name, f, x in _cases(dtype=torch.float32, chunk_size=16)}[case]
-    call = lambda **x: fn(**x, backend="triton")  # noqa: E731
+
+    def call(**x):
+        return fn(**x, backend="triton")
+
     launched = []
     for module in (triton_linear_attn, triton_delta_rule):
         launch = module.launch
