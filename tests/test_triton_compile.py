@@ -4,8 +4,8 @@ spills no registers, with each kernel's DEFAULT_CONFIG (sm_90) and with the conf
 shipped for the GPU (rnnops.triton_backend.compile_check; ptxas' report). Triton's interpreter,
 which runs the numerical tests on CPUs, checks none of this.
 
-float32 inputs (tf32x3 dot products) still spill in the delta rule and GLA's state kernels:
-those are checked to compile and fit, not for spills.
+float32 inputs (tf32x3 dot products) still spill in the delta rule's state and UT kernels: those
+are checked to compile and fit, not for spills.
 
 "Without spills" allows SPILL_TOLERANCE bytes per kernel: ptxas sometimes keeps a kernel at 128
 registers for occupancy and moves a few bytes to local memory, and which kernels it does that to
