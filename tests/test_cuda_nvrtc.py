@@ -28,12 +28,15 @@ from test_triton_selective_scan import scan
 
 
 class _Function:
-    def __init__(self, name, launches):
-        self.name, self.launches, self.max_dynamic_shared_size_bytes = name, launches, 0
+    """cupy's kernel call as of cupy 14: whether the launch is cooperative is the module's choice (a
+    call that also passes enable_cooperative_groups raises there: "got multiple values")."""
 
-    def __call__(self, grid, block, args, shared_mem=0, enable_cooperative_groups=False):
+    def __init__(self, name, launches, cooperative):
+        self.name, self.launches, self.cooperative, self.max_dynamic_shared_size_bytes = name, launches, cooperative, 0
+
+    def __call__(self, grid, block, args, *, shared_mem=0):
         self.launches.append(SimpleNamespace(name=self.name, grid=grid, block=block, args=args, shared=shared_mem,
-                                             cooperative=enable_cooperative_groups,
+                                             cooperative=self.cooperative,
                                              shared_opt_in=self.max_dynamic_shared_size_bytes))
 
 
@@ -57,13 +60,14 @@ def launches(monkeypatch):
     recorded, modules, calls = [], [], []
 
     class RawModule:
-        def __init__(self, code, options, name_expressions):
+        def __init__(self, code, options, name_expressions, enable_cooperative_groups=False):
             self.code, self.options, self.names = code, options, name_expressions
+            self.cooperative = enable_cooperative_groups
             modules.append(self)
 
         def get_function(self, name):
             assert name in self.names, f"{name} was not among the module's name expressions {self.names}"
-            return _Function(name, recorded)
+            return _Function(name, recorded, self.cooperative)
 
     monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(RawModule=RawModule,
                                                              cuda=SimpleNamespace(ExternalStream=_Stream)))

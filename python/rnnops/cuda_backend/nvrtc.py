@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,11 +26,31 @@ def _cupy():
 
 
 @functools.cache
-def _module(header: str, names: tuple[str, ...], arch: str):
+def toolkit_include_dir() -> Path:
+    """The CUDA toolkit's include folder, for the headers that NVRTC's own include path may lack.
+
+    CUDA 13's pip wheels ship ``mma.h`` without the ``crt/mma.h`` it includes, and cupy compiles
+    against those wheels when they are installed; the toolkit (``$CUDA_HOME``, ``$CUDA_PATH``, the
+    ``nvcc`` on ``PATH`` or ``/usr/local/cuda``) has the whole set."""
+    nvcc = shutil.which("nvcc")
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             str(Path(nvcc).resolve().parent.parent) if nvcc else None, "/usr/local/cuda"]
+    for root in filter(None, roots):
+        include = Path(root) / "include"
+        if (include / "crt" / "mma.h").is_file():
+            return include
+    raise RuntimeError("the cuda backend needs the CUDA toolkit headers (include/crt/mma.h) for NVRTC: "
+                       "install the CUDA toolkit or set CUDA_HOME to it")
+
+
+@functools.cache
+def _module(header: str, names: tuple[str, ...], arch: str, cooperative: bool):
+    """The compiled module; ``cooperative`` modules launch their kernels with cudaLaunchCooperativeKernel
+    (cupy takes that choice per module, not per launch)."""
     cupy = _cupy()
     code = f'#include "{header}"\n'
-    return cupy.RawModule(code=code, options=("-std=c++17", f"-I{csrc_dir()}", f"--gpu-architecture={arch}"),
-                          name_expressions=names)
+    options = ("-std=c++17", f"-I{csrc_dir()}", f"-I{toolkit_include_dir()}", f"--gpu-architecture={arch}")
+    return cupy.RawModule(code=code, options=options, name_expressions=names, enable_cooperative_groups=cooperative)
 
 
 def _arch(device: torch.device) -> str:
@@ -53,13 +75,13 @@ class Engine:
     def _launch(self, instance: Instantiation, grid, block, shared_bytes: int, args, cooperative: bool = False):
         cupy = _cupy()
         kernel = instance.kernel
-        function = _module(instance.header, (kernel,), self.arch).get_function(kernel)
+        function = _module(instance.header, (kernel,), self.arch, cooperative).get_function(kernel)
         if shared_bytes > 48 * 1024:
             function.max_dynamic_shared_size_bytes = shared_bytes
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
         try:
             with stream:
-                function(tuple(grid), tuple(block), args, shared_mem=shared_bytes, enable_cooperative_groups=cooperative)
+                function(tuple(grid), tuple(block), args, shared_mem=shared_bytes)
             if os.environ.get("RNNOPS_DEBUG", "0") not in ("", "0"):
                 stream.synchronize()
         except Exception as error:
