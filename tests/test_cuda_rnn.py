@@ -32,6 +32,21 @@ def test_config_space_fits_shared_memory():
                              for p in legal)
 
 
+def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
+    """A configuration asks for 64 units whatever D (the default, or one tuned for another D of the
+    bucket); sLSTM at D = 768 in bf16 then needs 424 KB of shared memory (on an H100 the launch
+    failed with CUDA_ERROR_INVALID_VALUE). The launch takes the widest slice that fits, and a head
+    too wide for any slice is refused by `supports` so `auto` picks another backend."""
+    monkeypatch.setattr(cuda_rnn, "_shared_memory_per_block", lambda device: hardware.named("H100").shared_memory_per_block)
+    cuda = torch.device("cuda")
+    assert cuda_rnn.slice_units(64, 768, 4, 2, cuda) == 32
+    assert cuda_rnn.slice_units(64, 192, 4, 2, cuda) == 64
+    assert cuda_rnn.slice_units(64, 40, 4, 2, cuda) == 32  # no wider than D rounded up to 16
+    monkeypatch.setattr(cuda_rnn, "device_reason", lambda device: None)
+    assert "shared memory" in cuda_rnn.supports(dtype=torch.float32, device=cuda, head_dim=768, cell="slstm")
+    assert cuda_rnn.supports(dtype=torch.bfloat16, device=cuda, head_dim=768, cell="slstm") is None
+
+
 @pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_default_configs_compile_without_spills(arch):

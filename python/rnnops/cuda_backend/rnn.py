@@ -7,7 +7,10 @@ grid barrier every step (a cooperative launch: every block must be resident at o
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import torch
 
 from rnnops.autotune.cache import tuned
 from rnnops.autotune.kernels import rnn_shape
@@ -39,6 +42,31 @@ def shared_bytes(D: int, gates: int, units: int, element_bytes: int) -> tuple[in
     return forward, backward
 
 
+@functools.cache
+def _shared_memory_per_block(device: torch.device) -> int | None:
+    """The opt-in shared memory per block of a CUDA device; None for the CPU simulator (no limit)."""
+    if device.type != "cuda":
+        return None
+    from rnnops.autotune.hardware import from_device
+
+    return from_device(device.index if device.index is not None else torch.cuda.current_device()).shared_memory_per_block
+
+
+def slice_units(requested: int, D: int, gates: int, element_bytes: int, device: torch.device) -> int:
+    """The units per block for a head of D units: the widest instantiated slice no wider than the
+    configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
+    shared memory. A configuration tuned or shipped for another head dim of the same shape bucket
+    may ask for more than fits (sLSTM at D = 768 with 64 units: 424 KB); it gets a narrower slice."""
+    limit = _shared_memory_per_block(device)
+    candidates = [u for u in UNITS if u <= max(requested, 16) and u <= -(-D // 16) * 16] or [UNITS[0]]
+    fitting = [u for u in candidates if limit is None or max(shared_bytes(D, gates, u, element_bytes)) <= limit]
+    if not fitting:
+        need = max(shared_bytes(D, gates, UNITS[0], element_bytes))
+        raise ValueError(f"rnn (cuda): a head of D={D} needs {need} bytes of shared memory per block even with "
+                         f"{UNITS[0]} units; this GPU has {limit} (use backend='triton')")
+    return max(fitting)
+
+
 def space(D: int, gates: int, element_bytes: int, hardware) -> Space:
     return Space(
         {"units": list(UNITS), "threads": [64, 128, 256]},
@@ -50,17 +78,22 @@ def space(D: int, gates: int, element_bytes: int, hardware) -> Space:
     )
 
 
-def supports(*, dtype, device, head_dim=None, **_) -> str | None:
+def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
     reasons = [dtype_reason(dtype), device_reason(device)]
     if head_dim is not None and head_dim % 16:
         reasons.append(f"the head dim D must be a multiple of 16, got {head_dim}")
+    elif head_dim is not None and cell in CELLS and not any(reasons):
+        try:
+            slice_units(UNITS[0], head_dim, CELLS[cell].gates, dtype.itemsize, torch.device(device))
+        except ValueError as error:
+            reasons.append(str(error).removeprefix("rnn (cuda): "))
     return join_reasons(*reasons)
 
 
 class _Launcher:
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
                  device):
-        units = min(config.units, max(u for u in UNITS if u <= max(16, dim)))
+        units = slice_units(config.units, dim, CELLS[cell].gates, element_bytes, device)
         splits = -(-dim // units)
         forward_bytes, backward_bytes = shared_bytes(dim, CELLS[cell].gates, units, element_bytes)
         self.cell, self.units, self.device = CELL_IDS[cell], units, device
