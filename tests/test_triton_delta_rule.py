@@ -94,6 +94,13 @@ def test_realistic_shapes_on_gpu(gated, dtype, bound):
 
 
 @pytest.mark.gpu
+def test_head_dim_16_on_gpu():
+    """16-wide head tiles take "ieee" dots (see test_triton_linear_attn.test_head_dim_16_on_gpu)."""
+    x = make_inputs(B=2, T=300, H=2, K=16, V=32, gated=True, device="cuda")
+    compare_backends(lambda backend, **kw: delta(backend, 64, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.gpu
 def test_delta_product_on_gpu():
     x = make_inputs(B=2, T=500, H=4, K=64, V=64, gated=True, num_householder=2, dtype=torch.bfloat16, device="cuda")
     compare_backends(lambda backend, **kw: product(backend, 64, 2, **kw), x, 2e-2, test="triton")

@@ -145,6 +145,15 @@ def test_realistic_shapes_on_gpu(gate, dtype, bound):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("K,V", [(16, 64), (64, 16)])
+def test_head_dim_16_on_gpu(K, V):
+    """16-wide head tiles: Triton 3.6's tensor-core float32 dots gave wrong results ("tf32") or an
+    illegal memory access ("tf32x3") on an H100; the kernels use "ieee" there (dot_precision)."""
+    x = make_inputs(B=2, T=300, H=2, K=K, V=V, gate="per-key", device="cuda")
+    compare_backends(lambda backend, **kw: run(backend, 64, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.gpu
 def test_gpu_varlen_and_auto_picks_triton():
     offsets = torch.tensor([0, 100, 100, 1000, 1003], device="cuda")
     x = make_inputs(B=1, T=1003, H=4, K=64, V=64, gate="per-key", initial=False, device="cuda")

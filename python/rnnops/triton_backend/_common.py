@@ -44,12 +44,20 @@ def chunk_reason(chunk: int) -> str | None:
     return f"chunk_size must be 16, 32, 64 or 128, got {chunk}"
 
 
-def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
+def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None, tile_dims: tuple[int, ...] = ()) -> str:
     """``input_precision`` of the kernels' dot products. float32 inputs get "tf32x3" (each operand
     split into two TF32 parts, three tensor-core products: float32 accuracy at tensor-core speed;
     "ieee" would run on CUDA cores and spill) unless the user allowed TF32 (by default through
     torch.backends.cuda.matmul.allow_tf32). Half inputs get "tf32" for the float32 intermediates
-    their kernels multiply (half operands ignore it)."""
+    their kernels multiply (half operands ignore it).
+
+    Kernels with a head-dim tile (``tile_dims``: the K/V or unit blocks, the dots' reduction and
+    output widths) of 16 get "ieee" whatever the dtype: on an H100 with Triton 3.6, linear attention
+    at K = 16 in float32 came out wrong with "tf32" (relative error 2) and faulted (illegal memory
+    access) with "tf32x3", while 16-row chunks and GLA's 16 x 16 sub-chunks at K = 64 were exact;
+    16-wide tiles are small enough for CUDA cores."""
+    if tile_dims and min(tile_dims) <= 16:
+        return "ieee"
     if allow_tf32 is None:
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     return "tf32x3" if dtype == torch.float32 and not allow_tf32 else "tf32"

@@ -20,7 +20,7 @@ from .._delta_product import via_delta_rule
 from .._backward_only import outputs_wanted
 from .._buffers import empty
 from .._dispatch import register
-from ._common import launch
+from ._common import dot_precision, launch
 from .linear_attn import ChunkedRun, LinearAttnConfig, default_config
 from .linear_attn import space as linear_attn_space
 from .linear_attn import supports
@@ -64,7 +64,8 @@ class _DeltaRun(ChunkedRun):
         super().__init__(q, v, g, cu_seqlens, chunk, scale, config)
         self.BKF = next_power_of_two(self.K)
         self.SBV = min(config.state_block_v, next_power_of_two(self.V))
-        self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": self.precision,
+        precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV, self.SBV))
+        self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": precision,
                       "BT": chunk}
 
     def ut(self, k, v, beta, G):

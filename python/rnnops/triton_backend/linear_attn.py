@@ -96,7 +96,7 @@ class ChunkedRun:
         self.chunk, self.scale, self.config = chunk, scale, config
         self.BK, self.BV = config.blocks(self.K, self.V)
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
-        self.precision = dot_precision(q.dtype)
+        self.precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV))
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills
         # at 8, and at 2 too: compile_check, sm_90)

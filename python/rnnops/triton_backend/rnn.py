@@ -62,7 +62,8 @@ class _Launcher:
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype):
         block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
         self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=CELLS[cell].gates, S=len(CELLS[cell].states),
-                         P=pre_slots(cell), PRECISION=dot_precision(dtype), BB=config.block_b, BD=block_d, BKD=block_k,
+                         P=pre_slots(cell), PRECISION=dot_precision(dtype, tile_dims=(block_d, block_k)),
+                         BB=config.block_b, BD=block_d, BKD=block_k,
                          num_warps=config.num_warps, num_stages=config.num_stages)
         self.grid = (heads, -(-batch // config.block_b))
         self.time, self.batch = time, batch
