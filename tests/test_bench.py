@@ -1,6 +1,7 @@
 """The bench harness and report end to end on tiny cases (the real --quick run is the README's
 main job; its cases are too slow for a test)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,6 +78,26 @@ def test_full_mode_plots_the_sweeps(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "standard_cases", lambda device: tiny_cases()[:2])
     main(["bench", "--repeats", "1", "--out", str(tmp_path)])
     assert (tmp_path / "throughput_T.png").stat().st_size > 1000
+
+
+def test_budget_stops_starting_cases_and_every_case_is_saved_at_once(monkeypatch, tmp_path, capsys):
+    cases = tiny_cases()[:2]
+    saved = []
+    real_run_case = cli.run_case
+
+    def run_case(case, *args, **kwargs):
+        if case is cases[1]:  # the first case's results are on disk before the second starts
+            saved.append(json.loads((tmp_path / "results.json").read_text()))
+            monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=lambda: float("inf")))  # budget spent
+        return real_run_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "standard_cases", lambda device: cases + tiny_cases()[2:3])
+    monkeypatch.setattr(cli, "run_case", run_case)
+    main(["bench", "--repeats", "1", "--budget-s", "1000", "--out", str(tmp_path)])
+    assert {r["case"] for r in saved[0]["rows"]} == {cases[0].name}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["case"] for r in results["rows"]} == {cases[0].name, cases[1].name}
+    assert results["notes"]["interrupted"] == ["time budget of 1000 s spent: stopped after 2 of 3 cases"]
 
 
 def test_compare_prints_ratios(tmp_path, capsys):

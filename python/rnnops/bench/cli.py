@@ -14,6 +14,7 @@ import platform
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (at least)")
-    parser.add_argument("--out", type=Path, help="directory for results.json, report.md, report.html, plots")
+    parser.add_argument("--out", type=Path, help="directory for results.json (rewritten after every case), report.md, "
+                        "report.html, plots")
+    parser.add_argument("--budget-s", type=float, metavar="N",
+                        help="start no new case after N seconds (the report then says which cases were left out)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                         help="print the ratios between two results files and exit")
 
@@ -80,10 +84,12 @@ def _serialise(rows: list[dict]) -> list[dict]:
 
 
 class Progress:
-    """One status line on a terminal, plain lines otherwise (both on stderr)."""
+    """One status line on a terminal, plain lines otherwise (both on stderr), with the seconds since
+    the start (on a cold GPU most of a case's time is compiling)."""
 
     def __init__(self, total: int):
         self.total, self.index = total, 0
+        self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
 
     def case(self, index: int):
@@ -91,7 +97,8 @@ class Progress:
 
     def __call__(self, text: str):
         done = int(20 * (self.index - 1) / max(self.total, 1))
-        line = f"[{'#' * done}{'.' * (20 - done)}] {self.index}/{self.total} {text}"
+        elapsed = time.perf_counter() - self.start
+        line = f"[{'#' * done}{'.' * (20 - done)}] {self.index}/{self.total} {elapsed:4.0f}s {text}"
         if self.tty:
             sys.stderr.write("\r\033[K" + line[:150])
         else:
@@ -125,24 +132,37 @@ def main(args: argparse.Namespace) -> int:
 
         hardware = from_device(device.index or 0)
     progress = Progress(len(cases))
-    rows, notes = [], {}
+    rows, notes, env = [], {}, environment(device)
+
+    def collect() -> dict:
+        return {"schema": 1, "environment": env, "device": str(device),
+                "dtype": str(dtype).split(".")[-1], "quick": args.quick,
+                "hardware": None if hardware is None else asdict(hardware), "rows": _serialise(rows), "notes": notes}
+
+    def stopped(reason: str) -> list[str]:
+        return [f"{reason}: stopped after {len({r['case'] for r in rows})} of {len(cases)} cases"]
+
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases
     try:
         for index, case in enumerate(cases, 1):
+            if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:
+                notes["interrupted"] = stopped(f"time budget of {args.budget_s:g} s spent")
+                break
             progress.case(index)
             case_rows, case_notes = run_case(case, device, dtype, backends=args.backends, include_peers=args.peers,
                                              repeats=args.repeats, progress=progress, hardware=hardware)
             rows += case_rows
             if case_notes:
                 notes[case.name] = case_notes
+            if args.out:  # a process killed later still leaves the finished cases
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "results.json").write_text(json.dumps(collect(), indent=1))
     except KeyboardInterrupt:
-        notes["interrupted"] = [f"stopped after {len({r['case'] for r in rows})} of {len(cases)} cases"]
+        notes["interrupted"] = stopped("interrupted")
     finally:
         signal.signal(signal.SIGTERM, previous)
     progress.close()
-    results = {"schema": 1, "environment": environment(device), "device": str(device), "dtype": str(dtype).split(".")[-1],
-               "quick": args.quick, "hardware": None if hardware is None else asdict(hardware),
-               "rows": _serialise(rows), "notes": notes}
+    results = collect()
     print(f"rnnops {rnnops.__version__} on {results['environment'].get('gpu') or device} ({results['dtype']}); "
           "medians; 'x base' = speedup over the case's baseline")
     print(report.console_table(results))
