@@ -21,7 +21,7 @@ def test_matches_reference(cell, shape):
 @pytest.mark.parametrize("cell", ["lstm", "slstm"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 def test_tensor_core_path(cell, dtype, bound):
-    compare_backends(run(cell), make_inputs(cell, D=32, dtype=dtype), bound, test="cuda")
+    compare_backends(run(cell, dtype), make_inputs(cell, D=32, dtype=dtype), bound, test="cuda")
 
 
 def test_config_space_fits_shared_memory():
@@ -64,4 +64,4 @@ def test_default_configs_compile_without_spills(arch):
 @pytest.mark.parametrize("H,D", [(1, 768), (4, 192), (12, 64)])
 def test_realistic_shapes_on_gpu(cell, H, D):
     x = make_inputs(cell, B=16, T=64, H=H, D=D, dtype=torch.bfloat16, device="cuda")
-    compare_backends(run(cell), x, 2e-2, test="cuda")
+    compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")

@@ -21,10 +21,18 @@ def make_inputs(cell, B=3, T=5, H=2, D=16, initial=True, bias=True, dtype=torch.
     return {k: v.to(device) for k, v in x.items()}
 
 
-def run(cell):
+def run(cell, dtype=torch.float32):
+    """The op as a function of the test inputs: outputs h_seq and the final states. For sLSTM in
+    half precision only h_seq and the final h: its final c, n and m carry the stabiliser m, and a
+    loss on them is not differentiable where max(log f + m_prev, i) ties, so a half-precision
+    rounding that flips a near-tie moves O(1) gradient between the i and f gates of different
+    steps (gradient errors of 2-6e-2 in ten elements, simulator, bf16); a loss on h alone is smooth
+    (h does not depend on m) and the same kernels stay within 3e-3."""
     def call(backend, x_gates, R, b=None, **states):
         state = tuple(states[f"state{i}"] for i in range(len(states))) or None
         h_seq, final = rnnops.rnn(x_gates, R, b, state, cell=cell, backend=backend)
+        if cell == "slstm" and dtype in (torch.float16, torch.bfloat16):
+            return h_seq, final[0]
         return (h_seq,) + final
 
     return call
@@ -60,7 +68,7 @@ def test_config_space(gpu):
 @pytest.mark.parametrize("H,D", [(1, 256), (4, 64), (12, 64)])
 def test_realistic_shapes_on_gpu(cell, dtype, bound, H, D):
     x = make_inputs(cell, B=16, T=128, H=H, D=D, dtype=dtype, device="cuda")
-    compare_backends(run(cell), x, bound, test="triton")
+    compare_backends(run(cell, dtype), x, bound, test="triton")
 
 
 @pytest.mark.gpu

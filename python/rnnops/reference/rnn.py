@@ -13,7 +13,10 @@ slstm (gates i, f, z, o; state h, c, n, m), xLSTM's stabilised exponential gatin
     log_f = logsigmoid(f);  m_new = max(log_f + m, i)
     ig = exp(i - m_new);   fg = exp(log_f + m - m_new)
     c = fg * c + ig * tanh(z);  n = fg * n + ig;  h = sigmoid(o) * c / n
-    (h does not depend on m; c and n carry the factor exp(-m). Zero initial states are valid.)
+    (h does not depend on m; c and n carry the factor exp(-m). Zero initial states are valid.
+    A loss on the final c, n or m is not differentiable where the max ties: there its gradient
+    jumps, and half-precision kernels, whose rounding flips near-ties, differ from this
+    reference in a few elements; a loss on h is smooth.)
 elman (gate x; state h)
     h = tanh(x + r)
 """
