@@ -5,7 +5,12 @@
 # finished case, whatever stops it). Everything lands in $OUT (results.json, report.md, report.html, plots, suite.log); the table prints last.
 #
 #   run: bash bench/gpu_suite.sh        (carry .whl for the peers: see README, "GPU suite")
+#        bash bench/gpu_suite.sh tune   (instead of the tests and compute-sanitizer: autotune every
+#                                        op for up to 300 s, export the choices to $OUT/tuned.json,
+#                                        then the bench with them)
 set -uo pipefail
+MODE=${1:-check}
+case "$MODE" in check|tune) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rnnops-gpu}
 mkdir -p "$OUT"
@@ -35,16 +40,22 @@ for pkg in ("fla-core", "flashrnn", "mamba-ssm", "cupy-cuda13x", "cupy-cuda12x")
 PY
   nvcc --version | tail -1
 
-  section "GPU tests"
-  # 8 workers: most of the time is compiling (Triton and NVRTC: hundreds of specialisations on a cold
-  # cache, about a second each); up to 20 failures are listed rather than stopping at the first.
-  # Blocking launches: a kernel that faults fails its own test, not the next one in its worker.
-  CUDA_LAUNCH_BLOCKING=1 timeout 200 python -m pytest -m gpu -q -n 8 --maxfail=20 -p no:cacheprovider tests
+  if [ "$MODE" = tune ]; then
+    section autotune
+    timeout 330 python -m rnnops autotune --ops all --budget-s 300 --export "$OUT/tuned.json"
+  else
+    section "GPU tests"
+    # 8 workers: most of the time is compiling (Triton and NVRTC: hundreds of specialisations on a
+    # cold cache, about a second each); up to 50 failures are listed rather than stopping at the
+    # first. Blocking launches: a kernel that faults fails its own test, not the next one in its
+    # worker.
+    CUDA_LAUNCH_BLOCKING=1 timeout 200 python -m pytest -m gpu -q -n 8 --maxfail=50 -p no:cacheprovider tests
 
-  section "compute-sanitizer"
-  for tool in memcheck racecheck; do
-    timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
-  done
+    section "compute-sanitizer"
+    for tool in memcheck racecheck; do
+      timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
+    done
+  fi
 
   section bench
   # the bench gets what is left of 520 s: it starts no case after its budget, and results.json
@@ -56,3 +67,4 @@ PY
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
 echo
 echo "commit with: cp \$files_at/results.json bench/results/${gpu:-unknown-gpu}-$(date +%F).json"
+[ "$MODE" = tune ] && echo "and merge \$files_at/tuned.json's entries (measured choices) into autotune/defaults/"
