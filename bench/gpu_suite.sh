@@ -67,4 +67,6 @@ PY
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
 echo
 echo "commit with: cp \$files_at/results.json bench/results/${gpu:-unknown-gpu}-$(date +%F).json"
-[ "$MODE" = tune ] && echo "and merge \$files_at/tuned.json's entries (measured choices) into autotune/defaults/"
+if [ "$MODE" = tune ]; then
+  echo "and merge \$files_at/tuned.json's entries (measured choices) into autotune/defaults/"
+fi
