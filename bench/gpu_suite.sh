@@ -61,7 +61,7 @@ PY
   # the bench gets what is left of 520 s: it starts no case after its budget, and results.json
   # holds every finished case even if the timeout has to kill it mid-case
   budget=$((520 - $(date +%s) + START))
-  timeout $((budget + 60)) python -m rnnops bench --quick --peers --budget-s "$budget" --out "$OUT"
+  timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT"
 } 2>&1 | tee "$LOG"
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')

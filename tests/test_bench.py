@@ -100,6 +100,20 @@ def test_budget_stops_starting_cases_and_every_case_is_saved_at_once(monkeypatch
     assert results["notes"]["interrupted"] == ["time budget of 1000 s spent: stopped after 2 of 3 cases"]
 
 
+def test_profile_lists_where_the_time_goes(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "standard_cases", lambda device: tiny_cases()[4:5])  # the GRU case
+    main(["bench", "--repeats", "1", "--profile", "--backends", "reference", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    kernels = {row["target"]: row["kernels"] for row in rows}
+    assert set(kernels) == {"reference", "torch.nn.GRU"}
+    for top in kernels.values():
+        assert 0 < len(top) <= 8 and all(k["seconds"] > 0 and 0 < k["share"] <= 1 for k in top)
+        assert [k["seconds"] for k in top] == sorted((k["seconds"] for k in top), reverse=True)
+    assert any("gru" in k["name"].lower() for k in kernels["torch.nn.GRU"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Where the time goes" in markdown and "| case | target | operator | calls | ms | share |" in markdown
+
+
 def test_compare_prints_ratios(tmp_path, capsys):
     def results(seconds):
         timing = {"median_s": seconds, "spread": 0.0, "samples_s": [seconds]}

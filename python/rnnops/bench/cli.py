@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (at least)")
     parser.add_argument("--out", type=Path, help="directory for results.json (rewritten after every case), report.md, "
                         "report.html, plots")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one forward+backward per target: its largest kernels in the report")
     parser.add_argument("--budget-s", type=float, metavar="N",
                         help="start no new case after N seconds (the report then says which cases were left out)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
@@ -150,7 +152,8 @@ def main(args: argparse.Namespace) -> int:
                 break
             progress.case(index)
             case_rows, case_notes = run_case(case, device, dtype, backends=args.backends, include_peers=args.peers,
-                                             repeats=args.repeats, progress=progress, hardware=hardware)
+                                             repeats=args.repeats, progress=progress, hardware=hardware,
+                                             profile=args.profile)
             rows += case_rows
             if case_notes:
                 notes[case.name] = case_notes

@@ -144,6 +144,15 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
         op_notes = [f"{case}: {note}" for case, _ in cases for note in notes.get(case, [])]
         if op_notes:
             out.append(("list", op_notes))
+    profiled = [(case, row) for case, rows in case_rows(results).items() for row in rows if row.get("kernels")]
+    if profiled:
+        unit = "kernels" if results.get("device", "").startswith("cuda") else "operators"
+        out += [("h2", "Where the time goes"),
+                ("p", f"The largest {unit} of one profiled forward+backward per target (self time; share of "
+                      f"the profiled total)."),
+                ("table", ("case", "target", unit[:-1], "calls", "ms", "share"),
+                 [(case, row["target"], k["name"][:70], str(k["calls"]), _ms(k["seconds"]), f"{k['share']:.0%}")
+                  for case, row in profiled for k in row["kernels"]])]
     for name, caption in (("throughput_T", "Throughput against sequence length"),
                           ("throughput_B", "Throughput against batch size"),
                           ("speedup", "Speedup of each rnnops target over each peer"),

@@ -17,7 +17,7 @@ import rnnops
 
 from .cases import Case
 from .peers import PeerUnavailable, peers_for
-from .timing import measure, peak_memory
+from .timing import kernel_breakdown, measure, peak_memory
 
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
@@ -79,7 +79,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=None, include_peers=False,
-             repeats: int = 3, progress=lambda text: None, hardware=None) -> tuple[list[dict], list[str]]:
+             repeats: int = 3, progress=lambda text: None, hardware=None,
+             profile: bool = False) -> tuple[list[dict], list[str]]:
+    """Rows (one per target) and notes for ``case``; with ``profile``, each row also gets the
+    largest kernels (GPU) or operators (CPU) of one profiled forward+backward."""
     torch.manual_seed(0)
     inputs = case.make(device, dtype)
     targets, notes = targets_for(case, device, dtype, backends, include_peers)
@@ -124,6 +127,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
         try:
             row["fwd_bwd"] = measure(forward_backward, device, repeats=repeats, min_seconds=0.3, max_seconds=2.0)
             row["memory_fwd_bwd"] = peak_memory(forward_backward, device)
+            if profile:
+                row["kernels"] = kernel_breakdown(forward_backward, device)
         except Exception as error:
             notes.append(f"{target.name}: backward failed ({type(error).__name__}: {str(error)[:200]})")
             row["fwd_bwd"], row["memory_fwd_bwd"] = None, None

@@ -73,3 +73,27 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         in_use += delta
         peak = max(peak, in_use)
     return peak
+
+
+def kernel_breakdown(fn: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:
+    """Where one ``fn()`` call spends its time, by the profiler: on a GPU the device kernels (self
+    device time), on a CPU the operators (self CPU time); the ``top`` largest as dicts of name,
+    calls, seconds and share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def seconds(event) -> float:
+        if device.type == "cuda":
+            return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) / 1e6
+        return event.self_cpu_time_total / 1e6
+
+    events = [(event.key, event.count, seconds(event)) for event in prof.key_averages()]
+    events = [e for e in events if e[2] > 0]
+    total = sum(s for _, _, s in events) or 1.0
+    events.sort(key=lambda e: -e[2])
+    return [{"name": name, "calls": calls, "seconds": s, "share": s / total} for name, calls, s in events[:top]]
