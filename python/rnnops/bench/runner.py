@@ -127,11 +127,14 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
         try:
             row["fwd_bwd"] = measure(forward_backward, device, repeats=repeats, min_seconds=0.3, max_seconds=2.0)
             row["memory_fwd_bwd"] = peak_memory(forward_backward, device)
-            if profile:
-                row["kernels"] = kernel_breakdown(forward_backward, device)
         except Exception as error:
             notes.append(f"{target.name}: backward failed ({type(error).__name__}: {str(error)[:200]})")
             row["fwd_bwd"], row["memory_fwd_bwd"] = None, None
+        if profile and row["fwd_bwd"] is not None:
+            try:
+                row["kernels"] = kernel_breakdown(forward_backward, device)
+            except Exception as error:  # a profiler that cannot start costs the breakdown, not the timings
+                notes.append(f"{target.name}: not profiled ({type(error).__name__}: {str(error)[:200]})")
         row["roofline"] = _roofline(case, dtype, row, hardware)
         rows.append(row)
     return rows, notes
