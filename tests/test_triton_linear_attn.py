@@ -83,6 +83,10 @@ def test_device_and_precision_rules(monkeypatch):
     assert _common.dot_precision(torch.bfloat16, allow_tf32=False) == "tf32"
     assert _common.dot_precision(torch.float32, allow_tf32=True) == "tf32"
     assert _common.dot_precision(torch.float32) == "tf32x3"  # torch's default: no TF32 for matmuls
+    # a 16-wide head tile, whatever the dtype and TF32 setting (Triton 3.6 on an H100, see dot_precision)
+    assert _common.dot_precision(torch.float32, allow_tf32=False, tile_dims=(16, 64)) == "ieee"
+    assert _common.dot_precision(torch.bfloat16, allow_tf32=True, tile_dims=(64, 16)) == "ieee"
+    assert _common.dot_precision(torch.float32, allow_tf32=False, tile_dims=(32, 64)) == "tf32x3"
 
 
 class _KernelOutOfSharedMemory:

@@ -81,8 +81,7 @@ class _DeltaRun(ChunkedRun):
         lay = self.layout
         h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
         v_new = empty(U.shape, dtype=U.dtype, device=U.device)
-        final = (empty((lay.sequences, self.H, self.K, self.V), dtype=torch.float32, device=k.device) if store_final
-                 else None)
+        final = self.final_state(k.device) if store_final else None
         launch(
             _kernels().states_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             k, W, U, G, h, v_new, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,

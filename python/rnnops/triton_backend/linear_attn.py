@@ -138,8 +138,7 @@ class ChunkedRun:
     def states(self, k, v, G, initial_state, store_final):
         lay = self.layout
         h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
-        final = (empty((lay.sequences, self.H, self.K, self.V), dtype=torch.float32, device=k.device) if store_final
-                 else None)
+        final = self.final_state(k.device) if store_final else None
         launch(
             _kernels().states_fwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
             k, v, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
@@ -213,11 +212,14 @@ class ChunkedRun:
             BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dv
 
+    def final_state(self, device):
+        """An output buffer for the final states: (sequences, H, K, V) float32."""
+        return empty((self.layout.sequences, self.H, self.K, self.V), dtype=torch.float32, device=device)
+
     def unread_outputs(self, v, output_final_state: bool):
-        """(o, final state) of the right shapes, uninitialised (rnnops._backward_only)."""
-        final = (torch.empty((self.layout.sequences, self.H, self.K, self.V), dtype=torch.float32, device=v.device)
-                 if output_final_state else None)
-        return torch.empty(v.shape, dtype=v.dtype, device=v.device), final
+        """(o, final state) of the right shapes, never written (rnnops._backward_only)."""
+        final = self.final_state(v.device) if output_final_state else None
+        return empty(v.shape, dtype=v.dtype, device=v.device), final
 
     def unflat(self, x, dtype=None):
         """(B*T, H, ...) -> (B, T, H, ...), optionally cast."""
