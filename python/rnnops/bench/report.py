@@ -148,8 +148,8 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
     if profiled:
         unit = "kernels" if results.get("device", "").startswith("cuda") else "operators"
         out += [("h2", "Where the time goes"),
-                ("p", f"The largest {unit} of one profiled forward+backward per target (self time; share of "
-                      f"the profiled total)."),
+                ("p", (f"The largest {unit} of one profiled forward+backward per target (self time; share of "
+                       "the profiled total).")),
                 ("table", ("case", "target", unit[:-1], "calls", "ms", "share"),
                  [(case, row["target"], k["name"][:70], str(k["calls"]), _ms(k["seconds"]), f"{k['share']:.0%}")
                   for case, row in profiled for k in row["kernels"]])]
