@@ -133,7 +133,7 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
     if HAS_INITIAL:
         S += tl.load(initial_state + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
     for n in range(chunks):
-        tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S, mask=state_mask)
+        tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S.to(h.dtype.element_ty), mask=state_mask)
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -175,7 +175,7 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
         dS += tl.load(d_final + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
     for m in range(chunks):
         n = chunks - 1 - m
-        tl.store(dh + ((first + n) * H + i_h) * K * V + state_offs, dS, mask=state_mask)
+        tl.store(dh + ((first + n) * H + i_h) * K * V + state_offs, dS.to(dh.dtype.element_ty), mask=state_mask)
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos

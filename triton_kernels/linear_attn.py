@@ -20,7 +20,7 @@ Gradients (do the output gradient, dS_out the gradient of the state leaving a ch
     dG_t   = q_t * dq_t - k_t * dk_t   (+ rowsum(S_out * dS_out) on the last token)
     dg     = reverse cumsum of dG within the chunk
 Nothing but the inputs is saved for the backward: G, the chunk states and the scores are
-recomputed (memory per token: none beyond the inputs; per chunk: one K x V state in fp32).
+recomputed (memory per token: none beyond the inputs; per chunk: one K x V state in the input dtype).
 
 Sequences are always handled as packed: a batch is the packed case with equal lengths.
 ``chunk_indices`` maps each program to (sequence, chunk of that sequence) or (-1, -1) past the
@@ -39,7 +39,7 @@ Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk):
 
 Work per call, B*T tokens, H heads (bf16 inputs: 2-byte elements):
     forward  reads q, k (K each), v (V), g (0, 1 or K) and writes o (V) per token and head;
-             writes and reads one K*V fp32 state per chunk; 2*(BT*K + BT*V + 2*K*V) flops
+             writes and reads one K*V state per chunk (input dtype); 2*(BT*K + BT*V + 2*K*V) flops
              per token and head (plus BT*K for per-key sub-chunk scores).
     backward reads the forward's inputs and do, writes dq, dk, dv, dg, recomputes the states
              (one more state pass) and moves two K*V states per chunk; about twice the
@@ -117,7 +117,7 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
     if HAS_INITIAL:
         S += tl.load(initial_state + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
     for n in range(chunks):
-        tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S, mask=state_mask)
+        tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S.to(h.dtype.element_ty), mask=state_mask)
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -258,7 +258,7 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
         dS += tl.load(d_final + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
     for m in range(chunks):
         n = chunks - 1 - m
-        tl.store(dh + ((first + n) * H + i_h) * K * V + state_offs, dS, mask=state_mask)
+        tl.store(dh + ((first + n) * H + i_h) * K * V + state_offs, dS.to(dh.dtype.element_ty), mask=state_mask)
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -403,7 +403,7 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             if GATE != 2:
                 dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
             if GATE != 0:
-                end_term += tl.sum(b_S * b_dS, axis=1)
+                end_term += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
             if DELTA:
                 b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)

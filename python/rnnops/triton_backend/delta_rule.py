@@ -4,7 +4,7 @@ The forward runs the UT transform, the chunk-state loop (which also yields the p
 V_new) and linear attention's output kernel on V_new; the backward runs the state loop
 backwards, linear attention's dq/dk kernel on V_new, and the UT transform's backward.
 Memory: only the inputs are saved; W, U (K + V values per token and head), the chunk states
-(one K x V fp32 state per chunk) and V_new are recomputed in the backward.
+(one K x V state per chunk, input dtype) and V_new are recomputed in the backward.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class _DeltaRun(ChunkedRun):
 
     def delta_states(self, k, W, U, G, initial_state, store_final):
         lay = self.layout
-        h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
+        h = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=k.device)
         v_new = empty(U.shape, dtype=U.dtype, device=U.device)
         final = self.final_state(k.device) if store_final else None
         launch(
@@ -91,7 +91,7 @@ class _DeltaRun(ChunkedRun):
 
     def delta_states_backward(self, q, k, W, G, do, d_final, initial_state):
         lay = self.layout
-        dh = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=q.device)
+        dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=q.device)
         # the intra-chunk term in parallel, so the sequential loop only adds the state term
         dv_new = self.dv(q, k, G, None, None, do, dtype=torch.float32)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)

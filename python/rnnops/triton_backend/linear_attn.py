@@ -1,8 +1,8 @@
 """Triton linear attention: configuration, search space, autograd Function, registration.
 
 Memory: the forward saves only its inputs (q, k, v, g, initial_state); the backward
-recomputes the chunk-local cumulative decay, the per-chunk states (one K x V fp32 state per
-chunk) and, for per-key decay, the intra-chunk scores (BT fp32 values per token and head).
+recomputes the chunk-local cumulative decay, the per-chunk states (one K x V state per chunk,
+in the input dtype) and, for per-key decay, the intra-chunk scores (BT fp32 values per token and head).
 """
 from __future__ import annotations
 
@@ -97,6 +97,11 @@ class ChunkedRun:
         self.BK, self.BV = config.blocks(self.K, self.V)
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
         self.precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV))
+        # the per-chunk states h and their gradients dh between kernels: in the input dtype (half
+        # inputs: every kernel that reads them rounds them to half for its dot products anyway, so
+        # this halves the largest traffic; only the gated dg's rowsum(S * dS) reads them rounded
+        # where it read float32 before), float32 for float32 inputs
+        self.state_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills
         # at 8, and at 2 too: compile_check, sm_90)
@@ -137,7 +142,7 @@ class ChunkedRun:
 
     def states(self, k, v, G, initial_state, store_final):
         lay = self.layout
-        h = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=k.device)
+        h = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=k.device)
         final = self.final_state(k.device) if store_final else None
         launch(
             _kernels().states_fwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
@@ -157,7 +162,7 @@ class ChunkedRun:
 
     def states_backward(self, q, do, G, d_final, initial_state):
         lay = self.layout
-        dh = empty((lay.programs, self.H, self.K, self.V), dtype=torch.float32, device=q.device)
+        dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=q.device)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
         launch(
             _kernels().states_bwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
