@@ -190,32 +190,26 @@ def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, 
 
 
 @triton.jit
-def _scores(q, k, G, A, rows, row_mask, last, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
-            PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """The chunk's masked (BT, BT) scores: from A for per-key decay, else q k^T times the decay."""
-    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.constexpr, BT: tl.constexpr):
+    """The chunk's masked (BT, BT) scores: from A for per-key decay, else ``qk`` (q k^T, fp32,
+    which the caller accumulates in its own loop over K tiles) times the decay."""
     if GATE == 2:
         return tl.load(A + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
                        other=0.0)
-    scores = tl.zeros([BT, BT], tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        rk = i_k * BK + tl.arange(0, BK)
-        mask = row_mask[:, None] & (rk[None, :] < K)
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :], mask=mask, other=0.0)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=mask, other=0.0)
-        scores += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
     if GATE == 1:
         g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
         exponent = tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf"))
-        return scores * tl.exp(exponent)
-    return tl.where(causal, scores, 0.0)
+        return qk * tl.exp(exponent)
+    return tl.where(causal, qk, 0.0)
 
 
 @triton.jit
 def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr):
-    """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile."""
+    """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile; one pass over the K
+    tiles reads q once for both terms."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -225,16 +219,20 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         acc = tl.zeros([BT, BV], tl.float32)
+        qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
-            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
-                          other=0.0)
+            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            tile_mask = row_mask[:, None] & (rk[None, :] < K)
+            b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
             b_S = tl.load(h + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                           mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+            if GATE != 2:
+                qk += tl.dot(b_q, tl.trans(tl.load(k + tile, mask=tile_mask, other=0.0)), input_precision=PRECISION)
             if GATE != 0:
                 b_q = (b_q * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
             acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
-        scores = _scores(q, k, G, A, rows, row_mask, last, i_h, H, K, GATE, PRECISION, BT, BK)
+        scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
         tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=vmask)
 
@@ -457,11 +455,15 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         acc = tl.zeros([BT, BV], tl.float32)
-        if HAS_DH:
-            for i_k in range(tl.cdiv(K, BK)):
-                rk = i_k * BK + tl.arange(0, BK)
-                b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :],
-                              mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
+        qk = tl.zeros([BT, BT], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            rk = i_k * BK + tl.arange(0, BK)
+            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            tile_mask = row_mask[:, None] & (rk[None, :] < K)
+            b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+            if GATE != 2:
+                qk += tl.dot(tl.load(q + tile, mask=tile_mask, other=0.0), tl.trans(b_k), input_precision=PRECISION)
+            if HAS_DH:
                 b_dS = tl.load(dh + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                                mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
                 if GATE != 0:
@@ -469,6 +471,6 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
                     b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
                     b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(b_do.dtype)
                 acc += tl.dot(b_k, b_dS.to(b_do.dtype), input_precision=PRECISION)
-        scores = _scores(q, k, G, A, rows, row_mask, last, i_h, H, K, GATE, PRECISION, BT, BK)
+        scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
         acc += scale * tl.dot(tl.trans(scores).to(b_do.dtype), b_do, input_precision=PRECISION)
         tl.store(dv + (rows[:, None] * H + i_h) * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)
