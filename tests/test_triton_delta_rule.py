@@ -3,11 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import rnnops
 from conftest import compare_backends
 from rnnops.autotune import hardware
 from rnnops.triton_backend import delta_rule as triton_delta_rule
+from rnnops.triton_kernels.delta_rule import _unit_lower_inverse
 
 
 def make_inputs(B=2, T=40, H=2, K=16, V=32, gated=False, num_householder=None, dtype=torch.float32, initial=True,
@@ -35,9 +38,9 @@ def product(backend, chunk_size=16, num_householder=2, **x):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("shape", [
-    dict(T=40), dict(T=1), dict(T=70, chunk=32), dict(K=48, V=16, H=3, initial=False), dict(T=20, final=False),
-    dict(beta_max=2.0),
-], ids=["T40", "T1", "T70-chunk32", "K48-V16-H3-no-initial", "no-final", "negative-eigenvalues"])
+    dict(T=40), dict(T=1), dict(T=70, chunk=32), dict(T=150, chunk=64), dict(K=48, V=16, H=3, initial=False),
+    dict(T=20, final=False), dict(beta_max=2.0),
+], ids=["T40", "T1", "T70-chunk32", "T150-chunk64", "K48-V16-H3-no-initial", "no-final", "negative-eigenvalues"])
 def test_delta_rule_matches_reference(gated, shape):
     shape = dict(shape)
     chunk, final = shape.pop("chunk", 16), shape.pop("final", True)
@@ -104,3 +107,21 @@ def test_head_dim_16_on_gpu():
 def test_delta_product_on_gpu():
     x = make_inputs(B=2, T=500, H=4, K=64, V=64, gated=True, num_householder=2, dtype=torch.bfloat16, device="cuda")
     compare_backends(lambda backend, **kw: product(backend, 64, 2, **kw), x, 2e-2, test="triton")
+
+
+@triton.jit
+def invert_unit_lower(L, T, BT: tl.constexpr):
+    offs = tl.arange(0, BT)[:, None] * BT + tl.arange(0, BT)[None, :]
+    tl.store(T + offs, _unit_lower_inverse(tl.load(L + offs), "ieee", BT))
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64, 128])
+def test_unit_lower_inverse(chunk):
+    """The UT transform's blocked inverse against float64, with off-diagonal entries as large as
+    the delta rule makes them (beta up to 2 times unit-key dot products)."""
+    k = F.normalize(torch.randn(chunk, 8, dtype=torch.float64), dim=-1)
+    L = torch.tril(2 * torch.rand(chunk, 1, dtype=torch.float64) * (k @ k.T), diagonal=-1)
+    T = torch.full((chunk, chunk), float("nan"))
+    invert_unit_lower[(1,)](L.float().contiguous(), T, BT=chunk)
+    expected = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + L)
+    assert ((T.double() - expected).norm() / expected.norm()).item() < 1e-5

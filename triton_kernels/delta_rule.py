@@ -8,8 +8,9 @@ Per chunk of BT tokens (G the inclusive cumulative log-decay, Gamma = e^G, D_ij 
     V_new  = U - W S_in                          (the chunk's pseudo-values)  (``states_fwd``)
     S_out  = Gamma_last S_in + (K * e^(G_last - G))^T V_new
     o      = s [(Gamma q) S_in + (q k^T * D, j <= i) V_new]   (linear_attn's output kernel)
-T comes from forward substitution on the BT x BT block in registers (row i of T is
-e_i - sum_{j<i} L_ij T_j). All exponents are <= 0 and clamped so, as in linear_attn.
+T comes from ``ut_inverse`` (blocked forward substitution, see _unit_lower_inverse), once in
+the forward and once in the backward, and is read by ``ut_fwd`` and ``ut_bwd``. All exponents
+are <= 0 and clamped so, as in linear_attn.
 
 Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks backwards):
     dV_new = s (q k^T * D, j <= i)^T do + (K * e^(G_last - G)) dh             (= dU)
@@ -25,10 +26,11 @@ Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks bac
 Saved for the backward: the inputs only; W, U, the states and V_new are recomputed.
 
 Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a power of two):
-    ut_fwd, ut_bwd        (chunks, H)
-    states_fwd/_bwd       (V/BV, sequences * H)
-Work per token and head: forward 2*(2*BT*K + BT^2/3 + BT*(K+V) + 3*K*V + BT*V) flops; reads
-q, k, v, beta (, g), writes o, and moves W, U, V_new and one K*V state per chunk.
+    ut_inverse, ut_fwd, ut_bwd   (chunks, H)
+    states_fwd/_bwd              (V/BV, sequences * H)
+Work per token and head: forward 2*(2*BT*K + (BT/16)*BT^2 + BT*(K+V) + 3*K*V + BT*V) flops (the
+inverse's blocked products are the (BT/16)*BT^2); reads q, k, v, beta (, g), writes o, and
+moves T (BT fp32 values), W, U, V_new and one K*V state per chunk.
 """
 from __future__ import annotations
 
@@ -62,35 +64,83 @@ def _pair_decay(G, rows, row_mask, i_h, H: tl.constexpr, GATED: tl.constexpr, BT
 
 
 @triton.jit
-def _unit_lower_inverse(L, BT: tl.constexpr):
-    """(I + L)^-1 for strictly lower-triangular L (BT x BT, fp32), by forward substitution."""
-    o = tl.arange(0, BT)
-    T = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        l_i = tl.sum(tl.where(o[:, None] == i, L, 0.0), axis=0)
-        T = tl.where(o[:, None] == i, T - tl.sum(l_i[:, None] * T, axis=0)[None, :], T)
+def _unit_lower_inverse(L, PRECISION: tl.constexpr, BT: tl.constexpr):
+    """(I + L)^-1 for strictly lower-triangular L (BT x BT, fp32), blocked by BC = 16 rows.
+    The inverses of the BC x BC diagonal blocks, assembled into a block-diagonal D: forward
+    substitution on all BT / BC blocks at once (15 steps on a (BT/BC, BC, BC) tile, where
+    substituting the whole matrix would take BT - 1 steps on BT x BT). Then the blocks below:
+    T = D (I - L_off T), L_off the part of L below the diagonal blocks, is solved by iterating
+    T <- D - P T with P = D L_off from T = D; step n makes block sub-diagonal n exact (P is
+    strictly block-lower), so BT / BC - 1 steps, one BT^3 product each, give T with the
+    rounding of blocked forward substitution. The products run at ``PRECISION``: "tf32" for
+    half inputs, whose kernels round T to half precision for their dot products anyway.
+    float32 ("tf32x3") spills ~1.3 KB per thread at BT = 64 on sm_90 (compile_check)."""
+    BC: tl.constexpr = 16
+    NB: tl.constexpr = BT // BC
+    same_block = tl.arange(0, NB)[:, None, None, None] == tl.arange(0, NB)[None, None, :, None]
+    diagonal = tl.sum(tl.where(same_block, tl.reshape(L, (NB, BC, NB, BC)), 0.0), axis=2)
+    o = tl.arange(0, BC)
+    blocks = tl.zeros([NB, BC, BC], tl.float32) + tl.where(o[:, None] == o[None, :], 1.0, 0.0)[None, :, :]
+    for i in range(1, BC):
+        row = o[None, :, None] == i
+        l_i = tl.sum(tl.where(row, diagonal, 0.0), axis=1)
+        blocks = tl.where(row, blocks - tl.sum(l_i[:, :, None] * blocks, axis=1)[:, None, :], blocks)
+    diagonal_inverse = tl.reshape(tl.where(same_block, blocks[:, :, None, :], 0.0), (BT, BT))
+    T = diagonal_inverse
+    if NB > 1:
+        block_of = tl.arange(0, BT) // BC
+        P = tl.dot(diagonal_inverse, tl.where(block_of[:, None] > block_of[None, :], L, 0.0),
+                   input_precision=PRECISION)
+        for _ in tl.static_range(NB - 1):
+            T = diagonal_inverse - tl.dot(P, T, input_precision=PRECISION)
     return T
 
 
 @triton.jit
-def _ut_matrices(k, beta, G, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, GATED: tl.constexpr,
-                 PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """(beta, Gamma, M = k k^T * D, T) of one chunk (D itself is cheap to recompute: one
-    BT x BT matrix fewer held in registers)."""
+def _beta_gamma(beta, G, rows, row_mask, i_h, H: tl.constexpr, GATED: tl.constexpr):
+    """(beta, Gamma = e^G) of one chunk's rows, fp32 (Gamma 0 past the sequence's end)."""
     b_beta = tl.load(beta + rows * H + i_h, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:
         gamma = tl.exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))
     else:
         gamma = tl.where(row_mask, 1.0, 0.0)
-    kk = _gram(k, rows, row_mask, i_h, H, K, PRECISION, BT, BK)
-    D = _pair_decay(G, rows, row_mask, i_h, H, GATED, BT)
-    strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
-    M = kk * D
-    return b_beta, gamma, M, _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), BT)
+    return b_beta, gamma
 
 
 @triton.jit
-def ut_fwd_kernel(k, v, beta, G, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+def _decayed_gram(k, G, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, GATED: tl.constexpr,
+                  PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """M = k k^T * D of one chunk (BT x BT, fp32)."""
+    return (_gram(k, rows, row_mask, i_h, H, K, PRECISION, BT, BK)
+            * _pair_decay(G, rows, row_mask, i_h, H, GATED, BT))
+
+
+@triton.jit
+def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """One chunk's T from ``ut_inverse_kernel`` (rows past the sequence's end read as 0)."""
+    return tl.load(T_all + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+                      GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, stored as T[(row, head), column
+    in chunk] in fp32 (the layout of linear_attn's intra-chunk scores)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    if valid:
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        b_beta, _ = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
+        M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
+        inverse = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), PRECISION, BT)
+        tl.store(T_all + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], inverse, mask=row_mask[:, None])
+
+
+@triton.jit
+def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr):
     """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk (stored in v's dtype)."""
@@ -99,21 +149,24 @@ def ut_fwd_kernel(k, v, beta, G, W, U, chunk_indices, cu_seqlens, H: tl.constexp
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_beta, gamma, _, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
+        T = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
             b_k = tl.load(k + tile, mask=mask, other=0.0)
             rhs = (b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)
-            tl.store(W + tile, tl.dot(T.to(b_k.dtype), rhs, input_precision=PRECISION).to(W.dtype.element_ty), mask=mask)
+            tl.store(W + tile, tl.dot(T.to(b_k.dtype), rhs, input_precision=PRECISION).to(W.dtype.element_ty),
+                     mask=mask)
         for i_v in range(tl.cdiv(V, BV)):
             rv = i_v * BV + tl.arange(0, BV)
             tile = (rows[:, None] * H + i_h) * V + rv[None, :]
             mask = row_mask[:, None] & (rv[None, :] < V)
             b_v = tl.load(v + tile, mask=mask, other=0.0)
             rhs = (b_v * b_beta[:, None]).to(b_v.dtype)
-            tl.store(U + tile, tl.dot(T.to(b_v.dtype), rhs, input_precision=PRECISION).to(U.dtype.element_ty), mask=mask)
+            tl.store(U + tile, tl.dot(T.to(b_v.dtype), rhs, input_precision=PRECISION).to(U.dtype.element_ty),
+                     mask=mask)
 
 
 @triton.jit
@@ -207,7 +260,7 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
 
 
 @triton.jit
-def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, cu_seqlens, total_rows,
+def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, cu_seqlens, total_rows,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Gradients through the UT transform for one chunk: dv and dbeta; adds to dk (fp32, holding
@@ -218,7 +271,9 @@ def ut_bwd_kernel(k, v, beta, G, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, c
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_beta, gamma, M, T = _ut_matrices(k, beta, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
+        M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        T = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
         dT = tl.zeros([BT, BT], tl.float32)
         d_beta = tl.zeros([BT], tl.float32)
         d_gate = tl.zeros([BT], tl.float32)

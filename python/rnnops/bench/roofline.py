@@ -47,7 +47,8 @@ def delta_rule(B, T, H, K, V, gated: bool, dtype, chunk=64, num_householder=1) -
     s = dtype.itemsize
     steps = T * num_householder
     moved = (B * T * H * (K + V + (1 if gated else 0)) + B * steps * H * (K + V + 1)) * s
-    per_step_macs = 2 * chunk * K + chunk * chunk / 3 + chunk * (K + V) + 3 * K * V + chunk * V
+    # the UT inverse as the kernels compute it: chunk / 16 products of chunk^3 per chunk (blocked)
+    per_step_macs = 2 * chunk * K + (chunk // 16) * chunk * chunk + chunk * (K + V) + 3 * K * V + chunk * V
     return Work(2 * B * steps * H * per_step_macs, moved, dtype_name(dtype))
 
 

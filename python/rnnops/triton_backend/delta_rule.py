@@ -69,13 +69,20 @@ class _DeltaRun(ChunkedRun):
                       "BT": chunk}
 
     def ut(self, k, v, beta, G):
+        """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) float32."""
+        lay = self.layout
+        T = empty((k.shape[0], self.H, self.chunk), dtype=torch.float32, device=k.device)
+        launch(
+            _kernels().ut_inverse_kernel, (lay.programs, self.H),
+            k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATED=self.delta["GATED"],
+            PRECISION=self.delta["PRECISION"], BT=self.chunk, BK=self.BK, **self.launch)
         W = empty(k.shape, dtype=k.dtype, device=k.device)
         U = empty(v.shape, dtype=v.dtype, device=v.device)
         launch(
-            _kernels().ut_fwd_kernel, (self.layout.programs, self.H),
-            k, v, beta, G, W, U, self.layout.chunk_indices, self.layout.cu_seqlens, BK=self.BK, BV=self.BV,
+            _kernels().ut_fwd_kernel, (lay.programs, self.H),
+            k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, BK=self.BK, BV=self.BV,
             **self.delta, **self.launch)
-        return W, U
+        return W, U, T
 
     def delta_states(self, k, W, U, G, initial_state, store_final):
         lay = self.layout
@@ -102,7 +109,7 @@ class _DeltaRun(ChunkedRun):
             STORE_D_INITIAL=initial_state is not None, BKF=self.BKF, BV=self.SBV, **self.delta, **self.launch)
         return dh, dv_new, d_initial
 
-    def ut_backward(self, k, v, beta, G, dv_new, dW, dk, dG):
+    def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):
         """dv, dbeta; completes dk (in place, fp32) and returns dg for gated runs."""
         lay = self.layout
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
@@ -110,7 +117,7 @@ class _DeltaRun(ChunkedRun):
         dg = None if G is None else empty(G.shape, dtype=torch.float32, device=G.device)
         launch(
             _kernels().ut_bwd_kernel, (lay.programs, self.H),
-            k, v, beta, G, dv_new, dW, dk, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens, lay.total_rows,
+            k, v, beta, G, T, dv_new, dW, dk, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens, lay.total_rows,
             BK=self.BK, BV=self.BV, **self.delta, **self.launch)
         return dv, dbeta, dg
 
@@ -128,7 +135,7 @@ class DeltaRuleFunction(torch.autograd.Function):
         if not outputs_wanted():
             return run.unread_outputs(v, output_final_state)
         G = run.cumulative_decay(gf)
-        W, U = run.ut(kf, vf, bf, G)
+        W, U, _ = run.ut(kf, vf, bf, G)
         h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
         o = run.output(qf, kf, v_new, G, None, h)
         return run.unflat(o), final
@@ -139,11 +146,11 @@ class DeltaRuleFunction(torch.autograd.Function):
         run = ctx.run
         do = run.flat(do)
         G = run.cumulative_decay(gf)
-        W, U = run.ut(kf, vf, bf, G)
+        W, U, T = run.ut(kf, vf, bf, G)
         h, v_new, _ = run.delta_states(kf, W, U, G, state0, store_final=False)
         dh, dv_new, d_initial = run.delta_states_backward(qf, kf, W, G, do, d_final, state0)
         dq, dk, dW, dG = run.dqk(qf, kf, v_new, G, h, dh, do, dv2=dv_new)
-        dv, dbeta, dg = run.ut_backward(kf, vf, bf, G, dv_new, dW, dk, dG)
+        dv, dbeta, dg = run.ut_backward(kf, vf, bf, G, T, dv_new, dW, dk, dG)
         k_dtype, beta_dtype, g_dtype, initial_dtype = ctx.dtypes
         return (run.unflat(dq), run.unflat(dk, k_dtype), run.unflat(dv), run.unflat(dbeta, beta_dtype),
                 run.unflat(dg, g_dtype), None if d_initial is None else d_initial.to(initial_dtype),
