@@ -60,9 +60,13 @@ def test_varlen(gate):
 
 
 @pytest.mark.parametrize("gate", GATES)
-def test_float16(gate):
-    x = make_inputs(gate=gate, dtype=torch.float16)
-    compare_backends(lambda backend, **kw: run(backend, **kw), x, 2e-3, test="triton")
+@pytest.mark.parametrize("shape", [{}, dict(B=1, T=150, H=1, K=128, V=128, chunk=64)], ids=["small", "K128-chunk64"])
+def test_float16(gate, shape):
+    """Half inputs: the chunk states and their gradients go between kernels in float16."""
+    shape = dict(shape)
+    chunk = shape.pop("chunk", 16)
+    x = make_inputs(gate=gate, dtype=torch.float16, **shape)
+    compare_backends(lambda backend, **kw: run(backend, chunk, **kw), x, 2e-3, test="triton")
 
 
 def test_unsupported_inputs_are_refused_by_name():

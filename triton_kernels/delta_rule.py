@@ -214,7 +214,7 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
                       HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
                       BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
-    """One sequence backwards: dh[chunk] = dS_out, dv_new (fp32, holding the intra-chunk term on
+    """One sequence backwards: dh[chunk] = dS_out, dv_new (input dtype, holding the intra-chunk term on
     entry: linear_attn's dv_kernel) += the state term, and d_initial = dS_in of the first chunk."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
@@ -248,9 +248,9 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
             q_in = (b_q * tl.exp(g)[:, None]).to(b_q.dtype)
         else:
             k_out, q_in = b_k, b_q
-        b_dv = tl.load(dv_new + vtile, mask=vmask, other=0.0) + tl.dot(k_out, dS.to(b_k.dtype),
-                                                                        input_precision=PRECISION)
-        tl.store(dv_new + vtile, b_dv, mask=vmask)
+        b_dv = tl.load(dv_new + vtile, mask=vmask, other=0.0).to(tl.float32) + tl.dot(
+            k_out, dS.to(b_k.dtype), input_precision=PRECISION)
+        tl.store(dv_new + vtile, b_dv.to(dv_new.dtype.element_ty), mask=vmask)
         if GATED:
             dS *= tl.exp(g_last)
         dS += scale * tl.dot(tl.trans(q_in), b_do, input_precision=PRECISION)
@@ -292,7 +292,7 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
             b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
-            b_dW = tl.load(dW + tile, mask=mask, other=0.0)
+            b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(tl.float32)
             y = tl.dot(tl.trans(T), b_dW, input_precision=PRECISION)
             k_y = tl.sum(b_k * y, axis=1)
             d_beta += gamma * k_y
@@ -312,7 +312,7 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
             b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
-            b_dW = tl.load(dW + tile, mask=mask, other=0.0)
+            b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(tl.float32)
             y = tl.dot(tl.trans(T), b_dW, input_precision=PRECISION)
             b_dk = tl.load(dk + tile, mask=mask, other=0.0) + (b_beta * gamma)[:, None] * y
             b_dk += tl.dot(sym, b_k, input_precision=PRECISION)

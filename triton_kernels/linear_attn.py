@@ -427,7 +427,7 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
         tl.store(dq + tile, b_dq.to(dq.dtype.element_ty), mask=tile_mask)
         tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
         if DELTA:
-            tl.store(dW + tile, b_dW, mask=tile_mask)
+            tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
         if GATE != 0:
             d_gate = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
             end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)

@@ -64,6 +64,9 @@ class _DeltaRun(ChunkedRun):
         super().__init__(q, v, g, cu_seqlens, chunk, scale, config)
         self.BKF = next_power_of_two(self.K)
         self.SBV = min(config.state_block_v, next_power_of_two(self.V))
+        # the UT backward holds T^T dU (chunk x V tile, fp32) beside its chunk x chunk matrices:
+        # V tiles wider than 64 spill there (compile_check, sm_90, bf16 at chunk 64)
+        self.UT_BV = min(self.BV, 64)
         precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV, self.SBV))
         self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": precision,
                       "BT": chunk}
@@ -86,7 +89,7 @@ class _DeltaRun(ChunkedRun):
 
     def delta_states(self, k, W, U, G, initial_state, store_final):
         lay = self.layout
-        h = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=k.device)
+        h = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=k.device)
         v_new = empty(U.shape, dtype=U.dtype, device=U.device)
         final = self.final_state(k.device) if store_final else None
         launch(
@@ -98,9 +101,9 @@ class _DeltaRun(ChunkedRun):
 
     def delta_states_backward(self, q, k, W, G, do, d_final, initial_state):
         lay = self.layout
-        dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=q.device)
+        dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=q.device)
         # the intra-chunk term in parallel, so the sequential loop only adds the state term
-        dv_new = self.dv(q, k, G, None, None, do, dtype=torch.float32)
+        dv_new = self.dv(q, k, G, None, None, do)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
         launch(
             _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
@@ -118,7 +121,7 @@ class _DeltaRun(ChunkedRun):
         launch(
             _kernels().ut_bwd_kernel, (lay.programs, self.H),
             k, v, beta, G, T, dv_new, dW, dk, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens, lay.total_rows,
-            BK=self.BK, BV=self.BV, **self.delta, **self.launch)
+            BK=self.BK, BV=self.UT_BV, **self.delta, **self.launch)
         return dv, dbeta, dg
 
 

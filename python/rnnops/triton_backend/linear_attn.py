@@ -97,11 +97,12 @@ class ChunkedRun:
         self.BK, self.BV = config.blocks(self.K, self.V)
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
         self.precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV))
-        # the per-chunk states h and their gradients dh between kernels: in the input dtype (half
-        # inputs: every kernel that reads them rounds them to half for its dot products anyway, so
-        # this halves the largest traffic; only the gated dg's rowsum(S * dS) reads them rounded
-        # where it read float32 before), float32 for float32 inputs
-        self.state_dtype = q.dtype
+        # what goes from kernel to kernel (the chunk states h, their gradients dh; the delta rule's
+        # dV_new and dW) is stored in the input dtype: for half inputs every kernel that reads it
+        # rounds it to half for its dot products anyway, so this halves the largest traffic (only
+        # the gated dg's rowsum(S * dS) and the UT backward's tf32 products read rounded values
+        # where they read float32 before); float32 inputs keep float32 throughout
+        self.stored_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills
         # at 8, and at 2 too: compile_check, sm_90)
@@ -142,7 +143,7 @@ class ChunkedRun:
 
     def states(self, k, v, G, initial_state, store_final):
         lay = self.layout
-        h = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=k.device)
+        h = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=k.device)
         final = self.final_state(k.device) if store_final else None
         launch(
             _kernels().states_fwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
@@ -162,7 +163,7 @@ class ChunkedRun:
 
     def states_backward(self, q, do, G, d_final, initial_state):
         lay = self.layout
-        dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.state_dtype, device=q.device)
+        dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=q.device)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
         launch(
             _kernels().states_bwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
@@ -195,7 +196,7 @@ class ChunkedRun:
         delta = dv2 is not None
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         dk = empty(k.shape, dtype=torch.float32 if delta else k.dtype, device=k.device)
-        dW = empty(k.shape, dtype=torch.float32, device=k.device) if delta else None
+        dW = empty(k.shape, dtype=self.stored_dtype, device=k.device) if delta else None
         dG = None
         if self.gate == kernels.KEY_GATE:
             dG = empty((q.shape[0], self.H, self.K), dtype=torch.float32, device=q.device)
@@ -207,9 +208,9 @@ class ChunkedRun:
             self.scale, lay.total_rows, V=self.V, DELTA=delta, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dq, dk, dW, dG
 
-    def dv(self, q, k, G, A, dh, do, dtype=None):
-        """dv in ``dtype`` (default do's); with dh None only the intra-chunk term."""
-        dv = empty(do.shape, dtype=dtype or do.dtype, device=do.device)
+    def dv(self, q, k, G, A, dh, do):
+        """dv in do's dtype; with dh None only the intra-chunk term."""
+        dv = empty(do.shape, dtype=do.dtype, device=do.device)
         lay = self.layout
         launch(
             _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
