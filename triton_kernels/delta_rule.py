@@ -128,7 +128,7 @@ def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.conste
     """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, stored as T[(row, head), column
     in chunk] in fp32 (the layout of linear_attn's intra-chunk scores)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -145,7 +145,7 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
                   BV: tl.constexpr):
     """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk (stored in v's dtype)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -267,7 +267,7 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
     the output and state terms); gated: dg = reverse cumsum of (dG summed over its K tiles + the
     UT terms) within the chunk."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos

@@ -61,7 +61,7 @@ def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.conste
                   BT: tl.constexpr, BK: tl.constexpr):
     """G = inclusive cumulative sum of g inside each chunk, in fp32."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         if GATE == 1:
@@ -211,7 +211,7 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
     """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile; one pass over the K
     tiles reads q once for both terms."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
@@ -278,7 +278,7 @@ def d_scores_kernel(do, v, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr
                     PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """Per-key decay: dA = scale * (do @ v^T) * causal mask, fp32, layout as A."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
