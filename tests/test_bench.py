@@ -10,7 +10,9 @@ import rnnops
 from rnnops.__main__ import main
 from rnnops.bench import cases as bench_cases
 from rnnops.bench import cli, report
-from rnnops.bench.runner import run_case
+from rnnops.bench import precompile as precompile_module
+from rnnops.bench.precompile import precompile, warm_up
+from rnnops.bench.runner import Target, run_case
 from rnnops.bench.timing import measure, peak_memory
 
 CPU = torch.device("cpu")
@@ -98,6 +100,36 @@ def test_budget_stops_starting_cases_and_every_case_is_saved_at_once(monkeypatch
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["case"] for r in results["rows"]} == {cases[0].name, cases[1].name}
     assert results["notes"]["interrupted"] == ["time budget of 1000 s spent: stopped after 2 of 3 cases"]
+
+
+def test_warm_up_runs_each_of_our_backends_once_and_no_peer(monkeypatch):
+    calls = []
+
+    def target(name, kind, fails=False):
+        def call(x):
+            calls.append(name)
+            if fails:
+                raise ValueError("cannot take these inputs")
+            return x["q"] * 2
+        return Target(name, kind, lambda x: x, call, lambda out: out)
+
+    targets = [target("chunked", "rnnops"), target("triton", "rnnops", fails=True), target("fla", "peer")]
+    monkeypatch.setattr(precompile_module, "targets_for", lambda *args, **kwargs: (targets, []))
+    assert warm_up(tiny_cases()[0], CPU, torch.float32) == 1
+    assert calls == ["chunked", "triton"]
+
+
+def test_precompile_warms_standard_cases_in_worker_processes(monkeypatch, tmp_path, capsys):
+    """Workers find a case again by name among the standard cases; a name they cannot find (a
+    tiny test case) is counted as not warmed."""
+    standard = next(c for c in bench_cases.standard_cases(CPU) if c.name.startswith("scalar decay"))
+    progress = []
+    warmed, seconds = precompile([standard, tiny_cases()[0]], CPU, torch.float32, ["chunked"], 2, progress.append)
+    assert (warmed, progress[-1]) == (1, "precompiling: 2/2 cases done, 0 running") and seconds > 0
+    monkeypatch.setattr(cli, "standard_cases", lambda device: [standard])
+    main(["bench", "--backends", "chunked", "--repeats", "1", "--precompile", "1", "--out", str(tmp_path)])
+    notes = json.loads((tmp_path / "results.json").read_text())["notes"]
+    assert notes["precompiled"][0].startswith("1 of 1 cases warmed up in 1 processes")
 
 
 def test_profile_lists_where_the_time_goes(monkeypatch, tmp_path):

@@ -58,7 +58,7 @@ def targets_for(case: Case, device: torch.device, dtype: torch.dtype, backends, 
     return targets, notes
 
 
-def _leaves(state: dict) -> tuple[dict, list[torch.Tensor]]:
+def fresh_leaves(state: dict) -> tuple[dict, list[torch.Tensor]]:
     """Fresh leaf tensors that require grad, in place of the floating tensors of ``state``."""
     fresh, leaves = {}, []
     for key, value in state.items():
@@ -114,7 +114,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
         progress(f"{case.op}: {case.name} | {target.name} fwd")
         row["fwd"] = measure(forward, device, repeats=repeats, min_seconds=0.3, max_seconds=2.0)
         row["memory_fwd"] = peak_memory(forward, device)
-        fresh, leaves = _leaves(target.prepare(inputs))
+        fresh, leaves = fresh_leaves(target.prepare(inputs))
         cotangent = torch.randn(outputs[target.name].shape, generator=torch.Generator().manual_seed(1)).to(
             device=device, dtype=outputs[target.name].dtype)
 
