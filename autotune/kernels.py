@@ -71,6 +71,10 @@ class Tunable:
     programs: Callable[[dict, dict], int]  # (config, shape) -> programs / blocks launched
     threads: Callable[[dict], int]  # config -> threads per program
     penalty: Callable[[dict, dict], float] = lambda config, shape: 1.0  # tile inefficiency and recomputation
+    # variables the offline compile screen tries at their default before other values: the cost
+    # model cannot rank them and they shape only kernels that rarely spill, so free they would fill
+    # the screened few with copies of one tile shape (measuring on a GPU still varies them)
+    screen_at_default: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -138,11 +142,11 @@ def _linear_penalty(config, shape):
 
 TUNABLES = [
     Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty),
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps",)),
     Tunable("delta_rule", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty),
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps",)),
     Tunable("delta_product", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty),
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps",)),
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * c["num_warps"],

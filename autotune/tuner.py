@@ -109,6 +109,10 @@ class CompileScreen:
                ranked: list[dict], notes: list[str]) -> dict:
         limit = hardware.shared_memory_per_block
         scored = []
+        # configurations that keep the kernel's screen_at_default variables at their defaults first
+        # (a stable sort: rank order otherwise), so copies of one tile shape do not fill the screen
+        default = tunable.default()
+        ranked = sorted(ranked, key=lambda c: sum(c.get(v, default[v]) != default[v] for v in tunable.screen_at_default))
         for i, config in enumerate(ranked[:self.top]):
             try:
                 spills, shared, _ = self.compiled(tunable, shape, dtype, hardware, config)

@@ -210,3 +210,10 @@ def test_compile_screen_keeps_the_best_ranked_config_that_neither_spills_nor_ove
     assert screen.choose(tunable, bigger, torch.bfloat16, hw, ranked, []) == ranked[2] and len(compiled) == 3
     outcome.update({32: (8, 1024), 16: (4, 1024)})  # nothing clean in the top: the least spilling that fits
     assert tuner.CompileScreen(top=4).choose(tunable, shape, torch.bfloat16, hw, ranked, [])["block_k"] == 16
+    # state_num_warps (which the model ties) is screened at its default first: the same tile shape
+    # with other state warps ranked ahead does not use up the screened few
+    outcome.update({32: (0, 1024)})
+    copies = [dict(ranked[0], state_num_warps=w) for w in (2, 8)]
+    notes = []
+    assert tuner.CompileScreen(top=3).choose(tunable, shape, torch.bfloat16, hw, copies + ranked, notes) == ranked[2]
+    assert len(notes) == 2

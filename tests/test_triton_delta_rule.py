@@ -87,7 +87,7 @@ def test_head_dims_are_checked():
 @pytest.mark.parametrize("gpu", ["A100", "H100"])
 def test_config_space(gpu):
     legal = triton_delta_rule.space(256, 128, 64, 2, hardware.named(gpu)).legal()
-    assert legal and all(256 * p["state_block_v"] <= 128 * 32 * p["num_warps"] for p in legal)
+    assert legal and all(256 * p["state_block_v"] <= 128 * 32 * p["state_num_warps"] for p in legal)
     defaults = dict(triton_delta_rule.DEFAULT_CONFIG.__dict__)
     assert defaults in triton_delta_rule.space(128, 128, 64, 2, hardware.named(gpu)).legal()
     assert triton_delta_rule.FLOAT32_DEFAULT_CONFIG.__dict__ in triton_delta_rule.space(

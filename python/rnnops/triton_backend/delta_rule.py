@@ -37,7 +37,7 @@ class DeltaRuleConfig(LinearAttnConfig):
 DEFAULT_CONFIG = DeltaRuleConfig()
 # float32: dq/dk spills 56 B instead of 2 KB, the UT backward 1.4 KB instead of 2.3 KB (sm_90); the
 # state kernels still spill ~1-2 KB whatever the tiles (full-K tf32x3 operands)
-FLOAT32_DEFAULT_CONFIG = DeltaRuleConfig(block_k=32, block_v=32)
+FLOAT32_DEFAULT_CONFIG = DeltaRuleConfig(block_k=32, block_v=32, state_num_warps=8)
 
 
 def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
@@ -47,7 +47,8 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
         base.constraints + (
             Constraint("state_block_v <= V rounded up to a power of two", ("state_block_v",),
                        lambda bv: bv <= next_power_of_two(V)),
-            Constraint("the full-K fp32 state tile fits in 128 registers per thread", ("state_block_v", "num_warps"),
+            Constraint("the full-K fp32 state tile fits in 128 registers per thread",
+                       ("state_block_v", "state_num_warps"),
                        lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
         ),
     )
@@ -96,7 +97,7 @@ class _DeltaRun(ChunkedRun):
             _kernels().states_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             k, W, U, G, h, v_new, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
             HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BKF=self.BKF, BV=self.SBV,
-            **self.delta, **self.launch)
+            **self.delta, **self.state_launch)
         return h, v_new, final
 
     def delta_states_backward(self, q, k, W, G, do, d_final, initial_state):
@@ -109,7 +110,7 @@ class _DeltaRun(ChunkedRun):
             _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
             lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, BKF=self.BKF, BV=self.SBV, **self.delta, **self.launch)
+            STORE_D_INITIAL=initial_state is not None, BKF=self.BKF, BV=self.SBV, **self.delta, **self.state_launch)
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):

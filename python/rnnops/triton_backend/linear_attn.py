@@ -30,6 +30,11 @@ class LinearAttnConfig:
     block_v: int = 64
     num_warps: int = 8  # 4 spills in the delta rule's backward at K = V = 128 (compile_check, sm_90)
     num_stages: int = 2
+    # the state kernels: one program per (state tile, sequence, head) walks all of its chunks in
+    # order, so their time is a chain of dependent steps, shortened by more programs per SM (each
+    # hides the others' latency), not by more warps per program (flash-linear-attention's state
+    # kernels choose among 2 and 4 warps on Hopper)
+    state_num_warps: int = 4
 
     def blocks(self, K: int, V: int) -> tuple[int, int]:
         """Tiles no larger than the (power-of-two rounded) head dims."""
@@ -38,8 +43,9 @@ class LinearAttnConfig:
 
 DEFAULT_CONFIG = LinearAttnConfig()
 # float32 (tf32x3) splits every dot operand in two: 64 x 64 tiles spill up to 1.4 KB per thread
-# in dq/dk at K = V = 128, 32 x 32 tiles nothing (compile_check, sm_90)
-FLOAT32_DEFAULT_CONFIG = LinearAttnConfig(block_k=32, block_v=32)
+# in dq/dk at K = V = 128, 32 x 32 tiles nothing (compile_check, sm_90); its state kernels keep 8
+# warps, which halves their operand registers
+FLOAT32_DEFAULT_CONFIG = LinearAttnConfig(block_k=32, block_v=32, state_num_warps=8)
 
 
 def default_config(dtype: torch.dtype, half=DEFAULT_CONFIG, single=FLOAT32_DEFAULT_CONFIG):
@@ -51,7 +57,7 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     """The legal configurations for head dims K, V as integer constraints."""
     return Space(
         {"block_k": powers_of_two(16, 128), "block_v": powers_of_two(16, 128), "num_warps": [1, 2, 4, 8],
-         "num_stages": [1, 2, 3, 4]},
+         "num_stages": [1, 2, 3, 4], "state_num_warps": [2, 4, 8]},
         (
             Constraint("block_k <= K rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(K)),
             Constraint("block_v <= V rounded up to a power of two", ("block_v",), lambda bv: bv <= next_power_of_two(V)),
@@ -104,6 +110,7 @@ class ChunkedRun:
         # where they read float32 before); float32 inputs keep float32 throughout
         self.stored_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        self.state_launch = dict(self.launch, num_warps=config.state_num_warps)
         # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills
         # at 8, and at 2 too: compile_check, sm_90)
         self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
@@ -149,7 +156,7 @@ class ChunkedRun:
             _kernels().states_fwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
             k, v, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
             HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.BK, BV=self.BV,
-            **self.common, **self.launch)
+            **self.common, **self.state_launch)
         return h, final
 
     def output(self, q, k, v, G, A, h):
@@ -169,7 +176,7 @@ class ChunkedRun:
             _kernels().states_bwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
             q, do, G, dh, None if d_final is None else d_final.float().contiguous(), d_initial, lay.chunk_offsets,
             lay.cu_seqlens, self.scale, V=self.V, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            STORE_D_INITIAL=initial_state is not None, BK=self.BK, BV=self.BV, **self.common, **self.state_launch)
         return dh, d_initial
 
     def intra_gradients(self, q, k, v, G, do):
