@@ -156,8 +156,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         if workers > 0 and cases:
             warmed, seconds = precompile(cases, device, dtype, args.backends, workers, progress)
-            notes["precompiled"] = [f"{warmed} of {len(cases)} cases warmed up in {workers} processes "
-                                    f"in {seconds:.0f} s before timing"]
+            notes["precompiled"] = [(f"{warmed} of {len(cases)} cases warmed up in {workers} processes "
+                                     f"in {seconds:.0f} s before timing")]
         for index, case in enumerate(cases, 1):
             if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:
                 notes["interrupted"] = stopped(f"time budget of {args.budget_s:g} s spent")

@@ -13,6 +13,7 @@ crashes only loses its warm-up: the timed run meets the same error and reports i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -37,13 +38,11 @@ def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequ
     for target in targets:
         if target.kind != "rnnops":
             continue
-        try:
+        with contextlib.suppress(Exception):  # the timed run meets the same error and reports it
             fresh, _ = fresh_leaves(target.prepare(inputs))
             out = target.call(fresh)
             out.backward(torch.randn_like(out))
             ran += 1
-        except Exception:  # the timed run meets it again and reports it
-            pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return ran
