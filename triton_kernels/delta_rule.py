@@ -116,10 +116,15 @@ def _decayed_gram(k, G, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, G
 
 
 @triton.jit
+def _inverse_tile(rows, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """Offsets of one chunk's T in T_all: T[(row, head), column in chunk]."""
+    return (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :]
+
+
+@triton.jit
 def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr):
     """One chunk's T from ``ut_inverse_kernel`` (rows past the sequence's end read as 0)."""
-    return tl.load(T_all + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
-                   other=0.0)
+    return tl.load(T_all + _inverse_tile(rows, i_h, H, BT), mask=row_mask[:, None], other=0.0)
 
 
 @triton.jit
@@ -136,7 +141,7 @@ def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.conste
         M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
         inverse = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), PRECISION, BT)
-        tl.store(T_all + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], inverse, mask=row_mask[:, None])
+        tl.store(T_all + _inverse_tile(rows, i_h, H, BT), inverse, mask=row_mask[:, None])
 
 
 @triton.jit
