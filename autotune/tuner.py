@@ -112,7 +112,8 @@ class CompileScreen:
         # configurations that keep the kernel's screen_at_default variables at their defaults first
         # (a stable sort: rank order otherwise), so copies of one tile shape do not fill the screen
         default = tunable.default()
-        ranked = sorted(ranked, key=lambda c: sum(c.get(v, default[v]) != default[v] for v in tunable.screen_at_default))
+        fixed = tunable.screen_at_default
+        ranked = sorted(ranked, key=lambda c: sum(c.get(v, default[v]) != default[v] for v in fixed))
         for i, config in enumerate(ranked[:self.top]):
             try:
                 spills, shared, _ = self.compiled(tunable, shape, dtype, hardware, config)

@@ -119,7 +119,7 @@ def test_warm_up_runs_each_of_our_backends_once_and_no_peer(monkeypatch):
     assert calls == ["chunked", "triton"]
 
 
-def test_precompile_warms_standard_cases_in_worker_processes(monkeypatch, tmp_path, capsys):
+def test_precompile_warms_standard_cases_in_worker_processes(monkeypatch, tmp_path):
     """Workers find a case again by name among the standard cases; a name they cannot find (a
     tiny test case) is counted as not warmed."""
     standard = next(c for c in bench_cases.standard_cases(CPU) if c.name.startswith("scalar decay"))
