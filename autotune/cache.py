@@ -6,8 +6,10 @@ measured time. Files are written atomically (a temporary file and os.replace, wr
 under an flock), so concurrent processes never see half a file. A corrupt, truncated or foreign
 file is ignored with a warning, a read-only directory keeps results in memory with a warning:
 neither ever stops an op. Look-ups are served from memory after the first one per device.
-Where nothing was tuned, the defaults shipped for the matching offline GPU
-(autotune/defaults/*.json, ranked by the cost model) apply, then the kernel's default config.
+A bucket that was not tuned takes the tuned entry of the nearest size with the same op, dtype,
+head dims and variant; where nothing of that kind was tuned, the defaults shipped for the
+matching offline GPU (autotune/defaults/*.json, ranked by the cost model and screened by ptxas;
+again exact bucket or nearest size) apply, then the kernel's default config.
 
 Location: $RNNOPS_CACHE_DIR, else ~/.cache/rnnops/autotune.
 """
@@ -18,6 +20,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
 import os
 import re
 import tempfile
@@ -59,12 +62,36 @@ def key(op: str, backend: str, bucket: str) -> str:
     return f"{op}|{backend}|{bucket}"
 
 
+def bucket_prefix(bucket_or_key: str) -> str:
+    """Everything but the size: "bfloat16:K128:V128:none:tokens~524288" -> "...:tokens"."""
+    return bucket_or_key.rpartition("~")[0]
+
+
+def bucket_size(bucket_or_key: str) -> int:
+    """The size a bucket ends with (tokens, rows or batch, a power of two)."""
+    return int(bucket_or_key.rpartition("~")[2])
+
+
+def nearest(configs: dict[str, dict], k: str) -> dict | None:
+    """``configs[k]``, else the configuration of the key with ``k``'s prefix whose size is nearest
+    on a log scale (the larger of two equally near), else None."""
+    if k in configs:
+        return configs[k]
+    prefix, size = bucket_prefix(k), bucket_size(k)
+    sizes = {bucket_size(name): name for name in configs if bucket_prefix(name) == prefix}
+    if not sizes:
+        return None
+    closest = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(size)), -s))
+    return configs[sizes[closest]]
+
+
 class TuneCache:
     """The cache file of one device (``identity``), loaded on first use."""
 
     def __init__(self, path: Path, ident: dict):
         self.path, self.identity = Path(path), ident
         self._entries: dict | None = None
+        self._chosen: dict[str, dict | None] = {}
 
     @classmethod
     def for_identity(cls, ident: dict) -> TuneCache:
@@ -91,6 +118,20 @@ class TuneCache:
             self._entries = self._read()
         return self._entries
 
+    def config_for(self, k: str) -> dict | None:
+        """The configuration for cache key ``k`` (op|backend|bucket): the tuned entry for its
+        bucket, else the tuned entry of the nearest size with the same prefix (a measurement on
+        this device at a neighbouring size beats a model ranking: sizes change a configuration's
+        waves, not what compiles well), else the shipped default for the bucket, else the
+        nearest shipped size. Memoised per key until the next put()."""
+        if k not in self._chosen:
+            tuned_entries = {name: entry["config"] for name, entry in self.entries.items()
+                             if isinstance(entry, dict) and isinstance(entry.get("config"), dict)}
+            self._chosen[k] = nearest(tuned_entries, k)
+            if self._chosen[k] is None:
+                self._chosen[k] = nearest(shipped_defaults(self.identity["gpu"]), k)
+        return self._chosen[k]
+
     def get(self, op: str, backend: str, bucket: str) -> dict | None:
         return self.entries.get(key(op, backend, bucket))
 
@@ -103,6 +144,7 @@ class TuneCache:
     def put(self, new_entries: dict) -> None:
         """Merge ``new_entries`` into memory and into the file (atomically; warns if it cannot)."""
         self.entries.update(new_entries)
+        self._chosen.clear()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_suffix(".lock"), "w") as lock:
@@ -117,6 +159,7 @@ class TuneCache:
                     os.fsync(handle.fileno())
                 os.replace(tmp, self.path)
                 self._entries = merged
+                self._chosen.clear()
         except OSError as error:
             warnings.warn(f"rnnops autotune cache {self.path} cannot be written ({error}); results stay in memory",
                           RuntimeWarning)
@@ -164,15 +207,15 @@ def override(op: str, backend: str, bucket: str, config: dict):
 
 
 def tuned(op: str, backend: str, shape: dict, dtype: torch.dtype, device: torch.device, default):
-    """The configuration a kernel launch uses: an override, the device's tuned entry, the shipped
-    default for its GPU, or ``default`` (a config dataclass instance of the same type)."""
+    """The configuration a kernel launch uses: an override, the device's tuned or shipped entry
+    (TuneCache.config_for: exact bucket or the nearest size), or ``default`` (a config
+    dataclass instance of the same type)."""
     from .kernels import bucket
 
     k = key(op, backend, bucket(op, shape, dtype))
     values = _OVERRIDES.get(k)
     if values is None and (cache := for_device(device)) is not None:
-        entry = cache.entries.get(k)
-        values = entry["config"] if entry else shipped_defaults(cache.identity["gpu"]).get(k)
+        values = cache.config_for(k)
     if values is None:
         return default
     return dataclasses.replace(default, **values)

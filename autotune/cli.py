@@ -1,7 +1,7 @@
 """``python -m rnnops autotune``: tune, explain, export and import kernel configurations.
 
-    python -m rnnops autotune [--ops OP ...] [--shapes SHAPE ...] [--budget-s N] [--top K]
-                              [--export FILE | --import FILE]
+    python -m rnnops autotune [--ops OP ...] [--shapes SHAPE ...] [--budget-s N] [--top K] [--fraction F]
+                              [--compile-workers N] [--exhaustive] [--export FILE | --import FILE]
     python -m rnnops autotune --gpu NAME --dry-run [--compile-check] [--export FILE]    (no GPU needed)
     python -m rnnops autotune --explain OP SHAPE [--gpu NAME] [--compile-check]
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,20 @@ from .hardware import from_device, named
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", default=["all"], help="op families to tune (default: all)")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE", help="shapes instead of the standard GPU cases")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new shapes after this long")
-    parser.add_argument("--top", type=int, default=4, help="ranked configurations measured per shape")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="stop measuring after this long (one bucket per kernel shape comes first; an untuned "
+                             "bucket takes the nearest tuned size)")
+    parser.add_argument("--top", type=int, default=2,
+                        help="the model's best configurations measured first (with the default), where the search "
+                             "starts")
+    parser.add_argument("--fraction", type=float, default=0.1,
+                        help="measure at most this fraction of each legal space (at least 4 configurations)")
+    parser.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                        help="processes that compile each search round's configurations side by side before they "
+                             "are timed (0: compile in the timed process; default min(8, CPUs))")
+    parser.add_argument("--exhaustive", action="store_true",
+                        help="measure every legal configuration, and report how close the search alone gets and "
+                             "how many it measures (the search's own check: slow, name --ops and --shapes)")
     parser.add_argument("--dtype", choices=sorted(tuner.DTYPES), default="bfloat16")
     parser.add_argument("--gpu", help="an offline GPU (V100, A100, L4, RTX 4090, H100, H200) for --dry-run / --explain")
     parser.add_argument("--dry-run", action="store_true", help="solve and rank only (works without a GPU)")
@@ -89,8 +102,9 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.write("\r\033[K" + text[:150] if sys.stderr.isatty() else text + "\n")
         sys.stderr.flush()
 
-    results = tuner.tune(args.ops, device, dtype, from_device(), top=args.top, budget_s=args.budget_s, shapes=shapes,
-                         progress=progress)
+    results = tuner.tune(args.ops, device, dtype, from_device(), top=args.top, fraction=args.fraction,
+                         budget_s=args.budget_s, shapes=shapes, exhaustive=args.exhaustive,
+                         compile_workers=args.compile_workers, progress=progress)
     print(table(results))
     if args.export:
         device_cache = cache.for_device(device)

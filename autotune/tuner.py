@@ -1,24 +1,29 @@
 """Solve, rank, measure: choose each kernel's configuration per shape bucket.
 
-For every tunable kernel and standard shape: enumerate the legal configurations
-(kernels.Tunable.space), order them by the analytic cost model, and measure only the best few
-plus the default on the device (forward + backward, CUDA events, inputs rotated so that they do
-not sit in L2, medians). The winner goes into the device's cache (autotune.cache). Without a GPU
-(``dry_run``) the ranking alone is reported, for any offline GPU.
+For every tunable kernel and standard shape bucket: enumerate the legal configurations
+(kernels.Tunable.space), order them by the analytic cost model, measure the best few and the
+default on the device (forward + backward, CUDA events, inputs rotated so that they do not sit
+in L2, medians) and search from there (autotune.search), measuring at most a tenth of the
+space. The winner goes into the device's cache (autotune.cache). Without a GPU (``dry_run``) the
+ranking alone is reported, for any offline GPU, optionally screened by ptxas (CompileScreen).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
+import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from . import cache, kernels
+from . import cache, kernels, search
 from .hardware import Hardware
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES_BY_VALUE = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass
@@ -177,54 +182,192 @@ def measure_config(tunable: kernels.Tunable, case, inputs: list[dict], bucket: s
         return measure(step, device, warmup=1, repeats=5, min_seconds=0.05, max_seconds=1.0).median
 
 
-def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, top: int = 4,
-         budget_s: float = 300.0, shapes: list[dict] | None = None,
-         progress: Callable[[str], None] = lambda text: None) -> list[Result]:
-    """Measure the ``top`` ranked configurations and the default per kernel and shape; store the
-    winners in the device's cache. Stops starting new shapes once ``budget_s`` is spent."""
+class Unsupported(Exception):
+    """A timer cannot time this kernel here (the message says why)."""
+
+
+@dataclass
+class ShapeTimer:
+    """Times one kernel at one shape: ``measure(config)`` -> seconds; ``prepare(configs)`` may
+    compile configurations ahead of their measurement (returns how many it prepared)."""
+
+    measure: Callable[[dict], float]
+    prepare: Callable[[list[dict]], int] = lambda configs: 0
+
+
+# (tunable, shape, bucket) -> ShapeTimer; raises Unsupported for a kernel it cannot time
+Timer = Callable[[kernels.Tunable, dict, str], ShapeTimer]
+
+
+def _inputs(case, device: torch.device, dtype: torch.dtype) -> dict:
+    return {k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in case.make(device, dtype).items()}
+
+
+def _run_once(op: str, backend: str, shape: dict, bucket: str, device: torch.device, dtype: torch.dtype,
+              config: dict) -> None:
+    case = case_for(op, shape)
+    x = _inputs(case, device, dtype)
+    with cache.override(op, backend, bucket, config):
+        out = case.run(x, backend)
+        out.backward(torch.ones_like(out))
+
+
+def warm_config(op: str, backend: str, shape: dict, bucket: str, device: str, dtype: str, config: dict) -> bool:
+    """One forward + backward of ``op`` at ``shape`` with ``config``, nothing timed: in a worker
+    process it leaves the kernels compiled in Triton's and CuPy's disk caches. False if it
+    raised (the measurement meets the same error and reports it)."""
+    device_ = torch.device(device)
+    try:
+        _run_once(op, backend, shape, bucket, device_, DTYPES[dtype], config)
+        ran = True
+    except Exception:  # noqa: BLE001 - reported by the measurement of the same configuration
+        ran = False
+    if device_.type == "cuda":
+        torch.cuda.empty_cache()  # an idle worker must not hold memory the timed process needs
+    return ran
+
+
+@contextlib.contextmanager
+def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int = 0) -> Iterator[Timer]:
+    """The tuner's timer: two sets of inputs of the shape on ``device``, measure_config; with
+    ``compile_workers``, ``prepare`` runs each configuration once in that many spawned processes
+    (warm_config) so that the configurations a search round may measure compile side by side
+    instead of one by one in the timed loop (prepare waits for them: nothing runs while timing)."""
     from rnnops._dispatch import unsupported
 
-    start = time.perf_counter()
+    pool = None
+    if compile_workers > 0:
+        pool = concurrent.futures.ProcessPoolExecutor(compile_workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def for_shape(tunable: kernels.Tunable, shape: dict, bucket: str) -> ShapeTimer:
+        reason = unsupported(tunable.op, tunable.backend, device=device, dtype=dtype)
+        if reason:
+            raise Unsupported(reason)
+        case = case_for(tunable.op, shape)
+        torch.manual_seed(0)
+        inputs = [_inputs(case, device, dtype) for _ in range(2)]
+
+        def prepare(configs: list[dict]) -> int:
+            if pool is None:
+                return 0
+            futures = [pool.submit(warm_config, tunable.op, tunable.backend, shape, bucket, str(device),
+                                   DTYPES_BY_VALUE[dtype], c) for c in configs]
+            done, _ = concurrent.futures.wait(futures, timeout=300)  # one stuck longer compiles nothing we need
+            return sum(f.exception() is None and f.result() for f in done)
+
+        return ShapeTimer(lambda config: measure_config(tunable, case, inputs, bucket, config, device), prepare)
+
+    try:
+        yield for_shape
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def tuning_order(tunables: list[kernels.Tunable], shapes_of: Callable[[str], list[dict]], dtype: torch.dtype):
+    """(tunable, shape, bucket) to tune, one shape per bucket (a T sweep and a batch sweep reach
+    the same token count), in two rounds: first one bucket per kernel shape (its bucket prefix:
+    op, dtype, head dims, variant), the middle size, so a short budget still covers every kernel;
+    then the other sizes. Untuned buckets take the nearest tuned size (TuneCache.config_for)."""
+    first, rest = [], []
+    for tunable in tunables:
+        by_prefix: dict[str, list[tuple[str, dict]]] = {}
+        for shape in shapes_of(tunable.op):
+            b = kernels.bucket(tunable.op, shape, dtype)
+            group = by_prefix.setdefault(cache.bucket_prefix(b), [])
+            if all(b != seen for seen, _ in group):
+                group.append((b, shape))
+        for group in by_prefix.values():
+            group.sort(key=lambda item: cache.bucket_size(item[0]))
+            middle = group.pop((len(group) - 1) // 2)
+            first.append((tunable, middle[1], middle[0]))
+            rest.extend((tunable, shape, b) for b, shape in group)
+    return first + rest
+
+
+def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, top: int = 2,
+         fraction: float = 0.1, budget_s: float = 300.0, shapes: list[dict] | None = None,
+         exhaustive: bool = False, timer: Timer | None = None, compile_workers: int = 0,
+         progress: Callable[[str], None] = lambda text: None) -> list[Result]:
+    """Per kernel and shape bucket (tuning_order): measure the model's ``top`` configurations and
+    the default, then search (search.coordinate_search) measuring at most ``fraction`` of the
+    legal space (search.measurement_cap); store the fastest in the device's cache. Stops
+    measuring once ``budget_s`` is spent (a shape in progress keeps its fastest so far).
+
+    ``exhaustive``: measure every legal configuration instead, and replay the search on those
+    timings to report how close it gets and how many it measures (the search's own check).
+    ``timer`` replaces device_timer (tests); ``compile_workers`` is passed to it."""
+    run = _Tuning(dtype, hardware, top, fraction, exhaustive, time.perf_counter() + budget_s, progress,
+                  cache.for_device(device))
+    order = tuning_order(kernels.tunables(ops), lambda op: shapes if shapes is not None else standard_shapes(op),
+                         dtype)
     results = []
-    device_cache = cache.for_device(device)
-    for tunable in kernels.tunables(ops):
-        for shape in shapes if shapes is not None else standard_shapes(tunable.op):
-            if time.perf_counter() - start > budget_s:
-                progress(f"budget of {budget_s:.0f} s spent; {tunable.name} {shape} not tuned")
+    with contextlib.ExitStack() as stack:
+        if timer is None:
+            timer = stack.enter_context(device_timer(device, dtype, compile_workers))
+        for tunable, shape, bucket in order:
+            if run.over_budget():
+                progress(f"budget of {budget_s:.0f} s spent; {tunable.name} {bucket} not tuned")
                 continue
-            bucket = kernels.bucket(tunable.op, shape, dtype)
-            count, ranked = rank(tunable, shape, dtype, hardware)
-            default = tunable.default()
-            result = Result(tunable.op, tunable.backend, bucket, shape, count, ranked[:5], default, default)
-            reason = unsupported(tunable.op, tunable.backend, device=device, dtype=dtype)
-            if reason:
-                result.notes.append(f"skipped: {reason}")
-                results.append(result)
-                continue
-            case = case_for(tunable.op, shape)
-            torch.manual_seed(0)
-            inputs = [{k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                       for k, v in case.make(device, dtype).items()} for _ in range(2)]
-            candidates = ranked[:top] + ([default] if default not in ranked[:top] else [])
-            timings = {}
-            for config in candidates:
-                progress(f"{tunable.name} {bucket} {config}")
-                try:
-                    timings[tuple(sorted(config.items()))] = measure_config(tunable, case, inputs, bucket, config, device)
-                except Exception as error:  # a configuration that fails to compile or launch is skipped
-                    result.notes.append(f"{config}: {type(error).__name__}: {str(error)[:120]}")
-            if timings:
-                best = min(timings, key=timings.get)
-                result.config, result.seconds = dict(best), timings[best]
-                result.default_seconds = timings.get(tuple(sorted(default.items())))
-                result.measured = len(timings)
-                if device_cache is not None:
-                    device_cache.put({cache.key(tunable.op, tunable.backend, bucket):
-                                      {"config": result.config, "seconds": result.seconds,
-                                       "default_seconds": result.default_seconds, "legal": count,
-                                       "measured": result.measured}})
-            results.append(result)
+            results.append(run.tune_bucket(tunable, shape, bucket, timer))
     return results
+
+
+@dataclass
+class _Tuning:
+    """One tune() run's settings."""
+
+    dtype: torch.dtype
+    hardware: Hardware
+    top: int
+    fraction: float
+    exhaustive: bool
+    deadline: float  # time.perf_counter() value
+    progress: Callable[[str], None]
+    device_cache: cache.TuneCache | None
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    def tune_bucket(self, tunable: kernels.Tunable, shape: dict, bucket: str, timer: Timer) -> Result:
+        count, ranked = rank(tunable, shape, self.dtype, self.hardware)
+        default = tunable.default()
+        result = Result(tunable.op, tunable.backend, bucket, shape, count, ranked[:5], default, default)
+        try:
+            shape_timer = timer(tunable, shape, bucket)
+        except Unsupported as reason:
+            result.notes.append(f"skipped: {reason}")
+            return result
+
+        def measure(config):
+            self.progress(f"{tunable.name} {bucket} {config}")
+            try:
+                return shape_timer.measure(config)
+            except Exception as error:  # a configuration that fails to compile or launch is skipped
+                result.notes.append(f"{config}: {type(error).__name__}: {str(error)[:120]}")
+                return None
+
+        seeds = ranked[:self.top] + ([default] if default in ranked and default not in ranked[:self.top] else [])
+        cap = search.measurement_cap(count, self.fraction)
+        found = search.coordinate_search(ranked, ranked if self.exhaustive else seeds, measure,
+                                         count if self.exhaustive else cap, should_stop=self.over_budget,
+                                         prepare=shape_timer.prepare)
+        if self.exhaustive and found.measured == count and found.seconds:
+            replay = search.coordinate_search(ranked, seeds, lambda c: found.timings[search.config_key(c)], cap)
+            if replay.seconds:
+                result.notes.append(f"search alone: {replay.seconds / found.seconds:.3f}x the best, "
+                                    f"measuring {replay.measured} of {count}")
+        if found.best is None:
+            return result
+        result.config, result.seconds, result.measured = found.best, found.seconds, found.measured
+        result.default_seconds = found.timings.get(search.config_key(default))
+        if self.device_cache is not None:
+            self.device_cache.put({cache.key(tunable.op, tunable.backend, bucket):
+                                   {"config": result.config, "seconds": result.seconds,
+                                    "default_seconds": result.default_seconds, "legal": count,
+                                    "measured": result.measured}})
+        return result
 
 
 def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,

@@ -40,28 +40,20 @@ class Launch:
 
 
 class _LargestShippedBucket:
-    """Stands in for a device cache's tuned entries: a key's shipped default of the largest size
-    bucket (tokens, rows or batch: the last part of the bucket) with the same op, dtype and head
-    shape, so small CPU stand-in inputs launch with the configurations of benchmark-sized ones."""
+    """Stands in for a device cache: a key's shipped default of the largest size bucket (tokens,
+    rows or batch) with the same op, dtype and head shape, so small CPU stand-in inputs launch
+    with the configurations of benchmark-sized ones."""
 
     def __init__(self, gpu: str):
         from rnnops.autotune.cache import shipped_defaults
 
-        self.identity, self.shipped = {"gpu": gpu}, shipped_defaults(gpu)
+        self.shipped = shipped_defaults(gpu)
 
-    @staticmethod
-    def _split(key: str) -> tuple[str, int]:
-        prefix, _, size = key.rpartition("~")
-        return prefix, int(size)
+    def config_for(self, key: str) -> dict | None:
+        from rnnops.autotune.cache import bucket_prefix, bucket_size
 
-    @property
-    def entries(self):
-        return self
-
-    def get(self, key: str):
-        prefix = self._split(key)[0]
-        sizes = {self._split(k)[1]: config for k, config in self.shipped.items() if self._split(k)[0] == prefix}
-        return {"config": sizes[max(sizes)]} if sizes else None
+        sizes = {bucket_size(k): config for k, config in self.shipped.items() if bucket_prefix(k) == bucket_prefix(key)}
+        return sizes[max(sizes)] if sizes else None
 
 
 @contextlib.contextmanager
