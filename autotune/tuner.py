@@ -229,11 +229,13 @@ def warm_config(op: str, backend: str, shape: dict, bucket: str, device: str, dt
 
 
 @contextlib.contextmanager
-def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int = 0) -> Iterator[Timer]:
+def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int = 0,
+                 deadline: float = math.inf) -> Iterator[Timer]:
     """The tuner's timer: two sets of inputs of the shape on ``device``, measure_config; with
     ``compile_workers``, ``prepare`` runs each configuration once in that many spawned processes
     (warm_config) so that the configurations a search round may measure compile side by side
-    instead of one by one in the timed loop (prepare waits for them: nothing runs while timing)."""
+    instead of one by one in the timed loop (prepare waits for them, nothing runs while timing,
+    but not past ``deadline``, a time.perf_counter() value)."""
     from rnnops._dispatch import unsupported
 
     pool = None
@@ -253,7 +255,8 @@ def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int 
                 return 0
             futures = [pool.submit(warm_config, tunable.op, tunable.backend, shape, bucket, str(device),
                                    DTYPES_BY_VALUE[dtype], c) for c in configs]
-            done, _ = concurrent.futures.wait(futures, timeout=300)  # one stuck longer compiles nothing we need
+            # a worker stuck for five minutes compiles nothing the budget can still measure
+            done, _ = concurrent.futures.wait(futures, timeout=max(0.0, min(300.0, deadline - time.perf_counter())))
             return sum(f.exception() is None and f.result() for f in done)
 
         return ShapeTimer(lambda config: measure_config(tunable, case, inputs, bucket, config, device), prepare)
@@ -305,7 +308,7 @@ def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, t
     results = []
     with contextlib.ExitStack() as stack:
         if timer is None:
-            timer = stack.enter_context(device_timer(device, dtype, compile_workers))
+            timer = stack.enter_context(device_timer(device, dtype, compile_workers, run.deadline))
         for tunable, shape, bucket in order:
             if run.over_budget():
                 progress(f"budget of {budget_s:.0f} s spent; {tunable.name} {bucket} not tuned")
@@ -356,8 +359,8 @@ class _Tuning:
         if self.exhaustive and found.measured == count and found.seconds:
             replay = search.coordinate_search(ranked, seeds, lambda c: found.timings[search.config_key(c)], cap)
             if replay.seconds:
-                result.notes.append(f"search alone: {replay.seconds / found.seconds:.3f}x the best, "
-                                    f"measuring {replay.measured} of {count}")
+                result.notes.insert(0, f"search alone: {replay.seconds / found.seconds:.3f}x the best, "
+                                       f"measuring {replay.measured} of {count}")  # first: the table cuts notes
         if found.best is None:
             return result
         result.config, result.seconds, result.measured = found.best, found.seconds, found.measured

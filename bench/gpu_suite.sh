@@ -6,8 +6,9 @@
 #
 #   run: bash bench/gpu_suite.sh        (carry .whl for the peers: see README, "GPU suite")
 #        bash bench/gpu_suite.sh tune   (instead of the tests and compute-sanitizer: autotune every
-#                                        op for up to 300 s, export the choices to $OUT/tuned.json,
-#                                        then the bench with them)
+#                                        op for up to 240 s, export the choices to $OUT/tuned.json,
+#                                        measure one whole space (--exhaustive: how near the search
+#                                        gets), then the bench with the tuned choices)
 set -uo pipefail
 MODE=${1:-check}
 case "$MODE" in check|tune) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune]" >&2; exit 2 ;; esac
@@ -42,7 +43,10 @@ PY
 
   if [ "$MODE" = tune ]; then
     section autotune
-    timeout 330 python -m rnnops autotune --ops all --budget-s 300 --export "$OUT/tuned.json"
+    timeout 270 python -m rnnops autotune --ops all --budget-s 240 --export "$OUT/tuned.json"
+    section "autotune --exhaustive (the search's check)"
+    timeout 120 python -m rnnops autotune --exhaustive --ops rnn --shapes "cell=lstm,B=16,T=1024,H=24,D=32" \
+      --budget-s 100
   else
     section "GPU tests"
     # 8 workers: most of the time is compiling (Triton and NVRTC: hundreds of specialisations on a
