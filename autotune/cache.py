@@ -77,10 +77,12 @@ def nearest(configs: dict[str, dict], k: str) -> dict | None:
     on a log scale (the larger of two equally near), else None."""
     if k in configs:
         return configs[k]
-    prefix, size = bucket_prefix(k), bucket_size(k)
-    sizes = {bucket_size(name): name for name in configs if bucket_prefix(name) == prefix}
-    if not sizes:
+    prefix, size = bucket_prefix(k), k.rpartition("~")[2]
+    sizes = {int(name.rpartition("~")[2]): name for name in configs
+             if bucket_prefix(name) == prefix and name.rpartition("~")[2].isdigit()}  # a foreign key is no match
+    if not sizes or not size.isdigit():
         return None
+    size = int(size)
     closest = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(size)), -s))
     return configs[sizes[closest]]
 
@@ -91,7 +93,7 @@ class TuneCache:
     def __init__(self, path: Path, ident: dict):
         self.path, self.identity = Path(path), ident
         self._entries: dict | None = None
-        self._chosen: dict[str, dict | None] = {}
+        self._chosen: dict = {}  # memoised look-ups: config_for and best_backend (backend "*")
 
     @classmethod
     def for_identity(cls, ident: dict) -> TuneCache:
@@ -136,10 +138,14 @@ class TuneCache:
         return self.entries.get(key(op, backend, bucket))
 
     def best_backend(self, op: str, bucket: str) -> str | None:
-        """The backend with the fastest measured time for this op and bucket, if any was tuned."""
-        timed = [(entry["seconds"], k.split("|")[1]) for k, entry in self.entries.items()
-                 if k.startswith(f"{op}|") and k.endswith(f"|{bucket}") and entry.get("seconds")]
-        return min(timed)[1] if timed else None
+        """The backend with the fastest measured time for this op and bucket, if any was tuned
+        (memoised until the next put(): backend="auto" asks on every call)."""
+        k = key(op, "*", bucket)
+        if k not in self._chosen:
+            timed = [(entry["seconds"], name.split("|")[1]) for name, entry in self.entries.items()
+                     if name.startswith(f"{op}|") and name.endswith(f"|{bucket}") and entry.get("seconds")]
+            self._chosen[k] = min(timed)[1] if timed else None
+        return self._chosen[k]
 
     def put(self, new_entries: dict) -> None:
         """Merge ``new_entries`` into memory and into the file (atomically; warns if it cannot)."""

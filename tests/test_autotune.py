@@ -74,7 +74,9 @@ def test_cache_round_trip(tmp_path):
     _cache(tmp_path).put({"op|triton|b": {"config": {"block_k": 32}, "seconds": 1.0}})
     fresh = _cache(tmp_path)
     assert fresh.get("op", "triton", "b")["config"] == {"block_k": 32}
+    assert fresh.best_backend("op", "b") == "triton"
     fresh.put({"op|cuda|b": {"config": {"units": 16}, "seconds": 0.5}})
+    assert fresh.best_backend("op", "b") == "cuda" and fresh.config_for("op|cuda|b") == {"units": 16}  # not stale
     assert _cache(tmp_path).best_backend("op", "b") == "cuda"
 
 
@@ -339,6 +341,8 @@ def test_untuned_buckets_take_the_nearest_tuned_size_then_the_shipped_defaults(t
     assert device_cache.config_for(prefix + "33554432") == {"block_k": 64}
     assert device_cache.config_for(prefix + "1048576") == {"block_k": 16}  # 2^20: 3 doublings from 2^17, 4 from 2^24
     assert device_cache.config_for("linear_attn|triton|float16:K64:V64:none:tokens~1024") is None
+    device_cache.put({prefix + "many": {"config": {"block_k": 128}}})  # a foreign key: never a neighbour
+    assert device_cache.config_for(prefix + "1048576") == {"block_k": 16} and device_cache.config_for("x|y|z") is None
 
 
 def test_device_timer_measures_and_compiles_ahead_in_worker_processes():
