@@ -1,6 +1,6 @@
 """The Triton kernels compiled for an H100 (sm_90) and an A100 (sm_80) without a GPU: every kernel
-the standard calls launch compiles, fits the GPU's shared memory per block, and, for half inputs,
-spills no registers, with each kernel's DEFAULT_CONFIG (sm_90) and with the configurations
+the standard calls launch compiles, fits the GPU's shared memory per block, and, for half inputs
+(bfloat16), spills no registers, with each kernel's DEFAULT_CONFIG (sm_90) and with the configurations
 shipped for the GPU (rnnops.triton_backend.compile_check; ptxas' report). Triton's interpreter,
 which runs the numerical tests on CPUs, checks none of this.
 
@@ -60,7 +60,9 @@ def assert_fits(rows: list[dict], spill_free: bool, gpu=H100) -> None:
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_half_kernels_compile_without_spills_by_default(group):
-    assert_fits(compile_reports(GROUPS[group], ("bfloat16", "float16")), spill_free=True)
+    """bfloat16 stands for both half types: float16 kernels differ only in their conversion
+    instructions (same tiles, same registers), and compiling both doubled this test's minutes."""
+    assert_fits(compile_reports(GROUPS[group], ("bfloat16",)), spill_free=True)
 
 
 @pytest.mark.parametrize("group", ["linear attention", "delta rule", "selective scan", "cells"])

@@ -279,6 +279,10 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
         b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
         M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
         T = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
+        # the products with V and K take T and the scaled tiles rounded to the input dtype, as
+        # ut_fwd multiplied them (the gradient of what the forward computed; half-precision tensor
+        # cores); dL below takes T in fp32, like the inverse it differentiates
+        T_in = T.to(k.dtype.element_ty)
         dT = tl.zeros([BT, BT], tl.float32)
         d_beta = tl.zeros([BT], tl.float32)
         d_gate = tl.zeros([BT], tl.float32)
@@ -286,23 +290,23 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
             rv = i_v * BV + tl.arange(0, BV)
             tile = (rows[:, None] * H + i_h) * V + rv[None, :]
             mask = row_mask[:, None] & (rv[None, :] < V)
-            b_v = tl.load(v + tile, mask=mask, other=0.0).to(tl.float32)
-            b_dU = tl.load(dU + tile, mask=mask, other=0.0).to(tl.float32)
-            x = tl.dot(tl.trans(T), b_dU, input_precision=PRECISION)
+            b_v = tl.load(v + tile, mask=mask, other=0.0)
+            b_dU = tl.load(dU + tile, mask=mask, other=0.0).to(b_v.dtype)
+            x = tl.dot(tl.trans(T_in), b_dU, input_precision=PRECISION)
             tl.store(dv + tile, (b_beta[:, None] * x).to(dv.dtype.element_ty), mask=mask)
-            d_beta += tl.sum(b_v * x, axis=1)
-            dT += tl.dot(b_dU, tl.trans(b_v * b_beta[:, None]), input_precision=PRECISION)
+            d_beta += tl.sum(b_v.to(tl.float32) * x, axis=1)
+            dT += tl.dot(b_dU, tl.trans((b_v * b_beta[:, None]).to(b_v.dtype)), input_precision=PRECISION)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
-            b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(tl.float32)
-            y = tl.dot(tl.trans(T), b_dW, input_precision=PRECISION)
-            k_y = tl.sum(b_k * y, axis=1)
+            b_k = tl.load(k + tile, mask=mask, other=0.0)
+            b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(b_k.dtype)
+            y = tl.dot(tl.trans(T_in), b_dW, input_precision=PRECISION)
+            k_y = tl.sum(b_k.to(tl.float32) * y, axis=1)
             d_beta += gamma * k_y
             d_gate += gamma * b_beta * k_y
-            dT += tl.dot(b_dW, tl.trans(b_k * (b_beta * gamma)[:, None]), input_precision=PRECISION)
+            dT += tl.dot(b_dW, tl.trans((b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)), input_precision=PRECISION)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
         dL = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=PRECISION), input_precision=PRECISION)
         dL = tl.where(strict, dL, 0.0)
@@ -316,11 +320,11 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + tile, mask=mask, other=0.0).to(tl.float32)
-            b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(tl.float32)
-            y = tl.dot(tl.trans(T), b_dW, input_precision=PRECISION)
+            b_k = tl.load(k + tile, mask=mask, other=0.0)
+            b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(b_k.dtype)
+            y = tl.dot(tl.trans(T_in), b_dW, input_precision=PRECISION)
             b_dk = tl.load(dk + tile, mask=mask, other=0.0) + (b_beta * gamma)[:, None] * y
-            b_dk += tl.dot(sym, b_k, input_precision=PRECISION)
+            b_dk += tl.dot(sym, b_k.to(tl.float32), input_precision=PRECISION)
             tl.store(dk + tile, b_dk, mask=mask)
         if GATED:
             for i_k in range(tl.cdiv(K, BK)):
