@@ -30,7 +30,7 @@ Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a 
     states_fwd/_bwd              (V/BV, sequences * H)
 Work per token and head: forward 2*(2*BT*K + (BT/16)*BT^2 + BT*(K+V) + 3*K*V + BT*V) flops (the
 inverse's blocked products are the (BT/16)*BT^2); reads q, k, v, beta (, g), writes o, and
-moves T (BT fp32 values), W, U, V_new and one K*V state per chunk.
+moves T (BT values), W, U, V_new and one K*V state per chunk, all in the input dtype.
 """
 from __future__ import annotations
 
@@ -123,15 +123,16 @@ def _inverse_tile(rows, i_h, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """One chunk's T from ``ut_inverse_kernel`` (rows past the sequence's end read as 0)."""
-    return tl.load(T_all + _inverse_tile(rows, i_h, H, BT), mask=row_mask[:, None], other=0.0)
+    """One chunk's T from ``ut_inverse_kernel``, in fp32 (rows past the sequence's end read as 0)."""
+    return tl.load(T_all + _inverse_tile(rows, i_h, H, BT), mask=row_mask[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
                       GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, stored as T[(row, head), column
-    in chunk] in fp32 (the layout of linear_attn's intra-chunk scores)."""
+    """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, computed in fp32 and stored as
+    T[(row, head), column in chunk] (the layout of linear_attn's intra-chunk scores) in T_all's
+    dtype, the input dtype: ut_fwd multiplies with T rounded to it anyway."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -141,7 +142,7 @@ def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.conste
         M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
         inverse = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), PRECISION, BT)
-        tl.store(T_all + _inverse_tile(rows, i_h, H, BT), inverse, mask=row_mask[:, None])
+        tl.store(T_all + _inverse_tile(rows, i_h, H, BT), inverse.to(T_all.dtype.element_ty), mask=row_mask[:, None])
 
 
 @triton.jit
@@ -279,9 +280,9 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
         b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
         M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
         T = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
-        # the products with V and K take T and the scaled tiles rounded to the input dtype, as
-        # ut_fwd multiplied them (the gradient of what the forward computed; half-precision tensor
-        # cores); dL below takes T in fp32, like the inverse it differentiates
+        # the products with V and K take T and the scaled tiles in the input dtype, as ut_fwd
+        # multiplied them (the gradient of what the forward computed; half-precision tensor
+        # cores); dL below multiplies in fp32
         T_in = T.to(k.dtype.element_ty)
         dT = tl.zeros([BT, BT], tl.float32)
         d_beta = tl.zeros([BT], tl.float32)

@@ -73,9 +73,9 @@ class _DeltaRun(ChunkedRun):
                       "BT": chunk}
 
     def ut(self, k, v, beta, G):
-        """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) float32."""
+        """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) in the input dtype."""
         lay = self.layout
-        T = empty((k.shape[0], self.H, self.chunk), dtype=torch.float32, device=k.device)
+        T = empty((k.shape[0], self.H, self.chunk), dtype=self.stored_dtype, device=k.device)
         launch(
             _kernels().ut_inverse_kernel, (lay.programs, self.H),
             k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATED=self.delta["GATED"],
