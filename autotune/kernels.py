@@ -142,11 +142,11 @@ def _linear_penalty(config, shape):
 
 TUNABLES = [
     Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps",)),
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages")),
     Tunable("delta_rule", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps",)),
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages")),
     Tunable("delta_product", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps",)),
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages")),
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * c["num_warps"],

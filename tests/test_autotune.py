@@ -263,7 +263,7 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
     tunable = kernels.find(op, "triton")
     count, ranked = tuner.rank(tunable, shape, torch.bfloat16, hardware.named("H100"))
     cap = measurement_cap(count)
-    assert cap == -(-count // 10)
+    assert cap == min(-(-count // 10), 48)
     near, top_near = 0, 0
     for seed in range(40):
         seconds = _synthetic_landscape(ranked, seed)
@@ -275,7 +275,7 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
         assert found.seconds == min(map(seconds, calls))
         near += found.seconds <= 1.03 * best
         top_near += min(map(seconds, ranked[:cap])) <= 1.03 * best  # measuring the model's first tenth instead
-    assert near >= 32 and near >= top_near + 10  # when written: delta rule 39 against 19, rnn 35 against 5
+    assert near >= 30 and near >= top_near + 10  # when written: delta rule 32 against 8, rnn 35 against 5
 
 
 def test_search_skips_failures_and_stops_when_told():

@@ -35,6 +35,11 @@ class LinearAttnConfig:
     # hides the others' latency), not by more warps per program (flash-linear-attention's state
     # kernels choose among 2 and 4 warps on Hopper)
     state_num_warps: int = 4
+    # and their own pipeline depth: two stages prefetch the next chunk's tiles, but double the
+    # shared memory, which caps the programs per SM (the delta rule's states_bwd at the H100's
+    # tiles: 116 KB, one program per SM, four waves of its 512; one stage: 32 KB, two per SM by
+    # registers, two waves; compile_check): which wins is for measuring (the tuner walks it)
+    state_num_stages: int = 2
 
     def blocks(self, K: int, V: int) -> tuple[int, int]:
         """Tiles no larger than the (power-of-two rounded) head dims."""
@@ -57,7 +62,7 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     """The legal configurations for head dims K, V as integer constraints."""
     return Space(
         {"block_k": powers_of_two(16, 128), "block_v": powers_of_two(16, 128), "num_warps": [1, 2, 4, 8],
-         "num_stages": [1, 2, 3, 4], "state_num_warps": [2, 4, 8]},
+         "num_stages": [1, 2, 3, 4], "state_num_warps": [2, 4, 8], "state_num_stages": [1, 2, 3]},
         (
             Constraint("block_k <= K rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(K)),
             Constraint("block_v <= V rounded up to a power of two", ("block_v",), lambda bv: bv <= next_power_of_two(V)),
@@ -104,13 +109,13 @@ class ChunkedRun:
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
         self.precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV))
         # what goes from kernel to kernel (the chunk states h, their gradients dh; the delta rule's
-        # dV_new and dW) is stored in the input dtype: for half inputs every kernel that reads it
-        # rounds it to half for its dot products anyway, so this halves the largest traffic (only
-        # the gated dg's rowsum(S * dS) and the UT backward's tf32 products read rounded values
-        # where they read float32 before); float32 inputs keep float32 throughout
+        # dV_new, dW and the UT inverse T) is stored in the input dtype: for half inputs every kernel
+        # that reads it rounds it to half for its dot products anyway, so this halves the largest
+        # traffic (only the gated dg's rowsum(S * dS) and the UT backward's dL, a float32 product,
+        # read rounded values where they read float32 before); float32 inputs keep float32 throughout
         self.stored_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        self.state_launch = dict(self.launch, num_warps=config.state_num_warps)
+        self.state_launch = {"num_warps": config.state_num_warps, "num_stages": config.state_num_stages}
         # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills
         # at 8, and at 2 too: compile_check, sm_90)
         self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
