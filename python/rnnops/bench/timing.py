@@ -54,8 +54,11 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes of tensor memory ``fn()`` allocates above what was in use when it started:
-    the CUDA caching allocator's peak on a GPU; on a CPU the running sum of the profiler's
-    allocation and free events (CPU tensors have no allocator statistics)."""
+    the CUDA caching allocator's peak on a GPU; on a CPU (whose tensors have no allocator
+    statistics) the largest running total of the profiler's allocation events above the total
+    before the first. The events are read from the profiler's raw event tree: building its
+    FunctionEvents instead took 24 s for the 0.5 million events of one forward+backward of the
+    per-token reference at T = 4096, 20 times the run."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -63,16 +66,21 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    in_use = peak = 0
-    for _, delta in deltas:
-        in_use += delta
-        peak = max(peak, in_use)
-    return peak
+    first, peak, pending = None, None, list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            total = event.extra_fields.total_allocated
+            peak = total if peak is None else max(peak, total)
+            if first is None or event.start_time_ns < first[0]:
+                first = (event.start_time_ns, total - event.extra_fields.alloc_size)
+    return 0 if first is None else max(0, peak - first[1])
 
 
 def kernel_breakdown(fn: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:

@@ -21,15 +21,17 @@ def _recurrence(q, k, v, beta, g, scale, initial_state):
     acc = accumulation_dtype(q.dtype)
     batch, time, heads, dk = q.shape
     S = q.new_zeros(batch, heads, dk, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
+    # per step, then per Householder step, by unbind (linear backward: see reference.linear_attn)
+    q_t, g_t = q.to(acc).unbind(1), None if g is None else g.to(acc).unbind(1)
+    k_t, v_t, beta_t = ([step.unbind(1) for step in x.to(acc).unbind(1)] for x in (k, v, beta))
     outs = []
     for t in range(time):
         if g is not None:
-            S = S * g[:, t].to(acc).exp()[..., None, None]
-        for j in range(k.shape[2]):
-            kj, vj, bj = k[:, t, j].to(acc), v[:, t, j].to(acc), beta[:, t, j].to(acc)
+            S = S * g_t[t].exp()[..., None, None]
+        for kj, vj, bj in zip(k_t[t], v_t[t], beta_t[t]):
             residual = vj - torch.einsum("bhkv,bhk->bhv", S, kj)
             S = S + bj[..., None, None] * kj[..., :, None] * residual[..., None, :]
-        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q[:, t].to(acc)))
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t[t]))
     o = torch.stack(outs, dim=1) if outs else q.new_zeros(batch, 0, heads, v.shape[-1], dtype=acc)
     return o.to(q.dtype), S
 

@@ -13,13 +13,17 @@ def _recurrence(q, k, v, g, scale, initial_state):
     acc = accumulation_dtype(q.dtype)
     batch, time, heads, dk = q.shape
     S = q.new_zeros(batch, heads, dk, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
+    # per step by one unbind: a backward linear in T (indexing [:, t] in the loop would add a
+    # zero-filled gradient of the whole input per step: quadratic, 13 s at T = 4096 on a CPU)
+    q_t, k_t, v_t = (x.to(acc).unbind(1) for x in (q, k, v))
+    g_t = None if g is None else g.to(acc).unbind(1)
     outs = []
     for t in range(time):
         if g is not None:
-            decay = g[:, t].to(acc).exp()
+            decay = g_t[t].exp()
             S = S * (decay[..., None, None] if g.dim() == 3 else decay[..., None])
-        S = S + k[:, t].to(acc)[..., :, None] * v[:, t].to(acc)[..., None, :]
-        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t].to(acc), S))
+        S = S + k_t[t][..., :, None] * v_t[t][..., None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q_t[t], S))
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape, dtype=acc)
     return o.to(q.dtype), S
 

@@ -93,11 +93,12 @@ def rnn(x_gates, R, b, state, *, cell):
     state = tuple(s.to(acc) for s in state)
     R = R.to(acc)
     hs = []
+    x_t = x_gates.to(acc).unbind(1)  # per step by unbind (linear backward: see reference.linear_attn)
     for t in range(time):
         r = torch.einsum("ghij,bhj->bghi", R, state[0])
         if b is not None:
             r = r + b.to(acc)
-        state = spec.update(x_gates[:, t].to(acc), r, state)
+        state = spec.update(x_t[t], r, state)
         hs.append(state[0])
     h_seq = torch.stack(hs, dim=1) if hs else x_gates.new_zeros(batch, 0, heads, dim, dtype=acc)
     return h_seq.to(x_gates.dtype), state

@@ -14,15 +14,16 @@ from .._validate import accumulation_dtype
 from .._varlen import per_sequence
 
 
-def expand_bc(M: torch.Tensor, t: int | None, channels: int) -> torch.Tensor:
-    """B or C at time t as (batch or 1, Dm or 1, N), from any accepted layout:
+def bc_steps(M: torch.Tensor, time: int, channels: int, acc: torch.dtype) -> list[torch.Tensor]:
+    """B or C at each time step as (batch or 1, Dm or 1, N) in ``acc``, from any accepted layout:
     static (Dm, N), shared (batch, T, N) or grouped (batch, T, G, N) (channel d uses group
-    d // (Dm / G), as in mamba_ssm)."""
+    d // (Dm / G), as in mamba_ssm). One unbind: a backward linear in T."""
+    M = M.to(acc)
     if M.dim() == 2:
-        return M[None]
+        return [M[None]] * time
     if M.dim() == 3:
-        return M[:, t, None, :]
-    return M[:, t].repeat_interleave(channels // M.shape[2], dim=1)
+        return [m[:, None, :] for m in M.unbind(1)]
+    return [m.repeat_interleave(channels // M.shape[2], dim=1) for m in M.unbind(1)]
 
 
 def discretized_dt(delta, delta_bias, delta_softplus, acc):
@@ -33,18 +34,21 @@ def discretized_dt(delta, delta_bias, delta_softplus, acc):
 
 
 def recurrence(u, dt, A, B, C, initial_state):
-    """u, dt (batch, T, Dm); B, C in any layout of expand_bc (C None: no output).
+    """u, dt (batch, T, Dm); B, C in any layout of bc_steps (C None: no output).
     Returns y = <x_t, C_t> (batch, T, Dm) or None, and the final state (batch, Dm, N)."""
     acc = dt.dtype
     batch, time, channels = u.shape
     A = A.to(acc)
     x = u.new_zeros(batch, channels, A.shape[1], dtype=acc) if initial_state is None else initial_state.to(acc)
     ys = []
+    dt_steps, u_steps = dt[..., None].unbind(1), u.to(acc)[..., None].unbind(1)
+    B_steps = bc_steps(B, time, channels, acc)
+    C_steps = None if C is None else bc_steps(C, time, channels, acc)
     for t in range(time):
-        dt_t = dt[:, t, :, None]
-        x = torch.exp(dt_t * A) * x + dt_t * u[:, t, :, None].to(acc) * expand_bc(B, t, channels).to(acc)
+        dt_t = dt_steps[t]
+        x = torch.exp(dt_t * A) * x + dt_t * u_steps[t] * B_steps[t]
         if C is not None:
-            ys.append((x * expand_bc(C, t, channels).to(acc)).sum(-1))
+            ys.append((x * C_steps[t]).sum(-1))
     if C is None:
         return None, x
     return (torch.stack(ys, dim=1) if ys else dt.new_zeros(batch, 0, channels)), x
