@@ -1,7 +1,10 @@
-"""The per-token reference implementations: their backward stays linear in T. Indexing an input
-at [:, t] inside the time loop gives a SelectBackward node per step, each of which adds a
-zero-filled gradient of the whole input (quadratic: 13 s for one forward+backward at T = 4096 on
-a CPU); the references take their steps from one unbind instead."""
+"""The PyTorch backends' backward stays linear in T. Indexing an input at [:, t] inside a time
+(or chunk) loop gives a SelectBackward node per step, each of which adds a zero-filled gradient
+of the whole input (quadratic: 13 s for one reference forward+backward at T = 4096 on a CPU);
+the per-token references and the chunked backends' chunk loops take their steps from one unbind
+(or split) instead."""
+from collections import Counter
+
 import pytest
 import torch
 
@@ -46,3 +49,25 @@ def test_reference_backward_takes_each_step_from_one_unbind(case):
     names = _node_names(CASES[case]())
     assert "UnbindBackward0" in names
     assert "SelectBackward0" not in names, names.count("SelectBackward0")
+
+
+CHUNKED = {
+    "linear_attn scalar": lambda T: rnnops.linear_attn(*_leaves(
+        torch.randn(1, T, 2, 4), torch.randn(1, T, 2, 4), torch.randn(1, T, 2, 4), -torch.rand(1, T, 2)),
+        chunk_size=16, backend="chunked")[0],
+    "delta_rule gated": lambda T: rnnops.delta_rule(*_leaves(
+        torch.randn(1, T, 2, 4), torch.nn.functional.normalize(torch.randn(1, T, 2, 4), dim=-1),
+        torch.randn(1, T, 2, 4), torch.rand(1, T, 2), -torch.rand(1, T, 2)), chunk_size=16, backend="chunked")[0],
+    "selective_scan": lambda T: rnnops.selective_scan(*_leaves(
+        torch.randn(1, T, 8), torch.rand(1, T, 8), -torch.rand(8, 3), torch.randn(1, T, 3), torch.randn(1, T, 3)),
+        backend="chunked"),
+}
+
+
+@pytest.mark.parametrize("case", CHUNKED)
+def test_chunked_backward_indexes_no_more_with_more_chunks(case):
+    def indexing(T):
+        names = Counter(_node_names(CHUNKED[case](T)))
+        return names["SelectBackward0"] + names["SliceBackward0"]
+
+    assert indexing(1024) == indexing(64)  # 64 chunks of 16 against 4 (the scan: 32 of 32 against 8 of 8)

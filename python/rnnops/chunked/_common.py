@@ -57,9 +57,11 @@ def run_in_chunks(
 
     chunked = [to_chunks(x) for x in padded]
     segment = max(1, SEGMENT_ELEMENTS // (per_token_elements * chunk))
+    # one split per input (slicing it per segment would add a full-size gradient per segment)
+    segments = [[None] * -(-(length // chunk) // segment) if x is None else x.split(segment, dim=1) for x in chunked]
     outs, state = [], initial_state
-    for start in range(0, length // chunk, segment):
-        out, state = fn(*(None if x is None else x[:, start : start + segment] for x in chunked), state, chunk)
+    for parts in zip(*segments):
+        out, state = fn(*parts, state, chunk)
         outs.append(out)
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     if heads:
@@ -83,14 +85,16 @@ def pair_decay(G: torch.Tensor, causal: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def scan_chunks(
-    transition: Callable[[int, torch.Tensor], torch.Tensor],
+    transition: Callable[..., torch.Tensor],
     state: torch.Tensor,
-    chunks: int,
+    *per_chunk: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``state <- transition(i, state)`` over the chunks; returns the state entering each
-    chunk, stacked on dim 1 (B, n, ...), and the final state."""
+    """Run ``state <- transition(state, *(x[:, i] for x in per_chunk))`` over the chunks (dim 1
+    of each ``per_chunk`` tensor); returns the state entering each chunk, stacked on dim 1
+    (B, n, ...), and the final state. Each tensor is taken apart by one unbind: indexing it per
+    chunk would give its gradient a zero-filled full-size addition per chunk."""
     entering = []
-    for i in range(chunks):
+    for parts in zip(*(x.unbind(1) for x in per_chunk)):
         entering.append(state)
-        state = transition(i, state)
+        state = transition(state, *parts)
     return torch.stack(entering, dim=1), state

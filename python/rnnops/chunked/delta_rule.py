@@ -51,11 +51,11 @@ def _chunked(q, k, v, beta, g, initial_state, chunk, *, scale):
     Y = KX[..., :dv].contiguous()
     S = q.new_zeros(q.shape[0], q.shape[2], dk, dv) if initial_state is None else initial_state.to(acc)
 
-    def transition(i, S):
+    def transition(S, M_i, Y_i):
         """S_out = M S_in + Y, one batched multiply-add over B * H."""
-        return torch.baddbmm(Y[:, i].flatten(0, 1), M[:, i].flatten(0, 1), S.flatten(0, 1)).view_as(S)
+        return torch.baddbmm(Y_i.flatten(0, 1), M_i.flatten(0, 1), S.flatten(0, 1)).view_as(S)
 
-    entering, final = scan_chunks(transition, S, q.shape[1])
+    entering, final = scan_chunks(transition, S, M, Y)
     return QX[..., :dv] + (q_in - QX[..., dv:]) @ entering, final
 
 

@@ -79,10 +79,10 @@ def _chunked(q, k, v, g, initial_state, chunk, *, scale):
     updates = k_out.mT @ v
     S = q.new_zeros(q.shape[0], q.shape[2], q.shape[4], v.shape[4]) if initial_state is None else initial_state.to(acc)
 
-    def transition(i, S):
-        return (S if chunk_decay is None else chunk_decay[:, i] * S) + updates[:, i]
-
-    entering, final = scan_chunks(transition, S, q.shape[1])
+    if chunk_decay is None:
+        entering, final = scan_chunks(lambda S, update: S + update, S, updates)
+    else:
+        entering, final = scan_chunks(lambda S, decay, update: decay * S + update, S, chunk_decay, updates)
     return scale * (scores @ v + q_in @ entering), final
 
 

@@ -35,7 +35,7 @@ def _chunked(u, dt, B, C, initial_state, chunk, *, A):
     decay = torch.exp(dt_c.sum(1)[..., None] * A.to(dt.dtype)).unflatten(0, (batch, n))
     chunk_end = chunk_end.unflatten(0, (batch, n))
     state = u.new_zeros(batch, channels, A.shape[1], dtype=dt.dtype) if initial_state is None else initial_state.to(dt.dtype)
-    entering, final = scan_chunks(lambda i, S: decay[:, i] * S + chunk_end[:, i], state, n)
+    entering, final = scan_chunks(lambda S, decay_i, end_i: decay_i * S + end_i, state, decay, chunk_end)
     y, _ = recurrence(u_c, dt_c, A, B_c, C_c, entering.flatten(0, 1))
     return y.unflatten(0, (batch, n)), final
 
