@@ -27,11 +27,13 @@ def per_sequence(
     if cu_seqlens is None:
         return run(*time_major, initial_state)
     offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
+    # one split per tensor (a slice per sequence would add a full-size gradient per sequence)
+    pieces = [[None] * len(lengths) if x is None else x.split(lengths, dim=1) for x in time_major]
+    states = [None] * len(lengths) if initial_state is None else initial_state.split(1)
     outs, finals = [], []
-    for i, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
-        pieces = [None if x is None else x[:, start:end] for x in time_major]
-        state = None if initial_state is None else initial_state[i : i + 1]
-        out, final = run(*pieces, state)
+    for *sequence, state in zip(*pieces, states):
+        out, final = run(*sequence, state)
         outs.append(out)
         finals.append(final)
     return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
