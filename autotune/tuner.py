@@ -9,12 +9,10 @@ ranking alone is reported, for any offline GPU, optionally screened by ptxas (Co
 """
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
+import json
 import math
-import multiprocessing
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -228,19 +226,20 @@ def warm_config(op: str, backend: str, shape: dict, bucket: str, device: str, dt
     return ran
 
 
-@contextlib.contextmanager
-def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int = 0,
-                 deadline: float = math.inf) -> Iterator[Timer]:
-    """The tuner's timer: two sets of inputs of the shape on ``device``, measure_config; with
-    ``compile_workers``, ``prepare`` runs each configuration once in that many spawned processes
-    (warm_config) so that the configurations a search round may measure compile side by side
-    instead of one by one in the timed loop (prepare waits for them, nothing runs while timing,
-    but not past ``deadline``, a time.perf_counter() value)."""
-    from rnnops._dispatch import unsupported
+_WARM_WORKER = ("import json, sys; from rnnops.autotune.tuner import warm_config; "
+                "sys.exit(0 if warm_config(**json.loads(sys.argv[1])) else 1)")
 
-    pool = None
-    if compile_workers > 0:
-        pool = concurrent.futures.ProcessPoolExecutor(compile_workers, mp_context=multiprocessing.get_context("spawn"))
+
+def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int = 0,
+                 deadline: float = math.inf) -> Timer:
+    """The tuner's timer: two sets of inputs of the shape on ``device``, measure_config; with
+    ``compile_workers``, ``prepare`` runs each configuration once (warm_config) in a worker
+    process of its own, that many at a time (rnnops._workers), so that the configurations a
+    search round may measure compile side by side instead of one by one in the timed loop
+    (prepare waits for them, so nothing runs while timing, but not past ``deadline``, a
+    time.perf_counter() value)."""
+    from rnnops._dispatch import unsupported
+    from rnnops._workers import run_side_by_side
 
     def for_shape(tunable: kernels.Tunable, shape: dict, bucket: str) -> ShapeTimer:
         reason = unsupported(tunable.op, tunable.backend, device=device, dtype=dtype)
@@ -251,21 +250,17 @@ def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int 
         inputs = [_inputs(case, device, dtype) for _ in range(2)]
 
         def prepare(configs: list[dict]) -> int:
-            if pool is None:
+            if compile_workers <= 0:
                 return 0
-            futures = [pool.submit(warm_config, tunable.op, tunable.backend, shape, bucket, str(device),
-                                   DTYPES_BY_VALUE[dtype], c) for c in configs]
+            task = {"op": tunable.op, "backend": tunable.backend, "shape": shape, "bucket": bucket,
+                    "device": str(device), "dtype": DTYPES_BY_VALUE[dtype]}
             # a worker stuck for five minutes compiles nothing the budget can still measure
-            done, _ = concurrent.futures.wait(futures, timeout=max(0.0, min(300.0, deadline - time.perf_counter())))
-            return sum(f.exception() is None and f.result() for f in done)
+            return run_side_by_side(_WARM_WORKER, [json.dumps(dict(task, config=c)) for c in configs],
+                                    compile_workers, timeout_s=300.0, deadline=deadline)
 
         return ShapeTimer(lambda config: measure_config(tunable, case, inputs, bucket, config, device), prepare)
 
-    try:
-        yield for_shape
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+    return for_shape
 
 
 def tuning_order(tunables: list[kernels.Tunable], shapes_of: Callable[[str], list[dict]], dtype: torch.dtype):
@@ -305,15 +300,13 @@ def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, t
                   cache.for_device(device))
     order = tuning_order(kernels.tunables(ops), lambda op: shapes if shapes is not None else standard_shapes(op),
                          dtype)
+    timer = timer or device_timer(device, dtype, compile_workers, run.deadline)
     results = []
-    with contextlib.ExitStack() as stack:
-        if timer is None:
-            timer = stack.enter_context(device_timer(device, dtype, compile_workers, run.deadline))
-        for tunable, shape, bucket in order:
-            if run.over_budget():
-                progress(f"budget of {budget_s:.0f} s spent; {tunable.name} {bucket} not tuned")
-                continue
-            results.append(run.tune_bucket(tunable, shape, bucket, timer))
+    for tunable, shape, bucket in order:
+        if run.over_budget():
+            progress(f"budget of {budget_s:.0f} s spent; {tunable.name} {bucket} not tuned")
+            continue
+        results.append(run.tune_bucket(tunable, shape, bucket, timer))
     return results
 
 

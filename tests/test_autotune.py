@@ -347,15 +347,13 @@ def test_untuned_buckets_take_the_nearest_tuned_size_then_the_shipped_defaults(t
 
 def test_device_timer_measures_and_compiles_ahead_in_worker_processes():
     """On the CPU through Triton's interpreter (the workers inherit TRITON_INTERPRET=1): a legal
-    configuration warms up in a spawned worker, one its config type rejects does not."""
+    configuration warms up in a worker process, one its config type rejects does not."""
     shape = {"cell": "gru", "B": 2, "T": 3, "H": 1, "D": 16}
     tunable = kernels.find("rnn", "triton")
     bucket = kernels.bucket("rnn", shape, torch.float32)
     good = {"block_b": 16, "block_d": 16, "block_k": 16, "num_warps": 2, "num_stages": 1}
-    with tuner.device_timer(torch.device("cpu"), torch.float32, compile_workers=1) as timer:
-        shape_timer = timer(tunable, shape, bucket)
-        assert shape_timer.prepare([good, dict(good, unroll=2)]) == 1  # no such field: the worker reports failure
-        assert shape_timer.measure(good) > 0
-    with tuner.device_timer(torch.device("meta"), torch.float32) as timer, pytest.raises(tuner.Unsupported,
-                                                                                         match="needs a CUDA device"):
-        timer(tunable, shape, bucket)
+    shape_timer = tuner.device_timer(torch.device("cpu"), torch.float32, compile_workers=2)(tunable, shape, bucket)
+    assert shape_timer.prepare([good, dict(good, unroll=2)]) == 1  # no such field: the worker reports failure
+    assert shape_timer.measure(good) > 0
+    with pytest.raises(tuner.Unsupported, match="needs a CUDA device"):
+        tuner.device_timer(torch.device("meta"), torch.float32)(tunable, shape, bucket)

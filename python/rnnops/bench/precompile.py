@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from .._workers import run_side_by_side
 from .cases import Case, standard_cases
 from .runner import fresh_leaves, targets_for
 
@@ -62,37 +62,12 @@ def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, 
                workers: int, progress: Callable[[str], None] = lambda text: None,
                timeout_s: float = 300.0) -> tuple[int, float]:
     """Warm ``cases`` (standard cases, found again by name in each worker) in up to ``workers``
-    processes at once; returns (cases whose worker exited cleanly, seconds). A worker still
-    running after ``timeout_s`` (a cold case compiles in well under two minutes), and on an
-    interrupt every worker still running, is killed."""
+    processes at once (rnnops._workers); returns (cases whose worker exited cleanly, seconds). A
+    worker still running after ``timeout_s`` (a cold case compiles in well under two minutes), and
+    on an interrupt every worker still running, is killed."""
     start = time.perf_counter()
     dtype_name = str(dtype).split(".")[-1]
-    pending = [case.name for case in cases]
-    running: dict[subprocess.Popen, float] = {}  # worker -> when it started
-    finished = clean = 0
-    shown = None
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                argument = json.dumps([pending.pop(0), str(device), dtype_name, backends])
-                worker = subprocess.Popen([sys.executable, "-c", _WORKER, argument], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL)
-                running[worker] = time.perf_counter()
-            time.sleep(0.1)
-            for worker, started in list(running.items()):
-                if worker.poll() is None and time.perf_counter() - started > timeout_s:
-                    worker.kill()
-                    worker.wait()
-                if worker.poll() is not None:
-                    del running[worker]
-                    finished += 1
-                    clean += worker.returncode == 0
-            status = f"precompiling: {finished}/{len(cases)} cases done, {len(running)} running"
-            if status != shown:  # a line per change, not per poll (logs are not terminals)
-                progress(status)
-                shown = status
-    finally:
-        for worker in running:
-            worker.kill()
-            worker.wait()
+    arguments = [json.dumps([case.name, str(device), dtype_name, backends]) for case in cases]
+    clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s, report=lambda finished, running: progress(
+        f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
     return clean, time.perf_counter() - start

@@ -1,0 +1,51 @@
+"""Python worker processes side by side: how the bench and the tuner compile kernels in parallel.
+
+Each task is one ``python -c CODE ARGUMENT`` process (a fresh interpreter: nothing depends on
+how the parent was started, unlike multiprocessing's spawn, which re-imports the parent's main
+script), at most ``workers`` at once. A worker that crashes only loses its own task; one still
+running after ``timeout_s``, or at ``deadline``, or on an interrupt, is killed.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+
+def run_side_by_side(code: str, arguments: Sequence[str], workers: int, *, timeout_s: float,
+                     deadline: float = math.inf,
+                     report: Callable[[int, int], None] = lambda finished, running: None) -> int:
+    """Run ``python -c code argument`` for each argument, ``workers`` at a time; returns how many
+    exited with status 0. ``report(finished, running)`` is called whenever those counts change;
+    ``deadline`` is a time.perf_counter() value after which nothing starts and all are killed."""
+    pending, running = list(arguments), {}  # worker -> when it started
+    finished = clean = 0
+    shown = None
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, workers) and time.perf_counter() < deadline:
+                worker = subprocess.Popen([sys.executable, "-c", code, pending.pop(0)], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+                running[worker] = time.perf_counter()
+            if not running:
+                break  # past the deadline with tasks never started
+            time.sleep(0.1)
+            now = time.perf_counter()
+            for worker, started in list(running.items()):
+                if worker.poll() is None and (now - started > timeout_s or now > deadline):
+                    worker.kill()
+                    worker.wait()
+                if worker.poll() is not None:
+                    del running[worker]
+                    finished += 1
+                    clean += worker.returncode == 0
+            if (finished, len(running)) != shown:  # a report per change, not per poll
+                shown = (finished, len(running))
+                report(*shown)
+    finally:
+        for worker in running:
+            worker.kill()
+            worker.wait()
+    return clean
