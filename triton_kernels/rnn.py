@@ -180,6 +180,7 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
     gradient, between steps the gradient reaching the previous states, and on exit the
     initial states' gradient. Writes dx (fp32, the gates' pre-activation gradients) and, for
     GRU, drec_n = dn * r (the gradient of R_n h + b_n)."""
+    DTYPE: tl.constexpr = d_h_seq.dtype.element_ty
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rb = i_b * BB + tl.arange(0, BB)
     bmask = rb < B
@@ -282,8 +283,9 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                     else:
                         d_rec = _load_step(dx, g, G, t, rb, ri, imask, T, H, D, i_h)
                     w = tl.load(R + ((g * H + i_h) * D + ri[:, None]) * D + rj[None, :],
-                                mask=(ri[:, None] < D) & jmask[None, :], other=0.0).to(tl.float32)
-                    acc += tl.dot(d_rec, w, input_precision=PRECISION)
+                                mask=(ri[:, None] < D) & jmask[None, :], other=0.0)
+                    # in the input dtype, as the forward multiplied h and R (half tensor cores)
+                    acc += tl.dot(d_rec.to(DTYPE), w.to(DTYPE), input_precision=PRECISION)
             pointer = _carry(carry, 0, rb, rj, B, H, D, i_h)
             tl.store(pointer, tl.load(pointer, mask=mask, other=0.0) + acc, mask=mask)
         tl.debug_barrier()
