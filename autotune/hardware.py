@@ -41,6 +41,21 @@ class Hardware:
         """e.g. "sm_90" (Hopper's wgmma / TMA need "sm_90a" when compiling)."""
         return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
 
+    def programs_per_sm(self, threads: int, registers: int, shared_bytes: int) -> tuple[int, str]:
+        """(how many programs of ``threads`` threads, ``registers`` per thread and ``shared_bytes``
+        of shared memory one SM holds at once, the limit that decides it). Registers go to warps
+        in blocks of 256, and each block reserves 1 KB of shared memory (compute capability 8.0
+        and later; CUDA's occupancy rules)."""
+        warps = -(-threads // self.warp_size)
+        per_warp = -(-registers * self.warp_size // 256) * 256
+        reserved = 1024 if self.compute_capability >= (8, 0) else 0
+        limits = {"threads": self.max_threads_per_sm // max(threads, 1), "blocks": self.max_blocks_per_sm,
+                  "registers": self.registers_per_sm // max(per_warp * warps, 1),
+                  "shared memory": self.shared_memory_per_sm // (shared_bytes + reserved) if shared_bytes else
+                  self.max_blocks_per_sm}
+        limiter = min(limits, key=limits.get)
+        return limits[limiter], limiter
+
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for matrix work in ``dtype`` ("bfloat16", "float16", "tf32", "float32");
         0 when unknown or unsupported."""

@@ -92,10 +92,10 @@ class CompileScreen:
     top: int = 6
     reports: dict = field(default_factory=dict)
 
-    def compiled(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
-                 config: dict) -> tuple[dict[str, int], int, int]:
-        """({kernel: bytes spilled} for the kernels that spill, most shared bytes, most registers)
-        of ``config``'s kernels compiled for the hardware's architecture."""
+    def kernel_reports(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
+                       config: dict) -> list:
+        """ptxas' report (rnnops._ptxas.KernelReport) of each of ``config``'s kernels compiled
+        for the hardware's architecture."""
         from rnnops.triton_backend.compile_check import SMALL_SIZES, capability, config_reports
 
         arch = capability(hardware)
@@ -103,7 +103,13 @@ class CompileScreen:
         key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
         if key not in self.reports:
             self.reports[key] = config_reports(tunable.op, shape, dtype, config, arch)
-        reports = self.reports[key]
+        return self.reports[key]
+
+    def compiled(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
+                 config: dict) -> tuple[dict[str, int], int, int]:
+        """({kernel: bytes spilled} for the kernels that spill, most shared bytes, most registers)
+        of ``config``'s kernels compiled for the hardware's architecture."""
+        reports = self.kernel_reports(tunable, shape, dtype, hardware, config)
         spills = {r.name: r.spill_stores + r.spill_loads for r in reports if r.spill_stores + r.spill_loads}
         return (spills, max((r.shared_bytes for r in reports), default=0),
                 max((r.registers for r in reports), default=0))
@@ -391,6 +397,13 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
                 lines.append(f"      compiled for {hardware.arch}: up to {registers} registers, "
                              + (", ".join(f"{k} spills {v} B" for k, v in spills.items()) or "no spills")
                              + f", {shared} B shared of {hardware.shared_memory_per_block}")
+                # what the model cannot see: how many programs of each kernel share an SM (and
+                # what limits it), which sets the waves of the latency-bound state walks
+                occupancy = []
+                for report in screen.kernel_reports(tunable, shape, dtype, hardware, config):
+                    count, limiter = hardware.programs_per_sm(report.threads, report.registers, report.shared_bytes)
+                    occupancy.append(f"{report.name.removesuffix('_kernel')} {count} ({limiter})")
+                lines.append("      programs per SM: " + ", ".join(occupancy))
         lines.append(f"  default {default}: estimated {cost_default * 1e3:.3f} ms"
                      + ("" if default in ranked else " (not legal here)"))
         if ranked:

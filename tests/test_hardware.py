@@ -39,6 +39,17 @@ def test_roofline_floor_uses_the_slower_of_memory_and_compute():
     assert work.floor_seconds(h100, "fwd_bwd") == pytest.approx(3 * work.floor_seconds(h100, "fwd"))
 
 
+def test_programs_per_sm_follow_cuda_occupancy_rules():
+    h100 = hardware.named("H100")
+    # the delta rule's states_bwd at the H100's tiles (compile_check): two stages, one stage
+    assert h100.programs_per_sm(128, 106, 118784) == (1, "shared memory")
+    assert h100.programs_per_sm(128, 191, 32768) == (2, "registers")  # 192 per thread: 24576 per program
+    assert h100.programs_per_sm(1024, 32, 0) == (2, "threads")
+    assert h100.programs_per_sm(32, 16, 0) == (32, "blocks")
+    # 1 KB reserved per block: 113 KB fits twice in 228 KB, 113.5 KB does not
+    assert h100.programs_per_sm(128, 32, 113 * 1024)[0] == 2 and h100.programs_per_sm(128, 32, 113 * 1024 + 512)[0] == 1
+
+
 @pytest.mark.gpu
 def test_live_device_model():
     gpu = hardware.from_device()

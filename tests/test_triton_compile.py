@@ -95,6 +95,7 @@ def test_autotune_explain_shows_what_ptxas_reports():
     assert result.returncode == 0, result.stderr[-4000:]
     assert "triton.selective_scan on H100" in result.stdout
     assert result.stdout.count("compiled for sm_90: up to") == 5, result.stdout
+    assert result.stdout.count("programs per SM: scan_fwd") == 5, result.stdout
     assert f"B shared of {H100.shared_memory_per_block}" in result.stdout
 
 

@@ -14,6 +14,7 @@ class KernelReport:
     spill_loads: int
     stack_bytes: int
     shared_bytes: int  # static shared memory for CUDA C++; Triton's (all dynamic) from its metadata
+    threads: int = 0  # per program where the launch is known (Triton: num_warps * 32), else 0
 
 
 _FUNCTION = re.compile(r"Function properties for (\S+)")

@@ -112,7 +112,7 @@ def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
             knobs.nvidia.dump_ptxas_log = True
             compiled = triton.compile(source, target=target, options=options.__dict__)
         (report,) = parse_log(log.getvalue())
-        reports.append(replace(report, shared_bytes=compiled.metadata.shared))
+        reports.append(replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps))
     return reports
 
 
