@@ -1,8 +1,8 @@
 """Solve, rank, measure: choose each kernel's configuration per shape bucket.
 
 For every tunable kernel and standard shape bucket: enumerate the legal configurations
-(kernels.Tunable.space), order them by the analytic cost model, measure the best few and the
-default on the device (forward + backward, CUDA events, inputs rotated so that they do not sit
+(kernels.Tunable.space), order them by the analytic cost model, measure the best few, the
+default and the shipped configuration on the device (forward + backward, CUDA events, inputs rotated so that they do not sit
 in L2, medians) and search from there (autotune.search), measuring at most a tenth of the
 space. The winner goes into the device's cache (autotune.cache). Without a GPU (``dry_run``) the
 ranking alone is reported, for any offline GPU, optionally screened by ptxas (CompileScreen).
@@ -294,8 +294,8 @@ def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, t
          fraction: float = 0.1, budget_s: float = 300.0, shapes: list[dict] | None = None,
          exhaustive: bool = False, timer: Timer | None = None, compile_workers: int = 0,
          progress: Callable[[str], None] = lambda text: None) -> list[Result]:
-    """Per kernel and shape bucket (tuning_order): measure the model's ``top`` configurations and
-    the default, then search (search.coordinate_search) measuring at most ``fraction`` of the
+    """Per kernel and shape bucket (tuning_order): measure the model's ``top`` configurations, the
+    kernel's default and the configuration shipped for the GPU, then search (search.coordinate_search) measuring at most ``fraction`` of the
     legal space (search.measurement_cap); store the fastest in the device's cache. Stops
     measuring once ``budget_s`` is spent (a shape in progress keeps its fastest so far).
 
@@ -350,7 +350,13 @@ class _Tuning:
                 result.notes.append(f"{config}: {type(error).__name__}: {str(error)[:120]}")
                 return None
 
-        seeds = ranked[:self.top] + ([default] if default in ranked and default not in ranked[:self.top] else [])
+        # the model's best, the kernel's default and the configuration shipped for this GPU (the
+        # compile screen's pick, which the measured walk then improves on)
+        shipped = cache.nearest(cache.shipped_defaults(self.hardware.name), cache.key(tunable.op, tunable.backend, bucket))
+        seeds = []
+        for config in ranked[:self.top] + [default, shipped]:
+            if config in ranked and config not in seeds:
+                seeds.append(config)
         cap = search.measurement_cap(count, self.fraction)
         found = search.coordinate_search(ranked, ranked if self.exhaustive else seeds, measure,
                                          count if self.exhaustive else cap, should_stop=self.over_budget,

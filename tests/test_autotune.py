@@ -275,7 +275,7 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
         assert found.seconds == min(map(seconds, calls))
         near += found.seconds <= 1.03 * best
         top_near += min(map(seconds, ranked[:cap])) <= 1.03 * best  # measuring the model's first tenth instead
-    assert near >= 30 and near >= top_near + 10  # when written: delta rule 32 against 8, rnn 35 against 5
+    assert near >= 30 and near >= top_near + 10  # when written: delta rule 34 against 4, rnn 35 against 5
 
 
 def test_search_skips_failures_and_stops_when_told():
@@ -317,7 +317,9 @@ def test_tune_dedups_buckets_covers_every_kernel_first_and_stores_the_search_res
     entry = device_cache.get("rnn", "triton", triton_result.bucket)
     assert entry["config"] == triton_result.config and entry["measured"] == triton_result.measured
     assert triton_result.seconds == landscapes[triton_result.bucket](triton_result.config)
-    assert prepared[0] == 3 and len(prepared) > 1  # the seeds, then each round's one-variable moves
+    # the seeds (the model's two, the default, the H100's shipped entry: 3 or 4 distinct), then each
+    # round's one-variable moves
+    assert prepared[0] in (3, 4) and len(prepared) > 1
 
     exhaustive = tuner.tune(["rnn"], torch.device("cpu"), torch.bfloat16, hw, shapes=shapes[:1], timer=timer,
                             exhaustive=True)[0]

@@ -28,7 +28,7 @@ class LinearAttnConfig:
 
     block_k: int = 64
     block_v: int = 64
-    num_warps: int = 8  # 4 spills in the delta rule's backward at K = V = 128 (compile_check, sm_90)
+    num_warps: int = 8  # at 4 the gated delta rule's UT backward spills with these tiles (compile_check, sm_90)
     num_stages: int = 2
     # the state kernels: one program per (state tile, sequence, head) walks all of its chunks in
     # order, so their time is a chain of dependent steps, shortened by more programs per SM (each
@@ -59,17 +59,24 @@ def default_config(dtype: torch.dtype, half=DEFAULT_CONFIG, single=FLOAT32_DEFAU
 
 
 def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
-    """The legal configurations for head dims K, V as integer constraints."""
+    """The legal configurations for head dims K, V as integer constraints.
+
+    The register budget is calibrated with rnnops.triton_backend.compile_check (sm_90, K = V = 128,
+    chunk 64): with half inputs, at 4 warps the (32, 128), (64, 64) and (32, 64) tiles compile
+    without spills in every variant (64 registers per thread by this count) and (64, 128) or
+    (128, 64) (96) spill in the gated or decayed backward; float32's tf32x3 operands take twice
+    the registers, so half the budget. The compile screen checks the ranked few anyway."""
+    registers = 64 if dtype_bytes <= 2 else 32
     return Space(
         {"block_k": powers_of_two(16, 128), "block_v": powers_of_two(16, 128), "num_warps": [1, 2, 4, 8],
          "num_stages": [1, 2, 3, 4], "state_num_warps": [2, 4, 8], "state_num_stages": [1, 2, 3]},
         (
             Constraint("block_k <= K rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(K)),
             Constraint("block_v <= V rounded up to a power of two", ("block_v",), lambda bv: bv <= next_power_of_two(V)),
-            Constraint("a (block_k, block_v) and a (chunk, chunk) fp32 tile fit in 32 registers per thread "
+            Constraint(f"a (block_k, block_v) and a (chunk, chunk) fp32 tile fit in {registers} registers per thread "
                        "(calibrated with rnnops.triton_backend.compile_check: beyond it the backward spills)",
                        ("block_k", "block_v", "num_warps"),
-                       lambda bk, bv, w: bk * bv + chunk * chunk <= 32 * hardware.warp_size * w),
+                       lambda bk, bv, w: bk * bv + chunk * chunk <= registers * hardware.warp_size * w),
             Constraint("pipelined q/k/v tiles and the chunk's scores fit in shared memory",
                        ("block_k", "block_v", "num_stages"),
                        lambda bk, bv, s: s * chunk * (2 * bk + 2 * bv) * dtype_bytes + 4 * chunk * chunk
