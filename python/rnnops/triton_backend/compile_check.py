@@ -218,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         json.dump(rows, sys.stdout)
         return 0
-    print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7}")
+    # programs per SM by CUDA's occupancy rules, on the named GPU (else an H100 or an A100)
+    occupancy_gpu = named(args.gpu or ("A100" if arch < 90 else "H100"))
+    print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7}  "
+          f"per SM on {occupancy_gpu.name}")
     for r in rows:
         spills = f"{r['spill_stores']}/{r['spill_loads']}"
+        per_sm, limiter = occupancy_gpu.programs_per_sm(r["threads"], r["registers"], r["shared_bytes"])
         print(f"{r['dtype']:9} {r['case'][:40]:40} {r['name'][:24]:24} {r['registers']:4} {spills:>12} "
-              f"{r['shared_bytes']:7}")
+              f"{r['shared_bytes']:7}  {per_sm} ({limiter})")
     return 0
 
 
