@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exhaustive", action="store_true",
                         help="measure every legal configuration, and report how close the search alone gets and "
                              "how many it measures (the search's own check: slow, name --ops and --shapes)")
+    parser.add_argument("--try", dest="tries", nargs="+", type=json.loads, metavar="CHANGE",
+                        help="measure the configuration shipped for the GPU and it with each change (JSON, e.g. "
+                             "'{\"num_warps\": 4}'), nothing else, and store nothing: an A/B check")
     parser.add_argument("--dtype", choices=sorted(tuner.DTYPES), default="bfloat16")
     parser.add_argument("--gpu", help="an offline GPU (V100, A100, L4, RTX 4090, H100, H200) for --dry-run / --explain")
     parser.add_argument("--dry-run", action="store_true", help="solve and rank only (works without a GPU)")
@@ -69,6 +72,23 @@ def table(results: list[tuner.Result]) -> str:
                       "-" if r.speedup is None else f"{r.speedup:.2f}x", str(r.legal), str(r.measured),
                       "; ".join(r.notes)[:60]))
     return format_table(("op", "backend", "bucket", "config", "ms", "x default", "legal", "measured", "notes"), lines)
+
+
+def tries_table(results: list[tuner.Result]) -> str:
+    """--try: each measured configuration's time against the first (the shipped one)."""
+    from rnnops.bench.report import format_table
+
+    lines = []
+    for r in results:
+        if not r.timings:
+            continue
+        base, base_seconds = r.timings[0]
+        for config, seconds in r.timings:
+            change = {k: v for k, v in config.items() if base.get(k) != v} or "shipped"
+            speedup = f"{base_seconds / seconds:.2f}x" if seconds and base_seconds else "-"
+            lines.append((r.op, r.bucket, str(change), "failed" if seconds is None else f"{seconds * 1e3:.3f}",
+                          speedup))
+    return format_table(("op", "bucket", "change", "ms", "x shipped"), lines)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -103,9 +123,9 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     results = tuner.tune(args.ops, device, dtype, from_device(), top=args.top, fraction=args.fraction,
-                         budget_s=args.budget_s, shapes=shapes, exhaustive=args.exhaustive,
+                         budget_s=args.budget_s, shapes=shapes, exhaustive=args.exhaustive, tries=args.tries,
                          compile_workers=args.compile_workers, progress=progress)
-    print(table(results))
+    print(tries_table(results) if args.tries else table(results))
     if args.export:
         device_cache = cache.for_device(device)
         args.export.write_text(json.dumps({"format": cache.FORMAT, "identity": device_cache.identity,

@@ -38,6 +38,7 @@ class Result:
     default_seconds: float | None = None
     measured: int = 0
     notes: list[str] = field(default_factory=list)
+    timings: list[tuple[dict, float | None]] = field(default_factory=list)  # every measured config, in order
 
     @property
     def speedup(self) -> float | None:
@@ -292,8 +293,8 @@ def tuning_order(tunables: list[kernels.Tunable], shapes_of: Callable[[str], lis
 
 def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, top: int = 2,
          fraction: float = 0.1, budget_s: float = 300.0, shapes: list[dict] | None = None,
-         exhaustive: bool = False, timer: Timer | None = None, compile_workers: int = 0,
-         progress: Callable[[str], None] = lambda text: None) -> list[Result]:
+         exhaustive: bool = False, tries: list[dict] | None = None, timer: Timer | None = None,
+         compile_workers: int = 0, progress: Callable[[str], None] = lambda text: None) -> list[Result]:
     """Per kernel and shape bucket (tuning_order): measure the model's ``top`` configurations, the
     kernel's default and the configuration shipped for the GPU, then search (search.coordinate_search) measuring at most ``fraction`` of the
     legal space (search.measurement_cap); store the fastest in the device's cache. Stops
@@ -301,8 +302,10 @@ def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, t
 
     ``exhaustive``: measure every legal configuration instead, and replay the search on those
     timings to report how close it gets and how many it measures (the search's own check).
+    ``tries`` (changes such as {"num_warps": 4}): measure the configuration shipped for the GPU
+    (else the default) and it with each change, nothing else, and store nothing (an A/B check).
     ``timer`` replaces device_timer (tests); ``compile_workers`` is passed to it."""
-    run = _Tuning(dtype, hardware, top, fraction, exhaustive, time.perf_counter() + budget_s, progress,
+    run = _Tuning(dtype, hardware, top, fraction, exhaustive, tries, time.perf_counter() + budget_s, progress,
                   cache.for_device(device))
     order = tuning_order(kernels.tunables(ops), lambda op: shapes if shapes is not None else standard_shapes(op),
                          dtype)
@@ -325,6 +328,7 @@ class _Tuning:
     top: int
     fraction: float
     exhaustive: bool
+    tries: list[dict] | None
     deadline: float  # time.perf_counter() value
     progress: Callable[[str], None]
     device_cache: cache.TuneCache | None
@@ -358,9 +362,14 @@ class _Tuning:
             if config in ranked and config not in seeds:
                 seeds.append(config)
         cap = search.measurement_cap(count, self.fraction)
+        if self.tries is not None:  # the A/B check: exactly these, legal or not
+            base = shipped or default
+            seeds = [base] + [dict(base, **change) for change in self.tries]
+            cap = len(seeds)
         found = search.coordinate_search(ranked, ranked if self.exhaustive else seeds, measure,
                                          count if self.exhaustive else cap, should_stop=self.over_budget,
                                          prepare=shape_timer.prepare)
+        result.timings = [(dict(key), seconds) for key, seconds in found.timings.items()]
         if self.exhaustive and found.measured == count and found.seconds:
             replay = search.coordinate_search(ranked, seeds, lambda c: found.timings[search.config_key(c)], cap)
             if replay.seconds:
@@ -370,7 +379,7 @@ class _Tuning:
             return result
         result.config, result.seconds, result.measured = found.best, found.seconds, found.measured
         result.default_seconds = found.timings.get(search.config_key(default))
-        if self.device_cache is not None:
+        if self.device_cache is not None and self.tries is None:
             self.device_cache.put({cache.key(tunable.op, tunable.backend, bucket):
                                    {"config": result.config, "seconds": result.seconds,
                                     "default_seconds": result.default_seconds, "legal": count,

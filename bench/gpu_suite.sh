@@ -59,6 +59,14 @@ PY
     for tool in memcheck racecheck; do
       timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
     done
+
+    section "delta rule: the shipped configuration against candidate changes (A/B, nothing stored)"
+    # the occupancy hypotheses of compile_check: 4 warps give the UT kernels 2-4 programs per SM
+    # (1 at 8), one state stage gives states_bwd 2 (1 at two stages: 116 KB of shared memory)
+    timeout 110 python -m rnnops autotune --ops delta_rule --budget-s 90 \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
+      --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}' \
+            '{"num_warps": 4, "num_stages": 1, "state_num_stages": 1}'
   fi
 
   section bench

@@ -359,3 +359,25 @@ def test_device_timer_measures_and_compiles_ahead_in_worker_processes():
     assert shape_timer.measure(good) > 0
     with pytest.raises(tuner.Unsupported, match="needs a CUDA device"):
         tuner.device_timer(torch.device("meta"), torch.float32)(tunable, shape, bucket)
+
+
+def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothing(tmp_path, monkeypatch):
+    from rnnops.autotune import cli
+
+    hw = hardware.named("H100")
+    device_cache = TuneCache(tmp_path / "device.json", IDENTITY)
+    monkeypatch.setattr(cache, "for_device", lambda device: device_cache)
+    shape = {"B": 8, "T": 4096, "H": 16, "K": 128, "V": 128, "gated": False, "num_householder": 1}
+    measured = []
+
+    def timer(tunable, shape, bucket):
+        return tuner.ShapeTimer(lambda config: measured.append(config) or (1e-3 if config["num_warps"] == 8 else 8e-4))
+
+    changes = [{"num_warps": 4}, {"state_num_stages": 1}]
+    (result,) = tuner.tune(["delta_rule"], torch.device("cpu"), torch.bfloat16, hw, shapes=[shape], tries=changes,
+                           timer=timer)
+    shipped = cache.shipped_defaults("H100")[cache.key("delta_rule", "triton", result.bucket)]
+    assert measured == [shipped] + [dict(shipped, **change) for change in changes]
+    assert result.config == dict(shipped, num_warps=4) and device_cache.entries == {}
+    text = cli.tries_table([result])
+    assert "shipped" in text and "{'num_warps': 4}" in text and "1.25x" in text
