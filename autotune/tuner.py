@@ -170,6 +170,18 @@ def case_for(op: str, shape: dict):
     return cases.rnn_case(shape["cell"], shape["B"], shape["T"], shape["H"], shape["D"])
 
 
+def inputs_with_grads(case, device: torch.device, dtype: torch.dtype) -> dict:
+    """``case.make(device, dtype)`` with every floating tensor a leaf that requires its gradient."""
+    return {k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in case.make(device, dtype).items()}
+
+
+def forward_backward(case, x: dict, backend: str) -> None:
+    """One forward and backward of ``case`` on ``x`` through ``backend`` (a cotangent of ones)."""
+    out = case.run(x, backend)
+    out.backward(torch.ones_like(out))
+
+
 def measure_config(tunable: kernels.Tunable, case, inputs: list[dict], bucket: str, config: dict,
                    device: torch.device) -> float:
     """Median seconds of forward + backward with ``config``, rotating over ``inputs``."""
@@ -180,8 +192,7 @@ def measure_config(tunable: kernels.Tunable, case, inputs: list[dict], bucket: s
     def step():
         x = inputs[state["i"] % len(inputs)]
         state["i"] += 1
-        out = case.run(x, tunable.backend)
-        out.backward(torch.ones_like(out))
+        forward_backward(case, x, tunable.backend)
 
     with cache.override(tunable.op, tunable.backend, bucket, config):
         return measure(step, device, warmup=1, repeats=5, min_seconds=0.05, max_seconds=1.0).median
@@ -204,18 +215,12 @@ class ShapeTimer:
 Timer = Callable[[kernels.Tunable, dict, str], ShapeTimer]
 
 
-def _inputs(case, device: torch.device, dtype: torch.dtype) -> dict:
-    return {k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-            for k, v in case.make(device, dtype).items()}
-
-
 def _run_once(op: str, backend: str, shape: dict, bucket: str, device: torch.device, dtype: torch.dtype,
               config: dict) -> None:
     case = case_for(op, shape)
-    x = _inputs(case, device, dtype)
+    x = inputs_with_grads(case, device, dtype)
     with cache.override(op, backend, bucket, config):
-        out = case.run(x, backend)
-        out.backward(torch.ones_like(out))
+        forward_backward(case, x, backend)
 
 
 def warm_config(op: str, backend: str, shape: dict, bucket: str, device: str, dtype: str, config: dict) -> bool:
@@ -254,7 +259,7 @@ def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int 
             raise Unsupported(reason)
         case = case_for(tunable.op, shape)
         torch.manual_seed(0)
-        inputs = [_inputs(case, device, dtype) for _ in range(2)]
+        inputs = [inputs_with_grads(case, device, dtype) for _ in range(2)]
 
         def prepare(configs: list[dict]) -> int:
             if compile_workers <= 0:

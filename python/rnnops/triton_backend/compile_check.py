@@ -116,14 +116,11 @@ def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
     return reports
 
 
-def _with_grads(inputs: dict) -> dict:
-    return {k: v.requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in inputs.items()}
-
-
 def _forward_backward(case, dtype: torch.dtype) -> None:
-    x = _with_grads(case.make(torch.device("cpu"), dtype))
-    case.run(x, "triton").float().sum().backward()
+    from rnnops.autotune import tuner
+
+    cpu = torch.device("cpu")
+    tuner.forward_backward(case, tuner.inputs_with_grads(case, cpu, dtype), "triton")
 
 
 SMALL_SIZES = {"linear_attn": {"B": 1, "T": 128, "H": 2}, "delta_rule": {"B": 1, "T": 128, "H": 2},
