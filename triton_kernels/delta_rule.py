@@ -123,8 +123,9 @@ def _inverse_tile(rows, i_h, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """One chunk's T from ``ut_inverse_kernel``, in fp32 (rows past the sequence's end read as 0)."""
-    return tl.load(T_all + _inverse_tile(rows, i_h, H, BT), mask=row_mask[:, None], other=0.0).to(tl.float32)
+    """One chunk's T from ``ut_inverse_kernel``, in its stored (the input) dtype (rows past the
+    sequence's end read as 0)."""
+    return tl.load(T_all + _inverse_tile(rows, i_h, H, BT), mask=row_mask[:, None], other=0.0)
 
 
 @triton.jit
@@ -163,7 +164,7 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
             mask = row_mask[:, None] & (rk[None, :] < K)
             b_k = tl.load(k + tile, mask=mask, other=0.0)
             rhs = (b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)
-            tl.store(W + tile, tl.dot(T.to(b_k.dtype), rhs, input_precision=PRECISION).to(W.dtype.element_ty),
+            tl.store(W + tile, tl.dot(T, rhs, input_precision=PRECISION).to(W.dtype.element_ty),
                      mask=mask)
         for i_v in range(tl.cdiv(V, BV)):
             rv = i_v * BV + tl.arange(0, BV)
@@ -171,7 +172,7 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
             mask = row_mask[:, None] & (rv[None, :] < V)
             b_v = tl.load(v + tile, mask=mask, other=0.0)
             rhs = (b_v * b_beta[:, None]).to(b_v.dtype)
-            tl.store(U + tile, tl.dot(T.to(b_v.dtype), rhs, input_precision=PRECISION).to(U.dtype.element_ty),
+            tl.store(U + tile, tl.dot(T, rhs, input_precision=PRECISION).to(U.dtype.element_ty),
                      mask=mask)
 
 
@@ -279,11 +280,11 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
         row_mask = rows < eos
         b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
         M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
-        T = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
         # the products with V and K take T and the scaled tiles in the input dtype, as ut_fwd
         # multiplied them (the gradient of what the forward computed; half-precision tensor
         # cores); dL below multiplies in fp32
-        T_in = T.to(k.dtype.element_ty)
+        T_in = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
+        T = T_in.to(tl.float32)
         dT = tl.zeros([BT, BT], tl.float32)
         d_beta = tl.zeros([BT], tl.float32)
         d_gate = tl.zeros([BT], tl.float32)
