@@ -67,9 +67,11 @@ def bucket_prefix(bucket_or_key: str) -> str:
     return bucket_or_key.rpartition("~")[0]
 
 
-def bucket_size(bucket_or_key: str) -> int:
-    """The size a bucket ends with (tokens, rows or batch, a power of two)."""
-    return int(bucket_or_key.rpartition("~")[2])
+def bucket_size(bucket_or_key: str) -> int | None:
+    """The size a bucket ends with (tokens, rows or batch, a power of two); None for a key
+    without one (a foreign entry)."""
+    size = bucket_or_key.rpartition("~")[2]
+    return int(size) if size.isdigit() else None
 
 
 def nearest(configs: dict[str, dict], k: str) -> dict | None:
@@ -77,12 +79,11 @@ def nearest(configs: dict[str, dict], k: str) -> dict | None:
     on a log scale (the larger of two equally near), else None."""
     if k in configs:
         return configs[k]
-    prefix, size = bucket_prefix(k), k.rpartition("~")[2]
-    sizes = {int(name.rpartition("~")[2]): name for name in configs
-             if bucket_prefix(name) == prefix and name.rpartition("~")[2].isdigit()}  # a foreign key is no match
-    if not sizes or not size.isdigit():
+    prefix, size = bucket_prefix(k), bucket_size(k)
+    sizes = {bucket_size(name): name for name in configs if bucket_prefix(name) == prefix}
+    sizes.pop(None, None)  # a foreign key is no match
+    if not sizes or size is None:
         return None
-    size = int(size)
     closest = min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(size)), -s))
     return configs[sizes[closest]]
 
