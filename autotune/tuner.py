@@ -418,12 +418,13 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
                              + (", ".join(f"{k} spills {v} B" for k, v in spills.items()) or "no spills")
                              + f", {shared} B shared of {hardware.shared_memory_per_block}")
                 # what the model cannot see: how many programs of each kernel share an SM (and
-                # what limits it), which sets the waves of the latency-bound state walks
+                # what limits it), which sets the waves of the latency-bound state walks, and
+                # which tensor-core instructions it compiled to (wgmma, mma or none)
                 occupancy = []
                 for report in screen.kernel_reports(tunable, shape, dtype, hardware, config):
                     count, limiter = hardware.programs_per_sm(report.threads, report.registers, report.shared_bytes)
-                    occupancy.append(f"{report.name.removesuffix('_kernel')} {count} ({limiter})")
-                lines.append("      programs per SM: " + ", ".join(occupancy))
+                    occupancy.append(f"{report.name.removesuffix('_kernel')} {count} ({limiter}; {report.tensor_cores})")
+                lines.append("      programs per SM (limit; tensor cores): " + ", ".join(occupancy))
         lines.append(f"  default {default}: estimated {cost_default * 1e3:.3f} ms"
                      + ("" if default in ranked else " (not legal here)"))
         if ranked:

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from rnnops._ptxas import parse_log
+from rnnops._ptxas import parse_log, tensor_core_path
 from rnnops.autotune import hardware
 
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
@@ -95,7 +95,7 @@ def test_autotune_explain_shows_what_ptxas_reports():
     assert result.returncode == 0, result.stderr[-4000:]
     assert "triton.selective_scan on H100" in result.stdout
     assert result.stdout.count("compiled for sm_90: up to") == 5, result.stdout
-    assert result.stdout.count("programs per SM: scan_fwd") == 5, result.stdout
+    assert result.stdout.count("programs per SM (limit; tensor cores): scan_fwd") == 5, result.stdout
     assert f"B shared of {H100.shared_memory_per_block}" in result.stdout
 
 
@@ -112,3 +112,9 @@ ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem, 400 bytes c
     assert (first.name, first.registers, first.spill_stores, first.spill_loads, first.stack_bytes) == \
         ("dqk_kernel", 255, 72, 68, 80)
     assert (second.name, second.registers, second.spill_stores, second.shared_bytes) == ("_Z4scanILi4EEvv", 40, 0, 1024)
+
+
+def test_tensor_core_path_is_read_from_sass():
+    assert tensor_core_path("        /*0410*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;") == "wgmma"
+    assert tensor_core_path("        /*0200*/                   HMMA.16816.F32.BF16 R8, R4, R12, R8 ;") == "mma"
+    assert tensor_core_path("        /*0100*/                   FFMA R1, R2, R3, R4 ;") == "none"

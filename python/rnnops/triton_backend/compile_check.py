@@ -1,5 +1,6 @@
 """Compile the Triton kernels for a GPU architecture on a machine without one, and read ptxas'
-report per kernel: registers, spills, stack and shared memory.
+report per kernel (registers, spills, stack and shared memory) and which tensor-core
+instructions its machine code uses (wgmma, mma or none; cuobjdump's SASS).
 
 Triton's interpreter (the CPU tests) runs any tile shape and any amount of shared memory; the
 compiler does not. This check runs an op's host code with CPU tensors and every kernel launch
@@ -7,7 +8,7 @@ intercepted (nothing executes), then compiles each launched specialisation exact
 would have (same argument types, alignment hints, constexprs, num_warps/num_stages) for the target
 (``GPUTarget("cuda", 80 | 90, 32)``). It relies on Triton's JIT internals
 (``create_function_from_signature``, ``JITFunction._pack_args``; checked with Triton 3.9) and
-needs Triton's bundled ptxas, not a GPU or a driver.
+needs Triton's bundled ptxas and cuobjdump, not a GPU or a driver.
 
 The kernels must be imported as compiled kernels, so run it in a process without
 ``TRITON_INTERPRET=1``: ``python -m rnnops.triton_backend.compile_check --arch 90 [--json]``
@@ -23,13 +24,15 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .._ptxas import KernelReport, parse_log
+from .._ptxas import KernelReport, parse_log, tensor_core_path
 
 
 @dataclass
@@ -112,8 +115,20 @@ def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
             knobs.nvidia.dump_ptxas_log = True
             compiled = triton.compile(source, target=target, options=options.__dict__)
         (report,) = parse_log(log.getvalue())
-        reports.append(replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps))
+        reports.append(replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
+                               tensor_cores=tensor_core_path(_sass(compiled.asm["cubin"]))))
     return reports
+
+
+def _sass(cubin: bytes) -> str:
+    """The machine code of a compiled kernel, disassembled by the cuobjdump Triton bundles."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", file.name], capture_output=True, text=True,
+                              check=True).stdout
 
 
 def _forward_backward(case, dtype: torch.dtype) -> None:
@@ -217,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # programs per SM by CUDA's occupancy rules, on the named GPU (else an H100 or an A100)
     occupancy_gpu = named(args.gpu or ("A100" if arch < 90 else "H100"))
-    print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7}  "
+    print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7} {'mma':>5}  "
           f"per SM on {occupancy_gpu.name}")
     for r in rows:
         spills = f"{r['spill_stores']}/{r['spill_loads']}"
         per_sm, limiter = occupancy_gpu.programs_per_sm(r["threads"], r["registers"], r["shared_bytes"])
         print(f"{r['dtype']:9} {r['case'][:40]:40} {r['name'][:24]:24} {r['registers']:4} {spills:>12} "
-              f"{r['shared_bytes']:7}  {per_sm} ({limiter})")
+              f"{r['shared_bytes']:7} {r['tensor_cores']:>5}  {per_sm} ({limiter})")
     return 0
 
 
