@@ -65,9 +65,22 @@ def test_half_kernels_compile_without_spills_by_default(group):
     assert_fits(compile_reports(GROUPS[group], ("bfloat16",)), spill_free=True)
 
 
+# kernels of the linear family without warpgroup tensor-core products on an H100: no dot products
+# (cumsum) or GLA's 16 x 16 sub-chunk blocks (a warpgroup product needs 64 rows)
+WARP_LEVEL = re.compile("cumsum|intra_scores|intra_dqk")
+
+
 @pytest.mark.parametrize("group", ["linear attention", "delta rule", "selective scan", "cells"])
 def test_h100_shipped_configs_compile_without_spills(group):
-    assert_fits(compile_reports(GROUPS[group], ("bfloat16",), gpu="H100"), spill_free=True)
+    """And the linear family's matrix kernels use Hopper's warpgroup products (wgmma: HGMMA in
+    their SASS), not the slower mma.sync (HMMA), which a tile of fewer than 64 rows or fewer
+    than 4 warps falls back to."""
+    rows = compile_reports(GROUPS[group], ("bfloat16",), gpu="H100")
+    assert_fits(rows, spill_free=True)
+    if group in ("linear attention", "delta rule"):
+        slower = [f"{describe(r)}: {r['tensor_cores']}" for r in rows
+                  if r["tensor_cores"] != "wgmma" and not WARP_LEVEL.search(r["name"])]
+        assert not slower, f"not on warpgroup tensor cores: {slower}"
 
 
 @pytest.mark.parametrize("group", ["linear attention", "selective scan", "cells"])

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import rnnops
 from conftest import HAS_CUDA, compare_backends
-from rnnops.autotune import hardware
+from rnnops.autotune import cache, hardware, kernels
+from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.triton_backend import _common, linear_attn as triton_linear_attn
 
 GATES = ["none", "scalar", "per-key"]
@@ -49,6 +50,20 @@ def test_matches_reference(gate, shape):
 def test_strong_decay(gate):
     x = make_inputs(T=70, gate=gate, gate_scale=20.0)
     compare_backends(lambda backend, **kw: run(backend, 32, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("tiles", [dict(block_k=64, block_v=32, state_block_k=16, state_block_v=16),
+                                   dict(block_k=16, block_v=16, state_block_k=64, state_block_v=32)],
+                         ids=["small-state-tiles", "large-state-tiles"])
+def test_state_tiles_apart_from_the_chunk_tiles(gate, tiles):
+    """The state kernels take their own (state_block_k, state_block_v) tile: three K tiles of the
+    state (K = 48) under one chunk tile, and one state tile over three chunk tiles."""
+    x = make_inputs(K=48, V=32, gate=gate)
+    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
+    config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, **tiles)
+    with cache.override("linear_attn", "triton", bucket, config):
+        compare_backends(lambda backend, **kw: run(backend, **kw), x, 1e-5, test="triton")
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -140,8 +155,11 @@ def test_config_space(gpu):
     assert triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__ in triton_linear_attn.space(128, 128, 64, 4, hw).legal()
     assert all(c.holds(p) for p in legal for c in space.constraints)
     assert sum(removed for _, removed in space.explain()) > 0
+    registers = triton_linear_attn.STATE_REGISTERS * hw.warp_size
+    assert all(p["state_block_k"] * p["state_block_v"] <= registers * p["state_num_warps"] for p in legal)
     small = triton_linear_attn.space(16, 32, 16, 4, hw).legal()
     assert all(p["block_k"] <= 16 and p["block_v"] <= 32 for p in small)
+    assert all(p["state_block_k"] <= 16 and p["state_block_v"] <= 32 for p in small)
 
 
 @pytest.mark.gpu

@@ -27,7 +27,8 @@ Sequences are always handled as packed: a batch is the packed case with equal le
 real chunk count; ``chunk_offsets[i]`` is sequence i's first global chunk. Tensors are
 contiguous (B*T, H, ...): q, k (., H, K); v, o (., H, V); g (., H) or (., H, K).
 
-Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk):
+Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk; the state kernels' BK/BV are
+the configuration's state tile, the others' its chunk tiles):
     cumsum       (chunks, H)               one chunk's g, all of K in BK tiles
     states_fwd   (K/BK, V/BV, seqs * H)    the chunk loop of one sequence, S tile in registers
     intra_scores (chunks, H)               per-key only: A for one chunk, K in BK tiles

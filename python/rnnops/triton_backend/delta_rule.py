@@ -20,18 +20,20 @@ from .._delta_product import via_delta_rule
 from .._backward_only import outputs_wanted
 from .._buffers import empty
 from .._dispatch import register
-from ._common import dot_precision, launch
-from .linear_attn import ChunkedRun, LinearAttnConfig, default_config
-from .linear_attn import space as linear_attn_space
-from .linear_attn import supports
+from ._common import launch
+from .linear_attn import ChunkConfig, ChunkedRun, chunk_space, default_config, supports
 
 
 @dataclass(frozen=True)
-class DeltaRuleConfig(LinearAttnConfig):
-    """LinearAttnConfig plus the V tile of the state loops, which hold all of K (rounded up
-    to a power of two) times ``state_block_v`` of the state in registers."""
+class DeltaRuleConfig(ChunkConfig):
+    """ChunkConfig plus the V tile of the state loops, which hold all of K (rounded up to a
+    power of two: V_new = U - W S_in reduces over the whole of K) times ``state_block_v`` of the
+    state in registers."""
 
     state_block_v: int = 32
+
+    def state_blocks(self, K: int, V: int) -> tuple[int, int]:
+        return next_power_of_two(K), min(self.state_block_v, next_power_of_two(V))
 
 
 DEFAULT_CONFIG = DeltaRuleConfig()
@@ -41,7 +43,7 @@ FLOAT32_DEFAULT_CONFIG = DeltaRuleConfig(block_k=32, block_v=32, state_num_warps
 
 
 def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
-    base = linear_attn_space(K, V, chunk, dtype_bytes, hardware)
+    base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     return Space(
         dict(base.variables, state_block_v=powers_of_two(16, 64)),
         base.constraints + (
@@ -63,13 +65,10 @@ def _kernels():
 class _DeltaRun(ChunkedRun):
     def __init__(self, q, v, g, cu_seqlens, chunk, scale, config: DeltaRuleConfig):
         super().__init__(q, v, g, cu_seqlens, chunk, scale, config)
-        self.BKF = next_power_of_two(self.K)
-        self.SBV = min(config.state_block_v, next_power_of_two(self.V))
         # the UT backward holds T^T dU (chunk x V tile, fp32) beside its chunk x chunk matrices:
         # V tiles wider than 64 spill there (compile_check, sm_90, bf16 at chunk 64)
         self.UT_BV = min(self.BV, 64)
-        precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV, self.SBV))
-        self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": precision,
+        self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": self.precision,
                       "BT": chunk}
 
     def ut(self, k, v, beta, G):
@@ -96,7 +95,7 @@ class _DeltaRun(ChunkedRun):
         launch(
             _kernels().states_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             k, W, U, G, h, v_new, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
-            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BKF=self.BKF, BV=self.SBV,
+            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BKF=self.SBK, BV=self.SBV,
             **self.delta, **self.state_launch)
         return h, v_new, final
 
@@ -110,7 +109,7 @@ class _DeltaRun(ChunkedRun):
             _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
             lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, BKF=self.BKF, BV=self.SBV, **self.delta, **self.state_launch)
+            STORE_D_INITIAL=initial_state is not None, BKF=self.SBK, BV=self.SBV, **self.delta, **self.state_launch)
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):

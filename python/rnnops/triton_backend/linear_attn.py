@@ -22,9 +22,9 @@ from ._common import (ChunkLayout, chunk_reason, device_reason, dot_precision, d
 
 
 @dataclass(frozen=True)
-class LinearAttnConfig:
-    """Tile sizes and launch parameters shared by the linear-attention kernels. The chunk size
-    is the op's ``chunk_size`` argument."""
+class ChunkConfig:
+    """Tile sizes and launch parameters shared by the linear family's kernels (linear attention,
+    the delta rule). The chunk size is the op's ``chunk_size`` argument."""
 
     block_k: int = 64
     block_v: int = 64
@@ -42,15 +42,32 @@ class LinearAttnConfig:
     state_num_stages: int = 2
 
     def blocks(self, K: int, V: int) -> tuple[int, int]:
-        """Tiles no larger than the (power-of-two rounded) head dims."""
+        """Tiles of the chunk-parallel kernels, no larger than the (power-of-two rounded) head dims."""
         return min(self.block_k, next_power_of_two(K)), min(self.block_v, next_power_of_two(V))
+
+
+@dataclass(frozen=True)
+class LinearAttnConfig(ChunkConfig):
+    """ChunkConfig plus the state kernels' own tile of the K x V state, apart from the chunk
+    kernels' tiles: the state kernels' dot is (state_block_k x chunk) @ (chunk x state_block_v),
+    which runs on Hopper's warpgroup tensor cores (wgmma) only when state_block_k is 64 or more
+    (smaller tiles take mma.sync: SASS through compile_check), while the chunk kernels' best
+    block_k may be 32. Both tiles give one program per (K tile, V tile, sequence, head)."""
+
+    state_block_k: int = 64
+    state_block_v: int = 64
+
+    def state_blocks(self, K: int, V: int) -> tuple[int, int]:
+        """The state kernels' (K, V) tile, no larger than the (power-of-two rounded) head dims."""
+        return min(self.state_block_k, next_power_of_two(K)), min(self.state_block_v, next_power_of_two(V))
 
 
 DEFAULT_CONFIG = LinearAttnConfig()
 # float32 (tf32x3) splits every dot operand in two: 64 x 64 tiles spill up to 1.4 KB per thread
 # in dq/dk at K = V = 128, 32 x 32 tiles nothing (compile_check, sm_90); its state kernels keep 8
 # warps, which halves their operand registers
-FLOAT32_DEFAULT_CONFIG = LinearAttnConfig(block_k=32, block_v=32, state_num_warps=8)
+FLOAT32_DEFAULT_CONFIG = LinearAttnConfig(block_k=32, block_v=32, state_num_warps=8, state_block_k=32,
+                                          state_block_v=32)
 
 
 def default_config(dtype: torch.dtype, half=DEFAULT_CONFIG, single=FLOAT32_DEFAULT_CONFIG):
@@ -58,8 +75,8 @@ def default_config(dtype: torch.dtype, half=DEFAULT_CONFIG, single=FLOAT32_DEFAU
     return single if dtype == torch.float32 else half
 
 
-def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
-    """The legal configurations for head dims K, V as integer constraints.
+def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
+    """The legal ChunkConfig values for head dims K, V as integer constraints.
 
     The register budget is calibrated with rnnops.triton_backend.compile_check (sm_90, K = V = 128,
     chunk 64): with half inputs, at 4 warps the (32, 128), (64, 64) and (32, 64) tiles compile
@@ -85,6 +102,34 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     )
 
 
+# the state kernels' fp32 tile per thread (half inputs; float32's tf32x3 operands take half), by
+# compile_check (sm_90, K = V = 128, chunk 64, bf16): 32 (e.g. 64 x 64 at 4 warps) spills in no gate
+# mode; 64 ((128, 64) at 4 warps, (64, 64) at 2) none in plain and scalar decay, 4-24 B in per-key
+# decay; 128 ((128, 128) at 4 warps) spills 0.3-1 KB in every mode
+STATE_REGISTERS = 64
+
+
+def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
+    """The legal LinearAttnConfig values: chunk_space and the state tile (STATE_REGISTERS)."""
+    base = chunk_space(K, V, chunk, dtype_bytes, hardware)
+    registers = STATE_REGISTERS if dtype_bytes <= 2 else STATE_REGISTERS // 2
+    return Space(
+        dict(base.variables, state_block_k=powers_of_two(16, 128), state_block_v=powers_of_two(16, 128)),
+        base.constraints + (
+            Constraint("state_block_k <= K rounded up to a power of two", ("state_block_k",),
+                       lambda bk: bk <= next_power_of_two(K)),
+            Constraint("state_block_v <= V rounded up to a power of two", ("state_block_v",),
+                       lambda bv: bv <= next_power_of_two(V)),
+            Constraint(f"the fp32 state tile fits in {registers} registers per thread",
+                       ("state_block_k", "state_block_v", "state_num_warps"),
+                       lambda bk, bv, w: bk * bv <= registers * hardware.warp_size * w),
+            Constraint("the pipelined chunk tiles of k and v (or q and do) fit in shared memory",
+                       ("state_block_k", "state_block_v", "state_num_stages"),
+                       lambda bk, bv, s: s * chunk * (bk + bv) * dtype_bytes <= hardware.shared_memory_per_block),
+        ),
+    )
+
+
 def supports(*, dtype, device, head_dims=None, chunk_size=None, **_) -> str | None:
     """Why these inputs cannot take the Triton kernels (None if they can)."""
     reasons = [dtype_reason(dtype), device_reason(device)]
@@ -106,15 +151,17 @@ class ChunkedRun:
     linear-attention kernels; shared by forward and backward, and by the delta rule (which
     reuses the cumulative decay, output and dq/dk kernels on its pseudo-values)."""
 
-    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config: LinearAttnConfig):
+    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config):
+        """``config``: a ChunkConfig with a ``state_blocks(K, V)`` method (the state kernels' tile)."""
         kernels = _kernels()
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
         self.gate = kernels.NO_GATE if g is None else (kernels.SCALAR_GATE if g.dim() == 3 else kernels.KEY_GATE)
         self.chunk, self.scale, self.config = chunk, scale, config
         self.BK, self.BV = config.blocks(self.K, self.V)
+        self.SBK, self.SBV = config.state_blocks(self.K, self.V)
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
-        self.precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV))
+        self.precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV, self.SBK, self.SBV))
         # what goes from kernel to kernel (the chunk states h, their gradients dh; the delta rule's
         # dV_new, dW and the UT inverse T) is stored in the input dtype: for half inputs every kernel
         # that reads it rounds it to half for its dot products anyway, so this halves the largest
@@ -135,6 +182,10 @@ class ChunkedRun:
     @property
     def v_tiles(self) -> int:
         return -(-self.V // self.BV)
+
+    def state_grid(self) -> tuple[int, int, int]:
+        """Linear attention's state kernels: one program per (K tile, V tile, sequence x head)."""
+        return -(-self.K // self.SBK), -(-self.V // self.SBV), self.layout.sequences * self.H
 
     def flat(self, x):
         """(B, T, H, ...) -> contiguous (B*T, H, ...)."""
@@ -165,9 +216,9 @@ class ChunkedRun:
         h = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=k.device)
         final = self.final_state(k.device) if store_final else None
         launch(
-            _kernels().states_fwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
+            _kernels().states_fwd_kernel, self.state_grid(),
             k, v, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
-            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.BK, BV=self.BV,
+            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.SBK, BV=self.SBV,
             **self.common, **self.state_launch)
         return h, final
 
@@ -185,10 +236,10 @@ class ChunkedRun:
         dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=q.device)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
         launch(
-            _kernels().states_bwd_kernel, (self.k_tiles, self.v_tiles, lay.sequences * self.H),
+            _kernels().states_bwd_kernel, self.state_grid(),
             q, do, G, dh, None if d_final is None else d_final.float().contiguous(), d_initial, lay.chunk_offsets,
             lay.cu_seqlens, self.scale, V=self.V, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, BK=self.BK, BV=self.BV, **self.common, **self.state_launch)
+            STORE_D_INITIAL=initial_state is not None, BK=self.SBK, BV=self.SBV, **self.common, **self.state_launch)
         return dh, d_initial
 
     def intra_gradients(self, q, k, v, G, do):
