@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU suite, one `device` call (< 10 minutes: the bench starts no case after 520 s and is
-# killed at 580 s): install the tree, print the GPU and versions, run the GPU tests,
-# compute-sanitizer on the CUDA kernels, and the bench with peers (results.json keeps every
-# finished case, whatever stops it). Everything lands in $OUT (results.json, report.md, report.html, plots, suite.log); the table prints last.
+# The GPU suite, one `device` call (< 10 minutes: everything ends by 580 s): install the tree,
+# print the GPU and versions, run the GPU tests, compute-sanitizer on the CUDA kernels, the
+# bench with peers (results.json keeps every finished case, whatever stops it), then A/B checks
+# of candidate configurations. Everything lands in $OUT (results.json, report.md, report.html,
+# plots, suite.log); the tables print last.
 #
 #   run: bash bench/gpu_suite.sh        (carry .whl for the peers: see README, "GPU suite")
 #        bash bench/gpu_suite.sh tune   (instead of the tests and compute-sanitizer: autotune every
@@ -18,6 +19,7 @@ mkdir -p "$OUT"
 LOG="$OUT/suite.log"
 START=$(date +%s)
 section() { echo; echo "=== $* ($(date +%T))"; }
+seconds_until() { echo $((START + $1 - $(date +%s))); }  # seconds left until $1 s after the start
 
 {
   section install
@@ -60,21 +62,34 @@ PY
     for tool in memcheck racecheck; do
       timeout 60 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
     done
-
-    section "delta rule: the shipped configuration against candidate changes (A/B, nothing stored)"
-    # the occupancy hypotheses of compile_check: 4 warps give the UT kernels 2-4 programs per SM
-    # (1 at 8), one state stage gives states_bwd 2 (1 at two stages: 116 KB of shared memory)
-    timeout 110 python -m rnnops autotune --ops delta_rule --budget-s 90 \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
-      --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}' \
-            '{"num_warps": 4, "num_stages": 1, "state_num_stages": 1}'
   fi
 
   section bench
-  # the bench gets what is left of 520 s: it starts no case after its budget, and results.json
-  # holds every finished case even if the timeout has to kill it mid-case
-  budget=$((520 - $(date +%s) + START))
+  # the bench starts no case after its budget (check mode: until 400 s, leaving the A/B checks
+  # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
+  # finished case even if the timeout has to kill it mid-case
+  [ "$MODE" = tune ] && end=520 || end=400
+  budget=$((end - $(date +%s) + START))
+  [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
   timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT"
+
+  if [ "$MODE" = check ]; then
+    section "A/B: the shipped configuration against candidate changes (nothing stored)"
+    # delta rule, the occupancy hypotheses of compile_check: 4 warps give the UT kernels 2-4
+    # programs per SM (1 at 8), one state stage gives states_bwd 2 (1 at two stages: 116 KB)
+    # each A/B check has until its end time, and starts no measurement in its last 15 s
+    left=$(seconds_until 505)
+    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
+      --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}' \
+            '{"num_warps": 4, "num_stages": 1, "state_num_stages": 1}'
+    # linear attention's state tile: shipped 64 x 64 (wgmma in SASS) against the tile it had before
+    # (its chunk kernels' 32 x 128: mma.sync) and flash-linear-attention's full K, 32 wide
+    left=$(seconds_until 575)
+    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" \
+      --try '{"state_block_k": 32, "state_block_v": 128}' '{"state_block_k": 128, "state_block_v": 32}'
+  fi
 } 2>&1 | tee "$LOG"
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')

@@ -83,23 +83,33 @@ def test_full_mode_plots_the_sweeps(monkeypatch, tmp_path):
 
 
 def test_budget_stops_starting_cases_and_every_case_is_saved_at_once(monkeypatch, tmp_path, capsys):
-    cases = tiny_cases()[:2]
+    linear, linear_longer, delta = tiny_cases()[:3]
     saved = []
     real_run_case = cli.run_case
 
     def run_case(case, *args, **kwargs):
-        if case is cases[1]:  # the first case's results are on disk before the second starts
+        if case is delta:  # the families take turns; the first case's results are on disk before the next starts
             saved.append(json.loads((tmp_path / "results.json").read_text()))
             monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=lambda: float("inf")))  # budget spent
         return real_run_case(case, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "standard_cases", lambda device: cases + tiny_cases()[2:3])
+    monkeypatch.setattr(cli, "standard_cases", lambda device: [linear, linear_longer, delta])
     monkeypatch.setattr(cli, "run_case", run_case)
     main(["bench", "--repeats", "1", "--budget-s", "1000", "--out", str(tmp_path)])
-    assert {r["case"] for r in saved[0]["rows"]} == {cases[0].name}
+    assert {r["case"] for r in saved[0]["rows"]} == {linear.name}
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {r["case"] for r in results["rows"]} == {cases[0].name, cases[1].name}
+    assert {r["case"] for r in results["rows"]} == {linear.name, delta.name}
     assert results["notes"]["interrupted"] == ["time budget of 1000 s spent: stopped after 2 of 3 cases"]
+
+
+def test_families_take_turns_and_results_keep_the_standard_order(monkeypatch, tmp_path):
+    cases = tiny_cases()
+    order = bench_cases.families_in_turn(cases)
+    assert [c.name for c in order] == [cases[i].name for i in (0, 2, 3, 4, 1)]
+    monkeypatch.setattr(cli, "standard_cases", lambda device: cases[:3])
+    main(["bench", "--repeats", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert list(dict.fromkeys(r["case"] for r in rows)) == [c.name for c in cases[:3]]
 
 
 def test_warm_up_runs_each_of_our_backends_once_and_no_peer(monkeypatch):

@@ -159,5 +159,17 @@ def gpu_cases() -> list[Case]:
     return cases
 
 
+def families_in_turn(cases: list[Case]) -> list[Case]:
+    """The order the bench runs ``cases`` in: the op families take turns (each keeps its own
+    order), so a run that its time budget stops has timed every family it could reach."""
+    queues: dict[str, list[Case]] = {}
+    for case in cases:
+        queues.setdefault(case.op, []).append(case)
+    ordered = []
+    while len(ordered) < len(cases):
+        ordered += [queue.pop(0) for queue in queues.values() if queue]
+    return ordered
+
+
 def standard_cases(device: torch.device) -> list[Case]:
     return gpu_cases() if device.type == "cuda" else cpu_cases()

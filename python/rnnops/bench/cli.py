@@ -24,7 +24,7 @@ import torch
 import rnnops
 
 from . import report
-from .cases import standard_cases
+from .cases import families_in_turn, standard_cases
 from .precompile import precompile
 from .runner import run_case
 
@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kernels compile side by side instead of case by case (default: min(8, CPUs) on a GPU, "
                              "0 (off) on a CPU; the time counts toward --budget-s)")
     parser.add_argument("--budget-s", type=float, metavar="N",
-                        help="start no new case after N seconds (the report then says which cases were left out)")
+                        help="start no new case after N seconds (the report then says which cases were left out; "
+                             "the op families take turns, so a short budget reaches each of them)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                         help="print the ratios between two results files and exit")
 
@@ -141,11 +142,14 @@ def main(args: argparse.Namespace) -> int:
         hardware = from_device(device.index or 0)
     progress = Progress(len(cases))
     rows, notes, env = [], {}, environment(device)
+    position = {case.name: i for i, case in enumerate(cases)}  # results keep the standard order
 
     def collect() -> dict:
+        ordered = sorted(rows, key=lambda row: position[row["case"]])
         return {"schema": 1, "environment": env, "device": str(device),
                 "dtype": str(dtype).split(".")[-1], "quick": args.quick,
-                "hardware": None if hardware is None else asdict(hardware), "rows": _serialise(rows), "notes": notes}
+                "hardware": None if hardware is None else asdict(hardware), "rows": _serialise(ordered),
+                "notes": notes}
 
     def stopped(reason: str) -> list[str]:
         return [f"{reason}: stopped after {len({r['case'] for r in rows})} of {len(cases)} cases"]
@@ -158,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
             warmed, seconds = precompile(cases, device, dtype, args.backends, workers, progress)
             notes["precompiled"] = [(f"{warmed} of {len(cases)} cases warmed up in {workers} processes "
                                      f"in {seconds:.0f} s before timing")]
-        for index, case in enumerate(cases, 1):
+        for index, case in enumerate(families_in_turn(cases), 1):
             if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:
                 notes["interrupted"] = stopped(f"time budget of {args.budget_s:g} s spent")
                 break
