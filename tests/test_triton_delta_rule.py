@@ -134,8 +134,8 @@ def test_unit_lower_inverse(chunk):
 
 
 def test_state_kernels_launch_with_their_own_warps_and_stages(monkeypatch):
-    """The chunk-walking state kernels take state_num_warps / state_num_stages, every other kernel
-    num_warps / num_stages."""
+    """The chunk-walking state kernels take state_num_warps / state_num_stages, the UT inverse (16 x 16
+    blocks) at most 4 warps, every other kernel num_warps / num_stages."""
     from rnnops.triton_backend import _common
     from rnnops.triton_backend import linear_attn as triton_linear_attn
 
@@ -147,13 +147,14 @@ def test_state_kernels_launch_with_their_own_warps_and_stages(monkeypatch):
 
     monkeypatch.setattr(triton_delta_rule, "launch", recording_launch)
     monkeypatch.setattr(triton_linear_attn, "launch", recording_launch)
-    config = triton_delta_rule.DeltaRuleConfig(num_warps=2, num_stages=3, state_num_warps=8, state_num_stages=1)
+    config = triton_delta_rule.DeltaRuleConfig(num_warps=8, num_stages=3, state_num_warps=2, state_num_stages=1)
     x = make_inputs(T=20, gated=True)
     q, k, v, beta, g = (x[n].requires_grad_() for n in ("q", "k", "v", "beta", "g"))
     o, _ = triton_delta_rule.delta_rule(q, k, v, beta, g, scale=1.0, initial_state=None, output_final_state=False,
                                         cu_seqlens=None, chunk_size=16, config=config)
     o.sum().backward()
     states = {name: launch for name, launch in launched.items() if name.startswith("states_")}
-    assert set(states) == {"states_fwd_kernel", "states_bwd_kernel"} and set(states.values()) == {(8, 1)}
+    assert set(states) == {"states_fwd_kernel", "states_bwd_kernel"} and set(states.values()) == {(2, 1)}
+    assert launched.pop("ut_inverse_kernel") == (4, 3)
     others = {launch for name, launch in launched.items() if not name.startswith("states_")}
-    assert others == {(2, 3)} and len(launched) == 9  # and cumsum, UT inverse / forward / backward, output, dv, dq/dk
+    assert others == {(8, 3)} and len(launched) == 8  # and cumsum, UT forward / backward, output, dv, dq/dk

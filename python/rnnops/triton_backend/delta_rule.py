@@ -78,7 +78,7 @@ class _DeltaRun(ChunkedRun):
         launch(
             _kernels().ut_inverse_kernel, (lay.programs, self.H),
             k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATED=self.delta["GATED"],
-            PRECISION=self.delta["PRECISION"], BT=self.chunk, BK=self.BK, **self.launch)
+            PRECISION=self.delta["PRECISION"], BT=self.chunk, BK=self.BK, **self.sub_chunk_launch)
         W = empty(k.shape, dtype=k.dtype, device=k.device)
         U = empty(v.shape, dtype=v.dtype, device=v.device)
         launch(

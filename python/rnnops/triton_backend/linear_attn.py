@@ -170,8 +170,10 @@ class ChunkedRun:
         self.stored_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         self.state_launch = {"num_warps": config.state_num_warps, "num_stages": config.state_num_stages}
-        # the sub-chunk kernels work on BC x BC blocks: more than 4 warps only add registers (spills
-        # at 8, and at 2 too: compile_check, sm_90)
+        # the kernels built on 16 x 16 blocks (GLA's sub-chunks, the delta rule's UT inverse): more
+        # than 4 warps only add registers (compile_check, sm_90, bf16: GLA's spill at 8, and at 2
+        # too; the UT inverse takes 149 registers at 8 warps, one program per SM, and 110-114 at
+        # 4, four per SM, for a latency-bound chain of 15 substitution steps)
         self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
         self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
 
