@@ -108,8 +108,9 @@ def test_families_take_turns_and_results_keep_the_standard_order(monkeypatch, tm
     assert [c.name for c in order] == [cases[i].name for i in (0, 2, 3, 4, 1)]
     monkeypatch.setattr(cli, "standard_cases", lambda device: cases[:3])
     main(["bench", "--repeats", "1", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert list(dict.fromkeys(r["case"] for r in rows)) == [c.name for c in cases[:3]]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(dict.fromkeys(r["case"] for r in results["rows"])) == [c.name for c in cases[:3]]
+    assert [name for name in results["notes"] if name in {c.name for c in cases}] == [c.name for c in cases[:3]]
 
 
 def test_warm_up_runs_each_of_our_backends_once_and_no_peer(monkeypatch):

@@ -146,10 +146,11 @@ def main(args: argparse.Namespace) -> int:
 
     def collect() -> dict:
         ordered = sorted(rows, key=lambda row: position[row["case"]])
+        run_notes = dict(sorted(notes.items(), key=lambda item: position.get(item[0], -1)))  # the run's own first
         return {"schema": 1, "environment": env, "device": str(device),
                 "dtype": str(dtype).split(".")[-1], "quick": args.quick,
                 "hardware": None if hardware is None else asdict(hardware), "rows": _serialise(ordered),
-                "notes": notes}
+                "notes": run_notes}
 
     def stopped(reason: str) -> list[str]:
         return [f"{reason}: stopped after {len({r['case'] for r in rows})} of {len(cases)} cases"]
@@ -185,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"rnnops {rnnops.__version__} on {results['environment'].get('gpu') or device} ({results['dtype']}); "
           "medians; 'x base' = speedup over the case's baseline")
     print(report.console_table(results))
-    for case, case_notes in notes.items():
+    for case, case_notes in results["notes"].items():
         for note in case_notes:
             print(f"note: {case}: {note}")
     if args.out:
