@@ -72,9 +72,8 @@ WARP_LEVEL = re.compile("cumsum|intra_scores|intra_dqk")
 
 @pytest.mark.parametrize("group", ["linear attention", "delta rule", "selective scan", "cells"])
 def test_h100_shipped_configs_compile_without_spills(group):
-    """And the linear family's matrix kernels use Hopper's warpgroup products (wgmma: HGMMA in
-    their SASS), not the slower mma.sync (HMMA), which a tile of fewer than 64 rows or fewer
-    than 4 warps falls back to."""
+    """And the linear family's matrix kernels use Hopper's warpgroup products (wgmma), not the
+    slower mma.sync, which a tile of fewer than 64 rows or fewer than 4 warps falls back to."""
     rows = compile_reports(GROUPS[group], ("bfloat16",), gpu="H100")
     assert_fits(rows, spill_free=True)
     if group in ("linear attention", "delta rule"):
@@ -127,7 +126,7 @@ ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem, 400 bytes c
     assert (second.name, second.registers, second.spill_stores, second.shared_bytes) == ("_Z4scanILi4EEvv", 40, 0, 1024)
 
 
-def test_tensor_core_path_is_read_from_sass():
-    assert tensor_core_path("        /*0410*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;") == "wgmma"
-    assert tensor_core_path("        /*0200*/                   HMMA.16816.F32.BF16 R8, R4, R12, R8 ;") == "mma"
-    assert tensor_core_path("        /*0100*/                   FFMA R1, R2, R3, R4 ;") == "none"
+def test_tensor_core_path_is_read_from_ptx():
+    assert tensor_core_path("\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1, %r2}, %rd3, %rd4;") == "wgmma"
+    assert tensor_core_path("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};") == "mma"
+    assert tensor_core_path("\tfma.rn.f32 %f1, %f2, %f3, %f4;") == "none"

@@ -1,6 +1,6 @@
 """ptxas' verbose report (``-v``) parsed per kernel: registers, spills, stack, shared memory;
-and which tensor-core instructions a compiled kernel's machine code (SASS) uses. Shared by the
-CUDA and the Triton compile checks."""
+and which tensor-core instructions a kernel's PTX uses. Shared by the CUDA and the Triton
+compile checks."""
 from __future__ import annotations
 
 import re
@@ -16,7 +16,7 @@ class KernelReport:
     stack_bytes: int
     shared_bytes: int  # static shared memory for CUDA C++; Triton's (all dynamic) from its metadata
     threads: int = 0  # per program where the launch is known (Triton: num_warps * 32), else 0
-    tensor_cores: str = ""  # tensor_core_path of its SASS where it was read, else ""
+    tensor_cores: str = ""  # tensor_core_path of its PTX where it was read, else ""
 
 
 _FUNCTION = re.compile(r"Function properties for (\S+)")
@@ -38,14 +38,16 @@ def parse_log(log: str) -> list[KernelReport]:
     return reports
 
 
-_MMA_OPCODES = (("HGMMA", "wgmma"), ("HMMA", "mma"))
+_MMA_INSTRUCTIONS = (("wgmma.mma_async", "wgmma"), ("mma.sync", "mma"))
 
 
-def tensor_core_path(sass: str) -> str:
-    """"wgmma" if the SASS (cuobjdump -sass) issues warpgroup matrix products (HGMMA: Hopper's
-    fastest path, sm_90a), else "mma" for warp-level ones (HMMA: mma.sync, the only kind before
-    Hopper and a slower path on it), else "none" (CUDA cores only)."""
-    for opcode, path in _MMA_OPCODES:
-        if re.search(rf"\b{opcode}\.", sass):
+def tensor_core_path(ptx: str) -> str:
+    """"wgmma" if the PTX issues warpgroup matrix products (``wgmma.mma_async``, assembled to
+    HGMMA: Hopper's fastest path, sm_90a), else "mma" for warp-level ones (``mma.sync``, HMMA: the
+    only kind before Hopper and a slower path on it), else "none" (CUDA cores only). ptxas keeps
+    the kind the PTX names, so the PTX answers what disassembling the machine code would (and
+    without the second per kernel that cuobjdump takes)."""
+    for instruction, path in _MMA_INSTRUCTIONS:
+        if instruction in ptx:
             return path
     return "none"

@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU architecture on a machine without one, and read ptxas'
 report per kernel (registers, spills, stack and shared memory) and which tensor-core
-instructions its machine code uses (wgmma, mma or none; cuobjdump's SASS).
+instructions it uses (wgmma, mma or none; from its PTX).
 
 Triton's interpreter (the CPU tests) runs any tile shape and any amount of shared memory; the
 compiler does not. This check runs an op's host code with CPU tensors and every kernel launch
@@ -8,7 +8,7 @@ intercepted (nothing executes), then compiles each launched specialisation exact
 would have (same argument types, alignment hints, constexprs, num_warps/num_stages) for the target
 (``GPUTarget("cuda", 80 | 90, 32)``). It relies on Triton's JIT internals
 (``create_function_from_signature``, ``JITFunction._pack_args``; checked with Triton 3.9) and
-needs Triton's bundled ptxas and cuobjdump, not a GPU or a driver.
+needs Triton's bundled ptxas, not a GPU or a driver.
 
 The kernels must be imported as compiled kernels, so run it in a process without
 ``TRITON_INTERPRET=1``: ``python -m rnnops.triton_backend.compile_check --arch 90 [--json]``
@@ -24,9 +24,7 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
@@ -116,19 +114,8 @@ def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
             compiled = triton.compile(source, target=target, options=options.__dict__)
         (report,) = parse_log(log.getvalue())
         reports.append(replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
-                               tensor_cores=tensor_core_path(_sass(compiled.asm["cubin"]))))
+                               tensor_cores=tensor_core_path(compiled.asm["ptx"])))
     return reports
-
-
-def _sass(cubin: bytes) -> str:
-    """The machine code of a compiled kernel, disassembled by the cuobjdump Triton bundles."""
-    from triton import knobs
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", file.name], capture_output=True, text=True,
-                              check=True).stdout
 
 
 def _forward_backward(case, dtype: torch.dtype) -> None:

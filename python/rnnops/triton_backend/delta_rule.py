@@ -33,6 +33,7 @@ class DeltaRuleConfig(ChunkConfig):
     state_block_v: int = 32
 
     def state_blocks(self, K: int, V: int) -> tuple[int, int]:
+        """The state kernels' (K, V) tile: all of K, state_block_v of V (both powers of two)."""
         return next_power_of_two(K), min(self.state_block_v, next_power_of_two(V))
 
 

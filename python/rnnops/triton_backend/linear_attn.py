@@ -51,8 +51,9 @@ class LinearAttnConfig(ChunkConfig):
     """ChunkConfig plus the state kernels' own tile of the K x V state, apart from the chunk
     kernels' tiles: the state kernels' dot is (state_block_k x chunk) @ (chunk x state_block_v),
     which runs on Hopper's warpgroup tensor cores (wgmma) only when state_block_k is 64 or more
-    (smaller tiles take mma.sync: SASS through compile_check), while the chunk kernels' best
-    block_k may be 32. Both tiles give one program per (K tile, V tile, sequence, head)."""
+    and the kernel has 4 warps or more (else mma.sync: compile_check shows which), while the
+    chunk kernels' best block_k may be 32. Both tiles give one program per (K tile, V tile,
+    sequence, head)."""
 
     state_block_k: int = 64
     state_block_v: int = 64
@@ -103,9 +104,9 @@ def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space
 
 
 # the state kernels' fp32 tile per thread (half inputs; float32's tf32x3 operands take half), by
-# compile_check (sm_90, K = V = 128, chunk 64, bf16): 32 (e.g. 64 x 64 at 4 warps) spills in no gate
-# mode; 64 ((128, 64) at 4 warps, (64, 64) at 2) none in plain and scalar decay, 4-24 B in per-key
-# decay; 128 ((128, 128) at 4 warps) spills 0.3-1 KB in every mode
+# compile_check (sm_90, K = V = 128, chunk 64, bf16): at 32 (e.g. 64 x 64 at 4 warps) nothing spills
+# in any gate mode; at 64 ((128, 64) at 4 warps, (64, 64) at 2) nothing in plain and scalar decay,
+# 4-24 B in per-key decay; at 128 ((128, 128) at 4 warps) 0.3-1 KB in every mode
 STATE_REGISTERS = 64
 
 
