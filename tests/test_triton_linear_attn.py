@@ -54,11 +54,11 @@ def test_strong_decay(gate):
 
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("tiles", [dict(block_k=64, block_v=32, state_block_k=16, state_block_v=16),
-                                   dict(block_k=16, block_v=16, state_block_k=64, state_block_v=32)],
+                                   dict(block_k=32, block_v=16, state_block_k=64, state_block_v=32)],
                          ids=["small-state-tiles", "large-state-tiles"])
 def test_state_tiles_apart_from_the_chunk_tiles(gate, tiles):
     """The state kernels take their own (state_block_k, state_block_v) tile: three K tiles of the
-    state (K = 48) under one chunk tile, and one state tile over three chunk tiles."""
+    state (K = 48) under one chunk tile, and one state tile over two chunk tiles (one partial)."""
     x = make_inputs(K=48, V=32, gate=gate)
     bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
     config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, **tiles)
