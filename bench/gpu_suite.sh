@@ -75,15 +75,16 @@ PY
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
-    # delta rule, the occupancy hypotheses of compile_check: 4 warps give the UT kernels 2-4
-    # programs per SM (1 at 8), one state stage gives states_bwd 2 (1 at two stages: 116 KB)
+    # delta rule, the occupancy hypotheses of compile_check: 4 warps give the UT backward 2
+    # programs per SM (1 at 8; the UT inverse runs at 4 anyway), one state stage gives states_bwd
+    # 2 (1 at two stages: 116 KB)
     # each A/B check has until its end time, and starts no measurement in its last 15 s
     left=$(seconds_until 505)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
       --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}' \
             '{"num_warps": 4, "num_stages": 1, "state_num_stages": 1}'
-    # linear attention's state tile: shipped 64 x 64 (wgmma in SASS) against the tile it had before
+    # linear attention's state tile: shipped 64 x 64 (wgmma) against the tile it had before
     # (its chunk kernels' 32 x 128: mma.sync) and flash-linear-attention's full K, 32 wide
     left=$(seconds_until 575)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
