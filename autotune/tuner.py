@@ -422,8 +422,8 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
                 # which tensor-core instructions it compiled to (wgmma, mma or none)
                 occupancy = []
                 for report in screen.kernel_reports(tunable, shape, dtype, hardware, config):
-                    count, limiter = hardware.programs_per_sm(report.threads, report.registers, report.shared_bytes)
-                    occupancy.append(f"{report.name.removesuffix('_kernel')} {count} ({limiter}; {report.tensor_cores})")
+                    per_sm, limiter = hardware.programs_per_sm(report.threads, report.registers, report.shared_bytes)
+                    occupancy.append(f"{report.name.removesuffix('_kernel')} {per_sm} ({limiter}; {report.tensor_cores})")
                 lines.append("      programs per SM (limit; tensor cores): " + ", ".join(occupancy))
         lines.append(f"  default {default}: estimated {cost_default * 1e3:.3f} ms"
                      + ("" if default in ranked else " (not legal here)"))
