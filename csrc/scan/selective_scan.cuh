@@ -5,20 +5,27 @@
 //
 // Tiling: a block owns 32 channels (one per lane, so loads of a time step are coalesced in the
 // (B, T, Dm) layout) and WARPS x ITEMS consecutive time steps per chunk, warp w taking items
-// [w ITEMS, (w + 1) ITEMS). For each state element n a lane scans its items sequentially, the
-// warps' segments are composed through shared memory (x -> P x + X per segment), and each
-// warp replays its items from the composed prefix. The state crossing chunk boundaries lives in
-// shared memory; the state entering every chunk is stored (fp32, Dm x N per chunk) for the
-// backward, which walks chunks in reverse, replays the forward inside the chunk, and runs the
-// adjoint recurrence dx_t = dy_t C_t + e^(dt_{t+1} A) dx_{t+1} the same way, segments composed
-// from the later warps. Reductions over channels (dB, dC) go through warp shuffles and one
-// atomicAdd per warp, time step and n; dA, dD, d delta_bias add across sequences atomically.
+// [w ITEMS, (w + 1) ITEMS). Per chunk each lane reads its steps' dt, dt u and where B and C
+// lie once; then, for each state element n, it scans its items sequentially, the warps'
+// segments are composed through shared memory (x -> P x + X per segment, P = 2^(a2 sum dt)),
+// and each warp replays its items from the composed prefix. The state crossing chunk
+// boundaries lives in shared memory; the state entering every chunk is stored (fp32, Dm x N per
+// chunk) for the backward, which walks chunks in reverse, replays the forward inside the chunk,
+// and runs the adjoint recurrence dx_t = dy_t C_t + e^(dt_{t+1} A) dx_{t+1} the same way,
+// segments composed from the later warps. Reductions over channels (dB, dC) sum a warp's ITEMS
+// steps at once by recursive halving (warp_reduce_scatter) and add one atomic per step and n;
+// dA, dD, d delta_bias add across sequences atomically.
 //
 // Operands: u, delta, z, out, du, ddelta, dz of element type T with (b, t, d) strides; A, D,
 // delta_bias, B, C in fp32; B, C static (Dm, N), shared (B, T, N) or grouped (B, T, G, N) with
 // strides (b, t, g, n) (static: t is the Dm stride). Sequences from cu_seqlens (packed: batch
-// row 0; else sequence i is batch row i). Work per step and channel: about 7 N flops forward,
-// 15 N backward; bytes: u, delta, z, out (4 Dm T values) plus B, C (2 G N T): memory-bound.
+// row 0; else sequence i is batch row i).
+// Work per step, channel and state element: forward 7 flops and one e^x, backward about 25
+// flops and two; bytes: u, delta, z, out (4 Dm T values) plus B, C (2 G N T) forward, about
+// twice that backward. The inner loop over n is what bounds the time: at (4 warps, 8 items),
+// sm_90a, its SASS issues about 18 instructions per (step, channel, n) forward and 80 backward
+// (shared B / C; was 195 and over 500 with per-element operand addressing): at B8 Dm2048 T2048
+// N16 about 0.3 and 1.5 ms of an H100's instruction issue, against 0.09 ms of its bandwidth.
 #pragma once
 #include "../common/runtime.h"
 
@@ -35,12 +42,24 @@ struct BCOperand {
   int mode;
   long long b, t, g, n;
   int channels_per_group;
-  __device__ __forceinline__ float at(long long batch, long long step, int channel, int n_index) const {
-    if (mode == kStatic) return data[channel * t + n_index * n];
-    const long long group = mode == kGrouped ? channel / channels_per_group : 0;
-    return data[batch * b + step * t + group * g + n_index * n];
-  }
 };
+
+// Where one lane reads B or C: step r's row starts at base + r * t_stride (a static operand's
+// channel row serves every step: t_stride 0), element n at n * n_stride. The kernels resolve
+// the mode and group once per block and each step's 32-bit byte offset from the chunk's first
+// row once per chunk (the caller keeps t_stride below 2^24), so a read inside the loop over n
+// is one add and one load.
+struct BCRows {
+  const float* base;
+  long long t_stride, n_stride;
+  __device__ __forceinline__ const float* row(long long r) const { return base + r * t_stride; }
+};
+
+__device__ __forceinline__ BCRows bc_rows(const BCOperand& M, long long batch, int channel) {
+  if (M.mode == kStatic) return BCRows{M.data + channel * M.t, 0, M.n};
+  const long long group = M.mode == kGrouped ? channel / M.channels_per_group : 0;
+  return BCRows{M.data + batch * M.b + group * M.g, M.t, M.n};
+}
 
 struct ScanShape {
   int Dm, N;
@@ -76,8 +95,10 @@ struct SegmentSmem {
 
 // ---------------------------------------------------------------- forward
 
+constexpr float kLog2e = 1.4426950408889634f;
+
 template <class T, int WARPS, int ITEMS>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
     selective_scan_fwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
                        BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, T* out,
                        Operand sout, float* chunk_states, const float* initial_state, float* final_state,
@@ -85,6 +106,8 @@ __global__ void __launch_bounds__(WARPS * 32)
   constexpr int CHUNK = WARPS * ITEMS;
   const int Dm = shape.Dm, N = shape.N;
   const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
+  const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
+  const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
 
   RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 1);
   RNNOPS_DYNAMIC_SHARED(float, carry);  // [N][32]: the state crossing chunk boundaries
@@ -100,7 +123,12 @@ __global__ void __launch_bounds__(WARPS * 32)
     const long long chunk = first + (t0 - bos) / CHUNK;
     if (warp == 0 && live)
       for (int n = 0; n < N; ++n) chunk_states[(chunk * Dm + d) * N + n] = carry[n * 32 + lane];
-    float dt[ITEMS], uu[ITEMS], y[ITEMS];
+    // per step, once for all n: dt, dt u, where B and C are read; steps past the end get dt = 0
+    // (the identity step: e^0 x + 0) and read the sequence's first row
+    float dt[ITEMS], dtu[ITEMS], y[ITEMS], dt_sum = 0.0f;
+    unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
+    const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
+               *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const long long t = t0 + warp * ITEMS + i;
@@ -108,32 +136,35 @@ __global__ void __launch_bounds__(WARPS * 32)
       const long long r = t - offset;
       dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
                  : 0.0f;
-      uu[i] = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
-      y[i] = 0.0f;
+      const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
+      dtu[i] = dt[i] * uu;
+      dt_sum += dt[i];
+      y[i] = d_weight * uu;
+      Boff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Brows.t_stride * 4) : 0u;
+      Coff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Crows.t_stride * 4) : 0u;
     }
     for (int n = 0; n < N; ++n) {
-      const float a_n = live ? A[d * N + n] : 0.0f;
+      const float a2 = live ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
+      const char *Bn = Bchunk + n * Brows.n_stride * 4, *Cn = Cchunk + n * Crows.n_stride * 4;
       float a[ITEMS], inject[ITEMS];
-      float prod = 1.0f, x = 0.0f;
+      float x = 0.0f;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        const long long t = t0 + warp * ITEMS + i;
-        const bool on = live && t < eos;
-        a[i] = __expf(dt[i] * a_n);
-        inject[i] = on ? dt[i] * uu[i] * Bm.at(batch, t - offset, d, n) : 0.0f;
+        a[i] = exp2_approx(dt[i] * a2);
+        inject[i] = dtu[i] * __ldg(reinterpret_cast<const float*>(Bn + Boff[i]));
         x = a[i] * x + inject[i];
-        prod *= a[i];
       }
-      segment->p[warp][lane] = prod;
+      segment->p[warp][lane] = exp2_approx(dt_sum * a2);  // the segment's decay, prod_i a_i
       segment->x[warp][lane] = x;
       __syncthreads();
       x = carry[n * 32 + lane];
-      for (int w = 0; w < warp; ++w) x = segment->p[w][lane] * x + segment->x[w][lane];
+#pragma unroll
+      for (int w = 0; w < WARPS - 1; ++w)
+        if (w < warp) x = segment->p[w][lane] * x + segment->x[w][lane];
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        const long long t = t0 + warp * ITEMS + i;
         x = a[i] * x + inject[i];
-        if (live && t < eos) y[i] += x * Cm.at(batch, t - offset, d, n);
+        y[i] += x * __ldg(reinterpret_cast<const float*>(Cn + Coff[i]));
       }
       __syncthreads();  // every warp has read carry[n] and the segments
       if (warp == WARPS - 1) carry[n * 32 + lane] = x;
@@ -143,7 +174,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       const long long t = t0 + warp * ITEMS + i;
       if (!(live && t < eos)) continue;
       const long long r = t - offset;
-      float value = y[i] + d_weight * uu[i];
+      float value = y[i];
       if (shape.has_z) {
         const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
         value *= zz * rnnops::sigmoid(zz);
@@ -158,9 +189,29 @@ __global__ void __launch_bounds__(WARPS * 32)
 
 // ---------------------------------------------------------------- backward
 
-__device__ __forceinline__ float warp_sum(float value) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
+// Sums v[0..V) over the 32 lanes of a warp by recursive halving (every lane must call): each of
+// the log2(V) halving rounds trades half of a lane's values with its partner, so lane L ends
+// with item L / (32 / V) summed over the lanes sharing its upper bits, and the remaining rounds
+// complete that sum over the whole warp. Returns, in lane L, the warp's total of item
+// L / (32 / V): V - 1 + log2(32 / V) shuffles per lane where one sum per item takes 5 V.
+template <int V>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[V]) {
+  static_assert(V >= 1 && V <= 32 && (V & (V - 1)) == 0, "V: a power of two up to 32");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int width = V, offset = 16; width > 1; width /= 2, offset /= 2) {
+    const bool upper = lane & offset;
+#pragma unroll
+    for (int j = 0; j < width / 2; ++j) {
+      const float send = upper ? v[j] : v[j + width / 2];
+      const float keep = upper ? v[j + width / 2] : v[j];
+      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+    }
+  }
+  float total = v[0];
+#pragma unroll
+  for (int offset = 16 / V; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  return total;
 }
 
 // Whether every live channel of this block reads the same B or C value per step (shared, or all in
@@ -170,15 +221,22 @@ __device__ __forceinline__ bool block_shares_row(const BCOperand& M, int Dm) {
   return M.mode == kShared || (M.mode == kGrouped && first / M.channels_per_group == last_live / M.channels_per_group);
 }
 
-// Adds a per-lane value into an fp32 reduction over channels: one atomic per warp when the
-// warp's channels share the target address (every lane must call), else one per live lane.
-__device__ __forceinline__ void add_over_channels(float* target, float value, bool shared_by_warp, bool live) {
-  if (shared_by_warp) {
-    value = warp_sum(value);
-    if (threadIdx.x % 32 == 0) atomicAdd(target, value);
-  } else if (live) {
-    atomicAdd(target, value);
+// The gradient of a time-varying B or C: its per-step, per-channel terms (ITEMS steps of this
+// warp, element n) added into the fp32 (rows, G, N) buffer, summed over the warp first when its
+// channels share the row (one atomic per step), else one atomic per live lane and step.
+template <int ITEMS>
+__device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEMS], bool per_warp, bool live,
+                                                long long first_row, long long step0, long long eos, int G, int group,
+                                                int N, int n) {
+  if (per_warp) {
+    const int lane = threadIdx.x % 32, item = lane / (32 / ITEMS);
+    const float total = warp_reduce_scatter(terms);
+    if (lane % (32 / ITEMS) == 0 && step0 + item < eos) atomicAdd(grad + ((first_row + item) * G + group) * N + n, total);
+    return;
   }
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+    if (live && step0 + i < eos) atomicAdd(grad + ((first_row + i) * G + group) * N + n, terms[i]);
 }
 
 template <class T, int WARPS, int ITEMS>
@@ -193,8 +251,14 @@ __global__ void __launch_bounds__(WARPS * 32)
   constexpr int CHUNK = WARPS * ITEMS;
   const int Dm = shape.Dm, N = shape.N;
   const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
+  const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
+  const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
   const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
   const bool B_per_warp = block_shares_row(Bm, Dm), C_per_warp = block_shares_row(Cm, Dm);
+  const int GB = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
+  const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
+  const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
+  const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
 
   RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 1);
   RNNOPS_SHARED(float, head_a, WARPS * 32);  // e^(dt A) at each warp's first item
@@ -216,106 +280,109 @@ __global__ void __launch_bounds__(WARPS * 32)
   float dD_acc = 0.0f, dbias_acc = 0.0f, dB_static = 0.0f, dC_static = 0.0f;
   const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
   for (long long c = chunks - 1; c >= 0; --c) {
-    const long long t0 = bos + c * CHUNK;
-    float dt[ITEMS], slope[ITEMS], uu[ITEMS], dy[ITEMS], gout[ITEMS], y[ITEMS], ddt[ITEMS], duu[ITEMS];
-    float dt_after = 0.0f;  // dt of the step after this warp's last item
+    const long long t0 = bos + c * CHUNK, step0 = t0 + warp * ITEMS;
+    // per step, once for all n (steps past the end: dt = u = dy = 0, rows at the chunk's first)
+    float dt[ITEMS], uu[ITEMS], dtu[ITEMS], dy[ITEMS], y[ITEMS], ddt[ITEMS], duu[ITEMS], dt_sum = 0.0f;
+    unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
+    const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
+               *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const long long t = t0 + warp * ITEMS + i;
+      const long long t = step0 + i;
       const bool on = live && t < eos;
       const long long r = t - offset;
-      const float raw = on ? to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias : 0.0f;
-      dt[i] = on ? discretise(raw, shape.softplus) : 0.0f;
-      slope[i] = shape.softplus ? rnnops::sigmoid(raw) : 1.0f;
+      dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
+                 : 0.0f;
       uu[i] = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
-      gout[i] = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
-      dy[i] = gout[i];
+      dy[i] = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
       if (shape.has_z && on) {
         const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
         dy[i] *= zz * rnnops::sigmoid(zz);
       }
-      y[i] = ddt[i] = duu[i] = 0.0f;
+      dtu[i] = dt[i] * uu[i];
+      dt_sum += dt[i];
+      y[i] = d_weight * uu[i];
+      duu[i] = dy[i] * d_weight;
+      ddt[i] = 0.0f;
+      Boff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Brows.t_stride * 4) : 0u;
+      Coff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Crows.t_stride * 4) : 0u;
     }
-    {
-      const long long t = t0 + (warp + 1) * ITEMS;
-      if (live && t < eos)
-        dt_after = discretise(to_float(delta[batch * sdelta.b + (t - offset) * sdelta.t + d * sdelta.d]) + bias,
-                              shape.softplus);
-    }
+    float dt_after = 0.0f;  // dt of the step after this warp's last item
+    if (live && step0 + ITEMS < eos)
+      dt_after = discretise(
+          to_float(delta[batch * sdelta.b + (step0 + ITEMS - offset) * sdelta.t + d * sdelta.d]) + bias,
+          shape.softplus);
     for (int n = 0; n < N; ++n) {
-      const float a_n = live ? A[d * N + n] : 0.0f;
-      // replay the forward inside the chunk
-      float a[ITEMS], inject[ITEMS], x[ITEMS], Bv[ITEMS], Cv[ITEMS];
-      float prod = 1.0f, acc = 0.0f;
+      const float a_n = live ? A[d * N + n] : 0.0f, a2 = a_n * kLog2e;  // e^(dt A) = 2^(dt a2)
+      const char *Bn = Bchunk + n * Brows.n_stride * 4, *Cn = Cchunk + n * Crows.n_stride * 4;
+      // replay the forward inside the chunk: this warp's segment from a zero carry
+      float a[ITEMS], Bv[ITEMS], x[ITEMS], dyC[ITEMS];
+      float acc = 0.0f;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        const long long t = t0 + warp * ITEMS + i;
-        const bool on = live && t < eos;
-        a[i] = __expf(dt[i] * a_n);
-        Bv[i] = on ? Bm.at(batch, t - offset, d, n) : 0.0f;
-        Cv[i] = on ? Cm.at(batch, t - offset, d, n) : 0.0f;
-        inject[i] = dt[i] * uu[i] * Bv[i];
-        acc = a[i] * acc + inject[i];
-        prod *= a[i];
+        a[i] = exp2_approx(dt[i] * a2);
+        Bv[i] = __ldg(reinterpret_cast<const float*>(Bn + Boff[i]));
+        acc = a[i] * acc + dtu[i] * Bv[i];
       }
-      segment->p[warp][lane] = prod;
+      segment->p[warp][lane] = exp2_approx(dt_sum * a2);
       segment->x[warp][lane] = acc;
       head_a[warp * 32 + lane] = a[0];
       __syncthreads();
-      float state = (live ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f);
-      for (int w = 0; w < warp; ++w) state = segment->p[w][lane] * state + segment->x[w][lane];
+      float state = live ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
+#pragma unroll
+      for (int w = 0; w < WARPS - 1; ++w)
+        if (w < warp) state = segment->p[w][lane] * state + segment->x[w][lane];
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        state = a[i] * state + inject[i];
+        state = a[i] * state + dtu[i] * Bv[i];
         x[i] = state;
-        y[i] += state * Cv[i];
+        const float Cv = __ldg(reinterpret_cast<const float*>(Cn + Coff[i]));
+        y[i] += state * Cv;
+        dyC[i] = dy[i] * Cv;
       }
-      const float a_after = warp < WARPS - 1 ? head_a[(warp + 1) * 32 + lane] : __expf(dt_after * a_n);
+      const float a_after = warp < WARPS - 1 ? head_a[(warp + 1) * 32 + lane] : exp2_approx(dt_after * a2);
       __syncthreads();  // segments are reused below
-      // the adjoint recurrence, this warp's segment from a zero carry
-      float next_a = a_after, suffix = 1.0f, g = 0.0f;
+      // the adjoint recurrence dx_t = dy_t C_t + a_{t+1} dx_{t+1}, this warp's segment from a zero carry
+      float next_a = a_after, g = 0.0f;
 #pragma unroll
       for (int i = ITEMS - 1; i >= 0; --i) {
-        g = dy[i] * Cv[i] + next_a * g;
-        suffix *= next_a;
+        g = dyC[i] + next_a * g;
         next_a = a[i];
       }
-      segment->p[warp][lane] = suffix;
+      segment->p[warp][lane] = exp2_approx((dt_sum - dt[0] + dt_after) * a2);  // a_after a_{ITEMS-1} ... a_1
       segment->x[warp][lane] = g;
       __syncthreads();
-      float dnext = dcarry[n * 32 + lane];  // dx at the step after this warp's segment
-      for (int w = WARPS - 1; w > warp; --w) dnext = segment->x[w][lane] + segment->p[w][lane] * dnext;
+      float dx = dcarry[n * 32 + lane];  // dx at the step after this warp's segment
+#pragma unroll
+      for (int w = WARPS - 1; w > 0; --w)
+        if (w > warp) dx = segment->x[w][lane] + segment->p[w][lane] * dx;
       __syncthreads();  // every warp has composed its carry before the segments are overwritten
-      float dA_part = 0.0f;
+      float dA_part = 0.0f, dB_terms[ITEMS], dC_terms[ITEMS];
       next_a = a_after;
-      float dx = dnext;
 #pragma unroll
       for (int i = ITEMS - 1; i >= 0; --i) {
-        dx = dy[i] * Cv[i] + next_a * dx;
+        dx = dyC[i] + next_a * dx;
         next_a = a[i];
-        const float decayed = x[i] - inject[i];
-        duu[i] += dx * dt[i] * Bv[i];
-        ddt[i] += dx * (a_n * decayed + uu[i] * Bv[i]);
-        dA_part += dx * dt[i] * decayed;
-        const long long t = t0 + warp * ITEMS + i;
-        const bool on = live && t < eos;
-        const float db_term = on ? dx * dt[i] * uu[i] : 0.0f, dc_term = on ? dy[i] * x[i] : 0.0f;
-        if (Bm.mode == kStatic) {
-          dB_static += db_term;
-        } else if (t < eos) {
-          const long long group = Bm.mode == kGrouped ? d / Bm.channels_per_group : 0;
-          const int G = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
-          add_over_channels(dB + ((batch * rows_per_batch + (t - offset)) * G + group) * N + n, db_term, B_per_warp,
-                            live);
-        }
-        if (Cm.mode == kStatic) {
-          dC_static += dc_term;
-        } else if (t < eos) {
-          const long long group = Cm.mode == kGrouped ? d / Cm.channels_per_group : 0;
-          const int G = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
-          add_over_channels(dC + ((batch * rows_per_batch + (t - offset)) * G + group) * N + n, dc_term, C_per_warp,
-                            live);
-        }
+        const float decayed = x[i] - dtu[i] * Bv[i];  // a_t x_{t-1}
+        const float dx_B = dx * Bv[i], dx_decayed = dx * decayed;
+        duu[i] += dx_B * dt[i];
+        ddt[i] += dx_B * uu[i] + dx_decayed * a_n;
+        dA_part += dx_decayed * dt[i];
+        dB_terms[i] = dx * dtu[i];
+        dC_terms[i] = dy[i] * x[i];
+      }
+      const long long first_row = batch * rows_per_batch + (step0 - offset);
+      if (Bm.mode == kStatic) {
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) dB_static += dB_terms[i];
+      } else {
+        add_bc_gradient(dB, dB_terms, B_per_warp, live, first_row, step0, eos, GB, groupB, N, n);
+      }
+      if (Cm.mode == kStatic) {
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) dC_static += dC_terms[i];
+      } else {
+        add_bc_gradient(dC, dC_terms, C_per_warp, live, first_row, step0, eos, GC, groupC, N, n);
       }
       segment->x[warp][lane] = dA_part;
       if (warp == 0) segment->p[0][lane] = dx;  // dx at the chunk's first step
@@ -341,18 +408,17 @@ __global__ void __launch_bounds__(WARPS * 32)
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const long long t = t0 + warp * ITEMS + i;
+      const long long t = step0 + i;
       if (!(live && t < eos)) continue;
-      const long long row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
-      y[i] += d_weight * uu[i];
-      duu[i] += dy[i] * d_weight;
+      const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
       dD_acc += dy[i] * uu[i];
       if (shape.has_z) {
-        const float zz = to_float(z[batch * sz.b + (t - offset) * sz.t + d * sz.d]);
-        const float sig = rnnops::sigmoid(zz);
-        dz[row * Dm + d] = gout[i] * y[i] * sig * (1.0f + zz * (1.0f - sig));
+        const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
+        const float sig = rnnops::sigmoid(zz), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
+        dz[row * Dm + d] = gout * y[i] * sig * (1.0f + zz * (1.0f - sig));
       }
-      const float draw = ddt[i] * slope[i];
+      const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
+      const float draw = ddt[i] * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
       dbias_acc += draw;
       du[row * Dm + d] = duu[i];
       d_delta[row * Dm + d] = draw;

@@ -282,6 +282,10 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 
 // ---------------------------------------------------------------- fast-math intrinsics
 
+template <class T>
+T __ldg(const T* p) {
+  return *p;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }

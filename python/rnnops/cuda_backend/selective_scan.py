@@ -58,6 +58,13 @@ def _bc_layout(M: torch.Tensor, channels: int) -> list[int]:
     return [GROUPED, M.stride(0), M.stride(1), M.stride(2), M.stride(3), channels // M.shape[2]]
 
 
+def _bc_operand(M: torch.Tensor) -> torch.Tensor:
+    """B or C in fp32 with a step stride below 2^24 elements: the kernels address a chunk's steps
+    by 32-bit byte offsets from its first row (at most 64 steps)."""
+    M = M.float()
+    return M if M.dim() == 2 or M.stride(1) < 2**24 else M.contiguous()
+
+
 def _strides(*tensors) -> list[int]:
     return [s for t in tensors for s in (t.stride() if t is not None else (0, 0, 0))]
 
@@ -70,7 +77,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         N = A.shape[1]
         chunk = config.warps * config.items
         layout = ChunkLayout.build(batch, time, chunk, cu_seqlens, u.device)
-        A, B, C, D, delta_bias = (None if x is None else x.float() for x in (A.contiguous(), B, C, D, delta_bias))
+        A, D, delta_bias = (None if x is None else x.float() for x in (A.contiguous(), D, delta_bias))
+        B, C = _bc_operand(B), _bc_operand(C)
         state0 = None if initial_state is None else initial_state.float().contiguous()
         out = empty(u.shape, dtype=u.dtype, device=u.device)
         f32 = {"dtype": torch.float32, "device": u.device}
