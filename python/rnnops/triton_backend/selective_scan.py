@@ -1,8 +1,8 @@
 """Triton selective scan (Mamba-1) and its decoding step: configuration, autograd Function.
 
-Memory: besides the inputs, the forward saves the state entering every chunk of
-``config.chunk`` steps (Dm x N fp32 per chunk and sequence); the backward recomputes the states
-inside each chunk from it.
+Memory: besides the inputs (B and C as fp32 copies when given in half precision), the forward
+saves the state entering every chunk of ``config.chunk`` steps (Dm x N fp32 per chunk and
+sequence); the backward recomputes the states inside each chunk from it.
 """
 from __future__ import annotations
 
@@ -22,15 +22,17 @@ from .recurrent_step import supports as step_supports
 
 @dataclass(frozen=True)
 class SelectiveScanConfig:
-    chunk: int = 64  # time steps per associative scan
+    chunk: int = 64  # time steps between stored states; the backward's associative scan length
     # channels per program (capped by the group size of grouped B / C); 32 spilled 8-24 B in the
-    # backward (and the float32 forward) with Triton 3.6 (compile_check, sm_90)
+    # backward with Triton 3.6 (compile_check, sm_90). The forward runs BD / 32 warps (at least
+    # one), a narrower block splitting each channel's state elements over 32 / BD lanes.
     block_d: int = 16
-    num_warps: int = 8  # 4 spills in the backward (compile_check, sm_90)
+    num_warps: int = 8  # the backward's; 4 spills there (compile_check, sm_90)
     num_stages: int = 1
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
+FORWARD_UNROLL = 8  # steps the forward unrolls (code size; the loads of those steps issue together)
 
 
 def space(Dm: int, N: int, hardware) -> Space:
@@ -84,6 +86,10 @@ class _ScanRun:
         self.config = config
         self.grid = (-(-self.Dm // self.BD), self.layout.sequences)
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        # the forward's layout: one warp per 32 channels (narrower blocks split a channel's state
+        # elements over 32 / BD lanes), UNROLL steps unrolled
+        self.forward_launch = {"num_warps": max(1, self.BD // 32), "num_stages": config.num_stages,
+                               "UNROLL": min(FORWARD_UNROLL, config.chunk)}
 
     def constants(self, D, z, delta_bias, softplus):
         return {"Dm": self.Dm, "N": self.N, "NP": next_power_of_two(self.N), "B_MODE": self.B_mode,
@@ -101,7 +107,8 @@ class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, cu_seqlens, output_final_state,
                 config):
-        run = _ScanRun(u, A, B, C, cu_seqlens, config)
+        B_, C_ = B.float(), C.float()  # read by every channel at every step: converted once here
+        run = _ScanRun(u, A, B_, C_, cu_seqlens, config)
         A_, D_, bias_ = (None if x is None else x.contiguous() for x in (A, D, delta_bias))
         state0 = None if initial_state is None else initial_state.float().contiguous()
         out = empty(u.shape, dtype=u.dtype, device=u.device)
@@ -109,10 +116,10 @@ class SelectiveScanFunction(torch.autograd.Function):
         h = empty((lay.programs, run.Dm, run.N), dtype=torch.float32, device=u.device)
         final = empty((lay.sequences, run.Dm, run.N), dtype=torch.float32, device=u.device) if output_final_state else None
         _kernels().scan_fwd_kernel[run.grid](
-            u, delta, A_, B, C, D_, z, bias_, out, h, state0, final, lay.cu_seqlens, lay.chunk_offsets,
-            *run.strides(u, delta, z, out), HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
-            **run.constants(D, z, delta_bias, softplus), **run.launch)
-        ctx.save_for_backward(u, delta, A_, B, C, D_, z, bias_, h, state0)
+            u, delta, A_, B_, C_, D_, z, bias_, out, h, state0, final, lay.cu_seqlens, lay.chunk_offsets,
+            *run.strides(u, delta, z, out), 1, HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
+            **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
+        ctx.save_for_backward(u, delta, A_, B_, C_, D_, z, bias_, h, state0)
         ctx.run, ctx.softplus = run, softplus
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         return out, final
