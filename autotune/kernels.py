@@ -150,8 +150,8 @@ TUNABLES = [
             lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages")),
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
-            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * c["num_warps"],
-            lambda c, s: (1.0 + 16.0 / c["chunk"]) * (1.0 + 8.0 / c["block_d"])),
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * max(1, c["block_d"] // 32),
+            lambda c, s: (1.0 + 8.0 / c["chunk"]) * (1.0 + 8.0 / c["block_d"])),  # stored states; lanes per channel
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],

@@ -68,6 +68,21 @@ def test_float16_activations():
     compare_backends(scan, make_inputs(dtype=torch.float16), 2e-3, test="triton")
 
 
+@pytest.mark.parametrize("config", [triton_scan.SelectiveScanConfig(chunk=16, block_d=4),
+                                    triton_scan.SelectiveScanConfig(chunk=128, block_d=8)], ids=["chunk16", "chunk128"])
+def test_other_configs(config):
+    """Chunks of two forward unrolls and of many backward sub-blocks, one partial."""
+    def run(backend, **x):
+        if backend != "triton":
+            return scan(backend, **x)
+        initial = x.pop("initial_state")
+        return triton_scan.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                                          True, initial_state=initial, output_final_state=True, cu_seqlens=None,
+                                          config=config)
+
+    compare_backends(run, make_inputs(T=37, Dm=8, layout_C="shared"), 1e-5, test="triton")
+
+
 @pytest.mark.parametrize("layout", ["shared", "grouped"])
 def test_state_update(layout):
     x = make_inputs(T=3, layout_B=layout, layout_C=layout)

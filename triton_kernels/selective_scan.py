@@ -8,16 +8,21 @@ Forward: step by step, the state (NP x BD) in registers with a channel's state e
 thread (channels across lanes; blocks narrower than a warp split them over 32 / BD lanes), so a
 step is elementwise (2^(dt A log2 e) on the MUFU, one FMA into x, <x, C> summed in the thread);
 UNROLL steps unrolled so their loads issue together. The state entering every chunk of BT steps
-is stored (fp32, Dm x N per chunk and sequence) for the backward. SASS at (BD 32, bf16, sm_90):
-about 13 instructions per (step, channel, state element), 22 at BD 16 (was 100 with a
-tl.associative_scan over each chunk: shuffles and shared memory per element).
-Backward: walks the chunks backwards; inside each it recomputes x from the stored state with
-``tl.associative_scan`` over time on a (BT, BD) tile per n and runs the adjoint recurrence
-dx_t = dy_t C_t + a_{t+1} dx_{t+1} as a reverse scan:
-    du    += dx dt B,   dA += sum_t dx dt (x - dt u B),   ddt = sum_n dx (A (x - dt u B) + u B)
-    dB    = sum over channels of dx dt u,   dC = sum over channels of dy x   (per group, or per
-    channel and state for static B, C: partial sums per channel block / sequence, reduced by the
-    caller)
+is stored (fp32, Dm x N per chunk and sequence) for the backward. SASS at (BD 16, bf16, sm_90):
+about 22 instructions per (step, channel, state element), 34 at BD 8, 13 at BD 32 (N = 8; at
+N = 16 the backward spills there) where a tl.associative_scan over each chunk took 100
+(shuffles and shared memory per element).
+Backward: the same layout, walking the chunks backwards; inside a chunk, the states entering
+its sub-blocks of UNROLL (4) steps are recomputed from the stored state into a per-program
+scratch (checkpoints, L2-resident), then each sub-block (last first) recomputes its UNROLL states
+into a register tile (selects on the unrolled step index fold to register moves) and runs the
+steps backwards with G = dL/dx entering the step (two forward recomputations in all):
+    g = G + dy C,  du = dt sum_n g B (+ D dy),  ddt = sum_n g (A a x_prev + u B),  G <- a g,
+    dA += g a x_prev dt,  dB = sum over channels of g dt u,  dC = sum over channels of dy x
+(dB, dC per step and group, or per channel and state for static B, C: partial sums per channel
+block / sequence, reduced by the caller). SASS at (BD 16, bf16, sm_90): about 76 instructions
+per (step, channel, state element), a fifth of them the shuffles of dB and dC's sums over the
+channels (was 211 with associative scans per n).
 Every factor a_t <= 1 for A <= 0: stable for any length and any |A dt|.
 Layouts: u, delta, z, out (B, T, Dm) with any strides; B, C (fp32) static (Dm, N), shared
 (B, T, N) or grouped (B, T, G, N), any strides; a channel block never straddles two groups (BD
@@ -32,35 +37,6 @@ import triton.language as tl
 from ._packed import sequence_span
 
 STATIC, SHARED, GROUPED = 0, 1, 2
-
-
-@triton.jit
-def _linear_recurrence(a1, b1, a2, b2):
-    """Compose x -> a1 x + b1 (earlier) with x -> a2 x + b2 (later)."""
-    return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def _bc_column(M, n, b, rows, row_mask, ch, ch_mask, s_b, s_t, s_g, s_n, group,
-               MODE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """B or C for state element n on the chunk's (BT, BD) tile (broadcast), in fp32."""
-    if MODE == 0:
-        col = tl.load(M + ch * s_t + n * s_n, mask=ch_mask, other=0.0).to(tl.float32)  # static: s_t is the Dm stride
-        return col[None, :] + tl.zeros([BT, BD], tl.float32)
-    else:
-        col = tl.load(M + b * s_b + rows * s_t + group * s_g + n * s_n, mask=row_mask, other=0.0).to(tl.float32)
-        return col[:, None] + tl.zeros([BT, BD], tl.float32)
-
-
-@triton.jit
-def _column(X, n, NP: tl.constexpr):
-    """Column n of a (BD, NP) register tile."""
-    return tl.sum(tl.where(tl.arange(0, NP)[None, :] == n, X, 0.0), axis=1)
-
-
-@triton.jit
-def _set_column(X, n, value, NP: tl.constexpr):
-    return tl.where(tl.arange(0, NP)[None, :] == n, value[:, None], X)
 
 
 @triton.jit
@@ -97,6 +73,27 @@ def _bc_step(M, static_tile, offs, rn, mask, s_n, MODE: tl.constexpr):
         return tl.load(M + offs + rn * s_n, mask=mask, other=0.0).to(tl.float32)[:, None]
 
 
+@triton.jit
+def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C, B_static, C_static, B_base, C_base,
+                 s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                 B_MODE: tl.constexpr, C_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 PACKED: tl.constexpr):
+    """What one step reads: (its row in the (B, T) layout, live channels, dt, d dt / d delta, u,
+    B, C), all fp32; a step past the sequence's end has dt = u = 0 and B = C = 0 (the identity)."""
+    if PACKED:  # packed sequences live in batch row 0
+        b_row = row
+    else:
+        b_row = row - bos
+    # vector comparisons: in Triton's interpreter a vector mask & a scalar one is not boolean
+    mask = ch_mask & (ch * 0 + row < eos)
+    n_live = n_mask & (rn * 0 + row < eos)
+    dt, slope = _discretised_dt(delta, b * s_db + b_row * s_dt + ch * s_dd, mask, bias, HAS_BIAS, SOFTPLUS)
+    b_u = tl.load(u + b * s_ub + b_row * s_ut + ch * s_ud, mask=mask, other=0.0).to(tl.float32)
+    B_t = _bc_step(B, B_static, B_base + b_row * s_Bt, rn, n_live, s_Bn, B_MODE)
+    C_t = _bc_step(C, C_static, C_base + b_row * s_Ct, rn, n_live, s_Cn, C_MODE)
+    return b_row, mask, dt, slope, b_u, B_t, C_t
+
+
 @triton.jit(do_not_specialize=["opaque_one"])
 def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, final_state, cu_seqlens, chunk_offsets,
                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
@@ -115,7 +112,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
     along n would split n over lanes (and the sum over n into shuffles every step)."""
     i_d, seq = tl.program_id(0), tl.program_id(1)
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
-    if PACKED:  # packed sequences live in batch row 0
+    if PACKED:
         b = 0
     else:
         b = seq
@@ -145,20 +142,12 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
         X += tl.load(initial_state + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
     for c in range(chunks):
         tl.store(h + (first + c) * Dm * N + state_offs, X, mask=state_mask)
-        for j in range(BT // UNROLL):
+        for j in range(tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)):  # the sequence's last chunk: its live part
             for i in tl.static_range(UNROLL):
-                row = bos + c * BT + j * UNROLL + i
-                if PACKED:
-                    b_row = row
-                else:
-                    b_row = row - bos
-                # vector comparisons: in Triton's interpreter a vector mask & a scalar one is not boolean
-                mask = ch_mask & (ch * 0 + row < eos)
-                n_live = n_mask & (rn * 0 + row < eos)
-                dt, _ = _discretised_dt(delta, b * s_db + b_row * s_dt + ch * s_dd, mask, bias, HAS_BIAS, SOFTPLUS)
-                b_u = tl.load(u + b * s_ub + b_row * s_ut + ch * s_ud, mask=mask, other=0.0).to(tl.float32)
-                B_t = _bc_step(B, B_static, B_base + b_row * s_Bt, rn, n_live, s_Bn, B_MODE)
-                C_t = _bc_step(C, C_static, C_base + b_row * s_Ct, rn, n_live, s_Cn, C_MODE)
+                b_row, mask, dt, _, b_u, B_t, C_t = _step_inputs(
+                    bos + c * BT + j * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
+                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
                 X = tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
                 y = tl.sum(X * C_t, axis=0) + d_weight * b_u
                 if HAS_Z:
@@ -169,17 +158,23 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
         tl.store(final_state + seq * Dm * N + state_offs, X, mask=state_mask)
 
 
-@triton.jit
-def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, d_final, d_initial,
+@triton.jit(do_not_specialize=["opaque_one"])
+def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial,
                     du, d_delta, dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, total_rows,
                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
-                    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
+                    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C, opaque_one,
                     Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PACKED: tl.constexpr,
-                    BT: tl.constexpr, BD: tl.constexpr):
-    """Gradients for one sequence and channel block, walking its chunks backwards.
+                    BT: tl.constexpr, BD: tl.constexpr, UNROLL: tl.constexpr):
+    """Gradients for one sequence and BD channels, step by step backwards, in the forward's layout.
 
+    Per chunk (last first): from its stored state, the states entering its sub-blocks of UNROLL
+    steps go to this program's ``checkpoints`` (BT / UNROLL x NP x BD fp32); then per sub-block
+    (last first) its UNROLL states are recomputed into a register tile and the steps run
+    backwards with G = dL/dx entering the step:
+        g = G + dy C,  du = dt sum_n g B (+ dy D),  ddt = sum_n g (A a x_prev + u B),
+        dA += g a x_prev dt,  dB = sum_ch g dt u,  dC = sum_ch dy x,  G <- a g.
     du, d_delta, dz are written in the (contiguous, (B or 1, T, Dm)) fp32 buffers; dA, dD,
     d_bias (per sequence, to be summed), dB, dC (per channel block: (Dm / BD, T_total, N) for
     time-varying B/C, (sequence, Dm, N) for static ones) are partial sums for the caller."""
@@ -191,92 +186,102 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, d_final, d_in
         b = seq
     ch = i_d * BD + tl.arange(0, BD)
     ch_mask = ch < Dm
-    group_B = (i_d * BD) // channels_per_group_B
-    group_C = (i_d * BD) // channels_per_group_C
     rn = tl.arange(0, NP)
-    state_offs = ch[:, None] * N + rn[None, :]
-    state_mask = ch_mask[:, None] & (rn[None, :] < N)
-    r = tl.arange(0, BT)
-    dX = tl.zeros([BD, NP], tl.float32)  # dx at the first row of the chunk after this one
+    n_mask = rn < N
+    ru = tl.arange(0, UNROLL)
+    state_offs = ch[None, :] * N + rn[:, None] * opaque_one
+    state_mask = n_mask[:, None] & ch_mask[None, :]
+    own = checkpoints + (seq * tl.num_programs(0) + i_d) * (BT // UNROLL) * NP * BD  # this program's checkpoints
+    own_offs = rn[:, None] * BD + tl.arange(0, BD)[None, :] * opaque_one
+    A2 = tl.load(A + state_offs, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    B_static = tl.zeros([NP, BD], tl.float32)
+    C_static = tl.zeros([NP, BD], tl.float32)
+    if B_MODE == 0:
+        B_static = _bc_static(B, ch, ch_mask, rn, n_mask, s_Bt, s_Bn, opaque_one)
+    if C_MODE == 0:
+        C_static = _bc_static(C, ch, ch_mask, rn, n_mask, s_Ct, s_Cn, opaque_one)
+    B_base = b * s_Bb + ((i_d * BD) // channels_per_group_B) * s_Bg
+    C_base = b * s_Cb + ((i_d * BD) // channels_per_group_C) * s_Cg
+    d_weight = tl.zeros([BD], tl.float32)
+    if HAS_D:
+        d_weight = tl.load(D + ch, mask=ch_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros([BD], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(delta_bias + ch, mask=ch_mask, other=0.0).to(tl.float32)
+    G = tl.zeros([NP, BD], tl.float32)  # dL / dx entering the step being differentiated
     if HAS_D_FINAL:
-        dX += tl.load(d_final + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
-    dA_acc = tl.zeros([BD, NP], tl.float32)
-    dB_static = tl.zeros([BD, NP], tl.float32)
-    dC_static = tl.zeros([BD, NP], tl.float32)
+        G += tl.load(d_final + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
+    dA_acc = tl.zeros([NP, BD], tl.float32)
+    dB_static = tl.zeros([NP, BD], tl.float32)
+    dC_static = tl.zeros([NP, BD], tl.float32)
     dD_acc = tl.zeros([BD], tl.float32)
     dbias_acc = tl.zeros([BD], tl.float32)
-    a_first = tl.zeros([BD, NP], tl.float32) + 1.0  # e^(dt A) of the first step (none: empty sequence)
-    bias = tl.zeros([1, BD], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(delta_bias + ch, mask=ch_mask, other=0.0).to(tl.float32)[None, :]
     for m in range(chunks):
         c = chunks - 1 - m
-        X0 = tl.load(h + (first + c) * Dm * N + state_offs, mask=state_mask, other=0.0)
-        rows = bos + c * BT + r
-        row_mask = rows < eos
-        next_mask = (rows + 1) < eos
-        mask = row_mask[:, None] & ch_mask[None, :]
-        if PACKED:
-            b_rows = rows
-        else:
-            b_rows = rows - bos
-        tile_d = b * s_db + b_rows[:, None] * s_dt + ch[None, :] * s_dd
-        dt, slope = _discretised_dt(delta, tile_d, mask, bias, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = _discretised_dt(delta, tile_d + s_dt, next_mask[:, None] & ch_mask[None, :], bias, HAS_BIAS,
-                                     SOFTPLUS)
-        b_u = tl.load(u + b * s_ub + b_rows[:, None] * s_ut + ch[None, :] * s_ud, mask=mask, other=0.0).to(tl.float32)
-        g_out = tl.load(d_out + b * s_ob + b_rows[:, None] * s_ot + ch[None, :] * s_od, mask=mask,
-                        other=0.0).to(tl.float32)
-        if HAS_Z:
-            b_z = tl.load(z + b * s_zb + b_rows[:, None] * s_zt + ch[None, :] * s_zd, mask=mask, other=0.0).to(tl.float32)
-            gate = b_z * tl.sigmoid(b_z)
-            dy = g_out * gate
-        else:
-            dy = g_out
-        y = tl.zeros([BT, BD], tl.float32)
-        d_dt = tl.zeros([BT, BD], tl.float32)
-        d_u = tl.zeros([BT, BD], tl.float32)
-        for n in range(N):
-            a_n = tl.load(A + ch * N + n, mask=ch_mask, other=0.0).to(tl.float32)
-            a = tl.exp(dt * a_n[None, :])
-            B_n = _bc_column(B, n, b, b_rows, row_mask, ch, ch_mask, s_Bb, s_Bt, s_Bg, s_Bn, group_B, B_MODE, BT, BD)
-            C_n = _bc_column(C, n, b, b_rows, row_mask, ch, ch_mask, s_Cb, s_Ct, s_Cg, s_Cn, group_C, C_MODE, BT, BD)
-            inject = dt * b_u * B_n
-            prod, x = tl.associative_scan((a, inject), axis=0, combine_fn=_linear_recurrence)
-            x += prod * _column(X0, n, NP)[None, :]
-            y += x * C_n
-            suffix, dx = tl.associative_scan((tl.exp(dt_next * a_n[None, :]), dy * C_n), axis=0,
-                                             combine_fn=_linear_recurrence, reverse=True)
-            dx += suffix * _column(dX, n, NP)[None, :]
-            decayed = x - inject  # a_t x_{t-1}
-            d_u += dx * dt * B_n
-            d_dt += dx * (a_n[None, :] * decayed + b_u * B_n)
-            dA_acc = _set_column(dA_acc, n, _column(dA_acc, n, NP) + tl.sum(dx * dt * decayed, axis=0), NP)
-            dB_term = dx * dt * b_u
-            dC_term = dy * x
-            if B_MODE == 0:
-                dB_static = _set_column(dB_static, n, _column(dB_static, n, NP) + tl.sum(dB_term, axis=0), NP)
-            else:
-                tl.store(dB + (i_d * total_rows + rows) * N + n, tl.sum(dB_term, axis=1), mask=row_mask)
-            if C_MODE == 0:
-                dC_static = _set_column(dC_static, n, _column(dC_static, n, NP) + tl.sum(dC_term, axis=0), NP)
-            else:
-                tl.store(dC + (i_d * total_rows + rows) * N + n, tl.sum(dC_term, axis=1), mask=row_mask)
-            first_row = tl.sum(tl.where(r[:, None] == 0, dx, 0.0), axis=0)
-            dX = _set_column(dX, n, first_row, NP)
-            a_first = _set_column(a_first, n, tl.sum(tl.where(r[:, None] == 0, a, 0.0), axis=0), NP)
-        if HAS_D:
-            d_weight = tl.load(D + ch, mask=ch_mask, other=0.0).to(tl.float32)
-            y += b_u * d_weight[None, :]
-            d_u += dy * d_weight[None, :]
-            dD_acc += tl.sum(dy * b_u, axis=0)
-        if HAS_Z:
-            sig = tl.sigmoid(b_z)
-            tl.store(dz + rows[:, None] * Dm + ch[None, :], g_out * y * sig * (1.0 + b_z * (1.0 - sig)), mask=mask)
-        d_raw = d_dt * slope
-        dbias_acc += tl.sum(tl.where(mask, d_raw, 0.0), axis=0)
-        tl.store(du + rows[:, None] * Dm + ch[None, :], d_u, mask=mask)
-        tl.store(d_delta + rows[:, None] * Dm + ch[None, :], d_raw, mask=mask)
+        X = tl.load(h + (first + c) * Dm * N + state_offs, mask=state_mask, other=0.0)
+        sub_blocks = tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)  # live ones
+        for k in range(sub_blocks):
+            tl.store(own + k * NP * BD + own_offs, X)
+            if k < sub_blocks - 1:
+                for i in tl.static_range(UNROLL):
+                    _, _, dt, _, b_u, B_t, _ = _step_inputs(
+                        bos + c * BT + k * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
+                        B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                        B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
+                    X = tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
+        for kk in range(sub_blocks):
+            k = sub_blocks - 1 - kk
+            X = tl.load(own + k * NP * BD + own_offs)
+            states = tl.zeros([UNROLL, NP, BD], tl.float32)  # the state entering each step
+            for i in tl.static_range(UNROLL):
+                states = tl.where(ru[:, None, None] == i, X[None, :, :], states)
+                _, _, dt, _, b_u, B_t, _ = _step_inputs(
+                    bos + c * BT + k * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
+                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
+                X = tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
+            for i in tl.static_range(UNROLL - 1, -1, -1):
+                row = bos + c * BT + k * UNROLL + i
+                b_row, mask, dt, slope, b_u, B_t, C_t = _step_inputs(
+                    row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
+                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
+                g_out = tl.load(d_out + b * s_ob + b_row * s_ot + ch * s_od, mask=mask, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
+                    sig = tl.sigmoid(b_z)
+                    dy = g_out * b_z * sig
+                else:
+                    dy = g_out
+                a = tl.exp2(dt[None, :] * A2)
+                # -0.0 fill: the select and sum over the unrolled index fold to picking a register
+                decayed = a * tl.sum(tl.where(ru[:, None, None] == i, states, -0.0), axis=0)
+                dtu = dt * b_u
+                x = decayed + dtu[None, :] * B_t
+                g = G + dy[None, :] * C_t
+                g_B = tl.sum(g * B_t, axis=0)
+                g_decayed = g * decayed
+                d_u = dt * g_B + dy * d_weight
+                d_raw = (tl.sum(g_decayed * A2, axis=0) * 0.6931471805599453 + b_u * g_B) * slope
+                dA_acc += g_decayed * dt[None, :]
+                if B_MODE == 0:
+                    dB_static += g * dtu[None, :]
+                else:
+                    tl.store(dB + (i_d * total_rows + row) * N + rn, tl.sum(g * dtu[None, :], axis=1),
+                             mask=n_mask & (rn * 0 + row < eos))
+                if C_MODE == 0:
+                    dC_static += dy[None, :] * x
+                else:
+                    tl.store(dC + (i_d * total_rows + row) * N + rn, tl.sum(dy[None, :] * x, axis=1),
+                             mask=n_mask & (rn * 0 + row < eos))
+                if HAS_Z:
+                    y = tl.sum(x * C_t, axis=0) + d_weight * b_u
+                    tl.store(dz + row * Dm + ch, g_out * y * sig * (1.0 + b_z * (1.0 - sig)), mask=mask)
+                dD_acc += dy * b_u
+                dbias_acc += tl.where(mask, d_raw, 0.0)
+                tl.store(du + row * Dm + ch, d_u, mask=mask)
+                tl.store(d_delta + row * Dm + ch, d_raw, mask=mask)
+                G = a * g
     sequence_offs = seq * Dm * N + state_offs
     tl.store(dA + sequence_offs, dA_acc, mask=state_mask)
     if B_MODE == 0:
@@ -288,7 +293,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, d_final, d_in
     if HAS_BIAS:
         tl.store(d_bias + seq * Dm + ch, dbias_acc, mask=ch_mask)
     if STORE_D_INITIAL:
-        tl.store(d_initial + sequence_offs, a_first * dX, mask=state_mask)
+        tl.store(d_initial + sequence_offs, G, mask=state_mask)
 
 
 @triton.jit

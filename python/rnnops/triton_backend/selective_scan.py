@@ -2,7 +2,9 @@
 
 Memory: besides the inputs (B and C as fp32 copies when given in half precision), the forward
 saves the state entering every chunk of ``config.chunk`` steps (Dm x N fp32 per chunk and
-sequence); the backward recomputes the states inside each chunk from it.
+sequence); the backward recomputes the states inside each chunk from it, through a scratch of
+chunk / BACKWARD_UNROLL states per sequence (Dm x N fp32 each), and writes dB, dC as partial
+sums per block of ``block_d`` channels (Dm / block_d x T x N fp32 each when time-varying).
 """
 from __future__ import annotations
 
@@ -22,29 +24,29 @@ from .recurrent_step import supports as step_supports
 
 @dataclass(frozen=True)
 class SelectiveScanConfig:
-    chunk: int = 64  # time steps between stored states; the backward's associative scan length
-    # channels per program (capped by the group size of grouped B / C); 32 spilled 8-24 B in the
-    # backward with Triton 3.6 (compile_check, sm_90). The forward runs BD / 32 warps (at least
-    # one), a narrower block splitting each channel's state elements over 32 / BD lanes.
+    chunk: int = 32  # time steps between stored states (the backward recomputes inside a chunk)
+    # channels per program (capped by the group size of grouped B / C), one warp per 32 channels;
+    # a narrower block splits each channel's state elements over 32 / block_d lanes
     block_d: int = 16
-    num_warps: int = 8  # the backward's; 4 spills there (compile_check, sm_90)
     num_stages: int = 1
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
 FORWARD_UNROLL = 8  # steps the forward unrolls (code size; the loads of those steps issue together)
+BACKWARD_UNROLL = 4  # steps per backward sub-block: their states live in registers (UNROLL x state tile)
 
 
 def space(Dm: int, N: int, hardware) -> Space:
     return Space(
-        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "num_warps": [1, 2, 4, 8],
-         "num_stages": [1, 2]},
+        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "num_stages": [1, 2]},
         (
             Constraint("block_d <= Dm rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(Dm)),
-            Constraint("the state tile and ~8 (chunk, block_d) fp32 tiles fit in 128 registers per thread "
-                       "(calibrated with rnnops.triton_backend.compile_check: beyond it the backward spills)",
-                       ("chunk", "block_d", "num_warps"),
-                       lambda bt, bd, w: (bd * next_power_of_two(N) + 8 * bt * bd) <= 128 * hardware.warp_size * w),
+            Constraint("the backward's state tiles (BACKWARD_UNROLL + 6 of N x block_d fp32 over one warp per 32 "
+                       "channels) fit in 128 registers per thread (calibrated with rnnops.triton_backend."
+                       "compile_check, N = 16: block_d 16 compiles to 255 registers without spills, 32 spills)",
+                       ("block_d",),
+                       lambda bd: next_power_of_two(N) * bd * (BACKWARD_UNROLL + 6) <= 128 * hardware.warp_size
+                       * max(1, bd // hardware.warp_size)),
         ),
     )
 
@@ -85,11 +87,11 @@ class _ScanRun:
         self.packed = cu_seqlens is not None
         self.config = config
         self.grid = (-(-self.Dm // self.BD), self.layout.sequences)
-        self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        # the forward's layout: one warp per 32 channels (narrower blocks split a channel's state
-        # elements over 32 / BD lanes), UNROLL steps unrolled
-        self.forward_launch = {"num_warps": max(1, self.BD // 32), "num_stages": config.num_stages,
-                               "UNROLL": min(FORWARD_UNROLL, config.chunk)}
+        # one warp per 32 channels (narrower blocks split a channel's state elements over 32 / BD
+        # lanes), UNROLL steps unrolled
+        warps = {"num_warps": max(1, self.BD // 32), "num_stages": config.num_stages}
+        self.forward_launch = dict(warps, UNROLL=min(FORWARD_UNROLL, config.chunk))
+        self.backward_launch = dict(warps, UNROLL=min(BACKWARD_UNROLL, config.chunk))
 
     def constants(self, D, z, delta_bias, softplus):
         return {"Dm": self.Dm, "N": self.N, "NP": next_power_of_two(self.N), "B_MODE": self.B_mode,
@@ -142,11 +144,14 @@ class SelectiveScanFunction(torch.autograd.Function):
         d_bias = empty((lay.sequences, run.Dm), **f32) if delta_bias is not None else None
         d_initial = empty(per_sequence, **f32) if state0 is not None else None
         d_out = d_out if d_out.stride() == u.stride() else d_out.contiguous()
+        sub_blocks = run.config.chunk // run.backward_launch["UNROLL"]
+        checkpoints = empty((channel_blocks * lay.sequences * sub_blocks, next_power_of_two(run.N), run.BD), **f32)
         _kernels().scan_bwd_kernel[run.grid](
-            u, delta, A, B, C, D, z, delta_bias, d_out, h, None if d_final is None else d_final.float().contiguous(),
-            d_initial, du, d_delta, dz, dA, dB, dC, dD, d_bias, lay.cu_seqlens, lay.chunk_offsets, rows,
-            *run.strides(u, delta, z, d_out), HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
-            **run.constants(D, z, delta_bias, ctx.softplus), **run.launch)
+            u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints,
+            None if d_final is None else d_final.float().contiguous(), d_initial, du, d_delta, dz, dA, dB, dC, dD,
+            d_bias, lay.cu_seqlens, lay.chunk_offsets, rows, *run.strides(u, delta, z, d_out), 1,
+            HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
+            **run.constants(D, z, delta_bias, ctx.softplus), **run.backward_launch)
         shape = (run.batch, run.T, run.Dm)
         grads = [du.view(shape), d_delta.view(shape), dA.sum(0), _reduce_bc(dB, B, run), _reduce_bc(dC, C, run),
                  None if dD is None else dD.sum(0), None if dz is None else dz.view(shape),
