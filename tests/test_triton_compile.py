@@ -33,10 +33,11 @@ GROUPS = {"linear attention": "linear attention|scalar decay|GLA", "delta rule":
           "selective scan": "Mamba|selective_state_update", "cells": "lstm|gru|elman", "steps": "_step"}
 
 
-def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, arch: int = 90) -> list[dict]:
+def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, arch: int = 90,
+                    loops: bool = False) -> list[dict]:
     """compile_check's rows, run in a process without TRITON_INTERPRET."""
     command = [sys.executable, "-m", "rnnops.triton_backend.compile_check", "--arch", str(arch), "--json", "--case",
-               case]
+               case] + (["--loops"] if loops else [])
     command += [arg for dtype in dtypes for arg in ("--dtype", dtype)] + (["--gpu", gpu] if gpu else [])
     result = subprocess.run(command, capture_output=True, text=True, env=COMPILING_ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -68,18 +69,29 @@ def test_half_kernels_compile_without_spills_by_default(group):
 # kernels of the linear family without warpgroup tensor-core products on an H100: no dot products
 # (cumsum) or GLA's 16 x 16 sub-chunk blocks (a warpgroup product needs 64 rows)
 WARP_LEVEL = re.compile("cumsum|intra_scores|intra_dqk")
+# SASS instructions per exponential in the scan kernels' per-step loops (about one exponential per
+# (step, channel, state element); measured 17 forward, 28 backward at the H100's configuration,
+# where tl.associative_scan over chunk tiles took 100 and 105: shuffles and shared memory)
+SCAN_INSTRUCTIONS_PER_EXPONENTIAL = {"scan_fwd_kernel": 25, "scan_bwd_kernel": 40}
 
 
 @pytest.mark.parametrize("group", ["linear attention", "delta rule", "selective scan", "cells"])
 def test_h100_shipped_configs_compile_without_spills(group):
     """And the linear family's matrix kernels use Hopper's warpgroup products (wgmma), not the
-    slower mma.sync, which a tile of fewer than 64 rows or fewer than 4 warps falls back to."""
-    rows = compile_reports(GROUPS[group], ("bfloat16",), gpu="H100")
+    slower mma.sync, which a tile of fewer than 64 rows or fewer than 4 warps falls back to; the
+    scan's loops stay within their instruction budgets (an issue-bound kernel's time)."""
+    rows = compile_reports(GROUPS[group], ("bfloat16",), gpu="H100", loops=group == "selective scan")
     assert_fits(rows, spill_free=True)
     if group in ("linear attention", "delta rule"):
         slower = [f"{describe(r)}: {r['tensor_cores']}" for r in rows
                   if r["tensor_cores"] != "wgmma" and not WARP_LEVEL.search(r["name"])]
         assert not slower, f"not on warpgroup tensor cores: {slower}"
+    if group == "selective scan":
+        for r in rows:
+            if r["name"] in SCAN_INSTRUCTIONS_PER_EXPONENTIAL:
+                assert r["loop_exponentials"], f"{r['name']}: no per-step loop with exponentials"
+                per_exponential = r["loop_instructions"] / r["loop_exponentials"]
+                assert per_exponential <= SCAN_INSTRUCTIONS_PER_EXPONENTIAL[r["name"]], describe(r)
 
 
 @pytest.mark.parametrize("group", ["linear attention", "selective scan", "cells"])

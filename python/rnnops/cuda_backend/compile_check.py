@@ -1,7 +1,8 @@
 """Compile the CUDA kernels with nvcc for a real architecture and read ptxas' report: registers,
-spills, stack, shared memory per kernel. Used by the tests: every default configuration, and
-every configuration the autotuner's spaces accept, must compile for sm_80 and sm_90a without
-spills. :func:`scan_kernel` and :func:`rnn_kernel` name the kernel templates' instantiations
+spills, stack, shared memory per kernel; and a kernel's innermost loop from its SASS. Used by
+the tests: every default configuration, and every configuration the autotuner's spaces accept,
+must compile for sm_80 and sm_90a without spills, and the scan's loop over state elements stays
+within an instruction budget. :func:`scan_kernel` and :func:`rnn_kernel` name the kernel templates' instantiations
 (also for NVRTC)."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._ptxas import KernelReport, parse_log
+from .._sass import Loop, innermost_exponential_loop
 from .simulator import csrc_dir
 
 
@@ -44,18 +46,28 @@ def source(instantiations: list[Instantiation]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ptxas_reports(instantiations: list[Instantiation], arch: str) -> list[KernelReport]:
-    """Compile for ``arch`` (e.g. "sm_80", "sm_90a") and parse ``-Xptxas -v``; raises
-    RuntimeError with nvcc's output on a compile error."""
+def _compile(instantiations: list[Instantiation], arch: str) -> tuple[str, bytes]:
+    """(ptxas' verbose log, the cubin) for ``arch`` (e.g. "sm_80", "sm_90a"); raises RuntimeError
+    with nvcc's output on a compile error."""
     compiler = nvcc()
     if compiler is None:
         raise FileNotFoundError("nvcc not found")
     with tempfile.TemporaryDirectory() as tmp:
-        cu = Path(tmp) / "instantiate.cu"
+        cu, cubin = Path(tmp) / "instantiate.cu", Path(tmp) / "out.cubin"
         cu.write_text(source(instantiations))
         result = subprocess.run([compiler, "-std=c++17", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-I",
-                                 str(csrc_dir()), "-o", str(Path(tmp) / "out.cubin"), str(cu)],
-                                capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"nvcc failed for {arch}:\n{result.stdout}\n{result.stderr}")
-    return parse_log(result.stdout + result.stderr)
+                                 str(csrc_dir()), "-o", str(cubin), str(cu)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {arch}:\n{result.stdout}\n{result.stderr}")
+        return result.stdout + result.stderr, cubin.read_bytes()
+
+
+def ptxas_reports(instantiations: list[Instantiation], arch: str) -> list[KernelReport]:
+    """Compile for ``arch`` and parse ``-Xptxas -v``: one report per kernel."""
+    return parse_log(_compile(instantiations, arch)[0])
+
+
+def inner_loop(instantiation: Instantiation, arch: str) -> Loop:
+    """The kernel's innermost loop that evaluates exponentials, from its SASS (rnnops._sass): for
+    the selective scan, the loop over state elements, one iteration per n for ITEMS steps."""
+    return innermost_exponential_loop(_compile([instantiation], arch)[1])

@@ -1,6 +1,8 @@
 """Compile the Triton kernels for a GPU architecture on a machine without one, and read ptxas'
-report per kernel (registers, spills, stack and shared memory) and which tensor-core
-instructions it uses (wgmma, mma or none; from its PTX).
+report per kernel (registers, spills, stack and shared memory), which tensor-core
+instructions it uses (wgmma, mma or none; from its PTX) and, with ``--loops``, the size of its
+innermost loop that evaluates exponentials (SASS instructions per iteration: the scans'
+per-step work).
 
 Triton's interpreter (the CPU tests) runs any tile shape and any amount of shared memory; the
 compiler does not. This check runs an op's host code with CPU tensors and every kernel launch
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .._ptxas import KernelReport, parse_log, tensor_core_path
+from .._sass import innermost_exponential_loop
 
 
 @dataclass
@@ -85,9 +88,11 @@ def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
         jit.JITFunction.run, _common.interpreting, cache.for_device = saved
 
 
-def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
+def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> list[KernelReport]:
     """Compile each distinct specialisation among ``launches`` for compute capability ``arch``
-    (80, 90, ...); raises what Triton raises on a compile error."""
+    (80, 90, ...); raises what Triton raises on a compile error. With ``loops``, each report also
+    counts the instructions of the kernel's innermost loop that evaluates exponentials (its SASS;
+    0 where it has none)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -113,8 +118,13 @@ def compile_launches(launches: list[Launch], arch: int) -> list[KernelReport]:
             knobs.nvidia.dump_ptxas_log = True
             compiled = triton.compile(source, target=target, options=options.__dict__)
         (report,) = parse_log(log.getvalue())
-        reports.append(replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
-                               tensor_cores=tensor_core_path(compiled.asm["ptx"])))
+        report = replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
+                         tensor_cores=tensor_core_path(compiled.asm["ptx"]))
+        if loops:
+            with contextlib.suppress(LookupError):
+                loop = innermost_exponential_loop(compiled.asm["cubin"])
+                report = replace(report, loop_instructions=loop.instructions, loop_exponentials=loop.count("MUFU.EX2"))
+        reports.append(report)
     return reports
 
 
@@ -175,10 +185,11 @@ def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     return calls
 
 
-def check(arch: int, dtypes=(torch.bfloat16, torch.float32), case: str = "", gpu: str | None = None) -> list[dict]:
+def check(arch: int, dtypes=(torch.bfloat16, torch.float32), case: str = "", gpu: str | None = None,
+          loops: bool = False) -> list[dict]:
     """Rows (dtype, case, kernel, registers, spills, stack, shared bytes) for every kernel the
     standard calls whose label matches the regular expression ``case`` launch (with ``gpu``'s shipped configurations,
-    see :func:`captured_launches`), compiled for ``arch``."""
+    see :func:`captured_launches`), compiled for ``arch``; ``loops``: see :func:`compile_launches`."""
     rows = []
     for dtype in dtypes:
         for label, call in standard_calls(dtype):
@@ -186,7 +197,7 @@ def check(arch: int, dtypes=(torch.bfloat16, torch.float32), case: str = "", gpu
                 continue
             with captured_launches(gpu) as launches:
                 call()
-            for report in compile_launches(launches, arch):
+            for report in compile_launches(launches, arch, loops):
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "case": label, **asdict(report)})
     return rows
 
@@ -207,25 +218,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="input dtypes (default bfloat16 and float32)")
     parser.add_argument("--case", default="",
                         help="only the standard calls whose label matches this regular expression")
+    parser.add_argument("--loops", action="store_true",
+                        help="also count the instructions and exponentials per iteration of each kernel's "
+                        "innermost loop that evaluates exponentials (SASS, through cuobjdump: about a second "
+                        "per kernel; 0/0 where none does)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else (torch.bfloat16, torch.float32)
     from rnnops.autotune.hardware import named
 
     arch = args.arch or (capability(named(args.gpu)) if args.gpu else 90)
-    rows = check(arch, dtypes, args.case, args.gpu)
+    rows = check(arch, dtypes, args.case, args.gpu, args.loops)
     if args.json:
         json.dump(rows, sys.stdout)
         return 0
     # programs per SM by CUDA's occupancy rules, on the named GPU (else an H100 or an A100)
     occupancy_gpu = named(args.gpu or ("A100" if arch < 90 else "H100"))
-    print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7} {'mma':>5}  "
+    loop_header = f" {'loop / exp':>10}" if args.loops else ""
+    print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7} {'mma':>5}{loop_header}  "
           f"per SM on {occupancy_gpu.name}")
     for r in rows:
         spills = f"{r['spill_stores']}/{r['spill_loads']}"
         per_sm, limiter = occupancy_gpu.programs_per_sm(r["threads"], r["registers"], r["shared_bytes"])
+        loop = f" {r['loop_instructions']:>5}/{r['loop_exponentials']:<4}" if args.loops else ""
         print(f"{r['dtype']:9} {r['case'][:40]:40} {r['name'][:24]:24} {r['registers']:4} {spills:>12} "
-              f"{r['shared_bytes']:7} {r['tensor_cores']:>5}  {per_sm} ({limiter})")
+              f"{r['shared_bytes']:7} {r['tensor_cores']:>5}{loop}  {per_sm} ({limiter})")
     return 0
 
 

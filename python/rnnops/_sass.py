@@ -1,0 +1,77 @@
+"""The loops of a compiled kernel's machine code (SASS, disassembled by the cuobjdump that ships
+with Triton's NVIDIA backend): how many instructions each loop body issues per iteration, and
+which. Where a kernel's time goes to issuing instructions rather than to memory (the selective
+scans: every (step, channel, state element) needs an exponential and a few FMAs), the innermost
+loop's instruction count per element is an offline floor on its time: at one instruction per
+cycle per scheduler, an H100 issues 132 x 4 x 1.75e9 warp instructions a second. Shared by the
+CUDA and the Triton compile checks."""
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BACKWARD_TARGET = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
+
+
+@dataclass(frozen=True)
+class Loop:
+    start: int  # byte offset of the loop's first instruction
+    end: int  # of its backward branch
+    instructions: int  # in its body, nested loops excluded
+    nested: int  # loops inside it
+    opcodes: dict  # opcode (MUFU.EX2 kept whole, others without modifiers) -> count, nested loops excluded
+
+    def count(self, opcode: str) -> int:
+        return self.opcodes.get(opcode, 0)
+
+
+def cuobjdump() -> str | None:
+    """Triton's bundled cuobjdump, else one on PATH; None without either."""
+    try:
+        from triton.backends.nvidia import __file__ as backend
+    except ImportError:
+        return shutil.which("cuobjdump")
+    bundled = Path(backend).parent / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+def loops(cubin: bytes) -> list[Loop]:
+    """Every loop (a branch to an earlier address) of the cubin's kernels, in address order."""
+    tool = cuobjdump()
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (it ships with Triton's NVIDIA backend)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    found = []
+    for function in re.split(r"\n\s+Function : ", sass)[1:]:
+        code = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, function.splitlines()) if m]
+        index = {address: i for i, (address, _) in enumerate(code)}
+        spans = [(index[int(m.group(1), 16)], i) for i, (address, text) in enumerate(code)
+                 if (m := _BACKWARD_TARGET.search(text)) and int(m.group(1), 16) < address]
+        for first, last in spans:
+            inner = [(a, b) for a, b in spans if first <= a and b <= last and (a, b) != (first, last)]
+            own = [k for k in range(first, last + 1) if not any(a <= k <= b for a, b in inner)]
+            opcodes = collections.Counter()
+            for k in own:
+                opcode = _PREDICATE.sub("", code[k][1]).split()[0]
+                opcodes[opcode if opcode.startswith("MUFU") else opcode.split(".")[0]] += 1
+            found.append(Loop(code[first][0], code[last][0], len(own), len(inner), dict(opcodes)))
+    return found
+
+
+def innermost_exponential_loop(cubin: bytes) -> Loop:
+    """The largest loop without nested loops that evaluates exponentials (MUFU.EX2): the per-step
+    work of a scan kernel; raises LookupError where there is none."""
+    candidates = [loop for loop in loops(cubin) if not loop.nested and loop.count("MUFU.EX2")]
+    if not candidates:
+        raise LookupError("no innermost loop evaluates exponentials")
+    return max(candidates, key=lambda loop: loop.instructions)
