@@ -70,9 +70,9 @@ def test_half_kernels_compile_without_spills_by_default(group):
 # (cumsum) or GLA's 16 x 16 sub-chunk blocks (a warpgroup product needs 64 rows)
 WARP_LEVEL = re.compile("cumsum|intra_scores|intra_dqk")
 # SASS instructions per exponential in the scan kernels' per-step loops (about one exponential per
-# (step, channel, state element); measured 17 forward, 28 backward at the H100's configuration,
+# (step, channel, state element); measured 21 forward, 30 backward at the H100's configuration,
 # where tl.associative_scan over chunk tiles took 100 and 105: shuffles and shared memory)
-SCAN_INSTRUCTIONS_PER_EXPONENTIAL = {"scan_fwd_kernel": 25, "scan_bwd_kernel": 40}
+SCAN_INSTRUCTIONS_PER_EXPONENTIAL = {"scan_fwd_kernel": 30, "scan_bwd_kernel": 40}
 
 
 @pytest.mark.parametrize("group", ["linear attention", "delta rule", "selective scan", "cells"])
