@@ -28,7 +28,7 @@ class SelectiveScanConfig:
     # channels per program (capped by the group size of grouped B / C), one warp per 32 channels;
     # a narrower block splits each channel's state elements over 32 / block_d lanes
     block_d: int = 16
-    num_stages: int = 1
+    # no num_stages: the kernels' loops have nothing for Triton's pipeliner (1 and 2 compiled the same)
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -38,7 +38,7 @@ BACKWARD_UNROLL = 4  # steps per backward sub-block: their states live in regist
 
 def space(Dm: int, N: int, hardware) -> Space:
     return Space(
-        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "num_stages": [1, 2]},
+        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128)},
         (
             Constraint("block_d <= Dm rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(Dm)),
             Constraint("the backward's state tiles (BACKWARD_UNROLL + 6 of N x block_d fp32 over one warp per 32 "
@@ -89,7 +89,7 @@ class _ScanRun:
         self.grid = (-(-self.Dm // self.BD), self.layout.sequences)
         # one warp per 32 channels (narrower blocks split a channel's state elements over 32 / BD
         # lanes), UNROLL steps unrolled
-        warps = {"num_warps": max(1, self.BD // 32), "num_stages": config.num_stages}
+        warps = {"num_warps": max(1, self.BD // 32), "num_stages": 1}
         self.forward_launch = dict(warps, UNROLL=min(FORWARD_UNROLL, config.chunk))
         self.backward_launch = dict(warps, UNROLL=min(BACKWARD_UNROLL, config.chunk))
 
