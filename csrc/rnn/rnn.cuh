@@ -11,8 +11,9 @@
 //
 // The backward walks time in reverse: the pointwise gradients of the slice (into dx, and the
 // carried gradients of c / n / m), a barrier, then dh_{t-1} for the slice's units as
-// sum_g dx_g R_g[:, slice] from the transposed weight slice resident in shared memory. dR and db
-// are one batched matmul on the host. Buffers and layouts are those of the Triton kernels
+// sum_g dx_g R_g[:, slice] from the transposed weight slice resident in shared memory (tensor
+// cores for half types, the gate gradients rounded to T as the forward rounded h; float32 on CUDA
+// cores). dR and db are one batched matmul on the host. Buffers and layouts are those of the Triton kernels
 // (triton_kernels/rnn.py): states (B, T, S, H, D) and pre-activations (B, T, P, H, D) in fp32,
 // carries (S, B, H, D) fp32, x_gates (B, T, G, H, D) and h_seq (B, T, H, D) of type T.
 // Work per step, batch row and head: 2 G D^2 flops plus about 10 G D pointwise; R is read once.
@@ -179,7 +180,8 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   T* wt = reinterpret_cast<T*>(smem);                           // [G * D][U]: R_g[i][slice], transposed
-  float* chunk = reinterpret_cast<float*>(wt + G * D * U);      // [16][KC]
+  float* chunk = reinterpret_cast<float*>(wt + G * D * U);      // [16][KC] gate gradients (fp32, or T)
+  float* products = chunk + kRows * KC;                          // [16][U] dh_{t-1} of the slice (half types)
   for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
     const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;
     wt[idx] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
@@ -252,30 +254,67 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
       carry_at(0, b, unit) = dh_direct;
     }
     block_barrier(s);  // every slice's gate gradients before the products read them
-    constexpr int kMaxOutputs = (kRows * U + 31) / 32;
-    float sum[kMaxOutputs];
-    for (int j = 0; j < kMaxOutputs; ++j) sum[j] = 0.0f;
-    for (int k0 = 0; k0 < G * D; k0 += KC) {
-      for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) {
-        const int r = idx / KC, gi = k0 + idx % KC, g = gi / D, i = gi % D, b = row0 + r;
-        float value = 0.0f;
-        if (b < s.B && gi < G * D)
-          value = (CELL == kGRU && g == 2) ? drec_n[step_index(s, b, t, 0, 1, i, head)]
-                                          : dx[step_index(s, b, t, g, G, i, head)];
-        chunk[idx] = value;
+    // dh_{t-1}[r][slice] = sum over (g, i) of dx_g[r][i] R_g[i][slice], (g, i) in chunks of KC
+    auto gate_gradient = [&](int r, int gi) -> float {
+      const int g = gi / D, i = gi % D, b = row0 + r;
+      if (b >= s.B || gi >= G * D) return 0.0f;
+      return (CELL == kGRU && g == 2) ? drec_n[step_index(s, b, t, 0, 1, i, head)] : dx[step_index(s, b, t, g, G, i, head)];
+    };
+    if constexpr (rnnops::is_same_v<T, float>) {  // IEEE float32 on CUDA cores
+      constexpr int kMaxOutputs = (kRows * U + 31) / 32;
+      float sum[kMaxOutputs];
+      for (int j = 0; j < kMaxOutputs; ++j) sum[j] = 0.0f;
+      for (int k0 = 0; k0 < G * D; k0 += KC) {
+        for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) chunk[idx] = gate_gradient(idx / KC, k0 + idx % KC);
+        __syncthreads();
+        for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
+          const int r = idx / U, u = idx % U;
+          float acc = 0.0f;
+          for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += chunk[r * KC + kk] * wt[(k0 + kk) * U + u];
+          sum[j] += acc;
+        }
+        __syncthreads();
       }
-      __syncthreads();
       for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
-        const int r = idx / U, u = idx % U;
-        float acc = 0.0f;
-        for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += chunk[r * KC + kk] * to_float(wt[(k0 + kk) * U + u]);
-        sum[j] += acc;
+        const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+        if (b < s.B && unit < D) carry_at(0, b, unit) += sum[j];
+      }
+    } else {  // tensor cores: the gate gradients rounded to T as the forward rounded h, fp32 accumulation
+      using namespace nvcuda;
+      T* chunk_t = reinterpret_cast<T*>(chunk);
+      const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[U / 16];  // this warp's tiles warp, warp + warps, ...
+#pragma unroll
+      for (int j = 0; j < U / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+      for (int k0 = 0; k0 < G * D; k0 += KC) {
+        for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x)
+          chunk_t[idx] = from_float<T>(gate_gradient(idx / KC, k0 + idx % KC));
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < U / 16; ++j) {
+          const int tile = warp + j * warps;
+          if (tile >= U / 16) break;
+          for (int kk = 0; kk < KC && k0 + kk < G * D; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+            wmma::load_matrix_sync(a, chunk_t + kk, KC);
+            wmma::load_matrix_sync(b, wt + (k0 + kk) * U + tile * 16, U);
+            wmma::mma_sync(acc[j], a, b, acc[j]);
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int j = 0; j < U / 16; ++j) {
+        const int tile = warp + j * warps;
+        if (tile >= U / 16) break;
+        wmma::store_matrix_sync(products + tile * 16, acc[j], U, wmma::mem_row_major);
       }
       __syncthreads();
-    }
-    for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
-      const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-      if (b < s.B && unit < D) carry_at(0, b, unit) += sum[j];
+      for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
+        const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+        if (b < s.B && unit < D) carry_at(0, b, unit) += products[idx];
+      }
     }
     block_barrier(s);
   }

@@ -38,7 +38,7 @@ DEFAULT_CONFIG = RNNConfig()
 def shared_bytes(D: int, gates: int, units: int, element_bytes: int) -> tuple[int, int]:
     """Dynamic shared memory of the forward and backward kernels."""
     forward = gates * units * D * element_bytes + ROWS * D * element_bytes + ROWS * gates * units * 4
-    backward = gates * D * units * element_bytes + ROWS * 64 * 4
+    backward = gates * D * units * element_bytes + ROWS * 64 * 4 + ROWS * units * 4
     return forward, backward
 
 
