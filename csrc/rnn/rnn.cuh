@@ -2,7 +2,8 @@
 //
 // One persistent launch runs the sequence. A block owns one head, a tile of 16 batch rows and a
 // slice of U units of every gate; the slice of the head's recurrent weights R (G x U x D) stays
-// in shared memory for the whole sequence. Each step loads h_{t-1} (16 x D), computes the
+// in shared memory for the whole sequence. Each step loads h_{t-1} (16 x D; a block that holds
+// every unit of its head keeps it in shared memory from the previous step), computes the
 // slice's recurrent pre-activations h_{t-1} R_slice^T with tensor cores (wmma m16n16k16,
 // half / bfloat16; float32 stays on CUDA cores in IEEE arithmetic), applies the cell's
 // pointwise update (equations in rnnops.reference.rnn) and writes the new states. Heads too
@@ -104,11 +105,15 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
     w[idx] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
   }
   for (int t = 0; t < s.T; ++t) {
-    for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
-      const int r = idx / D, k = idx % D, b = row0 + r;
-      h[idx] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, t, k, head, S) : 0.0f);
+    // h_{t-1} of the whole head: from the states every block wrote (a head split over blocks), or,
+    // where this block computes every unit, left in shared memory by its previous step
+    if (t == 0 || s.splits > 1) {
+      for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
+        const int r = idx / D, k = idx % D, b = row0 + r;
+        h[idx] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, t, k, head, S) : 0.0f);
+      }
+      __syncthreads();
     }
-    __syncthreads();
     recurrent_matmul(h, w, acc, D, GU);
     __syncthreads();
     for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
@@ -165,6 +170,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
       }
       save(states, 0, S, h_new);
       h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
+      if (s.splits == 1) h[r * D + unit] = from_float<T>(h_new);  // every reader of h_{t-1} is past the barrier above
     }
     block_barrier(s);  // this step's states before anyone reads them
   }
