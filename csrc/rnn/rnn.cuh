@@ -181,7 +181,9 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
                         float* carry, float* dx, float* drec_n, RNNShape s) {
   using Info = CellInfo<CELL>;
   constexpr int G = Info::G, S = Info::S, P = Info::P;
-  constexpr int KC = 64;  // reduction chunk of the dh_{t-1} product
+  // reduction chunk of the dh_{t-1} product: its gate gradients are loaded together, one memory
+  // latency per chunk and step (a whole LSTM head of D <= 64 in one); rnnops.cuda_backend.rnn.GRADIENT_CHUNK
+  constexpr int KC = 256;
   const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);

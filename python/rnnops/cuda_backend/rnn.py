@@ -23,6 +23,7 @@ from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
 
 ROWS = 16  # batch rows per block
+GRADIENT_CHUNK = 256  # gate gradients per row the backward stages at once (csrc/rnn/rnn.cuh's KC)
 UNITS = (16, 32, 64)  # the instantiated slice widths
 
 
@@ -38,7 +39,7 @@ DEFAULT_CONFIG = RNNConfig()
 def shared_bytes(D: int, gates: int, units: int, element_bytes: int) -> tuple[int, int]:
     """Dynamic shared memory of the forward and backward kernels."""
     forward = gates * units * D * element_bytes + ROWS * D * element_bytes + ROWS * gates * units * 4
-    backward = gates * D * units * element_bytes + ROWS * 64 * 4 + ROWS * units * 4
+    backward = gates * D * units * element_bytes + ROWS * GRADIENT_CHUNK * 4 + ROWS * units * 4
     return forward, backward
 
 
