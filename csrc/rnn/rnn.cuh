@@ -197,12 +197,30 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   auto carry_at = [&](int slot, int b, int unit) -> float& {
     return carry[(((long long)slot * s.B + b) * s.H + head) * D + unit];
   };
+  // a block holding every unit of a head whose G D gate gradients fit one chunk stages them in
+  // shared memory as it computes them, so its product reads no global memory (rows past the batch
+  // stay 0); other blocks reload the chunks every block of the head wrote
+  const bool resident = s.splits == 1 && G * D <= KC;
+  auto stage = [&](int r, int gi, float value) {
+    if constexpr (rnnops::is_same_v<T, float>) {
+      chunk[r * KC + gi] = value;
+    } else {
+      reinterpret_cast<T*>(chunk)[r * KC + gi] = from_float<T>(value);
+    }
+  };
+  if (resident) {
+    for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) stage(idx / KC, idx % KC, 0.0f);
+    __syncthreads();  // zeros before the first step's gradients
+  }
   for (int t = s.T - 1; t >= 0; --t) {
     for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
       const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
       if (b >= s.B || unit >= D) continue;
       auto load = [&](const float* buffer, int slot, int slots) { return buffer[step_index(s, b, t, slot, slots, unit, head)]; };
-      auto put = [&](int g, float value) { dx[step_index(s, b, t, g, G, unit, head)] = value; };
+      auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
+        dx[step_index(s, b, t, g, G, unit, head)] = value;
+        if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);
+      };
       float dh = carry_at(0, b, unit) + to_float(d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
       float dh_direct = 0.0f;
       if constexpr (CELL == kGRU) {
@@ -214,6 +232,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         put(1, dh * (h_prev - cand) * update * (1.0f - update));
         put(2, d_pn);
         drec_n[step_index(s, b, t, 0, 1, unit, head)] = d_pn * reset;
+        if (resident) stage(r, 2 * D + unit, d_pn * reset);
         dh_direct = dh * update;
       } else if constexpr (CELL == kElman) {
         const float h_t = load(states, 0, S);
@@ -273,8 +292,10 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
       float sum[kMaxOutputs];
       for (int j = 0; j < kMaxOutputs; ++j) sum[j] = 0.0f;
       for (int k0 = 0; k0 < G * D; k0 += KC) {
-        for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) chunk[idx] = gate_gradient(idx / KC, k0 + idx % KC);
-        __syncthreads();
+        if (!resident) {
+          for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) chunk[idx] = gate_gradient(idx / KC, k0 + idx % KC);
+          __syncthreads();
+        }
         for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
           const int r = idx / U, u = idx % U;
           float acc = 0.0f;
@@ -295,9 +316,11 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
 #pragma unroll
       for (int j = 0; j < U / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
       for (int k0 = 0; k0 < G * D; k0 += KC) {
-        for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x)
-          chunk_t[idx] = from_float<T>(gate_gradient(idx / KC, k0 + idx % KC));
-        __syncthreads();
+        if (!resident) {
+          for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x)
+            chunk_t[idx] = from_float<T>(gate_gradient(idx / KC, k0 + idx % KC));
+          __syncthreads();
+        }
 #pragma unroll
         for (int j = 0; j < U / 16; ++j) {
           const int tile = warp + j * warps;
