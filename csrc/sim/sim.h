@@ -5,7 +5,7 @@
 //   threadIdx / blockIdx / blockDim / gridDim, __global__ / __device__ / __forceinline__,
 //   __syncthreads, __syncwarp, warp shuffles (__shfl_sync, _xor, _up, _down) and votes
 //   (__ballot_sync, __any_sync, __all_sync), atomicAdd / atomicMax / atomicCAS, __half and
-//   __nv_bfloat16 with their conversions, the fast-math intrinsics, nvcuda::wmma fragments
+//   __nv_bfloat16 with their conversions, __ldg, the fast-math intrinsics, nvcuda::wmma fragments
 //   (m16n16k16, half / bfloat16 inputs, float accumulators), and a grid-wide barrier for
 //   cooperative launches.
 // How it runs a launch: every thread of a block is a std::thread (blocks one after another;
@@ -280,7 +280,7 @@ inline float __bfloat162float(__nv_bfloat16 h) { return h; }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 
-// ---------------------------------------------------------------- fast-math intrinsics
+// ---------------------------------------------------------------- read-only loads, fast-math intrinsics
 
 template <class T>
 T __ldg(const T* p) {

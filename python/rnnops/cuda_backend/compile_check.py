@@ -2,8 +2,8 @@
 spills, stack, shared memory per kernel; and a kernel's innermost loop from its SASS. Used by
 the tests: every default configuration, and every configuration the autotuner's spaces accept,
 must compile for sm_80 and sm_90a without spills, and the scan's loop over state elements stays
-within an instruction budget. :func:`scan_kernel` and :func:`rnn_kernel` name the kernel templates' instantiations
-(also for NVRTC)."""
+within an instruction budget. :func:`scan_kernel` and :func:`rnn_kernel` name the kernel
+templates' instantiations (also for NVRTC)."""
 from __future__ import annotations
 
 import shutil
