@@ -62,12 +62,18 @@ def test_address_sanitizer_build_runs_clean_kernels_and_catches_an_out_of_bounds
         a, b = torch.randn(32, 32).half(), torch.randn(32, 32).half()
         sim.wmma_matmul(a, b, 1.0)
         sim.warp_scan(torch.randn(128))
-        import rnnops  # every CUDA kernel on one small case, forward and backward
+        import rnnops  # every CUDA kernel on small cases, forward and backward
         x = {k: torch.randn(2, 9, 6, requires_grad=True) for k in ("u", "delta", "z")}
         A, B, C = -torch.rand(6, 4), torch.randn(2, 9, 4), torch.randn(2, 9, 3, 4)
         y, last = rnnops.selective_scan(x["u"], x["delta"], A, B, C, torch.randn(6), x["z"], torch.randn(6), True,
                                         initial_state=torch.randn(2, 6, 4), return_last_state=True, backend="cuda")
         (y.sum() + last.sum()).backward()
+        for dtype in (torch.float32, torch.bfloat16):  # CUDA cores / tensor cores
+            for D in (16, 80):  # a head in one block (h and the gate gradients kept on chip) / split over blocks
+                x_gates = torch.randn(3, 4, 4, 2, D).to(dtype).requires_grad_()
+                R = (torch.randn(4, 2, D, D) / D**0.5).requires_grad_()
+                h_seq, final = rnnops.rnn(x_gates, R, None, None, cell="lstm", backend="cuda")
+                (h_seq.float().sum() + final[1].sum()).backward()
     """)
     assert clean.returncode == 0, clean.stderr[-3000:]
     bad = _in_asan_child("sim.out_of_bounds(torch.randn(7))")
