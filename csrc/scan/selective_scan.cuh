@@ -23,9 +23,9 @@
 // Work per step, channel and state element: forward 7 flops and one e^x, backward about 25
 // flops and two; bytes: u, delta, z, out (4 Dm T values) plus B, C (2 G N T) forward, about
 // twice that backward. The inner loop over n is what bounds the time: at (4 warps, 8 items),
-// sm_90a, its SASS issues about 18 instructions per (step, channel, n) forward and 80 backward
+// sm_90a, its SASS issues about 21 instructions per (step, channel, n) forward and 68 backward
 // (shared B / C; was 195 and over 500 with per-element operand addressing): at B8 Dm2048 T2048
-// N16 about 0.3 and 1.5 ms of an H100's instruction issue, against 0.09 ms of its bandwidth.
+// N16 about 0.4 and 1.2 ms of an H100's instruction issue, against 0.09 ms of its bandwidth.
 #pragma once
 #include "../common/runtime.h"
 
@@ -52,13 +52,21 @@ struct BCOperand {
 struct BCRows {
   const float* base;
   long long t_stride, n_stride;
+  unsigned step_bytes;  // 4 t_stride
   __device__ __forceinline__ const float* row(long long r) const { return base + r * t_stride; }
 };
 
 __device__ __forceinline__ BCRows bc_rows(const BCOperand& M, long long batch, int channel) {
-  if (M.mode == kStatic) return BCRows{M.data + channel * M.t, 0, M.n};
+  if (M.mode == kStatic) return BCRows{M.data + channel * M.t, 0, M.n, 0u};
   const long long group = M.mode == kGrouped ? channel / M.channels_per_group : 0;
-  return BCRows{M.data + batch * M.b + group * M.g, M.t, M.n};
+  return BCRows{M.data + batch * M.b + group * M.g, M.t, M.n, static_cast<unsigned>(M.t * 4)};
+}
+
+// How many of a warp's ITEMS steps from step0 exist before the sequence's end eos (32-bit, so
+// per-step tests inside the loop over n are cheap to recompute).
+template <int ITEMS>
+__device__ __forceinline__ int steps_before(long long step0, long long eos) {
+  return static_cast<int>(min(max(eos - step0, 0LL), static_cast<long long>(ITEMS)));
 }
 
 struct ScanShape {
@@ -140,8 +148,8 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
       dtu[i] = dt[i] * uu;
       dt_sum += dt[i];
       y[i] = d_weight * uu;
-      Boff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Brows.t_stride * 4) : 0u;
-      Coff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Crows.t_stride * 4) : 0u;
+      Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
+      Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
     }
     for (int n = 0; n < N; ++n) {
       const float a2 = live ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
@@ -225,18 +233,18 @@ __device__ __forceinline__ bool block_shares_row(const BCOperand& M, int Dm) {
 // warp, element n) added into the fp32 (rows, G, N) buffer, summed over the warp first when its
 // channels share the row (one atomic per step), else one atomic per live lane and step.
 template <int ITEMS>
-__device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEMS], bool per_warp, bool live,
-                                                long long first_row, long long step0, long long eos, int G, int group,
-                                                int N, int n) {
+__device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEMS], bool per_warp, long long first_row,
+                                                int steps, int items, int G, int group, int N, int n) {
+  // steps: the warp's steps that exist; items: those this lane computed (0 for a dead lane)
   if (per_warp) {
     const int lane = threadIdx.x % 32, item = lane / (32 / ITEMS);
     const float total = warp_reduce_scatter(terms);
-    if (lane % (32 / ITEMS) == 0 && step0 + item < eos) atomicAdd(grad + ((first_row + item) * G + group) * N + n, total);
+    if (lane % (32 / ITEMS) == 0 && item < steps) atomicAdd(grad + ((first_row + item) * G + group) * N + n, total);
     return;
   }
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
-    if (live && step0 + i < eos) atomicAdd(grad + ((first_row + i) * G + group) * N + n, terms[i]);
+    if (i < items) atomicAdd(grad + ((first_row + i) * G + group) * N + n, terms[i]);
 }
 
 template <class T, int WARPS, int ITEMS>
@@ -286,10 +294,11 @@ __global__ void __launch_bounds__(WARPS * 32)
     unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
     const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
                *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
+    const int steps = steps_before<ITEMS>(step0, eos), items = live ? steps : 0;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const long long t = step0 + i;
-      const bool on = live && t < eos;
+      const bool on = i < items;
       const long long r = t - offset;
       dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
                  : 0.0f;
@@ -304,8 +313,8 @@ __global__ void __launch_bounds__(WARPS * 32)
       y[i] = d_weight * uu[i];
       duu[i] = dy[i] * d_weight;
       ddt[i] = 0.0f;
-      Boff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Brows.t_stride * 4) : 0u;
-      Coff[i] = on ? static_cast<unsigned>((warp * ITEMS + i) * Crows.t_stride * 4) : 0u;
+      Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
+      Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
     }
     float dt_after = 0.0f;  // dt of the step after this warp's last item
     if (live && step0 + ITEMS < eos)
@@ -376,13 +385,13 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) dB_static += dB_terms[i];
       } else {
-        add_bc_gradient(dB, dB_terms, B_per_warp, live, first_row, step0, eos, GB, groupB, N, n);
+        add_bc_gradient(dB, dB_terms, B_per_warp, first_row, steps, items, GB, groupB, N, n);
       }
       if (Cm.mode == kStatic) {
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) dC_static += dC_terms[i];
       } else {
-        add_bc_gradient(dC, dC_terms, C_per_warp, live, first_row, step0, eos, GC, groupC, N, n);
+        add_bc_gradient(dC, dC_terms, C_per_warp, first_row, steps, items, GC, groupC, N, n);
       }
       segment->x[warp][lane] = dA_part;
       if (warp == 0) segment->p[0][lane] = dx;  // dx at the chunk's first step
@@ -409,7 +418,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const long long t = step0 + i;
-      if (!(live && t < eos)) continue;
+      if (i >= items) continue;
       const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
       dD_acc += dy[i] * uu[i];
       if (shape.has_z) {
