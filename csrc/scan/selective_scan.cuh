@@ -247,8 +247,10 @@ __device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEM
     if (i < items) atomicAdd(grad + ((first_row + i) * G + group) * N + n, terms[i]);
 }
 
+// (an explicit minimum of one block: without it ptxas held (4 warps, 4 items) at 168 registers
+// and spilled 12 B)
 template <class T, int WARPS, int ITEMS>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, 1)
     selective_scan_bwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
                        BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, const T* d_out,
                        Operand sdo, const float* chunk_states, const float* d_final, float* d_initial, float* du,
