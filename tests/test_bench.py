@@ -9,7 +9,8 @@ import torch
 import rnnops
 from rnnops.__main__ import main
 from rnnops.bench import cases as bench_cases
-from rnnops.bench import cli, report
+from rnnops.autotune import hardware
+from rnnops.bench import cli, report, roofline
 from rnnops.bench import precompile as precompile_module
 from rnnops.bench.precompile import precompile, warm_up
 from rnnops.bench.runner import Target, run_case
@@ -47,6 +48,20 @@ def test_every_case_runs_every_target(case):
         assert row["roofline"]["fwd"]["tflops"] > 0 and row["roofline"]["fwd"]["fraction"] is None
     if case.op == "rnn":
         assert "torch.nn.GRU" in {r["target"] for r in rows}
+
+
+def test_the_scans_floor_is_their_exponentials_where_those_bind():
+    """Mamba-1's scan computes one e^x per step, channel and state element: on an H100 (16 per SM
+    per clock) that takes longer than moving its bytes, so the floor is the special-function bound;
+    the linear family's floor stays bytes or flops."""
+    h100 = hardware.named("H100")
+    scan = roofline.selective_scan(8, 2048, 2048, 16, torch.bfloat16)
+    assert scan.floor_seconds(h100, "fwd") == pytest.approx(8 * 2048 * 2048 * 16 / h100.exp_rate)
+    assert scan.floor_seconds(h100, "fwd") > scan.bytes / h100.memory_bandwidth
+    assert scan.floor_seconds(h100, "fwd_bwd") == pytest.approx(3 * scan.floor_seconds(h100, "fwd"))
+    attention = roofline.linear_attn(8, 4096, 16, 128, 128, "none", torch.bfloat16)
+    flops, moved = attention.phase("fwd")
+    assert attention.floor_seconds(h100, "fwd") == max(moved / h100.memory_bandwidth, flops / h100.peak("bfloat16"))
 
 
 def test_a_wrong_target_is_reported_as_a_mismatch(monkeypatch):

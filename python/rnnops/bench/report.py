@@ -117,7 +117,7 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
                  f"torch {env.get('torch')}, triton {env.get('triton') or '-'}, {env.get('date', '')}. "
                  "Times are medians after a warm-up (CUDA events on GPUs, wall clock on CPUs); speedups are ratios "
                  "of medians measured side by side in this run; 'roofline' is the floor max(bytes / bandwidth, "
-                 "flops / peak) over the measured time.")]
+                 "flops / peak, exponentials / special-function rate) over the measured time.")]
     peers = env.get("peers", {})
     out.append(("p", "Peers: " + (", ".join(f"{k} {v}" for k, v in peers.items()) or "none installed") + "."))
     top = headline(results)

@@ -4,7 +4,10 @@ Bytes are the algorithmic minimum: every input read once, every output written o
 and decays included, states excluded as the standard cases start from zero). Flops follow the
 chunked algorithms the kernels implement (full C x C blocks, as kernels compute them), the
 backward counted as twice the forward's flops and bytes (its inputs plus the output gradient
-in, one gradient per input out). The floor is max(bytes / bandwidth, flops / peak).
+in, one gradient per input out). Exponentials are counted where they are per element of the
+work (the selective scan's e^(dt A) for every step, channel and state element; SASS shows one
+MUFU.EX2 each), since the special function units, 16 per SM per clock, bound such a kernel
+before its flops do. The floor is max(bytes / bandwidth, flops / peak, exponentials / rate).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class Work:
     flops: float
     bytes: float
     peak_dtype: str
+    exponentials: float = 0.0
 
     def phase(self, phase: str) -> tuple[float, float]:
         """(flops, bytes) of "fwd" or "fwd_bwd" (= 3x the forward)."""
@@ -32,7 +36,9 @@ class Work:
         if not peak or not hardware.memory_bandwidth:
             return None
         flops, moved = self.phase(phase)
-        return max(moved / hardware.memory_bandwidth, flops / peak)
+        exponentials = self.exponentials * {"fwd": 1.0, "fwd_bwd": 3.0}[phase]
+        special = exponentials / hardware.exp_rate if hardware.exp_rate else 0.0
+        return max(moved / hardware.memory_bandwidth, flops / peak, special)
 
 
 def linear_attn(B, T, H, K, V, gate: str, dtype, chunk=64) -> Work:
@@ -55,7 +61,7 @@ def delta_rule(B, T, H, K, V, gated: bool, dtype, chunk=64, num_householder=1) -
 def selective_scan(B, T, Dm, N, dtype, groups: int = 1) -> Work:
     s = dtype.itemsize
     moved = (4 * B * T * Dm + 2 * B * T * groups * N) * s + 4 * (Dm * N + 2 * Dm)
-    return Work(7 * B * T * Dm * N, moved, "float32")
+    return Work(7 * B * T * Dm * N, moved, "float32", exponentials=B * T * Dm * N)
 
 
 def rnn(B, T, H, D, gates: int, dtype) -> Work:
