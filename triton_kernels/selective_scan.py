@@ -94,6 +94,45 @@ def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C
     return b_row, mask, dt, slope, b_u, B_t, C_t
 
 
+@triton.jit
+def _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
+                   channels_per_group_B, channels_per_group_C, opaque_one, Dm: tl.constexpr, N: tl.constexpr,
+                   NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr, HAS_D: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BD: tl.constexpr):
+    """What a program reads once for its BD channels: (channels, their mask, state elements, their
+    mask, offsets and mask of (NP, BD) state tiles in (., Dm, N), A log2 e, static B and C tiles,
+    B / C offsets of the program's batch row and group, D, delta_bias). ``opaque_one``: see
+    scan_fwd_kernel."""
+    ch = i_d * BD + tl.arange(0, BD)
+    ch_mask = ch < Dm
+    rn = tl.arange(0, NP)
+    n_mask = rn < N
+    state_offs = ch[None, :] * N + rn[:, None] * opaque_one
+    state_mask = n_mask[:, None] & ch_mask[None, :]
+    A2 = tl.load(A + state_offs, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # e^(dt A) = 2^(dt A2)
+    B_static = tl.zeros([NP, BD], tl.float32)
+    C_static = tl.zeros([NP, BD], tl.float32)
+    if B_MODE == 0:
+        B_static = _bc_static(B, ch, ch_mask, rn, n_mask, s_Bt, s_Bn, opaque_one)
+    if C_MODE == 0:
+        C_static = _bc_static(C, ch, ch_mask, rn, n_mask, s_Ct, s_Cn, opaque_one)
+    B_base = b * s_Bb + ((i_d * BD) // channels_per_group_B) * s_Bg
+    C_base = b * s_Cb + ((i_d * BD) // channels_per_group_C) * s_Cg
+    d_weight = tl.zeros([BD], tl.float32)
+    if HAS_D:
+        d_weight = tl.load(D + ch, mask=ch_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros([BD], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(delta_bias + ch, mask=ch_mask, other=0.0).to(tl.float32)
+    return ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias
+
+
+@triton.jit
+def _advance(X, A2, dt, b_u, B_t):
+    """The state after one step: e^(dt A) x + dt u B."""
+    return tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
+
+
 @triton.jit(do_not_specialize=["opaque_one"])
 def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, final_state, cu_seqlens, chunk_offsets,
                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
@@ -116,27 +155,10 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
         b = 0
     else:
         b = seq
-    ch = i_d * BD + tl.arange(0, BD)
-    ch_mask = ch < Dm
-    rn = tl.arange(0, NP)
-    n_mask = rn < N
-    state_offs = ch[None, :] * N + rn[:, None] * opaque_one  # (NP, BD) into (., Dm, N) states
-    state_mask = n_mask[:, None] & ch_mask[None, :]
-    A2 = tl.load(A + state_offs, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # e^(dt A) = 2^(dt A2)
-    B_static = tl.zeros([NP, BD], tl.float32)
-    C_static = tl.zeros([NP, BD], tl.float32)
-    if B_MODE == 0:
-        B_static = _bc_static(B, ch, ch_mask, rn, n_mask, s_Bt, s_Bn, opaque_one)
-    if C_MODE == 0:
-        C_static = _bc_static(C, ch, ch_mask, rn, n_mask, s_Ct, s_Cn, opaque_one)
-    B_base = b * s_Bb + ((i_d * BD) // channels_per_group_B) * s_Bg
-    C_base = b * s_Cb + ((i_d * BD) // channels_per_group_C) * s_Cg
-    d_weight = tl.zeros([BD], tl.float32)
-    if HAS_D:
-        d_weight = tl.load(D + ch, mask=ch_mask, other=0.0).to(tl.float32)
-    bias = tl.zeros([BD], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(delta_bias + ch, mask=ch_mask, other=0.0).to(tl.float32)
+    ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias = \
+        _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
+                       channels_per_group_B, channels_per_group_C, opaque_one, Dm, N, NP, B_MODE, C_MODE, HAS_D,
+                       HAS_BIAS, BD)
     X = tl.zeros([NP, BD], tl.float32)
     if HAS_INITIAL:
         X += tl.load(initial_state + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
@@ -148,7 +170,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
                     bos + c * BT + j * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
                     B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
                     B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                X = tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
+                X = _advance(X, A2, dt, b_u, B_t)
                 y = tl.sum(X * C_t, axis=0) + d_weight * b_u
                 if HAS_Z:
                     b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
@@ -184,30 +206,13 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
         b = 0
     else:
         b = seq
-    ch = i_d * BD + tl.arange(0, BD)
-    ch_mask = ch < Dm
-    rn = tl.arange(0, NP)
-    n_mask = rn < N
+    ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias = \
+        _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
+                       channels_per_group_B, channels_per_group_C, opaque_one, Dm, N, NP, B_MODE, C_MODE, HAS_D,
+                       HAS_BIAS, BD)
     ru = tl.arange(0, UNROLL)
-    state_offs = ch[None, :] * N + rn[:, None] * opaque_one
-    state_mask = n_mask[:, None] & ch_mask[None, :]
     own = checkpoints + (seq * tl.num_programs(0) + i_d) * (BT // UNROLL) * NP * BD  # this program's checkpoints
     own_offs = rn[:, None] * BD + tl.arange(0, BD)[None, :] * opaque_one
-    A2 = tl.load(A + state_offs, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    B_static = tl.zeros([NP, BD], tl.float32)
-    C_static = tl.zeros([NP, BD], tl.float32)
-    if B_MODE == 0:
-        B_static = _bc_static(B, ch, ch_mask, rn, n_mask, s_Bt, s_Bn, opaque_one)
-    if C_MODE == 0:
-        C_static = _bc_static(C, ch, ch_mask, rn, n_mask, s_Ct, s_Cn, opaque_one)
-    B_base = b * s_Bb + ((i_d * BD) // channels_per_group_B) * s_Bg
-    C_base = b * s_Cb + ((i_d * BD) // channels_per_group_C) * s_Cg
-    d_weight = tl.zeros([BD], tl.float32)
-    if HAS_D:
-        d_weight = tl.load(D + ch, mask=ch_mask, other=0.0).to(tl.float32)
-    bias = tl.zeros([BD], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(delta_bias + ch, mask=ch_mask, other=0.0).to(tl.float32)
     G = tl.zeros([NP, BD], tl.float32)  # dL / dx entering the step being differentiated
     if HAS_D_FINAL:
         G += tl.load(d_final + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
@@ -228,7 +233,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                         bos + c * BT + k * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
                         B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
                         B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                    X = tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
+                    X = _advance(X, A2, dt, b_u, B_t)
         for kk in range(sub_blocks):
             k = sub_blocks - 1 - kk
             X = tl.load(own + k * NP * BD + own_offs)
@@ -239,7 +244,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                     bos + c * BT + k * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
                     B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
                     B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                X = tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
+                X = _advance(X, A2, dt, b_u, B_t)
             for i in tl.static_range(UNROLL - 1, -1, -1):
                 row = bos + c * BT + k * UNROLL + i
                 b_row, mask, dt, slope, b_u, B_t, C_t = _step_inputs(
