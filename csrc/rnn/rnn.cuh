@@ -288,15 +288,18 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
       if (b >= s.B || gi >= G * D) return 0.0f;
       return (CELL == kGRU && g == 2) ? drec_n[step_index(s, b, t, 0, 1, i, head)] : dx[step_index(s, b, t, g, G, i, head)];
     };
+    auto stage_chunk = [&](int k0) {  // gate gradients k0 .. k0 + KC of every row, unless resident
+      if (resident) return;
+      for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x)
+        stage(idx / KC, idx % KC, gate_gradient(idx / KC, k0 + idx % KC));
+      __syncthreads();
+    };
     if constexpr (rnnops::is_same_v<T, float>) {  // IEEE float32 on CUDA cores
       constexpr int kMaxOutputs = (kRows * U + 31) / 32;
       float sum[kMaxOutputs];
       for (int j = 0; j < kMaxOutputs; ++j) sum[j] = 0.0f;
       for (int k0 = 0; k0 < G * D; k0 += KC) {
-        if (!resident) {
-          for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) chunk[idx] = gate_gradient(idx / KC, k0 + idx % KC);
-          __syncthreads();
-        }
+        stage_chunk(k0);
         for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
           const int r = idx / U, u = idx % U;
           float acc = 0.0f;
@@ -317,11 +320,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
 #pragma unroll
       for (int j = 0; j < U / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
       for (int k0 = 0; k0 < G * D; k0 += KC) {
-        if (!resident) {
-          for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x)
-            chunk_t[idx] = from_float<T>(gate_gradient(idx / KC, k0 + idx % KC));
-          __syncthreads();
-        }
+        stage_chunk(k0);
 #pragma unroll
         for (int j = 0; j < U / 16; ++j) {
           const int tile = warp + j * warps;
