@@ -75,10 +75,11 @@ def table(results: list[tuner.Result]) -> str:
 
 
 def tries_table(results: list[tuner.Result]) -> str:
-    """--try: each measured configuration's time against the first (the shipped one)."""
+    """--try: each measured configuration's time against the first (the shipped one); then the
+    notes (why a change failed or was not tried)."""
     from rnnops.bench.report import format_table
 
-    lines = []
+    lines, notes = [], [f"note: {r.backend}.{r.op} {note}" for r in results for note in r.notes]
     for r in results:
         if not r.timings:
             continue
@@ -86,9 +87,9 @@ def tries_table(results: list[tuner.Result]) -> str:
         for config, seconds in r.timings:
             change = {k: v for k, v in config.items() if base.get(k) != v} or "shipped"
             speedup = f"{base_seconds / seconds:.2f}x" if seconds and base_seconds else "-"
-            lines.append((r.op, r.bucket, str(change), "failed" if seconds is None else f"{seconds * 1e3:.3f}",
-                          speedup))
-    return format_table(("op", "bucket", "change", "ms", "x shipped"), lines)
+            lines.append((r.op, r.backend, r.bucket, str(change),
+                          "failed" if seconds is None else f"{seconds * 1e3:.3f}", speedup))
+    return "\n".join([format_table(("op", "backend", "bucket", "change", "ms", "x shipped"), lines), *notes])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -369,7 +369,13 @@ class _Tuning:
         cap = search.measurement_cap(count, self.fraction)
         if self.tries is not None:  # the A/B check: exactly these, legal or not
             base = shipped or default
-            seeds = [base] + [dict(base, **change) for change in self.tries]
+            seeds = [base]
+            for change in self.tries:  # one --try list serves every backend of an op
+                foreign = sorted(set(change) - set(default))
+                if foreign:
+                    result.notes.append(f"{change}: not tried, {', '.join(foreign)} not variables of this kernel")
+                else:
+                    seeds.append(dict(base, **change))
             cap = len(seeds)
         found = search.coordinate_search(ranked, ranked if self.exhaustive else seeds, measure,
                                          count if self.exhaustive else cap, should_stop=self.over_budget,

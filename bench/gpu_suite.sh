@@ -79,17 +79,24 @@ PY
     # programs per SM (1 at 8; the UT inverse runs at 4 anyway), one state stage gives states_bwd
     # 2 (1 at two stages: 116 KB)
     # each A/B check has until its end time, and starts no measurement in its last 15 s
-    left=$(seconds_until 505)
+    left=$(seconds_until 470)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
       --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}' \
             '{"num_warps": 4, "num_stages": 1, "state_num_stages": 1}'
     # linear attention's state tile: shipped 64 x 64 (wgmma) against the tile it had before
     # (its chunk kernels' 32 x 128: mma.sync) and flash-linear-attention's full K, 32 wide
-    left=$(seconds_until 575)
+    left=$(seconds_until 520)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" \
       --try '{"state_block_k": 32, "state_block_v": 128}' '{"state_block_k": 128, "state_block_v": 32}'
+    # the selective scan (both backends' rows): the Triton scan's shipped 8 channels x 128-step
+    # chunks (the model's choice) against 16 channels (fewer programs, B/C loads shared by more
+    # channels) and short chunks
+    left=$(seconds_until 575)
+    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
+      --shapes "B=8,T=2048,Dm=2048,N=16" \
+      --try '{"block_d": 16, "chunk": 32}' '{"block_d": 16, "chunk": 128}' '{"block_d": 8, "chunk": 32}'
   fi
 } 2>&1 | tee "$LOG"
 

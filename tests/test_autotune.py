@@ -378,10 +378,13 @@ def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothi
         return tuner.ShapeTimer(lambda config: measured.append(config) or (1e-3 if config["num_warps"] == 8 else 8e-4))
 
     changes = [{"num_warps": 4}, {"state_num_stages": 1}]
-    (result,) = tuner.tune(["delta_rule"], torch.device("cpu"), torch.bfloat16, hw, shapes=[shape], tries=changes,
-                           timer=timer)
+    foreign = {"num_warps": 4, "items": 8}  # another backend's variable: noted, not measured
+    (result,) = tuner.tune(["delta_rule"], torch.device("cpu"), torch.bfloat16, hw, shapes=[shape],
+                           tries=[*changes, foreign], timer=timer)
     shipped = cache.shipped_defaults("H100")[cache.key("delta_rule", "triton", result.bucket)]
     assert measured == [shipped] + [dict(shipped, **change) for change in changes]
+    assert result.notes == [f"{foreign}: not tried, items not variables of this kernel"]
     assert result.config == dict(shipped, num_warps=4) and device_cache.entries == {}
     text = cli.tries_table([result])
-    assert "shipped" in text and "{'num_warps': 4}" in text and "1.25x" in text
+    assert "shipped" in text and "{'num_warps': 4}" in text and "1.25x" in text and " triton " in text
+    assert text.endswith(f"note: triton.delta_rule {result.notes[0]}")

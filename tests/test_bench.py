@@ -10,7 +10,7 @@ import rnnops
 from rnnops.__main__ import main
 from rnnops.bench import cases as bench_cases
 from rnnops.autotune import hardware
-from rnnops.bench import cli, report, roofline
+from rnnops.bench import cli, report, roofline, runner
 from rnnops.bench import precompile as precompile_module
 from rnnops.bench.precompile import precompile, warm_up
 from rnnops.bench.runner import Target, run_case
@@ -128,8 +128,9 @@ def test_families_take_turns_and_results_keep_the_standard_order(monkeypatch, tm
     assert [name for name in results["notes"] if name in {c.name for c in cases}] == [c.name for c in cases[:3]]
 
 
-def test_warm_up_runs_each_of_our_backends_once_and_no_peer(monkeypatch):
-    calls = []
+@pytest.mark.parametrize("peers", [False, True])
+def test_warm_up_runs_each_of_our_backends_once_and_peers_when_asked(monkeypatch, peers):
+    calls, asked = [], []
 
     def target(name, kind, fails=False):
         def call(x):
@@ -139,10 +140,27 @@ def test_warm_up_runs_each_of_our_backends_once_and_no_peer(monkeypatch):
             return x["q"] * 2
         return Target(name, kind, lambda x: x, call, lambda out: out)
 
-    targets = [target("chunked", "rnnops"), target("triton", "rnnops", fails=True), target("fla", "peer")]
-    monkeypatch.setattr(precompile_module, "targets_for", lambda *args, **kwargs: (targets, []))
-    assert warm_up(tiny_cases()[0], CPU, torch.float32) == 1
-    assert calls == ["chunked", "triton"]
+    def targets_for(case, device, dtype, backends, include_peers):
+        asked.append(include_peers)
+        targets = [target("chunked", "rnnops"), target("triton", "rnnops", fails=True)]
+        return targets + ([target("fla", "peer"), target("fla.naive", "peer-reference")] if include_peers else []), []
+
+    monkeypatch.setattr(precompile_module, "targets_for", targets_for)
+    assert warm_up(tiny_cases()[0], CPU, torch.float32, peers=peers) == 1 + peers
+    assert asked == [peers] and calls == ["chunked", "triton"] + (["fla"] if peers else [])
+
+
+def test_compile_only_autotuning_launches_each_configuration_once_and_restores_triton():
+    from triton.runtime.autotuner import Autotuner
+
+    before = Autotuner.__dict__["do_bench"]
+    launches = []
+    with precompile_module.compile_only_autotuning() as patched:
+        assert patched
+        tuner = Autotuner.__new__(Autotuner)  # do_bench reads no instance state once patched
+        timings = [tuner.do_bench(lambda c=config: launches.append(c), quantiles=(0.5, 0.2, 0.8)) for config in "ab"]
+    assert launches == ["a", "b"] and timings == [[1.0] * 3] * 2
+    assert Autotuner.__dict__["do_bench"] is before
 
 
 def test_precompile_warms_standard_cases_in_worker_processes(monkeypatch, tmp_path):
@@ -170,6 +188,16 @@ def test_profile_lists_where_the_time_goes(monkeypatch, tmp_path):
     assert any("gru" in k["name"].lower() for k in kernels["torch.nn.GRU"])
     markdown = (tmp_path / "report.md").read_text()
     assert "## Where the time goes" in markdown and "| case | target | operator | calls | ms | share |" in markdown
+
+
+def test_targets_slower_than_the_profile_limit_are_timed_but_not_profiled(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "standard_cases", lambda device: tiny_cases()[4:5])
+    monkeypatch.setattr(runner, "PROFILE_LIMIT_S", 0.0)
+    main(["bench", "--repeats", "1", "--profile", "--backends", "reference", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(row["fwd_bwd"] and "kernels" not in row for row in results["rows"])
+    (notes,) = [notes for case, notes in results["notes"].items() if case == tiny_cases()[4].name]
+    assert any(note.startswith("reference: not profiled (forward+backward") for note in notes)
 
 
 def test_compare_prints_ratios(tmp_path, capsys):

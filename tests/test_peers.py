@@ -53,6 +53,16 @@ def test_fla_naive_references(name, case):
     check(name, case)
 
 
+@pytest.mark.parametrize("gate", ["none", "scalar"])
+def test_fla_simple_gla_chunk_kernel_gets_a_gate_only_when_gated(gate):
+    """The naive recurrence needs a (zero) gate; fla's chunked kernel runs ungated without one."""
+    case = bench_cases.linear_attn_case(gate, 2, 19, 2, 8, 6)
+    inputs = case.make(CPU, torch.float32)
+    prepared = PEER["fla.chunk_simple_gla"].prepare(case, inputs)
+    assert prepared["g"].shape == (2, 19, 2)
+    assert prepared["chunk_g"] is None if gate == "none" else prepared["chunk_g"] is inputs["g"]
+
+
 def test_mamba_layout_conversion(monkeypatch):
     """mamba_ssm cannot be installed without its CUDA build; a stand-in written in mamba's own
     layout ((B, D, L) activations, (B, N, L) for B and C) checks the conversion."""

@@ -46,9 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one forward+backward per target: its largest kernels in the report")
     parser.add_argument("--precompile", type=int, metavar="N",
-                        help="first run every case once through our backends in N processes at once, so their "
-                             "kernels compile side by side instead of case by case (default: min(8, CPUs) on a GPU, "
-                             "0 (off) on a CPU; the time counts toward --budget-s)")
+                        help="first run every case once through our backends (and, with --peers, the peers' "
+                             "kernels, their autotuners compiling only) in N processes at once, so kernels compile "
+                             "side by side instead of case by case (default: min(8, CPUs) on a GPU, 0 (off) on a "
+                             "CPU; the time counts toward --budget-s, and a worker gets at most half of it)")
     parser.add_argument("--budget-s", type=float, metavar="N",
                         help="start no new case after N seconds (the report then says which cases were left out; "
                              "the op families take turns, so a short budget reaches each of them)")
@@ -160,7 +161,10 @@ def main(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases
     try:
         if workers > 0 and cases:
-            warmed, seconds = precompile(cases, device, dtype, args.backends, workers, progress)
+            # a compile that takes longer than half the budget is left to the timed loop
+            timeout_s = 300.0 if args.budget_s is None else max(30.0, args.budget_s / 2)
+            warmed, seconds = precompile(cases, device, dtype, args.backends, workers, progress,
+                                         timeout_s=timeout_s, peers=args.peers)
             notes["precompiled"] = [(f"{warmed} of {len(cases)} cases warmed up in {workers} processes "
                                      f"in {seconds:.0f} s before timing")]
         for index, case in enumerate(families_in_turn(cases), 1):

@@ -123,8 +123,13 @@ def _fla(name: str, applies, chunk_call, naive_call, prepare):
 
 
 def _zero_gate(case: Case, x: dict) -> dict:
+    """Simple GLA's inputs; ungated linear attention gets a zero log-gate for the naive recurrence
+    (which needs one) but none for the chunked kernel (``chunk_g``: fla's ungated path, which does
+    no gate work and which fla still runs backward on Hopper with Triton < 3.7.1, where it
+    refuses its gated backward)."""
     B, T, H = (case.shape[k] for k in "BTH")
-    return {"q": x["q"], "k": x["k"], "v": x["v"], "g": x["g"] if "g" in x else x["q"].new_zeros(B, T, H)}
+    g = x["g"] if "g" in x else x["q"].new_zeros(B, T, H)
+    return {"q": x["q"], "k": x["k"], "v": x["v"], "g": g, "chunk_g": x.get("g")}
 
 
 def _interleaved(case: Case, x: dict) -> dict:
@@ -140,7 +145,7 @@ def _head_first(x: torch.Tensor) -> torch.Tensor:
 FLA_PEERS = [
     _fla("simple_gla.chunk_simple_gla",
          lambda case: case.op == "linear_attn" and case.shape["gate"] in ("none", "scalar"),
-         lambda fn, p: fn(p["q"], p["k"], p["v"], p["g"])[0],
+         lambda fn, p: fn(p["q"], p["k"], p["v"], p["chunk_g"])[0],
          ("simple_gla.naive.naive_recurrent_simple_gla", lambda fn, p: fn(p["q"], p["k"], p["v"], p["g"])[0]),
          _zero_gate),
     _fla("gla.chunk_gla",

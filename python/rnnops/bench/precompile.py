@@ -3,10 +3,16 @@
 On a cold GPU machine most of a case's wall time is compiling: Triton JIT-compiles each kernel
 specialisation (about a second each, tens per case), CuPy's NVRTC the CUDA kernels. Both keep
 what they compile on disk (Triton's cache directory, CuPy's kernel cache), so running each
-case once through our backends in parallel worker processes first leaves the timed loop only
-cache hits. Only our backends are warmed: flash-linear-attention autotunes on first use and
-stores its choices on disk (Triton's ``cache_results``), and choices timed while other workers
-share the GPU must not become the configurations it is measured with.
+case once through our backends (and, with ``--peers``, the peers) in parallel worker processes
+first leaves the timed loop only cache hits.
+
+Peers that autotune by timing (flash-linear-attention: Triton autotuners over tens of
+configurations per kernel, a cold case's 100 s on an H200, nearly all of it compiling) are
+warmed with their autotuners compiling and launching each configuration once but timing none
+(``compile_only_autotuning``) and storing no choice (``FLA_CACHE_RESULTS=0``): choices timed
+while other workers share the GPU must not become the configurations a peer is measured with.
+The timed process then autotunes on an otherwise idle GPU, as the peer's users do, from
+compiled kernels.
 
 Nothing here changes what is timed; it changes when compiling happens. A worker that fails or
 crashes only loses its warm-up: the timed run meets the same error and reports it.
@@ -14,7 +20,9 @@ crashes only loses its warm-up: the timed run meets the same error and reports i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,15 +36,42 @@ from .runner import fresh_leaves, targets_for
 _WORKER = "import json, sys; from rnnops.bench.precompile import warm_named; warm_named(*json.loads(sys.argv[1]))"
 
 
-def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None = None) -> int:
-    """One forward+backward of ``case`` through each of our backends (no peers, nothing timed);
-    returns how many ran without an error (errors are left to the timed run, which reports them)."""
+@contextlib.contextmanager
+def compile_only_autotuning():
+    """Within: every Triton autotuner runs each configuration once (compiling it into Triton's
+    disk cache) and records the same time for all, so it measures nothing and keeps its first
+    legal configuration. Yields False, changing nothing, where Triton's Autotuner lacks the
+    ``do_bench`` it patches."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(Autotuner.__dict__.get("do_bench"), property | functools.cached_property):
+        yield False
+        return
+
+    def run_once(kernel_call, quantiles=None):
+        kernel_call()
+        return [1.0] * len(quantiles) if quantiles else 1.0
+
+    patched = Autotuner.__dict__["do_bench"]
+    Autotuner.do_bench = property(lambda self: run_once)
+    try:
+        yield True
+    finally:
+        Autotuner.do_bench = patched
+
+
+def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None = None,
+            peers: bool = False) -> int:
+    """One forward+backward of ``case`` through each of our backends and, with ``peers``, each
+    peer's kernels (not its pure-PyTorch reference; autotuners compile only, see the module
+    docstring), nothing timed; returns how many ran without an error (errors are left to the
+    timed run, which reports them)."""
     torch.manual_seed(0)
     inputs = case.make(device, dtype)
-    targets, _ = targets_for(case, device, dtype, backends, include_peers=False)
+    targets, _ = targets_for(case, device, dtype, backends, include_peers=peers)
     ran = 0
     for target in targets:
-        if target.kind != "rnnops":
+        if target.kind not in ("rnnops", "peer"):
             continue
         with contextlib.suppress(Exception):  # the timed run meets the same error and reports it
             fresh, _ = fresh_leaves(target.prepare(inputs))
@@ -48,26 +83,29 @@ def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequ
     return ran
 
 
-def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] | None) -> None:
+def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] | None, peers: bool) -> None:
     """The worker's entry point: warm the standard case named ``case_name``; exit status 3 if no
     standard case has that name."""
     device_ = torch.device(device)
     case = next((c for c in standard_cases(device_) if c.name == case_name), None)
     if case is None:
         sys.exit(3)
-    warm_up(case, device_, getattr(torch, dtype), backends)
+    os.environ["FLA_CACHE_RESULTS"] = "0"  # read when fla is imported: store none of this process's choices
+    with compile_only_autotuning() if peers else contextlib.nullcontext():
+        warm_up(case, device_, getattr(torch, dtype), backends, peers)
 
 
 def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None,
                workers: int, progress: Callable[[str], None] = lambda text: None,
-               timeout_s: float = 300.0) -> tuple[int, float]:
-    """Warm ``cases`` (standard cases, found again by name in each worker) in up to ``workers``
+               timeout_s: float = 300.0, peers: bool = False) -> tuple[int, float]:
+    """Warm ``cases`` (standard cases, found again by name in each worker; with ``peers``, the
+    peers' kernels too) in up to ``workers``
     processes at once (rnnops._workers); returns (cases whose worker exited cleanly, seconds). A
     worker still running after ``timeout_s`` (a cold case compiles in well under two minutes), and
     on an interrupt every worker still running, is killed."""
     start = time.perf_counter()
     dtype_name = str(dtype).split(".")[-1]
-    arguments = [json.dumps([case.name, str(device), dtype_name, backends]) for case in cases]
+    arguments = [json.dumps([case.name, str(device), dtype_name, backends, peers]) for case in cases]
     clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s, report=lambda finished, running: progress(
         f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
     return clean, time.perf_counter() - start
