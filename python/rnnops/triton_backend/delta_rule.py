@@ -3,8 +3,10 @@
 The forward runs the UT transform, the chunk-state loop (which also yields the pseudo-values
 V_new) and linear attention's output kernel on V_new; the backward runs the state loop
 backwards, linear attention's dq/dk kernel on V_new, and the UT transform's backward.
-Memory: only the inputs are saved; W, U (K + V values per token and head), the chunk states
-(one K x V state per chunk, input dtype) and V_new are recomputed in the backward.
+Memory: the inputs and the UT inverses T (chunk values per token and head, input dtype: a
+sixth more than q, k, v at K = V = 128) are saved, so the backward skips the inverse; W, U
+(K + V values per token and head), the chunk states (one K x V state per chunk, input dtype)
+and V_new are recomputed in the backward.
 """
 from __future__ import annotations
 
@@ -72,14 +74,16 @@ class _DeltaRun(ChunkedRun):
         self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": self.precision,
                       "BT": chunk}
 
-    def ut(self, k, v, beta, G):
-        """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) in the input dtype."""
+    def ut(self, k, v, beta, G, T=None):
+        """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) in the input dtype
+        (computed unless given: the forward's, saved for the backward)."""
         lay = self.layout
-        T = empty((k.shape[0], self.H, self.chunk), dtype=self.stored_dtype, device=k.device)
-        launch(
-            _kernels().ut_inverse_kernel, (lay.programs, self.H),
-            k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATED=self.delta["GATED"],
-            PRECISION=self.delta["PRECISION"], BT=self.chunk, BK=self.BK, **self.sub_chunk_launch)
+        if T is None:
+            T = empty((k.shape[0], self.H, self.chunk), dtype=self.stored_dtype, device=k.device)
+            launch(
+                _kernels().ut_inverse_kernel, (lay.programs, self.H),
+                k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATED=self.delta["GATED"],
+                PRECISION=self.delta["PRECISION"], BT=self.chunk, BK=self.BK, **self.sub_chunk_launch)
         W = empty(k.shape, dtype=k.dtype, device=k.device)
         U = empty(v.shape, dtype=v.dtype, device=v.device)
         launch(
@@ -132,25 +136,26 @@ class DeltaRuleFunction(torch.autograd.Function):
         run = _DeltaRun(q, v, g, cu_seqlens, chunk, scale, config)
         qf, kf, vf, bf, gf = (run.flat(x) for x in (q, k, v, beta, g))
         state0 = None if initial_state is None else initial_state.float().contiguous()
-        ctx.save_for_backward(qf, kf, vf, bf, gf, state0)
         ctx.run = run
         ctx.dtypes = (k.dtype, beta.dtype, None if g is None else g.dtype,
                       None if initial_state is None else initial_state.dtype)
         if not outputs_wanted():
+            ctx.save_for_backward(qf, kf, vf, bf, gf, state0, None)
             return run.unread_outputs(v, output_final_state)
         G = run.cumulative_decay(gf)
-        W, U, _ = run.ut(kf, vf, bf, G)
+        W, U, T = run.ut(kf, vf, bf, G)
+        ctx.save_for_backward(qf, kf, vf, bf, gf, state0, T)
         h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
         o = run.output(qf, kf, v_new, G, None, h)
         return run.unflat(o), final
 
     @staticmethod
     def backward(ctx, do, d_final):
-        qf, kf, vf, bf, gf, state0 = ctx.saved_tensors
+        qf, kf, vf, bf, gf, state0, T = ctx.saved_tensors
         run = ctx.run
         do = run.flat(do)
         G = run.cumulative_decay(gf)
-        W, U, T = run.ut(kf, vf, bf, G)
+        W, U, T = run.ut(kf, vf, bf, G, T)
         h, v_new, _ = run.delta_states(kf, W, U, G, state0, store_final=False)
         dh, dv_new, d_initial = run.delta_states_backward(qf, kf, W, G, do, d_final, state0)
         dq, dk, dW, dG = run.dqk(qf, kf, v_new, G, h, dh, do, dv2=dv_new)
