@@ -1,6 +1,7 @@
 """Host-side helpers shared by the Triton ops: device checks, chunk layout, dot precision."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -105,14 +106,10 @@ class ChunkLayout:
 
     @classmethod
     def build(cls, batch: int, time: int, chunk: int, cu_seqlens: torch.Tensor | None, device) -> ChunkLayout:
+        """The layout of this call; batches of equal-length sequences share one per (batch, time,
+        chunk, device) (the kernels only read it), so a call launches no index-building ops."""
         if cu_seqlens is None:
-            per_seq = -(-time // chunk)
-            seqs = torch.arange(batch, device=device, dtype=torch.int32)
-            cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * time
-            offsets = torch.arange(batch + 1, device=device, dtype=torch.int32) * per_seq
-            indices = torch.stack([seqs.repeat_interleave(per_seq),
-                                   torch.arange(per_seq, device=device, dtype=torch.int32).repeat(batch)], dim=1)
-            return cls(cu, offsets, indices.contiguous(), batch, batch * time)
+            return _dense_layout(batch, time, chunk, torch.device(device))
         cu = cu_seqlens.to(device=device, dtype=torch.int32)
         sequences = cu.numel() - 1
         counts = (cu[1:] - cu[:-1] + chunk - 1) // chunk
@@ -124,3 +121,15 @@ class ChunkLayout:
         within = index - offsets[seq.clamp(max=sequences - 1)]
         indices = torch.stack([torch.where(valid, seq, -1), torch.where(valid, within, -1)], dim=1)
         return cls(cu, offsets, indices.contiguous(), sequences, time)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_layout(batch: int, time: int, chunk: int, device: torch.device) -> ChunkLayout:
+    """ChunkLayout of ``batch`` sequences of ``time`` steps (cached: read-only index tensors)."""
+    per_seq = -(-time // chunk)
+    seqs = torch.arange(batch, device=device, dtype=torch.int32)
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * time
+    offsets = torch.arange(batch + 1, device=device, dtype=torch.int32) * per_seq
+    indices = torch.stack([seqs.repeat_interleave(per_seq),
+                           torch.arange(per_seq, device=device, dtype=torch.int32).repeat(batch)], dim=1)
+    return ChunkLayout(cu, offsets, indices.contiguous(), batch, batch * time)
