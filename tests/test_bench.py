@@ -224,6 +224,22 @@ def test_measure_respects_repeats_and_time_limits():
     assert len(timing.samples) == 4 and len(calls) == 6
     slow = measure(lambda: sum(range(20000)), CPU, warmup=0, repeats=50, max_seconds=0.0)
     assert len(slow.samples) == 1
+    assert timing.host_median is None  # host time is only its own measurement where launches are asynchronous
+
+
+def test_report_shows_the_forward_host_time_where_measured(tmp_path):
+    def timing(seconds, host):
+        return {"median_s": seconds, "spread": 0.0, "samples_s": [seconds], "host_median_s": host}
+
+    rows = [{"op": "linear_attn", "case": "c", "target": target, "oracle": "chunked", "kind": "rnnops", "rel_err": 0.0,
+             "mismatch": False,
+             "fwd": timing(7e-4, host), "fwd_bwd": timing(2e-3, None)}
+            for target, host in (("chunked", None), ("triton", 4.2e-4))]
+    results = {"environment": {}, "device": "cuda:0", "dtype": "bfloat16", "rows": rows, "notes": {}}
+    report.write_report(results, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| fwd ms | fwd host ms |" in markdown
+    assert "| c | triton | 0.7 | 0.42 | 2 |" in markdown and "| c | chunked | 0.7 | - | 2 |" in markdown
 
 
 def test_peak_memory_counts_live_tensors():

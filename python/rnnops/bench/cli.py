@@ -88,7 +88,8 @@ def _serialise(rows: list[dict]) -> list[dict]:
         for phase in ("fwd", "fwd_bwd"):
             timing = row[phase]
             row[phase] = None if timing is None else {"median_s": timing.median, "spread": timing.spread,
-                                                      "samples_s": timing.samples}
+                                                      "samples_s": timing.samples,
+                                                      "host_median_s": timing.host_median}
         out.append(row)
     return out
 

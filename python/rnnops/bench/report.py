@@ -117,7 +117,10 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
                  f"torch {env.get('torch')}, triton {env.get('triton') or '-'}, {env.get('date', '')}. "
                  "Times are medians after a warm-up (CUDA events on GPUs, wall clock on CPUs); speedups are ratios "
                  "of medians measured side by side in this run; 'roofline' is the floor max(bytes / bandwidth, "
-                 "flops / peak, exponentials / special-function rate) over the measured time.")]
+                 "flops / peak, exponentials / special-function rate) over the measured time; 'fwd host ms' "
+                 "(GPUs) is the median time until a forward call returned on the host (launches are "
+                 "asynchronous: near 'fwd ms', the call is bound by host and launch overhead, not by its "
+                 "kernels).")]
     peers = env.get("peers", {})
     out.append(("p", "Peers: " + (", ".join(f"{k} {v}" for k, v in peers.items()) or "none installed") + "."))
     top = headline(results)
@@ -135,11 +138,12 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
             base = baseline(rows)
             for row in rows:
                 roof = row.get("roofline", {}).get("fwd_bwd", {})
-                lines.append((case, row["target"], _ms(median(row, "fwd")), _ms(median(row, "fwd_bwd")),
+                host = (row.get("fwd") or {}).get("host_median_s")
+                lines.append((case, row["target"], _ms(median(row, "fwd")), _ms(host), _ms(median(row, "fwd_bwd")),
                               f"{_x(speedup(row, base, 'fwd_bwd'))} vs {base['target']}", _err(row),
                               f"{roof.get('tflops', 0):.3g}", f"{roof.get('gbps', 0):.3g}", _fraction(row),
                               _mb(row.get("memory_fwd_bwd"))))
-        out.append(("table", ("case", "target", "fwd ms", "fwd+bwd ms", "speedup (f+b)", "rel err",
+        out.append(("table", ("case", "target", "fwd ms", "fwd host ms", "fwd+bwd ms", "speedup (f+b)", "rel err",
                               "TFLOP/s (f+b)", "GB/s (f+b)", "roofline", "peak MB (f+b)"), lines))
         op_notes = [f"{case}: {note}" for case, _ in cases for note in notes.get(case, [])]
         if op_notes:

@@ -4,16 +4,23 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class Timing:
-    """Seconds per call over ``len(samples)`` repeats after warm-up."""
+    """Seconds per call over ``len(samples)`` repeats after warm-up; on a GPU also the host's
+    seconds until each call returned (its launches are asynchronous: a host time near the
+    device time means the call is bound by launch overhead, not by its kernels)."""
 
     samples: list[float]
+    host_samples: list[float] = field(default_factory=list)
+
+    @property
+    def host_median(self) -> float | None:
+        return statistics.median(self.host_samples) if self.host_samples else None
 
     @property
     def median(self) -> float:
@@ -32,12 +39,15 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
     for _ in range(warmup):
         fn()
     samples: list[float] = []
+    host: list[float] = []
     spent = 0.0
     while True:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            begin = time.perf_counter()
             fn()
+            host.append(time.perf_counter() - begin)
             end.record()
             end.synchronize()
             seconds = start.elapsed_time(end) / 1e3
@@ -49,7 +59,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
         spent += seconds
         enough = len(samples) >= repeats and spent >= min_seconds
         if enough or spent >= max_seconds or len(samples) >= 100:
-            return Timing(samples)
+            return Timing(samples, host)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
