@@ -117,12 +117,17 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
   const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
   const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
 
-  RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 1);
-  RNNOPS_DYNAMIC_SHARED(float, carry);  // [N][32]: the state crossing chunk boundaries
+  // one barrier per state element: the segments alternate between two buffers (a warp writes
+  // buffer n & 1 only after every warp has passed the barrier of element n - 1, so after it read
+  // the buffer's previous use, element n - 2), and the state crossing chunk boundaries between two
+  // [N][32] halves, read from carry_in and written to carry_out, swapped at the chunk's end
+  RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 2);
+  RNNOPS_DYNAMIC_SHARED(float, carry);  // [2][N][32]
+  float *carry_in = carry, *carry_out = carry + N * 32;
 
   if (warp == 0)
     for (int n = 0; n < N; ++n)
-      carry[n * 32 + lane] = (live && initial_state) ? initial_state[(seq * (long long)Dm + d) * N + n] : 0.0f;
+      carry_in[n * 32 + lane] = (live && initial_state) ? initial_state[(seq * (long long)Dm + d) * N + n] : 0.0f;
   __syncthreads();
 
   const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
@@ -130,7 +135,7 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
   for (long long t0 = bos; t0 < eos; t0 += CHUNK) {
     const long long chunk = first + (t0 - bos) / CHUNK;
     if (warp == 0 && live)
-      for (int n = 0; n < N; ++n) chunk_states[(chunk * Dm + d) * N + n] = carry[n * 32 + lane];
+      for (int n = 0; n < N; ++n) chunk_states[(chunk * Dm + d) * N + n] = carry_in[n * 32 + lane];
     // per step, once for all n: dt, dt u, where B and C are read; steps past the end get dt = 0
     // (the identity step: e^0 x + 0) and read the sequence's first row
     float dt[ITEMS], dtu[ITEMS], y[ITEMS], dt_sum = 0.0f;
@@ -162,20 +167,20 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
         inject[i] = dtu[i] * __ldg(reinterpret_cast<const float*>(Bn + Boff[i]));
         x = a[i] * x + inject[i];
       }
-      segment->p[warp][lane] = exp2_approx(dt_sum * a2);  // the segment's decay, prod_i a_i
-      segment->x[warp][lane] = x;
+      SegmentSmem<WARPS>& seg = segment[n & 1];
+      seg.p[warp][lane] = exp2_approx(dt_sum * a2);  // the segment's decay, prod_i a_i
+      seg.x[warp][lane] = x;
       __syncthreads();
-      x = carry[n * 32 + lane];
+      x = carry_in[n * 32 + lane];
 #pragma unroll
       for (int w = 0; w < WARPS - 1; ++w)
-        if (w < warp) x = segment->p[w][lane] * x + segment->x[w][lane];
+        if (w < warp) x = seg.p[w][lane] * x + seg.x[w][lane];
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         x = a[i] * x + inject[i];
         y[i] += x * __ldg(reinterpret_cast<const float*>(Cn + Coff[i]));
       }
-      __syncthreads();  // every warp has read carry[n] and the segments
-      if (warp == WARPS - 1) carry[n * 32 + lane] = x;
+      if (warp == WARPS - 1) carry_out[n * 32 + lane] = x;
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -189,10 +194,13 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
       }
       out[batch * sout.b + r * sout.t + d * sout.d] = from_float<T>(value);
     }
-    __syncthreads();  // the last warp's carry before the next chunk
+    __syncthreads();  // the last warp's carry before the next chunk (and every read of carry_in)
+    float* const swap = carry_in;
+    carry_in = carry_out;
+    carry_out = swap;
   }
   if (final_state && warp == 0 && live)
-    for (int n = 0; n < N; ++n) final_state[(seq * (long long)Dm + d) * N + n] = carry[n * 32 + lane];
+    for (int n = 0; n < N; ++n) final_state[(seq * (long long)Dm + d) * N + n] = carry_in[n * 32 + lane];
 }
 
 // ---------------------------------------------------------------- backward
@@ -270,8 +278,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
   const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
 
-  RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 1);
-  RNNOPS_SHARED(float, head_a, WARPS * 32);  // e^(dt A) at each warp's first item
+  // three barriers per state element, one per phase (replay, adjoint, reduction), each phase with
+  // buffers of its own: a warp writes a phase's buffer for element n + 1 only after passing the
+  // barriers of the two phases after it for element n, which every warp reaches after reading it
+  RNNOPS_SHARED(SegmentSmem<WARPS>, replay, 1);
+  RNNOPS_SHARED(SegmentSmem<WARPS>, adjoint, 1);
+  RNNOPS_SHARED(SegmentSmem<WARPS>, reduction, 1);
+  RNNOPS_SHARED(float, head_a, WARPS * 32);  // e^(dt A) at each warp's first item (replay phase)
   RNNOPS_DYNAMIC_SHARED(float, smem);
   float* dcarry = smem;             // [N][32]: dx at the first step of the chunk after this one
   float* dA_acc = smem + N * 32;    // [N][32]
@@ -335,14 +348,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
         Bv[i] = __ldg(reinterpret_cast<const float*>(Bn + Boff[i]));
         acc = a[i] * acc + dtu[i] * Bv[i];
       }
-      segment->p[warp][lane] = exp2_approx(dt_sum * a2);
-      segment->x[warp][lane] = acc;
+      replay->p[warp][lane] = exp2_approx(dt_sum * a2);
+      replay->x[warp][lane] = acc;
       head_a[warp * 32 + lane] = a[0];
       __syncthreads();
       float state = live ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
 #pragma unroll
       for (int w = 0; w < WARPS - 1; ++w)
-        if (w < warp) state = segment->p[w][lane] * state + segment->x[w][lane];
+        if (w < warp) state = replay->p[w][lane] * state + replay->x[w][lane];
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         state = a[i] * state + dtu[i] * Bv[i];
@@ -352,7 +365,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
         dyC[i] = dy[i] * Cv;
       }
       const float a_after = warp < WARPS - 1 ? head_a[(warp + 1) * 32 + lane] : exp2_approx(dt_after * a2);
-      __syncthreads();  // segments are reused below
       // the adjoint recurrence dx_t = dy_t C_t + a_{t+1} dx_{t+1}, this warp's segment from a zero carry
       float next_a = a_after, g = 0.0f;
 #pragma unroll
@@ -360,14 +372,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
         g = dyC[i] + next_a * g;
         next_a = a[i];
       }
-      segment->p[warp][lane] = exp2_approx((dt_sum - dt[0] + dt_after) * a2);  // a_after a_{ITEMS-1} ... a_1
-      segment->x[warp][lane] = g;
+      adjoint->p[warp][lane] = exp2_approx((dt_sum - dt[0] + dt_after) * a2);  // a_after a_{ITEMS-1} ... a_1
+      adjoint->x[warp][lane] = g;
       __syncthreads();
       float dx = dcarry[n * 32 + lane];  // dx at the step after this warp's segment
 #pragma unroll
       for (int w = WARPS - 1; w > 0; --w)
-        if (w > warp) dx = segment->x[w][lane] + segment->p[w][lane] * dx;
-      __syncthreads();  // every warp has composed its carry before the segments are overwritten
+        if (w > warp) dx = adjoint->x[w][lane] + adjoint->p[w][lane] * dx;
       float dA_part = 0.0f, dB_terms[ITEMS], dC_terms[ITEMS];
       next_a = a_after;
 #pragma unroll
@@ -395,14 +406,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       } else {
         add_bc_gradient(dC, dC_terms, C_per_warp, first_row, steps, items, GC, groupC, N, n);
       }
-      segment->x[warp][lane] = dA_part;
-      if (warp == 0) segment->p[0][lane] = dx;  // dx at the chunk's first step
-      __syncthreads();
+      reduction->x[warp][lane] = dA_part;
+      __syncthreads();  // every warp has read dcarry[n] (above) and written its dA part
       if (warp == 0) {
         float total = 0.0f;
-        for (int w = 0; w < WARPS; ++w) total += segment->x[w][lane];
+        for (int w = 0; w < WARPS; ++w) total += reduction->x[w][lane];
         dA_acc[n * 32 + lane] += total;
-        dcarry[n * 32 + lane] = segment->p[0][lane];
+        dcarry[n * 32 + lane] = dx;  // dx at the chunk's first step
         if (c == 0) first_a[n * 32 + lane] = a[0];
       }
       if (live) {
@@ -415,7 +425,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
           dC_static = 0.0f;
         }
       }
-      __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -435,15 +444,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       d_delta[row * Dm + d] = draw;
     }
   }
-  // block totals: dD and d_bias over warps (lanes are channels), then across sequences
-  segment->x[warp][lane] = dD_acc;
-  segment->p[warp][lane] = dbias_acc;
+  // block totals: dD and d_bias over warps (lanes are channels), then across sequences (in the
+  // replay buffers, which every warp last read before the last element's adjoint barrier)
+  replay->x[warp][lane] = dD_acc;
+  replay->p[warp][lane] = dbias_acc;
   __syncthreads();
   if (warp == 0 && live) {
     float total_d = 0.0f, total_bias = 0.0f;
     for (int w = 0; w < WARPS; ++w) {
-      total_d += segment->x[w][lane];
-      total_bias += segment->p[w][lane];
+      total_d += replay->x[w][lane];
+      total_bias += replay->p[w][lane];
     }
     if (shape.has_d) atomicAdd(dD + d, total_d);
     if (shape.has_bias) atomicAdd(d_bias + d, total_bias);

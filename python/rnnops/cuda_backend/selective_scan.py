@@ -38,8 +38,9 @@ def space(N: int, hardware) -> Space:
     return Space(
         {"warps": [1, 2, 4, 8], "items": [4, 8]},
         (
-            Constraint("backward shared memory (3 N x 32 fp32 + segments) fits a block", ("warps",),
-                       lambda w: 3 * N * 32 * 4 + w * 32 * 4 * 3 <= hardware.shared_memory_per_block),
+            Constraint("backward shared memory (3 N x 32 fp32 + three phases' segments and the warps' first "
+                       "decays, 7 x warps x 32 fp32) fits a block", ("warps",),
+                       lambda w: 3 * N * 32 * 4 + w * 32 * 4 * 7 <= hardware.shared_memory_per_block),
         ),
     )
 
@@ -89,7 +90,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         engine(u.device).scan_forward(
             u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, chunk_states, maybe(state0), maybe(final),
             layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), _bc_layout(B, channels),
-            _bc_layout(C, channels), shape, grid + [config.warps, config.items, N * 32 * 4])
+            _bc_layout(C, channels), shape, grid + [config.warps, config.items, 2 * N * 32 * 4])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
         ctx.layout, ctx.shape, ctx.grid, ctx.config = layout, shape, grid, config
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
