@@ -1,6 +1,8 @@
 """The bench harness and report end to end on tiny cases (the real --quick run is the README's
 main job; its cases are too slow for a test)."""
 import json
+import os
+import pathlib
 from types import SimpleNamespace
 
 import pytest
@@ -161,6 +163,28 @@ def test_compile_only_autotuning_launches_each_configuration_once_and_restores_t
         timings = [tuner.do_bench(lambda c=config: launches.append(c), quantiles=(0.5, 0.2, 0.8)) for config in "ab"]
     assert launches == ["a", "b"] and timings == [[1.0] * 3] * 2
     assert Autotuner.__dict__["do_bench"] is before
+
+
+def test_a_worker_past_its_time_is_killed_with_the_processes_it_started(tmp_path):
+    from rnnops._workers import run_side_by_side
+
+    pid_file = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time, pathlib; child = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); pathlib.Path(sys.argv[1]).write_text(str(child.pid)); time.sleep(60)")
+    assert run_side_by_side(code, [str(pid_file)], 1, timeout_s=2.0) == 0
+    state = pathlib.Path(f"/proc/{pid_file.read_text()}/status")
+    assert not state.exists() or "\tZ" in state.read_text()  # gone, or a zombie awaiting its reaper
+
+
+def test_stale_extension_build_locks_are_removed(monkeypatch, tmp_path):
+    old, new = tmp_path / "py312_cu130" / "flashrnn_old" / "lock", tmp_path / "py312_cu130" / "flashrnn_new" / "lock"
+    for lock in (old, new):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(old, (1000.0, 1000.0))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert precompile_module.clear_stale_build_locks(since=2000.0) == [new]
+    assert old.exists() and not new.exists()
 
 
 def test_precompile_warms_standard_cases_in_worker_processes(monkeypatch, tmp_path):

@@ -3,15 +3,28 @@
 Each task is one ``python -c CODE ARGUMENT`` process (a fresh interpreter: nothing depends on
 how the parent was started, unlike multiprocessing's spawn, which re-imports the parent's main
 script), at most ``workers`` at once. A worker that crashes only loses its own task; one still
-running after ``timeout_s``, or at ``deadline``, or on an interrupt, is killed.
+running after ``timeout_s``, or at ``deadline``, or on an interrupt, is killed with the
+processes it started (a session of its own: a compiler it runs, e.g. nvcc under a peer's
+torch.utils.cpp_extension build, must not go on taking CPU from the timings that follow).
 """
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+
+
+def _kill(worker: subprocess.Popen) -> None:
+    """Kill ``worker`` and every process in its session, then reap it."""
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)
+    except (AttributeError, ProcessLookupError, PermissionError):  # no process groups here, or already gone
+        worker.kill()
+    worker.wait()
 
 
 def run_side_by_side(code: str, arguments: Sequence[str], workers: int, *, timeout_s: float,
@@ -27,7 +40,7 @@ def run_side_by_side(code: str, arguments: Sequence[str], workers: int, *, timeo
         while pending or running:
             while pending and len(running) < max(1, workers) and time.perf_counter() < deadline:
                 worker = subprocess.Popen([sys.executable, "-c", code, pending.pop(0)], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL)
+                                          stderr=subprocess.DEVNULL, start_new_session=True)
                 running[worker] = time.perf_counter()
             if not running:
                 break  # past the deadline with tasks never started
@@ -35,8 +48,7 @@ def run_side_by_side(code: str, arguments: Sequence[str], workers: int, *, timeo
             now = time.perf_counter()
             for worker, started in list(running.items()):
                 if worker.poll() is None and (now - started > timeout_s or now > deadline):
-                    worker.kill()
-                    worker.wait()
+                    _kill(worker)
                 if worker.poll() is not None:
                     del running[worker]
                     finished += 1
@@ -46,6 +58,5 @@ def run_side_by_side(code: str, arguments: Sequence[str], workers: int, *, timeo
                 report(*shown)
     finally:
         for worker in running:
-            worker.kill()
-            worker.wait()
+            _kill(worker)
     return clean

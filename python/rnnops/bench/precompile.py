@@ -15,7 +15,9 @@ The timed process then autotunes on an otherwise idle GPU, as the peer's users d
 compiled kernels.
 
 Nothing here changes what is timed; it changes when compiling happens. A worker that fails or
-crashes only loses its warm-up: the timed run meets the same error and reports it.
+crashes only loses its warm-up: the timed run meets the same error and reports it. A worker
+killed at its time limit takes its compilers with it (rnnops._workers), and the extension build
+locks it held are removed (clear_stale_build_locks).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -103,9 +106,28 @@ def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, 
     processes at once (rnnops._workers); returns (cases whose worker exited cleanly, seconds). A
     worker still running after ``timeout_s`` (a cold case compiles in well under two minutes), and
     on an interrupt every worker still running, is killed."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     dtype_name = str(dtype).split(".")[-1]
     arguments = [json.dumps([case.name, str(device), dtype_name, backends, peers]) for case in cases]
     clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s, report=lambda finished, running: progress(
         f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
+    if clean < len(cases):
+        clear_stale_build_locks(started_at)
     return clean, time.perf_counter() - start
+
+
+def clear_stale_build_locks(since: float) -> list[Path]:
+    """Remove the ``lock`` files torch.utils.cpp_extension builds (FlashRNN's CUDA kernels) left
+    since ``since`` (a time.time() value): a build killed with its worker never releases its lock,
+    and the next build of that extension would wait on it forever. Called once every worker is
+    gone, so no lock made since then is held. Returns the removed paths."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in root.glob("**/lock"):
+        with contextlib.suppress(OSError):
+            if lock.stat().st_mtime >= since:
+                lock.unlink()
+                removed.append(lock)
+    return removed
