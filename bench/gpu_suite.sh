@@ -75,28 +75,29 @@ PY
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
-    # delta rule, the occupancy hypotheses of compile_check: 4 warps give the UT backward 2
-    # programs per SM (1 at 8; the UT inverse runs at 4 anyway), one state stage gives states_bwd
-    # 2 (1 at two stages: 116 KB)
-    # each A/B check has until its end time, and starts no measurement in its last 15 s
+    # each A/B check has until its end time, and starts no measurement in its last 15 s.
+    # the delta rule: the shipped 64-wide K tiles (compile-screened since 2026-11-26: half the
+    # dq/dk programs, each recomputing do v^T once) against the 32 shipped before (measured:
+    # 0.53x fla f+b on the H200), and the occupancy hypotheses of compile_check (4 warps: the UT
+    # backward 2 programs per SM, 1 at 8; one state stage: states_bwd 2, 1 at two stages)
     left=$(seconds_until 470)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
-      --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}' \
-            '{"num_warps": 4, "num_stages": 1, "state_num_stages": 1}'
-    # linear attention's state tile: shipped 64 x 64 (wgmma) against the tile it had before
-    # (its chunk kernels' 32 x 128: mma.sync) and flash-linear-attention's full K, 32 wide
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" \
+      --try '{"block_k": 32}' '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}'
+    # linear attention: the same K tiles, and its state tile (shipped 64 x 64, wgmma) against
+    # flash-linear-attention's full K, 32 wide (1.03x on the H200: noise level)
     left=$(seconds_until 520)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" \
-      --try '{"state_block_k": 32, "state_block_v": 128}' '{"state_block_k": 128, "state_block_v": 32}'
-    # the selective scan (both backends' rows): the Triton scan's shipped 8 channels x 128-step
-    # chunks (the model's choice) against 16 channels (fewer programs, B/C loads shared by more
-    # channels) and short chunks
+      --try '{"block_k": 32}' '{"state_block_k": 128, "state_block_v": 32}'
+    # the selective scan: the Triton scan's 8 channels x 128-step chunks (the model's) against
+    # 16 x 32 (1.14x on the H200); the CUDA scan's 8 warps x 8 steps (6.8 ms f+b on the H200, 6%
+    # of its floor; its backward holds one block per SM) against 4 warps and 2 warps x 4 steps
+    # (five backward blocks of 2 warps per SM: fewer warps per barrier, more blocks to interleave)
     left=$(seconds_until 575)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" \
-      --try '{"block_d": 16, "chunk": 32}' '{"block_d": 16, "chunk": 128}' '{"block_d": 8, "chunk": 32}'
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 16, "chunk": 32}' '{"warps": 4}' \
+      '{"warps": 2, "items": 4}'
   fi
 } 2>&1 | tee "$LOG"
 
