@@ -153,6 +153,35 @@ def test_warm_up_runs_each_of_our_backends_once_and_peers_when_asked(monkeypatch
     assert asked == [peers] and calls == ["chunked", "triton"] + (["fla"] if peers else [])
 
 
+def test_warm_up_records_the_target_it_is_warming(monkeypatch, tmp_path):
+    """What a killed worker was doing: the progress file names the target until all are done."""
+    class Stopped(BaseException):  # as if the worker stopped here (warm_up suppresses Exceptions only)
+        pass
+
+    def interrupted(x):
+        raise Stopped
+
+    targets = [Target("chunked", "rnnops", lambda x: x, lambda x: x["q"] * 2, lambda out: out),
+               Target("flashrnn.cuda", "peer", lambda x: x, interrupted, lambda out: out)]
+    monkeypatch.setattr(precompile_module, "targets_for", lambda *args, **kwargs: (targets, []))
+    progress_file = tmp_path / "0.json"
+    with pytest.raises(Stopped):
+        warm_up(tiny_cases()[0], CPU, torch.float32, peers=True, progress_file=progress_file)
+    assert json.loads(progress_file.read_text()) == {"warming": "flashrnn.cuda"}
+    del targets[1]
+    assert warm_up(tiny_cases()[0], CPU, torch.float32, progress_file=progress_file) == 1
+    assert json.loads(progress_file.read_text()) == {"warming": None}
+
+
+def test_a_peer_whose_precompile_stopped_is_left_out_of_the_timed_run():
+    case = tiny_cases()[4]  # the GRU case: torch.nn.GRU is always a peer
+    rows, notes = run_case(case, CPU, torch.float32, backends=["reference"], repeats=1, stopped_peer="torch.nn.GRU")
+    assert [row["target"] for row in rows] == ["reference"]
+    assert "torch.nn.GRU: skipped, its precompile worker stopped while warming it (its time limit, or a crash)" in notes
+    rows, _ = run_case(case, CPU, torch.float32, backends=["reference"], repeats=1, stopped_peer="reference")
+    assert [row["target"] for row in rows] == ["reference", "torch.nn.GRU"]  # our own backends are always timed
+
+
 def test_compile_only_autotuning_launches_each_configuration_once_and_restores_triton():
     from triton.runtime.autotuner import Autotuner
 
@@ -203,8 +232,9 @@ def test_precompile_warms_standard_cases_in_worker_processes(monkeypatch, tmp_pa
     tiny test case) is counted as not warmed."""
     standard = next(c for c in bench_cases.standard_cases(CPU) if c.name.startswith("scalar decay"))
     progress = []
-    warmed, seconds = precompile([standard, tiny_cases()[0]], CPU, torch.float32, ["chunked"], 2, progress.append)
-    assert (warmed, progress[-1]) == (1, "precompiling: 2/2 cases done, 0 running") and seconds > 0
+    warmed = precompile([standard, tiny_cases()[0]], CPU, torch.float32, ["chunked"], 2, progress.append)
+    assert (warmed.clean, warmed.stopped_in, progress[-1]) == (1, {}, "precompiling: 2/2 cases done, 0 running")
+    assert warmed.seconds > 0
     monkeypatch.setattr(cli, "standard_cases", lambda device: [standard])
     main(["bench", "--backends", "chunked", "--repeats", "1", "--precompile", "1", "--out", str(tmp_path)])
     notes = json.loads((tmp_path / "results.json").read_text())["notes"]

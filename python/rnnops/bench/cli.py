@@ -160,14 +160,16 @@ def main(args: argparse.Namespace) -> int:
     workers = args.precompile if args.precompile is not None else (
         min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases
+    stopped_in = {}  # case -> the peer its precompile worker was warming when it stopped
     try:
         if workers > 0 and cases:
-            # a compile that takes longer than half the budget is left to the timed loop
+            # a worker gets at most half the budget (its case's peer still compiling is then left out)
             timeout_s = 300.0 if args.budget_s is None else max(30.0, args.budget_s / 2)
-            warmed, seconds = precompile(cases, device, dtype, args.backends, workers, progress,
-                                         timeout_s=timeout_s, peers=args.peers)
-            notes["precompiled"] = [(f"{warmed} of {len(cases)} cases warmed up in {workers} processes "
-                                     f"in {seconds:.0f} s before timing")]
+            warmed = precompile(cases, device, dtype, args.backends, workers, progress, timeout_s=timeout_s,
+                                peers=args.peers)
+            notes["precompiled"] = [(f"{warmed.clean} of {len(cases)} cases warmed up in {workers} processes "
+                                     f"in {warmed.seconds:.0f} s before timing (each at most {timeout_s:.0f} s)")]
+            stopped_in = warmed.stopped_in
         for index, case in enumerate(families_in_turn(cases), 1):
             if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:
                 notes["interrupted"] = stopped(f"time budget of {args.budget_s:g} s spent")
@@ -175,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
             progress.case(index)
             case_rows, case_notes = run_case(case, device, dtype, backends=args.backends, include_peers=args.peers,
                                              repeats=args.repeats, progress=progress, hardware=hardware,
-                                             profile=args.profile)
+                                             profile=args.profile, stopped_peer=stopped_in.get(case.name))
             rows += case_rows
             if case_notes:
                 notes[case.name] = case_notes

@@ -17,7 +17,9 @@ compiled kernels.
 Nothing here changes what is timed; it changes when compiling happens. A worker that fails or
 crashes only loses its warm-up: the timed run meets the same error and reports it. A worker
 killed at its time limit takes its compilers with it (rnnops._workers), and the extension build
-locks it held are removed (clear_stale_build_locks).
+locks it held are removed (clear_stale_build_locks); the peer it was warming then is left out
+of the timed run (``Precompiled.stopped_in``): a build that outlasted the precompile would
+outlast the bench's budget too, and a peer that crashed its process would take the bench with it.
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,11 +68,12 @@ def compile_only_autotuning():
 
 
 def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None = None,
-            peers: bool = False) -> int:
+            peers: bool = False, progress_file: Path | None = None) -> int:
     """One forward+backward of ``case`` through each of our backends and, with ``peers``, each
     peer's kernels (not its pure-PyTorch reference; autotuners compile only, see the module
     docstring), nothing timed; returns how many ran without an error (errors are left to the
-    timed run, which reports them)."""
+    timed run, which reports them). ``progress_file`` names, while it runs, the target being
+    warmed (``{"warming": name}``, null once all are done): what a killed worker was doing."""
     torch.manual_seed(0)
     inputs = case.make(device, dtype)
     targets, _ = targets_for(case, device, dtype, backends, include_peers=peers)
@@ -76,6 +81,7 @@ def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequ
     for target in targets:
         if target.kind not in ("rnnops", "peer"):
             continue
+        _record(progress_file, target.name)
         with contextlib.suppress(Exception):  # the timed run meets the same error and reports it
             fresh, _ = fresh_leaves(target.prepare(inputs))
             out = target.call(fresh)
@@ -83,10 +89,19 @@ def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequ
             ran += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    _record(progress_file, None)
     return ran
 
 
-def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] | None, peers: bool) -> None:
+def _record(progress_file: Path | None, warming: str | None) -> None:
+    if progress_file is not None:
+        partial = progress_file.with_suffix(".partial")
+        partial.write_text(json.dumps({"warming": warming}))
+        partial.replace(progress_file)
+
+
+def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] | None, peers: bool,
+               progress_file: str | None = None) -> None:
     """The worker's entry point: warm the standard case named ``case_name``; exit status 3 if no
     standard case has that name."""
     device_ = torch.device(device)
@@ -95,25 +110,43 @@ def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] 
         sys.exit(3)
     os.environ["FLA_CACHE_RESULTS"] = "0"  # read when fla is imported: store none of this process's choices
     with compile_only_autotuning() if peers else contextlib.nullcontext():
-        warm_up(case, device_, getattr(torch, dtype), backends, peers)
+        warm_up(case, device_, getattr(torch, dtype), backends, peers, progress_file and Path(progress_file))
+
+
+@dataclass
+class Precompiled:
+    """What a precompile did: cases whose worker exited cleanly, seconds, and per case the target
+    its worker was warming when it stopped (killed at its time limit, or crashed)."""
+
+    clean: int
+    seconds: float
+    stopped_in: dict[str, str]
 
 
 def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None,
                workers: int, progress: Callable[[str], None] = lambda text: None,
-               timeout_s: float = 300.0, peers: bool = False) -> tuple[int, float]:
+               timeout_s: float = 300.0, peers: bool = False) -> Precompiled:
     """Warm ``cases`` (standard cases, found again by name in each worker; with ``peers``, the
-    peers' kernels too) in up to ``workers``
-    processes at once (rnnops._workers); returns (cases whose worker exited cleanly, seconds). A
-    worker still running after ``timeout_s`` (a cold case compiles in well under two minutes), and
-    on an interrupt every worker still running, is killed."""
+    peers' kernels too) in up to ``workers`` processes at once (rnnops._workers). A worker still
+    running after ``timeout_s`` (a cold case of ours compiles in well under two minutes; a
+    FlashRNN build can take longer), and on an interrupt every worker still running, is killed."""
     start, started_at = time.perf_counter(), time.time()
     dtype_name = str(dtype).split(".")[-1]
-    arguments = [json.dumps([case.name, str(device), dtype_name, backends, peers]) for case in cases]
-    clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s, report=lambda finished, running: progress(
-        f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
+    with tempfile.TemporaryDirectory(prefix="rnnops-precompile-") as folder:
+        files = [Path(folder) / f"{i}.json" for i in range(len(cases))]
+        arguments = [json.dumps([case.name, str(device), dtype_name, backends, peers, str(file)])
+                     for case, file in zip(cases, files)]
+        clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s,
+                                 report=lambda finished, running: progress(
+                                     f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
+        stopped_in = {}
+        for case, file in zip(cases, files):
+            with contextlib.suppress(OSError, ValueError):
+                if (target := json.loads(file.read_text())["warming"]) is not None:
+                    stopped_in[case.name] = target
     if clean < len(cases):
         clear_stale_build_locks(started_at)
-    return clean, time.perf_counter() - start
+    return Precompiled(clean, time.perf_counter() - start, stopped_in)
 
 
 def clear_stale_build_locks(since: float) -> list[Path]:

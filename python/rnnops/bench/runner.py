@@ -83,13 +83,18 @@ PROFILE_LIMIT_S = 0.25  # slower targets (Python loops over chunks on a GPU) are
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=None, include_peers=False,
-             repeats: int = 3, progress=lambda text: None, hardware=None,
-             profile: bool = False) -> tuple[list[dict], list[str]]:
+             repeats: int = 3, progress=lambda text: None, hardware=None, profile: bool = False,
+             stopped_peer: str | None = None) -> tuple[list[dict], list[str]]:
     """Rows (one per target) and notes for ``case``; with ``profile``, each row also gets the
-    largest kernels (GPU) or operators (CPU) of one profiled forward+backward."""
+    largest kernels (GPU) or operators (CPU) of one profiled forward+backward. ``stopped_peer``:
+    a peer whose precompile worker stopped while warming it (bench.precompile), left out."""
     torch.manual_seed(0)
     inputs = case.make(device, dtype)
     targets, notes = targets_for(case, device, dtype, backends, include_peers)
+    for target in [t for t in targets if t.name == stopped_peer and t.kind != "rnnops"]:
+        targets.remove(target)
+        notes.append(f"{target.name}: skipped, its precompile worker stopped while warming it (its time limit, "
+                     "or a crash)")
     outputs, states = {}, {}
     for target in list(targets):
         try:
