@@ -128,6 +128,17 @@ class _KernelOutOfSharedMemory:
         return run
 
 
+def test_equal_length_layouts_are_built_once_and_packed_ones_per_call():
+    dense = _common.ChunkLayout.build(3, 100, 64, None, "cpu")
+    assert _common.ChunkLayout.build(3, 100, 64, None, torch.device("cpu")) is dense
+    assert dense.chunk_indices.tolist() == [[s, c] for s in range(3) for c in range(2)]
+    assert dense.cu_seqlens.tolist() == [0, 100, 200, 300] and dense.chunk_offsets.tolist() == [0, 2, 4, 6]
+    offsets = torch.tensor([0, 70, 100])
+    packed = _common.ChunkLayout.build(1, 100, 64, offsets, "cpu")
+    assert packed is not _common.ChunkLayout.build(1, 100, 64, offsets, "cpu")
+    assert packed.chunk_indices.tolist() == [[0, 0], [0, 1], [1, 0], [-1, -1]]
+
+
 def test_launch_falls_back_to_one_stage_when_shared_memory_runs_out():
     from triton.runtime.errors import OutOfResources
 

@@ -107,9 +107,14 @@ class ChunkLayout:
     @classmethod
     def build(cls, batch: int, time: int, chunk: int, cu_seqlens: torch.Tensor | None, device) -> ChunkLayout:
         """The layout of this call; batches of equal-length sequences share one per (batch, time,
-        chunk, device) (the kernels only read it), so a call launches no index-building ops."""
+        chunk, device) (the kernels only read it), so a call launches no index-building ops. While
+        a CUDA graph is being captured the layout is built, not cached: captured ops fill their
+        outputs only when the graph replays."""
         if cu_seqlens is None:
-            return _dense_layout(batch, time, chunk, torch.device(device))
+            device = torch.device(device)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return _dense_layout.__wrapped__(batch, time, chunk, device)
+            return _dense_layout(batch, time, chunk, device)
         cu = cu_seqlens.to(device=device, dtype=torch.int32)
         sequences = cu.numel() - 1
         counts = (cu[1:] - cu[:-1] + chunk - 1) // chunk
