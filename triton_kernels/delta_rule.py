@@ -23,7 +23,7 @@ Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks bac
         dbeta = rowsum(V T^T dU) + rowsum(Gamma K T^T dW) + rowsum(dL * KK * D),
         dG += Gamma beta rowsum(K T^T dW) + rowsum(F) - colsum(F),  F = dL * L,
     then dg = reverse cumsum of dG within the chunk.
-Saved for the backward: the inputs only; W, U, the states and V_new are recomputed.
+Saved for the backward: the inputs and T; W, U, the states and V_new are recomputed.
 
 Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a power of two):
     ut_inverse, ut_fwd, ut_bwd   (chunks, H)
@@ -267,12 +267,12 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
 
 
 @triton.jit
-def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, cu_seqlens, total_rows,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Gradients through the UT transform for one chunk: dv and dbeta; adds to dk (fp32, holding
-    the output and state terms); gated: dg = reverse cumsum of (dG summed over its K tiles + the
-    UT terms) within the chunk."""
+def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, chunk_indices, cu_seqlens,
+                  total_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
+                  PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Gradients through the UT transform for one chunk: dv and dbeta; dk_out (k's dtype) = dk
+    (fp32, the output and state terms) + the UT terms; gated: dg = reverse cumsum of (dG summed
+    over its K tiles + the UT terms) within the chunk."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -331,7 +331,7 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_ind
             d_beta += k_p
             d_gate += b_beta * k_p - tl.sum(k32 * Q, axis=1)
             b_dk = tl.load(dk + tile, mask=mask, other=0.0) + (b_beta * gamma)[:, None] * y
-            tl.store(dk + tile, b_dk + b_beta[:, None] * P + Q, mask=mask)
+            tl.store(dk_out + tile, (b_dk + b_beta[:, None] * P + Q).to(dk_out.dtype.element_ty), mask=mask)
         tl.store(dbeta + rows * H + i_h, d_beta, mask=row_mask)
         if GATED:
             for i_k in range(tl.cdiv(K, BK)):

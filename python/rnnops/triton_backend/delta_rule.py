@@ -118,16 +118,18 @@ class _DeltaRun(ChunkedRun):
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):
-        """dv, dbeta; completes dk (in place, fp32) and returns dg for gated runs."""
+        """(dk, dv, dbeta, dg): dk in k's dtype, the fp32 partial ``dk`` (dqk's output and state
+        terms) plus the UT terms, written once (in place for float32 k); dg for gated runs."""
         lay = self.layout
+        dk_out = dk if k.dtype == dk.dtype else empty(k.shape, dtype=k.dtype, device=k.device)
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
         dbeta = empty(beta.shape, dtype=torch.float32, device=beta.device)
         dg = None if G is None else empty(G.shape, dtype=torch.float32, device=G.device)
         launch(
             _kernels().ut_bwd_kernel, (lay.programs, self.H),
-            k, v, beta, G, T, dv_new, dW, dk, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens, lay.total_rows,
-            BK=self.BK, BV=self.UT_BV, **self.delta, **self.launch)
-        return dv, dbeta, dg
+            k, v, beta, G, T, dv_new, dW, dk, dk_out, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens,
+            lay.total_rows, BK=self.BK, BV=self.UT_BV, **self.delta, **self.launch)
+        return dk_out, dv, dbeta, dg
 
 
 class DeltaRuleFunction(torch.autograd.Function):
@@ -159,7 +161,7 @@ class DeltaRuleFunction(torch.autograd.Function):
         h, v_new, _ = run.delta_states(kf, W, U, G, state0, store_final=False)
         dh, dv_new, d_initial = run.delta_states_backward(qf, kf, W, G, do, d_final, state0)
         dq, dk, dW, dG = run.dqk(qf, kf, v_new, G, h, dh, do, dv2=dv_new)
-        dv, dbeta, dg = run.ut_backward(kf, vf, bf, G, T, dv_new, dW, dk, dG)
+        dk, dv, dbeta, dg = run.ut_backward(kf, vf, bf, G, T, dv_new, dW, dk, dG)
         k_dtype, beta_dtype, g_dtype, initial_dtype = ctx.dtypes
         return (run.unflat(dq), run.unflat(dk, k_dtype), run.unflat(dv), run.unflat(dbeta, beta_dtype),
                 run.unflat(dg, g_dtype), None if d_initial is None else d_initial.to(initial_dtype),
