@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first run every case once through our backends (and, with --peers, the peers' "
                              "kernels, their autotuners compiling only) in N processes at once, so kernels compile "
                              "side by side instead of case by case (default: min(8, CPUs) on a GPU, 0 (off) on a "
-                             "CPU; the time counts toward --budget-s, and a worker gets at most half of it)")
+                             "CPU; the time counts toward --budget-s, of which it gets at most half)")
     parser.add_argument("--budget-s", type=float, metavar="N",
                         help="start no new case after N seconds (the report then says which cases were left out; "
                              "the op families take turns, so a short budget reaches each of them)")
@@ -163,12 +163,12 @@ def main(args: argparse.Namespace) -> int:
     stopped_in = {}  # case -> the peer its precompile worker was warming when it stopped
     try:
         if workers > 0 and cases:
-            # a worker gets at most half the budget (its case's peer still compiling is then left out)
+            # the precompile gets at most half the budget (a peer still compiling then is left out)
             timeout_s = 300.0 if args.budget_s is None else max(30.0, args.budget_s / 2)
             warmed = precompile(cases, device, dtype, args.backends, workers, progress, timeout_s=timeout_s,
                                 peers=args.peers)
             notes["precompiled"] = [(f"{warmed.clean} of {len(cases)} cases warmed up in {workers} processes "
-                                     f"in {warmed.seconds:.0f} s before timing (each at most {timeout_s:.0f} s)")]
+                                     f"in {warmed.seconds:.0f} s before timing (at most {timeout_s:.0f} s)")]
             stopped_in = warmed.stopped_in
         for index, case in enumerate(families_in_turn(cases), 1):
             if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:

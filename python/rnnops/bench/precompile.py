@@ -127,16 +127,17 @@ def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, 
                workers: int, progress: Callable[[str], None] = lambda text: None,
                timeout_s: float = 300.0, peers: bool = False) -> Precompiled:
     """Warm ``cases`` (standard cases, found again by name in each worker; with ``peers``, the
-    peers' kernels too) in up to ``workers`` processes at once (rnnops._workers). A worker still
-    running after ``timeout_s`` (a cold case of ours compiles in well under two minutes; a
-    FlashRNN build can take longer), and on an interrupt every worker still running, is killed."""
+    peers' kernels too) in up to ``workers`` processes at once (rnnops._workers), for at most
+    ``timeout_s`` in all: then, and on an interrupt, every worker still running is killed and no
+    other starts (a cold case of ours compiles in well under two minutes; a FlashRNN build can
+    take longer)."""
     start, started_at = time.perf_counter(), time.time()
     dtype_name = str(dtype).split(".")[-1]
     with tempfile.TemporaryDirectory(prefix="rnnops-precompile-") as folder:
         files = [Path(folder) / f"{i}.json" for i in range(len(cases))]
         arguments = [json.dumps([case.name, str(device), dtype_name, backends, peers, str(file)])
                      for case, file in zip(cases, files)]
-        clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s,
+        clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s, deadline=start + timeout_s,
                                  report=lambda finished, running: progress(
                                      f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
         stopped_in = {}
