@@ -90,8 +90,8 @@ PY
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" \
       --try '{"block_k": 32}' '{"state_block_k": 128, "state_block_v": 32}'
-    # the selective scan: the Triton scan's 8 channels x 128-step chunks (the model's) against
-    # 16 x 32 (1.14x on the H200); the CUDA scan's 8 warps x 8 steps (6.8 ms f+b on the H200, 6%
+    # the selective scan: the Triton scan's 8 channels x 128-step chunks (the model's, shipped
+    # for the H100) against 16 x 32 (1.14x on the H200, which ships it since); the CUDA scan's 8 warps x 8 steps (6.8 ms f+b on the H200, 6%
     # of its floor; its backward holds one block per SM) against 4 warps and 2 warps x 4 steps
     # (five backward blocks of 2 warps per SM: fewer warps per barrier, more blocks to interleave)
     left=$(seconds_until 575)
