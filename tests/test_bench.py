@@ -265,6 +265,23 @@ def test_targets_slower_than_the_profile_limit_are_timed_but_not_profiled(monkey
     assert any(note.startswith("reference: not profiled (forward+backward") for note in notes)
 
 
+def test_device_breakdown_counts_kernels_not_the_host_ranges_that_launched_them():
+    from torch.autograd import DeviceType
+
+    from rnnops.bench.timing import largest_entries
+
+    def event(key, device_type, device_ms, cpu_ms=0.0):
+        return SimpleNamespace(key=key, count=1, device_type=device_type, self_device_time_total=device_ms * 1e3,
+                               self_cpu_time_total=cpu_ms * 1e3)
+
+    averages = [event("LinearAttnFunctionBackward", DeviceType.CPU, 1.45, 0.2),
+                event("dqk_kernel", DeviceType.CUDA, 0.9), event("dv_kernel", DeviceType.CUDA, 0.3),
+                event("aten::copy_", DeviceType.CPU, 0.0, 0.1)]
+    on_device = largest_entries(averages, True, 8)
+    assert [(e["name"], round(e["share"], 2)) for e in on_device] == [("dqk_kernel", 0.75), ("dv_kernel", 0.25)]
+    assert [e["name"] for e in largest_entries(averages, False, 1)] == ["LinearAttnFunctionBackward"]
+
+
 def test_compare_prints_ratios(tmp_path, capsys):
     def results(seconds):
         timing = {"median_s": seconds, "spread": 0.0, "samples_s": [seconds]}

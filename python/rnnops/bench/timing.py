@@ -94,9 +94,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def kernel_breakdown(fn: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:
-    """Where one ``fn()`` call spends its time, by the profiler: on a GPU the device kernels (self
-    device time), on a CPU the operators (self CPU time); the ``top`` largest as dicts of name,
-    calls, seconds and share of the total."""
+    """Where one ``fn()`` call spends its time, by the profiler: on a GPU the device kernels,
+    on a CPU the operators (self CPU time); the ``top`` largest as dicts of name, calls, seconds
+    and share of the total (largest_entries)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -104,14 +104,21 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, top: int = 
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    return largest_entries(prof.key_averages(), device.type == "cuda", top)
 
-    def seconds(event) -> float:
-        if device.type == "cuda":
-            return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) / 1e6
-        return event.self_cpu_time_total / 1e6
 
-    events = [(event.key, event.count, seconds(event)) for event in prof.key_averages()]
-    events = [e for e in events if e[2] > 0]
-    total = sum(s for _, _, s in events) or 1.0
-    events.sort(key=lambda e: -e[2])
-    return [{"name": name, "calls": calls, "seconds": s, "share": s / total} for name, calls, s in events[:top]]
+def largest_entries(averages, on_device: bool, top: int) -> list[dict]:
+    """The profiler's averaged events as (name, calls, seconds, share) dicts, largest first. On a
+    device only its own events (kernels, copies): the host operators and autograd Functions that
+    launched them carry the same time as their self device time, and counted too they doubled
+    the total (the H200 report listed LinearAttnFunctionBackward at 39% beside its kernels)."""
+    from torch.autograd import DeviceType
+
+    if on_device:  # (a profiler that marks no event as the device's: every event's self device time)
+        own = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA] or list(averages)
+        rows = [(e.key, e.count, e.self_device_time_total / 1e6) for e in own]
+    else:
+        rows = [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in averages]
+    rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
+    total = sum(s for _, _, s in rows) or 1.0
+    return [{"name": name, "calls": calls, "seconds": s, "share": s / total} for name, calls, s in rows[:top]]
