@@ -322,6 +322,11 @@ def test_report_shows_the_forward_host_time_where_measured(tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "| fwd ms | fwd host ms |" in markdown
     assert "| c | triton | 0.7 | 0.42 | 2 |" in markdown and "| c | chunked | 0.7 | - | 2 |" in markdown
+    for row in rows:  # a CPU run: no host times, no column
+        row["fwd"]["host_median_s"] = None
+    report.write_report(results, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| fwd host ms |" not in markdown and "| c | triton | 0.7 | 2 |" in markdown
 
 
 def test_peak_memory_counts_live_tensors():

@@ -131,6 +131,8 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
     for case, rows in case_rows(results).items():
         by_op[rows[0]["op"]].append((case, rows))
     notes = results.get("notes", {})
+    # the host column only where it was measured (GPUs): on a CPU the call's time is the host's
+    host_measured = any((row.get("fwd") or {}).get("host_median_s") is not None for row in results["rows"])
     for op, cases in by_op.items():
         out.append(("h2", op))
         lines = []
@@ -138,13 +140,14 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
             base = baseline(rows)
             for row in rows:
                 roof = row.get("roofline", {}).get("fwd_bwd", {})
-                host = (row.get("fwd") or {}).get("host_median_s")
-                lines.append((case, row["target"], _ms(median(row, "fwd")), _ms(host), _ms(median(row, "fwd_bwd")),
+                host = [_ms((row.get("fwd") or {}).get("host_median_s"))] if host_measured else []
+                lines.append((case, row["target"], _ms(median(row, "fwd")), *host, _ms(median(row, "fwd_bwd")),
                               f"{_x(speedup(row, base, 'fwd_bwd'))} vs {base['target']}", _err(row),
                               f"{roof.get('tflops', 0):.3g}", f"{roof.get('gbps', 0):.3g}", _fraction(row),
                               _mb(row.get("memory_fwd_bwd"))))
-        out.append(("table", ("case", "target", "fwd ms", "fwd host ms", "fwd+bwd ms", "speedup (f+b)", "rel err",
-                              "TFLOP/s (f+b)", "GB/s (f+b)", "roofline", "peak MB (f+b)"), lines))
+        out.append(("table", ("case", "target", "fwd ms", *(["fwd host ms"] if host_measured else []), "fwd+bwd ms",
+                              "speedup (f+b)", "rel err", "TFLOP/s (f+b)", "GB/s (f+b)", "roofline", "peak MB (f+b)"),
+                    lines))
         op_notes = [f"{case}: {note}" for case, _ in cases for note in notes.get(case, [])]
         if op_notes:
             out.append(("list", op_notes))
