@@ -34,9 +34,14 @@ class Hardware:
     memory_bytes: int = 0
     memory_bandwidth: float = 0.0  # bytes / s
     peak_flops: dict[str, float] = field(default_factory=dict)  # per compute dtype, FLOP / s
-    # exponentials (2^x on the special function units, 16 per SM per clock on sm_70 .. sm_90) / s
-    exp_rate: float = 0.0
+    clock_hz: float = 0.0  # boost clock of the SMs
     mma_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # (m, n, k) per dtype
+
+    @property
+    def exp_rate(self) -> float:
+        """Exponentials / s: 2^x on the special function units, 16 per SM per clock on sm_70 ..
+        sm_90 (0 without a clock); follows the live SM count (from_device)."""
+        return self.sm_count * 16 * self.clock_hz
 
     @property
     def arch(self) -> str:
@@ -77,34 +82,34 @@ OFFLINE: dict[str, Hardware] = {
         Hardware("V100", (7, 0), 80, max_blocks_per_sm=32, shared_memory_per_block=96 * KIB,
                  shared_memory_per_sm=96 * KIB, l2_bytes=6 * MIB, memory_bytes=32 * GIB, memory_bandwidth=900e9,
                  peak_flops={"float16": 125 * TERA, "float32": 15.7 * TERA},
-                 exp_rate=80 * 16 * 1.53e9, mma_shapes={"float16": (16, 16, 16)}),
+                 clock_hz=1.53e9, mma_shapes={"float16": (16, 16, 16)}),
         Hardware("A100", (8, 0), 108, shared_memory_per_block=163 * KIB, shared_memory_per_sm=164 * KIB,
                  l2_bytes=40 * MIB, memory_bytes=80 * GIB, memory_bandwidth=2039e9,
                  peak_flops={"bfloat16": 312 * TERA, "float16": 312 * TERA, "tf32": 156 * TERA,
                              "float32": 19.5 * TERA},
-                 exp_rate=108 * 16 * 1.41e9, mma_shapes=_AMPERE_MMA),
+                 clock_hz=1.41e9, mma_shapes=_AMPERE_MMA),
         Hardware("L4", (8, 9), 58, max_threads_per_sm=1536, max_blocks_per_sm=24, shared_memory_per_block=99 * KIB,
                  shared_memory_per_sm=100 * KIB, l2_bytes=48 * MIB, memory_bytes=24 * GIB, memory_bandwidth=300e9,
                  peak_flops={"bfloat16": 121 * TERA, "float16": 121 * TERA, "tf32": 60 * TERA, "float32": 30.3 * TERA},
-                 exp_rate=58 * 16 * 2.04e9, mma_shapes=_AMPERE_MMA),
+                 clock_hz=2.04e9, mma_shapes=_AMPERE_MMA),
         Hardware("RTX 4090", (8, 9), 128, max_threads_per_sm=1536, max_blocks_per_sm=24,
                  shared_memory_per_block=99 * KIB, shared_memory_per_sm=100 * KIB, l2_bytes=72 * MIB,
                  memory_bytes=24 * GIB, memory_bandwidth=1008e9,
                  peak_flops={"bfloat16": 165 * TERA, "float16": 165 * TERA, "tf32": 82.6 * TERA,
                              "float32": 82.6 * TERA},
-                 exp_rate=128 * 16 * 2.52e9, mma_shapes=_AMPERE_MMA),
+                 clock_hz=2.52e9, mma_shapes=_AMPERE_MMA),
         Hardware("H100", (9, 0), 132, shared_memory_per_block=227 * KIB, shared_memory_per_sm=228 * KIB,
                  l2_bytes=50 * MIB, memory_bytes=80 * GIB, memory_bandwidth=3350e9,
                  peak_flops={"bfloat16": 989 * TERA, "float16": 989 * TERA, "tf32": 495 * TERA, "float32": 67 * TERA},
-                 exp_rate=132 * 16 * 1.98e9, mma_shapes=_AMPERE_MMA),
+                 clock_hz=1.98e9, mma_shapes=_AMPERE_MMA),
         Hardware("H100 PCIe", (9, 0), 114, shared_memory_per_block=227 * KIB, shared_memory_per_sm=228 * KIB,
                  l2_bytes=50 * MIB, memory_bytes=80 * GIB, memory_bandwidth=2000e9,
                  peak_flops={"bfloat16": 756 * TERA, "float16": 756 * TERA, "tf32": 378 * TERA, "float32": 51 * TERA},
-                 exp_rate=114 * 16 * 1.755e9, mma_shapes=_AMPERE_MMA),
+                 clock_hz=1.755e9, mma_shapes=_AMPERE_MMA),
         Hardware("H200", (9, 0), 132, shared_memory_per_block=227 * KIB, shared_memory_per_sm=228 * KIB,
                  l2_bytes=50 * MIB, memory_bytes=141 * GIB, memory_bandwidth=4800e9,
                  peak_flops={"bfloat16": 989 * TERA, "float16": 989 * TERA, "tf32": 495 * TERA, "float32": 67 * TERA},
-                 exp_rate=132 * 16 * 1.98e9, mma_shapes=_AMPERE_MMA),
+                 clock_hz=1.98e9, mma_shapes=_AMPERE_MMA),
     )
 }
 
