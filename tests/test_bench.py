@@ -185,14 +185,16 @@ def test_a_peer_whose_precompile_stopped_is_left_out_of_the_timed_run():
 def test_compile_only_autotuning_launches_each_configuration_once_and_restores_triton():
     from triton.runtime.autotuner import Autotuner
 
-    before = Autotuner.__dict__["do_bench"]
-    launches = []
+    before = Autotuner.__dict__["do_bench"], Autotuner.__dict__["check_disk_cache"]
+    launches, benchmarks = [], []
     with precompile_module.compile_only_autotuning() as patched:
         assert patched
-        tuner = Autotuner.__new__(Autotuner)  # do_bench reads no instance state once patched
+        tuner = Autotuner.__new__(Autotuner)  # neither reads instance state once patched
         timings = [tuner.do_bench(lambda c=config: launches.append(c), quantiles=(0.5, 0.2, 0.8)) for config in "ab"]
-    assert launches == ["a", "b"] and timings == [[1.0] * 3] * 2
-    assert Autotuner.__dict__["do_bench"] is before
+        # an autotuner with cache_results benchmarks and stores nothing (a stored file would be found: True)
+        assert tuner.check_disk_cache(("key",), [], lambda: benchmarks.append(1)) is False
+    assert launches == ["a", "b"] and timings == [[1.0] * 3] * 2 and benchmarks == [1]
+    assert (Autotuner.__dict__["do_bench"], Autotuner.__dict__["check_disk_cache"]) == before
 
 
 def test_a_worker_past_its_time_is_killed_with_the_processes_it_started(tmp_path):

@@ -9,10 +9,9 @@ first leaves the timed loop only cache hits.
 Peers that autotune by timing (flash-linear-attention: Triton autotuners over tens of
 configurations per kernel, a cold case's 100 s on an H200, nearly all of it compiling) are
 warmed with their autotuners compiling and launching each configuration once but timing none
-(``compile_only_autotuning``) and storing no choice (``FLA_CACHE_RESULTS=0``): choices timed
-while other workers share the GPU must not become the configurations a peer is measured with.
-The timed process then autotunes on an otherwise idle GPU, as the peer's users do, from
-compiled kernels.
+and storing no choice (``compile_only_autotuning``): choices timed while other workers share
+the GPU must not become the configurations a peer is measured with. The timed process then
+autotunes on an otherwise idle GPU, as the peer's users do, from compiled kernels.
 
 Nothing here changes what is timed; it changes when compiling happens. A worker that fails or
 crashes only loses its warm-up: the timed run meets the same error and reports it. A worker
@@ -47,8 +46,9 @@ _WORKER = "import json, sys; from rnnops.bench.precompile import warm_named; war
 def compile_only_autotuning():
     """Within: every Triton autotuner runs each configuration once (compiling it into Triton's
     disk cache) and records the same time for all, so it measures nothing and keeps its first
-    legal configuration. Yields False, changing nothing, where Triton's Autotuner lacks the
-    ``do_bench`` it patches."""
+    legal configuration, and stores no choice on disk (``cache_results``, which fla turns on,
+    runs the benchmark and writes nothing). Yields False, changing nothing, where Triton's
+    Autotuner lacks the ``do_bench`` it patches."""
     from triton.runtime.autotuner import Autotuner
 
     if not isinstance(Autotuner.__dict__.get("do_bench"), property | functools.cached_property):
@@ -59,12 +59,19 @@ def compile_only_autotuning():
         kernel_call()
         return [1.0] * len(quantiles) if quantiles else 1.0
 
-    patched = Autotuner.__dict__["do_bench"]
+    def store_nothing(self, tuning_key, configs, bench_fn):
+        bench_fn()
+        return False
+
+    patched = {name: Autotuner.__dict__[name] for name in ("do_bench", "check_disk_cache") if name in Autotuner.__dict__}
     Autotuner.do_bench = property(lambda self: run_once)
+    if "check_disk_cache" in patched:  # Triton >= 3.4: results cached on disk when an autotuner asks
+        Autotuner.check_disk_cache = store_nothing
     try:
         yield True
     finally:
-        Autotuner.do_bench = patched
+        for name, attribute in patched.items():
+            setattr(Autotuner, name, attribute)
 
 
 def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None = None,
@@ -108,7 +115,6 @@ def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] 
     case = next((c for c in standard_cases(device_) if c.name == case_name), None)
     if case is None:
         sys.exit(3)
-    os.environ["FLA_CACHE_RESULTS"] = "0"  # read when fla is imported: store none of this process's choices
     with compile_only_autotuning() if peers else contextlib.nullcontext():
         warm_up(case, device_, getattr(torch, dtype), backends, peers, progress_file and Path(progress_file))
 
