@@ -2,10 +2,13 @@
 
 For every tunable kernel and standard shape bucket: enumerate the legal configurations
 (kernels.Tunable.space), order them by the analytic cost model, measure the best few, the
-default and the shipped configuration on the device (forward + backward, CUDA events, inputs rotated so that they do not sit
-in L2, medians) and search from there (autotune.search), measuring at most a tenth of the
-space. The winner goes into the device's cache (autotune.cache). Without a GPU (``dry_run``) the
-ranking alone is reported, for any offline GPU, optionally screened by ptxas (CompileScreen).
+default and the shipped configuration on the device (forward + backward, CUDA events, inputs
+rotated so that they do not sit in L2, medians) and search from there (autotune.search),
+measuring at most a tenth of the space. Each configuration is vetted against the float64
+reference before its first measurement (vet(): a miscompiled one is never measured or
+stored). The winner goes into the device's cache (autotune.cache). Without a GPU
+(``dry_run``) the ranking alone is reported, for any offline GPU, optionally screened by
+ptxas (CompileScreen).
 """
 from __future__ import annotations
 
@@ -215,41 +218,76 @@ class ShapeTimer:
 Timer = Callable[[kernels.Tunable, dict, str], ShapeTimer]
 
 
-def _run_once(op: str, backend: str, shape: dict, bucket: str, device: torch.device, dtype: torch.dtype,
-              config: dict) -> None:
+class Rejected(Exception):
+    """A configuration unfit to measure: it raised, faulted or computed a wrong answer (the
+    message says which)."""
+
+
+def vet(op: str, backend: str, shape: dict, device: torch.device, dtype: torch.dtype, config: dict) -> str | None:
+    """Why ``config`` must not be measured, or None: one forward and backward at a small size
+    (compile_check.SMALL_SIZES: batch and time cut, the kernels and their tiles unchanged) against
+    the float64 reference on the same inputs, rounded to ``dtype``; the output and every input's
+    gradient must agree within the bench's tolerance for ``dtype``. Compilers miscompile some legal
+    configurations (rnnops.triton_backend.delta_rule.space has one), and the fastest wrong answer
+    must never be stored."""
+    from rnnops.bench.runner import TOLERANCE, rel_err
+    from rnnops.triton_backend.compile_check import SMALL_SIZES
+
+    small = dict(shape, **SMALL_SIZES[op])
+    case = case_for(op, small)
+    torch.manual_seed(0)
+    trial = inputs_with_grads(case, device, dtype)
+    exact = {k: v.detach().double().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
+             else v for k, v in trial.items()}
+    exact_out = case.run(exact, "reference")
+    cotangent = torch.randn(exact_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact_out.backward(cotangent.to(device))
+    with cache.override(op, backend, kernels.bucket(op, small, dtype), config):
+        trial_out = case.run(trial, backend)
+        trial_out.backward(cotangent.to(device=device, dtype=trial_out.dtype))
+    pairs = [("the output", trial_out, exact_out)]
+    pairs += [(f"d{name}", trial[name].grad, exact[name].grad) for name in trial if isinstance(trial[name], torch.Tensor)
+              and trial[name].requires_grad and (trial[name].grad is not None or exact[name].grad is not None)]
+    tolerance = TOLERANCE[dtype]
+    for what, got, want in pairs:
+        err = float("inf") if got is None or want is None else rel_err(got, want)
+        if not err <= tolerance:  # NaN fails too
+            return f"{what} differs from the float64 reference by {err:.1e} (tolerance {tolerance:.0e})"
+    return None
+
+
+WRONG_ANSWER = 3  # a vetting worker's exit status when vet() found a wrong answer (1: it raised)
+
+
+def vet_in_worker(op: str, backend: str, shape: dict, bucket: str, device: str, dtype: str, config: dict) -> int:
+    """In a worker process: one forward + backward of ``op`` at ``shape`` with ``config`` (its
+    kernels compile into Triton's and CuPy's disk caches, for the timed process), then vet();
+    returns the exit status, 0 or WRONG_ANSWER. An error, or a fault such as an illegal memory
+    access (which would end the timed process's CUDA context for every later measurement), ends
+    the worker with status 1 instead."""
+    device_, dtype_ = torch.device(device), DTYPES[dtype]
     case = case_for(op, shape)
-    x = inputs_with_grads(case, device, dtype)
+    x = inputs_with_grads(case, device_, dtype_)
     with cache.override(op, backend, bucket, config):
         forward_backward(case, x, backend)
+    return WRONG_ANSWER if vet(op, backend, shape, device_, dtype_, config) else 0
 
 
-def warm_config(op: str, backend: str, shape: dict, bucket: str, device: str, dtype: str, config: dict) -> bool:
-    """One forward + backward of ``op`` at ``shape`` with ``config``, nothing timed: in a worker
-    process it leaves the kernels compiled in Triton's and CuPy's disk caches. False if it
-    raised (the measurement meets the same error and reports it)."""
-    device_ = torch.device(device)
-    try:
-        _run_once(op, backend, shape, bucket, device_, DTYPES[dtype], config)
-        ran = True
-    except Exception:  # noqa: BLE001 - reported by the measurement of the same configuration
-        ran = False
-    if device_.type == "cuda":
-        torch.cuda.empty_cache()  # an idle worker must not hold memory the timed process needs
-    return ran
-
-
-_WARM_WORKER = ("import json, sys; from rnnops.autotune.tuner import warm_config; "
-                "sys.exit(0 if warm_config(**json.loads(sys.argv[1])) else 1)")
+_VET_WORKER = ("import json, sys; from rnnops.autotune.tuner import vet_in_worker; "
+               "sys.exit(vet_in_worker(**json.loads(sys.argv[1])))")
 
 
 def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int = 0,
                  deadline: float = math.inf) -> Timer:
-    """The tuner's timer: two sets of inputs of the shape on ``device``, measure_config; with
-    ``compile_workers``, ``prepare`` runs each configuration once (warm_config) in a worker
-    process of its own, that many at a time (rnnops._workers), so that the configurations a
-    search round may measure compile side by side instead of one by one in the timed loop
-    (prepare waits for them, so nothing runs while timing, but not past ``deadline``, a
-    time.perf_counter() value)."""
+    """The tuner's timer: two sets of inputs of the shape on ``device``, measure_config, each
+    configuration vetted (vet()) before its first measurement. With ``compile_workers``,
+    ``prepare`` runs and vets each configuration in a worker process of its own (vet_in_worker),
+    that many at a time (rnnops._workers): the configurations a search round may measure compile
+    side by side instead of one by one in the timed loop, and one that faults there is never run
+    in the timed process (prepare waits for them, so nothing runs while timing, but not past
+    ``deadline``, a time.perf_counter() value). Without workers, or for a worker killed at its
+    time limit, vet() runs in the timed process, where it catches wrong answers but a fault ends
+    the run."""
     from rnnops._dispatch import unsupported
     from rnnops._workers import run_side_by_side
 
@@ -260,6 +298,8 @@ def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int 
         case = case_for(tunable.op, shape)
         torch.manual_seed(0)
         inputs = [inputs_with_grads(case, device, dtype) for _ in range(2)]
+        vetted: set[tuple] = set()
+        rejected: dict[tuple, str] = {}
 
         def prepare(configs: list[dict]) -> int:
             if compile_workers <= 0:
@@ -267,10 +307,32 @@ def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int 
             task = {"op": tunable.op, "backend": tunable.backend, "shape": shape, "bucket": bucket,
                     "device": str(device), "dtype": DTYPES_BY_VALUE[dtype]}
             # a worker stuck for five minutes compiles nothing the budget can still measure
-            return run_side_by_side(_WARM_WORKER, [json.dumps(dict(task, config=c)) for c in configs],
-                                    compile_workers, timeout_s=300.0, deadline=deadline)
+            statuses = run_side_by_side(_VET_WORKER, [json.dumps(dict(task, config=c)) for c in configs],
+                                        compile_workers, timeout_s=300.0, deadline=deadline)
+            for config, status in zip(configs, statuses):
+                key = search.config_key(config)
+                if status == 0:
+                    vetted.add(key)
+                elif status == WRONG_ANSWER:
+                    rejected[key] = "a wrong answer in its worker process (vet: against the float64 reference)"
+                elif status is not None:
+                    rejected[key] = (f"its worker process failed (exit status {status}: an error, or a fault such as "
+                                     "an illegal memory access), so it is not run here")
+            return statuses.count(0)
 
-        return ShapeTimer(lambda config: measure_config(tunable, case, inputs, bucket, config, device), prepare)
+        def measure(config: dict) -> float:
+            key = search.config_key(config)
+            if key not in vetted and key not in rejected:
+                reason = vet(tunable.op, tunable.backend, shape, device, dtype, config)
+                if reason:
+                    rejected[key] = reason
+                else:
+                    vetted.add(key)
+            if key in rejected:
+                raise Rejected(rejected[key])
+            return measure_config(tunable, case, inputs, bucket, config, device)
+
+        return ShapeTimer(measure, prepare)
 
     return for_shape
 
@@ -356,7 +418,7 @@ class _Tuning:
             try:
                 return shape_timer.measure(config)
             except Exception as error:  # a configuration that fails to compile or launch is skipped
-                result.notes.append(f"{config}: {type(error).__name__}: {str(error)[:120]}")
+                result.notes.append(f"{config}: {type(error).__name__}: {str(error)[:200]}")
                 return None
 
         # the model's best, the kernel's default and the configuration shipped for this GPU (the

@@ -1,5 +1,6 @@
 """The autotuner on the CPU: spaces for every offline GPU and kernel, solver against brute force,
 CUDA configurations against nvcc, the cache's robustness, config look-ups, and the CLI."""
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -353,16 +354,44 @@ def test_untuned_buckets_take_the_nearest_tuned_size_then_the_shipped_defaults(t
 
 def test_device_timer_measures_and_compiles_ahead_in_worker_processes():
     """On the CPU through Triton's interpreter (the workers inherit TRITON_INTERPRET=1): a legal
-    configuration warms up in a worker process, one its config type rejects does not."""
+    configuration is run and vetted in a worker process, one its config type rejects fails there
+    and is then never run in the timed process."""
     shape = {"cell": "gru", "B": 2, "T": 3, "H": 1, "D": 16}
     tunable = kernels.find("rnn", "triton")
     bucket = kernels.bucket("rnn", shape, torch.float32)
     good = {"block_b": 16, "block_d": 16, "block_k": 16, "num_warps": 2, "num_stages": 1}
     shape_timer = tuner.device_timer(torch.device("cpu"), torch.float32, compile_workers=2)(tunable, shape, bucket)
-    assert shape_timer.prepare([good, dict(good, unroll=2)]) == 1  # no such field: the worker reports failure
+    assert shape_timer.prepare([good, dict(good, unroll=2)]) == 1  # no such field: the worker fails
     assert shape_timer.measure(good) > 0
+    with pytest.raises(tuner.Rejected, match="worker process failed .exit status 1"):
+        shape_timer.measure(dict(good, unroll=2))
     with pytest.raises(tuner.Unsupported, match="needs a CUDA device"):
         tuner.device_timer(torch.device("meta"), torch.float32)(tunable, shape, bucket)
+
+
+def test_a_configuration_whose_answer_is_wrong_is_rejected_before_it_is_timed(monkeypatch):
+    """vet() compares the kernel with the float64 reference at a small size: here the reference is
+    made to answer 1.5 times the truth, as a miscompiled kernel would differ from it, and the
+    timer refuses the configuration (in the timed process: no workers) and stays refused."""
+    from rnnops.bench import cases
+
+    shape = {"cell": "gru", "B": 2, "T": 3, "H": 1, "D": 16}
+    tunable = kernels.find("rnn", "triton")
+    bucket = kernels.bucket("rnn", shape, torch.float32)
+    good = {"block_b": 16, "block_d": 16, "block_k": 16, "num_warps": 2, "num_stages": 1}
+    assert tuner.vet("rnn", "triton", shape, torch.device("cpu"), torch.float32, good) is None
+    rnn_case = cases.rnn_case
+
+    def skewed_reference(*args, **flags):
+        case = rnn_case(*args, **flags)
+        return dataclasses.replace(case, run=lambda x, backend: case.run(x, backend) * (1.5 if backend == "reference"
+                                                                                        else 1.0))
+
+    monkeypatch.setattr(cases, "rnn_case", skewed_reference)
+    shape_timer = tuner.device_timer(torch.device("cpu"), torch.float32)(tunable, shape, bucket)
+    for _ in range(2):
+        with pytest.raises(tuner.Rejected, match="the output differs from the float64 reference by 3.3e-01"):
+            shape_timer.measure(good)
 
 
 def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothing(tmp_path, monkeypatch):

@@ -203,7 +203,7 @@ def test_a_worker_past_its_time_is_killed_with_the_processes_it_started(tmp_path
     pid_file = tmp_path / "child.pid"
     code = ("import subprocess, sys, time, pathlib; child = subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(60)']); pathlib.Path(sys.argv[1]).write_text(str(child.pid)); time.sleep(60)")
-    assert run_side_by_side(code, [str(pid_file)], 1, timeout_s=2.0) == 0
+    assert run_side_by_side(code, [str(pid_file)], 1, timeout_s=2.0) == [None]  # killed: no exit status
     state = pathlib.Path(f"/proc/{pid_file.read_text()}/status")
 
     def dead() -> bool:  # gone, or a zombie awaiting its reaper

@@ -29,34 +29,38 @@ def _kill(worker: subprocess.Popen) -> None:
 
 def run_side_by_side(code: str, arguments: Sequence[str], workers: int, *, timeout_s: float,
                      deadline: float = math.inf,
-                     report: Callable[[int, int], None] = lambda finished, running: None) -> int:
-    """Run ``python -c code argument`` for each argument, ``workers`` at a time; returns how many
-    exited with status 0. ``report(finished, running)`` is called whenever those counts change;
+                     report: Callable[[int, int], None] = lambda finished, running: None) -> list[int | None]:
+    """Run ``python -c code argument`` for each argument, ``workers`` at a time; returns each
+    one's exit status, in order (None: killed, or never started). ``report(finished, running)`` is called whenever those counts change;
     ``deadline`` is a time.perf_counter() value after which nothing starts and all are killed."""
-    pending, running = list(arguments), {}  # worker -> when it started
-    finished = clean = 0
+    pending, running = list(enumerate(arguments)), {}  # worker -> (its index, when it started)
+    statuses: list[int | None] = [None] * len(arguments)
+    killed = set()
+    finished = 0
     shown = None
     try:
         while pending or running:
             while pending and len(running) < max(1, workers) and time.perf_counter() < deadline:
-                worker = subprocess.Popen([sys.executable, "-c", code, pending.pop(0)], stdout=subprocess.DEVNULL,
+                index, argument = pending.pop(0)
+                worker = subprocess.Popen([sys.executable, "-c", code, argument], stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, start_new_session=True)
-                running[worker] = time.perf_counter()
+                running[worker] = index, time.perf_counter()
             if not running:
                 break  # past the deadline with tasks never started
             time.sleep(0.1)
             now = time.perf_counter()
-            for worker, started in list(running.items()):
+            for worker, (index, started) in list(running.items()):
                 if worker.poll() is None and (now - started > timeout_s or now > deadline):
                     _kill(worker)
+                    killed.add(index)
                 if worker.poll() is not None:
                     del running[worker]
                     finished += 1
-                    clean += worker.returncode == 0
+                    statuses[index] = None if index in killed else worker.returncode
             if (finished, len(running)) != shown:  # a report per change, not per poll
                 shown = (finished, len(running))
                 report(*shown)
     finally:
         for worker in running:
             _kill(worker)
-    return clean
+    return statuses

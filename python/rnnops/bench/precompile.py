@@ -143,14 +143,15 @@ def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, 
         files = [Path(folder) / f"{i}.json" for i in range(len(cases))]
         arguments = [json.dumps([case.name, str(device), dtype_name, backends, peers, str(file)])
                      for case, file in zip(cases, files)]
-        clean = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s, deadline=start + timeout_s,
-                                 report=lambda finished, running: progress(
-                                     f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
+        statuses = run_side_by_side(_WORKER, arguments, workers, timeout_s=timeout_s, deadline=start + timeout_s,
+                                    report=lambda finished, running: progress(
+                                        f"precompiling: {finished}/{len(cases)} cases done, {running} running"))
         stopped_in = {}
         for case, file in zip(cases, files):
             with contextlib.suppress(OSError, ValueError):
                 if (target := json.loads(file.read_text())["warming"]) is not None:
                     stopped_in[case.name] = target
+    clean = statuses.count(0)
     if clean < len(cases):
         clear_stale_build_locks(started_at)
     return Precompiled(clean, time.perf_counter() - start, stopped_in)

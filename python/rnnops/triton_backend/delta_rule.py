@@ -55,6 +55,10 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
             Constraint("the full-K fp32 state tile fits in 128 registers per thread",
                        ("state_block_v", "state_num_warps"),
                        lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
+            Constraint("Hopper: the state kernels pipeline two stages or more (Triton 3.6 compiles "
+                       "states_fwd_kernel at one stage into wgmma reads past its shared memory: an illegal "
+                       "memory access, compute-sanitizer on an H200, 2026-11-26)",
+                       ("state_num_stages",), lambda s: hardware.compute_capability[0] != 9 or s >= 2),
         ),
     )
 
