@@ -10,6 +10,8 @@
 #                                        op for up to 220 s, export the choices to $OUT/tuned.json,
 #                                        measure one whole space (--exhaustive: how near the search
 #                                        gets), then the bench with the tuned choices)
+#        BENCH_OPS="rnn selective_scan" bash bench/gpu_suite.sh   (the bench times only these op
+#                                        families: a run that must reach the ones its budget left out)
 set -uo pipefail
 MODE=${1:-check}
 case "$MODE" in check|tune) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune]" >&2; exit 2 ;; esac
@@ -71,7 +73,9 @@ PY
   [ "$MODE" = tune ] && end=520 || end=400
   budget=$((end - $(date +%s) + START))
   [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
-  timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT"
+  # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
+  timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
+    ${BENCH_OPS:+--ops $BENCH_OPS}
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
