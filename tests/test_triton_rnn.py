@@ -45,6 +45,31 @@ def test_matches_reference(cell, shape):
     compare_backends(run(cell), make_inputs(cell, **shape), 1e-5, test="triton")
 
 
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("config, D, resident", [({"block_d": 128, "block_k": 128}, 80, True),
+                                                 ({"block_d": 16, "block_k": 16}, 32, False)],
+                         ids=["resident-padded", "tiled"])
+def test_forward_paths(cell, config, D, resident, monkeypatch):
+    """The forward holds R and the states on chip when one tile spans the head (RESIDENT; here with
+    48 padded units masked off), else it walks the tiles through memory: both against the reference."""
+    chosen = triton_rnn.RNNConfig(**config)
+    assert triton_rnn._Launcher(cell, chosen, 3, 4, 2, D, torch.float32, torch.device("cpu")).resident is resident
+    monkeypatch.setattr(triton_rnn, "DEFAULT_CONFIG", chosen)
+    compare_backends(run(cell), make_inputs(cell, T=4, D=D), 1e-5, test="triton")
+
+
+def test_resident_forward_only_where_the_weights_fit_in_shared_memory(monkeypatch):
+    """An L4-sized block (99 KB): an LSTM head of 64 stays resident in bfloat16 (36 KB of weights)
+    but not in float32 (136 KB: tf32x3 operands), nor a head of 128 in bfloat16 (144 KB)."""
+    monkeypatch.setattr(triton_rnn, "_shared_memory_per_block", lambda device: 99 * 1024)
+    spanning = triton_rnn.RNNConfig(block_d=128, block_k=128)
+
+    def resident(dim, dtype):
+        return triton_rnn._Launcher("lstm", spanning, 16, 4, 12, dim, dtype, torch.device("cuda")).resident
+
+    assert resident(64, torch.bfloat16) and not resident(64, torch.float32) and not resident(128, torch.bfloat16)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_float16(cell):
     compare_backends(run(cell), make_inputs(cell, dtype=torch.float16), 3e-3, test="triton")

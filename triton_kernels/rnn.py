@@ -4,9 +4,13 @@ One launch runs the whole sequence. A program owns one head and a tile of BB bat
 walks the time steps; each step computes the head's recurrent pre-activations
 r_g = h_{t-1} R_g^T (+ b_g) for every gate with tl.dot, tiled BD output units by BKD
 reduction units, then the cell's pointwise update on the same tile (equations in
-rnnops.reference.rnn). The step's new states go to global memory (L1/L2-resident at these
-sizes) and a block barrier orders them before the next step reads them; R is re-read from L2
-each step, so any head size up to 256 runs (larger heads need the CUDA backend's multi-block
+rnnops.reference.rnn). Where one tile spans the head (BD = BKD >= D, and the G D x D weights
+fit in shared memory: rnnops.triton_backend.rnn.resident_shared_bytes), the forward is RESIDENT:
+R_g^T is loaded once and the states are carried in registers, so a step's critical path is G
+tensor-core products and the pointwise update, its memory traffic only the inputs read and the
+saved states written. Otherwise the step's new states go to global memory (L1/L2-resident at
+these sizes) and a block barrier orders them before the next step reads them; R is re-read from
+L2 each step, so any head size up to 256 runs (larger heads need the CUDA backend's multi-block
 grid barrier).
 
 Saved for the backward, written once: every state per step (fp32, S per unit: lstm h c,
@@ -45,19 +49,43 @@ def _prev(states, initial, s, t, rb, ru, mask, T, B, S: tl.constexpr, H: tl.cons
 
 
 @triton.jit
+def _weight_t(R, g, i_h, ru, rk, umask, kmask, H: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
+    """R_g^T's tile, reduction units ``rk`` by output units ``ru``, in the input dtype."""
+    w = tl.load(R + ((g * H + i_h) * D + ru[:, None]) * D + rk[None, :], mask=umask[:, None] & kmask[None, :],
+                other=0.0)
+    return tl.trans(w.to(DTYPE))
+
+
+@triton.jit
 def _recurrent(R, states, initial, g, t, rb, bmask, ru, umask, T, B, S: tl.constexpr, H: tl.constexpr,
                D: tl.constexpr, i_h, HAS_INITIAL: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-               BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr):
-    """h_{t-1} R_g^T on the (BB, BD) tile of output units ``ru``."""
-    acc = tl.zeros([BB, BD], tl.float32)
-    for i_k in range(tl.cdiv(D, BKD)):
-        rk = i_k * BKD + tl.arange(0, BKD)
-        kmask = rk < D
-        h_prev = _prev(states, initial, 0, t, rb, rk, bmask[:, None] & kmask[None, :], T, B, S, H, D, i_h, HAS_INITIAL)
-        w = tl.load(R + ((g * H + i_h) * D + ru[:, None]) * D + rk[None, :], mask=umask[:, None] & kmask[None, :],
-                    other=0.0)
-        acc += tl.dot(h_prev.to(DTYPE), tl.trans(w.to(DTYPE)), input_precision=PRECISION)
+               BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr, RESIDENT: tl.constexpr, w_res, h_res):
+    """h_{t-1} R_g^T on the (BB, BD) tile of output units ``ru``: RESIDENT, from the carried
+    h_{t-1} and R_g^T held across the steps (``h_res``, ``w_res``); else tile by tile from the
+    states in global memory and R in L2."""
+    if RESIDENT:
+        acc = tl.dot(h_res.to(DTYPE), w_res, input_precision=PRECISION)
+    else:
+        acc = tl.zeros([BB, BD], tl.float32)
+        for i_k in range(tl.cdiv(D, BKD)):
+            rk = i_k * BKD + tl.arange(0, BKD)
+            kmask = rk < D
+            h_prev = _prev(states, initial, 0, t, rb, rk, bmask[:, None] & kmask[None, :], T, B, S, H, D, i_h,
+                           HAS_INITIAL)
+            acc += tl.dot(h_prev.to(DTYPE), _weight_t(R, g, i_h, ru, rk, umask, kmask, H, D, DTYPE),
+                          input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def _state_in(states, initial, s, t, rb, ru, mask, T, B, S: tl.constexpr, H: tl.constexpr, D: tl.constexpr, i_h,
+              HAS_INITIAL: tl.constexpr, RESIDENT: tl.constexpr, carried):
+    """State s entering step t on the tile: the carried value (RESIDENT), else _prev."""
+    if RESIDENT:
+        value = carried
+    else:
+        value = _prev(states, initial, s, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+    return value
 
 
 @triton.jit
@@ -74,10 +102,12 @@ def _gate_input(x, bias, g, t, rb, ru, mask, T, G: tl.constexpr, H: tl.constexpr
 @triton.jit
 def _gate_pre(x, bias, R, states, initial, g, t, rb, bmask, ru, umask, mask, T, B, G: tl.constexpr, S: tl.constexpr,
               H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr, HAS_INITIAL: tl.constexpr,
-              DTYPE: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr):
+              DTYPE: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr,
+              RESIDENT: tl.constexpr, w_res, h_res):
     """x_g + h_{t-1} R_g^T + b_g on the tile."""
     return _gate_input(x, bias, g, t, rb, ru, mask, T, G, H, D, i_h, HAS_BIAS) + _recurrent(
-        R, states, initial, g, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+        R, states, initial, g, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD,
+        RESIDENT, w_res, h_res)
 
 
 @triton.jit
@@ -95,11 +125,28 @@ def _load_step(buffer, slot, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.cons
 def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexpr, D: tl.constexpr,
                    CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_INITIAL: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr,
-                   BKD: tl.constexpr):
+                   BKD: tl.constexpr, RESIDENT: tl.constexpr):
+    """RESIDENT (one tile spans the head: BD = BKD >= D): R_g^T is loaded once and h, c, n, m are
+    carried in registers from step to step, so a step reads only its inputs from memory and
+    needs no barrier; else the tiles exchange the states through global memory."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rb = i_b * BB + tl.arange(0, BB)
     bmask = rb < B
     DTYPE: tl.constexpr = x.dtype.element_ty
+    if RESIDENT:
+        ru = tl.arange(0, BD)
+        umask = ru < D
+        mask = bmask[:, None] & umask[None, :]
+        w0 = _weight_t(R, 0, i_h, ru, ru, umask, umask, H, D, DTYPE)
+        w1 = _weight_t(R, 1 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)  # 1 % G: a cell's unused gates repeat 0
+        w2 = _weight_t(R, 2 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)
+        w3 = _weight_t(R, 3 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)
+        h_r = _prev(states, initial, 0, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
+        c_r = _prev(states, initial, 1 % S, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
+        n_r = _prev(states, initial, 2 % S, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
+        m_r = _prev(states, initial, 3 % S, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
+    else:
+        w0, w1, w2, w3, h_r, c_r, n_r, m_r = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # unused
     for t in range(T):
         for i_u in range(tl.cdiv(D, BD)):
             ru = i_u * BD + tl.arange(0, BD)
@@ -107,18 +154,18 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
             mask = bmask[:, None] & umask[None, :]
             if CELL == 1:  # GRU: r, z from x + R h + b; n = tanh(x_n + r (R_n h + b_n))
                 p_r = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
-                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
                 p_z = _gate_pre(x, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
-                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w1, h_r)
                 rec_n = _recurrent(R, states, initial, 2, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL,
-                                   DTYPE, PRECISION, BB, BD, BKD)
+                                   DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w2, h_r)
                 if HAS_BIAS:
                     rec_n += tl.load(bias + (2 * H + i_h) * D + ru, mask=umask, other=0.0).to(tl.float32)[None, :]
                 reset = tl.sigmoid(p_r)
                 p_n = tl.load(x + (((rb[:, None] * T + t) * G + 2) * H + i_h) * D + ru[None, :], mask=mask,
                               other=0.0).to(tl.float32) + reset * rec_n
                 update = tl.sigmoid(p_z)
-                h_prev = _prev(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                h_prev = _state_in(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT, h_r)
                 candidate = 2.0 * tl.sigmoid(2.0 * p_n) - 1.0
                 h = (1.0 - update) * candidate + update * h_prev
                 _store_step(pre, p_r, 0, P, t, rb, ru, mask, T, H, D, i_h)
@@ -127,26 +174,28 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
                 _store_step(pre, rec_n, 3, P, t, rb, ru, mask, T, H, D, i_h)
             elif CELL == 3:  # Elman
                 p = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
-                              HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                              HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
                 h = 2.0 * tl.sigmoid(2.0 * p) - 1.0
                 _store_step(pre, p, 0, P, t, rb, ru, mask, T, H, D, i_h)
             else:  # LSTM and sLSTM: gates i, f, z, o
                 p_i = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
-                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
                 p_f = _gate_pre(x, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
-                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w1, h_r)
                 p_z = _gate_pre(x, bias, R, states, initial, 2, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
-                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w2, h_r)
                 p_o = _gate_pre(x, bias, R, states, initial, 3, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
-                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD)
-                c_prev = _prev(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                                HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w3, h_r)
+                c_prev = _state_in(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT, c_r)
                 z_act = 2.0 * tl.sigmoid(2.0 * p_z) - 1.0
                 if CELL == 0:
                     c = tl.sigmoid(p_f) * c_prev + tl.sigmoid(p_i) * z_act
                     h = tl.sigmoid(p_o) * (2.0 * tl.sigmoid(2.0 * c) - 1.0)
                 else:
-                    n_prev = _prev(states, initial, 2, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
-                    m_prev = _prev(states, initial, 3, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
+                    n_prev = _state_in(states, initial, 2, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT,
+                                       n_r)
+                    m_prev = _state_in(states, initial, 3, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT,
+                                       m_r)
                     log_f = tl.minimum(p_f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(p_f)))
                     m = tl.maximum(log_f + m_prev, p_i)
                     input_gate = tl.exp(p_i - m)
@@ -156,14 +205,21 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
                     h = tl.sigmoid(p_o) * c / n
                     _store_step(states, n, 2, S, t, rb, ru, mask, T, H, D, i_h)
                     _store_step(states, m, 3, S, t, rb, ru, mask, T, H, D, i_h)
+                    if RESIDENT:
+                        n_r, m_r = n, m
                 _store_step(states, c, 1, S, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(pre, p_i, 0, P, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(pre, p_f, 1, P, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(pre, p_z, 2, P, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(pre, p_o, 3, P, t, rb, ru, mask, T, H, D, i_h)
+                if RESIDENT:
+                    c_r = c
             _store_step(states, h, 0, S, t, rb, ru, mask, T, H, D, i_h)
             tl.store(h_seq + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], h.to(DTYPE), mask=mask)
-        tl.debug_barrier()  # this step's states before the next step reads them
+            if RESIDENT:
+                h_r = h
+        if not RESIDENT:
+            tl.debug_barrier()  # this step's states before the next step reads them
 
 
 @triton.jit

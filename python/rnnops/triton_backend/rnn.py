@@ -3,8 +3,10 @@ is rnnops._fused_rnn's). Memory: (S + P) * 4 bytes per token, head and unit are 
 backward (every state and the gates' pre-activations, fp32)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import torch
 
 from rnnops.autotune.cache import tuned
 from rnnops.autotune.kernels import rnn_shape
@@ -50,6 +52,22 @@ def supports(*, dtype, device, head_dim=None, **_) -> str | None:
     return join_reasons(*reasons)
 
 
+def resident_shared_bytes(gates: int, dim: int, dtype: torch.dtype) -> int:
+    """Shared memory the resident forward (rnn_fwd_kernel's RESIDENT) holds R_g^T in: by
+    compile_check (sm_90, D = 64), 2.25 bytes per weight for half inputs and 8.5 for float32's
+    tf32x3 operands (e.g. an LSTM head of 64: 36 KB in bfloat16, 136 KB in float32)."""
+    per_weight = 2.25 if dtype.itemsize <= 2 else 8.5
+    return int(gates * next_power_of_two(dim) ** 2 * per_weight)
+
+
+@functools.cache
+def _shared_memory_per_block(device: torch.device) -> float:
+    """The opt-in shared memory limit of one block on ``device`` (no limit off CUDA: the interpreter)."""
+    if device.type != "cuda":
+        return float("inf")
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def _kernels():
     from rnnops.triton_kernels import rnn as kernels
 
@@ -59,18 +77,23 @@ def _kernels():
 class _Launcher:
     """Launches the Triton kernels on the buffers of rnnops._fused_rnn.FusedRNNFunction."""
 
-    def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype):
+    def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype,
+                 device: torch.device):
         block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
         self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=CELLS[cell].gates, S=len(CELLS[cell].states),
                          P=pre_slots(cell), PRECISION=dot_precision(dtype, tile_dims=(block_d, block_k)),
                          BB=config.block_b, BD=block_d, BKD=block_k,
                          num_warps=config.num_warps, num_stages=config.num_stages)
+        # the forward holds the head's R on chip when its tile spans the head and R fits (rnn_fwd_kernel)
+        self.resident = block_d >= dim and block_k >= dim and resident_shared_bytes(
+            CELLS[cell].gates, dim, dtype) <= _shared_memory_per_block(device)
         self.grid = (heads, -(-batch // config.block_b))
         self.time, self.batch = time, batch
 
     def forward(self, x, R, b, initial, states, pre, h_seq):
         _kernels().rnn_fwd_kernel[self.grid](x, R, b, initial, states, pre, h_seq, self.time, self.batch,
-                                             HAS_BIAS=b is not None, HAS_INITIAL=initial is not None, **self.meta)
+                                             HAS_BIAS=b is not None, HAS_INITIAL=initial is not None,
+                                             RESIDENT=self.resident, **self.meta)
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
         _kernels().rnn_bwd_kernel[self.grid](R, initial, states, pre, d_h_seq, carry, dx, drec_n, self.time,
@@ -82,6 +105,6 @@ def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
     if config is None:
         config = tuned("rnn", "triton", rnn_shape(x_gates, cell), x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
-    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype)
+    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype, x_gates.device)
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)
