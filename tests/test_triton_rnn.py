@@ -49,9 +49,10 @@ def test_matches_reference(cell, shape):
 @pytest.mark.parametrize("config, D, resident", [({"block_d": 128, "block_k": 128}, 80, True),
                                                  ({"block_d": 16, "block_k": 16}, 32, False)],
                          ids=["resident-padded", "tiled"])
-def test_forward_paths(cell, config, D, resident, monkeypatch):
-    """The forward holds R and the states on chip when one tile spans the head (RESIDENT; here with
-    48 padded units masked off), else it walks the tiles through memory: both against the reference."""
+def test_resident_and_tiled_paths(cell, config, D, resident, monkeypatch):
+    """Forward and backward hold R and the carried states on chip when one tile spans the head
+    (RESIDENT; here with 48 padded units masked off), else they walk the tiles through memory:
+    both against the reference."""
     chosen = triton_rnn.RNNConfig(**config)
     assert triton_rnn._Launcher(cell, chosen, 3, 4, 2, D, torch.float32, torch.device("cpu")).resident is resident
     monkeypatch.setattr(triton_rnn, "DEFAULT_CONFIG", chosen)

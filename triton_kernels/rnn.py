@@ -49,11 +49,12 @@ def _prev(states, initial, s, t, rb, ru, mask, T, B, S: tl.constexpr, H: tl.cons
 
 
 @triton.jit
-def _weight_t(R, g, i_h, ru, rk, umask, kmask, H: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
-    """R_g^T's tile, reduction units ``rk`` by output units ``ru``, in the input dtype."""
-    w = tl.load(R + ((g * H + i_h) * D + ru[:, None]) * D + rk[None, :], mask=umask[:, None] & kmask[None, :],
+def _weight(R, g, i_h, ri, rj, imask, jmask, H: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
+    """R_g's tile, rows ``ri`` (the units a gate's pre-activation belongs to) by columns ``rj``
+    (the units of h_{t-1} it reads), in the input dtype."""
+    w = tl.load(R + ((g * H + i_h) * D + ri[:, None]) * D + rj[None, :], mask=imask[:, None] & jmask[None, :],
                 other=0.0)
-    return tl.trans(w.to(DTYPE))
+    return w.to(DTYPE)
 
 
 @triton.jit
@@ -72,7 +73,7 @@ def _recurrent(R, states, initial, g, t, rb, bmask, ru, umask, T, B, S: tl.const
             kmask = rk < D
             h_prev = _prev(states, initial, 0, t, rb, rk, bmask[:, None] & kmask[None, :], T, B, S, H, D, i_h,
                            HAS_INITIAL)
-            acc += tl.dot(h_prev.to(DTYPE), _weight_t(R, g, i_h, ru, rk, umask, kmask, H, D, DTYPE),
+            acc += tl.dot(h_prev.to(DTYPE), tl.trans(_weight(R, g, i_h, ru, rk, umask, kmask, H, D, DTYPE)),
                           input_precision=PRECISION)
     return acc
 
@@ -137,10 +138,10 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
         ru = tl.arange(0, BD)
         umask = ru < D
         mask = bmask[:, None] & umask[None, :]
-        w0 = _weight_t(R, 0, i_h, ru, ru, umask, umask, H, D, DTYPE)
-        w1 = _weight_t(R, 1 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)  # 1 % G: a cell's unused gates repeat 0
-        w2 = _weight_t(R, 2 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)
-        w3 = _weight_t(R, 3 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)
+        w0 = tl.trans(_weight(R, 0, i_h, ru, ru, umask, umask, H, D, DTYPE))
+        w1 = tl.trans(_weight(R, 1 % G, i_h, ru, ru, umask, umask, H, D, DTYPE))  # 1 % G: a cell's unused gates repeat 0
+        w2 = tl.trans(_weight(R, 2 % G, i_h, ru, ru, umask, umask, H, D, DTYPE))
+        w3 = tl.trans(_weight(R, 3 % G, i_h, ru, ru, umask, umask, H, D, DTYPE))
         h_r = _prev(states, initial, 0, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
         c_r = _prev(states, initial, 1 % S, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
         n_r = _prev(states, initial, 2 % S, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
@@ -229,23 +230,51 @@ def _carry(buffer, s, rb, ru, B, H: tl.constexpr, D: tl.constexpr, i_h):
 
 
 @triton.jit
+def _carried(carry, s, rb, ru, mask, B, H: tl.constexpr, D: tl.constexpr, i_h, RESIDENT: tl.constexpr, register):
+    """The gradient reaching state s from the later steps: the register (RESIDENT), else the
+    carry buffer."""
+    if RESIDENT:
+        value = register
+    else:
+        value = tl.load(_carry(carry, s, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+    return value
+
+
+@triton.jit
 def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H: tl.constexpr, D: tl.constexpr,
                    CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr, HAS_INITIAL: tl.constexpr,
-                   PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr):
+                   PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr,
+                   RESIDENT: tl.constexpr):
     """Reverse time walk. ``carry`` (S, B, H, D) fp32 holds on entry the final states'
     gradient, between steps the gradient reaching the previous states, and on exit the
     initial states' gradient. Writes dx (fp32, the gates' pre-activation gradients) and, for
-    GRU, drec_n = dn * r (the gradient of R_n h + b_n)."""
+    GRU, drec_n = dn * r (the gradient of R_n h + b_n). RESIDENT (as in the forward): R_g is
+    loaded once and the carried gradients stay in registers, the carry buffer read on entry and
+    written on exit only; else the tiles exchange them through the buffer, two barriers a step."""
     DTYPE: tl.constexpr = d_h_seq.dtype.element_ty
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rb = i_b * BB + tl.arange(0, BB)
     bmask = rb < B
+    if RESIDENT:
+        ru = tl.arange(0, BD)
+        umask = ru < D
+        mask = bmask[:, None] & umask[None, :]
+        w0 = _weight(R, 0, i_h, ru, ru, umask, umask, H, D, DTYPE)
+        w1 = _weight(R, 1 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)  # 1 % G: a cell's unused gates repeat 0
+        w2 = _weight(R, 2 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)
+        w3 = _weight(R, 3 % G, i_h, ru, ru, umask, umask, H, D, DTYPE)
+        dh_r = tl.load(_carry(carry, 0, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+        dc_r = tl.load(_carry(carry, 1 % S, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+        dn_r = tl.load(_carry(carry, 2 % S, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+        dm_r = tl.load(_carry(carry, 3 % S, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+    else:
+        w0, w1, w2, w3, dh_r, dc_r, dn_r, dm_r = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # unused
     for m in range(T):
         t = T - 1 - m
         for i_u in range(tl.cdiv(D, BD)):
             ru = i_u * BD + tl.arange(0, BD)
             mask = bmask[:, None] & (ru[None, :] < D)
-            dh = tl.load(_carry(carry, 0, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+            dh = _carried(carry, 0, rb, ru, mask, B, H, D, i_h, RESIDENT, dh_r)
             dh += tl.load(d_h_seq + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], mask=mask,
                           other=0.0).to(tl.float32)
             h = _load_step(states, 0, S, t, rb, ru, mask, T, H, D, i_h)
@@ -266,8 +295,11 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                 _store_step(dx, d_pz, 1, G, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(dx, d_pn, 2, G, t, rb, ru, mask, T, H, D, i_h)
                 tl.store(drec_n + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], d_pn * reset, mask=mask)
+                d_rec0, d_rec1, d_rec2, d_rec3 = d_pr, d_pz, d_pn * reset, d_pn
             elif CELL == 3:
-                _store_step(dx, dh * (1.0 - h * h), 0, G, t, rb, ru, mask, T, H, D, i_h)
+                d_p = dh * (1.0 - h * h)
+                _store_step(dx, d_p, 0, G, t, rb, ru, mask, T, H, D, i_h)
+                d_rec0, d_rec1, d_rec2, d_rec3 = d_p, d_p, d_p, d_p
             else:
                 p_i = _load_step(pre, 0, P, t, rb, ru, mask, T, H, D, i_h)
                 p_f = _load_step(pre, 1, P, t, rb, ru, mask, T, H, D, i_h)
@@ -275,7 +307,7 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                 p_o = _load_step(pre, 3, P, t, rb, ru, mask, T, H, D, i_h)
                 c = _load_step(states, 1, S, t, rb, ru, mask, T, H, D, i_h)
                 c_prev = _prev(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
-                dc = tl.load(_carry(carry, 1, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+                dc = _carried(carry, 1, rb, ru, mask, B, H, D, i_h, RESIDENT, dc_r)
                 z_act = 2.0 * tl.sigmoid(2.0 * p_z) - 1.0
                 o_gate = tl.sigmoid(p_o)
                 if CELL == 0:
@@ -286,14 +318,17 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                     d_pf = dc * c_prev * f_gate * (1.0 - f_gate)
                     d_pz = dc * i_gate * (1.0 - z_act * z_act)
                     d_po = dh * tanh_c * o_gate * (1.0 - o_gate)
-                    tl.store(_carry(carry, 1, rb, ru, B, H, D, i_h), dc * f_gate, mask=mask)
+                    if RESIDENT:
+                        dc_r = dc * f_gate
+                    else:
+                        tl.store(_carry(carry, 1, rb, ru, B, H, D, i_h), dc * f_gate, mask=mask)
                 else:
                     n = _load_step(states, 2, S, t, rb, ru, mask, T, H, D, i_h)
                     m_new = _load_step(states, 3, S, t, rb, ru, mask, T, H, D, i_h)
                     n_prev = _prev(states, initial, 2, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
                     m_prev = _prev(states, initial, 3, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
-                    dn = tl.load(_carry(carry, 2, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
-                    dm = tl.load(_carry(carry, 3, rb, ru, B, H, D, i_h), mask=mask, other=0.0)
+                    dn = _carried(carry, 2, rb, ru, mask, B, H, D, i_h, RESIDENT, dn_r)
+                    dm = _carried(carry, 3, rb, ru, mask, B, H, D, i_h, RESIDENT, dm_r)
                     log_f = tl.minimum(p_f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(p_f)))
                     input_gate = tl.exp(p_i - m_new)
                     forget_gate = tl.exp(log_f + m_prev - m_new)
@@ -315,33 +350,55 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                     d_logf += to_lhs
                     dm_prev += to_lhs
                     d_pf = d_logf * (1.0 - tl.sigmoid(p_f))
-                    tl.store(_carry(carry, 1, rb, ru, B, H, D, i_h), dc * forget_gate, mask=mask)
-                    tl.store(_carry(carry, 2, rb, ru, B, H, D, i_h), dn * forget_gate, mask=mask)
-                    tl.store(_carry(carry, 3, rb, ru, B, H, D, i_h), dm_prev, mask=mask)
+                    if RESIDENT:
+                        dc_r, dn_r, dm_r = dc * forget_gate, dn * forget_gate, dm_prev
+                    else:
+                        tl.store(_carry(carry, 1, rb, ru, B, H, D, i_h), dc * forget_gate, mask=mask)
+                        tl.store(_carry(carry, 2, rb, ru, B, H, D, i_h), dn * forget_gate, mask=mask)
+                        tl.store(_carry(carry, 3, rb, ru, B, H, D, i_h), dm_prev, mask=mask)
                 _store_step(dx, d_pi, 0, G, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(dx, d_pf, 1, G, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(dx, d_pz, 2, G, t, rb, ru, mask, T, H, D, i_h)
                 _store_step(dx, d_po, 3, G, t, rb, ru, mask, T, H, D, i_h)
-            tl.store(_carry(carry, 0, rb, ru, B, H, D, i_h), dh_direct, mask=mask)
-        tl.debug_barrier()  # every tile's gate gradients before the recurrent products read them
-        for i_u in range(tl.cdiv(D, BD)):
-            rj = i_u * BD + tl.arange(0, BD)
-            jmask = rj < D
-            mask = bmask[:, None] & jmask[None, :]
-            acc = tl.zeros([BB, BD], tl.float32)
-            for g in tl.static_range(G):
-                for i_k in range(tl.cdiv(D, BKD)):
-                    ri = i_k * BKD + tl.arange(0, BKD)
-                    imask = bmask[:, None] & (ri[None, :] < D)
-                    if CELL == 1 and g == 2:
-                        d_rec = tl.load(drec_n + ((rb[:, None] * T + t) * H + i_h) * D + ri[None, :], mask=imask,
-                                        other=0.0)
-                    else:
-                        d_rec = _load_step(dx, g, G, t, rb, ri, imask, T, H, D, i_h)
-                    w = tl.load(R + ((g * H + i_h) * D + ri[:, None]) * D + rj[None, :],
-                                mask=(ri[:, None] < D) & jmask[None, :], other=0.0)
-                    # in the input dtype, as the forward multiplied h and R (half tensor cores)
-                    acc += tl.dot(d_rec.to(DTYPE), w.to(DTYPE), input_precision=PRECISION)
-            pointer = _carry(carry, 0, rb, rj, B, H, D, i_h)
-            tl.store(pointer, tl.load(pointer, mask=mask, other=0.0) + acc, mask=mask)
-        tl.debug_barrier()
+                d_rec0, d_rec1, d_rec2, d_rec3 = d_pi, d_pf, d_pz, d_po
+            if RESIDENT:  # dh_{t-1} = its direct term + sum_g dr_g R_g (the tiled path's second phase)
+                dh_r = dh_direct + tl.dot(d_rec0.to(DTYPE), w0, input_precision=PRECISION)
+                if G > 1:
+                    dh_r += tl.dot(d_rec1.to(DTYPE), w1, input_precision=PRECISION)
+                if G > 2:
+                    dh_r += tl.dot(d_rec2.to(DTYPE), w2, input_precision=PRECISION)
+                if G > 3:
+                    dh_r += tl.dot(d_rec3.to(DTYPE), w3, input_precision=PRECISION)
+            else:
+                tl.store(_carry(carry, 0, rb, ru, B, H, D, i_h), dh_direct, mask=mask)
+        if not RESIDENT:
+            tl.debug_barrier()  # every tile's gate gradients before the recurrent products read them
+            for i_u in range(tl.cdiv(D, BD)):
+                rj = i_u * BD + tl.arange(0, BD)
+                jmask = rj < D
+                mask = bmask[:, None] & jmask[None, :]
+                acc = tl.zeros([BB, BD], tl.float32)
+                for g in tl.static_range(G):
+                    for i_k in range(tl.cdiv(D, BKD)):
+                        ri = i_k * BKD + tl.arange(0, BKD)
+                        imask = bmask[:, None] & (ri[None, :] < D)
+                        if CELL == 1 and g == 2:
+                            d_rec = tl.load(drec_n + ((rb[:, None] * T + t) * H + i_h) * D + ri[None, :], mask=imask,
+                                            other=0.0)
+                        else:
+                            d_rec = _load_step(dx, g, G, t, rb, ri, imask, T, H, D, i_h)
+                        # in the input dtype, as the forward multiplied h and R (half tensor cores)
+                        acc += tl.dot(d_rec.to(DTYPE), _weight(R, g, i_h, ri, rj, ri < D, jmask, H, D, DTYPE),
+                                      input_precision=PRECISION)
+                pointer = _carry(carry, 0, rb, rj, B, H, D, i_h)
+                tl.store(pointer, tl.load(pointer, mask=mask, other=0.0) + acc, mask=mask)
+            tl.debug_barrier()
+    if RESIDENT:  # the initial states' gradient
+        ru = tl.arange(0, BD)
+        mask = bmask[:, None] & (ru[None, :] < D)
+        tl.store(_carry(carry, 0, rb, ru, B, H, D, i_h), dh_r, mask=mask)
+        if S > 1:
+            tl.store(_carry(carry, 1, rb, ru, B, H, D, i_h), dc_r, mask=mask)
+        if S > 2:
+            tl.store(_carry(carry, 2, rb, ru, B, H, D, i_h), dn_r, mask=mask)
+            tl.store(_carry(carry, 3, rb, ru, B, H, D, i_h), dm_r, mask=mask)

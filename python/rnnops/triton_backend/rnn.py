@@ -53,7 +53,7 @@ def supports(*, dtype, device, head_dim=None, **_) -> str | None:
 
 
 def resident_shared_bytes(gates: int, dim: int, dtype: torch.dtype) -> int:
-    """Shared memory the resident forward (rnn_fwd_kernel's RESIDENT) holds R_g^T in: by
+    """Shared memory the resident kernels (RESIDENT in triton_kernels/rnn.py) hold R_g in: by
     compile_check (sm_90, D = 64), 2.25 bytes per weight for half inputs and 8.5 for float32's
     tf32x3 operands (e.g. an LSTM head of 64: 36 KB in bfloat16, 136 KB in float32)."""
     per_weight = 2.25 if dtype.itemsize <= 2 else 8.5
@@ -84,7 +84,7 @@ class _Launcher:
                          P=pre_slots(cell), PRECISION=dot_precision(dtype, tile_dims=(block_d, block_k)),
                          BB=config.block_b, BD=block_d, BKD=block_k,
                          num_warps=config.num_warps, num_stages=config.num_stages)
-        # the forward holds the head's R on chip when its tile spans the head and R fits (rnn_fwd_kernel)
+        # the kernels hold the head's R on chip when their tile spans the head and R fits (rnn_fwd_kernel)
         self.resident = block_d >= dim and block_k >= dim and resident_shared_bytes(
             CELLS[cell].gates, dim, dtype) <= _shared_memory_per_block(device)
         self.grid = (heads, -(-batch // config.block_b))
@@ -97,7 +97,8 @@ class _Launcher:
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
         _kernels().rnn_bwd_kernel[self.grid](R, initial, states, pre, d_h_seq, carry, dx, drec_n, self.time,
-                                             self.batch, HAS_INITIAL=initial is not None, **self.meta)
+                                             self.batch, HAS_INITIAL=initial is not None, RESIDENT=self.resident,
+                                             **self.meta)
 
 
 @register("rnn", "triton", supports=supports)
