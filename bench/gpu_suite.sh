@@ -80,28 +80,24 @@ PY
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
-    # the delta rule: the shipped 64-wide K tiles (compile-screened since 2026-11-26: half the
-    # dq/dk programs, each recomputing do v^T once) against the 32 shipped before (measured:
-    # 0.53x fla f+b on the H200), and the occupancy hypotheses of compile_check (4 warps: the UT
-    # backward 2 programs per SM, 1 at 8; one state stage: states_bwd 2, 1 at two stages)
+    # the gated delta rule: the plain one ships 4 warps x 1 stage on the H200 since 2026-11-26
+    # (1.19-1.21x f+b there); the gated one keeps 8 x 2, since at 4 warps Triton 3.6 spills 100 B in
+    # dq/dk and 28 B in the UT backward (compile_check), and twice the state kernels' warps
     left=$(seconds_until 470)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" \
-      --try '{"block_k": 32}' '{"num_warps": 4, "num_stages": 1}' '{"state_num_stages": 1}'
-    # linear attention: the same K tiles, and its state tile (shipped 64 x 64, wgmma) against
-    # flash-linear-attention's full K, 32 wide (1.03x on the H200: noise level)
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=1" \
+      --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_warps": 8}'
+    # the Triton LSTM at D = 128: the shipped 64 x 128 tiles (the tiled path, R re-read each step)
+    # against 128 x 128, where one tile spans the head and R stays in shared memory (RESIDENT, 144 KB)
     left=$(seconds_until 520)
-    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" \
-      --try '{"block_k": 32}' '{"state_block_k": 128, "state_block_v": 32}'
-    # the selective scan: the Triton scan's 8 channels x 128-step chunks (the model's, shipped
-    # for the H100) against 16 x 32 (1.14x on the H200, which ships it since); the CUDA scan's 8 warps x 8 steps (6.8 ms f+b on the H200, 6%
-    # of its floor; its backward holds one block per SM) against 4 warps and 2 warps x 4 steps
-    # (five backward blocks of 2 warps per SM: fewer warps per barrier, more blocks to interleave)
+    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
+      --shapes "cell=lstm,B=16,T=1024,H=6,D=128" --try '{"block_d": 128}' '{"block_d": 128, "num_warps": 4}'
+    # the selective scan: the Triton scan's 16 channels x 32-step chunks (1.14x over 8 x 128 on the
+    # H200) against 64-step chunks; the CUDA scan's 4 warps x 8 steps (1.10x over 8 warps on the
+    # H200) against 4 steps per thread and against 2 warps
     left=$(seconds_until 575)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 16, "chunk": 32}' '{"warps": 4}' \
-      '{"warps": 2, "items": 4}'
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"chunk": 64}' '{"items": 4}' '{"warps": 2}'
   fi
 } 2>&1 | tee "$LOG"
 
