@@ -20,8 +20,11 @@ def test_matches_reference(cell, shape):
 
 @pytest.mark.parametrize("cell", ["lstm", "slstm"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
-def test_tensor_core_path(cell, dtype, bound):
-    compare_backends(run(cell, dtype), make_inputs(cell, D=32, dtype=dtype), bound, test="cuda")
+@pytest.mark.parametrize("shape", [{"D": 32}, {"T": 3, "D": 80}], ids=["one-block", "D80-split-over-blocks"])
+def test_tensor_core_path(cell, dtype, bound, shape):
+    """Half types: one block per head (h_{t-1} and the gate gradients kept in shared memory), and a
+    head split over two blocks (h_{t-1} copied from h_seq, the gate gradients staged in chunks)."""
+    compare_backends(run(cell, dtype), make_inputs(cell, dtype=dtype, **shape), bound, test="cuda")
 
 
 def test_config_space_fits_shared_memory():

@@ -7,6 +7,7 @@
 //   rnnops::is_same_v                std::is_same_v (libcu++'s under NVRTC)
 //   rnnops::exp2_approx              2^x, one MUFU.EX2 on the GPU (ex2.approx.ftz: relative error
 //                                    about 2^-22, results below 2^-126 flushed to 0)
+//   rnnops::Chunk16, copy_in_flight  16-byte copies, each thread's loads in flight together
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -57,4 +58,31 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : logf(1.0f + __expf(x)); }
+
+// 16 bytes moved as one load / store (LDG.128, STS.128 where aligned): 4 floats, or the raw bits of
+// 8 half-type values (a struct copy moves bits, no arithmetic)
+struct alignas(16) Chunk16 {
+  float f[4];
+};
+
+// store(idx, load(idx)) for every idx < total, the block's threads striding over idx: each thread
+// issues kInFlight loads before it stores any, so a round costs one memory latency where a plain
+// loop (load, then the store that needs it) pays one per element
+template <class Load, class Store>
+__device__ __forceinline__ void copy_in_flight(int total, Load load, Store store) {
+  constexpr int kInFlight = 8;
+  for (int base = threadIdx.x; base < total; base += blockDim.x * kInFlight) {
+    Chunk16 chunk[kInFlight];
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) {
+      const int idx = base + j * blockDim.x;
+      if (idx < total) chunk[j] = load(idx);
+    }
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) {
+      const int idx = base + j * blockDim.x;
+      if (idx < total) store(idx, chunk[j]);
+    }
+  }
+}
 }  // namespace rnnops

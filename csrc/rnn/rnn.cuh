@@ -8,14 +8,17 @@
 // half / bfloat16; float32 stays on CUDA cores in IEEE arithmetic), applies the cell's
 // pointwise update (equations in rnnops.reference.rnn) and writes the new states. Heads too
 // large for one block split their units over several blocks (grid.z), which then meet at a
-// grid barrier every step (cooperative launch); otherwise a block barrier suffices.
+// grid barrier every step (cooperative launch) and read h_{t-1} back from h_seq in 16-byte
+// copies, each thread's loads in flight together (one memory latency a step, not one per
+// element: at D = 768 the element-wise loop was most of the step); otherwise a block barrier
+// suffices.
 //
 // The backward walks time in reverse: the pointwise gradients of the slice (into dx, and the
 // carried gradients of c / n / m), a barrier, then dh_{t-1} for the slice's units as
 // sum_g dx_g R_g[:, slice] from the transposed weight slice resident in shared memory (tensor
 // cores for half types, the gate gradients rounded to T as the forward rounded h; float32 on CUDA
-// cores), the gate gradients staged 256 per row at a time (a head in one block with G D <= 256
-// keeps them in shared memory as it computes them). dR and db are one batched matmul on the host. Buffers and layouts are those of the Triton kernels
+// cores), the gate gradients staged 256 per row at a time, in 16-byte loads in flight together (a
+// head in one block with G D <= 256 keeps them in shared memory as it computes them). dR and db are one batched matmul on the host. Buffers and layouts are those of the Triton kernels
 // (triton_kernels/rnn.py): states (B, T, S, H, D) and pre-activations (B, T, P, H, D) in fp32,
 // carries (S, B, H, D) fp32, x_gates (B, T, G, H, D) and h_seq (B, T, H, D) of type T.
 // Work per step, batch row and head: 2 G D^2 flops plus about 10 G D pointwise; R is read once.
@@ -106,13 +109,26 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
     w[idx] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
   }
   for (int t = 0; t < s.T; ++t) {
-    // h_{t-1} of the whole head: from the states every block wrote (a head split over blocks), or,
-    // where this block computes every unit, left in shared memory by its previous step
-    if (t == 0 || s.splits > 1) {
+    // h_{t-1} of the whole head, in T: at t = 0 the initial state; for a head split over blocks,
+    // h_seq's step t - 1 (rounded to T as this product takes it), which every block wrote before
+    // the grid barrier, copied 16 bytes at a time with a thread's loads in flight together; where
+    // this block computes every unit, its previous step left it in shared memory
+    if (t == 0) {
       for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
         const int r = idx / D, k = idx % D, b = row0 + r;
         h[idx] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, t, k, head, S) : 0.0f);
       }
+      __syncthreads();
+    } else if (s.splits > 1) {
+      const int per_row = D * (int)sizeof(T) / 16;  // D % 16 == 0
+      rnnops::copy_in_flight(
+          kRows * per_row,
+          [&](int idx) {
+            const int b = row0 + idx / per_row;
+            const T* row = h_seq + (((long long)b * s.T + t - 1) * s.H + head) * D;
+            return b < s.B ? reinterpret_cast<const rnnops::Chunk16*>(row)[idx % per_row] : rnnops::Chunk16{};
+          },
+          [&](int idx, const rnnops::Chunk16& chunk) { reinterpret_cast<rnnops::Chunk16*>(h)[idx] = chunk; });
       __syncthreads();
     }
     recurrent_matmul(h, w, acc, D, GU);
@@ -283,15 +299,21 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
     }
     block_barrier(s);  // every slice's gate gradients before the products read them
     // dh_{t-1}[r][slice] = sum over (g, i) of dx_g[r][i] R_g[i][slice], (g, i) in chunks of KC
-    auto gate_gradient = [&](int r, int gi) -> float {
-      const int g = gi / D, i = gi % D, b = row0 + r;
-      if (b >= s.B || gi >= G * D) return 0.0f;
-      return (CELL == kGRU && g == 2) ? drec_n[step_index(s, b, t, 0, 1, i, head)] : dx[step_index(s, b, t, g, G, i, head)];
-    };
     auto stage_chunk = [&](int k0) {  // gate gradients k0 .. k0 + KC of every row, unless resident
       if (resident) return;
-      for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x)
-        stage(idx / KC, idx % KC, gate_gradient(idx / KC, k0 + idx % KC));
+      constexpr int kPerRow = KC / 4;  // 16-byte loads of 4 gradients, all of one gate (D % 16 == 0)
+      rnnops::copy_in_flight(
+          kRows * kPerRow,
+          [&](int idx) {
+            const int gi = k0 + idx % kPerRow * 4, g = gi / D, i = gi % D, b = row0 + idx / kPerRow;
+            if (b >= s.B || gi >= G * D) return rnnops::Chunk16{};
+            const float* source = (CELL == kGRU && g == 2) ? drec_n + step_index(s, b, t, 0, 1, i, head)
+                                                           : dx + step_index(s, b, t, g, G, i, head);
+            return *reinterpret_cast<const rnnops::Chunk16*>(source);
+          },
+          [&](int idx, const rnnops::Chunk16& chunk) {
+            for (int q = 0; q < 4; ++q) stage(idx / kPerRow, idx % kPerRow * 4 + q, chunk.f[q]);
+          });
       __syncthreads();
     };
     if constexpr (rnnops::is_same_v<T, float>) {  // IEEE float32 on CUDA cores
