@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -259,18 +261,27 @@ def vet(op: str, backend: str, shape: dict, device: torch.device, dtype: torch.d
 WRONG_ANSWER = 3  # a vetting worker's exit status when vet() found a wrong answer (1: it raised)
 
 
-def vet_in_worker(op: str, backend: str, shape: dict, bucket: str, device: str, dtype: str, config: dict) -> int:
+def vet_in_worker(op: str, backend: str, shape: dict, bucket: str, device: str, dtype: str, config: dict,
+                  verdict: str) -> int:
     """In a worker process: one forward + backward of ``op`` at ``shape`` with ``config`` (its
     kernels compile into Triton's and CuPy's disk caches, for the timed process), then vet();
     returns the exit status, 0 or WRONG_ANSWER. An error, or a fault such as an illegal memory
     access (which would end the timed process's CUDA context for every later measurement), ends
-    the worker with status 1 instead."""
+    the worker with status 1 instead. Unless 0, the reason goes to the file ``verdict``."""
     device_, dtype_ = torch.device(device), DTYPES[dtype]
-    case = case_for(op, shape)
-    x = inputs_with_grads(case, device_, dtype_)
-    with cache.override(op, backend, bucket, config):
-        forward_backward(case, x, backend)
-    return WRONG_ANSWER if vet(op, backend, shape, device_, dtype_, config) else 0
+    try:
+        case = case_for(op, shape)
+        x = inputs_with_grads(case, device_, dtype_)
+        with cache.override(op, backend, bucket, config):
+            forward_backward(case, x, backend)
+        reason = vet(op, backend, shape, device_, dtype_, config)
+    except Exception as error:
+        Path(verdict).write_text(f"{type(error).__name__}: {error}")
+        raise
+    if reason:
+        Path(verdict).write_text(reason)
+        return WRONG_ANSWER
+    return 0
 
 
 _VET_WORKER = ("import json, sys; from rnnops.autotune.tuner import vet_in_worker; "
@@ -306,18 +317,21 @@ def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int 
                 return 0
             task = {"op": tunable.op, "backend": tunable.backend, "shape": shape, "bucket": bucket,
                     "device": str(device), "dtype": DTYPES_BY_VALUE[dtype]}
-            # a worker stuck for five minutes compiles nothing the budget can still measure
-            statuses = run_side_by_side(_VET_WORKER, [json.dumps(dict(task, config=c)) for c in configs],
-                                        compile_workers, timeout_s=300.0, deadline=deadline)
-            for config, status in zip(configs, statuses):
-                key = search.config_key(config)
-                if status == 0:
-                    vetted.add(key)
-                elif status == WRONG_ANSWER:
-                    rejected[key] = "a wrong answer in its worker process (vet: against the float64 reference)"
-                elif status is not None:
-                    rejected[key] = (f"its worker process failed (exit status {status}: an error, or a fault such as "
-                                     "an illegal memory access), so it is not run here")
+            with tempfile.TemporaryDirectory(prefix="rnnops-vet-") as folder:
+                verdicts = [Path(folder) / f"{i}.txt" for i in range(len(configs))]
+                # a worker stuck for five minutes compiles nothing the budget can still measure
+                statuses = run_side_by_side(
+                    _VET_WORKER, [json.dumps(dict(task, config=c, verdict=str(v))) for c, v in zip(configs, verdicts)],
+                    compile_workers, timeout_s=300.0, deadline=deadline)
+                for config, status, verdict in zip(configs, statuses, verdicts):
+                    key = search.config_key(config)
+                    reason = verdict.read_text().strip() if verdict.exists() else "no reason written: a crash?"
+                    if status == 0:
+                        vetted.add(key)
+                    elif status == WRONG_ANSWER:
+                        rejected[key] = f"wrong answer in its worker process: {reason}"
+                    elif status is not None:  # not run here: a fault would end this process's CUDA context
+                        rejected[key] = f"failed in its worker process (exit status {status}): {reason}"
             return statuses.count(0)
 
         def measure(config: dict) -> float:

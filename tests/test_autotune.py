@@ -363,13 +363,13 @@ def test_device_timer_measures_and_compiles_ahead_in_worker_processes():
     shape_timer = tuner.device_timer(torch.device("cpu"), torch.float32, compile_workers=2)(tunable, shape, bucket)
     assert shape_timer.prepare([good, dict(good, unroll=2)]) == 1  # no such field: the worker fails
     assert shape_timer.measure(good) > 0
-    with pytest.raises(tuner.Rejected, match="worker process failed .exit status 1"):
+    with pytest.raises(tuner.Rejected, match="failed in its worker process .exit status 1.: TypeError: .*unroll"):
         shape_timer.measure(dict(good, unroll=2))
     with pytest.raises(tuner.Unsupported, match="needs a CUDA device"):
         tuner.device_timer(torch.device("meta"), torch.float32)(tunable, shape, bucket)
 
 
-def test_a_configuration_whose_answer_is_wrong_is_rejected_before_it_is_timed(monkeypatch):
+def test_a_configuration_whose_answer_is_wrong_is_rejected_before_it_is_timed(monkeypatch, tmp_path):
     """vet() compares the kernel with the float64 reference at a small size: here the reference is
     made to answer 1.5 times the truth, as a miscompiled kernel would differ from it, and the
     timer refuses the configuration (in the timed process: no workers) and stays refused."""
@@ -392,6 +392,10 @@ def test_a_configuration_whose_answer_is_wrong_is_rejected_before_it_is_timed(mo
     for _ in range(2):
         with pytest.raises(tuner.Rejected, match="the output differs from the float64 reference by 3.3e-01"):
             shape_timer.measure(good)
+    verdict = tmp_path / "verdict.txt"  # what a vetting worker process reports, run here
+    assert tuner.vet_in_worker("rnn", "triton", shape, bucket, "cpu", "float32", good, str(verdict)) == \
+        tuner.WRONG_ANSWER
+    assert verdict.read_text().startswith("the output differs from the float64 reference by 3.3e-01")
 
 
 def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothing(tmp_path, monkeypatch):
