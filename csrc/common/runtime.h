@@ -7,7 +7,7 @@
 //   rnnops::is_same_v                std::is_same_v (libcu++'s under NVRTC)
 //   rnnops::exp2_approx              2^x, one MUFU.EX2 on the GPU (ex2.approx.ftz: relative error
 //                                    about 2^-22, results below 2^-126 flushed to 0)
-//   rnnops::Chunk16, copy_in_flight  16-byte copies, each thread's loads in flight together
+//   rnnops::Chunk16, in_flight       16-byte copies; a thread's loads of several indices issued together
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -65,23 +65,24 @@ struct alignas(16) Chunk16 {
   float f[4];
 };
 
-// store(idx, load(idx)) for every idx < total, the block's threads striding over idx: each thread
-// issues kInFlight loads before it stores any, so a round costs one memory latency where a plain
-// loop (load, then the store that needs it) pays one per element
-template <class Load, class Store>
-__device__ __forceinline__ void copy_in_flight(int total, Load load, Store store) {
-  constexpr int kInFlight = 8;
+// use(idx, load(idx)) for every idx < total, the block's threads striding over idx, kInFlight
+// indices a thread at a time: all of their loads before any use, so that a thread's global loads
+// issue together and a round costs one memory latency, where a plain loop (load, then the use that
+// needs it) pays one per index. load returns a value (the loaded inputs of one index).
+template <int kInFlight, class Load, class Use>
+__device__ __forceinline__ void in_flight(int total, Load load, Use use) {
+  using Value = decltype(load(0));
   for (int base = threadIdx.x; base < total; base += blockDim.x * kInFlight) {
-    Chunk16 chunk[kInFlight];
+    Value values[kInFlight];
 #pragma unroll
     for (int j = 0; j < kInFlight; ++j) {
       const int idx = base + j * blockDim.x;
-      if (idx < total) chunk[j] = load(idx);
+      if (idx < total) values[j] = load(idx);
     }
 #pragma unroll
     for (int j = 0; j < kInFlight; ++j) {
       const int idx = base + j * blockDim.x;
-      if (idx < total) store(idx, chunk[j]);
+      if (idx < total) use(idx, values[j]);
     }
   }
 }

@@ -11,7 +11,8 @@
 // grid barrier every step (cooperative launch) and read h_{t-1} back from h_seq in 16-byte
 // copies, each thread's loads in flight together (one memory latency a step, not one per
 // element: at D = 768 the element-wise loop was most of the step); otherwise a block barrier
-// suffices.
+// suffices. The pointwise phases (forward and backward) take a thread's elements four at a time,
+// all of their global loads issued before the first is used (rnnops::in_flight).
 //
 // The backward walks time in reverse: the pointwise gradients of the slice (into dx, and the
 // carried gradients of c / n / m), a barrier, then dh_{t-1} for the slice's units as
@@ -121,7 +122,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
       __syncthreads();
     } else if (s.splits > 1) {
       const int per_row = D * (int)sizeof(T) / 16;  // D % 16 == 0
-      rnnops::copy_in_flight(
+      rnnops::in_flight<8>(
           kRows * per_row,
           [&](int idx) {
             const int b = row0 + idx / per_row;
@@ -133,62 +134,79 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
     }
     recurrent_matmul(h, w, acc, D, GU);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
-      const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-      if (b >= s.B || unit >= D) continue;
-      auto gate = [&](int g) {  // x_g + (R_g h)_unit + b_g
-        float value = to_float(x[((((long long)b * s.T + t) * G + g) * s.H + head) * D + unit]) + acc[r * GU + g * U + u];
-        return s.has_bias ? value + bias[(g * s.H + head) * D + unit] : value;
-      };
-      auto save = [&](float* buffer, int slot, int slots, float value) {
-        buffer[step_index(s, b, t, slot, slots, unit, head)] = value;
-      };
-      float h_new;
-      if constexpr (CELL == kGRU) {
-        const float p_r = gate(0), p_z = gate(1);
-        const float rec_n = acc[r * GU + 2 * U + u] + (s.has_bias ? bias[(2 * s.H + head) * D + unit] : 0.0f);
-        const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z);
-        const float p_n = to_float(x[((((long long)b * s.T + t) * G + 2) * s.H + head) * D + unit]) + reset * rec_n;
-        const float h_prev = previous_state(s, states, initial, 0, b, t, unit, head, S);
-        h_new = (1.0f - update) * tanh_fast(p_n) + update * h_prev;
-        save(pre, 0, P, p_r);
-        save(pre, 1, P, p_z);
-        save(pre, 2, P, p_n);
-        save(pre, 3, P, rec_n);
-      } else if constexpr (CELL == kElman) {
-        const float p = gate(0);
-        h_new = tanh_fast(p);
-        save(pre, 0, P, p);
-      } else {
-        const float p_i = gate(0), p_f = gate(1), p_z = gate(2), p_o = gate(3);
-        const float c_prev = previous_state(s, states, initial, 1, b, t, unit, head, S);
-        const float z_act = tanh_fast(p_z);
-        float c;
-        if constexpr (CELL == kLSTM) {
-          c = rnnops::sigmoid(p_f) * c_prev + rnnops::sigmoid(p_i) * z_act;
-          h_new = rnnops::sigmoid(p_o) * tanh_fast(c);
-        } else {
-          const float n_prev = previous_state(s, states, initial, 2, b, t, unit, head, S);
-          const float m_prev = previous_state(s, states, initial, 3, b, t, unit, head, S);
-          const float log_f = log_sigmoid(p_f);
-          const float m = fmaxf(log_f + m_prev, p_i);
-          const float input_gate = __expf(p_i - m), forget_gate = __expf(log_f + m_prev - m);
-          c = forget_gate * c_prev + input_gate * z_act;
-          const float n = forget_gate * n_prev + input_gate;
-          h_new = rnnops::sigmoid(p_o) * c / n;
-          save(states, 2, S, n);
-          save(states, 3, S, m);
-        }
-        save(states, 1, S, c);
-        save(pre, 0, P, p_i);
-        save(pre, 1, P, p_f);
-        save(pre, 2, P, p_z);
-        save(pre, 3, P, p_o);
-      }
-      save(states, 0, S, h_new);
-      h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
-      if (s.splits == 1) h[r * D + unit] = from_float<T>(h_new);  // every reader of h_{t-1} is past the barrier above
-    }
+    // the slice's pointwise update; a thread's global loads (x, b and the states entering the
+    // step) for four of its elements issue together
+    struct StepInputs {
+      float x[G], bias[G], prev[S];  // prev: the carried states (GRU h; LSTM / sLSTM c, n, m)
+    };
+    constexpr int kFirstCarried = CELL == kGRU ? 0 : 1;  // Elman carries none (S = 1)
+    rnnops::in_flight<4>(
+        kRows * U,
+        [&](int idx) {
+          StepInputs in;
+          const int b = row0 + idx / U, unit = unit0 + idx % U;
+          if (b >= s.B || unit >= D) return in;
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            in.x[g] = to_float(x[((((long long)b * s.T + t) * G + g) * s.H + head) * D + unit]);
+            in.bias[g] = s.has_bias ? bias[(g * s.H + head) * D + unit] : 0.0f;
+          }
+#pragma unroll
+          for (int slot = kFirstCarried; slot < S; ++slot)
+            in.prev[slot] = previous_state(s, states, initial, slot, b, t, unit, head, S);
+          return in;
+        },
+        [&](int idx, const StepInputs& in) {
+          const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+          if (b >= s.B || unit >= D) return;
+          auto gate = [&](int g) { return in.x[g] + acc[r * GU + g * U + u] + in.bias[g]; };  // x_g + (R_g h)_unit + b_g
+          auto save = [&](float* buffer, int slot, int slots, float value) {
+            buffer[step_index(s, b, t, slot, slots, unit, head)] = value;
+          };
+          float h_new;
+          if constexpr (CELL == kGRU) {
+            const float p_r = gate(0), p_z = gate(1);
+            const float rec_n = acc[r * GU + 2 * U + u] + in.bias[2];
+            const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z);
+            const float p_n = in.x[2] + reset * rec_n;
+            h_new = (1.0f - update) * tanh_fast(p_n) + update * in.prev[0];
+            save(pre, 0, P, p_r);
+            save(pre, 1, P, p_z);
+            save(pre, 2, P, p_n);
+            save(pre, 3, P, rec_n);
+          } else if constexpr (CELL == kElman) {
+            const float p = gate(0);
+            h_new = tanh_fast(p);
+            save(pre, 0, P, p);
+          } else {
+            const float p_i = gate(0), p_f = gate(1), p_z = gate(2), p_o = gate(3);
+            const float c_prev = in.prev[1];
+            const float z_act = tanh_fast(p_z);
+            float c;
+            if constexpr (CELL == kLSTM) {
+              c = rnnops::sigmoid(p_f) * c_prev + rnnops::sigmoid(p_i) * z_act;
+              h_new = rnnops::sigmoid(p_o) * tanh_fast(c);
+            } else {
+              const float n_prev = in.prev[2], m_prev = in.prev[3];
+              const float log_f = log_sigmoid(p_f);
+              const float m = fmaxf(log_f + m_prev, p_i);
+              const float input_gate = __expf(p_i - m), forget_gate = __expf(log_f + m_prev - m);
+              c = forget_gate * c_prev + input_gate * z_act;
+              const float n = forget_gate * n_prev + input_gate;
+              h_new = rnnops::sigmoid(p_o) * c / n;
+              save(states, 2, S, n);
+              save(states, 3, S, m);
+            }
+            save(states, 1, S, c);
+            save(pre, 0, P, p_i);
+            save(pre, 1, P, p_f);
+            save(pre, 2, P, p_z);
+            save(pre, 3, P, p_o);
+          }
+          save(states, 0, S, h_new);
+          h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
+          if (s.splits == 1) h[r * D + unit] = from_float<T>(h_new);  // every reader of h_{t-1} is past the barrier above
+        });
     block_barrier(s);  // this step's states before anyone reads them
   }
 }
@@ -230,79 +248,106 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
     __syncthreads();  // zeros before the first step's gradients
   }
   for (int t = s.T - 1; t >= 0; --t) {
-    for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
-      const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-      if (b >= s.B || unit >= D) continue;
-      auto load = [&](const float* buffer, int slot, int slots) { return buffer[step_index(s, b, t, slot, slots, unit, head)]; };
-      auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
-        dx[step_index(s, b, t, g, G, unit, head)] = value;
-        if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);
-      };
-      float dh = carry_at(0, b, unit) + to_float(d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
-      float dh_direct = 0.0f;
-      if constexpr (CELL == kGRU) {
-        const float p_r = load(pre, 0, P), p_z = load(pre, 1, P), p_n = load(pre, 2, P), rec_n = load(pre, 3, P);
-        const float h_prev = previous_state(s, states, initial, 0, b, t, unit, head, S);
-        const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z), cand = tanh_fast(p_n);
-        const float d_pn = dh * (1.0f - update) * (1.0f - cand * cand);
-        put(0, d_pn * rec_n * reset * (1.0f - reset));
-        put(1, dh * (h_prev - cand) * update * (1.0f - update));
-        put(2, d_pn);
-        drec_n[step_index(s, b, t, 0, 1, unit, head)] = d_pn * reset;
-        if (resident) stage(r, 2 * D + unit, d_pn * reset);
-        dh_direct = dh * update;
-      } else if constexpr (CELL == kElman) {
-        const float h_t = load(states, 0, S);
-        put(0, dh * (1.0f - h_t * h_t));
-      } else {
-        const float p_i = load(pre, 0, P), p_f = load(pre, 1, P), p_z = load(pre, 2, P), p_o = load(pre, 3, P);
-        const float c = load(states, 1, S);
-        const float c_prev = previous_state(s, states, initial, 1, b, t, unit, head, S);
-        const float z_act = tanh_fast(p_z), o_gate = rnnops::sigmoid(p_o);
-        float dc = carry_at(1, b, unit);
-        if constexpr (CELL == kLSTM) {
-          const float i_gate = rnnops::sigmoid(p_i), f_gate = rnnops::sigmoid(p_f), tanh_c = tanh_fast(c);
-          dc += dh * o_gate * (1.0f - tanh_c * tanh_c);
-          put(0, dc * z_act * i_gate * (1.0f - i_gate));
-          put(1, dc * c_prev * f_gate * (1.0f - f_gate));
-          put(2, dc * i_gate * (1.0f - z_act * z_act));
-          put(3, dh * tanh_c * o_gate * (1.0f - o_gate));
-          carry_at(1, b, unit) = dc * f_gate;
-        } else {
-          const float n = load(states, 2, S), m_new = load(states, 3, S);
-          const float n_prev = previous_state(s, states, initial, 2, b, t, unit, head, S);
-          const float m_prev = previous_state(s, states, initial, 3, b, t, unit, head, S);
-          float dn = carry_at(2, b, unit), dm = carry_at(3, b, unit);
-          const float log_f = log_sigmoid(p_f);
-          const float input_gate = __expf(p_i - m_new), forget_gate = __expf(log_f + m_prev - m_new);
-          const float d_po = dh * c / n * o_gate * (1.0f - o_gate);
-          dc += dh * o_gate / n;
-          dn -= dh * o_gate * c / (n * n);
-          const float d_forget = dc * c_prev + dn * n_prev, d_input = dc * z_act + dn;
-          float d_pi = d_input * input_gate, d_logf = d_forget * forget_gate, dm_prev = d_forget * forget_gate;
-          dm += -d_input * input_gate - d_forget * forget_gate;
-          const float lhs = log_f + m_prev;  // m_new = max(lhs, p_i): the larger takes dm, ties split it
-          const float to_lhs = lhs > p_i ? dm : (lhs == p_i ? 0.5f * dm : 0.0f);
-          d_pi += dm - to_lhs;
-          d_logf += to_lhs;
-          dm_prev += to_lhs;
-          put(0, d_pi);
-          put(1, d_logf * (1.0f - rnnops::sigmoid(p_f)));
-          put(2, dc * input_gate * (1.0f - z_act * z_act));
-          put(3, d_po);
-          carry_at(1, b, unit) = dc * forget_gate;
-          carry_at(2, b, unit) = dn * forget_gate;
-          carry_at(3, b, unit) = dm_prev;
-        }
-      }
-      carry_at(0, b, unit) = dh_direct;
-    }
+    // the slice's pointwise gradients; a thread's global loads (the carried gradients, d h_seq, the
+    // saved pre-activations and states) for four of its elements issue together
+    struct StepInputs {
+      float dh, pre[P], now[S], prev[S], carried[S];  // states at t and t - 1, carried gradients
+    };
+    rnnops::in_flight<4>(
+        kRows * U,
+        [&](int idx) {
+          StepInputs in;
+          const int b = row0 + idx / U, unit = unit0 + idx % U;
+          if (b >= s.B || unit >= D) return in;
+          in.dh = carry_at(0, b, unit) + to_float(d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
+          if constexpr (CELL != kElman) {
+#pragma unroll
+            for (int slot = 0; slot < P; ++slot) in.pre[slot] = pre[step_index(s, b, t, slot, P, unit, head)];
+          }
+          if constexpr (CELL == kGRU) {
+            in.prev[0] = previous_state(s, states, initial, 0, b, t, unit, head, S);
+          } else if constexpr (CELL == kElman) {
+            in.now[0] = states[step_index(s, b, t, 0, S, unit, head)];
+          } else {
+#pragma unroll
+            for (int slot = 1; slot < S; ++slot) {  // c (and sLSTM's n, m)
+              in.now[slot] = states[step_index(s, b, t, slot, S, unit, head)];
+              in.prev[slot] = previous_state(s, states, initial, slot, b, t, unit, head, S);
+              in.carried[slot] = carry_at(slot, b, unit);
+            }
+          }
+          return in;
+        },
+        [&](int idx, const StepInputs& in) {
+          const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+          if (b >= s.B || unit >= D) return;
+          auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
+            dx[step_index(s, b, t, g, G, unit, head)] = value;
+            if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);
+          };
+          const float dh = in.dh;
+          float dh_direct = 0.0f;
+          if constexpr (CELL == kGRU) {
+            const float p_r = in.pre[0], p_z = in.pre[1], p_n = in.pre[2], rec_n = in.pre[3];
+            const float h_prev = in.prev[0];
+            const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z), cand = tanh_fast(p_n);
+            const float d_pn = dh * (1.0f - update) * (1.0f - cand * cand);
+            put(0, d_pn * rec_n * reset * (1.0f - reset));
+            put(1, dh * (h_prev - cand) * update * (1.0f - update));
+            put(2, d_pn);
+            drec_n[step_index(s, b, t, 0, 1, unit, head)] = d_pn * reset;
+            if (resident) stage(r, 2 * D + unit, d_pn * reset);
+            dh_direct = dh * update;
+          } else if constexpr (CELL == kElman) {
+            const float h_t = in.now[0];
+            put(0, dh * (1.0f - h_t * h_t));
+          } else {
+            const float p_i = in.pre[0], p_f = in.pre[1], p_z = in.pre[2], p_o = in.pre[3];
+            const float c = in.now[1], c_prev = in.prev[1];
+            const float z_act = tanh_fast(p_z), o_gate = rnnops::sigmoid(p_o);
+            float dc = in.carried[1];
+            if constexpr (CELL == kLSTM) {
+              const float i_gate = rnnops::sigmoid(p_i), f_gate = rnnops::sigmoid(p_f), tanh_c = tanh_fast(c);
+              dc += dh * o_gate * (1.0f - tanh_c * tanh_c);
+              put(0, dc * z_act * i_gate * (1.0f - i_gate));
+              put(1, dc * c_prev * f_gate * (1.0f - f_gate));
+              put(2, dc * i_gate * (1.0f - z_act * z_act));
+              put(3, dh * tanh_c * o_gate * (1.0f - o_gate));
+              carry_at(1, b, unit) = dc * f_gate;
+            } else {
+              const float n = in.now[2], m_new = in.now[3];
+              const float n_prev = in.prev[2], m_prev = in.prev[3];
+              float dn = in.carried[2], dm = in.carried[3];
+              const float log_f = log_sigmoid(p_f);
+              const float input_gate = __expf(p_i - m_new), forget_gate = __expf(log_f + m_prev - m_new);
+              const float d_po = dh * c / n * o_gate * (1.0f - o_gate);
+              dc += dh * o_gate / n;
+              dn -= dh * o_gate * c / (n * n);
+              const float d_forget = dc * c_prev + dn * n_prev, d_input = dc * z_act + dn;
+              float d_pi = d_input * input_gate, d_logf = d_forget * forget_gate, dm_prev = d_forget * forget_gate;
+              dm += -d_input * input_gate - d_forget * forget_gate;
+              const float lhs = log_f + m_prev;  // m_new = max(lhs, p_i): the larger takes dm, ties split it
+              const float to_lhs = lhs > p_i ? dm : (lhs == p_i ? 0.5f * dm : 0.0f);
+              d_pi += dm - to_lhs;
+              d_logf += to_lhs;
+              dm_prev += to_lhs;
+              put(0, d_pi);
+              put(1, d_logf * (1.0f - rnnops::sigmoid(p_f)));
+              put(2, dc * input_gate * (1.0f - z_act * z_act));
+              put(3, d_po);
+              carry_at(1, b, unit) = dc * forget_gate;
+              carry_at(2, b, unit) = dn * forget_gate;
+              carry_at(3, b, unit) = dm_prev;
+            }
+          }
+          carry_at(0, b, unit) = dh_direct;
+        });
     block_barrier(s);  // every slice's gate gradients before the products read them
     // dh_{t-1}[r][slice] = sum over (g, i) of dx_g[r][i] R_g[i][slice], (g, i) in chunks of KC
     auto stage_chunk = [&](int k0) {  // gate gradients k0 .. k0 + KC of every row, unless resident
       if (resident) return;
       constexpr int kPerRow = KC / 4;  // 16-byte loads of 4 gradients, all of one gate (D % 16 == 0)
-      rnnops::copy_in_flight(
+      rnnops::in_flight<8>(
           kRows * kPerRow,
           [&](int idx) {
             const int gi = k0 + idx % kPerRow * 4, g = gi / D, i = gi % D, b = row0 + idx / kPerRow;
