@@ -63,15 +63,21 @@ def _hardware(args):
 
 
 def table(results: list[tuner.Result]) -> str:
+    """One row per tuned bucket, then the tuning's wall time per op (each bucket's 'tune s':
+    compiling, vetting and measuring its configurations)."""
     from rnnops.bench.report import format_table
 
-    lines = []
+    lines, per_op = [], {}
     for r in results:
         config = ", ".join(f"{k}={v}" for k, v in r.config.items())
         lines.append((r.op, r.backend, r.bucket, config, "-" if r.seconds is None else f"{r.seconds * 1e3:.3f}",
                       "-" if r.speedup is None else f"{r.speedup:.2f}x", str(r.legal), str(r.measured),
-                      "; ".join(r.notes)[:60]))
-    return format_table(("op", "backend", "bucket", "config", "ms", "x default", "legal", "measured", "notes"), lines)
+                      f"{r.wall_seconds:.1f}", "; ".join(r.notes)[:60]))
+        per_op[r.op] = per_op.get(r.op, 0.0) + r.wall_seconds
+    spent = ", ".join(f"{op} {seconds:.1f} s" for op, seconds in per_op.items())
+    return "\n".join([format_table(("op", "backend", "bucket", "config", "ms", "x default", "legal", "measured",
+                                    "tune s", "notes"), lines),
+                      f"tuning wall time per op: {spent} (total {sum(per_op.values()):.1f} s)"])
 
 
 def tries_table(results: list[tuner.Result]) -> str:

@@ -44,6 +44,7 @@ class Result:
     measured: int = 0
     notes: list[str] = field(default_factory=list)
     timings: list[tuple[dict, float | None]] = field(default_factory=list)  # every measured config, in order
+    wall_seconds: float = 0.0  # the tuning of this bucket, end to end (compiling, vetting, measuring)
 
     @property
     def speedup(self) -> float | None:
@@ -396,7 +397,9 @@ def tune(ops, device: torch.device, dtype: torch.dtype, hardware: Hardware, *, t
         if run.over_budget():
             progress(f"budget of {budget_s:.0f} s spent; {tunable.name} {bucket} not tuned")
             continue
+        started = time.perf_counter()
         results.append(run.tune_bucket(tunable, shape, bucket, timer))
+        results[-1].wall_seconds = time.perf_counter() - started
     return results
 
 

@@ -325,6 +325,11 @@ def test_tune_dedups_buckets_covers_every_kernel_first_and_stores_the_search_res
     # the seeds (the model's two, the default, the H100's shipped entry: 3 or 4 distinct), then each
     # round's one-variable moves
     assert prepared[0] in (3, 4) and len(prepared) > 1
+    from rnnops.autotune import cli
+
+    assert triton_result.wall_seconds > 0 and cuda_result.wall_seconds >= 0
+    total = triton_result.wall_seconds + cuda_result.wall_seconds
+    assert cli.table(results).endswith(f"tuning wall time per op: rnn {total:.1f} s (total {total:.1f} s)")
 
     exhaustive = tuner.tune(["rnn"], torch.device("cpu"), torch.bfloat16, hw, shapes=shapes[:1], timer=timer,
                             exhaustive=True)[0]
