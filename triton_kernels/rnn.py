@@ -5,10 +5,10 @@ walks the time steps; each step computes the head's recurrent pre-activations
 r_g = h_{t-1} R_g^T (+ b_g) for every gate with tl.dot, tiled BD output units by BKD
 reduction units, then the cell's pointwise update on the same tile (equations in
 rnnops.reference.rnn). Where one tile spans the head (BD = BKD >= D, and the G D x D weights
-fit in shared memory: rnnops.triton_backend.rnn.resident_shared_bytes), the forward is RESIDENT:
-R_g^T is loaded once and the states are carried in registers, so a step's critical path is G
-tensor-core products and the pointwise update, its memory traffic only the inputs read and the
-saved states written. Otherwise the step's new states go to global memory (L1/L2-resident at
+fit in shared memory: rnnops.triton_backend.rnn.resident_shared_bytes), both kernels are
+RESIDENT: R is loaded once and the states (forward) or their gradients (backward) are carried in
+registers, so a step's critical path is G tensor-core products and the pointwise update, its
+memory traffic only the step's inputs read and its saved values written. Otherwise the step's new states go to global memory (L1/L2-resident at
 these sizes) and a block barrier orders them before the next step reads them; R is re-read from
 L2 each step, so any head size up to 256 runs (larger heads need the CUDA backend's multi-block
 grid barrier).
@@ -17,8 +17,8 @@ Saved for the backward, written once: every state per step (fp32, S per unit: ls
 gru h, slstm h c n m, elman h) and the gates' pre-activations (fp32, G per unit, plus GRU's
 R_n h + b_n). The backward walks time in reverse with the same tiling: the pointwise
 gradients of each tile, then (after a barrier) dh_{t-1} += sum_g dr_g R_g for every tile;
-carried gradients live in a (S, B, H, D) fp32 buffer that ends as the initial states'
-gradient. dR = sum_{b,t} dr^T h_{t-1} and db = sum dr are left to one batched matmul on the
+carried gradients live in a (S, B, H, D) fp32 buffer (RESIDENT: read on entry, written on exit)
+that ends as the initial states' gradient. dR = sum_{b,t} dr^T h_{t-1} and db = sum dr are left to one batched matmul on the
 host (tensor cores, instead of per-program fp32 accumulators).
 
 CELL ids (rnnops._fused_rnn.CELL_IDS): 0 lstm, 1 gru, 2 slstm, 3 elman.
