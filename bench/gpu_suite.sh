@@ -67,10 +67,10 @@ PY
   fi
 
   section bench
-  # the bench starts no case after its budget (check mode: until 400 s, leaving the A/B checks
+  # the bench starts no case after its budget (check mode: until 420 s, leaving the A/B checks
   # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
   # finished case even if the timeout has to kill it mid-case
-  [ "$MODE" = tune ] && end=520 || end=400
+  [ "$MODE" = tune ] && end=520 || end=420
   budget=$((end - $(date +%s) + START))
   [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
   # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
@@ -89,7 +89,7 @@ PY
       --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_warps": 8}'
     # the Triton LSTM at D = 128: the shipped 64 x 128 tiles (the tiled path, R re-read each step)
     # against 128 x 128, where one tile spans the head and R stays in shared memory (RESIDENT, 144 KB)
-    left=$(seconds_until 520)
+    left=$(seconds_until 525)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
       --shapes "cell=lstm,B=16,T=1024,H=6,D=128" --try '{"block_d": 128}' '{"block_d": 128, "num_warps": 4}'
     # the selective scan: the Triton scan's 16 channels x 32-step chunks (1.14x over 8 x 128 on the

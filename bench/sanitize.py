@@ -1,5 +1,6 @@
 """One small case per CUDA kernel, forward and backward, for compute-sanitizer (memcheck,
-racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``."""
+racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``; and
+the Triton cells' resident kernels at a head padded to its tile (48 units in 64)."""
 import torch
 
 import rnnops
@@ -14,13 +15,18 @@ def main() -> None:
             R = (torch.randn(gates, 2, dim, dim, device=device) / dim**0.5).requires_grad_()
             h_seq, final = rnnops.rnn(x, R, None, cell=cell, backend="cuda")
             (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
+    for cell, gates in (("lstm", 4), ("slstm", 4)):
+        x = torch.randn(3, 5, gates, 2, 48, device=device, dtype=torch.bfloat16, requires_grad=True)
+        R = (torch.randn(gates, 2, 48, 48, device=device) / 48**0.5).requires_grad_()
+        h_seq, final = rnnops.rnn(x, R, None, cell=cell, backend="triton")
+        (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
     u, delta, z = (torch.randn(2, 37, 40, device=device, requires_grad=True) for _ in range(3))
     A, B, C = -torch.rand(40, 8, device=device), torch.randn(2, 37, 8, device=device), torch.randn(2, 37, 4, 8, device=device)
     y, last = rnnops.selective_scan(u, delta, A, B, C, torch.randn(40, device=device), z, None, True,
                                     return_last_state=True, backend="cuda")
     (y.sum() + last.sum()).backward()
     torch.cuda.synchronize()
-    print("sanitize: every CUDA kernel ran")
+    print("sanitize: every CUDA kernel and the resident Triton cells ran")
 
 
 if __name__ == "__main__":
