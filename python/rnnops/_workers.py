@@ -31,8 +31,9 @@ def run_side_by_side(code: str, arguments: Sequence[str], workers: int, *, timeo
                      deadline: float = math.inf,
                      report: Callable[[int, int], None] = lambda finished, running: None) -> list[int | None]:
     """Run ``python -c code argument`` for each argument, ``workers`` at a time; returns each
-    one's exit status, in order (None: killed, or never started). ``report(finished, running)`` is called whenever those counts change;
-    ``deadline`` is a time.perf_counter() value after which nothing starts and all are killed."""
+    one's exit status, in order (None: killed, or never started). ``report(finished, running)``
+    is called whenever those counts change; ``deadline`` is a time.perf_counter() value after
+    which nothing starts and all are killed."""
     pending, running = list(enumerate(arguments)), {}  # worker -> (its index, when it started)
     statuses: list[int | None] = [None] * len(arguments)
     killed = set()

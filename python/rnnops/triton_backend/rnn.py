@@ -84,7 +84,7 @@ class _Launcher:
                          P=pre_slots(cell), PRECISION=dot_precision(dtype, tile_dims=(block_d, block_k)),
                          BB=config.block_b, BD=block_d, BKD=block_k,
                          num_warps=config.num_warps, num_stages=config.num_stages)
-        # the kernels hold the head's R on chip when their tile spans the head and R fits (rnn_fwd_kernel)
+        # the kernels hold the head's R on chip when their tile spans the head and R fits (RESIDENT)
         self.resident = block_d >= dim and block_k >= dim and resident_shared_bytes(
             CELLS[cell].gates, dim, dtype) <= _shared_memory_per_block(device)
         self.grid = (heads, -(-batch // config.block_b))
