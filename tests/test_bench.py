@@ -17,7 +17,7 @@ from rnnops.bench import cli, report, roofline, runner
 from rnnops.bench import precompile as precompile_module
 from rnnops.bench.precompile import precompile, warm_up
 from rnnops.bench.runner import Target, run_case
-from rnnops.bench.timing import measure, peak_memory
+from rnnops.bench.timing import host_breakdown, measure, peak_memory
 
 CPU = torch.device("cpu")
 
@@ -255,6 +255,28 @@ def test_profile_lists_where_the_time_goes(monkeypatch, tmp_path):
     assert any("gru" in k["name"].lower() for k in kernels["torch.nn.GRU"])
     markdown = (tmp_path / "report.md").read_text()
     assert "## Where the time goes" in markdown and "| case | target | operator | calls | ms | share |" in markdown
+
+
+def test_host_breakdown_reads_as_the_call_chain_of_a_forward(monkeypatch, tmp_path):
+    """On a GPU the profile also lists where a forward call's host time goes (launches are
+    asynchronous there): here on the CPU, the chunked linear attention's call chain, then the
+    report's section for a row that has it."""
+    q, v = torch.randn(1, 32, 2, 16), torch.randn(1, 32, 2, 16)
+
+    def forward():
+        return rnnops.linear_attn(q, q, v, backend="chunked")
+
+    top = host_breakdown(forward, calls=3, top=6)
+    assert len(top) == 6 and top[0]["name"].endswith("(linear_attn)") and top[0]["calls"] == 1
+    assert all(0 < h["share"] <= 1 + 1e-9 for h in top)
+    assert [h["seconds"] for h in top] == sorted((h["seconds"] for h in top), reverse=True)
+    monkeypatch.setattr(cli, "standard_cases", lambda device: tiny_cases()[:1])
+    main(["bench", "--repeats", "1", "--backends", "chunked", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["rows"][0]["host"] = top
+    report.write_report(results, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Where a forward call's host time goes" in markdown and top[0]["name"] in markdown
 
 
 def test_targets_slower_than_the_profile_limit_are_timed_but_not_profiled(monkeypatch, tmp_path):

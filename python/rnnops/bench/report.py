@@ -160,6 +160,15 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
                 ("table", ("case", "target", unit[:-1], "calls", "ms", "share"),
                  [(case, row["target"], k["name"][:70], str(k["calls"]), _ms(k["seconds"]), f"{k['share']:.0%}")
                   for case, row in profiled for k in row["kernels"]])]
+    hosted = [(case, row) for case, rows in case_rows(results).items() for row in rows if row.get("host")]
+    if hosted:
+        out += [("h2", "Where a forward call's host time goes"),
+                ("p", ("The Python functions taking the most host time in a forward call, callees included (so "
+                       "the list reads as the call chain and its heavy branches), per call, by cProfile, which "
+                       "slows Python-heavy code: read the shares of the target's host time.")),
+                ("table", ("case", "target", "function", "calls", "ms", "share"),
+                 [(case, row["target"], h["name"][:70], f"{h['calls']:g}", _ms(h["seconds"]), f"{h['share']:.0%}")
+                  for case, row in hosted for h in row["host"][:6]])]
     for name, caption in (("throughput_T", "Throughput against sequence length"),
                           ("throughput_B", "Throughput against batch size"),
                           ("speedup", "Speedup of each rnnops target over each peer"),

@@ -17,7 +17,7 @@ import rnnops
 
 from .cases import Case
 from .peers import PeerUnavailable, peers_for
-from .timing import kernel_breakdown, measure, peak_memory
+from .timing import host_breakdown, kernel_breakdown, measure, peak_memory
 
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
@@ -86,7 +86,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
              repeats: int = 3, progress=lambda text: None, hardware=None, profile: bool = False,
              stopped_peer: str | None = None) -> tuple[list[dict], list[str]]:
     """Rows (one per target) and notes for ``case``; with ``profile``, each row also gets the
-    largest kernels (GPU) or operators (CPU) of one profiled forward+backward. ``stopped_peer``:
+    largest kernels (GPU) or operators (CPU) of one profiled forward+backward and, on a GPU, the
+    Python functions of a forward call's host time (host_breakdown). ``stopped_peer``:
     a peer whose precompile worker stopped while warming it (bench.precompile), left out."""
     torch.manual_seed(0)
     inputs = case.make(device, dtype)
@@ -147,6 +148,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
                 row["kernels"] = kernel_breakdown(forward_backward, device)
             except Exception as error:  # a profiler that cannot start costs the breakdown, not the timings
                 notes.append(f"{target.name}: not profiled ({type(error).__name__}: {str(error)[:200]})")
+            if device.type == "cuda":  # where 'fwd host ms' goes (on a CPU the host time is the run)
+                row["host"] = host_breakdown(forward)
         row["roofline"] = _roofline(case, dtype, row, hardware)
         rows.append(row)
     return rows, notes

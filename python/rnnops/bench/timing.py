@@ -107,6 +107,33 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, top: int = 
     return largest_entries(prof.key_averages(), device.type == "cuda", top)
 
 
+def host_breakdown(fn: Callable[[], object], calls: int = 20, top: int = 10) -> list[dict]:
+    """Where ``fn()`` spends host time, by cProfile over ``calls`` calls: the ``top`` Python
+    functions by cumulative time (their callees included, so the list reads as the call chain
+    and its heavy branches: the op's validation, dispatch, the autograd Function, each kernel
+    launcher) as dicts of name, calls and seconds per ``fn()`` call and share of ``fn()``'s host
+    time; ``fn`` itself is left out. cProfile slows Python-heavy code, so the shares matter more
+    than the absolute times. On a GPU the launches are asynchronous: this is the time before the
+    call returns, what 'fwd host ms' measures."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (primitive calls, calls, self, cumulative, callers)}
+    own = getattr(fn, "__code__", None)
+    own_key = None if own is None else (own.co_filename, own.co_firstlineno, own.co_name)
+    total = stats[own_key][3] if own_key in stats else max(entry[3] for entry in stats.values())
+    rows = sorted(((cumulative, count, key) for key, (_, count, _, cumulative, _) in stats.items()
+                   if key != own_key and not key[2].startswith("<method 'disable'")), reverse=True)
+    return [{"name": f"{key[0].rsplit('/', 1)[-1]}:{key[1]}({key[2]})" if key[0] != "~" else key[2],
+             "calls": count / calls, "seconds": cumulative / calls, "share": cumulative / total}
+            for cumulative, count, key in rows[:top]]
+
+
 def largest_entries(averages, on_device: bool, top: int) -> list[dict]:
     """The profiler's averaged events as (name, calls, seconds, share) dicts, largest first. On a
     device only its own events (kernels, copies): the host operators and autograd Functions that
