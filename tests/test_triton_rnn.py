@@ -1,5 +1,7 @@
 """Triton fused recurrent cells against the float64 reference: forward, final states and every
 gradient (x_gates, R, b, initial states), interpreter on the CPU, poisoned outputs."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -69,6 +71,33 @@ def test_resident_forward_only_where_the_weights_fit_in_shared_memory(monkeypatc
         return triton_rnn._Launcher("lstm", spanning, 16, 4, 12, dim, dtype, torch.device("cuda")).resident
 
     assert resident(64, torch.bfloat16) and not resident(64, torch.float32) and not resident(128, torch.bfloat16)
+
+
+def test_a_resident_launch_the_gpu_refuses_runs_tiled(monkeypatch):
+    """resident_shared_bytes is an estimate: where Triton refuses a resident kernel's shared
+    memory (OutOfResources, raised when it loads the kernel), the launch runs tiled, warns, and
+    the backward runs tiled too; the results stay those of the reference."""
+    from triton.runtime.errors import OutOfResources
+
+    kernels, resident_flags = triton_rnn._kernels(), []
+
+    class Refusing:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, RESIDENT, **flags):  # the kernel's constexpr name
+                resident_flags.append(RESIDENT)
+                if RESIDENT:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                return self.kernel[grid](*args, RESIDENT=RESIDENT, **flags)
+            return launch
+
+    monkeypatch.setattr(triton_rnn, "_kernels", lambda: SimpleNamespace(
+        rnn_fwd_kernel=Refusing(kernels.rnn_fwd_kernel), rnn_bwd_kernel=Refusing(kernels.rnn_bwd_kernel)))
+    with pytest.warns(RuntimeWarning, match="resident kernels do not fit this GPU .out of resource: shared memory"):
+        compare_backends(run("lstm"), make_inputs("lstm"), 1e-5, test="triton")
+    assert resident_flags == [True, False, False]  # the forward refused, then tiled; the backward tiled
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

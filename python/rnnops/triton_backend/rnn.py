@@ -4,6 +4,7 @@ backward (every state and the gates' pre-activations, fp32)."""
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,15 +91,29 @@ class _Launcher:
         self.grid = (heads, -(-batch // config.block_b))
         self.time, self.batch = time, batch
 
+    def _launch(self, kernel, *args, **flags):
+        """``kernel[grid](...)``, RESIDENT as chosen. resident_shared_bytes is an estimate: a
+        resident launch whose shared memory the GPU refuses (Triton raises OutOfResources when it
+        loads the kernel) runs tiled instead, with a warning, and so does every later launch."""
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            return kernel[self.grid](*args, RESIDENT=self.resident, **flags, **self.meta)
+        except OutOfResources as error:
+            if not self.resident or "shared" not in str(error):
+                raise
+            warnings.warn(f"rnnops: the Triton cells' resident kernels do not fit this GPU ({error}); they run "
+                          "tiled, with R read from L2 every step", RuntimeWarning, stacklevel=3)
+            self.resident = False
+            return kernel[self.grid](*args, RESIDENT=False, **flags, **self.meta)
+
     def forward(self, x, R, b, initial, states, pre, h_seq):
-        _kernels().rnn_fwd_kernel[self.grid](x, R, b, initial, states, pre, h_seq, self.time, self.batch,
-                                             HAS_BIAS=b is not None, HAS_INITIAL=initial is not None,
-                                             RESIDENT=self.resident, **self.meta)
+        self._launch(_kernels().rnn_fwd_kernel, x, R, b, initial, states, pre, h_seq, self.time, self.batch,
+                     HAS_BIAS=b is not None, HAS_INITIAL=initial is not None)
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
-        _kernels().rnn_bwd_kernel[self.grid](R, initial, states, pre, d_h_seq, carry, dx, drec_n, self.time,
-                                             self.batch, HAS_INITIAL=initial is not None, RESIDENT=self.resident,
-                                             **self.meta)
+        self._launch(_kernels().rnn_bwd_kernel, R, initial, states, pre, d_h_seq, carry, dx, drec_n, self.time,
+                     self.batch, HAS_INITIAL=initial is not None)
 
 
 @register("rnn", "triton", supports=supports)
