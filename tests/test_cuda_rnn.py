@@ -20,10 +20,12 @@ def test_matches_reference(cell, shape):
 
 @pytest.mark.parametrize("cell", ["lstm", "slstm"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("shape", [{"D": 32}, {"T": 3, "D": 80}], ids=["one-block", "D80-split-over-blocks"])
+@pytest.mark.parametrize("shape", [{"D": 32}, {"T": 3, "D": 80}, {"T": 2, "H": 1, "D": 144}],
+                         ids=["one-block", "D80-split-over-blocks", "D144-two-gradient-chunks"])
 def test_tensor_core_path(cell, dtype, bound, shape):
-    """Half types: one block per head (h_{t-1} and the gate gradients kept in shared memory), and a
-    head split over two blocks (h_{t-1} copied from h_seq, the gate gradients staged in chunks)."""
+    """Half types: one block per head (h_{t-1} and the gate gradients kept in shared memory), a
+    head split over two blocks (h_{t-1} copied from h_seq, the gate gradients staged in one chunk),
+    and over three, the last partly filled, with 576 gate gradients a row staged in two chunks."""
     compare_backends(run(cell, dtype), make_inputs(cell, dtype=dtype, **shape), bound, test="cuda")
 
 

@@ -217,14 +217,17 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   using Info = CellInfo<CELL>;
   constexpr int G = Info::G, S = Info::S, P = Info::P;
   // reduction chunk of the dh_{t-1} product: its gate gradients are loaded together, one memory
-  // latency per chunk and step (a whole LSTM head of D <= 64 in one); rnnops.cuda_backend.rnn.GRADIENT_CHUNK
-  constexpr int KC = 256;
+  // latency per chunk and step (a whole LSTM head of D <= 64 in one). The staging buffer holds
+  // 16 x 256 floats (rnnops.cuda_backend.rnn.GRADIENT_CHUNK): 256 gradients a row in float32, 512
+  // rounded to a half type (at D = 768 an LSTM step stages 6 chunks, not 12)
+  constexpr int KC = rnnops::is_same_v<T, float> ? 256 : 512;
   const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   T* wt = reinterpret_cast<T*>(smem);                           // [G * D][U]: R_g[i][slice], transposed
   float* chunk = reinterpret_cast<float*>(wt + G * D * U);      // [16][KC] gate gradients (fp32, or T)
-  float* products = chunk + kRows * KC;                          // [16][U] dh_{t-1} of the slice (half types)
+  float* products = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(chunk) + kRows * KC * sizeof(T));
+  // products: [16][U] dh_{t-1} of the slice (half types)
   for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
     const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;
     wt[idx] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
@@ -347,7 +350,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
     auto stage_chunk = [&](int k0) {  // gate gradients k0 .. k0 + KC of every row, unless resident
       if (resident) return;
       constexpr int kPerRow = KC / 4;  // 16-byte loads of 4 gradients, all of one gate (D % 16 == 0)
-      rnnops::in_flight<8>(
+      rnnops::in_flight<KC / 32>(  // a chunk in one round at 128 threads
           kRows * kPerRow,
           [&](int idx) {
             const int gi = k0 + idx % kPerRow * 4, g = gi / D, i = gi % D, b = row0 + idx / kPerRow;

@@ -23,7 +23,7 @@ from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
 
 ROWS = 16  # batch rows per block
-GRADIENT_CHUNK = 256  # gate gradients per row the backward stages at once (csrc/rnn/rnn.cuh's KC)
+GRADIENT_CHUNK = 256  # float32 slots per row of the backward's staging buffer (csrc/rnn/rnn.cuh's KC: 256 float32 or 512 half-type gradients)
 UNITS = (16, 32, 64)  # the instantiated slice widths
 
 
