@@ -18,8 +18,10 @@
 // carried gradients of c / n / m), a barrier, then dh_{t-1} for the slice's units as
 // sum_g dx_g R_g[:, slice] from the transposed weight slice resident in shared memory (tensor
 // cores for half types, the gate gradients rounded to T as the forward rounded h; float32 on CUDA
-// cores), the gate gradients staged 256 per row at a time, in 16-byte loads in flight together (a
-// head in one block with G D <= 256 keeps them in shared memory as it computes them). dR and db are one batched matmul on the host. Buffers and layouts are those of the Triton kernels
+// cores), the gate gradients staged 256 (float32) or 512 (half types) a row at a time, in 16-byte
+// loads issued together (a head in one block whose G D gradients fit one chunk keeps them in
+// shared memory as it computes them). dR and db are one batched matmul on the host. Buffers and
+// layouts are those of the Triton kernels
 // (triton_kernels/rnn.py): states (B, T, S, H, D) and pre-activations (B, T, P, H, D) in fp32,
 // carries (S, B, H, D) fp32, x_gates (B, T, G, H, D) and h_seq (B, T, H, D) of type T.
 // Work per step, batch row and head: 2 G D^2 flops plus about 10 G D pointwise; R is read once.
