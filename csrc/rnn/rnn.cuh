@@ -128,8 +128,9 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           kRows * per_row,
           [&](int idx) {
             const int b = row0 + idx / per_row;
+            if (b >= s.B) return rnnops::Chunk16{};
             const T* row = h_seq + (((long long)b * s.T + t - 1) * s.H + head) * D;
-            return b < s.B ? reinterpret_cast<const rnnops::Chunk16*>(row)[idx % per_row] : rnnops::Chunk16{};
+            return reinterpret_cast<const rnnops::Chunk16*>(row)[idx % per_row];
           },
           [&](int idx, const rnnops::Chunk16& chunk) { reinterpret_cast<rnnops::Chunk16*>(h)[idx] = chunk; });
       __syncthreads();
