@@ -121,7 +121,8 @@ class Tunable:
 
 
 def _linear_space(module, shape, dtype, hw):
-    return module.space(shape["K"], shape["V"], 64, dtype.itemsize, hw)
+    plain = shape.get("gate", "none") == "none" and not shape.get("gated", False)
+    return module.space(shape["K"], shape["V"], 64, dtype.itemsize, hw, plain=plain)
 
 
 def _linear_programs(config, shape):

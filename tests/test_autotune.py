@@ -164,16 +164,25 @@ def test_kernels_take_their_configuration_from_the_look_up(monkeypatch):
 
 
 def test_shipped_defaults_are_legal_for_their_gpu():
+    """Every shipped entry names the kernel's variables, lies in their domains and meets every
+    constraint of its space on its GPU, for the standard shape its bucket came from (e.g. the
+    Hopper rule that the delta rule's state kernels keep two stages)."""
+    shapes = {(op, kernels.bucket(op, shape, torch.bfloat16)): shape
+              for op in ("linear_attn", "delta_rule", "delta_product", "selective_scan", "rnn")
+              for shape in tuner.standard_shapes(op)}
     for gpu in GPUS:
         defaults = cache.shipped_defaults({"H100": "NVIDIA H100 80GB HBM3"}.get(gpu, gpu))
         assert defaults, gpu
         hw = hardware.named(gpu)
         for k, config in defaults.items():
-            op, backend, _ = k.split("|")
+            op, backend, bucket = k.split("|")
             tunable = kernels.find(op, backend)
             assert set(config) == set(tunable.default())
             assert tunable.config(config) is not None
-            assert hw
+            space = tunable.space(shapes[op, bucket], torch.bfloat16, hw)
+            assert all(config[name] in domain for name, domain in space.variables.items()), (gpu, k, config)
+            broken = [c.name for c in space.constraints if not c.holds(config)]
+            assert not broken, (gpu, k, broken)
 
 
 def test_cli_dry_run_explain_and_export(tmp_path, capsys):
