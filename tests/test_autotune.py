@@ -412,6 +412,23 @@ def test_a_configuration_whose_answer_is_wrong_is_rejected_before_it_is_timed(mo
     assert verdict.read_text().startswith("the output differs from the float64 reference by 3.3e-01")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tunable", kernels.TUNABLES, ids=lambda t: t.name)
+def test_vetting_passes_each_kernels_default_on_the_gpu(tunable):
+    """On the GPU, in bfloat16, vet() accepts every kernel's default configuration at each kernel
+    shape's small size: its tolerance against the float64 reference is not so tight that the
+    tuner would reject every configuration of some kernel."""
+    device = torch.device("cuda")
+    for shape in {kernels.bucket(tunable.op, s, torch.bfloat16).rsplit(":", 1)[0]: s
+                  for s in tuner.standard_shapes(tunable.op)}.values():  # one shape per kernel shape
+        try:
+            reason = tuner.vet(tunable.op, tunable.backend, shape, device, torch.bfloat16, tunable.default())
+        except ValueError as error:  # a shape the backend does not take (the Triton cells at D = 768)
+            assert "cannot take these inputs" in str(error)
+            continue
+        assert reason is None, (shape, reason)
+
+
 def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothing(tmp_path, monkeypatch):
     from rnnops.autotune import cli
 
