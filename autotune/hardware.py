@@ -8,6 +8,7 @@ sparsity) for the SXM / desktop parts named.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 KIB = 1024
@@ -156,3 +157,14 @@ def from_device(index: int = 0) -> Hardware:
         l2_bytes=read("L2_cache_size", base.l2_bytes),
         memory_bytes=props.total_memory,
     )
+
+
+@functools.cache
+def block_shared_memory(device) -> int | None:
+    """The opt-in shared memory of one block on a CUDA ``device`` (from_device); None for other
+    devices (Triton's interpreter, the CUDA simulator: no limit)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return from_device(device.index if device.index is not None else torch.cuda.current_device()).shared_memory_per_block

@@ -42,7 +42,7 @@ def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
     bucket); sLSTM at D = 768 in bf16 then needs 424 KB of shared memory (on an H100 the launch
     failed with CUDA_ERROR_INVALID_VALUE). The launch takes the widest slice that fits, and a head
     too wide for any slice is refused by `supports` so `auto` picks another backend."""
-    monkeypatch.setattr(cuda_rnn, "_shared_memory_per_block", lambda device: hardware.named("H100").shared_memory_per_block)
+    monkeypatch.setattr(cuda_rnn, "block_shared_memory", lambda device: hardware.named("H100").shared_memory_per_block)
     cuda = torch.device("cuda")
     assert cuda_rnn.slice_units(64, 768, 4, 2, cuda) == 32
     assert cuda_rnn.slice_units(64, 192, 4, 2, cuda) == 64

@@ -64,7 +64,7 @@ def test_resident_and_tiled_paths(cell, config, D, resident, monkeypatch):
 def test_resident_forward_only_where_the_weights_fit_in_shared_memory(monkeypatch):
     """An L4-sized block (99 KB): an LSTM head of 64 stays resident in bfloat16 (36 KB of weights)
     but not in float32 (136 KB: tf32x3 operands), nor a head of 128 in bfloat16 (144 KB)."""
-    monkeypatch.setattr(triton_rnn, "_shared_memory_per_block", lambda device: 99 * 1024)
+    monkeypatch.setattr(triton_rnn, "block_shared_memory", lambda device: 99 * 1024)
     spanning = triton_rnn.RNNConfig(block_d=128, block_k=128)
 
     def resident(dim, dtype):

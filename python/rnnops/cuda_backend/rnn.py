@@ -7,12 +7,12 @@ grid barrier every step (a cooperative launch: every block must be resident at o
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space
 
@@ -43,22 +43,12 @@ def shared_bytes(D: int, gates: int, units: int, element_bytes: int) -> tuple[in
     return forward, backward
 
 
-@functools.cache
-def _shared_memory_per_block(device: torch.device) -> int | None:
-    """The opt-in shared memory per block of a CUDA device; None for the CPU simulator (no limit)."""
-    if device.type != "cuda":
-        return None
-    from rnnops.autotune.hardware import from_device
-
-    return from_device(device.index if device.index is not None else torch.cuda.current_device()).shared_memory_per_block
-
-
 def slice_units(requested: int, D: int, gates: int, element_bytes: int, device: torch.device) -> int:
     """The units per block for a head of D units: the widest instantiated slice no wider than the
     configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
     shared memory. A configuration tuned or shipped for another head dim of the same shape bucket
     may ask for more than fits (sLSTM at D = 768 with 64 units: 424 KB); it gets a narrower slice."""
-    limit = _shared_memory_per_block(device)
+    limit = block_shared_memory(device)
     candidates = [u for u in UNITS if u <= max(requested, 16) and u <= -(-D // 16) * 16] or [UNITS[0]]
     fitting = [u for u in candidates if limit is None or max(shared_bytes(D, gates, u, element_bytes)) <= limit]
     if not fitting:

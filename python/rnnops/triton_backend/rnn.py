@@ -3,13 +3,13 @@ is rnnops._fused_rnn's). Memory: (S + P) * 4 bytes per token, head and unit are 
 backward (every state and the gates' pre-activations, fp32)."""
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
@@ -61,14 +61,6 @@ def resident_shared_bytes(gates: int, dim: int, dtype: torch.dtype) -> int:
     return int(gates * next_power_of_two(dim) ** 2 * per_weight)
 
 
-@functools.cache
-def _shared_memory_per_block(device: torch.device) -> float:
-    """The opt-in shared memory limit of one block on ``device`` (no limit off CUDA: the interpreter)."""
-    if device.type != "cuda":
-        return float("inf")
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
 def _kernels():
     from rnnops.triton_kernels import rnn as kernels
 
@@ -86,8 +78,9 @@ class _Launcher:
                          BB=config.block_b, BD=block_d, BKD=block_k,
                          num_warps=config.num_warps, num_stages=config.num_stages)
         # the kernels hold the head's R on chip when their tile spans the head and R fits (RESIDENT)
-        self.resident = block_d >= dim and block_k >= dim and resident_shared_bytes(
-            CELLS[cell].gates, dim, dtype) <= _shared_memory_per_block(device)
+        limit = block_shared_memory(device)
+        self.resident = block_d >= dim and block_k >= dim and (
+            limit is None or resident_shared_bytes(CELLS[cell].gates, dim, dtype) <= limit)
         self.grid = (heads, -(-batch // config.block_b))
         self.time, self.batch = time, batch
 
