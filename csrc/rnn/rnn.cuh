@@ -65,6 +65,25 @@ __device__ __forceinline__ void block_barrier(const RNNShape& s) {
   }
 }
 
+// The block's slice of 16 rows x U units as a thread's elements, four at a time with all of their
+// global loads issued before the first is used (rnnops::in_flight): load(b, unit) returns an
+// element's inputs, use(r, u, b, unit, inputs) consumes them (r, u: its place in the slice; b,
+// unit: in the batch and the head); rows past the batch and units past the head are skipped.
+template <int U, class Load, class Use>
+__device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0, Load load, Use use) {
+  using Inputs = decltype(load(0, 0));
+  rnnops::in_flight<4>(
+      kRows * U,
+      [&](int idx) {
+        const int b = row0 + idx / U, unit = unit0 + idx % U;
+        return b < s.B && unit < s.D ? load(b, unit) : Inputs{};
+      },
+      [&](int idx, const Inputs& in) {
+        const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
+        if (b < s.B && unit < s.D) use(r, u, b, unit, in);
+      });
+}
+
 // acc[r][n] = sum_k h[r][k] w[n][k] for the block's 16 rows and GU = G * U output columns.
 template <class T>
 __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int GU) {
@@ -143,12 +162,10 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
       float x[G], bias[G], prev[S];  // prev: the carried states (GRU h; LSTM / sLSTM c, n, m)
     };
     constexpr int kFirstCarried = CELL == kGRU ? 0 : 1;  // Elman carries none (S = 1)
-    rnnops::in_flight<4>(
-        kRows * U,
-        [&](int idx) {
+    for_slice<U>(
+        s, row0, unit0,
+        [&](int b, int unit) {
           StepInputs in;
-          const int b = row0 + idx / U, unit = unit0 + idx % U;
-          if (b >= s.B || unit >= D) return in;
 #pragma unroll
           for (int g = 0; g < G; ++g) {
             in.x[g] = to_float(x[((((long long)b * s.T + t) * G + g) * s.H + head) * D + unit]);
@@ -159,9 +176,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
             in.prev[slot] = previous_state(s, states, initial, slot, b, t, unit, head, S);
           return in;
         },
-        [&](int idx, const StepInputs& in) {
-          const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-          if (b >= s.B || unit >= D) return;
+        [&](int r, int u, int b, int unit, const StepInputs& in) {
           auto gate = [&](int g) { return in.x[g] + acc[r * GU + g * U + u] + in.bias[g]; };  // x_g + (R_g h)_unit + b_g
           auto save = [&](float* buffer, int slot, int slots, float value) {
             buffer[step_index(s, b, t, slot, slots, unit, head)] = value;
@@ -259,12 +274,10 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
     struct StepInputs {
       float dh, pre[P], now[S], prev[S], carried[S];  // states at t and t - 1, carried gradients
     };
-    rnnops::in_flight<4>(
-        kRows * U,
-        [&](int idx) {
+    for_slice<U>(
+        s, row0, unit0,
+        [&](int b, int unit) {
           StepInputs in;
-          const int b = row0 + idx / U, unit = unit0 + idx % U;
-          if (b >= s.B || unit >= D) return in;
           in.dh = carry_at(0, b, unit) + to_float(d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
           if constexpr (CELL != kElman) {
 #pragma unroll
@@ -284,9 +297,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
           }
           return in;
         },
-        [&](int idx, const StepInputs& in) {
-          const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-          if (b >= s.B || unit >= D) return;
+        [&](int r, int u, int b, int unit, const StepInputs& in) {
           auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
             dx[step_index(s, b, t, g, G, unit, head)] = value;
             if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);
