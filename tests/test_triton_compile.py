@@ -112,6 +112,27 @@ def test_float32_kernels_compile_and_fit(group):
     assert_fits([r for r in rows if not spilling.search(r["case"])], spill_free=True)
 
 
+def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores():
+    """16-wide heads take "ieee" dots, but the UT inverse's and dL's chunk x chunk x chunk products
+    have no head-dim tile: in "ieee" they ran on CUDA cores with 8-11 KB of stack a thread
+    (sm_90, Triton 3.6 and 3.9) and their launch failed with out of memory on an H100. A few KB
+    stay: tf32x3's split operands, as at K = 128."""
+    script = (
+        "import json, torch\n"
+        "from dataclasses import asdict\n"
+        "from rnnops.autotune import kernels\n"
+        "from rnnops.triton_backend.compile_check import config_reports\n"
+        "shape = {'B': 2, 'T': 256, 'H': 2, 'K': 16, 'V': 32, 'gated': True, 'num_householder': 1}\n"
+        "rows = config_reports('delta_rule', shape, torch.float32, kernels.find('delta_rule', 'triton').default(), 90)\n"
+        "print(json.dumps([asdict(r) for r in rows]))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV, check=False,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    stacks = {row["name"]: row["stack_bytes"] for row in json.loads(result.stdout)}
+    assert {"ut_inverse_kernel", "ut_bwd_kernel"} <= stacks.keys()
+    assert max(stacks.values()) < 4096, stacks
+
+
 def test_autotune_explain_shows_what_ptxas_reports():
     result = subprocess.run([sys.executable, "-m", "rnnops", "autotune", "--explain", "selective_scan",
                              "B=8,T=2048,Dm=2048,N=16", "--gpu", "H100", "--compile-check"],

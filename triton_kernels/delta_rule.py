@@ -31,6 +31,9 @@ Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a 
 Work per token and head: forward 2*(2*BT*K + (BT/16)*BT^2 + BT*(K+V) + 3*K*V + BT*V) flops (the
 inverse's blocked products are the (BT/16)*BT^2); reads q, k, v, beta (, g), writes o, and
 moves T (BT values), W, U, V_new and one K*V state per chunk, all in the input dtype.
+Dots run at PRECISION (rnnops.triton_backend._common.dot_precision: "ieee" for 16-wide head
+tiles), but the chunk x chunk x chunk products (the inverse's substitution, dL) at
+CHUNK_PRECISION, the dtype's own: no head-dim tile in them.
 """
 from __future__ import annotations
 
@@ -130,7 +133,8 @@ def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr)
 
 @triton.jit
 def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
-                      GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+                      GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr):
     """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, computed in fp32 and stored as
     T[(row, head), column in chunk] (the layout of linear_attn's intra-chunk scores) in T_all's
     dtype, the input dtype: ut_fwd multiplies with T rounded to it anyway."""
@@ -142,7 +146,7 @@ def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.conste
         b_beta, _ = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
         M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
-        inverse = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), PRECISION, BT)
+        inverse = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), CHUNK_PRECISION, BT)
         tl.store(T_all + _inverse_tile(rows, i_h, H, BT), inverse.to(T_all.dtype.element_ty), mask=row_mask[:, None])
 
 
@@ -269,7 +273,8 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
 @triton.jit
 def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, chunk_indices, cu_seqlens,
                   total_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
-                  PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                  PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr):
     """Gradients through the UT transform for one chunk: dv and dbeta; dk_out (k's dtype) = dk
     (fp32, the output and state terms) + the UT terms; gated: dg = reverse cumsum of (dG summed
     over its K tiles + the UT terms) within the chunk."""
@@ -309,7 +314,8 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, c
             d_gate += gamma * b_beta * k_y
             dT += tl.dot(b_dW, tl.trans((b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)), input_precision=PRECISION)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
-        dL = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=PRECISION), input_precision=PRECISION)
+        dL = -tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=CHUNK_PRECISION),
+                     input_precision=CHUNK_PRECISION)
         dL = tl.where(strict, dL, 0.0)
         # the terms with M = k k^T * D as products with k instead (no gram recomputed, no BT x BT
         # M live): with dLD = dL * D and E = beta_i dLD,  rowsum(dL * M) = rowsum(k * dLD k),

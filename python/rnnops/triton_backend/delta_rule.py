@@ -22,7 +22,7 @@ from .._delta_product import via_delta_rule
 from .._backward_only import outputs_wanted
 from .._buffers import empty
 from .._dispatch import register
-from ._common import launch
+from ._common import dot_precision, launch
 from .linear_attn import ChunkConfig, ChunkedRun, chunk_space, default_config, supports
 
 
@@ -78,6 +78,11 @@ class _DeltaRun(ChunkedRun):
         self.UT_BV = min(self.BV, 64)
         self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": self.precision,
                       "BT": chunk}
+        # the chunk x chunk x chunk products (the UT inverse's substitution, the backward's dL)
+        # have no head-dim tile, so 16-wide heads' "ieee" is not theirs: with it they ran on CUDA
+        # cores and spilled ~9 KB a thread (float32, K = 16, sm_90, Triton 3.6: ut_inverse 34.5 KB
+        # of spill stores, and the launch failed with out of memory on an H100, 2026-11-26)
+        self.chunk_precision = dot_precision(q.dtype)
 
     def ut(self, k, v, beta, G, T=None):
         """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) in the input dtype
@@ -88,7 +93,8 @@ class _DeltaRun(ChunkedRun):
             launch(
                 _kernels().ut_inverse_kernel, (lay.programs, self.H),
                 k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATED=self.delta["GATED"],
-                PRECISION=self.delta["PRECISION"], BT=self.chunk, BK=self.BK, **self.sub_chunk_launch)
+                PRECISION=self.delta["PRECISION"], CHUNK_PRECISION=self.chunk_precision, BT=self.chunk, BK=self.BK,
+                **self.sub_chunk_launch)
         W = empty(k.shape, dtype=k.dtype, device=k.device)
         U = empty(v.shape, dtype=v.dtype, device=v.device)
         launch(
@@ -133,7 +139,8 @@ class _DeltaRun(ChunkedRun):
         launch(
             _kernels().ut_bwd_kernel, (lay.programs, self.H),
             k, v, beta, G, T, dv_new, dW, dk, dk_out, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens,
-            lay.total_rows, BK=self.BK, BV=self.UT_BV, **self.delta, **self.launch)
+            lay.total_rows, CHUNK_PRECISION=self.chunk_precision, BK=self.BK, BV=self.UT_BV, **self.delta,
+            **self.launch)
         return dk_out, dv, dbeta, dg
 
 
