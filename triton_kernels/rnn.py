@@ -13,6 +13,14 @@ these sizes) and a block barrier orders them before the next step reads them; R 
 L2 each step, so any head size up to 256 runs (larger heads need the CUDA backend's multi-block
 grid barrier).
 
+Layout conversions: tl.dot's results and Triton's coalesced loads and stores have different
+register layouts, so each tile between them crosses shared memory with two block barriers
+(sm_90 SASS, LSTM at D = 64: 22 barriers a forward step with a load per gate and a store per
+saved slot). The forward therefore loads a step's G gate inputs as one (BB, BD, 2, 2) tile and
+stores its four pre-activation slots as one (_load_four, _store_four): 14 barriers. (Loading the
+next step's inputs a step ahead does not hide their latency: Triton converts the prefetched tile
+right after its load, which then waits for it.)
+
 Saved for the backward, written once: every state per step (fp32, S per unit: lstm h c,
 gru h, slstm h c n m, elman h) and the gates' pre-activations (fp32, G per unit, plus GRU's
 R_n h + b_n). The backward walks time in reverse with the same tiling: the pointwise
@@ -90,23 +98,33 @@ def _state_in(states, initial, s, t, rb, ru, mask, T, B, S: tl.constexpr, H: tl.
 
 
 @triton.jit
-def _gate_input(x, bias, g, t, rb, ru, mask, T, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, i_h,
-                HAS_BIAS: tl.constexpr):
-    """x_g (+ b_g) on the tile, fp32."""
-    value = tl.load(x + (((rb[:, None] * T + t) * G + g) * H + i_h) * D + ru[None, :], mask=mask, other=0.0)
-    value = value.to(tl.float32)
+def _x_steps(x, t, rb, ru, mask, T, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, i_h):
+    """(x_0, .., x_3) at step t on the tile in x's dtype, in one load (one layout conversion;
+    gates past G read as zeros)."""
+    if G == 1:
+        x0 = _load_step(x, 0, G, t, rb, ru, mask, T, H, D, i_h)
+        x1, x2, x3 = x0, x0, x0
+    else:
+        x0, x1, x2, x3 = _load_four(x, G, t, rb, ru, mask, T, H, D, i_h)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _gate_input(x_g, bias, g, ru, H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr):
+    """x_g (the tile loaded by _x_steps) + b_g, fp32."""
+    value = x_g.to(tl.float32)
     if HAS_BIAS:
         value += tl.load(bias + (g * H + i_h) * D + ru, mask=ru < D, other=0.0).to(tl.float32)[None, :]
     return value
 
 
 @triton.jit
-def _gate_pre(x, bias, R, states, initial, g, t, rb, bmask, ru, umask, mask, T, B, G: tl.constexpr, S: tl.constexpr,
+def _gate_pre(x_g, bias, R, states, initial, g, t, rb, bmask, ru, umask, mask, T, B, G: tl.constexpr, S: tl.constexpr,
               H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr, HAS_INITIAL: tl.constexpr,
               DTYPE: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr,
               RESIDENT: tl.constexpr, w_res, h_res):
     """x_g + h_{t-1} R_g^T + b_g on the tile."""
-    return _gate_input(x, bias, g, t, rb, ru, mask, T, G, H, D, i_h, HAS_BIAS) + _recurrent(
+    return _gate_input(x_g, bias, g, ru, H, D, i_h, HAS_BIAS) + _recurrent(
         R, states, initial, g, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD,
         RESIDENT, w_res, h_res)
 
@@ -114,6 +132,41 @@ def _gate_pre(x, bias, R, states, initial, g, t, rb, bmask, ru, umask, mask, T, 
 @triton.jit
 def _store_step(buffer, value, slot, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.constexpr, D: tl.constexpr, i_h):
     tl.store(buffer + (((rb[:, None] * T + t) * slots + slot) * H + i_h) * D + ru[None, :], value, mask=mask)
+
+
+@triton.jit
+def _four_slots():
+    """Slot numbers 0-3 as a (1, 1, 2, 2) tile: slot 2 i + j at [..., i, j], the order of
+    tl.join(tl.join(v0, v2), tl.join(v1, v3)) (a join's new axis is last: [..., i, j] holds the
+    j-th join's i-th value)."""
+    pair = tl.arange(0, 2)
+    return 2 * pair[None, None, :, None] + pair[None, None, None, :]
+
+
+@triton.jit
+def _four_offsets(slots: tl.constexpr, t, rb, ru, T, H: tl.constexpr, D: tl.constexpr, i_h):
+    """Offsets of slots 0-3 of step t on the tile in a (B, T, slots, H, D) buffer, (BB, BD, 2, 2)."""
+    return (((rb[:, None, None, None] * T + t) * slots + _four_slots()) * H + i_h) * D + ru[None, :, None, None]
+
+
+@triton.jit
+def _store_four(buffer, v0, v1, v2, v3, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.constexpr, D: tl.constexpr,
+                i_h):
+    """Slots 0-3 (those below ``slots``) of step t on the tile in one store: one layout conversion
+    on the way (through shared memory, two barriers), where a store per slot took one each."""
+    tl.store(buffer + _four_offsets(slots, t, rb, ru, T, H, D, i_h), tl.join(tl.join(v0, v2), tl.join(v1, v3)),
+             mask=mask[:, :, None, None] & (_four_slots() < slots))
+
+
+@triton.jit
+def _load_four(buffer, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.constexpr, D: tl.constexpr, i_h):
+    """Slots 0-3 of step t on the tile in one load, as _store_four (slots past ``slots``: zeros)."""
+    four = tl.load(buffer + _four_offsets(slots, t, rb, ru, T, H, D, i_h),
+                   mask=mask[:, :, None, None] & (_four_slots() < slots), other=0.0)
+    even, odd = tl.split(four)  # slots (0, 2) and (1, 3)
+    v0, v2 = tl.split(even)
+    v1, v3 = tl.split(odd)
+    return v0, v1, v2, v3
 
 
 @triton.jit
@@ -153,39 +206,36 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
             ru = i_u * BD + tl.arange(0, BD)
             umask = ru < D
             mask = bmask[:, None] & umask[None, :]
+            x0, x1, x2, x3 = _x_steps(x, t, rb, ru, mask, T, G, H, D, i_h)
             if CELL == 1:  # GRU: r, z from x + R h + b; n = tanh(x_n + r (R_n h + b_n))
-                p_r = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                p_r = _gate_pre(x0, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
-                p_z = _gate_pre(x, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                p_z = _gate_pre(x1, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w1, h_r)
                 rec_n = _recurrent(R, states, initial, 2, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL,
                                    DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w2, h_r)
                 if HAS_BIAS:
                     rec_n += tl.load(bias + (2 * H + i_h) * D + ru, mask=umask, other=0.0).to(tl.float32)[None, :]
                 reset = tl.sigmoid(p_r)
-                p_n = tl.load(x + (((rb[:, None] * T + t) * G + 2) * H + i_h) * D + ru[None, :], mask=mask,
-                              other=0.0).to(tl.float32) + reset * rec_n
+                p_n = x2.to(tl.float32) + reset * rec_n
                 update = tl.sigmoid(p_z)
                 h_prev = _state_in(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT, h_r)
                 candidate = 2.0 * tl.sigmoid(2.0 * p_n) - 1.0
                 h = (1.0 - update) * candidate + update * h_prev
-                _store_step(pre, p_r, 0, P, t, rb, ru, mask, T, H, D, i_h)
-                _store_step(pre, p_z, 1, P, t, rb, ru, mask, T, H, D, i_h)
-                _store_step(pre, p_n, 2, P, t, rb, ru, mask, T, H, D, i_h)
-                _store_step(pre, rec_n, 3, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_four(pre, p_r, p_z, p_n, rec_n, P, t, rb, ru, mask, T, H, D, i_h)
             elif CELL == 3:  # Elman
-                p = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                p = _gate_pre(x0, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                               HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
                 h = 2.0 * tl.sigmoid(2.0 * p) - 1.0
                 _store_step(pre, p, 0, P, t, rb, ru, mask, T, H, D, i_h)
             else:  # LSTM and sLSTM: gates i, f, z, o
-                p_i = _gate_pre(x, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                p_i = _gate_pre(x0, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
-                p_f = _gate_pre(x, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                p_f = _gate_pre(x1, bias, R, states, initial, 1, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w1, h_r)
-                p_z = _gate_pre(x, bias, R, states, initial, 2, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                p_z = _gate_pre(x2, bias, R, states, initial, 2, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w2, h_r)
-                p_o = _gate_pre(x, bias, R, states, initial, 3, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
+                p_o = _gate_pre(x3, bias, R, states, initial, 3, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w3, h_r)
                 c_prev = _state_in(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT, c_r)
                 z_act = 2.0 * tl.sigmoid(2.0 * p_z) - 1.0
@@ -209,10 +259,7 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
                     if RESIDENT:
                         n_r, m_r = n, m
                 _store_step(states, c, 1, S, t, rb, ru, mask, T, H, D, i_h)
-                _store_step(pre, p_i, 0, P, t, rb, ru, mask, T, H, D, i_h)
-                _store_step(pre, p_f, 1, P, t, rb, ru, mask, T, H, D, i_h)
-                _store_step(pre, p_z, 2, P, t, rb, ru, mask, T, H, D, i_h)
-                _store_step(pre, p_o, 3, P, t, rb, ru, mask, T, H, D, i_h)
+                _store_four(pre, p_i, p_f, p_z, p_o, P, t, rb, ru, mask, T, H, D, i_h)
                 if RESIDENT:
                     c_r = c
             _store_step(states, h, 0, S, t, rb, ru, mask, T, H, D, i_h)
