@@ -121,8 +121,7 @@ class Tunable:
 
 
 def _linear_space(module, shape, dtype, hw):
-    plain = shape.get("gate", "none") == "none" and not shape.get("gated", False)
-    return module.space(shape["K"], shape["V"], 64, dtype.itemsize, hw, plain=plain)
+    return module.space(shape["K"], shape["V"], 64, dtype.itemsize, hw)
 
 
 def _linear_programs(config, shape):

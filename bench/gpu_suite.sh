@@ -67,10 +67,10 @@ PY
   fi
 
   section bench
-  # the bench starts no case after its budget (check mode: until 420 s, leaving the A/B checks
+  # the bench starts no case after its budget (check mode: until 400 s, leaving the A/B checks
   # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
   # finished case even if the timeout has to kill it mid-case
-  [ "$MODE" = tune ] && end=520 || end=420
+  [ "$MODE" = tune ] && end=520 || end=400
   budget=$((end - $(date +%s) + START))
   [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
   # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
@@ -80,24 +80,24 @@ PY
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
-    # the gated delta rule: the plain one ships 4 warps x 1 stage on the H200 since 2026-11-26
-    # (1.19-1.21x f+b there); the gated one keeps 8 x 2, since at 4 warps Triton 3.6 spills 100 B in
-    # dq/dk and 28 B in the UT backward (compile_check), and twice the state kernels' warps
-    left=$(seconds_until 470)
-    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=1" \
-      --try '{"num_warps": 4, "num_stages": 1}' '{"state_num_warps": 8}'
-    # the Triton LSTM at D = 128: the shipped 64 x 128 tiles (the tiled path, R re-read each step)
-    # against 128 x 128, where one tile spans the head and R stays in shared memory (RESIDENT, 144 KB)
-    left=$(seconds_until 525)
+    # linear attention: the delta rule ships 4 warps x 1 stage on the H100 and H200 since
+    # 2026-11-26 (1.17-1.21x f+b, plain, gated and DeltaProduct); the same for linear attention,
+    # plain and with a scalar decay
+    left=$(seconds_until 460)
+    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
+      --try '{"num_warps": 4, "num_stages": 1}'
+    # the Triton LSTM at D = 64 (RESIDENT, one program per head and 16 batch rows): 4 warps, half
+    # the threads at every step's barriers
+    left=$(seconds_until 515)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
-      --shapes "cell=lstm,B=16,T=1024,H=6,D=128" --try '{"block_d": 128}' '{"block_d": 128, "num_warps": 4}'
-    # the selective scan: the Triton scan's 16 channels x 32-step chunks (1.14x over 8 x 128 on the
-    # H200) against 64-step chunks; the CUDA scan's 4 warps x 8 steps (1.10x over 8 warps on the
-    # H200) against 4 steps per thread and against 2 warps
+      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 4}'
+    # the selective scan on the H100: the Triton scan's 16 channels x 32-step chunks (1.14x over
+    # 8 x 128 on the H200, where it ships) and the CUDA scan's 4 warps (1.10x on the H200; 2 warps
+    # measured 1.03x on the H100)
     left=$(seconds_until 575)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"chunk": 64}' '{"items": 4}' '{"warps": 2}'
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 16, "chunk": 32}' '{"warps": 4}'
   fi
 } 2>&1 | tee "$LOG"
 

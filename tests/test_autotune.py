@@ -439,16 +439,16 @@ def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothi
     measured = []
 
     def timer(tunable, shape, bucket):
-        return tuner.ShapeTimer(lambda config: measured.append(config) or (1e-3 if config["num_warps"] == 8 else 8e-4))
+        return tuner.ShapeTimer(lambda config: measured.append(config) or (8e-4 if config["block_k"] == 32 else 1e-3))
 
-    changes = [{"num_warps": 4}, {"state_num_stages": 1}]
+    changes = [{"block_k": 32}, {"state_num_stages": 1}]
     foreign = {"num_warps": 4, "items": 8}  # another backend's variable: noted, not measured
     (result,) = tuner.tune(["delta_rule"], torch.device("cpu"), torch.bfloat16, hw, shapes=[shape],
                            tries=[*changes, foreign], timer=timer)
     shipped = cache.shipped_defaults("H100")[cache.key("delta_rule", "triton", result.bucket)]
     assert measured == [shipped] + [dict(shipped, **change) for change in changes]
     assert result.notes == [f"{foreign}: not tried, items not variables of this kernel"]
-    assert result.config == dict(shipped, num_warps=4) and device_cache.entries == {}
+    assert result.config == dict(shipped, block_k=32) and device_cache.entries == {}
     text = cli.tries_table([result])
-    assert "shipped" in text and "{'num_warps': 4}" in text and "1.25x" in text and " triton " in text
+    assert "shipped" in text and "{'block_k': 32}" in text and "1.25x" in text and " triton " in text
     assert text.endswith(f"note: triton.delta_rule {result.notes[0]}")

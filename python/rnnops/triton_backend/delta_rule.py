@@ -45,9 +45,9 @@ DEFAULT_CONFIG = DeltaRuleConfig()
 FLOAT32_DEFAULT_CONFIG = DeltaRuleConfig(block_k=32, block_v=32, state_num_warps=8)
 
 
-def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware, plain: bool = False) -> Space:
-    """The legal DeltaRuleConfig values (``plain``: ungated): chunk_space and the state kernels'."""
-    base = chunk_space(K, V, chunk, dtype_bytes, hardware, plain)
+def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
+    """The legal DeltaRuleConfig values: chunk_space and the state kernels'."""
+    base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     return Space(
         dict(base.variables, state_block_v=powers_of_two(16, 64)),
         base.constraints + (

@@ -76,18 +76,19 @@ def default_config(dtype: torch.dtype, half=DEFAULT_CONFIG, single=FLOAT32_DEFAU
     return single if dtype == torch.float32 else half
 
 
-def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware, plain: bool = False) -> Space:
-    """The legal ChunkConfig values for head dims K, V as integer constraints; ``plain``: the
-    variant without gate or decay.
+def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
+    """The legal ChunkConfig values for head dims K, V as integer constraints.
 
     The register budget is calibrated with rnnops.triton_backend.compile_check (sm_90, K = V = 128,
     chunk 64): with half inputs, at 4 warps the (32, 128), (64, 64) and (32, 64) tiles compile
-    without spills in every variant (64 registers per thread by this count) and (64, 128) or
-    (128, 64) (96) spill in the gated or decayed backward but not in the plain one (whose 64 x 128
-    tiles at 4 warps, one stage, measured 1.2x faster than at 8 warps on an H200): 96 for plain
-    variants, 64 for the others; float32's tf32x3 operands take twice the registers, so half the
-    budget. The compile screen checks the ranked few anyway."""
-    registers = (96 if plain else 64) if dtype_bytes <= 2 else (48 if plain else 32)
+    without spills in every variant (64 registers per thread by this count), and (64, 128) or
+    (128, 64) (96) without in the plain backward but with some in the gated or decayed one
+    (Triton 3.6: 100 B in the gated delta rule's dq/dk, 28 B in its UT backward). Measured anyway,
+    64 x 128 tiles at 4 warps and one stage beat 8 warps and two stages: the plain delta rule 1.2x
+    on an H200 and 1.17x on an H100, the gated one 1.21x and the gated DeltaProduct 1.19x on an
+    H100 (f+b, 2026-11-26), so the budget is 96 in every variant; float32's tf32x3 operands take
+    twice the registers, so half that. The compile screen checks the ranked few anyway."""
+    registers = 96 if dtype_bytes <= 2 else 48
     return Space(
         {"block_k": powers_of_two(16, 128), "block_v": powers_of_two(16, 128), "num_warps": [1, 2, 4, 8],
          "num_stages": [1, 2, 3, 4], "state_num_warps": [2, 4, 8], "state_num_stages": [1, 2, 3]},
@@ -113,9 +114,9 @@ def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware, plain: b
 STATE_REGISTERS = 64
 
 
-def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware, plain: bool = False) -> Space:
+def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     """The legal LinearAttnConfig values: chunk_space and the state tile (STATE_REGISTERS)."""
-    base = chunk_space(K, V, chunk, dtype_bytes, hardware, plain)
+    base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     registers = STATE_REGISTERS if dtype_bytes <= 2 else STATE_REGISTERS // 2
     return Space(
         dict(base.variables, state_block_k=powers_of_two(16, 128), state_block_v=powers_of_two(16, 128)),
