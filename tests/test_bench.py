@@ -174,12 +174,38 @@ def test_warm_up_records_the_target_it_is_warming(monkeypatch, tmp_path):
 
 
 def test_a_peer_whose_precompile_stopped_is_left_out_of_the_timed_run():
-    case = tiny_cases()[4]  # the GRU case: torch.nn.GRU is always a peer
-    rows, notes = run_case(case, CPU, torch.float32, backends=["reference"], repeats=1, stopped_peer="torch.nn.GRU")
-    assert [row["target"] for row in rows] == ["reference"]
-    assert "torch.nn.GRU: skipped, its precompile worker stopped while warming it (its time limit, or a crash)" in notes
+    case = tiny_cases()[4]  # the GRU case: torch.nn.GRU is always a peer (and compiles nothing)
+    for at_limit, reason in ((False, "a crash"), (True, "its time limit")):
+        rows, notes = run_case(case, CPU, torch.float32, backends=["reference"], repeats=1,
+                               stopped_peer="torch.nn.GRU", stopped_at_time_limit=at_limit)
+        assert [row["target"] for row in rows] == ["reference"]
+        assert f"torch.nn.GRU: skipped, its precompile worker stopped while warming it ({reason})" in notes
     rows, _ = run_case(case, CPU, torch.float32, backends=["reference"], repeats=1, stopped_peer="reference")
     assert [row["target"] for row in rows] == ["reference", "torch.nn.GRU"]  # our own backends are always timed
+
+
+def test_a_triton_peer_stopped_at_the_precompile_time_limit_is_timed(monkeypatch):
+    """Its kernels compile one by one into Triton's disk cache: the timed run compiles the rest.
+    Stopped by a crash, it is left out all the same."""
+    case = tiny_cases()[0]
+    incremental = Target("fla.chunk_simple_gla", "peer", lambda x: x, lambda x: x["q"] * 2, lambda out: out, True)
+    monkeypatch.setattr(runner, "targets_for", lambda *args, **kwargs: (
+        [Target("chunked", "rnnops", lambda x: x, lambda x: x["q"] * 2, lambda out: out), incremental], []))
+    rows, notes = run_case(case, CPU, torch.float32, repeats=1, stopped_peer=incremental.name,
+                           stopped_at_time_limit=True)
+    assert [row["target"] for row in rows] == ["chunked", incremental.name]
+    assert any(note.startswith(f"{incremental.name}: its precompile worker reached its time limit") for note in notes)
+    rows, _ = run_case(case, CPU, torch.float32, repeats=1, stopped_peer=incremental.name)
+    assert [row["target"] for row in rows] == ["chunked"]
+
+
+def test_precompile_tells_a_worker_killed_at_its_time_limit(monkeypatch):
+    """Precompiled.timed_out: the cases whose worker was killed (status None), not those that
+    exited, cleanly or not."""
+    cases = tiny_cases()[:3]
+    monkeypatch.setattr(precompile_module, "run_side_by_side", lambda *args, **kwargs: [0, None, 1])
+    warmed = precompile(cases, CPU, torch.float32, None, 3)
+    assert (warmed.clean, warmed.timed_out) == (1, frozenset({cases[1].name}))
 
 
 def test_compile_only_autotuning_launches_each_configuration_once_and_restores_triton():

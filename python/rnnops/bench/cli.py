@@ -160,16 +160,17 @@ def main(args: argparse.Namespace) -> int:
     workers = args.precompile if args.precompile is not None else (
         min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases
-    stopped_in = {}  # case -> the peer its precompile worker was warming when it stopped
+    stopped_in, timed_out = {}, frozenset()  # case -> the peer its precompile worker was warming when it stopped
     try:
         if workers > 0 and cases:
-            # the precompile gets at most half the budget (a peer still compiling then is left out)
+            # the precompile gets at most half the budget (what becomes of a peer still compiling then:
+            # rnnops.bench.precompile)
             timeout_s = 300.0 if args.budget_s is None else max(30.0, args.budget_s / 2)
             warmed = precompile(cases, device, dtype, args.backends, workers, progress, timeout_s=timeout_s,
                                 peers=args.peers)
             notes["precompiled"] = [(f"{warmed.clean} of {len(cases)} cases warmed up in {workers} processes "
                                      f"in {warmed.seconds:.0f} s before timing (at most {timeout_s:.0f} s)")]
-            stopped_in = warmed.stopped_in
+            stopped_in, timed_out = warmed.stopped_in, warmed.timed_out
         for index, case in enumerate(families_in_turn(cases), 1):
             if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:
                 notes["interrupted"] = stopped(f"time budget of {args.budget_s:g} s spent")
@@ -177,7 +178,8 @@ def main(args: argparse.Namespace) -> int:
             progress.case(index)
             case_rows, case_notes = run_case(case, device, dtype, backends=args.backends, include_peers=args.peers,
                                              repeats=args.repeats, progress=progress, hardware=hardware,
-                                             profile=args.profile, stopped_peer=stopped_in.get(case.name))
+                                             profile=args.profile, stopped_peer=stopped_in.get(case.name),
+                                             stopped_at_time_limit=case.name in timed_out)
             rows += case_rows
             if case_notes:
                 notes[case.name] = case_notes

@@ -37,6 +37,10 @@ class Peer:
     to_ours: Callable[[Case, torch.Tensor], torch.Tensor] = lambda case, out: out
     # whether what runs on this device is the peer's pure-PyTorch reference, not its fast path
     is_reference: Callable[[torch.device], bool] = lambda device: False
+    # whether its kernels compile one by one into a disk cache (Triton JIT), so a warm-up stopped
+    # at its time limit leaves most of them compiled, rather than in one build that a stop throws
+    # away (a torch.utils.cpp_extension build: FlashRNN's CUDA backends)
+    compiles_incrementally: bool = False
 
 
 def _import(module: str, attr: str):
@@ -102,7 +106,7 @@ def _flashrnn(backend: str):
 
     return Peer(f"flashrnn.{backend}", lambda case: case.op == "rnn" and case.shape["cell"] in ("lstm", "gru"),
                 load, prepare, lambda case, h: h.reshape(h.shape[0], h.shape[1], -1),
-                is_reference=lambda device: backend == "vanilla")
+                is_reference=lambda device: backend == "vanilla", compiles_incrementally=backend.startswith("triton"))
 
 
 # ---------------------------------------------------------------- flash-linear-attention
@@ -119,7 +123,8 @@ def _fla(name: str, applies, chunk_call, naive_call, prepare):
         fn = _import(f"fla.ops.{naive_module}", naive_function)
         return lambda p: naive_call[1](fn, p)
 
-    return Peer(f"fla.{function}", applies, load, prepare, is_reference=lambda device: device.type != "cuda")
+    return Peer(f"fla.{function}", applies, load, prepare, is_reference=lambda device: device.type != "cuda",
+                compiles_incrementally=True)
 
 
 def _zero_gate(case: Case, x: dict) -> dict:

@@ -16,9 +16,12 @@ autotunes on an otherwise idle GPU, as the peer's users do, from compiled kernel
 Nothing here changes what is timed; it changes when compiling happens. A worker that fails or
 crashes only loses its warm-up: the timed run meets the same error and reports it. A worker
 killed at its time limit takes its compilers with it (rnnops._workers), and the extension build
-locks it held are removed (clear_stale_build_locks); the peer it was warming then is left out
-of the timed run (``Precompiled.stopped_in``): a build that outlasted the precompile would
-outlast the bench's budget too, and a peer that crashed its process would take the bench with it.
+locks it held are removed (clear_stale_build_locks). The peer it was warming then is left out
+of the timed run (``Precompiled.stopped_in``) where its worker crashed (it would take the bench
+with it) or was building an extension (a build that outlasted the precompile would outlast the
+bench's budget too); a peer whose Triton kernels were still compiling at the time limit
+(``Precompiled.timed_out``; fla's autotuners on a cold machine) is timed anyway: the disk cache
+holds what its worker compiled, and the timed run compiles the rest before timing it.
 """
 from __future__ import annotations
 
@@ -121,12 +124,14 @@ def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] 
 
 @dataclass
 class Precompiled:
-    """What a precompile did: cases whose worker exited cleanly, seconds, and per case the target
-    its worker was warming when it stopped (killed at its time limit, or crashed)."""
+    """What a precompile did: cases whose worker exited cleanly, seconds, per case the target its
+    worker was warming when it stopped (killed at its time limit, or crashed), and the cases whose
+    worker was killed at its time limit."""
 
     clean: int
     seconds: float
     stopped_in: dict[str, str]
+    timed_out: frozenset[str] = frozenset()
 
 
 def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None,
@@ -154,7 +159,8 @@ def precompile(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, 
     clean = statuses.count(0)
     if clean < len(cases):
         clear_stale_build_locks(started_at)
-    return Precompiled(clean, time.perf_counter() - start, stopped_in)
+    timed_out = frozenset(case.name for case, status in zip(cases, statuses) if status is None)
+    return Precompiled(clean, time.perf_counter() - start, stopped_in, timed_out)
 
 
 def clear_stale_build_locks(since: float) -> list[Path]:

@@ -29,6 +29,7 @@ class Target:
     prepare: Callable[[dict], dict]  # our inputs -> what call() takes (outside the timed region)
     call: Callable[[dict], torch.Tensor]
     to_ours: Callable[[torch.Tensor], torch.Tensor]
+    compiles_incrementally: bool = False  # (peers: see Peer)
 
 
 def targets_for(case: Case, device: torch.device, dtype: torch.dtype, backends, include_peers: bool):
@@ -54,7 +55,7 @@ def targets_for(case: Case, device: torch.device, dtype: torch.dtype, backends, 
             continue
         kind = "peer-reference" if peer.is_reference(device) else "peer"
         targets.append(Target(peer.name, kind, lambda x, peer=peer: peer.prepare(case, x), call,
-                              lambda out, peer=peer: peer.to_ours(case, out)))
+                              lambda out, peer=peer: peer.to_ours(case, out), peer.compiles_incrementally))
     return targets, notes
 
 
@@ -84,18 +85,24 @@ PROFILE_LIMIT_S = 0.25  # slower targets (Python loops over chunks on a GPU) are
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=None, include_peers=False,
              repeats: int = 3, progress=lambda text: None, hardware=None, profile: bool = False,
-             stopped_peer: str | None = None) -> tuple[list[dict], list[str]]:
+             stopped_peer: str | None = None, stopped_at_time_limit: bool = False) -> tuple[list[dict], list[str]]:
     """Rows (one per target) and notes for ``case``; with ``profile``, each row also gets the
     largest kernels (GPU) or operators (CPU) of one profiled forward+backward and, on a GPU, the
     Python functions of a forward call's host time (host_breakdown). ``stopped_peer``:
-    a peer whose precompile worker stopped while warming it (bench.precompile), left out."""
+    a peer whose precompile worker stopped while warming it (bench.precompile), left out unless
+    the worker was killed at its time limit (``stopped_at_time_limit``) and the peer compiles
+    incrementally: then the timed run finishes compiling it (its first, untimed call) and times it."""
     torch.manual_seed(0)
     inputs = case.make(device, dtype)
     targets, notes = targets_for(case, device, dtype, backends, include_peers)
     for target in [t for t in targets if t.name == stopped_peer and t.kind != "rnnops"]:
+        if stopped_at_time_limit and target.compiles_incrementally:
+            notes.append(f"{target.name}: its precompile worker reached its time limit while warming it; the rest "
+                         "of its kernels compiled in the timed process, before timing")
+            continue
         targets.remove(target)
-        notes.append(f"{target.name}: skipped, its precompile worker stopped while warming it (its time limit, "
-                     "or a crash)")
+        reason = "its time limit" if stopped_at_time_limit else "a crash"
+        notes.append(f"{target.name}: skipped, its precompile worker stopped while warming it ({reason})")
     outputs, states = {}, {}
     for target in list(targets):
         try:
