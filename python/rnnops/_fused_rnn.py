@@ -3,7 +3,12 @@
 Both backends' kernels use the same buffers: the forward writes every state per step (fp32,
 S per unit) and the gates' pre-activations (fp32, P per unit) once; the backward walks time in
 reverse with carried gradients in an (S, B, H, D) fp32 buffer, writing the pre-activations'
-gradients (and GRU's gradient of R_n h + b_n). dR and db are then one batched matmul here.
+gradients (and GRU's gradient of R_n h + b_n). dR = sum_{b,t} dr_t^T h_{t-1} and db = sum dr
+are then computed here: a batched matmul per gate on strided views (no copy of dr). For half
+inputs its operands are the half values the forward multiplied (h_{t-1} as the saved h_seq,
+exactly what the kernels rounded for their tensor-core products; dr as returned for x_gates),
+on tensor cores with fp32 accumulation, dR rounded once to the half dtype; fp32 inputs keep fp32
+operands (the fp32 states) and CUDA-core products unless TF32 is allowed. db sums in fp32.
 A backend supplies a ``launcher`` with ``forward(x, R, b, initial, states, pre, h_seq)`` and
 ``backward(R, initial, states, pre, d_h_seq, carry, dx, drec_n)``.
 """
@@ -33,14 +38,15 @@ class FusedRNNFunction(torch.autograd.Function):
         h_seq = empty((batch, time, heads, dim), dtype=x_gates.dtype, device=x_gates.device)
         R_, b_ = R.to(x_gates.dtype).contiguous(), None if b is None else b.float().contiguous()
         launcher.forward(x_gates.contiguous(), R_, b_, initial, states, pre, h_seq)
-        ctx.save_for_backward(R_, b, initial, states, pre)
+        half = x_gates.dtype in (torch.float16, torch.bfloat16)
+        ctx.save_for_backward(R_, b, initial, states, pre, h_seq if half else None)
         ctx.launcher, ctx.cell = launcher, cell
         ctx.dtypes = (x_gates.dtype, R.dtype, [s.dtype for s in state])
         return (h_seq, *states[:, -1].unbind(1))
 
     @staticmethod
     def backward(ctx, d_h_seq, *d_final):
-        R, b, initial, states, pre = ctx.saved_tensors
+        R, b, initial, states, pre, h_seq = ctx.saved_tensors
         batch, time, _, heads, dim = states.shape
         f32 = {"dtype": torch.float32, "device": states.device}
         carry = torch.stack([torch.zeros((batch, heads, dim), **f32) if d is None else d.float() for d in d_final])
@@ -48,11 +54,27 @@ class FusedRNNFunction(torch.autograd.Function):
         dx = empty((batch, time, CELLS[ctx.cell].gates, heads, dim), **f32)
         drec_n = empty((batch, time, heads, dim), **f32) if ctx.cell == "gru" else None
         ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n)
-        d_rec = dx if drec_n is None else torch.cat([dx[:, :, :2], drec_n[:, :, None]], dim=2)
-        h0 = initial[0] if initial is not None else torch.zeros((batch, heads, dim), **f32)
-        h_prev = torch.cat([h0[:, None], states[:, :-1, 0]], dim=1)
         x_dtype, R_dtype, state_dtypes = ctx.dtypes
-        dR = torch.einsum("btghi,bthj->ghij", d_rec, h_prev).to(R_dtype)
-        db = None if b is None else d_rec.sum((0, 1)).to(b.dtype)
+        dx_out = dx.to(x_dtype)
+        # the operands of dR: half inputs take the half values (see the module docstring)
+        operand = dx_out if h_seq is not None else dx
+        gate_grads = [operand[:, :, g] for g in range(dx.shape[2])]
+        if drec_n is not None:  # GRU: the n gate's recurrent part gets dn * r
+            gate_grads[2] = drec_n.to(operand.dtype)
+        h0 = initial[0] if initial is not None else torch.zeros((batch, heads, dim), **f32)
+        if h_seq is not None:
+            h_prev = torch.cat([h0.to(x_dtype)[:, None], h_seq[:, :-1]], dim=1)
+        else:
+            h_prev = torch.cat([h0[:, None], states[:, :-1, 0]], dim=1)
+        dR = torch.stack([_sum_outer(d, h_prev) for d in gate_grads]).to(R_dtype)
+        db = None if b is None else torch.stack([d.sum((0, 1), dtype=torch.float32) for d in gate_grads]).to(b.dtype)
         d_state = [carry[s].to(dtype) for s, dtype in enumerate(state_dtypes)]
-        return (None, dx.to(x_dtype), dR, db, None, *d_state)
+        return (None, dx_out, dR, db, None, *d_state)
+
+
+def _sum_outer(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """sum_{b,t} d[b, t, h]^T h[b, t, h] per head: (H, D, D) from two (B, T, H, D) tensors whose
+    (B, T) merge into one dimension (contiguous, or one gate of dx), as one batched matmul over
+    strided views: no copy."""
+    rows, heads, dim = d.shape[0] * d.shape[1], d.shape[2], d.shape[3]
+    return torch.bmm(d.reshape(rows, heads, dim).permute(1, 2, 0), h.reshape(rows, heads, dim).permute(1, 0, 2))
