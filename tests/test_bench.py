@@ -359,6 +359,30 @@ def test_measure_respects_repeats_and_time_limits():
     assert timing.host_median is None  # host time is only its own measurement where launches are asynchronous
 
 
+@pytest.mark.gpu
+def test_gpu_timing_runs_calls_back_to_back():
+    """A call's host work hides behind the previous call's kernels, as in triton.testing.do_bench:
+    2 ms of host sleep per call does not show in the times of calls with 1e7 cycles of GPU sleep (5-6
+    ms), but is measured as host time; with more host than GPU time, the host shows."""
+    cuda = torch.device("cuda")
+    cycles = int(1e7)
+
+    def gpu_only():
+        torch.cuda._sleep(cycles)
+
+    def host_and_gpu(host_s):
+        def call():
+            time.sleep(host_s)
+            torch.cuda._sleep(cycles)
+        return call
+
+    gpu = measure(gpu_only, cuda, repeats=5).median
+    overlapped = measure(host_and_gpu(0.002), cuda, repeats=5)
+    assert overlapped.median < gpu + 0.001 and overlapped.host_median >= 0.002
+    host_bound = measure(host_and_gpu(gpu + 0.005), cuda, repeats=5).median
+    assert host_bound > gpu + 0.004
+
+
 def test_report_shows_the_forward_host_time_where_measured(tmp_path):
     def timing(seconds, host):
         return {"median_s": seconds, "spread": 0.0, "samples_s": [seconds], "host_median_s": host}

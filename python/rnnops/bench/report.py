@@ -115,7 +115,8 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
     out = [("h1", "rnnops benchmark report"),
            ("p", f"{where}, {results['dtype']}, rnnops {env.get('rnnops')} (commit {env.get('commit') or 'unknown'}), "
                  f"torch {env.get('torch')}, triton {env.get('triton') or '-'}, {env.get('date', '')}. "
-                 "Times are medians after a warm-up (CUDA events on GPUs, wall clock on CPUs); speedups are ratios "
+                 "Times are medians after a warm-up (CUDA events on GPUs around calls run back to back, as "
+                 "triton.testing.do_bench times them; wall clock on CPUs); speedups are ratios "
                  "of medians measured side by side in this run; 'roofline' is the floor max(bytes / bandwidth, "
                  "flops / peak, exponentials / special-function rate) over the measured time; 'fwd host ms' "
                  "(GPUs) is the median time until a forward call returned on the host (launches are "

@@ -1,6 +1,8 @@
-"""Timing: CUDA events on a GPU, ``time.perf_counter`` on the CPU; medians over repeats."""
+"""Timing: CUDA events on a GPU (calls back to back, see :func:`measure`), ``time.perf_counter`` on
+the CPU; medians over repeats."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -35,31 +37,47 @@ class Timing:
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5,
             min_seconds: float = 0.0, max_seconds: float = float("inf")) -> Timing:
     """Time ``fn()`` after ``warmup`` calls: ``repeats`` times, more (up to 100) until
-    ``min_seconds`` have been spent measuring, fewer (at least one) once ``max_seconds`` have."""
+    ``min_seconds`` have been spent measuring, fewer (at least one) once ``max_seconds`` have.
+
+    On a GPU the timed calls run back to back, as in a training loop and as
+    triton.testing.do_bench (the peers' own benchmarks) times them: each call's CUDA-event
+    interval runs from when the GPU reaches it to when it finishes, with one synchronisation after
+    the last, so a call's host work overlaps the previous call's kernels, and shows in its interval
+    only where it takes longer than they do (then the call is host-bound: see Timing.host_samples).
+    The batch's size comes from the warm-up's synchronised time, and an untimed call goes first so
+    that the first timed one also starts behind queued work."""
     for _ in range(warmup):
         fn()
-    samples: list[float] = []
-    host: list[float] = []
-    spent = 0.0
-    while True:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    if device.type != "cuda":
+        samples: list[float] = []
+        spent = 0.0
+        while True:
             begin = time.perf_counter()
             fn()
-            host.append(time.perf_counter() - begin)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            begin = time.perf_counter()
-            fn()
-            seconds = time.perf_counter() - begin
-        samples.append(seconds)
-        spent += seconds
-        enough = len(samples) >= repeats and spent >= min_seconds
-        if enough or spent >= max_seconds or len(samples) >= 100:
-            return Timing(samples, host)
+            samples.append(time.perf_counter() - begin)
+            spent += samples[-1]
+            if (len(samples) >= repeats and spent >= min_seconds) or spent >= max_seconds or len(samples) >= 100:
+                return Timing(samples)
+    torch.cuda.synchronize(device)
+    begin = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    estimate = time.perf_counter() - begin  # an upper bound: host and device time, not overlapped
+    count = max(repeats, math.ceil(min_seconds / max(estimate, 1e-6)))
+    count = max(1, min(count, 100, math.floor(max_seconds / max(estimate, 1e-6))))
+    if estimate < 0.05:  # (for longer calls the host's share is negligible)
+        fn()
+    events, host = [], []
+    for _ in range(count):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        begin = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - begin)
+        end.record()
+        events.append((start, end))
+    events[-1][1].synchronize()
+    return Timing([start.elapsed_time(end) / 1e3 for start, end in events], host)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
