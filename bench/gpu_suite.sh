@@ -87,11 +87,13 @@ PY
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"num_warps": 4, "num_stages": 1}'
-    # the Triton LSTM at D = 64 (RESIDENT, one program per head and 16 batch rows): 4 warps, half
-    # the threads at every step's barriers
+    # the LSTM at D = 64: the Triton cells (RESIDENT, one program per head and 16 batch rows) at 4
+    # warps, half the threads at every step's barriers; the CUDA cells with a head in one block
+    # (64 units) or two (32), where the shipped 16 units split it over four that meet at a grid
+    # barrier every step (its backward took 8.1 of 14.2 ms f+b on the H100, Triton's 3.8)
     left=$(seconds_until 515)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
-      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 4}'
+      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 4}' '{"units": 64}' '{"units": 32}'
     # the selective scan on the H100: the Triton scan's 16 channels x 32-step chunks (1.14x over
     # 8 x 128 on the H200, where it ships) and the CUDA scan's 4 warps (1.10x on the H200; 2 warps
     # measured 1.03x on the H100)
