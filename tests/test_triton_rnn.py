@@ -62,8 +62,8 @@ def test_resident_and_tiled_paths(cell, config, D, resident, monkeypatch):
 
 
 def test_resident_forward_only_where_the_weights_fit_in_shared_memory(monkeypatch):
-    """An L4-sized block (99 KB): an LSTM head of 64 stays resident in bfloat16 (36 KB of weights)
-    but not in float32 (136 KB: tf32x3 operands), nor a head of 128 in bfloat16 (144 KB)."""
+    """An L4-sized block (99 KB): an LSTM head of 64 stays resident in bfloat16 (40 KB of weights)
+    but not in float32 (160 KB: tf32x3 operands), nor a head of 128 in bfloat16 (160 KB)."""
     monkeypatch.setattr(triton_rnn, "block_shared_memory", lambda device: 99 * 1024)
     spanning = triton_rnn.RNNConfig(block_d=128, block_k=128)
 

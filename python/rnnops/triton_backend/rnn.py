@@ -54,11 +54,14 @@ def supports(*, dtype, device, head_dim=None, **_) -> str | None:
 
 
 def resident_shared_bytes(gates: int, dim: int, dtype: torch.dtype) -> int:
-    """Shared memory the resident kernels (RESIDENT in triton_kernels/rnn.py) hold R_g in: by
-    compile_check (sm_90, D = 64), 2.25 bytes per weight for half inputs and 8.5 for float32's
-    tf32x3 operands (e.g. an LSTM head of 64: 36 KB in bfloat16, 136 KB in float32)."""
-    per_weight = 2.25 if dtype.itemsize <= 2 else 8.5
-    return int(gates * next_power_of_two(dim) ** 2 * per_weight)
+    """Shared memory the resident kernels (RESIDENT in triton_kernels/rnn.py) hold R in: the
+    backward stacks four gates' weights (a GRU's three and a zero one) for its one product, and by
+    compile_check (sm_90, D = 64 and 128, Triton 3.6 and 3.9) a block takes at most 2 bytes per
+    weight plus 2 D^2 for half inputs, 8 and 8 D^2 for float32's tf32x3 operands (an LSTM head of
+    64: 40 KB in bfloat16, 160 KB in float32; of 128 in bfloat16: 160 KB)."""
+    stacked = 4 if gates > 1 else 1
+    per_weight, extra = (2, 2) if dtype.itemsize <= 2 else (8, 8)
+    return (stacked * per_weight + extra) * next_power_of_two(dim) ** 2
 
 
 def _kernels():
