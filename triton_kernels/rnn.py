@@ -26,7 +26,7 @@ one: loaded as one, the split tiles took more conversions where they meet the pr
 their latency: Triton converts the prefetched tile right after its load, which then waits.)
 
 Saved for the backward, written once: every state per step (fp32, S per unit: lstm h c,
-gru h, slstm h c n m, elman h) and the gates' pre-activations (fp32, G per unit, plus GRU's
+gru h, slstm h c n m, elman h; the resident LSTM and sLSTM write h at the last step only) and the gates' pre-activations (fp32, G per unit, plus GRU's
 R_n h + b_n). The backward walks time in reverse with the same tiling: the pointwise
 gradients of each tile, then (after a barrier) dh_{t-1} += sum_g dr_g R_g for every tile;
 carried gradients live in a (S, B, H, D) fp32 buffer (RESIDENT: read on entry, written on exit)
@@ -267,12 +267,19 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
                 _store_four(pre, p_i, p_f, p_z, p_o, P, t, rb, ru, mask, T, H, D, i_h)
                 if RESIDENT:
                     c_r = c
-            _store_step(states, h, 0, S, t, rb, ru, mask, T, H, D, i_h)
+            if CELL == 1 or CELL == 3 or not RESIDENT:  # (resident LSTM and sLSTM: see below)
+                _store_step(states, h, 0, S, t, rb, ru, mask, T, H, D, i_h)
             tl.store(h_seq + ((rb[:, None] * T + t) * H + i_h) * D + ru[None, :], h.to(DTYPE), mask=mask)
             if RESIDENT:
                 h_r = h
         if not RESIDENT:
             tl.debug_barrier()  # this step's states before the next step reads them
+    if RESIDENT and (CELL == 0 or CELL == 2):
+        # h of the last step only (the final state): no one reads an LSTM's or sLSTM's saved h but
+        # the tiled path's next step (the backward's dR takes h_seq), so a store and its layout
+        # conversion a step are spared
+        ru = tl.arange(0, BD)
+        _store_step(states, h_r, 0, S, T - 1, rb, ru, bmask[:, None] & (ru[None, :] < D), T, H, D, i_h)
 
 
 @triton.jit

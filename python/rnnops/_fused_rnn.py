@@ -4,11 +4,13 @@ Both backends' kernels use the same buffers: the forward writes every state per 
 S per unit) and the gates' pre-activations (fp32, P per unit) once; the backward walks time in
 reverse with carried gradients in an (S, B, H, D) fp32 buffer, writing the pre-activations'
 gradients (and GRU's gradient of R_n h + b_n). dR = sum_{b,t} dr_t^T h_{t-1} and db = sum dr
-are then computed here: a batched matmul per gate on strided views (no copy of dr). For half
-inputs its operands are the half values the forward multiplied (h_{t-1} as the saved h_seq,
-exactly what the kernels rounded for their tensor-core products; dr as returned for x_gates),
-on tensor cores with fp32 accumulation, dR rounded once to the half dtype; fp32 inputs keep fp32
-operands (the fp32 states) and CUDA-core products unless TF32 is allowed. db sums in fp32.
+are then computed here: a batched matmul per gate on strided views (no copy of dr), h_{t-1}
+from the saved h_seq (the kernels may keep only the last step's h in the states: the Triton
+cells' resident LSTM and sLSTM do). For half inputs the operands are the half values the forward
+multiplied (h_seq is exactly what the kernels rounded for their tensor-core products; dr as
+returned for x_gates), on tensor cores with fp32 accumulation, dR rounded once to the half
+dtype; fp32 inputs keep fp32 operands and CUDA-core products unless TF32 is allowed. db sums in
+fp32.
 A backend supplies a ``launcher`` with ``forward(x, R, b, initial, states, pre, h_seq)`` and
 ``backward(R, initial, states, pre, d_h_seq, carry, dx, drec_n)``.
 """
@@ -38,8 +40,7 @@ class FusedRNNFunction(torch.autograd.Function):
         h_seq = empty((batch, time, heads, dim), dtype=x_gates.dtype, device=x_gates.device)
         R_, b_ = R.to(x_gates.dtype).contiguous(), None if b is None else b.float().contiguous()
         launcher.forward(x_gates.contiguous(), R_, b_, initial, states, pre, h_seq)
-        half = x_gates.dtype in (torch.float16, torch.bfloat16)
-        ctx.save_for_backward(R_, b, initial, states, pre, h_seq if half else None)
+        ctx.save_for_backward(R_, b, initial, states, pre, h_seq)
         ctx.launcher, ctx.cell = launcher, cell
         ctx.dtypes = (x_gates.dtype, R.dtype, [s.dtype for s in state])
         return (h_seq, *states[:, -1].unbind(1))
@@ -56,16 +57,12 @@ class FusedRNNFunction(torch.autograd.Function):
         ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n)
         x_dtype, R_dtype, state_dtypes = ctx.dtypes
         dx_out = dx.to(x_dtype)
-        # the operands of dR: half inputs take the half values (see the module docstring)
-        operand = dx_out if h_seq is not None else dx
+        operand = dx_out if x_dtype in (torch.float16, torch.bfloat16) else dx  # (see the module docstring)
         gate_grads = [operand[:, :, g] for g in range(dx.shape[2])]
         if drec_n is not None:  # GRU: the n gate's recurrent part gets dn * r
             gate_grads[2] = drec_n.to(operand.dtype)
         h0 = initial[0] if initial is not None else torch.zeros((batch, heads, dim), **f32)
-        if h_seq is not None:
-            h_prev = torch.cat([h0.to(x_dtype)[:, None], h_seq[:, :-1]], dim=1)
-        else:
-            h_prev = torch.cat([h0[:, None], states[:, :-1, 0]], dim=1)
+        h_prev = torch.cat([h0.to(x_dtype)[:, None], h_seq[:, :-1]], dim=1)
         dR = torch.stack([_sum_outer(d, h_prev) for d in gate_grads]).to(R_dtype)
         db = None if b is None else torch.stack([d.sum((0, 1), dtype=torch.float32) for d in gate_grads]).to(b.dtype)
         d_state = [carry[s].to(dtype) for s, dtype in enumerate(state_dtypes)]
