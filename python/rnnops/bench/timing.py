@@ -44,11 +44,14 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
     interval runs from when the GPU reaches it to when it finishes, with one synchronisation after
     the last, so a call's host work overlaps the previous call's kernels, and shows in its interval
     only where it takes longer than they do (then the call is host-bound: see Timing.host_samples).
-    The batch's size comes from the warm-up's synchronised time, and an untimed call goes first so
-    that the first timed one also starts behind queued work."""
-    for _ in range(warmup):
+    The batch's size comes from the last warm-up call's synchronised time (a GPU makes that one
+    even at ``warmup=0``), and an untimed call goes first so that the first timed one also starts
+    behind queued work."""
+    for _ in range(warmup - 1):
         fn()
     if device.type != "cuda":
+        if warmup > 0:
+            fn()
         samples: list[float] = []
         spent = 0.0
         while True:
@@ -60,7 +63,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
                 return Timing(samples)
     torch.cuda.synchronize(device)
     begin = time.perf_counter()
-    fn()
+    fn()  # the last warm-up call
     torch.cuda.synchronize(device)
     estimate = time.perf_counter() - begin  # an upper bound: host and device time, not overlapped
     count = max(repeats, math.ceil(min_seconds / max(estimate, 1e-6)))
