@@ -81,12 +81,10 @@ PY
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
     # linear attention: the delta rule ships 4 warps x 1 stage on the H100 and H200 since
-    # 2026-11-26 (1.17-1.21x f+b, plain, gated and DeltaProduct); the same for linear attention,
-    # plain and with a scalar decay
+    # 2026-11-26 (1.17-1.21x f+b, plain, gated and DeltaProduct); the same for plain linear attention
     left=$(seconds_until 460)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
-      --try '{"num_warps": 4, "num_stages": 1}'
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"num_warps": 4, "num_stages": 1}'
     # the LSTM at D = 64: the Triton cells (RESIDENT, one program per head and 16 batch rows) at 4
     # warps, half the threads at every step's barriers; the CUDA cells with a head in one block
     # (64 units) or two (32), where the shipped 16 units split it over four that meet at a grid
