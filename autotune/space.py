@@ -8,6 +8,7 @@ assignments each constraint removes.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,10 +43,9 @@ class Space:
         problem = constraint.Problem()
         for name, domain in self.variables.items():
             problem.addVariable(name, list(domain))
-        for c in self.constraints:
-            problem.addConstraint(lambda *values, c=c: bool(c.test(*values)), list(c.variables))
-        names = list(self.variables)
-        return sorted(problem.getSolutions(), key=lambda p: [p[n] for n in names])
+        for c in self.constraints:  # (the solver takes a test's truth value: no wrapper per call)
+            problem.addConstraint(c.test, list(c.variables))
+        return sorted(problem.getSolutions(), key=operator.itemgetter(*self.variables))
 
     def brute_force(self) -> list[dict[str, int]]:
         """The legal configurations by filtering the whole product of the domains (the check)."""
