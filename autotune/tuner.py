@@ -85,7 +85,7 @@ def standard_shapes(op: str) -> list[dict]:
 def rank(tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware) -> tuple[int, list[dict]]:
     """(legal count, legal configurations by estimated cost, cheapest first)."""
     legal = tunable.space(shape, dtype, hardware).legal()
-    return len(legal), sorted(legal, key=lambda c: tunable.rank_key(c, shape, dtype, hardware))
+    return len(legal), tunable.ranked(legal, shape, dtype, hardware)
 
 
 @dataclass
