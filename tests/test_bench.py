@@ -403,6 +403,26 @@ def test_report_shows_the_forward_host_time_where_measured(tmp_path):
     assert "| fwd host ms |" not in markdown and "| c | triton | 0.7 | 2 |" in markdown
 
 
+def test_headline_compares_each_phase_where_both_sides_have_it():
+    """A peer whose backward failed still meets us on the forward; throughput cells it lacks read '-'."""
+    def timing(seconds):
+        return {"median_s": seconds, "spread": 0.0, "samples_s": [seconds], "host_median_s": None}
+
+    def row(target, kind, fwd, fwd_bwd):
+        return {"op": "delta_rule", "case": "c", "target": target, "oracle": "chunked", "kind": kind, "rel_err": 0.0,
+                "mismatch": False, "fwd": timing(fwd), "fwd_bwd": None if fwd_bwd is None else timing(fwd_bwd)}
+
+    results = {"environment": {}, "device": "cuda:0", "dtype": "bfloat16", "notes": {},
+               "rows": [row("chunked", "rnnops", 9e-3, 3e-2), row("triton", "rnnops", 2e-3, 6e-3),
+                        row("fla.chunk_gated_delta_rule", "peer", 1e-3, None)]}
+    assert report.headline(results) == [("c", "2 (triton)", "1 (fla.chunk_gated_delta_rule)", "0.50x", "-", "-", "-")]
+    results["rows"][2]["fwd_bwd"] = timing(1.2e-2)
+    assert report.headline(results)[0][4:] == ("6 (triton)", "12 (fla.chunk_gated_delta_rule)", "2.00x")
+    results["rows"][2]["fwd_bwd"] = None
+    markdown = report.render_markdown(report.blocks(results, {}))
+    assert "| c | fla.chunk_gated_delta_rule | 1 | - |" in markdown and "| - | - | - | - |" in markdown
+
+
 def test_peak_memory_counts_live_tensors():
     def two_alive_at_once():
         a = torch.ones(1_000_000)

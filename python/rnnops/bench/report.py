@@ -95,17 +95,25 @@ def console_table(results: dict) -> str:
 # ---------------------------------------------------------------- the document
 
 def headline(results: dict) -> list[tuple[str, ...]]:
-    """Per case with a peer: our fastest target against the fastest peer, forward+backward."""
+    """Per case with a peer: our fastest target against the fastest peer, forward and
+    forward+backward each (a phase a side has no time for shows '-': e.g. a peer whose backward
+    failed still meets us on the forward)."""
     lines = []
     for case, rows in case_rows(results).items():
-        ours = [r for r in rows if r["kind"] == "rnnops" and median(r, "fwd_bwd")]
-        peers = [r for r in rows if r["kind"] == "peer" and median(r, "fwd_bwd")]
-        if not ours or not peers:
-            continue
-        best = min(ours, key=lambda r: median(r, "fwd_bwd"))
-        rival = min(peers, key=lambda r: median(r, "fwd_bwd"))
-        lines.append((case, best["target"], _ms(median(best, "fwd_bwd")), rival["target"],
-                      _ms(median(rival, "fwd_bwd")), _x(speedup(best, rival, "fwd_bwd"))))
+        cells, compared = [], False
+        for phase in ("fwd", "fwd_bwd"):
+            ours = [r for r in rows if r["kind"] == "rnnops" and median(r, phase)]
+            peers = [r for r in rows if r["kind"] == "peer" and median(r, phase)]
+            if not ours or not peers:
+                cells += ["-", "-", "-"]
+                continue
+            best = min(ours, key=lambda r: median(r, phase))
+            rival = min(peers, key=lambda r: median(r, phase))
+            cells += [f"{_ms(median(best, phase))} ({best['target']})", f"{_ms(median(rival, phase))} ({rival['target']})",
+                      _x(speedup(best, rival, phase))]
+            compared = True
+        if compared:
+            lines.append((case, *cells))
     return lines
 
 
@@ -126,8 +134,9 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
     out.append(("p", "Peers: " + (", ".join(f"{k} {v}" for k, v in peers.items()) or "none installed") + "."))
     top = headline(results)
     if top:
-        out += [("h2", "Headline: fastest rnnops target against the fastest peer (forward+backward)"),
-                ("table", ("case", "rnnops", "ms", "peer", "ms", "speedup"), top)]
+        out += [("h2", "Headline: fastest rnnops target against the fastest peer"),
+                ("table", ("case", "rnnops fwd ms", "peer fwd ms", "fwd speedup", "rnnops f+b ms", "peer f+b ms",
+                           "f+b speedup"), top)]
     by_op = defaultdict(list)
     for case, rows in case_rows(results).items():
         by_op[rows[0]["op"]].append((case, rows))
@@ -144,7 +153,7 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
                 host = [_ms((row.get("fwd") or {}).get("host_median_s"))] if host_measured else []
                 lines.append((case, row["target"], _ms(median(row, "fwd")), *host, _ms(median(row, "fwd_bwd")),
                               f"{_x(speedup(row, base, 'fwd_bwd'))} vs {base['target']}", _err(row),
-                              f"{roof.get('tflops', 0):.3g}", f"{roof.get('gbps', 0):.3g}", _fraction(row),
+                              *(f"{roof[k]:.3g}" if k in roof else "-" for k in ("tflops", "gbps")), _fraction(row),
                               _mb(row.get("memory_fwd_bwd"))))
         out.append(("table", ("case", "target", "fwd ms", *(["fwd host ms"] if host_measured else []), "fwd+bwd ms",
                               "speedup (f+b)", "rel err", "TFLOP/s (f+b)", "GB/s (f+b)", "roofline", "peak MB (f+b)"),
