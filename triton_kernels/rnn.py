@@ -8,10 +8,10 @@ rnnops.reference.rnn). Where one tile spans the head (BD = BKD >= D, and the G D
 fit in shared memory: rnnops.triton_backend.rnn.resident_shared_bytes), both kernels are
 RESIDENT: R is loaded once and the states (forward) or their gradients (backward) are carried in
 registers, so a step's critical path is G tensor-core products and the pointwise update, its
-memory traffic only the step's inputs read and its saved values written. Otherwise the step's new states go to global memory (L1/L2-resident at
-these sizes) and a block barrier orders them before the next step reads them; R is re-read from
-L2 each step, so any head size up to 256 runs (larger heads need the CUDA backend's multi-block
-grid barrier).
+memory traffic only the step's inputs read and its saved values written. Otherwise the step's
+new states go to global memory (L1/L2-resident at these sizes) and a block barrier orders them
+before the next step reads them; R is re-read from L2 each step, so any head size up to 256
+runs (larger heads need the CUDA backend's multi-block grid barrier).
 
 Layout conversions: tl.dot's results and Triton's coalesced loads and stores have different
 register layouts, so each tile between them crosses shared memory with two block barriers
@@ -22,16 +22,18 @@ stores its four pre-activation slots as one (_load_four, _store_four): 14 barrie
 one product, the gradients interleaved into a (BB, 4 BD) operand against R's rows stacked the same
 way (_stacked_weights): one conversion to the operand layout where a product per gate took one
 (LSTM 40 -> 30 barriers a step, GRU 28 -> 24, sLSTM 48 -> 38). It loads the saved slots one by
-one: loaded as one, the split tiles took more conversions where they meet the products' layout. (Loading the next step's inputs a step ahead does not hide
-their latency: Triton converts the prefetched tile right after its load, which then waits.)
+one: loaded as one, the split tiles took more conversions where they meet the products' layout.
+(Loading the next step's inputs a step ahead does not hide their latency: Triton converts the
+prefetched tile right after its load, which then waits.)
 
 Saved for the backward, written once: every state per step (fp32, S per unit: lstm h c,
-gru h, slstm h c n m, elman h; the resident LSTM and sLSTM write h at the last step only) and the gates' pre-activations (fp32, G per unit, plus GRU's
-R_n h + b_n). The backward walks time in reverse with the same tiling: the pointwise
-gradients of each tile, then (after a barrier) dh_{t-1} += sum_g dr_g R_g for every tile;
-carried gradients live in a (S, B, H, D) fp32 buffer (RESIDENT: read on entry, written on exit)
-that ends as the initial states' gradient. dR = sum_{b,t} dr^T h_{t-1} and db = sum dr are left to one batched matmul on the
-host (tensor cores, instead of per-program fp32 accumulators).
+gru h, slstm h c n m, elman h; the resident LSTM and sLSTM write h at the last step only) and
+the gates' pre-activations (fp32, G per unit, plus GRU's R_n h + b_n). The backward walks time
+in reverse with the same tiling: the pointwise gradients of each tile, then (after a barrier)
+dh_{t-1} += sum_g dr_g R_g for every tile; carried gradients live in a (S, B, H, D) fp32 buffer
+(RESIDENT: read on entry, written on exit) that ends as the initial states' gradient.
+dR = sum_{b,t} dr^T h_{t-1} and db = sum dr are left to the host (rnnops._fused_rnn: batched
+matmuls on tensor cores, instead of per-program fp32 accumulators).
 
 CELL ids (rnnops._fused_rnn.CELL_IDS): 0 lstm, 1 gru, 2 slstm, 3 elman.
 Layouts (contiguous): x_gates (B, T, G, H, D); R (G, H, D, D); b (G, H, D); states

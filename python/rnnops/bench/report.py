@@ -109,8 +109,8 @@ def headline(results: dict) -> list[tuple[str, ...]]:
                 continue
             best = min(ours, key=lambda r: median(r, phase))
             rival = min(peers, key=lambda r: median(r, phase))
-            cells += [f"{_ms(median(best, phase))} ({best['target']})", f"{_ms(median(rival, phase))} ({rival['target']})",
-                      _x(speedup(best, rival, phase))]
+            cells += [f"{_ms(median(best, phase))} ({best['target']})",
+                      f"{_ms(median(rival, phase))} ({rival['target']})", _x(speedup(best, rival, phase))]
             compared = True
         if compared:
             lines.append((case, *cells))
