@@ -169,7 +169,7 @@ TUNABLES = [
             lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],
             lambda c, s: 1.0 + 4.0 / c["items"]),
     Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
-            lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw),
+            lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw, dt.itemsize),
             lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],
             lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16))),
     Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",

@@ -88,10 +88,13 @@ PY
     # the LSTM at D = 64: the Triton cells (RESIDENT, one program per head and 16 batch rows) at 4
     # warps, half the threads at every step's barriers; the CUDA cells with a head in one block
     # (64 units) or two (32), where the shipped 16 units split it over four that meet at a grid
-    # barrier every step (its backward took 8.1 of 14.2 ms f+b on the H100, Triton's 3.8)
+    # barrier every step (its backward took 8.1 of 14.2 ms f+b on the H100, Triton's 3.8); and the
+    # Triton cells recomputing the pre-activations in the backward (fewer forward barriers, no
+    # 200 MB of saved fp32 pre-activations, a longer backward step: triton_kernels/rnn.py RECOMPUTE)
     left=$(seconds_until 515)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
-      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 4}' '{"units": 64}' '{"units": 32}'
+      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 4}' '{"recompute": 1}' '{"units": 64}' \
+      '{"units": 32}'
     # the selective scan on the H100: the Triton scan's 16 channels x 32-step chunks (1.14x over
     # 8 x 128 on the H200, where it ships) and the CUDA scan's 4 warps (1.10x on the H200; 2 warps
     # measured 1.03x on the H100)

@@ -49,14 +49,17 @@ def test_matches_reference(cell, shape):
 
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("config, D, resident", [({"block_d": 128, "block_k": 128}, 80, True),
+                                                 ({"block_d": 128, "block_k": 128, "recompute": 1}, 80, True),
                                                  ({"block_d": 16, "block_k": 16}, 32, False)],
-                         ids=["resident-padded", "tiled"])
+                         ids=["resident-padded", "resident-recompute", "tiled"])
 def test_resident_and_tiled_paths(cell, config, D, resident, monkeypatch):
     """Forward and backward hold R and the carried states on chip when one tile spans the head
-    (RESIDENT; here with 48 padded units masked off), else they walk the tiles through memory:
-    both against the reference."""
+    (RESIDENT; here with 48 padded units masked off; with recompute the backward computes the
+    pre-activations again, the forward saving none), else they walk the tiles through memory:
+    all against the reference."""
     chosen = triton_rnn.RNNConfig(**config)
-    assert triton_rnn._Launcher(cell, chosen, 3, 4, 2, D, torch.float32, torch.device("cpu")).resident is resident
+    launcher = triton_rnn._Launcher(cell, chosen, 3, 4, 2, D, torch.float32, torch.device("cpu"))
+    assert (launcher.resident, launcher.recompute) == (resident, bool(chosen.recompute))
     monkeypatch.setattr(triton_rnn, "DEFAULT_CONFIG", chosen)
     compare_backends(run(cell), make_inputs(cell, T=4, D=D), 1e-5, test="triton")
 
@@ -73,31 +76,56 @@ def test_resident_forward_only_where_the_weights_fit_in_shared_memory(monkeypatc
     assert resident(64, torch.bfloat16) and not resident(64, torch.float32) and not resident(128, torch.bfloat16)
 
 
-def test_a_resident_launch_the_gpu_refuses_runs_tiled(monkeypatch):
+@pytest.mark.parametrize("recompute, refusing, launches", [
+    (0, "both", [("fwd", True), ("fwd", False), ("bwd", False)]),  # the forward refused, then all tiled
+    (0, "bwd", [("fwd", True), ("bwd", True), ("bwd", False)]),
+    # the recomputing forward saved no pre-activations: a tiled forward into scratch buffers makes them
+    (1, "bwd", [("fwd", True), ("bwd", True), ("fwd", False), ("bwd", False)]),
+])
+def test_a_resident_launch_the_gpu_refuses_runs_tiled(monkeypatch, recompute, refusing, launches):
     """resident_shared_bytes is an estimate: where Triton refuses a resident kernel's shared
     memory (OutOfResources, raised when it loads the kernel), the launch runs tiled, warns, and
-    the backward runs tiled too; the results stay those of the reference."""
+    the later ones run tiled too; the results stay those of the reference."""
     from triton.runtime.errors import OutOfResources
 
-    kernels, resident_flags = triton_rnn._kernels(), []
+    kernels, seen = triton_rnn._kernels(), []
 
     class Refusing:
-        def __init__(self, kernel):
-            self.kernel = kernel
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
 
         def __getitem__(self, grid):
             def launch(*args, RESIDENT, **flags):  # the kernel's constexpr name
-                resident_flags.append(RESIDENT)
-                if RESIDENT:
+                seen.append((self.name, RESIDENT))
+                if RESIDENT and refusing in (self.name, "both"):
                     raise OutOfResources(300_000, 232_448, "shared memory")
                 return self.kernel[grid](*args, RESIDENT=RESIDENT, **flags)
             return launch
 
     monkeypatch.setattr(triton_rnn, "_kernels", lambda: SimpleNamespace(
-        rnn_fwd_kernel=Refusing(kernels.rnn_fwd_kernel), rnn_bwd_kernel=Refusing(kernels.rnn_bwd_kernel)))
+        rnn_fwd_kernel=Refusing(kernels.rnn_fwd_kernel, "fwd"), rnn_bwd_kernel=Refusing(kernels.rnn_bwd_kernel, "bwd")))
+    monkeypatch.setattr(triton_rnn, "DEFAULT_CONFIG", triton_rnn.RNNConfig(recompute=recompute))
     with pytest.warns(RuntimeWarning, match="resident kernels do not fit this GPU .out of resource: shared memory"):
-        compare_backends(run("lstm"), make_inputs("lstm"), 1e-5, test="triton")
-    assert resident_flags == [True, False, False]  # the forward refused, then tiled; the backward tiled
+        compare_backends(run("gru"), make_inputs("gru"), 1e-5, test="triton")
+    assert seen == launches
+
+
+def test_recompute_only_where_its_second_weight_copy_fits(monkeypatch):
+    """A block of 200 KB holds a float32 LSTM head of 64 resident (160 KB) but not its recompute
+    (288 KB): the pre-activations are saved then, whatever the configuration asks."""
+    monkeypatch.setattr(triton_rnn, "block_shared_memory", lambda device: 200 * 1024)
+    asked = triton_rnn.RNNConfig(block_d=64, block_k=64, recompute=1)
+
+    def launcher(dtype):
+        return triton_rnn._Launcher("lstm", asked, 16, 4, 12, 64, dtype, torch.device("cuda"))
+
+    assert (launcher(torch.float32).resident, launcher(torch.float32).recompute) == (True, False)
+    assert (launcher(torch.bfloat16).resident, launcher(torch.bfloat16).recompute) == (True, True)
+    h100 = hardware.named("H100")
+    legal = triton_rnn.space(64, 4, h100, 2).legal()
+    assert {c["recompute"] for c in legal} == {0, 1} and all(c["block_d"] == 64 for c in legal if c["recompute"])
+    for D, element_bytes in ((128, 2), (64, 4)):  # 288 KB each
+        assert not any(c["recompute"] for c in triton_rnn.space(D, 4, h100, element_bytes).legal())
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -26,6 +26,14 @@ one: loaded as one, the split tiles took more conversions where they meet the pr
 (Loading the next step's inputs a step ahead does not hide their latency: Triton converts the
 prefetched tile right after its load, which then waits.)
 
+RECOMPUTE (RNNConfig.recompute, resident kernels only; off by default until measured): the
+forward saves no pre-activations and the backward computes them again from x, b and h_{t-1}
+(_saved_pre): sm_90 SASS at D = 64 bf16, forward barriers a step LSTM 14 -> 10, GRU 12 -> 8,
+sLSTM 18 -> 14, the backward loop 732 -> 851 instructions (LSTM, barriers 30 -> 28; sLSTM
+38 -> 48), and Triton stages the transposed stacked weights as a second copy (40 -> 72 KB: only
+heads up to 64 in half precision fit an H100 that way, rnnops.triton_backend.rnn.
+recompute_shared_bytes); the pre-activations' fp32 memory (16 bytes a unit and step) is saved.
+
 Saved for the backward, written once: every state per step (fp32, S per unit: lstm h c,
 gru h, slstm h c n m, elman h; the resident LSTM and sLSTM write h at the last step only) and
 the gates' pre-activations (fp32, G per unit, plus GRU's R_n h + b_n). The backward walks time
@@ -117,11 +125,17 @@ def _x_steps(x, t, rb, ru, mask, T, G: tl.constexpr, H: tl.constexpr, D: tl.cons
 
 
 @triton.jit
+def _bias(bias, g, ru, H: tl.constexpr, D: tl.constexpr, i_h):
+    """b_g as a (1, BD) row, fp32."""
+    return tl.load(bias + (g * H + i_h) * D + ru, mask=ru < D, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gate_input(x_g, bias, g, ru, H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr):
     """x_g (the tile loaded by _x_steps) + b_g, fp32."""
     value = x_g.to(tl.float32)
     if HAS_BIAS:
-        value += tl.load(bias + (g * H + i_h) * D + ru, mask=ru < D, other=0.0).to(tl.float32)[None, :]
+        value += _bias(bias, g, ru, H, D, i_h)
     return value
 
 
@@ -186,10 +200,11 @@ def _load_step(buffer, slot, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.cons
 def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexpr, D: tl.constexpr,
                    CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_INITIAL: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr,
-                   BKD: tl.constexpr, RESIDENT: tl.constexpr):
+                   BKD: tl.constexpr, RESIDENT: tl.constexpr, RECOMPUTE: tl.constexpr):
     """RESIDENT (one tile spans the head: BD = BKD >= D): R_g^T is loaded once and h, c, n, m are
     carried in registers from step to step, so a step reads only its inputs from memory and
-    needs no barrier; else the tiles exchange the states through global memory."""
+    needs no barrier; else the tiles exchange the states through global memory. RECOMPUTE
+    (resident only): the pre-activations are not saved (``pre`` unused)."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rb = i_b * BB + tl.arange(0, BB)
     bmask = rb < B
@@ -222,19 +237,21 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
                 rec_n = _recurrent(R, states, initial, 2, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL,
                                    DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w2, h_r)
                 if HAS_BIAS:
-                    rec_n += tl.load(bias + (2 * H + i_h) * D + ru, mask=umask, other=0.0).to(tl.float32)[None, :]
+                    rec_n += _bias(bias, 2, ru, H, D, i_h)
                 reset = tl.sigmoid(p_r)
                 p_n = x2.to(tl.float32) + reset * rec_n
                 update = tl.sigmoid(p_z)
                 h_prev = _state_in(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT, h_r)
                 candidate = 2.0 * tl.sigmoid(2.0 * p_n) - 1.0
                 h = (1.0 - update) * candidate + update * h_prev
-                _store_four(pre, p_r, p_z, p_n, rec_n, P, t, rb, ru, mask, T, H, D, i_h)
+                if not RECOMPUTE:  # (else the backward recomputes them)
+                    _store_four(pre, p_r, p_z, p_n, rec_n, P, t, rb, ru, mask, T, H, D, i_h)
             elif CELL == 3:  # Elman
                 p = _gate_pre(x0, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                               HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
                 h = 2.0 * tl.sigmoid(2.0 * p) - 1.0
-                _store_step(pre, p, 0, P, t, rb, ru, mask, T, H, D, i_h)
+                if not RECOMPUTE:
+                    _store_step(pre, p, 0, P, t, rb, ru, mask, T, H, D, i_h)
             else:  # LSTM and sLSTM: gates i, f, z, o
                 p_i = _gate_pre(x0, bias, R, states, initial, 0, t, rb, bmask, ru, umask, mask, T, B, G, S, H, D, i_h,
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w0, h_r)
@@ -266,7 +283,8 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
                     if RESIDENT:
                         n_r, m_r = n, m
                 _store_step(states, c, 1, S, t, rb, ru, mask, T, H, D, i_h)
-                _store_four(pre, p_i, p_f, p_z, p_o, P, t, rb, ru, mask, T, H, D, i_h)
+                if not RECOMPUTE:
+                    _store_four(pre, p_i, p_f, p_z, p_o, P, t, rb, ru, mask, T, H, D, i_h)
                 if RESIDENT:
                     c_r = c
             if CELL == 1 or CELL == 3 or not RESIDENT:  # (resident LSTM and sLSTM: see below)
@@ -302,6 +320,44 @@ def _stacked_weights(R, i_h, ru, umask, G: tl.constexpr, H: tl.constexpr, D: tl.
 
 
 @triton.jit
+def _saved_pre(pre, x, bias, h_seq, initial, w_all, t, rb, ru, mask, T, B, CELL: tl.constexpr, G: tl.constexpr,
+               P: tl.constexpr, H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr,
+               HAS_INITIAL: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr,
+               BD: tl.constexpr, RECOMPUTE: tl.constexpr):
+    """The four pre-activation slots of step t (LSTM, sLSTM: i f z o; GRU: r z n and R_n h + b_n):
+    loaded from ``pre``, or (RECOMPUTE) computed again as the forward computed them,
+    x + b + h_{t-1} R^T, in one product of h_{t-1} (the forward's own operand, from h_seq) with the
+    stacked weights, transposed: column 4 i + g is gate g of unit i, split apart in registers."""
+    if RECOMPUTE:
+        if t > 0:
+            h_prev = tl.load(h_seq + ((rb[:, None] * T + t - 1) * H + i_h) * D + ru[None, :], mask=mask,
+                             other=0.0).to(DTYPE)
+        else:
+            h_prev = _prev(h_seq, initial, 0, 0, rb, ru, mask, T, B, 1, H, D, i_h, HAS_INITIAL).to(DTYPE)
+        products = tl.dot(h_prev, tl.trans(w_all), input_precision=PRECISION)
+        even, odd = tl.split(tl.reshape(products, (BB, BD, 2, 2)))  # gates (0, 2) and (1, 3)
+        r0, r2 = tl.split(even)
+        r1, r3 = tl.split(odd)
+        x0, x1, x2, x3 = _x_steps(x, t, rb, ru, mask, T, G, H, D, i_h)
+        p0 = _gate_input(x0, bias, 0, ru, H, D, i_h, HAS_BIAS) + r0
+        p1 = _gate_input(x1, bias, 1, ru, H, D, i_h, HAS_BIAS) + r1
+        if CELL == 1:  # GRU: n = x_n + r (R_n h + b_n)
+            p3 = r2
+            if HAS_BIAS:
+                p3 += _bias(bias, 2, ru, H, D, i_h)
+            p2 = x2.to(tl.float32) + tl.sigmoid(p0) * p3
+        else:
+            p2 = _gate_input(x2, bias, 2, ru, H, D, i_h, HAS_BIAS) + r2
+            p3 = _gate_input(x3, bias, 3, ru, H, D, i_h, HAS_BIAS) + r3
+    else:
+        p0 = _load_step(pre, 0, P, t, rb, ru, mask, T, H, D, i_h)
+        p1 = _load_step(pre, 1, P, t, rb, ru, mask, T, H, D, i_h)
+        p2 = _load_step(pre, 2, P, t, rb, ru, mask, T, H, D, i_h)
+        p3 = _load_step(pre, 3, P, t, rb, ru, mask, T, H, D, i_h)
+    return p0, p1, p2, p3
+
+
+@triton.jit
 def _carry(buffer, s, rb, ru, B, H: tl.constexpr, D: tl.constexpr, i_h):
     """Pointers to state s's (BB, BD) tile in the (S, B, H, D) carry buffer."""
     return buffer + ((s * B + rb[:, None]) * H + i_h) * D + ru[None, :]
@@ -319,10 +375,10 @@ def _carried(carry, s, rb, ru, mask, B, H: tl.constexpr, D: tl.constexpr, i_h, R
 
 
 @triton.jit
-def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H: tl.constexpr, D: tl.constexpr,
-                   CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr, HAS_INITIAL: tl.constexpr,
-                   PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr,
-                   RESIDENT: tl.constexpr):
+def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, bias, h_seq, T, B, H: tl.constexpr,
+                   D: tl.constexpr, CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_INITIAL: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr,
+                   BD: tl.constexpr, BKD: tl.constexpr, RESIDENT: tl.constexpr, RECOMPUTE: tl.constexpr):
     """Reverse time walk. ``carry`` (S, B, H, D) fp32 holds on entry the final states'
     gradient, between steps the gradient reaching the previous states, and on exit the
     initial states' gradient. Writes dx (fp32, the gates' pre-activation gradients) and, for
@@ -355,10 +411,9 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
             h = _load_step(states, 0, S, t, rb, ru, mask, T, H, D, i_h)
             dh_direct = tl.zeros([BB, BD], tl.float32)
             if CELL == 1:
-                p_r = _load_step(pre, 0, P, t, rb, ru, mask, T, H, D, i_h)
-                p_z = _load_step(pre, 1, P, t, rb, ru, mask, T, H, D, i_h)
-                p_n = _load_step(pre, 2, P, t, rb, ru, mask, T, H, D, i_h)
-                rec_n = _load_step(pre, 3, P, t, rb, ru, mask, T, H, D, i_h)
+                p_r, p_z, p_n, rec_n = _saved_pre(pre, x, bias, h_seq, initial, w_all, t, rb, ru, mask, T, B, CELL, G,
+                                                  P, H, D, i_h, HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD,
+                                                  RECOMPUTE)
                 h_prev = _prev(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
                 reset, update = tl.sigmoid(p_r), tl.sigmoid(p_z)
                 candidate = 2.0 * tl.sigmoid(2.0 * p_n) - 1.0
@@ -374,10 +429,9 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, T, B, H:
                 _store_step(dx, d_p, 0, G, t, rb, ru, mask, T, H, D, i_h)
                 d_rec0, d_rec1, d_rec2, d_rec3 = d_p, d_p, d_p, d_p
             else:
-                p_i = _load_step(pre, 0, P, t, rb, ru, mask, T, H, D, i_h)
-                p_f = _load_step(pre, 1, P, t, rb, ru, mask, T, H, D, i_h)
-                p_z = _load_step(pre, 2, P, t, rb, ru, mask, T, H, D, i_h)
-                p_o = _load_step(pre, 3, P, t, rb, ru, mask, T, H, D, i_h)
+                p_i, p_f, p_z, p_o = _saved_pre(pre, x, bias, h_seq, initial, w_all, t, rb, ru, mask, T, B, CELL, G,
+                                                P, H, D, i_h, HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD,
+                                                RECOMPUTE)
                 c = _load_step(states, 1, S, t, rb, ru, mask, T, H, D, i_h)
                 c_prev = _prev(states, initial, 1, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL)
                 dc = _carried(carry, 1, rb, ru, mask, B, H, D, i_h, RESIDENT, dc_r)

@@ -11,8 +11,10 @@ multiplied (h_seq is exactly what the kernels rounded for their tensor-core prod
 returned for x_gates), on tensor cores with fp32 accumulation, dR rounded once to the half
 dtype; fp32 inputs keep fp32 operands and CUDA-core products unless TF32 is allowed. db sums in
 fp32.
-A backend supplies a ``launcher`` with ``forward(x, R, b, initial, states, pre, h_seq)`` and
-``backward(R, initial, states, pre, d_h_seq, carry, dx, drec_n)``.
+A backend supplies a ``launcher`` with ``forward(x, R, b, initial, states, h_seq) -> pre`` (the
+pre-activations it saved, or None where its backward recomputes them: the Triton cells'
+resident kernels with RNNConfig.recompute; x and b are then saved instead) and
+``backward(R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq)``.
 """
 from __future__ import annotations
 
@@ -36,25 +38,25 @@ class FusedRNNFunction(torch.autograd.Function):
         f32 = {"dtype": torch.float32, "device": x_gates.device}
         initial = torch.stack([s.float() for s in state]).contiguous() if state else None
         states = empty((batch, time, len(CELLS[cell].states), heads, dim), **f32)
-        pre = empty((batch, time, pre_slots(cell), heads, dim), **f32)
         h_seq = empty((batch, time, heads, dim), dtype=x_gates.dtype, device=x_gates.device)
-        R_, b_ = R.to(x_gates.dtype).contiguous(), None if b is None else b.float().contiguous()
-        launcher.forward(x_gates.contiguous(), R_, b_, initial, states, pre, h_seq)
-        ctx.save_for_backward(R_, b, initial, states, pre, h_seq)
+        R_, b_, x_ = R.to(x_gates.dtype).contiguous(), None if b is None else b.float().contiguous(), x_gates.contiguous()
+        pre = launcher.forward(x_, R_, b_, initial, states, h_seq)
+        recomputed = pre is None
+        ctx.save_for_backward(R_, b, initial, states, pre, h_seq, x_ if recomputed else None, b_ if recomputed else None)
         ctx.launcher, ctx.cell = launcher, cell
         ctx.dtypes = (x_gates.dtype, R.dtype, [s.dtype for s in state])
         return (h_seq, *states[:, -1].unbind(1))
 
     @staticmethod
     def backward(ctx, d_h_seq, *d_final):
-        R, b, initial, states, pre, h_seq = ctx.saved_tensors
+        R, b, initial, states, pre, h_seq, x_, b_ = ctx.saved_tensors
         batch, time, _, heads, dim = states.shape
         f32 = {"dtype": torch.float32, "device": states.device}
         carry = torch.stack([torch.zeros((batch, heads, dim), **f32) if d is None else d.float() for d in d_final])
         carry = carry.contiguous()
         dx = empty((batch, time, CELLS[ctx.cell].gates, heads, dim), **f32)
         drec_n = empty((batch, time, heads, dim), **f32) if ctx.cell == "gru" else None
-        ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n)
+        ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n, x_, b_, h_seq)
         x_dtype, R_dtype, state_dtypes = ctx.dtypes
         dx_out = dx.to(x_dtype)
         operand = dx_out if x_dtype in (torch.float16, torch.bfloat16) else dx  # (see the module docstring)

@@ -16,8 +16,9 @@ from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space
 
+from .._buffers import empty
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_slots
 from ..reference.rnn import CELLS
 from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
@@ -87,17 +88,23 @@ class _Launcher:
         units = slice_units(config.units, dim, CELLS[cell].gates, element_bytes, device)
         splits = -(-dim // units)
         forward_bytes, backward_bytes = shared_bytes(dim, CELLS[cell].gates, units, element_bytes)
-        self.cell, self.units, self.device = CELL_IDS[cell], units, device
+        self.cell, self.cell_name, self.units, self.device = CELL_IDS[cell], cell, units, device
         self.grid = [heads, -(-batch // ROWS), splits, config.threads]
         self.shared = (forward_bytes, backward_bytes)
         self.shape = [batch, time, heads, dim, splits]
 
-    def forward(self, x, R, b, initial, states, pre, h_seq):
+    def forward(self, x, R, b, initial, states, h_seq):
+        """Runs the forward; returns the pre-activations it saves for the backward."""
+        batch, time, heads, dim, _ = self.shape
+        pre = empty((batch, time, pre_slots(self.cell_name), heads, dim), dtype=torch.float32, device=x.device)
         engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, pre, h_seq,
                                         self.shape + [int(b is not None), int(initial is not None)], self.cell,
                                         self.units, self.grid + [self.shared[0]])
+        return pre
 
-    def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
+    def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq):
+        """(``x``, ``b``, ``h_seq``: for a backward that recomputes the pre-activations; this one reads
+        the saved ones.)"""
         engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
                                          self.shape + [0, int(initial is not None)], self.cell, self.units,
                                          self.grid + [self.shared[1]])

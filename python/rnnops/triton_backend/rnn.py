@@ -13,6 +13,7 @@ from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
+from .._buffers import empty
 from .._dispatch import register
 from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_slots
 from ..reference.rnn import CELLS
@@ -26,21 +27,27 @@ class RNNConfig:
     block_k: int = 64  # reduction units per tile
     num_warps: int = 8  # 4 spills in the float16 sLSTM backward at D = 256 (compile_check, sm_90)
     num_stages: int = 1
+    # 1: resident kernels save no pre-activations, the backward recomputes them (recompute_shared_bytes)
+    recompute: int = 0
 
 
 DEFAULT_CONFIG = RNNConfig()
 
 
-def space(D: int, gates: int, hardware) -> Space:
+def space(D: int, gates: int, hardware, element_bytes: int = 2) -> Space:
     return Space(
         {"block_b": powers_of_two(16, 64), "block_d": powers_of_two(16, 128), "block_k": powers_of_two(16, 128),
-         "num_warps": [2, 4, 8], "num_stages": [1, 2]},
+         "num_warps": [2, 4, 8], "num_stages": [1, 2], "recompute": [0, 1]},
         (
             Constraint("block_d <= D rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(D)),
             Constraint("block_k <= D rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(D)),
             Constraint("G gate accumulators and a weight tile fit in 255 registers per thread",
                        ("block_b", "block_d", "block_k", "num_warps"),
                        lambda bb, bd, bk, w: gates * bb * bd + bd * bk <= 255 * hardware.warp_size * w),
+            Constraint("recompute: one tile spans the head, and R twice in shared memory",
+                       ("block_d", "block_k", "recompute"),
+                       lambda bd, bk, r: not r or (bd >= D and bk >= D and recompute_shared_bytes(
+                           gates, D, element_bytes) <= hardware.shared_memory_per_block)),
         ),
     )
 
@@ -53,15 +60,24 @@ def supports(*, dtype, device, head_dim=None, **_) -> str | None:
     return join_reasons(*reasons)
 
 
-def resident_shared_bytes(gates: int, dim: int, dtype: torch.dtype) -> int:
+def resident_shared_bytes(gates: int, dim: int, element_bytes: int) -> int:
     """Shared memory the resident kernels (RESIDENT in triton_kernels/rnn.py) hold R in: the
     backward stacks four gates' weights (a GRU's three and a zero one) for its one product, and by
     compile_check (sm_90, D = 64 and 128, Triton 3.6 and 3.9) a block takes at most 2 bytes per
     weight plus 2 D^2 for half inputs, 8 and 8 D^2 for float32's tf32x3 operands (an LSTM head of
     64: 40 KB in bfloat16, 160 KB in float32; of 128 in bfloat16: 160 KB)."""
     stacked = 4 if gates > 1 else 1
-    per_weight, extra = (2, 2) if dtype.itemsize <= 2 else (8, 8)
+    per_weight, extra = (2, 2) if element_bytes <= 2 else (8, 8)
     return (stacked * per_weight + extra) * next_power_of_two(dim) ** 2
+
+
+def recompute_shared_bytes(gates: int, dim: int, element_bytes: int) -> int:
+    """With RECOMPUTE (RNNConfig.recompute): the backward multiplies h_{t-1} with the stacked
+    weights transposed, which Triton stages as a second copy (compile_check, sm_90: an LSTM head
+    of 64 in bfloat16 72 KB; of 128, or of 64 in float32, 288 KB: over an H100's 227)."""
+    stacked = 4 if gates > 1 else 1
+    per_weight = 2 if element_bytes <= 2 else 8
+    return resident_shared_bytes(gates, dim, element_bytes) + stacked * per_weight * next_power_of_two(dim) ** 2
 
 
 def _kernels():
@@ -82,34 +98,68 @@ class _Launcher:
                          num_warps=config.num_warps, num_stages=config.num_stages)
         # the kernels hold the head's R on chip when their tile spans the head and R fits (RESIDENT)
         limit = block_shared_memory(device)
+        gates, element_bytes = CELLS[cell].gates, torch.empty((), dtype=dtype).element_size()
         self.resident = block_d >= dim and block_k >= dim and (
-            limit is None or resident_shared_bytes(CELLS[cell].gates, dim, dtype) <= limit)
+            limit is None or resident_shared_bytes(gates, dim, element_bytes) <= limit)
+        self.recompute = self.resident and bool(config.recompute) and (
+            limit is None or recompute_shared_bytes(gates, dim, element_bytes) <= limit)
         self.grid = (heads, -(-batch // config.block_b))
         self.time, self.batch = time, batch
 
-    def _launch(self, kernel, *args, **flags):
-        """``kernel[grid](...)``, RESIDENT as chosen. resident_shared_bytes is an estimate: a
-        resident launch whose shared memory the GPU refuses (Triton raises OutOfResources when it
-        loads the kernel) runs tiled instead, with a warning, and so does every later launch."""
+    def _pre(self, x):
+        return empty((self.batch, self.time, self.meta["P"], self.meta["H"], self.meta["D"]), dtype=torch.float32,
+                     device=x.device)
+
+    def _run(self, kernel, args, flags, resident: bool, recompute: bool):
+        kernel[self.grid](*args, RESIDENT=resident, RECOMPUTE=recompute, **flags, **self.meta)
+
+    def _refused(self, error) -> None:
+        """resident_shared_bytes and recompute_shared_bytes are estimates: where the GPU refuses a
+        resident kernel's shared memory (Triton raises OutOfResources when it loads the kernel),
+        this launch and every later one run tiled, with a warning; other errors are raised."""
+        if "shared" not in str(error):
+            raise error
+        warnings.warn(f"rnnops: the Triton cells' resident kernels do not fit this GPU ({error}); they run "
+                      "tiled, with R read from L2 every step", RuntimeWarning, stacklevel=4)
+        self.resident = self.recompute = False
+
+    def forward(self, x, R, b, initial, states, h_seq):
+        """Runs the forward; returns the pre-activations saved for the backward (None where the
+        resident kernels recompute them)."""
         from triton.runtime.errors import OutOfResources
 
-        try:
-            return kernel[self.grid](*args, RESIDENT=self.resident, **flags, **self.meta)
-        except OutOfResources as error:
-            if not self.resident or "shared" not in str(error):
-                raise
-            warnings.warn(f"rnnops: the Triton cells' resident kernels do not fit this GPU ({error}); they run "
-                          "tiled, with R read from L2 every step", RuntimeWarning, stacklevel=3)
-            self.resident = False
-            return kernel[self.grid](*args, RESIDENT=False, **flags, **self.meta)
+        flags = {"HAS_BIAS": b is not None, "HAS_INITIAL": initial is not None}
+        if self.resident:
+            pre = None if self.recompute else self._pre(x)
+            try:
+                self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch),
+                          flags, True, self.recompute)
+                return pre
+            except OutOfResources as error:
+                self._refused(error)
+        pre = self._pre(x)
+        self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch), flags,
+                  False, False)
+        return pre
 
-    def forward(self, x, R, b, initial, states, pre, h_seq):
-        self._launch(_kernels().rnn_fwd_kernel, x, R, b, initial, states, pre, h_seq, self.time, self.batch,
-                     HAS_BIAS=b is not None, HAS_INITIAL=initial is not None)
+    def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq):
+        """``pre`` None: the resident forward saved none, this backward recomputes them (or, refused,
+        runs a tiled forward into scratch buffers for them first)."""
+        from triton.runtime.errors import OutOfResources
 
-    def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n):
-        self._launch(_kernels().rnn_bwd_kernel, R, initial, states, pre, d_h_seq, carry, dx, drec_n, self.time,
-                     self.batch, HAS_INITIAL=initial is not None)
+        flags = {"HAS_BIAS": b is not None, "HAS_INITIAL": initial is not None}
+        if self.resident:
+            try:
+                self._run(_kernels().rnn_bwd_kernel, (R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b,
+                                                      h_seq, self.time, self.batch), flags, True, pre is None)
+                return
+            except OutOfResources as error:
+                self._refused(error)
+        if pre is None:
+            states = torch.empty_like(states)
+            pre = self.forward(x, R, b, initial, states, torch.empty_like(h_seq))
+        self._run(_kernels().rnn_bwd_kernel, (R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq,
+                                              self.time, self.batch), flags, False, False)
 
 
 @register("rnn", "triton", supports=supports)
