@@ -98,7 +98,7 @@ class _Launcher:
                          num_warps=config.num_warps, num_stages=config.num_stages)
         # the kernels hold the head's R on chip when their tile spans the head and R fits (RESIDENT)
         limit = block_shared_memory(device)
-        gates, element_bytes = CELLS[cell].gates, torch.empty((), dtype=dtype).element_size()
+        gates, element_bytes = CELLS[cell].gates, dtype.itemsize
         self.resident = block_d >= dim and block_k >= dim and (
             limit is None or resident_shared_bytes(gates, dim, element_bytes) <= limit)
         self.recompute = self.resident and bool(config.recompute) and (
