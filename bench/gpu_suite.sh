@@ -49,7 +49,7 @@ PY
     section autotune
     timeout 250 python -m rnnops autotune --ops all --budget-s 220 --export "$OUT/tuned.json"
     section "autotune --exhaustive (the search's check)"
-    # 72 legal configurations, each compiled in a worker process first (8 at a time)
+    # 90 legal configurations, each compiled in a worker process first (8 at a time)
     timeout 150 python -m rnnops autotune --exhaustive --ops rnn --shapes "cell=lstm,B=16,T=1024,H=24,D=32" \
       --budget-s 130
   else
