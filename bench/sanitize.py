@@ -1,9 +1,10 @@
 """One small case per CUDA kernel, forward and backward, for compute-sanitizer (memcheck,
 racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``; and
-the Triton cells' resident kernels at a head padded to its tile (48 units in 64)."""
-import torch
-
+the Triton cells' resident kernels at a head padded to its tile (48 units in 64), saving their
+pre-activations and recomputing them."""
 import rnnops
+import torch
+from rnnops.triton_backend import rnn as triton_rnn
 
 
 def main() -> None:
@@ -15,11 +16,14 @@ def main() -> None:
             R = (torch.randn(gates, 2, dim, dim, device=device) / dim**0.5).requires_grad_()
             h_seq, final = rnnops.rnn(x, R, None, cell=cell, backend="cuda")
             (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
-    for cell, gates in (("lstm", 4), ("slstm", 4)):
-        x = torch.randn(3, 5, gates, 2, 48, device=device, dtype=torch.bfloat16, requires_grad=True)
-        R = (torch.randn(gates, 2, 48, 48, device=device) / 48**0.5).requires_grad_()
-        h_seq, final = rnnops.rnn(x, R, None, cell=cell, backend="triton")
-        (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
+    for cell, gates in (("lstm", 4), ("gru", 3), ("slstm", 4)):
+        for recompute in (0, 1):  # the backward loading the saved pre-activations, or computing them again
+            x = torch.randn(3, 5, gates, 2, 48, device=device, dtype=torch.bfloat16, requires_grad=True)
+            R = (torch.randn(gates, 2, 48, 48, device=device) / 48**0.5).requires_grad_()
+            b = torch.randn(gates, 2, 48, device=device, requires_grad=True)
+            config = triton_rnn.RNNConfig(block_d=64, block_k=64, recompute=recompute)
+            h_seq, final = triton_rnn.rnn(x, R, b, None, cell=cell, config=config)
+            (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
     u, delta, z = (torch.randn(2, 37, 40, device=device, requires_grad=True) for _ in range(3))
     A, B, C = -torch.rand(40, 8, device=device), torch.randn(2, 37, 8, device=device), torch.randn(2, 37, 4, 8, device=device)
     y, last = rnnops.selective_scan(u, delta, A, B, C, torch.randn(40, device=device), z, None, True,
