@@ -17,10 +17,12 @@ class KernelReport:
     shared_bytes: int  # static shared memory for CUDA C++; Triton's (all dynamic) from its metadata
     threads: int = 0  # per program where the launch is known (Triton: num_warps * 32), else 0
     tensor_cores: str = ""  # tensor_core_path of its PTX where it was read, else ""
-    # per iteration of its innermost loop with exponentials (rnnops._sass), where read: instructions
-    # and exponentials (MUFU.EX2, about one per (step, channel, state element) in a scan)
+    # per iteration of its innermost loop with exponentials (rnnops._sass), where read: instructions,
+    # exponentials (MUFU.EX2, about one per (step, channel, state element) in a scan) and block
+    # barriers (BAR: two per layout conversion through shared memory in a Triton cell's step)
     loop_instructions: int = 0
     loop_exponentials: int = 0
+    loop_barriers: int = 0
 
 
 _FUNCTION = re.compile(r"Function properties for (\S+)")
