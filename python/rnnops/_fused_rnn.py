@@ -31,6 +31,11 @@ def pre_slots(cell: str) -> int:
     return CELLS[cell].gates + (1 if cell == "gru" else 0)
 
 
+def pre_buffer(cell: str, batch: int, time: int, heads: int, dim: int, device) -> torch.Tensor:
+    """The pre-activations a launcher's forward saves: (B, T, P, H, D) fp32."""
+    return empty((batch, time, pre_slots(cell), heads, dim), dtype=torch.float32, device=device)
+
+
 class FusedRNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, launcher, x_gates, R, b, cell, *state):

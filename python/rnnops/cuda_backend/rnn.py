@@ -16,9 +16,8 @@ from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space
 
-from .._buffers import empty
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_slots
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer
 from ..reference.rnn import CELLS
 from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
@@ -95,8 +94,7 @@ class _Launcher:
 
     def forward(self, x, R, b, initial, states, h_seq):
         """Runs the forward; returns the pre-activations it saves for the backward."""
-        batch, time, heads, dim, _ = self.shape
-        pre = empty((batch, time, pre_slots(self.cell_name), heads, dim), dtype=torch.float32, device=x.device)
+        pre = pre_buffer(self.cell_name, *self.shape[:4], x.device)
         engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, pre, h_seq,
                                         self.shape + [int(b is not None), int(initial is not None)], self.cell,
                                         self.units, self.grid + [self.shared[0]])

@@ -13,9 +13,8 @@ from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
-from .._buffers import empty
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_slots
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer, pre_slots
 from ..reference.rnn import CELLS
 from ._common import device_reason, dot_precision, dtype_reason, join_reasons
 
@@ -66,18 +65,21 @@ def resident_shared_bytes(gates: int, dim: int, element_bytes: int) -> int:
     compile_check (sm_90, D = 64 and 128, Triton 3.6 and 3.9) a block takes at most 2 bytes per
     weight plus 2 D^2 for half inputs, 8 and 8 D^2 for float32's tf32x3 operands (an LSTM head of
     64: 40 KB in bfloat16, 160 KB in float32; of 128 in bfloat16: 160 KB)."""
-    stacked = 4 if gates > 1 else 1
-    per_weight, extra = (2, 2) if element_bytes <= 2 else (8, 8)
-    return (stacked * per_weight + extra) * next_power_of_two(dim) ** 2
+    per_weight = 2 if element_bytes <= 2 else 8
+    return _stacked_weight_bytes(gates, dim, element_bytes) + per_weight * next_power_of_two(dim) ** 2
 
 
 def recompute_shared_bytes(gates: int, dim: int, element_bytes: int) -> int:
     """With RECOMPUTE (RNNConfig.recompute): the backward multiplies h_{t-1} with the stacked
     weights transposed, which Triton stages as a second copy (compile_check, sm_90: an LSTM head
     of 64 in bfloat16 72 KB; of 128, or of 64 in float32, 288 KB: over an H100's 227)."""
-    stacked = 4 if gates > 1 else 1
-    per_weight = 2 if element_bytes <= 2 else 8
-    return resident_shared_bytes(gates, dim, element_bytes) + stacked * per_weight * next_power_of_two(dim) ** 2
+    return resident_shared_bytes(gates, dim, element_bytes) + _stacked_weight_bytes(gates, dim, element_bytes)
+
+
+def _stacked_weight_bytes(gates: int, dim: int, element_bytes: int) -> int:
+    """One shared copy of the stacked weights (four gates', or one: Elman), 2 bytes a weight for half
+    inputs, 8 for float32's tf32x3 operands."""
+    return (4 if gates > 1 else 1) * (2 if element_bytes <= 2 else 8) * next_power_of_two(dim) ** 2
 
 
 def _kernels():
@@ -104,11 +106,10 @@ class _Launcher:
         self.recompute = self.resident and bool(config.recompute) and (
             limit is None or recompute_shared_bytes(gates, dim, element_bytes) <= limit)
         self.grid = (heads, -(-batch // config.block_b))
-        self.time, self.batch = time, batch
+        self.cell, self.time, self.batch = cell, time, batch
 
-    def _pre(self, x):
-        return empty((self.batch, self.time, self.meta["P"], self.meta["H"], self.meta["D"]), dtype=torch.float32,
-                     device=x.device)
+    def _pre(self, device):
+        return pre_buffer(self.cell, self.batch, self.time, self.meta["H"], self.meta["D"], device)
 
     def _run(self, kernel, args, flags, resident: bool, recompute: bool):
         kernel[self.grid](*args, RESIDENT=resident, RECOMPUTE=recompute, **flags, **self.meta)
@@ -130,14 +131,14 @@ class _Launcher:
 
         flags = {"HAS_BIAS": b is not None, "HAS_INITIAL": initial is not None}
         if self.resident:
-            pre = None if self.recompute else self._pre(x)
+            pre = None if self.recompute else self._pre(x.device)
             try:
                 self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch),
                           flags, True, self.recompute)
                 return pre
             except OutOfResources as error:
                 self._refused(error)
-        pre = self._pre(x)
+        pre = self._pre(x.device)
         self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch), flags,
                   False, False)
         return pre
