@@ -8,10 +8,10 @@ Forward: step by step, the state (NP x BD) in registers with a channel's state e
 thread (channels across lanes; blocks narrower than a warp split them over 32 / BD lanes), so a
 step is elementwise (2^(dt A log2 e) on the MUFU, one FMA into x, <x, C> summed in the thread);
 UNROLL steps unrolled so their loads issue together. The state entering every chunk of BT steps
-is stored (fp32, Dm x N per chunk and sequence) for the backward. SASS at (BD 16, bf16, sm_90):
-about 22 instructions per (step, channel, state element), 34 at BD 8, 13 at BD 32 (N = 8; at
-N = 16 the backward spills there) where a tl.associative_scan over each chunk took 100
-(shuffles and shared memory per element).
+is stored (fp32, N x Dm per chunk and sequence) for the backward. SASS (N 16, bf16, sm_90,
+Triton 3.6 and 3.9 alike): about 31 instructions per (step, channel, state element) at BD 8, 21
+at BD 16, 12 at BD 32, where a tl.associative_scan over each chunk took 100 (shuffles and
+shared memory per element); a quarter of them the softplus (a precise log and exp, per channel).
 Backward: the same layout, walking the chunks backwards; inside a chunk, the states entering
 its sub-blocks of UNROLL (4) steps are recomputed from the stored state into a per-program
 scratch (checkpoints, L2-resident), then each sub-block (last first) recomputes its UNROLL states
@@ -20,13 +20,15 @@ steps backwards with G = dL/dx entering the step (two forward recomputations in 
     g = G + dy C,  du = dt sum_n g B (+ D dy),  ddt = sum_n g (A a x_prev + u B),  G <- a g,
     dA += g a x_prev dt,  dB = sum over channels of g dt u,  dC = sum over channels of dy x
 (dB, dC per step and group, or per channel and state for static B, C: partial sums per channel
-block / sequence, reduced by the caller). SASS at (BD 16, bf16, sm_90): about 76 instructions
-per (step, channel, state element), a fifth of them the shuffles of dB and dC's sums over the
-channels (was 211 with associative scans per n).
+block / sequence, reduced by the caller). SASS (N 16, bf16, sm_90): about 109 instructions per
+(step, channel, state element) at BD 8 and 80 at BD 16 (BD 32 spills), both recomputations
+included, a sixth of them the shuffles of dB and dC's sums over the channels (was 211 with
+associative scans per n).
 Every factor a_t <= 1 for A <= 0: stable for any length and any |A dt|.
-Layouts: u, delta, z, out (B, T, Dm) with any strides; B, C (fp32) static (Dm, N), shared
-(B, T, N) or grouped (B, T, G, N), any strides; a channel block never straddles two groups (BD
-divides Dm / G). Work per step and channel: about 7 N flops and N exponentials; reads u, delta,
+Layouts: u, delta, z, out (B, T, Dm) with any strides; B, C (fp32) shared (B, T, N) or grouped
+(B, T, G, N), any strides, a channel block never straddling two groups (BD divides Dm / G);
+every state-shaped operand contiguous n-major, (N, Dm) per sequence or chunk (_state_offsets):
+A, static B and C, the initial, final and stored states, and their gradients. Work per step and channel: about 7 N flops and N exponentials; reads u, delta,
 z and writes out (4 Dm values per token) plus B, C (2 G N values per token).
 """
 from __future__ import annotations
@@ -56,10 +58,17 @@ def _discretised_dt(delta, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 
 
 @triton.jit
-def _bc_static(M, ch, ch_mask, rn, n_mask, s_d, s_n, opaque_one):
-    """A static B or C, (NP, BD) in fp32 (its Dm stride passed as the t stride)."""
-    return tl.load(M + ch[None, :] * s_d + rn[:, None] * (s_n * opaque_one), mask=n_mask[:, None] & ch_mask[None, :],
-                   other=0.0).to(tl.float32)
+def _state_offsets(ch, rn, row_stride):
+    """Offsets of an (NP, BD) state tile stored n-major, (N, row_stride): channels contiguous.
+
+    Every state-shaped operand (A, static B and C, the stored states, their gradients) is laid out
+    so. Its true contiguity along the channels makes the compiler order them first and put them
+    across lanes, and ``multiple_of(1)`` stops it from vectorising several channels into one
+    thread, so a channel's state elements stay in one thread (the sum over n a register sum) in
+    every Triton version. With the (Dm, N) layout neither dim looked contiguous and the tie went to
+    n with Triton 3.6 (the GPU machine's): state elements across 16 lanes, every channel's dt
+    computed 16 times, four times the instructions a step (SASS, sm_90)."""
+    return tl.multiple_of(rn[:, None] * row_stride + ch[None, :], [1, 1])
 
 
 @triton.jit
@@ -95,27 +104,26 @@ def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C
 
 
 @triton.jit
-def _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
-                   channels_per_group_B, channels_per_group_C, opaque_one, Dm: tl.constexpr, N: tl.constexpr,
+def _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
+                   channels_per_group_B, channels_per_group_C, Dm: tl.constexpr, N: tl.constexpr,
                    NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr, HAS_D: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BD: tl.constexpr):
     """What a program reads once for its BD channels: (channels, their mask, state elements, their
-    mask, offsets and mask of (NP, BD) state tiles in (., Dm, N), A log2 e, static B and C tiles,
-    B / C offsets of the program's batch row and group, D, delta_bias). ``opaque_one``: see
-    scan_fwd_kernel."""
+    mask, offsets and mask of (NP, BD) state tiles in (., N, Dm), A log2 e, static B and C tiles,
+    B / C offsets of the program's batch row and group, D, delta_bias)."""
     ch = i_d * BD + tl.arange(0, BD)
     ch_mask = ch < Dm
     rn = tl.arange(0, NP)
     n_mask = rn < N
-    state_offs = ch[None, :] * N + rn[:, None] * opaque_one
+    state_offs = _state_offsets(ch, rn, Dm)
     state_mask = n_mask[:, None] & ch_mask[None, :]
     A2 = tl.load(A + state_offs, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # e^(dt A) = 2^(dt A2)
     B_static = tl.zeros([NP, BD], tl.float32)
     C_static = tl.zeros([NP, BD], tl.float32)
     if B_MODE == 0:
-        B_static = _bc_static(B, ch, ch_mask, rn, n_mask, s_Bt, s_Bn, opaque_one)
+        B_static = tl.load(B + state_offs, mask=state_mask, other=0.0)
     if C_MODE == 0:
-        C_static = _bc_static(C, ch, ch_mask, rn, n_mask, s_Ct, s_Cn, opaque_one)
+        C_static = tl.load(C + state_offs, mask=state_mask, other=0.0)
     B_base = b * s_Bb + ((i_d * BD) // channels_per_group_B) * s_Bg
     C_base = b * s_Cb + ((i_d * BD) // channels_per_group_C) * s_Cg
     d_weight = tl.zeros([BD], tl.float32)
@@ -133,10 +141,10 @@ def _advance(X, A2, dt, b_u, B_t):
     return tl.exp2(dt[None, :] * A2) * X + (dt * b_u)[None, :] * B_t
 
 
-@triton.jit(do_not_specialize=["opaque_one"])
+@triton.jit
 def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, final_state, cu_seqlens, chunk_offsets,
                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
-                    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C, opaque_one,
+                    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
                     Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PACKED: tl.constexpr,
@@ -144,11 +152,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
     """One sequence and BD channels, step by step: the state X (NP, BD; the state elements of a
     channel in one thread, channels across lanes) in registers, each step's e^(dt A), dt u B and
     <x, C> elementwise, UNROLL steps unrolled (so their loads issue ahead of the recurrence), the
-    state entering each chunk of BT steps stored for the backward.
-    ``opaque_one`` (1, never specialised) multiplies the state element's offset in the (NP, BD)
-    tiles' loads and stores: unable to prove them contiguous along n, the compiler lays those tiles
-    out as wanted, one channel per lane and every state element in its thread, where vectorising
-    along n would split n over lanes (and the sum over n into shuffles every step)."""
+    state entering each chunk of BT steps stored for the backward."""
     i_d, seq = tl.program_id(0), tl.program_id(1)
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     if PACKED:
@@ -156,8 +160,8 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
     else:
         b = seq
     ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias = \
-        _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
-                       channels_per_group_B, channels_per_group_C, opaque_one, Dm, N, NP, B_MODE, C_MODE, HAS_D,
+        _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
+                       channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, HAS_D,
                        HAS_BIAS, BD)
     X = tl.zeros([NP, BD], tl.float32)
     if HAS_INITIAL:
@@ -180,11 +184,11 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
         tl.store(final_state + seq * Dm * N + state_offs, X, mask=state_mask)
 
 
-@triton.jit(do_not_specialize=["opaque_one"])
+@triton.jit
 def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial,
                     du, d_delta, dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, total_rows,
                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
-                    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C, opaque_one,
+                    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
                     Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PACKED: tl.constexpr,
@@ -199,7 +203,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
         dA += g a x_prev dt,  dB = sum_ch g dt u,  dC = sum_ch dy x,  G <- a g.
     du, d_delta, dz are written in the (contiguous, (B or 1, T, Dm)) fp32 buffers; dA, dD,
     d_bias (per sequence, to be summed), dB, dC (per channel block: (Dm / BD, T_total, N) for
-    time-varying B/C, (sequence, Dm, N) for static ones) are partial sums for the caller."""
+    time-varying B/C, (sequence, N, Dm) for static ones) are partial sums for the caller."""
     i_d, seq = tl.program_id(0), tl.program_id(1)
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     if PACKED:
@@ -207,12 +211,12 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
     else:
         b = seq
     ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias = \
-        _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
-                       channels_per_group_B, channels_per_group_C, opaque_one, Dm, N, NP, B_MODE, C_MODE, HAS_D,
+        _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
+                       channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, HAS_D,
                        HAS_BIAS, BD)
     ru = tl.arange(0, UNROLL)
     own = checkpoints + (seq * tl.num_programs(0) + i_d) * (BT // UNROLL) * NP * BD  # this program's checkpoints
-    own_offs = rn[:, None] * BD + tl.arange(0, BD)[None, :] * opaque_one
+    own_offs = _state_offsets(tl.arange(0, BD), rn, BD)
     G = tl.zeros([NP, BD], tl.float32)  # dL / dx entering the step being differentiated
     if HAS_D_FINAL:
         G += tl.load(d_final + seq * Dm * N + state_offs, mask=state_mask, other=0.0)

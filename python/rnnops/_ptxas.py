@@ -18,10 +18,12 @@ class KernelReport:
     threads: int = 0  # per program where the launch is known (Triton: num_warps * 32), else 0
     tensor_cores: str = ""  # tensor_core_path of its PTX where it was read, else ""
     # per iteration of its innermost loop with exponentials (rnnops._sass), where read: instructions,
-    # exponentials (MUFU.EX2, about one per (step, channel, state element) in a scan) and block
-    # barriers (BAR: two per layout conversion through shared memory in a Triton cell's step)
+    # exponentials (MUFU.EX2, about one per (step, channel, state element) in a scan), warp shuffles
+    # (SHFL: sums across lanes) and block barriers (BAR: two per layout conversion through shared
+    # memory in a Triton cell's step)
     loop_instructions: int = 0
     loop_exponentials: int = 0
+    loop_shuffles: int = 0
     loop_barriers: int = 0
 
 

@@ -1,8 +1,9 @@
 """Compile the Triton kernels for a GPU architecture on a machine without one, and read ptxas'
 report per kernel (registers, spills, stack and shared memory), which tensor-core
 instructions it uses (wgmma, mma or none; from its PTX) and, with ``--loops``, the size of its
-innermost loop that evaluates exponentials (SASS instructions, exponentials and block barriers
-per iteration: the scans' per-step work, a Triton cell's step and its layout conversions).
+innermost loop that evaluates exponentials (SASS instructions, exponentials, warp shuffles and
+block barriers per iteration: the scans' per-step work and the sums across their lanes, a Triton
+cell's step and its layout conversions).
 
 Triton's interpreter (the CPU tests) runs any tile shape and any amount of shared memory; the
 compiler does not. This check runs an op's host code with CPU tensors and every kernel launch
@@ -91,8 +92,8 @@ def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
 def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> list[KernelReport]:
     """Compile each distinct specialisation among ``launches`` for compute capability ``arch``
     (80, 90, ...); raises what Triton raises on a compile error. With ``loops``, each report also
-    counts the instructions, exponentials and block barriers of the kernel's innermost loop that
-    evaluates exponentials (its SASS; 0 where it has none)."""
+    counts the instructions, exponentials, shuffles and block barriers of the kernel's innermost
+    loop that evaluates exponentials (its SASS; 0 where it has none)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -124,7 +125,7 @@ def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> 
             with contextlib.suppress(LookupError):
                 loop = innermost_exponential_loop(compiled.asm["cubin"])
                 report = replace(report, loop_instructions=loop.instructions, loop_exponentials=loop.count("MUFU.EX2"),
-                                 loop_barriers=loop.count("BAR"))
+                                 loop_shuffles=loop.count("SHFL"), loop_barriers=loop.count("BAR"))
         reports.append(report)
     return reports
 
@@ -220,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="",
                         help="only the standard calls whose label matches this regular expression")
     parser.add_argument("--loops", action="store_true",
-                        help="also count the instructions, exponentials and block barriers per iteration of "
-                        "each kernel's innermost loop that evaluates exponentials (SASS, through cuobjdump: "
-                        "about a second per kernel; 0/0/0 where none does)")
+                        help="also count the instructions, exponentials, warp shuffles and block barriers per "
+                        "iteration of each kernel's innermost loop that evaluates exponentials (SASS, through "
+                        "cuobjdump: about a second per kernel; 0/0/0/0 where none does)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else (torch.bfloat16, torch.float32)
@@ -235,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # programs per SM by CUDA's occupancy rules, on the named GPU (else an H100 or an A100)
     occupancy_gpu = named(args.gpu or ("A100" if arch < 90 else "H100"))
-    loop_header = f" {'loop / exp / bar':>16}" if args.loops else ""
+    loop_header = f" {'loop / exp / shfl / bar':>23}" if args.loops else ""
     print(f"{'dtype':9} {'case':40} {'kernel':24} {'regs':>4} {'spill st/ld':>12} {'shared':>7} {'mma':>5}{loop_header}  "
           f"per SM on {occupancy_gpu.name}")
     for r in rows:
         spills = f"{r['spill_stores']}/{r['spill_loads']}"
         per_sm, limiter = occupancy_gpu.programs_per_sm(r["threads"], r["registers"], r["shared_bytes"])
-        loop = f" {r['loop_instructions']:>5}/{r['loop_exponentials']:<4}/{r['loop_barriers']:<5}" if args.loops else ""
+        loop = (f" {r['loop_instructions']:>5}/{r['loop_exponentials']:<4}/{r['loop_shuffles']:<5}/{r['loop_barriers']:<5}"
+                if args.loops else "")
         print(f"{r['dtype']:9} {r['case'][:40]:40} {r['name'][:24]:24} {r['registers']:4} {spills:>12} "
               f"{r['shared_bytes']:7} {r['tensor_cores']:>5}{loop}  {per_sm} ({limiter})")
     return 0

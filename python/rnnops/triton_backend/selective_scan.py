@@ -1,7 +1,8 @@
 """Triton selective scan (Mamba-1) and its decoding step: configuration, autograd Function.
 
-Memory: besides the inputs (B and C as fp32 copies when given in half precision), the forward
-saves the state entering every chunk of ``config.chunk`` steps (Dm x N fp32 per chunk and
+Memory: besides the inputs (B and C as fp32 copies when given in half precision; A, static B and
+C and the initial state as n-major copies, the kernels' layout for every state-shaped tile), the
+forward saves the state entering every chunk of ``config.chunk`` steps (N x Dm fp32 per chunk and
 sequence); the backward recomputes the states inside each chunk from it, through a scratch of
 chunk / BACKWARD_UNROLL states per sequence (Dm x N fp32 each), and writes dB, dC as partial
 sums per block of ``block_d`` channels (Dm / block_d x T x N fp32 each when time-varying).
@@ -66,10 +67,11 @@ def _lowest_power_of_two(n: int) -> int:
 
 
 def _bc_layout(M: torch.Tensor, channels: int):
-    """(mode, strides (b, t, g, n), channels per group) of a B or C operand."""
+    """(mode, strides (b, t, g, n), channels per group) of a B or C operand (a static one is read
+    as an n-major state tile: no strides)."""
     kernels = _kernels()
     if M.dim() == 2:
-        return kernels.STATIC, (0, M.stride(0), 0, M.stride(1)), channels
+        return kernels.STATIC, (0, 0, 0, 0), channels
     if M.dim() == 3:
         return kernels.SHARED, (M.stride(0), M.stride(1), 0, M.stride(2)), channels
     return kernels.GROUPED, (M.stride(0), M.stride(1), M.stride(2), M.stride(3)), channels // M.shape[2]
@@ -105,26 +107,38 @@ class _ScanRun:
                 self.B_group, self.C_group)
 
 
+def _n_major(state: torch.Tensor) -> torch.Tensor:
+    """A (..., Dm, N) state-shaped tensor as the kernels read it: fp32, (..., N, Dm) contiguous."""
+    return state.float().transpose(-1, -2).contiguous()
+
+
+def _from_n_major(state: torch.Tensor) -> torch.Tensor:
+    """A kernel's (..., N, Dm) state-shaped output in the API's (..., Dm, N) layout (contiguous)."""
+    return state.transpose(-1, -2).contiguous()
+
+
 class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, cu_seqlens, output_final_state,
                 config):
-        B_, C_ = B.float(), C.float()  # read by every channel at every step: converted once here
+        # read by every channel at every step: converted once here
+        B_, C_ = (_n_major(M) if M.dim() == 2 else M.float() for M in (B, C))
         run = _ScanRun(u, A, B_, C_, cu_seqlens, config)
-        A_, D_, bias_ = (None if x is None else x.contiguous() for x in (A, D, delta_bias))
-        state0 = None if initial_state is None else initial_state.float().contiguous()
+        A_ = _n_major(A)
+        D_, bias_ = (None if x is None else x.contiguous() for x in (D, delta_bias))
+        state0 = None if initial_state is None else _n_major(initial_state)
         out = empty(u.shape, dtype=u.dtype, device=u.device)
         lay = run.layout
-        h = empty((lay.programs, run.Dm, run.N), dtype=torch.float32, device=u.device)
-        final = empty((lay.sequences, run.Dm, run.N), dtype=torch.float32, device=u.device) if output_final_state else None
+        h = empty((lay.programs, run.N, run.Dm), dtype=torch.float32, device=u.device)
+        final = empty((lay.sequences, run.N, run.Dm), dtype=torch.float32, device=u.device) if output_final_state else None
         _kernels().scan_fwd_kernel[run.grid](
             u, delta, A_, B_, C_, D_, z, bias_, out, h, state0, final, lay.cu_seqlens, lay.chunk_offsets,
-            *run.strides(u, delta, z, out), 1, HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
+            *run.strides(u, delta, z, out), HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
             **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
         ctx.save_for_backward(u, delta, A_, B_, C_, D_, z, bias_, h, state0)
         ctx.run, ctx.softplus = run, softplus
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-        return out, final
+        return out, None if final is None else _from_n_major(final)
 
     @staticmethod
     def backward(ctx, d_out, d_final):
@@ -135,7 +149,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         rows = run.batch * run.T
         du, d_delta = empty((rows, run.Dm), **f32), empty((rows, run.Dm), **f32)
         dz = empty((rows, run.Dm), **f32) if z is not None else None
-        per_sequence = (lay.sequences, run.Dm, run.N)
+        per_sequence = (lay.sequences, run.N, run.Dm)
         dA = empty(per_sequence, **f32)
         channel_blocks = run.grid[0]
         dB = empty(per_sequence if run.B_mode == 0 else (channel_blocks, rows, run.N), **f32)
@@ -148,22 +162,23 @@ class SelectiveScanFunction(torch.autograd.Function):
         checkpoints = empty((channel_blocks * lay.sequences * sub_blocks, next_power_of_two(run.N), run.BD), **f32)
         _kernels().scan_bwd_kernel[run.grid](
             u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints,
-            None if d_final is None else d_final.float().contiguous(), d_initial, du, d_delta, dz, dA, dB, dC, dD,
-            d_bias, lay.cu_seqlens, lay.chunk_offsets, rows, *run.strides(u, delta, z, d_out), 1,
+            None if d_final is None else _n_major(d_final), d_initial, du, d_delta, dz, dA, dB, dC, dD,
+            d_bias, lay.cu_seqlens, lay.chunk_offsets, rows, *run.strides(u, delta, z, d_out),
             HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
             **run.constants(D, z, delta_bias, ctx.softplus), **run.backward_launch)
         shape = (run.batch, run.T, run.Dm)
-        grads = [du.view(shape), d_delta.view(shape), dA.sum(0), _reduce_bc(dB, B, run), _reduce_bc(dC, C, run),
-                 None if dD is None else dD.sum(0), None if dz is None else dz.view(shape),
-                 None if d_bias is None else d_bias.sum(0), d_initial]
+        grads = [du.view(shape), d_delta.view(shape), _from_n_major(dA.sum(0)), _reduce_bc(dB, B, run),
+                 _reduce_bc(dC, C, run), None if dD is None else dD.sum(0), None if dz is None else dz.view(shape),
+                 None if d_bias is None else d_bias.sum(0), None if d_initial is None else _from_n_major(d_initial)]
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*grads[:8], None, grads[8], None, None, None)
 
 
 def _reduce_bc(partial: torch.Tensor, M: torch.Tensor, run: _ScanRun) -> torch.Tensor:
-    """Sum the per-block (or per-sequence) partial gradient of B or C into M's shape."""
+    """Sum the per-block (or per-sequence, n-major for a static M) partial gradient of B or C into
+    M's shape."""
     if M.dim() == 2:
-        return partial.sum(0)
+        return _from_n_major(partial.sum(0))
     if M.dim() == 3:
         return partial.sum(0).view(M.shape)
     groups = M.shape[2]
