@@ -152,6 +152,17 @@ def _linear_penalty(config, shape):
     return _tile(config["block_k"]) * _tile(config["block_v"]) * recompute
 
 
+def _scan_penalty(config, shape):
+    """The Triton scan: states stored per chunk; lanes per channel (a narrower block splits a
+    channel's state elements over lanes: more instructions per element) in the backward, which
+    issues about four fifths of the instructions, and in the forward, whose one-warp programs
+    leave an H100's 528 schedulers idle below about two each (the model's programs and threads
+    are the backward's)."""
+    forward_programs = shape["B"] * math.ceil(shape["Dm"] / config["forward_block_d"])
+    forward = (1.0 + 8.0 / config["forward_block_d"]) * max(1.0, 1024 / forward_programs)
+    return (1.0 + 8.0 / config["chunk"]) * (0.8 * (1.0 + 8.0 / config["block_d"]) + 0.2 * forward)
+
+
 TUNABLES = [
     Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
             lambda c: 32 * c["num_warps"], _linear_penalty,
@@ -163,7 +174,7 @@ TUNABLES = [
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * max(1, c["block_d"] // 32),
-            lambda c, s: (1.0 + 8.0 / c["chunk"]) * (1.0 + 8.0 / c["block_d"])),  # stored states; lanes per channel
+            _scan_penalty),
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],

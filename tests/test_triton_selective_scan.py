@@ -68,10 +68,12 @@ def test_float16_activations():
     compare_backends(scan, make_inputs(dtype=torch.float16), 2e-3, test="triton")
 
 
-@pytest.mark.parametrize("config", [triton_scan.SelectiveScanConfig(chunk=16, block_d=4),
-                                    triton_scan.SelectiveScanConfig(chunk=128, block_d=8)], ids=["chunk16", "chunk128"])
+@pytest.mark.parametrize("config", [triton_scan.SelectiveScanConfig(chunk=16, block_d=4, forward_block_d=16),
+                                    triton_scan.SelectiveScanConfig(chunk=128, block_d=8, forward_block_d=4)],
+                         ids=["chunk16", "chunk128"])
 def test_other_configs(config):
-    """Chunks of two forward unrolls and of many backward sub-blocks, one partial."""
+    """Chunks of two forward unrolls and of many backward sub-blocks, one partial; the forward's
+    channel blocks wider and narrower than the backward's."""
     def run(backend, **x):
         if backend != "triton":
             return scan(backend, **x)
@@ -80,7 +82,7 @@ def test_other_configs(config):
                                           True, initial_state=initial, output_final_state=True, cu_seqlens=None,
                                           config=config)
 
-    compare_backends(run, make_inputs(T=37, Dm=8, layout_C="shared"), 1e-5, test="triton")
+    compare_backends(run, make_inputs(T=37, Dm=16, layout_C="shared"), 1e-5, test="triton")
 
 
 @pytest.mark.parametrize("layout", ["shared", "grouped"])

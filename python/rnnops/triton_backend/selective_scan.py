@@ -25,11 +25,16 @@ from .recurrent_step import supports as step_supports
 
 @dataclass(frozen=True)
 class SelectiveScanConfig:
+    """Each kernel's channels per program are capped by the group size of grouped B / C; one warp
+    per 32 channels, and a narrower block splits each channel's state elements over 32 / block
+    lanes (more programs, more instructions per element: SASS at N 16, about 31 / 21 / 12 a step,
+    channel and state element forward at 8 / 16 / 32 channels, 109 / 80 backward, where 32
+    spills). No num_stages: the loops have nothing for Triton's pipeliner (1 and 2 compiled the
+    same)."""
+
     chunk: int = 32  # time steps between stored states (the backward recomputes inside a chunk)
-    # channels per program (capped by the group size of grouped B / C), one warp per 32 channels;
-    # a narrower block splits each channel's state elements over 32 / block_d lanes
-    block_d: int = 16
-    # no num_stages: the kernels' loops have nothing for Triton's pipeliner (1 and 2 compiled the same)
+    block_d: int = 16  # channels per backward program
+    forward_block_d: int = 16  # channels per forward program (the forward holds far fewer tiles)
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -38,16 +43,23 @@ BACKWARD_UNROLL = 4  # steps per backward sub-block: their states live in regist
 
 
 def space(Dm: int, N: int, hardware) -> Space:
+    def per_thread(block: int) -> int:
+        """fp32 values per thread in one N x block state tile (one warp per 32 channels)."""
+        return next_power_of_two(N) * min(block, hardware.warp_size) // hardware.warp_size
+
     return Space(
-        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128)},
+        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "forward_block_d": powers_of_two(8, 128)},
         (
             Constraint("block_d <= Dm rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(Dm)),
-            Constraint("the backward's state tiles (BACKWARD_UNROLL + 6 of N x block_d fp32 over one warp per 32 "
-                       "channels) fit in 128 registers per thread (calibrated with rnnops.triton_backend."
-                       "compile_check, N = 16: block_d 16 compiles to 255 registers without spills, 32 spills)",
-                       ("block_d",),
-                       lambda bd: next_power_of_two(N) * bd * (BACKWARD_UNROLL + 6) <= 128 * hardware.warp_size
-                       * max(1, bd // hardware.warp_size)),
+            Constraint("forward_block_d <= Dm rounded up to a power of two", ("forward_block_d",),
+                       lambda bd: bd <= next_power_of_two(Dm)),
+            Constraint("the forward's state tiles (about 6 of N x forward_block_d fp32 with the unrolled steps' "
+                       "operands; calibrated with compile_check: 96 registers at N = 16, 32 channels) fit in "
+                       "255 registers per thread", ("forward_block_d",), lambda bd: 6 * per_thread(bd) <= 255),
+            Constraint("the backward's state tiles (BACKWARD_UNROLL + 6 of N x block_d fp32) fit in 128 "
+                       "registers per thread (calibrated with rnnops.triton_backend.compile_check, N = 16: block_d "
+                       "16 compiles to 255 registers without spills, 32 spills)",
+                       ("block_d",), lambda bd: (BACKWARD_UNROLL + 6) * per_thread(bd) <= 128),
         ),
     )
 
@@ -83,23 +95,27 @@ class _ScanRun:
         self.N = A.shape[1]
         self.B_mode, self.B_strides, self.B_group = _bc_layout(B, self.Dm)
         self.C_mode, self.C_strides, self.C_group = _bc_layout(C, self.Dm)
-        self.BD = min(config.block_d, next_power_of_two(self.Dm), _lowest_power_of_two(self.B_group),
-                      _lowest_power_of_two(self.C_group))
         self.layout = ChunkLayout.build(self.batch, self.T, config.chunk, cu_seqlens, u.device)
         self.packed = cu_seqlens is not None
         self.config = config
-        self.grid = (-(-self.Dm // self.BD), self.layout.sequences)
-        # one warp per 32 channels (narrower blocks split a channel's state elements over 32 / BD
-        # lanes), UNROLL steps unrolled
-        warps = {"num_warps": max(1, self.BD // 32), "num_stages": 1}
-        self.forward_launch = dict(warps, UNROLL=min(FORWARD_UNROLL, config.chunk))
-        self.backward_launch = dict(warps, UNROLL=min(BACKWARD_UNROLL, config.chunk))
+        self.forward_grid, self.forward_launch = self._launch(config.forward_block_d, FORWARD_UNROLL)
+        self.backward_grid, self.backward_launch = self._launch(config.block_d, BACKWARD_UNROLL)
+
+    def _launch(self, block_d: int, unroll: int) -> tuple[tuple[int, int], dict]:
+        """(grid, launch options) of a kernel with ``block_d`` channels per program (capped by the
+        channel count and the B / C groups): one warp per 32 channels (narrower blocks split a
+        channel's state elements over 32 / BD lanes), UNROLL steps unrolled."""
+        BD = min(block_d, next_power_of_two(self.Dm), _lowest_power_of_two(self.B_group),
+                 _lowest_power_of_two(self.C_group))
+        grid = (-(-self.Dm // BD), self.layout.sequences)
+        return grid, {"BD": BD, "UNROLL": min(unroll, self.config.chunk), "num_warps": max(1, BD // 32),
+                      "num_stages": 1}
 
     def constants(self, D, z, delta_bias, softplus):
         return {"Dm": self.Dm, "N": self.N, "NP": next_power_of_two(self.N), "B_MODE": self.B_mode,
                 "C_MODE": self.C_mode, "HAS_D": D is not None, "HAS_Z": z is not None,
                 "HAS_BIAS": delta_bias is not None, "SOFTPLUS": softplus, "PACKED": self.packed,
-                "BT": self.config.chunk, "BD": self.BD}
+                "BT": self.config.chunk}
 
     def strides(self, u, delta, z, out):
         zs = z.stride() if z is not None else (0, 0, 0)
@@ -131,7 +147,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         lay = run.layout
         h = empty((lay.programs, run.N, run.Dm), dtype=torch.float32, device=u.device)
         final = empty((lay.sequences, run.N, run.Dm), dtype=torch.float32, device=u.device) if output_final_state else None
-        _kernels().scan_fwd_kernel[run.grid](
+        _kernels().scan_fwd_kernel[run.forward_grid](
             u, delta, A_, B_, C_, D_, z, bias_, out, h, state0, final, lay.cu_seqlens, lay.chunk_offsets,
             *run.strides(u, delta, z, out), HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
             **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
@@ -151,7 +167,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         dz = empty((rows, run.Dm), **f32) if z is not None else None
         per_sequence = (lay.sequences, run.N, run.Dm)
         dA = empty(per_sequence, **f32)
-        channel_blocks = run.grid[0]
+        channel_blocks = run.backward_grid[0]
         dB = empty(per_sequence if run.B_mode == 0 else (channel_blocks, rows, run.N), **f32)
         dC = empty(per_sequence if run.C_mode == 0 else (channel_blocks, rows, run.N), **f32)
         dD = empty((lay.sequences, run.Dm), **f32) if D is not None else None
@@ -159,8 +175,9 @@ class SelectiveScanFunction(torch.autograd.Function):
         d_initial = empty(per_sequence, **f32) if state0 is not None else None
         d_out = d_out if d_out.stride() == u.stride() else d_out.contiguous()
         sub_blocks = run.config.chunk // run.backward_launch["UNROLL"]
-        checkpoints = empty((channel_blocks * lay.sequences * sub_blocks, next_power_of_two(run.N), run.BD), **f32)
-        _kernels().scan_bwd_kernel[run.grid](
+        checkpoints = empty((channel_blocks * lay.sequences * sub_blocks, next_power_of_two(run.N),
+                             run.backward_launch["BD"]), **f32)
+        _kernels().scan_bwd_kernel[run.backward_grid](
             u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints,
             None if d_final is None else _n_major(d_final), d_initial, du, d_delta, dz, dA, dB, dC, dD,
             d_bias, lay.cu_seqlens, lay.chunk_offsets, rows, *run.strides(u, delta, z, d_out),
