@@ -8,7 +8,8 @@ powers of two of the sizes that set the grid.
 
 The cost model ranks legal configurations before any is measured: the op's roofline floor
 (bytes and flops, rnnops.bench.roofline) times a wave-quantisation factor (programs over
-resident slots, rounded up) and a penalty for tiles that waste lanes or registers. It only has
+resident slots, rounded up; slots by threads, blocks and, where the kernel states them,
+registers) and a penalty for tiles that waste lanes or registers. It only has
 to put the winner among the few configurations the tuner measures.
 """
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Tunable:
     # model cannot rank them and they shape only kernels that rarely spill, so free they would fill
     # the screened few with copies of one tile shape (measuring on a GPU still varies them)
     screen_at_default: tuple[str, ...] = ()
+    # registers per thread where known to bound the programs an SM holds (ptxas' count through
+    # compile_check), else 0: the model then counts threads and blocks only
+    registers: int = 0
 
     @property
     def name(self) -> str:
@@ -112,7 +116,7 @@ class Tunable:
         """Estimated seconds of forward + backward (``floor``: :meth:`floor`, where already known)."""
         floor = self.floor(shape, dtype, hardware) if floor is None else floor
         threads = self.threads(config)
-        per_sm = max(1, min(hardware.max_threads_per_sm // threads, hardware.max_blocks_per_sm))
+        per_sm = max(1, hardware.programs_per_sm(threads, self.registers, 0)[0])
         programs = self.programs(config, shape)
         waves = math.ceil(programs / (hardware.sm_count * per_sm))
         utilisation = programs / (waves * hardware.sm_count * per_sm)
@@ -174,7 +178,7 @@ TUNABLES = [
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * max(1, c["block_d"] // 32),
-            _scan_penalty),
+            _scan_penalty, registers=255),  # the backward's, N 16 and 8-32 channels (Triton 3.6 and 3.9)
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],

@@ -95,15 +95,15 @@ PY
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 4}' '{"recompute": 1}' '{"units": 64}' \
       '{"units": 32}'
-    # the selective scan on the H100: the Triton scan's 16 channels x 32-step chunks (1.14x over
-    # 8 x 128 on the H200, where it ships; measured before its n-major state tiles, which cut
-    # the instructions per element most at wide blocks), its forward at 32 and 8 channels a
-    # program (ships 16: the cost model's guess), and the CUDA scan's 4 warps (1.10x on the H200;
-    # 2 warps measured 1.03x on the H100)
+    # the selective scan on the H100: the Triton scan ships 16 channels x 32-step chunks since
+    # 2026-11-26 (1.14x over 8 x 128 on the H200; measured before its n-major state tiles, which
+    # cut the instructions per element most at wide blocks): against the former 8 x 128, 128-step
+    # chunks (the cost model's pick), its forward at 32 and 8 channels a program (ships 16: the
+    # cost model's guess); and the CUDA scan's 4 warps (1.10x on the H200; 2 warps 1.03x on the H100)
     left=$(seconds_until 575)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 16, "chunk": 32}' '{"forward_block_d": 32}' \
-      '{"forward_block_d": 8}' '{"warps": 4}'
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 8, "chunk": 128}' '{"chunk": 128}' \
+      '{"forward_block_d": 32}' '{"forward_block_d": 8}' '{"warps": 4}'
   fi
 } 2>&1 | tee "$LOG"
 
