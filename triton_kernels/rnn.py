@@ -140,6 +140,14 @@ def _gate_input(x_g, bias, g, ru, H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIA
 
 
 @triton.jit
+def _gru_n_pre(x_n, rec_n, p_r, bias, ru, H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr):
+    """GRU's new-gate pre-activation x_n + r (R_n h + b_n), and R_n h + b_n, from rec_n = R_n h."""
+    if HAS_BIAS:
+        rec_n += _bias(bias, 2, ru, H, D, i_h)
+    return x_n.to(tl.float32) + tl.sigmoid(p_r) * rec_n, rec_n
+
+
+@triton.jit
 def _gate_pre(x_g, bias, R, states, initial, g, t, rb, bmask, ru, umask, mask, T, B, G: tl.constexpr, S: tl.constexpr,
               H: tl.constexpr, D: tl.constexpr, i_h, HAS_BIAS: tl.constexpr, HAS_INITIAL: tl.constexpr,
               DTYPE: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BKD: tl.constexpr,
@@ -236,10 +244,7 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
                                 HAS_BIAS, HAS_INITIAL, DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w1, h_r)
                 rec_n = _recurrent(R, states, initial, 2, t, rb, bmask, ru, umask, T, B, S, H, D, i_h, HAS_INITIAL,
                                    DTYPE, PRECISION, BB, BD, BKD, RESIDENT, w2, h_r)
-                if HAS_BIAS:
-                    rec_n += _bias(bias, 2, ru, H, D, i_h)
-                reset = tl.sigmoid(p_r)
-                p_n = x2.to(tl.float32) + reset * rec_n
+                p_n, rec_n = _gru_n_pre(x2, rec_n, p_r, bias, ru, H, D, i_h, HAS_BIAS)
                 update = tl.sigmoid(p_z)
                 h_prev = _state_in(states, initial, 0, t, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL, RESIDENT, h_r)
                 candidate = 2.0 * tl.sigmoid(2.0 * p_n) - 1.0
@@ -341,11 +346,8 @@ def _saved_pre(pre, x, bias, h_seq, initial, w_all, t, rb, ru, mask, T, B, CELL:
         x0, x1, x2, x3 = _x_steps(x, t, rb, ru, mask, T, G, H, D, i_h)
         p0 = _gate_input(x0, bias, 0, ru, H, D, i_h, HAS_BIAS) + r0
         p1 = _gate_input(x1, bias, 1, ru, H, D, i_h, HAS_BIAS) + r1
-        if CELL == 1:  # GRU: n = x_n + r (R_n h + b_n)
-            p3 = r2
-            if HAS_BIAS:
-                p3 += _bias(bias, 2, ru, H, D, i_h)
-            p2 = x2.to(tl.float32) + tl.sigmoid(p0) * p3
+        if CELL == 1:  # GRU: slots n and R_n h + b_n
+            p2, p3 = _gru_n_pre(x2, r2, p0, bias, ru, H, D, i_h, HAS_BIAS)
         else:
             p2 = _gate_input(x2, bias, 2, ru, H, D, i_h, HAS_BIAS) + r2
             p3 = _gate_input(x3, bias, 3, ru, H, D, i_h, HAS_BIAS) + r3
