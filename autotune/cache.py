@@ -68,7 +68,7 @@ def bucket_prefix(bucket_or_key: str) -> str:
 
 
 def bucket_size(bucket_or_key: str) -> int | None:
-    """The size a bucket ends with (tokens, rows or batch, a power of two); None for a key
+    """The size a bucket ends with (tokens or batch, a power of two); None for a key
     without one (a foreign entry)."""
     size = bucket_or_key.rpartition("~")[2]
     return int(size) if size.isdigit() else None

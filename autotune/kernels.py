@@ -55,9 +55,8 @@ def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
         variant = shape.get("gate", "gated" if shape.get("gated") else "plain")
         tokens = shape["B"] * shape["T"] * shape["H"] * shape.get("num_householder", 1)
         return f"{d}:K{shape['K']}:V{shape['V']}:{variant}:tokens~{next_power_of_two(tokens)}"
-    if op == "selective_scan":
-        rows = shape["B"] * shape["T"]
-        return f"{d}:N{shape['N']}:Dm~{next_power_of_two(shape['Dm'])}:rows~{next_power_of_two(rows)}"
+    if op == "selective_scan":  # the batch sets the grid (the length only how long each program walks)
+        return f"{d}:N{shape['N']}:Dm~{next_power_of_two(shape['Dm'])}:B~{next_power_of_two(shape['B'])}"
     if op == "rnn":
         return f"{d}:{shape['cell']}:H{shape['H']}:D{shape['D']}:B~{next_power_of_two(shape['B'])}"
     raise ValueError(f"no buckets for op {op!r}")
@@ -161,9 +160,10 @@ def _scan_penalty(config, shape):
     channel's state elements over lanes: more instructions per element) in the backward, which
     issues about four fifths of the instructions, and in the forward, whose one-warp programs
     leave an H100's 528 schedulers idle below about two each (the model's programs and threads
-    are the backward's)."""
-    forward_programs = shape["B"] * math.ceil(shape["Dm"] / config["forward_block_d"])
-    forward = (1.0 + 8.0 / config["forward_block_d"]) * max(1.0, 1024 / forward_programs)
+    are the backward's); forward segments multiply its programs for 1.6x its instructions."""
+    segments = min(config.get("segments", 1), math.ceil(shape["T"] / config["chunk"]))
+    forward_programs = shape["B"] * math.ceil(shape["Dm"] / config["forward_block_d"]) * segments
+    forward = (1.0 + 8.0 / config["forward_block_d"]) * max(1.0, 1024 / forward_programs) * (1.6 if segments > 1 else 1)
     return (1.0 + 8.0 / config["chunk"]) * (0.8 * (1.0 + 8.0 / config["block_d"]) + 0.2 * forward)
 
 

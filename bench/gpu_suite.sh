@@ -100,10 +100,16 @@ PY
     # cut the instructions per element most at wide blocks): against the former 8 x 128, 128-step
     # chunks (the cost model's pick), its forward at 32 and 8 channels a program (ships 16: the
     # cost model's guess); and the CUDA scan's 4 warps (1.10x on the H200; 2 warps 1.03x on the H100)
-    left=$(seconds_until 575)
+    left=$(seconds_until 560)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
       --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 8, "chunk": 128}' '{"chunk": 128}' \
       '{"forward_block_d": 32}' '{"forward_block_d": 8}' '{"warps": 4}'
+    # a prompt's prefill (B = 1): the Triton scan's forward in 8 segments (shipped, the cost model's
+    # pick: 128 one-warp programs per segment pass) against one (timed forward+backward, so the
+    # unchanged backward dilutes the forward's gain)
+    left=$(seconds_until 590)
+    [ "$left" -gt 25 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
+      --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"segments": 1}'
   fi
 } 2>&1 | tee "$LOG"
 

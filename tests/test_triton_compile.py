@@ -142,6 +142,26 @@ def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores(
     assert max(stacks.values()) < 4096, stacks
 
 
+def test_scan_forward_in_segments_compiles_without_spills():
+    """The forward's segment passes (a segment's end from zero, the walk over segments, the
+    outputs from their entering states), which the standard calls' single-segment shipped
+    configurations never launch."""
+    script = (
+        "import json, torch\n"
+        "from dataclasses import asdict\n"
+        "from rnnops.triton_backend.compile_check import config_reports\n"
+        "config = {'block_d': 16, 'chunk': 32, 'forward_block_d': 16, 'segments': 4}\n"
+        "rows = config_reports('selective_scan', {'Dm': 2048, 'N': 16}, torch.bfloat16, config, 90)\n"
+        "print(json.dumps([asdict(r) for r in rows]))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV, check=False,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(result.stdout)
+    names = [row["name"] for row in rows]
+    assert names.count("scan_fwd_kernel") == 2 and "scan_segment_states_kernel" in names, names
+    assert not [row for row in rows if max(row["spill_stores"], row["spill_loads"]) > SPILL_TOLERANCE], rows
+
+
 def test_autotune_explain_shows_what_ptxas_reports():
     result = subprocess.run([sys.executable, "-m", "rnnops", "autotune", "--explain", "selective_scan",
                              "B=8,T=2048,Dm=2048,N=16", "--gpu", "H100", "--compile-check"],

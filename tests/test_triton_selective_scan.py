@@ -56,6 +56,16 @@ def test_varlen():
     compare_backends(lambda backend, **kw: scan(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
 
 
+def test_varlen_forward_in_segments(monkeypatch):
+    """Packed sequences of 2, 0, 3, 1 and 3 chunks of 4 steps, each split into 3 segments (some
+    empty) walked in parallel, with initial and final states and a static B."""
+    monkeypatch.setattr(triton_scan, "DEFAULT_CONFIG", triton_scan.SelectiveScanConfig(chunk=4, segments=3))
+    offsets = torch.tensor([0, 5, 5, 17, 18, 30])
+    x = make_inputs(B=1, T=30, initial=False, layout_B="static")
+    x["initial_state"] = torch.randn(5, 6, 4)
+    compare_backends(lambda backend, **kw: scan(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
+
+
 def test_mamba_layout_strides_without_copies():
     x = make_inputs(layout_B="static", layout_C="static")
     strided = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
@@ -69,11 +79,14 @@ def test_float16_activations():
 
 
 @pytest.mark.parametrize("config", [triton_scan.SelectiveScanConfig(chunk=16, block_d=4, forward_block_d=16),
-                                    triton_scan.SelectiveScanConfig(chunk=128, block_d=8, forward_block_d=4)],
-                         ids=["chunk16", "chunk128"])
+                                    triton_scan.SelectiveScanConfig(chunk=128, block_d=8, forward_block_d=4),
+                                    triton_scan.SelectiveScanConfig(chunk=16, segments=2),
+                                    triton_scan.SelectiveScanConfig(chunk=16, segments=16)],
+                         ids=["chunk16", "chunk128", "segments2", "segments16"])
 def test_other_configs(config):
     """Chunks of two forward unrolls and of many backward sub-blocks, one partial; the forward's
-    channel blocks wider and narrower than the backward's."""
+    channel blocks wider and narrower than the backward's; sequences of 3 chunks split into
+    segments of 2 and 1 chunks, and into one segment per chunk (16 capped at 3)."""
     def run(backend, **x):
         if backend != "triton":
             return scan(backend, **x)

@@ -3,7 +3,11 @@
 Per channel d and state element n (x: the state, dt = softplus(delta + delta_bias) or not):
     x_t = a_t x_{t-1} + b_t,   a_t = e^(dt_t A_dn),   b_t = dt_t u_t B_tn
     y_t = sum_n x_tn C_tn + D_d u_t;   out_t = y_t * silu(z_t)   (z optional)
-Grid (Dm / BD, sequences): one program walks one sequence for BD channels.
+Grid (Dm / BD, sequences): one program walks one sequence for BD channels; the forward may split
+each sequence into SEGMENTS runs of chunks (grid (Dm / BD, sequences x SEGMENTS)): a LOCAL pass
+walks each from a zero state to its end state and sum of dt, scan_segment_states_kernel composes
+them in order (a segment maps x to 2^(A2 sum dt) x + its local end) into the state entering each,
+and the OUTPUTS pass walks each again from that state: about 1.6x the single pass's work.
 Forward: step by step, the state (NP x BD) in registers with a channel's state elements in one
 thread (channels across lanes; blocks narrower than a warp split them over 32 / BD lanes), so a
 step is elementwise (2^(dt A log2 e) on the MUFU, one FMA into x, <x, C> summed in the thread);
@@ -39,6 +43,8 @@ import triton.language as tl
 from ._packed import sequence_span
 
 STATIC, SHARED, GROUPED = 0, 1, 2
+# scan_fwd_kernel's PASS (the kernel compares the values): outputs from the entering state; a segment's end from zero
+OUTPUTS, LOCAL = 0, 1
 
 
 @triton.jit
@@ -104,6 +110,33 @@ def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C
 
 
 @triton.jit
+def _decay_tile(A, i_d, Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
+    """A program's BD channels: (channels, their mask, state elements, their mask, offsets and
+    mask of (NP, BD) state tiles in (., N, Dm), A log2 e: e^(dt A) = 2^(dt A2))."""
+    ch = i_d * BD + tl.arange(0, BD)
+    ch_mask = ch < Dm
+    rn = tl.arange(0, NP)
+    n_mask = rn < N
+    state_offs = _state_offsets(ch, rn, Dm)
+    state_mask = n_mask[:, None] & ch_mask[None, :]
+    A2 = tl.load(A + state_offs, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    return ch, ch_mask, rn, n_mask, state_offs, state_mask, A2
+
+
+@triton.jit
+def _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS: tl.constexpr):
+    """Where forward program ``pid`` works: (sequence, first row, exclusive end row, the
+    sequence's first global chunk, the segment's first chunk in the sequence, its chunk count):
+    segment pid % SEGMENTS of sequence pid // SEGMENTS, ceil(chunks / SEGMENTS) chunks each (the
+    last ones shorter or empty)."""
+    seq = pid // SEGMENTS
+    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
+    per = tl.cdiv(chunks, SEGMENTS)
+    c0 = (pid % SEGMENTS) * per
+    return seq, bos, eos, first, c0, tl.minimum(tl.maximum(chunks - c0, 0), per)
+
+
+@triton.jit
 def _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
                    channels_per_group_B, channels_per_group_C, Dm: tl.constexpr, N: tl.constexpr,
                    NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr, HAS_D: tl.constexpr,
@@ -111,13 +144,7 @@ def _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
     """What a program reads once for its BD channels: (channels, their mask, state elements, their
     mask, offsets and mask of (NP, BD) state tiles in (., N, Dm), A log2 e, static B and C tiles,
     B / C offsets of the program's batch row and group, D, delta_bias)."""
-    ch = i_d * BD + tl.arange(0, BD)
-    ch_mask = ch < Dm
-    rn = tl.arange(0, NP)
-    n_mask = rn < N
-    state_offs = _state_offsets(ch, rn, Dm)
-    state_mask = n_mask[:, None] & ch_mask[None, :]
-    A2 = tl.load(A + state_offs, mask=state_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # e^(dt A) = 2^(dt A2)
+    ch, ch_mask, rn, n_mask, state_offs, state_mask, A2 = _decay_tile(A, i_d, Dm, N, NP, BD)
     B_static = tl.zeros([NP, BD], tl.float32)
     C_static = tl.zeros([NP, BD], tl.float32)
     if B_MODE == 0:
@@ -142,19 +169,25 @@ def _advance(X, A2, dt, b_u, B_t):
 
 
 @triton.jit
-def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, final_state, cu_seqlens, chunk_offsets,
-                    s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
+def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, final_state, segment_states, dt_sums,
+                    cu_seqlens, chunk_offsets, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
                     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
                     Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PACKED: tl.constexpr,
-                    BT: tl.constexpr, BD: tl.constexpr, UNROLL: tl.constexpr):
-    """One sequence and BD channels, step by step: the state X (NP, BD; the state elements of a
-    channel in one thread, channels across lanes) in registers, each step's e^(dt A), dt u B and
-    <x, C> elementwise, UNROLL steps unrolled (so their loads issue ahead of the recurrence), the
-    state entering each chunk of BT steps stored for the backward."""
-    i_d, seq = tl.program_id(0), tl.program_id(1)
-    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
+                    SEGMENTS: tl.constexpr, PASS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                    UNROLL: tl.constexpr):
+    """One segment (_segment: the whole sequence where SEGMENTS = 1) and BD channels, step by step:
+    the state X (NP, BD; the state elements of a channel in one thread, channels across lanes) in
+    registers, each step's e^(dt A), dt u B and <x, C> elementwise, UNROLL steps unrolled (so
+    their loads issue ahead of the recurrence).
+    PASS OUTPUTS: from the state entering the segment (the initial state, or with SEGMENTS > 1
+    ``segment_states``), writes out and the state entering each chunk of BT steps (for the
+    backward), and (SEGMENTS = 1) the final state. PASS LOCAL: from a zero state, writes only the
+    segment's end state to ``segment_states`` and its channels' sum of dt to ``dt_sums``, for
+    scan_segment_states_kernel."""
+    i_d, pid = tl.program_id(0), tl.program_id(1)
+    seq, bos, eos, first, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS)
     if PACKED:
         b = 0
     else:
@@ -164,10 +197,16 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
                        channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, HAS_D,
                        HAS_BIAS, BD)
     X = tl.zeros([NP, BD], tl.float32)
-    if HAS_INITIAL:
-        X += tl.load(initial_state + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
-    for c in range(chunks):
-        tl.store(h + (first + c) * Dm * N + state_offs, X, mask=state_mask)
+    dt_sum = tl.zeros([BD], tl.float32)
+    if PASS == 0:  # OUTPUTS
+        if SEGMENTS > 1:
+            X += tl.load(segment_states + pid * N * Dm + state_offs, mask=state_mask, other=0.0)
+        elif HAS_INITIAL:
+            X += tl.load(initial_state + seq * N * Dm + state_offs, mask=state_mask, other=0.0)
+    for k in range(chunks):
+        c = c0 + k
+        if PASS == 0:
+            tl.store(h + (first + c) * N * Dm + state_offs, X, mask=state_mask)
         for j in range(tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)):  # the sequence's last chunk: its live part
             for i in tl.static_range(UNROLL):
                 b_row, mask, dt, _, b_u, B_t, C_t = _step_inputs(
@@ -175,13 +214,42 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
                     B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
                     B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
                 X = _advance(X, A2, dt, b_u, B_t)
-                y = tl.sum(X * C_t, axis=0) + d_weight * b_u
-                if HAS_Z:
-                    b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
-                    y *= b_z * tl.sigmoid(b_z)
-                tl.store(out + b * s_ob + b_row * s_ot + ch * s_od, y.to(out.dtype.element_ty), mask=mask)
+                if PASS == 1:  # LOCAL
+                    dt_sum += dt
+                else:
+                    y = tl.sum(X * C_t, axis=0) + d_weight * b_u
+                    if HAS_Z:
+                        b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
+                        y *= b_z * tl.sigmoid(b_z)
+                    tl.store(out + b * s_ob + b_row * s_ot + ch * s_od, y.to(out.dtype.element_ty), mask=mask)
+    if PASS == 1:
+        tl.store(segment_states + pid * N * Dm + state_offs, X, mask=state_mask)
+        tl.store(dt_sums + pid * Dm + ch, dt_sum, mask=ch_mask)
+    elif SEGMENTS == 1 and STORE_FINAL:  # (else scan_segment_states_kernel writes it)
+        tl.store(final_state + seq * N * Dm + state_offs, X, mask=state_mask)
+
+
+@triton.jit
+def scan_segment_states_kernel(segment_states, dt_sums, A, initial_state, final_state, Dm: tl.constexpr,
+                               N: tl.constexpr, NP: tl.constexpr, SEGMENTS: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                               STORE_FINAL: tl.constexpr, BD: tl.constexpr):
+    """One sequence and BD channels, over its segments in order: ``segment_states`` holds each
+    segment's end state walked from zero (scan_fwd_kernel's LOCAL pass), replaced by the state
+    entering it; a segment maps x to 2^(A2 sum dt) x + its local end state (the product of its
+    steps' decays is one exponential of the sum of their dt). Writes the final state."""
+    i_d, seq = tl.program_id(0), tl.program_id(1)
+    ch, ch_mask, _, _, state_offs, state_mask, A2 = _decay_tile(A, i_d, Dm, N, NP, BD)
+    X = tl.zeros([NP, BD], tl.float32)
+    if HAS_INITIAL:
+        X += tl.load(initial_state + seq * N * Dm + state_offs, mask=state_mask, other=0.0)
+    for k in range(SEGMENTS):
+        slot = seq * SEGMENTS + k
+        local = tl.load(segment_states + slot * N * Dm + state_offs, mask=state_mask, other=0.0)
+        tl.store(segment_states + slot * N * Dm + state_offs, X, mask=state_mask)
+        dt_sum = tl.load(dt_sums + slot * Dm + ch, mask=ch_mask, other=0.0)
+        X = tl.exp2(dt_sum[None, :] * A2) * X + local
     if STORE_FINAL:
-        tl.store(final_state + seq * Dm * N + state_offs, X, mask=state_mask)
+        tl.store(final_state + seq * N * Dm + state_offs, X, mask=state_mask)
 
 
 @triton.jit

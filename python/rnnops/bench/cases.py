@@ -153,6 +153,7 @@ def gpu_cases() -> list[Case]:
         cases += _linear_family(B, 4096, 16, 128, 128, sweep="B", **big)
     cases += [delta_case(2, True, 8, T, 16, 128, 128, quick=T == 2048, **big) for T in (2048, 4096)]
     cases += [selective_scan_case(8, T, 2048, 16, quick=T == 2048, sweep="T", **big) for T in (2048, 8192)]
+    cases.append(selective_scan_case(1, 8192, 2048, 16, sweep="B", **big))  # a prompt's prefill: B Dm / 16 programs
     for cell in ("lstm", "gru"):
         for D, H in FLASHRNN_HEADS + ((192, 4),):
             cases.append(rnn_case(cell, 16, 1024, H, D, quick=(D, H) in ((64, 12), (768, 1)) and cell == "lstm"))

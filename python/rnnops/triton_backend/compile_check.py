@@ -45,9 +45,9 @@ class Launch:
 
 
 class _LargestShippedBucket:
-    """Stands in for a device cache: a key's shipped default of the largest size bucket (tokens,
-    rows or batch) with the same op, dtype and head shape, so small CPU stand-in inputs launch
-    with the configurations of benchmark-sized ones."""
+    """Stands in for a device cache: a key's shipped default of the largest size bucket (tokens
+    or batch) with the same op, dtype and head shape, so small CPU stand-in inputs launch with the
+    configurations of benchmark-sized ones."""
 
     def __init__(self, gpu: str):
         from rnnops.autotune.cache import shipped_defaults

@@ -9,6 +9,7 @@ sums per block of ``block_d`` channels (Dm / block_d x T x N fp32 each when time
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,19 @@ class SelectiveScanConfig:
     lanes (more programs, more instructions per element: SASS at N 16, about 31 / 21 / 12 a step,
     channel and state element forward at 8 / 16 / 32 channels, 109 / 80 backward, where 32
     spills). No num_stages: the loops have nothing for Triton's pipeliner (1 and 2 compiled the
-    same)."""
+    same).
+
+    ``segments`` > 1 splits each sequence's chunks into that many runs the forward walks in
+    parallel, for batches too small to fill the GPU (B Dm / forward_block_d one-warp programs):
+    each segment's end state from zero and its sum of dt (the LOCAL pass), a walk over the
+    segments composing them into the state entering each (scan_segment_states_kernel), then the
+    outputs from those states: about 1.6x the forward's instructions over segments x the
+    programs. The backward walks each sequence whole (training batches are large)."""
 
     chunk: int = 32  # time steps between stored states (the backward recomputes inside a chunk)
     block_d: int = 16  # channels per backward program
     forward_block_d: int = 16  # channels per forward program (the forward holds far fewer tiles)
+    segments: int = 1  # forward programs per sequence (above)
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -48,7 +57,8 @@ def space(Dm: int, N: int, hardware) -> Space:
         return next_power_of_two(N) * min(block, hardware.warp_size) // hardware.warp_size
 
     return Space(
-        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "forward_block_d": powers_of_two(8, 128)},
+        {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "forward_block_d": powers_of_two(8, 128),
+         "segments": powers_of_two(1, 16)},
         (
             Constraint("block_d <= Dm rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(Dm)),
             Constraint("forward_block_d <= Dm rounded up to a power of two", ("forward_block_d",),
@@ -100,6 +110,8 @@ class _ScanRun:
         self.config = config
         self.forward_grid, self.forward_launch = self._launch(config.forward_block_d, FORWARD_UNROLL)
         self.backward_grid, self.backward_launch = self._launch(config.block_d, BACKWARD_UNROLL)
+        # no more segments than a sequence has chunks (T bounds a packed sequence's length)
+        self.segments = min(config.segments, -(-self.T // config.chunk))
 
     def _launch(self, block_d: int, unroll: int) -> tuple[tuple[int, int], dict]:
         """(grid, launch options) of a kernel with ``block_d`` channels per program (capped by the
@@ -145,12 +157,27 @@ class SelectiveScanFunction(torch.autograd.Function):
         state0 = None if initial_state is None else _n_major(initial_state)
         out = empty(u.shape, dtype=u.dtype, device=u.device)
         lay = run.layout
-        h = empty((lay.programs, run.N, run.Dm), dtype=torch.float32, device=u.device)
-        final = empty((lay.sequences, run.N, run.Dm), dtype=torch.float32, device=u.device) if output_final_state else None
-        _kernels().scan_fwd_kernel[run.forward_grid](
-            u, delta, A_, B_, C_, D_, z, bias_, out, h, state0, final, lay.cu_seqlens, lay.chunk_offsets,
-            *run.strides(u, delta, z, out), HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
-            **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
+        f32 = {"dtype": torch.float32, "device": u.device}
+        h = empty((lay.programs, run.N, run.Dm), **f32)
+        final = empty((lay.sequences, run.N, run.Dm), **f32) if output_final_state else None
+        kernels, segments = _kernels(), run.segments
+        segment_states = dt_sums = None
+        forward = functools.partial(
+            kernels.scan_fwd_kernel[(run.forward_grid[0], lay.sequences * segments)], u, delta, A_, B_, C_, D_, z, bias_,
+            out, h, state0, final)
+        launch = dict(HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state, SEGMENTS=segments,
+                      **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
+        if segments > 1:  # each segment's end state from zero, then the states entering them
+            segment_states = empty((lay.sequences * segments, run.N, run.Dm), **f32)
+            dt_sums = empty((lay.sequences * segments, run.Dm), **f32)
+            forward(segment_states, dt_sums, lay.cu_seqlens, lay.chunk_offsets, *run.strides(u, delta, z, out),
+                    PASS=kernels.LOCAL, **launch)
+            kernels.scan_segment_states_kernel[run.forward_grid](
+                segment_states, dt_sums, A_, state0, final, Dm=run.Dm, N=run.N, NP=next_power_of_two(run.N),
+                SEGMENTS=segments, HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
+                BD=run.forward_launch["BD"], num_warps=run.forward_launch["num_warps"])
+        forward(segment_states, dt_sums, lay.cu_seqlens, lay.chunk_offsets, *run.strides(u, delta, z, out),
+                PASS=kernels.OUTPUTS, **launch)
         ctx.save_for_backward(u, delta, A_, B_, C_, D_, z, bias_, h, state0)
         ctx.run, ctx.softplus = run, softplus
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
