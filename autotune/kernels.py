@@ -160,11 +160,18 @@ def _scan_penalty(config, shape):
     channel's state elements over lanes: more instructions per element) in the backward, which
     issues about four fifths of the instructions, and in the forward, whose one-warp programs
     leave an H100's 528 schedulers idle below about two each (the model's programs and threads
-    are the backward's); forward segments multiply its programs for 1.6x its instructions."""
-    segments = min(config.get("segments", 1), math.ceil(shape["T"] / config["chunk"]))
+    are the backward's); segments multiply both directions' programs for 1.6x the forward's
+    instructions and 1.1x the backward's."""
+    segments = _scan_segments(config, shape)
     forward_programs = shape["B"] * math.ceil(shape["Dm"] / config["forward_block_d"]) * segments
     forward = (1.0 + 8.0 / config["forward_block_d"]) * max(1.0, 1024 / forward_programs) * (1.6 if segments > 1 else 1)
-    return (1.0 + 8.0 / config["chunk"]) * (0.8 * (1.0 + 8.0 / config["block_d"]) + 0.2 * forward)
+    backward = (1.0 + 8.0 / config["block_d"]) * (1.1 if segments > 1 else 1)
+    return (1.0 + 8.0 / config["chunk"]) * (0.8 * backward + 0.2 * forward)
+
+
+def _scan_segments(config, shape) -> int:
+    """The Triton scan's segments per sequence at ``shape`` (no more than its chunks)."""
+    return min(config.get("segments", 1), math.ceil(shape["T"] / config["chunk"]))
 
 
 TUNABLES = [
@@ -177,8 +184,8 @@ TUNABLES = [
             lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages")),
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
-            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]), lambda c: 32 * max(1, c["block_d"] // 32),
-            _scan_penalty, registers=255),  # the backward's, N 16 and 8-32 channels (Triton 3.6 and 3.9)
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]) * _scan_segments(c, s),
+            lambda c: 32 * max(1, c["block_d"] // 32), _scan_penalty, registers=255),  # the backward's, N 16 and 8-32 channels (Triton 3.6 and 3.9)
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],

@@ -104,9 +104,8 @@ PY
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
       --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 8, "chunk": 128}' '{"chunk": 128}' \
       '{"forward_block_d": 32}' '{"forward_block_d": 8}' '{"warps": 4}'
-    # a prompt's prefill (B = 1): the Triton scan's forward in 8 segments (shipped, the cost model's
-    # pick: 128 one-warp programs per segment pass) against one (timed forward+backward, so the
-    # unchanged backward dilutes the forward's gain)
+    # a prompt's prefill (B = 1): the Triton scan in 8 segments a sequence (shipped, the cost
+    # model's pick: one segment leaves 128 one-warp programs) against one
     left=$(seconds_until 590)
     [ "$left" -gt 25 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
       --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"segments": 1}'

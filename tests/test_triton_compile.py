@@ -143,9 +143,9 @@ def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores(
 
 
 def test_scan_forward_in_segments_compiles_without_spills():
-    """The forward's segment passes (a segment's end from zero, the walk over segments, the
-    outputs from their entering states), which the standard calls' single-segment shipped
-    configurations never launch."""
+    """The segment passes (forward: a segment's end from zero, the walk over segments, the outputs
+    from their entering states; backward: the adjoint alone, the reverse walk, the gradients),
+    which the standard calls' single-segment shipped configurations never launch."""
     script = (
         "import json, torch\n"
         "from dataclasses import asdict\n"
@@ -158,7 +158,8 @@ def test_scan_forward_in_segments_compiles_without_spills():
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(result.stdout)
     names = [row["name"] for row in rows]
-    assert names.count("scan_fwd_kernel") == 2 and "scan_segment_states_kernel" in names, names
+    assert names.count("scan_fwd_kernel") == 2 and names.count("scan_segment_states_kernel") == 2, names
+    assert "scan_bwd_local_kernel" in names and "scan_bwd_kernel" in names, names
     assert not [row for row in rows if max(row["spill_stores"], row["spill_loads"]) > SPILL_TOLERANCE], rows
 
 

@@ -56,7 +56,7 @@ def test_varlen():
     compare_backends(lambda backend, **kw: scan(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
 
 
-def test_varlen_forward_in_segments(monkeypatch):
+def test_varlen_in_segments(monkeypatch):
     """Packed sequences of 2, 0, 3, 1 and 3 chunks of 4 steps, each split into 3 segments (some
     empty) walked in parallel, with initial and final states and a static B."""
     monkeypatch.setattr(triton_scan, "DEFAULT_CONFIG", triton_scan.SelectiveScanConfig(chunk=4, segments=3))

@@ -3,11 +3,14 @@
 Per channel d and state element n (x: the state, dt = softplus(delta + delta_bias) or not):
     x_t = a_t x_{t-1} + b_t,   a_t = e^(dt_t A_dn),   b_t = dt_t u_t B_tn
     y_t = sum_n x_tn C_tn + D_d u_t;   out_t = y_t * silu(z_t)   (z optional)
-Grid (Dm / BD, sequences): one program walks one sequence for BD channels; the forward may split
-each sequence into SEGMENTS runs of chunks (grid (Dm / BD, sequences x SEGMENTS)): a LOCAL pass
-walks each from a zero state to its end state and sum of dt, scan_segment_states_kernel composes
-them in order (a segment maps x to 2^(A2 sum dt) x + its local end) into the state entering each,
-and the OUTPUTS pass walks each again from that state: about 1.6x the single pass's work.
+Grid (Dm / BD, sequences): one program walks one sequence for BD channels; both directions may
+split each sequence into SEGMENTS runs of chunks (grid (Dm / BD, sequences x SEGMENTS)). Forward:
+a LOCAL pass walks each from a zero state to its end state and sum of dt,
+scan_segment_states_kernel composes them in order (a segment maps x to 2^(A2 sum dt) x + its local
+end) into the state entering each, and the OUTPUTS pass walks each again from that state: about
+1.6x the single pass's work. Backward: scan_bwd_local_kernel runs the adjoint recurrence alone
+over each from a zero gradient at its end, the composition walks them last first into the
+gradient entering each segment's end, then scan_bwd_kernel runs per segment.
 Forward: step by step, the state (NP x BD) in registers with a channel's state elements in one
 thread (channels across lanes; blocks narrower than a warp split them over 32 / BD lanes), so a
 step is elementwise (2^(dt A log2 e) on the MUFU, one FMA into x, <x, C> summed in the thread);
@@ -232,36 +235,103 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
 @triton.jit
 def scan_segment_states_kernel(segment_states, dt_sums, A, initial_state, final_state, Dm: tl.constexpr,
                                N: tl.constexpr, NP: tl.constexpr, SEGMENTS: tl.constexpr, HAS_INITIAL: tl.constexpr,
-                               STORE_FINAL: tl.constexpr, BD: tl.constexpr):
-    """One sequence and BD channels, over its segments in order: ``segment_states`` holds each
-    segment's end state walked from zero (scan_fwd_kernel's LOCAL pass), replaced by the state
-    entering it; a segment maps x to 2^(A2 sum dt) x + its local end state (the product of its
-    steps' decays is one exponential of the sum of their dt). Writes the final state."""
+                               STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, BD: tl.constexpr):
+    """One sequence and BD channels, over its segments in order (REVERSE: last first): a segment
+    maps v to 2^(A2 sum dt) v + local (the product of its steps' decays is one exponential of
+    the sum of their dt). ``segment_states`` holds each segment's local term on entry (its end
+    state from a zero state: scan_fwd_kernel's LOCAL pass; REVERSE, the gradient it passes to
+    the state before it from a zero gradient at its end: scan_bwd_local_kernel), replaced by the
+    v entering it (the state entering it; REVERSE, the gradient entering its end); ``initial``
+    is v entering the first segment walked (the initial state; REVERSE, the final state's
+    gradient), ``final`` v leaving the last (the final state; REVERSE, the initial state's
+    gradient)."""
     i_d, seq = tl.program_id(0), tl.program_id(1)
     ch, ch_mask, _, _, state_offs, state_mask, A2 = _decay_tile(A, i_d, Dm, N, NP, BD)
-    X = tl.zeros([NP, BD], tl.float32)
+    V = tl.zeros([NP, BD], tl.float32)
     if HAS_INITIAL:
-        X += tl.load(initial_state + seq * N * Dm + state_offs, mask=state_mask, other=0.0)
+        V += tl.load(initial_state + seq * N * Dm + state_offs, mask=state_mask, other=0.0)
     for k in range(SEGMENTS):
-        slot = seq * SEGMENTS + k
+        if REVERSE:
+            slot = seq * SEGMENTS + SEGMENTS - 1 - k
+        else:
+            slot = seq * SEGMENTS + k
         local = tl.load(segment_states + slot * N * Dm + state_offs, mask=state_mask, other=0.0)
-        tl.store(segment_states + slot * N * Dm + state_offs, X, mask=state_mask)
+        tl.store(segment_states + slot * N * Dm + state_offs, V, mask=state_mask)
         dt_sum = tl.load(dt_sums + slot * Dm + ch, mask=ch_mask, other=0.0)
-        X = tl.exp2(dt_sum[None, :] * A2) * X + local
+        V = tl.exp2(dt_sum[None, :] * A2) * V + local
     if STORE_FINAL:
-        tl.store(final_state + seq * N * Dm + state_offs, X, mask=state_mask)
+        tl.store(final_state + seq * N * Dm + state_offs, V, mask=state_mask)
 
 
 @triton.jit
-def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial,
+def _output_gradient(d_out, z, b, b_row, ch, mask, s_zb, s_zt, s_zd, s_ob, s_ot, s_od, HAS_Z: tl.constexpr):
+    """(dL/d out, dy = dL/dy, z, sigmoid(z)) of a step's channels (fp32; z and its sigmoid 0
+    without z)."""
+    g_out = tl.load(d_out + b * s_ob + b_row * s_ot + ch * s_od, mask=mask, other=0.0).to(tl.float32)
+    b_z = tl.zeros_like(g_out)
+    sig = tl.zeros_like(g_out)
+    dy = g_out
+    if HAS_Z:
+        b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(b_z)
+        dy = g_out * b_z * sig
+    return g_out, dy, b_z, sig
+
+
+@triton.jit
+def scan_bwd_local_kernel(u, delta, A, B, C, z, delta_bias, d_out, segment_grads, dt_sums, cu_seqlens, chunk_offsets,
+                          s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
+                          s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
+                          Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr,
+                          C_MODE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                          PACKED: tl.constexpr, SEGMENTS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                          UNROLL: tl.constexpr):
+    """One segment (_segment) and BD channels: the adjoint recurrence alone, from a zero gradient
+    at the segment's end, steps last first: g = G + dy C, G <- e^(dt A) g (no state needed);
+    writes the G it passes to the state before the segment to ``segment_grads`` and its
+    channels' sum of dt to ``dt_sums``, for scan_segment_states_kernel (REVERSE)."""
+    i_d, pid = tl.program_id(0), tl.program_id(1)
+    seq, bos, eos, _, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS)
+    if PACKED:
+        b = 0
+    else:
+        b = seq
+    ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, _, bias = \
+        _channel_block(A, B, C, None, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
+                       channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, False,
+                       HAS_BIAS, BD)
+    G = tl.zeros([NP, BD], tl.float32)
+    dt_sum = tl.zeros([BD], tl.float32)
+    for m in range(chunks):
+        c = c0 + chunks - 1 - m
+        sub_blocks = tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)  # live ones
+        for kk in range(sub_blocks):
+            k = sub_blocks - 1 - kk
+            for i in tl.static_range(UNROLL - 1, -1, -1):
+                b_row, mask, dt, _, _, _, C_t = _step_inputs(
+                    bos + c * BT + k * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
+                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
+                _, dy, _, _ = _output_gradient(d_out, z, b, b_row, ch, mask, s_zb, s_zt, s_zd, s_ob, s_ot, s_od, HAS_Z)
+                G = tl.exp2(dt[None, :] * A2) * (G + dy[None, :] * C_t)
+                dt_sum += dt
+    tl.store(segment_grads + pid * N * Dm + state_offs, G, mask=state_mask)
+    tl.store(dt_sums + pid * Dm + ch, dt_sum, mask=ch_mask)
+
+
+@triton.jit
+def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial, segment_grads,
                     du, d_delta, dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, total_rows,
                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
                     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
                     Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PACKED: tl.constexpr,
-                    BT: tl.constexpr, BD: tl.constexpr, UNROLL: tl.constexpr):
-    """Gradients for one sequence and BD channels, step by step backwards, in the forward's layout.
+                    SEGMENTS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, UNROLL: tl.constexpr):
+    """Gradients for one segment (_segment: the whole sequence where SEGMENTS = 1) and BD
+    channels, step by step backwards, in the forward's layout, from the gradient entering the
+    segment's end (the final state's, or with SEGMENTS > 1 ``segment_grads``: the composition of
+    the later segments' scan_bwd_local_kernel terms).
 
     Per chunk (last first): from its stored state, the states entering its sub-blocks of UNROLL
     steps go to this program's ``checkpoints`` (BT / UNROLL x NP x BD fp32); then per sub-block
@@ -270,10 +340,10 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
         g = G + dy C,  du = dt sum_n g B (+ dy D),  ddt = sum_n g (A a x_prev + u B),
         dA += g a x_prev dt,  dB = sum_ch g dt u,  dC = sum_ch dy x,  G <- a g.
     du, d_delta, dz are written in the (contiguous, (B or 1, T, Dm)) fp32 buffers; dA, dD,
-    d_bias (per sequence, to be summed), dB, dC (per channel block: (Dm / BD, T_total, N) for
-    time-varying B/C, (sequence, N, Dm) for static ones) are partial sums for the caller."""
-    i_d, seq = tl.program_id(0), tl.program_id(1)
-    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
+    d_bias (per program, to be summed), dB, dC (per channel block: (Dm / BD, T_total, N) for
+    time-varying B/C, (program, N, Dm) for static ones) are partial sums for the caller."""
+    i_d, pid = tl.program_id(0), tl.program_id(1)
+    seq, bos, eos, first, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS)
     if PACKED:
         b = 0
     else:
@@ -283,19 +353,21 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                        channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, HAS_D,
                        HAS_BIAS, BD)
     ru = tl.arange(0, UNROLL)
-    own = checkpoints + (seq * tl.num_programs(0) + i_d) * (BT // UNROLL) * NP * BD  # this program's checkpoints
+    own = checkpoints + (pid * tl.num_programs(0) + i_d) * (BT // UNROLL) * NP * BD  # this program's checkpoints
     own_offs = _state_offsets(tl.arange(0, BD), rn, BD)
     G = tl.zeros([NP, BD], tl.float32)  # dL / dx entering the step being differentiated
-    if HAS_D_FINAL:
-        G += tl.load(d_final + seq * Dm * N + state_offs, mask=state_mask, other=0.0)
+    if SEGMENTS > 1:
+        G += tl.load(segment_grads + pid * N * Dm + state_offs, mask=state_mask, other=0.0)
+    elif HAS_D_FINAL:
+        G += tl.load(d_final + seq * N * Dm + state_offs, mask=state_mask, other=0.0)
     dA_acc = tl.zeros([NP, BD], tl.float32)
     dB_static = tl.zeros([NP, BD], tl.float32)
     dC_static = tl.zeros([NP, BD], tl.float32)
     dD_acc = tl.zeros([BD], tl.float32)
     dbias_acc = tl.zeros([BD], tl.float32)
     for m in range(chunks):
-        c = chunks - 1 - m
-        X = tl.load(h + (first + c) * Dm * N + state_offs, mask=state_mask, other=0.0)
+        c = c0 + chunks - 1 - m
+        X = tl.load(h + (first + c) * N * Dm + state_offs, mask=state_mask, other=0.0)
         sub_blocks = tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)  # live ones
         for k in range(sub_blocks):
             tl.store(own + k * NP * BD + own_offs, X)
@@ -323,13 +395,8 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                     row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
                     B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
                     B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                g_out = tl.load(d_out + b * s_ob + b_row * s_ot + ch * s_od, mask=mask, other=0.0).to(tl.float32)
-                if HAS_Z:
-                    b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
-                    sig = tl.sigmoid(b_z)
-                    dy = g_out * b_z * sig
-                else:
-                    dy = g_out
+                g_out, dy, b_z, sig = _output_gradient(d_out, z, b, b_row, ch, mask, s_zb, s_zt, s_zd, s_ob, s_ot,
+                                                       s_od, HAS_Z)
                 a = tl.exp2(dt[None, :] * A2)
                 # -0.0 fill: the select and sum over the unrolled index fold to picking a register
                 decayed = a * tl.sum(tl.where(ru[:, None, None] == i, states, -0.0), axis=0)
@@ -359,18 +426,18 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                 tl.store(du + row * Dm + ch, d_u, mask=mask)
                 tl.store(d_delta + row * Dm + ch, d_raw, mask=mask)
                 G = a * g
-    sequence_offs = seq * Dm * N + state_offs
-    tl.store(dA + sequence_offs, dA_acc, mask=state_mask)
+    program_offs = pid * N * Dm + state_offs
+    tl.store(dA + program_offs, dA_acc, mask=state_mask)
     if B_MODE == 0:
-        tl.store(dB + sequence_offs, dB_static, mask=state_mask)
+        tl.store(dB + program_offs, dB_static, mask=state_mask)
     if C_MODE == 0:
-        tl.store(dC + sequence_offs, dC_static, mask=state_mask)
+        tl.store(dC + program_offs, dC_static, mask=state_mask)
     if HAS_D:
-        tl.store(dD + seq * Dm + ch, dD_acc, mask=ch_mask)
+        tl.store(dD + pid * Dm + ch, dD_acc, mask=ch_mask)
     if HAS_BIAS:
-        tl.store(d_bias + seq * Dm + ch, dbias_acc, mask=ch_mask)
-    if STORE_D_INITIAL:
-        tl.store(d_initial + sequence_offs, G, mask=state_mask)
+        tl.store(d_bias + pid * Dm + ch, dbias_acc, mask=ch_mask)
+    if SEGMENTS == 1 and STORE_D_INITIAL:  # (else scan_segment_states_kernel writes it)
+        tl.store(d_initial + seq * N * Dm + state_offs, G, mask=state_mask)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ Memory: besides the inputs (B and C as fp32 copies when given in half precision;
 C and the initial state as n-major copies, the kernels' layout for every state-shaped tile), the
 forward saves the state entering every chunk of ``config.chunk`` steps (N x Dm fp32 per chunk and
 sequence); the backward recomputes the states inside each chunk from it, through a scratch of
-chunk / BACKWARD_UNROLL states per sequence (Dm x N fp32 each), and writes dB, dC as partial
+chunk / BACKWARD_UNROLL states per program (N x block_d fp32 each), and writes dB, dC as partial
 sums per block of ``block_d`` channels (Dm / block_d x T x N fp32 each when time-varying).
 """
 from __future__ import annotations
@@ -33,12 +33,14 @@ class SelectiveScanConfig:
     spills). No num_stages: the loops have nothing for Triton's pipeliner (1 and 2 compiled the
     same).
 
-    ``segments`` > 1 splits each sequence's chunks into that many runs the forward walks in
-    parallel, for batches too small to fill the GPU (B Dm / forward_block_d one-warp programs):
-    each segment's end state from zero and its sum of dt (the LOCAL pass), a walk over the
-    segments composing them into the state entering each (scan_segment_states_kernel), then the
-    outputs from those states: about 1.6x the forward's instructions over segments x the
-    programs. The backward walks each sequence whole (training batches are large)."""
+    ``segments`` > 1 splits each sequence's chunks into that many runs walked in parallel, for
+    batches too small to fill the GPU (B Dm / block one-warp programs). Forward: each segment's
+    end state from zero and its sum of dt (the LOCAL pass), a walk over the segments composing
+    them into the state entering each (scan_segment_states_kernel), then the outputs from those
+    states: about 1.6x the forward's instructions over segments x the programs. Backward: each
+    segment's gradient passed back from a zero gradient at its end (the adjoint recurrence
+    alone: scan_bwd_local_kernel, about a tenth of the backward), the reverse walk composing
+    them, then the gradients from the gradient entering each segment's end."""
 
     chunk: int = 32  # time steps between stored states (the backward recomputes inside a chunk)
     block_d: int = 16  # channels per backward program
@@ -129,6 +131,14 @@ class _ScanRun:
                 "HAS_BIAS": delta_bias is not None, "SOFTPLUS": softplus, "PACKED": self.packed,
                 "BT": self.config.chunk}
 
+    def compose_segments(self, values, dt_sums, A, initial, final, reverse: bool, launch: dict) -> None:
+        """scan_segment_states_kernel over every sequence's segments (``launch``: the pass's BD
+        and warps)."""
+        _kernels().scan_segment_states_kernel[(-(-self.Dm // launch["BD"]), self.layout.sequences)](
+            values, dt_sums, A, initial, final, Dm=self.Dm, N=self.N, NP=next_power_of_two(self.N),
+            SEGMENTS=self.segments, HAS_INITIAL=initial is not None, STORE_FINAL=final is not None, REVERSE=reverse,
+            BD=launch["BD"], num_warps=launch["num_warps"])
+
     def strides(self, u, delta, z, out):
         zs = z.stride() if z is not None else (0, 0, 0)
         return (*u.stride(), *delta.stride(), *zs, *out.stride(), *self.B_strides, *self.C_strides,
@@ -172,10 +182,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             dt_sums = empty((lay.sequences * segments, run.Dm), **f32)
             forward(segment_states, dt_sums, lay.cu_seqlens, lay.chunk_offsets, *run.strides(u, delta, z, out),
                     PASS=kernels.LOCAL, **launch)
-            kernels.scan_segment_states_kernel[run.forward_grid](
-                segment_states, dt_sums, A_, state0, final, Dm=run.Dm, N=run.N, NP=next_power_of_two(run.N),
-                SEGMENTS=segments, HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state,
-                BD=run.forward_launch["BD"], num_warps=run.forward_launch["num_warps"])
+            run.compose_segments(segment_states, dt_sums, A_, state0, final, False, run.forward_launch)
         forward(segment_states, dt_sums, lay.cu_seqlens, lay.chunk_offsets, *run.strides(u, delta, z, out),
                 PASS=kernels.OUTPUTS, **launch)
         ctx.save_for_backward(u, delta, A_, B_, C_, D_, z, bias_, h, state0)
@@ -192,24 +199,34 @@ class SelectiveScanFunction(torch.autograd.Function):
         rows = run.batch * run.T
         du, d_delta = empty((rows, run.Dm), **f32), empty((rows, run.Dm), **f32)
         dz = empty((rows, run.Dm), **f32) if z is not None else None
-        per_sequence = (lay.sequences, run.N, run.Dm)
-        dA = empty(per_sequence, **f32)
+        programs = lay.sequences * run.segments
+        per_program = (programs, run.N, run.Dm)
+        dA = empty(per_program, **f32)
         channel_blocks = run.backward_grid[0]
-        dB = empty(per_sequence if run.B_mode == 0 else (channel_blocks, rows, run.N), **f32)
-        dC = empty(per_sequence if run.C_mode == 0 else (channel_blocks, rows, run.N), **f32)
-        dD = empty((lay.sequences, run.Dm), **f32) if D is not None else None
-        d_bias = empty((lay.sequences, run.Dm), **f32) if delta_bias is not None else None
-        d_initial = empty(per_sequence, **f32) if state0 is not None else None
+        dB = empty(per_program if run.B_mode == 0 else (channel_blocks, rows, run.N), **f32)
+        dC = empty(per_program if run.C_mode == 0 else (channel_blocks, rows, run.N), **f32)
+        dD = empty((programs, run.Dm), **f32) if D is not None else None
+        d_bias = empty((programs, run.Dm), **f32) if delta_bias is not None else None
+        d_initial = empty((lay.sequences, run.N, run.Dm), **f32) if state0 is not None else None
+        d_final = None if d_final is None else _n_major(d_final)
         d_out = d_out if d_out.stride() == u.stride() else d_out.contiguous()
+        kernels, grid = _kernels(), (channel_blocks, programs)
+        segment_grads = None
+        if run.segments > 1:  # the gradient entering each segment's end
+            segment_grads, dt_sums = empty(per_program, **f32), empty((programs, run.Dm), **f32)
+            local = {k: v for k, v in run.constants(D, z, delta_bias, ctx.softplus).items() if k != "HAS_D"}
+            kernels.scan_bwd_local_kernel[grid](
+                u, delta, A, B, C, z, delta_bias, d_out, segment_grads, dt_sums, lay.cu_seqlens, lay.chunk_offsets,
+                *run.strides(u, delta, z, d_out), SEGMENTS=run.segments, **local, **run.backward_launch)
+            run.compose_segments(segment_grads, dt_sums, A, d_final, d_initial, True, run.backward_launch)
         sub_blocks = run.config.chunk // run.backward_launch["UNROLL"]
-        checkpoints = empty((channel_blocks * lay.sequences * sub_blocks, next_power_of_two(run.N),
+        checkpoints = empty((channel_blocks * programs * sub_blocks, next_power_of_two(run.N),
                              run.backward_launch["BD"]), **f32)
-        _kernels().scan_bwd_kernel[run.backward_grid](
-            u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints,
-            None if d_final is None else _n_major(d_final), d_initial, du, d_delta, dz, dA, dB, dC, dD,
-            d_bias, lay.cu_seqlens, lay.chunk_offsets, rows, *run.strides(u, delta, z, d_out),
-            HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
-            **run.constants(D, z, delta_bias, ctx.softplus), **run.backward_launch)
+        kernels.scan_bwd_kernel[grid](
+            u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial, segment_grads, du,
+            d_delta, dz, dA, dB, dC, dD, d_bias, lay.cu_seqlens, lay.chunk_offsets, rows,
+            *run.strides(u, delta, z, d_out), HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
+            SEGMENTS=run.segments, **run.constants(D, z, delta_bias, ctx.softplus), **run.backward_launch)
         shape = (run.batch, run.T, run.Dm)
         grads = [du.view(shape), d_delta.view(shape), _from_n_major(dA.sum(0)), _reduce_bc(dB, B, run),
                  _reduce_bc(dC, C, run), None if dD is None else dD.sum(0), None if dz is None else dz.view(shape),
