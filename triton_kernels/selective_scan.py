@@ -27,7 +27,7 @@ steps backwards with G = dL/dx entering the step (two forward recomputations in 
     g = G + dy C,  du = dt sum_n g B (+ D dy),  ddt = sum_n g (A a x_prev + u B),  G <- a g,
     dA += g a x_prev dt,  dB = sum over channels of g dt u,  dC = sum over channels of dy x
 (dB, dC per step and group, or per channel and state for static B, C: partial sums per channel
-block / sequence, reduced by the caller). SASS (N 16, bf16, sm_90): about 109 instructions per
+block / program, reduced by the caller). SASS (N 16, bf16, sm_90): about 109 instructions per
 (step, channel, state element) at BD 8 and 80 at BD 16 (BD 32 spills), both recomputations
 included, a sixth of them the shuffles of dB and dC's sums over the channels (was 211 with
 associative scans per n).
@@ -35,8 +35,9 @@ Every factor a_t <= 1 for A <= 0: stable for any length and any |A dt|.
 Layouts: u, delta, z, out (B, T, Dm) with any strides; B, C (fp32) shared (B, T, N) or grouped
 (B, T, G, N), any strides, a channel block never straddling two groups (BD divides Dm / G);
 every state-shaped operand contiguous n-major, (N, Dm) per sequence or chunk (_state_offsets):
-A, static B and C, the initial, final and stored states, and their gradients. Work per step and channel: about 7 N flops and N exponentials; reads u, delta,
-z and writes out (4 Dm values per token) plus B, C (2 G N values per token).
+A, static B and C, the initial, final and stored states, and their gradients. Work per step and
+channel: about 7 N flops and N exponentials; reads u, delta, z and writes out (4 Dm values per
+token) plus B, C (2 G N values per token).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def _state_offsets(ch, rn, row_stride):
     thread, so a channel's state elements stay in one thread (the sum over n a register sum) in
     every Triton version. With the (Dm, N) layout neither dim looked contiguous and the tie went to
     n with Triton 3.6 (the GPU machine's): state elements across 16 lanes, every channel's dt
-    computed 16 times, four times the instructions a step (SASS, sm_90)."""
+    computed 16 times, 2.7 times the forward's instructions a step (SASS, sm_90)."""
     return tl.multiple_of(rn[:, None] * row_stride + ch[None, :], [1, 1])
 
 
@@ -128,7 +129,7 @@ def _decay_tile(A, i_d, Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BD:
 
 @triton.jit
 def _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS: tl.constexpr):
-    """Where forward program ``pid`` works: (sequence, first row, exclusive end row, the
+    """Where program ``pid`` works: (sequence, first row, exclusive end row, the
     sequence's first global chunk, the segment's first chunk in the sequence, its chunk count):
     segment pid % SEGMENTS of sequence pid // SEGMENTS, ceil(chunks / SEGMENTS) chunks each (the
     last ones shorter or empty)."""

@@ -45,7 +45,7 @@ class SelectiveScanConfig:
     chunk: int = 32  # time steps between stored states (the backward recomputes inside a chunk)
     block_d: int = 16  # channels per backward program
     forward_block_d: int = 16  # channels per forward program (the forward holds far fewer tiles)
-    segments: int = 1  # forward programs per sequence (above)
+    segments: int = 1  # programs per sequence, both directions (above)
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -110,20 +110,22 @@ class _ScanRun:
         self.layout = ChunkLayout.build(self.batch, self.T, config.chunk, cu_seqlens, u.device)
         self.packed = cu_seqlens is not None
         self.config = config
-        self.forward_grid, self.forward_launch = self._launch(config.forward_block_d, FORWARD_UNROLL)
-        self.backward_grid, self.backward_launch = self._launch(config.block_d, BACKWARD_UNROLL)
+        self.forward_launch = self._launch(config.forward_block_d, FORWARD_UNROLL)
+        self.backward_launch = self._launch(config.block_d, BACKWARD_UNROLL)
         # no more segments than a sequence has chunks (T bounds a packed sequence's length)
         self.segments = min(config.segments, -(-self.T // config.chunk))
+        self.programs = self.layout.sequences * self.segments  # per channel block
 
-    def _launch(self, block_d: int, unroll: int) -> tuple[tuple[int, int], dict]:
-        """(grid, launch options) of a kernel with ``block_d`` channels per program (capped by the
-        channel count and the B / C groups): one warp per 32 channels (narrower blocks split a
-        channel's state elements over 32 / BD lanes), UNROLL steps unrolled."""
+    def _launch(self, block_d: int, unroll: int) -> dict:
+        """Launch options of a kernel with ``block_d`` channels per program (capped by the channel
+        count and the B / C groups): one warp per 32 channels (narrower blocks split a channel's
+        state elements over 32 / BD lanes), UNROLL steps unrolled."""
         BD = min(block_d, next_power_of_two(self.Dm), _lowest_power_of_two(self.B_group),
                  _lowest_power_of_two(self.C_group))
-        grid = (-(-self.Dm // BD), self.layout.sequences)
-        return grid, {"BD": BD, "UNROLL": min(unroll, self.config.chunk), "num_warps": max(1, BD // 32),
-                      "num_stages": 1}
+        return {"BD": BD, "UNROLL": min(unroll, self.config.chunk), "num_warps": max(1, BD // 32), "num_stages": 1}
+
+    def channel_blocks(self, launch: dict) -> int:
+        return -(-self.Dm // launch["BD"])
 
     def constants(self, D, z, delta_bias, softplus):
         return {"Dm": self.Dm, "N": self.N, "NP": next_power_of_two(self.N), "B_MODE": self.B_mode,
@@ -134,7 +136,7 @@ class _ScanRun:
     def compose_segments(self, values, dt_sums, A, initial, final, reverse: bool, launch: dict) -> None:
         """scan_segment_states_kernel over every sequence's segments (``launch``: the pass's BD
         and warps)."""
-        _kernels().scan_segment_states_kernel[(-(-self.Dm // launch["BD"]), self.layout.sequences)](
+        _kernels().scan_segment_states_kernel[(self.channel_blocks(launch), self.layout.sequences)](
             values, dt_sums, A, initial, final, Dm=self.Dm, N=self.N, NP=next_power_of_two(self.N),
             SEGMENTS=self.segments, HAS_INITIAL=initial is not None, STORE_FINAL=final is not None, REVERSE=reverse,
             BD=launch["BD"], num_warps=launch["num_warps"])
@@ -170,16 +172,16 @@ class SelectiveScanFunction(torch.autograd.Function):
         f32 = {"dtype": torch.float32, "device": u.device}
         h = empty((lay.programs, run.N, run.Dm), **f32)
         final = empty((lay.sequences, run.N, run.Dm), **f32) if output_final_state else None
-        kernels, segments = _kernels(), run.segments
+        kernels = _kernels()
         segment_states = dt_sums = None
         forward = functools.partial(
-            kernels.scan_fwd_kernel[(run.forward_grid[0], lay.sequences * segments)], u, delta, A_, B_, C_, D_, z, bias_,
-            out, h, state0, final)
-        launch = dict(HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state, SEGMENTS=segments,
+            kernels.scan_fwd_kernel[(run.channel_blocks(run.forward_launch), run.programs)], u, delta, A_, B_, C_, D_,
+            z, bias_, out, h, state0, final)
+        launch = dict(HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state, SEGMENTS=run.segments,
                       **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
-        if segments > 1:  # each segment's end state from zero, then the states entering them
-            segment_states = empty((lay.sequences * segments, run.N, run.Dm), **f32)
-            dt_sums = empty((lay.sequences * segments, run.Dm), **f32)
+        if run.segments > 1:  # each segment's end state from zero, then the states entering them
+            segment_states = empty((run.programs, run.N, run.Dm), **f32)
+            dt_sums = empty((run.programs, run.Dm), **f32)
             forward(segment_states, dt_sums, lay.cu_seqlens, lay.chunk_offsets, *run.strides(u, delta, z, out),
                     PASS=kernels.LOCAL, **launch)
             run.compose_segments(segment_states, dt_sums, A_, state0, final, False, run.forward_launch)
@@ -199,10 +201,10 @@ class SelectiveScanFunction(torch.autograd.Function):
         rows = run.batch * run.T
         du, d_delta = empty((rows, run.Dm), **f32), empty((rows, run.Dm), **f32)
         dz = empty((rows, run.Dm), **f32) if z is not None else None
-        programs = lay.sequences * run.segments
+        programs = run.programs
         per_program = (programs, run.N, run.Dm)
         dA = empty(per_program, **f32)
-        channel_blocks = run.backward_grid[0]
+        channel_blocks = run.channel_blocks(run.backward_launch)
         dB = empty(per_program if run.B_mode == 0 else (channel_blocks, rows, run.N), **f32)
         dC = empty(per_program if run.C_mode == 0 else (channel_blocks, rows, run.N), **f32)
         dD = empty((programs, run.Dm), **f32) if D is not None else None
