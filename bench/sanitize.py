@@ -1,10 +1,12 @@
 """One small case per CUDA kernel, forward and backward, for compute-sanitizer (memcheck,
 racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``; and
 the Triton cells' resident kernels at a head padded to its tile (48 units in 64), saving their
-pre-activations and recomputing them."""
+pre-activations and recomputing them; the Triton scan's segment passes on packed sequences (some
+segments empty)."""
 import rnnops
 import torch
 from rnnops.triton_backend import rnn as triton_rnn
+from rnnops.triton_backend import selective_scan as triton_scan
 
 
 def main() -> None:
@@ -29,8 +31,13 @@ def main() -> None:
     y, last = rnnops.selective_scan(u, delta, A, B, C, torch.randn(40, device=device), z, None, True,
                                     return_last_state=True, backend="cuda")
     (y.sum() + last.sum()).backward()
+    initial = torch.randn(3, 40, 8, device=device, requires_grad=True)
+    y, last = triton_scan.selective_scan(
+        u[:1], delta[:1], A, B[:1], C[:1], None, z[:1], None, True, initial_state=initial, output_final_state=True,
+        cu_seqlens=torch.tensor([0, 5, 20, 37], device=device), config=triton_scan.SelectiveScanConfig(chunk=16, segments=3))
+    (y.sum() + last.sum()).backward()
     torch.cuda.synchronize()
-    print("sanitize: every CUDA kernel and the resident Triton cells ran")
+    print("sanitize: every CUDA kernel, the resident Triton cells and the Triton scan's segments ran")
 
 
 if __name__ == "__main__":
