@@ -117,15 +117,20 @@ def test_config_space(gpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("segments", [1, 4])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_realistic_shapes_on_gpu(dtype, bound):
+def test_realistic_shapes_on_gpu(dtype, bound, segments, monkeypatch):
+    monkeypatch.setattr(triton_scan, "DEFAULT_CONFIG", triton_scan.SelectiveScanConfig(segments=segments))
     x = make_inputs(B=2, T=2000, Dm=96, N=16, layout_B="grouped", layout_C="shared", dtype=dtype, device="cuda")
     compare_backends(scan, x, bound, test="triton")
 
 
 @pytest.mark.gpu
-def test_long_sequence_on_gpu():
-    """T = 64k: stable and accurate (forward; the reference's backward would not fit)."""
+@pytest.mark.parametrize("segments", [1, 16])
+def test_long_sequence_on_gpu(segments, monkeypatch):
+    """T = 64k: stable and accurate, walked whole or in segments of 4096 steps (forward; the
+    reference's backward would not fit)."""
+    monkeypatch.setattr(triton_scan, "DEFAULT_CONFIG", triton_scan.SelectiveScanConfig(segments=segments))
     x = make_inputs(B=1, T=65536, Dm=32, N=16, layout_B="shared", layout_C="shared", device="cuda")
     with torch.no_grad():
         y, last = scan("triton", **x)
