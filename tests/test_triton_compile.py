@@ -143,7 +143,7 @@ def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores(
     assert max(stacks.values()) < 4096, stacks
 
 
-def test_scan_forward_in_segments_compiles_without_spills():
+def test_scan_in_segments_compiles_without_spills():
     """The segment passes (forward: a segment's end from zero, the walk over segments, the outputs
     from their entering states; backward: the adjoint alone, the reverse walk, the gradients),
     which the standard calls' single-segment shipped configurations never launch."""
