@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rnnops
-from conftest import compare_backends
+from conftest import assert_close, compare_backends
 from rnnops.autotune import hardware
 from rnnops.triton_backend import rnn as triton_rnn
 from test_rnn import GATES, STATES
@@ -62,6 +62,26 @@ def test_resident_and_tiled_paths(cell, config, D, resident, monkeypatch):
     assert (launcher.resident, launcher.recompute) == (resident, bool(chosen.recompute))
     monkeypatch.setattr(triton_rnn, "DEFAULT_CONFIG", chosen)
     compare_backends(run(cell), make_inputs(cell, T=4, D=D), 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("config, D", [({"block_d": 128, "block_k": 128}, 80), ({"block_d": 16, "block_k": 16}, 32)],
+                         ids=["resident", "tiled"])
+def test_inference_writes_only_what_it_returns(cell, config, D, monkeypatch):
+    """Under no_grad (no backward can run) the forward saves no pre-activations and, resident,
+    writes the states of the last step only: h_seq and the final states still match the
+    reference (poisoned buffers: an unwritten final state is NaN)."""
+    monkeypatch.setattr(triton_rnn, "DEFAULT_CONFIG", triton_rnn.RNNConfig(**config))
+    x = make_inputs(cell, T=4, D=D)
+    with torch.no_grad():
+        outputs = run(cell)("triton", **x)
+        expected = run(cell)("reference", **{k: v.double() for k, v in x.items()})
+    for i, (a, b) in enumerate(zip(outputs, expected)):
+        assert_close(a, b, 1e-5, f"output {i}")
+    launcher = triton_rnn._Launcher(cell, triton_rnn.RNNConfig(**config), 3, 4, 2, D, torch.float32,
+                                    torch.device("cpu"), saves=False)
+    assert launcher.forward(x["x_gates"], x["R"], x["b"], None, torch.empty(3, 4, STATES[cell], 2, D),
+                            torch.empty(3, 4, 2, D)) is None
 
 
 def test_resident_forward_only_where_the_weights_fit_in_shared_memory(monkeypatch):

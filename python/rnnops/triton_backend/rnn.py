@@ -14,7 +14,7 @@ from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer, pre_slots
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, needs_backward, pre_buffer, pre_slots
 from ..reference.rnn import CELLS
 from ._common import device_reason, dot_precision, dtype_reason, join_reasons
 
@@ -89,10 +89,12 @@ def _kernels():
 
 
 class _Launcher:
-    """Launches the Triton kernels on the buffers of rnnops._fused_rnn.FusedRNNFunction."""
+    """Launches the Triton kernels on the buffers of rnnops._fused_rnn.FusedRNNFunction.
+    ``saves`` False (no backward will run: rnnops._fused_rnn.needs_backward): the forward saves no
+    pre-activations and, resident, writes only the last step's states (SAVE in the kernel)."""
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype,
-                 device: torch.device):
+                 device: torch.device, saves: bool = True):
         block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
         self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=CELLS[cell].gates, S=len(CELLS[cell].states),
                          P=pre_slots(cell), PRECISION=dot_precision(dtype, tile_dims=(block_d, block_k)),
@@ -106,7 +108,7 @@ class _Launcher:
         self.recompute = self.resident and bool(config.recompute) and (
             limit is None or recompute_shared_bytes(gates, dim, element_bytes) <= limit)
         self.grid = (heads, -(-batch // config.block_b))
-        self.cell, self.time, self.batch = cell, time, batch
+        self.cell, self.time, self.batch, self.saves = cell, time, batch, saves
 
     def _pre(self, device):
         return pre_buffer(self.cell, self.batch, self.time, self.meta["H"], self.meta["D"], device)
@@ -129,16 +131,16 @@ class _Launcher:
         resident kernels recompute them)."""
         from triton.runtime.errors import OutOfResources
 
-        flags = {"HAS_BIAS": b is not None, "HAS_INITIAL": initial is not None}
+        flags = {"HAS_BIAS": b is not None, "HAS_INITIAL": initial is not None, "SAVE": self.saves}
         if self.resident:
-            pre = None if self.recompute else self._pre(x.device)
+            pre = None if self.recompute or not self.saves else self._pre(x.device)
             try:
                 self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch),
                           flags, True, self.recompute)
                 return pre
             except OutOfResources as error:
                 self._refused(error)
-        pre = self._pre(x.device)
+        pre = self._pre(x.device) if self.saves else None
         self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch), flags,
                   False, False)
         return pre
@@ -168,6 +170,7 @@ def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
     if config is None:
         config = tuned("rnn", "triton", rnn_shape(x_gates, cell), x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
-    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype, x_gates.device)
+    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype, x_gates.device,
+                         needs_backward(x_gates, R, b, *(state or ())))
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)
