@@ -1,7 +1,7 @@
 """One small case per CUDA kernel, forward and backward, for compute-sanitizer (memcheck,
 racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``; and
 the Triton cells' resident kernels at a head padded to its tile (48 units in 64), saving their
-pre-activations and recomputing them; the Triton scan's segment passes on packed sequences (some
+pre-activations, recomputing them, and saving nothing (no_grad); the Triton scan's segment passes on packed sequences (some
 segments empty)."""
 import rnnops
 import torch
@@ -26,6 +26,8 @@ def main() -> None:
             config = triton_rnn.RNNConfig(block_d=64, block_k=64, recompute=recompute)
             h_seq, final = triton_rnn.rnn(x, R, b, None, cell=cell, config=config)
             (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
+            with torch.no_grad():  # the inference forward: the last step's states only
+                triton_rnn.rnn(x, R, b, None, cell=cell, config=config)
     u, delta, z = (torch.randn(2, 37, 40, device=device, requires_grad=True) for _ in range(3))
     A, B, C = -torch.rand(40, 8, device=device), torch.randn(2, 37, 8, device=device), torch.randn(2, 37, 4, 8, device=device)
     y, last = rnnops.selective_scan(u, delta, A, B, C, torch.randn(40, device=device), z, None, True,
