@@ -1,8 +1,8 @@
 """One small case per CUDA kernel, forward and backward, for compute-sanitizer (memcheck,
 racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``; and
 the Triton cells' resident kernels at a head padded to its tile (48 units in 64), saving their
-pre-activations, recomputing them, and saving nothing (no_grad); the Triton scan's segment passes on packed sequences (some
-segments empty)."""
+pre-activations, recomputing them, and saving nothing (no_grad); the Triton scan's segment
+passes on packed sequences (some segments empty)."""
 import rnnops
 import torch
 from rnnops.triton_backend import rnn as triton_rnn
