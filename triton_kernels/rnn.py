@@ -39,8 +39,8 @@ gru h, slstm h c n m, elman h; the resident LSTM and sLSTM write h at the last s
 the gates' pre-activations (fp32, G per unit, plus GRU's R_n h + b_n). Where no backward will
 run (SAVE False: no_grad, or no input requiring grad) the forward saves no pre-activations and a
 resident one writes the last step's states only: sm_90 SASS at D = 64 bf16 (Triton 3.6), forward
-barriers a step LSTM 14 -> 8, GRU 12 -> 8, sLSTM 18 -> 8, and no (B, T, P, H, D) fp32 buffer. The backward walks time
-in reverse with the same tiling: the pointwise gradients of each tile, then (after a barrier)
+barriers a step LSTM 14 -> 8, GRU 12 -> 8, sLSTM 18 -> 8, and no (B, T, P, H, D) fp32 buffer.
+The backward walks time in reverse with the same tiling: the pointwise gradients of each tile, then (after a barrier)
 dh_{t-1} += sum_g dr_g R_g for every tile; carried gradients live in a (S, B, H, D) fp32 buffer
 (RESIDENT: read on entry, written on exit) that ends as the initial states' gradient.
 dR = sum_{b,t} dr^T h_{t-1} and db = sum dr are left to the host (rnnops._fused_rnn: batched
