@@ -1,8 +1,8 @@
-"""One small case per CUDA kernel, forward and backward, for compute-sanitizer (memcheck,
-racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck python bench/sanitize.py``; and
-the Triton cells' resident kernels at a head padded to its tile (48 units in 64), saving their
-pre-activations, recomputing them, and saving nothing (no_grad); the Triton scan's segment
-passes on packed sequences (some segments empty)."""
+"""One small case per CUDA kernel, forward (also under no_grad) and backward, for
+compute-sanitizer (memcheck, racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck
+python bench/sanitize.py``; and the Triton cells' resident kernels at a head padded to its tile
+(48 units in 64), saving their pre-activations, recomputing them, and saving nothing (no_grad);
+the Triton scan's segment passes on packed sequences (some segments empty)."""
 import rnnops
 import torch
 from rnnops.triton_backend import rnn as triton_rnn
@@ -18,6 +18,8 @@ def main() -> None:
             R = (torch.randn(gates, 2, dim, dim, device=device) / dim**0.5).requires_grad_()
             h_seq, final = rnnops.rnn(x, R, None, cell=cell, backend="cuda")
             (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
+            with torch.no_grad():  # the inference forward: no pre-activation buffer
+                rnnops.rnn(x, R, None, cell=cell, backend="cuda")
     for cell, gates in (("lstm", 4), ("gru", 3), ("slstm", 4)):
         for recompute in (0, 1):  # the backward loading the saved pre-activations, or computing them again
             x = torch.randn(3, 5, gates, 2, 48, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -4,7 +4,7 @@ instantiations compile for sm_80 and sm_90a without spills."""
 import pytest
 import torch
 
-from conftest import compare_backends
+from conftest import assert_close, compare_backends
 from rnnops.autotune import hardware
 from rnnops.cuda_backend import compile_check
 from rnnops.cuda_backend import rnn as cuda_rnn
@@ -27,6 +27,18 @@ def test_tensor_core_path(cell, dtype, bound, shape):
     head split over two blocks (h_{t-1} copied from h_seq, the gate gradients staged in one chunk),
     and over three, the last partly filled, with 576 gate gradients a row staged in two chunks."""
     compare_backends(run(cell, dtype), make_inputs(cell, dtype=dtype, **shape), bound, test="cuda")
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+def test_inference_writes_no_pre_activations(cell):
+    """Under no_grad the forward writes no pre-activations (the simulator gets no buffer: a write
+    would fault), and h_seq and the final states still match the reference."""
+    x = make_inputs(cell, T=4, D=32)
+    with torch.no_grad():
+        outputs = run(cell)("cuda", **x)
+        expected = run(cell)("reference", **{k: v.double() for k, v in x.items()})
+    for i, (a, b) in enumerate(zip(outputs, expected)):
+        assert_close(a, b, 1e-5, f"output {i}")
 
 
 def test_config_space_fits_shared_memory():

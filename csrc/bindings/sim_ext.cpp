@@ -177,7 +177,7 @@ void dispatch_cell(int64_t cell, int64_t units, F&& f) {
 rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
   return rnnops::rnn::RNNShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
                                static_cast<int>(v[3]), static_cast<int>(v[4]), static_cast<int>(v[5]),
-                               static_cast<int>(v[6])};
+                               static_cast<int>(v[6]), static_cast<int>(v[7])};
 }
 
 void rnn_forward(torch::Tensor x, torch::Tensor R, torch::Tensor bias, torch::Tensor initial, torch::Tensor states,

@@ -20,7 +20,9 @@
 // cores for half types, the gate gradients rounded to T as the forward rounded h; float32 on CUDA
 // cores), the gate gradients staged 256 (float32) or 512 (half types) a row at a time, in 16-byte
 // loads issued together (a head in one block whose G D gradients fit one chunk keeps them in
-// shared memory as it computes them). dR and db are one batched matmul on the host. Buffers and
+// shared memory as it computes them). dR and db are one batched matmul on the host. Where no
+// backward will run (s.save_pre 0: no_grad) the forward writes no pre-activations (pre may be
+// null); it still writes every step's states, which it reads back as c_{t-1}. Buffers and
 // layouts are those of the Triton kernels
 // (triton_kernels/rnn.py): states (B, T, S, H, D) and pre-activations (B, T, P, H, D) in fp32,
 // carries (S, B, H, D) fp32, x_gates (B, T, G, H, D) and h_seq (B, T, H, D) of type T.
@@ -42,6 +44,7 @@ struct CellInfo {
 struct RNNShape {
   int B, T, H, D, splits;
   int has_bias, has_initial;
+  int save_pre;  // the forward writes the pre-activations (0 where no backward will run)
 };
 
 constexpr int kRows = 16;  // batch rows per block (one wmma tile)
@@ -181,6 +184,9 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           auto save = [&](float* buffer, int slot, int slots, float value) {
             buffer[step_index(s, b, t, slot, slots, unit, head)] = value;
           };
+          auto save_pre = [&](int slot, float value) {
+            if (s.save_pre) save(pre, slot, P, value);
+          };
           float h_new;
           if constexpr (CELL == kGRU) {
             const float p_r = gate(0), p_z = gate(1);
@@ -188,14 +194,14 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
             const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z);
             const float p_n = in.x[2] + reset * rec_n;
             h_new = (1.0f - update) * tanh_fast(p_n) + update * in.prev[0];
-            save(pre, 0, P, p_r);
-            save(pre, 1, P, p_z);
-            save(pre, 2, P, p_n);
-            save(pre, 3, P, rec_n);
+            save_pre(0, p_r);
+            save_pre(1, p_z);
+            save_pre(2, p_n);
+            save_pre(3, rec_n);
           } else if constexpr (CELL == kElman) {
             const float p = gate(0);
             h_new = tanh_fast(p);
-            save(pre, 0, P, p);
+            save_pre(0, p);
           } else {
             const float p_i = gate(0), p_f = gate(1), p_z = gate(2), p_o = gate(3);
             const float c_prev = in.prev[1];
@@ -216,10 +222,10 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
               save(states, 3, S, m);
             }
             save(states, 1, S, c);
-            save(pre, 0, P, p_i);
-            save(pre, 1, P, p_f);
-            save(pre, 2, P, p_z);
-            save(pre, 3, P, p_o);
+            save_pre(0, p_i);
+            save_pre(1, p_f);
+            save_pre(2, p_z);
+            save_pre(3, p_o);
           }
           save(states, 0, S, h_new);
           h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);

@@ -17,7 +17,7 @@ from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space
 
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, needs_backward, pre_buffer
 from ..reference.rnn import CELLS
 from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
@@ -82,8 +82,11 @@ def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
 
 
 class _Launcher:
+    """``saves`` False (no backward will run: rnnops._fused_rnn.needs_backward): the forward writes
+    no pre-activations (the states it still writes every step: the kernel reads c_{t-1} back)."""
+
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
-                 device):
+                 device, saves: bool = True):
         units = slice_units(config.units, dim, CELLS[cell].gates, element_bytes, device)
         splits = -(-dim // units)
         forward_bytes, backward_bytes = shared_bytes(dim, CELLS[cell].gates, units, element_bytes)
@@ -91,20 +94,22 @@ class _Launcher:
         self.grid = [heads, -(-batch // ROWS), splits, config.threads]
         self.shared = (forward_bytes, backward_bytes)
         self.shape = [batch, time, heads, dim, splits]
+        self.saves = saves
 
     def forward(self, x, R, b, initial, states, h_seq):
-        """Runs the forward; returns the pre-activations it saves for the backward."""
-        pre = pre_buffer(self.cell_name, *self.shape[:4], x.device)
-        engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, pre, h_seq,
-                                        self.shape + [int(b is not None), int(initial is not None)], self.cell,
-                                        self.units, self.grid + [self.shared[0]])
+        """Runs the forward; returns the pre-activations it saves for the backward (None without
+        ``saves``)."""
+        pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
+        engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq,
+                                        self.shape + [int(b is not None), int(initial is not None), int(self.saves)],
+                                        self.cell, self.units, self.grid + [self.shared[0]])
         return pre
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq):
         """(``x``, ``b``, ``h_seq``: for a backward that recomputes the pre-activations; this one reads
         the saved ones.)"""
         engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
-                                         self.shape + [0, int(initial is not None)], self.cell, self.units,
+                                         self.shape + [0, int(initial is not None), 0], self.cell, self.units,
                                          self.grid + [self.shared[1]])
 
 
@@ -113,6 +118,7 @@ def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
     if config is None:
         config = tuned("rnn", "cuda", rnn_shape(x_gates, cell), x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
-    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.element_size(), x_gates.device)
+    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.element_size(), x_gates.device,
+                         needs_backward(x_gates, R, b, *(state or ())))
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)
