@@ -7,6 +7,7 @@ widths) equals g++'s of the same struct; and the CUDA launch limits. The simulat
 cover what the kernels compute; this covers the only code they do not run."""
 import inspect
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,3 +188,19 @@ def test_rnn_launches_match_the_kernels(launches, cpp_layouts, cell):
     assert any(launch.cooperative for launch in launches.launches), "D=80 splits heads over blocks: a grid barrier"
     for launch, call in zip(launches.launches, launches.calls, strict=True):
         check_launch(launch, call, cpp_layouts)
+
+
+def test_module_code_carries_a_digest_of_the_sources(tmp_path, monkeypatch):
+    """cupy caches compiled modules on disk keyed by their code text, which only includes the
+    headers: the code carries a digest of csrc/, so an edited header compiles again."""
+    shutil.copytree(csrc_dir(), tmp_path / "csrc")
+    monkeypatch.setattr(nvrtc, "csrc_dir", lambda: tmp_path / "csrc")
+    nvrtc.sources_digest.cache_clear()
+    before = nvrtc.sources_digest()
+    header = tmp_path / "csrc" / "rnn" / "rnn.cuh"
+    header.write_text(header.read_text() + "\n// edited\n")
+    nvrtc.sources_digest.cache_clear()
+    try:
+        assert nvrtc.sources_digest() != before
+    finally:
+        nvrtc.sources_digest.cache_clear()

@@ -4,6 +4,7 @@ current stream. Exposes the same functions as the simulator extension."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -44,11 +45,22 @@ def toolkit_include_dir() -> Path:
 
 
 @functools.cache
+def sources_digest() -> str:
+    """A digest of every CUDA source under csrc/: part of each module's code, so that cupy's disk
+    cache (keyed by the code text, which only includes the headers) compiles again when they change."""
+    digest = hashlib.sha256()
+    for path in sorted(csrc_dir().rglob("*")):
+        if path.suffix in (".h", ".cuh"):
+            digest.update(path.relative_to(csrc_dir()).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
 def _module(header: str, names: tuple[str, ...], arch: str, cooperative: bool):
     """The compiled module; ``cooperative`` modules launch their kernels with cudaLaunchCooperativeKernel
     (cupy takes that choice per module, not per launch)."""
     cupy = _cupy()
-    code = f'#include "{header}"\n'
+    code = f'// rnnops csrc {sources_digest()}\n#include "{header}"\n'
     options = ("-std=c++17", f"-I{csrc_dir()}", f"-I{toolkit_include_dir()}", f"--gpu-architecture={arch}")
     return cupy.RawModule(code=code, options=options, name_expressions=names, enable_cooperative_groups=cooperative)
 
