@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from rnnops._ptxas import parse_log, tensor_core_path
-from rnnops.autotune import hardware
+from rnnops.autotune import hardware, kernels
 
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
 
@@ -44,6 +44,20 @@ def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, 
     rows = json.loads(result.stdout)
     assert rows, f"no kernel launched for {case!r}"
     return rows
+
+
+def config_report_rows(op: str, shape: dict, dtype: str, config: dict) -> list[dict]:
+    """compile_check.config_reports' rows for ``op`` at ``shape`` with ``config`` (sm_90), run in
+    a process without TRITON_INTERPRET."""
+    script = ("import json, torch\n"
+              "from dataclasses import asdict\n"
+              "from rnnops.triton_backend.compile_check import config_reports\n"
+              f"rows = config_reports({op!r}, {shape!r}, torch.{dtype}, {config!r}, 90)\n"
+              "print(json.dumps([asdict(r) for r in rows]))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
+                            check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
 
 
 def describe(row: dict) -> str:
@@ -127,18 +141,9 @@ def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores(
     have no head-dim tile: in "ieee" they ran on CUDA cores with 8-11 KB of stack a thread
     (sm_90, Triton 3.6 and 3.9) and their launch failed with out of memory on an H100. A few KB
     stay: tf32x3's split operands, as at K = 128."""
-    script = (
-        "import json, torch\n"
-        "from dataclasses import asdict\n"
-        "from rnnops.autotune import kernels\n"
-        "from rnnops.triton_backend.compile_check import config_reports\n"
-        "shape = {'B': 2, 'T': 256, 'H': 2, 'K': 16, 'V': 32, 'gated': True, 'num_householder': 1}\n"
-        "rows = config_reports('delta_rule', shape, torch.float32, kernels.find('delta_rule', 'triton').default(), 90)\n"
-        "print(json.dumps([asdict(r) for r in rows]))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV, check=False,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    stacks = {row["name"]: row["stack_bytes"] for row in json.loads(result.stdout)}
+    shape = {"B": 2, "T": 256, "H": 2, "K": 16, "V": 32, "gated": True, "num_householder": 1}
+    rows = config_report_rows("delta_rule", shape, "float32", kernels.find("delta_rule", "triton").default())
+    stacks = {row["name"]: row["stack_bytes"] for row in rows}
     assert {"ut_inverse_kernel", "ut_bwd_kernel"} <= stacks.keys()
     assert max(stacks.values()) < 4096, stacks
 
@@ -147,17 +152,8 @@ def test_scan_in_segments_compiles_without_spills():
     """The segment passes (forward: a segment's end from zero, the walk over segments, the outputs
     from their entering states; backward: the adjoint alone, the reverse walk, the gradients),
     which the standard calls' single-segment shipped configurations never launch."""
-    script = (
-        "import json, torch\n"
-        "from dataclasses import asdict\n"
-        "from rnnops.triton_backend.compile_check import config_reports\n"
-        "config = {'block_d': 16, 'chunk': 32, 'forward_block_d': 16, 'segments': 4}\n"
-        "rows = config_reports('selective_scan', {'Dm': 2048, 'N': 16}, torch.bfloat16, config, 90)\n"
-        "print(json.dumps([asdict(r) for r in rows]))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV, check=False,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = json.loads(result.stdout)
+    config = {"block_d": 16, "chunk": 32, "forward_block_d": 16, "segments": 4}
+    rows = config_report_rows("selective_scan", {"Dm": 2048, "N": 16}, "bfloat16", config)
     names = [row["name"] for row in rows]
     assert names.count("scan_fwd_kernel") == 2 and names.count("scan_segment_states_kernel") == 2, names
     assert "scan_bwd_local_kernel" in names and "scan_bwd_kernel" in names, names

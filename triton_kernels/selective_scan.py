@@ -128,16 +128,27 @@ def _decay_tile(A, i_d, Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BD:
 
 
 @triton.jit
-def _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS: tl.constexpr):
-    """Where program ``pid`` works: (sequence, first row, exclusive end row, the
-    sequence's first global chunk, the segment's first chunk in the sequence, its chunk count):
-    segment pid % SEGMENTS of sequence pid // SEGMENTS, ceil(chunks / SEGMENTS) chunks each (the
-    last ones shorter or empty)."""
+def _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS: tl.constexpr, PACKED: tl.constexpr):
+    """Where program ``pid`` works: (sequence, its batch row (packed sequences live in row 0),
+    first row, exclusive end row, the sequence's first global chunk, the segment's first chunk in
+    the sequence, its chunk count): segment pid % SEGMENTS of sequence pid // SEGMENTS,
+    ceil(chunks / SEGMENTS) chunks each (the last ones shorter or empty)."""
     seq = pid // SEGMENTS
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     per = tl.cdiv(chunks, SEGMENTS)
     c0 = (pid % SEGMENTS) * per
-    return seq, bos, eos, first, c0, tl.minimum(tl.maximum(chunks - c0, 0), per)
+    if PACKED:
+        b = 0
+    else:
+        b = seq
+    return seq, b, bos, eos, first, c0, tl.minimum(tl.maximum(chunks - c0, 0), per)
+
+
+@triton.jit
+def _live_sub_blocks(bos, eos, c, BT: tl.constexpr, UNROLL: tl.constexpr):
+    """Sub-blocks of UNROLL steps in chunk c of a sequence that hold a step (the sequence's last
+    chunk: its live part)."""
+    return tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)
 
 
 @triton.jit
@@ -191,11 +202,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
     segment's end state to ``segment_states`` and its channels' sum of dt to ``dt_sums``, for
     scan_segment_states_kernel."""
     i_d, pid = tl.program_id(0), tl.program_id(1)
-    seq, bos, eos, first, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS)
-    if PACKED:
-        b = 0
-    else:
-        b = seq
+    seq, b, bos, eos, first, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS, PACKED)
     ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias = \
         _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
                        channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, HAS_D,
@@ -211,7 +218,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
         c = c0 + k
         if PASS == 0:
             tl.store(h + (first + c) * N * Dm + state_offs, X, mask=state_mask)
-        for j in range(tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)):  # the sequence's last chunk: its live part
+        for j in range(_live_sub_blocks(bos, eos, c, BT, UNROLL)):
             for i in tl.static_range(UNROLL):
                 b_row, mask, dt, _, b_u, B_t, C_t = _step_inputs(
                     bos + c * BT + j * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
@@ -292,11 +299,7 @@ def scan_bwd_local_kernel(u, delta, A, B, C, z, delta_bias, d_out, segment_grads
     writes the G it passes to the state before the segment to ``segment_grads`` and its
     channels' sum of dt to ``dt_sums``, for scan_segment_states_kernel (REVERSE)."""
     i_d, pid = tl.program_id(0), tl.program_id(1)
-    seq, bos, eos, _, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS)
-    if PACKED:
-        b = 0
-    else:
-        b = seq
+    _, b, bos, eos, _, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS, PACKED)
     ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, _, bias = \
         _channel_block(A, B, C, None, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
                        channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, False,
@@ -305,7 +308,7 @@ def scan_bwd_local_kernel(u, delta, A, B, C, z, delta_bias, d_out, segment_grads
     dt_sum = tl.zeros([BD], tl.float32)
     for m in range(chunks):
         c = c0 + chunks - 1 - m
-        sub_blocks = tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)  # live ones
+        sub_blocks = _live_sub_blocks(bos, eos, c, BT, UNROLL)
         for kk in range(sub_blocks):
             k = sub_blocks - 1 - kk
             for i in tl.static_range(UNROLL - 1, -1, -1):
@@ -344,11 +347,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
     d_bias (per program, to be summed), dB, dC (per channel block: (Dm / BD, T_total, N) for
     time-varying B/C, (program, N, Dm) for static ones) are partial sums for the caller."""
     i_d, pid = tl.program_id(0), tl.program_id(1)
-    seq, bos, eos, first, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS)
-    if PACKED:
-        b = 0
-    else:
-        b = seq
+    seq, b, bos, eos, first, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS, PACKED)
     ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias = \
         _channel_block(A, B, C, D, delta_bias, i_d, b, s_Bb, s_Bg, s_Cb, s_Cg,
                        channels_per_group_B, channels_per_group_C, Dm, N, NP, B_MODE, C_MODE, HAS_D,
@@ -369,7 +368,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
     for m in range(chunks):
         c = c0 + chunks - 1 - m
         X = tl.load(h + (first + c) * N * Dm + state_offs, mask=state_mask, other=0.0)
-        sub_blocks = tl.cdiv(tl.minimum(eos - bos - c * BT, BT), UNROLL)  # live ones
+        sub_blocks = _live_sub_blocks(bos, eos, c, BT, UNROLL)
         for k in range(sub_blocks):
             tl.store(own + k * NP * BD + own_offs, X)
             if k < sub_blocks - 1:
