@@ -17,7 +17,7 @@ from rnnops.bench import cli, report, roofline, runner
 from rnnops.bench import precompile as precompile_module
 from rnnops.bench.precompile import precompile, warm_up
 from rnnops.bench.runner import Target, run_case
-from rnnops.bench.timing import host_breakdown, measure, peak_memory
+from rnnops.bench.timing import batch_size, host_breakdown, measure, peak_memory
 
 CPU = torch.device("cpu")
 
@@ -357,6 +357,16 @@ def test_measure_respects_repeats_and_time_limits():
     slow = measure(lambda: sum(range(20000)), CPU, warmup=0, repeats=50, max_seconds=0.0)
     assert len(slow.samples) == 1
     assert timing.host_median is None  # host time is only its own measurement where launches are asynchronous
+
+
+def test_gpu_batch_size_takes_the_default_unlimited_time():
+    """The GPU path's batch size: an infinite max_seconds (measure's default) sets no cap, where
+    floor(inf) raised OverflowError on the H100 (2026-11-26)."""
+    assert batch_size(0.005, repeats=5, min_seconds=0.0, max_seconds=float("inf")) == 5
+    assert batch_size(1e-4, repeats=5, min_seconds=0.3, max_seconds=2.0) == 100
+    assert batch_size(0.1, repeats=5, min_seconds=0.3, max_seconds=2.0) == 5
+    assert batch_size(0.5, repeats=5, min_seconds=0.3, max_seconds=2.0) == 4
+    assert batch_size(3.0, repeats=5, min_seconds=0.3, max_seconds=2.0) == 1
 
 
 @pytest.mark.gpu

@@ -14,11 +14,15 @@ gradient entering each segment's end, then scan_bwd_kernel runs per segment.
 Forward: step by step, the state (NP x BD) in registers with a channel's state elements in one
 thread (channels across lanes; blocks narrower than a warp split them over 32 / BD lanes), so a
 step is elementwise (2^(dt A log2 e) on the MUFU, one FMA into x, <x, C> summed in the thread);
-UNROLL steps unrolled so their loads issue together. The state entering every chunk of BT steps
-is stored (fp32, N x Dm per chunk and sequence) for the backward. SASS (N 16, bf16, sm_90,
-Triton 3.6 and 3.9 alike): about 31 instructions per (step, channel, state element) at BD 8, 21
-at BD 16, 12 at BD 32, where a tl.associative_scan over each chunk took 100 (shuffles and
-shared memory per element); a quarter of them the softplus (a precise log and exp, per channel).
+in sub-blocks of UNROLL steps whose loads all issue one sub-block ahead (_sub_block_loads), so
+they arrive while the sub-block before runs: loaded step by step, each step's loads queued behind
+the previous step's store and waited for, a program spent about a memory latency a step (1 us a
+step at B8 T2048 D2048, H100: 2.1 ms forward, a sixth of its instruction issue rate). The state
+entering every chunk of BT steps is stored (fp32, N x Dm per chunk and sequence) for the backward.
+SASS (N 16, bf16, sm_90, UNROLL 4): about 34 instructions per (step, channel, state element) at
+BD 8 (164 registers), 22 at BD 16 (242; 32 spills: the B and C of the 8 steps in flight), where a
+tl.associative_scan over each chunk took 100 (shuffles and shared memory per element); a quarter
+of them the softplus (a precise log and exp, per channel).
 Backward: the same layout, walking the chunks backwards; inside a chunk, the states entering
 its sub-blocks of UNROLL (4) steps are recomputed from the stored state into a per-program
 scratch (checkpoints, L2-resident), then each sub-block (last first) recomputes its UNROLL states
@@ -52,10 +56,10 @@ OUTPUTS, LOCAL = 0, 1
 
 
 @triton.jit
-def _discretised_dt(delta, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(dt, d dt / d delta) on a tile (``bias``: the channels' delta_bias, broadcastable to it);
-    zeros outside ``mask`` (no step)."""
-    raw = tl.load(delta + offs, mask=mask, other=0.0).to(tl.float32)
+def _discretised_dt(raw_delta, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(dt, d dt / d delta) of a loaded delta tile (any float dtype; ``bias``: the channels'
+    delta_bias, broadcastable to it), fp32; zeros outside ``mask`` (no step)."""
+    raw = raw_delta.to(tl.float32)
     if HAS_BIAS:
         raw += bias
     if SOFTPLUS:
@@ -93,12 +97,13 @@ def _bc_step(M, static_tile, offs, rn, mask, s_n, MODE: tl.constexpr):
 
 
 @triton.jit
-def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C, B_static, C_static, B_base, C_base,
-                 s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
-                 B_MODE: tl.constexpr, C_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 PACKED: tl.constexpr):
-    """What one step reads: (its row in the (B, T) layout, live channels, dt, d dt / d delta, u,
-    B, C), all fp32; a step past the sequence's end has dt = u = 0 and B = C = 0 (the identity)."""
+def _step_loads(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, B, C, B_static, C_static, B_base, C_base,
+                s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                B_MODE: tl.constexpr, C_MODE: tl.constexpr, PACKED: tl.constexpr):
+    """What one step reads, as loaded (delta and u in their own dtype, nothing computed from
+    them, so the loads can be issued well ahead of their use): (its row in the (B, T) layout, live
+    channels, delta, u, B, C (fp32)); a step past the sequence's end has delta = u = 0 and
+    B = C = 0."""
     if PACKED:  # packed sequences live in batch row 0
         b_row = row
     else:
@@ -106,11 +111,48 @@ def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C
     # vector comparisons: in Triton's interpreter a vector mask & a scalar one is not boolean
     mask = ch_mask & (ch * 0 + row < eos)
     n_live = n_mask & (rn * 0 + row < eos)
-    dt, slope = _discretised_dt(delta, b * s_db + b_row * s_dt + ch * s_dd, mask, bias, HAS_BIAS, SOFTPLUS)
-    b_u = tl.load(u + b * s_ub + b_row * s_ut + ch * s_ud, mask=mask, other=0.0).to(tl.float32)
+    raw_delta = tl.load(delta + b * s_db + b_row * s_dt + ch * s_dd, mask=mask, other=0.0)
+    raw_u = tl.load(u + b * s_ub + b_row * s_ut + ch * s_ud, mask=mask, other=0.0)
     B_t = _bc_step(B, B_static, B_base + b_row * s_Bt, rn, n_live, s_Bn, B_MODE)
     C_t = _bc_step(C, C_static, C_base + b_row * s_Ct, rn, n_live, s_Cn, C_MODE)
-    return b_row, mask, dt, slope, b_u, B_t, C_t
+    return b_row, mask, raw_delta, raw_u, B_t, C_t
+
+
+@triton.jit
+def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C, B_static, C_static, B_base, C_base,
+                 s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
+                 B_MODE: tl.constexpr, C_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 PACKED: tl.constexpr):
+    """What one step reads (_step_loads), discretised: (its row in the (B, T) layout, live
+    channels, dt, d dt / d delta, u, B, C), all fp32; a step past the sequence's end has dt = u = 0
+    and B = C = 0 (the identity)."""
+    b_row, mask, raw_delta, raw_u, B_t, C_t = _step_loads(
+        row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, B, C, B_static, C_static, B_base, C_base,
+        s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn, B_MODE, C_MODE, PACKED)
+    dt, slope = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
+    return b_row, mask, dt, slope, raw_u.to(tl.float32), B_t, C_t
+
+
+@triton.jit
+def _sub_block_loads(row0, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, B, C, B_static, C_static, B_base, C_base,
+                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_Bt, s_Bn, s_Ct, s_Cn,
+                     B_MODE: tl.constexpr, C_MODE: tl.constexpr, LOAD_Z: tl.constexpr, PACKED: tl.constexpr,
+                     UNROLL: tl.constexpr):
+    """_step_loads of the UNROLL steps from ``row0`` and (LOAD_Z) their z (else 0), as a tuple of
+    per-step tuples, all loads issued together and nothing computed from them: a kernel that takes
+    a sub-block's loads one sub-block ahead of its steps has them arrive while it computes (loaded
+    step by step, a step's loads queued behind the previous step's store and waited for right away:
+    a memory latency a step)."""
+    steps = ()
+    for i in tl.static_range(UNROLL):
+        b_row, mask, raw_delta, raw_u, B_t, C_t = _step_loads(
+            row0 + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, B, C, B_static, C_static, B_base, C_base,
+            s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn, B_MODE, C_MODE, PACKED)
+        raw_z = tl.zeros_like(raw_u)
+        if LOAD_Z:
+            raw_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0)
+        steps = steps + ((b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z),)
+    return steps
 
 
 @triton.jit
@@ -194,8 +236,8 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
                     UNROLL: tl.constexpr):
     """One segment (_segment: the whole sequence where SEGMENTS = 1) and BD channels, step by step:
     the state X (NP, BD; the state elements of a channel in one thread, channels across lanes) in
-    registers, each step's e^(dt A), dt u B and <x, C> elementwise, UNROLL steps unrolled (so
-    their loads issue ahead of the recurrence).
+    registers, each step's e^(dt A), dt u B and <x, C> elementwise, in sub-blocks of UNROLL
+    steps, each one's loads issued while the one before it runs.
     PASS OUTPUTS: from the state entering the segment (the initial state, or with SEGMENTS > 1
     ``segment_states``), writes out and the state entering each chunk of BT steps (for the
     backward), and (SEGMENTS = 1) the final state. PASS LOCAL: from a zero state, writes only the
@@ -214,25 +256,32 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
             X += tl.load(segment_states + pid * N * Dm + state_offs, mask=state_mask, other=0.0)
         elif HAS_INITIAL:
             X += tl.load(initial_state + seq * N * Dm + state_offs, mask=state_mask, other=0.0)
-    for k in range(chunks):
-        c = c0 + k
-        if PASS == 0:
-            tl.store(h + (first + c) * N * Dm + state_offs, X, mask=state_mask)
-        for j in range(_live_sub_blocks(bos, eos, c, BT, UNROLL)):
-            for i in tl.static_range(UNROLL):
-                b_row, mask, dt, _, b_u, B_t, C_t = _step_inputs(
-                    bos + c * BT + j * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
-                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
-                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                X = _advance(X, A2, dt, b_u, B_t)
-                if PASS == 1:  # LOCAL
-                    dt_sum += dt
-                else:
-                    y = tl.sum(X * C_t, axis=0) + d_weight * b_u
-                    if HAS_Z:
-                        b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
-                        y *= b_z * tl.sigmoid(b_z)
-                    tl.store(out + b * s_ob + b_row * s_ot + ch * s_od, y.to(out.dtype.element_ty), mask=mask)
+    start = bos + c0 * BT  # the segment's first row; its sub-blocks of UNROLL steps never straddle a chunk
+    sub_blocks = tl.cdiv(tl.minimum(eos, start + chunks * BT) - start, UNROLL)  # (<= 0 for an empty segment)
+    ahead = _sub_block_loads(start, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, B, C, B_static, C_static,
+                             B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_Bt, s_Bn, s_Ct,
+                             s_Cn, B_MODE, C_MODE, HAS_Z and PASS == 0, PACKED, UNROLL)
+    for j in range(sub_blocks):
+        if PASS == 0 and j % (BT // UNROLL) == 0:  # a chunk's first sub-block: store the state entering it
+            tl.store(h + (first + c0 + j // (BT // UNROLL)) * N * Dm + state_offs, X, mask=state_mask)
+        current = ahead
+        # the next sub-block's loads issue before this one's steps (past the segment's end: masked or unused)
+        ahead = _sub_block_loads(start + (j + 1) * UNROLL, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, B, C,
+                                 B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt,
+                                 s_zd, s_Bt, s_Bn, s_Ct, s_Cn, B_MODE, C_MODE, HAS_Z and PASS == 0, PACKED, UNROLL)
+        for i in tl.static_range(UNROLL):
+            b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z = current[i]
+            dt, _ = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
+            b_u = raw_u.to(tl.float32)
+            X = _advance(X, A2, dt, b_u, B_t)
+            if PASS == 1:  # LOCAL
+                dt_sum += dt
+            else:
+                y = tl.sum(X * C_t, axis=0) + d_weight * b_u
+                if HAS_Z:
+                    b_z = raw_z.to(tl.float32)
+                    y *= b_z * tl.sigmoid(b_z)
+                tl.store(out + b * s_ob + b_row * s_ot + ch * s_od, y.to(out.dtype.element_ty), mask=mask)
     if PASS == 1:
         tl.store(segment_states + pid * N * Dm + state_offs, X, mask=state_mask)
         tl.store(dt_sums + pid * Dm + ch, dt_sum, mask=ch_mask)

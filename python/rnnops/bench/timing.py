@@ -34,6 +34,17 @@ class Timing:
         return (max(self.samples) - min(self.samples)) / self.median
 
 
+def batch_size(estimate: float, repeats: int, min_seconds: float, max_seconds: float) -> int:
+    """How many back-to-back GPU calls to time, given one call's ``estimate`` (seconds): at least
+    ``repeats`` and enough to fill ``min_seconds``, no more than fit in ``max_seconds`` (which may
+    be infinite), and always between 1 and 100."""
+    estimate = max(estimate, 1e-6)
+    count = min(max(repeats, math.ceil(min_seconds / estimate)), 100)
+    if math.isfinite(max_seconds):
+        count = min(count, math.floor(max_seconds / estimate))
+    return max(1, count)
+
+
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5,
             min_seconds: float = 0.0, max_seconds: float = float("inf")) -> Timing:
     """Time ``fn()`` after ``warmup`` calls: ``repeats`` times, more (up to 100) until
@@ -66,8 +77,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
     fn()  # the last warm-up call
     torch.cuda.synchronize(device)
     estimate = time.perf_counter() - begin  # an upper bound: host and device time, not overlapped
-    count = max(repeats, math.ceil(min_seconds / max(estimate, 1e-6)))
-    count = max(1, min(count, 100, math.floor(max_seconds / max(estimate, 1e-6))))
+    count = batch_size(estimate, repeats, min_seconds, max_seconds)
     if estimate < 0.05:  # (for longer calls the host's share is negligible)
         fn()
     events, host = [], []
