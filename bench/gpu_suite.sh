@@ -49,7 +49,8 @@ PY
     section autotune
     timeout 250 python -m rnnops autotune --ops all --budget-s 220 --export "$OUT/tuned.json"
     section "autotune --exhaustive (the search's check)"
-    # 90 legal configurations, each compiled in a worker process first (8 at a time)
+    # 180 legal configurations, each compiled in a worker process first (8 at a time); the budget
+    # may stop it short of all (the table says how many it measured)
     timeout 150 python -m rnnops autotune --exhaustive --ops rnn --shapes "cell=lstm,B=16,T=1024,H=24,D=32" \
       --budget-s 130
   else
@@ -67,10 +68,10 @@ PY
   fi
 
   section bench
-  # the bench starts no case after its budget (check mode: until 400 s, leaving the A/B checks
+  # the bench starts no case after its budget (check mode: until 425 s, leaving the A/B checks
   # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
   # finished case even if the timeout has to kill it mid-case
-  [ "$MODE" = tune ] && end=520 || end=400
+  [ "$MODE" = tune ] && end=520 || end=425
   budget=$((end - $(date +%s) + START))
   [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
   # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
@@ -82,33 +83,25 @@ PY
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
     # linear attention: the delta rule ships 4 warps x 1 stage on the H100 and H200 since
     # 2026-11-26 (1.17-1.21x f+b, plain, gated and DeltaProduct); the same for plain linear attention
-    left=$(seconds_until 460)
+    left=$(seconds_until 480)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"num_warps": 4, "num_stages": 1}'
-    # the LSTM at D = 64: the Triton cells (RESIDENT, one program per head and 16 batch rows) at 4
-    # warps, half the threads at every step's barriers; the CUDA cells with a head in one block
-    # (64 units) or two (32), where the shipped 16 units split it over four that meet at a grid
-    # barrier every step (its backward took 8.1 of 14.2 ms f+b on the H100, Triton's 3.8); and the
-    # Triton cells recomputing the pre-activations in the backward (fewer forward barriers, no
-    # 200 MB of saved fp32 pre-activations, a longer backward step: triton_kernels/rnn.py RECOMPUTE)
-    left=$(seconds_until 515)
+    # the Triton LSTM at D = 64 ships 4 warps forward and backward on the H100 (1.10x f+b over 8 in
+    # both, 2026-11-26): which kernel gained, the forward at 8 (its loop: 455 instructions and 14
+    # barriers a step at 8 warps, 870 and 22 at 4; Triton 3.6 SASS) or the backward at 8; and
+    # recomputing the pre-activations in the backward (1.05x at 8 warps)
+    left=$(seconds_until 530)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
-      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 4}' '{"recompute": 1}' '{"units": 64}' \
-      '{"units": 32}'
-    # the selective scan on the H100: the Triton scan ships 16 channels x 32-step chunks since
-    # 2026-11-26 (1.14x over 8 x 128 on the H200; measured before its n-major state tiles, which
-    # cut the instructions per element most at wide blocks): against the former 8 x 128, 128-step
-    # chunks (the cost model's pick), its forward at 32 and 8 channels a program (ships 16: the
-    # cost model's guess); and the CUDA scan's 4 warps (1.10x on the H200; 2 warps 1.03x on the H100)
-    left=$(seconds_until 560)
+      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" --try '{"num_warps": 8}' '{"backward_num_warps": 8}' \
+      '{"recompute": 1}'
+    # the selective scan at B 8: the Triton forward now issues each sub-block's loads one
+    # sub-block ahead; 8 channels a forward program measured 1.14x before that (more one-warp
+    # programs hid more of the per-step latency: does it still?), 64-step chunks, two segments a
+    # sequence; the CUDA scan ships 4 warps on the H100 since 2026-11-26 (1.10x over 8)
+    left=$(seconds_until 580)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"block_d": 8, "chunk": 128}' '{"chunk": 128}' \
-      '{"forward_block_d": 32}' '{"forward_block_d": 8}' '{"warps": 4}'
-    # a prompt's prefill (B = 1): the Triton scan in 8 segments a sequence (shipped, the cost
-    # model's pick: one segment leaves 128 one-warp programs) against one
-    left=$(seconds_until 590)
-    [ "$left" -gt 25 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
-      --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"segments": 1}'
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"forward_block_d": 8}' '{"chunk": 64}' '{"segments": 2}' \
+      '{"warps": 8}'
   fi
 } 2>&1 | tee "$LOG"
 

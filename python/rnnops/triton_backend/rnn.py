@@ -24,7 +24,8 @@ class RNNConfig:
     block_b: int = 16  # batch rows per program (>= 16: tl.dot)
     block_d: int = 64  # output units per tile
     block_k: int = 64  # reduction units per tile
-    num_warps: int = 8  # 4 spills in the float16 sLSTM backward at D = 256 (compile_check, sm_90)
+    num_warps: int = 8  # the forward kernel's warps
+    backward_num_warps: int = 8  # the backward's (4 spill in the fp16 sLSTM backward at D = 256: compile_check)
     num_stages: int = 1
     # 1: resident kernels save no pre-activations, the backward recomputes them (recompute_shared_bytes)
     recompute: int = 0
@@ -36,13 +37,13 @@ DEFAULT_CONFIG = RNNConfig()
 def space(D: int, gates: int, hardware, element_bytes: int = 2) -> Space:
     return Space(
         {"block_b": powers_of_two(16, 64), "block_d": powers_of_two(16, 128), "block_k": powers_of_two(16, 128),
-         "num_warps": [2, 4, 8], "num_stages": [1, 2], "recompute": [0, 1]},
+         "num_warps": [2, 4, 8], "backward_num_warps": [4, 8], "num_stages": [1, 2], "recompute": [0, 1]},
         (
             Constraint("block_d <= D rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(D)),
             Constraint("block_k <= D rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(D)),
-            Constraint("G gate accumulators and a weight tile fit in 255 registers per thread",
-                       ("block_b", "block_d", "block_k", "num_warps"),
-                       lambda bb, bd, bk, w: gates * bb * bd + bd * bk <= 255 * hardware.warp_size * w),
+            Constraint("G gate accumulators and a weight tile fit in 255 registers per thread (forward and "
+                       "backward warps)", ("block_b", "block_d", "block_k", "num_warps", "backward_num_warps"),
+                       lambda bb, bd, bk, *warps: gates * bb * bd + bd * bk <= 255 * hardware.warp_size * min(warps)),
             Constraint("recompute: one tile spans the head, and R twice in shared memory",
                        ("block_d", "block_k", "recompute"),
                        lambda bd, bk, r: not r or (bd >= D and bk >= D and recompute_shared_bytes(
@@ -98,8 +99,8 @@ class _Launcher:
         block_d, block_k = (min(block, next_power_of_two(dim)) for block in (config.block_d, config.block_k))
         self.meta = dict(H=heads, D=dim, CELL=CELL_IDS[cell], G=CELLS[cell].gates, S=len(CELLS[cell].states),
                          P=pre_slots(cell), PRECISION=dot_precision(dtype, tile_dims=(block_d, block_k)),
-                         BB=config.block_b, BD=block_d, BKD=block_k,
-                         num_warps=config.num_warps, num_stages=config.num_stages)
+                         BB=config.block_b, BD=block_d, BKD=block_k, num_stages=config.num_stages)
+        self.forward_warps, self.backward_warps = config.num_warps, config.backward_num_warps
         # the kernels hold the head's R on chip when their tile spans the head and R fits (RESIDENT)
         limit = block_shared_memory(device)
         gates, element_bytes = CELLS[cell].gates, dtype.itemsize
@@ -113,8 +114,8 @@ class _Launcher:
     def _pre(self, device):
         return pre_buffer(self.cell, self.batch, self.time, self.meta["H"], self.meta["D"], device)
 
-    def _run(self, kernel, args, flags, resident: bool, recompute: bool):
-        kernel[self.grid](*args, RESIDENT=resident, RECOMPUTE=recompute, **flags, **self.meta)
+    def _run(self, kernel, args, flags, resident: bool, recompute: bool, num_warps: int):
+        kernel[self.grid](*args, RESIDENT=resident, RECOMPUTE=recompute, num_warps=num_warps, **flags, **self.meta)
 
     def _refused(self, error) -> None:
         """resident_shared_bytes and recompute_shared_bytes are estimates: where the GPU refuses a
@@ -136,13 +137,13 @@ class _Launcher:
             pre = None if self.recompute or not self.saves else self._pre(x.device)
             try:
                 self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch),
-                          flags, True, self.recompute)
+                          flags, True, self.recompute, self.forward_warps)
                 return pre
             except OutOfResources as error:
                 self._refused(error)
         pre = self._pre(x.device) if self.saves else None
         self._run(_kernels().rnn_fwd_kernel, (x, R, b, initial, states, pre, h_seq, self.time, self.batch), flags,
-                  False, False)
+                  False, False, self.forward_warps)
         return pre
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq):
@@ -154,7 +155,8 @@ class _Launcher:
         if self.resident:
             try:
                 self._run(_kernels().rnn_bwd_kernel, (R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b,
-                                                      h_seq, self.time, self.batch), flags, True, pre is None)
+                                                      h_seq, self.time, self.batch), flags, True, pre is None,
+                          self.backward_warps)
                 return
             except OutOfResources as error:
                 self._refused(error)
@@ -162,7 +164,7 @@ class _Launcher:
             states = torch.empty_like(states)
             pre = self.forward(x, R, b, initial, states, torch.empty_like(h_seq))
         self._run(_kernels().rnn_bwd_kernel, (R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq,
-                                              self.time, self.batch), flags, False, False)
+                                              self.time, self.batch), flags, False, False, self.backward_warps)
 
 
 @register("rnn", "triton", supports=supports)
