@@ -84,10 +84,11 @@ def test_half_kernels_compile_without_spills_by_default(group):
 # (cumsum) or GLA's 16 x 16 sub-chunk blocks (a warpgroup product needs 64 rows)
 WARP_LEVEL = re.compile("cumsum|intra_scores|intra_dqk")
 # SASS instructions per exponential in the scan kernels' per-step loops (about one exponential per
-# (step, channel, state element); measured 17 forward, 28 backward at the H100's configuration
-# with Triton 3.6 and 3.9, where tl.associative_scan over chunk tiles took 100 and 105: shuffles
-# and shared memory)
-SCAN_INSTRUCTIONS_PER_EXPONENTIAL = {"scan_fwd_kernel": 30, "scan_bwd_kernel": 40}
+# (step, channel, state element); measured 17 forward, 41 backward at the H100's configuration
+# with Triton 3.6 and 3.9 (the backward 28 with 4-step sub-blocks, whose loop also held the
+# recomputation's exponentials: fewer instructions a step since, 446 against 498), where
+# tl.associative_scan over chunk tiles took 100 and 105: shuffles and shared memory)
+SCAN_INSTRUCTIONS_PER_EXPONENTIAL = {"scan_fwd_kernel": 30, "scan_bwd_kernel": 50}
 # with a channel's state elements in one thread, the forward's only shuffles sum <x, C> over the
 # 32 / block_d lanes of a block narrower than a warp: log2(32 / block_d) a step against block_d N
 # / 32 + 2 exponentials (16 / 48 an 8-step iteration at block_d 8, 8 / 80 at 16). State elements

@@ -24,17 +24,19 @@ BD 8 (164 registers), 22 at BD 16 (242; 32 spills: the B and C of the 8 steps in
 tl.associative_scan over each chunk took 100 (shuffles and shared memory per element); a quarter
 of them the softplus (a precise log and exp, per channel).
 Backward: the same layout, walking the chunks backwards; inside a chunk, the states entering
-its sub-blocks of UNROLL (4) steps are recomputed from the stored state into a per-program
-scratch (checkpoints, L2-resident), then each sub-block (last first) recomputes its UNROLL states
-into a register tile (selects on the unrolled step index fold to register moves) and runs the
-steps backwards with G = dL/dx entering the step (two forward recomputations in all):
+its sub-blocks of UNROLL (2) steps are recomputed from the stored state into a per-program
+scratch (checkpoints, L2-resident), then each sub-block (last first) issues all its steps' loads
+(_sub_block_loads: one memory latency a sub-block, where loads step by step behind the previous
+step's stores waited one a step), recomputes its UNROLL states into a register tile (selects on
+the unrolled step index fold to register moves) and runs the steps backwards with G = dL/dx
+entering the step (two forward recomputations in all):
     g = G + dy C,  du = dt sum_n g B (+ D dy),  ddt = sum_n g (A a x_prev + u B),  G <- a g,
     dA += g a x_prev dt,  dB = sum over channels of g dt u,  dC = sum over channels of dy x
 (dB, dC per step and group, or per channel and state for static B, C: partial sums per channel
-block / program, reduced by the caller). SASS (N 16, bf16, sm_90): about 109 instructions per
-(step, channel, state element) at BD 8 and 80 at BD 16 (BD 32 spills), both recomputations
-included, a sixth of them the shuffles of dB and dC's sums over the channels (was 211 with
-associative scans per n).
+block / program, reduced by the caller). SASS (N 16, bf16, sm_90, Triton 3.6): about 103
+instructions per (step, channel, state element) at BD 8 and 75 at BD 16 (BD 32 spills; UNROLL 4
+with its loads together spills at BD 16), both recomputations included, a sixth of them the
+shuffles of dB and dC's sums over the channels (was 211 with associative scans per n).
 Every factor a_t <= 1 for A <= 0: stable for any length and any |A dt|.
 Layouts: u, delta, z, out (B, T, Dm) with any strides; B, C (fp32) shared (B, T, N) or grouped
 (B, T, G, N), any strides, a channel block never straddling two groups (BD divides Dm / G);
@@ -134,15 +136,16 @@ def _step_inputs(row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C
 
 
 @triton.jit
-def _sub_block_loads(row0, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, B, C, B_static, C_static, B_base, C_base,
-                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_Bt, s_Bn, s_Ct, s_Cn,
-                     B_MODE: tl.constexpr, C_MODE: tl.constexpr, LOAD_Z: tl.constexpr, PACKED: tl.constexpr,
-                     UNROLL: tl.constexpr):
-    """_step_loads of the UNROLL steps from ``row0`` and (LOAD_Z) their z (else 0), as a tuple of
-    per-step tuples, all loads issued together and nothing computed from them: a kernel that takes
-    a sub-block's loads one sub-block ahead of its steps has them arrive while it computes (loaded
-    step by step, a step's loads queued behind the previous step's store and waited for right away:
-    a memory latency a step)."""
+def _sub_block_loads(row0, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, d_out, B, C, B_static, C_static, B_base,
+                     C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od, s_Bt, s_Bn, s_Ct,
+                     s_Cn, B_MODE: tl.constexpr, C_MODE: tl.constexpr, LOAD_Z: tl.constexpr,
+                     LOAD_D_OUT: tl.constexpr, PACKED: tl.constexpr, UNROLL: tl.constexpr):
+    """_step_loads of the UNROLL steps from ``row0``, their z (LOAD_Z) and output gradient
+    (LOAD_D_OUT; else 0), as a tuple of per-step tuples (row, mask, delta, u, B, C, z, d_out), all
+    loads issued together and nothing computed from them. Loaded step by step, a step's loads
+    queue behind the previous step's stores and are waited for at once: a memory latency a step.
+    Loaded so, a sub-block pays one (the backward), or none where its loads issue a sub-block
+    ahead (the forward)."""
     steps = ()
     for i in tl.static_range(UNROLL):
         b_row, mask, raw_delta, raw_u, B_t, C_t = _step_loads(
@@ -151,7 +154,10 @@ def _sub_block_loads(row0, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, B,
         raw_z = tl.zeros_like(raw_u)
         if LOAD_Z:
             raw_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0)
-        steps = steps + ((b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z),)
+        raw_d_out = tl.zeros_like(raw_u)
+        if LOAD_D_OUT:
+            raw_d_out = tl.load(d_out + b * s_ob + b_row * s_ot + ch * s_od, mask=mask, other=0.0)
+        steps = steps + ((b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z, raw_d_out),)
     return steps
 
 
@@ -258,19 +264,20 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
             X += tl.load(initial_state + seq * N * Dm + state_offs, mask=state_mask, other=0.0)
     start = bos + c0 * BT  # the segment's first row; its sub-blocks of UNROLL steps never straddle a chunk
     sub_blocks = tl.cdiv(tl.minimum(eos, start + chunks * BT) - start, UNROLL)  # (<= 0 for an empty segment)
-    ahead = _sub_block_loads(start, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, B, C, B_static, C_static,
-                             B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_Bt, s_Bn, s_Ct,
-                             s_Cn, B_MODE, C_MODE, HAS_Z and PASS == 0, PACKED, UNROLL)
+    ahead = _sub_block_loads(start, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, None, B, C, B_static, C_static,
+                             B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, 0, 0, 0, s_Bt,
+                             s_Bn, s_Ct, s_Cn, B_MODE, C_MODE, HAS_Z and PASS == 0, False, PACKED, UNROLL)
     for j in range(sub_blocks):
         if PASS == 0 and j % (BT // UNROLL) == 0:  # a chunk's first sub-block: store the state entering it
             tl.store(h + (first + c0 + j // (BT // UNROLL)) * N * Dm + state_offs, X, mask=state_mask)
         current = ahead
         # the next sub-block's loads issue before this one's steps (past the segment's end: masked or unused)
-        ahead = _sub_block_loads(start + (j + 1) * UNROLL, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, B, C,
-                                 B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt,
-                                 s_zd, s_Bt, s_Bn, s_Ct, s_Cn, B_MODE, C_MODE, HAS_Z and PASS == 0, PACKED, UNROLL)
+        ahead = _sub_block_loads(start + (j + 1) * UNROLL, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z, None, B,
+                                 C, B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt,
+                                 s_zd, 0, 0, 0, s_Bt, s_Bn, s_Ct, s_Cn, B_MODE, C_MODE, HAS_Z and PASS == 0, False,
+                                 PACKED, UNROLL)
         for i in tl.static_range(UNROLL):
-            b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z = current[i]
+            b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z, _ = current[i]
             dt, _ = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
             b_u = raw_u.to(tl.float32)
             X = _advance(X, A2, dt, b_u, B_t)
@@ -321,15 +328,15 @@ def scan_segment_states_kernel(segment_states, dt_sums, A, initial_state, final_
 
 
 @triton.jit
-def _output_gradient(d_out, z, b, b_row, ch, mask, s_zb, s_zt, s_zd, s_ob, s_ot, s_od, HAS_Z: tl.constexpr):
-    """(dL/d out, dy = dL/dy, z, sigmoid(z)) of a step's channels (fp32; z and its sigmoid 0
-    without z)."""
-    g_out = tl.load(d_out + b * s_ob + b_row * s_ot + ch * s_od, mask=mask, other=0.0).to(tl.float32)
+def _output_gradient(raw_d_out, raw_z, HAS_Z: tl.constexpr):
+    """(dL/d out, dy = dL/dy, z, sigmoid(z)) of a step's channels from their loaded d_out and z
+    (fp32; z and its sigmoid 0 without z)."""
+    g_out = raw_d_out.to(tl.float32)
     b_z = tl.zeros_like(g_out)
     sig = tl.zeros_like(g_out)
     dy = g_out
     if HAS_Z:
-        b_z = tl.load(z + b * s_zb + b_row * s_zt + ch * s_zd, mask=mask, other=0.0).to(tl.float32)
+        b_z = raw_z.to(tl.float32)
         sig = tl.sigmoid(b_z)
         dy = g_out * b_z * sig
     return g_out, dy, b_z, sig
@@ -360,12 +367,14 @@ def scan_bwd_local_kernel(u, delta, A, B, C, z, delta_bias, d_out, segment_grads
         sub_blocks = _live_sub_blocks(bos, eos, c, BT, UNROLL)
         for kk in range(sub_blocks):
             k = sub_blocks - 1 - kk
+            steps = _sub_block_loads(bos + c * BT + k * UNROLL, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z,
+                                     d_out, B, C, B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt,
+                                     s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od, s_Bt, s_Bn, s_Ct, s_Cn, B_MODE, C_MODE,
+                                     HAS_Z, True, PACKED, UNROLL)
             for i in tl.static_range(UNROLL - 1, -1, -1):
-                b_row, mask, dt, _, _, _, C_t = _step_inputs(
-                    bos + c * BT + k * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
-                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
-                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                _, dy, _, _ = _output_gradient(d_out, z, b, b_row, ch, mask, s_zb, s_zt, s_zd, s_ob, s_ot, s_od, HAS_Z)
+                _, mask, raw_delta, _, _, C_t, raw_z, raw_d_out = steps[i]
+                dt, _ = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
+                _, dy, _, _ = _output_gradient(raw_d_out, raw_z, HAS_Z)
                 G = tl.exp2(dt[None, :] * A2) * (G + dy[None, :] * C_t)
                 dt_sum += dt
     tl.store(segment_grads + pid * N * Dm + state_offs, G, mask=state_mask)
@@ -429,23 +438,24 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                     X = _advance(X, A2, dt, b_u, B_t)
         for kk in range(sub_blocks):
             k = sub_blocks - 1 - kk
+            # every load of the sub-block's steps first, then its state recomputation and its steps
+            steps = _sub_block_loads(bos + c * BT + k * UNROLL, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, z,
+                                     d_out, B, C, B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt,
+                                     s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od, s_Bt, s_Bn, s_Ct, s_Cn, B_MODE, C_MODE,
+                                     HAS_Z, True, PACKED, UNROLL)
             X = tl.load(own + k * NP * BD + own_offs)
             states = tl.zeros([UNROLL, NP, BD], tl.float32)  # the state entering each step
             for i in tl.static_range(UNROLL):
                 states = tl.where(ru[:, None, None] == i, X[None, :, :], states)
-                _, _, dt, _, b_u, B_t, _ = _step_inputs(
-                    bos + c * BT + k * UNROLL + i, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
-                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
-                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                X = _advance(X, A2, dt, b_u, B_t)
+                _, mask, raw_delta, raw_u, B_t, _, _, _ = steps[i]
+                dt, _ = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
+                X = _advance(X, A2, dt, raw_u.to(tl.float32), B_t)
             for i in tl.static_range(UNROLL - 1, -1, -1):
                 row = bos + c * BT + k * UNROLL + i
-                b_row, mask, dt, slope, b_u, B_t, C_t = _step_inputs(
-                    row, bos, eos, b, ch, ch_mask, rn, n_mask, u, delta, bias, B, C,
-                    B_static, C_static, B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_Bt, s_Bn, s_Ct, s_Cn,
-                    B_MODE, C_MODE, HAS_BIAS, SOFTPLUS, PACKED)
-                g_out, dy, b_z, sig = _output_gradient(d_out, z, b, b_row, ch, mask, s_zb, s_zt, s_zd, s_ob, s_ot,
-                                                       s_od, HAS_Z)
+                b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z, raw_d_out = steps[i]
+                dt, slope = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
+                b_u = raw_u.to(tl.float32)
+                g_out, dy, b_z, sig = _output_gradient(raw_d_out, raw_z, HAS_Z)
                 a = tl.exp2(dt[None, :] * A2)
                 # -0.0 fill: the select and sum over the unrolled index fold to picking a register
                 decayed = a * tl.sum(tl.where(ru[:, None, None] == i, states, -0.0), axis=0)

@@ -28,9 +28,8 @@ from .recurrent_step import supports as step_supports
 class SelectiveScanConfig:
     """Each kernel's channels per program are capped by the group size of grouped B / C; one warp
     per 32 channels, and a narrower block splits each channel's state elements over 32 / block
-    lanes (more programs, more instructions per element: SASS at N 16, about 31 / 21 / 12 a step,
-    channel and state element forward at 8 / 16 / 32 channels, 109 / 80 backward, where 32
-    spills). No num_stages: the loops have nothing for Triton's pipeliner (1 and 2 compiled the
+    lanes (more programs, more instructions per element: SASS at N 16, about 34 / 22 a step,
+    channel and state element forward at 8 / 16 channels, 103 / 75 backward; 32 spill in both). No num_stages: the loops have nothing for Triton's pipeliner (1 and 2 compiled the
     same).
 
     ``segments`` > 1 splits each sequence's chunks into that many runs walked in parallel, for
@@ -50,7 +49,7 @@ class SelectiveScanConfig:
 
 DEFAULT_CONFIG = SelectiveScanConfig()
 FORWARD_UNROLL = 4  # steps per forward sub-block, whose loads issue a sub-block ahead (two in registers)
-BACKWARD_UNROLL = 4  # steps per backward sub-block: their states live in registers (UNROLL x state tile)
+BACKWARD_UNROLL = 2  # steps per backward sub-block: their states and loads live in registers together
 
 
 def space(Dm: int, N: int, hardware) -> Space:
@@ -69,10 +68,11 @@ def space(Dm: int, N: int, hardware) -> Space:
                        "N x forward_block_d fp32 each) fit in 160 registers per thread (calibrated with "
                        "compile_check, N = 16: 8 channels compile to 164 registers, 16 to 242, 32 spill)",
                        ("forward_block_d",), lambda bd: (2 + 4 * FORWARD_UNROLL) * per_thread(bd) <= 160),
-            Constraint("the backward's state tiles (BACKWARD_UNROLL + 6 of N x block_d fp32) fit in 128 "
+            Constraint("the backward's tiles (the sub-block's states, its steps' B and C, and 6 more: "
+                       "3 BACKWARD_UNROLL + 6 of N x block_d fp32) fit in 128 "
                        "registers per thread (calibrated with rnnops.triton_backend.compile_check, N = 16: block_d "
-                       "16 compiles to 255 registers without spills, 32 spills)",
-                       ("block_d",), lambda bd: (BACKWARD_UNROLL + 6) * per_thread(bd) <= 128),
+                       "8 compiles to 226 registers, 16 to 248, 32 spills)",
+                       ("block_d",), lambda bd: (3 * BACKWARD_UNROLL + 6) * per_thread(bd) <= 128),
         ),
     )
 
