@@ -215,7 +215,8 @@ class ChunkedRun:
         launch(
             _kernels().intra_scores_kernel, (self.layout.programs, self.H),
             q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
-            PRECISION=self.precision, BT=self.chunk, BC=_kernels().SUB_CHUNK, BK=self.BK, **self.sub_chunk_launch)
+            PRECISION=self.precision, BT=self.chunk, BC=_kernels().SUB_CHUNK, BK=self.BK, KP=next_power_of_two(self.K),
+            **self.sub_chunk_launch)
         return A
 
     def states(self, k, v, G, initial_state, store_final):
