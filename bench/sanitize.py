@@ -1,10 +1,11 @@
-"""One small case per CUDA kernel, forward (also under no_grad) and backward, for
+"""One small case per CUDA kernel and cell slice shape, forward (also under no_grad) and backward, for
 compute-sanitizer (memcheck, racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck
 python bench/sanitize.py``; and the Triton cells' resident kernels at a head padded to its tile
 (48 units in 64), saving their pre-activations, recomputing them, and saving nothing (no_grad);
 the Triton scan's segment passes on packed sequences (some segments empty)."""
 import rnnops
 import torch
+from rnnops.cuda_backend import rnn as cuda_rnn
 from rnnops.triton_backend import rnn as triton_rnn
 from rnnops.triton_backend import selective_scan as triton_scan
 
@@ -12,14 +13,17 @@ from rnnops.triton_backend import selective_scan as triton_scan
 def main() -> None:
     device = "cuda"
     torch.manual_seed(0)
-    for cell, gates in (("lstm", 4), ("gru", 3), ("slstm", 4), ("elman", 1)):
-        for dim in (32, 96):  # one block per head, and a head split over blocks (grid barrier)
-            x = torch.randn(3, 5, gates, 2, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-            R = (torch.randn(gates, 2, dim, dim, device=device) / dim**0.5).requires_grad_()
-            h_seq, final = rnnops.rnn(x, R, None, cell=cell, backend="cuda")
-            (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
-            with torch.no_grad():  # the inference forward: no pre-activation buffer
-                rnnops.rnn(x, R, None, cell=cell, backend="cuda")
+    # the CUDA cells at the default slice (64 units, 128 threads) and at 16 units and 256 threads,
+    # whose tensor-core products split each output tile's K steps over several warps
+    for config in (cuda_rnn.DEFAULT_CONFIG, cuda_rnn.RNNConfig(units=16, threads=256)):
+        for cell, gates in (("lstm", 4), ("gru", 3), ("slstm", 4), ("elman", 1)):
+            for dim in (32, 96):  # one block per head, and a head split over blocks (grid barrier)
+                x = torch.randn(3, 5, gates, 2, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+                R = (torch.randn(gates, 2, dim, dim, device=device) / dim**0.5).requires_grad_()
+                h_seq, final = cuda_rnn.rnn(x, R, None, None, cell=cell, config=config)
+                (h_seq.float().sum() + sum(s.sum() for s in final)).backward()
+                with torch.no_grad():  # the inference forward: no pre-activation buffer
+                    cuda_rnn.rnn(x, R, None, None, cell=cell, config=config)
     for cell, gates in (("lstm", 4), ("gru", 3), ("slstm", 4)):
         for recompute in (0, 1):  # the backward loading the saved pre-activations, or computing them again
             x = torch.randn(3, 5, gates, 2, 48, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import assert_close, compare_backends
-from rnnops.autotune import hardware
+from rnnops.autotune import cache, hardware, kernels
 from rnnops.cuda_backend import compile_check
 from rnnops.cuda_backend import rnn as cuda_rnn
 from test_triton_rnn import GATES, make_inputs, run
@@ -29,6 +29,18 @@ def test_tensor_core_path(cell, dtype, bound, shape):
     compare_backends(run(cell, dtype), make_inputs(cell, dtype=dtype, **shape), bound, test="cuda")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_tensor_core_products_split_over_warps(cell):
+    """16-unit slices at 256 threads (8 warps): the forward's 4 (LSTM) or 3 (GRU: two warps idle)
+    output tiles take 2 warps each and the backward's one tile 8 (csrc/rnn/rnn.cuh warp_share:
+    each tile's K steps dealt out, the partial tiles summed); a head of 48 over three blocks."""
+    x = make_inputs(cell, dtype=torch.bfloat16, T=3, D=48)
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), torch.bfloat16)
+    assert cuda_rnn.k_parts(4 * 16, 256, 2) == 2 and cuda_rnn.k_parts(16, 256, 2) == 8
+    with cache.override("rnn", "cuda", bucket, {"units": 16, "threads": 256}):
+        compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")
+
+
 @pytest.mark.parametrize("cell", list(GATES))
 def test_inference_writes_no_pre_activations(cell):
     """Under no_grad the forward writes no pre-activations (the simulator gets no buffer: a write
@@ -45,7 +57,7 @@ def test_config_space_fits_shared_memory():
     h100 = hardware.named("H100")
     for D in (64, 256, 768):
         legal = cuda_rnn.space(D, 4, 2, h100).legal()
-        assert legal and all(max(cuda_rnn.shared_bytes(D, 4, p["units"], 2)) <= h100.shared_memory_per_block
+        assert legal and all(max(cuda_rnn.shared_bytes(D, 4, p["units"], 2, p["threads"])) <= h100.shared_memory_per_block
                              for p in legal)
 
 
@@ -56,9 +68,9 @@ def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
     too wide for any slice is refused by `supports` so `auto` picks another backend."""
     monkeypatch.setattr(cuda_rnn, "block_shared_memory", lambda device: hardware.named("H100").shared_memory_per_block)
     cuda = torch.device("cuda")
-    assert cuda_rnn.slice_units(64, 768, 4, 2, cuda) == 32
-    assert cuda_rnn.slice_units(64, 192, 4, 2, cuda) == 64
-    assert cuda_rnn.slice_units(64, 40, 4, 2, cuda) == 32  # no wider than D rounded up to 16
+    assert cuda_rnn.slice_units(64, 768, 4, 2, 256, cuda) == 32
+    assert cuda_rnn.slice_units(64, 192, 4, 2, 256, cuda) == 64
+    assert cuda_rnn.slice_units(64, 40, 4, 2, 256, cuda) == 32  # no wider than D rounded up to 16
     monkeypatch.setattr(cuda_rnn, "device_reason", lambda device: None)
     assert "shared memory" in cuda_rnn.supports(dtype=torch.float32, device=cuda, head_dim=768, cell="slstm")
     assert cuda_rnn.supports(dtype=torch.bfloat16, device=cuda, head_dim=768, cell="slstm") is None

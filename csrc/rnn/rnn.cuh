@@ -5,7 +5,8 @@
 // in shared memory for the whole sequence. Each step loads h_{t-1} (16 x D; a block that holds
 // every unit of its head keeps it in shared memory from the previous step), computes the
 // slice's recurrent pre-activations h_{t-1} R_slice^T with tensor cores (wmma m16n16k16,
-// half / bfloat16; float32 stays on CUDA cores in IEEE arithmetic), applies the cell's
+// half / bfloat16, each output tile's K steps split over the warps a narrow slice leaves without
+// a tile of their own: warp_share; float32 stays on CUDA cores in IEEE arithmetic), applies the cell's
 // pointwise update (equations in rnnops.reference.rnn) and writes the new states. Heads too
 // large for one block split their units over several blocks (grid.z), which then meet at a
 // grid barrier every step (cooperative launch) and read h_{t-1} back from h_seq in 16-byte
@@ -87,7 +88,33 @@ __device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0
       });
 }
 
-// acc[r][n] = sum_k h[r][k] w[n][k] for the block's 16 rows and GU = G * U output columns.
+// How a block's warps share the 16 x 16 output tiles of a tensor-core product: with at least as
+// many warps as tiles, each tile's K steps are dealt to ``parts`` = warps / tiles warps (warp
+// p * tiles + t takes tile t's steps p, p + parts, ...; warps past parts * tiles idle), whose
+// partial tiles the block then sums; with fewer, warp w takes tiles w, w + warps, ... whole.
+// (A 768-wide LSTM head in 16-unit slices has 4 forward tiles and 1 backward tile a block: one
+// warp walked all 48 K steps of a tile, or all 192 of the backward's, while the others waited.)
+// rnnops.cuda_backend.rnn.k_parts sizes the partial buffers the same way.
+struct WarpShare {
+  int first_tile, tile_stride, part, parts;
+  __device__ __forceinline__ bool idle() const { return part >= parts; }
+};
+
+__device__ __forceinline__ WarpShare warp_share(int tiles) {
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (warps < tiles) return WarpShare{warp, warps, 0, 1};
+  return WarpShare{warp % tiles, tiles, warp / tiles, warps / tiles};
+}
+
+// The block's sum of ``parts`` partial [16][n] tiles stored one after another from ``partial``,
+// left in the first (each element summed by one thread).
+__device__ __forceinline__ void sum_parts(float* partial, int n, int parts) {
+  for (int idx = threadIdx.x; idx < kRows * n; idx += blockDim.x)
+    for (int p = 1; p < parts; ++p) partial[idx] += partial[p * kRows * n + idx];
+}
+
+// acc[r][n] = sum_k h[r][k] w[n][k] for the block's 16 rows and GU = G * U output columns (acc
+// holds warp_share's parts partial [16][GU] tiles for half types).
 template <class T>
 __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int GU) {
   if constexpr (rnnops::is_same_v<T, float>) {
@@ -99,18 +126,22 @@ __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int 
     }
   } else {
     using namespace nvcuda;
-    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    for (int tile = warp; tile < GU / 16; tile += warps) {
+    const WarpShare share = warp_share(GU / 16);
+    for (int tile = share.first_tile; !share.idle() && tile < GU / 16; tile += share.tile_stride) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
       wmma::fill_fragment(c, 0.0f);
-      for (int k = 0; k < D; k += 16) {
+      for (int k = 16 * share.part; k < D; k += 16 * share.parts) {
         wmma::load_matrix_sync(a, h + k, D);
         wmma::load_matrix_sync(b, w + tile * 16 * D + k, D);
         wmma::mma_sync(c, a, b, c);
       }
-      wmma::store_matrix_sync(acc + tile * 16, c, GU, wmma::mem_row_major);
+      wmma::store_matrix_sync(acc + share.part * kRows * GU + tile * 16, c, GU, wmma::mem_row_major);
+    }
+    if (share.parts > 1) {  // (the same for every thread)
+      __syncthreads();
+      sum_parts(acc, GU, share.parts);
     }
   }
 }
@@ -128,7 +159,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   T* w = reinterpret_cast<T*>(smem);                      // [G * U][D]
   T* h = w + GU * D;                                      // [16][D]
-  float* acc = reinterpret_cast<float*>(h + kRows * D);  // [16][G * U]
+  float* acc = reinterpret_cast<float*>(h + kRows * D);  // [16][G * U], times warp_share's parts (half types)
   for (int idx = threadIdx.x; idx < GU * D; idx += blockDim.x) {
     const int n = idx / D, k = idx % D, g = n / U, unit = unit0 + n % U;
     w[idx] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
@@ -251,7 +282,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   T* wt = reinterpret_cast<T*>(smem);                           // [G * D][U]: R_g[i][slice], transposed
   float* chunk = reinterpret_cast<float*>(wt + G * D * U);      // [16][KC] gate gradients (fp32, or T)
   float* products = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(chunk) + kRows * KC * sizeof(T));
-  // products: [16][U] dh_{t-1} of the slice (half types)
+  // products: [16][U] dh_{t-1} of the slice, times warp_share's parts (half types)
   for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
     const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;
     wt[idx] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
@@ -405,17 +436,17 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
     } else {  // tensor cores: the gate gradients rounded to T as the forward rounded h, fp32 accumulation
       using namespace nvcuda;
       T* chunk_t = reinterpret_cast<T*>(chunk);
-      const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[U / 16];  // this warp's tiles warp, warp + warps, ...
+      const WarpShare share = warp_share(U / 16);
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[U / 16];  // this warp's tiles (warp_share)
 #pragma unroll
       for (int j = 0; j < U / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
       for (int k0 = 0; k0 < G * D; k0 += KC) {
         stage_chunk(k0);
 #pragma unroll
         for (int j = 0; j < U / 16; ++j) {
-          const int tile = warp + j * warps;
-          if (tile >= U / 16) break;
-          for (int kk = 0; kk < KC && k0 + kk < G * D; kk += 16) {
+          const int tile = share.first_tile + j * share.tile_stride;
+          if (share.idle() || tile >= U / 16) break;
+          for (int kk = 16 * share.part; kk < KC && k0 + kk < G * D; kk += 16 * share.parts) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
             wmma::load_matrix_sync(a, chunk_t + kk, KC);
@@ -427,11 +458,13 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
       }
 #pragma unroll
       for (int j = 0; j < U / 16; ++j) {
-        const int tile = warp + j * warps;
-        if (tile >= U / 16) break;
-        wmma::store_matrix_sync(products + tile * 16, acc[j], U, wmma::mem_row_major);
+        const int tile = share.first_tile + j * share.tile_stride;
+        if (share.idle() || tile >= U / 16) break;
+        wmma::store_matrix_sync(products + share.part * kRows * U + tile * 16, acc[j], U, wmma::mem_row_major);
       }
       __syncthreads();
+      // (each thread sums, then reads, the same elements: no barrier between)
+      if (share.parts > 1) sum_parts(products, U, share.parts);
       for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
         const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
         if (b < s.B && unit < D) carry_at(0, b, unit) += products[idx];

@@ -36,23 +36,34 @@ class RNNConfig:
 DEFAULT_CONFIG = RNNConfig()
 
 
-def shared_bytes(D: int, gates: int, units: int, element_bytes: int) -> tuple[int, int]:
+def k_parts(outputs: int, threads: int, element_bytes: int) -> int:
+    """Warps that share each 16 x 16 output tile's K steps in the kernels' tensor-core products
+    (csrc/rnn/rnn.cuh's warp_share), each leaving a partial [16][outputs] fp32 tile; float32
+    products (CUDA cores) keep one."""
+    if element_bytes == 4:
+        return 1
+    return max(1, threads // 32 // (outputs // 16))
+
+
+def shared_bytes(D: int, gates: int, units: int, element_bytes: int, threads: int) -> tuple[int, int]:
     """Dynamic shared memory of the forward and backward kernels."""
-    forward = gates * units * D * element_bytes + ROWS * D * element_bytes + ROWS * gates * units * 4
-    backward = gates * D * units * element_bytes + ROWS * GRADIENT_CHUNK * 4 + ROWS * units * 4
+    forward = (gates * units * D * element_bytes + ROWS * D * element_bytes
+               + ROWS * gates * units * 4 * k_parts(gates * units, threads, element_bytes))
+    backward = (gates * D * units * element_bytes + ROWS * GRADIENT_CHUNK * 4
+                + ROWS * units * 4 * k_parts(units, threads, element_bytes))
     return forward, backward
 
 
-def slice_units(requested: int, D: int, gates: int, element_bytes: int, device: torch.device) -> int:
+def slice_units(requested: int, D: int, gates: int, element_bytes: int, threads: int, device: torch.device) -> int:
     """The units per block for a head of D units: the widest instantiated slice no wider than the
     configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
     shared memory. A configuration tuned or shipped for another head dim of the same shape bucket
     may ask for more than fits (sLSTM at D = 768 with 64 units: 424 KB); it gets a narrower slice."""
     limit = block_shared_memory(device)
     candidates = [u for u in UNITS if u <= max(requested, 16) and u <= -(-D // 16) * 16] or [UNITS[0]]
-    fitting = [u for u in candidates if limit is None or max(shared_bytes(D, gates, u, element_bytes)) <= limit]
+    fitting = [u for u in candidates if limit is None or max(shared_bytes(D, gates, u, element_bytes, threads)) <= limit]
     if not fitting:
-        need = max(shared_bytes(D, gates, UNITS[0], element_bytes))
+        need = max(shared_bytes(D, gates, UNITS[0], element_bytes, threads))
         raise ValueError(f"rnn (cuda): a head of D={D} needs {need} bytes of shared memory per block even with "
                          f"{UNITS[0]} units; this GPU has {limit} (use backend='triton')")
     return max(fitting)
@@ -63,8 +74,8 @@ def space(D: int, gates: int, element_bytes: int, hardware) -> Space:
         {"units": list(UNITS), "threads": [64, 128, 256]},
         (
             Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
-            Constraint("the weight slice and buffers fit in a block's shared memory", ("units",),
-                       lambda u: max(shared_bytes(D, gates, u, element_bytes)) <= hardware.shared_memory_per_block),
+            Constraint("the weight slice and buffers fit in a block's shared memory", ("units", "threads"),
+                       lambda u, t: max(shared_bytes(D, gates, u, element_bytes, t)) <= hardware.shared_memory_per_block),
         ),
     )
 
@@ -75,7 +86,7 @@ def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
         reasons.append(f"the head dim D must be a multiple of 16, got {head_dim}")
     elif head_dim is not None and cell in CELLS and not any(reasons):
         try:
-            slice_units(UNITS[0], head_dim, CELLS[cell].gates, dtype.itemsize, torch.device(device))
+            slice_units(UNITS[0], head_dim, CELLS[cell].gates, dtype.itemsize, 64, torch.device(device))
         except ValueError as error:
             reasons.append(str(error).removeprefix("rnn (cuda): "))
     return join_reasons(*reasons)
@@ -87,9 +98,9 @@ class _Launcher:
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
                  device, saves: bool = True):
-        units = slice_units(config.units, dim, CELLS[cell].gates, element_bytes, device)
+        units = slice_units(config.units, dim, CELLS[cell].gates, element_bytes, config.threads, device)
         splits = -(-dim // units)
-        forward_bytes, backward_bytes = shared_bytes(dim, CELLS[cell].gates, units, element_bytes)
+        forward_bytes, backward_bytes = shared_bytes(dim, CELLS[cell].gates, units, element_bytes, config.threads)
         self.cell, self.cell_name, self.units, self.device = CELL_IDS[cell], cell, units, device
         self.grid = [heads, -(-batch // ROWS), splits, config.threads]
         self.shared = (forward_bytes, backward_bytes)
