@@ -29,8 +29,8 @@ class SelectiveScanConfig:
     """Each kernel's channels per program are capped by the group size of grouped B / C; one warp
     per 32 channels, and a narrower block splits each channel's state elements over 32 / block
     lanes (more programs, more instructions per element: SASS at N 16, about 34 / 22 a step,
-    channel and state element forward at 8 / 16 channels, 103 / 75 backward; 32 spill in both). No num_stages: the loops have nothing for Triton's pipeliner (1 and 2 compiled the
-    same).
+    channel and state element forward at 8 / 16 channels, 103 / 75 backward; 32 spill in both).
+    No num_stages: the loops have nothing for Triton's pipeliner (1 and 2 compiled the same).
 
     ``segments`` > 1 splits each sequence's chunks into that many runs walked in parallel, for
     batches too small to fill the GPU (B Dm / block one-warp programs). Forward: each segment's
