@@ -177,7 +177,7 @@ def _scan_segments(config, shape) -> int:
 TUNABLES = [
     Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
             lambda c: 32 * c["num_warps"], _linear_penalty,
-            ("state_num_warps", "state_num_stages", "state_block_k", "state_block_v")),
+            ("state_num_warps", "state_num_stages", "state_block_k", "state_block_v", "fused_forward")),
     Tunable("delta_rule", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
             lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages")),
     Tunable("delta_product", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,

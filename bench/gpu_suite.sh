@@ -82,10 +82,13 @@ PY
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
     # linear attention: the delta rule ships 4 warps x 1 stage on the H100 and H200 since
-    # 2026-11-26 (1.17-1.21x f+b, plain, gated and DeltaProduct); the same for plain linear attention
+    # 2026-11-26 (1.17-1.21x f+b, plain, gated and DeltaProduct); the same for plain linear
+    # attention; and its fused forward (fused_fwd_kernel: no per-chunk states in memory, 256
+    # programs at this shape) at 4 and 8 warps
     left=$(seconds_until 480)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"num_warps": 4, "num_stages": 1}'
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"num_warps": 4, "num_stages": 1}' \
+      '{"fused_forward": 1}' '{"fused_forward": 1, "state_num_warps": 8}'
     # the Triton LSTM at D = 64 ships 4 warps forward and backward on the H100 (1.10x f+b over 8 in
     # both, 2026-11-26): which kernel gained, the forward at 8 (its loop: 455 instructions and 14
     # barriers a step at 8 warps, 870 and 22 at 4; Triton 3.6 SASS) or the backward at 8; and

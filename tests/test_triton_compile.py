@@ -161,6 +161,19 @@ def test_scan_in_segments_compiles_without_spills():
     assert not [row for row in rows if max(row["spill_stores"], row["spill_loads"]) > SPILL_TOLERANCE], rows
 
 
+@pytest.mark.parametrize("gate,warps", [("none", 4), ("scalar", 8)])
+def test_fused_linear_attention_forward_compiles_on_warpgroup_tensor_cores(gate, warps):
+    """fused_fwd_kernel (LinearAttnConfig.fused_forward) at K = V = 128, bf16, the state's 128 x 64
+    tile in registers: on wgmma, no spills (sm_90; the scalar decay spills 44 B at 4 warps)."""
+    config = dict(kernels.find("linear_attn", "triton").default(), fused_forward=1, state_num_warps=warps)
+    rows = config_report_rows("linear_attn", {"K": 128, "V": 128, "gate": gate}, "bfloat16", config)
+    fused = [row for row in rows if row["name"] == "fused_fwd_kernel"]
+    # the forward launches it instead of output_kernel (the backward still recomputes the states)
+    assert len(fused) == 1 and "output_kernel" not in [row["name"] for row in rows], rows
+    assert fused[0]["tensor_cores"] == "wgmma", describe(fused[0])
+    assert max(fused[0]["spill_stores"], fused[0]["spill_loads"]) <= SPILL_TOLERANCE, describe(fused[0])
+
+
 def test_rnn_backward_takes_its_own_warps():
     """RNNConfig.backward_num_warps reaches the backward kernel's launch and num_warps the
     forward's (the H100's LSTM A/B: 4 warps in both 1.10x faster than 8, f+b)."""

@@ -66,6 +66,30 @@ def test_state_tiles_apart_from_the_chunk_tiles(gate, tiles):
         compare_backends(lambda backend, **kw: run(backend, **kw), x, 1e-5, test="triton")
 
 
+@pytest.mark.parametrize("gate", ["none", "scalar"])
+@pytest.mark.parametrize("shape", [dict(T=70, chunk=32), dict(K=48, V=48, H=3, initial=False), dict(T=20, final=False),
+                                   dict(varlen=True)],
+                         ids=["T70-chunk32", "K48-V48-H3-no-initial", "no-final", "varlen"])
+def test_fused_forward(gate, shape):
+    """fused_forward: one walk per (sequence, head, V tile) with all K rows of the state in
+    registers (K = 48 padded to 64; V over 16-wide tiles: three at V = 48, two at 32), against
+    the reference, forward and every gradient (the backward is the two-pass one)."""
+    shape = dict(shape)
+    chunk, final, varlen = shape.pop("chunk", 16), shape.pop("final", True), shape.pop("varlen", False)
+    offsets = None
+    if varlen:
+        offsets = torch.tensor([0, 5, 5, 30, 31, 50])
+        x = make_inputs(B=1, T=50, gate=gate, initial=False)
+        x["initial_state"] = torch.randn(5, 2, 16, 32)
+    else:
+        x = make_inputs(gate=gate, **shape)
+    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
+    config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, state_block_v=16, fused_forward=1)
+    with cache.override("linear_attn", "triton", bucket, config):
+        compare_backends(lambda backend, **kw: run(backend, chunk, cu_seqlens=offsets, final=final, **kw), x, 1e-5,
+                         test="triton")
+
+
 @pytest.mark.parametrize("gate", GATES)
 def test_varlen(gate):
     offsets = torch.tensor([0, 5, 5, 30, 31, 50])

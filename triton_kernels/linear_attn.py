@@ -138,6 +138,59 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
 
 
 @triton.jit
+def fused_fwd_kernel(q, k, v, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+                     HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+                     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+    """The forward of one sequence, head and V tile in one walk over its chunks (no per-chunk
+    states in memory: states_fwd_kernel + output_kernel in one, for no gate or a scalar decay,
+    GATE 0 or 1),
+    the state S (all K rows, KP = K rounded up to a power of two, x BV) in registers:
+        o = scale * (e^G (q @ S_in) + scores @ v),   S_out = e^(G_last) S_in + k^T (e^(G_last - G) v)
+    (the decay as row factors of (BT x BV) tiles: q and k go to the tensor cores as loaded)
+    Per chunk it reads q and k (BT x K) and v (BT x BV) and writes o: 2 K + 2 BV values a token
+    and V tile, against output_kernel's 2 K + 2 BV plus the (K x BV) states states_fwd_kernel
+    wrote (the largest traffic of the two-pass forward); q and k are read once per V tile, and
+    the chunk's (BT x BT) scores computed once per V tile too. Flops per chunk and V tile:
+    2 BT K BV (q S) + 2 BT^2 K (q k^T) + 2 BT^2 BV (scores v) + 2 K BT BV (k^T v)."""
+    i_v, i_sh = tl.program_id(0), tl.program_id(1)
+    seq, i_h = i_sh // H, i_sh % H
+    bos, eos, _first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
+    rk = tl.arange(0, KP)
+    rv = i_v * BV + tl.arange(0, BV)
+    state_offs = rk[:, None] * V + rv[None, :]
+    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
+    S = tl.zeros([KP, BV], tl.float32)
+    if HAS_INITIAL:
+        S += tl.load(initial_state + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    for n in range(chunks):
+        t0 = bos + n * BT
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < eos
+        tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+        tile_mask = row_mask[:, None] & (rk[None, :] < K)
+        b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
+        b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+        vmask = row_mask[:, None] & (rv[None, :] < V)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+        scores = _masked_scores(qk, G, None, rows, row_mask, i_h, H, GATE, BT)
+        acc = tl.dot(b_q, S.to(b_v.dtype), input_precision=PRECISION)
+        v_in = b_v  # v as it enters the state
+        if GATE == 1:  # a decay per token, applied as row factors of (q S) and of v rather than of q and k
+            g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+            g_last = tl.load(G + (tl.minimum(t0 + BT, eos) - 1) * H + i_h)
+            acc *= tl.exp(g_rows)[:, None]
+            v_in = (b_v * tl.exp(g_last - g_rows)[:, None]).to(b_v.dtype)
+            S *= tl.exp(g_last)
+        acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
+        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=vmask)
+        S += tl.dot(tl.trans(b_k), v_in, input_precision=PRECISION)
+    if STORE_FINAL:
+        tl.store(final_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
+
+
+@triton.jit
 def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                         KP: tl.constexpr):

@@ -53,10 +53,18 @@ class LinearAttnConfig(ChunkConfig):
     which runs on Hopper's warpgroup tensor cores (wgmma) only when state_block_k is 64 or more
     and the kernel has 4 warps or more (else mma.sync: compile_check shows which), while the
     chunk kernels' best block_k may be 32. Both tiles give one program per (K tile, V tile,
-    sequence, head)."""
+    sequence, head).
+
+    ``fused_forward`` 1: without a per-key decay, the forward runs as one walk per (sequence,
+    head, state_block_v tile) over its chunks with all K rows of the state in registers
+    (fused_fwd_kernel), writing no per-chunk states (the backward recomputes them either way):
+    fewer bytes (the states were the two-pass forward's largest traffic) but sequences x heads x
+    V tiles programs walking every chunk in turn, so it pays where those fill the GPU. Off until
+    measured (the GPU suite's A/B tries it)."""
 
     state_block_k: int = 64
     state_block_v: int = 64
+    fused_forward: int = 0
 
     def state_blocks(self, K: int, V: int) -> tuple[int, int]:
         """The state kernels' (K, V) tile, no larger than the (power-of-two rounded) head dims."""
@@ -119,7 +127,8 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     registers = STATE_REGISTERS if dtype_bytes <= 2 else STATE_REGISTERS // 2
     return Space(
-        dict(base.variables, state_block_k=powers_of_two(16, 128), state_block_v=powers_of_two(16, 128)),
+        dict(base.variables, state_block_k=powers_of_two(16, 128), state_block_v=powers_of_two(16, 128),
+             fused_forward=[0, 1]),
         base.constraints + (
             Constraint("state_block_k <= K rounded up to a power of two", ("state_block_k",),
                        lambda bk: bk <= next_power_of_two(K)),
@@ -131,6 +140,12 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
             Constraint("the pipelined chunk tiles of k and v (or q and do) fit in shared memory",
                        ("state_block_k", "state_block_v", "state_num_stages"),
                        lambda bk, bv, s: s * chunk * (bk + bv) * dtype_bytes <= hardware.shared_memory_per_block),
+            Constraint(f"fused_forward: the fp32 state of all K rows fits in {registers} registers per thread, and "
+                       "the pipelined q, k and v chunk tiles in shared memory",
+                       ("state_block_v", "state_num_warps", "state_num_stages", "fused_forward"),
+                       lambda bv, w, s, f: not f or (next_power_of_two(K) * bv <= registers * hardware.warp_size * w
+                                                     and s * chunk * (2 * next_power_of_two(K) + bv) * dtype_bytes
+                                                     <= hardware.shared_memory_per_block)),
         ),
     )
 
@@ -230,6 +245,19 @@ class ChunkedRun:
             **self.common, **self.state_launch)
         return h, final
 
+    def fused_forward(self, q, k, v, G, initial_state, store_final):
+        """(o, final state) in one walk over each sequence's chunks per head and V tile
+        (fused_fwd_kernel; no per-key decay)."""
+        lay = self.layout
+        o = empty(v.shape, dtype=v.dtype, device=v.device)
+        final = self.final_state(v.device) if store_final else None
+        launch(
+            _kernels().fused_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
+            q, k, v, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale, V=self.V,
+            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, KP=next_power_of_two(self.K),
+            BV=self.SBV, **self.common, **self.state_launch)
+        return o, final
+
     def output(self, q, k, v, G, A, h):
         o = empty(v.shape, dtype=v.dtype, device=v.device)
         lay = self.layout
@@ -325,8 +353,11 @@ class LinearAttnFunction(torch.autograd.Function):
         if not outputs_wanted():
             return run.unread_outputs(v, output_final_state)
         G = run.cumulative_decay(gf)
-        h, final = run.states(kf, vf, G, state0, output_final_state)
-        o = run.output(qf, kf, vf, G, run.intra_scores(qf, kf, G), h)
+        if config.fused_forward and run.gate != _kernels().KEY_GATE:
+            o, final = run.fused_forward(qf, kf, vf, G, state0, output_final_state)
+        else:
+            h, final = run.states(kf, vf, G, state0, output_final_state)
+            o = run.output(qf, kf, vf, G, run.intra_scores(qf, kf, G), h)
         return run.unflat(o), final
 
     @staticmethod
