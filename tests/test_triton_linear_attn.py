@@ -207,6 +207,22 @@ def test_realistic_shapes_on_gpu(gate, dtype, bound):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate,warps", [("none", 4), ("scalar", 8)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_forward_on_gpu(gate, warps, dtype, bound):
+    """fused_forward at K = V = 128 (the configurations the GPU suite's A/B tries), outputs poisoned
+    first like every buffer; a packed batch with an empty sequence."""
+    offsets = torch.tensor([0, 300, 300, 1000, 1003], device="cuda")
+    x = make_inputs(B=1, T=1003, H=4, K=128, V=128, gate=gate, dtype=dtype, initial=False, device="cuda")
+    x["initial_state"] = torch.randn(4, 4, 128, 128, device="cuda")
+    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), dtype)
+    default = triton_linear_attn.default_config(dtype)
+    config = dict(default.__dict__, fused_forward=1, state_num_warps=warps)
+    with cache.override("linear_attn", "triton", bucket, config):
+        compare_backends(lambda backend, **kw: run(backend, 64, cu_seqlens=offsets, **kw), x, bound, test="triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("K,V", [(16, 64), (64, 16)])
 def test_head_dim_16_on_gpu(K, V):
     """16-wide head tiles: Triton 3.6's tensor-core float32 dots gave wrong results ("tf32") or an
