@@ -2,7 +2,7 @@
 compute-sanitizer (memcheck, racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck
 python bench/sanitize.py``; and the Triton cells' resident kernels at a head padded to its tile
 (48 units in 64), saving their pre-activations, recomputing them, and saving nothing (no_grad);
-the Triton scan's segment passes on packed sequences (some segments empty)."""
+the Triton scan's segment passes on packed sequences (some segments empty), also under no_grad."""
 import rnnops
 import torch
 from rnnops.cuda_backend import rnn as cuda_rnn
@@ -40,10 +40,17 @@ def main() -> None:
                                     return_last_state=True, backend="cuda")
     (y.sum() + last.sum()).backward()
     initial = torch.randn(3, 40, 8, device=device, requires_grad=True)
-    y, last = triton_scan.selective_scan(
-        u[:1], delta[:1], A, B[:1], C[:1], None, z[:1], None, True, initial_state=initial, output_final_state=True,
-        cu_seqlens=torch.tensor([0, 5, 20, 37], device=device), config=triton_scan.SelectiveScanConfig(chunk=16, segments=3))
+
+    def packed_triton_scan():
+        return triton_scan.selective_scan(
+            u[:1], delta[:1], A, B[:1], C[:1], None, z[:1], None, True, initial_state=initial, output_final_state=True,
+            cu_seqlens=torch.tensor([0, 5, 20, 37], device=device),
+            config=triton_scan.SelectiveScanConfig(chunk=16, segments=3))
+
+    y, last = packed_triton_scan()
     (y.sum() + last.sum()).backward()
+    with torch.no_grad():  # the inference forward: no chunk states stored
+        packed_triton_scan()
     torch.cuda.synchronize()
     print("sanitize: every CUDA kernel, the resident Triton cells and the Triton scan's segments ran")
 

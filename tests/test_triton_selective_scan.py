@@ -42,6 +42,21 @@ def test_shapes_and_options(shape):
     compare_backends(scan, make_inputs(**shape), 1e-5, test="triton")
 
 
+@pytest.mark.parametrize("segments", [1, 3])
+def test_inference_stores_no_chunk_states(segments):
+    """Under no_grad the forward gets no chunk-state buffer (the interpreter faults on a store to
+    it), and the outputs and final state still match the reference (whole, and in segments)."""
+    x = make_inputs(T=40)
+    with torch.no_grad():
+        out, last = triton_scan.selective_scan(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True,
+            initial_state=x["initial_state"], output_final_state=True, cu_seqlens=None,
+            config=triton_scan.SelectiveScanConfig(chunk=16, segments=segments))
+        expected = scan("reference", **{k: v.double() for k, v in x.items()})
+    assert_close(out, expected[0], 1e-5, "out")
+    assert_close(last, expected[1], 1e-5, "last state")
+
+
 def test_without_softplus():
     x = make_inputs()
     x["delta"] = x["delta"].abs() * 0.3

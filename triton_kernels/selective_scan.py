@@ -237,16 +237,16 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
                     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
                     Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                    HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PACKED: tl.constexpr,
-                    SEGMENTS: tl.constexpr, PASS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                    HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+                    PACKED: tl.constexpr, SEGMENTS: tl.constexpr, PASS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                     UNROLL: tl.constexpr):
     """One segment (_segment: the whole sequence where SEGMENTS = 1) and BD channels, step by step:
     the state X (NP, BD; the state elements of a channel in one thread, channels across lanes) in
     registers, each step's e^(dt A), dt u B and <x, C> elementwise, in sub-blocks of UNROLL
     steps, each one's loads issued while the one before it runs.
     PASS OUTPUTS: from the state entering the segment (the initial state, or with SEGMENTS > 1
-    ``segment_states``), writes out and the state entering each chunk of BT steps (for the
-    backward), and (SEGMENTS = 1) the final state. PASS LOCAL: from a zero state, writes only the
+    ``segment_states``), writes out, the state entering each chunk of BT steps for the backward
+    (STORE_STATES; not where no backward will run), and (SEGMENTS = 1) the final state. PASS LOCAL: from a zero state, writes only the
     segment's end state to ``segment_states`` and its channels' sum of dt to ``dt_sums``, for
     scan_segment_states_kernel."""
     i_d, pid = tl.program_id(0), tl.program_id(1)
@@ -268,7 +268,7 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
                              B_base, C_base, s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, 0, 0, 0, s_Bt,
                              s_Bn, s_Ct, s_Cn, B_MODE, C_MODE, HAS_Z and PASS == 0, False, PACKED, UNROLL)
     for j in range(sub_blocks):
-        if PASS == 0 and j % (BT // UNROLL) == 0:  # a chunk's first sub-block: store the state entering it
+        if PASS == 0 and STORE_STATES and j % (BT // UNROLL) == 0:  # a chunk's first sub-block: the state entering it
             tl.store(h + (first + c0 + j // (BT // UNROLL)) * N * Dm + state_offs, X, mask=state_mask)
         current = ahead
         # the next sub-block's loads issue before this one's steps (past the segment's end: masked or unused)
@@ -452,7 +452,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                 X = _advance(X, A2, dt, raw_u.to(tl.float32), B_t)
             for i in tl.static_range(UNROLL - 1, -1, -1):
                 row = bos + c * BT + k * UNROLL + i
-                b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z, raw_d_out = steps[i]
+                _, mask, raw_delta, raw_u, B_t, C_t, raw_z, raw_d_out = steps[i]
                 dt, slope = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
                 b_u = raw_u.to(tl.float32)
                 g_out, dy, b_z, sig = _output_gradient(raw_d_out, raw_z, HAS_Z)

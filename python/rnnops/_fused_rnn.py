@@ -14,7 +14,7 @@ fp32.
 A backend supplies a ``launcher`` with ``forward(x, R, b, initial, states, h_seq) -> pre`` (the
 pre-activations it saved, or None where its backward recomputes them: the Triton cells'
 resident kernels with RNNConfig.recompute, x and b then saved instead; or where no backward will
-run, needs_backward: the Triton cells then write only the final states) and
+run, rnnops._backward_only.needs_backward: the Triton cells then write only the final states) and
 ``backward(R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq)``.
 """
 from __future__ import annotations
@@ -25,12 +25,6 @@ from ._buffers import empty
 from .reference.rnn import CELLS
 
 CELL_IDS = {"lstm": 0, "gru": 1, "slstm": 2, "elman": 3}  # the kernels' cell template argument
-
-
-def needs_backward(*tensors) -> bool:
-    """Whether a call's outputs can be differentiated: grad mode on and an input requiring grad.
-    Otherwise (inference) the launchers may skip what only the backward reads."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def pre_slots(cell: str) -> int:

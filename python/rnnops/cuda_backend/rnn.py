@@ -16,8 +16,9 @@ from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space
 
+from .._backward_only import needs_backward
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction, needs_backward, pre_buffer
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer
 from ..reference.rnn import CELLS
 from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
@@ -93,7 +94,7 @@ def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
 
 
 class _Launcher:
-    """``saves`` False (no backward will run: rnnops._fused_rnn.needs_backward): the forward writes
+    """``saves`` False (no backward will run: rnnops._backward_only.needs_backward): the forward writes
     no pre-activations (the states it still writes every step: the kernel reads c_{t-1} back)."""
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,

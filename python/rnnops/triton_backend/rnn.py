@@ -13,8 +13,9 @@ from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import rnn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
+from .._backward_only import needs_backward
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction, needs_backward, pre_buffer, pre_slots
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer, pre_slots
 from ..reference.rnn import CELLS
 from ._common import device_reason, dot_precision, dtype_reason, join_reasons
 
@@ -91,7 +92,7 @@ def _kernels():
 
 class _Launcher:
     """Launches the Triton kernels on the buffers of rnnops._fused_rnn.FusedRNNFunction.
-    ``saves`` False (no backward will run: rnnops._fused_rnn.needs_backward): the forward saves no
+    ``saves`` False (no backward will run: rnnops._backward_only.needs_backward): the forward saves no
     pre-activations and, resident, writes only the last step's states (SAVE in the kernel)."""
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype,

@@ -18,6 +18,7 @@ from rnnops.autotune.cache import tuned
 from rnnops.autotune.kernels import selective_scan_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
+from .._backward_only import needs_backward
 from .._buffers import empty
 from .._dispatch import register
 from ._common import ChunkLayout, device_reason, dtype_reason, join_reasons
@@ -161,7 +162,10 @@ def _from_n_major(state: torch.Tensor) -> torch.Tensor:
 class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, cu_seqlens, output_final_state,
-                config):
+                config, saves):
+        """``saves`` False (no backward will run: rnnops._backward_only.needs_backward, decided by the
+        caller, since grad mode is off in here): the forward stores no per-chunk states (fp32,
+        N x Dm per chunk: a quarter of its bytes at N 16 and 32-step chunks in bfloat16)."""
         # read by every channel at every step: converted once here
         B_, C_ = (_n_major(M) if M.dim() == 2 else M.float() for M in (B, C))
         run = _ScanRun(u, A, B_, C_, cu_seqlens, config)
@@ -171,14 +175,15 @@ class SelectiveScanFunction(torch.autograd.Function):
         out = empty(u.shape, dtype=u.dtype, device=u.device)
         lay = run.layout
         f32 = {"dtype": torch.float32, "device": u.device}
-        h = empty((lay.programs, run.N, run.Dm), **f32)
+        h = empty((lay.programs, run.N, run.Dm), **f32) if saves else None
         final = empty((lay.sequences, run.N, run.Dm), **f32) if output_final_state else None
         kernels = _kernels()
         segment_states = dt_sums = None
         forward = functools.partial(
             kernels.scan_fwd_kernel[(run.channel_blocks(run.forward_launch), run.programs)], u, delta, A_, B_, C_, D_,
             z, bias_, out, h, state0, final)
-        launch = dict(HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state, SEGMENTS=run.segments,
+        launch = dict(HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state, STORE_STATES=saves,
+                      SEGMENTS=run.segments,
                       **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
         if run.segments > 1:  # each segment's end state from zero, then the states entering them
             segment_states = empty((run.programs, run.N, run.Dm), **f32)
@@ -235,7 +240,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                  _reduce_bc(dC, C, run), None if dD is None else dD.sum(0), None if dz is None else dz.view(shape),
                  None if d_bias is None else d_bias.sum(0), None if d_initial is None else _from_n_major(d_initial)]
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (*grads[:8], None, grads[8], None, None, None)
+        return (*grads[:8], None, grads[8], None, None, None, None)
 
 
 def _reduce_bc(partial: torch.Tensor, M: torch.Tensor, run: _ScanRun) -> torch.Tensor:
@@ -255,8 +260,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
                    cu_seqlens, config: SelectiveScanConfig | None = None):
     if config is None:
         config = tuned("selective_scan", "triton", selective_scan_shape(u, A), u.dtype, u.device, DEFAULT_CONFIG)
+    saves = needs_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
-                                       output_final_state, config)
+                                       output_final_state, config, saves)
 
 
 @register("selective_state_update", "triton", supports=step_supports)
