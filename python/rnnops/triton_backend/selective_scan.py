@@ -165,7 +165,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                 config, saves):
         """``saves`` False (no backward will run: rnnops._backward_only.needs_backward, decided by the
         caller, since grad mode is off in here): the forward stores no per-chunk states (fp32,
-        N x Dm per chunk: a quarter of its bytes at N 16 and 32-step chunks in bfloat16)."""
+        N x Dm per chunk: a fifth of its bytes at N 16 and 32-step chunks in bfloat16)."""
         # read by every channel at every step: converted once here
         B_, C_ = (_n_major(M) if M.dim() == 2 else M.float() for M in (B, C))
         run = _ScanRun(u, A, B_, C_, cu_seqlens, config)
