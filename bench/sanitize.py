@@ -2,7 +2,8 @@
 compute-sanitizer (memcheck, racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck
 python bench/sanitize.py``; and the Triton cells' resident kernels at a head padded to its tile
 (48 units in 64), saving their pre-activations, recomputing them, and saving nothing (no_grad);
-the Triton scan's segment passes on packed sequences (some segments empty), also under no_grad."""
+the Triton scan's segment passes on packed sequences (some segments empty); the scans also under
+no_grad."""
 import rnnops
 import torch
 from rnnops.cuda_backend import rnn as cuda_rnn
@@ -36,9 +37,11 @@ def main() -> None:
                 triton_rnn.rnn(x, R, b, None, cell=cell, config=config)
     u, delta, z = (torch.randn(2, 37, 40, device=device, requires_grad=True) for _ in range(3))
     A, B, C = -torch.rand(40, 8, device=device), torch.randn(2, 37, 8, device=device), torch.randn(2, 37, 4, 8, device=device)
-    y, last = rnnops.selective_scan(u, delta, A, B, C, torch.randn(40, device=device), z, None, True,
-                                    return_last_state=True, backend="cuda")
+    D = torch.randn(40, device=device)
+    y, last = rnnops.selective_scan(u, delta, A, B, C, D, z, None, True, return_last_state=True, backend="cuda")
     (y.sum() + last.sum()).backward()
+    with torch.no_grad():  # the CUDA scan's inference forward: no chunk-state buffer
+        rnnops.selective_scan(u, delta, A, B, C, D, z, None, True, return_last_state=True, backend="cuda")
     initial = torch.randn(3, 40, 8, device=device, requires_grad=True)
 
     def packed_triton_scan():

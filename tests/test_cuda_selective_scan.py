@@ -3,7 +3,7 @@ and every gradient; its instantiations compile for sm_80 and sm_90a without spil
 import pytest
 import torch
 
-from conftest import compare_backends
+from conftest import assert_close, compare_backends
 from rnnops._sass import cuobjdump
 from rnnops.autotune import hardware
 from rnnops.cuda_backend import compile_check
@@ -25,6 +25,17 @@ def test_shapes_and_options(shape):
     if shape.get("Dm") == 40:
         x["C"] = torch.randn(2, 40, 4, 4)  # 4 groups of 10 channels: a warp spans groups
     compare_backends(scan, x, 1e-5, test="cuda")
+
+
+def test_inference_stores_no_chunk_states():
+    """Under no_grad the simulator gets no chunk-state buffer (a store would fault), and out and
+    the final state still match the reference."""
+    x = make_inputs(T=40)
+    with torch.no_grad():
+        out, last = scan("cuda", **x)
+        expected = scan("reference", **{k: v.double() for k, v in x.items()})
+    assert_close(out, expected[0], 1e-5, "out")
+    assert_close(last, expected[1], 1e-5, "last state")
 
 
 def test_varlen_and_strides():

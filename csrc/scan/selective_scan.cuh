@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
   const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
   for (long long t0 = bos; t0 < eos; t0 += CHUNK) {
     const long long chunk = first + (t0 - bos) / CHUNK;
-    if (warp == 0 && live)
+    if (warp == 0 && live && chunk_states)  // (null where no backward will run)
       for (int n = 0; n < N; ++n) chunk_states[(chunk * Dm + d) * N + n] = carry_in[n * 32 + lane];
     // per step, once for all n: dt, dt u, where B and C are read; steps past the end get dt = 0
     // (the identity step: e^0 x + 0) and read the sequence's first row

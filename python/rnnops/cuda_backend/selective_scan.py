@@ -15,9 +15,10 @@ from rnnops.autotune.cache import tuned
 from rnnops.autotune.kernels import selective_scan_shape
 from rnnops.autotune.space import Constraint, Space
 
+from .._backward_only import needs_backward
+from .._buffers import empty
 from .._dispatch import register
 from ..triton_backend._common import ChunkLayout, dtype_reason, join_reasons
-from .._buffers import empty
 from .engines import device_reason, engine, maybe
 
 STATIC, SHARED, GROUPED = 0, 1, 2
@@ -72,7 +73,9 @@ def _strides(*tensors) -> list[int]:
 class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, cu_seqlens, output_final_state,
-                config):
+                config, saves):
+        """``saves`` False (no backward will run: rnnops._backward_only.needs_backward, decided by
+        the caller): no chunk states are stored (the kernel gets a null pointer)."""
         batch, time, channels = u.shape
         N = A.shape[1]
         chunk = config.warps * config.items
@@ -82,13 +85,13 @@ class SelectiveScanFunction(torch.autograd.Function):
         state0 = None if initial_state is None else initial_state.float().contiguous()
         out = empty(u.shape, dtype=u.dtype, device=u.device)
         f32 = {"dtype": torch.float32, "device": u.device}
-        chunk_states = empty((layout.programs, channels, N), **f32)
+        chunk_states = empty((layout.programs, channels, N), **f32) if saves else None
         final = empty((layout.sequences, channels, N), **f32) if output_final_state else None
         shape = [channels, N, int(cu_seqlens is not None), int(D is not None), int(z is not None),
                  int(delta_bias is not None), int(softplus)]
         grid = [-(-channels // 32), layout.sequences]
         engine(u.device).scan_forward(
-            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, chunk_states, maybe(state0), maybe(final),
+            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, maybe(chunk_states), maybe(state0), maybe(final),
             layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), _bc_layout(B, channels),
             _bc_layout(C, channels), shape, grid + [config.warps, config.items, 2 * N * 32 * 4])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
@@ -118,7 +121,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             ctx.grid + [config.warps, config.items, 3 * N * 32 * 4])
         grads = [du, d_delta, dA, dB, dC, dD, dz, d_bias, d_initial]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (*grads[:8], None, grads[8], None, None, None)
+        return (*grads[:8], None, grads[8], None, None, None, None)
 
 
 @register("selective_scan", "cuda", supports=supports)
@@ -126,5 +129,6 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, initi
                    cu_seqlens, config: ScanConfig | None = None):
     if config is None:
         config = tuned("selective_scan", "cuda", selective_scan_shape(u, A), u.dtype, u.device, DEFAULT_CONFIG)
+    saves = needs_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens,
-                                       output_final_state, config)
+                                       output_final_state, config, saves)
