@@ -267,7 +267,7 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
                   V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile; one pass over the K
-    tiles reads q once for both terms."""
+    tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -287,9 +287,11 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
                           mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
             if GATE != 2:
                 qk += tl.dot(b_q, tl.trans(tl.load(k + tile, mask=tile_mask, other=0.0)), input_precision=PRECISION)
-            if GATE != 0:
+            if GATE == 2:
                 b_q = (b_q * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
             acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
+        if GATE == 1:  # a decay per token: a row factor of (q S), not of every q tile
+            acc *= tl.exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))[:, None]
         scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
         tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=vmask)
@@ -463,19 +465,24 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             if DELTA:
                 b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
-        b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
-        if GATE != 0:
+        if GATE == 2:
+            b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
             g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
             end_term *= tl.exp(g_last)
             dq_inter *= tl.exp(b_g)
             dk_state *= tl.exp(g_last[None, :] - b_g)
+        elif GATE == 1:  # a decay per token: row factors, one exponential a row
+            g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+            g_end = tl.load(G + last * H + i_h)
+            end_term *= tl.exp(g_end)
+            dq_inter *= tl.exp(g_rows)[:, None]
+            dk_state *= tl.exp(g_end - g_rows)[:, None]
         if GATE == 2:
             b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
             b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
         else:
             causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
             if GATE == 1:
-                g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
                 dA = dA * tl.exp(tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
             else:
                 dA = tl.where(causal, dA, 0.0)
@@ -489,13 +496,16 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
         if GATE != 0:
             d_gate = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
             end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
-            d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0)
-            if not DELTA:
-                d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
             if GATE == 2:
+                d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0)
+                if not DELTA:
+                    d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
                 tl.store(dG + tile, d_gate, mask=tile_mask)
-            else:
-                tl.store(dG + (i_k * total_rows + rows) * H + i_h, tl.sum(d_gate, axis=1), mask=row_mask)
+            else:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
+                d_row = tl.sum(d_gate, axis=1) + tl.where(rows == last, tl.sum(end_term, axis=0), 0.0)
+                if not DELTA:
+                    d_row = tl.cumsum(d_row, axis=0, reverse=True)
+                tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)
 
 
 @triton.jit
