@@ -142,12 +142,12 @@ def fused_fwd_kernel(q, k, v, G, o, initial_state, final_state, chunk_offsets, c
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                      HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
                      BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
-    """The forward of one sequence, head and V tile in one walk over its chunks (no per-chunk
-    states in memory: states_fwd_kernel + output_kernel in one, for no gate or a scalar decay,
-    GATE 0 or 1),
-    the state S (all K rows, KP = K rounded up to a power of two, x BV) in registers:
+    """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
+    scalar decay (GATE 0 or 1): states_fwd_kernel and output_kernel in one, with no per-chunk
+    states in memory; the state S (all K rows, KP = K rounded up to a power of two, x BV) stays in
+    registers:
         o = scale * (e^G (q @ S_in) + scores @ v),   S_out = e^(G_last) S_in + k^T (e^(G_last - G) v)
-    (the decay as row factors of (BT x BV) tiles: q and k go to the tensor cores as loaded)
+    (the decay as row factors of (BT x BV) tiles: q and k go to the tensor cores as loaded).
     Per chunk it reads q and k (BT x K) and v (BT x BV) and writes o: 2 K + 2 BV values a token
     and V tile, against output_kernel's 2 K + 2 BV plus the (K x BV) states states_fwd_kernel
     wrote (the largest traffic of the two-pass forward); q and k are read once per V tile, and
