@@ -185,7 +185,7 @@ TUNABLES = [
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]) * _scan_segments(c, s),
-            lambda c: 32 * max(1, c["block_d"] // 32), _scan_penalty,
+            lambda c: 32 * max(1, c["block_d"] // 32), _scan_penalty, ("forward_unroll",),
             registers=255),  # the backward's: N 16, 8-32 channels, Triton 3.6 and 3.9
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),

@@ -99,12 +99,13 @@ PY
       '{"recompute": 1}'
     # the selective scan at B 8: the Triton forward now issues each sub-block's loads one
     # sub-block ahead; 8 channels a forward program measured 1.14x before that (more one-warp
-    # programs hid more of the per-step latency: does it still?), 64-step chunks, two segments a
+    # programs hid more of the per-step latency: does it still?), also in 2-step sub-blocks (102
+    # registers against 164: the 2048 programs fit one wave), 64-step chunks, two segments a
     # sequence; the CUDA scan ships 4 warps on the H100 since 2026-11-26 (1.10x over 8)
     left=$(seconds_until 580)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"forward_block_d": 8}' '{"chunk": 64}' '{"segments": 2}' \
-      '{"warps": 8}'
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"forward_block_d": 8}' \
+      '{"forward_block_d": 8, "forward_unroll": 2}' '{"chunk": 64}' '{"segments": 2}' '{"warps": 8}'
   fi
 } 2>&1 | tee "$LOG"
 

@@ -96,12 +96,14 @@ def test_float16_activations():
 @pytest.mark.parametrize("config", [triton_scan.SelectiveScanConfig(chunk=16, block_d=4, forward_block_d=16),
                                     triton_scan.SelectiveScanConfig(chunk=128, block_d=8, forward_block_d=4),
                                     triton_scan.SelectiveScanConfig(chunk=16, segments=2),
-                                    triton_scan.SelectiveScanConfig(chunk=16, segments=16)],
-                         ids=["chunk16", "chunk128", "segments2", "segments16"])
+                                    triton_scan.SelectiveScanConfig(chunk=16, segments=16),
+                                    triton_scan.SelectiveScanConfig(chunk=16, forward_unroll=2, segments=2)],
+                         ids=["chunk16", "chunk128", "segments2", "segments16", "forward-unroll2"])
 def test_other_configs(config):
-    """Chunks of two forward unrolls and of many backward sub-blocks, one partial; the forward's
+    """Chunks of four forward sub-blocks and of many backward sub-blocks, one partial; the forward's
     channel blocks wider and narrower than the backward's; sequences of 3 chunks split into
-    segments of 2 and 1 chunks, and into one segment per chunk (16 capped at 3)."""
+    segments of 2 and 1 chunks, and into one segment per chunk (16 capped at 3); the forward in
+    2-step sub-blocks (8 a chunk), in segments."""
     def run(backend, **x):
         if backend != "triton":
             return scan(backend, **x)

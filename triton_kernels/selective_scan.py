@@ -19,10 +19,11 @@ they arrive while the sub-block before runs: loaded step by step, each step's lo
 the previous step's store and waited for, a program spent about a memory latency a step (1 us a
 step at B8 T2048 D2048, H100: 2.1 ms forward, a sixth of its instruction issue rate). The state
 entering every chunk of BT steps is stored (fp32, N x Dm per chunk and sequence) for the backward.
-SASS (N 16, bf16, sm_90, UNROLL 4): about 34 instructions per (step, channel, state element) at
-BD 8 (164 registers), 22 at BD 16 (242; 32 spills: the B and C of the 8 steps in flight), where a
-tl.associative_scan over each chunk took 100 (shuffles and shared memory per element); a quarter
-of them the softplus (a precise log and exp, per channel).
+SASS (N 16, bf16, sm_90, UNROLL 4 / 2): about 34 / 38 instructions per (step, channel, state
+element) at BD 8 (164 / 102 registers), 22 / 24 at BD 16 (242 / 162), 17 at BD 32 and UNROLL 2
+(249; UNROLL 4 spills: the B and C of the 8 steps in flight), where a tl.associative_scan over
+each chunk took 100 (shuffles and shared memory per element); a quarter of them the softplus (a
+precise log and exp, per channel).
 Backward: the same layout, walking the chunks backwards; inside a chunk, the states entering
 its sub-blocks of UNROLL (2) steps are recomputed from the stored state into a per-program
 scratch (checkpoints, L2-resident), then each sub-block (last first) issues all its steps' loads

@@ -46,10 +46,13 @@ class SelectiveScanConfig:
     block_d: int = 16  # channels per backward program
     forward_block_d: int = 16  # channels per forward program (the forward holds far fewer tiles)
     segments: int = 1  # programs per sequence, both directions (above)
+    # steps per forward sub-block, whose loads issue a sub-block ahead (two sub-blocks' B and C in
+    # registers: SASS sm_90, N 16, at 8 channels 2 steps take 102 registers and 4 take 164, at 16
+    # channels 162 and 242; fewer registers, more one-warp programs an SM to hide latency with)
+    forward_unroll: int = 4
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
-FORWARD_UNROLL = 4  # steps per forward sub-block, whose loads issue a sub-block ahead (two in registers)
 BACKWARD_UNROLL = 2  # steps per backward sub-block: their states and loads live in registers together
 
 
@@ -60,15 +63,16 @@ def space(Dm: int, N: int, hardware) -> Space:
 
     return Space(
         {"chunk": powers_of_two(16, 128), "block_d": powers_of_two(8, 128), "forward_block_d": powers_of_two(8, 128),
-         "segments": powers_of_two(1, 16)},
+         "segments": powers_of_two(1, 16), "forward_unroll": [2, 4]},
         (
             Constraint("block_d <= Dm rounded up to a power of two", ("block_d",), lambda bd: bd <= next_power_of_two(Dm)),
             Constraint("forward_block_d <= Dm rounded up to a power of two", ("forward_block_d",),
                        lambda bd: bd <= next_power_of_two(Dm)),
-            Constraint("the forward's tiles (the state, A, and B and C of the 2 x FORWARD_UNROLL steps in flight, "
+            Constraint("the forward's tiles (the state, A, and B and C of the 2 x forward_unroll steps in flight, "
                        "N x forward_block_d fp32 each) fit in 160 registers per thread (calibrated with "
-                       "compile_check, N = 16: 8 channels compile to 164 registers, 16 to 242, 32 spill)",
-                       ("forward_block_d",), lambda bd: (2 + 4 * FORWARD_UNROLL) * per_thread(bd) <= 160),
+                       "compile_check, N = 16, 4 steps: 8 channels compile to 164 registers, 16 to 242, 32 spill; "
+                       "2 steps at 32 channels: 249)",
+                       ("forward_block_d", "forward_unroll"), lambda bd, u: (2 + 4 * u) * per_thread(bd) <= 160),
             Constraint("the backward's tiles (the sub-block's states, its steps' B and C, and 6 more: "
                        "3 BACKWARD_UNROLL + 6 of N x block_d fp32) fit in 128 "
                        "registers per thread (calibrated with rnnops.triton_backend.compile_check, N = 16: block_d "
@@ -112,7 +116,7 @@ class _ScanRun:
         self.layout = ChunkLayout.build(self.batch, self.T, config.chunk, cu_seqlens, u.device)
         self.packed = cu_seqlens is not None
         self.config = config
-        self.forward_launch = self._launch(config.forward_block_d, FORWARD_UNROLL)
+        self.forward_launch = self._launch(config.forward_block_d, config.forward_unroll)
         self.backward_launch = self._launch(config.block_d, BACKWARD_UNROLL)
         # no more segments than a sequence has chunks (T bounds a packed sequence's length)
         self.segments = min(config.segments, -(-self.T // config.chunk))
