@@ -123,7 +123,9 @@ def rnn_case(cell: str, B, T, H, D, **flags) -> Case:
 
 
 def _linear_family(B, T, H, K, V, **flags) -> list[Case]:
-    cases = [linear_attn_case(gate, B, T, H, K, V, **flags) for gate in ("none", "scalar", "per-key")]
+    # GLA (per-key decay) before scalar decay: a budget-limited GPU run, whose op families take
+    # turns, reaches the second case of a family sooner than the third
+    cases = [linear_attn_case(gate, B, T, H, K, V, **flags) for gate in ("none", "per-key", "scalar")]
     cases += [delta_case(1, gated, B, T, H, K, V, **flags) for gated in (False, True)]
     return cases
 
