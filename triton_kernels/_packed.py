@@ -1,6 +1,7 @@
 """Where a program works in the packed-sequence layout (rnnops.triton_backend._common.ChunkLayout):
 every batch is handled as packed sequences, ``cu_seqlens`` their row offsets, ``chunk_offsets``
-each sequence's first global chunk, ``chunk_indices`` each chunk program's (sequence, chunk)."""
+each sequence's first global chunk, ``chunk_indices`` each chunk program's (sequence, chunk);
+and the per-sequence states (sequences, H, K, V) a walk over a sequence's chunks starts from."""
 from __future__ import annotations
 
 import triton
@@ -31,3 +32,17 @@ def sequence_span(chunk_offsets, cu_seqlens, seq):
     first = tl.load(chunk_offsets + seq).to(tl.int64)
     chunks = tl.load(chunk_offsets + seq + 1).to(tl.int64) - first
     return bos, eos, first, chunks
+
+
+@triton.jit
+def sequence_state(state, seq, i_h, rk, rv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   HAS_STATE: tl.constexpr):
+    """The (rk, rv) tile of a (K, V) state for a walk over sequence ``seq`` and head ``i_h``: (its
+    offsets and mask in a (K, V) state, and, fp32, the tile of ``state`` (sequences, H, K, V) where
+    HAS_STATE, else zeros: the initial state forward, the final state's gradient backward)."""
+    offs = rk[:, None] * V + rv[None, :]
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    tile = tl.zeros([rk.shape[0], rv.shape[0]], tl.float32)
+    if HAS_STATE:
+        tile += tl.load(state + (seq * H + i_h) * K * V + offs, mask=mask, other=0.0)
+    return offs, mask, tile

@@ -51,7 +51,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, sequence_span
+from ._packed import chunk_rows, sequence_span, sequence_state
 
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
 SUB_CHUNK = 16
@@ -112,11 +112,7 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
-    state_offs = rk[:, None] * V + rv[None, :]
-    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    S = tl.zeros([BK, BV], tl.float32)
-    if HAS_INITIAL:
-        S += tl.load(initial_state + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    state_offs, state_mask, S = sequence_state(initial_state, seq, i_h, rk, rv, H, K, V, HAS_INITIAL)
     for n in range(chunks):
         tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S.to(h.dtype.element_ty), mask=state_mask)
         t0 = bos + n * BT
@@ -158,11 +154,7 @@ def fused_fwd_kernel(q, k, v, G, o, initial_state, final_state, chunk_offsets, c
     bos, eos, _first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     rk = tl.arange(0, KP)
     rv = i_v * BV + tl.arange(0, BV)
-    state_offs = rk[:, None] * V + rv[None, :]
-    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    S = tl.zeros([KP, BV], tl.float32)
-    if HAS_INITIAL:
-        S += tl.load(initial_state + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    state_offs, state_mask, S = sequence_state(initial_state, seq, i_h, rk, rv, H, K, V, HAS_INITIAL)
     for n in range(chunks):
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
@@ -309,11 +301,7 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
-    state_offs = rk[:, None] * V + rv[None, :]
-    state_mask = (rk[:, None] < K) & (rv[None, :] < V)
-    dS = tl.zeros([BK, BV], tl.float32)
-    if HAS_D_FINAL:
-        dS += tl.load(d_final + (seq * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0)
+    state_offs, state_mask, dS = sequence_state(d_final, seq, i_h, rk, rv, H, K, V, HAS_D_FINAL)
     for m in range(chunks):
         n = chunks - 1 - m
         tl.store(dh + ((first + n) * H + i_h) * K * V + state_offs, dS.to(dh.dtype.element_ty), mask=state_mask)

@@ -247,9 +247,9 @@ def scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, out, h, initial_state, 
     steps, each one's loads issued while the one before it runs.
     PASS OUTPUTS: from the state entering the segment (the initial state, or with SEGMENTS > 1
     ``segment_states``), writes out, the state entering each chunk of BT steps for the backward
-    (STORE_STATES; not where no backward will run), and (SEGMENTS = 1) the final state. PASS LOCAL: from a zero state, writes only the
-    segment's end state to ``segment_states`` and its channels' sum of dt to ``dt_sums``, for
-    scan_segment_states_kernel."""
+    (STORE_STATES; not where no backward will run), and (SEGMENTS = 1) the final state.
+    PASS LOCAL: from a zero state, writes only the segment's end state to ``segment_states`` and
+    its channels' sum of dt to ``dt_sums``, for scan_segment_states_kernel."""
     i_d, pid = tl.program_id(0), tl.program_id(1)
     seq, b, bos, eos, first, c0, chunks = _segment(chunk_offsets, cu_seqlens, pid, SEGMENTS, PACKED)
     ch, ch_mask, rn, n_mask, state_offs, state_mask, A2, B_static, C_static, B_base, C_base, d_weight, bias = \
