@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from . import cache, tuner
+from . import cache, kernels, tuner
 from .hardware import from_device, named
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ops", nargs="+", default=["all"], help="op families to tune (default: all)")
+    parser.add_argument("--ops", nargs="+", default=["all"], choices=["all", *kernels.SHAPE_NAMES],
+                        help="op families to tune (default: all)")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE", help="shapes instead of the standard GPU cases")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="stop measuring after this long (one bucket per kernel shape comes first; an untuned "
@@ -100,12 +101,23 @@ def tries_table(results: list[tuner.Result]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     dtype = tuner.DTYPES[args.dtype]
-    shapes = [tuner.parse_shape(s) for s in args.shapes] if args.shapes else None
     if args.explain:
-        op, shape = args.explain
+        op, text = args.explain
+        try:
+            shape = tuner.parse_shape(text)
+            kernels.check_shape(op, shape)
+        except ValueError as error:
+            raise SystemExit(f"autotune: --explain: {error}") from None
         screen = tuner.CompileScreen() if args.compile_check else None
-        print(tuner.explain(op, tuner.parse_shape(shape), _hardware(args), dtype, screen))
+        print(tuner.explain(op, shape, _hardware(args), dtype, screen))
         return 0
+    try:  # every shape must fit every op tuned (an rnn shape has no K for linear attention)
+        shapes = [tuner.parse_shape(s) for s in args.shapes] if args.shapes else None
+        for tunable in kernels.tunables(args.ops) if shapes else ():
+            for shape in shapes:
+                kernels.check_shape(tunable.op, shape)
+    except ValueError as error:
+        raise SystemExit(f"autotune: --shapes: {error}") from None
     if args.import_:
         if not torch.cuda.is_available():
             raise SystemExit("autotune: --import needs the GPU whose cache it fills")

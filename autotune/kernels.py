@@ -48,8 +48,34 @@ def rnn_shape(x_gates: torch.Tensor, cell: str) -> dict:
     return dict(B=batch, T=time, H=heads, D=dim, cell=cell)
 
 
+# the names a shape must give per op family (autotune --shapes "B=8,T=4096,..."); others may
+# follow (gate, gated, num_householder for the linear family)
+SHAPE_NAMES = {
+    "linear_attn": ("B", "T", "H", "K", "V"),
+    "delta_rule": ("B", "T", "H", "K", "V"),
+    "delta_product": ("B", "T", "H", "K", "V"),
+    "selective_scan": ("B", "T", "Dm", "N"),
+    "rnn": ("cell", "B", "T", "H", "D"),
+}
+
+
+def check_shape(op: str, shape: dict) -> None:
+    """ValueError unless ``shape`` names every size ``op`` needs (SHAPE_NAMES), integers but the
+    rnn's cell."""
+    if op not in SHAPE_NAMES:
+        raise ValueError(f"no shapes for op {op!r}; ops: {', '.join(SHAPE_NAMES)}")
+    missing = [name for name in SHAPE_NAMES[op] if name not in shape]
+    if missing:
+        raise ValueError(f"shape {shape} lacks {', '.join(missing)} for op {op!r} "
+                         f"({op} shapes name {', '.join(SHAPE_NAMES[op])})")
+    for name in SHAPE_NAMES[op]:
+        if name != "cell" and (not isinstance(shape[name], int) or shape[name] < 1):
+            raise ValueError(f"shape {shape}: {name} must be a positive integer, got {shape[name]!r}")
+
+
 def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
     """The shape bucket of a call (a string key for the cache)."""
+    check_shape(op, shape)
     d = dtype_name(dtype)
     if op in ("linear_attn", "delta_rule", "delta_product"):
         variant = shape.get("gate", "gated" if shape.get("gated") else "plain")
@@ -57,9 +83,8 @@ def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
         return f"{d}:K{shape['K']}:V{shape['V']}:{variant}:tokens~{next_power_of_two(tokens)}"
     if op == "selective_scan":  # the batch sets the grid (the length only how long each program walks)
         return f"{d}:N{shape['N']}:Dm~{next_power_of_two(shape['Dm'])}:B~{next_power_of_two(shape['B'])}"
-    if op == "rnn":
-        return f"{d}:{shape['cell']}:H{shape['H']}:D{shape['D']}:B~{next_power_of_two(shape['B'])}"
-    raise ValueError(f"no buckets for op {op!r}")
+    # rnn, the one op left (check_shape admits no other)
+    return f"{d}:{shape['cell']}:H{shape['H']}:D{shape['D']}:B~{next_power_of_two(shape['B'])}"
 
 
 @dataclass(frozen=True)

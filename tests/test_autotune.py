@@ -199,6 +199,27 @@ def test_cli_dry_run_explain_and_export(tmp_path, capsys):
             main(["autotune", "--ops", "rnn"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    # an rnn shape given to the scan too raised KeyError: 'Dm' from the scan's space (2026-11-26)
+    (["--dry-run", "--gpu", "H100", "--ops", "rnn", "selective_scan", "--shapes", "cell=gru,B=16,T=1024,H=12,D=64"],
+     r"--shapes: shape .* lacks Dm, N for op 'selective_scan'"),
+    (["--dry-run", "--gpu", "H100", "--ops", "rnn", "--shapes", "cell=gru,B=0,T=1024,H=12,D=64"],
+     "--shapes: .*B must be a positive integer, got 0"),
+    (["--dry-run", "--gpu", "H100", "--shapes", "B=8,T"], "--shapes: shape entries are name=value, got 'T'"),
+    (["--explain", "rnn", "B=2", "--gpu", "H100"], "--explain: .* lacks cell, T, H, D for op 'rnn'"),
+    (["--explain", "lstm", "B=2", "--gpu", "H100"], "--explain: no shapes for op 'lstm'"),
+])
+def test_cli_names_the_bad_shape(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["autotune", *argv])
+
+
+def test_cli_rejects_unknown_ops(capsys):
+    with pytest.raises(SystemExit):
+        main(["autotune", "--dry-run", "--gpu", "H100", "--ops", "lstm"])
+    assert "invalid choice: 'lstm'" in capsys.readouterr().err
+
+
 def test_compile_screen_keeps_the_best_ranked_config_that_neither_spills_nor_overflows(monkeypatch):
     from rnnops._ptxas import KernelReport
     from rnnops.triton_backend import compile_check as triton_compile_check
