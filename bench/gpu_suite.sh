@@ -12,6 +12,7 @@
 #                                        gets), then the bench with the tuned choices)
 #        BENCH_OPS="rnn selective_scan" bash bench/gpu_suite.sh   (the bench times only these op
 #                                        families: a run that must reach the ones its budget left out)
+#        BENCH_CASES="GLA|D768" bash bench/gpu_suite.sh   (only the cases whose name the regex finds)
 set -uo pipefail
 MODE=${1:-check}
 case "$MODE" in check|tune) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune]" >&2; exit 2 ;; esac
@@ -80,7 +81,7 @@ PY
   [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
   # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
   timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
-    ${BENCH_OPS:+--ops $BENCH_OPS}
+    ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases "$BENCH_CASES"}
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"

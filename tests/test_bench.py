@@ -3,6 +3,7 @@ main job; its cases are too slow for a test)."""
 import json
 import os
 import pathlib
+import re
 import time
 from types import SimpleNamespace
 
@@ -343,6 +344,19 @@ def test_compare_prints_ratios(tmp_path, capsys):
     main(["bench", "--compare", str(a), str(b)])
     out = capsys.readouterr().out
     assert "2.00x" in out and "geometric mean A/B over 2 timings: 2.000x" in out
+
+
+def test_cases_runs_only_the_matching_cases(monkeypatch, tmp_path):
+    cases = tiny_cases()[:3]
+    ran = []
+    monkeypatch.setattr(cli, "standard_cases", lambda device: cases)
+    monkeypatch.setattr(cli, "run_case", lambda case, *args, **kwargs: (ran.append(case.name), ([], []))[1])
+    main(["bench", "--repeats", "1", "--cases", f"^{re.escape(cases[1].name)}$", "--out", str(tmp_path)])
+    assert ran == [cases[1].name]
+    with pytest.raises(SystemExit, match="matches none of"):
+        main(["bench", "--cases", "no such case"])
+    with pytest.raises(SystemExit, match="not a regular expression"):
+        main(["bench", "--cases", "GLA("])
 
 
 def test_unknown_op_is_refused(monkeypatch):

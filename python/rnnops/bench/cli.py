@@ -1,6 +1,6 @@
 """``python -m rnnops bench``: run the standard cases, print a table, write the report.
 
-    python -m rnnops bench [--quick] [--ops OP ...] [--backends NAME ...] [--peers]
+    python -m rnnops bench [--quick] [--ops OP ...] [--cases REGEX] [--backends NAME ...] [--peers]
                            [--dtype DTYPE] [--device DEV] [--out DIR]
     python -m rnnops bench --compare A.json B.json
 """
@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ PEER_PACKAGES = ("flashrnn", "fla-core", "mamba-ssm", "triton")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the small standard set (about a minute on a CPU)")
     parser.add_argument("--ops", nargs="+", metavar="OP", help="only these op families (e.g. linear_attn rnn)")
+    parser.add_argument("--cases", metavar="REGEX",
+                        help="only the cases whose name this regular expression finds (e.g. 'GLA|D768')")
     parser.add_argument("--backends", nargs="+", metavar="NAME", help="only these rnnops backends")
     parser.add_argument("--peers", action="store_true",
                         help="also time the installed peers (flashrnn, fla, mamba_ssm); torch.nn always runs")
@@ -137,6 +140,15 @@ def main(args: argparse.Namespace) -> int:
     if args.ops and set(args.ops) - set(known):
         raise SystemExit(f"bench: unknown op(s) {', '.join(sorted(set(args.ops) - set(known)))}; known: {', '.join(known)}")
     cases = [c for c in cases if (c.quick or not args.quick) and (not args.ops or c.op in args.ops)]
+    if args.cases:
+        try:
+            wanted = re.compile(args.cases)
+        except re.error as error:
+            raise SystemExit(f"bench: --cases {args.cases!r} is not a regular expression: {error}") from None
+        names = [c.name for c in cases]
+        cases = [c for c in cases if wanted.search(c.name)]
+        if not cases:
+            raise SystemExit(f"bench: --cases {args.cases!r} matches none of: {'; '.join(names)}")
     hardware = None
     if device.type == "cuda":
         from rnnops.autotune.hardware import from_device
