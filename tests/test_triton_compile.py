@@ -81,7 +81,8 @@ def test_half_kernels_compile_without_spills_by_default(group):
 
 
 # kernels of the linear family without warpgroup tensor-core products on an H100: no dot products
-# (cumsum) or GLA's 16 x 16 sub-chunk blocks (a warpgroup product needs 64 rows)
+# (cumsum) or GLA's 16 x 16 sub-chunk blocks (a warpgroup product needs 64 rows; the launches of
+# the same kernels for chunks factored whole do use them)
 WARP_LEVEL = re.compile("cumsum|intra_scores|intra_dqk")
 # SASS instructions per exponential in the scan kernels' per-step loops (about one exponential per
 # (step, channel, state element); measured 17 forward, 41 backward at the H100's configuration

@@ -52,6 +52,17 @@ def test_strong_decay(gate):
     compare_backends(lambda backend, **kw: run(backend, 32, **kw), x, 1e-5, test="triton")
 
 
+def test_per_key_chunks_weak_and_strong_in_one_call():
+    """GLA's intra-chunk kernels factor a chunk around its first token where its decay span is at
+    most factored_span_limit (30 in float32) and go by exact sub-chunks elsewhere: chunks of both
+    kinds in one call: spans about 3, 360 and, for the third chunk, near 30 (of its four sequence
+    and head walks some fall each side), then 3 again."""
+    x = make_inputs(T=64, gate="per-key")
+    strength = torch.tensor([0.25] * 16 + [30.0] * 16 + [2.3] * 16 + [0.25] * 16).view(1, 64, 1, 1)
+    x["g"] = -(0.5 + 0.5 * torch.rand_like(x["g"])) * strength
+    compare_backends(lambda backend, **kw: run(backend, 16, **kw), x, 1e-5, test="triton")
+
+
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("tiles", [dict(block_k=64, block_v=32, state_block_k=16, state_block_v=16),
                                    dict(block_k=32, block_v=16, state_block_k=64, state_block_v=32)],

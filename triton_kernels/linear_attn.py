@@ -8,9 +8,12 @@ state entering it, "last" its last valid token):
     S_out  = e^(G_last) * S_in + (k * e^(G_last - G))^T @ v
 Every exponent is <= 0 (G is non-increasing for g <= 0), and the factored ones are clamped at 0
 so that rows past a sequence's end (G read as 0) cannot overflow either: nothing overflows,
-however strong the decay. Per-key decay cannot factor exp(G_i - G_j) over a whole chunk safely, so its scores are
-built from BC-token sub-chunks: off-diagonal blocks factor around the first token of the row
-block (both factors <= 1), diagonal blocks are summed exactly per pair (``intra_scores``).
+however strong the decay. Per-key decay factors exp(G_i - G_j) around the chunk's first token
+(exponents up to +span) only where the chunk's decay span (max over keys of G_first - G_last) is
+at most SPAN_LIMIT, which keeps e^span in the dot operands' range (one BT x BT product over K:
+``intra_scores``, FACTORED); chunks of stronger
+decay build their scores from BC-token sub-chunks: off-diagonal blocks factor around the first
+token of the row block (both factors <= 1), diagonal blocks are summed exactly per pair.
 
 Gradients (do the output gradient, dS_out the gradient of the state leaving a chunk):
     dS_in  = e^(G_last) * dS_out + s * (q * e^G)^T @ do                      (``states_bwd``)
@@ -31,10 +34,12 @@ Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk; the state ker
 the configuration's state tile, the others' its chunk tiles):
     cumsum       (chunks, H)               one chunk's g, all of K in BK tiles
     states_fwd   (K/BK, V/BV, seqs * H)    the chunk loop of one sequence, S tile in registers
-    intra_scores (chunks, H)               per-key only: A for one chunk, K in BK tiles
+    intra_scores (chunks, H)               per-key only: A for one chunk, K in BK tiles; launched
+                                           twice, factored chunks and the others (each program
+                                           leaves the other kind's chunks alone)
     output       (V/BV, chunks, H)         o tile; K in BK tiles
     states_bwd   (K/BK, V/BV, seqs * H)    reverse chunk loop
-    intra_dqk    (chunks, H)               per-key only: the intra parts of dq, dk from dA
+    intra_dqk    (chunks, H)               per-key only: the intra parts of dq, dk from dA; twice
     dqk          (K/BK, chunks, H)         dq, dk, dG for one K tile; V in BV tiles
     dv           (V/BV, chunks, H)         dv tile; K in BK tiles
 
@@ -183,60 +188,111 @@ def fused_fwd_kernel(q, k, v, G, o, initial_state, final_state, chunk_offsets, c
 
 
 @triton.jit
+def _chunk_span(G, t0, last, i_h, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    """The chunk's decay span, max over keys of G_first - G_last (>= 0: G is non-increasing): how
+    far e^(G_first - G_j) can grow inside the chunk."""
+    every_k = tl.arange(0, KP)
+    g_first = tl.load(G + (t0 * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
+    g_last = tl.load(G + (last * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
+    return tl.max(g_first - g_last, axis=0)
+
+
+@triton.jit
+def _factors(G, t0, rows, row_mask, rk, kmask, i_h, H: tl.constexpr, K: tl.constexpr):
+    """(e^(G_i - G_first), e^(G_first - G_i)) for a (rows, rk) tile: the first <= 1, the second <=
+    e^span for valid rows; rows past the end (G read as 0) get 1 and e^G_first <= 1."""
+    g = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+    g_first = tl.load(G + (t0 * H + i_h) * K + rk, mask=kmask, other=0.0)
+    return tl.exp(tl.minimum(g - g_first[None, :], 0.0)), tl.exp(g_first[None, :] - g)
+
+
+@triton.jit
 def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                        KP: tl.constexpr):
+                        KP: tl.constexpr, SPAN_LIMIT: tl.constexpr, FACTORED: tl.constexpr):
     """Per-key decay: A[i, j] = sum_d q_id k_jd exp(G_id - G_jd) for j <= i (else 0), stored as
-    A[(row, head), column-in-chunk] in fp32. Sub-chunks of BC tokens: blocks below the
-    diagonal are one matmul each, factored around the row block's first token; diagonal blocks
-    are summed exactly, one column at a time over all K (KP: K rounded up to a power of two) with
-    the block's queries and decays loaded once, each column stored as computed (gathering the
-    columns into a block tile first took a layout conversion, 18 block barriers, per column and
-    K tile: SASS sm_90, 619 instructions)."""
+    A[(row, head), column-in-chunk] in fp32. Launched twice, FACTORED and not, each program
+    leaving the chunks of the other kind alone: each compiles to its own registers.
+
+    A chunk whose decay span is at most SPAN_LIMIT (the host's bound for the dot operands' dtype:
+    e^span times a key stays in range) factors every pair around its first token, one product over
+    K: (q e^(G - G_first)) @ (k e^(G_first - G))^T, both parts' exponents in [-span, span]. Other
+    chunks (strong decay) go by sub-chunks of BC tokens: blocks below the diagonal are one matmul
+    each, factored around the row block's first token (both factors <= 1); diagonal blocks are
+    summed exactly, one column at a time over all K (KP: K rounded up to a power of two) with the
+    block's queries and decays loaded once, each column stored as computed (gathering the columns
+    into a block tile first took a layout conversion, 18 block barriers, per column and K tile)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
-        r = tl.arange(0, BC)
-        for i_i in tl.static_range(BT // BC):
-            rows = t0 + i_i * BC + r
+        span = _chunk_span(G, t0, last, i_h, H, K, KP)
+        if not FACTORED:
+            if span > SPAN_LIMIT:
+                _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H, K, PRECISION, BT, BC, BK, KP)
+        elif span <= SPAN_LIMIT:
+            rows = t0 + tl.arange(0, BT)
             row_mask = rows < eos
-            for i_j in tl.static_range(BT // BC):
-                if i_j == i_i:
-                    every_k = tl.arange(0, KP)
-                    tile_mask = row_mask[:, None] & (every_k < K)[None, :]
-                    q_diag = tl.load(q + (rows[:, None] * H + i_h) * K + every_k[None, :], mask=tile_mask,
-                                  other=0.0).to(tl.float32)
-                    g_diag = tl.load(G + (rows[:, None] * H + i_h) * K + every_k[None, :], mask=tile_mask, other=0.0)
-                    for c in range(BC):
-                        col = tl.minimum(t0 + i_i * BC + c, last)  # past the end: feeds masked rows only
-                        k_col = tl.load(k + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0).to(tl.float32)
-                        g_col = tl.load(G + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
-                        exponent = tl.where(r[:, None] >= c, g_diag - g_col[None, :], float("-inf"))
-                        column = tl.sum(q_diag * k_col[None, :] * tl.exp(exponent), axis=1)
-                        tl.store(A + (rows * H + i_h) * BT + i_i * BC + c, column, mask=row_mask)
-                else:
-                    cols = t0 + i_j * BC + r
-                    col_mask = cols < eos
-                    block = tl.zeros([BC, BC], tl.float32)
-                    if i_j < i_i:
-                        ref = tl.minimum(t0 + i_i * BC, last)  # a row past the end has no valid rows anyway
-                        for i_k in range(tl.cdiv(K, BK)):
-                            rk = i_k * BK + tl.arange(0, BK)
-                            kmask = rk < K
-                            b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :],
-                                          mask=row_mask[:, None] & kmask[None, :], other=0.0)
-                            b_k = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :],
-                                          mask=col_mask[:, None] & kmask[None, :], other=0.0)
-                            g_row = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :],
-                                            mask=row_mask[:, None] & kmask[None, :], other=0.0)
-                            g_col = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :],
-                                            mask=col_mask[:, None] & kmask[None, :], other=0.0)
-                            g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
-                            q_part = (b_q * tl.exp(tl.minimum(g_row - g_ref[None, :], 0.0))).to(b_q.dtype)
-                            k_part = (b_k * tl.exp(tl.minimum(g_ref[None, :] - g_col, 0.0))).to(b_k.dtype)
-                            block += tl.dot(q_part, tl.trans(k_part), input_precision=PRECISION)
-                    tl.store(A + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :], block,
-                             mask=row_mask[:, None])
+            scores = tl.zeros([BT, BT], tl.float32)
+            for i_k in range(tl.cdiv(K, BK)):
+                rk = i_k * BK + tl.arange(0, BK)
+                kmask = rk < K
+                tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+                tile_mask = row_mask[:, None] & kmask[None, :]
+                b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
+                b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+                up, down = _factors(G, t0, rows, row_mask, rk, kmask, i_h, H, K)
+                scores += tl.dot((b_q * up).to(b_q.dtype), tl.trans((b_k * down).to(b_k.dtype)),
+                                 input_precision=PRECISION)
+            causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+            tl.store(A + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], tl.where(causal, scores, 0.0),
+                     mask=row_mask[:, None])
+
+
+@triton.jit
+def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr):
+    """intra_scores_kernel's chunks of strong decay, by sub-chunks (its docstring)."""
+    r = tl.arange(0, BC)
+    for i_i in tl.static_range(BT // BC):
+        rows = t0 + i_i * BC + r
+        row_mask = rows < eos
+        for i_j in tl.static_range(BT // BC):
+            if i_j == i_i:
+                every_k = tl.arange(0, KP)
+                tile_mask = row_mask[:, None] & (every_k < K)[None, :]
+                q_diag = tl.load(q + (rows[:, None] * H + i_h) * K + every_k[None, :], mask=tile_mask,
+                                 other=0.0).to(tl.float32)
+                g_diag = tl.load(G + (rows[:, None] * H + i_h) * K + every_k[None, :], mask=tile_mask, other=0.0)
+                for c in range(BC):
+                    col = tl.minimum(t0 + i_i * BC + c, last)  # past the end: feeds masked rows only
+                    k_col = tl.load(k + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0).to(tl.float32)
+                    g_col = tl.load(G + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
+                    exponent = tl.where(r[:, None] >= c, g_diag - g_col[None, :], float("-inf"))
+                    column = tl.sum(q_diag * k_col[None, :] * tl.exp(exponent), axis=1)
+                    tl.store(A + (rows * H + i_h) * BT + i_i * BC + c, column, mask=row_mask)
+            else:
+                cols = t0 + i_j * BC + r
+                col_mask = cols < eos
+                block = tl.zeros([BC, BC], tl.float32)
+                if i_j < i_i:
+                    ref = tl.minimum(t0 + i_i * BC, last)  # a row past the end has no valid rows anyway
+                    for i_k in range(tl.cdiv(K, BK)):
+                        rk = i_k * BK + tl.arange(0, BK)
+                        kmask = rk < K
+                        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :],
+                                      mask=row_mask[:, None] & kmask[None, :], other=0.0)
+                        b_k = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :],
+                                      mask=col_mask[:, None] & kmask[None, :], other=0.0)
+                        g_row = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :],
+                                        mask=row_mask[:, None] & kmask[None, :], other=0.0)
+                        g_col = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :],
+                                        mask=col_mask[:, None] & kmask[None, :], other=0.0)
+                        g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
+                        q_part = (b_q * tl.exp(tl.minimum(g_row - g_ref[None, :], 0.0))).to(b_q.dtype)
+                        k_part = (b_k * tl.exp(tl.minimum(g_ref[None, :] - g_col, 0.0))).to(b_k.dtype)
+                        block += tl.dot(q_part, tl.trans(k_part), input_precision=PRECISION)
+                tl.store(A + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :], block,
+                         mask=row_mask[:, None])
 
 
 @triton.jit
@@ -344,68 +400,99 @@ def d_scores_kernel(do, v, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr
 
 @triton.jit
 def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
-                     PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+                     PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     KP: tl.constexpr, SPAN_LIMIT: tl.constexpr, FACTORED: tl.constexpr):
     """Per-key decay, the intra-chunk parts of the gradients (fp32):
         dq_i = sum_{j <= i} dA_ij k_j e^(G_i - G_j),   dk_j = sum_{i >= j} dA_ij q_i e^(G_i - G_j)
-    by sub-chunks as in intra_scores_kernel (factored below the diagonal, exact on it)."""
+    as in intra_scores_kernel: a chunk of decay span at most SPAN_LIMIT by two products per K tile,
+    dq = e^(G - G_first) * (dA @ (k e^(G_first - G))), dk = e^(G_first - G) * (dA^T @ (q e^(G - G_first)));
+    others by sub-chunks (factored below the diagonal, exact on it); launched twice as
+    intra_scores_kernel."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
-        r = tl.arange(0, BC)
-        for i_k in range(tl.cdiv(K, BK)):
-            rk = i_k * BK + tl.arange(0, BK)
-            kmask = rk < K
-            for i_i in tl.static_range(BT // BC):
-                rows = t0 + i_i * BC + r
-                row_mask = rows < eos
+        span = _chunk_span(G, t0, last, i_h, H, K, KP)
+        if not FACTORED:
+            if span > SPAN_LIMIT:
+                _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H, K, PRECISION, BT, BC, BK)
+        elif span <= SPAN_LIMIT:
+            rows = t0 + tl.arange(0, BT)
+            row_mask = rows < eos
+            b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
+                           other=0.0).to(q.dtype.element_ty)  # rounded once, as the dot would each K tile
+            for i_k in range(tl.cdiv(K, BK)):
+                rk = i_k * BK + tl.arange(0, BK)
+                kmask = rk < K
+                tile = (rows[:, None] * H + i_h) * K + rk[None, :]
                 tile_mask = row_mask[:, None] & kmask[None, :]
-                g_i = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :], mask=tile_mask, other=0.0)
-                acc_q = tl.zeros([BC, BK], tl.float32)
-                acc_k = tl.zeros([BC, BK], tl.float32)
-                for i_j in tl.static_range(BT // BC):
-                    cols = t0 + i_j * BC + r
-                    col_mask = cols < eos
-                    other_mask = col_mask[:, None] & kmask[None, :]
-                    if i_j < i_i:  # dq_i from keys of block j, factored around block i's first token
-                        ref = tl.minimum(t0 + i_i * BC, last)
-                        g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
-                        b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :],
-                                       mask=row_mask[:, None], other=0.0)
-                        k_j = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
-                        g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
-                        k_part = (k_j * tl.exp(tl.minimum(g_ref[None, :] - g_j, 0.0))).to(k_j.dtype)
-                        acc_q += (tl.dot(b_dA.to(k_j.dtype), k_part, input_precision=PRECISION)
-                                  * tl.exp(tl.minimum(g_i - g_ref[None, :], 0.0)))
-                    elif i_j > i_i:  # dk_i from queries of block j, factored around block j's first token
-                        ref = tl.minimum(t0 + i_j * BC, last)  # past the end: block j's queries are zeros
-                        g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
-                        b_dA = tl.load(dA + (cols[:, None] * H + i_h) * BT + i_i * BC + r[None, :],
-                                       mask=col_mask[:, None], other=0.0)
-                        q_j = tl.load(q + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
-                        g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
-                        q_part = (q_j * tl.exp(tl.minimum(g_j - g_ref[None, :], 0.0))).to(q_j.dtype)
-                        acc_k += (tl.dot(tl.trans(b_dA).to(q_j.dtype), q_part, input_precision=PRECISION)
-                                  * tl.exp(tl.minimum(g_ref[None, :] - g_i, 0.0)))
-                    else:  # the diagonal block, exactly, one partner token at a time
-                        for c in range(BC):
-                            in_range = (t0 + i_i * BC + c < eos).to(tl.float32)
-                            col = tl.minimum(t0 + i_i * BC + c, last)
-                            k_c = tl.load(k + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
-                            q_c = tl.load(q + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
-                            g_c = tl.load(G + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
-                            # dq rows i >= c use dA[i, c]; dk rows i <= c use dA[c, i] (zero past the end)
-                            dA_col = tl.load(dA + (rows * H + i_h) * BT + i_i * BC + c, mask=row_mask, other=0.0)
-                            dA_row = in_range * tl.load(dA + (col * H + i_h) * BT + i_i * BC + r, mask=row_mask,
-                                                        other=0.0)
-                            below = r[:, None] >= c
-                            acc_q += tl.where(below, dA_col[:, None] * k_c[None, :]
-                                              * tl.exp(tl.where(below, g_i - g_c[None, :], 0.0)), 0.0)
-                            above = r[:, None] <= c
-                            acc_k += tl.where(above, dA_row[:, None] * q_c[None, :]
-                                              * tl.exp(tl.where(above, g_c[None, :] - g_i, 0.0)), 0.0)
-                offs = (rows[:, None] * H + i_h) * K + rk[None, :]
-                tl.store(dq + offs, acc_q, mask=tile_mask)
-                tl.store(dk + offs, acc_k, mask=tile_mask)
+                b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
+                b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+                up, down = _factors(G, t0, rows, row_mask, rk, kmask, i_h, H, K)
+                d_q = tl.dot(b_dA, (b_k * down).to(b_k.dtype), input_precision=PRECISION) * up
+                tl.store(dq + tile, d_q, mask=tile_mask)
+                d_k = tl.dot(tl.trans(b_dA), (b_q * up).to(b_q.dtype), input_precision=PRECISION) * down
+                tl.store(dk + tile, d_k, mask=tile_mask)
+
+
+@triton.jit
+def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexpr, K: tl.constexpr,
+                         PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """intra_dqk_kernel's chunks of strong decay, by sub-chunks as in _sub_chunk_scores."""
+    r = tl.arange(0, BC)
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        kmask = rk < K
+        for i_i in tl.static_range(BT // BC):
+            rows = t0 + i_i * BC + r
+            row_mask = rows < eos
+            tile_mask = row_mask[:, None] & kmask[None, :]
+            g_i = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :], mask=tile_mask, other=0.0)
+            acc_q = tl.zeros([BC, BK], tl.float32)
+            acc_k = tl.zeros([BC, BK], tl.float32)
+            for i_j in tl.static_range(BT // BC):
+                cols = t0 + i_j * BC + r
+                col_mask = cols < eos
+                other_mask = col_mask[:, None] & kmask[None, :]
+                if i_j < i_i:  # dq_i from keys of block j, factored around block i's first token
+                    ref = tl.minimum(t0 + i_i * BC, last)
+                    g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
+                    b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :],
+                                   mask=row_mask[:, None], other=0.0)
+                    k_j = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                    g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                    k_part = (k_j * tl.exp(tl.minimum(g_ref[None, :] - g_j, 0.0))).to(k_j.dtype)
+                    acc_q += (tl.dot(b_dA.to(k_j.dtype), k_part, input_precision=PRECISION)
+                              * tl.exp(tl.minimum(g_i - g_ref[None, :], 0.0)))
+                elif i_j > i_i:  # dk_i from queries of block j, factored around block j's first token
+                    ref = tl.minimum(t0 + i_j * BC, last)  # past the end: block j's queries are zeros
+                    g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
+                    b_dA = tl.load(dA + (cols[:, None] * H + i_h) * BT + i_i * BC + r[None, :],
+                                   mask=col_mask[:, None], other=0.0)
+                    q_j = tl.load(q + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                    g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                    q_part = (q_j * tl.exp(tl.minimum(g_j - g_ref[None, :], 0.0))).to(q_j.dtype)
+                    acc_k += (tl.dot(tl.trans(b_dA).to(q_j.dtype), q_part, input_precision=PRECISION)
+                              * tl.exp(tl.minimum(g_ref[None, :] - g_i, 0.0)))
+                else:  # the diagonal block, exactly, one partner token at a time
+                    for c in range(BC):
+                        in_range = (t0 + i_i * BC + c < eos).to(tl.float32)
+                        col = tl.minimum(t0 + i_i * BC + c, last)
+                        k_c = tl.load(k + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
+                        q_c = tl.load(q + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
+                        g_c = tl.load(G + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
+                        # dq rows i >= c use dA[i, c]; dk rows i <= c use dA[c, i] (zero past the end)
+                        dA_col = tl.load(dA + (rows * H + i_h) * BT + i_i * BC + c, mask=row_mask, other=0.0)
+                        dA_row = in_range * tl.load(dA + (col * H + i_h) * BT + i_i * BC + r, mask=row_mask,
+                                                    other=0.0)
+                        below = r[:, None] >= c
+                        acc_q += tl.where(below, dA_col[:, None] * k_c[None, :]
+                                          * tl.exp(tl.where(below, g_i - g_c[None, :], 0.0)), 0.0)
+                        above = r[:, None] <= c
+                        acc_k += tl.where(above, dA_row[:, None] * q_c[None, :]
+                                          * tl.exp(tl.where(above, g_c[None, :] - g_i, 0.0)), 0.0)
+            offs = (rows[:, None] * H + i_h) * K + rk[None, :]
+            tl.store(dq + offs, acc_q, mask=tile_mask)
+            tl.store(dk + offs, acc_k, mask=tile_mask)
 
 
 @triton.jit

@@ -167,6 +167,17 @@ def _kernels():
     return kernels
 
 
+def factored_span_limit(dtype: torch.dtype) -> float:
+    """The largest decay span (max over keys of G_first - G_last in a chunk) for which GLA's
+    intra-chunk kernels factor every pair of the chunk around its first token, in one product,
+    instead of by exact sub-chunks: its dot operands are keys times up to e^span and queries
+    times down to e^-span in the input dtype. float16 (largest 65504) keeps keys up to about 1200
+    in range at e^4; bfloat16 and float32 (largest 3.4e38, smallest normal 1.2e-38) any key up
+    to 1e25 at e^30. Gates as GLA trains them (log-sigmoid over a temperature of 16: about -0.04
+    a step) span about 3 over 64 tokens."""
+    return 4.0 if dtype == torch.float16 else 30.0
+
+
 class ChunkedRun:
     """Shapes, packed-sequence layout and launch parameters of one call, and the launches of the
     linear-attention kernels; shared by forward and backward, and by the delta rule (which
@@ -196,6 +207,12 @@ class ChunkedRun:
         # too; the UT inverse takes 149 registers at 8 warps, one program per SM, and 110-114 at
         # 4, four per SM, for a latency-bound chain of 15 substitution steps)
         self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
+        # GLA's intra-chunk kernels, launched for the chunks they factor whole (64 x 64 products:
+        # the configuration's warps; at 4 the gradients' spill, compile_check sm_90 bf16) and for
+        # the others (16 x 16 sub-chunks: at most 4)
+        self.per_key = {"KP": next_power_of_two(self.K), "SPAN_LIMIT": factored_span_limit(q.dtype),
+                        "BC": kernels.SUB_CHUNK}
+        self.per_key_launches = ((True, self.launch), (False, self.sub_chunk_launch))
         self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
 
     @property
@@ -228,11 +245,11 @@ class ChunkedRun:
         if self.gate != _kernels().KEY_GATE:
             return None
         A = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
-        launch(
-            _kernels().intra_scores_kernel, (self.layout.programs, self.H),
-            q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
-            PRECISION=self.precision, BT=self.chunk, BC=_kernels().SUB_CHUNK, BK=self.BK, KP=next_power_of_two(self.K),
-            **self.sub_chunk_launch)
+        for factored, warps in self.per_key_launches:
+            launch(
+                _kernels().intra_scores_kernel, (self.layout.programs, self.H),
+                q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
+                PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key, **warps)
         return A
 
     def states(self, k, v, G, initial_state, store_final):
@@ -290,10 +307,11 @@ class ChunkedRun:
             do, v, dA, lay.chunk_indices, lay.cu_seqlens, self.scale, H=self.H, V=self.V,
             PRECISION=self.precision, BT=self.chunk, BV=self.BV, **self.launch)
         dq_intra, dk_intra = (empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-        launch(
-            kernels.intra_dqk_kernel, (lay.programs, self.H),
-            q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K,
-            PRECISION=self.precision, BT=self.chunk, BC=kernels.SUB_CHUNK, BK=self.BK, **self.sub_chunk_launch)
+        for factored, warps in self.per_key_launches:
+            launch(
+                kernels.intra_dqk_kernel, (lay.programs, self.H),
+                q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K,
+                PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key, **warps)
         return dq_intra, dk_intra
 
     def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None):
