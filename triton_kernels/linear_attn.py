@@ -11,9 +11,9 @@ so that rows past a sequence's end (G read as 0) cannot overflow either: nothing
 however strong the decay. Per-key decay factors exp(G_i - G_j) around the chunk's first token
 (exponents up to +span) only where the chunk's decay span (max over keys of G_first - G_last) is
 at most SPAN_LIMIT, which keeps e^span in the dot operands' range (one BT x BT product over K:
-``intra_scores``, FACTORED); chunks of stronger
-decay build their scores from BC-token sub-chunks: off-diagonal blocks factor around the first
-token of the row block (both factors <= 1), diagonal blocks are summed exactly per pair.
+``intra_scores``, FACTORED); chunks of stronger decay build their scores from BC-token
+sub-chunks: off-diagonal blocks factor around the first token of the row block (both factors
+<= 1), diagonal blocks are summed exactly per pair.
 
 Gradients (do the output gradient, dS_out the gradient of the state leaving a chunk):
     dS_in  = e^(G_last) * dS_out + s * (q * e^G)^T @ do                      (``states_bwd``)
