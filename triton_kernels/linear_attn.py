@@ -420,18 +420,31 @@ def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.const
             row_mask = rows < eos
             b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
                            other=0.0).to(q.dtype.element_ty)  # rounded once, as the dot would each K tile
-            for i_k in range(tl.cdiv(K, BK)):
-                rk = i_k * BK + tl.arange(0, BK)
-                kmask = rk < K
-                tile = (rows[:, None] * H + i_h) * K + rk[None, :]
-                tile_mask = row_mask[:, None] & kmask[None, :]
-                b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
-                b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
-                up, down = _factors(G, t0, rows, row_mask, rk, kmask, i_h, H, K)
-                d_q = tl.dot(b_dA, (b_k * down).to(b_k.dtype), input_precision=PRECISION) * up
-                tl.store(dq + tile, d_q, mask=tile_mask)
-                d_k = tl.dot(tl.trans(b_dA), (b_q * up).to(b_q.dtype), input_precision=PRECISION) * down
-                tl.store(dk + tile, d_k, mask=tile_mask)
+            # one gradient at a time: both in one K loop took 150 registers (one program an SM) at 8
+            # warps, and spilled at 4 or on an A100; apart, 120-128 (SASS, bf16)
+            _factored_gradient(k, b_dA, G, dq, t0, rows, row_mask, i_h, H, K, PRECISION, BK, True)
+            _factored_gradient(q, tl.trans(b_dA), G, dk, t0, rows, row_mask, i_h, H, K, PRECISION, BK, False)
+
+
+@triton.jit
+def _factored_gradient(x, dA_tile, G, out, t0, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr,
+                       PRECISION: tl.constexpr, BK: tl.constexpr, FOR_QUERIES: tl.constexpr):
+    """A factored chunk's intra-chunk dq (FOR_QUERIES: x the keys, dA_tile = dA) or dk (x the
+    queries, dA_tile = dA^T), K tile by K tile: dq = e^(G - G_first) * (dA @ (k e^(G_first - G))),
+    dk = e^(G_first - G) * (dA^T @ (q e^(G - G_first)))."""
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        kmask = rk < K
+        tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+        tile_mask = row_mask[:, None] & kmask[None, :]
+        up, down = _factors(G, t0, rows, row_mask, rk, kmask, i_h, H, K)
+        if FOR_QUERIES:
+            inner, outer = down, up
+        else:
+            inner, outer = up, down
+        b_x = tl.load(x + tile, mask=tile_mask, other=0.0)
+        part = tl.dot(dA_tile, (b_x * inner).to(b_x.dtype), input_precision=PRECISION) * outer
+        tl.store(out + tile, part, mask=tile_mask)
 
 
 @triton.jit

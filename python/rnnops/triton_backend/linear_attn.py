@@ -207,12 +207,12 @@ class ChunkedRun:
         # too; the UT inverse takes 149 registers at 8 warps, one program per SM, and 110-114 at
         # 4, four per SM, for a latency-bound chain of 15 substitution steps)
         self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
-        # GLA's intra-chunk kernels, launched for the chunks they factor whole (64 x 64 products:
-        # the configuration's warps; at 4 the gradients' spill, compile_check sm_90 bf16) and for
-        # the others (16 x 16 sub-chunks: at most 4)
+        # GLA's intra-chunk kernels, each launched for the chunks it factors whole and for the
+        # others (the 16 x 16 sub-chunks: at most 4 warps). Factored, the scores at 4 warps too
+        # (SASS sm_90 bf16: 7.7k warp instructions a chunk against 11.7k at 8, two programs an SM
+        # either way), the gradients at the configuration's (8: 128 registers, two an SM; 4: 222)
         self.per_key = {"KP": next_power_of_two(self.K), "SPAN_LIMIT": factored_span_limit(q.dtype),
                         "BC": kernels.SUB_CHUNK}
-        self.per_key_launches = ((True, self.launch), (False, self.sub_chunk_launch))
         self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
 
     @property
@@ -245,11 +245,12 @@ class ChunkedRun:
         if self.gate != _kernels().KEY_GATE:
             return None
         A = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
-        for factored, warps in self.per_key_launches:
+        for factored in (True, False):
             launch(
                 _kernels().intra_scores_kernel, (self.layout.programs, self.H),
                 q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
-                PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key, **warps)
+                PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key,
+                **self.sub_chunk_launch)
         return A
 
     def states(self, k, v, G, initial_state, store_final):
@@ -307,7 +308,7 @@ class ChunkedRun:
             do, v, dA, lay.chunk_indices, lay.cu_seqlens, self.scale, H=self.H, V=self.V,
             PRECISION=self.precision, BT=self.chunk, BV=self.BV, **self.launch)
         dq_intra, dk_intra = (empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-        for factored, warps in self.per_key_launches:
+        for factored, warps in ((True, self.launch), (False, self.sub_chunk_launch)):
             launch(
                 kernels.intra_dqk_kernel, (lay.programs, self.H),
                 q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K,
