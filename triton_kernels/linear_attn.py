@@ -609,7 +609,6 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
         row_mask = rows < eos
         rv = i_v * BV + tl.arange(0, BV)
         vmask = row_mask[:, None] & (rv[None, :] < V)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         acc = tl.zeros([BT, BV], tl.float32)
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
@@ -625,11 +624,12 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
                 if GATE == 2:
                     g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
                     b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
-                    b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(b_do.dtype)
-                acc += tl.dot(b_k, b_dS.to(b_do.dtype), input_precision=PRECISION)
+                    b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(do.dtype.element_ty)
+                acc += tl.dot(b_k, b_dS.to(do.dtype.element_ty), input_precision=PRECISION)
         if HAS_DH and GATE == 1:  # a decay per token: a row factor of (k dS), not of every k tile
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             acc *= tl.exp(tl.load(G + last * H + i_h) - g_rows)[:, None]
         scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         acc += scale * tl.dot(tl.trans(scores).to(b_do.dtype), b_do, input_precision=PRECISION)
         tl.store(dv + (rows[:, None] * H + i_h) * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)
