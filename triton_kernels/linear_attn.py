@@ -528,8 +528,6 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
         kmask = rk < K
         tile_mask = row_mask[:, None] & kmask[None, :]
         tile = (rows[:, None] * H + i_h) * K + rk[None, :]
-        b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
-        b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
         dq_inter = tl.zeros([BT, BK], tl.float32)
         dk_state = tl.zeros([BT, BK], tl.float32)
         dA = tl.zeros([BT, BT], tl.float32)
@@ -553,6 +551,8 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             if DELTA:
                 b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
+        b_q = tl.load(q + tile, mask=tile_mask, other=0.0)  # after the V loop: not live across it
+        b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
         if GATE == 2:
             b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
             g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
