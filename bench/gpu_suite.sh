@@ -87,12 +87,14 @@ PY
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
     # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
-    # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): does the fused forward
-    # pay at B2 (64 sequence x head walks, 2 V tiles each), and for a scalar decay at B8?
+    # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): do they pay for a
+    # scalar decay (GLA ignores fused_forward)? GLA's state walks at the shipped 4 warps x 2
+    # stages take 228-254 registers, two an SM (its 512 walks in two waves); one stage 128 (one
+    # wave, no prefetch), 8 warps 117-123 (SASS, Triton 3.6)
     left=$(seconds_until 480)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
-      --shapes "B=2,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
-      --try '{"fused_forward": 1}' '{"fused_forward": 1, "num_warps": 4}' '{"num_warps": 4}'
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
+      --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
     # the Triton cells: the D64 LSTM's backward measured 1.09-1.12x slower at 8 warps than at 4
     # on the H100 (2026-11-26; shipped 8 forward, 4 backward): the same for the GRU at D64 and the
     # resident 128-wide LSTM tiles (both ship 8 and 8)?
