@@ -38,17 +38,30 @@ class _Function:
     def __call__(self, grid, block, args, *, shared_mem=0):
         self.launches.append(SimpleNamespace(name=self.name, grid=grid, block=block, args=args, shared=shared_mem,
                                              cooperative=self.cooperative,
-                                             shared_opt_in=self.max_dynamic_shared_size_bytes))
+                                             shared_opt_in=self.max_dynamic_shared_size_bytes,
+                                             stream=_Stream.entered[-1] if _Stream.entered else None))
 
 
 class _Stream:
+    """cupy 14's stream, made from a foreign one by the CUDA stream protocol (its ExternalStream
+    is deprecated: the stand-in cupy has none); a launch records the stream it ran in."""
+    entered: list[int] = []
+
     def __init__(self, pointer):
         self.pointer = pointer
 
+    @classmethod
+    def from_external(cls, handle):
+        version, pointer = handle.__cuda_stream__()
+        assert version == 0, "the protocol's version 0: (0, handle)"
+        return cls(pointer)
+
     def __enter__(self):
+        _Stream.entered.append(self.pointer)
         return self
 
     def __exit__(self, *exc):
+        _Stream.entered.pop()
         return False
 
     def synchronize(self):
@@ -71,7 +84,7 @@ def launches(monkeypatch):
             return _Function(name, recorded, self.cooperative)
 
     monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(RawModule=RawModule,
-                                                             cuda=SimpleNamespace(ExternalStream=_Stream)))
+                                                             cuda=SimpleNamespace(Stream=_Stream)))
     monkeypatch.setenv(engines.SIMULATOR_ENV, "1")  # the backend takes CPU tensors
     monkeypatch.setattr(nvrtc, "_arch", lambda device: "sm_90a")
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
@@ -174,6 +187,7 @@ def test_selective_scan_launches_match_the_kernels(launches, cpp_layouts):
         f"rnnops::scan::selective_scan_bwd<float, {config.warps}, {config.items}>"]
     for launch, call in zip(launches.launches, launches.calls, strict=True):
         check_launch(launch, call, cpp_layouts)
+    assert {launch.stream for launch in launches.launches} == {7}, "on torch's current stream"
     module = launches.modules[0]
     assert f"-I{csrc_dir()}" in module.options and "--gpu-architecture=sm_90a" in module.options
 
@@ -188,6 +202,11 @@ def test_rnn_launches_match_the_kernels(launches, cpp_layouts, cell):
     assert any(launch.cooperative for launch in launches.launches), "D=80 splits heads over blocks: a grid barrier"
     for launch, call in zip(launches.launches, launches.calls, strict=True):
         check_launch(launch, call, cpp_layouts)
+
+
+def test_cupy_before_14_wraps_the_stream_in_external_stream():
+    cupy = SimpleNamespace(cuda=SimpleNamespace(ExternalStream=lambda pointer: ("ExternalStream", pointer)))
+    assert nvrtc._cupy_stream(cupy, 7) == ("ExternalStream", 7)
 
 
 def test_module_code_carries_a_digest_of_the_sources(tmp_path, monkeypatch):

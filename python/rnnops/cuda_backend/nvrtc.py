@@ -79,6 +79,26 @@ def _struct(fields: list[tuple[str, str]], values: tuple):
     return np.array(values, dtype=dtype)[()]
 
 
+class _StreamHandle:
+    """A CUDA stream in the CUDA stream protocol (``__cuda_stream__``: version 0, the handle)."""
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.pointer
+
+
+def _cupy_stream(cupy, pointer: int):
+    """cupy's view of the CUDA stream ``pointer`` (torch's current stream), which cupy neither owns
+    nor destroys: ``Stream.from_external`` where cupy has it (14 and later, which deprecate
+    ExternalStream), else ``ExternalStream``."""
+    from_external = getattr(getattr(cupy.cuda, "Stream", None), "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(pointer)
+    return from_external(_StreamHandle(pointer))
+
+
 class Engine:
     def __init__(self, device: torch.device):
         self.device = device
@@ -90,7 +110,7 @@ class Engine:
         function = _module(instance.header, (kernel,), self.arch, cooperative).get_function(kernel)
         if shared_bytes > 48 * 1024:
             function.max_dynamic_shared_size_bytes = shared_bytes
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+        stream = _cupy_stream(cupy, torch.cuda.current_stream(self.device).cuda_stream)
         try:
             with stream:
                 function(tuple(grid), tuple(block), args, shared_mem=shared_bytes)
