@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ class _Function:
 class _Stream:
     """cupy 14's stream, made from a foreign one by the CUDA stream protocol (its ExternalStream
     is deprecated: the stand-in cupy has none); a launch records the stream it ran in."""
-    entered: list[int] = []
+    entered: ClassVar[list[int]] = []
 
     def __init__(self, pointer):
         self.pointer = pointer
