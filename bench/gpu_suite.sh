@@ -95,13 +95,14 @@ PY
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
-    # the Triton cells: the D64 LSTM's backward measured 1.09-1.12x slower at 8 warps than at 4
-    # on the H100 (2026-11-26; shipped 8 forward, 4 backward): the same for the GRU at D64 and the
-    # resident 128-wide LSTM tiles (both ship 8 and 8)?
+    # the delta rule's state walks at the H100's 32-column state tiles: the backward holds one
+    # program an SM (116 KB of shared memory at two stages; one stage is vetted out), so B8 T4096
+    # H16's 512 walks take 4 waves of 64 chunk steps; 64 columns: 256 walks, 2 waves (the
+    # forward 2 waves -> 1), for twice the columns a step (Triton 3.6 SASS: 255 registers, 136 KB)
     left=$(seconds_until 530)
-    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 15)) \
-      --shapes "cell=gru,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=6,D=128" \
-      --try '{"backward_num_warps": 4}' '{"num_warps": 4, "backward_num_warps": 4}'
+    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
+      --try '{"state_block_v": 64}'
     # the Triton scan at batch 1 (8 segments): B8 measured 8 channels a forward program in 2-step
     # sub-blocks 1.07-1.20x (shipped there since 2026-11-26)
     left=$(seconds_until 580)
