@@ -211,8 +211,8 @@ class ChunkedRun:
         # others (the 16 x 16 sub-chunks: at most 4 warps). Factored, the scores at 4 warps too
         # (SASS sm_90 bf16: 7.7k warp instructions a chunk against 11.7k at 8, two programs an SM
         # either way), the gradients at the configuration's (8: 128 registers, two an SM; 4: 222)
-        self.per_key = {"KP": next_power_of_two(self.K), "SPAN_LIMIT": factored_span_limit(q.dtype),
-                        "BC": kernels.SUB_CHUNK}
+        self.KP = next_power_of_two(self.K)  # K rounded up: the kernels that hold all of K at once
+        self.per_key = {"KP": self.KP, "SPAN_LIMIT": factored_span_limit(q.dtype), "BC": kernels.SUB_CHUNK}
         self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
 
     @property
@@ -273,7 +273,7 @@ class ChunkedRun:
         launch(
             _kernels().fused_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, v, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale, V=self.V,
-            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, KP=next_power_of_two(self.K),
+            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, KP=self.KP,
             BV=self.SBV, **self.common, **self.state_launch)
         return o, final
 
