@@ -177,15 +177,18 @@ def _leaves(inputs: dict) -> dict:
             for k, v in inputs.items()}
 
 
-def test_selective_scan_launches_match_the_kernels(launches, cpp_layouts):
-    x = _leaves(scan_inputs(layout_B="grouped", layout_C="static"))
+@pytest.mark.parametrize("layout_B,layout_C,staged", [("grouped", "static", "false"), ("shared", "shared", "true")])
+def test_selective_scan_launches_match_the_kernels(launches, cpp_layouts, layout_B, layout_C, staged):
+    """B and C rows are staged in shared memory where both are the same for all of a block's 32
+    channels (static ones are per channel)."""
+    x = _leaves(scan_inputs(layout_B=layout_B, layout_C=layout_C))
     out = scan("cuda", **x)
     config = cuda_scan.DEFAULT_CONFIG
     assert [launch.name for launch in launches.launches] == [
-        f"rnnops::scan::selective_scan_fwd<float, {config.warps}, {config.items}>"]
+        f"rnnops::scan::selective_scan_fwd<float, {config.warps}, {config.items}, {staged}>"]
     (out[0] if isinstance(out, tuple) else out).sum().backward()
     assert [launch.name for launch in launches.launches][1:] == [
-        f"rnnops::scan::selective_scan_bwd<float, {config.warps}, {config.items}>"]
+        f"rnnops::scan::selective_scan_bwd<float, {config.warps}, {config.items}, {staged}>"]
     for launch, call in zip(launches.launches, launches.calls, strict=True):
         check_launch(launch, call, cpp_layouts)
     assert {launch.stream for launch in launches.launches} == {7}, "on torch's current stream"

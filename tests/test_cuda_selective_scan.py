@@ -38,9 +38,10 @@ def test_inference_stores_no_chunk_states():
     assert_close(last, expected[1], 1e-5, "last state")
 
 
-def test_varlen_and_strides():
+@pytest.mark.parametrize("layout_C", ["grouped", "shared"], ids=["global-rows", "staged-rows"])
+def test_varlen_and_strides(layout_C):
     offsets = torch.tensor([0, 5, 5, 17, 18, 30])
-    x = make_inputs(B=1, T=30, initial=False)
+    x = make_inputs(B=1, T=30, initial=False, layout_C=layout_C)
     x["initial_state"] = torch.randn(5, 6, 4)
     x["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)
     compare_backends(lambda backend, **kw: scan(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="cuda")
@@ -48,12 +49,17 @@ def test_varlen_and_strides():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_activations(dtype):
-    compare_backends(scan, make_inputs(dtype=dtype), 2e-2 if dtype == torch.bfloat16 else 2e-3, test="cuda")
+    compare_backends(scan, make_inputs(dtype=dtype, layout_C="shared"), 2e-2 if dtype == torch.bfloat16 else 2e-3,
+                     test="cuda")
 
 
 @pytest.mark.parametrize("config", [cuda_scan.ScanConfig(1, 4), cuda_scan.ScanConfig(8, 8)])
-def test_other_tiles(config):
-    x = make_inputs(T=37)
+@pytest.mark.parametrize("staged", [False, True], ids=["global-rows", "staged-rows"])
+def test_other_tiles(config, staged):
+    """T = 37 ends inside a chunk. Staged: B and C grouped and shared in groups of 32 channels
+    (Dm 96: three blocks, one group each), so each block stages its chunk's rows in shared memory;
+    else C's groups of 2 channels make every block read C per channel from global memory."""
+    x = make_inputs(T=37, Dm=96 if staged else 6, layout_B="grouped" if staged else "shared")
     compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")
 
 
@@ -67,6 +73,15 @@ def rnnops_scan(backend, config, **x):
     return scan(backend, **x)
 
 
+def test_state_elements_beyond_shared_memory_are_refused(monkeypatch):
+    """A GPU whose blocks cannot hold the default tile's shared memory at this N is no candidate
+    (``auto`` moves on; backend="cuda" gets a ValueError naming N), rather than a failed launch."""
+    monkeypatch.setattr(cuda_scan, "block_shared_memory", lambda device: hardware.named("A100").shared_memory_per_block)
+    cuda = torch.device("cuda")
+    assert "N=256 state elements need" in cuda_scan.supports(dtype=torch.bfloat16, device=cuda, shape={"N": 256})
+    assert "state elements" not in (cuda_scan.supports(dtype=torch.bfloat16, device=cuda, shape={"N": 16}) or "")
+
+
 def test_config_space():
     legal = cuda_scan.space(16, hardware.named("H100")).legal()
     assert {"warps": cuda_scan.DEFAULT_CONFIG.warps, "items": cuda_scan.DEFAULT_CONFIG.items} in legal
@@ -76,8 +91,8 @@ def test_config_space():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_default_configs_compile_without_spills(arch):
     config = cuda_scan.DEFAULT_CONFIG
-    kernels = [compile_check.scan_kernel(phase, dtype, config.warps, config.items)
-               for phase in ("fwd", "bwd") for dtype in ("float", "__half", "__nv_bfloat16")]
+    kernels = [compile_check.scan_kernel(phase, dtype, config.warps, config.items, staged)
+               for phase in ("fwd", "bwd") for dtype in ("float", "__half", "__nv_bfloat16") for staged in (True, False)]
     reports = compile_check.ptxas_reports(kernels, arch)
     assert len(reports) == len(kernels)
     for report in reports:
@@ -86,21 +101,25 @@ def test_default_configs_compile_without_spills(arch):
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
-@pytest.mark.parametrize("phase,budget", [("fwd", 25), ("bwd", 120)])
-def test_loop_over_state_elements_stays_lean(phase, budget):
+@pytest.mark.parametrize("phase,staged,budget", [("fwd", True, 14), ("bwd", True, 50), ("fwd", False, 25),
+                                                  ("bwd", False, 120)])
+def test_loop_over_state_elements_stays_lean(phase, staged, budget):
     """SASS instructions per exponential (one per (step, channel, state element)) in the loop over
-    n at the default tile, sm_90a: measured 19 forward, 86 backward (both ways of adding dB / dC
-    counted). Resolving B and C's mode and address per element, and composing the warps' segments
-    in a loop of run-time length, had made it 65 forward and over 500 per element backward (that
-    code has no loop this finds)."""
+    n at the default tile, sm_90a: measured 11.7 forward and 40.8 backward with B and C staged in
+    shared memory (the usual case), 23.4 and 88.5 reading them from global memory (both ways of
+    adding dB / dC counted). Resolving B and C's mode and address per element, and composing the
+    warps' segments in a loop of run-time length, had made it 65 forward and over 500 per element
+    backward (that code has no loop this finds)."""
     config = cuda_scan.DEFAULT_CONFIG
-    loop = compile_check.inner_loop(compile_check.scan_kernel(phase, "__nv_bfloat16", config.warps, config.items),
-                                    "sm_90a")
+    kernel = compile_check.scan_kernel(phase, "__nv_bfloat16", config.warps, config.items, staged)
+    loop = compile_check.inner_loop(kernel, "sm_90a")
     assert loop.instructions / loop.count("MUFU.EX2") <= budget, loop
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_realistic_shapes_on_gpu(dtype, bound):
-    x = make_inputs(B=2, T=2000, Dm=96, N=16, layout_B="grouped", layout_C="shared", dtype=dtype, device="cuda")
+@pytest.mark.parametrize("layout_C", ["shared", "static"], ids=["staged-rows", "global-rows"])
+def test_realistic_shapes_on_gpu(dtype, bound, layout_C):
+    """Groups of 32 channels for B: with a shared C every block stages its rows; a static C is per channel."""
+    x = make_inputs(B=2, T=2000, Dm=96, N=16, layout_B="grouped", layout_C=layout_C, dtype=dtype, device="cuda")
     compare_backends(scan, x, bound, test="cuda")

@@ -92,10 +92,15 @@ BCOperand bc_operand(const torch::Tensor& t, const std::vector<int64_t>& s) {
   return BCOperand{t.data_ptr<float>(), static_cast<int>(s[0]), s[1], s[2], s[3], s[4], static_cast<int>(s[5])};
 }
 
+// f(warps, items, staged) as compile-time constants from launch_shape[2], [3], [5]
 template <class F>
-void dispatch_tiles(int64_t warps, int64_t items, F&& f) {
-#define RNNOPS_TILE(W, I) \
-  if (warps == W && items == I) return f(std::integral_constant<int, W>{}, std::integral_constant<int, I>{});
+void dispatch_scan_tiles(const std::vector<int64_t>& launch_shape, F&& f) {
+  const int64_t warps = launch_shape[2], items = launch_shape[3];
+  const bool staged = launch_shape[5] != 0;
+#define RNNOPS_TILE(W, I)                                                                             \
+  if (warps == W && items == I)                                                                     \
+    return staged ? f(std::integral_constant<int, W>{}, std::integral_constant<int, I>{}, std::true_type{}) \
+                  : f(std::integral_constant<int, W>{}, std::integral_constant<int, I>{}, std::false_type{});
   RNNOPS_TILE(1, 4) RNNOPS_TILE(2, 4) RNNOPS_TILE(4, 4) RNNOPS_TILE(4, 8) RNNOPS_TILE(8, 8)
 #undef RNNOPS_TILE
   TORCH_CHECK(false, "no simulator build for warps=", warps, " items=", items);
@@ -123,12 +128,13 @@ void scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::
                   torch::Tensor initial_state, torch::Tensor final_state, torch::Tensor cu_seqlens,
                   torch::Tensor chunk_offsets, std::vector<int64_t> strides, std::vector<int64_t> b_layout,
                   std::vector<int64_t> c_layout, std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
-  // strides: u, delta, z, out (b, t, d each); launch_shape: grid x, grid y, warps, items, dynamic shared bytes
+  // strides: u, delta, z, out (b, t, d each); launch_shape: grid x, grid y, warps, items, dynamic shared bytes,
+  // staged (B and C rows staged in shared memory)
   const auto s = scan_shape(shape);
   dispatch_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    dispatch_tiles(launch_shape[2], launch_shape[3], [&](auto w, auto i) {
-      launch(rnnops::scan::selective_scan_fwd<T, decltype(w)::value, decltype(i)::value>,
+    dispatch_scan_tiles(launch_shape, [&](auto w, auto i, auto staged) {
+      launch(rnnops::scan::selective_scan_fwd<T, decltype(w)::value, decltype(i)::value, decltype(staged)::value>,
              dim3(launch_shape[0], launch_shape[1]), dim3(32 * decltype(w)::value), launch_shape[4], false,
              ptr<T>(u), operand(strides, 0), ptr<T>(delta), operand(strides, 1), ptr<float>(A),
              bc_operand(B, b_layout), bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(strides, 2),
@@ -145,12 +151,12 @@ void scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch:
                    torch::Tensor dD, torch::Tensor d_bias, torch::Tensor cu_seqlens, torch::Tensor chunk_offsets,
                    std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> c_layout,
                    std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
-  // strides: u, delta, z, d_out (b, t, d each)
+  // strides: u, delta, z, d_out (b, t, d each); launch_shape as the forward's
   const auto s = scan_shape(shape);
   dispatch_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    dispatch_tiles(launch_shape[2], launch_shape[3], [&](auto w, auto i) {
-      launch(rnnops::scan::selective_scan_bwd<T, decltype(w)::value, decltype(i)::value>,
+    dispatch_scan_tiles(launch_shape, [&](auto w, auto i, auto staged) {
+      launch(rnnops::scan::selective_scan_bwd<T, decltype(w)::value, decltype(i)::value, decltype(staged)::value>,
              dim3(launch_shape[0], launch_shape[1]), dim3(32 * decltype(w)::value), launch_shape[4], false,
              ptr<T>(u), operand(strides, 0), ptr<T>(delta), operand(strides, 1), ptr<float>(A),
              bc_operand(B, b_layout), bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(strides, 2),

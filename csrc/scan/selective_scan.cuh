@@ -6,13 +6,15 @@
 // Tiling: a block owns 32 channels (one per lane, so loads of a time step are coalesced in the
 // (B, T, Dm) layout) and WARPS x ITEMS consecutive time steps per chunk, warp w taking items
 // [w ITEMS, (w + 1) ITEMS). Per chunk each lane reads its steps' dt, dt u and where B and C
-// lie once; then, for each state element n, it scans its items sequentially, the warps'
-// segments are composed through shared memory (x -> P x + X per segment, P = 2^(a2 sum dt)),
-// and each warp replays its items from the composed prefix. The state crossing chunk
-// boundaries lives in shared memory; the state entering every chunk is stored (fp32, Dm x N per
-// chunk) for the backward, which walks chunks in reverse, replays the forward inside the chunk,
-// and runs the adjoint recurrence dx_t = dy_t C_t + e^(dt_{t+1} A) dx_{t+1} the same way,
-// segments composed from the later warps. Reductions over channels (dB, dC) sum a warp's ITEMS
+// lie once (STAGED, where every channel of the block reads the same B and C rows: the block
+// copies the chunk's rows into shared memory, [N][CHUNK] each, and a warp reads its ITEMS values
+// of an element as 16-byte broadcasts); then, for each state element n, it scans its items
+// sequentially, the warps' segments are composed through shared memory (x -> P x + X per
+// segment, P = 2^(a2 sum dt)), and each warp replays its items from the composed prefix. The
+// state crossing chunk boundaries lives in shared memory; the state entering every chunk is
+// stored (fp32, Dm x N per chunk) for the backward, which walks chunks in reverse, replays the
+// forward inside the chunk, and runs the adjoint recurrence dx_t = dy_t C_t + e^(dt_{t+1} A)
+// dx_{t+1} the same way, segments composed from the later warps. Reductions over channels (dB, dC) sum a warp's ITEMS
 // steps at once by recursive halving (warp_reduce_scatter) and add one atomic per step and n;
 // dA, dD, d delta_bias add across sequences atomically.
 //
@@ -23,9 +25,11 @@
 // Work per step, channel and state element: forward 7 flops and one e^x, backward about 25
 // flops and two; bytes: u, delta, z, out (4 Dm T values) plus B, C (2 G N T) forward, about
 // twice that backward. The inner loop over n is what bounds the time: at (4 warps, 8 items),
-// sm_90a, its SASS issues about 21 instructions per (step, channel, n) forward and 68 backward
-// (shared B / C; was 195 and over 500 with per-element operand addressing): at B8 Dm2048 T2048
-// N16 about 0.4 and 1.2 ms of an H100's instruction issue, against 0.09 ms of its bandwidth.
+// sm_90a, its SASS holds about 12 instructions per (step, channel, n) forward and 41 backward
+// STAGED (22 and 86 before staging, where every B and C value took a global load and a 64-bit
+// address; 195 and over 500 with per-element operand addressing): at B8 Dm2048 T2048 N16 about
+// 0.2 and 0.7 ms of an H100's instruction issue, against 0.09 ms of its bandwidth (measured before
+// staging: 1.01 ms forward, 4.6 backward, so latency, not issue, set the time then).
 #pragma once
 #include "../common/runtime.h"
 
@@ -60,6 +64,48 @@ __device__ __forceinline__ BCRows bc_rows(const BCOperand& M, long long batch, i
   if (M.mode == kStatic) return BCRows{M.data + channel * M.t, 0, M.n, 0u};
   const long long group = M.mode == kGrouped ? channel / M.channels_per_group : 0;
   return BCRows{M.data + batch * M.b + group * M.g, M.t, M.n, static_cast<unsigned>(M.t * 4)};
+}
+
+// Whether every live channel of this block reads the same B or C value per step (shared, or all in
+// one group), so that their gradient contributions can be summed over the warp first.
+__device__ __forceinline__ bool block_shares_row(const BCOperand& M, int Dm) {
+  const int first = static_cast<int>(blockIdx.x) * 32, last_live = min(Dm - 1, first + 31);
+  return M.mode == kShared || (M.mode == kGrouped && first / M.channels_per_group == last_live / M.channels_per_group);
+}
+
+// Copies the B or C rows of a chunk's CHUNK steps from t0 into stage[n * CHUNK + s] (fp32, zeros
+// past the sequence's end eos), the block's threads striding over (n, s), s fastest (conflict-free
+// stores; the rows are a few KB, L2-resident). The caller synchronises the block after.
+template <int CHUNK>
+__device__ __forceinline__ void stage_rows(float* stage, const BCRows& rows, long long t0, long long eos,
+                                           long long offset, int N) {
+  in_flight<4>(
+      N * CHUNK,
+      [&](int f) {
+        const long long t = t0 + f % CHUNK;
+        return t < eos ? __ldg(rows.row(t - offset) + (f / CHUNK) * rows.n_stride) : 0.0f;
+      },
+      [&](int f, float value) { stage[f] = value; });
+}
+
+// B or C of a warp's ITEMS steps for state element n: STAGED, from the chunk's rows in shared
+// memory (staged: the warp's first item of element 0 in a [N][CHUNK] stage, 16-byte aligned), else
+// from global memory at byte offsets off[i] from element n's address in the chunk's first row.
+template <int ITEMS, int CHUNK, bool STAGED>
+__device__ __forceinline__ void read_items(float (&v)[ITEMS], const float* staged, const char* chunk_row,
+                                           const BCRows& rows, const unsigned (&off)[ITEMS], int n) {
+  if constexpr (STAGED) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; i += 4) {
+      const Chunk16 q = *reinterpret_cast<const Chunk16*>(staged + n * CHUNK + i);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[i + j] = q.f[j];
+    }
+    return;
+  }
+  const char* row_n = chunk_row + n * rows.n_stride * 4;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) v[i] = __ldg(reinterpret_cast<const float*>(row_n + off[i]));
 }
 
 // How many of a warp's ITEMS steps from step0 exist before the sequence's end eos (32-bit, so
@@ -105,7 +151,7 @@ struct SegmentSmem {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <class T, int WARPS, int ITEMS>
+template <class T, int WARPS, int ITEMS, bool STAGED>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
     selective_scan_fwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
                        BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, T* out,
@@ -122,8 +168,9 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
   // the buffer's previous use, element n - 2), and the state crossing chunk boundaries between two
   // [N][32] halves, read from carry_in and written to carry_out, swapped at the chunk's end
   RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 2);
-  RNNOPS_DYNAMIC_SHARED(float, carry);  // [2][N][32]
-  float *carry_in = carry, *carry_out = carry + N * 32;
+  RNNOPS_DYNAMIC_SHARED(float, smem);  // carry [2][N][32], then the staged B and C rows [2][N][CHUNK]
+  float *carry_in = smem, *carry_out = smem + N * 32;
+  float *Bstage = smem + 2 * N * 32, *Cstage = Bstage + N * CHUNK;
 
   if (warp == 0)
     for (int n = 0; n < N; ++n)
@@ -156,15 +203,20 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
       Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
       Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
     }
+    if constexpr (STAGED) {
+      stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N);
+      stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N);
+      __syncthreads();  // the staged rows (the previous chunk's readers passed its closing barrier)
+    }
     for (int n = 0; n < N; ++n) {
       const float a2 = live ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
-      const char *Bn = Bchunk + n * Brows.n_stride * 4, *Cn = Cchunk + n * Crows.n_stride * 4;
-      float a[ITEMS], inject[ITEMS];
+      float a[ITEMS], inject[ITEMS], Cv[ITEMS];
+      read_items<ITEMS, CHUNK, STAGED>(inject, Bstage + warp * ITEMS, Bchunk, Brows, Boff, n);
       float x = 0.0f;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         a[i] = exp2_approx(dt[i] * a2);
-        inject[i] = dtu[i] * __ldg(reinterpret_cast<const float*>(Bn + Boff[i]));
+        inject[i] *= dtu[i];
         x = a[i] * x + inject[i];
       }
       SegmentSmem<WARPS>& seg = segment[n & 1];
@@ -175,10 +227,11 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 #pragma unroll
       for (int w = 0; w < WARPS - 1; ++w)
         if (w < warp) x = seg.p[w][lane] * x + seg.x[w][lane];
+      read_items<ITEMS, CHUNK, STAGED>(Cv, Cstage + warp * ITEMS, Cchunk, Crows, Coff, n);
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         x = a[i] * x + inject[i];
-        y[i] += x * __ldg(reinterpret_cast<const float*>(Cn + Coff[i]));
+        y[i] += x * Cv[i];
       }
       if (warp == WARPS - 1) carry_out[n * 32 + lane] = x;
     }
@@ -230,13 +283,6 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[V]) {
   return total;
 }
 
-// Whether every live channel of this block reads the same B or C value per step (shared, or all in
-// one group), so that their gradient contributions can be summed over the warp first.
-__device__ __forceinline__ bool block_shares_row(const BCOperand& M, int Dm) {
-  const int first = static_cast<int>(blockIdx.x) * 32, last_live = min(Dm - 1, first + 31);
-  return M.mode == kShared || (M.mode == kGrouped && first / M.channels_per_group == last_live / M.channels_per_group);
-}
-
 // The gradient of a time-varying B or C: its per-step, per-channel terms (ITEMS steps of this
 // warp, element n) added into the fp32 (rows, G, N) buffer, summed over the warp first when its
 // channels share the row (one atomic per step), else one atomic per live lane and step.
@@ -257,7 +303,7 @@ __device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEM
 
 // (an explicit minimum of one block: without it ptxas held (4 warps, 4 items) at 168 registers
 // and spilled 12 B)
-template <class T, int WARPS, int ITEMS>
+template <class T, int WARPS, int ITEMS, bool STAGED>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     selective_scan_bwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
                        BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, const T* d_out,
@@ -272,7 +318,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
   const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
   const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
-  const bool B_per_warp = block_shares_row(Bm, Dm), C_per_warp = block_shares_row(Cm, Dm);
+  const bool B_per_warp = STAGED || block_shares_row(Bm, Dm), C_per_warp = STAGED || block_shares_row(Cm, Dm);
   const int GB = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
   const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
   const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
@@ -289,6 +335,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   float* dcarry = smem;             // [N][32]: dx at the first step of the chunk after this one
   float* dA_acc = smem + N * 32;    // [N][32]
   float* first_a = smem + 2 * N * 32;  // [N][32]: e^(dt A) of the sequence's first step
+  float *Bstage = smem + 3 * N * 32, *Cstage = Bstage + N * CHUNK;  // STAGED: the chunk's B and C rows [N][CHUNK]
 
   if (warp == 0)
     for (int n = 0; n < N; ++n) {
@@ -336,16 +383,20 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       dt_after = discretise(
           to_float(delta[batch * sdelta.b + (step0 + ITEMS - offset) * sdelta.t + d * sdelta.d]) + bias,
           shape.softplus);
+    if constexpr (STAGED) {
+      stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N);
+      stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N);
+      __syncthreads();  // the staged rows (the later chunk's readers passed its last reduction barrier)
+    }
     for (int n = 0; n < N; ++n) {
       const float a_n = live ? A[d * N + n] : 0.0f, a2 = a_n * kLog2e;  // e^(dt A) = 2^(dt a2)
-      const char *Bn = Bchunk + n * Brows.n_stride * 4, *Cn = Cchunk + n * Crows.n_stride * 4;
       // replay the forward inside the chunk: this warp's segment from a zero carry
-      float a[ITEMS], Bv[ITEMS], x[ITEMS], dyC[ITEMS];
+      float a[ITEMS], Bv[ITEMS], Cv[ITEMS], x[ITEMS], dyC[ITEMS];
+      read_items<ITEMS, CHUNK, STAGED>(Bv, Bstage + warp * ITEMS, Bchunk, Brows, Boff, n);
       float acc = 0.0f;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         a[i] = exp2_approx(dt[i] * a2);
-        Bv[i] = __ldg(reinterpret_cast<const float*>(Bn + Boff[i]));
         acc = a[i] * acc + dtu[i] * Bv[i];
       }
       replay->p[warp][lane] = exp2_approx(dt_sum * a2);
@@ -356,13 +407,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
 #pragma unroll
       for (int w = 0; w < WARPS - 1; ++w)
         if (w < warp) state = replay->p[w][lane] * state + replay->x[w][lane];
+      read_items<ITEMS, CHUNK, STAGED>(Cv, Cstage + warp * ITEMS, Cchunk, Crows, Coff, n);
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         state = a[i] * state + dtu[i] * Bv[i];
         x[i] = state;
-        const float Cv = __ldg(reinterpret_cast<const float*>(Cn + Coff[i]));
-        y[i] += state * Cv;
-        dyC[i] = dy[i] * Cv;
+        y[i] += state * Cv[i];
+        dyC[i] = dy[i] * Cv[i];
       }
       const float a_after = warp < WARPS - 1 ? head_a[(warp + 1) * 32 + lane] : exp2_approx(dt_after * a2);
       // the adjoint recurrence dx_t = dy_t C_t + a_{t+1} dx_{t+1}, this warp's segment from a zero carry

@@ -20,13 +20,15 @@ from .simulator import csrc_dir
 @dataclass(frozen=True)
 class Instantiation:
     header: str  # relative to csrc/
-    kernel: str  # e.g. "rnnops::scan::selective_scan_fwd<__nv_bfloat16, 4, 8>"
+    kernel: str  # e.g. "rnnops::scan::selective_scan_fwd<__nv_bfloat16, 4, 8, true>"
 
 
-def scan_kernel(phase: str, ctype: str, warps: int, items: int) -> Instantiation:
+def scan_kernel(phase: str, ctype: str, warps: int, items: int, staged: bool = True) -> Instantiation:
     """selective_scan_fwd / _bwd (``phase`` "fwd" or "bwd") for element type ``ctype`` ("float",
-    "__half", "__nv_bfloat16") and a tile of ``warps`` warps by ``items`` steps."""
-    return Instantiation("scan/selective_scan.cuh", f"rnnops::scan::selective_scan_{phase}<{ctype}, {warps}, {items}>")
+    "__half", "__nv_bfloat16"), a tile of ``warps`` warps by ``items`` steps, and B and C staged
+    in shared memory or read from global memory (rnnops.cuda_backend.selective_scan._rows_shared)."""
+    return Instantiation("scan/selective_scan.cuh",
+                         f"rnnops::scan::selective_scan_{phase}<{ctype}, {warps}, {items}, {str(staged).lower()}>")
 
 
 def rnn_kernel(phase: str, ctype: str, cell: int, units: int) -> Instantiation:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import selective_scan_shape
 from rnnops.autotune.space import Constraint, Space
 
@@ -33,21 +34,43 @@ class ScanConfig:
 DEFAULT_CONFIG = ScanConfig()
 
 
+def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: bool = True) -> int:
+    """The launch's dynamic shared memory: per state element and channel, the forward's carried
+    state (two halves) or the backward's carried gradient, dA sum and first decay (3 x N x 32
+    fp32), then where ``staged`` the chunk's B and C rows (2 x N x warps * items fp32)."""
+    return ((2 if phase == "fwd" else 3) * N * 32 + (2 * N * warps * items if staged else 0)) * 4
+
+
+def backward_shared_bytes(N: int, warps: int, items: int) -> int:
+    """All the shared memory of a backward block (the larger direction): dynamic_shared_bytes
+    (staged) and the three phases' segments and the warps' first decays (7 x warps x 32 fp32)."""
+    return dynamic_shared_bytes("bwd", N, warps, items) + warps * 32 * 4 * 7
+
+
 def space(N: int, hardware) -> Space:
     # every (warps, items) pair compiles without spills for sm_80 and sm_90a (the tests compile
     # each one the model accepts)
     return Space(
         {"warps": [1, 2, 4, 8], "items": [4, 8]},
         (
-            Constraint("backward shared memory (3 N x 32 fp32 + three phases' segments and the warps' first "
-                       "decays, 7 x warps x 32 fp32) fits a block", ("warps",),
-                       lambda w: 3 * N * 32 * 4 + w * 32 * 4 * 7 <= hardware.shared_memory_per_block),
+            Constraint("backward shared memory (backward_shared_bytes) fits a block", ("warps", "items"),
+                       lambda w, i: backward_shared_bytes(N, w, i) <= hardware.shared_memory_per_block),
         ),
     )
 
 
-def supports(*, dtype, device, **_) -> str | None:
-    return join_reasons(dtype_reason(dtype), device_reason(device))
+def _shared_memory_reason(shape: dict | None, device) -> str | None:
+    """Why a block of the default tile does not fit ``device``'s shared memory at ``shape``'s N."""
+    limit = None if shape is None else block_shared_memory(device)
+    if limit is None:
+        return None
+    need = backward_shared_bytes(shape["N"], DEFAULT_CONFIG.warps, DEFAULT_CONFIG.items)
+    return None if need <= limit else (f"N={shape['N']} state elements need {need} bytes of shared memory per block, "
+                                       f"this GPU has {limit}")
+
+
+def supports(*, dtype, device, shape=None, **_) -> str | None:
+    return join_reasons(dtype_reason(dtype), device_reason(device), _shared_memory_reason(shape, device))
 
 
 def _bc_layout(M: torch.Tensor, channels: int) -> list[int]:
@@ -57,6 +80,16 @@ def _bc_layout(M: torch.Tensor, channels: int) -> list[int]:
     if M.dim() == 3:
         return [SHARED, M.stride(0), M.stride(1), 0, M.stride(2), channels]
     return [GROUPED, M.stride(0), M.stride(1), M.stride(2), M.stride(3), channels // M.shape[2]]
+
+
+def _rows_shared(layout: list[int]) -> bool:
+    """Whether every 32-channel block reads one B or C row per step (_bc_layout's ``layout``):
+    shared, or grouped in groups of a multiple of 32 channels. Where both B and C do, the kernels
+    stage each chunk's rows in shared memory (their STAGED instantiation: each warp reads its
+    steps' values as 16-byte broadcasts, where loading them from global memory took a load and a
+    64-bit address per step and state element, 109 instead of 174 SASS instructions an element
+    of the forward's loop, sm_90a, 4 warps x 8 steps)."""
+    return layout[0] == SHARED or (layout[0] == GROUPED and layout[5] % 32 == 0)
 
 
 def _bc_operand(M: torch.Tensor) -> torch.Tensor:
@@ -89,13 +122,16 @@ class SelectiveScanFunction(torch.autograd.Function):
         final = empty((layout.sequences, channels, N), **f32) if output_final_state else None
         shape = [channels, N, int(cu_seqlens is not None), int(D is not None), int(z is not None),
                  int(delta_bias is not None), int(softplus)]
+        b_layout, c_layout = _bc_layout(B, channels), _bc_layout(C, channels)
+        staged = _rows_shared(b_layout) and _rows_shared(c_layout)
         grid = [-(-channels // 32), layout.sequences]
         engine(u.device).scan_forward(
             u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, maybe(chunk_states), maybe(state0), maybe(final),
-            layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), _bc_layout(B, channels),
-            _bc_layout(C, channels), shape, grid + [config.warps, config.items, 2 * N * 32 * 4])
+            layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), b_layout, c_layout, shape,
+            grid + [config.warps, config.items, dynamic_shared_bytes("fwd", N, config.warps, config.items, staged),
+                    int(staged)])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
-        ctx.layout, ctx.shape, ctx.grid, ctx.config = layout, shape, grid, config
+        ctx.layout, ctx.shape, ctx.grid, ctx.config, ctx.staged = layout, shape, grid, config, staged
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         return out, final
 
@@ -118,7 +154,8 @@ class SelectiveScanFunction(torch.autograd.Function):
             maybe(None if d_final is None else d_final.float().contiguous()), maybe(d_initial), du, d_delta, maybe(dz),
             dA, dB, dC, maybe(dD), maybe(d_bias), layout.cu_seqlens, layout.chunk_offsets,
             _strides(u, delta, z, d_out), _bc_layout(B, channels), _bc_layout(C, channels), ctx.shape,
-            ctx.grid + [config.warps, config.items, 3 * N * 32 * 4])
+            ctx.grid + [config.warps, config.items,
+                        dynamic_shared_bytes("bwd", N, config.warps, config.items, ctx.staged), int(ctx.staged)])
         grads = [du, d_delta, dA, dB, dC, dD, dz, d_bias, d_initial]
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return (*grads[:8], None, grads[8], None, None, None, None)
