@@ -455,6 +455,8 @@ class _Tuning:
                     result.notes.append(f"{change}: not tried, {', '.join(foreign)} not variables of this kernel")
                 else:
                     seeds.append(dict(base, **change))
+            if len(seeds) == 1:  # no change is about this kernel (another backend's): nothing to compare
+                return result
             cap = len(seeds)
         found = search.coordinate_search(ranked, ranked if self.exhaustive else seeds, measure,
                                          count if self.exhaustive else cap, should_stop=self.over_budget,

@@ -103,6 +103,12 @@ PY
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
       --try '{"state_block_v": 64}'
+    # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
+    # shipped staging of each chunk's rows in shared memory (SASS: half the instructions a state
+    # element; untimed)
+    left=$(seconds_until 555)
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'
     # the Triton scan at batch 1 (8 segments): B8 measured 8 channels a forward program in 2-step
     # sub-blocks 1.07-1.20x (shipped there since 2026-11-26)
     left=$(seconds_until 580)

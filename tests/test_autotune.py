@@ -58,8 +58,8 @@ def test_cuda_configs_the_model_accepts_compile_within_its_budget(gpu, arch):
     hw = hardware.named(gpu)
     scan_configs = kernels.find("selective_scan", "cuda").space({"N": 16}, torch.bfloat16, hw).legal()
     rnn_configs = kernels.find("rnn", "cuda").space({"D": 768, "cell": "lstm"}, torch.bfloat16, hw).legal()
-    instantiations = [compile_check.scan_kernel(p, "__nv_bfloat16", c["warps"], c["items"], staged)
-                      for c in scan_configs for p in ("fwd", "bwd") for staged in (True, False)]
+    instantiations = [compile_check.scan_kernel(p, "__nv_bfloat16", c["warps"], c["items"], bool(c["stage_rows"]))
+                      for c in scan_configs for p in ("fwd", "bwd")]
     instantiations += [compile_check.rnn_kernel(p, "__nv_bfloat16", 0, u)
                        for u in sorted({c["units"] for c in rnn_configs}) for p in ("fwd", "bwd")]
     reports = compile_check.ptxas_reports(instantiations, arch)
@@ -473,3 +473,20 @@ def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothi
     text = cli.tries_table([result])
     assert "shipped" in text and "{'block_k': 32}" in text and "1.25x" in text and " triton " in text
     assert text.endswith(f"note: triton.delta_rule {result.notes[0]}")
+
+
+def test_tries_for_another_backend_measure_nothing(tmp_path, monkeypatch):
+    """--try serves every backend of an op: a kernel none of whose changes apply is not timed
+    (its shipped configuration alone would compare nothing)."""
+    monkeypatch.setattr(cache, "for_device", lambda device: TuneCache(tmp_path / "device.json", IDENTITY))
+    measured = []
+
+    def timer(tunable, shape, bucket):
+        return tuner.ShapeTimer(lambda config: measured.append((tunable.backend, config)) or 1e-3)
+
+    shape = {"B": 8, "T": 2048, "Dm": 2048, "N": 16}
+    results = tuner.tune(["selective_scan"], torch.device("cpu"), torch.bfloat16, hardware.named("H100"),
+                         shapes=[shape], tries=[{"stage_rows": 0}], timer=timer)
+    assert [backend for backend, _ in measured] == ["cuda", "cuda"] and measured[1][1]["stage_rows"] == 0
+    triton_result = next(r for r in results if r.backend == "triton")
+    assert triton_result.timings == [] and "stage_rows not variables" in triton_result.notes[0]

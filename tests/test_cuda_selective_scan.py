@@ -1,5 +1,7 @@
 """CUDA selective scan (csrc/scan) through the simulator against the float64 reference, forward
 and every gradient; its instantiations compile for sm_80 and sm_90a without spills."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -53,12 +55,14 @@ def test_half_activations(dtype):
                      test="cuda")
 
 
-@pytest.mark.parametrize("config", [cuda_scan.ScanConfig(1, 4), cuda_scan.ScanConfig(8, 8)])
+@pytest.mark.parametrize("config", [cuda_scan.ScanConfig(1, 4), cuda_scan.ScanConfig(8, 8),
+                                    cuda_scan.ScanConfig(4, 8, stage_rows=0)])
 @pytest.mark.parametrize("staged", [False, True], ids=["global-rows", "staged-rows"])
 def test_other_tiles(config, staged):
     """T = 37 ends inside a chunk. Staged: B and C grouped and shared in groups of 32 channels
-    (Dm 96: three blocks, one group each), so each block stages its chunk's rows in shared memory;
-    else C's groups of 2 channels make every block read C per channel from global memory."""
+    (Dm 96: three blocks, one group each), so each block stages its chunk's rows in shared memory
+    (unless the configuration's stage_rows is 0); else C's groups of 2 channels make every block
+    read C per channel from global memory."""
     x = make_inputs(T=37, Dm=96 if staged else 6, layout_B="grouped" if staged else "shared")
     compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")
 
@@ -84,7 +88,7 @@ def test_state_elements_beyond_shared_memory_are_refused(monkeypatch):
 
 def test_config_space():
     legal = cuda_scan.space(16, hardware.named("H100")).legal()
-    assert {"warps": cuda_scan.DEFAULT_CONFIG.warps, "items": cuda_scan.DEFAULT_CONFIG.items} in legal
+    assert dataclasses.asdict(cuda_scan.DEFAULT_CONFIG) in legal
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")

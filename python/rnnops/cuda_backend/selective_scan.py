@@ -29,6 +29,9 @@ STATIC, SHARED, GROUPED = 0, 1, 2
 class ScanConfig:
     warps: int = 4  # warps per block; a block owns 32 channels
     items: int = 8  # consecutive steps per warp; a chunk is warps * items steps
+    # 1: where every block's channels share their B and C rows (_rows_shared), each chunk's rows are
+    # staged in shared memory (the kernels' STAGED instantiation); 0: read from global memory always
+    stage_rows: int = 1
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -41,20 +44,21 @@ def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: boo
     return ((2 if phase == "fwd" else 3) * N * 32 + (2 * N * warps * items if staged else 0)) * 4
 
 
-def backward_shared_bytes(N: int, warps: int, items: int) -> int:
+def backward_shared_bytes(N: int, warps: int, items: int, staged: bool = True) -> int:
     """All the shared memory of a backward block (the larger direction): dynamic_shared_bytes
-    (staged) and the three phases' segments and the warps' first decays (7 x warps x 32 fp32)."""
-    return dynamic_shared_bytes("bwd", N, warps, items) + warps * 32 * 4 * 7
+    and the three phases' segments and the warps' first decays (7 x warps x 32 fp32)."""
+    return dynamic_shared_bytes("bwd", N, warps, items, staged) + warps * 32 * 4 * 7
 
 
 def space(N: int, hardware) -> Space:
-    # every (warps, items) pair compiles without spills for sm_80 and sm_90a (the tests compile
-    # each one the model accepts)
+    # every configuration compiles without spills for sm_80 and sm_90a (the tests compile each one
+    # the model accepts)
     return Space(
-        {"warps": [1, 2, 4, 8], "items": [4, 8]},
+        {"warps": [1, 2, 4, 8], "items": [4, 8], "stage_rows": [0, 1]},
         (
-            Constraint("backward shared memory (backward_shared_bytes) fits a block", ("warps", "items"),
-                       lambda w, i: backward_shared_bytes(N, w, i) <= hardware.shared_memory_per_block),
+            Constraint("backward shared memory (backward_shared_bytes) fits a block", ("warps", "items", "stage_rows"),
+                       lambda w, i, staged: backward_shared_bytes(N, w, i, bool(staged))
+                       <= hardware.shared_memory_per_block),
         ),
     )
 
@@ -123,7 +127,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         shape = [channels, N, int(cu_seqlens is not None), int(D is not None), int(z is not None),
                  int(delta_bias is not None), int(softplus)]
         b_layout, c_layout = _bc_layout(B, channels), _bc_layout(C, channels)
-        staged = _rows_shared(b_layout) and _rows_shared(c_layout)
+        staged = bool(config.stage_rows) and _rows_shared(b_layout) and _rows_shared(c_layout)
         grid = [-(-channels // 32), layout.sequences]
         engine(u.device).scan_forward(
             u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, maybe(chunk_states), maybe(state0), maybe(final),
