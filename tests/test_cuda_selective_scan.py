@@ -20,8 +20,9 @@ def test_layouts(layouts):
 
 
 @pytest.mark.parametrize("shape", [dict(T=1), dict(T=100, initial=False), dict(extras=False),
-                                   dict(T=70, A_scale=200.0), dict(Dm=40, T=40)],
-                         ids=["T1", "T100-no-initial", "no-D-z-bias", "large-A", "Dm40-two-blocks"])
+                                   dict(T=70, A_scale=200.0), dict(Dm=40, T=40),
+                                   dict(N=5, Dm=96, T=45, layout_B="grouped")],
+                         ids=["T1", "T100-no-initial", "no-D-z-bias", "large-A", "Dm40-two-blocks", "N5-staged-rows"])
 def test_shapes_and_options(shape):
     x = make_inputs(**shape)
     if shape.get("Dm") == 40:
