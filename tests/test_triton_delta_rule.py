@@ -8,8 +8,9 @@ import triton.language as tl
 
 import rnnops
 from conftest import compare_backends
-from rnnops.autotune import hardware
+from rnnops.autotune import cache, hardware, kernels
 from rnnops.triton_backend import delta_rule as triton_delta_rule
+from rnnops.triton_backend import linear_attn as triton_linear_attn
 from rnnops.triton_kernels.delta_rule import _unit_lower_inverse
 
 
@@ -61,6 +62,42 @@ def test_strong_gate():
     compare_backends(lambda backend, **kw: delta(backend, 32, **kw), x, 1e-5, test="triton")
 
 
+def _with_config(op, x, dtype, **changes):
+    """A cache override for ``op``'s bucket at these inputs: its default configuration with ``changes``."""
+    shape = kernels.delta_rule_shape(x["q"], x["v"], x.get("g"), x["k"].shape[2] if op == "delta_product" else 1)
+    default = triton_linear_attn.default_config(dtype, triton_delta_rule.DEFAULT_CONFIG,
+                                                triton_delta_rule.FLOAT32_DEFAULT_CONFIG)
+    return cache.override(op, "triton", kernels.bucket(op, shape, dtype), dict(default.__dict__, **changes))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("shape", [dict(T=70, chunk=32), dict(K=48, V=48, H=3, initial=False), dict(T=20, final=False),
+                                   dict(varlen=True), dict(num_householder=2, T=13)],
+                         ids=["T70-chunk32", "K48-V48-H3-no-initial", "no-final", "varlen", "DeltaProduct"])
+def test_fused_forward(gated, shape):
+    """fused_forward: the state walk computes the outputs too (V_new = U - W S_in inside it; K = 48
+    padded to 64, V = 48 over 16-wide tiles), against the reference, forward and every gradient (the
+    backward is the two-pass one)."""
+    shape = dict(shape)
+    chunk, final, varlen = shape.pop("chunk", 16), shape.pop("final", True), shape.pop("varlen", False)
+    offsets = None
+    if varlen:
+        offsets = torch.tensor([0, 5, 5, 30, 31, 50])
+        x = make_inputs(B=1, T=50, gated=gated, initial=False)
+        x["initial_state"] = torch.randn(5, 2, 16, 32)
+    else:
+        x = make_inputs(gated=gated, beta_max=2.0, **shape)
+    op = "delta_product" if "num_householder" in shape else "delta_rule"
+
+    def call(backend, **kw):
+        if op == "delta_product":
+            return product(backend, chunk, shape["num_householder"], **kw)
+        return delta(backend, chunk, cu_seqlens=offsets, final=final, **kw)
+
+    with _with_config(op, x, torch.float32, state_block_v=16, fused_forward=1):
+        compare_backends(call, x, 1e-5, test="triton")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("num_householder", [1, 3])
 def test_delta_product(gated, num_householder):
@@ -100,6 +137,19 @@ def test_config_space(gpu):
 def test_realistic_shapes_on_gpu(gated, dtype, bound):
     x = make_inputs(B=2, T=1000, H=4, K=128, V=128, gated=gated, dtype=dtype, device="cuda")
     compare_backends(lambda backend, **kw: delta(backend, 64, **kw), x, bound, test="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_forward_on_gpu(gated, dtype, bound):
+    """fused_forward at K = V = 128 with the state tiles the GPU suite's A/B tries (64 columns);
+    a packed batch with an empty sequence; outputs poisoned first like every buffer."""
+    offsets = torch.tensor([0, 300, 300, 1000, 1003], device="cuda")
+    x = make_inputs(B=1, T=1003, H=4, K=128, V=128, gated=gated, dtype=dtype, initial=False, device="cuda")
+    x["initial_state"] = torch.randn(4, 4, 128, 128, device="cuda")
+    with _with_config("delta_rule", x, dtype, fused_forward=1, state_block_v=64):
+        compare_backends(lambda backend, **kw: delta(backend, 64, cu_seqlens=offsets, **kw), x, bound, test="triton")
 
 
 @pytest.mark.gpu

@@ -139,10 +139,10 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
 
 
 @triton.jit
-def fused_fwd_kernel(q, k, v, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
+def fused_fwd_kernel(q, k, v, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                      HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
-                     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+                     DELTA: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
     """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
     scalar decay (GATE 0 or 1): states_fwd_kernel and output_kernel in one, with no per-chunk
     states in memory; the state S (all K rows, KP = K rounded up to a power of two, x BV) stays in
@@ -153,7 +153,12 @@ def fused_fwd_kernel(q, k, v, G, o, initial_state, final_state, chunk_offsets, c
     and V tile, against output_kernel's 2 K + 2 BV plus the (K x BV) states states_fwd_kernel
     wrote (the largest traffic of the two-pass forward); q and k are read once per V tile, and
     the chunk's (BT x BT) scores computed once per V tile too. Flops per chunk and V tile:
-    2 BT K BV (q S) + 2 BT^2 K (q k^T) + 2 BT^2 BV (scores v) + 2 K BT BV (k^T v)."""
+    2 BT K BV (q S) + 2 BT^2 K (q k^T) + 2 BT^2 BV (scores v) + 2 K BT BV (k^T v).
+    DELTA (the delta rule's forward, triton_kernels.delta_rule): v holds the UT transform's U and
+    W its W (BT x K a chunk), and each chunk's values are its pseudo-values V_new = U - W S_in
+    (rounded to the input dtype, as the two-pass forward stores them): one more tile read (K
+    values a token) and 2 BT K BV flops a chunk and V tile, and neither the states nor V_new
+    written."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
     bos, eos, _first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
@@ -170,6 +175,9 @@ def fused_fwd_kernel(q, k, v, G, o, initial_state, final_state, chunk_offsets, c
         b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        if DELTA:
+            b_W = tl.load(W + tile, mask=tile_mask, other=0.0)
+            b_v = (b_v.to(tl.float32) - tl.dot(b_W, S.to(b_W.dtype), input_precision=PRECISION)).to(b_W.dtype)
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
         scores = _masked_scores(qk, G, None, rows, row_mask, i_h, H, GATE, BT)
         acc = tl.dot(b_q, S.to(b_v.dtype), input_precision=PRECISION)

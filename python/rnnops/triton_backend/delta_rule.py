@@ -1,8 +1,10 @@
 """Triton delta rule and DeltaProduct: configuration, search space, autograd Function.
 
 The forward runs the UT transform, the chunk-state loop (which also yields the pseudo-values
-V_new) and linear attention's output kernel on V_new; the backward runs the state loop
-backwards, linear attention's dq/dk kernel on V_new, and the UT transform's backward.
+V_new) and linear attention's output kernel on V_new, or with ``fused_forward`` the UT transform
+and one walk that computes V_new and the outputs (linear attention's fused_fwd_kernel); the
+backward runs the state loop backwards, linear attention's dq/dk kernel on V_new, and the UT
+transform's backward.
 Memory: the inputs and the UT inverses T (chunk values per token and head, input dtype: a
 sixth more than q, k, v at K = V = 128) are saved, so the backward skips the inverse; W, U
 (K + V values per token and head), the chunk states (one K x V state per chunk, input dtype)
@@ -33,6 +35,12 @@ class DeltaRuleConfig(ChunkConfig):
     state in registers."""
 
     state_block_v: int = 32
+    # 1: the forward's state walk also computes the outputs (linear_attn's fused_fwd_kernel with
+    # DELTA: V_new = U - W S_in in the walk), writing neither the chunk states nor V_new, which
+    # the backward recomputes either way; the two-pass forward's states and V_new were about a
+    # third of its traffic (B8 T4096 H16 K=V=128: 268 + 134 MB written, read again by the output
+    # kernel). Off until measured (the GPU suite's A/B).
+    fused_forward: int = 0
 
     def state_blocks(self, K: int, V: int) -> tuple[int, int]:
         """The state kernels' (K, V) tile: all of K, state_block_v of V (both powers of two)."""
@@ -49,13 +57,17 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     """The legal DeltaRuleConfig values: chunk_space and the state kernels'."""
     base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     return Space(
-        dict(base.variables, state_block_v=powers_of_two(16, 64)),
+        dict(base.variables, state_block_v=powers_of_two(16, 64), fused_forward=[0, 1]),
         base.constraints + (
             Constraint("state_block_v <= V rounded up to a power of two", ("state_block_v",),
                        lambda bv: bv <= next_power_of_two(V)),
             Constraint("the full-K fp32 state tile fits in 128 registers per thread",
                        ("state_block_v", "state_num_warps"),
                        lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
+            Constraint("fused_forward: the pipelined q, k, W and U chunk tiles fit in shared memory",
+                       ("state_block_v", "state_num_stages", "fused_forward"),
+                       lambda bv, s, f: not f or s * chunk * (3 * next_power_of_two(K) + bv) * dtype_bytes
+                       <= hardware.shared_memory_per_block),
             Constraint("Hopper: the state kernels pipeline two stages or more (Triton 3.6 compiles "
                        "states_fwd_kernel at one stage into wgmma reads past its shared memory: an illegal "
                        "memory access, compute-sanitizer on an H200, 2026-11-26)",
@@ -159,8 +171,11 @@ class DeltaRuleFunction(torch.autograd.Function):
         G = run.cumulative_decay(gf)
         W, U, T = run.ut(kf, vf, bf, G)
         ctx.save_for_backward(qf, kf, vf, bf, gf, state0, T)
-        h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
-        o = run.output(qf, kf, v_new, G, None, h)
+        if config.fused_forward:
+            o, final = run.fused_forward(qf, kf, U, G, state0, output_final_state, W=W)
+        else:
+            h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
+            o = run.output(qf, kf, v_new, G, None, h)
         return run.unflat(o), final
 
     @staticmethod

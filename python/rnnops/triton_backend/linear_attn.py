@@ -264,16 +264,17 @@ class ChunkedRun:
             **self.common, **self.state_launch)
         return h, final
 
-    def fused_forward(self, q, k, v, G, initial_state, store_final):
+    def fused_forward(self, q, k, v, G, initial_state, store_final, W=None):
         """(o, final state) in one walk over each sequence's chunks per head and V tile
-        (fused_fwd_kernel; no per-key decay)."""
+        (fused_fwd_kernel; no per-key decay). With ``W`` (the delta rule), ``v`` is its U and each
+        chunk's values are U - W S_in."""
         lay = self.layout
         o = empty(v.shape, dtype=v.dtype, device=v.device)
         final = self.final_state(v.device) if store_final else None
         launch(
             _kernels().fused_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
-            q, k, v, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale, V=self.V,
-            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, KP=self.KP,
+            q, k, v, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale, V=self.V,
+            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, DELTA=W is not None, KP=self.KP,
             BV=self.SBV, **self.common, **self.state_launch)
         return o, final
 
