@@ -7,6 +7,7 @@ assignments each constraint removes.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections.abc import Callable, Sequence
@@ -35,17 +36,49 @@ class Space:
         for values in itertools.product(*(self.variables[n] for n in names)):
             yield dict(zip(names, values))
 
+    def components(self) -> list[tuple[list[str], list[Constraint]]]:
+        """The variables split into groups that no constraint joins, each group's names and its
+        constraints in declaration order, the groups in the order of their first variables: the
+        legal set is the product of the groups' legal sets."""
+        group = {name: name for name in self.variables}
+
+        def root(name: str) -> str:
+            while group[name] != name:
+                name = group[name]
+            return name
+
+        for c in self.constraints:
+            for other in c.variables[1:]:
+                group[root(other)] = root(c.variables[0])
+        names: dict[str, list[str]] = {}
+        for name in self.variables:
+            names.setdefault(root(name), []).append(name)
+        return [(members, [c for c in self.constraints if root(c.variables[0]) == key])
+                for key, members in names.items()]
+
     def legal(self) -> list[dict[str, int]]:
-        """Every legal configuration, solved by python-constraint2 (2-3x faster than filtering the
-        product on the kernels' spaces here, both well under a millisecond), in a stable order."""
+        """Every legal configuration, its keys in declaration order, sorted by their values in that
+        order: each group of variables that constraints join solved by python-constraint2 (2-3x
+        faster than filtering its product), the groups' solutions combined (linear attention's
+        chunk tiles and state tiles are two: its 39120 configurations at B8 T1024 in about 30 ms
+        instead of 85 solved whole, most of it making the dicts)."""
         import constraint
 
-        problem = constraint.Problem()
-        for name, domain in self.variables.items():
-            problem.addVariable(name, list(domain))
-        for c in self.constraints:  # (the solver takes a test's truth value: no wrapper per call)
-            problem.addConstraint(c.test, list(c.variables))
-        return sorted(problem.getSolutions(), key=operator.itemgetter(*self.variables))
+        parts, names = [], []
+        for members, constraints in self.components():
+            problem = constraint.Problem()
+            for name in members:
+                problem.addVariable(name, list(self.variables[name]))
+            for c in constraints:  # (the solver takes a test's truth value: no wrapper per call)
+                problem.addConstraint(c.test, list(c.variables))
+            values = sorted(tuple(solution[name] for name in members) for solution in problem.getSolutions())
+            parts.append([dict(zip(members, row)) for row in values])
+            names += members
+        combined = [functools.reduce(operator.or_, combination) for combination in itertools.product(*parts)]
+        if names == list(self.variables):  # groups of consecutive variables: the product is in order
+            return combined
+        return sorted(({name: config[name] for name in self.variables} for config in combined),
+                      key=operator.itemgetter(*self.variables))
 
     def brute_force(self) -> list[dict[str, int]]:
         """The legal configurations by filtering the whole product of the domains (the check)."""
