@@ -324,22 +324,29 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
   const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
 
-  // three barriers per state element, one per phase (replay, adjoint, reduction), each phase with
-  // buffers of its own: a warp writes a phase's buffer for element n + 1 only after passing the
-  // barriers of the two phases after it for element n, which every warp reaches after reading it
+  // two barriers per state element, one per phase (replay, adjoint), each phase with buffers of
+  // its own: a warp writes a phase's buffer for element n + 1 only after passing the barrier of
+  // the other phase after it, which every warp reaches after reading it. The carried gradient
+  // alternates between two halves by chunk parity (chunk c reads the half chunk c + 1 wrote and
+  // writes the other, which no warp reads again until every warp has left chunk c + 1), and warp
+  // 0 sums the warps' dA parts of an element after the next element's replay barrier (the
+  // parts are written after the adjoint barrier), so no third barrier orders them (it had
+  // been one of three a state element)
   RNNOPS_SHARED(SegmentSmem<WARPS>, replay, 1);
   RNNOPS_SHARED(SegmentSmem<WARPS>, adjoint, 1);
-  RNNOPS_SHARED(SegmentSmem<WARPS>, reduction, 1);
-  RNNOPS_SHARED(float, head_a, WARPS * 32);  // e^(dt A) at each warp's first item (replay phase)
+  RNNOPS_SHARED(float, head_a, WARPS * 32);    // e^(dt A) at each warp's first item (replay phase)
+  RNNOPS_SHARED(float, dA_parts, WARPS * 32);  // each warp's dA part of the element last walked
   RNNOPS_DYNAMIC_SHARED(float, smem);
-  float* dcarry = smem;             // [N][32]: dx at the first step of the chunk after this one
-  float* dA_acc = smem + N * 32;    // [N][32]
-  float* first_a = smem + 2 * N * 32;  // [N][32]: e^(dt A) of the sequence's first step
-  float *Bstage = smem + 3 * N * 32, *Cstage = Bstage + N * CHUNK;  // STAGED: the chunk's B and C rows [N][CHUNK]
+  float* dcarry = smem;                // [2][N][32]: dx at the first step of the chunk after this one
+  float* dA_acc = smem + 2 * N * 32;   // [N][32]
+  float* first_a = smem + 3 * N * 32;  // [N][32]: e^(dt A) of the sequence's first step
+  float *Bstage = smem + 4 * N * 32, *Cstage = Bstage + N * CHUNK;  // STAGED: the chunk's B and C rows [N][CHUNK]
+  const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
 
   if (warp == 0)
     for (int n = 0; n < N; ++n) {
-      dcarry[n * 32 + lane] = (live && d_final) ? d_final[(seq * (long long)Dm + d) * N + n] : 0.0f;
+      dcarry[(chunks & 1) * N * 32 + n * 32 + lane] =
+          (live && d_final) ? d_final[(seq * (long long)Dm + d) * N + n] : 0.0f;
       dA_acc[n * 32 + lane] = 0.0f;
       first_a[n * 32 + lane] = 1.0f;
     }
@@ -348,8 +355,17 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
   const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
   float dD_acc = 0.0f, dbias_acc = 0.0f, dB_static = 0.0f, dC_static = 0.0f;
-  const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
+  int pending = -1;  // (warp 0) the element whose dA parts are in dA_parts, not yet added
+  const auto add_pending_dA = [&] {
+    if (warp == 0 && pending >= 0) {
+      float total = 0.0f;
+      for (int w = 0; w < WARPS; ++w) total += dA_parts[w * 32 + lane];
+      dA_acc[pending * 32 + lane] += total;
+    }
+  };
   for (long long c = chunks - 1; c >= 0; --c) {
+    const float* dcarry_in = dcarry + ((c + 1) & 1) * N * 32;  // written by chunk c + 1 (or d_final)
+    float* dcarry_out = dcarry + (c & 1) * N * 32;
     const long long t0 = bos + c * CHUNK, step0 = t0 + warp * ITEMS;
     // per step, once for all n (steps past the end: dt = u = dy = 0, rows at the chunk's first)
     float dt[ITEMS], uu[ITEMS], dtu[ITEMS], dy[ITEMS], y[ITEMS], ddt[ITEMS], duu[ITEMS], dt_sum = 0.0f;
@@ -386,7 +402,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     if constexpr (STAGED) {
       stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N);
       stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N);
-      __syncthreads();  // the staged rows (the later chunk's readers passed its last reduction barrier)
+      __syncthreads();  // the staged rows (the later chunk's readers passed its last adjoint barrier)
     }
     for (int n = 0; n < N; ++n) {
       const float a_n = live ? A[d * N + n] : 0.0f, a2 = a_n * kLog2e;  // e^(dt A) = 2^(dt a2)
@@ -403,6 +419,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       replay->x[warp][lane] = acc;
       head_a[warp * 32 + lane] = a[0];
       __syncthreads();
+      add_pending_dA();  // the element before's, every warp's part written before this barrier
       float state = live ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
 #pragma unroll
       for (int w = 0; w < WARPS - 1; ++w)
@@ -426,7 +443,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       adjoint->p[warp][lane] = exp2_approx((dt_sum - dt[0] + dt_after) * a2);  // a_after a_{ITEMS-1} ... a_1
       adjoint->x[warp][lane] = g;
       __syncthreads();
-      float dx = dcarry[n * 32 + lane];  // dx at the step after this warp's segment
+      float dx = dcarry_in[n * 32 + lane];  // dx at the step after this warp's segment
 #pragma unroll
       for (int w = WARPS - 1; w > 0; --w)
         if (w > warp) dx = adjoint->x[w][lane] + adjoint->p[w][lane] * dx;
@@ -457,13 +474,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       } else {
         add_bc_gradient(dC, dC_terms, C_per_warp, first_row, steps, items, GC, groupC, N, n);
       }
-      reduction->x[warp][lane] = dA_part;
-      __syncthreads();  // every warp has read dcarry[n] (above) and written its dA part
+      dA_parts[warp * 32 + lane] = dA_part;
+      pending = n;
       if (warp == 0) {
-        float total = 0.0f;
-        for (int w = 0; w < WARPS; ++w) total += reduction->x[w][lane];
-        dA_acc[n * 32 + lane] += total;
-        dcarry[n * 32 + lane] = dx;  // dx at the chunk's first step
+        dcarry_out[n * 32 + lane] = dx;  // dx at the chunk's first step
         if (c == 0) first_a[n * 32 + lane] = a[0];
       }
       if (live) {
@@ -500,6 +514,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   replay->x[warp][lane] = dD_acc;
   replay->p[warp][lane] = dbias_acc;
   __syncthreads();
+  add_pending_dA();
   if (warp == 0 && live) {
     float total_d = 0.0f, total_bias = 0.0f;
     for (int w = 0; w < WARPS; ++w) {
@@ -510,7 +525,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     if (shape.has_bias) atomicAdd(d_bias + d, total_bias);
     for (int n = 0; n < N; ++n) {
       atomicAdd(dA + d * N + n, dA_acc[n * 32 + lane]);
-      if (d_initial) d_initial[(seq * (long long)Dm + d) * N + n] = first_a[n * 32 + lane] * dcarry[n * 32 + lane];
+      if (d_initial) d_initial[(seq * (long long)Dm + d) * N + n] = first_a[n * 32 + lane] * dcarry[n * 32 + lane];  // chunk 0's
     }
   }
 }

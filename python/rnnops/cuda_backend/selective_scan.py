@@ -39,15 +39,15 @@ DEFAULT_CONFIG = ScanConfig()
 
 def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: bool = True) -> int:
     """The launch's dynamic shared memory: per state element and channel, the forward's carried
-    state (two halves) or the backward's carried gradient, dA sum and first decay (3 x N x 32
-    fp32), then where ``staged`` the chunk's B and C rows (2 x N x warps * items fp32)."""
-    return ((2 if phase == "fwd" else 3) * N * 32 + (2 * N * warps * items if staged else 0)) * 4
+    state (two halves) or the backward's carried gradient (two halves), dA sum and first decay
+    (4 x N x 32 fp32), then where ``staged`` the chunk's B and C rows (2 x N x warps * items fp32)."""
+    return ((2 if phase == "fwd" else 4) * N * 32 + (2 * N * warps * items if staged else 0)) * 4
 
 
 def backward_shared_bytes(N: int, warps: int, items: int, staged: bool = True) -> int:
     """All the shared memory of a backward block (the larger direction): dynamic_shared_bytes
-    and the three phases' segments and the warps' first decays (7 x warps x 32 fp32)."""
-    return dynamic_shared_bytes("bwd", N, warps, items, staged) + warps * 32 * 4 * 7
+    and the two phases' segments, the warps' first decays and dA parts (6 x warps x 32 fp32)."""
+    return dynamic_shared_bytes("bwd", N, warps, items, staged) + warps * 32 * 4 * 6
 
 
 def space(N: int, hardware) -> Space:
