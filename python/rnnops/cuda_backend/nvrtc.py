@@ -138,8 +138,7 @@ class Engine:
                 _pointer(delta_bias), _pointer(out), ops[3], _pointer(chunk_states), _pointer(initial_state),
                 _pointer(final_state), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
         self._launch(scan_kernel("fwd", _DTYPE_NAMES[u.dtype], warps, items, bool(staged)), (grid_x, grid_y),
-                     (32 * warps,), shared,
-                     args)
+                     (32 * warps,), shared, args)
 
     def scan_backward(self, u, delta, A, B, C, D, z, delta_bias, d_out, chunk_states, d_final, d_initial, du, d_delta,
                       dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape,
@@ -151,8 +150,7 @@ class Engine:
                 _pointer(d_initial), _pointer(du), _pointer(d_delta), _pointer(dz), _pointer(dA), _pointer(dB),
                 _pointer(dC), _pointer(dD), _pointer(d_bias), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
         self._launch(scan_kernel("bwd", _DTYPE_NAMES[u.dtype], warps, items, bool(staged)), (grid_x, grid_y),
-                     (32 * warps,), shared,
-                     args)
+                     (32 * warps,), shared, args)
 
     # ------------------------------------------------------------ fused recurrent cells
 

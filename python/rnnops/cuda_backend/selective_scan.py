@@ -91,7 +91,7 @@ def _rows_shared(layout: list[int]) -> bool:
     shared, or grouped in groups of a multiple of 32 channels. Where both B and C do, the kernels
     stage each chunk's rows in shared memory (their STAGED instantiation: each warp reads its
     steps' values as 16-byte broadcasts, where loading them from global memory took a load and a
-    64-bit address per step and state element, 109 instead of 174 SASS instructions an element
+    64-bit address per step and state element, 105 instead of 174 SASS instructions an element
     of the forward's loop, sm_90a, 4 warps x 8 steps)."""
     return layout[0] == SHARED or (layout[0] == GROUPED and layout[5] % 32 == 0)
 
