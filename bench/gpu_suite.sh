@@ -95,22 +95,22 @@ PY
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
+    # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
+    # shipped staging of each chunk's rows in shared memory (SASS: half the instructions a state
+    # element; untimed, and the default: first of the rest)
+    left=$(seconds_until 505)
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
+      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'
     # the delta rule's state walks at the H100's 32-column state tiles: the backward holds one
     # program an SM (116 KB of shared memory at two stages; one stage is vetted out), so B8 T4096
     # H16's 512 walks take 4 waves of 64 chunk steps; 64 columns: 256 walks, 2 waves (the
     # forward 2 waves -> 1), for twice the columns a step (Triton 3.6 SASS: 255 registers, 136 KB).
     # And the fused forward (the walk computes the outputs: no states or V_new through memory;
     # 131 KB, one walk an SM, 2 waves at 64 columns), with 8 warps (the gated one spills at 4)
-    left=$(seconds_until 530)
+    left=$(seconds_until 555)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
       --try '{"state_block_v": 64}' '{"fused_forward": 1, "state_block_v": 64, "state_num_warps": 8}'
-    # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
-    # shipped staging of each chunk's rows in shared memory (SASS: half the instructions a state
-    # element; untimed)
-    left=$(seconds_until 555)
-    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'
     # the Triton scan at batch 1 (8 segments): B8 measured 8 channels a forward program in 2-step
     # sub-blocks 1.07-1.20x (shipped there since 2026-11-26)
     left=$(seconds_until 580)
