@@ -56,9 +56,10 @@ def test_half_activations(dtype):
                      test="cuda")
 
 
-@pytest.mark.parametrize("config", [cuda_scan.ScanConfig(1, 4), cuda_scan.ScanConfig(8, 8),
-                                    cuda_scan.ScanConfig(4, 8, stage_rows=0)])
-@pytest.mark.parametrize("staged", [False, True], ids=["global-rows", "staged-rows"])
+@pytest.mark.parametrize("config,staged", [
+    (cuda_scan.ScanConfig(1, 4), False), (cuda_scan.ScanConfig(8, 8), False), (cuda_scan.ScanConfig(1, 4), True),
+    (cuda_scan.ScanConfig(8, 8), True), (cuda_scan.ScanConfig(4, 8, stage_rows=0), True),
+], ids=["1x4-global-rows", "8x8-global-rows", "1x4-staged-rows", "8x8-staged-rows", "4x8-rows-shared-not-staged"])
 def test_other_tiles(config, staged):
     """T = 37 ends inside a chunk. Staged: B and C grouped and shared in groups of 32 channels
     (Dm 96: three blocks, one group each), so each block stages its chunk's rows in shared memory

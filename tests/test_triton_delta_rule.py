@@ -70,10 +70,11 @@ def _with_config(op, x, dtype, **changes):
     return cache.override(op, "triton", kernels.bucket(op, shape, dtype), dict(default.__dict__, **changes))
 
 
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("shape", [dict(T=70, chunk=32), dict(K=48, V=48, H=3, initial=False), dict(T=20, final=False),
-                                   dict(varlen=True), dict(num_householder=2, T=13)],
-                         ids=["T70-chunk32", "K48-V48-H3-no-initial", "no-final", "varlen", "DeltaProduct"])
+@pytest.mark.parametrize("gated,shape", [
+    (False, dict(T=70, chunk=32)), (True, dict(T=70, chunk=32)), (False, dict(K=48, V=48, H=3, initial=False)),
+    (True, dict(T=20, final=False)), (True, dict(varlen=True)), (True, dict(num_householder=2, T=13)),
+], ids=["plain-T70-chunk32", "gated-T70-chunk32", "plain-K48-V48-H3-no-initial", "gated-no-final", "gated-varlen",
+        "gated-DeltaProduct"])
 def test_fused_forward(gated, shape):
     """fused_forward: the state walk computes the outputs too (V_new = U - W S_in inside it; K = 48
     padded to 64, V = 48 over 16-wide tiles), against the reference, forward and every gradient (the
