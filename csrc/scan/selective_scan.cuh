@@ -25,7 +25,7 @@
 // Work per step, channel and state element: forward 7 flops and one e^x, backward about 25
 // flops and two; bytes: u, delta, z, out (4 Dm T values) plus B, C (2 G N T) forward, about
 // twice that backward. The inner loop over n is what bounds the time: at (4 warps, 8 items),
-// sm_90a, its SASS holds about 12 instructions per (step, channel, n) forward and 41 backward
+// sm_90a, its SASS holds about 12 instructions per (step, channel, n) forward and 42 backward
 // STAGED (22 and 86 before staging, where every B and C value took a global load and a 64-bit
 // address; 195 and over 500 with per-element operand addressing): at B8 Dm2048 T2048 N16 about
 // 0.2 and 0.7 ms of an H100's instruction issue, against 0.09 ms of its bandwidth (measured before
