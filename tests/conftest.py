@@ -69,6 +69,16 @@ def as_float64(inputs: dict) -> dict:
     return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
+def packed_sequences(make_inputs, **kwargs) -> tuple[torch.Tensor, dict]:
+    """(cu_seqlens, inputs) of five sequences packed in one batch row of 50 steps (lengths 5, 0,
+    25, 1 and 19), each with an initial state of its own; ``make_inputs`` a linear-family test
+    module's, given ``kwargs`` (the variant), at its default head dims."""
+    x = make_inputs(B=1, T=50, initial=False, **kwargs)
+    heads, keys, values = x["q"].shape[2], x["q"].shape[3], x["v"].shape[-1]
+    x["initial_state"] = torch.randn(5, heads, keys, values)
+    return torch.tensor([0, 5, 5, 30, 31, 50]), x
+
+
 def compare_backends(fn, inputs: dict, bound: float, test: str = "chunked", reference: str = "reference"):
     """Outputs and every input gradient of ``fn(backend=test, **inputs)`` against the float64
     reference on the same inputs."""

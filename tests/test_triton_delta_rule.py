@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 import rnnops
-from conftest import compare_backends
+from conftest import compare_backends, packed_sequences
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.triton_backend import delta_rule as triton_delta_rule
 from rnnops.triton_backend import linear_attn as triton_linear_attn
@@ -51,9 +51,7 @@ def test_delta_rule_matches_reference(gated, shape):
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_varlen(gated):
-    offsets = torch.tensor([0, 5, 5, 30, 31, 50])
-    x = make_inputs(B=1, T=50, gated=gated, initial=False)
-    x["initial_state"] = torch.randn(5, 2, 16, 32)
+    offsets, x = packed_sequences(make_inputs, gated=gated)
     compare_backends(lambda backend, **kw: delta(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
 
 
@@ -83,9 +81,7 @@ def test_fused_forward(gated, shape):
     chunk, final, varlen = shape.pop("chunk", 16), shape.pop("final", True), shape.pop("varlen", False)
     offsets = None
     if varlen:
-        offsets = torch.tensor([0, 5, 5, 30, 31, 50])
-        x = make_inputs(B=1, T=50, gated=gated, initial=False)
-        x["initial_state"] = torch.randn(5, 2, 16, 32)
+        offsets, x = packed_sequences(make_inputs, gated=gated)
     else:
         x = make_inputs(gated=gated, beta_max=2.0, **shape)
     op = "delta_product" if "num_householder" in shape else "delta_rule"

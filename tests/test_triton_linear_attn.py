@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnops
-from conftest import HAS_CUDA, compare_backends
+from conftest import HAS_CUDA, compare_backends, packed_sequences
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.triton_backend import _common, linear_attn as triton_linear_attn
@@ -89,9 +89,7 @@ def test_fused_forward(gate, shape):
     chunk, final, varlen = shape.pop("chunk", 16), shape.pop("final", True), shape.pop("varlen", False)
     offsets = None
     if varlen:
-        offsets = torch.tensor([0, 5, 5, 30, 31, 50])
-        x = make_inputs(B=1, T=50, gate=gate, initial=False)
-        x["initial_state"] = torch.randn(5, 2, 16, 32)
+        offsets, x = packed_sequences(make_inputs, gate=gate)
     else:
         x = make_inputs(gate=gate, **shape)
     bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
@@ -103,9 +101,7 @@ def test_fused_forward(gate, shape):
 
 @pytest.mark.parametrize("gate", GATES)
 def test_varlen(gate):
-    offsets = torch.tensor([0, 5, 5, 30, 31, 50])
-    x = make_inputs(B=1, T=50, gate=gate, initial=False)
-    x["initial_state"] = torch.randn(5, 2, 16, 32)
+    offsets, x = packed_sequences(make_inputs, gate=gate)
     compare_backends(lambda backend, **kw: run(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="triton")
 
 
