@@ -101,10 +101,10 @@ PY
     left=$(seconds_until 505)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
       --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'
-    # the delta rule's state walks at the H100's 32-column state tiles: the backward holds one
-    # program an SM (116 KB of shared memory at two stages; one stage is vetted out), so B8 T4096
-    # H16's 512 walks take 4 waves of 64 chunk steps; 64 columns: 256 walks, 2 waves (the
-    # forward 2 waves -> 1), for twice the columns a step (Triton 3.6 SASS: 255 registers, 136 KB).
+    # the delta rule's state walks at the H100's 32-column state tiles: two programs an SM each
+    # way (the plain backward since 2026-11-26: 108 KB of shared memory, was 116 KB and one), so
+    # B8 T4096 H16's 512 walks take 2 waves of 64 chunk steps; 64 columns: 256 walks, the forward
+    # in 1 wave, the backward still 2 (one an SM, 120 KB), for twice the columns a step.
     # And the fused forward (the walk computes the outputs: no states or V_new through memory;
     # 131 KB, one walk an SM, 2 waves at 64 columns), with 8 warps (the gated one spills at 4)
     left=$(seconds_until 555)
