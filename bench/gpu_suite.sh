@@ -24,6 +24,10 @@ START=$(date +%s)
 section() { echo; echo "=== $* ($(date +%T))"; }
 seconds_until() { echo $((START + $1 - $(date +%s))); }  # seconds left until $1 s after the start
 
+# the results files' prefix: the GPU's name, lower case, dashes for spaces
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
+gpu=${gpu:-unknown-gpu}
+
 {
   section install
   python -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -73,6 +77,14 @@ PY
   fi
 
   section bench
+  # the peers' autotuning choices stored by earlier runs on this GPU model (results files'
+  # peer_autotune): their autotuners then compile one configuration a kernel instead of tens.
+  # fla stores its choices itself; TRITON_CACHE_AUTOTUNING has every other Triton autotuner
+  # (FlashRNN's triton_fused forward) store them too (it changes no compiled kernel's hash)
+  export TRITON_CACHE_AUTOTUNING=1
+  shopt -s nullglob
+  earlier=(bench/results/"$gpu"-*.json)
+  shopt -u nullglob
   # the bench starts no case after its budget (check mode: until 425 s, leaving the A/B checks
   # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
   # finished case even if the timeout has to kill it mid-case
@@ -81,7 +93,8 @@ PY
   [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
   # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
   timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
-    ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases "$BENCH_CASES"}
+    ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases "$BENCH_CASES"} \
+    ${earlier[0]:+--peer-choices-from "${earlier[@]}"}
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
@@ -120,9 +133,8 @@ PY
   fi
 } 2>&1 | tee "$LOG"
 
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
 echo
-echo "commit with: cp \$files_at/results.json bench/results/${gpu:-unknown-gpu}-$(date +%F).json"
+echo "commit with: cp \$files_at/results.json bench/results/${gpu}-$(date +%F).json  (its peer_autotune serves the next run)"
 if [ "$MODE" = tune ]; then
   echo "and merge \$files_at/tuned.json's entries (measured choices) into autotune/defaults/"
 fi

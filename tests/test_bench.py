@@ -209,18 +209,29 @@ def test_precompile_tells_a_worker_killed_at_its_time_limit(monkeypatch):
     assert (warmed.clean, warmed.timed_out) == (1, frozenset({cases[1].name}))
 
 
-def test_compile_only_autotuning_launches_each_configuration_once_and_restores_triton():
+def test_compile_only_autotuning_launches_each_configuration_once_and_restores_triton(monkeypatch):
     from triton.runtime.autotuner import Autotuner
 
+    stored, writes = {("stored",)}, []
+
+    def triton_look_up(self, tuning_key, configs, bench_fn):  # Triton's check_disk_cache, in small
+        if tuning_key in stored:
+            return True  # took the stored choice: no benchmark
+        bench_fn()
+        writes.append(tuning_key)  # (a benchmark that raised stores nothing)
+        return False
+
+    monkeypatch.setattr(Autotuner, "check_disk_cache", triton_look_up)
     before = Autotuner.__dict__["do_bench"], Autotuner.__dict__["check_disk_cache"]
     launches, benchmarks = [], []
     with precompile_module.compile_only_autotuning() as patched:
         assert patched
         tuner = Autotuner.__new__(Autotuner)  # neither reads instance state once patched
         timings = [tuner.do_bench(lambda c=config: launches.append(c), quantiles=(0.5, 0.2, 0.8)) for config in "ab"]
-        # an autotuner with cache_results benchmarks and stores nothing (a stored file would be found: True)
-        assert tuner.check_disk_cache(("key",), [], lambda: benchmarks.append(1)) is False
-    assert launches == ["a", "b"] and timings == [[1.0] * 3] * 2 and benchmarks == [1]
+        # an autotuner with cache_results benchmarks and stores nothing, unless a choice is stored
+        assert tuner.check_disk_cache(("key",), [], lambda: benchmarks.append("key")) is False
+        assert tuner.check_disk_cache(("stored",), [], lambda: benchmarks.append("stored")) is True
+    assert launches == ["a", "b"] and timings == [[1.0] * 3] * 2 and benchmarks == ["key"] and writes == []
     assert (Autotuner.__dict__["do_bench"], Autotuner.__dict__["check_disk_cache"]) == before
 
 
@@ -459,3 +470,72 @@ def test_peak_memory_counts_live_tensors():
         return (b + 1).sum()
 
     assert 8_000_000 <= peak_memory(two_alive_at_once, CPU) < 8_100_000
+
+
+def stored_result(timing: float) -> dict:
+    """An autotuning result as Triton's Autotuner stores it (cache_results)."""
+    return {"key": [64, "torch.bfloat16"], "configs_timings": [[{"kwargs": {"BV": 32}, "num_warps": 4}, [timing]]]}
+
+
+def test_peer_choices_round_trip_through_results_files(tmp_path):
+    from rnnops.bench import peer_choices
+
+    first = tmp_path / "machine-1"
+    (first / "HASH1").mkdir(parents=True)
+    (first / "HASH1" / "chunk_fwd_kernel_o.autotune.json").write_text(json.dumps(stored_result(1.0)))
+    (first / "HASH1" / "chunk_fwd_kernel_o.json").write_text("{}")  # a compiled kernel's metadata: not a choice
+    (first / "HASH2").mkdir()
+    (first / "HASH2" / "broken.autotune.json").write_text("{not json")  # being written: left out
+    collected = peer_choices.collect(first)
+    assert collected == {"HASH1/chunk_fwd_kernel_o.autotune.json": stored_result(1.0)}
+
+    older, newer = tmp_path / "older.json", tmp_path / "newer.json"
+    older.write_text(json.dumps({"rows": [], "peer_autotune": dict(collected, **{"HASH3/x.autotune.json":
+                                                                                 stored_result(3.0)})}))
+    newer.write_text(json.dumps({"rows": [], "peer_autotune": {"HASH1/chunk_fwd_kernel_o.autotune.json":
+                                                               stored_result(2.0)}}))
+    merged = peer_choices.from_results([older, newer])
+    assert merged == {"HASH1/chunk_fwd_kernel_o.autotune.json": stored_result(2.0),  # the later file's
+                      "HASH3/x.autotune.json": stored_result(3.0)}
+
+    second = tmp_path / "machine-2"
+    (second / "HASH3").mkdir(parents=True)
+    (second / "HASH3" / "x.autotune.json").write_text(json.dumps(stored_result(9.0)))  # its own: kept
+    assert peer_choices.restore(merged, second) == 1
+    assert peer_choices.collect(second) == {"HASH1/chunk_fwd_kernel_o.autotune.json": stored_result(2.0),
+                                            "HASH3/x.autotune.json": stored_result(9.0)}
+
+
+@pytest.mark.parametrize("choices,message", [
+    ({"../escape.autotune.json": stored_result(1.0)}, "is not named"),
+    ({"a/b/deep.autotune.json": stored_result(1.0)}, "is not named"),
+    ({"HASH/kernel.json": stored_result(1.0)}, "is not named"),
+    ({"HASH/kernel.autotune.json": {"key": []}}, "no configs_timings"),
+    ([1, 2], "must be an object"),
+])
+def test_peer_choices_refuse_what_triton_would_not_have_written(tmp_path, choices, message):
+    from rnnops.bench import peer_choices
+
+    with pytest.raises(ValueError, match=message):
+        peer_choices.restore(choices, tmp_path)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"peer_autotune": choices}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(results))}: .*{message}"):
+        peer_choices.from_results([results])
+    assert not any(tmp_path.glob("**/*.autotune.json"))
+
+
+def test_bench_restores_peer_choices_before_running_and_notes_a_bad_file(monkeypatch, tmp_path):
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.setattr(cli, "standard_cases", lambda device: tiny_cases()[:1])
+    monkeypatch.setattr(cli, "run_case", lambda case, *args, **kwargs: ([], []))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"peer_autotune": {"HASH/k.autotune.json": stored_result(1.0)}}))
+    main(["bench", "--repeats", "1", "--peer-choices-from", str(earlier), "--out", str(tmp_path / "a")])
+    assert json.loads((cache / "HASH" / "k.autotune.json").read_text()) == stored_result(1.0)
+    notes = json.loads((tmp_path / "a" / "results.json").read_text())["notes"]
+    assert notes["peer choices"] == ["1 stored autotuning choices of the peers restored from 1 earlier results file(s)"]
+    main(["bench", "--repeats", "1", "--peer-choices-from", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b")])
+    notes = json.loads((tmp_path / "b" / "results.json").read_text())["notes"]
+    assert notes["peer choices"][0].startswith("not restored: ") and "missing.json" in notes["peer choices"][0]

@@ -1,7 +1,7 @@
 """``python -m rnnops bench``: run the standard cases, print a table, write the report.
 
     python -m rnnops bench [--quick] [--ops OP ...] [--cases REGEX] [--backends NAME ...] [--peers]
-                           [--dtype DTYPE] [--device DEV] [--out DIR]
+                           [--dtype DTYPE] [--device DEV] [--out DIR] [--peer-choices-from RESULTS.json ...]
     python -m rnnops bench --compare A.json B.json
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 import rnnops
 
-from . import report
+from . import peer_choices, report
 from .cases import families_in_turn, standard_cases
 from .precompile import precompile
 from .runner import run_case
@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kernels, their autotuners compiling only) in N processes at once, so kernels compile "
                              "side by side instead of case by case (default: min(8, CPUs) on a GPU, 0 (off) on a "
                              "CPU; the time counts toward --budget-s, of which it gets at most half)")
+    parser.add_argument("--peer-choices-from", nargs="+", type=Path, metavar="RESULTS.json",
+                        help="before running, put the peers' autotuning choices stored in these earlier results "
+                             "files (their peer_autotune) into Triton's cache, so the peers' autotuners compile only "
+                             "the configuration they chose there (rnnops.bench.peer_choices)")
     parser.add_argument("--budget-s", type=float, metavar="N",
                         help="start no new case after N seconds (the report then says which cases were left out; "
                              "the op families take turns, so a short budget reaches each of them)")
@@ -161,14 +165,24 @@ def main(args: argparse.Namespace) -> int:
     def collect() -> dict:
         ordered = sorted(rows, key=lambda row: position[row["case"]])
         run_notes = dict(sorted(notes.items(), key=lambda item: position.get(item[0], -1)))  # the run's own first
-        return {"schema": 1, "environment": env, "device": str(device),
-                "dtype": str(dtype).split(".")[-1], "quick": args.quick,
-                "hardware": None if hardware is None else asdict(hardware), "rows": _serialise(ordered),
-                "notes": run_notes}
+        results = {"schema": 1, "environment": env, "device": str(device),
+                   "dtype": str(dtype).split(".")[-1], "quick": args.quick,
+                   "hardware": None if hardware is None else asdict(hardware), "rows": _serialise(ordered),
+                   "notes": run_notes}
+        if device.type == "cuda":  # for a later run's --peer-choices-from
+            results["peer_autotune"] = peer_choices.collect()
+        return results
 
     def stopped(reason: str) -> list[str]:
         return [f"{reason}: stopped after {len({r['case'] for r in rows})} of {len(cases)} cases"]
 
+    if args.peer_choices_from:
+        try:
+            restored = peer_choices.restore(peer_choices.from_results(args.peer_choices_from))
+            notes["peer choices"] = [(f"{restored} stored autotuning choices of the peers restored from "
+                                      f"{len(args.peer_choices_from)} earlier results file(s)")]
+        except (OSError, ValueError) as error:  # the run goes on, its peers tuning afresh
+            notes["peer choices"] = [f"not restored: {error}"]
     workers = args.precompile if args.precompile is not None else (
         min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases

@@ -45,13 +45,19 @@ from .runner import fresh_leaves, targets_for
 _WORKER = "import json, sys; from rnnops.bench.precompile import warm_named; warm_named(*json.loads(sys.argv[1]))"
 
 
+class _NoStoredChoice(Exception):
+    """Raised in place of an autotuner's benchmark: the disk cache held no stored choice."""
+
+
 @contextlib.contextmanager
 def compile_only_autotuning():
     """Within: every Triton autotuner runs each configuration once (compiling it into Triton's
     disk cache) and records the same time for all, so it measures nothing and keeps its first
     legal configuration, and stores no choice on disk (``cache_results``, which fla turns on,
-    runs the benchmark and writes nothing). Yields False, changing nothing, where Triton's
-    Autotuner lacks the ``do_bench`` it patches."""
+    runs the benchmark and writes nothing). An autotuner with ``cache_results`` whose choice is
+    already stored (an earlier run's, restored by rnnops.bench.peer_choices) takes it and
+    compiles only that configuration, as the timed process will. Yields False, changing
+    nothing, where Triton's Autotuner lacks the ``do_bench`` it patches."""
     from triton.runtime.autotuner import Autotuner
 
     if not isinstance(Autotuner.__dict__.get("do_bench"), property | functools.cached_property):
@@ -62,14 +68,20 @@ def compile_only_autotuning():
         kernel_call()
         return [1.0] * len(quantiles) if quantiles else 1.0
 
-    def store_nothing(self, tuning_key, configs, bench_fn):
-        bench_fn()
-        return False
+    def stored_choice_or_store_nothing(self, tuning_key, configs, bench_fn):
+        def no_stored_choice():
+            raise _NoStoredChoice
+
+        try:  # Triton's own look-up: True where it found and took a stored choice
+            return patched["check_disk_cache"](self, tuning_key, configs, no_stored_choice)
+        except _NoStoredChoice:  # it would have benchmarked, then stored the timings: only the former
+            bench_fn()
+            return False
 
     patched = {name: Autotuner.__dict__[name] for name in ("do_bench", "check_disk_cache") if name in Autotuner.__dict__}
     Autotuner.do_bench = property(lambda self: run_once)
     if "check_disk_cache" in patched:  # Triton >= 3.4: results cached on disk when an autotuner asks
-        Autotuner.check_disk_cache = store_nothing
+        Autotuner.check_disk_cache = stored_choice_or_store_nothing
     try:
         yield True
     finally:
