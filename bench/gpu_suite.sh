@@ -114,16 +114,17 @@ PY
     left=$(seconds_until 505)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
       --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'
-    # the delta rule's state walks at the H100's 32-column state tiles: two programs an SM each
-    # way (the plain backward since 2026-11-26: 108 KB of shared memory, was 116 KB and one), so
-    # B8 T4096 H16's 512 walks take 2 waves of 64 chunk steps; 64 columns: 256 walks, the forward
-    # in 1 wave, the backward still 2 (one an SM, 120 KB), for twice the columns a step.
-    # And the fused forward (the walk computes the outputs: no states or V_new through memory;
-    # 131 KB, one walk an SM, 2 waves at 64 columns), with 8 warps (the gated one spills at 4)
+    # the delta rule's chunk kernels over the whole of K (block_k 128, block_v 64, 8 warps): the
+    # dq/dk/dW kernel in one program a chunk instead of two, each loading do, v and dV_new and
+    # forming do v^T (fla's layout on Hopper), no spill plain or gated (Triton 3.6 sm_90: dq/dk
+    # 205 / 250 registers, the UT backward 255 / 223, one program an SM: 8 warps as now). And
+    # the fused forward (the walk computes the outputs: no states or V_new through memory; 131 KB,
+    # one walk an SM, 2 waves at 64 columns), with 8 warps (the gated one spills at 4)
     left=$(seconds_until 555)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
-      --try '{"state_block_v": 64}' '{"fused_forward": 1, "state_block_v": 64, "state_num_warps": 8}'
+      --try '{"block_k": 128, "block_v": 64, "num_warps": 8}' \
+      '{"fused_forward": 1, "state_block_v": 64, "state_num_warps": 8}'
     # the Triton scan at batch 1 (8 segments): B8 measured 8 channels a forward program in 2-step
     # sub-blocks 1.07-1.20x (shipped there since 2026-11-26)
     left=$(seconds_until 580)
