@@ -40,7 +40,8 @@ def load(asan: bool = False):
     flags = ["-std=c++20", "-O1" if asan else "-O2", "-pthread", f"-DRNNOPS_CSRC_DIGEST={_digest(root)}"]
     ldflags = ["-pthread"]
     if asan:
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        # (RNNOPS_SIM_ASAN: only the instantiations the AddressSanitizer test runs, csrc/bindings/sim_ext.cpp)
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DRNNOPS_SIM_ASAN"]
         ldflags += ["-fsanitize=address"]
     return cpp_extension.load(
         name="rnnops_sim_asan" if asan else "rnnops_sim",
