@@ -101,9 +101,10 @@ PY
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
     # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
     # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): do they pay for a
-    # scalar decay (GLA ignores fused_forward)? GLA's state walks at the shipped 4 warps x 2
-    # stages take 228-254 registers, two an SM (its 512 walks in two waves); one stage 128 (one
-    # wave, no prefetch), 8 warps 117-123 (SASS, Triton 3.6)
+    # scalar decay (GLA ignores fused_forward)? GLA's forward state walk at the shipped 4 warps x
+    # 2 stages takes 254 registers, two an SM (its 512 walks in two waves; the backward walk 96
+    # since 2026-11-26, four an SM: one wave); one stage 128 (one wave, no prefetch), 8 warps
+    # 117-123 (SASS, Triton 3.6)
     left=$(seconds_until 480)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
