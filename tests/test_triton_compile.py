@@ -233,3 +233,21 @@ def test_tensor_core_path_is_read_from_ptx():
     assert tensor_core_path("\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1, %r2}, %rd3, %rd4;") == "wgmma"
     assert tensor_core_path("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};") == "mma"
     assert tensor_core_path("\tfma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
+
+
+def test_a_checked_specialisation_is_read_back_not_compiled_again(tmp_path):
+    """compile_check keeps each specialisation's report in Triton's cache directory: a second
+    check of the same kernels reads them (Triton's compiler may not run) and reports what the
+    first did."""
+    script = ("import json, sys, triton\n"
+              "from rnnops.triton_backend.compile_check import check\n"
+              "first = check(90, case='linear_attn_step')\n"
+              "triton.compile = lambda *args, **kwargs: sys.exit('compiled again')\n"
+              "print(json.dumps([first, check(90, case='linear_attn_step')]))\n")
+    env = dict(COMPILING_ENV, TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    first, second = json.loads(result.stdout)
+    assert first and first == second
+    assert len(list((tmp_path / "rnnops-ptxas").glob("*.json"))) == len({r["name"] + r["dtype"] for r in first})

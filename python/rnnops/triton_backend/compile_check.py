@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -30,6 +31,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -113,21 +115,63 @@ def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> 
         if key in seen:
             continue
         seen.add(key)
-        log = io.StringIO()
-        with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
-            knobs.compilation.always_compile = True  # ptxas prints its report only when it runs
-            knobs.nvidia.dump_ptxas_log = True
-            compiled = triton.compile(source, target=target, options=options.__dict__)
-        (report,) = parse_log(log.getvalue())
-        report = replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
-                         tensor_cores=tensor_core_path(compiled.asm["ptx"]))
-        if loops:
-            with contextlib.suppress(LookupError):
-                loop = innermost_exponential_loop(compiled.asm["cubin"])
-                report = replace(report, loop_instructions=loop.instructions, loop_exponentials=loop.count("MUFU.EX2"),
-                                 loop_shuffles=loop.count("SHFL"), loop_barriers=loop.count("BAR"))
+        stored = _StoredReport(f"{triton.__version__}|{backend.hash()}|{key[0]}|{key[1]}|{loops}")  # hash: ptxas, arch
+        report = stored.read()
+        if report is None:
+            log = io.StringIO()
+            with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+                knobs.compilation.always_compile = True  # ptxas prints its report only when it runs
+                knobs.nvidia.dump_ptxas_log = True
+                compiled = triton.compile(source, target=target, options=options.__dict__)
+            (report,) = parse_log(log.getvalue())
+            report = replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
+                             tensor_cores=tensor_core_path(compiled.asm["ptx"]))
+            if loops:
+                with contextlib.suppress(LookupError):
+                    loop = innermost_exponential_loop(compiled.asm["cubin"])
+                    report = replace(report, loop_instructions=loop.instructions,
+                                     loop_exponentials=loop.count("MUFU.EX2"), loop_shuffles=loop.count("SHFL"),
+                                     loop_barriers=loop.count("BAR"))
+            stored.write(report)
         reports.append(report)
     return reports
+
+
+@dataclass(frozen=True)
+class _StoredReport:
+    """A compiled specialisation's report kept on disk (Triton's cache directory, rnnops-ptxas/),
+    so that another check of the same specialisation (the same kernel source, argument
+    specialisation, options, architecture, Triton and ptxas) reads it instead of
+    compiling again: the CPU tests compile many kernels twice (a GPU's shipped configuration is
+    often the default; DeltaProduct launches the gated delta rule's kernels), and later checks
+    and compile screens (autotune --compile-check) meet the same ones. No directory: nothing kept."""
+
+    key: str
+
+    @property
+    def path(self) -> Path | None:
+        from triton import knobs
+
+        directory = knobs.cache.dir
+        digest = hashlib.sha256(self.key.encode()).hexdigest()
+        return Path(directory) / "rnnops-ptxas" / f"{digest}.json" if directory else None
+
+    def read(self) -> KernelReport | None:
+        path = self.path
+        try:
+            return KernelReport(**json.loads(path.read_text())) if path is not None and path.exists() else None
+        except (OSError, ValueError, TypeError):  # half written by another process, or an older layout
+            return None
+
+    def write(self, report: KernelReport) -> None:
+        path = self.path
+        if path is None:
+            return
+        with contextlib.suppress(OSError):  # a read-only cache keeps nothing
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(asdict(report)))
+            partial.replace(path)
 
 
 def _forward_backward(case, dtype: torch.dtype) -> None:
