@@ -215,8 +215,8 @@ TUNABLES = [
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],
-            # per exponential, SASS sm_90a at 4 x 8: 12 / 42 instructions forward / backward with
-            # B and C staged in shared memory, 23 / 91 reading them from global memory
+            # per exponential, SASS sm_90a at 4 x 8: 12 / 40 instructions forward / backward with
+            # B and C staged in shared memory, 23 / 88 reading them from global memory
             lambda c, s: (1.0 + 4.0 / c["items"]) * (1.0 if c["stage_rows"] else 2.0)),
     Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw, dt.itemsize),

@@ -111,8 +111,8 @@ def test_default_configs_compile_without_spills(arch):
                                                   ("bwd", False, 120)])
 def test_loop_over_state_elements_stays_lean(phase, staged, budget):
     """SASS instructions per exponential (one per (step, channel, state element)) in the loop over
-    n at the default tile, sm_90a: measured 11.7 forward and 42.1 backward with B and C staged in
-    shared memory (the usual case), 23.4 and 90.5 reading them from global memory (both ways of
+    n at the default tile, sm_90a: measured 11.7 forward and 39.7 backward with B and C staged in
+    shared memory (the usual case), 23.4 and 88.0 reading them from global memory (both ways of
     adding dB / dC counted). Resolving B and C's mode and address per element, and composing the
     warps' segments in a loop of run-time length, had made it 65 forward and over 500 per element
     backward (that code has no loop this finds)."""

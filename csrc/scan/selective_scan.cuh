@@ -25,7 +25,7 @@
 // Work per step, channel and state element: forward 7 flops and one e^x, backward about 25
 // flops and two; bytes: u, delta, z, out (4 Dm T values) plus B, C (2 G N T) forward, about
 // twice that backward. The inner loop over n is what bounds the time: at (4 warps, 8 items),
-// sm_90a, its SASS holds about 12 instructions per (step, channel, n) forward and 42 backward
+// sm_90a, its SASS holds about 12 instructions per (step, channel, n) forward and 40 backward
 // STAGED (22 and 86 before staging, where every B and C value took a global load and a 64-bit
 // address; 195 and over 500 with per-element operand addressing): at B8 Dm2048 T2048 N16 about
 // 0.2 and 0.7 ms of an H100's instruction issue, against 0.09 ms of its bandwidth (measured before
@@ -367,8 +367,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     const float* dcarry_in = dcarry + ((c + 1) & 1) * N * 32;  // written by chunk c + 1 (or d_final)
     float* dcarry_out = dcarry + (c & 1) * N * 32;
     const long long t0 = bos + c * CHUNK, step0 = t0 + warp * ITEMS;
-    // per step, once for all n (steps past the end: dt = u = dy = 0, rows at the chunk's first)
-    float dt[ITEMS], uu[ITEMS], dtu[ITEMS], dy[ITEMS], y[ITEMS], ddt[ITEMS], duu[ITEMS], dt_sum = 0.0f;
+    // per step, once for all n (steps past the end: dt = u = dy = 0, rows at the chunk's first);
+    // over n, sB sums dx B and sA dx a_t x_{t-1} A, from which du = dy D + dt sB and d dt = u sB + sA
+    // follow after the loop (u is read again there rather than held through it)
+    float dt[ITEMS], dtu[ITEMS], dy[ITEMS], y[ITEMS], sB[ITEMS], sA[ITEMS], dt_sum = 0.0f;
     unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
     const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
                *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
@@ -380,17 +382,17 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       const long long r = t - offset;
       dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
                  : 0.0f;
-      uu[i] = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
+      const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
       dy[i] = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
       if (shape.has_z && on) {
         const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
         dy[i] *= zz * rnnops::sigmoid(zz);
       }
-      dtu[i] = dt[i] * uu[i];
+      dtu[i] = dt[i] * uu;
       dt_sum += dt[i];
-      y[i] = d_weight * uu[i];
-      duu[i] = dy[i] * d_weight;
-      ddt[i] = 0.0f;
+      y[i] = d_weight * uu;
+      sB[i] = 0.0f;
+      sA[i] = 0.0f;
       Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
       Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
     }
@@ -454,9 +456,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
         dx = dyC[i] + next_a * dx;
         next_a = a[i];
         const float decayed = x[i] - dtu[i] * Bv[i];  // a_t x_{t-1}
-        const float dx_B = dx * Bv[i], dx_decayed = dx * decayed;
-        duu[i] += dx_B * dt[i];
-        ddt[i] += dx_B * uu[i] + dx_decayed * a_n;
+        const float dx_decayed = dx * decayed;
+        sB[i] += dx * Bv[i];
+        sA[i] += dx_decayed * a_n;
         dA_part += dx_decayed * dt[i];
         dB_terms[i] = dx * dtu[i];
         dC_terms[i] = dy[i] * x[i];
@@ -496,16 +498,17 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       const long long t = step0 + i;
       if (i >= items) continue;
       const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
-      dD_acc += dy[i] * uu[i];
+      const float uu = to_float(u[batch * su.b + r * su.t + d * su.d]);
+      dD_acc += dy[i] * uu;
       if (shape.has_z) {
         const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
         const float sig = rnnops::sigmoid(zz), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
         dz[row * Dm + d] = gout * y[i] * sig * (1.0f + zz * (1.0f - sig));
       }
       const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
-      const float draw = ddt[i] * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
+      const float draw = (uu * sB[i] + sA[i]) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
       dbias_acc += draw;
-      du[row * Dm + d] = duu[i];
+      du[row * Dm + d] = dy[i] * d_weight + dt[i] * sB[i];
       d_delta[row * Dm + d] = draw;
     }
   }
