@@ -136,6 +136,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                     int(staged)])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
         ctx.layout, ctx.shape, ctx.grid, ctx.config, ctx.staged = layout, shape, grid, config, staged
+        ctx.bc_layouts = b_layout, c_layout  # of the saved B and C, which the backward reads alike
         ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         return out, final
 
@@ -157,7 +158,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), d_out, chunk_states,
             maybe(None if d_final is None else d_final.float().contiguous()), maybe(d_initial), du, d_delta, maybe(dz),
             dA, dB, dC, maybe(dD), maybe(d_bias), layout.cu_seqlens, layout.chunk_offsets,
-            _strides(u, delta, z, d_out), _bc_layout(B, channels), _bc_layout(C, channels), ctx.shape,
+            _strides(u, delta, z, d_out), *ctx.bc_layouts, ctx.shape,
             ctx.grid + [config.warps, config.items,
                         dynamic_shared_bytes("bwd", N, config.warps, config.items, ctx.staged), int(ctx.staged)])
         grads = [du, d_delta, dA, dB, dC, dD, dz, d_bias, d_initial]
