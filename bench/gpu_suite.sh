@@ -104,11 +104,14 @@ PY
     # scalar decay (GLA ignores fused_forward)? GLA's forward state walk at the shipped 4 warps x
     # 2 stages takes 254 registers, two an SM (its 512 walks in two waves; the backward walk 96
     # since 2026-11-26, four an SM: one wave); one stage 128 (one wave, no prefetch), 8 warps
-    # 117-123 (SASS, Triton 3.6)
+    # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
+    # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
+    # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
     left=$(seconds_until 480)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
-      --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
+      --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
+      '{"block_v": 64}'
     # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
     # shipped staging of each chunk's rows in shared memory (SASS: half the instructions a state
     # element; untimed, and the default: first of the rest)

@@ -578,35 +578,43 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             end_term *= tl.exp(g_end)
             dq_inter *= tl.exp(g_rows)[:, None]
             dk_state *= tl.exp(g_end - g_rows)[:, None]
-        if GATE == 2:
-            b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
-            b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
-        else:
+        if GATE != 2:
             causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
             if GATE == 1:
                 dA = dA * tl.exp(tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
             else:
                 dA = tl.where(causal, dA, 0.0)
             dA = (dA * scale).to(b_q.dtype)
+        # dq finished (stored, its gate term taken) before dk's product: the two fp32 tiles are
+        # never live together
+        if GATE == 2:
+            b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
+        else:
             b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
-            b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
         tl.store(dq + tile, b_dq.to(dq.dtype.element_ty), mask=tile_mask)
+        if GATE != 0:
+            d_gate = b_q.to(tl.float32) * b_dq
+            if GATE == 1:
+                d_gate = tl.sum(d_gate, axis=1)
+            end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
+        if GATE == 2:
+            b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
+        else:
+            b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
         tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
         if DELTA:
             tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
-        if GATE != 0:
-            d_gate = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
-            end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
-            if GATE == 2:
-                d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0)
-                if not DELTA:
-                    d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
-                tl.store(dG + tile, d_gate, mask=tile_mask)
-            else:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
-                d_row = tl.sum(d_gate, axis=1) + tl.where(rows == last, tl.sum(end_term, axis=0), 0.0)
-                if not DELTA:
-                    d_row = tl.cumsum(d_row, axis=0, reverse=True)
-                tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)
+        if GATE == 2:
+            d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0) - b_k.to(tl.float32) * b_dk
+            if not DELTA:
+                d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
+            tl.store(dG + tile, d_gate, mask=tile_mask)
+        elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
+            d_row = (d_gate - tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+                     + tl.where(rows == last, tl.sum(end_term, axis=0), 0.0))
+            if not DELTA:
+                d_row = tl.cumsum(d_row, axis=0, reverse=True)
+            tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)
 
 
 @triton.jit
