@@ -123,12 +123,15 @@ PY
     # forming do v^T (fla's layout on Hopper), no spill plain or gated (Triton 3.6 sm_90: dq/dk
     # 205 / 250 registers, the UT backward 255 / 223, one program an SM: 8 warps as now). And
     # the fused forward (the walk computes the outputs: no states or V_new through memory; 131 KB,
-    # one walk an SM, 2 waves at 64 columns), with 8 warps (the gated one spills at 4)
+    # one walk an SM, 2 waves at 64 columns), with 8 warps (the gated one spills at 4). And the
+    # chunk kernels' loops pipelined (2 stages; the 4 warps x 1 stage shipped won 1.17-1.21x
+    # against 8 x 2, never against 4 x 2): the UT backward's three 2-tile loops then wait for
+    # global memory once each instead of once a tile (254 registers, 56 KB, two an SM as now)
     left=$(seconds_until 555)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
       --try '{"block_k": 128, "block_v": 64, "num_warps": 8}' \
-      '{"fused_forward": 1, "state_block_v": 64, "state_num_warps": 8}'
+      '{"fused_forward": 1, "state_block_v": 64, "state_num_warps": 8}' '{"num_stages": 2}'
     # the Triton scan at batch 1 (8 segments): B8 measured 8 channels a forward program in 2-step
     # sub-blocks 1.07-1.20x (shipped there since 2026-11-26)
     left=$(seconds_until 580)
