@@ -470,7 +470,11 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         if (b < s.B && unit < D) carry_at(0, b, unit) += products[idx];
       }
     }
-    block_barrier(s);
+    // the next step's pointwise phase reads only this block's own carried gradients (written just
+    // above) and writes the next step's gate gradients, which no block reads before the barrier
+    // after that phase: a block barrier suffices for a head split over blocks too (one grid
+    // barrier a step, not two)
+    __syncthreads();
   }
 }
 
