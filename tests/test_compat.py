@@ -97,6 +97,51 @@ def test_selective_scan_fn_in_mambas_layout_without_copies():
         mamba_ssm.selective_scan_fn(u, delta, A.to(torch.complex128), B, C)
 
 
+def _mamba_inputs(device, dtype, groups=1):
+    """Inputs in mamba_ssm's layout: u, delta, z [B, D, L]; B, C [B, G, N, L]; A, D, bias fp32."""
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+    u, delta, z = make(2, 64, 37), make(2, 64, 37, scale=0.5), make(2, 64, 37)
+    B, C = make(2, groups, 8, 37), make(2, groups, 8, 37)
+    A = (-torch.rand(64, 8, device=device) - 0.1).requires_grad_()
+    D, bias = torch.randn(64, device=device).requires_grad_(), torch.randn(64, device=device).requires_grad_()
+    return u, delta, A, B, C, D, z, bias
+
+
+def _against_mamba(function_name, device, dtype, bound, groups=1):
+    """rnnops.compat.mamba_ssm's function against the installed mamba_ssm's: outputs, last state
+    and every gradient."""
+    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    torch.manual_seed(0)
+    inputs = _mamba_inputs(device, dtype, groups)
+    results = []
+    for function in (getattr(mamba_ssm, function_name), getattr(interface, function_name)):
+        args = [x.detach().clone().requires_grad_() for x in inputs]
+        y, last = function(*args, delta_softplus=True, return_last_state=True)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device=device)).sum().backward()
+        results.append((y, last, [x.grad for x in args]))
+    (y, last, grads), (y_peer, last_peer, grads_peer) = results
+    assert_close(y.float(), y_peer.float(), bound)
+    assert_close(last.float(), last_peer.float(), bound)
+    for name, grad, grad_peer in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), grads, grads_peer):
+        assert grad is not None and grad_peer is not None, name
+        assert_close(grad.float(), grad_peer.float(), bound)
+
+
+def test_selective_scan_ref_matches_mambas_own():
+    """Where mamba_ssm is installed (the GPU suite's wheel, bench/build_mamba_ssm.sh)."""
+    _against_mamba("selective_scan_ref", torch.device("cpu"), torch.float32, 1e-5, groups=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 2e-4), (torch.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
+def test_selective_scan_fn_matches_mambas_cuda_kernel(dtype, bound):
+    """The drop-in against mamba_ssm's CUDA selective_scan_fn itself (its exponentials are fast-math
+    approximations: float32 agrees to about 1e-5)."""
+    _against_mamba("selective_scan_fn", torch.device("cuda"), dtype, bound)
+
+
 def test_selective_state_update_is_in_place():
     state = torch.randn(2, 6, 4, dtype=D64)
     x, dt = torch.randn(2, 6, dtype=D64), torch.randn(2, 6, dtype=D64)

@@ -82,6 +82,13 @@ def test_mamba_layout_conversion(monkeypatch):
     check("mamba_ssm.selective_scan_ref", bench_cases.selective_scan_case(2, 13, 6, 4))
 
 
+def test_mamba_selective_scan_ref():
+    """mamba_ssm's own reference, where it is installed (the GPU suite's wheel from
+    bench/build_mamba_ssm.sh: importing its interface loads the CUDA extension, even on a CPU)."""
+    pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    check("mamba_ssm.selective_scan_ref", bench_cases.selective_scan_case(2, 13, 6, 4))
+
+
 def test_fast_paths_say_why_they_cannot_run_on_a_cpu():
     for name in ("flashrnn.cuda_fused", "mamba_ssm.selective_scan_fn"):
         with pytest.raises(PeerUnavailable, match="cuda|CUDA"):
