@@ -592,10 +592,11 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
         else:
             b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
         tl.store(dq + tile, b_dq.to(dq.dtype.element_ty), mask=tile_mask)
-        if GATE != 0:
+        if GATE == 2:
             d_gate = b_q.to(tl.float32) * b_dq
-            if GATE == 1:
-                d_gate = tl.sum(d_gate, axis=1)
+        elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
+            d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
+        if GATE != 0:
             end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
         if GATE == 2:
             b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
@@ -609,9 +610,8 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             if not DELTA:
                 d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
             tl.store(dG + tile, d_gate, mask=tile_mask)
-        elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
-            d_row = (d_gate - tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
-                     + tl.where(rows == last, tl.sum(end_term, axis=0), 0.0))
+        elif GATE == 1:
+            d_row += tl.where(rows == last, tl.sum(end_term, axis=0), 0.0) - tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
             if not DELTA:
                 d_row = tl.cumsum(d_row, axis=0, reverse=True)
             tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)
