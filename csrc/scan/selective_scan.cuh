@@ -4,19 +4,23 @@
 //   y_t  = sum_n x_tn C_tn + D_d u_t;  out_t = y_t silu(z_t)
 //
 // Tiling: a block owns 32 channels (one per lane, so loads of a time step are coalesced in the
-// (B, T, Dm) layout) and WARPS x ITEMS consecutive time steps per chunk, warp w taking items
-// [w ITEMS, (w + 1) ITEMS). Per chunk each lane reads its steps' dt, dt u and where B and C
-// lie once (STAGED, where every channel of the block reads the same B and C rows: the block
-// copies the chunk's rows into shared memory, [N][CHUNK] each, and a warp reads its ITEMS values
-// of an element as 16-byte broadcasts); then, for each state element n, it scans its items
-// sequentially, the warps' segments are composed through shared memory (x -> P x + X per
-// segment, P = 2^(a2 sum dt)), and each warp replays its items from the composed prefix. The
-// state crossing chunk boundaries lives in shared memory; the state entering every chunk is
-// stored (fp32, Dm x N per chunk) for the backward, which walks chunks in reverse, replays the
+// (B, T, Dm) layout) and walks its sequence in chunks of CHUNK = WARPS x ITEMS steps; the state
+// entering every chunk is stored (fp32, Dm x N per chunk) for the backward. Where every channel
+// of the block reads the same B and C rows (STAGED: Mamba's shared B and C, or groups of a
+// multiple of 32 channels) the forward splits the state elements over the warps: the chunk's dt,
+// dt u and B and C rows are staged in shared memory, each warp walks all CHUNK steps for its
+// groups of four state elements (four independent recurrences a lane, no barrier between steps)
+// and the warps' y terms are summed through shared memory (fwd_by_state_elements: two barriers a
+// chunk). Otherwise, and in the backward, the steps are split: warp w takes items
+// [w ITEMS, (w + 1) ITEMS), and for each state element n it scans its items sequentially, the
+// warps' segments are composed through shared memory (x -> P x + X per segment,
+// P = 2^(a2 sum dt)), and each warp replays its items from the composed prefix (a barrier per
+// state element; STAGED, the backward reads its items' B and C values from rows staged in shared
+// memory, [N][CHUNK], as 16-byte broadcasts). The backward walks chunks in reverse, replays the
 // forward inside the chunk, and runs the adjoint recurrence dx_t = dy_t C_t + e^(dt_{t+1} A)
-// dx_{t+1} the same way, segments composed from the later warps. Reductions over channels (dB, dC) sum a warp's ITEMS
-// steps at once by recursive halving (warp_reduce_scatter) and add one atomic per step and n;
-// dA, dD, d delta_bias add across sequences atomically.
+// dx_{t+1} the same way, segments composed from the later warps. Reductions over channels (dB,
+// dC) sum a warp's ITEMS steps at once by recursive halving (warp_reduce_scatter) and add one
+// atomic per step and n; dA, dD, d delta_bias add across sequences atomically.
 //
 // Operands: u, delta, z, out, du, ddelta, dz of element type T with (b, t, d) strides; A, D,
 // delta_bias, B, C in fp32; B, C static (Dm, N), shared (B, T, N) or grouped (B, T, G, N) with
@@ -24,12 +28,13 @@
 // row 0; else sequence i is batch row i).
 // Work per step, channel and state element: forward 7 flops and one e^x, backward about 25
 // flops and two; bytes: u, delta, z, out (4 Dm T values) plus B, C (2 G N T) forward, about
-// twice that backward. The inner loop over n is what bounds the time: at (4 warps, 8 items),
-// sm_90a, its SASS holds about 12 instructions per (step, channel, n) forward and 40 backward
-// STAGED (22 and 86 before staging, where every B and C value took a global load and a 64-bit
-// address; 195 and over 500 with per-element operand addressing): at B8 Dm2048 T2048 N16 about
-// 0.2 and 0.7 ms of an H100's instruction issue, against 0.09 ms of its bandwidth (measured before
-// staging: 1.01 ms forward, 4.6 backward, so latency, not issue, set the time then).
+// twice that backward. The inner loops are what bound the time: at (4 warps, 8 items), sm_90a,
+// the SASS holds about 7 instructions per (step, channel, n) forward STAGED (one e^x, four FMUL /
+// FFMA and a quarter of two 16-byte broadcasts; the step-split forward took 12, and 23 reading B
+// and C from global memory) and 40 backward (88 from global memory): at B8 Dm2048 T2048 N16 about
+// 0.13 and 0.7 ms of an H100's instruction issue, where its exponential rate allows 0.13 ms
+// forward and its bandwidth 0.09 ms (measured before staging: 1.01 ms forward, 4.6 backward, so latency,
+// not issue, set the time then).
 #pragma once
 #include "../common/runtime.h"
 
@@ -84,6 +89,22 @@ __device__ __forceinline__ void stage_rows(float* stage, const BCRows& rows, lon
       [&](int f) {
         const long long t = t0 + f % CHUNK;
         return t < eos ? __ldg(rows.row(t - offset) + (f / CHUNK) * rows.n_stride) : 0.0f;
+      },
+      [&](int f, float value) { stage[f] = value; });
+}
+
+// The same rows step-major, stage[s * N4 + n] (n fastest: coalesced reads, conflict-free stores),
+// zeros past the sequence's end and for n in [N, N4): the forward's layout, which reads four state
+// elements of one step as one 16-byte broadcast.
+template <int CHUNK>
+__device__ __forceinline__ void stage_rows_by_step(float* stage, const BCRows& rows, long long t0, long long eos,
+                                                   long long offset, int N, int N4) {
+  in_flight<4>(
+      N4 * CHUNK,
+      [&](int f) {
+        const long long t = t0 + f / N4;
+        const int n = f % N4;
+        return t < eos && n < N ? __ldg(rows.row(t - offset) + n * rows.n_stride) : 0.0f;
       },
       [&](int f, float value) { stage[f] = value; });
 }
@@ -151,109 +172,216 @@ struct SegmentSmem {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <class T, int WARPS, int ITEMS, bool STAGED>
-__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
-    selective_scan_fwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
-                       BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, T* out,
-                       Operand sout, float* chunk_states, const float* initial_state, float* final_state,
-                       const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
-  constexpr int CHUNK = WARPS * ITEMS;
-  const int Dm = shape.Dm, N = shape.N;
+// The forward where every channel of the block reads the same B and C rows (the STAGED
+// instantiation): the state elements, not the steps, are split over the warps. Per chunk of CHUNK
+// steps the warps stage dt and dt u (each its ITEMS steps, [CHUNK][32]) and the chunk's B and C rows
+// ([CHUNK][N4], step-major, N4 = N rounded up to 4) in shared memory; then each warp walks the whole
+// chunk (in sub-blocks of up to 32 steps) for its groups of four state elements (groups warp,
+// warp + WARPS, ...), four independent recurrences a lane with no barrier between steps, and sums
+// their y terms per step in registers;
+// the warps' sums meet in shared memory ([WARPS][CHUNK][32]) and each warp adds D u, gates with z and
+// writes its ITEMS steps. Two barriers a chunk (after the staging, after the sums), where splitting
+// the steps took one per state element; about 6 instructions per (step, channel, state element):
+// an exponential, 4 FMUL / FFMA, and a 16-byte broadcast of B and of C per four elements. The
+// state crossing chunk boundaries stays in shared memory ([N4][32]), each element read and written
+// by the warp that owns it only.
+template <class T, int WARPS, int ITEMS>
+__device__ __forceinline__ void fwd_by_state_elements(
+    const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
+    const T* z, Operand sz, const float* delta_bias, T* out, Operand sout, float* chunk_states,
+    const float* initial_state, float* final_state, const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
+  constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 32 ? CHUNK : 32;
+  const int Dm = shape.Dm, N = shape.N, N4 = (N + 3) / 4 * 4;
   const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
   const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
   const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
+  RNNOPS_DYNAMIC_SHARED(float, smem);  // carry, B and C rows, dt, dt u, the warps' y sums
+  float *carry = smem, *Bstage = carry + N4 * 32, *Cstage = Bstage + CHUNK * N4;
+  float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *y_sums = dtu_stage + CHUNK * 32;
 
-  // one barrier per state element: the segments alternate between two buffers (a warp writes
-  // buffer n & 1 only after every warp has passed the barrier of element n - 1, so after it read
-  // the buffer's previous use, element n - 2), and the state crossing chunk boundaries between two
-  // [N][32] halves, read from carry_in and written to carry_out, swapped at the chunk's end
-  RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 2);
-  RNNOPS_DYNAMIC_SHARED(float, smem);  // carry [2][N][32], then the staged B and C rows [2][N][CHUNK]
-  float *carry_in = smem, *carry_out = smem + N * 32;
-  float *Bstage = smem + 2 * N * 32, *Cstage = Bstage + N * CHUNK;
-
-  if (warp == 0)
-    for (int n = 0; n < N; ++n)
-      carry_in[n * 32 + lane] = (live && initial_state) ? initial_state[(seq * (long long)Dm + d) * N + n] : 0.0f;
-  __syncthreads();
-
+  for (int n = warp; n < N4; n += WARPS)  // (read after the first chunk's first barrier)
+    carry[n * 32 + lane] = (live && initial_state && n < N) ? initial_state[(seq * (long long)Dm + d) * N + n] : 0.0f;
   const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
   const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
   for (long long t0 = bos; t0 < eos; t0 += CHUNK) {
     const long long chunk = first + (t0 - bos) / CHUNK;
-    if (warp == 0 && live && chunk_states)  // (null where no backward will run)
-      for (int n = 0; n < N; ++n) chunk_states[(chunk * Dm + d) * N + n] = carry_in[n * 32 + lane];
-    // per step, once for all n: dt, dt u, where B and C are read; steps past the end get dt = 0
-    // (the identity step: e^0 x + 0) and read the sequence's first row
-    float dt[ITEMS], dtu[ITEMS], y[ITEMS], dt_sum = 0.0f;
-    unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
-    const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
-               *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
+    // this warp's ITEMS steps: dt and dt u staged for every warp, D u kept for the output; steps
+    // past the end get dt = 0 (the identity step)
+    float y_direct[ITEMS];
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const long long t = t0 + warp * ITEMS + i;
+      const int step = warp * ITEMS + i;
+      const long long t = t0 + step;
       const bool on = live && t < eos;
       const long long r = t - offset;
-      dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
-                 : 0.0f;
+      const float raw = on ? to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias : 0.0f;
+      const float dt = on ? discretise(raw, shape.softplus) : 0.0f;
       const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
-      dtu[i] = dt[i] * uu;
-      dt_sum += dt[i];
-      y[i] = d_weight * uu;
-      Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
-      Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
+      dt_stage[step * 32 + lane] = dt;
+      dtu_stage[step * 32 + lane] = dt * uu;
+      y_direct[i] = d_weight * uu;
     }
-    if constexpr (STAGED) {
-      stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N);
-      stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N);
-      __syncthreads();  // the staged rows (the previous chunk's readers passed its closing barrier)
-    }
-    for (int n = 0; n < N; ++n) {
-      const float a2 = live ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
-      float a[ITEMS], inject[ITEMS], Cv[ITEMS];
-      read_items<ITEMS, CHUNK, STAGED>(inject, Bstage + warp * ITEMS, Bchunk, Brows, Boff, n);
-      float x = 0.0f;
+    stage_rows_by_step<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
+    stage_rows_by_step<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
+    __syncthreads();  // the staged chunk (every reader of the previous one passed the barrier below)
+
+    for (int s0 = 0; s0 < CHUNK; s0 += SUB) {  // (sub-blocks of at most 32 steps: y's registers)
+      float y[SUB];
 #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        a[i] = exp2_approx(dt[i] * a2);
-        inject[i] *= dtu[i];
-        x = a[i] * x + inject[i];
+      for (int s = 0; s < SUB; ++s) y[s] = 0.0f;
+      for (int group = warp; 4 * group < N4; group += WARPS) {
+        float x[4], a2[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int n = 4 * group + j;
+          a2[j] = (live && n < N) ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
+          x[j] = carry[n * 32 + lane];
+          if (s0 == 0 && chunk_states && live && n < N)  // (null where no backward will run)
+            chunk_states[(chunk * Dm + d) * N + n] = x[j];
+        }
+#pragma unroll
+        for (int s = 0; s < SUB; ++s) {
+          const float dt = dt_stage[(s0 + s) * 32 + lane], dtu = dtu_stage[(s0 + s) * 32 + lane];
+          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + (s0 + s) * N4 + 4 * group);
+          const Chunk16 c = *reinterpret_cast<const Chunk16*>(Cstage + (s0 + s) * N4 + 4 * group);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            x[j] = exp2_approx(dt * a2[j]) * x[j] + dtu * b.f[j];
+            y[s] += x[j] * c.f[j];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) carry[(4 * group + j) * 32 + lane] = x[j];
       }
-      SegmentSmem<WARPS>& seg = segment[n & 1];
-      seg.p[warp][lane] = exp2_approx(dt_sum * a2);  // the segment's decay, prod_i a_i
-      seg.x[warp][lane] = x;
-      __syncthreads();
-      x = carry_in[n * 32 + lane];
 #pragma unroll
-      for (int w = 0; w < WARPS - 1; ++w)
-        if (w < warp) x = seg.p[w][lane] * x + seg.x[w][lane];
-      read_items<ITEMS, CHUNK, STAGED>(Cv, Cstage + warp * ITEMS, Cchunk, Crows, Coff, n);
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        x = a[i] * x + inject[i];
-        y[i] += x * Cv[i];
-      }
-      if (warp == WARPS - 1) carry_out[n * 32 + lane] = x;
+      for (int s = 0; s < SUB; ++s) y_sums[(warp * CHUNK + s0 + s) * 32 + lane] = y[s];
     }
+    __syncthreads();  // every warp's sums
+
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const long long t = t0 + warp * ITEMS + i;
+      const int step = warp * ITEMS + i;
+      const long long t = t0 + step;
       if (!(live && t < eos)) continue;
       const long long r = t - offset;
-      float value = y[i];
+      float value = y_direct[i];
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) value += y_sums[(w * CHUNK + step) * 32 + lane];
       if (shape.has_z) {
         const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
         value *= zz * rnnops::sigmoid(zz);
       }
       out[batch * sout.b + r * sout.t + d * sout.d] = from_float<T>(value);
     }
-    __syncthreads();  // the last warp's carry before the next chunk (and every read of carry_in)
-    float* const swap = carry_in;
-    carry_in = carry_out;
-    carry_out = swap;
   }
-  if (final_state && warp == 0 && live)
-    for (int n = 0; n < N; ++n) final_state[(seq * (long long)Dm + d) * N + n] = carry_in[n * 32 + lane];
+  if (final_state && live)
+    for (int n = warp; n < N; n += WARPS)  // (written before the last chunk's second barrier, or above)
+      final_state[(seq * (long long)Dm + d) * N + n] = carry[n * 32 + lane];
+}
+
+template <class T, int WARPS, int ITEMS, bool STAGED>
+__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
+    selective_scan_fwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
+                       BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, T* out,
+                       Operand sout, float* chunk_states, const float* initial_state, float* final_state,
+                       const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
+  if constexpr (STAGED) {
+    fwd_by_state_elements<T, WARPS, ITEMS>(u, su, delta, sdelta, A, Bm, Cm, D, z, sz, delta_bias, out, sout,
+                                           chunk_states, initial_state, final_state, cu_seqlens, chunk_offsets, shape);
+  } else {  // B and C read per lane from global memory: time split over the warps, as below
+    constexpr int CHUNK = WARPS * ITEMS;
+    const int Dm = shape.Dm, N = shape.N;
+    const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] =
+        block_span(shape, cu_seqlens, chunk_offsets);
+    const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
+    const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
+
+    // one barrier per state element: the segments alternate between two buffers (a warp writes
+    // buffer n & 1 only after every warp has passed the barrier of element n - 1, so after it read
+    // the buffer's previous use, element n - 2), and the state crossing chunk boundaries between two
+    // [N][32] halves, read from carry_in and written to carry_out, swapped at the chunk's end
+    RNNOPS_SHARED(SegmentSmem<WARPS>, segment, 2);
+    RNNOPS_DYNAMIC_SHARED(float, smem);  // carry [2][N][32]
+    float *carry_in = smem, *carry_out = smem + N * 32;
+
+    if (warp == 0)
+      for (int n = 0; n < N; ++n)
+        carry_in[n * 32 + lane] = (live && initial_state) ? initial_state[(seq * (long long)Dm + d) * N + n] : 0.0f;
+    __syncthreads();
+
+    const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
+    const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
+    for (long long t0 = bos; t0 < eos; t0 += CHUNK) {
+      const long long chunk = first + (t0 - bos) / CHUNK;
+      if (warp == 0 && live && chunk_states)  // (null where no backward will run)
+        for (int n = 0; n < N; ++n) chunk_states[(chunk * Dm + d) * N + n] = carry_in[n * 32 + lane];
+      // per step, once for all n: dt, dt u, where B and C are read; steps past the end get dt = 0
+      // (the identity step: e^0 x + 0) and read the sequence's first row
+      float dt[ITEMS], dtu[ITEMS], y[ITEMS], dt_sum = 0.0f;
+      unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
+      const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
+                 *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
+  #pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const long long t = t0 + warp * ITEMS + i;
+        const bool on = live && t < eos;
+        const long long r = t - offset;
+        dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
+                   : 0.0f;
+        const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
+        dtu[i] = dt[i] * uu;
+        dt_sum += dt[i];
+        y[i] = d_weight * uu;
+        Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
+        Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
+      }
+      for (int n = 0; n < N; ++n) {
+        const float a2 = live ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
+        float a[ITEMS], inject[ITEMS], Cv[ITEMS];
+        read_items<ITEMS, CHUNK, false>(inject, nullptr, Bchunk, Brows, Boff, n);
+        float x = 0.0f;
+  #pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          a[i] = exp2_approx(dt[i] * a2);
+          inject[i] *= dtu[i];
+          x = a[i] * x + inject[i];
+        }
+        SegmentSmem<WARPS>& seg = segment[n & 1];
+        seg.p[warp][lane] = exp2_approx(dt_sum * a2);  // the segment's decay, prod_i a_i
+        seg.x[warp][lane] = x;
+        __syncthreads();
+        x = carry_in[n * 32 + lane];
+  #pragma unroll
+        for (int w = 0; w < WARPS - 1; ++w)
+          if (w < warp) x = seg.p[w][lane] * x + seg.x[w][lane];
+        read_items<ITEMS, CHUNK, false>(Cv, nullptr, Cchunk, Crows, Coff, n);
+  #pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          x = a[i] * x + inject[i];
+          y[i] += x * Cv[i];
+        }
+        if (warp == WARPS - 1) carry_out[n * 32 + lane] = x;
+      }
+  #pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const long long t = t0 + warp * ITEMS + i;
+        if (!(live && t < eos)) continue;
+        const long long r = t - offset;
+        float value = y[i];
+        if (shape.has_z) {
+          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
+          value *= zz * rnnops::sigmoid(zz);
+        }
+        out[batch * sout.b + r * sout.t + d * sout.d] = from_float<T>(value);
+      }
+      __syncthreads();  // the last warp's carry before the next chunk (and every read of carry_in)
+      float* const swap = carry_in;
+      carry_in = carry_out;
+      carry_out = swap;
+    }
+    if (final_state && warp == 0 && live)
+      for (int n = 0; n < N; ++n) final_state[(seq * (long long)Dm + d) * N + n] = carry_in[n * 32 + lane];
+  }
 }
 
 // ---------------------------------------------------------------- backward
