@@ -46,6 +46,23 @@ def test_unsupported_inputs_are_skipped_by_auto_and_explained_when_asked(monkeyp
         del _dispatch._REGISTRY[op]
 
 
+def test_auto_on_cuda_tensors_tries_triton_before_cuda(monkeypatch):
+    """The measured order (rnnops._dispatch: Triton faster forward+backward wherever a GPU bench
+    timed both), falling back to CUDA where Triton cannot take the inputs (no GPU needed: no shape,
+    so no autotune cache is asked)."""
+    monkeypatch.delenv("RNNOPS_BACKEND", raising=False)
+    op = "test_only_op"
+    _dispatch.register(op, "cuda")(lambda: "cuda")
+    _dispatch.register(op, "triton", supports=lambda head_dim, **_: None if head_dim <= 256 else "heads up to 256")(
+        lambda: "triton")
+    cuda = torch.device("cuda")
+    try:
+        assert _dispatch.resolve(op, "auto", cuda, head_dim=64)[0] == "triton"
+        assert _dispatch.resolve(op, "auto", cuda, head_dim=768)[0] == "cuda"
+    finally:
+        del _dispatch._REGISTRY[op]
+
+
 def test_register_rejects_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'numpy'"):
         _dispatch.register("linear_attn", "numpy")
