@@ -36,16 +36,17 @@ def main() -> None:
             with torch.no_grad():  # the inference forward: the last step's states only
                 triton_rnn.rnn(x, R, b, None, cell=cell, config=config)
     u, delta, z = (torch.randn(2, 37, 40, device=device, requires_grad=True) for _ in range(3))
-    A, B = -torch.rand(40, 8, device=device), torch.randn(2, 37, 8, device=device)
+    A, B = -torch.rand(40, 16, device=device), torch.randn(2, 37, 16, device=device)
     D = torch.randn(40, device=device)
     # C in groups of 10 channels (every block reads B and C from global memory) or shared (each
-    # block stages the chunk's B and C rows in shared memory; the second block 8 channels live)
-    for C in (torch.randn(2, 37, 4, 8, device=device), torch.randn(2, 37, 8, device=device)):
+    # block stages the chunk's B and C rows in shared memory, and its forward's four warps each
+    # walk a group of four state elements; the second block 8 channels live)
+    for C in (torch.randn(2, 37, 4, 16, device=device), torch.randn(2, 37, 16, device=device)):
         y, last = rnnops.selective_scan(u, delta, A, B, C, D, z, None, True, return_last_state=True, backend="cuda")
         (y.sum() + last.sum()).backward()
         with torch.no_grad():  # the CUDA scan's inference forward: no chunk-state buffer
             rnnops.selective_scan(u, delta, A, B, C, D, z, None, True, return_last_state=True, backend="cuda")
-    initial = torch.randn(3, 40, 8, device=device, requires_grad=True)
+    initial = torch.randn(3, 40, 16, device=device, requires_grad=True)
 
     def packed_triton_scan():
         return triton_scan.selective_scan(
