@@ -178,13 +178,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 // ([CHUNK][N4], step-major, N4 = N rounded up to 4) in shared memory; then each warp walks the whole
 // chunk (in sub-blocks of up to 32 steps) for its groups of four state elements (groups warp,
 // warp + WARPS, ...), four independent recurrences a lane with no barrier between steps, and sums
-// their y terms per step in registers;
-// the warps' sums meet in shared memory ([WARPS][CHUNK][32]) and each warp adds D u, gates with z and
-// writes its ITEMS steps. Two barriers a chunk (after the staging, after the sums), where splitting
-// the steps took one per state element; about 6 instructions per (step, channel, state element):
-// an exponential, 4 FMUL / FFMA, and a 16-byte broadcast of B and of C per four elements. The
-// state crossing chunk boundaries stays in shared memory ([N4][32]), each element read and written
-// by the warp that owns it only.
+// their y terms per step in registers; the warps' sums meet in shared memory ([WARPS][CHUNK][32])
+// and each warp adds D u, gates with z and writes its ITEMS steps. Two barriers a chunk (after the
+// staging, after the sums), where splitting the steps took one per state element; about 7 SASS
+// instructions per (step, channel, state element): an exponential, 4 FMUL / FFMA, and a 16-byte
+// broadcast of B and of C per four elements. The state crossing chunk boundaries stays in shared
+// memory ([N4][32]); inside the chunk loop only the element's owner reads and writes it.
 template <class T, int WARPS, int ITEMS>
 __device__ __forceinline__ void fwd_by_state_elements(
     const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
