@@ -215,9 +215,10 @@ TUNABLES = [
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),
             lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],
-            # per exponential, SASS sm_90a at 4 x 8: 7 / 40 instructions forward / backward with
-            # B and C staged in shared memory, 23 / 88 reading them from global memory (2.4x)
-            lambda c, s: (1.0 + 4.0 / c["items"]) * (1.0 if c["stage_rows"] else 2.4)),
+            # per (step, channel, state element), SASS sm_90a at 4 x 8: about 7 / 37 instructions
+            # forward / backward with B and C staged in shared memory, 23 / 120 reading them from
+            # global memory (3.2x)
+            lambda c, s: (1.0 + 4.0 / c["items"]) * (1.0 if c["stage_rows"] else 3.2)),
     Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw, dt.itemsize),
             lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],

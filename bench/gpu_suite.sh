@@ -113,9 +113,10 @@ PY
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
       '{"block_v": 64}'
     # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
-    # shipped staging of each chunk's rows in shared memory, whose forward since 2026-11-27 also
-    # splits the state elements over the warps, not the steps (SASS per exponential, forward /
-    # backward: 7 / 40 staged, 23 / 88 from global memory; untimed, and the default: first of the rest)
+    # shipped staging of each chunk's rows in shared memory, whose kernels since 2026-11-27 also
+    # split the state elements over the warps, not the steps (SASS per element, forward /
+    # backward: about 7 / 37 staged, 23 / 120 from global memory; untimed, and the default: first
+    # of the rest)
     left=$(seconds_until 505)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
       --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'

@@ -5,21 +5,20 @@
 //
 // Tiling: a block owns 32 channels (one per lane, so loads of a time step are coalesced in the
 // (B, T, Dm) layout) and walks its sequence in chunks of CHUNK = WARPS x ITEMS steps; the state
-// entering every chunk is stored (fp32, Dm x N per chunk) for the backward. Where every channel
-// of the block reads the same B and C rows (STAGED: Mamba's shared B and C, or groups of a
-// multiple of 32 channels) the forward splits the state elements over the warps: the chunk's dt,
-// dt u and B and C rows are staged in shared memory, each warp walks all CHUNK steps for its
-// groups of four state elements (four independent recurrences a lane, no barrier between steps)
-// and the warps' y terms are summed through shared memory (fwd_by_state_elements: two barriers a
-// chunk). Otherwise, and in the backward, the steps are split: warp w takes items
-// [w ITEMS, (w + 1) ITEMS), and for each state element n it scans its items sequentially, the
-// warps' segments are composed through shared memory (x -> P x + X per segment,
-// P = 2^(a2 sum dt)), and each warp replays its items from the composed prefix (a barrier per
-// state element; STAGED, the backward reads its items' B and C values from rows staged in shared
-// memory, [N][CHUNK], as 16-byte broadcasts). The backward walks chunks in reverse, replays the
-// forward inside the chunk, and runs the adjoint recurrence dx_t = dy_t C_t + e^(dt_{t+1} A)
-// dx_{t+1} the same way, segments composed from the later warps. Reductions over channels (dB,
-// dC) sum a warp's ITEMS steps at once by recursive halving (warp_reduce_scatter) and add one
+// entering every chunk is stored (fp32, Dm x N per chunk) for the backward, which walks the
+// chunks in reverse and replays the forward inside each. Where every channel of the block reads
+// the same B and C rows (STAGED: Mamba's shared B and C, or groups of a multiple of 32 channels)
+// both directions split the state elements over the warps: the chunk's dt, dt u (dy) and B and C
+// rows are staged in shared memory, each warp walks the chunk's steps for its groups of four
+// state elements (four independent recurrences a lane, no barrier between steps), and the warps'
+// per-step sums over their elements (y; the backward's dx B, dx a x_{t-1} A and x C) meet in
+// shared memory (fwd_by_state_elements, bwd_by_state_elements). Otherwise the steps are split:
+// warp w takes items [w ITEMS, (w + 1) ITEMS), and for each state element n it scans its items
+// sequentially, the warps' segments are composed through shared memory (x -> P x + X per
+// segment, P = 2^(a2 sum dt)), and each warp replays its items from the composed prefix (a
+// barrier per state element and phase); the backward runs the adjoint recurrence dx_t = dy_t C_t
+// + e^(dt_{t+1} A) dx_{t+1} the same way, segments composed from the later warps. Reductions over
+// channels (dB, dC) sum a warp's values by recursive halving (warp_reduce_scatter) and add one
 // atomic per step and n; dA, dD, d delta_bias add across sequences atomically.
 //
 // Operands: u, delta, z, out, du, ddelta, dz of element type T with (b, t, d) strides; A, D,
@@ -31,10 +30,12 @@
 // twice that backward. The inner loops are what bound the time: at (4 warps, 8 items), sm_90a,
 // the SASS holds about 7 instructions per (step, channel, n) forward STAGED (one e^x, four FMUL /
 // FFMA and a quarter of two 16-byte broadcasts; the step-split forward took 12, and 23 reading B
-// and C from global memory) and 40 backward (88 from global memory): at B8 Dm2048 T2048 N16 about
+// and C from global memory) and 30 backward in its walk (replay, adjoint, dA, the sums and the dB
+// / dC halving; about 7 more in the replay to the sub-block starts and the per-step gradients),
+// where the step-split backward took 55 (120 from global memory): at B8 Dm2048 T2048 N16 about
 // 0.13 and 0.7 ms of an H100's instruction issue, where its exponential rate allows 0.13 ms
-// forward and its bandwidth 0.09 ms (measured before staging: 1.01 ms forward, 4.6 backward, so latency,
-// not issue, set the time then).
+// forward and its bandwidth 0.09 ms (measured before staging: 1.01 ms forward, 4.6 backward, so
+// latency, not issue, set the time then).
 #pragma once
 #include "../common/runtime.h"
 
@@ -78,26 +79,12 @@ __device__ __forceinline__ bool block_shares_row(const BCOperand& M, int Dm) {
   return M.mode == kShared || (M.mode == kGrouped && first / M.channels_per_group == last_live / M.channels_per_group);
 }
 
-// Copies the B or C rows of a chunk's CHUNK steps from t0 into stage[n * CHUNK + s] (fp32, zeros
-// past the sequence's end eos), the block's threads striding over (n, s), s fastest (conflict-free
-// stores; the rows are a few KB, L2-resident). The caller synchronises the block after.
+// Copies the B or C rows of a chunk's CHUNK steps from t0 into stage[s * N4 + n] (step-major, n
+// fastest: coalesced reads, conflict-free stores), zeros past the sequence's end eos and for n in
+// [N, N4): a warp then reads four state elements of one step as one 16-byte broadcast. The rows
+// are a few KB, L2-resident; the caller synchronises the block after.
 template <int CHUNK>
 __device__ __forceinline__ void stage_rows(float* stage, const BCRows& rows, long long t0, long long eos,
-                                           long long offset, int N) {
-  in_flight<4>(
-      N * CHUNK,
-      [&](int f) {
-        const long long t = t0 + f % CHUNK;
-        return t < eos ? __ldg(rows.row(t - offset) + (f / CHUNK) * rows.n_stride) : 0.0f;
-      },
-      [&](int f, float value) { stage[f] = value; });
-}
-
-// The same rows step-major, stage[s * N4 + n] (n fastest: coalesced reads, conflict-free stores),
-// zeros past the sequence's end and for n in [N, N4): the forward's layout, which reads four state
-// elements of one step as one 16-byte broadcast.
-template <int CHUNK>
-__device__ __forceinline__ void stage_rows_by_step(float* stage, const BCRows& rows, long long t0, long long eos,
                                                    long long offset, int N, int N4) {
   in_flight<4>(
       N4 * CHUNK,
@@ -109,21 +96,11 @@ __device__ __forceinline__ void stage_rows_by_step(float* stage, const BCRows& r
       [&](int f, float value) { stage[f] = value; });
 }
 
-// B or C of a warp's ITEMS steps for state element n: STAGED, from the chunk's rows in shared
-// memory (staged: the warp's first item of element 0 in a [N][CHUNK] stage, 16-byte aligned), else
-// from global memory at byte offsets off[i] from element n's address in the chunk's first row.
-template <int ITEMS, int CHUNK, bool STAGED>
-__device__ __forceinline__ void read_items(float (&v)[ITEMS], const float* staged, const char* chunk_row,
-                                           const BCRows& rows, const unsigned (&off)[ITEMS], int n) {
-  if constexpr (STAGED) {
-#pragma unroll
-    for (int i = 0; i < ITEMS; i += 4) {
-      const Chunk16 q = *reinterpret_cast<const Chunk16*>(staged + n * CHUNK + i);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) v[i + j] = q.f[j];
-    }
-    return;
-  }
+// B or C of a warp's ITEMS steps for state element n, from global memory at byte offsets off[i]
+// from element n's address in the chunk's first row.
+template <int ITEMS>
+__device__ __forceinline__ void read_items(float (&v)[ITEMS], const char* chunk_row, const BCRows& rows,
+                                           const unsigned (&off)[ITEMS], int n) {
   const char* row_n = chunk_row + n * rows.n_stride * 4;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) v[i] = __ldg(reinterpret_cast<const float*>(row_n + off[i]));
@@ -220,8 +197,8 @@ __device__ __forceinline__ void fwd_by_state_elements(
       dtu_stage[step * 32 + lane] = dt * uu;
       y_direct[i] = d_weight * uu;
     }
-    stage_rows_by_step<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
-    stage_rows_by_step<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
+    stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
+    stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
     __syncthreads();  // the staged chunk (every reader of the previous one passed the barrier below)
 
     for (int s0 = 0; s0 < CHUNK; s0 += SUB) {  // (sub-blocks of at most 32 steps: y's registers)
@@ -337,7 +314,7 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
       for (int n = 0; n < N; ++n) {
         const float a2 = live ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
         float a[ITEMS], inject[ITEMS], Cv[ITEMS];
-        read_items<ITEMS, CHUNK, false>(inject, nullptr, Bchunk, Brows, Boff, n);
+        read_items<ITEMS>(inject, Bchunk, Brows, Boff, n);
         float x = 0.0f;
   #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
@@ -353,7 +330,7 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
   #pragma unroll
         for (int w = 0; w < WARPS - 1; ++w)
           if (w < warp) x = seg.p[w][lane] * x + seg.x[w][lane];
-        read_items<ITEMS, CHUNK, false>(Cv, nullptr, Cchunk, Crows, Coff, n);
+        read_items<ITEMS>(Cv, Cchunk, Crows, Coff, n);
   #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
           x = a[i] * x + inject[i];
@@ -390,20 +367,28 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 // with item L / (32 / V) summed over the lanes sharing its upper bits, and the remaining rounds
 // complete that sum over the whole warp. Returns, in lane L, the warp's total of item
 // L / (32 / V): V - 1 + log2(32 / V) shuffles per lane where one sum per item takes 5 V.
+// One halving round of warp_reduce_scatter, then the rest (each round's width a template
+// argument, so every loop unrolls and v stays in registers: with the round's width a loop
+// variable nvcc kept v[32] in local memory).
+template <int V, int WIDTH, int OFFSET>
+__device__ __forceinline__ void halve(float (&v)[V], int lane) {
+  if constexpr (WIDTH > 1) {
+    const bool upper = lane & OFFSET;
+#pragma unroll
+    for (int j = 0; j < WIDTH / 2; ++j) {
+      const float send = upper ? v[j] : v[j + WIDTH / 2];
+      const float keep = upper ? v[j + WIDTH / 2] : v[j];
+      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
+    }
+    halve<V, WIDTH / 2, OFFSET / 2>(v, lane);
+  }
+}
+
 template <int V>
 __device__ __forceinline__ float warp_reduce_scatter(float (&v)[V]) {
   static_assert(V >= 1 && V <= 32 && (V & (V - 1)) == 0, "V: a power of two up to 32");
   const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int width = V, offset = 16; width > 1; width /= 2, offset /= 2) {
-    const bool upper = lane & offset;
-#pragma unroll
-    for (int j = 0; j < width / 2; ++j) {
-      const float send = upper ? v[j] : v[j + width / 2];
-      const float keep = upper ? v[j + width / 2] : v[j];
-      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
-    }
-  }
+  halve<V, V, 16>(v, lane);
   float total = v[0];
 #pragma unroll
   for (int offset = 16 / V; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
@@ -428,6 +413,239 @@ __device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEM
     if (i < items) atomicAdd(grad + ((first_row + i) * G + group) * N + n, terms[i]);
 }
 
+// The gradient of shared B or C rows from one warp's group of four state elements (n0 .. n0 + 3)
+// over SUB steps (terms[4 i + j]: step i, element n0 + j), summed over the warp's lanes (its
+// channels) by recursive halving: one atomic per step and state element.
+template <int SUB>
+__device__ __forceinline__ void add_group_gradient(float* grad, float (&terms)[4 * SUB], long long first_row, int steps,
+                                                   int G, int group, int N, int n0) {
+  constexpr int V = 4 * SUB;
+  const int lane = threadIdx.x % 32, item = lane / (32 / V), i = item / 4, n = n0 + item % 4;
+  const float total = warp_reduce_scatter(terms);
+  if (lane % (32 / V) == 0 && i < steps && n < N) atomicAdd(grad + ((first_row + i) * G + group) * N + n, total);
+}
+
+// The backward where every channel of the block reads the same B and C rows (STAGED), the state
+// elements split over the warps as in fwd_by_state_elements. Per chunk (last first) the warps
+// stage dt, dt u and dy (their ITEMS steps, [CHUNK][32]) and the B and C rows ([CHUNK][N4]); each
+// warp replays the forward over the chunk for its groups of four state elements from the stored
+// chunk state, keeping the state entering each sub-block of SUB steps. Then the sub-blocks, last
+// first, in step across the warps: each warp replays a sub-block for each of its groups (states
+// and decays in registers) and runs the adjoint dx_t = dy_t C_t + a_{t+1} dx_{t+1} back through it,
+// taking dA per lane, dB and dC summed over its lanes (add_group_gradient) and, per step, its
+// elements' sums of dx B, dx a_t x_{t-1} A and x C; after a barrier the warps' sums give du, d dt
+// and dz of the sub-block's steps. One barrier a sub-block and one a chunk, where splitting the
+// steps took two per state element. Per group and lane in shared memory, touched by its owner
+// only: the carried gradient, the decay of the step after the sub-block, dA and the sub-block
+// states. The sums alternate between two buffers by sub-block parity.
+template <class T, int WARPS, int ITEMS>
+__device__ __forceinline__ void bwd_by_state_elements(
+    const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
+    const T* z, Operand sz, const float* delta_bias, const T* d_out, Operand sdo, const float* chunk_states,
+    const float* d_final, float* d_initial, float* du, float* d_delta, float* dz, float* dA, float* dB, float* dC,
+    float* dD, float* d_bias, const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
+  constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 8 ? CHUNK : 8, SUBS = CHUNK / SUB;
+  const int Dm = shape.Dm, N = shape.N, N4 = (N + 3) / 4 * 4;
+  const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
+  const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
+  const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
+  const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
+  const int GB = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
+  const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
+  const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
+  const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
+  RNNOPS_DYNAMIC_SHARED(float, smem);  // bwd_split_floats (rnnops.cuda_backend.selective_scan.dynamic_shared_bytes)
+  float *dcarry = smem, *a_after = dcarry + N4 * 32, *dA_acc = a_after + N4 * 32;  // [N4][32] each
+  float* starts = dA_acc + N4 * 32;  // [SUBS][N4][32]: the state entering each sub-block
+  float *Bstage = starts + SUBS * N4 * 32, *Cstage = Bstage + CHUNK * N4;
+  float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *dy_stage = dtu_stage + CHUNK * 32;
+  float* sums = dy_stage + CHUNK * 32;  // [2][3][WARPS][SUB][32]: dx B, dx a x_{t-1} A, x C
+
+  for (int group = warp; 4 * group < N4; group += WARPS)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = 4 * group + j;
+      dcarry[n * 32 + lane] = (live && d_final && n < N) ? d_final[(seq * (long long)Dm + d) * N + n] : 0.0f;
+      dA_acc[n * 32 + lane] = 0.0f;
+    }
+  const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
+  const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
+  float dD_acc = 0.0f, dbias_acc = 0.0f;
+  int parity = 0;
+  const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
+  for (long long c = chunks - 1; c >= 0; --c) {
+    const long long t0 = bos + c * CHUNK, first_row = batch * rows_per_batch + (t0 - offset);
+    const int steps = static_cast<int>(min(eos - t0, static_cast<long long>(CHUNK)));
+    // this warp's ITEMS steps (past the end: dt = u = dy = 0, the identity step)
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int step = warp * ITEMS + i;
+      const long long t = t0 + step, r = t - offset;
+      const bool on = live && t < eos;
+      const float raw = on ? to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias : 0.0f;
+      const float dt = on ? discretise(raw, shape.softplus) : 0.0f;
+      float dy = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
+      if (shape.has_z && on) {
+        const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
+        dy *= zz * rnnops::sigmoid(zz);
+      }
+      dt_stage[step * 32 + lane] = dt;
+      dtu_stage[step * 32 + lane] = on ? dt * to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
+      dy_stage[step * 32 + lane] = dy;
+    }
+    float dt_after = 0.0f;  // dt of the step after the chunk
+    if (live && t0 + CHUNK < eos)
+      dt_after = discretise(
+          to_float(delta[batch * sdelta.b + (t0 + CHUNK - offset) * sdelta.t + d * sdelta.d]) + bias, shape.softplus);
+    stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
+    stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
+    __syncthreads();  // the staged chunk (its previous readers passed the last sub-block's barrier)
+
+    // the states entering the sub-blocks, from the chunk's stored state
+    for (int group = warp; 4 * group < N4; group += WARPS) {
+      float x[4], a2[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = 4 * group + j;
+        a2[j] = (live && n < N) ? A[d * N + n] * kLog2e : 0.0f;
+        x[j] = (live && n < N) ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
+        a_after[n * 32 + lane] = exp2_approx(dt_after * a2[j]);
+      }
+      for (int sb = 0; sb < SUBS; ++sb) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) starts[(sb * N4 + 4 * group + j) * 32 + lane] = x[j];
+        if (sb + 1 == SUBS) break;
+#pragma unroll
+        for (int i = 0; i < SUB; ++i) {
+          const int s = sb * SUB + i;
+          const float dt = dt_stage[s * 32 + lane], dtu = dtu_stage[s * 32 + lane];
+          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + s * N4 + 4 * group);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) x[j] = exp2_approx(dt * a2[j]) * x[j] + dtu * b.f[j];
+        }
+      }
+    }
+
+    for (int sb = SUBS - 1; sb >= 0; --sb, parity ^= 1) {
+      float* part = sums + parity * 3 * WARPS * SUB * 32;  // [3][WARPS][SUB][32]
+#pragma unroll
+      for (int k = 0; k < 3; ++k)
+#pragma unroll
+        for (int i = 0; i < SUB; ++i) part[((k * WARPS + warp) * SUB + i) * 32 + lane] = 0.0f;
+      for (int group = warp; 4 * group < N4; group += WARPS) {
+        float an[4], a2[4], xs[SUB][4], as[SUB][4], dx[4], next_a[4], dA_part[4], start[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int n = 4 * group + j;
+          an[j] = (live && n < N) ? A[d * N + n] : 0.0f;
+          a2[j] = an[j] * kLog2e;
+          dx[j] = dcarry[n * 32 + lane];  // at the step after the sub-block
+          next_a[j] = a_after[n * 32 + lane];
+          start[j] = starts[(sb * N4 + n) * 32 + lane];
+          dA_part[j] = 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < SUB; ++i) {  // replay: x_t and a_t = e^(dt_t A) of the sub-block
+          const int s = sb * SUB + i;
+          const float dt = dt_stage[s * 32 + lane], dtu = dtu_stage[s * 32 + lane];
+          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + s * N4 + 4 * group);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            as[i][j] = exp2_approx(dt * a2[j]);
+            xs[i][j] = as[i][j] * (i > 0 ? xs[i - 1][j] : start[j]) + dtu * b.f[j];
+          }
+        }
+        float dB_terms[4 * SUB], dC_terms[4 * SUB];
+#pragma unroll
+        for (int i = SUB - 1; i >= 0; --i) {  // the adjoint, backwards
+          const int s = sb * SUB + i;
+          const float dt = dt_stage[s * 32 + lane], dtu = dtu_stage[s * 32 + lane], dy = dy_stage[s * 32 + lane];
+          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + s * N4 + 4 * group);
+          const Chunk16 cc = *reinterpret_cast<const Chunk16*>(Cstage + s * N4 + 4 * group);
+          float sB = 0.0f, sA = 0.0f, yC = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            dx[j] = dy * cc.f[j] + next_a[j] * dx[j];
+            next_a[j] = as[i][j];
+            const float decayed = as[i][j] * (i > 0 ? xs[i - 1][j] : start[j]);  // a_t x_{t-1}
+            dA_part[j] += dx[j] * decayed * dt;
+            sB += dx[j] * b.f[j];
+            sA += dx[j] * decayed * an[j];
+            yC += xs[i][j] * cc.f[j];
+            dB_terms[4 * i + j] = dx[j] * dtu;
+            dC_terms[4 * i + j] = dy * xs[i][j];
+          }
+          part[((0 * WARPS + warp) * SUB + i) * 32 + lane] += sB;
+          part[((1 * WARPS + warp) * SUB + i) * 32 + lane] += sA;
+          part[((2 * WARPS + warp) * SUB + i) * 32 + lane] += yC;
+        }
+        add_group_gradient<SUB>(dB, dB_terms, first_row + sb * SUB, steps - sb * SUB, GB, groupB, N, 4 * group);
+        add_group_gradient<SUB>(dC, dC_terms, first_row + sb * SUB, steps - sb * SUB, GC, groupC, N, 4 * group);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int n = 4 * group + j;
+          dcarry[n * 32 + lane] = dx[j];  // at the sub-block's first step
+          a_after[n * 32 + lane] = next_a[j];  // its decay
+          dA_acc[n * 32 + lane] += dA_part[j];
+          if (c == 0 && sb == 0 && d_initial && live && n < N)  // x_{-1} = the initial state
+            d_initial[(seq * (long long)Dm + d) * N + n] = next_a[j] * dx[j];
+        }
+      }
+      __syncthreads();  // every warp's sums of the sub-block
+      for (int i = warp; i < SUB; i += WARPS) {  // its steps: du, d dt, dz from the sums over n
+        const int s = sb * SUB + i;
+        const long long t = t0 + s;
+        if (!(live && t < eos)) continue;
+        float sB = 0.0f, sA = 0.0f, yC = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+          sB += part[((0 * WARPS + w) * SUB + i) * 32 + lane];
+          sA += part[((1 * WARPS + w) * SUB + i) * 32 + lane];
+          yC += part[((2 * WARPS + w) * SUB + i) * 32 + lane];
+        }
+        const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
+        const float uu = to_float(u[batch * su.b + r * su.t + d * su.d]);
+        const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
+        const float dt = discretise(raw, shape.softplus), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
+        float dy = gout;
+        if (shape.has_z) {
+          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]), sig = rnnops::sigmoid(zz);
+          dy *= zz * sig;
+          dz[row * Dm + d] = gout * (yC + d_weight * uu) * sig * (1.0f + zz * (1.0f - sig));
+        }
+        const float draw = (uu * sB + sA) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
+        dD_acc += dy * uu;
+        dbias_acc += draw;
+        du[row * Dm + d] = dy * d_weight + dt * sB;
+        d_delta[row * Dm + d] = draw;
+      }
+    }
+  }
+  if (chunks == 0 && d_initial && live)  // an empty sequence: the initial state is the final one
+    for (int n = warp; n < N; n += WARPS) {
+      const long long at = (seq * (long long)Dm + d) * N + n;
+      d_initial[at] = d_final ? d_final[at] : 0.0f;
+    }
+  for (int group = warp; 4 * group < N4; group += WARPS)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (live && 4 * group + j < N) atomicAdd(dA + d * N + 4 * group + j, dA_acc[(4 * group + j) * 32 + lane]);
+  // dD and d_bias: over the warps (lanes are channels), then across sequences
+  __syncthreads();  // every warp's last reads of the sums
+  sums[warp * 32 + lane] = dD_acc;
+  sums[(WARPS + warp) * 32 + lane] = dbias_acc;
+  __syncthreads();
+  if (warp == 0 && live) {
+    float total_d = 0.0f, total_bias = 0.0f;
+    for (int w = 0; w < WARPS; ++w) {
+      total_d += sums[w * 32 + lane];
+      total_bias += sums[(WARPS + w) * 32 + lane];
+    }
+    if (shape.has_d) atomicAdd(dD + d, total_d);
+    if (shape.has_bias) atomicAdd(d_bias + d, total_bias);
+  }
+}
+
 // (an explicit minimum of one block: without it ptxas held (4 warps, 4 items) at 168 registers
 // and spilled 12 B)
 template <class T, int WARPS, int ITEMS, bool STAGED>
@@ -437,225 +655,227 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
                        Operand sdo, const float* chunk_states, const float* d_final, float* d_initial, float* du,
                        float* d_delta, float* dz, float* dA, float* dB, float* dC, float* dD, float* d_bias,
                        const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
-  // du, d_delta, dz: contiguous (rows, Dm) fp32 with rows the packed time index; dA (Dm, N),
-  // dD, d_bias (Dm): summed over sequences; dB, dC in B's / C's layout, contiguous, fp32.
-  constexpr int CHUNK = WARPS * ITEMS;
-  const int Dm = shape.Dm, N = shape.N;
-  const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
-  const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
-  const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
-  const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
-  const bool B_per_warp = STAGED || block_shares_row(Bm, Dm), C_per_warp = STAGED || block_shares_row(Cm, Dm);
-  const int GB = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
-  const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
-  const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
-  const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
+  if constexpr (STAGED) {
+    bwd_by_state_elements<T, WARPS, ITEMS>(u, su, delta, sdelta, A, Bm, Cm, D, z, sz, delta_bias, d_out, sdo,
+                                           chunk_states, d_final, d_initial, du, d_delta, dz, dA, dB, dC, dD, d_bias,
+                                           cu_seqlens, chunk_offsets, shape);
+  } else {  // B and C read per lane from global memory: time split over the warps, as below
+    // du, d_delta, dz: contiguous (rows, Dm) fp32 with rows the packed time index; dA (Dm, N),
+    // dD, d_bias (Dm): summed over sequences; dB, dC in B's / C's layout, contiguous, fp32.
+    constexpr int CHUNK = WARPS * ITEMS;
+    const int Dm = shape.Dm, N = shape.N;
+    const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] =
+        block_span(shape, cu_seqlens, chunk_offsets);
+    const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
+    const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
+    const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
+    const bool B_per_warp = block_shares_row(Bm, Dm), C_per_warp = block_shares_row(Cm, Dm);
+    const int GB = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
+    const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
+    const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
+    const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
 
-  // two barriers per state element, one per phase (replay, adjoint), each phase with buffers of
-  // its own: a warp writes a phase's buffer for element n + 1 only after passing the barrier of
-  // the other phase after it, which every warp reaches after reading it. The carried gradient
-  // alternates between two halves by chunk parity (chunk c reads the half chunk c + 1 wrote and
-  // writes the other, which no warp reads again until every warp has left chunk c + 1), and warp
-  // 0 sums the warps' dA parts of an element after the next element's replay barrier (the
-  // parts are written after the adjoint barrier), so no third barrier orders them (it had
-  // been one of three a state element)
-  RNNOPS_SHARED(SegmentSmem<WARPS>, replay, 1);
-  RNNOPS_SHARED(SegmentSmem<WARPS>, adjoint, 1);
-  RNNOPS_SHARED(float, head_a, WARPS * 32);    // e^(dt A) at each warp's first item (replay phase)
-  RNNOPS_SHARED(float, dA_parts, WARPS * 32);  // each warp's dA part of the element last walked
-  RNNOPS_DYNAMIC_SHARED(float, smem);
-  float* dcarry = smem;                // [2][N][32]: dx at the first step of the chunk after this one
-  float* dA_acc = smem + 2 * N * 32;   // [N][32]
-  float* first_a = smem + 3 * N * 32;  // [N][32]: e^(dt A) of the sequence's first step
-  float *Bstage = smem + 4 * N * 32, *Cstage = Bstage + N * CHUNK;  // STAGED: the chunk's B and C rows [N][CHUNK]
-  const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
+    // two barriers per state element, one per phase (replay, adjoint), each phase with buffers of
+    // its own: a warp writes a phase's buffer for element n + 1 only after passing the barrier of
+    // the other phase after it, which every warp reaches after reading it. The carried gradient
+    // alternates between two halves by chunk parity (chunk c reads the half chunk c + 1 wrote and
+    // writes the other, which no warp reads again until every warp has left chunk c + 1), and warp
+    // 0 sums the warps' dA parts of an element after the next element's replay barrier (the
+    // parts are written after the adjoint barrier), so no third barrier orders them (it had
+    // been one of three a state element)
+    RNNOPS_SHARED(SegmentSmem<WARPS>, replay, 1);
+    RNNOPS_SHARED(SegmentSmem<WARPS>, adjoint, 1);
+    RNNOPS_SHARED(float, head_a, WARPS * 32);    // e^(dt A) at each warp's first item (replay phase)
+    RNNOPS_SHARED(float, dA_parts, WARPS * 32);  // each warp's dA part of the element last walked
+    RNNOPS_DYNAMIC_SHARED(float, smem);
+    float* dcarry = smem;                // [2][N][32]: dx at the first step of the chunk after this one
+    float* dA_acc = smem + 2 * N * 32;   // [N][32]
+    float* first_a = smem + 3 * N * 32;  // [N][32]: e^(dt A) of the sequence's first step
+    const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
 
-  if (warp == 0)
-    for (int n = 0; n < N; ++n) {
-      dcarry[(chunks & 1) * N * 32 + n * 32 + lane] =
-          (live && d_final) ? d_final[(seq * (long long)Dm + d) * N + n] : 0.0f;
-      dA_acc[n * 32 + lane] = 0.0f;
-      first_a[n * 32 + lane] = 1.0f;
-    }
-  __syncthreads();
-
-  const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
-  const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
-  float dD_acc = 0.0f, dbias_acc = 0.0f, dB_static = 0.0f, dC_static = 0.0f;
-  int pending = -1;  // (warp 0) the element whose dA parts are in dA_parts, not yet added
-  const auto add_pending_dA = [&] {
-    if (warp == 0 && pending >= 0) {
-      float total = 0.0f;
-      for (int w = 0; w < WARPS; ++w) total += dA_parts[w * 32 + lane];
-      dA_acc[pending * 32 + lane] += total;
-    }
-  };
-  for (long long c = chunks - 1; c >= 0; --c) {
-    const float* dcarry_in = dcarry + ((c + 1) & 1) * N * 32;  // written by chunk c + 1 (or d_final)
-    float* dcarry_out = dcarry + (c & 1) * N * 32;
-    const long long t0 = bos + c * CHUNK, step0 = t0 + warp * ITEMS;
-    // per step, once for all n (steps past the end: dt = u = dy = 0, rows at the chunk's first);
-    // over n, sB sums dx B and sA dx a_t x_{t-1} A, from which du = dy D + dt sB and d dt = u sB + sA
-    // follow after the loop (u is read again there rather than held through it)
-    float dt[ITEMS], dtu[ITEMS], dy[ITEMS], y[ITEMS], sB[ITEMS], sA[ITEMS], dt_sum = 0.0f;
-    unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
-    const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
-               *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
-    const int steps = steps_before<ITEMS>(step0, eos), items = live ? steps : 0;
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const long long t = step0 + i;
-      const bool on = i < items;
-      const long long r = t - offset;
-      dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
-                 : 0.0f;
-      const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
-      dy[i] = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
-      if (shape.has_z && on) {
-        const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
-        dy[i] *= zz * rnnops::sigmoid(zz);
+    if (warp == 0)
+      for (int n = 0; n < N; ++n) {
+        dcarry[(chunks & 1) * N * 32 + n * 32 + lane] =
+            (live && d_final) ? d_final[(seq * (long long)Dm + d) * N + n] : 0.0f;
+        dA_acc[n * 32 + lane] = 0.0f;
+        first_a[n * 32 + lane] = 1.0f;
       }
-      dtu[i] = dt[i] * uu;
-      dt_sum += dt[i];
-      y[i] = d_weight * uu;
-      sB[i] = 0.0f;
-      sA[i] = 0.0f;
-      Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
-      Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
-    }
-    float dt_after = 0.0f;  // dt of the step after this warp's last item
-    if (live && step0 + ITEMS < eos)
-      dt_after = discretise(
-          to_float(delta[batch * sdelta.b + (step0 + ITEMS - offset) * sdelta.t + d * sdelta.d]) + bias,
-          shape.softplus);
-    if constexpr (STAGED) {
-      stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N);
-      stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N);
-      __syncthreads();  // the staged rows (the later chunk's readers passed its last adjoint barrier)
-    }
-    for (int n = 0; n < N; ++n) {
-      const float a_n = live ? A[d * N + n] : 0.0f, a2 = a_n * kLog2e;  // e^(dt A) = 2^(dt a2)
-      // replay the forward inside the chunk: this warp's segment from a zero carry
-      float a[ITEMS], Bv[ITEMS], Cv[ITEMS], x[ITEMS], dyC[ITEMS];
-      read_items<ITEMS, CHUNK, STAGED>(Bv, Bstage + warp * ITEMS, Bchunk, Brows, Boff, n);
-      float acc = 0.0f;
-#pragma unroll
+    __syncthreads();
+
+    const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
+    const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
+    float dD_acc = 0.0f, dbias_acc = 0.0f, dB_static = 0.0f, dC_static = 0.0f;
+    int pending = -1;  // (warp 0) the element whose dA parts are in dA_parts, not yet added
+    const auto add_pending_dA = [&] {
+      if (warp == 0 && pending >= 0) {
+        float total = 0.0f;
+        for (int w = 0; w < WARPS; ++w) total += dA_parts[w * 32 + lane];
+        dA_acc[pending * 32 + lane] += total;
+      }
+    };
+    for (long long c = chunks - 1; c >= 0; --c) {
+      const float* dcarry_in = dcarry + ((c + 1) & 1) * N * 32;  // written by chunk c + 1 (or d_final)
+      float* dcarry_out = dcarry + (c & 1) * N * 32;
+      const long long t0 = bos + c * CHUNK, step0 = t0 + warp * ITEMS;
+      // per step, once for all n (steps past the end: dt = u = dy = 0, rows at the chunk's first);
+      // over n, sB sums dx B and sA dx a_t x_{t-1} A, from which du = dy D + dt sB and d dt = u sB + sA
+      // follow after the loop (u is read again there rather than held through it)
+      float dt[ITEMS], dtu[ITEMS], dy[ITEMS], y[ITEMS], sB[ITEMS], sA[ITEMS], dt_sum = 0.0f;
+      unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
+      const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
+                 *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
+      const int steps = steps_before<ITEMS>(step0, eos), items = live ? steps : 0;
+  #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        a[i] = exp2_approx(dt[i] * a2);
-        acc = a[i] * acc + dtu[i] * Bv[i];
+        const long long t = step0 + i;
+        const bool on = i < items;
+        const long long r = t - offset;
+        dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
+                   : 0.0f;
+        const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
+        dy[i] = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
+        if (shape.has_z && on) {
+          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
+          dy[i] *= zz * rnnops::sigmoid(zz);
+        }
+        dtu[i] = dt[i] * uu;
+        dt_sum += dt[i];
+        y[i] = d_weight * uu;
+        sB[i] = 0.0f;
+        sA[i] = 0.0f;
+        Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
+        Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
       }
-      replay->p[warp][lane] = exp2_approx(dt_sum * a2);
-      replay->x[warp][lane] = acc;
-      head_a[warp * 32 + lane] = a[0];
-      __syncthreads();
-      add_pending_dA();  // the element before's, every warp's part written before this barrier
-      float state = live ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
-#pragma unroll
-      for (int w = 0; w < WARPS - 1; ++w)
-        if (w < warp) state = replay->p[w][lane] * state + replay->x[w][lane];
-      read_items<ITEMS, CHUNK, STAGED>(Cv, Cstage + warp * ITEMS, Cchunk, Crows, Coff, n);
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        state = a[i] * state + dtu[i] * Bv[i];
-        x[i] = state;
-        y[i] += state * Cv[i];
-        dyC[i] = dy[i] * Cv[i];
-      }
-      const float a_after = warp < WARPS - 1 ? head_a[(warp + 1) * 32 + lane] : exp2_approx(dt_after * a2);
-      // the adjoint recurrence dx_t = dy_t C_t + a_{t+1} dx_{t+1}, this warp's segment from a zero carry
-      float next_a = a_after, g = 0.0f;
-#pragma unroll
-      for (int i = ITEMS - 1; i >= 0; --i) {
-        g = dyC[i] + next_a * g;
-        next_a = a[i];
-      }
-      adjoint->p[warp][lane] = exp2_approx((dt_sum - dt[0] + dt_after) * a2);  // a_after a_{ITEMS-1} ... a_1
-      adjoint->x[warp][lane] = g;
-      __syncthreads();
-      float dx = dcarry_in[n * 32 + lane];  // dx at the step after this warp's segment
-#pragma unroll
-      for (int w = WARPS - 1; w > 0; --w)
-        if (w > warp) dx = adjoint->x[w][lane] + adjoint->p[w][lane] * dx;
-      float dA_part = 0.0f, dB_terms[ITEMS], dC_terms[ITEMS];
-      next_a = a_after;
-#pragma unroll
-      for (int i = ITEMS - 1; i >= 0; --i) {
-        dx = dyC[i] + next_a * dx;
-        next_a = a[i];
-        const float decayed = x[i] - dtu[i] * Bv[i];  // a_t x_{t-1}
-        const float dx_decayed = dx * decayed;
-        sB[i] += dx * Bv[i];
-        sA[i] += dx_decayed * a_n;
-        dA_part += dx_decayed * dt[i];
-        dB_terms[i] = dx * dtu[i];
-        dC_terms[i] = dy[i] * x[i];
-      }
-      const long long first_row = batch * rows_per_batch + (step0 - offset);
-      if (Bm.mode == kStatic) {
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) dB_static += dB_terms[i];
-      } else {
-        add_bc_gradient(dB, dB_terms, B_per_warp, first_row, steps, items, GB, groupB, N, n);
-      }
-      if (Cm.mode == kStatic) {
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) dC_static += dC_terms[i];
-      } else {
-        add_bc_gradient(dC, dC_terms, C_per_warp, first_row, steps, items, GC, groupC, N, n);
-      }
-      dA_parts[warp * 32 + lane] = dA_part;
-      pending = n;
-      if (warp == 0) {
-        dcarry_out[n * 32 + lane] = dx;  // dx at the chunk's first step
-        if (c == 0) first_a[n * 32 + lane] = a[0];
-      }
-      if (live) {
+      float dt_after = 0.0f;  // dt of the step after this warp's last item
+      if (live && step0 + ITEMS < eos)
+        dt_after = discretise(
+            to_float(delta[batch * sdelta.b + (step0 + ITEMS - offset) * sdelta.t + d * sdelta.d]) + bias,
+            shape.softplus);
+      for (int n = 0; n < N; ++n) {
+        const float a_n = live ? A[d * N + n] : 0.0f, a2 = a_n * kLog2e;  // e^(dt A) = 2^(dt a2)
+        // replay the forward inside the chunk: this warp's segment from a zero carry
+        float a[ITEMS], Bv[ITEMS], Cv[ITEMS], x[ITEMS], dyC[ITEMS];
+        read_items<ITEMS>(Bv, Bchunk, Brows, Boff, n);
+        float acc = 0.0f;
+  #pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          a[i] = exp2_approx(dt[i] * a2);
+          acc = a[i] * acc + dtu[i] * Bv[i];
+        }
+        replay->p[warp][lane] = exp2_approx(dt_sum * a2);
+        replay->x[warp][lane] = acc;
+        head_a[warp * 32 + lane] = a[0];
+        __syncthreads();
+        add_pending_dA();  // the element before's, every warp's part written before this barrier
+        float state = live ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
+  #pragma unroll
+        for (int w = 0; w < WARPS - 1; ++w)
+          if (w < warp) state = replay->p[w][lane] * state + replay->x[w][lane];
+        read_items<ITEMS>(Cv, Cchunk, Crows, Coff, n);
+  #pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          state = a[i] * state + dtu[i] * Bv[i];
+          x[i] = state;
+          y[i] += state * Cv[i];
+          dyC[i] = dy[i] * Cv[i];
+        }
+        const float a_after = warp < WARPS - 1 ? head_a[(warp + 1) * 32 + lane] : exp2_approx(dt_after * a2);
+        // the adjoint recurrence dx_t = dy_t C_t + a_{t+1} dx_{t+1}, this warp's segment from a zero carry
+        float next_a = a_after, g = 0.0f;
+  #pragma unroll
+        for (int i = ITEMS - 1; i >= 0; --i) {
+          g = dyC[i] + next_a * g;
+          next_a = a[i];
+        }
+        adjoint->p[warp][lane] = exp2_approx((dt_sum - dt[0] + dt_after) * a2);  // a_after a_{ITEMS-1} ... a_1
+        adjoint->x[warp][lane] = g;
+        __syncthreads();
+        float dx = dcarry_in[n * 32 + lane];  // dx at the step after this warp's segment
+  #pragma unroll
+        for (int w = WARPS - 1; w > 0; --w)
+          if (w > warp) dx = adjoint->x[w][lane] + adjoint->p[w][lane] * dx;
+        float dA_part = 0.0f, dB_terms[ITEMS], dC_terms[ITEMS];
+        next_a = a_after;
+  #pragma unroll
+        for (int i = ITEMS - 1; i >= 0; --i) {
+          dx = dyC[i] + next_a * dx;
+          next_a = a[i];
+          const float decayed = x[i] - dtu[i] * Bv[i];  // a_t x_{t-1}
+          const float dx_decayed = dx * decayed;
+          sB[i] += dx * Bv[i];
+          sA[i] += dx_decayed * a_n;
+          dA_part += dx_decayed * dt[i];
+          dB_terms[i] = dx * dtu[i];
+          dC_terms[i] = dy[i] * x[i];
+        }
+        const long long first_row = batch * rows_per_batch + (step0 - offset);
         if (Bm.mode == kStatic) {
-          atomicAdd(dB + d * N + n, dB_static);
-          dB_static = 0.0f;
+  #pragma unroll
+          for (int i = 0; i < ITEMS; ++i) dB_static += dB_terms[i];
+        } else {
+          add_bc_gradient(dB, dB_terms, B_per_warp, first_row, steps, items, GB, groupB, N, n);
         }
         if (Cm.mode == kStatic) {
-          atomicAdd(dC + d * N + n, dC_static);
-          dC_static = 0.0f;
+  #pragma unroll
+          for (int i = 0; i < ITEMS; ++i) dC_static += dC_terms[i];
+        } else {
+          add_bc_gradient(dC, dC_terms, C_per_warp, first_row, steps, items, GC, groupC, N, n);
+        }
+        dA_parts[warp * 32 + lane] = dA_part;
+        pending = n;
+        if (warp == 0) {
+          dcarry_out[n * 32 + lane] = dx;  // dx at the chunk's first step
+          if (c == 0) first_a[n * 32 + lane] = a[0];
+        }
+        if (live) {
+          if (Bm.mode == kStatic) {
+            atomicAdd(dB + d * N + n, dB_static);
+            dB_static = 0.0f;
+          }
+          if (Cm.mode == kStatic) {
+            atomicAdd(dC + d * N + n, dC_static);
+            dC_static = 0.0f;
+          }
         }
       }
-    }
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const long long t = step0 + i;
-      if (i >= items) continue;
-      const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
-      const float uu = to_float(u[batch * su.b + r * su.t + d * su.d]);
-      dD_acc += dy[i] * uu;
-      if (shape.has_z) {
-        const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
-        const float sig = rnnops::sigmoid(zz), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
-        dz[row * Dm + d] = gout * y[i] * sig * (1.0f + zz * (1.0f - sig));
+  #pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const long long t = step0 + i;
+        if (i >= items) continue;
+        const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
+        const float uu = to_float(u[batch * su.b + r * su.t + d * su.d]);
+        dD_acc += dy[i] * uu;
+        if (shape.has_z) {
+          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
+          const float sig = rnnops::sigmoid(zz), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
+          dz[row * Dm + d] = gout * y[i] * sig * (1.0f + zz * (1.0f - sig));
+        }
+        const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
+        const float draw = (uu * sB[i] + sA[i]) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
+        dbias_acc += draw;
+        du[row * Dm + d] = dy[i] * d_weight + dt[i] * sB[i];
+        d_delta[row * Dm + d] = draw;
       }
-      const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
-      const float draw = (uu * sB[i] + sA[i]) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
-      dbias_acc += draw;
-      du[row * Dm + d] = dy[i] * d_weight + dt[i] * sB[i];
-      d_delta[row * Dm + d] = draw;
     }
-  }
-  // block totals: dD and d_bias over warps (lanes are channels), then across sequences (in the
-  // replay buffers, which every warp last read before the last element's adjoint barrier)
-  replay->x[warp][lane] = dD_acc;
-  replay->p[warp][lane] = dbias_acc;
-  __syncthreads();
-  add_pending_dA();
-  if (warp == 0 && live) {
-    float total_d = 0.0f, total_bias = 0.0f;
-    for (int w = 0; w < WARPS; ++w) {
-      total_d += replay->x[w][lane];
-      total_bias += replay->p[w][lane];
-    }
-    if (shape.has_d) atomicAdd(dD + d, total_d);
-    if (shape.has_bias) atomicAdd(d_bias + d, total_bias);
-    for (int n = 0; n < N; ++n) {
-      atomicAdd(dA + d * N + n, dA_acc[n * 32 + lane]);
-      if (d_initial) d_initial[(seq * (long long)Dm + d) * N + n] = first_a[n * 32 + lane] * dcarry[n * 32 + lane];  // chunk 0's
+    // block totals: dD and d_bias over warps (lanes are channels), then across sequences (in the
+    // replay buffers, which every warp last read before the last element's adjoint barrier)
+    replay->x[warp][lane] = dD_acc;
+    replay->p[warp][lane] = dbias_acc;
+    __syncthreads();
+    add_pending_dA();
+    if (warp == 0 && live) {
+      float total_d = 0.0f, total_bias = 0.0f;
+      for (int w = 0; w < WARPS; ++w) {
+        total_d += replay->x[w][lane];
+        total_bias += replay->p[w][lane];
+      }
+      if (shape.has_d) atomicAdd(dD + d, total_d);
+      if (shape.has_bias) atomicAdd(d_bias + d, total_bias);
+      for (int n = 0; n < N; ++n) {
+        atomicAdd(dA + d * N + n, dA_acc[n * 32 + lane]);
+        if (d_initial)  // chunk 0's carried gradient
+          d_initial[(seq * (long long)Dm + d) * N + n] = first_a[n * 32 + lane] * dcarry[n * 32 + lane];
+      }
     }
   }
 }

@@ -38,25 +38,32 @@ DEFAULT_CONFIG = ScanConfig()
 
 
 def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: bool = True) -> int:
-    """The launch's dynamic shared memory (fp32 values, chunk = warps * items steps). The forward
-    staged (state elements split over the warps): the carried state (N4 x 32, N4 = N rounded up
-    to 4), the chunk's B and C rows (2 x chunk x N4), dt and dt u (2 x chunk x 32) and the warps'
-    y sums (warps x chunk x 32); else (steps split over the warps) the carried state in two halves
-    (2 x N x 32). The backward: its carried gradient (two halves), dA sum and first decay
-    (4 x N x 32), then where ``staged`` the chunk's B and C rows (2 x N x chunk)."""
-    chunk = warps * items
+    """The launch's dynamic shared memory (fp32 values, chunk = warps * items steps, N4 = N rounded
+    up to 4). Staged (the state elements split over the warps), both directions: the chunk's B
+    and C rows (2 x chunk x N4); the forward the carried state (N4 x 32), dt and dt u (2 x chunk
+    x 32) and the warps' y sums (warps x chunk x 32); the backward the carried gradient, the next
+    step's decay and dA (3 x N4 x 32), the state entering each sub-block of min(chunk, 8) steps
+    (chunk / sub x N4 x 32), dt, dt u and dy (3 x chunk x 32) and the warps' sums over their state
+    elements (2 x 3 x warps x sub x 32). Else (the steps split over the warps) the forward's
+    carried state in two halves (2 x N x 32), the backward's carried gradient in two halves, dA
+    and the first decay (4 x N x 32)."""
+    chunk, n4 = warps * items, -(-N // 4) * 4
+    if not staged:
+        return (2 if phase == "fwd" else 4) * N * 32 * 4
     if phase == "fwd":
-        n4 = -(-N // 4) * 4
-        return (n4 * 32 + 2 * chunk * n4 + 2 * chunk * 32 + warps * chunk * 32 if staged else 2 * N * 32) * 4
-    return (4 * N * 32 + (2 * N * chunk if staged else 0)) * 4
+        return (2 * chunk * n4 + n4 * 32 + 2 * chunk * 32 + warps * chunk * 32) * 4
+    sub = min(chunk, 8)
+    return (2 * chunk * n4 + 3 * n4 * 32 + chunk // sub * n4 * 32 + 3 * chunk * 32 + 2 * 3 * warps * sub * 32) * 4
 
 
 def block_shared_bytes(N: int, warps: int, items: int, staged: bool = True) -> int:
-    """All the shared memory of the larger direction's block: dynamic_shared_bytes plus the static
-    arrays (the time-split forward's segments, 2 x 2 x warps x 32 fp32; the backward's two phases'
-    segments, the warps' first decays and dA parts, 6 x warps x 32 fp32)."""
-    forward = dynamic_shared_bytes("fwd", N, warps, items, staged) + (0 if staged else warps * 32 * 4 * 4)
-    return max(forward, dynamic_shared_bytes("bwd", N, warps, items, staged) + warps * 32 * 4 * 6)
+    """All the shared memory of the larger direction's block: dynamic_shared_bytes plus, where the
+    steps are split over the warps, the static arrays (the forward's segments, 2 x 2 x warps x 32
+    fp32; the backward's two phases' segments, the warps' first decays and dA parts, 6 x warps x
+    32 fp32)."""
+    static_forward, static_backward = (0, 0) if staged else (warps * 32 * 4 * 4, warps * 32 * 4 * 6)
+    return max(dynamic_shared_bytes("fwd", N, warps, items, staged) + static_forward,
+               dynamic_shared_bytes("bwd", N, warps, items, staged) + static_backward)
 
 
 def space(N: int, hardware) -> Space:
@@ -73,13 +80,25 @@ def space(N: int, hardware) -> Space:
 
 
 def _shared_memory_reason(shape: dict | None, device) -> str | None:
-    """Why a block of the default tile does not fit ``device``'s shared memory at ``shape``'s N."""
+    """Why a block of the default tile does not fit ``device``'s shared memory at ``shape``'s N,
+    even with B and C read from global memory (the smaller kernels: _stages falls back to them)."""
     limit = None if shape is None else block_shared_memory(device)
     if limit is None:
         return None
-    need = block_shared_bytes(shape["N"], DEFAULT_CONFIG.warps, DEFAULT_CONFIG.items)
+    need = block_shared_bytes(shape["N"], DEFAULT_CONFIG.warps, DEFAULT_CONFIG.items, staged=False)
     return None if need <= limit else (f"N={shape['N']} state elements need {need} bytes of shared memory per block, "
                                        f"this GPU has {limit}")
+
+
+def _stages(config: ScanConfig, b_layout: list[int], c_layout: list[int], N: int, device) -> bool:
+    """Whether the kernels stage B and C rows in shared memory (their STAGED instantiation):
+    the configuration asks for it, every block's channels share both rows (_rows_shared), and the
+    staged blocks fit the device (at large N they need more shared memory than the kernels that
+    read B and C from global memory: N 256 at 4 x 8, 324 against 131 KB)."""
+    if not (config.stage_rows and _rows_shared(b_layout) and _rows_shared(c_layout)):
+        return False
+    limit = block_shared_memory(device)
+    return limit is None or block_shared_bytes(N, config.warps, config.items) <= limit
 
 
 def supports(*, dtype, device, shape=None, **_) -> str | None:
@@ -99,9 +118,9 @@ def _rows_shared(layout: list[int]) -> bool:
     """Whether every 32-channel block reads one B or C row per step (_bc_layout's ``layout``):
     shared, or grouped in groups of a multiple of 32 channels. Where both B and C do, the kernels
     stage each chunk's rows in shared memory and read them as 16-byte broadcasts (their STAGED
-    instantiation; its forward splits the state elements over the warps), where loading them from
+    instantiation, which splits the state elements over the warps), where loading them from
     global memory took a load and a 64-bit address per step and state element: SASS sm_90a at 4
-    warps x 8 steps, 7 instead of 23 instructions an exponential forward, 40 instead of 88
+    warps x 8 steps, about 7 instead of 23 instructions an element forward and 37 instead of 120
     backward."""
     return layout[0] == SHARED or (layout[0] == GROUPED and layout[5] % 32 == 0)
 
@@ -137,7 +156,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         shape = [channels, N, int(cu_seqlens is not None), int(D is not None), int(z is not None),
                  int(delta_bias is not None), int(softplus)]
         b_layout, c_layout = _bc_layout(B, channels), _bc_layout(C, channels)
-        staged = bool(config.stage_rows) and _rows_shared(b_layout) and _rows_shared(c_layout)
+        staged = _stages(config, b_layout, c_layout, N, u.device)
         grid = [-(-channels // 32), layout.sequences]
         engine(u.device).scan_forward(
             u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, maybe(chunk_states), maybe(state0), maybe(final),
