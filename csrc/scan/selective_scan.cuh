@@ -454,7 +454,7 @@ __device__ __forceinline__ void bwd_by_state_elements(
   const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
   const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
   const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
-  RNNOPS_DYNAMIC_SHARED(float, smem);  // bwd_split_floats (rnnops.cuda_backend.selective_scan.dynamic_shared_bytes)
+  RNNOPS_DYNAMIC_SHARED(float, smem);  // as rnnops.cuda_backend.selective_scan.dynamic_shared_bytes counts it
   float *dcarry = smem, *a_after = dcarry + N4 * 32, *dA_acc = a_after + N4 * 32;  // [N4][32] each
   float* starts = dA_acc + N4 * 32;  // [SUBS][N4][32]: the state entering each sub-block
   float *Bstage = starts + SUBS * N4 * 32, *Cstage = Bstage + CHUNK * N4;
