@@ -121,11 +121,12 @@ struct ScanShape {
 
 // A block's place: lane (= channel d) and warp, and the one sequence it walks, rows [bos, eos) of
 // the packed time axis; that sequence's tensors sit at batch row ``batch``, time ``t - offset``,
-// and its first chunk is global chunk ``first``.
+// and its first chunk is global chunk ``first``. ``channel`` is d, or for a dead lane (d >= Dm)
+// the last live channel, whose B / C rows it reads (and contributes 0).
 struct BlockSpan {
   int lane, warp, d;
   bool live;  // d < Dm
-  int seq;
+  int channel, seq;
   long long bos, eos, batch, offset, first;
 };
 
@@ -133,8 +134,22 @@ __device__ __forceinline__ BlockSpan block_span(const ScanShape& shape, const in
                                                 const int* chunk_offsets) {
   const int lane = threadIdx.x % 32, d = blockIdx.x * 32 + lane, seq = blockIdx.y;
   const long long bos = cu_seqlens[seq];
-  return BlockSpan{lane, static_cast<int>(threadIdx.x / 32), d, d < shape.Dm, seq, bos, cu_seqlens[seq + 1],
-                   shape.packed ? 0 : seq, shape.packed ? 0 : bos, chunk_offsets[seq]};
+  return BlockSpan{lane, static_cast<int>(threadIdx.x / 32), d, d < shape.Dm, min(d, shape.Dm - 1), seq, bos,
+                   cu_seqlens[seq + 1], shape.packed ? 0 : seq, shape.packed ? 0 : bos, chunk_offsets[seq]};
+}
+
+// Where a channel adds its gradient of a time-varying B or C ((rows, groups, N), fp32): the
+// operand's group count and the channel's group (1 and 0 unless grouped).
+struct BCGradRows {
+  int groups, group;
+  __device__ __forceinline__ float* at(float* grad, long long row, int N, int n) const {
+    return grad + (row * groups + group) * N + n;
+  }
+};
+
+__device__ __forceinline__ BCGradRows bc_grad_rows(const BCOperand& M, int Dm, int channel) {
+  return M.mode == kGrouped ? BCGradRows{Dm / M.channels_per_group, channel / M.channels_per_group}
+                            : BCGradRows{1, 0};
 }
 
 __device__ __forceinline__ float discretise(float raw, int softplus) { return softplus ? rnnops::softplus(raw) : raw; }
@@ -168,8 +183,8 @@ __device__ __forceinline__ void fwd_by_state_elements(
     const float* initial_state, float* final_state, const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
   constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 32 ? CHUNK : 32;
   const int Dm = shape.Dm, N = shape.N, N4 = (N + 3) / 4 * 4;
-  const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
-  const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
+  const auto [lane, warp, d, live, channel, seq, bos, eos, batch, offset, first] =
+      block_span(shape, cu_seqlens, chunk_offsets);
   const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
   RNNOPS_DYNAMIC_SHARED(float, smem);  // carry, B and C rows, dt, dt u, the warps' y sums
   float *carry = smem, *Bstage = carry + N4 * 32, *Cstage = Bstage + CHUNK * N4;
@@ -267,9 +282,8 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
   } else {  // B and C read per lane from global memory: time split over the warps, as below
     constexpr int CHUNK = WARPS * ITEMS;
     const int Dm = shape.Dm, N = shape.N;
-    const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] =
+    const auto [lane, warp, d, live, channel, seq, bos, eos, batch, offset, first] =
         block_span(shape, cu_seqlens, chunk_offsets);
-    const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
     const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
 
     // one barrier per state element: the segments alternate between two buffers (a warp writes
@@ -396,21 +410,21 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[V]) {
 }
 
 // The gradient of a time-varying B or C: its per-step, per-channel terms (ITEMS steps of this
-// warp, element n) added into the fp32 (rows, G, N) buffer, summed over the warp first when its
+// warp, element n) added into the fp32 (rows, groups, N) buffer, summed over the warp first when its
 // channels share the row (one atomic per step), else one atomic per live lane and step.
 template <int ITEMS>
 __device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEMS], bool per_warp, long long first_row,
-                                                int steps, int items, int G, int group, int N, int n) {
+                                                int steps, int items, BCGradRows to, int N, int n) {
   // steps: the warp's steps that exist; items: those this lane computed (0 for a dead lane)
   if (per_warp) {
     const int lane = threadIdx.x % 32, item = lane / (32 / ITEMS);
     const float total = warp_reduce_scatter(terms);
-    if (lane % (32 / ITEMS) == 0 && item < steps) atomicAdd(grad + ((first_row + item) * G + group) * N + n, total);
+    if (lane % (32 / ITEMS) == 0 && item < steps) atomicAdd(to.at(grad, first_row + item, N, n), total);
     return;
   }
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i)
-    if (i < items) atomicAdd(grad + ((first_row + i) * G + group) * N + n, terms[i]);
+    if (i < items) atomicAdd(to.at(grad, first_row + i, N, n), terms[i]);
 }
 
 // The gradient of shared B or C rows from one warp's group of four state elements (n0 .. n0 + 3)
@@ -418,11 +432,11 @@ __device__ __forceinline__ void add_bc_gradient(float* grad, float (&terms)[ITEM
 // channels) by recursive halving: one atomic per step and state element.
 template <int SUB>
 __device__ __forceinline__ void add_group_gradient(float* grad, float (&terms)[4 * SUB], long long first_row, int steps,
-                                                   int G, int group, int N, int n0) {
+                                                   BCGradRows to, int N, int n0) {
   constexpr int V = 4 * SUB;
   const int lane = threadIdx.x % 32, item = lane / (32 / V), i = item / 4, n = n0 + item % 4;
   const float total = warp_reduce_scatter(terms);
-  if (lane % (32 / V) == 0 && i < steps && n < N) atomicAdd(grad + ((first_row + i) * G + group) * N + n, total);
+  if (lane % (32 / V) == 0 && i < steps && n < N) atomicAdd(to.at(grad, first_row + i, N, n), total);
 }
 
 // The backward where every channel of the block reads the same B and C rows (STAGED), the state
@@ -446,14 +460,11 @@ __device__ __forceinline__ void bwd_by_state_elements(
     float* dD, float* d_bias, const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
   constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 8 ? CHUNK : 8, SUBS = CHUNK / SUB;
   const int Dm = shape.Dm, N = shape.N, N4 = (N + 3) / 4 * 4;
-  const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] = block_span(shape, cu_seqlens, chunk_offsets);
-  const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
+  const auto [lane, warp, d, live, channel, seq, bos, eos, batch, offset, first] =
+      block_span(shape, cu_seqlens, chunk_offsets);
   const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
   const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
-  const int GB = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
-  const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
-  const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
-  const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
+  const BCGradRows gB = bc_grad_rows(Bm, Dm, channel), gC = bc_grad_rows(Cm, Dm, channel);
   RNNOPS_DYNAMIC_SHARED(float, smem);  // as rnnops.cuda_backend.selective_scan.dynamic_shared_bytes counts it
   float *dcarry = smem, *a_after = dcarry + N4 * 32, *dA_acc = a_after + N4 * 32;  // [N4][32] each
   float* starts = dA_acc + N4 * 32;  // [SUBS][N4][32]: the state entering each sub-block
@@ -579,8 +590,8 @@ __device__ __forceinline__ void bwd_by_state_elements(
           part[((1 * WARPS + warp) * SUB + i) * 32 + lane] += sA;
           part[((2 * WARPS + warp) * SUB + i) * 32 + lane] += yC;
         }
-        add_group_gradient<SUB>(dB, dB_terms, first_row + sb * SUB, steps - sb * SUB, GB, groupB, N, 4 * group);
-        add_group_gradient<SUB>(dC, dC_terms, first_row + sb * SUB, steps - sb * SUB, GC, groupC, N, 4 * group);
+        add_group_gradient<SUB>(dB, dB_terms, first_row + sb * SUB, steps - sb * SUB, gB, N, 4 * group);
+        add_group_gradient<SUB>(dC, dC_terms, first_row + sb * SUB, steps - sb * SUB, gC, N, 4 * group);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int n = 4 * group + j;
@@ -664,16 +675,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     // dD, d_bias (Dm): summed over sequences; dB, dC in B's / C's layout, contiguous, fp32.
     constexpr int CHUNK = WARPS * ITEMS;
     const int Dm = shape.Dm, N = shape.N;
-    const auto [lane, warp, d, live, seq, bos, eos, batch, offset, first] =
+    const auto [lane, warp, d, live, channel, seq, bos, eos, batch, offset, first] =
         block_span(shape, cu_seqlens, chunk_offsets);
-    const int channel = min(d, Dm - 1);  // dead lanes read a live channel's B / C rows (and contribute 0)
     const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
     const long long rows_per_batch = shape.packed ? 0 : (eos - bos);
     const bool B_per_warp = block_shares_row(Bm, Dm), C_per_warp = block_shares_row(Cm, Dm);
-    const int GB = Bm.mode == kGrouped ? Dm / Bm.channels_per_group : 1;
-    const int GC = Cm.mode == kGrouped ? Dm / Cm.channels_per_group : 1;
-    const int groupB = Bm.mode == kGrouped ? channel / Bm.channels_per_group : 0;
-    const int groupC = Cm.mode == kGrouped ? channel / Cm.channels_per_group : 0;
+    const BCGradRows gB = bc_grad_rows(Bm, Dm, channel), gC = bc_grad_rows(Cm, Dm, channel);
 
     // two barriers per state element, one per phase (replay, adjoint), each phase with buffers of
     // its own: a warp writes a phase's buffer for element n + 1 only after passing the barrier of
@@ -813,13 +820,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   #pragma unroll
           for (int i = 0; i < ITEMS; ++i) dB_static += dB_terms[i];
         } else {
-          add_bc_gradient(dB, dB_terms, B_per_warp, first_row, steps, items, GB, groupB, N, n);
+          add_bc_gradient(dB, dB_terms, B_per_warp, first_row, steps, items, gB, N, n);
         }
         if (Cm.mode == kStatic) {
   #pragma unroll
           for (int i = 0; i < ITEMS; ++i) dC_static += dC_terms[i];
         } else {
-          add_bc_gradient(dC, dC_terms, C_per_warp, first_row, steps, items, GC, groupC, N, n);
+          add_bc_gradient(dC, dC_terms, C_per_warp, first_row, steps, items, gC, N, n);
         }
         dA_parts[warp * 32 + lane] = dA_part;
         pending = n;
