@@ -23,11 +23,11 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from rnnops._files import write_atomically
 
 FORMAT = 1
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
@@ -158,13 +158,8 @@ class TuneCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 merged = self._read()
                 merged.update(new_entries)
-                payload = json.dumps({"format": FORMAT, "identity": self.identity, "entries": merged}, indent=1)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(payload)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path)
+                write_atomically(self.path, json.dumps({"format": FORMAT, "identity": self.identity,
+                                                        "entries": merged}, indent=1))
                 self._entries = merged
                 self._chosen.clear()
         except OSError as error:

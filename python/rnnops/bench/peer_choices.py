@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._files import write_atomically
+
 # <hash>/<kernel>.autotune.json: one folder level below the cache directory, no other characters
 _NAME = re.compile(r"[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+\.autotune\.json")
 SUFFIX = ".autotune.json"
@@ -97,8 +99,6 @@ def restore(choices: dict[str, dict], directory: Path | None = None) -> int:
         if path.exists():  # this machine's own result stays
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(content))
-        partial.replace(path)
+        write_atomically(path, json.dumps(content))
         written += 1
     return written

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import write_atomically
 from .._ptxas import KernelReport, parse_log, tensor_core_path
 from .._sass import innermost_exponential_loop
 
@@ -169,9 +170,7 @@ class _StoredReport:
             return
         with contextlib.suppress(OSError):  # a read-only cache keeps nothing
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            partial.write_text(json.dumps(asdict(report)))
-            partial.replace(path)
+            write_atomically(path, json.dumps(asdict(report)))
 
 
 def _forward_backward(case, dtype: torch.dtype) -> None:
