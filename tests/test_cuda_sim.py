@@ -64,11 +64,11 @@ def test_address_sanitizer_build_runs_clean_kernels_and_catches_an_out_of_bounds
         sim.warp_scan(torch.randn(128))
         import rnnops  # every CUDA kernel on small cases, forward and backward
         # the scan over two chunks, 13 state elements: staged, every warp owns a group, the last padded
-        x = {k: torch.randn(2, 40, 6, requires_grad=True) for k in ("u", "delta", "z")}
-        A, B = -torch.rand(6, 13), torch.randn(2, 40, 13)
-        for C in (torch.randn(2, 40, 3, 13), torch.randn(2, 40, 13)):  # B, C from global memory / staged in shared
+        x = {k: torch.randn(1, 33, 6, requires_grad=True) for k in ("u", "delta", "z")}
+        A, B = -torch.rand(6, 13), torch.randn(1, 33, 13)
+        for C in (torch.randn(1, 33, 3, 13), torch.randn(1, 33, 13)):  # B, C from global memory / staged in shared
             y, last = rnnops.selective_scan(x["u"], x["delta"], A, B, C, torch.randn(6), x["z"], torch.randn(6), True,
-                                            initial_state=torch.randn(2, 6, 13), return_last_state=True, backend="cuda")
+                                            initial_state=torch.randn(1, 6, 13), return_last_state=True, backend="cuda")
             (y.sum() + last.sum()).backward()
         for dtype in (torch.float32, torch.bfloat16):  # CUDA cores / tensor cores
             for D in (16, 80):  # a head in one block (h and the gate gradients kept on chip) / split over blocks
