@@ -4,7 +4,13 @@
 // instantiates only what its test runs (tests/test_cuda_sim.py: each kernel once or twice, float32
 // and bfloat16): every instantiation took it 116 s to compile on two cores, a fifth of the CPU
 // test suite's time; another tile there fails with "no simulator build for ...".
-#include <torch/extension.h>
+// ATen's tensor, its factories and torch's pybind11 casters, not torch/extension.h (all of
+// libtorch's C++ API: 21 of the 65 seconds -O2 took on a CI core, twice: the sanitized build too)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "../rnn/rnn.cuh"
 #include "../scan/selective_scan.cuh"
@@ -14,42 +20,42 @@ namespace {
 
 using rnnops::sim::launch;
 
-void check_cpu(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
+void check_cpu(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype, name,
               " must be a contiguous CPU tensor of ", dtype);
 }
 
-torch::Tensor block_sum(torch::Tensor x, bool missing_barrier) {
-  check_cpu(x, "x", torch::kFloat32);
+at::Tensor block_sum(at::Tensor x, bool missing_barrier) {
+  check_cpu(x, "x", at::kFloat);
   constexpr int threads = 64;
   const int n = static_cast<int>(x.numel()), blocks = (n + threads - 1) / threads;
-  auto out = torch::full({blocks}, NAN, x.options());
+  auto out = at::full({blocks}, NAN, x.options());
   auto kernel = missing_barrier ? rnnops::selftest::block_sum_missing_barrier<threads>
                                 : rnnops::selftest::block_sum<threads>;
   launch(kernel, dim3(blocks), dim3(threads), 0, false, x.data_ptr<float>(), out.data_ptr<float>(), n);
   return out;
 }
 
-std::vector<torch::Tensor> warp_scan(torch::Tensor x) {
-  check_cpu(x, "x", torch::kFloat32);
+std::vector<at::Tensor> warp_scan(at::Tensor x) {
+  check_cpu(x, "x", at::kFloat);
   TORCH_CHECK(x.numel() % 64 == 0, "x must hold a multiple of 64 values");
   const int n = static_cast<int>(x.numel());
-  auto out = torch::full_like(x, NAN);
-  auto mask = torch::zeros({n / 32}, x.options().dtype(torch::kInt64));
-  auto all = torch::zeros({n / 32}, x.options().dtype(torch::kInt32));
-  auto mask32 = torch::zeros({n / 32}, x.options().dtype(torch::kInt32));
+  auto out = at::full_like(x, NAN);
+  auto mask = at::zeros({n / 32}, x.options().dtype(at::kLong));
+  auto all = at::zeros({n / 32}, x.options().dtype(at::kInt));
+  auto mask32 = at::zeros({n / 32}, x.options().dtype(at::kInt));
   launch(rnnops::selftest::warp_scan, dim3(n / 64), dim3(64), 0, false, x.data_ptr<float>(), out.data_ptr<float>(),
          reinterpret_cast<unsigned*>(mask32.data_ptr<int>()), all.data_ptr<int>());
-  mask.copy_(mask32.to(torch::kInt64).bitwise_and(0xffffffffLL));
+  mask.copy_(mask32.to(at::kLong).bitwise_and(0xffffffffLL));
   return {out, mask, all};
 }
 
-torch::Tensor wmma_matmul(torch::Tensor a, torch::Tensor b, double alpha) {
-  check_cpu(a, "a", torch::kFloat16);
-  check_cpu(b, "b", torch::kFloat16);
+at::Tensor wmma_matmul(at::Tensor a, at::Tensor b, double alpha) {
+  check_cpu(a, "a", at::kHalf);
+  check_cpu(b, "b", at::kHalf);
   const int M = static_cast<int>(a.size(0)), K = static_cast<int>(a.size(1)), N = static_cast<int>(b.size(1));
   TORCH_CHECK(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "M, N, K must be multiples of 16");
-  auto c = torch::full({M, N}, NAN, a.options().dtype(torch::kFloat32));
+  auto c = at::full({M, N}, NAN, a.options().dtype(at::kFloat));
   const int warps = (M / 16) * (N / 16);
   launch(rnnops::selftest::wmma_matmul, dim3((warps + 1) / 2), dim3(64), 0, false,
          reinterpret_cast<const __half*>(a.data_ptr<at::Half>()), reinterpret_cast<const __half*>(b.data_ptr<at::Half>()),
@@ -57,17 +63,17 @@ torch::Tensor wmma_matmul(torch::Tensor a, torch::Tensor b, double alpha) {
   return c;
 }
 
-torch::Tensor grid_barrier(int64_t blocks) {
-  auto counter = torch::zeros({1}, torch::kInt32);
-  auto seen = torch::full({blocks}, -1, torch::kInt32);
+at::Tensor grid_barrier(int64_t blocks) {
+  auto counter = at::zeros({1}, at::kInt);
+  auto seen = at::full({blocks}, -1, at::kInt);
   launch(rnnops::selftest::grid_barrier, dim3(static_cast<unsigned>(blocks)), dim3(32), 0, true,
          counter.data_ptr<int>(), seen.data_ptr<int>());
   return seen;
 }
 
-torch::Tensor out_of_bounds(torch::Tensor x) {
-  check_cpu(x, "x", torch::kFloat32);
-  auto out = torch::zeros({1}, x.options());
+at::Tensor out_of_bounds(at::Tensor x) {
+  check_cpu(x, "x", at::kFloat);
+  auto out = at::zeros({1}, x.options());
   launch(rnnops::selftest::out_of_bounds, dim3(1), dim3(32), 0, false, x.data_ptr<float>(), out.data_ptr<float>(),
          static_cast<int>(x.numel()));
   return out;
@@ -90,7 +96,7 @@ ScanShape scan_shape(const std::vector<int64_t>& v) {  // Dm, N, packed, has_d, 
                    static_cast<int>(v[4]), static_cast<int>(v[5]), static_cast<int>(v[6])};
 }
 
-BCOperand bc_operand(const torch::Tensor& t, const std::vector<int64_t>& s) {
+BCOperand bc_operand(const at::Tensor& t, const std::vector<int64_t>& s) {
   // s: mode, stride b, t, g, n, channels per group
   return BCOperand{t.data_ptr<float>(), static_cast<int>(s[0]), s[1], s[2], s[3], s[4], static_cast<int>(s[5])};
 }
@@ -114,29 +120,29 @@ void dispatch_scan_tiles(const std::vector<int64_t>& launch_shape, F&& f) {
 }
 
 template <class F>
-void dispatch_dtype(torch::ScalarType dtype, F&& f) {
-  if (dtype == torch::kFloat32) return f(float{});
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) return f(float{});
 #ifndef RNNOPS_SIM_ASAN
-  if (dtype == torch::kFloat16) return f(__half{});
+  if (dtype == at::kHalf) return f(__half{});
 #endif
-  if (dtype == torch::kBFloat16) return f(__nv_bfloat16{});
+  if (dtype == at::kBFloat16) return f(__nv_bfloat16{});
   TORCH_CHECK(false, "no simulator build for ", dtype, " (float32, float16 or bfloat16; the AddressSanitizer build "
               "float32 and bfloat16)");
 }
 
 template <class T>
-const T* ptr(const torch::Tensor& t) {  // an empty tensor stands for "absent"
+const T* ptr(const at::Tensor& t) {  // an empty tensor stands for "absent"
   return t.defined() && t.numel() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
 }
 template <class T>
-T* mut(const torch::Tensor& t) {
+T* mut(const at::Tensor& t) {
   return t.defined() && t.numel() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-void scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
-                  torch::Tensor D, torch::Tensor z, torch::Tensor delta_bias, torch::Tensor out, torch::Tensor chunk_states,
-                  torch::Tensor initial_state, torch::Tensor final_state, torch::Tensor cu_seqlens,
-                  torch::Tensor chunk_offsets, std::vector<int64_t> strides, std::vector<int64_t> b_layout,
+void scan_forward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C,
+                  at::Tensor D, at::Tensor z, at::Tensor delta_bias, at::Tensor out, at::Tensor chunk_states,
+                  at::Tensor initial_state, at::Tensor final_state, at::Tensor cu_seqlens,
+                  at::Tensor chunk_offsets, std::vector<int64_t> strides, std::vector<int64_t> b_layout,
                   std::vector<int64_t> c_layout, std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
   // strides: u, delta, z, out (b, t, d each); launch_shape: grid x, grid y, warps, items, dynamic shared bytes,
   // staged (B and C rows staged in shared memory)
@@ -154,11 +160,11 @@ void scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::
   });
 }
 
-void scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
-                   torch::Tensor D, torch::Tensor z, torch::Tensor delta_bias, torch::Tensor d_out,
-                   torch::Tensor chunk_states, torch::Tensor d_final, torch::Tensor d_initial, torch::Tensor du,
-                   torch::Tensor d_delta, torch::Tensor dz, torch::Tensor dA, torch::Tensor dB, torch::Tensor dC,
-                   torch::Tensor dD, torch::Tensor d_bias, torch::Tensor cu_seqlens, torch::Tensor chunk_offsets,
+void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C,
+                   at::Tensor D, at::Tensor z, at::Tensor delta_bias, at::Tensor d_out,
+                   at::Tensor chunk_states, at::Tensor d_final, at::Tensor d_initial, at::Tensor du,
+                   at::Tensor d_delta, at::Tensor dz, at::Tensor dA, at::Tensor dB, at::Tensor dC,
+                   at::Tensor dD, at::Tensor d_bias, at::Tensor cu_seqlens, at::Tensor chunk_offsets,
                    std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> c_layout,
                    std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
   // strides: u, delta, z, d_out (b, t, d each); launch_shape as the forward's
@@ -200,8 +206,8 @@ rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
                                static_cast<int>(v[6]), static_cast<int>(v[7])};
 }
 
-void rnn_forward(torch::Tensor x, torch::Tensor R, torch::Tensor bias, torch::Tensor initial, torch::Tensor states,
-                 torch::Tensor pre, torch::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
+void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
+                 at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
                  std::vector<int64_t> launch_shape) {
   // shape: B, T, H, D, splits, has_bias, has_initial; launch: grid x, y, z, threads, dynamic shared bytes
   const auto s = rnn_shape(shape);
@@ -216,8 +222,8 @@ void rnn_forward(torch::Tensor x, torch::Tensor R, torch::Tensor bias, torch::Te
   });
 }
 
-void rnn_backward(torch::Tensor R, torch::Tensor initial, torch::Tensor states, torch::Tensor pre,
-                  torch::Tensor d_h_seq, torch::Tensor carry, torch::Tensor dx, torch::Tensor drec_n,
+void rnn_backward(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tensor pre,
+                  at::Tensor d_h_seq, at::Tensor carry, at::Tensor dx, at::Tensor drec_n,
                   std::vector<int64_t> shape, int64_t cell, int64_t units, std::vector<int64_t> launch_shape) {
   const auto s = rnn_shape(shape);
   dispatch_dtype(R.scalar_type(), [&](auto tag) {
