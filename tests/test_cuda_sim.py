@@ -1,5 +1,5 @@
 """The CUDA simulator itself (csrc/sim): barriers, shuffles, votes, wmma, grid sync, poisoned
-shared memory, and the AddressSanitizer build."""
+shared memory, and the AddressSanitizer and ThreadSanitizer builds."""
 import subprocess
 import sys
 import textwrap
@@ -49,34 +49,56 @@ def test_grid_barrier(sim):
     assert sim.grid_barrier(5).tolist() == [15] * 5
 
 
-def _in_asan_child(code: str) -> subprocess.CompletedProcess:
-    script = "import torch\nfrom rnnops.cuda_backend import simulator\nsim = simulator.load(asan=True)\n" + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], env=simulator.asan_environment(), capture_output=True,
-                          text=True, timeout=600)
+def _in_sanitized_child(sanitizer: str, code: str) -> subprocess.CompletedProcess:
+    script = (f"import torch\nfrom rnnops.cuda_backend import simulator\nsim = simulator.load({sanitizer!r})\n"
+              + textwrap.dedent(code))
+    return subprocess.run([sys.executable, "-c", script], env=simulator.sanitizer_environment(sanitizer),
+                          capture_output=True, text=True, timeout=600)
 
 
-def test_address_sanitizer_build_runs_clean_kernels_and_catches_an_out_of_bounds_read():
-    clean = _in_asan_child("""
-        x = torch.randn(1000)
-        assert torch.allclose(sim.block_sum(x, False).sum(), x.sum(), atol=1e-3)
-        a, b = torch.randn(32, 32).half(), torch.randn(32, 32).half()
-        sim.wmma_matmul(a, b, 1.0)
-        sim.warp_scan(torch.randn(128))
-        import rnnops  # every CUDA kernel on small cases, forward and backward
-        # the scan over two chunks, 13 state elements: staged, every warp owns a group, the last padded
-        x = {k: torch.randn(1, 33, 6, requires_grad=True) for k in ("u", "delta", "z")}
-        A, B = -torch.rand(6, 13), torch.randn(1, 33, 13)
-        for C in (torch.randn(1, 33, 3, 13), torch.randn(1, 33, 13)):  # B, C from global memory / staged in shared
-            y, last = rnnops.selective_scan(x["u"], x["delta"], A, B, C, torch.randn(6), x["z"], torch.randn(6), True,
-                                            initial_state=torch.randn(1, 6, 13), return_last_state=True, backend="cuda")
-            (y.sum() + last.sum()).backward()
-        for dtype in (torch.float32, torch.bfloat16):  # CUDA cores / tensor cores
-            for D in (16, 80):  # a head in one block (h and the gate gradients kept on chip) / split over blocks
-                x_gates = torch.randn(3, 4, 4, 2, D).to(dtype).requires_grad_()
-                R = (torch.randn(4, 2, D, D) / D**0.5).requires_grad_()
-                h_seq, final = rnnops.rnn(x_gates, R, None, None, cell="lstm", backend="cuda")
-                (h_seq.float().sum() + final[1].sum()).backward()
-    """)
+EVERY_KERNEL = """
+    x = torch.randn(1000)
+    assert torch.allclose(sim.block_sum(x, False).sum(), x.sum(), atol=1e-3)
+    a, b = torch.randn(32, 32).half(), torch.randn(32, 32).half()
+    sim.wmma_matmul(a, b, 1.0)
+    sim.warp_scan(torch.randn(128))
+    sim.grid_barrier(3)
+    import rnnops  # every CUDA kernel on small cases, forward and backward, and the inference forward
+    # the scan over two chunks, 13 state elements: staged, every warp owns a group, the last padded
+    x = {k: torch.randn(1, 33, 6, requires_grad=True) for k in ("u", "delta", "z")}
+    A, B = -torch.rand(6, 13), torch.randn(1, 33, 13)
+    for C in (torch.randn(1, 33, 3, 13), torch.randn(1, 33, 13)):  # B, C from global memory / staged in shared
+        def scan():
+            return rnnops.selective_scan(x["u"], x["delta"], A, B, C, torch.randn(6), x["z"], torch.randn(6), True,
+                                         initial_state=torch.randn(1, 6, 13), return_last_state=True, backend="cuda")
+        y, last = scan()
+        (y.sum() + last.sum()).backward()
+        with torch.no_grad():  # no chunk-state buffer
+            scan()
+    for dtype in (torch.float32, torch.bfloat16):  # CUDA cores / tensor cores
+        for D in (16, 80):  # a head in one block (h and the gate gradients kept on chip) / split over blocks
+            x_gates = torch.randn(3, 4, 4, 2, D).to(dtype).requires_grad_()
+            R = (torch.randn(4, 2, D, D) / D**0.5).requires_grad_()
+            h_seq, final = rnnops.rnn(x_gates, R, None, None, cell="lstm", backend="cuda")
+            (h_seq.float().sum() + final[1].sum()).backward()
+            with torch.no_grad():  # no pre-activation buffer
+                rnnops.rnn(x_gates, R, None, None, cell="lstm", backend="cuda")
+"""
+# the defect each sanitizer must report: the code, and the words of its report
+DEFECTS = {"address": ("sim.out_of_bounds(torch.randn(7))", "heap-buffer-overflow"),
+           "thread": ("sim.block_sum(torch.randn(640), True)", "data race")}
+
+
+@pytest.mark.parametrize("sanitizer", sorted(DEFECTS))
+def test_sanitized_build_runs_every_kernel_clean_and_reports_a_defect(sanitizer):
+    """AddressSanitizer: no out-of-bounds or freed memory touched. ThreadSanitizer: no shared-memory
+    race, every read of another thread's write ordered by a barrier (std::barrier in the simulator;
+    a kernel's missing barrier is reported in every run, where test_missing_barrier_is_caught needs
+    several runs and the right interleaving)."""
+    clean = _in_sanitized_child(sanitizer, EVERY_KERNEL)
+    if "FATAL: ThreadSanitizer" in clean.stderr:  # its runtime cannot start here (address-space layout)
+        pytest.skip(clean.stderr.strip().splitlines()[-1])
     assert clean.returncode == 0, clean.stderr[-3000:]
-    bad = _in_asan_child("sim.out_of_bounds(torch.randn(7))")
-    assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr
+    code, report = DEFECTS[sanitizer]
+    bad = _in_sanitized_child(sanitizer, code)
+    assert bad.returncode != 0 and report in bad.stderr, bad.stderr[-3000:]

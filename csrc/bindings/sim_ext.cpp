@@ -1,9 +1,10 @@
 // pybind11 extension that runs the project's CUDA kernels on CPU tensors through the simulator
 // (built by rnnops.cuda_backend.simulator with torch.utils.cpp_extension; also with
-// -fsanitize=address for the AddressSanitizer tests). The AddressSanitizer build (RNNOPS_SIM_ASAN)
-// instantiates only what its test runs (tests/test_cuda_sim.py: each kernel once or twice, float32
-// and bfloat16): every instantiation took it 116 s to compile on two cores, a fifth of the CPU
-// test suite's time; another tile there fails with "no simulator build for ...".
+// -fsanitize=address and -fsanitize=thread for the sanitizer tests). The sanitized builds
+// (RNNOPS_SIM_SANITIZED) instantiate only what their test runs (tests/test_cuda_sim.py: each kernel
+// once or twice, float32 and bfloat16): every instantiation took AddressSanitizer's 116 s to compile
+// on two cores, a fifth of the CPU test suite's time; another tile there fails with "no simulator
+// build for ...".
 // ATen's tensor, its factories and torch's pybind11 casters, not torch/extension.h (all of
 // libtorch's C++ API: 21 of the 65 seconds -O2 took on a CI core, twice: the sanitized build too)
 #include <ATen/core/Tensor.h>
@@ -110,7 +111,7 @@ void dispatch_scan_tiles(const std::vector<int64_t>& launch_shape, F&& f) {
   if (warps == W && items == I)                                                                     \
     return staged ? f(std::integral_constant<int, W>{}, std::integral_constant<int, I>{}, std::true_type{}) \
                   : f(std::integral_constant<int, W>{}, std::integral_constant<int, I>{}, std::false_type{});
-#ifdef RNNOPS_SIM_ASAN
+#ifdef RNNOPS_SIM_SANITIZED
   RNNOPS_TILE(4, 8)  // the default configuration's
 #else
   RNNOPS_TILE(1, 4) RNNOPS_TILE(2, 4) RNNOPS_TILE(4, 4) RNNOPS_TILE(4, 8) RNNOPS_TILE(8, 8)
@@ -122,11 +123,11 @@ void dispatch_scan_tiles(const std::vector<int64_t>& launch_shape, F&& f) {
 template <class F>
 void dispatch_dtype(at::ScalarType dtype, F&& f) {
   if (dtype == at::kFloat) return f(float{});
-#ifndef RNNOPS_SIM_ASAN
+#ifndef RNNOPS_SIM_SANITIZED
   if (dtype == at::kHalf) return f(__half{});
 #endif
   if (dtype == at::kBFloat16) return f(__nv_bfloat16{});
-  TORCH_CHECK(false, "no simulator build for ", dtype, " (float32, float16 or bfloat16; the AddressSanitizer build "
+  TORCH_CHECK(false, "no simulator build for ", dtype, " (float32, float16 or bfloat16; the sanitized builds "
               "float32 and bfloat16)");
 }
 
@@ -190,7 +191,7 @@ template <class F>
 void dispatch_cell(int64_t cell, int64_t units, F&& f) {
 #define RNNOPS_CELL(C, U) \
   if (cell == C && units == U) return f(std::integral_constant<int, C>{}, std::integral_constant<int, U>{});
-#ifdef RNNOPS_SIM_ASAN
+#ifdef RNNOPS_SIM_SANITIZED
   RNNOPS_CELL(0, 16) RNNOPS_CELL(0, 64)  // LSTM, a head in one block / split over blocks
 #else
   RNNOPS_CELL(0, 16) RNNOPS_CELL(0, 32) RNNOPS_CELL(0, 64) RNNOPS_CELL(1, 16) RNNOPS_CELL(1, 32) RNNOPS_CELL(1, 64)

@@ -36,11 +36,11 @@ def maybe(tensor: torch.Tensor | None) -> torch.Tensor:
 
 @functools.cache
 def simulator():
-    """The simulator extension (its AddressSanitizer build with RNNOPS_CUDA_SIMULATOR_ASAN=1, in a
-    process started with libasan preloaded)."""
+    """The simulator extension (a sanitizer's build where RNNOPS_CUDA_SIMULATOR_SANITIZER names one,
+    in a process started with its runtime preloaded: simulator.sanitizer_environment)."""
     from . import simulator as sim
 
-    return sim.load(asan=os.environ.get("RNNOPS_CUDA_SIMULATOR_ASAN", "0") == "1")
+    return sim.load(os.environ.get(sim.SANITIZER_ENV) or None)
 
 
 def engine(device: torch.device):

@@ -1,7 +1,11 @@
 """Build and load the simulator extension: the project's CUDA kernels compiled by the host C++
 compiler against csrc/sim, taking CPU tensors (torch.utils.cpp_extension, ninja; cached under
-TORCH_EXTENSIONS_DIR). ``asan=True`` builds a separate copy with AddressSanitizer, which only
-loads into a process started with libasan preloaded (see :func:`asan_environment`)."""
+TORCH_EXTENSIONS_DIR). ``load("address")`` and ``load("thread")`` build separate copies with
+AddressSanitizer (out-of-bounds and use-after-free accesses) or ThreadSanitizer (shared-memory races:
+a CUDA thread is a CPU thread and the simulator's barriers are std::barrier, so a read of another
+thread's write with no barrier between is reported even where the run happened to get it right),
+which load only into a process started with the sanitizer's runtime preloaded (see
+:func:`sanitizer_environment`)."""
 from __future__ import annotations
 
 import functools
@@ -32,19 +36,33 @@ def _digest(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# sanitizer -> (its runtime library, the environment variable of its options, the options: stop at
+# the first report with a non-zero exit status)
+SANITIZERS = {
+    "address": ("libasan.so", "ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1"),
+    "thread": ("libtsan.so", "TSAN_OPTIONS", "halt_on_error=1:report_signal_unsafe=0"),
+}
+SANITIZER_ENV = "RNNOPS_CUDA_SIMULATOR_SANITIZER"
+
+
 @functools.cache
-def load(asan: bool = False):
+def load(sanitizer: str | None = None):
     from torch.utils import cpp_extension
 
     root = csrc_dir()
-    flags = ["-std=c++20", "-O1" if asan else "-O2", "-pthread", f"-DRNNOPS_CSRC_DIGEST={_digest(root)}"]
+    flags = ["-std=c++20", "-O1" if sanitizer else "-O2", "-pthread", f"-DRNNOPS_CSRC_DIGEST={_digest(root)}"]
     ldflags = ["-pthread"]
-    if asan:
-        # (RNNOPS_SIM_ASAN: only the instantiations the AddressSanitizer test runs, csrc/bindings/sim_ext.cpp)
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DRNNOPS_SIM_ASAN"]
-        ldflags += ["-fsanitize=address"]
+    if sanitizer:
+        if sanitizer not in SANITIZERS:
+            raise ValueError(f"sanitizer must be one of {sorted(SANITIZERS)}, got {sanitizer!r}")
+        # (RNNOPS_SIM_SANITIZED: only the instantiations the sanitizer tests run, csrc/bindings/sim_ext.cpp)
+        flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-DRNNOPS_SIM_SANITIZED"]
+        ldflags += [f"-fsanitize={sanitizer}"]
+        # the runtime preloaded into this process is not for the compilers it starts (g++ crashes
+        # under libtsan)
+        os.environ.pop("LD_PRELOAD", None)
     return cpp_extension.load(
-        name="rnnops_sim_asan" if asan else "rnnops_sim",
+        name=f"rnnops_sim_{sanitizer}" if sanitizer else "rnnops_sim",
         sources=[str(root / "bindings" / "sim_ext.cpp")],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -54,8 +72,10 @@ def load(asan: bool = False):
     )
 
 
-def asan_environment() -> dict[str, str]:
-    """Environment for a child process that loads the AddressSanitizer build."""
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    return dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
-                RNNOPS_CUDA_SIMULATOR="1", RNNOPS_CUDA_SIMULATOR_ASAN="1")
+def sanitizer_environment(sanitizer: str) -> dict[str, str]:
+    """Environment for a child process whose CUDA kernels run in ``sanitizer``'s build (start it
+    as sys.executable, not through a shell script such as pyenv's shims: bash crashes under libtsan)."""
+    library, options_variable, options = SANITIZERS[sanitizer]
+    runtime = subprocess.run(["g++", f"-print-file-name={library}"], capture_output=True, text=True).stdout.strip()
+    return dict(os.environ, LD_PRELOAD=runtime, **{options_variable: options}, RNNOPS_CUDA_SIMULATOR="1",
+                **{SANITIZER_ENV: sanitizer})
