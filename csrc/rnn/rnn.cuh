@@ -470,11 +470,11 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         if (b < s.B && unit < D) carry_at(0, b, unit) += products[idx];
       }
     }
-    // the next step's pointwise phase reads only this block's own carried gradients (written just
-    // above) and writes the next step's gate gradients, which no block reads before the barrier
-    // after that phase: a block barrier suffices for a head split over blocks too (one grid
-    // barrier a step, not two)
-    __syncthreads();
+    // no barrier before the next step: its pointwise phase reads only the carried gradients this
+    // thread itself accumulated just above (for_slice and the loops above map an element to the
+    // same thread) and writes the gate gradients (global, and staged where resident), which no
+    // thread reads before the barrier after that phase, and the chunk buffer, whose last reads
+    // passed a barrier above (one grid barrier a step for a head split over blocks, no block barrier)
   }
 }
 
