@@ -40,7 +40,8 @@ def simulator():
     in a process started with its runtime preloaded: simulator.sanitizer_environment)."""
     from . import simulator as sim
 
-    return sim.load(os.environ.get(sim.SANITIZER_ENV) or None)
+    sanitizer, _, scope = os.environ.get(sim.SANITIZER_ENV, "").partition(":")
+    return sim.load(sanitizer or None, every_instantiation=scope == "every")
 
 
 def engine(device: torch.device):

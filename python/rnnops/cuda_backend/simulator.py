@@ -42,11 +42,14 @@ SANITIZERS = {
     "address": ("libasan.so", "ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1"),
     "thread": ("libtsan.so", "TSAN_OPTIONS", "halt_on_error=1:report_signal_unsafe=0"),
 }
+# "address" or "thread" (the sanitizer tests' instantiations), "thread:every" (all of them)
 SANITIZER_ENV = "RNNOPS_CUDA_SIMULATOR_SANITIZER"
 
 
 @functools.cache
-def load(sanitizer: str | None = None):
+def load(sanitizer: str | None = None, every_instantiation: bool = False):
+    """The extension; a sanitizer's build instantiates only what tests/test_cuda_sim.py runs unless
+    ``every_instantiation`` (bench/sim_racecheck.py: every simulator test under ThreadSanitizer)."""
     from torch.utils import cpp_extension
 
     root = csrc_dir()
@@ -56,13 +59,14 @@ def load(sanitizer: str | None = None):
         if sanitizer not in SANITIZERS:
             raise ValueError(f"sanitizer must be one of {sorted(SANITIZERS)}, got {sanitizer!r}")
         # (RNNOPS_SIM_SANITIZED: only the instantiations the sanitizer tests run, csrc/bindings/sim_ext.cpp)
-        flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-DRNNOPS_SIM_SANITIZED"]
+        flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer"]
+        flags += [] if every_instantiation else ["-DRNNOPS_SIM_SANITIZED"]
         ldflags += [f"-fsanitize={sanitizer}"]
         # the runtime preloaded into this process is not for the compilers it starts (g++ crashes
         # under libtsan)
         os.environ.pop("LD_PRELOAD", None)
     return cpp_extension.load(
-        name=f"rnnops_sim_{sanitizer}" if sanitizer else "rnnops_sim",
+        name=f"rnnops_sim_{sanitizer}{'_every' if every_instantiation else ''}" if sanitizer else "rnnops_sim",
         sources=[str(root / "bindings" / "sim_ext.cpp")],
         extra_cflags=flags,
         extra_ldflags=ldflags,
@@ -72,10 +76,10 @@ def load(sanitizer: str | None = None):
     )
 
 
-def sanitizer_environment(sanitizer: str) -> dict[str, str]:
+def sanitizer_environment(sanitizer: str, every_instantiation: bool = False) -> dict[str, str]:
     """Environment for a child process whose CUDA kernels run in ``sanitizer``'s build (start it
     as sys.executable, not through a shell script such as pyenv's shims: bash crashes under libtsan)."""
     library, options_variable, options = SANITIZERS[sanitizer]
     runtime = subprocess.run(["g++", f"-print-file-name={library}"], capture_output=True, text=True).stdout.strip()
     return dict(os.environ, LD_PRELOAD=runtime, **{options_variable: options}, RNNOPS_CUDA_SIMULATOR="1",
-                **{SANITIZER_ENV: sanitizer})
+                **{SANITIZER_ENV: f"{sanitizer}:every" if every_instantiation else sanitizer})
