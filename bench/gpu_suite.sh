@@ -36,6 +36,13 @@ gpu=${gpu:-unknown-gpu}
     python -m pip install -q --no-index --no-deps --target /tmp/peers "$wheel" || echo "not installed: $wheel"
   done
   export PYTHONPATH=/tmp/peers:${PYTHONPATH:-}
+  # FlashRNN 1.0.8's gpu_info.cc reads eight cudaDeviceProp fields CUDA 13 removed, so its
+  # cuda_fused backend failed ("Error building extension 'gpu_info2'", every run until 2026-11-26);
+  # its fused kernels compile with nvcc 13 (sm_90, at the first ConstrINT solution for 1, 4 and 12
+  # heads of a 768-wide LSTM: checked without a GPU, 2026-11-27). The installed copy reads 0 for
+  # those fields, none of which FlashRNN uses to choose its tiles.
+  info=/tmp/peers/flashrnn/flashrnn/gpu_info/gpu_info.cc
+  [ -f "$info" ] && sed -i -E 's/prop\.(clockRate|computeMode|cooperativeMultiDeviceLaunch|deviceOverlap|kernelExecTimeoutEnabled|maxTexture1DLinear|memoryClockRate|singleToDoublePrecisionPerfRatio)\b/0/g' "$info"
 
   section versions
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
