@@ -2,8 +2,9 @@
 and tests/test_cuda_selective_scan.py (every cell, dtype, tile and path) in a process whose kernels run
 in ThreadSanitizer's build with every instantiation, where CI's test (tests/test_cuda_sim.py) runs a
 few small cases in a build of only those. Any read of another thread's write with no barrier between
-stops the run with ThreadSanitizer's report (exit status 66). Run it after editing csrc/: ``python bench/sim_racecheck.py
-[pytest arguments]`` (about 2 minutes to build and 4 to run on two cores); the exit status is pytest's."""
+stops the run with ThreadSanitizer's report (exit status 66). Run it after editing csrc/:
+``python bench/sim_racecheck.py [pytest arguments]`` (about five minutes on two cores, the build
+included); the exit status is pytest's."""
 import subprocess
 import sys
 
