@@ -93,3 +93,13 @@ def test_fast_paths_say_why_they_cannot_run_on_a_cpu():
     for name in ("flashrnn.cuda_fused", "mamba_ssm.selective_scan_fn"):
         with pytest.raises(PeerUnavailable, match="cuda|CUDA"):
             PEER[name].load(CPU, torch.float32)
+
+
+def test_flashrnn_fused_is_timed_on_the_lstm_head_splits_of_issue_6_only():
+    """It builds, runs and bisects a torch extension per shape on the device: the LSTM's 768 units
+    as 1, 4 and 12 heads; FlashRNN's other backends take every LSTM and GRU case."""
+    fused, alternating = PEER["flashrnn.cuda_fused"], PEER["flashrnn.cuda"]
+    timed = [(cell, H, D) for cell in ("lstm", "gru") for D, H in bench_cases.FLASHRNN_HEADS + ((192, 4),)
+             if fused.applies(bench_cases.rnn_case(cell, 16, 1024, H, D))]
+    assert timed == [("lstm", 12, 64), ("lstm", 1, 768), ("lstm", 4, 192)]
+    assert alternating.applies(bench_cases.rnn_case("gru", 16, 1024, 48, 16))

@@ -80,6 +80,12 @@ def _torch_module(cell: str):
 _FLASHRNN_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
+# FlashRNN's cuda_fused compiles, runs and bisects its tiles per shape on the device (a torch
+# extension build each, tens of seconds): it is timed on the shapes issue 6 compares it on, the
+# LSTM's 768 units as 1, 4 and 12 heads (heads, head dim), not on every cell and head split
+FUSED_SHAPES = ((1, 768), (4, 192), (12, 64))
+
+
 def _flashrnn(backend: str):
     def load(device, dtype):
         if (device.type == "cuda") != (backend != "vanilla"):
@@ -104,8 +110,14 @@ def _flashrnn(backend: str):
         return {"x": x["x"], "W_ih": x["W_ih"], "b_ih": x["b_ih"], "R": R.contiguous(), "b": b.contiguous(),
                 "cell": cell, "shape": (B, T, CELLS[cell].gates, H, D)}
 
-    return Peer(f"flashrnn.{backend}", lambda case: case.op == "rnn" and case.shape["cell"] in ("lstm", "gru"),
-                load, prepare, lambda case, h: h.reshape(h.shape[0], h.shape[1], -1),
+    def applies(case: Case) -> bool:
+        if case.op != "rnn" or case.shape["cell"] not in ("lstm", "gru"):
+            return False
+        if backend == "cuda_fused":  # (FUSED_SHAPES)
+            return case.shape["cell"] == "lstm" and (case.shape["H"], case.shape["D"]) in FUSED_SHAPES
+        return True
+
+    return Peer(f"flashrnn.{backend}", applies, load, prepare, lambda case, h: h.reshape(h.shape[0], h.shape[1], -1),
                 is_reference=lambda device: backend == "vanilla", compiles_incrementally=backend.startswith("triton"))
 
 
