@@ -40,8 +40,7 @@ def simulator():
     in a process started with its runtime preloaded: simulator.sanitizer_environment)."""
     from . import simulator as sim
 
-    sanitizer, _, scope = os.environ.get(sim.SANITIZER_ENV, "").partition(":")
-    return sim.load(sanitizer or None, every_instantiation=scope == "every")
+    return sim.load_from_environment()
 
 
 def engine(device: torch.device):

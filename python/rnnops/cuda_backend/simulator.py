@@ -76,6 +76,13 @@ def load(sanitizer: str | None = None, every_instantiation: bool = False):
     )
 
 
+def load_from_environment():
+    """The build this process's environment names (SANITIZER_ENV, as sanitizer_environment sets
+    it; none: the plain build)."""
+    sanitizer, _, scope = os.environ.get(SANITIZER_ENV, "").partition(":")
+    return load(sanitizer or None, every_instantiation=scope == "every")
+
+
 def sanitizer_environment(sanitizer: str, every_instantiation: bool = False) -> dict[str, str]:
     """Environment for a child process whose CUDA kernels run in ``sanitizer``'s build (start it
     as sys.executable, not through a shell script such as pyenv's shims: bash crashes under libtsan)."""
