@@ -713,11 +713,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
     float dD_acc = 0.0f, dbias_acc = 0.0f, dB_static = 0.0f, dC_static = 0.0f;
     int pending = -1;  // (warp 0) the element whose dA parts are in dA_parts, not yet added
-    const auto add_pending_dA = [&] {
-      if (warp == 0 && pending >= 0) {
+    // lane and warp are passed: capturing structured bindings is C++20, which NVRTC (C++17) refuses
+    const auto add_pending_dA = [&](int lane_index, int warp_index) {
+      if (warp_index == 0 && pending >= 0) {
         float total = 0.0f;
-        for (int w = 0; w < WARPS; ++w) total += dA_parts[w * 32 + lane];
-        dA_acc[pending * 32 + lane] += total;
+        for (int w = 0; w < WARPS; ++w) total += dA_parts[w * 32 + lane_index];
+        dA_acc[pending * 32 + lane_index] += total;
       }
     };
     for (long long c = chunks - 1; c >= 0; --c) {
@@ -773,7 +774,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
         replay->x[warp][lane] = acc;
         head_a[warp * 32 + lane] = a[0];
         __syncthreads();
-        add_pending_dA();  // the element before's, every warp's part written before this barrier
+        add_pending_dA(lane, warp);  // the element before's, every warp's part written before this barrier
         float state = live ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
   #pragma unroll
         for (int w = 0; w < WARPS - 1; ++w)
@@ -869,7 +870,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     replay->x[warp][lane] = dD_acc;
     replay->p[warp][lane] = dbias_acc;
     __syncthreads();
-    add_pending_dA();
+    add_pending_dA(lane, warp);
     if (warp == 0 && live) {
       float total_d = 0.0f, total_bias = 0.0f;
       for (int w = 0; w < WARPS; ++w) {
