@@ -73,11 +73,21 @@ def assert_fits(rows: list[dict], spill_free: bool, gpu=H100) -> None:
         assert not spilled, f"spills registers: {spilled}"
 
 
+def assert_lanes_agree(rows: list[dict]) -> None:
+    """No sum across lanes leaves its lanes with different copies (rnnops._ptxas.lane_divergent_sums):
+    the Triton scan's backward stored its dB and dC sums over channels that way, and 8 lanes' copies
+    of each raced in shared memory (compute-sanitizer racecheck on an H200, 2026-11-27)."""
+    divergent = [f"{describe(r)}: {r['lane_divergent_sums']}" for r in rows if r["lane_divergent_sums"]]
+    assert not divergent, f"sums across lanes whose lanes disagree: {divergent}"
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_half_kernels_compile_without_spills_by_default(group):
     """bfloat16 stands for both half types: float16 kernels differ only in their conversion
     instructions (same tiles, same registers), and compiling both doubled this test's minutes."""
-    assert_fits(compile_reports(GROUPS[group], ("bfloat16",)), spill_free=True)
+    rows = compile_reports(GROUPS[group], ("bfloat16",))
+    assert_fits(rows, spill_free=True)
+    assert_lanes_agree(rows)
 
 
 # kernels of the linear family without warpgroup tensor-core products on an H100: no dot products
@@ -105,6 +115,7 @@ def test_h100_shipped_configs_compile_without_spills(group):
     scan's loops stay within their instruction budgets (an issue-bound kernel's time)."""
     rows = compile_reports(GROUPS[group], ("bfloat16",), gpu="H100", loops=group == "selective scan")
     assert_fits(rows, spill_free=True)
+    assert_lanes_agree(rows)
     if group in ("linear attention", "delta rule"):
         slower = [f"{describe(r)}: {r['tensor_cores']}" for r in rows
                   if r["tensor_cores"] != "wgmma" and not WARP_LEVEL.search(r["name"])]
@@ -133,6 +144,7 @@ def test_float32_kernels_compile_and_fit(group):
     """Spill-free too, except the delta rule's state and UT kernels (0.7-2 KB: tf32x3 splits every
     operand in two, and the state kernels hold full-K tiles)."""
     rows = compile_reports(GROUPS[group], ("float32",))
+    assert_lanes_agree(rows)
     spilling = re.compile("delta rule|DeltaProduct")
     assert_fits([r for r in rows if spilling.search(r["case"])], spill_free=False)
     assert_fits([r for r in rows if not spilling.search(r["case"])], spill_free=True)
@@ -251,3 +263,4 @@ def test_a_checked_specialisation_is_read_back_not_compiled_again(tmp_path):
     first, second = json.loads(result.stdout)
     assert first and first == second
     assert len(list((tmp_path / "rnnops-ptxas").glob("*.json"))) == len({r["name"] + r["dtype"] for r in first})
+

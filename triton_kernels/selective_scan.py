@@ -329,6 +329,17 @@ def scan_segment_states_kernel(segment_states, dt_sums, A, initial_state, final_
 
 
 @triton.jit
+def _channel_sum(a, b):
+    """sum over channels (axis 1) of a * b, every product rounded before the sum. With products
+    fused into adds (Triton's default), a lane's first step of the sum across lanes (a butterfly
+    of shuffles) fuses its own product, unrounded, with its partner's rounded one, so the lanes that
+    each hold the whole sum disagree in its last bits, and their copies race (compute-sanitizer
+    racecheck: writes of different values) in the shared memory that carries the sum to its
+    store. An FMA with a zero addend rounds the product where the plain product would be fused."""
+    return tl.sum(tl.fma(a, b, 0.0), axis=1)
+
+
+@triton.jit
 def _output_gradient(raw_d_out, raw_z, HAS_Z: tl.constexpr):
     """(dL/d out, dy = dL/dy, z, sigmoid(z)) of a step's channels from their loaded d_out and z
     (fp32; z and its sigmoid 0 without z)."""
@@ -471,12 +482,12 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                 if B_MODE == 0:
                     dB_static += g * dtu[None, :]
                 else:
-                    tl.store(dB + (i_d * total_rows + row) * N + rn, tl.sum(g * dtu[None, :], axis=1),
+                    tl.store(dB + (i_d * total_rows + row) * N + rn, _channel_sum(g, dtu[None, :]),
                              mask=n_mask & (rn * 0 + row < eos))
                 if C_MODE == 0:
                     dC_static += dy[None, :] * x
                 else:
-                    tl.store(dC + (i_d * total_rows + row) * N + rn, tl.sum(dy[None, :] * x, axis=1),
+                    tl.store(dC + (i_d * total_rows + row) * N + rn, _channel_sum(dy[None, :], x),
                              mask=n_mask & (rn * 0 + row < eos))
                 if HAS_Z:
                     y = tl.sum(x * C_t, axis=0) + d_weight * b_u

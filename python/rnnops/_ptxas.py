@@ -1,6 +1,6 @@
 """ptxas' verbose report (``-v``) parsed per kernel: registers, spills, stack, shared memory;
-and which tensor-core instructions a kernel's PTX uses. Shared by the CUDA and the Triton
-compile checks."""
+which tensor-core instructions a kernel's PTX uses, and its sums across lanes that leave the
+lanes disagreeing. Shared by the CUDA and the Triton compile checks."""
 from __future__ import annotations
 
 import re
@@ -17,6 +17,7 @@ class KernelReport:
     shared_bytes: int  # static shared memory for CUDA C++; Triton's (all dynamic) from its metadata
     threads: int = 0  # per program where the launch is known (Triton: num_warps * 32), else 0
     tensor_cores: str = ""  # tensor_core_path of its PTX where it was read, else ""
+    lane_divergent_sums: int = 0  # lane_divergent_sums of its PTX where it was read, else 0
     # per iteration of its innermost loop with exponentials (rnnops._sass), where read: instructions,
     # exponentials (MUFU.EX2, about one per (step, channel, state element) in a scan), warp shuffles
     # (SHFL: sums across lanes) and block barriers (BAR: two per layout conversion through shared
@@ -59,3 +60,18 @@ def tensor_core_path(ptx: str) -> str:
         if instruction in ptx:
             return path
     return "none"
+
+
+_BUTTERFLY = re.compile(r"shfl\.sync\.bfly\.b32\s+(%r\d+),")
+_FMA = re.compile(r"fma\.rn\.f32\s+%r\d+, %r\d+, %r\d+, (%r\d+);")
+
+
+def lane_divergent_sums(ptx: str) -> int:
+    """FMAs of a float32 PTX whose addend is a butterfly shuffle's result: the first step of a sum
+    across lanes with each lane's own product fused into it unrounded and its partner's rounded,
+    which is not symmetric, so the lanes end with different last bits of the same sum (Triton
+    fuses a product into the add after it unless told not to). Lanes holding copies of a value
+    that differ make its consumers depend on which copy they read, and their writes of it to
+    shared memory race (compute-sanitizer racecheck reports each as an error)."""
+    shuffled = set(_BUTTERFLY.findall(ptx))
+    return sum(addend in shuffled for addend in _FMA.findall(ptx))

@@ -30,13 +30,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from .._files import write_atomically
-from .._ptxas import KernelReport, parse_log, tensor_core_path
+from .._ptxas import KernelReport, lane_divergent_sums, parse_log, tensor_core_path
 from .._sass import innermost_exponential_loop
 
 
@@ -116,7 +116,10 @@ def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> 
         if key in seen:
             continue
         seen.add(key)
-        stored = _StoredReport(f"{triton.__version__}|{backend.hash()}|{key[0]}|{key[1]}|{loops}")  # hash: ptxas, arch
+        # backend.hash(): ptxas and the arch; the report's fields: one stored before a field existed
+        # is not read back with that field's default
+        layout = ",".join(f.name for f in fields(KernelReport))
+        stored = _StoredReport(f"{triton.__version__}|{backend.hash()}|{key[0]}|{key[1]}|{loops}|{layout}")
         report = stored.read()
         if report is None:
             log = io.StringIO()
@@ -126,7 +129,8 @@ def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> 
                 compiled = triton.compile(source, target=target, options=options.__dict__)
             (report,) = parse_log(log.getvalue())
             report = replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
-                             tensor_cores=tensor_core_path(compiled.asm["ptx"]))
+                             tensor_cores=tensor_core_path(compiled.asm["ptx"]),
+                             lane_divergent_sums=lane_divergent_sums(compiled.asm["ptx"]))
             if loops:
                 with contextlib.suppress(LookupError):
                     loop = innermost_exponential_loop(compiled.asm["cubin"])
