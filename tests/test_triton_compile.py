@@ -13,14 +13,17 @@ changes between its versions (Triton 3.6 bundles ptxas 12.x, 3.9 ptxas 13.x; see
 float32 cells and GLA's sub-chunk kernels on one and not the other). Running out of registers
 spills hundreds of bytes to tens of kilobytes, which these tests exist to catch.
 """
+import ast
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from rnnops import triton_backend
 from rnnops._ptxas import parse_log, tensor_core_path
 from rnnops.autotune import hardware, kernels
 
@@ -264,3 +267,18 @@ def test_a_checked_specialisation_is_read_back_not_compiled_again(tmp_path):
     assert first and first == second
     assert len(list((tmp_path / "rnnops-ptxas").glob("*.json"))) == len({r["name"] + r["dtype"] for r in first})
 
+
+def test_every_launch_asks_for_fused_multiply_adds():
+    """Every Triton launch goes through _common.launch, which passes enable_fp_fusion=True: Triton
+    3.10 stops fusing products into adds unless a launch asks (3.9 warns of it), which would slow
+    the recurrences and change the rounding the tests bound. A call of a subscript
+    (``kernel[grid](...)``) anywhere else in the Triton backend is a launch that bypasses it."""
+    package = Path(triton_backend.__file__).parent
+    direct = []
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        launch = next((node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "launch"), None)
+        allowed = {id(node) for node in ast.walk(launch)} if path.name == "_common.py" and launch else set()
+        direct += [f"{path.name}:{node.lineno}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and id(node) not in allowed]
+    assert not direct, f"Triton launches outside _common.launch: {direct}"

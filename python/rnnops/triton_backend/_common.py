@@ -65,13 +65,18 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None, tile_dims:
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``. A launch whose pipelined tiles need more shared memory
+    """``kernel[grid](*args, **kwargs)``, every Triton launch of rnnops. Products are fused into
+    the adds after them (``enable_fp_fusion=True``), as every Triton before 3.10 does unless told
+    otherwise: 3.10 turns that default off (Triton 3.9 warns), which would add an instruction to
+    every multiply-add of the recurrences and change their rounding from what the tests bound
+    and the benchmarks time. A launch whose pipelined tiles need more shared memory
     than the GPU has (a configuration chosen for a larger GPU, or a default on a ~100 KB GPU;
     Triton raises OutOfResources when it loads the kernel) runs again with ``num_stages=1``, one
     copy of each tile (e.g. the float32 delta-rule state kernels at K = V = 128: 185 KB with two
     stages, 96 KB with one), with a warning naming the kernel."""
     from triton.runtime.errors import OutOfResources
 
+    kwargs.setdefault("enable_fp_fusion", True)
     try:
         return kernel[grid](*args, **kwargs)
     except OutOfResources as error:

@@ -9,7 +9,7 @@ from rnnops.autotune.space import next_power_of_two
 
 from .._buffers import empty
 from .._dispatch import register
-from ._common import device_reason, dtype_reason, join_reasons
+from ._common import device_reason, dtype_reason, join_reasons, launch
 
 
 def supports(*, dtype, device, head_dims=None, requires_grad=False, **_) -> str | None:
@@ -31,8 +31,8 @@ def _step(q, k, v, beta, g, state, scale, delta: bool):
     o = empty((batch, heads, dv), dtype=q.dtype, device=q.device)
     new_state = empty((batch, heads, dk, dv), dtype=torch.float32, device=q.device)
     block_v = min(64, next_power_of_two(dv))
-    recurrent_step_kernel[(-(-dv // block_v), batch * heads)](
-        q.contiguous(), k.contiguous(), v.contiguous(), None if beta is None else beta.contiguous(),
+    launch(
+        recurrent_step_kernel, (-(-dv // block_v), batch * heads), q.contiguous(), k.contiguous(), v.contiguous(), None if beta is None else beta.contiguous(),
         None if g is None else g.contiguous(), None if state is None else state.float().contiguous(), new_state, o,
         scale, H=heads, K=dk, V=dv, NH=steps, DELTA=delta, GATE=gate, HAS_STATE=state is not None,
         BKF=next_power_of_two(dk), BV=block_v)

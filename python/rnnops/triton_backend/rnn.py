@@ -17,7 +17,7 @@ from .._backward_only import needs_backward
 from .._dispatch import register
 from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer, pre_slots
 from ..reference.rnn import CELLS
-from ._common import device_reason, dot_precision, dtype_reason, join_reasons
+from ._common import device_reason, dot_precision, dtype_reason, join_reasons, launch
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,8 @@ class _Launcher:
         return pre_buffer(self.cell, self.batch, self.time, self.meta["H"], self.meta["D"], device)
 
     def _run(self, kernel, args, flags, resident: bool, recompute: bool, num_warps: int):
-        kernel[self.grid](*args, RESIDENT=resident, RECOMPUTE=recompute, num_warps=num_warps, **flags, **self.meta)
+        launch(kernel, self.grid, *args, RESIDENT=resident, RECOMPUTE=recompute, num_warps=num_warps, **flags,
+               **self.meta)
 
     def _refused(self, error) -> None:
         """resident_shared_bytes and recompute_shared_bytes are estimates: where the GPU refuses a

@@ -21,6 +21,7 @@ from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_o
 from .._backward_only import needs_backward
 from .._buffers import empty
 from .._dispatch import register
+from . import _common
 from ._common import ChunkLayout, device_reason, dtype_reason, join_reasons
 from .recurrent_step import supports as step_supports
 
@@ -142,7 +143,7 @@ class _ScanRun:
     def compose_segments(self, values, dt_sums, A, initial, final, reverse: bool, launch: dict) -> None:
         """scan_segment_states_kernel over every sequence's segments (``launch``: the pass's BD
         and warps)."""
-        _kernels().scan_segment_states_kernel[(self.channel_blocks(launch), self.layout.sequences)](
+        _common.launch(_kernels().scan_segment_states_kernel, (self.channel_blocks(launch), self.layout.sequences),
             values, dt_sums, A, initial, final, Dm=self.Dm, N=self.N, NP=next_power_of_two(self.N),
             SEGMENTS=self.segments, HAS_INITIAL=initial is not None, STORE_FINAL=final is not None, REVERSE=reverse,
             BD=launch["BD"], num_warps=launch["num_warps"])
@@ -184,8 +185,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         kernels = _kernels()
         segment_states = dt_sums = None
         forward = functools.partial(
-            kernels.scan_fwd_kernel[(run.channel_blocks(run.forward_launch), run.programs)], u, delta, A_, B_, C_, D_,
-            z, bias_, out, h, state0, final)
+            _common.launch, kernels.scan_fwd_kernel, (run.channel_blocks(run.forward_launch), run.programs), u, delta, A_,
+            B_, C_, D_, z, bias_, out, h, state0, final)
         launch = dict(HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state, STORE_STATES=saves,
                       SEGMENTS=run.segments,
                       **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
@@ -227,15 +228,15 @@ class SelectiveScanFunction(torch.autograd.Function):
         if run.segments > 1:  # the gradient entering each segment's end
             segment_grads, dt_sums = empty(per_program, **f32), empty((programs, run.Dm), **f32)
             local = {k: v for k, v in run.constants(D, z, delta_bias, ctx.softplus).items() if k != "HAS_D"}
-            kernels.scan_bwd_local_kernel[grid](
-                u, delta, A, B, C, z, delta_bias, d_out, segment_grads, dt_sums, lay.cu_seqlens, lay.chunk_offsets,
+            _common.launch(
+                kernels.scan_bwd_local_kernel, grid, u, delta, A, B, C, z, delta_bias, d_out, segment_grads, dt_sums, lay.cu_seqlens, lay.chunk_offsets,
                 *run.strides(u, delta, z, d_out), SEGMENTS=run.segments, **local, **run.backward_launch)
             run.compose_segments(segment_grads, dt_sums, A, d_final, d_initial, True, run.backward_launch)
         sub_blocks = run.config.chunk // run.backward_launch["UNROLL"]
         checkpoints = empty((channel_blocks * programs * sub_blocks, next_power_of_two(run.N),
                              run.backward_launch["BD"]), **f32)
-        kernels.scan_bwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial, segment_grads, du,
+        _common.launch(
+            kernels.scan_bwd_kernel, grid, u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial, segment_grads, du,
             d_delta, dz, dA, dB, dC, dD, d_bias, lay.cu_seqlens, lay.chunk_offsets, rows,
             *run.strides(u, delta, z, d_out), HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
             SEGMENTS=run.segments, **run.constants(D, z, delta_bias, ctx.softplus), **run.backward_launch)
@@ -277,8 +278,8 @@ def selective_state_update(state, u, delta, A, B, C, D, z, delta_bias, delta_sof
     out = empty((batch, channels), dtype=u.dtype, device=u.device)
     new_state = empty((batch, channels, N), dtype=torch.float32, device=u.device)
     block = min(64, next_power_of_two(channels))
-    _kernels().state_update_kernel[(-(-channels // block), batch)](
-        state.float().contiguous(), u.contiguous(), delta.contiguous(), A.contiguous(), B3.contiguous(),
+    _common.launch(
+        _kernels().state_update_kernel, (-(-channels // block), batch), state.float().contiguous(), u.contiguous(), delta.contiguous(), A.contiguous(), B3.contiguous(),
         C3.contiguous(), None if D is None else D.contiguous(), None if z is None else z.contiguous(),
         None if delta_bias is None else delta_bias.contiguous(), new_state, out, channels // B3.shape[1],
         channels // C3.shape[1], Dm=channels, N=N, NP=next_power_of_two(N), GB=B3.shape[1], GC=C3.shape[1],
