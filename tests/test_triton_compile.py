@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from rnnops import triton_backend
-from rnnops._ptxas import parse_log, tensor_core_path
+from rnnops._ptxas import lane_divergent_sums, parse_log, tensor_core_path
 from rnnops.autotune import hardware, kernels
 
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (ptxas)")
@@ -248,6 +248,17 @@ def test_tensor_core_path_is_read_from_ptx():
     assert tensor_core_path("\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1, %r2}, %rd3, %rd4;") == "wgmma"
     assert tensor_core_path("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};") == "mma"
     assert tensor_core_path("\tfma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
+
+
+def test_lane_divergent_sums_are_read_from_ptx():
+    """A butterfly step that fuses the lane's own product counts, fused by Triton (an FMA with the
+    shuffled value as addend) or left for ptxas to fuse (an add of a plain mul.f32); one adding
+    rounded values (a product rounded by an FMA with a zero addend, as _channel_sum does) does not."""
+    shuffle = "\tmul.f32 %r1, %r2, %r3;\n\tshfl.sync.bfly.b32 %r4, %r1, 4, 31, -1;\n"
+    assert lane_divergent_sums(shuffle + "\tfma.rn.f32 %r5, %r2, %r3, %r4;\n") == 1
+    assert lane_divergent_sums(shuffle + "\tadd.f32 %r5, %r1, %r4;\n") == 1
+    rounded = "\tfma.rn.f32 %r1, %r2, %r3, 0f00000000;\n\tshfl.sync.bfly.b32 %r4, %r1, 4, 31, -1;\n"
+    assert lane_divergent_sums(rounded + "\tadd.f32 %r5, %r1, %r4;\n") == 0
 
 
 def test_a_checked_specialisation_is_read_back_not_compiled_again(tmp_path):

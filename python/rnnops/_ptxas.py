@@ -64,14 +64,20 @@ def tensor_core_path(ptx: str) -> str:
 
 _BUTTERFLY = re.compile(r"shfl\.sync\.bfly\.b32\s+(%r\d+),")
 _FMA = re.compile(r"fma\.rn\.f32\s+%r\d+, %r\d+, %r\d+, (%r\d+);")
+_PRODUCT = re.compile(r"mul\.f32\s+(%r\d+),")  # no rounding mode: ptxas may fuse it into an add
+_ADD = re.compile(r"add\.f32\s+%r\d+, (%r\d+), (%r\d+);")
 
 
 def lane_divergent_sums(ptx: str) -> int:
-    """FMAs of a float32 PTX whose addend is a butterfly shuffle's result: the first step of a sum
-    across lanes with each lane's own product fused into it unrounded and its partner's rounded,
-    which is not symmetric, so the lanes end with different last bits of the same sum (Triton
-    fuses a product into the add after it unless told not to). Lanes holding copies of a value
-    that differ make its consumers depend on which copy they read, and their writes of it to
-    shared memory race (compute-sanitizer racecheck reports each as an error)."""
-    shuffled = set(_BUTTERFLY.findall(ptx))
-    return sum(addend in shuffled for addend in _FMA.findall(ptx))
+    """Steps of a sum across lanes in Triton's PTX (float32 values in %r registers) that fuse a
+    lane's own product into it: an FMA whose addend is a butterfly shuffle's result, or an add of
+    a shuffle's result and a product ptxas may fuse (``mul.f32`` without a rounding mode). Each
+    lane's own product enters unrounded and its partner's rounded, which is not symmetric, so
+    the lanes end with different last bits of the same sum (Triton fuses a product into the add
+    after it unless told not to). Lanes holding copies of a value that differ make its consumers
+    depend on which copy they read, and their writes of it to shared memory race
+    (compute-sanitizer racecheck reports each as an error)."""
+    shuffled, products = set(_BUTTERFLY.findall(ptx)), set(_PRODUCT.findall(ptx))
+    fused = sum(addend in shuffled for addend in _FMA.findall(ptx))
+    return fused + sum((a in shuffled and b in products) or (b in shuffled and a in products)
+                       for a, b in _ADD.findall(ptx))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _ptxas, _sass
 from .._files import write_atomically
 from .._ptxas import KernelReport, lane_divergent_sums, parse_log, tensor_core_path
 from .._sass import innermost_exponential_loop
@@ -116,10 +117,9 @@ def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> 
         if key in seen:
             continue
         seen.add(key)
-        # backend.hash(): ptxas and the arch; the report's fields: one stored before a field existed
-        # is not read back with that field's default
-        layout = ",".join(f.name for f in fields(KernelReport))
-        stored = _StoredReport(f"{triton.__version__}|{backend.hash()}|{key[0]}|{key[1]}|{loops}|{layout}")
+        # backend.hash(): ptxas and the arch; _READER: a report stored before a field existed, or
+        # before a change to how one is read, is not read back
+        stored = _StoredReport(f"{triton.__version__}|{backend.hash()}|{key[0]}|{key[1]}|{loops}|{_READER}")
         report = stored.read()
         if report is None:
             log = io.StringIO()
@@ -140,6 +140,11 @@ def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> 
             stored.write(report)
         reports.append(report)
     return reports
+
+
+# the report's fields and the source that reads them from ptxas' log, the PTX and the SASS
+_READER = hashlib.sha256("".join([",".join(f.name for f in fields(KernelReport))] + [
+    Path(module.__file__).read_text() for module in (_ptxas, _sass)]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
