@@ -76,16 +76,26 @@ def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
     assert cuda_rnn.supports(dtype=torch.bfloat16, device=cuda, head_dim=768, cell="slstm") is None
 
 
+def default_kernels() -> list[compile_check.Instantiation]:
+    units = cuda_rnn.DEFAULT_CONFIG.units
+    return [compile_check.rnn_kernel(phase, dtype, cell, units)
+            for phase in ("fwd", "bwd") for dtype in ("float", "__nv_bfloat16") for cell in range(4)]
+
+
 @pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_default_configs_compile_without_spills(arch):
-    units = cuda_rnn.DEFAULT_CONFIG.units
-    kernels = [compile_check.rnn_kernel(phase, dtype, cell, units)
-               for phase in ("fwd", "bwd") for dtype in ("float", "__nv_bfloat16") for cell in range(4)]
+    kernels = default_kernels()
     reports = compile_check.ptxas_reports(kernels, arch)
     assert len(reports) == len(kernels)
     for report in reports:
         assert report.spill_stores == 0 and report.spill_loads == 0, report
+
+
+@pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")
+def test_default_configs_compile_with_nvrtc():
+    """NVRTC, which compiles them on a GPU, refuses some C++ nvcc accepts."""
+    compile_check.nvrtc_compile(default_kernels(), "sm_90a")
 
 
 @pytest.mark.gpu

@@ -98,17 +98,28 @@ def test_config_space():
     assert dataclasses.asdict(cuda_scan.DEFAULT_CONFIG) in legal
 
 
+def default_kernels() -> list[compile_check.Instantiation]:
+    config = cuda_scan.DEFAULT_CONFIG
+    return [compile_check.scan_kernel(phase, dtype, config.warps, config.items, staged)
+            for phase in ("fwd", "bwd") for dtype in ("float", "__half", "__nv_bfloat16") for staged in (True, False)]
+
+
 @pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_default_configs_compile_without_spills(arch):
-    config = cuda_scan.DEFAULT_CONFIG
-    kernels = [compile_check.scan_kernel(phase, dtype, config.warps, config.items, staged)
-               for phase in ("fwd", "bwd") for dtype in ("float", "__half", "__nv_bfloat16") for staged in (True, False)]
+    kernels = default_kernels()
     reports = compile_check.ptxas_reports(kernels, arch)
     assert len(reports) == len(kernels)
     for report in reports:
         assert report.spill_stores == 0 and report.spill_loads == 0, report
         assert report.registers <= 255
+
+
+@pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")
+def test_default_configs_compile_with_nvrtc():
+    """NVRTC, which compiles them on a GPU, refuses some C++ nvcc accepts: a lambda capturing
+    structured bindings broke the backward there (2026-11-27)."""
+    compile_check.nvrtc_compile(default_kernels(), "sm_90a")
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")

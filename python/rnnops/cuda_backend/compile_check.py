@@ -6,8 +6,11 @@ within an instruction budget. :func:`scan_kernel` and :func:`rnn_kernel` name th
 templates' instantiations (also for NVRTC)."""
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +65,61 @@ def _compile(instantiations: list[Instantiation], arch: str) -> tuple[str, bytes
         if result.returncode != 0:
             raise RuntimeError(f"nvcc failed for {arch}:\n{result.stdout}\n{result.stderr}")
         return result.stdout + result.stderr, cubin.read_bytes()
+
+
+def libnvrtc() -> str | None:
+    """A libnvrtc to load, the library that compiles the kernels on a GPU (through cupy):
+    ``$RNNOPS_LIBNVRTC``, the CUDA toolkit's (beside nvcc), or the nvidia-cuda-nvrtc wheel's
+    (``nvidia/cu13/lib`` or ``nvidia/cuda_nvrtc/lib`` on ``sys.path``); None where none is found."""
+    if os.environ.get("RNNOPS_LIBNVRTC"):
+        return os.environ["RNNOPS_LIBNVRTC"]
+    compiler = nvcc()
+    folders = [Path(compiler).resolve().parent.parent / "lib64"] if compiler else []
+    folders += [Path(p) / "nvidia" / sub / "lib" for p in sys.path if p for sub in ("cu13", "cuda_nvrtc")]
+    return next((str(lib) for folder in folders if folder.is_dir() for lib in sorted(folder.glob("libnvrtc.so*"))
+                 if "builtins" not in lib.name and ".alt." not in lib.name), None)
+
+
+def nvrtc_compile(instantiations: list[Instantiation], arch: str) -> None:
+    """Compile ``instantiations`` (one header) with NVRTC as the GPU engine does (the module's code,
+    its options, the kernels as name expressions), without a GPU; raises RuntimeError with NVRTC's
+    log on a compile error. NVRTC refuses some C++ that nvcc accepts with a warning (a lambda
+    capturing structured bindings, C++20: the scan backward on the GPU, 2026-11-27). cupy adds
+    the include folder of its own copy of libcu++ (cuda/std/...); here the toolkit's stands in."""
+    from .nvrtc import compile_options, toolkit_include_dir
+
+    (header,) = {i.header for i in instantiations}
+    path = libnvrtc()
+    if path is None:
+        raise FileNotFoundError("libnvrtc not found (set RNNOPS_LIBNVRTC)")
+    for builtins in sorted(Path(path).parent.glob("libnvrtc-builtins.so*")):  # which it opens by name
+        if ".alt." not in builtins.name:
+            ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(path)
+    program = ctypes.c_void_p()
+    code = f'#include "{header}"\n'.encode()
+    _nvrtc_check(lib, lib.nvrtcCreateProgram(ctypes.byref(program), code, b"rnnops.cu", 0, None, None), program)
+    try:
+        for instance in instantiations:
+            _nvrtc_check(lib, lib.nvrtcAddNameExpression(program, instance.kernel.encode()), program)
+        options = [option.encode() for option in compile_options(arch) + (f"-I{toolkit_include_dir() / 'cccl'}",)]
+        _nvrtc_check(lib, lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)),
+                     program)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def _nvrtc_check(lib, status: int, program) -> None:
+    if status == 0:
+        return
+    size = ctypes.c_size_t(0)
+    log = ""
+    if program and lib.nvrtcGetProgramLogSize(program, ctypes.byref(size)) == 0 and size.value > 1:
+        buffer = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(program, buffer)
+        log = buffer.value.decode(errors="replace")
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    raise RuntimeError(f"NVRTC: {lib.nvrtcGetErrorString(status).decode()}\n{log}")
 
 
 def ptxas_reports(instantiations: list[Instantiation], arch: str) -> list[KernelReport]:

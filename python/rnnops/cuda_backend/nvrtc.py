@@ -61,8 +61,14 @@ def _module(header: str, names: tuple[str, ...], arch: str, cooperative: bool):
     (cupy takes that choice per module, not per launch)."""
     cupy = _cupy()
     code = f'// rnnops csrc {sources_digest()}\n#include "{header}"\n'
-    options = ("-std=c++17", f"-I{csrc_dir()}", f"-I{toolkit_include_dir()}", f"--gpu-architecture={arch}")
-    return cupy.RawModule(code=code, options=options, name_expressions=names, enable_cooperative_groups=cooperative)
+    return cupy.RawModule(code=code, options=compile_options(arch), name_expressions=names,
+                          enable_cooperative_groups=cooperative)
+
+
+def compile_options(arch: str) -> tuple[str, ...]:
+    """NVRTC's options for the kernels (``arch``: e.g. "sm_90a"); compile_check.nvrtc_compile uses
+    the same."""
+    return ("-std=c++17", f"-I{csrc_dir()}", f"-I{toolkit_include_dir()}", f"--gpu-architecture={arch}")
 
 
 def _arch(device: torch.device) -> str:
