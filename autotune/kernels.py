@@ -225,9 +225,12 @@ TUNABLES = [
             lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16)),
             ("backward_num_warps",)),
     Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
-            lambda m, s, dt, hw: m.space(s["D"], _gates(s), dt.itemsize, hw),
+            lambda m, s, dt, hw: m.space(s["D"], s["cell"], dt.itemsize, hw),
             lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
-            lambda c, s: 1.0 + 0.5 * (math.ceil(s["D"] / c["units"]) - 1)),  # a grid barrier per step when split
+            # a grid barrier per step when split; unstaged, each step also waits for its pointwise
+            # inputs from global memory (two rounds of loads forward, one and a read-back of dh
+            # backward, where staged they arrive during the step before: a guess, untimed)
+            lambda c, s: (1.0 + 0.5 * (math.ceil(s["D"] / c["units"]) - 1)) * (1.0 if c["stage"] else 1.5)),
 ]
 
 

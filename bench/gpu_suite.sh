@@ -115,33 +115,26 @@ PY
     # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
     # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
     # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
-    left=$(seconds_until 480)
+    left=$(seconds_until 470)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
       '{"block_v": 64}'
+    # the CUDA cells with their pointwise inputs read from global memory each step, as until
+    # 2026-11-27 (stage 0), against the shipped staging in shared memory (x_t and the backward's
+    # saved states, pre-activations and d h_seq copied a step ahead, carried states and gradients
+    # kept there; SASS: global loads 50 -> 12 forward, 58 -> 22 backward; untimed)
+    left=$(seconds_until 510)
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
+      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" --try '{"stage": 0}'
     # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
     # shipped staging of each chunk's rows in shared memory, whose kernels since 2026-11-27 also
     # split the state elements over the warps, not the steps (SASS per element, forward /
     # backward: about 7 / 37 staged, 23 / 120 from global memory; untimed, and the default: first
     # of the rest)
-    left=$(seconds_until 505)
+    left=$(seconds_until 545)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
       --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'
-    # the delta rule's chunk kernels over the whole of K (block_k 128, block_v 64, 8 warps): the
-    # dq/dk/dW kernel in one program a chunk instead of two, each loading do, v and dV_new and
-    # forming do v^T (fla's layout on Hopper), no spill plain or gated (Triton 3.6 sm_90: dq/dk
-    # 205 / 250 registers, the UT backward 255 / 223, one program an SM: 8 warps as now). And
-    # the fused forward (the walk computes the outputs: no states or V_new through memory; 131 KB,
-    # one walk an SM, 2 waves at 64 columns), with 8 warps (the gated one spills at 4). And the
-    # chunk kernels' loops pipelined (2 stages; the 4 warps x 1 stage shipped won 1.17-1.21x
-    # against 8 x 2, never against 4 x 2): the UT backward's three 2-tile loops then wait for
-    # global memory once each instead of once a tile (254 registers, 56 KB, two an SM as now)
-    left=$(seconds_until 555)
-    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
-      --try '{"block_k": 128, "block_v": 64, "num_warps": 8}' \
-      '{"fused_forward": 1, "state_block_v": 64, "state_num_warps": 8}' '{"num_stages": 2}'
     # the Triton scan's forward at 8 channels a program in 2-step sub-blocks: at B8 on the H100
     # 1.07-1.20x, at B1 (8 segments) on the H200 1.21x (2-step sub-blocks alone 1.20x); each
     # shipped where it was measured (the other shape and GPU: changes to time)

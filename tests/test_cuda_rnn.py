@@ -4,6 +4,8 @@ instantiations compile for sm_80 and sm_90a without spills."""
 import pytest
 import torch
 
+import rnnops
+
 from conftest import assert_close, compare_backends
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.cuda_backend import compile_check
@@ -42,6 +44,17 @@ def test_tensor_core_products_split_over_warps(cell):
 
 
 @pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("shape", [dict(), dict(T=3, H=2, D=80)], ids=["basic", "D80-split-over-blocks"])
+def test_unstaged_matches_reference(cell, shape):
+    """RNNConfig.stage 0 (what runs where the staging buffers do not fit): the pointwise phases read
+    their inputs from global memory each step and the carried states and gradients stay there."""
+    x = make_inputs(cell, **shape)
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), torch.float32)
+    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "stage": 0}):
+        compare_backends(run(cell), x, 1e-5, test="cuda")
+
+
+@pytest.mark.parametrize("cell", list(GATES))
 def test_inference_writes_no_pre_activations(cell):
     """Under no_grad the forward writes no pre-activations (the simulator gets no buffer: a write
     would fault), and h_seq and the final states still match the reference."""
@@ -53,11 +66,37 @@ def test_inference_writes_no_pre_activations(cell):
         assert_close(a, b, 1e-5, f"output {i}")
 
 
+def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values, contiguous, at an address that is not a multiple of 16 bytes."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+    copy = storage[1:].view_as(t).copy_(t)
+    assert copy.data_ptr() % 16
+    return copy
+
+
+def test_inputs_at_an_offset_that_is_not_16_byte_aligned():
+    """The kernels copy x_t (forward) and d h_seq (backward) 16 bytes at a time (cp.async, which
+    faults on a misaligned address; the simulator raises): the launcher copies either first where
+    it sits at an odd offset."""
+    x = make_inputs("lstm", T=3, D=32)
+    x_gates = x.pop("x_gates")
+    R = x.pop("R").requires_grad_()
+    h_seq, _ = rnnops.rnn(misaligned_copy(x_gates), R, x["b"], (x["state0"], x["state1"]), cell="lstm", backend="cuda")
+    reference, _ = rnnops.rnn(x_gates.double(), R.double(), x["b"].double(), (x["state0"].double(), x["state1"].double()),
+                              cell="lstm", backend="reference")
+    assert_close(h_seq, reference, 1e-5, "h_seq")
+    d_h_seq = torch.randn_like(h_seq)
+    (dR,) = torch.autograd.grad(h_seq, R, misaligned_copy(d_h_seq))
+    (expected,) = torch.autograd.grad(reference, R, d_h_seq.double())
+    assert_close(dR, expected, 1e-5, "dR")
+
+
 def test_config_space_fits_shared_memory():
     h100 = hardware.named("H100")
     for D in (64, 256, 768):
-        legal = cuda_rnn.space(D, 4, 2, h100).legal()
-        assert legal and all(max(cuda_rnn.shared_bytes(D, 4, p["units"], 2, p["threads"])) <= h100.shared_memory_per_block
+        legal = cuda_rnn.space(D, "lstm", 2, h100).legal()
+        assert legal and all(max(cuda_rnn.shared_bytes(D, "lstm", p["units"], 2, p["threads"], p["stage"]))
+                             <= h100.shared_memory_per_block
                              for p in legal)
 
 
@@ -68,12 +107,17 @@ def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
     too wide for any slice is refused by `supports` so `auto` picks another backend."""
     monkeypatch.setattr(cuda_rnn, "block_shared_memory", lambda device: hardware.named("H100").shared_memory_per_block)
     cuda = torch.device("cuda")
-    assert cuda_rnn.slice_units(64, 768, 4, 2, 256, cuda) == 32
-    assert cuda_rnn.slice_units(64, 192, 4, 2, 256, cuda) == 64
-    assert cuda_rnn.slice_units(64, 40, 4, 2, 256, cuda) == 32  # no wider than D rounded up to 16
+    # 32 units of a 768-wide LSTM head took 224 KB, 234 KB with the forward's x_t and x_{t+1}
+    config = cuda_rnn.RNNConfig(units=64, threads=256)
+    assert cuda_rnn.fitting_slice(config, 768, "lstm", 2, cuda) == (16, 1)
+    assert cuda_rnn.fitting_slice(config, 192, "lstm", 2, cuda) == (64, 1)
+    assert cuda_rnn.fitting_slice(config, 40, "lstm", 2, cuda) == (32, 1)  # no wider than D rounded up to 16
     monkeypatch.setattr(cuda_rnn, "device_reason", lambda device: None)
     assert "shared memory" in cuda_rnn.supports(dtype=torch.float32, device=cuda, head_dim=768, cell="slstm")
     assert cuda_rnn.supports(dtype=torch.bfloat16, device=cuda, head_dim=768, cell="slstm") is None
+    # 99 KB a block (L4, RTX 4090): a 768-wide GRU head fits only unstaged
+    monkeypatch.setattr(cuda_rnn, "block_shared_memory", lambda device: hardware.named("L4").shared_memory_per_block)
+    assert cuda_rnn.fitting_slice(cuda_rnn.RNNConfig(units=16), 768, "gru", 2, cuda) == (16, 0)
 
 
 def default_kernels() -> list[compile_check.Instantiation]:

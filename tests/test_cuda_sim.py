@@ -1,5 +1,5 @@
-"""The CUDA simulator itself (csrc/sim): barriers, shuffles, votes, wmma, grid sync, poisoned
-shared memory, and the AddressSanitizer and ThreadSanitizer builds."""
+"""The CUDA simulator itself (csrc/sim): barriers, shuffles, votes, wmma, grid sync, asynchronous
+copies, poisoned shared memory, and the AddressSanitizer and ThreadSanitizer builds."""
 import subprocess
 import sys
 import textwrap
@@ -47,6 +47,18 @@ def test_wmma_matmul(sim):
 
 def test_grid_barrier(sim):
     assert sim.grid_barrier(5).tolist() == [15] * 5
+
+
+def test_async_copies_land_when_waited_for(sim):
+    """copy_async16 (cp.async): a thread's copy is not there before it waits for its group (the
+    simulator's shared memory is still NaN), is after (and, past a barrier, for the next thread);
+    a misaligned address is an error of the launch, as it faults on a GPU."""
+    x = torch.randn(132)
+    before, after = sim.async_copy(x, 4)
+    assert before.isnan().all()
+    torch.testing.assert_close(after, x[4:].view(32, 4).roll(-1, 0).reshape(-1), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not 16-byte aligned"):
+        sim.async_copy(x, 1)
 
 
 def _in_sanitized_child(sanitizer: str, code: str) -> subprocess.CompletedProcess:

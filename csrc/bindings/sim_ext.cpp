@@ -72,6 +72,15 @@ at::Tensor grid_barrier(int64_t blocks) {
   return seen;
 }
 
+std::vector<at::Tensor> async_copy(at::Tensor x, int64_t offset) {
+  check_cpu(x, "x", at::kFloat);
+  TORCH_CHECK(offset >= 0 && x.numel() >= offset + 128, "x must hold offset + 128 values");
+  auto before = at::full({128}, 0.0, x.options()), after = at::full({128}, NAN, x.options());
+  launch(rnnops::selftest::async_copy, dim3(1), dim3(32), 0, false, x.data_ptr<float>(), before.data_ptr<float>(),
+         after.data_ptr<float>(), static_cast<int>(offset));
+  return {before, after};
+}
+
 at::Tensor out_of_bounds(at::Tensor x) {
   check_cpu(x, "x", at::kFloat);
   auto out = at::zeros({1}, x.options());
@@ -204,13 +213,14 @@ void dispatch_cell(int64_t cell, int64_t units, F&& f) {
 rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
   return rnnops::rnn::RNNShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
                                static_cast<int>(v[3]), static_cast<int>(v[4]), static_cast<int>(v[5]),
-                               static_cast<int>(v[6]), static_cast<int>(v[7])};
+                               static_cast<int>(v[6]), static_cast<int>(v[7]), static_cast<int>(v[8])};
 }
 
 void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
                  at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
                  std::vector<int64_t> launch_shape) {
-  // shape: B, T, H, D, splits, has_bias, has_initial; launch: grid x, y, z, threads, dynamic shared bytes
+  // shape: B, T, H, D, splits, has_bias, has_initial, save_pre, stage; launch: grid x, y, z, threads,
+  // dynamic shared bytes
   const auto s = rnn_shape(shape);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -245,6 +255,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("warp_scan", &warp_scan);
   m.def("wmma_matmul", &wmma_matmul);
   m.def("grid_barrier", &grid_barrier);
+  m.def("async_copy", &async_copy);
   m.def("out_of_bounds", &out_of_bounds);
   m.def("scan_forward", &scan_forward);
   m.def("scan_backward", &scan_backward);

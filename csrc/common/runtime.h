@@ -8,6 +8,12 @@
 //   rnnops::exp2_approx              2^x, one MUFU.EX2 on the GPU (ex2.approx.ftz: relative error
 //                                    about 2^-22, results below 2^-126 flushed to 0)
 //   rnnops::Chunk16, in_flight       16-byte copies; a thread's loads of several indices issued together
+//   rnnops::copy_async16 / copy_async_commit / copy_async_wait<N>
+//                                    16 bytes from global to shared memory without registers
+//                                    (cp.async, sm_80+; both addresses 16-byte aligned), in groups
+//                                    the thread commits; wait<N> returns once all but the N most
+//                                    recent of its groups have landed (a block barrier after it
+//                                    shows them to the other threads)
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -29,6 +35,15 @@ __device__ __forceinline__ float exp2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+__device__ __forceinline__ void copy_async16(void* shared_dst, const void* global_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPendingGroups>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPendingGroups) : "memory");
+}
 }  // namespace rnnops
 #else
 #include "../sim/sim.h"
@@ -39,6 +54,12 @@ inline void grid_sync() { sim::sync_grid(); }
 template <class A, class B>
 inline constexpr bool is_same_v = std::is_same_v<A, B>;
 inline float exp2_approx(float x) { return std::exp2(x); }
+inline void copy_async16(void* shared_dst, const void* global_src) { sim::copy_async16(shared_dst, global_src); }
+inline void copy_async_commit() { sim::copy_async_commit(); }
+template <int kPendingGroups>
+inline void copy_async_wait() {
+  sim::copy_async_wait(kPendingGroups);
+}
 }  // namespace rnnops
 #endif
 

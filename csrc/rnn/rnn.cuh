@@ -12,8 +12,13 @@
 // grid barrier every step (cooperative launch) and read h_{t-1} back from h_seq in 16-byte
 // copies, each thread's loads in flight together (one memory latency a step, not one per
 // element: at D = 768 the element-wise loop was most of the step); otherwise a block barrier
-// suffices. The pointwise phases (forward and backward) take a thread's elements four at a time,
-// all of their global loads issued before the first is used (rnnops::in_flight).
+// suffices. The forward's pointwise phase reads only shared memory: the slice's x_t, copied
+// asynchronously (cp.async) during step t - 1, the bias, and the carried float32 states (c; GRU's
+// h; sLSTM's n, m), which each thread keeps there for the element it updates next step, so no
+// global load waits on the recurrence's path (the product's h_{t-1} aside, for a split head). The
+// backward's likewise: the carried gradients stay in shared memory (global only at its start and
+// end: the final and initial states' gradients), and the saved states, pre-activations and
+// d h_seq of step t - 1 are copied asynchronously during step t.
 //
 // The backward walks time in reverse: the pointwise gradients of the slice (into dx, and the
 // carried gradients of c / n / m), a barrier, then dh_{t-1} for the slice's units as
@@ -23,7 +28,7 @@
 // loads issued together (a head in one block whose G D gradients fit one chunk keeps them in
 // shared memory as it computes them). dR and db are one batched matmul on the host. Where no
 // backward will run (s.save_pre 0: no_grad) the forward writes no pre-activations (pre may be
-// null); it still writes every step's states, which it reads back as c_{t-1}. Buffers and
+// null); it still writes every step's states. Buffers and
 // layouts are those of the Triton kernels
 // (triton_kernels/rnn.py): states (B, T, S, H, D) and pre-activations (B, T, P, H, D) in fp32,
 // carries (S, B, H, D) fp32, x_gates (B, T, G, H, D) and h_seq (B, T, H, D) of type T.
@@ -46,6 +51,10 @@ struct RNNShape {
   int B, T, H, D, splits;
   int has_bias, has_initial;
   int save_pre;  // the forward writes the pre-activations (0 where no backward will run)
+  // the pointwise phases' inputs staged in shared memory (copied a step ahead, carried states
+  // and gradients kept there); 0: read from global memory each step, in rounds of loads issued
+  // together, where the staging buffers do not fit (rnnops.cuda_backend.rnn.shared_bytes)
+  int stage;
 };
 
 constexpr int kRows = 16;  // batch rows per block (one wmma tile)
@@ -70,7 +79,8 @@ __device__ __forceinline__ void block_barrier(const RNNShape& s) {
 }
 
 // The block's slice of 16 rows x U units as a thread's elements, four at a time with all of their
-// global loads issued before the first is used (rnnops::in_flight): load(b, unit) returns an
+// loads (shared memory, and the initial states' global ones) issued before the first is used
+// (rnnops::in_flight; an element maps to the same thread at every call): load(b, unit) returns an
 // element's inputs, use(r, u, b, unit, inputs) consumes them (r, u: its place in the slice; b,
 // unit: in the batch and the head); rows past the batch and units past the head are skipped.
 template <int U, class Load, class Use>
@@ -86,6 +96,21 @@ __device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0
         const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
         if (b < s.B && unit < s.D) use(r, u, b, unit, in);
       });
+}
+
+// Asynchronous 16-byte copies (rnnops::copy_async16) of the block's slice of ``planes`` planes into
+// shared memory laid out [planes][16][U]: address(plane, b) points at unit unit0 of that plane
+// and batch row in global memory (16-byte aligned: D % 16 == 0 and the buffers' bases aligned), so
+// a piece of U's units is all inside the head or all outside; rows past the batch and units past
+// the head are not copied.
+template <int U, class E, class Address>
+__device__ __forceinline__ void copy_slice_async(E* dst, int planes, const RNNShape& s, int row0, int unit0,
+                                                 Address address) {
+  constexpr int kPer = 16 / (int)sizeof(E), kPieces = U / kPer;
+  for (int idx = threadIdx.x; idx < planes * kRows * kPieces; idx += blockDim.x) {
+    const int plane = idx / (kRows * kPieces), r = idx / kPieces % kRows, u = idx % kPieces * kPer;
+    if (row0 + r < s.B && unit0 + u < s.D) rnnops::copy_async16(dst + (plane * kRows + r) * U + u, address(plane, row0 + r) + u);
+  }
 }
 
 // How a block's warps share the 16 x 16 output tiles of a tensor-core product: with at least as
@@ -104,6 +129,17 @@ __device__ __forceinline__ WarpShare warp_share(int tiles) {
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
   if (warps < tiles) return WarpShare{warp, warps, 0, 1};
   return WarpShare{warp % tiles, tiles, warp / tiles, warps / tiles};
+}
+
+// The partial [16][outputs] fp32 tiles recurrent_matmul leaves for T (warp_share's parts; one on
+// CUDA cores for float32): rnnops.cuda_backend.rnn.k_parts.
+template <class T>
+__device__ __forceinline__ int product_parts(int outputs) {
+  if constexpr (rnnops::is_same_v<T, float>) {
+    return 1;
+  } else {
+    return warp_share(outputs / 16).parts;
+  }
 }
 
 // The block's sum of ``parts`` partial [16][n] tiles stored one after another from ``partial``,
@@ -154,17 +190,39 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
                         T* h_seq, RNNShape s) {
   using Info = CellInfo<CELL>;
   constexpr int G = Info::G, S = Info::S, P = Info::P, GU = G * U;
+  constexpr int kFirstCarried = CELL == kGRU ? 0 : 1;  // GRU carries h; LSTM / sLSTM c (n, m); Elman none
+  constexpr int SC = S - kFirstCarried;
   const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   T* w = reinterpret_cast<T*>(smem);                      // [G * U][D]
   T* h = w + GU * D;                                      // [16][D]
   float* acc = reinterpret_cast<float*>(h + kRows * D);  // [16][G * U], times warp_share's parts (half types)
+  // staged (s.stage) only:
+  T* x_steps = reinterpret_cast<T*>(acc + kRows * GU * product_parts<T>(GU));  // [2][G][16][U]: x_t, x_{t+1}
+  float* carried = reinterpret_cast<float*>(x_steps + 2 * kRows * GU);       // [SC][16][U], fp32
+  float* bias_slice = carried + SC * kRows * U;                               // [G][U]
   for (int idx = threadIdx.x; idx < GU * D; idx += blockDim.x) {
     const int n = idx / D, k = idx % D, g = n / U, unit = unit0 + n % U;
     w[idx] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
   }
+  for (int idx = threadIdx.x; s.stage && idx < GU; idx += blockDim.x) {
+    const int g = idx / U, unit = unit0 + idx % U;
+    bias_slice[idx] = s.has_bias && unit < D ? bias[(g * s.H + head) * D + unit] : 0.0f;
+  }
+  // the slice's x_t in shared memory, copied asynchronously a step ahead
+  auto prefetch_x = [&](int t) {
+    if (s.stage && t < s.T)
+      copy_slice_async<U>(x_steps + (t & 1) * kRows * GU, G, s, row0, unit0, [&](int g, int b) {
+        return x + ((((long long)b * s.T + t) * G + g) * s.H + head) * D + unit0;
+      });
+    rnnops::copy_async_commit();
+  };
+  prefetch_x(0);
   for (int t = 0; t < s.T; ++t) {
+    // x_{t+1} into the other buffer, which step t - 1 last read before its closing barrier (at
+    // the last step an empty group, so that waiting for all but the newest group waits for x_t)
+    prefetch_x(t + 1);
     // h_{t-1} of the whole head, in T: at t = 0 the initial state; for a head split over blocks,
     // h_seq's step t - 1 (rounded to T as this product takes it), which every block wrote before
     // the grid barrier, copied 16 bytes at a time with a thread's loads in flight together; where
@@ -173,6 +231,10 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
       for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
         const int r = idx / D, k = idx % D, b = row0 + r;
         h[idx] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, t, k, head, S) : 0.0f);
+      }
+      for (int idx = threadIdx.x; s.stage && idx < SC * kRows * U; idx += blockDim.x) {
+        const int slot = kFirstCarried + idx / (kRows * U), r = idx / U % kRows, b = row0 + r, unit = unit0 + idx % U;
+        carried[idx] = b < s.B && unit < D ? previous_state(s, states, initial, slot, b, t, unit, head, S) : 0.0f;
       }
       __syncthreads();
     } else if (s.splits > 1) {
@@ -189,25 +251,34 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
       __syncthreads();
     }
     recurrent_matmul(h, w, acc, D, GU);
+    rnnops::copy_async_wait<1>();  // this thread's pieces of x_t (not x_{t+1}'s)
     __syncthreads();
-    // the slice's pointwise update; a thread's global loads (x, b and the states entering the
-    // step) for four of its elements issue together
+    // the slice's pointwise update. Staged, its inputs are all in shared memory: x_t, the bias, and
+    // the carried states, each element's written by the thread that reads it next step; else a
+    // thread's global loads of them for four of its elements issue together
     struct StepInputs {
       float x[G], bias[G], prev[S];  // prev: the carried states (GRU h; LSTM / sLSTM c, n, m)
     };
-    constexpr int kFirstCarried = CELL == kGRU ? 0 : 1;  // Elman carries none (S = 1)
+    const T* x_now = x_steps + (t & 1) * kRows * GU;
     for_slice<U>(
         s, row0, unit0,
         [&](int b, int unit) {
+          const int r = b - row0, u = unit - unit0;
           StepInputs in;
 #pragma unroll
           for (int g = 0; g < G; ++g) {
-            in.x[g] = to_float(x[((((long long)b * s.T + t) * G + g) * s.H + head) * D + unit]);
-            in.bias[g] = s.has_bias ? bias[(g * s.H + head) * D + unit] : 0.0f;
+            if (s.stage) {
+              in.x[g] = to_float(x_now[(g * kRows + r) * U + u]);
+              in.bias[g] = bias_slice[g * U + u];
+            } else {
+              in.x[g] = to_float(x[((((long long)b * s.T + t) * G + g) * s.H + head) * D + unit]);
+              in.bias[g] = s.has_bias ? bias[(g * s.H + head) * D + unit] : 0.0f;
+            }
           }
 #pragma unroll
           for (int slot = kFirstCarried; slot < S; ++slot)
-            in.prev[slot] = previous_state(s, states, initial, slot, b, t, unit, head, S);
+            in.prev[slot] = s.stage ? carried[((slot - kFirstCarried) * kRows + r) * U + u]
+                                    : previous_state(s, states, initial, slot, b, t, unit, head, S);
           return in;
         },
         [&](int r, int u, int b, int unit, const StepInputs& in) {
@@ -217,6 +288,10 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           };
           auto save_pre = [&](int slot, float value) {
             if (s.save_pre) save(pre, slot, P, value);
+          };
+          auto save_state = [&](int slot, float value) {  // for the backward, and the next step if carried
+            save(states, slot, S, value);
+            if (s.stage && slot >= kFirstCarried) carried[((slot - kFirstCarried) * kRows + r) * U + u] = value;
           };
           float h_new;
           if constexpr (CELL == kGRU) {
@@ -249,20 +324,20 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
               c = forget_gate * c_prev + input_gate * z_act;
               const float n = forget_gate * n_prev + input_gate;
               h_new = rnnops::sigmoid(p_o) * c / n;
-              save(states, 2, S, n);
-              save(states, 3, S, m);
+              save_state(2, n);
+              save_state(3, m);
             }
-            save(states, 1, S, c);
+            save_state(1, c);
             save_pre(0, p_i);
             save_pre(1, p_f);
             save_pre(2, p_z);
             save_pre(3, p_o);
           }
-          save(states, 0, S, h_new);
+          save_state(0, h_new);
           h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
           if (s.splits == 1) h[r * D + unit] = from_float<T>(h_new);  // every reader of h_{t-1} is past the barrier above
         });
-    block_barrier(s);  // this step's states before anyone reads them
+    block_barrier(s);  // h_t before the next step's product reads it; x_t's buffer before it is refilled
   }
 }
 
@@ -283,13 +358,57 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   float* chunk = reinterpret_cast<float*>(wt + G * D * U);      // [16][KC] gate gradients (fp32, or T)
   float* products = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(chunk) + kRows * KC * sizeof(T));
   // products: [16][U] dh_{t-1} of the slice, times warp_share's parts (half types)
+  // staged (s.stage), the step's pointwise inputs are all in shared memory: the carried gradients
+  // (dh, and c's, n's, m's), kept there by the thread that updates each element; and copied
+  // asynchronously a step ahead, the saved states at t and t - 1 (of the slots the gradients
+  // read: c (n, m) for the LSTM / sLSTM, h for GRU and Elman; three buffers, as step t reads t and
+  // t - 1 while t - 2 arrives), the pre-activations and d h_seq at t (two buffers). Else they are
+  // read from global memory, the carried gradients from carry.
+  constexpr int kFirstSaved = CELL == kLSTM || CELL == kSLSTM ? 1 : 0, NS = S - kFirstSaved;
+  constexpr int PS = CELL == kElman ? 0 : P;  // Elman's gradient reads h_t, not its pre-activation
+  float* carried = products + kRows * U * product_parts<T>(U);  // [S][16][U]
+  float* saved_states = carried + S * kRows * U;                // [3][NS][16][U]
+  float* saved_pre = saved_states + 3 * NS * kRows * U;         // [2][PS][16][U]
+  T* dh_steps = reinterpret_cast<T*>(saved_pre + 2 * PS * kRows * U);  // [2][16][U]
   for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
     const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;
     wt[idx] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
   }
-  auto carry_at = [&](int slot, int b, int unit) -> float& {
-    return carry[(((long long)slot * s.B + b) * s.H + head) * D + unit];
+  auto carry_index = [&](int slot, int b, int unit) {
+    return (((long long)slot * s.B + b) * s.H + head) * D + unit;
   };
+  auto carry_product = [&](int idx, float value) {  // dh_{t-1} of slice element idx (r U + u) += value
+    const int b = row0 + idx / U, unit = unit0 + idx % U;
+    if (s.stage) {
+      carried[idx] += value;
+    } else if (b < s.B && unit < D) {
+      carry[carry_index(0, b, unit)] += value;
+    }
+  };
+  for (int idx = threadIdx.x; s.stage && idx < S * kRows * U; idx += blockDim.x) {  // the final states' gradients
+    const int b = row0 + idx / U % kRows, unit = unit0 + idx % U;
+    carried[idx] = b < s.B && unit < D ? carry[carry_index(idx / (kRows * U), b, unit)] : 0.0f;
+  }
+  auto prefetch_states = [&](int t) {
+    if (s.stage && t >= 0)
+      copy_slice_async<U>(saved_states + t % 3 * NS * kRows * U, NS, s, row0, unit0, [&](int plane, int b) {
+        return states + step_index(s, b, t, kFirstSaved + plane, S, unit0, head);
+      });
+  };
+  auto prefetch_step = [&](int t) {  // pre-activations and d h_seq
+    if (!s.stage || t < 0) return;
+    if constexpr (PS > 0)
+      copy_slice_async<U>(saved_pre + (t & 1) * PS * kRows * U, PS, s, row0, unit0, [&](int slot, int b) {
+        return pre + step_index(s, b, t, slot, P, unit0, head);
+      });
+    copy_slice_async<U>(dh_steps + (t & 1) * kRows * U, 1, s, row0, unit0, [&](int, int b) {
+      return d_h_seq + (((long long)b * s.T + t) * s.H + head) * D + unit0;
+    });
+  };
+  prefetch_states(s.T - 1);
+  prefetch_states(s.T - 2);
+  prefetch_step(s.T - 1);
+  rnnops::copy_async_commit();
   // a block holding every unit of a head whose G D gate gradients fit one chunk stages them in
   // shared memory as it computes them, so its product reads no global memory (rows past the batch
   // stay 0); other blocks reload the chunks every block of the head wrote
@@ -301,40 +420,64 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
       reinterpret_cast<T*>(chunk)[r * KC + gi] = from_float<T>(value);
     }
   };
-  if (resident) {
+  if (resident)
     for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) stage(idx / KC, idx % KC, 0.0f);
-    __syncthreads();  // zeros before the first step's gradients
-  }
+  rnnops::copy_async_wait<0>();
+  __syncthreads();  // the staging zeros, the carried gradients and the last step's inputs
   for (int t = s.T - 1; t >= 0; --t) {
-    // the slice's pointwise gradients; a thread's global loads (the carried gradients, d h_seq, the
-    // saved pre-activations and states) for four of its elements issue together
+    // step t - 1's inputs (and the states at t - 2), into the buffers step t + 1 last read, which
+    // every thread left at the barrier after that step's pointwise phase; they land while this
+    // step runs and are waited for at its end
+    prefetch_states(t - 2);
+    prefetch_step(t - 1);
+    rnnops::copy_async_commit();
+    // the slice's pointwise gradients
     struct StepInputs {
       float dh, pre[P], now[S], prev[S], carried[S];  // states at t and t - 1, carried gradients
     };
+    const float* states_now = saved_states + t % 3 * NS * kRows * U;
+    const float* states_prev = saved_states + (t + 2) % 3 * NS * kRows * U;  // (t - 1's, for t > 0)
+    const float* pre_now = saved_pre + (t & 1) * PS * kRows * U;
+    const T* dh_now = dh_steps + (t & 1) * kRows * U;
     for_slice<U>(
         s, row0, unit0,
         [&](int b, int unit) {
+          const int r = b - row0, u = unit - unit0;
+          auto now = [&](int slot) {
+            return s.stage ? states_now[((slot - kFirstSaved) * kRows + r) * U + u]
+                           : states[step_index(s, b, t, slot, S, unit, head)];
+          };
+          auto previous = [&](int slot) {
+            return s.stage && t > 0 ? states_prev[((slot - kFirstSaved) * kRows + r) * U + u]
+                                    : previous_state(s, states, initial, slot, b, t, unit, head, S);
+          };
+          auto carried_in = [&](int slot) {
+            return s.stage ? carried[(slot * kRows + r) * U + u] : carry[carry_index(slot, b, unit)];
+          };
           StepInputs in;
-          in.dh = carry_at(0, b, unit) + to_float(d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
-          if constexpr (CELL != kElman) {
+          in.dh = carried_in(0) + to_float(s.stage ? dh_now[r * U + u]
+                                                   : d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
 #pragma unroll
-            for (int slot = 0; slot < P; ++slot) in.pre[slot] = pre[step_index(s, b, t, slot, P, unit, head)];
-          }
+          for (int slot = 0; slot < PS; ++slot)
+            in.pre[slot] = s.stage ? pre_now[(slot * kRows + r) * U + u] : pre[step_index(s, b, t, slot, P, unit, head)];
           if constexpr (CELL == kGRU) {
-            in.prev[0] = previous_state(s, states, initial, 0, b, t, unit, head, S);
+            in.prev[0] = previous(0);
           } else if constexpr (CELL == kElman) {
-            in.now[0] = states[step_index(s, b, t, 0, S, unit, head)];
+            in.now[0] = now(0);
           } else {
 #pragma unroll
             for (int slot = 1; slot < S; ++slot) {  // c (and sLSTM's n, m)
-              in.now[slot] = states[step_index(s, b, t, slot, S, unit, head)];
-              in.prev[slot] = previous_state(s, states, initial, slot, b, t, unit, head, S);
-              in.carried[slot] = carry_at(slot, b, unit);
+              in.now[slot] = now(slot);
+              in.prev[slot] = previous(slot);
+              in.carried[slot] = carried_in(slot);
             }
           }
           return in;
         },
         [&](int r, int u, int b, int unit, const StepInputs& in) {
+          auto carry_to = [&](int slot, float value) {
+            (s.stage ? carried[(slot * kRows + r) * U + u] : carry[carry_index(slot, b, unit)]) = value;
+          };
           auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
             dx[step_index(s, b, t, g, G, unit, head)] = value;
             if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);
@@ -367,7 +510,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
               put(1, dc * c_prev * f_gate * (1.0f - f_gate));
               put(2, dc * i_gate * (1.0f - z_act * z_act));
               put(3, dh * tanh_c * o_gate * (1.0f - o_gate));
-              carry_at(1, b, unit) = dc * f_gate;
+              carry_to(1, dc * f_gate);
             } else {
               const float n = in.now[2], m_new = in.now[3];
               const float n_prev = in.prev[2], m_prev = in.prev[3];
@@ -389,12 +532,12 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
               put(1, d_logf * (1.0f - rnnops::sigmoid(p_f)));
               put(2, dc * input_gate * (1.0f - z_act * z_act));
               put(3, d_po);
-              carry_at(1, b, unit) = dc * forget_gate;
-              carry_at(2, b, unit) = dn * forget_gate;
-              carry_at(3, b, unit) = dm_prev;
+              carry_to(1, dc * forget_gate);
+              carry_to(2, dn * forget_gate);
+              carry_to(3, dm_prev);
             }
           }
-          carry_at(0, b, unit) = dh_direct;
+          carry_to(0, dh_direct);
         });
     block_barrier(s);  // every slice's gate gradients before the products read them
     // dh_{t-1}[r][slice] = sum over (g, i) of dx_g[r][i] R_g[i][slice], (g, i) in chunks of KC
@@ -429,10 +572,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         }
         __syncthreads();
       }
-      for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
-        const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-        if (b < s.B && unit < D) carry_at(0, b, unit) += sum[j];
-      }
+      for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) carry_product(idx, sum[j]);
     } else {  // tensor cores: the gate gradients rounded to T as the forward rounded h, fp32 accumulation
       using namespace nvcuda;
       T* chunk_t = reinterpret_cast<T*>(chunk);
@@ -465,16 +605,22 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
       __syncthreads();
       // (each thread sums, then reads, the same elements: no barrier between)
       if (share.parts > 1) sum_parts(products, U, share.parts);
-      for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) {
-        const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-        if (b < s.B && unit < D) carry_at(0, b, unit) += products[idx];
-      }
+      for (int idx = threadIdx.x; idx < kRows * U; idx += blockDim.x) carry_product(idx, products[idx]);
     }
-    // no barrier before the next step: its pointwise phase reads only the carried gradients this
-    // thread itself accumulated just above (for_slice and the loops above map an element to the
-    // same thread) and writes the gate gradients (global, and staged where resident), which no
-    // thread reads before the barrier after that phase, and the chunk buffer, whose last reads
-    // passed a barrier above (one grid barrier a step for a head split over blocks, no block barrier)
+    // the next step's pointwise phase reads the carried gradients each thread accumulated itself
+    // just above (for_slice and the loops above map an element to the same thread) and writes the
+    // gate gradients (global, and staged where resident), which no thread reads before the
+    // barrier after that phase, and the chunk buffer, whose last reads passed a barrier above: no
+    // barrier needed (a head split over blocks meets at one grid barrier a step). Staged, it also
+    // reads the inputs copied during this step, every thread's once each has waited for its own
+    if (s.stage) {
+      rnnops::copy_async_wait<0>();
+      __syncthreads();
+    }
+  }
+  for (int idx = threadIdx.x; s.stage && idx < S * kRows * U; idx += blockDim.x) {  // the initial states' gradients
+    const int b = row0 + idx / U % kRows, unit = unit0 + idx % U;
+    if (b < s.B && unit < D) carry[carry_index(idx / (kRows * U), b, unit)] = carried[idx];
   }
 }
 

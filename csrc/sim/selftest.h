@@ -81,6 +81,21 @@ __global__ void grid_barrier(int* counter, int* seen) {
   if (threadIdx.x == 0) seen[blockIdx.x] = atomicAdd(counter, 0);
 }
 
+// Each of a block's threads copies 4 floats from in + offset + 4 * thread to shared memory with
+// an asynchronous copy, reads them back before waiting (``before``: the simulator's poison, since
+// a copy lands when its thread waits; undefined on a GPU), waits, and after a barrier reads the
+// next thread's (``after``). An offset that is not a multiple of 4 floats is misaligned.
+__global__ void async_copy(const float* in, float* before, float* after, int offset) {
+  RNNOPS_SHARED(rnnops::Chunk16, buffer, 32);
+  const int i = threadIdx.x, n = blockDim.x;
+  rnnops::copy_async16(buffer + i, in + offset + 4 * i);
+  rnnops::copy_async_commit();
+  for (int j = 0; j < 4; ++j) before[4 * i + j] = buffer[i].f[j];
+  rnnops::copy_async_wait<0>();
+  __syncthreads();
+  for (int j = 0; j < 4; ++j) after[4 * i + j] = buffer[(i + 1) % n].f[j];
+}
+
 // Reads one element past the end of ``in``: AddressSanitizer must report it.
 __global__ void out_of_bounds(const float* in, float* out, int n) {
   if (threadIdx.x == 0) out[0] = in[n];

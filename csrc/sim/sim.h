@@ -6,8 +6,10 @@
 //   __syncthreads, __syncwarp, warp shuffles (__shfl_sync, _xor, _up, _down) and votes
 //   (__ballot_sync, __any_sync, __all_sync), atomicAdd / atomicMax / atomicCAS, __half and
 //   __nv_bfloat16 with their conversions, __ldg, the fast-math intrinsics, nvcuda::wmma fragments
-//   (m16n16k16, half / bfloat16 inputs, float accumulators), and a grid-wide barrier for
-//   cooperative launches.
+//   (m16n16k16, half / bfloat16 inputs, float accumulators), a grid-wide barrier for
+//   cooperative launches, and asynchronous 16-byte copies from global to shared memory (a
+//   thread's copies land when it waits for their group, not before, and a misaligned address
+//   throws, as it faults on a GPU).
 // How it runs a launch: every thread of a block is a std::thread (blocks one after another;
 // all blocks at once for cooperative launches), so barriers are real barriers and a missing
 // one is a real race. Shared memory (RNNOPS_SHARED / RNNOPS_DYNAMIC_SHARED, see
@@ -28,6 +30,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -71,6 +74,15 @@ struct Block {
 struct Grid {
   Dim3 dim;
   std::barrier<>* barrier = nullptr;  // cooperative launches only
+  // what a GPU would have faulted on (the launch raises it when every thread is done; a thread
+  // that threw instead would leave the others waiting at the next barrier)
+  std::mutex fault_mutex;
+  const char* fault = nullptr;
+};
+
+struct AsyncCopy {
+  void* dst;
+  const void* src;
 };
 
 struct Thread {
@@ -79,6 +91,8 @@ struct Thread {
   Grid* grid = nullptr;
   unsigned linear = 0, lane = 0;
   std::size_t shared_count = 0;
+  std::vector<AsyncCopy> uncommitted;               // copies issued since the last commit
+  std::vector<std::vector<AsyncCopy>> copy_groups;  // committed groups not yet waited for, oldest first
   Warp& warp() const { return *blk->warps[linear / kWarpSize]; }
 };
 
@@ -90,6 +104,28 @@ inline void sync_warp() { current->warp().barrier.arrive_and_wait(); }
 inline void sync_grid() {
   if (current->grid->barrier == nullptr) std::terminate();  // grid sync needs a cooperative launch
   current->grid->barrier->arrive_and_wait();
+}
+
+// cp.async: queued until the thread waits for the copy's group, when it lands (on a GPU it may land
+// any time until then, so the kernel may not count on it before)
+inline void copy_async16(void* dst, const void* src) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 || reinterpret_cast<std::uintptr_t>(src) % 16) {
+    std::lock_guard<std::mutex> guard(current->grid->fault_mutex);
+    current->grid->fault = "copy_async16: an address is not 16-byte aligned (a misaligned address error on a GPU)";
+    return;
+  }
+  current->uncommitted.push_back({dst, src});
+}
+inline void copy_async_commit() {
+  current->copy_groups.push_back(std::move(current->uncommitted));
+  current->uncommitted.clear();
+}
+inline void copy_async_wait(int pending_groups) {
+  auto& groups = current->copy_groups;
+  while (static_cast<int>(groups.size()) > pending_groups) {
+    for (const AsyncCopy& copy : groups.front()) std::memcpy(copy.dst, copy.src, 16);
+    groups.erase(groups.begin());
+  }
 }
 
 // The k-th shared array a thread asks for is the block's k-th allocation.
@@ -144,7 +180,9 @@ void launch(Kernel kernel, Dim3 grid, Dim3 block, std::size_t dynamic_bytes, boo
   const unsigned per_block = block.count(), blocks = grid.count();
   std::unique_ptr<std::barrier<>> grid_barrier;
   if (cooperative) grid_barrier = std::make_unique<std::barrier<>>(static_cast<std::ptrdiff_t>(per_block * blocks));
-  Grid g{grid, grid_barrier.get()};
+  Grid g;
+  g.dim = grid;
+  g.barrier = grid_barrier.get();
   std::exception_ptr failure;
   std::mutex failure_mutex;
   auto body = [&](Block* blk, Dim3 bidx, unsigned linear) {
@@ -177,6 +215,7 @@ void launch(Kernel kernel, Dim3 grid, Dim3 block, std::size_t dynamic_bytes, boo
     for (auto& th : threads) th.join();
   }
   if (failure) std::rethrow_exception(failure);
+  if (g.fault) throw std::runtime_error(g.fault);
 }
 
 }  // namespace rnnops::sim

@@ -18,7 +18,7 @@ from rnnops.autotune.space import Constraint, Space
 
 from .._backward_only import needs_backward
 from .._dispatch import register
-from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer
+from .._fused_rnn import CELL_IDS, FusedRNNFunction, pre_buffer, pre_slots
 from ..reference.rnn import CELLS
 from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
@@ -32,6 +32,9 @@ UNITS = (16, 32, 64)  # the instantiated slice widths
 class RNNConfig:
     units: int = 64  # units of a head per block
     threads: int = 128
+    # the pointwise phases' inputs staged in shared memory (csrc/rnn/rnn.cuh's RNNShape.stage):
+    # a launch where they do not fit at any width runs unstaged
+    stage: int = 1
 
 
 DEFAULT_CONFIG = RNNConfig()
@@ -46,37 +49,60 @@ def k_parts(outputs: int, threads: int, element_bytes: int) -> int:
     return max(1, threads // 32 // (outputs // 16))
 
 
-def shared_bytes(D: int, gates: int, units: int, element_bytes: int, threads: int) -> tuple[int, int]:
-    """Dynamic shared memory of the forward and backward kernels."""
+def carried_states(cell: str) -> int:
+    """The float32 states the forward carries from step to step in shared memory (csrc/rnn/rnn.cuh's
+    SC): GRU's h, the LSTM's c, the sLSTM's c, n and m; Elman's h is only the product's input."""
+    return 1 if cell == "gru" else len(CELLS[cell].states) - 1
+
+
+def shared_bytes(D: int, cell: str, units: int, element_bytes: int, threads: int, stage: int = 1) -> tuple[int, int]:
+    """Dynamic shared memory of the forward and backward kernels. Forward: the weight slice, h_{t-1},
+    the product's partial tiles, and staged, x_t and x_{t+1} of the slice, the carried states and
+    the bias. Backward: the transposed weight slice, the gate-gradient chunk, the product's partial
+    tiles, and staged, the carried gradients, three steps of the saved states it reads, two of the
+    pre-activations and of d h_seq."""
+    gates = CELLS[cell].gates
     forward = (gates * units * D * element_bytes + ROWS * D * element_bytes
                + ROWS * gates * units * 4 * k_parts(gates * units, threads, element_bytes))
     backward = (gates * D * units * element_bytes + ROWS * GRADIENT_CHUNK * 4
                 + ROWS * units * 4 * k_parts(units, threads, element_bytes))
+    if stage:
+        forward += (2 * ROWS * gates * units * element_bytes + carried_states(cell) * ROWS * units * 4
+                    + gates * units * 4)
+        states = len(CELLS[cell].states)
+        read_states = states - 1 if cell in ("lstm", "slstm") else 1  # the slots the gradients read
+        read_pre = 0 if cell == "elman" else pre_slots(cell)
+        backward += (states + 3 * read_states + 2 * read_pre) * ROWS * units * 4 + 2 * ROWS * units * element_bytes
     return forward, backward
 
 
-def slice_units(requested: int, D: int, gates: int, element_bytes: int, threads: int, device: torch.device) -> int:
-    """The units per block for a head of D units: the widest instantiated slice no wider than the
+def fitting_slice(config: RNNConfig, D: int, cell: str, element_bytes: int, device: torch.device) -> tuple[int, int]:
+    """(units, stage) for a head of D units: the widest instantiated slice no wider than the
     configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
-    shared memory. A configuration tuned or shipped for another head dim of the same shape bucket
-    may ask for more than fits (sLSTM at D = 768 with 64 units: 424 KB); it gets a narrower slice."""
+    shared memory, staged as the configuration asks where any width fits staged, else unstaged.
+    A configuration tuned or shipped for another head dim of the same shape bucket may ask for
+    more than fits (sLSTM at D = 768 with 64 units: 424 KB); it gets a narrower slice. A GRU's
+    768-wide head fits an L4's or RTX 4090's 99 KB only unstaged."""
     limit = block_shared_memory(device)
-    candidates = [u for u in UNITS if u <= max(requested, 16) and u <= -(-D // 16) * 16] or [UNITS[0]]
-    fitting = [u for u in candidates if limit is None or max(shared_bytes(D, gates, u, element_bytes, threads)) <= limit]
-    if not fitting:
-        need = max(shared_bytes(D, gates, UNITS[0], element_bytes, threads))
-        raise ValueError(f"rnn (cuda): a head of D={D} needs {need} bytes of shared memory per block even with "
-                         f"{UNITS[0]} units; this GPU has {limit} (use backend='triton')")
-    return max(fitting)
+    candidates = [u for u in UNITS if u <= max(config.units, 16) and u <= -(-D // 16) * 16] or [UNITS[0]]
+    for stage in sorted({config.stage, 0}, reverse=True):
+        fitting = [u for u in candidates
+                   if limit is None or max(shared_bytes(D, cell, u, element_bytes, config.threads, stage)) <= limit]
+        if fitting:
+            return max(fitting), stage
+    need = max(shared_bytes(D, cell, UNITS[0], element_bytes, config.threads, 0))
+    raise ValueError(f"rnn (cuda): a head of D={D} needs {need} bytes of shared memory per block even with "
+                     f"{UNITS[0]} units; this GPU has {limit} (use backend='triton')")
 
 
-def space(D: int, gates: int, element_bytes: int, hardware) -> Space:
+def space(D: int, cell: str, element_bytes: int, hardware) -> Space:
     return Space(
-        {"units": list(UNITS), "threads": [64, 128, 256]},
+        {"units": list(UNITS), "threads": [64, 128, 256], "stage": [0, 1]},
         (
             Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
-            Constraint("the weight slice and buffers fit in a block's shared memory", ("units", "threads"),
-                       lambda u, t: max(shared_bytes(D, gates, u, element_bytes, t)) <= hardware.shared_memory_per_block),
+            Constraint("the weight slice and buffers fit in a block's shared memory", ("units", "threads", "stage"),
+                       lambda u, t, st: max(shared_bytes(D, cell, u, element_bytes, t, st))
+                       <= hardware.shared_memory_per_block),
         ),
     )
 
@@ -87,7 +113,8 @@ def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
         reasons.append(f"the head dim D must be a multiple of 16, got {head_dim}")
     elif head_dim is not None and cell in CELLS and not any(reasons):
         try:
-            slice_units(UNITS[0], head_dim, CELLS[cell].gates, dtype.itemsize, 64, torch.device(device))
+            fitting_slice(RNNConfig(units=UNITS[0], threads=64, stage=0), head_dim, cell, dtype.itemsize,
+                          torch.device(device))
         except ValueError as error:
             reasons.append(str(error).removeprefix("rnn (cuda): "))
     return join_reasons(*reasons)
@@ -95,33 +122,38 @@ def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
 
 class _Launcher:
     """``saves`` False (no backward will run: rnnops._backward_only.needs_backward): the forward writes
-    no pre-activations (the states it still writes every step: the kernel reads c_{t-1} back)."""
+    no pre-activations (it still writes every step's states)."""
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
                  device, saves: bool = True):
-        units = slice_units(config.units, dim, CELLS[cell].gates, element_bytes, config.threads, device)
+        units, stage = fitting_slice(config, dim, cell, element_bytes, device)
         splits = -(-dim // units)
-        forward_bytes, backward_bytes = shared_bytes(dim, CELLS[cell].gates, units, element_bytes, config.threads)
+        forward_bytes, backward_bytes = shared_bytes(dim, cell, units, element_bytes, config.threads, stage)
         self.cell, self.cell_name, self.units, self.device = CELL_IDS[cell], cell, units, device
         self.grid = [heads, -(-batch // ROWS), splits, config.threads]
         self.shared = (forward_bytes, backward_bytes)
         self.shape = [batch, time, heads, dim, splits]
-        self.saves = saves
+        self.saves, self.stage = saves, stage
 
     def forward(self, x, R, b, initial, states, h_seq):
         """Runs the forward; returns the pre-activations it saves for the backward (None without
-        ``saves``)."""
+        ``saves``). The kernel copies x 16 bytes at a time (cp.async): x at an address that is not
+        a multiple of 16 bytes (a view at an odd offset) is copied first."""
+        if x.data_ptr() % 16:
+            x = x.clone()
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
         engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq,
-                                        self.shape + [int(b is not None), int(initial is not None), int(self.saves)],
+                                        self.shape + [int(b is not None), int(initial is not None), int(self.saves), self.stage],
                                         self.cell, self.units, self.grid + [self.shared[0]])
         return pre
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq):
         """(``x``, ``b``, ``h_seq``: for a backward that recomputes the pre-activations; this one reads
-        the saved ones.)"""
+        the saved ones.) d h_seq at a misaligned address is copied first (see forward)."""
+        if d_h_seq.data_ptr() % 16:
+            d_h_seq = d_h_seq.clone()
         engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
-                                         self.shape + [0, int(initial is not None), 0], self.cell, self.units,
+                                         self.shape + [0, int(initial is not None), 0, self.stage], self.cell, self.units,
                                          self.grid + [self.shared[1]])
 
 
