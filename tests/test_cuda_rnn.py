@@ -82,7 +82,8 @@ def test_inputs_at_an_offset_that_is_not_16_byte_aligned():
     x_gates = x.pop("x_gates")
     R = x.pop("R").requires_grad_()
     h_seq, _ = rnnops.rnn(misaligned_copy(x_gates), R, x["b"], (x["state0"], x["state1"]), cell="lstm", backend="cuda")
-    reference, _ = rnnops.rnn(x_gates.double(), R.double(), x["b"].double(), (x["state0"].double(), x["state1"].double()),
+    double = {k: v.double() for k, v in x.items()}
+    reference, _ = rnnops.rnn(x_gates.double(), R.double(), double["b"], (double["state0"], double["state1"]),
                               cell="lstm", backend="reference")
     assert_close(h_seq, reference, 1e-5, "h_seq")
     d_h_seq = torch.randn_like(h_seq)

@@ -60,8 +60,9 @@ def _compile(instantiations: list[Instantiation], arch: str) -> tuple[str, bytes
     with tempfile.TemporaryDirectory() as tmp:
         cu, cubin = Path(tmp) / "instantiate.cu", Path(tmp) / "out.cubin"
         cu.write_text(source(instantiations))
-        result = subprocess.run([compiler, "-std=c++17", "-Werror", "all-warnings", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-I",
-                                 str(csrc_dir()), "-o", str(cubin), str(cu)], capture_output=True, text=True)
+        result = subprocess.run([compiler, "-std=c++17", "-Werror", "all-warnings", "-cubin", f"-arch={arch}",
+                                 "-Xptxas", "-v", "-I", str(csrc_dir()), "-o", str(cubin), str(cu)],
+                                capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"nvcc failed for {arch}:\n{result.stdout}\n{result.stderr}")
         return result.stdout + result.stderr, cubin.read_bytes()

@@ -142,8 +142,8 @@ class _Launcher:
         if x.data_ptr() % 16:
             x = x.clone()
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
-        engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq,
-                                        self.shape + [int(b is not None), int(initial is not None), int(self.saves), self.stage],
+        flags = [int(b is not None), int(initial is not None), int(self.saves), self.stage]
+        engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq, self.shape + flags,
                                         self.cell, self.units, self.grid + [self.shared[0]])
         return pre
 
@@ -152,9 +152,9 @@ class _Launcher:
         the saved ones.) d h_seq at a misaligned address is copied first (see forward)."""
         if d_h_seq.data_ptr() % 16:
             d_h_seq = d_h_seq.clone()
+        flags = [0, int(initial is not None), 0, self.stage]
         engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
-                                         self.shape + [0, int(initial is not None), 0, self.stage], self.cell, self.units,
-                                         self.grid + [self.shared[1]])
+                                         self.shape + flags, self.cell, self.units, self.grid + [self.shared[1]])
 
 
 @register("rnn", "cuda", supports=supports)

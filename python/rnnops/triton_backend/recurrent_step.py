@@ -32,10 +32,10 @@ def _step(q, k, v, beta, g, state, scale, delta: bool):
     new_state = empty((batch, heads, dk, dv), dtype=torch.float32, device=q.device)
     block_v = min(64, next_power_of_two(dv))
     launch(
-        recurrent_step_kernel, (-(-dv // block_v), batch * heads), q.contiguous(), k.contiguous(), v.contiguous(), None if beta is None else beta.contiguous(),
-        None if g is None else g.contiguous(), None if state is None else state.float().contiguous(), new_state, o,
-        scale, H=heads, K=dk, V=dv, NH=steps, DELTA=delta, GATE=gate, HAS_STATE=state is not None,
-        BKF=next_power_of_two(dk), BV=block_v)
+        recurrent_step_kernel, (-(-dv // block_v), batch * heads), q.contiguous(), k.contiguous(), v.contiguous(),
+        None if beta is None else beta.contiguous(), None if g is None else g.contiguous(),
+        None if state is None else state.float().contiguous(), new_state, o, scale, H=heads, K=dk, V=dv, NH=steps,
+        DELTA=delta, GATE=gate, HAS_STATE=state is not None, BKF=next_power_of_two(dk), BV=block_v)
     return o, new_state
 
 

@@ -185,8 +185,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         kernels = _kernels()
         segment_states = dt_sums = None
         forward = functools.partial(
-            _common.launch, kernels.scan_fwd_kernel, (run.channel_blocks(run.forward_launch), run.programs), u, delta, A_,
-            B_, C_, D_, z, bias_, out, h, state0, final)
+            _common.launch, kernels.scan_fwd_kernel, (run.channel_blocks(run.forward_launch), run.programs), u,
+            delta, A_, B_, C_, D_, z, bias_, out, h, state0, final)
         launch = dict(HAS_INITIAL=state0 is not None, STORE_FINAL=output_final_state, STORE_STATES=saves,
                       SEGMENTS=run.segments,
                       **run.constants(D, z, delta_bias, softplus), **run.forward_launch)
@@ -229,15 +229,16 @@ class SelectiveScanFunction(torch.autograd.Function):
             segment_grads, dt_sums = empty(per_program, **f32), empty((programs, run.Dm), **f32)
             local = {k: v for k, v in run.constants(D, z, delta_bias, ctx.softplus).items() if k != "HAS_D"}
             _common.launch(
-                kernels.scan_bwd_local_kernel, grid, u, delta, A, B, C, z, delta_bias, d_out, segment_grads, dt_sums, lay.cu_seqlens, lay.chunk_offsets,
-                *run.strides(u, delta, z, d_out), SEGMENTS=run.segments, **local, **run.backward_launch)
+                kernels.scan_bwd_local_kernel, grid, u, delta, A, B, C, z, delta_bias, d_out, segment_grads, dt_sums,
+                lay.cu_seqlens, lay.chunk_offsets, *run.strides(u, delta, z, d_out), SEGMENTS=run.segments, **local,
+                **run.backward_launch)
             run.compose_segments(segment_grads, dt_sums, A, d_final, d_initial, True, run.backward_launch)
         sub_blocks = run.config.chunk // run.backward_launch["UNROLL"]
         checkpoints = empty((channel_blocks * programs * sub_blocks, next_power_of_two(run.N),
                              run.backward_launch["BD"]), **f32)
         _common.launch(
-            kernels.scan_bwd_kernel, grid, u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final, d_initial, segment_grads, du,
-            d_delta, dz, dA, dB, dC, dD, d_bias, lay.cu_seqlens, lay.chunk_offsets, rows,
+            kernels.scan_bwd_kernel, grid, u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, d_final,
+            d_initial, segment_grads, du, d_delta, dz, dA, dB, dC, dD, d_bias, lay.cu_seqlens, lay.chunk_offsets, rows,
             *run.strides(u, delta, z, d_out), HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=state0 is not None,
             SEGMENTS=run.segments, **run.constants(D, z, delta_bias, ctx.softplus), **run.backward_launch)
         shape = (run.batch, run.T, run.Dm)
@@ -279,9 +280,9 @@ def selective_state_update(state, u, delta, A, B, C, D, z, delta_bias, delta_sof
     new_state = empty((batch, channels, N), dtype=torch.float32, device=u.device)
     block = min(64, next_power_of_two(channels))
     _common.launch(
-        _kernels().state_update_kernel, (-(-channels // block), batch), state.float().contiguous(), u.contiguous(), delta.contiguous(), A.contiguous(), B3.contiguous(),
-        C3.contiguous(), None if D is None else D.contiguous(), None if z is None else z.contiguous(),
-        None if delta_bias is None else delta_bias.contiguous(), new_state, out, channels // B3.shape[1],
-        channels // C3.shape[1], Dm=channels, N=N, NP=next_power_of_two(N), GB=B3.shape[1], GC=C3.shape[1],
+        _kernels().state_update_kernel, (-(-channels // block), batch), state.float().contiguous(), u.contiguous(),
+        delta.contiguous(), A.contiguous(), B3.contiguous(), C3.contiguous(), None if D is None else D.contiguous(),
+        None if z is None else z.contiguous(), None if delta_bias is None else delta_bias.contiguous(), new_state, out,
+        channels // B3.shape[1], channels // C3.shape[1], Dm=channels, N=N, NP=next_power_of_two(N), GB=B3.shape[1], GC=C3.shape[1],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, BD=block)
     return out, new_state
