@@ -283,6 +283,7 @@ def selective_state_update(state, u, delta, A, B, C, D, z, delta_bias, delta_sof
         _kernels().state_update_kernel, (-(-channels // block), batch), state.float().contiguous(), u.contiguous(),
         delta.contiguous(), A.contiguous(), B3.contiguous(), C3.contiguous(), None if D is None else D.contiguous(),
         None if z is None else z.contiguous(), None if delta_bias is None else delta_bias.contiguous(), new_state, out,
-        channels // B3.shape[1], channels // C3.shape[1], Dm=channels, N=N, NP=next_power_of_two(N), GB=B3.shape[1], GC=C3.shape[1],
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, BD=block)
+        channels // B3.shape[1], channels // C3.shape[1], Dm=channels, N=N, NP=next_power_of_two(N), GB=B3.shape[1],
+        GC=C3.shape[1], HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, BD=block)
     return out, new_state
