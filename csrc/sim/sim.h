@@ -9,7 +9,7 @@
 //   (m16n16k16, half / bfloat16 inputs, float accumulators), a grid-wide barrier for
 //   cooperative launches, and asynchronous 16-byte copies from global to shared memory (a
 //   thread's copies land when it waits for their group, not before, and a misaligned address
-//   throws, as it faults on a GPU).
+//   fails the launch once its threads are done, as it faults on a GPU).
 // How it runs a launch: every thread of a block is a std::thread (blocks one after another;
 // all blocks at once for cooperative launches), so barriers are real barriers and a missing
 // one is a real race. Shared memory (RNNOPS_SHARED / RNNOPS_DYNAMIC_SHARED, see
