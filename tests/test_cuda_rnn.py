@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import rnnops
-
 from conftest import assert_close, compare_backends
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.cuda_backend import compile_check
@@ -138,9 +137,12 @@ def test_default_configs_compile_without_spills(arch):
 
 
 @pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")
-def test_default_configs_compile_with_nvrtc():
-    """NVRTC, which compiles them on a GPU, refuses some C++ nvcc accepts."""
-    compile_check.nvrtc_compile(default_kernels(), "sm_90a")
+def test_every_slice_width_compiles_with_nvrtc():
+    """NVRTC, which compiles them on a GPU, refuses some C++ nvcc accepts; every shipped entry
+    takes 16-unit slices, the default 64."""
+    compile_check.nvrtc_compile([compile_check.rnn_kernel(phase, dtype, cell, units) for phase in ("fwd", "bwd")
+                                 for dtype in ("float", "__nv_bfloat16") for cell in range(4)
+                                 for units in cuda_rnn.UNITS], "sm_90a")
 
 
 @pytest.mark.gpu
