@@ -87,6 +87,8 @@ PY
   section bench
   # the peers' autotuning choices stored by earlier runs on this GPU model (results files'
   # peer_autotune): their autotuners then compile one configuration a kernel instead of tens.
+  # Those files also order the op families: the ones they timed longest ago go first
+  # (--stalest-first), so that runs the budget stops (2 of 9 cases on 2026-11-27) take turns.
   # fla stores its choices itself; TRITON_CACHE_AUTOTUNING has every other Triton autotuner
   # (FlashRNN's triton_fused forward) store them too (it changes no compiled kernel's hash)
   export TRITON_CACHE_AUTOTUNING=1
@@ -102,7 +104,7 @@ PY
   # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
   timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
     ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases "$BENCH_CASES"} \
-    ${earlier[0]:+--peer-choices-from "${earlier[@]}"}
+    ${earlier[0]:+--peer-choices-from "${earlier[@]}" --stalest-first "${earlier[@]}"}
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"

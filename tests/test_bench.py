@@ -132,6 +132,29 @@ def test_families_take_turns_and_results_keep_the_standard_order(monkeypatch, tm
     assert [name for name in results["notes"] if name in {c.name for c in cases}] == [c.name for c in cases[:3]]
 
 
+def test_stalest_families_go_first(monkeypatch, tmp_path):
+    """--stalest-first: the op families earlier results files timed longest ago take their turns
+    first (never timed: first of all), so successive runs stopped by their budget (the GPU suite's
+    reached 2 of 9 cases on 2026-11-27) cover every family; an unreadable file counts for nothing."""
+    def results(name, date, ops):
+        path = tmp_path / name
+        path.write_text(json.dumps({"environment": {"date": date}, "rows": [{"op": op} for op in ops]}))
+        return path
+
+    files = [results("a.json", "2026-11-26T10:00:00", ["linear_attn", "rnn", "delta_rule"]),
+             results("b.json", "2026-11-27T05:52:08", ["linear_attn", "delta_rule"]), tmp_path / "missing.json"]
+    cases = tiny_cases()
+    first = cli.stalest_first([c.op for c in cases], files)
+    assert first == ["delta_product", "selective_scan", "rnn", "linear_attn"]  # never timed in standard order
+    order = bench_cases.families_in_turn(cases, first)
+    assert [c.name for c in order] == [cases[i].name for i in (2, 3, 4, 0, 1)]
+    monkeypatch.setattr(cli, "standard_cases", lambda device: cases[:3])
+    main(["bench", "--repeats", "1", "--out", str(tmp_path / "out"), "--stalest-first", *map(str, files)])
+    notes = json.loads((tmp_path / "out" / "results.json").read_text())["notes"]
+    assert notes["order"] == ["op families by when 3 earlier results file(s) last timed them, longest ago first: "
+                              "delta_product, linear_attn"]
+
+
 @pytest.mark.parametrize("peers", [False, True])
 def test_warm_up_runs_each_of_our_backends_once_and_peers_when_asked(monkeypatch, peers):
     calls, asked = [], []

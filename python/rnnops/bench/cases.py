@@ -10,7 +10,7 @@ B16 T1024 with (head dim, heads) from (16, 48) to (768, 1)). ``quick`` cases for
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,10 +162,11 @@ def gpu_cases() -> list[Case]:
     return cases
 
 
-def families_in_turn(cases: list[Case]) -> list[Case]:
+def families_in_turn(cases: list[Case], first: Sequence[str] = ()) -> list[Case]:
     """The order the bench runs ``cases`` in: the op families take turns (each keeps its own
-    order), so a run that its time budget stops has timed every family it could reach."""
-    queues: dict[str, list[Case]] = {}
+    order), so a run that its time budget stops has timed every family it could reach; the
+    families named in ``first`` take their turns first, in its order."""
+    queues: dict[str, list[Case]] = {op: [] for op in first}
     for case in cases:
         queues.setdefault(case.op, []).append(case)
     ordered = []

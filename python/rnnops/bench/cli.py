@@ -2,6 +2,7 @@
 
     python -m rnnops bench [--quick] [--ops OP ...] [--cases REGEX] [--backends NAME ...] [--peers]
                            [--dtype DTYPE] [--device DEV] [--out DIR] [--peer-choices-from RESULTS.json ...]
+                           [--stalest-first RESULTS.json ...]
     python -m rnnops bench --compare A.json B.json
 """
 from __future__ import annotations
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kernels, their autotuners compiling only) in N processes at once, so kernels compile "
                              "side by side instead of case by case (default: min(8, CPUs) on a GPU, 0 (off) on a "
                              "CPU; the time counts toward --budget-s, of which it gets at most half)")
+    parser.add_argument("--stalest-first", nargs="+", type=Path, metavar="RESULTS.json",
+                        help="run first the op families these earlier results files timed longest ago (those they "
+                             "never timed first of all), so that successive runs cut short by --budget-s on one GPU "
+                             "model cover every family")
     parser.add_argument("--peer-choices-from", nargs="+", type=Path, metavar="RESULTS.json",
                         help="before running, put the peers' autotuning choices stored in these earlier results "
                              "files (their peer_autotune) into Triton's cache, so the peers' autotuners compile only "
@@ -132,6 +137,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def stalest_first(ops: list[str], paths: list[Path]) -> list[str]:
+    """``ops`` (each once, in their order) sorted by the date of the latest of the results files
+    ``paths`` with a row of that op, never first; a file that cannot be read counts for nothing."""
+    last: dict[str, str] = {}
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+            date, timed = results["environment"]["date"], {row["op"] for row in results["rows"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for op in timed:
+            last[op] = max(last.get(op, ""), date)
+    return sorted(dict.fromkeys(ops), key=lambda op: last.get(op, ""))
+
+
 def main(args: argparse.Namespace) -> int:
     # torch's profiler (kineto; torch 2.13) prints a "USDT" trace line at each start and stop, two
     # a profiled call between the progress lines (26 in a quick CPU run). Kineto ranks those
@@ -188,6 +208,11 @@ def main(args: argparse.Namespace) -> int:
                                       f"{len(args.peer_choices_from)} earlier results file(s)")]
         except (OSError, ValueError) as error:  # the run goes on, its peers tuning afresh
             notes["peer choices"] = [f"not restored: {error}"]
+    first = stalest_first([case.op for case in cases], args.stalest_first or [])
+    if args.stalest_first:
+        notes["order"] = [f"op families by when {len(args.stalest_first)} earlier results file(s) last timed them, "
+                          f"longest ago first: {', '.join(first)}"]
+    in_turn = families_in_turn(cases, first)  # the precompile warms them in this order too
     workers = args.precompile if args.precompile is not None else (
         min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases
@@ -197,12 +222,12 @@ def main(args: argparse.Namespace) -> int:
             # the precompile gets at most half the budget (what becomes of a peer still compiling then:
             # rnnops.bench.precompile)
             timeout_s = 300.0 if args.budget_s is None else max(30.0, args.budget_s / 2)
-            warmed = precompile(cases, device, dtype, args.backends, workers, progress, timeout_s=timeout_s,
+            warmed = precompile(in_turn, device, dtype, args.backends, workers, progress, timeout_s=timeout_s,
                                 peers=args.peers)
             notes["precompiled"] = [(f"{warmed.clean} of {len(cases)} cases warmed up in {workers} processes "
                                      f"in {warmed.seconds:.0f} s before timing (at most {timeout_s:.0f} s)")]
             stopped_in, timed_out = warmed.stopped_in, warmed.timed_out
-        for index, case in enumerate(families_in_turn(cases), 1):
+        for index, case in enumerate(in_turn, 1):
             if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:
                 notes["interrupted"] = stopped(f"time budget of {args.budget_s:g} s spent")
                 break
