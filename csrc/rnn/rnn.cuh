@@ -109,7 +109,8 @@ __device__ __forceinline__ void copy_slice_async(E* dst, int planes, const RNNSh
   constexpr int kPer = 16 / (int)sizeof(E), kPieces = U / kPer;
   for (int idx = threadIdx.x; idx < planes * kRows * kPieces; idx += blockDim.x) {
     const int plane = idx / (kRows * kPieces), r = idx / kPieces % kRows, u = idx % kPieces * kPer;
-    if (row0 + r < s.B && unit0 + u < s.D) rnnops::copy_async16(dst + (plane * kRows + r) * U + u, address(plane, row0 + r) + u);
+    if (row0 + r < s.B && unit0 + u < s.D)
+      rnnops::copy_async16(dst + (plane * kRows + r) * U + u, address(plane, row0 + r) + u);
   }
 }
 
@@ -202,6 +203,9 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   T* x_steps = reinterpret_cast<T*>(acc + kRows * GU * product_parts<T>(GU));  // [2][G][16][U]: x_t, x_{t+1}
   float* carried = reinterpret_cast<float*>(x_steps + 2 * kRows * GU);       // [SC][16][U], fp32
   float* bias_slice = carried + SC * kRows * U;                               // [G][U]
+  auto carried_at = [&](int slot, int r, int u) -> float& {
+    return carried[((slot - kFirstCarried) * kRows + r) * U + u];
+  };
   for (int idx = threadIdx.x; idx < GU * D; idx += blockDim.x) {
     const int n = idx / D, k = idx % D, g = n / U, unit = unit0 + n % U;
     w[idx] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
@@ -277,7 +281,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           }
 #pragma unroll
           for (int slot = kFirstCarried; slot < S; ++slot)
-            in.prev[slot] = s.stage ? carried[((slot - kFirstCarried) * kRows + r) * U + u]
+            in.prev[slot] = s.stage ? carried_at(slot, r, u)
                                     : previous_state(s, states, initial, slot, b, t, unit, head, S);
           return in;
         },
@@ -291,7 +295,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           };
           auto save_state = [&](int slot, float value) {  // for the backward, and the next step if carried
             save(states, slot, S, value);
-            if (s.stage && slot >= kFirstCarried) carried[((slot - kFirstCarried) * kRows + r) * U + u] = value;
+            if (s.stage && slot >= kFirstCarried) carried_at(slot, r, u) = value;
           };
           float h_new;
           if constexpr (CELL == kGRU) {
@@ -377,13 +381,13 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   auto carry_index = [&](int slot, int b, int unit) {
     return (((long long)slot * s.B + b) * s.H + head) * D + unit;
   };
+  // the carried gradient of a state slot at batch row b and unit: staged in shared memory, else in carry
+  auto carried_at = [&](int slot, int b, int unit) -> float& {
+    return s.stage ? carried[(slot * kRows + b - row0) * U + unit - unit0] : carry[carry_index(slot, b, unit)];
+  };
   auto carry_product = [&](int idx, float value) {  // dh_{t-1} of slice element idx (r U + u) += value
     const int b = row0 + idx / U, unit = unit0 + idx % U;
-    if (s.stage) {
-      carried[idx] += value;
-    } else if (b < s.B && unit < D) {
-      carry[carry_index(0, b, unit)] += value;
-    }
+    if (b < s.B && unit < D) carried_at(0, b, unit) += value;
   };
   for (int idx = threadIdx.x; s.stage && idx < S * kRows * U; idx += blockDim.x) {  // the final states' gradients
     const int b = row0 + idx / U % kRows, unit = unit0 + idx % U;
@@ -443,19 +447,18 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         s, row0, unit0,
         [&](int b, int unit) {
           const int r = b - row0, u = unit - unit0;
+          auto saved = [&](const float* buffer, int slot) {
+            return buffer[((slot - kFirstSaved) * kRows + r) * U + u];
+          };
           auto now = [&](int slot) {
-            return s.stage ? states_now[((slot - kFirstSaved) * kRows + r) * U + u]
-                           : states[step_index(s, b, t, slot, S, unit, head)];
+            return s.stage ? saved(states_now, slot) : states[step_index(s, b, t, slot, S, unit, head)];
           };
           auto previous = [&](int slot) {
-            return s.stage && t > 0 ? states_prev[((slot - kFirstSaved) * kRows + r) * U + u]
+            return s.stage && t > 0 ? saved(states_prev, slot)
                                     : previous_state(s, states, initial, slot, b, t, unit, head, S);
           };
-          auto carried_in = [&](int slot) {
-            return s.stage ? carried[(slot * kRows + r) * U + u] : carry[carry_index(slot, b, unit)];
-          };
           StepInputs in;
-          in.dh = carried_in(0) + to_float(s.stage ? dh_now[r * U + u]
+          in.dh = carried_at(0, b, unit) + to_float(s.stage ? dh_now[r * U + u]
                                                    : d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
 #pragma unroll
           for (int slot = 0; slot < PS; ++slot)
@@ -469,15 +472,13 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
             for (int slot = 1; slot < S; ++slot) {  // c (and sLSTM's n, m)
               in.now[slot] = now(slot);
               in.prev[slot] = previous(slot);
-              in.carried[slot] = carried_in(slot);
+              in.carried[slot] = carried_at(slot, b, unit);
             }
           }
           return in;
         },
         [&](int r, int u, int b, int unit, const StepInputs& in) {
-          auto carry_to = [&](int slot, float value) {
-            (s.stage ? carried[(slot * kRows + r) * U + u] : carry[carry_index(slot, b, unit)]) = value;
-          };
+          auto carry_to = [&](int slot, float value) { carried_at(slot, b, unit) = value; };
           auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
             dx[step_index(s, b, t, g, G, unit, head)] = value;
             if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);

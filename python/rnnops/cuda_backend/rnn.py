@@ -120,6 +120,12 @@ def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
     return join_reasons(*reasons)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where it does not start at a multiple of 16 bytes (a view at an odd
+    offset): the kernels copy x and d h_seq 16 bytes at a time (cp.async)."""
+    return t.clone() if t.data_ptr() % 16 else t
+
+
 class _Launcher:
     """``saves`` False (no backward will run: rnnops._backward_only.needs_backward): the forward writes
     no pre-activations (it still writes every step's states)."""
@@ -137,10 +143,8 @@ class _Launcher:
 
     def forward(self, x, R, b, initial, states, h_seq):
         """Runs the forward; returns the pre-activations it saves for the backward (None without
-        ``saves``). The kernel copies x 16 bytes at a time (cp.async): x at an address that is not
-        a multiple of 16 bytes (a view at an odd offset) is copied first."""
-        if x.data_ptr() % 16:
-            x = x.clone()
+        ``saves``). x at a misaligned address is copied first (_aligned)."""
+        x = _aligned(x)
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
         flags = [int(b is not None), int(initial is not None), int(self.saves), self.stage]
         engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq, self.shape + flags,
@@ -149,9 +153,8 @@ class _Launcher:
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq):
         """(``x``, ``b``, ``h_seq``: for a backward that recomputes the pre-activations; this one reads
-        the saved ones.) d h_seq at a misaligned address is copied first (see forward)."""
-        if d_h_seq.data_ptr() % 16:
-            d_h_seq = d_h_seq.clone()
+        the saved ones.) d h_seq at a misaligned address is copied first (_aligned)."""
+        d_h_seq = _aligned(d_h_seq)
         flags = [0, int(initial is not None), 0, self.stage]
         engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
                                          self.shape + flags, self.cell, self.units, self.grid + [self.shared[1]])
