@@ -227,11 +227,21 @@ TUNABLES = [
     Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], s["cell"], dt.itemsize, hw),
             lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
-            # a grid barrier per step when split; unstaged, each step also waits for its pointwise
-            # inputs from global memory (two rounds of loads forward, one and a read-back of dh
-            # backward, where staged they arrive during the step before: a guess, untimed)
-            lambda c, s: (1.0 + 0.5 * (math.ceil(s["D"] / c["units"]) - 1)) * (1.0 if c["stage"] else 1.5)),
+            # a grid barrier per step when split, and in the backward a memory latency per round of
+            # gate-gradient chunks; unstaged, each step also waits for its pointwise inputs from global
+            # memory (two rounds of loads forward, one and a read-back of dh backward, where staged
+            # they arrive during the step before): guesses, untimed
+            lambda c, s: ((1.0 + 0.5 * (math.ceil(s["D"] / c["units"]) - 1)) * (1.0 if c["stage"] else 1.5)
+                          * (1.0 + 0.1 * (_gradient_rounds(c, s) - 1)))),
 ]
+
+
+def _gradient_rounds(config: dict, shape: dict) -> int:
+    """Rounds of gate-gradient chunks a CUDA cells backward step copies in, one memory latency each
+    (half types' chunks; a head that fits one block has one, kept in shared memory)."""
+    from rnnops.cuda_backend.rnn import gradient_chunks_needed
+
+    return math.ceil(gradient_chunks_needed(shape["D"], shape["cell"], 2) / config["gradient_chunks"])
 
 
 def _gates(shape: dict) -> int:

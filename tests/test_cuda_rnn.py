@@ -1,6 +1,8 @@
 """CUDA fused recurrent cells (csrc/rnn) through the simulator against the float64 reference:
 forward, final states and every gradient, heads split over blocks with a grid barrier; their
 instantiations compile for sm_80 and sm_90a without spills."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -40,6 +42,21 @@ def test_tensor_core_products_split_over_warps(cell):
     assert cuda_rnn.k_parts(4 * 16, 256, 2) == 2 and cuda_rnn.k_parts(16, 256, 2) == 8
     with cache.override("rnn", "cuda", bucket, {"units": 16, "threads": 256}):
         compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_gate_gradient_chunks_in_rounds(cell, dtype, bound, chunks):
+    """A head of 176 over three blocks: a backward step's product takes 3 (float32, 256 gradients
+    a chunk row) or 2 (bfloat16, 512) chunks of the 704 (LSTM) or 528 (GRU) gate gradients a row,
+    copied in one at a time or two at once (RNNConfig.gradient_chunks; GRU's third gate from
+    drec_n), the last round or chunk partly filled."""
+    x = make_inputs(cell, dtype=dtype, T=2, H=1, D=176)
+    assert cuda_rnn.gradient_chunks_needed(176, cell, dtype.itemsize) == (3 if dtype == torch.float32 else 2)
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), dtype)
+    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "gradient_chunks": chunks}):
+        compare_backends(run(cell, dtype), x, bound, test="cuda")
 
 
 @pytest.mark.parametrize("cell", list(GATES))
@@ -95,9 +112,32 @@ def test_config_space_fits_shared_memory():
     h100 = hardware.named("H100")
     for D in (64, 256, 768):
         legal = cuda_rnn.space(D, "lstm", 2, h100).legal()
-        assert legal and all(max(cuda_rnn.shared_bytes(D, "lstm", p["units"], 2, p["threads"], p["stage"]))
+        needed = cuda_rnn.gradient_chunks_needed(D, "lstm", 2)
+        assert legal and all(max(cuda_rnn.shared_bytes(D, "lstm", p["units"], 2, p["threads"], p["stage"],
+                                                       min(p["gradient_chunks"], needed)))
                              <= h100.shared_memory_per_block
                              for p in legal)
+        # no more chunk buffers than the smallest power of two that holds a step's chunks
+        assert {p["gradient_chunks"] for p in legal} == {c for c in (1, 2, 4, 8) if c == 1 or c // 2 < needed}
+
+
+def test_gradient_chunks_take_what_a_step_needs_and_what_fits(monkeypatch):
+    """The backward copies a step's gate-gradient chunks in rounds of RNNConfig.gradient_chunks, each
+    16 KB of shared memory: a launch takes no more than the step's chunks and than fit beside the
+    slice's other buffers (an LSTM's 768-wide head in bf16: 6 chunks, all of them on an H100, two on
+    an A100; a head of 64 keeps its one chunk resident)."""
+    cuda = torch.device("cuda")
+    config = cuda_rnn.RNNConfig(units=16, threads=256)
+    assert config.gradient_chunks == 8
+    assert [cuda_rnn.gradient_chunks_needed(768, cell, 2) for cell in ("lstm", "gru", "elman")] == [6, 5, 2]
+    assert cuda_rnn.gradient_chunks_needed(64, "lstm", 4) == 1
+    for gpu, chunks in (("H100", 6), ("A100", 2)):
+        limit = hardware.named(gpu).shared_memory_per_block
+        monkeypatch.setattr(cuda_rnn, "block_shared_memory", lambda device, limit=limit: limit)
+        assert cuda_rnn.fitting_slice(config, 768, "lstm", 2, cuda) == (16, 1)
+        assert cuda_rnn.fitting_gradient_chunks(config, 768, "lstm", 16, 1, 2, cuda) == chunks
+    assert cuda_rnn.fitting_gradient_chunks(replace(config, gradient_chunks=4), 768, "lstm", 16, 1, 2, cuda) == 2
+    assert cuda_rnn.fitting_gradient_chunks(config, 64, "lstm", 64, 1, 2, cuda) == 1
 
 
 def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):

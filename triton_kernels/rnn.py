@@ -397,8 +397,8 @@ def rnn_bwd_kernel(R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, bias,
                    BD: tl.constexpr, BKD: tl.constexpr, RESIDENT: tl.constexpr, RECOMPUTE: tl.constexpr):
     """Reverse time walk. ``carry`` (S, B, H, D) fp32 holds on entry the final states'
     gradient, between steps the gradient reaching the previous states, and on exit the
-    initial states' gradient. Writes dx (fp32, the gates' pre-activation gradients) and, for
-    GRU, drec_n = dn * r (the gradient of R_n h + b_n). RESIDENT (as in the forward): R_g is
+    initial states' gradient. Writes dx (the gates' pre-activation gradients) and, for GRU,
+    drec_n = dn * r (the gradient of R_n h + b_n), both in the input dtype. RESIDENT (as in the forward): R_g is
     loaded once and the carried gradients stay in registers, the carry buffer read on entry and
     written on exit only; else the tiles exchange them through the buffer, two barriers a step."""
     DTYPE: tl.constexpr = d_h_seq.dtype.element_ty

@@ -213,14 +213,15 @@ void dispatch_cell(int64_t cell, int64_t units, F&& f) {
 rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
   return rnnops::rnn::RNNShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
                                static_cast<int>(v[3]), static_cast<int>(v[4]), static_cast<int>(v[5]),
-                               static_cast<int>(v[6]), static_cast<int>(v[7]), static_cast<int>(v[8])};
+                               static_cast<int>(v[6]), static_cast<int>(v[7]), static_cast<int>(v[8]),
+                               static_cast<int>(v[9])};
 }
 
 void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
                  at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
                  std::vector<int64_t> launch_shape) {
-  // shape: B, T, H, D, splits, has_bias, has_initial, save_pre, stage; launch: grid x, y, z, threads,
-  // dynamic shared bytes
+  // shape: B, T, H, D, splits, has_bias, has_initial, save_pre, stage, gradient_chunks; launch: grid x,
+  // y, z, threads, dynamic shared bytes
   const auto s = rnn_shape(shape);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -243,7 +244,7 @@ void rnn_backward(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tenso
       launch(rnnops::rnn::rnn_bwd<T, decltype(c)::value, decltype(u)::value>,
              dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4],
              s.splits > 1, ptr<T>(R), ptr<float>(initial), ptr<float>(states), ptr<float>(pre), ptr<T>(d_h_seq),
-             mut<float>(carry), mut<float>(dx), mut<float>(drec_n), s);
+             mut<float>(carry), mut<T>(dx), mut<T>(drec_n), s);
     });
   });
 }

@@ -23,15 +23,18 @@
 // The backward walks time in reverse: the pointwise gradients of the slice (into dx, and the
 // carried gradients of c / n / m), a barrier, then dh_{t-1} for the slice's units as
 // sum_g dx_g R_g[:, slice] from the transposed weight slice resident in shared memory (tensor
-// cores for half types, the gate gradients rounded to T as the forward rounded h; float32 on CUDA
-// cores), the gate gradients staged 256 (float32) or 512 (half types) a row at a time, in 16-byte
-// loads issued together (a head in one block whose G D gradients fit one chunk keeps them in
-// shared memory as it computes them). dR and db are one batched matmul on the host. Where no
+// cores for half types; float32 on CUDA cores), the gate gradients in chunks of 256 (float32) or 512
+// (half types) a row: the pointwise phase writes them in T (dx, which the host returns and
+// multiplies as the forward rounded h), and after the barrier each block copies up to
+// s.gradient_chunks chunks at once into shared memory (cp.async, one memory latency a round; a
+// head in one block whose G D gradients fit one chunk keeps them in shared memory as it computes
+// them). dR and db are one batched matmul on the host. Where no
 // backward will run (s.save_pre 0: no_grad) the forward writes no pre-activations (pre may be
 // null); it still writes every step's states. Buffers and
 // layouts are those of the Triton kernels
 // (triton_kernels/rnn.py): states (B, T, S, H, D) and pre-activations (B, T, P, H, D) in fp32,
-// carries (S, B, H, D) fp32, x_gates (B, T, G, H, D) and h_seq (B, T, H, D) of type T.
+// carries (S, B, H, D) fp32, x_gates and the gate gradients dx (B, T, G, H, D), GRU's drec_n
+// (B, T, H, D) and h_seq (B, T, H, D) of type T.
 // Work per step, batch row and head: 2 G D^2 flops plus about 10 G D pointwise; R is read once.
 #pragma once
 #include "../common/runtime.h"
@@ -55,6 +58,9 @@ struct RNNShape {
   // and gradients kept there); 0: read from global memory each step, in rounds of loads issued
   // together, where the staging buffers do not fit (rnnops.cuda_backend.rnn.shared_bytes)
   int stage;
+  // backward: the gate-gradient chunks its product copies into shared memory at once (a head split
+  // over blocks; >= 1): one memory latency per round of chunks, ceil(G D / chunk) chunks a step
+  int gradient_chunks;
 };
 
 constexpr int kRows = 16;  // batch rows per block (one wmma tile)
@@ -180,6 +186,37 @@ __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int 
       __syncthreads();
       sum_parts(acc, GU, share.parts);
     }
+  }
+}
+
+// The backward's gate gradients of step t in chunks of KC a row, into shared memory [rounds'
+// buffers][16][KC]: product(gradients, k0) runs once per chunk, k0 its first (g D + i) index. A block
+// holding the whole head (resident) computed its one chunk into buffer 0; others copy each round of
+// up to s.gradient_chunks chunks with cp.async (16 bytes of one gate each) from dx, GRU's third gate
+// from drec_n, and wait for it once: one memory latency a round. Rows past the batch are not copied:
+// their buffer rows are left as they were and only meet their own product rows, which no one reads.
+template <int CELL, int KC, class T, class Product>
+__device__ __forceinline__ void for_gradient_chunks(const RNNShape& s, bool resident, T* chunk, const T* dx,
+                                                    const T* drec_n, int row0, int t, int head, Product product) {
+  constexpr int G = CellInfo<CELL>::G, kPer = 16 / (int)sizeof(T), kPieces = KC / kPer;
+  const int chunks = (G * s.D + KC - 1) / KC;
+  for (int c0 = 0; c0 < chunks; c0 += s.gradient_chunks) {
+    const int count = chunks - c0 < s.gradient_chunks ? chunks - c0 : s.gradient_chunks;
+    if (!resident) {
+      for (int idx = threadIdx.x; idx < count * kRows * kPieces; idx += blockDim.x) {
+        const int c = idx / (kRows * kPieces), r = idx / kPieces % kRows, b = row0 + r, k = idx % kPieces * kPer;
+        const int gi = (c0 + c) * KC + k, g = gi / s.D, i = gi % s.D;
+        if (b < s.B && gi < G * s.D)
+          rnnops::copy_async16(chunk + (c * kRows + r) * KC + k,
+                               (CELL == kGRU && g == 2) ? drec_n + step_index(s, b, t, 0, 1, i, head)
+                                                        : dx + step_index(s, b, t, g, G, i, head));
+      }
+      rnnops::copy_async_commit();
+      rnnops::copy_async_wait<0>();
+      __syncthreads();
+    }
+    for (int c = 0; c < count; ++c) product(chunk + c * kRows * KC, (c0 + c) * KC);
+    __syncthreads();  // the round's buffers read before the next round refills them
   }
 }
 
@@ -347,20 +384,19 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
 
 template <class T, int CELL, int U>
 __global__ void rnn_bwd(const T* R, const float* initial, const float* states, const float* pre, const T* d_h_seq,
-                        float* carry, float* dx, float* drec_n, RNNShape s) {
+                        float* carry, T* dx, T* drec_n, RNNShape s) {
   using Info = CellInfo<CELL>;
   constexpr int G = Info::G, S = Info::S, P = Info::P;
-  // reduction chunk of the dh_{t-1} product: its gate gradients are loaded together, one memory
-  // latency per chunk and step (a whole LSTM head of D <= 64 in one). The staging buffer holds
-  // 16 x 256 floats (rnnops.cuda_backend.rnn.GRADIENT_CHUNK): 256 gradients a row in float32, 512
-  // rounded to a half type (at D = 768 an LSTM step stages 6 chunks, not 12)
-  constexpr int KC = rnnops::is_same_v<T, float> ? 256 : 512;
+  // reduction chunk of the dh_{t-1} product, 16 rows x 1 KB of gate gradients in shared memory
+  // (rnnops.cuda_backend.rnn.GRADIENT_CHUNK_BYTES): 256 a row in float32, 512 in a half type (a
+  // whole LSTM head of D <= 64 in one; at D = 768 an LSTM step takes 6)
+  constexpr int KC = 1024 / (int)sizeof(T);
   const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
-  T* wt = reinterpret_cast<T*>(smem);                           // [G * D][U]: R_g[i][slice], transposed
-  float* chunk = reinterpret_cast<float*>(wt + G * D * U);      // [16][KC] gate gradients (fp32, or T)
-  float* products = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(chunk) + kRows * KC * sizeof(T));
+  T* wt = reinterpret_cast<T*>(smem);                    // [G * D][U]: R_g[i][slice], transposed
+  T* chunk = wt + G * D * U;                             // [s.gradient_chunks][16][KC] gate gradients
+  float* products = reinterpret_cast<float*>(chunk + s.gradient_chunks * kRows * KC);
   // products: [16][U] dh_{t-1} of the slice, times warp_share's parts (half types)
   // staged (s.stage), the step's pointwise inputs are all in shared memory: the carried gradients
   // (dh, and c's, n's, m's), kept there by the thread that updates each element; and copied
@@ -415,15 +451,9 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   rnnops::copy_async_commit();
   // a block holding every unit of a head whose G D gate gradients fit one chunk stages them in
   // shared memory as it computes them, so its product reads no global memory (rows past the batch
-  // stay 0); other blocks reload the chunks every block of the head wrote
+  // stay 0); other blocks copy in the chunks every block of the head wrote
   const bool resident = s.splits == 1 && G * D <= KC;
-  auto stage = [&](int r, int gi, float value) {
-    if constexpr (rnnops::is_same_v<T, float>) {
-      chunk[r * KC + gi] = value;
-    } else {
-      reinterpret_cast<T*>(chunk)[r * KC + gi] = from_float<T>(value);
-    }
-  };
+  auto stage = [&](int r, int gi, float value) { chunk[r * KC + gi] = from_float<T>(value); };
   if (resident)
     for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) stage(idx / KC, idx % KC, 0.0f);
   rnnops::copy_async_wait<0>();
@@ -480,7 +510,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         [&](int r, int u, int b, int unit, const StepInputs& in) {
           auto carry_to = [&](int slot, float value) { carried_at(slot, b, unit) = value; };
           auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
-            dx[step_index(s, b, t, g, G, unit, head)] = value;
+            dx[step_index(s, b, t, g, G, unit, head)] = from_float<T>(value);
             if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);
           };
           const float dh = in.dh;
@@ -493,7 +523,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
             put(0, d_pn * rec_n * reset * (1.0f - reset));
             put(1, dh * (h_prev - cand) * update * (1.0f - update));
             put(2, d_pn);
-            drec_n[step_index(s, b, t, 0, 1, unit, head)] = d_pn * reset;
+            drec_n[step_index(s, b, t, 0, 1, unit, head)] = from_float<T>(d_pn * reset);
             if (resident) stage(r, 2 * D + unit, d_pn * reset);
             dh_direct = dh * update;
           } else if constexpr (CELL == kElman) {
@@ -541,48 +571,29 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
           carry_to(0, dh_direct);
         });
     block_barrier(s);  // every slice's gate gradients before the products read them
-    // dh_{t-1}[r][slice] = sum over (g, i) of dx_g[r][i] R_g[i][slice], (g, i) in chunks of KC
-    auto stage_chunk = [&](int k0) {  // gate gradients k0 .. k0 + KC of every row, unless resident
-      if (resident) return;
-      constexpr int kPerRow = KC / 4;  // 16-byte loads of 4 gradients, all of one gate (D % 16 == 0)
-      rnnops::in_flight<KC / 32>(  // a chunk in one round at 128 threads
-          kRows * kPerRow,
-          [&](int idx) {
-            const int gi = k0 + idx % kPerRow * 4, g = gi / D, i = gi % D, b = row0 + idx / kPerRow;
-            if (b >= s.B || gi >= G * D) return rnnops::Chunk16{};
-            const float* source = (CELL == kGRU && g == 2) ? drec_n + step_index(s, b, t, 0, 1, i, head)
-                                                           : dx + step_index(s, b, t, g, G, i, head);
-            return *reinterpret_cast<const rnnops::Chunk16*>(source);
-          },
-          [&](int idx, const rnnops::Chunk16& chunk) {
-            for (int q = 0; q < 4; ++q) stage(idx / kPerRow, idx % kPerRow * 4 + q, chunk.f[q]);
-          });
-      __syncthreads();
-    };
+    // dh_{t-1}[r][slice] = sum over (g, i) of dx_g[r][i] R_g[i][slice], chunk by chunk
     if constexpr (rnnops::is_same_v<T, float>) {  // IEEE float32 on CUDA cores
       constexpr int kMaxOutputs = (kRows * U + 31) / 32;
       float sum[kMaxOutputs];
       for (int j = 0; j < kMaxOutputs; ++j) sum[j] = 0.0f;
-      for (int k0 = 0; k0 < G * D; k0 += KC) {
-        stage_chunk(k0);
+      for_gradient_chunks<CELL, KC>(s, resident, chunk, dx, drec_n, row0, t, head,
+                                    [&](const float* gradients, int k0) {
         for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
           const int r = idx / U, u = idx % U;
           float acc = 0.0f;
-          for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += chunk[r * KC + kk] * wt[(k0 + kk) * U + u];
+          for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += gradients[r * KC + kk] * wt[(k0 + kk) * U + u];
           sum[j] += acc;
         }
-        __syncthreads();
-      }
+      });
       for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) carry_product(idx, sum[j]);
-    } else {  // tensor cores: the gate gradients rounded to T as the forward rounded h, fp32 accumulation
+    } else {  // tensor cores: the gate gradients in T (as the forward rounded h), fp32 accumulation
       using namespace nvcuda;
-      T* chunk_t = reinterpret_cast<T*>(chunk);
       const WarpShare share = warp_share(U / 16);
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[U / 16];  // this warp's tiles (warp_share)
 #pragma unroll
       for (int j = 0; j < U / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
-      for (int k0 = 0; k0 < G * D; k0 += KC) {
-        stage_chunk(k0);
+      for_gradient_chunks<CELL, KC>(s, resident, chunk, dx, drec_n, row0, t, head,
+                                    [&](const T* gradients, int k0) {
 #pragma unroll
         for (int j = 0; j < U / 16; ++j) {
           const int tile = share.first_tile + j * share.tile_stride;
@@ -590,13 +601,12 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
           for (int kk = 16 * share.part; kk < KC && k0 + kk < G * D; kk += 16 * share.parts) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-            wmma::load_matrix_sync(a, chunk_t + kk, KC);
+            wmma::load_matrix_sync(a, gradients + kk, KC);
             wmma::load_matrix_sync(b, wt + (k0 + kk) * U + tile * 16, U);
             wmma::mma_sync(acc[j], a, b, acc[j]);
           }
         }
-        __syncthreads();
-      }
+      });
 #pragma unroll
       for (int j = 0; j < U / 16; ++j) {
         const int tile = share.first_tile + j * share.tile_stride;

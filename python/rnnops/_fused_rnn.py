@@ -3,7 +3,9 @@
 Both backends' kernels use the same buffers: the forward writes every state per step (fp32,
 S per unit) and the gates' pre-activations (fp32, P per unit) once; the backward walks time in
 reverse with carried gradients in an (S, B, H, D) fp32 buffer, writing the pre-activations'
-gradients (and GRU's gradient of R_n h + b_n). dR = sum_{b,t} dr_t^T h_{t-1} and db = sum dr
+gradients (and GRU's gradient of R_n h + b_n) in the input dtype: they are what the op returns for
+x_gates and, for half inputs, the operands the kernels' own recurrent products and dR take, so
+no float32 copy is written or converted. dR = sum_{b,t} dr_t^T h_{t-1} and db = sum dr
 are then computed here: a batched matmul per gate on strided views (no copy of dr), h_{t-1}
 from the saved h_seq (the kernels may keep only the last step's h in the states: the Triton
 cells' resident LSTM and sLSTM do). For half inputs the operands are the half values the forward
@@ -60,21 +62,20 @@ class FusedRNNFunction(torch.autograd.Function):
         f32 = {"dtype": torch.float32, "device": states.device}
         carry = torch.stack([torch.zeros((batch, heads, dim), **f32) if d is None else d.float() for d in d_final])
         carry = carry.contiguous()
-        dx = empty((batch, time, CELLS[ctx.cell].gates, heads, dim), **f32)
-        drec_n = empty((batch, time, heads, dim), **f32) if ctx.cell == "gru" else None
-        ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n, x_, b_, h_seq)
         x_dtype, R_dtype, state_dtypes = ctx.dtypes
-        dx_out = dx.to(x_dtype)
-        operand = dx_out if x_dtype in (torch.float16, torch.bfloat16) else dx  # (see the module docstring)
-        gate_grads = [operand[:, :, g] for g in range(dx.shape[2])]
+        gradient = {"dtype": x_dtype, "device": states.device}
+        dx = empty((batch, time, CELLS[ctx.cell].gates, heads, dim), **gradient)
+        drec_n = empty((batch, time, heads, dim), **gradient) if ctx.cell == "gru" else None
+        ctx.launcher.backward(R, initial, states, pre, d_h_seq.contiguous(), carry, dx, drec_n, x_, b_, h_seq)
+        gate_grads = [dx[:, :, g] for g in range(dx.shape[2])]
         if drec_n is not None:  # GRU: the n gate's recurrent part gets dn * r
-            gate_grads[2] = drec_n.to(operand.dtype)
+            gate_grads[2] = drec_n
         h0 = initial[0] if initial is not None else torch.zeros((batch, heads, dim), **f32)
         h_prev = torch.cat([h0.to(x_dtype)[:, None], h_seq[:, :-1]], dim=1)
         dR = torch.stack([_sum_outer(d, h_prev) for d in gate_grads]).to(R_dtype)
         db = None if b is None else torch.stack([d.sum((0, 1), dtype=torch.float32) for d in gate_grads]).to(b.dtype)
         d_state = [carry[s].to(dtype) for s, dtype in enumerate(state_dtypes)]
-        return (None, dx_out, dR, db, None, *d_state)
+        return (None, dx, dR, db, None, *d_state)
 
 
 def _sum_outer(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

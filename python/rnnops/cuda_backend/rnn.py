@@ -24,7 +24,9 @@ from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
 
 ROWS = 16  # batch rows per block
-GRADIENT_CHUNK = 256  # float32 slots per row of the backward's staging buffer (csrc/rnn/rnn.cuh's KC: 256 float32 or 512 half-type gradients)
+# the backward's gate-gradient chunk: 16 rows of 1 KB in shared memory (csrc/rnn/rnn.cuh's KC: 256
+# float32 or 512 half-type gradients a row)
+GRADIENT_CHUNK_BYTES = ROWS * 1024
 UNITS = (16, 32, 64)  # the instantiated slice widths
 
 
@@ -35,6 +37,10 @@ class RNNConfig:
     # the pointwise phases' inputs staged in shared memory (csrc/rnn/rnn.cuh's RNNShape.stage):
     # a launch where they do not fit at any width runs unstaged
     stage: int = 1
+    # the gate-gradient chunks the backward's product copies in at once where a head splits over
+    # blocks (csrc/rnn/rnn.cuh's RNNShape.gradient_chunks): each round of chunks waits one memory
+    # latency; a launch takes no more than a step needs (gradient_chunks_needed) and fit
+    gradient_chunks: int = 8
 
 
 DEFAULT_CONFIG = RNNConfig()
@@ -55,16 +61,23 @@ def carried_states(cell: str) -> int:
     return 1 if cell == "gru" else len(CELLS[cell].states) - 1
 
 
-def shared_bytes(D: int, cell: str, units: int, element_bytes: int, threads: int, stage: int = 1) -> tuple[int, int]:
+def gradient_chunks_needed(D: int, cell: str, element_bytes: int) -> int:
+    """Gate-gradient chunks of a backward step's product: G D gradients a row, 1 KB of them a chunk
+    (one for every head that fits a block, D <= 64)."""
+    return -(-CELLS[cell].gates * D * element_bytes // 1024)
+
+
+def shared_bytes(D: int, cell: str, units: int, element_bytes: int, threads: int, stage: int = 1,
+                 gradient_chunks: int = 1) -> tuple[int, int]:
     """Dynamic shared memory of the forward and backward kernels. Forward: the weight slice, h_{t-1},
     the product's partial tiles, and staged, x_t and x_{t+1} of the slice, the carried states and
-    the bias. Backward: the transposed weight slice, the gate-gradient chunk, the product's partial
-    tiles, and staged, the carried gradients, three steps of the saved states it reads, two of the
-    pre-activations and of d h_seq."""
+    the bias. Backward: the transposed weight slice, ``gradient_chunks`` gate-gradient chunks, the
+    product's partial tiles, and staged, the carried gradients, three steps of the saved states it
+    reads, two of the pre-activations and of d h_seq."""
     gates = CELLS[cell].gates
     forward = (gates * units * D * element_bytes + ROWS * D * element_bytes
                + ROWS * gates * units * 4 * k_parts(gates * units, threads, element_bytes))
-    backward = (gates * D * units * element_bytes + ROWS * GRADIENT_CHUNK * 4
+    backward = (gates * D * units * element_bytes + gradient_chunks * GRADIENT_CHUNK_BYTES
                 + ROWS * units * 4 * k_parts(units, threads, element_bytes))
     if stage:
         forward += (2 * ROWS * gates * units * element_bytes + carried_states(cell) * ROWS * units * 4
@@ -95,13 +108,28 @@ def fitting_slice(config: RNNConfig, D: int, cell: str, element_bytes: int, devi
                      f"{UNITS[0]} units; this GPU has {limit} (use backend='triton')")
 
 
+def fitting_gradient_chunks(config: RNNConfig, D: int, cell: str, units: int, stage: int, element_bytes: int,
+                            device: torch.device) -> int:
+    """The backward's gate-gradient chunk buffers for a slice fitting_slice chose: as many as the
+    configuration asks, no more than a step needs, and no more than fit beside the slice's other
+    buffers (at least one, which fitting_slice counted)."""
+    limit = block_shared_memory(device)
+    wanted = max(1, min(config.gradient_chunks, gradient_chunks_needed(D, cell, element_bytes)))
+    return max([c for c in range(1, wanted + 1)
+                if limit is None or shared_bytes(D, cell, units, element_bytes, config.threads, stage, c)[1] <= limit])
+
+
 def space(D: int, cell: str, element_bytes: int, hardware) -> Space:
+    needed = gradient_chunks_needed(D, cell, element_bytes)
     return Space(
-        {"units": list(UNITS), "threads": [64, 128, 256], "stage": [0, 1]},
+        {"units": list(UNITS), "threads": [64, 128, 256], "stage": [0, 1], "gradient_chunks": [1, 2, 4, 8]},
         (
             Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
-            Constraint("the weight slice and buffers fit in a block's shared memory", ("units", "threads", "stage"),
-                       lambda u, t, st: max(shared_bytes(D, cell, u, element_bytes, t, st))
+            Constraint("gradient chunks: no power of two past a step's", ("gradient_chunks",),
+                       lambda c: c == 1 or c // 2 < needed),
+            Constraint("the weight slice and buffers fit in a block's shared memory",
+                       ("units", "threads", "stage", "gradient_chunks"),
+                       lambda u, t, st, c: max(shared_bytes(D, cell, u, element_bytes, t, st, min(c, needed)))
                        <= hardware.shared_memory_per_block),
         ),
     )
@@ -133,20 +161,20 @@ class _Launcher:
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
                  device, saves: bool = True):
         units, stage = fitting_slice(config, dim, cell, element_bytes, device)
+        chunks = fitting_gradient_chunks(config, dim, cell, units, stage, element_bytes, device)
         splits = -(-dim // units)
-        forward_bytes, backward_bytes = shared_bytes(dim, cell, units, element_bytes, config.threads, stage)
         self.cell, self.cell_name, self.units, self.device = CELL_IDS[cell], cell, units, device
         self.grid = [heads, -(-batch // ROWS), splits, config.threads]
-        self.shared = (forward_bytes, backward_bytes)
+        self.shared = shared_bytes(dim, cell, units, element_bytes, config.threads, stage, chunks)
         self.shape = [batch, time, heads, dim, splits]
-        self.saves, self.stage = saves, stage
+        self.saves, self.stage, self.gradient_chunks = saves, stage, chunks
 
     def forward(self, x, R, b, initial, states, h_seq):
         """Runs the forward; returns the pre-activations it saves for the backward (None without
         ``saves``). x at a misaligned address is copied first (_aligned)."""
         x = _aligned(x)
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
-        flags = [int(b is not None), int(initial is not None), int(self.saves), self.stage]
+        flags = [int(b is not None), int(initial is not None), int(self.saves), self.stage, self.gradient_chunks]
         engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq, self.shape + flags,
                                         self.cell, self.units, self.grid + [self.shared[0]])
         return pre
@@ -155,7 +183,7 @@ class _Launcher:
         """(``x``, ``b``, ``h_seq``: for a backward that recomputes the pre-activations; this one reads
         the saved ones.) d h_seq at a misaligned address is copied first (_aligned)."""
         d_h_seq = _aligned(d_h_seq)
-        flags = [0, int(initial is not None), 0, self.stage]
+        flags = [0, int(initial is not None), 0, self.stage, self.gradient_chunks]
         engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
                                          self.shape + flags, self.cell, self.units, self.grid + [self.shared[1]])
 
