@@ -125,13 +125,15 @@ PY
     # the CUDA cells with their pointwise inputs read from global memory each step, as until
     # 2026-11-27 (stage 0), against the shipped staging in shared memory (x_t and the backward's
     # saved states, pre-activations and d h_seq copied a step ahead, carried states and gradients
-    # kept there; SASS: global loads 50 -> 12 forward, 58 -> 22 backward; untimed); and the backward
-    # of the 768-wide head copying its 6 chunks of gate gradients a step in one round (shipped,
-    # since 2026-11-27: one memory latency a step) against one chunk a round (six)
+    # kept there; SASS: global loads 50 -> 12 forward, 58 -> 22 backward; untimed); the backward of
+    # the 768-wide head copying its 6 chunks of gate gradients a step in one round (shipped, since
+    # 2026-11-27: one memory latency a step) against one chunk a round (six); and the products'
+    # shared tiles with unpadded rows (8-way bank conflicts on every fragment load) against the
+    # shipped padded ones
     left=$(seconds_until 510)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" --try '{"stage": 0}' \
-      '{"gradient_chunks": 1}'
+      '{"gradient_chunks": 1}' '{"pad_rows": 0}'
     # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
     # shipped staging of each chunk's rows in shared memory, whose kernels since 2026-11-27 also
     # split the state elements over the warps, not the steps (SASS per element, forward /

@@ -46,7 +46,7 @@ def test_spaces_are_legal_and_match_brute_force(gpu, tunable):
         # the documented gap: a 768-wide head whose smallest weight slice (16 units of every gate, with the
         # step's buffers) needs more shared memory than a block has (V100, L4, RTX 4090 for LSTM)
         too_wide = tunable.name == "cuda.rnn" and max(
-            cuda_rnn.shared_bytes(shape["D"], shape["cell"], 16, 2, 64, 0)
+            cuda_rnn.shared_bytes(shape["D"], shape["cell"], 16, 2, 64, 0, 1, 0)
         ) > hw.shared_memory_per_block
         assert bool(legal) != too_wide, (gpu, shape)
         # the same configurations, in the same order (sorted by value in declaration order), keys in that order

@@ -121,7 +121,7 @@ def cpp_layouts():
                "rnnops::scan::BCOperand": ("data", "mode", "b", "t", "g", "n", "channels_per_group"),
                "rnnops::scan::ScanShape": ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus"),
                "rnnops::rnn::RNNShape": ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage",
-                                         "gradient_chunks")}
+                                         "gradient_chunks", "pad_rows")}
     lines = ['#include <cstddef>', '#include <cstdio>', '#include "rnn/rnn.cuh"', '#include "scan/selective_scan.cuh"',
              "int main() {"]
     for struct, fields in structs.items():

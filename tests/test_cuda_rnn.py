@@ -59,6 +59,19 @@ def test_gate_gradient_chunks_in_rounds(cell, dtype, bound, chunks):
         compare_backends(run(cell, dtype), x, bound, test="cuda")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_unpadded_rows_match_reference(cell, dtype, bound):
+    """RNNConfig.pad_rows 0 (what runs where the padded tiles do not fit): the weight slices, h_{t-1}
+    and the gate-gradient chunks in shared memory with unpadded rows; one block and a head of 80
+    split over two."""
+    for shape in ({"D": 32}, {"T": 3, "D": 80}):
+        x = make_inputs(cell, dtype=dtype, **shape)
+        bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), dtype)
+        with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "pad_rows": 0}):
+            compare_backends(run(cell, dtype), x, bound, test="cuda")
+
+
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("shape", [dict(), dict(T=3, H=2, D=80)], ids=["basic", "D80-split-over-blocks"])
 def test_unstaged_matches_reference(cell, shape):
@@ -114,7 +127,7 @@ def test_config_space_fits_shared_memory():
         legal = cuda_rnn.space(D, "lstm", 2, h100).legal()
         needed = cuda_rnn.gradient_chunks_needed(D, "lstm", 2)
         assert legal and all(max(cuda_rnn.shared_bytes(D, "lstm", p["units"], 2, p["threads"], p["stage"],
-                                                       min(p["gradient_chunks"], needed)))
+                                                       min(p["gradient_chunks"], needed), p["pad_rows"]))
                              <= h100.shared_memory_per_block
                              for p in legal)
         # no more chunk buffers than the smallest power of two that holds a step's chunks
@@ -134,10 +147,10 @@ def test_gradient_chunks_take_what_a_step_needs_and_what_fits(monkeypatch):
     for gpu, chunks in (("H100", 6), ("A100", 2)):
         limit = hardware.named(gpu).shared_memory_per_block
         monkeypatch.setattr(cuda_rnn, "block_shared_memory", lambda device, limit=limit: limit)
-        assert cuda_rnn.fitting_slice(config, 768, "lstm", 2, cuda) == (16, 1)
-        assert cuda_rnn.fitting_gradient_chunks(config, 768, "lstm", 16, 1, 2, cuda) == chunks
-    assert cuda_rnn.fitting_gradient_chunks(replace(config, gradient_chunks=4), 768, "lstm", 16, 1, 2, cuda) == 2
-    assert cuda_rnn.fitting_gradient_chunks(config, 64, "lstm", 64, 1, 2, cuda) == 1
+        assert cuda_rnn.fitting_slice(config, 768, "lstm", 2, cuda) == (16, 1, 1)
+        assert cuda_rnn.fitting_gradient_chunks(config, 768, "lstm", 16, 1, 1, 2, cuda) == chunks
+    assert cuda_rnn.fitting_gradient_chunks(replace(config, gradient_chunks=4), 768, "lstm", 16, 1, 1, 2, cuda) == 2
+    assert cuda_rnn.fitting_gradient_chunks(config, 64, "lstm", 64, 1, 1, 2, cuda) == 1
 
 
 def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
@@ -149,15 +162,15 @@ def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
     cuda = torch.device("cuda")
     # 32 units of a 768-wide LSTM head took 224 KB, 234 KB with the forward's x_t and x_{t+1}
     config = cuda_rnn.RNNConfig(units=64, threads=256)
-    assert cuda_rnn.fitting_slice(config, 768, "lstm", 2, cuda) == (16, 1)
-    assert cuda_rnn.fitting_slice(config, 192, "lstm", 2, cuda) == (64, 1)
-    assert cuda_rnn.fitting_slice(config, 40, "lstm", 2, cuda) == (32, 1)  # no wider than D rounded up to 16
+    assert cuda_rnn.fitting_slice(config, 768, "lstm", 2, cuda) == (16, 1, 1)
+    assert cuda_rnn.fitting_slice(config, 192, "lstm", 2, cuda) == (64, 1, 1)
+    assert cuda_rnn.fitting_slice(config, 40, "lstm", 2, cuda) == (32, 1, 1)  # no wider than D rounded up to 16
     monkeypatch.setattr(cuda_rnn, "device_reason", lambda device: None)
     assert "shared memory" in cuda_rnn.supports(dtype=torch.float32, device=cuda, head_dim=768, cell="slstm")
     assert cuda_rnn.supports(dtype=torch.bfloat16, device=cuda, head_dim=768, cell="slstm") is None
-    # 99 KB a block (L4, RTX 4090): a 768-wide GRU head fits only unstaged
+    # 99 KB a block (L4, RTX 4090): a 768-wide GRU head fits only unstaged and unpadded
     monkeypatch.setattr(cuda_rnn, "block_shared_memory", lambda device: hardware.named("L4").shared_memory_per_block)
-    assert cuda_rnn.fitting_slice(cuda_rnn.RNNConfig(units=16), 768, "gru", 2, cuda) == (16, 0)
+    assert cuda_rnn.fitting_slice(cuda_rnn.RNNConfig(units=16), 768, "gru", 2, cuda) == (16, 0, 0)
 
 
 def default_kernels() -> list[compile_check.Instantiation]:

@@ -7,7 +7,9 @@
 // slice's recurrent pre-activations h_{t-1} R_slice^T with tensor cores (wmma m16n16k16,
 // half / bfloat16, each output tile's K steps split over the warps a narrow slice leaves without
 // a tile of their own: warp_share; float32 stays on CUDA cores in IEEE arithmetic), applies the cell's
-// pointwise update (equations in rnnops.reference.rnn) and writes the new states. Heads too
+// pointwise update (equations in rnnops.reference.rnn) and writes the new states. The tiles the
+// products read in shared memory (weights, h_{t-1}, gate-gradient chunks) have rows padded by 16
+// bytes where they fit (s.pad_rows, padded()), so that fragment loads meet no bank conflicts. Heads too
 // large for one block split their units over several blocks (grid.z), which then meet at a
 // grid barrier every step (cooperative launch) and read h_{t-1} back from h_seq in 16-byte
 // copies, each thread's loads in flight together (one memory latency a step, not one per
@@ -61,9 +63,23 @@ struct RNNShape {
   // backward: the gate-gradient chunks its product copies into shared memory at once (a head split
   // over blocks; >= 1): one memory latency per round of chunks, ceil(G D / chunk) chunks a step
   int gradient_chunks;
+  // 1: the shared-memory tiles the tensor-core products read have padded rows (padded()); 0 where
+  // the padded buffers do not fit (rnnops.cuda_backend.rnn.fitting_slice)
+  int pad_rows;
 };
 
 constexpr int kRows = 16;  // batch rows per block (one wmma tile)
+
+// The row stride, in elements, of a shared-memory tile with n elements a row that tensor-core
+// fragments read (and 16-byte copies write): with s.pad_rows, 16 bytes of padding. With n a
+// multiple of 16 elements (D, G D, the gradient chunk) a row then spans an odd multiple of 16
+// bytes, so the 8 rows that one fragment load (a 32-bit word per lane, 4 lanes a row) touches fall
+// in 8 different groups of 4 banks. Unpadded, a row of a multiple of 128 bytes (bf16 D = 64, 768)
+// puts all 8 rows in the same 4 banks: every fragment load an 8-way bank conflict.
+template <class T>
+__device__ __forceinline__ int padded(int n, const RNNShape& s) {
+  return s.pad_rows ? n + 16 / (int)sizeof(T) : n;
+}
 
 __device__ __forceinline__ long long step_index(const RNNShape& s, int b, int t, int slot, int slots, int unit,
                                                 int head) {
@@ -156,15 +172,15 @@ __device__ __forceinline__ void sum_parts(float* partial, int n, int parts) {
     for (int p = 1; p < parts; ++p) partial[idx] += partial[p * kRows * n + idx];
 }
 
-// acc[r][n] = sum_k h[r][k] w[n][k] for the block's 16 rows and GU = G * U output columns (acc
-// holds warp_share's parts partial [16][GU] tiles for half types).
+// acc[r][n] = sum_k h[r][k] w[n][k] for the block's 16 rows and GU = G * U output columns, h and
+// w with rows of ld >= D (acc holds warp_share's parts partial [16][GU] tiles for half types).
 template <class T>
-__device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int GU) {
+__device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int ld, int GU) {
   if constexpr (rnnops::is_same_v<T, float>) {
     for (int idx = threadIdx.x; idx < kRows * GU; idx += blockDim.x) {
       const int r = idx / GU, n = idx % GU;
       float sum = 0.0f;
-      for (int k = 0; k < D; ++k) sum += h[r * D + k] * w[n * D + k];
+      for (int k = 0; k < D; ++k) sum += h[r * ld + k] * w[n * ld + k];
       acc[idx] = sum;
     }
   } else {
@@ -176,8 +192,8 @@ __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int 
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
       wmma::fill_fragment(c, 0.0f);
       for (int k = 16 * share.part; k < D; k += 16 * share.parts) {
-        wmma::load_matrix_sync(a, h + k, D);
-        wmma::load_matrix_sync(b, w + tile * 16 * D + k, D);
+        wmma::load_matrix_sync(a, h + k, ld);
+        wmma::load_matrix_sync(b, w + tile * 16 * ld + k, ld);
         wmma::mma_sync(c, a, b, c);
       }
       wmma::store_matrix_sync(acc + share.part * kRows * GU + tile * 16, c, GU, wmma::mem_row_major);
@@ -190,15 +206,17 @@ __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int 
 }
 
 // The backward's gate gradients of step t in chunks of KC a row, into shared memory [rounds'
-// buffers][16][KC]: product(gradients, k0) runs once per chunk, k0 its first (g D + i) index. A block
-// holding the whole head (resident) computed its one chunk into buffer 0; others copy each round of
-// up to s.gradient_chunks chunks with cp.async (16 bytes of one gate each) from dx, GRU's third gate
-// from drec_n, and wait for it once: one memory latency a round. Rows past the batch are not copied:
-// their buffer rows are left as they were and only meet their own product rows, which no one reads.
+// buffers][16][KC] (rows of padded(KC)): product(gradients, k0) runs once per chunk, k0 its first
+// (g D + i) index. A block holding the whole head (resident) computed its one chunk into buffer 0;
+// others copy each round of up to s.gradient_chunks chunks with cp.async (16 bytes of one gate
+// each) from dx, GRU's third gate from drec_n, and wait for it once: one memory latency a round.
+// Rows past the batch are not copied: their buffer rows are left as they were and only meet their
+// own product rows, which no one reads.
 template <int CELL, int KC, class T, class Product>
 __device__ __forceinline__ void for_gradient_chunks(const RNNShape& s, bool resident, T* chunk, const T* dx,
                                                     const T* drec_n, int row0, int t, int head, Product product) {
   constexpr int G = CellInfo<CELL>::G, kPer = 16 / (int)sizeof(T), kPieces = KC / kPer;
+  const int LC = padded<T>(KC, s);
   const int chunks = (G * s.D + KC - 1) / KC;
   for (int c0 = 0; c0 < chunks; c0 += s.gradient_chunks) {
     const int count = chunks - c0 < s.gradient_chunks ? chunks - c0 : s.gradient_chunks;
@@ -207,7 +225,7 @@ __device__ __forceinline__ void for_gradient_chunks(const RNNShape& s, bool resi
         const int c = idx / (kRows * kPieces), r = idx / kPieces % kRows, b = row0 + r, k = idx % kPieces * kPer;
         const int gi = (c0 + c) * KC + k, g = gi / s.D, i = gi % s.D;
         if (b < s.B && gi < G * s.D)
-          rnnops::copy_async16(chunk + (c * kRows + r) * KC + k,
+          rnnops::copy_async16(chunk + (c * kRows + r) * LC + k,
                                (CELL == kGRU && g == 2) ? drec_n + step_index(s, b, t, 0, 1, i, head)
                                                         : dx + step_index(s, b, t, g, G, i, head));
       }
@@ -215,7 +233,7 @@ __device__ __forceinline__ void for_gradient_chunks(const RNNShape& s, bool resi
       rnnops::copy_async_wait<0>();
       __syncthreads();
     }
-    for (int c = 0; c < count; ++c) product(chunk + c * kRows * KC, (c0 + c) * KC);
+    for (int c = 0; c < count; ++c) product(chunk + c * kRows * LC, (c0 + c) * KC);
     __syncthreads();  // the round's buffers read before the next round refills them
   }
 }
@@ -233,9 +251,10 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
-  T* w = reinterpret_cast<T*>(smem);                      // [G * U][D]
-  T* h = w + GU * D;                                      // [16][D]
-  float* acc = reinterpret_cast<float*>(h + kRows * D);  // [16][G * U], times warp_share's parts (half types)
+  const int LD = padded<T>(D, s);                          // the row stride of w and h
+  T* w = reinterpret_cast<T*>(smem);                       // [G * U][D] (rows of LD)
+  T* h = w + GU * LD;                                      // [16][D] (rows of LD)
+  float* acc = reinterpret_cast<float*>(h + kRows * LD);  // [16][G * U], times warp_share's parts (half types)
   // staged (s.stage) only:
   T* x_steps = reinterpret_cast<T*>(acc + kRows * GU * product_parts<T>(GU));  // [2][G][16][U]: x_t, x_{t+1}
   float* carried = reinterpret_cast<float*>(x_steps + 2 * kRows * GU);       // [SC][16][U], fp32
@@ -245,7 +264,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   };
   for (int idx = threadIdx.x; idx < GU * D; idx += blockDim.x) {
     const int n = idx / D, k = idx % D, g = n / U, unit = unit0 + n % U;
-    w[idx] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
+    w[n * LD + k] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
   }
   for (int idx = threadIdx.x; s.stage && idx < GU; idx += blockDim.x) {
     const int g = idx / U, unit = unit0 + idx % U;
@@ -271,7 +290,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
     if (t == 0) {
       for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
         const int r = idx / D, k = idx % D, b = row0 + r;
-        h[idx] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, t, k, head, S) : 0.0f);
+        h[r * LD + k] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, t, k, head, S) : 0.0f);
       }
       for (int idx = threadIdx.x; s.stage && idx < SC * kRows * U; idx += blockDim.x) {
         const int slot = kFirstCarried + idx / (kRows * U), r = idx / U % kRows, b = row0 + r, unit = unit0 + idx % U;
@@ -288,10 +307,12 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
             const T* row = h_seq + (((long long)b * s.T + t - 1) * s.H + head) * D;
             return reinterpret_cast<const rnnops::Chunk16*>(row)[idx % per_row];
           },
-          [&](int idx, const rnnops::Chunk16& chunk) { reinterpret_cast<rnnops::Chunk16*>(h)[idx] = chunk; });
+          [&](int idx, const rnnops::Chunk16& chunk) {
+            reinterpret_cast<rnnops::Chunk16*>(h + idx / per_row * LD)[idx % per_row] = chunk;
+          });
       __syncthreads();
     }
-    recurrent_matmul(h, w, acc, D, GU);
+    recurrent_matmul(h, w, acc, D, LD, GU);
     rnnops::copy_async_wait<1>();  // this thread's pieces of x_t (not x_{t+1}'s)
     __syncthreads();
     // the slice's pointwise update. Staged, its inputs are all in shared memory: x_t, the bias, and
@@ -376,7 +397,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           }
           save_state(0, h_new);
           h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
-          if (s.splits == 1) h[r * D + unit] = from_float<T>(h_new);  // every reader of h_{t-1} is past the barrier above
+          if (s.splits == 1) h[r * LD + unit] = from_float<T>(h_new);  // every reader of h_{t-1} is past the barrier above
         });
     block_barrier(s);  // h_t before the next step's product reads it; x_t's buffer before it is refilled
   }
@@ -391,12 +412,14 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   // (rnnops.cuda_backend.rnn.GRADIENT_CHUNK_BYTES): 256 a row in float32, 512 in a half type (a
   // whole LSTM head of D <= 64 in one; at D = 768 an LSTM step takes 6)
   constexpr int KC = 1024 / (int)sizeof(T);
+  const int LC = padded<T>(KC, s);  // a chunk row's stride
   const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
-  T* wt = reinterpret_cast<T*>(smem);                    // [G * D][U]: R_g[i][slice], transposed
-  T* chunk = wt + G * D * U;                             // [s.gradient_chunks][16][KC] gate gradients
-  float* products = reinterpret_cast<float*>(chunk + s.gradient_chunks * kRows * KC);
+  const int LW = padded<T>(G * D, s);                    // the row stride of wt
+  T* wt = reinterpret_cast<T*>(smem);                    // [U][G * D] (rows of LW): wt[u][g D + i] = R_g[i][unit]
+  T* chunk = wt + U * LW;                                // [s.gradient_chunks][16][KC] gate gradients (rows of LC)
+  float* products = reinterpret_cast<float*>(chunk + s.gradient_chunks * kRows * LC);
   // products: [16][U] dh_{t-1} of the slice, times warp_share's parts (half types)
   // staged (s.stage), the step's pointwise inputs are all in shared memory: the carried gradients
   // (dh, and c's, n's, m's), kept there by the thread that updates each element; and copied
@@ -411,8 +434,8 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   float* saved_pre = saved_states + 3 * NS * kRows * U;         // [2][PS][16][U]
   T* dh_steps = reinterpret_cast<T*>(saved_pre + 2 * PS * kRows * U);  // [2][16][U]
   for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
-    const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;
-    wt[idx] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
+    const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;  // (coalesced reads of R)
+    wt[u * LW + gi] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
   }
   auto carry_index = [&](int slot, int b, int unit) {
     return (((long long)slot * s.B + b) * s.H + head) * D + unit;
@@ -453,7 +476,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   // shared memory as it computes them, so its product reads no global memory (rows past the batch
   // stay 0); other blocks copy in the chunks every block of the head wrote
   const bool resident = s.splits == 1 && G * D <= KC;
-  auto stage = [&](int r, int gi, float value) { chunk[r * KC + gi] = from_float<T>(value); };
+  auto stage = [&](int r, int gi, float value) { chunk[r * LC + gi] = from_float<T>(value); };
   if (resident)
     for (int idx = threadIdx.x; idx < kRows * KC; idx += blockDim.x) stage(idx / KC, idx % KC, 0.0f);
   rnnops::copy_async_wait<0>();
@@ -581,7 +604,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         for (int j = 0, idx = threadIdx.x; idx < kRows * U; ++j, idx += blockDim.x) {
           const int r = idx / U, u = idx % U;
           float acc = 0.0f;
-          for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += gradients[r * KC + kk] * wt[(k0 + kk) * U + u];
+          for (int kk = 0; kk < KC && k0 + kk < G * D; ++kk) acc += gradients[r * LC + kk] * wt[u * LW + k0 + kk];
           sum[j] += acc;
         }
       });
@@ -600,9 +623,9 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
           if (share.idle() || tile >= U / 16) break;
           for (int kk = 16 * share.part; kk < KC && k0 + kk < G * D; kk += 16 * share.parts) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-            wmma::load_matrix_sync(a, gradients + kk, KC);
-            wmma::load_matrix_sync(b, wt + (k0 + kk) * U + tile * 16, U);
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+            wmma::load_matrix_sync(a, gradients + kk, LC);
+            wmma::load_matrix_sync(b, wt + tile * 16 * LW + k0 + kk, LW);
             wmma::mma_sync(acc[j], a, b, acc[j]);
           }
         }

@@ -162,7 +162,8 @@ class Engine:
 
     def _rnn(self, phase, args, shape, cell, units, launch_shape, dtype):
         grid_x, grid_y, grid_z, threads, shared = launch_shape
-        fields = ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage", "gradient_chunks")
+        fields = ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage", "gradient_chunks",
+                  "pad_rows")
         rnn_shape = _struct([(name, "<i4") for name in fields], tuple(shape))
         self._launch(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), (grid_x, grid_y, grid_z), (threads,), shared,
                      (*args, rnn_shape), cooperative=grid_z > 1)

@@ -24,9 +24,12 @@ from ..triton_backend._common import dtype_reason, join_reasons
 from .engines import device_reason, engine, maybe
 
 ROWS = 16  # batch rows per block
-# the backward's gate-gradient chunk: 16 rows of 1 KB in shared memory (csrc/rnn/rnn.cuh's KC: 256
-# float32 or 512 half-type gradients a row)
-GRADIENT_CHUNK_BYTES = ROWS * 1024
+# with RNNConfig.pad_rows, the shared-memory tiles that tensor-core fragments read have rows padded by
+# 16 bytes (csrc/rnn/rnn.cuh's padded(): row strides an odd multiple of 16 bytes, free of bank conflicts)
+ROW_PAD_BYTES = 16
+# a row of the backward's gate-gradient chunk (16 rows in shared memory; csrc/rnn/rnn.cuh's KC: 256
+# float32 or 512 half-type gradients)
+CHUNK_ROW_BYTES = 1024
 UNITS = (16, 32, 64)  # the instantiated slice widths
 
 
@@ -41,6 +44,10 @@ class RNNConfig:
     # blocks (csrc/rnn/rnn.cuh's RNNShape.gradient_chunks): each round of chunks waits one memory
     # latency; a launch takes no more than a step needs (gradient_chunks_needed) and fit
     gradient_chunks: int = 8
+    # the tiles the tensor-core products read in shared memory with rows padded by ROW_PAD_BYTES
+    # (csrc/rnn/rnn.cuh's RNNShape.pad_rows; unpadded, a row of a multiple of 128 bytes made every
+    # fragment load an 8-way bank conflict): a launch where they do not fit pads none
+    pad_rows: int = 1
 
 
 DEFAULT_CONFIG = RNNConfig()
@@ -64,20 +71,22 @@ def carried_states(cell: str) -> int:
 def gradient_chunks_needed(D: int, cell: str, element_bytes: int) -> int:
     """Gate-gradient chunks of a backward step's product: G D gradients a row, 1 KB of them a chunk
     (one for every head that fits a block, D <= 64)."""
-    return -(-CELLS[cell].gates * D * element_bytes // 1024)
+    return -(-CELLS[cell].gates * D * element_bytes // CHUNK_ROW_BYTES)
 
 
 def shared_bytes(D: int, cell: str, units: int, element_bytes: int, threads: int, stage: int = 1,
-                 gradient_chunks: int = 1) -> tuple[int, int]:
-    """Dynamic shared memory of the forward and backward kernels. Forward: the weight slice, h_{t-1},
-    the product's partial tiles, and staged, x_t and x_{t+1} of the slice, the carried states and
-    the bias. Backward: the transposed weight slice, ``gradient_chunks`` gate-gradient chunks, the
-    product's partial tiles, and staged, the carried gradients, three steps of the saved states it
-    reads, two of the pre-activations and of d h_seq."""
-    gates = CELLS[cell].gates
-    forward = (gates * units * D * element_bytes + ROWS * D * element_bytes
+                 gradient_chunks: int = 1, pad_rows: int = 1) -> tuple[int, int]:
+    """Dynamic shared memory of the forward and backward kernels, with ``pad_rows`` their tiles'
+    rows padded (ROW_PAD_BYTES). Forward: the weight slice, h_{t-1}, the product's partial tiles, and staged,
+    x_t and x_{t+1} of the slice, the carried states and the bias. Backward: the transposed weight
+    slice, ``gradient_chunks`` gate-gradient chunks, the product's partial tiles, and staged, the
+    carried gradients, three steps of the saved states it reads, two of the pre-activations and of
+    d h_seq."""
+    gates, pad = CELLS[cell].gates, ROW_PAD_BYTES if pad_rows else 0
+    row = D * element_bytes + pad  # of the weight slice and h_{t-1}
+    forward = (gates * units * row + ROWS * row
                + ROWS * gates * units * 4 * k_parts(gates * units, threads, element_bytes))
-    backward = (gates * D * units * element_bytes + gradient_chunks * GRADIENT_CHUNK_BYTES
+    backward = (units * (gates * D * element_bytes + pad) + gradient_chunks * ROWS * (CHUNK_ROW_BYTES + pad)
                 + ROWS * units * 4 * k_parts(units, threads, element_bytes))
     if stage:
         forward += (2 * ROWS * gates * units * element_bytes + carried_states(cell) * ROWS * units * 4
@@ -89,47 +98,52 @@ def shared_bytes(D: int, cell: str, units: int, element_bytes: int, threads: int
     return forward, backward
 
 
-def fitting_slice(config: RNNConfig, D: int, cell: str, element_bytes: int, device: torch.device) -> tuple[int, int]:
-    """(units, stage) for a head of D units: the widest instantiated slice no wider than the
-    configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
-    shared memory, staged as the configuration asks where any width fits staged, else unstaged.
-    A configuration tuned or shipped for another head dim of the same shape bucket may ask for
-    more than fits (sLSTM at D = 768 with 64 units: 424 KB); it gets a narrower slice. A GRU's
-    768-wide head fits an L4's or RTX 4090's 99 KB only unstaged."""
+def fitting_slice(config: RNNConfig, D: int, cell: str, element_bytes: int,
+                  device: torch.device) -> tuple[int, int, int]:
+    """(units, stage, pad_rows) for a head of D units: the widest instantiated slice no wider than
+    the configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
+    shared memory, staged and padded as the configuration asks where any width fits so; else
+    unpadded, then unstaged (padded, then not). A configuration tuned or shipped for another head
+    dim of the same shape bucket may ask for more than fits (sLSTM at D = 768 with 64 units: 424 KB);
+    it gets a narrower slice. A GRU's 768-wide head fits an L4's or RTX 4090's 99 KB only unstaged
+    and unpadded."""
     limit = block_shared_memory(device)
     candidates = [u for u in UNITS if u <= max(config.units, 16) and u <= -(-D // 16) * 16] or [UNITS[0]]
     for stage in sorted({config.stage, 0}, reverse=True):
-        fitting = [u for u in candidates
-                   if limit is None or max(shared_bytes(D, cell, u, element_bytes, config.threads, stage)) <= limit]
-        if fitting:
-            return max(fitting), stage
-    need = max(shared_bytes(D, cell, UNITS[0], element_bytes, config.threads, 0))
+        for pad_rows in sorted({config.pad_rows, 0}, reverse=True):
+            fitting = [u for u in candidates if limit is None or max(
+                shared_bytes(D, cell, u, element_bytes, config.threads, stage, 1, pad_rows)) <= limit]
+            if fitting:
+                return max(fitting), stage, pad_rows
+    need = max(shared_bytes(D, cell, UNITS[0], element_bytes, config.threads, 0, 1, 0))
     raise ValueError(f"rnn (cuda): a head of D={D} needs {need} bytes of shared memory per block even with "
                      f"{UNITS[0]} units; this GPU has {limit} (use backend='triton')")
 
 
-def fitting_gradient_chunks(config: RNNConfig, D: int, cell: str, units: int, stage: int, element_bytes: int,
-                            device: torch.device) -> int:
+def fitting_gradient_chunks(config: RNNConfig, D: int, cell: str, units: int, stage: int, pad_rows: int,
+                            element_bytes: int, device: torch.device) -> int:
     """The backward's gate-gradient chunk buffers for a slice fitting_slice chose: as many as the
     configuration asks, no more than a step needs, and no more than fit beside the slice's other
     buffers (at least one, which fitting_slice counted)."""
     limit = block_shared_memory(device)
     wanted = max(1, min(config.gradient_chunks, gradient_chunks_needed(D, cell, element_bytes)))
     return max([c for c in range(1, wanted + 1)
-                if limit is None or shared_bytes(D, cell, units, element_bytes, config.threads, stage, c)[1] <= limit])
+                if limit is None
+                or shared_bytes(D, cell, units, element_bytes, config.threads, stage, c, pad_rows)[1] <= limit])
 
 
 def space(D: int, cell: str, element_bytes: int, hardware) -> Space:
     needed = gradient_chunks_needed(D, cell, element_bytes)
     return Space(
-        {"units": list(UNITS), "threads": [64, 128, 256], "stage": [0, 1], "gradient_chunks": [1, 2, 4, 8]},
+        {"units": list(UNITS), "threads": [64, 128, 256], "stage": [0, 1], "gradient_chunks": [1, 2, 4, 8],
+         "pad_rows": [0, 1]},
         (
             Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
             Constraint("gradient chunks: no power of two past a step's", ("gradient_chunks",),
                        lambda c: c == 1 or c // 2 < needed),
             Constraint("the weight slice and buffers fit in a block's shared memory",
-                       ("units", "threads", "stage", "gradient_chunks"),
-                       lambda u, t, st, c: max(shared_bytes(D, cell, u, element_bytes, t, st, min(c, needed)))
+                       ("units", "threads", "stage", "gradient_chunks", "pad_rows"),
+                       lambda u, t, st, c, p: max(shared_bytes(D, cell, u, element_bytes, t, st, min(c, needed), p))
                        <= hardware.shared_memory_per_block),
         ),
     )
@@ -141,8 +155,8 @@ def supports(*, dtype, device, head_dim=None, cell=None, **_) -> str | None:
         reasons.append(f"the head dim D must be a multiple of 16, got {head_dim}")
     elif head_dim is not None and cell in CELLS and not any(reasons):
         try:
-            fitting_slice(RNNConfig(units=UNITS[0], threads=64, stage=0), head_dim, cell, dtype.itemsize,
-                          torch.device(device))
+            fitting_slice(RNNConfig(units=UNITS[0], threads=64, stage=0, pad_rows=0), head_dim, cell,
+                          dtype.itemsize, torch.device(device))
         except ValueError as error:
             reasons.append(str(error).removeprefix("rnn (cuda): "))
     return join_reasons(*reasons)
@@ -160,21 +174,21 @@ class _Launcher:
 
     def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
                  device, saves: bool = True):
-        units, stage = fitting_slice(config, dim, cell, element_bytes, device)
-        chunks = fitting_gradient_chunks(config, dim, cell, units, stage, element_bytes, device)
+        units, stage, pad_rows = fitting_slice(config, dim, cell, element_bytes, device)
+        chunks = fitting_gradient_chunks(config, dim, cell, units, stage, pad_rows, element_bytes, device)
         splits = -(-dim // units)
         self.cell, self.cell_name, self.units, self.device = CELL_IDS[cell], cell, units, device
         self.grid = [heads, -(-batch // ROWS), splits, config.threads]
-        self.shared = shared_bytes(dim, cell, units, element_bytes, config.threads, stage, chunks)
+        self.shared = shared_bytes(dim, cell, units, element_bytes, config.threads, stage, chunks, pad_rows)
         self.shape = [batch, time, heads, dim, splits]
-        self.saves, self.stage, self.gradient_chunks = saves, stage, chunks
+        self.saves, self.layout = saves, [stage, chunks, pad_rows]  # RNNShape's stage, gradient_chunks, pad_rows
 
     def forward(self, x, R, b, initial, states, h_seq):
         """Runs the forward; returns the pre-activations it saves for the backward (None without
         ``saves``). x at a misaligned address is copied first (_aligned)."""
         x = _aligned(x)
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
-        flags = [int(b is not None), int(initial is not None), int(self.saves), self.stage, self.gradient_chunks]
+        flags = [int(b is not None), int(initial is not None), int(self.saves), *self.layout]
         engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq, self.shape + flags,
                                         self.cell, self.units, self.grid + [self.shared[0]])
         return pre
@@ -183,7 +197,7 @@ class _Launcher:
         """(``x``, ``b``, ``h_seq``: for a backward that recomputes the pre-activations; this one reads
         the saved ones.) d h_seq at a misaligned address is copied first (_aligned)."""
         d_h_seq = _aligned(d_h_seq)
-        flags = [0, int(initial is not None), 0, self.stage, self.gradient_chunks]
+        flags = [0, int(initial is not None), 0, *self.layout]
         engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
                                          self.shape + flags, self.cell, self.units, self.grid + [self.shared[1]])
 
