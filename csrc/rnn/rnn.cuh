@@ -12,7 +12,7 @@
 // bytes where they fit (s.pad_rows, padded()), so that fragment loads meet no bank conflicts. Heads too
 // large for one block split their units over several blocks (grid.z), which then meet at a
 // grid barrier every step (cooperative launch) and read h_{t-1} back from h_seq in 16-byte
-// copies, each thread's loads in flight together (one memory latency a step, not one per
+// asynchronous copies (cp.async), all in flight together (one memory latency a step, not one per
 // element: at D = 768 the element-wise loop was most of the step); otherwise a block barrier
 // suffices. The forward's pointwise phase reads only shared memory: the slice's x_t, copied
 // asynchronously (cp.async) during step t - 1, the bias, and the carried float32 states (c; GRU's
@@ -280,13 +280,24 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   };
   prefetch_x(0);
   for (int t = 0; t < s.T; ++t) {
+    // h_{t-1} of the whole head, in T: at t = 0 the initial state; for a head split over blocks,
+    // h_seq's step t - 1 (rounded to T as this product takes it), which every block wrote before the
+    // grid barrier, copied asynchronously 16 bytes at a time in a group of its own, committed before
+    // x_{t+1}'s so that it can be waited for alone (rows past the batch keep the zeros of t = 0);
+    // where this block computes every unit, its previous step left it in shared memory
+    const bool copies_h = t > 0 && s.splits > 1;
+    if (copies_h) {
+      constexpr int kPer = 16 / (int)sizeof(T);
+      for (int idx = threadIdx.x; idx < kRows * D / kPer; idx += blockDim.x) {  // D % 16 == 0
+        const int r = idx / (D / kPer), b = row0 + r, k = idx % (D / kPer) * kPer;
+        if (b < s.B)
+          rnnops::copy_async16(h + r * LD + k, h_seq + (((long long)b * s.T + t - 1) * s.H + head) * D + k);
+      }
+      rnnops::copy_async_commit();
+    }
     // x_{t+1} into the other buffer, which step t - 1 last read before its closing barrier (at
     // the last step an empty group, so that waiting for all but the newest group waits for x_t)
     prefetch_x(t + 1);
-    // h_{t-1} of the whole head, in T: at t = 0 the initial state; for a head split over blocks,
-    // h_seq's step t - 1 (rounded to T as this product takes it), which every block wrote before
-    // the grid barrier, copied 16 bytes at a time with a thread's loads in flight together; where
-    // this block computes every unit, its previous step left it in shared memory
     if (t == 0) {
       for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {
         const int r = idx / D, k = idx % D, b = row0 + r;
@@ -297,19 +308,8 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
         carried[idx] = b < s.B && unit < D ? previous_state(s, states, initial, slot, b, t, unit, head, S) : 0.0f;
       }
       __syncthreads();
-    } else if (s.splits > 1) {
-      const int per_row = D * (int)sizeof(T) / 16;  // D % 16 == 0
-      rnnops::in_flight<8>(
-          kRows * per_row,
-          [&](int idx) {
-            const int b = row0 + idx / per_row;
-            if (b >= s.B) return rnnops::Chunk16{};
-            const T* row = h_seq + (((long long)b * s.T + t - 1) * s.H + head) * D;
-            return reinterpret_cast<const rnnops::Chunk16*>(row)[idx % per_row];
-          },
-          [&](int idx, const rnnops::Chunk16& chunk) {
-            reinterpret_cast<rnnops::Chunk16*>(h + idx / per_row * LD)[idx % per_row] = chunk;
-          });
+    } else if (copies_h) {
+      rnnops::copy_async_wait<1>();  // h_{t-1} (and x_t), not x_{t+1}
       __syncthreads();
     }
     recurrent_matmul(h, w, acc, D, LD, GU);
