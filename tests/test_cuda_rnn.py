@@ -136,7 +136,7 @@ def test_config_space_fits_shared_memory():
 
 def test_gradient_chunks_take_what_a_step_needs_and_what_fits(monkeypatch):
     """The backward copies a step's gate-gradient chunks in rounds of RNNConfig.gradient_chunks, each
-    16 KB of shared memory: a launch takes no more than the step's chunks and than fit beside the
+    16 KB of shared memory (and its rows' padding): a launch takes no more than the step's chunks and than fit beside the
     slice's other buffers (an LSTM's 768-wide head in bf16: 6 chunks, all of them on an H100, two on
     an A100; a head of 64 keeps its one chunk resident)."""
     cuda = torch.device("cuda")

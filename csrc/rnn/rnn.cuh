@@ -409,7 +409,7 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   using Info = CellInfo<CELL>;
   constexpr int G = Info::G, S = Info::S, P = Info::P;
   // reduction chunk of the dh_{t-1} product, 16 rows x 1 KB of gate gradients in shared memory
-  // (rnnops.cuda_backend.rnn.GRADIENT_CHUNK_BYTES): 256 a row in float32, 512 in a half type (a
+  // (rnnops.cuda_backend.rnn.CHUNK_ROW_BYTES a row): 256 gradients in float32, 512 in a half type (a
   // whole LSTM head of D <= 64 in one; at D = 768 an LSTM step takes 6)
   constexpr int KC = 1024 / (int)sizeof(T);
   const int LC = padded<T>(KC, s);  // a chunk row's stride

@@ -77,11 +77,11 @@ def gradient_chunks_needed(D: int, cell: str, element_bytes: int) -> int:
 def shared_bytes(D: int, cell: str, units: int, element_bytes: int, threads: int, stage: int = 1,
                  gradient_chunks: int = 1, pad_rows: int = 1) -> tuple[int, int]:
     """Dynamic shared memory of the forward and backward kernels, with ``pad_rows`` their tiles'
-    rows padded (ROW_PAD_BYTES). Forward: the weight slice, h_{t-1}, the product's partial tiles, and staged,
-    x_t and x_{t+1} of the slice, the carried states and the bias. Backward: the transposed weight
-    slice, ``gradient_chunks`` gate-gradient chunks, the product's partial tiles, and staged, the
-    carried gradients, three steps of the saved states it reads, two of the pre-activations and of
-    d h_seq."""
+    rows padded (ROW_PAD_BYTES). Forward: the weight slice, h_{t-1}, the product's partial tiles,
+    and staged, x_t and x_{t+1} of the slice, the carried states and the bias. Backward: the
+    transposed weight slice, ``gradient_chunks`` gate-gradient chunks, the product's partial tiles,
+    and staged, the carried gradients, three steps of the saved states it reads, two of the
+    pre-activations and of d h_seq."""
     gates, pad = CELLS[cell].gates, ROW_PAD_BYTES if pad_rows else 0
     row = D * element_bytes + pad  # of the weight slice and h_{t-1}
     forward = (gates * units * row + ROWS * row
@@ -102,8 +102,8 @@ def fitting_slice(config: RNNConfig, D: int, cell: str, element_bytes: int,
                   device: torch.device) -> tuple[int, int, int]:
     """(units, stage, pad_rows) for a head of D units: the widest instantiated slice no wider than
     the configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
-    shared memory, staged and padded as the configuration asks where any width fits so; else
-    unpadded, then unstaged (padded, then not). A configuration tuned or shipped for another head
+    shared memory, staged and padded as the configuration asks where any width fits so; else, in
+    this order, staged and unpadded, unstaged and padded, unstaged and unpadded. A configuration tuned or shipped for another head
     dim of the same shape bucket may ask for more than fits (sLSTM at D = 768 with 64 units: 424 KB);
     it gets a narrower slice. A GRU's 768-wide head fits an L4's or RTX 4090's 99 KB only unstaged
     and unpadded."""
@@ -139,7 +139,7 @@ def space(D: int, cell: str, element_bytes: int, hardware) -> Space:
          "pad_rows": [0, 1]},
         (
             Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
-            Constraint("gradient chunks: no power of two past a step's", ("gradient_chunks",),
+            Constraint("gradient_chunks <= a step's chunks rounded up to a power of two", ("gradient_chunks",),
                        lambda c: c == 1 or c // 2 < needed),
             Constraint("the weight slice and buffers fit in a block's shared memory",
                        ("units", "threads", "stage", "gradient_chunks", "pad_rows"),
