@@ -35,6 +35,7 @@ class _Function:
 
     def __init__(self, name, launches, cooperative):
         self.name, self.launches, self.cooperative, self.max_dynamic_shared_size_bytes = name, launches, cooperative, 0
+        self.ptr = self  # (the CUfunction handle: the stand-in itself, for the occupancy query to check)
 
     def __call__(self, grid, block, args, *, shared_mem=0):
         self.launches.append(SimpleNamespace(name=self.name, grid=grid, block=block, args=args, shared=shared_mem,
@@ -84,8 +85,14 @@ def launches(monkeypatch):
             assert name in self.names, f"{name} was not among the module's name expressions {self.names}"
             return _Function(name, recorded, self.cooperative)
 
+    def occupancy(function, threads, shared):  # cuOccupancyMaxActiveBlocksPerMultiprocessor's stand-in
+        occupancy_queries.append((function, threads, shared))
+        return 1
+
+    occupancy_queries = []
+    driver = SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=occupancy)
     monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(RawModule=RawModule,
-                                                             cuda=SimpleNamespace(Stream=_Stream)))
+                                                             cuda=SimpleNamespace(Stream=_Stream, driver=driver)))
     monkeypatch.setenv(engines.SIMULATOR_ENV, "1")  # the backend takes CPU tensors
     monkeypatch.setattr(nvrtc, "_arch", lambda device: "sm_90a")
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
@@ -94,7 +101,7 @@ def launches(monkeypatch):
     for module in (cuda_scan, cuda_rnn):
         monkeypatch.setattr(module, "engine", lambda device: nvrtc.Engine(device))
     nvrtc._module.cache_clear()
-    yield SimpleNamespace(launches=recorded, modules=modules, calls=calls)
+    yield SimpleNamespace(launches=recorded, modules=modules, calls=calls, occupancy_queries=occupancy_queries)
     nvrtc._module.cache_clear()
 
 
@@ -121,7 +128,7 @@ def cpp_layouts():
                "rnnops::scan::BCOperand": ("data", "mode", "b", "t", "g", "n", "channels_per_group"),
                "rnnops::scan::ScanShape": ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus"),
                "rnnops::rnn::RNNShape": ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage",
-                                         "gradient_chunks", "pad_rows")}
+                                         "gradient_chunks", "pad_rows", "group_begin")}
     lines = ['#include <cstddef>', '#include <cstdio>', '#include "rnn/rnn.cuh"', '#include "scan/selective_scan.cuh"',
              "int main() {"]
     for struct, fields in structs.items():
@@ -228,3 +235,15 @@ def test_module_code_carries_a_digest_of_the_sources(tmp_path, monkeypatch):
         assert nvrtc.sources_digest() != before
     finally:
         nvrtc.sources_digest.cache_clear()
+
+
+def test_rnn_co_resident_blocks_asks_the_driver_for_the_launched_function(launches, monkeypatch):
+    """The blocks a cooperative launch may have: the driver's occupancy for the function the launch
+    uses (its cooperative module, the shared memory opted in) at the launch's threads and shared
+    bytes, times the SMs."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    engine = nvrtc.Engine(torch.device("cuda"))
+    assert engine.rnn_co_resident_blocks("bwd", torch.bfloat16, 0, 16, 256, 200_000) == 132
+    ((function, threads, shared),) = launches.occupancy_queries
+    assert function.name == "rnnops::rnn::rnn_bwd<__nv_bfloat16, 0, 16>" and function.cooperative
+    assert function.max_dynamic_shared_size_bytes == shared == 200_000 and threads == 256

@@ -153,6 +153,28 @@ def test_gradient_chunks_take_what_a_step_needs_and_what_fits(monkeypatch):
     assert cuda_rnn.fitting_gradient_chunks(config, 64, "lstm", 64, 1, 1, 2, cuda) == 1
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_split_heads_launch_as_many_groups_as_can_be_resident(cell, monkeypatch):
+    """A head split over blocks needs every block of its launch resident at once (grid barriers):
+    where the GPU holds fewer than all (head, batch tile) groups' blocks, the groups go in several
+    launches (here 4 groups of 2 blocks, 2 groups a launch, then 1, then none fit)."""
+    x = make_inputs(cell, B=20, T=3, H=2, D=80)
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), torch.float32)
+    override = {"units": 64, "threads": 128}
+    for blocks, launches in ((5, 2), (2, 4)):
+        monkeypatch.setattr(cuda_rnn, "co_resident_blocks", lambda *args, blocks=blocks: blocks)
+        config = replace(cuda_rnn.DEFAULT_CONFIG, **override)
+        launcher = cuda_rnn._Launcher(cell, config, 20, 3, 2, 80, torch.float32, torch.device("cpu"))
+        assert [(begin, grid[:3]) for begin, grid in launcher.launches("bwd")][:2] == [
+            ([0], [4 // launches, 1, 2]), ([4 // launches], [4 // launches, 1, 2])]
+        assert len(launcher.launches("fwd")) == launches
+        with cache.override("rnn", "cuda", bucket, override):
+            compare_backends(run(cell), x, 1e-5, test="cuda")
+    monkeypatch.setattr(cuda_rnn, "co_resident_blocks", lambda *args: 1)
+    with pytest.raises(ValueError, match="D=80 splits over 2 blocks that must be resident at once"):
+        cuda_rnn._Launcher(cell, config, 20, 3, 2, 80, torch.float32, torch.device("cpu")).launches("fwd")
+
+
 def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
     """A configuration asks for 64 units whatever D (the default, or one tuned for another D of the
     bucket); sLSTM at D = 768 in bf16 then needs 424 KB of shared memory (on an H100 the launch
@@ -204,3 +226,15 @@ def test_every_slice_width_compiles_with_nvrtc():
 def test_realistic_shapes_on_gpu(cell, H, D):
     x = make_inputs(cell, B=16, T=64, H=H, D=D, dtype=torch.bfloat16, device="cuda")
     compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")
+
+
+@pytest.mark.gpu
+def test_a_split_head_batch_larger_than_the_gpu_holds_on_gpu():
+    """LSTM, one 768-wide head, 160 batch rows: 10 batch tiles of 48 blocks each, more than any GPU
+    holds at once with one block an SM (an H100's 132 SMs: 2 tiles a launch), so the groups go in
+    several cooperative launches."""
+    x = make_inputs("lstm", B=160, T=8, H=1, D=768, dtype=torch.bfloat16, device="cuda")
+    launcher = cuda_rnn._Launcher("lstm", cuda_rnn.RNNConfig(units=16, threads=256), 160, 8, 1, 768, torch.bfloat16,
+                                  torch.device("cuda"))
+    assert len(launcher.launches("bwd")) > 1
+    compare_backends(run("lstm", torch.bfloat16), x, 2e-2, test="cuda")

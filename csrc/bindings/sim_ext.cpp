@@ -214,14 +214,14 @@ rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
   return rnnops::rnn::RNNShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
                                static_cast<int>(v[3]), static_cast<int>(v[4]), static_cast<int>(v[5]),
                                static_cast<int>(v[6]), static_cast<int>(v[7]), static_cast<int>(v[8]),
-                               static_cast<int>(v[9]), static_cast<int>(v[10])};
+                               static_cast<int>(v[9]), static_cast<int>(v[10]), static_cast<int>(v[11])};
 }
 
 void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
                  at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
                  std::vector<int64_t> launch_shape) {
-  // shape: B, T, H, D, splits, has_bias, has_initial, save_pre, stage, gradient_chunks, pad_rows;
-  // launch: grid x, y, z, threads, dynamic shared bytes
+  // shape: B, T, H, D, splits, has_bias, has_initial, save_pre, stage, gradient_chunks, pad_rows,
+  // group_begin; launch: grid x, y, z, threads, dynamic shared bytes
   const auto s = rnn_shape(shape);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

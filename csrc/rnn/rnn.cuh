@@ -10,9 +10,10 @@
 // pointwise update (equations in rnnops.reference.rnn) and writes the new states. The tiles the
 // products read in shared memory (weights, h_{t-1}, gate-gradient chunks) have rows padded by 16
 // bytes where they fit (s.pad_rows, padded()), so that fragment loads meet no bank conflicts. Heads too
-// large for one block split their units over several blocks (grid.z), which then meet at a
-// grid barrier every step (cooperative launch) and read h_{t-1} back from h_seq in 16-byte
-// asynchronous copies (cp.async), all in flight together (one memory latency a step, not one per
+// large for one block split their units over several blocks (grid.z; grid.x: the (head, batch
+// tile) groups, block_group), which then meet at a grid barrier every step (a cooperative launch:
+// the host launches the groups in as many launches as it takes for each launch's blocks to be
+// resident at once) and read h_{t-1} back from h_seq in 16-byte asynchronous copies (cp.async), all in flight together (one memory latency a step, not one per
 // element: at D = 768 the element-wise loop was most of the step); otherwise a block barrier
 // suffices. The forward's pointwise phase reads only shared memory: the slice's x_t, copied
 // asynchronously (cp.async) during step t - 1, the bias, and the carried float32 states (c; GRU's
@@ -66,9 +67,20 @@ struct RNNShape {
   // 1: the shared-memory tiles the tensor-core products read have padded rows (padded()); 0 where
   // the padded buffers do not fit (rnnops.cuda_backend.rnn.fitting_slice)
   int pad_rows;
+  // the first (head, batch tile) group of this launch: block x takes group group_begin + x, its head
+  // the group modulo H (a head split over blocks needs every block of the launch resident at once,
+  // so the host launches the groups in as many launches as that takes)
+  int group_begin;
 };
 
 constexpr int kRows = 16;  // batch rows per block (one wmma tile)
+
+// The head and first batch row of the block's (head, batch tile) group.
+__device__ __forceinline__ void block_group(const RNNShape& s, int& head, int& row0) {
+  const int group = s.group_begin + (int)blockIdx.x;
+  head = group % s.H;
+  row0 = group / s.H * kRows;
+}
 
 // The row stride, in elements, of a shared-memory tile with n elements a row that tensor-core
 // fragments read (and 16-byte copies write): with s.pad_rows, 16 bytes of padding. With n a
@@ -248,7 +260,9 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   constexpr int G = Info::G, S = Info::S, P = Info::P, GU = G * U;
   constexpr int kFirstCarried = CELL == kGRU ? 0 : 1;  // GRU carries h; LSTM / sLSTM c (n, m); Elman none
   constexpr int SC = S - kFirstCarried;
-  const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
+  int head, row0;
+  block_group(s, head, row0);
+  const int unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   const int LD = padded<T>(D, s);                          // the row stride of w and h
@@ -413,7 +427,9 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   // whole LSTM head of D <= 64 in one; at D = 768 an LSTM step takes 6)
   constexpr int KC = 1024 / (int)sizeof(T);
   const int LC = padded<T>(KC, s);  // a chunk row's stride
-  const int head = blockIdx.x, row0 = blockIdx.y * kRows, unit0 = blockIdx.z * U;
+  int head, row0;
+  block_group(s, head, row0);
+  const int unit0 = blockIdx.z * U;
   const int D = s.D;
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   const int LW = padded<T>(G * D, s);                    // the row stride of wt

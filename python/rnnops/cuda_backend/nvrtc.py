@@ -110,12 +110,16 @@ class Engine:
         self.device = device
         self.arch = _arch(device)
 
+    def _function(self, instance: Instantiation, shared_bytes: int, cooperative: bool):
+        function = _module(instance.header, (instance.kernel,), self.arch, cooperative).get_function(instance.kernel)
+        if shared_bytes > 48 * 1024:
+            function.max_dynamic_shared_size_bytes = shared_bytes
+        return function
+
     def _launch(self, instance: Instantiation, grid, block, shared_bytes: int, args, cooperative: bool = False):
         cupy = _cupy()
         kernel = instance.kernel
-        function = _module(instance.header, (kernel,), self.arch, cooperative).get_function(kernel)
-        if shared_bytes > 48 * 1024:
-            function.max_dynamic_shared_size_bytes = shared_bytes
+        function = self._function(instance, shared_bytes, cooperative)
         stream = _cupy_stream(cupy, torch.cuda.current_stream(self.device).cuda_stream)
         try:
             with stream:
@@ -163,10 +167,17 @@ class Engine:
     def _rnn(self, phase, args, shape, cell, units, launch_shape, dtype):
         grid_x, grid_y, grid_z, threads, shared = launch_shape
         fields = ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage", "gradient_chunks",
-                  "pad_rows")
+                  "pad_rows", "group_begin")
         rnn_shape = _struct([(name, "<i4") for name in fields], tuple(shape))
         self._launch(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), (grid_x, grid_y, grid_z), (threads,), shared,
                      (*args, rnn_shape), cooperative=grid_z > 1)
+
+    def rnn_co_resident_blocks(self, phase, dtype, cell, units, threads, shared) -> int:
+        """Blocks of an rnn kernel that can be resident at once on this GPU (its occupancy at
+        ``threads`` and ``shared`` bytes, times the SMs): no cooperative launch may have more."""
+        function = self._function(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), shared, True)
+        per_sm = _cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared)
+        return per_sm * torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def rnn_forward(self, x, R, bias, initial, states, pre, h_seq, shape, cell, units, launch_shape):
         args = tuple(_pointer(t) for t in (x, R, bias, initial, states, pre, h_seq))

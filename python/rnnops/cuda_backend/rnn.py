@@ -168,20 +168,54 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.data_ptr() % 16 else t
 
 
+def co_resident_blocks(device: torch.device, phase: str, dtype: torch.dtype, cell: str, units: int, threads: int,
+                       shared: int) -> int | None:
+    """How many blocks of a kernel can be resident at once on ``device`` (the occupancy of its
+    registers, threads and shared memory, times the SMs); None for the simulator, whose blocks
+    are threads and all run at once."""
+    if device.type == "cpu":
+        return None
+    return engine(device).rnn_co_resident_blocks(phase, dtype, CELL_IDS[cell], units, threads, shared)
+
+
 class _Launcher:
     """``saves`` False (no backward will run: rnnops._backward_only.needs_backward): the forward writes
-    no pre-activations (it still writes every step's states)."""
+    no pre-activations (it still writes every step's states).
 
-    def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, element_bytes: int,
+    A block takes one (head, batch tile) group's slice of units (grid x: groups, z: slices). Where a
+    head splits over blocks, they meet at grid barriers, so every block of a launch must be resident
+    at once: the groups go in as many launches as that takes (a 768-wide head in 16-unit slices
+    fills 48 of an H100's 132 SMs with its one block an SM, so from 48 batch rows on)."""
+
+    def __init__(self, cell: str, config: RNNConfig, batch: int, time: int, heads: int, dim: int, dtype: torch.dtype,
                  device, saves: bool = True):
-        units, stage, pad_rows = fitting_slice(config, dim, cell, element_bytes, device)
-        chunks = fitting_gradient_chunks(config, dim, cell, units, stage, pad_rows, element_bytes, device)
-        splits = -(-dim // units)
-        self.cell, self.cell_name, self.units, self.device = CELL_IDS[cell], cell, units, device
-        self.grid = [heads, -(-batch // ROWS), splits, config.threads]
-        self.shared = shared_bytes(dim, cell, units, element_bytes, config.threads, stage, chunks, pad_rows)
-        self.shape = [batch, time, heads, dim, splits]
+        units, stage, pad_rows = fitting_slice(config, dim, cell, dtype.itemsize, device)
+        chunks = fitting_gradient_chunks(config, dim, cell, units, stage, pad_rows, dtype.itemsize, device)
+        self.splits = -(-dim // units)
+        self.groups = heads * -(-batch // ROWS)
+        self.cell, self.cell_name, self.units, self.device, self.dtype = CELL_IDS[cell], cell, units, device, dtype
+        self.threads = config.threads
+        self.shared = dict(zip(("fwd", "bwd"), shared_bytes(dim, cell, units, dtype.itemsize, config.threads, stage,
+                                                             chunks, pad_rows)))
+        self.shape = [batch, time, heads, dim, self.splits]
         self.saves, self.layout = saves, [stage, chunks, pad_rows]  # RNNShape's stage, gradient_chunks, pad_rows
+
+    def launches(self, phase: str) -> list[tuple[list[int], list[int]]]:
+        """(RNNShape's last field, group_begin; the launch shape: grid x, y, z, threads, shared bytes)
+        per launch of ``phase``: one where a head fits a block, else as many groups a launch as can
+        be resident at once."""
+        per_launch = self.groups
+        if self.splits > 1:
+            blocks = co_resident_blocks(self.device, phase, self.dtype, self.cell_name, self.units, self.threads,
+                                        self.shared[phase])
+            if blocks is not None:
+                per_launch = blocks // self.splits
+                if per_launch == 0:
+                    raise ValueError(f"rnn (cuda): a head of D={self.shape[3]} splits over {self.splits} blocks that "
+                                     f"must be resident at once, and this GPU holds {blocks} of them "
+                                     f"(use backend='triton', or a smaller head)")
+        return [([begin], [min(per_launch, self.groups - begin), 1, self.splits, self.threads, self.shared[phase]])
+                for begin in range(0, self.groups, per_launch)]
 
     def forward(self, x, R, b, initial, states, h_seq):
         """Runs the forward; returns the pre-activations it saves for the backward (None without
@@ -189,8 +223,9 @@ class _Launcher:
         x = _aligned(x)
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
         flags = [int(b is not None), int(initial is not None), int(self.saves), *self.layout]
-        engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq, self.shape + flags,
-                                        self.cell, self.units, self.grid + [self.shared[0]])
+        for group_begin, launch in self.launches("fwd"):
+            engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq,
+                                            self.shape + flags + group_begin, self.cell, self.units, launch)
         return pre
 
     def backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, x, b, h_seq):
@@ -198,8 +233,9 @@ class _Launcher:
         the saved ones.) d h_seq at a misaligned address is copied first (_aligned)."""
         d_h_seq = _aligned(d_h_seq)
         flags = [0, int(initial is not None), 0, *self.layout]
-        engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
-                                         self.shape + flags, self.cell, self.units, self.grid + [self.shared[1]])
+        for group_begin, launch in self.launches("bwd"):
+            engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
+                                             self.shape + flags + group_begin, self.cell, self.units, launch)
 
 
 @register("rnn", "cuda", supports=supports)
@@ -207,7 +243,7 @@ def rnn(x_gates, R, b, state, *, cell, config: RNNConfig | None = None):
     batch, time, _, heads, dim = x_gates.shape
     if config is None:
         config = tuned("rnn", "cuda", rnn_shape(x_gates, cell), x_gates.dtype, x_gates.device, DEFAULT_CONFIG)
-    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.element_size(), x_gates.device,
+    launcher = _Launcher(cell, config, batch, time, heads, dim, x_gates.dtype, x_gates.device,
                          needs_backward(x_gates, R, b, *(state or ())))
     h_seq, *final = FusedRNNFunction.apply(launcher, x_gates, R, b, cell, *(state or ()))
     return h_seq, tuple(final)
