@@ -243,7 +243,8 @@ def test_rnn_co_resident_blocks_asks_the_driver_for_the_launched_function(launch
     bytes, times the SMs."""
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     engine = nvrtc.Engine(torch.device("cuda"))
-    assert engine.rnn_co_resident_blocks("bwd", torch.bfloat16, 0, 16, 256, 200_000) == 132
+    for _ in range(2):  # (asked once)
+        assert engine.rnn_co_resident_blocks("bwd", torch.bfloat16, 0, 16, 256, 200_000) == 132
     ((function, threads, shared),) = launches.occupancy_queries
     assert function.name == "rnnops::rnn::rnn_bwd<__nv_bfloat16, 0, 16>" and function.cooperative
     assert function.max_dynamic_shared_size_bytes == shared == 200_000 and threads == 256

@@ -13,9 +13,9 @@
 // large for one block split their units over several blocks (grid.z; grid.x: the (head, batch
 // tile) groups, block_group), which then meet at a grid barrier every step (a cooperative launch:
 // the host launches the groups in as many launches as it takes for each launch's blocks to be
-// resident at once) and read h_{t-1} back from h_seq in 16-byte asynchronous copies (cp.async), all in flight together (one memory latency a step, not one per
-// element: at D = 768 the element-wise loop was most of the step); otherwise a block barrier
-// suffices. The forward's pointwise phase reads only shared memory: the slice's x_t, copied
+// resident at once) and read h_{t-1} back from h_seq in 16-byte asynchronous copies (cp.async),
+// all in flight together (one memory latency a step, not one per element: at D = 768 the
+// element-wise loop was most of the step); otherwise a block barrier suffices. The forward's pointwise phase reads only shared memory: the slice's x_t, copied
 // asynchronously (cp.async) during step t - 1, the bias, and the carried float32 states (c; GRU's
 // h; sLSTM's n, m), which each thread keeps there for the element it updates next step, so no
 // global load waits on the recurrence's path (the product's h_{t-1} aside, for a split head). The

@@ -109,6 +109,7 @@ class Engine:
     def __init__(self, device: torch.device):
         self.device = device
         self.arch = _arch(device)
+        self._co_resident: dict[tuple, int] = {}  # rnn_co_resident_blocks' answers
 
     def _function(self, instance: Instantiation, shared_bytes: int, cooperative: bool):
         function = _module(instance.header, (instance.kernel,), self.arch, cooperative).get_function(instance.kernel)
@@ -174,10 +175,14 @@ class Engine:
 
     def rnn_co_resident_blocks(self, phase, dtype, cell, units, threads, shared) -> int:
         """Blocks of an rnn kernel that can be resident at once on this GPU (its occupancy at
-        ``threads`` and ``shared`` bytes, times the SMs): no cooperative launch may have more."""
-        function = self._function(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), shared, True)
-        per_sm = _cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared)
-        return per_sm * torch.cuda.get_device_properties(self.device).multi_processor_count
+        ``threads`` and ``shared`` bytes, times the SMs): no cooperative launch may have more.
+        Asked before every launch of a split head, so kept per engine."""
+        key = (phase, dtype, cell, units, threads, shared)
+        if key not in self._co_resident:
+            function = self._function(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), shared, True)
+            per_sm = _cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared)
+            self._co_resident[key] = per_sm * torch.cuda.get_device_properties(self.device).multi_processor_count
+        return self._co_resident[key]
 
     def rnn_forward(self, x, R, bias, initial, states, pre, h_seq, shape, cell, units, launch_shape):
         args = tuple(_pointer(t) for t in (x, R, bias, initial, states, pre, h_seq))
