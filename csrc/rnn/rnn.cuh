@@ -9,16 +9,17 @@
 // a tile of their own: warp_share; float32 stays on CUDA cores in IEEE arithmetic), applies the cell's
 // pointwise update (equations in rnnops.reference.rnn) and writes the new states. The tiles the
 // products read in shared memory (weights, h_{t-1}, gate-gradient chunks) have rows padded by 16
-// bytes where they fit (s.pad_rows, padded()), so that fragment loads meet no bank conflicts. Heads too
-// large for one block split their units over several blocks (grid.z; grid.x: the (head, batch
+// bytes where they fit (s.pad_rows, padded()), so that fragment loads meet no bank conflicts.
+// Heads too large for one block split their units over several blocks (grid.z; grid.x: the (head, batch
 // tile) groups, block_group), which then meet at a grid barrier every step (a cooperative launch:
 // the host launches the groups in as many launches as it takes for each launch's blocks to be
 // resident at once) and read h_{t-1} back from h_seq in 16-byte asynchronous copies (cp.async),
 // all in flight together (one memory latency a step, not one per element: at D = 768 the
-// element-wise loop was most of the step); otherwise a block barrier suffices. The forward's pointwise phase reads only shared memory: the slice's x_t, copied
-// asynchronously (cp.async) during step t - 1, the bias, and the carried float32 states (c; GRU's
-// h; sLSTM's n, m), which each thread keeps there for the element it updates next step, so no
-// global load waits on the recurrence's path (the product's h_{t-1} aside, for a split head). The
+// element-wise loop was most of the step); otherwise a block barrier suffices. The forward's
+// pointwise phase reads only shared memory: the slice's x_t, copied asynchronously (cp.async)
+// during step t - 1, the bias, and the carried float32 states (c; GRU's h; sLSTM's n, m), which
+// each thread keeps there for the element it updates next step, so no global load waits on the
+// recurrence's path (the product's h_{t-1} aside, for a split head). The
 // backward's likewise: the carried gradients stay in shared memory (global only at its start and
 // end: the final and initial states' gradients), and the saved states, pre-activations and
 // d h_seq of step t - 1 are copied asynchronously during step t.
@@ -132,20 +133,31 @@ __device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0
       });
 }
 
-// Asynchronous 16-byte copies (rnnops::copy_async16) of the block's slice of ``planes`` planes into
-// shared memory laid out [planes][16][U]: address(plane, b) points at unit unit0 of that plane
-// and batch row in global memory (16-byte aligned: D % 16 == 0 and the buffers' bases aligned), so
-// a piece of U's units is all inside the head or all outside; rows past the batch and units past
-// the head are not copied.
+// Asynchronous 16-byte copies (rnnops::copy_async16) of ``planes`` planes of the block's 16 batch
+// rows, n elements a row, into shared memory laid out [planes][16][ld]: source(plane, b, k) is the
+// global address of that plane's elements k .. k + 16 bytes for batch row b (16-byte aligned), or
+// null for a piece not to copy; rows past the batch are not copied.
+template <class E, class Source>
+__device__ __forceinline__ void copy_rows_async(E* dst, int planes, int n, int ld, const RNNShape& s, int row0,
+                                                Source source) {
+  constexpr int kPer = 16 / (int)sizeof(E);
+  const int pieces = n / kPer;
+  for (int idx = threadIdx.x; idx < planes * kRows * pieces; idx += blockDim.x) {
+    const int plane = idx / (kRows * pieces), r = idx / pieces % kRows, k = idx % pieces * kPer;
+    if (row0 + r >= s.B) continue;
+    if (const E* from = source(plane, row0 + r, k)) rnnops::copy_async16(dst + (plane * kRows + r) * ld + k, from);
+  }
+}
+
+// copy_rows_async of the block's slice of ``planes`` planes into [planes][16][U]: address(plane, b)
+// points at unit unit0 of that plane and batch row (D % 16 == 0, so a piece of U's units is all
+// inside the head or all outside; units past the head are not copied).
 template <int U, class E, class Address>
 __device__ __forceinline__ void copy_slice_async(E* dst, int planes, const RNNShape& s, int row0, int unit0,
                                                  Address address) {
-  constexpr int kPer = 16 / (int)sizeof(E), kPieces = U / kPer;
-  for (int idx = threadIdx.x; idx < planes * kRows * kPieces; idx += blockDim.x) {
-    const int plane = idx / (kRows * kPieces), r = idx / kPieces % kRows, u = idx % kPieces * kPer;
-    if (row0 + r < s.B && unit0 + u < s.D)
-      rnnops::copy_async16(dst + (plane * kRows + r) * U + u, address(plane, row0 + r) + u);
-  }
+  copy_rows_async(dst, planes, U, U, s, row0, [&](int plane, int b, int u) -> const E* {
+    return unit0 + u < s.D ? address(plane, b) + u : nullptr;
+  });
 }
 
 // How a block's warps share the 16 x 16 output tiles of a tensor-core product: with at least as
@@ -227,20 +239,18 @@ __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int 
 template <int CELL, int KC, class T, class Product>
 __device__ __forceinline__ void for_gradient_chunks(const RNNShape& s, bool resident, T* chunk, const T* dx,
                                                     const T* drec_n, int row0, int t, int head, Product product) {
-  constexpr int G = CellInfo<CELL>::G, kPer = 16 / (int)sizeof(T), kPieces = KC / kPer;
+  constexpr int G = CellInfo<CELL>::G;
   const int LC = padded<T>(KC, s);
   const int chunks = (G * s.D + KC - 1) / KC;
   for (int c0 = 0; c0 < chunks; c0 += s.gradient_chunks) {
     const int count = chunks - c0 < s.gradient_chunks ? chunks - c0 : s.gradient_chunks;
     if (!resident) {
-      for (int idx = threadIdx.x; idx < count * kRows * kPieces; idx += blockDim.x) {
-        const int c = idx / (kRows * kPieces), r = idx / kPieces % kRows, b = row0 + r, k = idx % kPieces * kPer;
-        const int gi = (c0 + c) * KC + k, g = gi / s.D, i = gi % s.D;
-        if (b < s.B && gi < G * s.D)
-          rnnops::copy_async16(chunk + (c * kRows + r) * LC + k,
-                               (CELL == kGRU && g == 2) ? drec_n + step_index(s, b, t, 0, 1, i, head)
-                                                        : dx + step_index(s, b, t, g, G, i, head));
-      }
+      copy_rows_async(chunk, count, KC, LC, s, row0, [&](int c, int b, int k) -> const T* {
+        const int gi = (c0 + c) * KC + k, g = gi / s.D, i = gi % s.D;  // (a piece is all of one gate)
+        if (gi >= G * s.D) return nullptr;
+        return (CELL == kGRU && g == 2) ? drec_n + step_index(s, b, t, 0, 1, i, head)
+                                        : dx + step_index(s, b, t, g, G, i, head);
+      });
       rnnops::copy_async_commit();
       rnnops::copy_async_wait<0>();
       __syncthreads();
@@ -301,12 +311,9 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
     // where this block computes every unit, its previous step left it in shared memory
     const bool copies_h = t > 0 && s.splits > 1;
     if (copies_h) {
-      constexpr int kPer = 16 / (int)sizeof(T);
-      for (int idx = threadIdx.x; idx < kRows * D / kPer; idx += blockDim.x) {  // D % 16 == 0
-        const int r = idx / (D / kPer), b = row0 + r, k = idx % (D / kPer) * kPer;
-        if (b < s.B)
-          rnnops::copy_async16(h + r * LD + k, h_seq + (((long long)b * s.T + t - 1) * s.H + head) * D + k);
-      }
+      copy_rows_async(h, 1, D, LD, s, row0, [&](int, int b, int k) -> const T* {
+        return h_seq + (((long long)b * s.T + t - 1) * s.H + head) * D + k;
+      });
       rnnops::copy_async_commit();
     }
     // x_{t+1} into the other buffer, which step t - 1 last read before its closing barrier (at
@@ -411,7 +418,8 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           }
           save_state(0, h_new);
           h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
-          if (s.splits == 1) h[r * LD + unit] = from_float<T>(h_new);  // every reader of h_{t-1} is past the barrier above
+          // (every reader of h_{t-1} is past the barrier above)
+          if (s.splits == 1) h[r * LD + unit] = from_float<T>(h_new);
         });
     block_barrier(s);  // h_t before the next step's product reads it; x_t's buffer before it is refilled
   }
@@ -531,7 +539,8 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
                                                    : d_h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit]);
 #pragma unroll
           for (int slot = 0; slot < PS; ++slot)
-            in.pre[slot] = s.stage ? pre_now[(slot * kRows + r) * U + u] : pre[step_index(s, b, t, slot, P, unit, head)];
+            in.pre[slot] = s.stage ? pre_now[(slot * kRows + r) * U + u]
+                                   : pre[step_index(s, b, t, slot, P, unit, head)];
           if constexpr (CELL == kGRU) {
             in.prev[0] = previous(0);
           } else if constexpr (CELL == kElman) {

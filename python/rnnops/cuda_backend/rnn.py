@@ -103,10 +103,10 @@ def fitting_slice(config: RNNConfig, D: int, cell: str, element_bytes: int,
     """(units, stage, pad_rows) for a head of D units: the widest instantiated slice no wider than
     the configuration's (and than D rounded up to 16) whose weights and buffers fit the device's
     shared memory, staged and padded as the configuration asks where any width fits so; else, in
-    this order, staged and unpadded, unstaged and padded, unstaged and unpadded. A configuration tuned or shipped for another head
-    dim of the same shape bucket may ask for more than fits (sLSTM at D = 768 with 64 units: 424 KB);
-    it gets a narrower slice. A GRU's 768-wide head fits an L4's or RTX 4090's 99 KB only unstaged
-    and unpadded."""
+    this order, staged and unpadded, unstaged and padded, unstaged and unpadded. A configuration
+    tuned or shipped for another head dim of the same shape bucket may ask for more than fits (sLSTM
+    at D = 768 with 64 units: 424 KB); it gets a narrower slice. A GRU's 768-wide head fits an L4's
+    or RTX 4090's 99 KB only unstaged and unpadded."""
     limit = block_shared_memory(device)
     candidates = [u for u in UNITS if u <= max(config.units, 16) and u <= -(-D // 16) * 16] or [UNITS[0]]
     for stage in sorted({config.stage, 0}, reverse=True):
