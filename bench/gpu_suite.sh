@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU suite, one `device` call (< 10 minutes: everything ends by 580 s): install the tree,
-# print the GPU and versions, run the GPU tests, compute-sanitizer on the CUDA kernels, the
-# bench with peers (results.json keeps every finished case, whatever stops it), then A/B checks
-# of candidate configurations. Everything lands in $OUT (results.json, report.md, report.html,
-# plots, suite.log); the tables print last.
+# The GPU suite, one `device` call (< 10 minutes: everything ends by 592 s): install the tree
+# and the last run's compiled kernels, print the GPU and versions, run the GPU tests,
+# compute-sanitizer on the CUDA kernels, the bench with peers (results.json keeps every finished
+# case, whatever stops it), A/B checks of candidate configurations, then pack the compiled
+# kernels for the next run. Everything lands in $OUT (results.json, report.md, report.html with
+# its plots, suite.log, compile-cache.tar.xz); the tables print last.
 #
-#   run: bash bench/gpu_suite.sh        (carry .whl for the peers: see README, "GPU suite")
+#   run: bash bench/gpu_suite.sh        (carry .whl for the peers and compile-cache.tar.xz: see
+#                                        README, "GPU suite")
 #        bash bench/gpu_suite.sh tune   (instead of the tests and compute-sanitizer: autotune every
 #                                        op for up to 220 s, export the choices to $OUT/tuned.json,
 #                                        measure one whole space (--exhaustive: how near the search
@@ -36,6 +38,10 @@ gpu=${gpu:-unknown-gpu}
     python -m pip install -q --no-index --no-deps --target /tmp/peers "$wheel" || echo "not installed: $wheel"
   done
   export PYTHONPATH=/tmp/peers:${PYTHONPATH:-}
+  # the kernels the last GPU run compiled (Triton's and cupy's disk caches, its compile-cache.tar.xz
+  # copied to .whl/): each one unchanged since is a cache hit instead of a compile (about a second a
+  # Triton kernel, seconds to minutes an NVRTC module; rnnops/bench/compile_cache.py)
+  python -m rnnops.bench.compile_cache restore .whl/compile-cache.tar.xz
   # FlashRNN 1.0.8's gpu_info.cc reads eight cudaDeviceProp fields CUDA 13 removed, so its
   # cuda_fused backend failed ("Error building extension 'gpu_info2'", every run until 2026-11-26);
   # its fused kernels compile with nvcc 13 (sm_90, at the first ConstrINT solution for 1, 4 and 12
@@ -56,6 +62,7 @@ for pkg in ("fla-core", "flashrnn", "mamba-ssm", "cupy-cuda13x", "cupy-cuda12x")
         print(pkg, "not installed")
 PY
   nvcc --version | tail -1
+  echo "repository: $PWD (in the NVRTC modules' -I option, so in cupy's cache keys)"
 
   if [ "$MODE" = tune ]; then
     section autotune
@@ -145,15 +152,24 @@ PY
     # the Triton scan's forward at 8 channels a program in 2-step sub-blocks: at B8 on the H100
     # 1.07-1.20x, at B1 (8 segments) on the H200 1.21x (2-step sub-blocks alone 1.20x); each
     # shipped where it was measured (the other shape and GPU: changes to time)
-    left=$(seconds_until 580)
+    left=$(seconds_until 565)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
       --shapes "B=1,T=8192,Dm=2048,N=16" "B=8,T=2048,Dm=2048,N=16" \
       --try '{"forward_block_d": 8, "forward_unroll": 2}' '{"forward_unroll": 2}'
   fi
+
+  section "compile cache for the next run"
+  # the device returns at most 8 files from $OUT: report.html embeds the plots, so they go
+  rm -f "$OUT"/*.png
+  left=$(seconds_until 592)
+  timeout $((left > 10 ? left : 10)) python -m rnnops.bench.compile_cache pack "$OUT/compile-cache.tar.xz" \
+    --since "$START" --label "$gpu"
+  rm -f "$OUT"/*.tmp  # a pack stopped by its timeout
 } 2>&1 | tee "$LOG"
 
 echo
 echo "commit with: cp \$files_at/results.json bench/results/${gpu}-$(date +%F).json  (its peer_autotune serves the next run)"
+echo "keep for the next run (not committed): cp \$files_at/compile-cache.tar.xz .whl/"
 if [ "$MODE" = tune ]; then
   echo "and merge \$files_at/tuned.json's entries (measured choices) into autotune/defaults/"
 fi
