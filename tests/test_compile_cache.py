@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -108,16 +109,22 @@ def test_restore_of_a_truncated_or_foreign_archive_says_why_and_never_raises(tmp
     triton, cupy = caches
     archive = tmp_path / "cache.tar.xz"
     compile_cache.pack(archive, SINCE, triton_dir=triton, cupy_dir=cupy)
-    truncated = tmp_path / "truncated.tar.xz"
-    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    target = tmp_path / "target"
-    result = compile_cache.restore(truncated, target / "triton", target / "cupy")
-    assert result.error and "stopped early" in str(result)
-    written = [p for p in target.rglob("*") if p.is_file()]
-    assert sum(result.written.values()) == len(written)  # no partly written file
-    assert compile_cache.restore(tmp_path / "missing.tar.xz", target / "t", target / "c").error
+    data, groups_removed = archive.read_bytes(), 0
+    for cut in range(64, len(data), 61):  # cuts between a group file and its kernel's files among them
+        truncated = tmp_path / f"truncated{cut}.tar.xz"
+        truncated.write_bytes(data[:cut])
+        target = tmp_path / f"target{cut}"
+        result = compile_cache.restore(truncated, target / "triton", target / "cupy")
+        assert "stopped early" in str(result) if result.error else result.written == {"triton": 9, "cupy": 2}
+        written = [p for p in target.rglob("*") if p.is_file()]
+        assert sum(result.written.values()) == len(written)  # no partly written file
+        for group in target.rglob("__grp__*"):  # none naming a kernel file that did not arrive
+            assert all(Path(child).is_file() for child in json.loads(group.read_text())["child_paths"].values())
+        groups_removed += result.skipped
+    assert groups_removed
+    assert compile_cache.restore(tmp_path / "missing.tar.xz", tmp_path / "t", tmp_path / "c").error
     (tmp_path / "garbage.tar.xz").write_bytes(b"not an archive")
-    assert compile_cache.restore(tmp_path / "garbage.tar.xz", target / "t", target / "c").error
+    assert compile_cache.restore(tmp_path / "garbage.tar.xz", tmp_path / "t", tmp_path / "c").error
 
 
 def test_restore_skips_members_outside_the_caches(tmp_path):

@@ -224,10 +224,11 @@ def _repointed_group(data: bytes, folder: Path) -> bytes | None:
 def restore(archive: Path, triton_dir: Path | None = None, cupy_dir: Path | None = None) -> Restored:
     """Unpack ``archive`` (written by :func:`pack`) into Triton's and cupy's caches, keeping any
     file already there. Never raises for the archive's content: a missing, truncated or corrupt
-    archive restores what it can and says why it stopped (``Restored.error``)."""
+    archive restores what it can and says why it stopped (``Restored.error``); a Triton group file
+    whose children did not all arrive is removed again (Triton then compiles that kernel)."""
     triton_dir = triton_cache_dir() if triton_dir is None else triton_dir
     cupy_dir = cupy_cache_dir() if cupy_dir is None else cupy_dir
-    restored = Restored()
+    restored, groups = Restored(), []
     try:
         with tarfile.open(archive, "r:xz") as tar:
             for member in tar:
@@ -256,8 +257,15 @@ def restore(archive: Path, triton_dir: Path | None = None, cupy_dir: Path | None
                     continue
                 os.utime(target, (member.mtime, member.mtime))
                 restored.written[kind] = restored.written.get(kind, 0) + 1
+                if kind == "triton" and target.name.startswith(_GROUP_PREFIX):
+                    groups.append(target)
     except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, ValueError) as error:
         restored.error = f"{type(error).__name__}: {error}"
+    for group in groups:  # (a truncated archive's last entry): Triton 3.6 would load a kernel without its cubin
+        if not all(Path(child).is_file() for child in json.loads(group.read_text())["child_paths"].values()):
+            group.unlink()
+            restored.written["triton"] -= 1
+            restored.skipped += 1
     return restored
 
 
