@@ -36,6 +36,8 @@ def _digest(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# the extension's translation units (csrc/bindings), compiled side by side by ninja
+SOURCES = ("sim_ext.cpp", "sim_scan.cpp", "sim_rnn_forward.cpp", "sim_rnn_backward.cpp")
 # sanitizer -> (its runtime library, the environment variable of its options, the options: stop at
 # the first report with a non-zero exit status)
 SANITIZERS = {
@@ -67,7 +69,7 @@ def load(sanitizer: str | None = None, every_instantiation: bool = False):
         os.environ.pop("LD_PRELOAD", None)
     return cpp_extension.load(
         name=f"rnnops_sim_{sanitizer}{'_every' if every_instantiation else ''}" if sanitizer else "rnnops_sim",
-        sources=[str(root / "bindings" / "sim_ext.cpp")],
+        sources=[str(root / "bindings" / name) for name in SOURCES],
         extra_cflags=flags,
         extra_ldflags=ldflags,
         extra_include_paths=[str(root)],

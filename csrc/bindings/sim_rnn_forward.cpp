@@ -1,0 +1,25 @@
+// The fused recurrent cells' forward kernels run through the simulator (sim_ext.h).
+#include "sim_rnn.h"
+
+namespace rnnops::bindings {
+
+using rnnops::sim::launch;
+
+void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
+                 at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
+                 std::vector<int64_t> launch_shape) {
+  // shape: B, T, H, D, splits, has_bias, has_initial, save_pre, stage, gradient_chunks, pad_rows,
+  // group_begin; launch: grid x, y, z, threads, dynamic shared bytes
+  const auto s = rnn_shape(shape);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_cell(cell, units, [&](auto c, auto u) {
+      launch(rnnops::rnn::rnn_fwd<T, decltype(c)::value, decltype(u)::value>,
+             dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4],
+             s.splits > 1, ptr<T>(x), ptr<T>(R), ptr<float>(bias), ptr<float>(initial), mut<float>(states),
+             mut<float>(pre), mut<T>(h_seq), s);
+    });
+  });
+}
+
+}  // namespace rnnops::bindings
