@@ -41,6 +41,8 @@ def caches(tmp_path):
     _triton_entry(triton, "KEYCOMPILED", "fwd_kernel", SINCE + 20, SINCE + 20)
     _triton_entry(triton, "KEYREAD", "bwd_kernel", SINCE - 5 * HOUR, SINCE + 10)
     _triton_entry(triton, "KEYUNREAD", "old_kernel", SINCE - 9 * HOUR, SINCE - 9 * HOUR)
+    (triton / "KEYAUTOTUNED").mkdir()  # a peer's stored autotuning choice: carried per GPU model elsewhere
+    (triton / "KEYAUTOTUNED" / "peer_kernel.autotune.json").write_text('{"configs_timings": []}')
     cupy.mkdir()
     for name, when in (("new_2.cubin", SINCE + 30), ("old_2.cubin", SINCE - HOUR)):
         (cupy / name).write_bytes(os.urandom(64))
@@ -59,7 +61,7 @@ def test_pack_keeps_metadata_and_cubins_and_counts_what_the_run_used(tmp_path, c
         manifest = json.loads(tar.extractfile(compile_cache.MANIFEST).read())
     assert sorted(n for n in names if n.startswith("triton/KEYREAD/")) == [
         "triton/KEYREAD/__grp__bwd_kernel.json", "triton/KEYREAD/bwd_kernel.cubin", "triton/KEYREAD/bwd_kernel.json"]
-    assert not [n for n in names if n.endswith((".ptx", ".llir"))]
+    assert not [n for n in names if n.endswith((".ptx", ".llir", ".autotune.json"))]
     assert {"cupy/new_2.cubin", "cupy/old_2.cubin"} <= set(names)
     assert manifest["label"] == "gpu-x" and manifest["entries"] == packed.counts
     # used in the run first, cupy's before Triton's, each by last use

@@ -11,8 +11,10 @@ architecture is therefore exactly what that machine would compile, and a kernel 
 hashes elsewhere and compiles afresh: a restored cache can save time, never change a result.
 
 :func:`pack` writes the loadable part of both caches into one xz tarball: of Triton's, each key
-folder's JSON files (the kernel's metadata, the group file naming its products, autotuners'
-stored results) and cubins, not the intermediate forms (ttir, ttgir, llir, ptx and source: 80%
+folder's JSON files (the kernel's metadata, the group file naming its products) and cubins, not
+autotuners' stored results (an H100's and an H200's hash alike, so a peer would run on one with
+the choices timed on the other: rnnops.bench.peer_choices carries those per GPU model), nor the
+intermediate forms (ttir, ttgir, llir, ptx and source: 80%
 of the bytes; a cache hit reads the files its group file names, and the launch needs only the
 metadata and the cubin); of cupy's, every file. Entries go in until the archive reaches its size limit: first those the run
 compiled or read (a file's modification or access time after ``since``), cupy's modules before
@@ -42,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .peer_choices import SUFFIX as AUTOTUNED
 from .peer_choices import triton_cache_dir
 
 ARCHIVE_LIMIT_MIB = 15  # the device tool returns files up to 16 MiB; .whl carries it beside ~43 MiB of wheels
@@ -90,7 +93,8 @@ def _entries(triton_dir: Path, cupy_dir: Path, since: float) -> list[_Entry]:
         for folder in sorted(triton_dir.iterdir()):
             if folder.is_dir() and re.fullmatch(_NAME, folder.name):
                 files = [(p, f"triton/{folder.name}/{p.name}") for p in sorted(folder.iterdir())
-                         if p.is_file() and p.suffix in _TRITON_KEPT and re.fullmatch(_NAME, p.name)]
+                         if p.is_file() and p.suffix in _TRITON_KEPT and not p.name.endswith(AUTOTUNED)
+                         and re.fullmatch(_NAME, p.name)]
                 entries.append(_entry("triton", files))
     if cupy_dir.is_dir():
         entries += [_entry("cupy", [(p, f"cupy/{p.name}")]) for p in sorted(cupy_dir.iterdir())
