@@ -493,12 +493,18 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
         lines.append(f"  {total} combinations, {count} legal")
         for name, removed in space.explain():
             lines.append(f"  - {name}: removes {removed}")
-        default = tunable.default()
-        cost_default = tunable.cost(default, shape, dtype, hardware)
+        default, floor = tunable.default(), tunable.floor(shape, dtype, hardware)
+        cost_default = tunable.cost(default, shape, dtype, hardware, floor)
+        lines.append(f"  roofline floor of forward + backward: {floor * 1e3:.3f} ms; a configuration's model cost is a "
+                     "multiple of it (the floor over the waves' utilisation, times tile, thread-count and kernel "
+                     "penalties) that ranks configurations and does not predict their time")
+
+        def model(config: dict) -> str:
+            cost = tunable.cost(config, shape, dtype, hardware, floor)
+            return f"model cost {cost / floor:.1f}x the floor ({cost_default / cost:.2f}x the default's)"
+
         for i, config in enumerate(ranked[:5]):
-            cost = tunable.cost(config, shape, dtype, hardware)
-            lines.append(f"  #{i + 1} {config}: estimated {cost * 1e3:.3f} ms ({cost_default / cost:.2f}x the default's "
-                         f"estimate)")
+            lines.append(f"  #{i + 1} {config}: {model(config)}")
             if screen is not None and tunable.backend == "triton":
                 spills, shared, registers = screen.compiled(tunable, shape, dtype, hardware, config)
                 lines.append(f"      compiled for {hardware.arch}: up to {registers} registers, "
@@ -512,9 +518,14 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
                     per_sm, limiter = hardware.programs_per_sm(report.threads, report.registers, report.shared_bytes)
                     occupancy.append(f"{report.name.removesuffix('_kernel')} {per_sm} ({limiter}; {report.tensor_cores})")
                 lines.append("      programs per SM (limit; tensor cores): " + ", ".join(occupancy))
-        lines.append(f"  default {default}: estimated {cost_default * 1e3:.3f} ms"
+        lines.append(f"  default {default}: model cost {cost_default / floor:.1f}x the floor"
                      + ("" if default in ranked else " (not legal here)"))
+        shipped = cache.nearest(cache.shipped_defaults(hardware.name),
+                                cache.key(op, tunable.backend, kernels.bucket(op, shape, dtype)))
+        if shipped is not None:  # as a launch takes it: variables it predates at their defaults
+            shipped = {**default, **shipped}
+            place = f"rank {ranked.index(shipped) + 1} of {count}" if shipped in ranked else "not legal here"
+            lines.append(f"  shipped for {hardware.name} (what runs until tuned): {shipped}: {model(shipped)}, {place}")
         if ranked:
-            lines.append(f"  winner by the model: {ranked[0]} (lowest estimated time: roofline floor over wave "
-                         "utilisation, times the thread-count penalty); measuring decides on a GPU")
+            lines.append(f"  winner by the model: {ranked[0]} (lowest model cost); measuring decides on a GPU")
     return "\n".join(lines)

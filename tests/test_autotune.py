@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import operator
 import os
+import re
 import warnings
 
 import pytest
@@ -208,6 +209,9 @@ def test_cli_dry_run_explain_and_export(tmp_path, capsys):
     main(["autotune", "--explain", "linear_attn", "B=8,T=4096,H=16,K=128,V=128,gate=per-key", "--gpu", "H100"])
     text = capsys.readouterr().out
     assert "triton.linear_attn on H100" in text and "removes" in text and "winner by the model" in text
+    # the model's costs as multiples of the roofline floor, and where the shipped configuration ranks
+    assert "roofline floor of forward + backward" in text and "x the floor" in text
+    assert re.search(r"shipped for H100 \(what runs until tuned\): \{.*\}: model cost .*, rank \d+ of \d+", text)
     with pytest.raises(SystemExit, match="measuring needs a GPU"):
         with warnings.catch_warnings():
             main(["autotune", "--ops", "rnn"])
