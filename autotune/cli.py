@@ -130,7 +130,8 @@ def main(args: argparse.Namespace) -> int:
                                 progress=lambda text: print(text, file=sys.stderr))
         print(table(results))
         if args.export:
-            chosen = {cache.key(r.op, r.backend, r.bucket): r.config for r in results}
+            # (a bucket with no legal configuration ships none: its launches say why they cannot run)
+            chosen = {cache.key(r.op, r.backend, r.bucket): r.config for r in results if r.legal}
             args.export.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
         return 0
     if not torch.cuda.is_available():

@@ -10,7 +10,9 @@ The cost model ranks legal configurations before any is measured: the op's roofl
 (bytes and flops, rnnops.bench.roofline) times a wave-quantisation factor (programs over
 resident slots, rounded up; slots by threads, blocks and, where the kernel states them,
 registers) and a penalty for tiles that waste lanes or registers. It only has
-to put the winner among the few configurations the tuner measures.
+to put the winner among the few configurations the tuner measures. The CUDA cells are the
+exception (``step_cycles``): one persistent launch walks the sequence, each step waiting for the
+one before, so their time is T times a step's latency (:func:`_cells_step_cycles`).
 """
 from __future__ import annotations
 
@@ -103,6 +105,10 @@ class Tunable:
     # registers per thread where known to bound the programs an SM holds (ptxas' count through
     # compile_check), else 0: the model then counts threads and blocks only
     registers: int = 0
+    # for kernels whose time is a sequential step's latency times T rather than work over
+    # throughput: (config, shape, hardware, element bytes) -> cycles of one forward + backward step,
+    # launches included; the cost is then T times that
+    step_cycles: Callable[[dict, dict, Hardware, int], float] | None = None
 
     @property
     def name(self) -> str:
@@ -138,6 +144,8 @@ class Tunable:
     def cost(self, config: dict, shape: dict, dtype: torch.dtype, hardware: Hardware,
              floor: float | None = None) -> float:
         """Estimated seconds of forward + backward (``floor``: :meth:`floor`, where already known)."""
+        if self.step_cycles is not None:
+            return shape["T"] * self.step_cycles(config, shape, hardware, dtype.itemsize) / hardware.clock_hz
         floor = self.floor(shape, dtype, hardware) if floor is None else floor
         threads = self.threads(config)
         per_sm = max(1, hardware.programs_per_sm(threads, self.registers, 0)[0])
@@ -227,13 +235,45 @@ TUNABLES = [
     Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], s["cell"], dt.itemsize, hw),
             lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
-            # a grid barrier per step when split, and in the backward a memory latency per round of
-            # gate-gradient chunks; unstaged, each step also waits for its pointwise inputs from global
-            # memory (two rounds of loads forward, one and a read-back of dh backward, where staged
-            # they arrive during the step before): guesses, untimed
-            lambda c, s: ((1.0 + 0.5 * (math.ceil(s["D"] / c["units"]) - 1)) * (1.0 if c["stage"] else 1.5)
-                          * (1.0 + 0.1 * (_gradient_rounds(c, s) - 1)))),
+            step_cycles=lambda c, s, hw, element_bytes: _cells_step_cycles(c, s, hw, element_bytes)),
 ]
+
+# A CUDA cells step's latency in cycles, per direction (module docstring; _cells_step_cycles). The
+# constants come from the H100's forward timings at commit 2c039d7 (a 64-wide head in four 16-unit
+# blocks, 4.0 us a step: about 8000 cycles, nearly all of it the split's) and are guesses beyond:
+_STEP_FIXED = 1500  # the block barriers, the loads in flight, storing h or the gate gradients
+_STEP_SPLIT = 6000  # a head over several blocks: a grid barrier and the other blocks' h / gradients through L2
+_STEP_UNSTAGED = 1000  # pointwise inputs read from global memory during the step instead of before it
+_STEP_ROUND = 1000  # each round of gate-gradient chunks past the first (backward): a memory latency
+_WMMA = 32  # one 16 x 16 x 16 tensor-core product in a warp's dependent chain
+_POINTWISE = 20  # one gate element's pointwise update in a thread
+
+
+def _cells_step_cycles(config: dict, shape: dict, hardware: Hardware, element_bytes: int) -> float:
+    """Cycles of one forward + backward step of the CUDA cells at ``config``, times the launches a
+    batch's blocks need. Per direction: the products (a block's 16-row output tiles times its K
+    steps, dealt over its warps; forward and backward equal: the backward's product has G times
+    the K steps and a G-th of the tiles), the pointwise phase (G gate elements per unit and row,
+    over the threads), a fixed part, and a head split over blocks pays a grid barrier and an
+    exchange through L2 every step. A head that fits one block never meets the others: at 64
+    units a step's work is a few products a warp, so the split's barrier, not the work, sets the
+    time, and more blocks do not make a step shorter."""
+    from rnnops.cuda_backend.rnn import ROWS, gradient_chunks_needed, shared_bytes
+
+    gates, D, units, threads = _gates(shape), shape["D"], config["units"], config["threads"]
+    warps, splits = threads // hardware.warp_size, math.ceil(D / units)
+    products = math.ceil((gates * units // 16) * (D // 16) / warps) * _WMMA
+    pointwise = math.ceil(ROWS * units * gates / threads) * _POINTWISE
+    step = _STEP_FIXED + products + pointwise + (_STEP_SPLIT if splits > 1 else 0)
+    step += 0 if config["stage"] else _STEP_UNSTAGED
+    rounds = _gradient_rounds(config, shape)
+    cycles = 2 * step + _STEP_ROUND * (rounds - 1)
+    chunks = min(config["gradient_chunks"], gradient_chunks_needed(D, shape["cell"], element_bytes))
+    shared = max(shared_bytes(D, shape["cell"], units, element_bytes, threads, config["stage"], chunks,
+                              config["pad_rows"]))
+    per_sm = hardware.programs_per_sm(threads, 0, shared)[0]
+    blocks = shape["H"] * math.ceil(shape["B"] / ROWS) * splits
+    return cycles * math.ceil(blocks / max(1, hardware.sm_count * per_sm))
 
 
 def _gradient_rounds(config: dict, shape: dict) -> int:

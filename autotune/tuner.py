@@ -495,11 +495,12 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
             lines.append(f"  - {name}: removes {removed}")
         default, floor = tunable.default(), tunable.floor(shape, dtype, hardware)
         cost_default = tunable.cost(default, shape, dtype, hardware, floor)
-        lines.append(f"  roofline floor of forward + backward: {floor * 1e3:.3f} ms; a configuration's model cost is a "
-                     "multiple of it (the floor over the waves' utilisation, times tile, thread-count and kernel "
-                     "penalties) that ranks configurations and does not predict their time")
+        basis = ("T times a step's latency: kernels._cells_step_cycles" if tunable.step_cycles else
+                 "the floor over the waves' utilisation, times tile, thread-count and kernel penalties")
+        lines.append(f"  roofline floor of forward + backward: {floor * 1e3:.3f} ms; the model's cost of a configuration "
+                     f"({basis}), as a multiple of it, ranks configurations and does not predict their time")
 
-        def model(config: dict) -> str:
+        def model(config: dict, tunable=tunable, floor=floor, cost_default=cost_default) -> str:
             cost = tunable.cost(config, shape, dtype, hardware, floor)
             return f"model cost {cost / floor:.1f}x the floor ({cost_default / cost:.2f}x the default's)"
 

@@ -136,11 +136,13 @@ PY
     # the 768-wide head copying its 6 chunks of gate gradients a step in one round (shipped, since
     # 2026-11-27: one memory latency a step) against one chunk a round (six); and the products'
     # shared tiles with unpadded rows (8-way bank conflicts on every fragment load) against the
-    # shipped padded ones
+    # shipped padded ones; and the 64-wide head split over four 16-unit blocks meeting at a grid
+    # barrier every step, as shipped until 2026-11-27, against one block a head (the cost model
+    # now counts a step's latency; the same change at H1 D768 is the shipped configuration)
     left=$(seconds_until 510)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" --try '{"stage": 0}' \
-      '{"gradient_chunks": 1}' '{"pad_rows": 0}'
+      '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}'
     # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
     # shipped staging of each chunk's rows in shared memory, whose kernels since 2026-11-27 also
     # split the state elements over the warps, not the steps (SASS per element, forward /
