@@ -207,37 +207,6 @@ def _scan_segments(config, shape) -> int:
     return min(config.get("segments", 1), math.ceil(shape["T"] / config["chunk"]))
 
 
-TUNABLES = [
-    Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty,
-            ("state_num_warps", "state_num_stages", "state_block_k", "state_block_v", "fused_forward")),
-    Tunable("delta_rule", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages", "fused_forward")),
-    Tunable("delta_product", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages", "fused_forward")),
-    Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
-            lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
-            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]) * _scan_segments(c, s),
-            lambda c: 32 * max(1, c["block_d"] // 32), _scan_penalty, ("forward_unroll",),
-            registers=255),  # the backward's: N 16, 8-32 channels, Triton 3.6 and 3.9
-    Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
-            lambda m, s, dt, hw: m.space(s["N"], hw),
-            lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],
-            # per (step, channel, state element), SASS sm_90a at 4 x 8: about 7 / 37 instructions
-            # forward / backward with B and C staged in shared memory, 23 / 120 reading them from
-            # global memory (3.2x)
-            lambda c, s: (1.0 + 4.0 / c["items"]) * (1.0 if c["stage_rows"] else 3.2)),
-    Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
-            lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw, dt.itemsize),
-            lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],
-            lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16)),
-            ("backward_num_warps",)),
-    Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
-            lambda m, s, dt, hw: m.space(s["D"], s["cell"], dt.itemsize, hw),
-            lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
-            step_cycles=lambda c, s, hw, element_bytes: _cells_step_cycles(c, s, hw, element_bytes)),
-]
-
 # A CUDA cells step's latency in cycles, per direction (module docstring; _cells_step_cycles). The
 # constants come from the H100's forward timings at commit 2c039d7 (a 64-wide head in four 16-unit
 # blocks, 4.0 us a step: about 8000 cycles, nearly all of it the split's) and are guesses beyond:
@@ -275,6 +244,37 @@ def _cells_step_cycles(config: dict, shape: dict, hardware: Hardware, element_by
     blocks = shape["H"] * math.ceil(shape["B"] / ROWS) * splits
     return cycles * math.ceil(blocks / max(1, hardware.sm_count * per_sm))
 
+
+TUNABLES = [
+    Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
+            lambda c: 32 * c["num_warps"], _linear_penalty,
+            ("state_num_warps", "state_num_stages", "state_block_k", "state_block_v", "fused_forward")),
+    Tunable("delta_rule", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages", "fused_forward")),
+    Tunable("delta_product", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
+            lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages", "fused_forward")),
+    Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
+            lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]) * _scan_segments(c, s),
+            lambda c: 32 * max(1, c["block_d"] // 32), _scan_penalty, ("forward_unroll",),
+            registers=255),  # the backward's: N 16, 8-32 channels, Triton 3.6 and 3.9
+    Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
+            lambda m, s, dt, hw: m.space(s["N"], hw),
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],
+            # per (step, channel, state element), SASS sm_90a at 4 x 8: about 7 / 37 instructions
+            # forward / backward with B and C staged in shared memory, 23 / 120 reading them from
+            # global memory (3.2x)
+            lambda c, s: (1.0 + 4.0 / c["items"]) * (1.0 if c["stage_rows"] else 3.2)),
+    Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
+            lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw, dt.itemsize),
+            lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],
+            lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16)),
+            ("backward_num_warps",)),
+    Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
+            lambda m, s, dt, hw: m.space(s["D"], s["cell"], dt.itemsize, hw),
+            lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
+            step_cycles=_cells_step_cycles),
+]
 
 def _gradient_rounds(config: dict, shape: dict) -> int:
     """Rounds of gate-gradient chunks a CUDA cells backward step copies in, one memory latency each
