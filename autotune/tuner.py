@@ -497,8 +497,9 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
         cost_default = tunable.cost(default, shape, dtype, hardware, floor)
         basis = ("T times a step's latency: kernels._cells_step_cycles" if tunable.step_cycles else
                  "the floor over the waves' utilisation, times tile, thread-count and kernel penalties")
-        lines.append(f"  roofline floor of forward + backward: {floor * 1e3:.3f} ms; the model's cost of a configuration "
-                     f"({basis}), as a multiple of it, ranks configurations and does not predict their time")
+        lines.append(f"  roofline floor of forward + backward: {floor * 1e3:.3f} ms; the model's cost of a "
+                     f"configuration ({basis}), as a multiple of it, ranks configurations and does not predict "
+                     "their time")
 
         def model(config: dict, tunable=tunable, floor=floor, cost_default=cost_default) -> str:
             cost = tunable.cost(config, shape, dtype, hardware, floor)

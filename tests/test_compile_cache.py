@@ -99,7 +99,8 @@ def test_restore_lands_where_triton_finds_it_and_overwrites_nothing(tmp_path, ca
     triton_cache = pytest.importorskip("triton.runtime.cache")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(here_triton))
     found = triton_cache.FileCacheManager("KEYREAD").get_group("bwd_kernel.json")
-    assert found == {"bwd_kernel.json": str(here_triton / "KEYREAD" / "bwd_kernel.json"), "bwd_kernel.cubin": str(cubin)}
+    assert found == {"bwd_kernel.json": str(here_triton / "KEYREAD" / "bwd_kernel.json"),
+                     "bwd_kernel.cubin": str(cubin)}
 
     (here_cupy / "old_2.cubin").write_bytes(b"this machine's")
     again = compile_cache.restore(archive, here_triton, here_cupy)
@@ -165,7 +166,8 @@ TINY_KERNEL = textwrap.dedent("""
         tl.store(y + i, tl.load(x + i, mask=i < n) * 2, mask=i < n)
 
 
-    source = ASTSource(doubled, {"x": "*fp32", "y": "*fp32", "n": "i32", "BLOCK": "constexpr"}, constexprs={"BLOCK": 64})
+    signature = {"x": "*fp32", "y": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+    source = ASTSource(doubled, signature, constexprs={"BLOCK": 64})
     print(triton.compile(source, target=GPUTarget("cuda", 90, 32)).hash)
 """)
 

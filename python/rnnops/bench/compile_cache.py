@@ -14,16 +14,15 @@ hashes elsewhere and compiles afresh: a restored cache can save time, never chan
 folder's JSON files (the kernel's metadata, the group file naming its products) and cubins, not
 autotuners' stored results (an H100's and an H200's hash alike, so a peer would run on one with
 the choices timed on the other: rnnops.bench.peer_choices carries those per GPU model), nor the
-intermediate forms (ttir, ttgir, llir, ptx and source: 80%
-of the bytes; a cache hit reads the files its group file names, and the launch needs only the
-metadata and the cubin); of cupy's, every file. Entries go in until the archive reaches its size limit: first those the run
-compiled or read (a file's modification or access time after ``since``), cupy's modules before
-Triton's kernels (NVRTC takes seconds to minutes a module, Triton about a second a kernel), then
-the rest; within each group the most recently used first. :func:`restore`
-unpacks one into this machine's caches without overwriting anything there, Triton's group files
-naming the restored files in their new folder, each file's access time set to its modification time so that
-the file system (``relatime``) records its first read and the next pack can tell used entries
-from unused ones.
+intermediate forms (ttir, ttgir, llir, ptx and source: 80% of the bytes; a cache hit reads the
+files its group file names, and the launch needs only the metadata and the cubin); of cupy's,
+every file. Entries go in until the archive reaches its size limit: first those the run compiled
+or read (a file's modification or access time after ``since``), cupy's modules before Triton's
+kernels (NVRTC takes seconds to minutes a module, Triton about a second a kernel), then the rest;
+within each group the most recently used first. :func:`restore` unpacks one into this machine's
+caches without overwriting anything there, Triton's group files naming the restored files in
+their new folder, each file's access time set to its modification time so that the file system
+(``relatime``) records its first read and the next pack can tell used entries from unused ones.
 
 ``python -m rnnops.bench.compile_cache restore FILE`` and ``pack FILE --since EPOCH``: the suite
 restores ``.whl/compile-cache.tar.xz`` (carried with the peers' wheels) before anything compiles,
@@ -150,7 +149,7 @@ def _write(archive: Path, entries: list[_Entry], since: float, limit: int, slack
                 try:
                     for path, name in entry.files:
                         tar.add(path, arcname=name, recursive=False)
-                except OSError:  # a file removed meanwhile: its entry may be incomplete, so the rest goes too
+                except OSError:  # a file removed meanwhile: a restore drops the group file of what went in
                     counts["left out"] += 1
                     continue
                 counts["compiled" if entry.written > since else "read" if entry.used > since else "unread"] += 1
