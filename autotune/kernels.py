@@ -218,6 +218,13 @@ _WMMA = 32  # one 16 x 16 x 16 tensor-core product in a warp's dependent chain
 _POINTWISE = 20  # one gate element's pointwise update in a thread
 
 
+def _cells_blocks(config: dict, shape: dict) -> int:
+    """The CUDA cells' blocks: each (head, batch tile) group's head in slices of ``units``."""
+    from rnnops.cuda_backend.rnn import ROWS
+
+    return shape["H"] * math.ceil(shape["B"] / ROWS) * math.ceil(shape["D"] / config["units"])
+
+
 def _cells_step_cycles(config: dict, shape: dict, hardware: Hardware, element_bytes: int) -> float:
     """Cycles of one forward + backward step of the CUDA cells at ``config``, times the launches a
     batch's blocks need. Per direction: the products (a block's 16-row output tiles times its K
@@ -241,8 +248,7 @@ def _cells_step_cycles(config: dict, shape: dict, hardware: Hardware, element_by
     shared = max(shared_bytes(D, shape["cell"], units, element_bytes, threads, config["stage"], chunks,
                               config["pad_rows"]))
     per_sm = hardware.programs_per_sm(threads, 0, shared)[0]
-    blocks = shape["H"] * math.ceil(shape["B"] / ROWS) * splits
-    return cycles * math.ceil(blocks / max(1, hardware.sm_count * per_sm))
+    return cycles * math.ceil(_cells_blocks(config, shape) / max(1, hardware.sm_count * per_sm))
 
 
 TUNABLES = [
@@ -272,8 +278,7 @@ TUNABLES = [
             ("backward_num_warps",)),
     Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], s["cell"], dt.itemsize, hw),
-            lambda c, s: s["H"] * math.ceil(s["B"] / 16) * math.ceil(s["D"] / c["units"]), lambda c: c["threads"],
-            step_cycles=_cells_step_cycles),
+            _cells_blocks, lambda c: c["threads"], step_cycles=_cells_step_cycles),
 ]
 
 def _gradient_rounds(config: dict, shape: dict) -> int:
