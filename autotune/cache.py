@@ -132,7 +132,7 @@ class TuneCache:
                              if isinstance(entry, dict) and isinstance(entry.get("config"), dict)}
             self._chosen[k] = nearest(tuned_entries, k)
             if self._chosen[k] is None:
-                self._chosen[k] = nearest(shipped_defaults(self.identity["gpu"]), k)
+                self._chosen[k] = shipped_for(self.identity["gpu"], k)
         return self._chosen[k]
 
     def get(self, op: str, backend: str, bucket: str) -> dict | None:
@@ -195,6 +195,12 @@ def shipped_defaults(gpu_name: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def shipped_for(gpu_name: str, k: str) -> dict | None:
+    """The configuration shipped for ``gpu_name`` for the cache key ``k``: its bucket's, else the
+    nearest size's of the same kernel shape (:func:`nearest`), else None."""
+    return nearest(shipped_defaults(gpu_name), k)
 
 
 @contextlib.contextmanager

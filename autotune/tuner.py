@@ -440,7 +440,7 @@ class _Tuning:
 
         # the model's best, the kernel's default and the configuration shipped for this GPU (the
         # compile screen's pick, which the measured walk then improves on)
-        shipped = cache.nearest(cache.shipped_defaults(self.hardware.name), cache.key(tunable.op, tunable.backend, bucket))
+        shipped = cache.shipped_for(self.hardware.name, cache.key(tunable.op, tunable.backend, bucket))
         seeds = []
         for config in ranked[:self.top] + [default, shipped]:
             if config in ranked and config not in seeds:
@@ -488,7 +488,8 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
         space = tunable.space(shape, dtype, hardware)
         total = math.prod(len(domain) for domain in space.variables.values())
         count, ranked = rank(tunable, shape, dtype, hardware)
-        lines.append(f"{tunable.name} on {hardware.name}, bucket {kernels.bucket(op, shape, dtype)}")
+        bucket = kernels.bucket(op, shape, dtype)
+        lines.append(f"{tunable.name} on {hardware.name}, bucket {bucket}")
         lines.append("  variables: " + ", ".join(f"{n} in {list(d)}" for n, d in space.variables.items()))
         lines.append(f"  {total} combinations, {count} legal")
         for name, removed in space.explain():
@@ -522,8 +523,7 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
                 lines.append("      programs per SM (limit; tensor cores): " + ", ".join(occupancy))
         lines.append(f"  default {default}: model cost {cost_default / floor:.1f}x the floor"
                      + ("" if default in ranked else " (not legal here)"))
-        shipped = cache.nearest(cache.shipped_defaults(hardware.name),
-                                cache.key(op, tunable.backend, kernels.bucket(op, shape, dtype)))
+        shipped = cache.shipped_for(hardware.name, cache.key(op, tunable.backend, bucket))
         if shipped is not None:  # as a launch takes it: variables it predates at their defaults
             shipped = {**default, **shipped}
             place = f"rank {ranked.index(shipped) + 1} of {count}" if shipped in ranked else "not legal here"
