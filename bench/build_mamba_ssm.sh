@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds mamba_ssm's selective-scan CUDA extension for the lent GPU machines (sm_90: H100, H200)
 # here, on a machine without a GPU, and packs it with the mamba_ssm Python modules that
-# selective_scan_fn needs as a wheel in .whl/, which bench/gpu_suite.sh installs like the other
-# peers. mamba_ssm publishes no wheel on PyPI and the GPU machine has no network; building there
-# takes minutes of its device time (ten CUDA files, about 40 s to 4 min each on one core here).
+# selective_scan_fn and Mamba-2's mamba_chunk_scan_combined (Triton) need as a wheel in .whl/,
+# which bench/gpu_suite.sh installs like the other peers. mamba_ssm publishes no wheel on PyPI
+# and the GPU machine has no network; building there takes minutes of its device time (ten CUDA
+# files, about 40 s to 4 min each on one core here).
 #
 #   bash bench/build_mamba_ssm.sh        # network (PyPI), nvcc 13, g++, Python 3.12's headers
 #
@@ -79,14 +80,18 @@ missing=$(comm -23 <(nm -D --undefined-only "$so" | awk '{print $2}' | grep -E '
 [ -z "$missing" ] || { echo "symbols torch $TORCH does not export:"; echo "$missing" | head; exit 1; }
 
 python3 - "$BUILD" "$MAMBA" "$so" "$tag" "$REPO/.whl" <<'PY'
-"""The wheel: selective_scan_interface and what it imports, __init__ with the version only."""
+"""The wheel: selective_scan_interface, ssd_combined and what they import, __init__ with the version only."""
 import base64, hashlib, pathlib, sys, zipfile
 build, version, so, tag, out = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], pathlib.Path(sys.argv[5])
 package = build / f"mamba_ssm-{version}" / "mamba_ssm"
 files = {f"mamba_ssm/{name}": (package / name).read_bytes() for name in (
     "ops/__init__.py", "ops/selective_scan_interface.py", "ops/triton/__init__.py", "ops/triton/layer_norm.py",
     "ops/triton/selective_state_update.py", "ops/triton/softplus.py", "utils/__init__.py", "utils/determinism.py",
-    "utils/torch.py")}
+    "utils/torch.py",
+    # Mamba-2's SSD (Triton; mamba_chunk_scan_combined) and the Triton modules it imports
+    "ops/triton/ssd_combined.py", "ops/triton/ssd_bmm.py", "ops/triton/ssd_chunk_scan.py",
+    "ops/triton/ssd_chunk_state.py", "ops/triton/ssd_state_passing.py", "ops/triton/k_activations.py",
+    "ops/triton/layernorm_gated.py")}
 files["mamba_ssm/__init__.py"] = f'__version__ = "{version}"\n'.encode()
 files[so] = (build / so).read_bytes()
 info = f"mamba_ssm-{version}.dist-info"

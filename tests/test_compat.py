@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnops
-from conftest import assert_close
+from conftest import assert_close, run_with_grads
 from rnnops.compat import fla, flashrnn, mamba_ssm
 
 D64 = torch.float64
@@ -150,8 +150,153 @@ def test_selective_state_update_is_in_place():
     out = mamba_ssm.selective_state_update(state, x, dt, A, B, C, dt_softplus=True)
     assert_close(out, expected, 1e-12)
     assert_close(state, new_state, 1e-12)
-    with pytest.raises(ValueError, match="multi-head layout"):
-        mamba_ssm.selective_state_update(torch.randn(2, 3, 6, 4, dtype=D64), x, dt, A, B, C)
+
+
+def test_selective_state_update_multi_head_layout():
+    """Mamba-2's decoding step (state [B, nheads, dim, N], stride-0 expansions over dim and N as
+    its module passes them, a state cache indexed by state_batch_indices) against the same step
+    written out per head."""
+    batch, heads, dim, N, groups, slots = 2, 4, 3, 5, 2, 5
+    state = torch.randn(slots, heads, dim, N, dtype=D64)
+    x, z = torch.randn(batch, heads, dim, dtype=D64), torch.randn(batch, heads, dim, dtype=D64)
+    dt = torch.randn(batch, heads, dtype=D64)[..., None].expand(batch, heads, dim)
+    A = -torch.rand(heads, dtype=D64)[:, None, None].expand(heads, dim, N)
+    D, bias = (torch.randn(heads, dtype=D64)[:, None].expand(heads, dim) for _ in range(2))
+    B, C = torch.randn(batch, groups, N, dtype=D64), torch.randn(batch, groups, N, dtype=D64)
+    index = torch.tensor([3, 1])
+    expected_state = state.clone()
+    step = F.softplus(dt + bias)
+    head_B, head_C = (M.repeat_interleave(heads // groups, dim=1)[:, :, None] for M in (B, C))  # (batch, heads, 1, N)
+    new = torch.exp(step[..., None] * A) * state[index] + (step * x)[..., None] * head_B
+    expected_state[index] = new
+    expected = ((new * head_C).sum(-1) + D * x) * F.silu(z)
+    out = mamba_ssm.selective_state_update(state, x, dt, A, B, C, D, z, bias, dt_softplus=True,
+                                           state_batch_indices=index)
+    assert_close(out, expected, 1e-12)
+    assert_close(state, expected_state, 1e-12)
+    with pytest.raises(ValueError, match=r"\(nheads, dim\) = \(4, 3\)"):
+        mamba_ssm.selective_state_update(state[:batch], x.reshape(batch, 3, 4), dt, A, B, C)
+
+
+def _ssd_loop(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None, dt_softplus=False,
+              dt_limit=(0.0, float("inf"))):
+    """Mamba-2's SSD written out step by step in its layouts (fp64): returns out, each row's final
+    state, and the state at the end of every sequence (row-major)."""
+    batch, length, heads, P = x.shape
+    repeat = heads // B.shape[2]
+    dt = dt + (0 if dt_bias is None else dt_bias)
+    dt = (F.softplus(dt) if dt_softplus else dt).clamp(*dt_limit)
+    out, finals, ends = torch.empty_like(x), [], []
+    for b in range(batch):
+        h = torch.zeros(heads, P, B.shape[-1], dtype=x.dtype)
+        if initial_states is not None and (seq_idx is None or seq_idx[b, 0] == 0):
+            h = initial_states[b]
+        for t in range(length):
+            if seq_idx is not None and t > 0 and seq_idx[b, t] != seq_idx[b, t - 1]:
+                ends.append(h)
+                h = torch.zeros_like(h)
+            Bt, Ct = (M[b, t].repeat_interleave(repeat, dim=0) for M in (B, C))  # (heads, N)
+            h = torch.exp(dt[b, t] * A)[:, None, None] * h + (dt[b, t, :, None] * x[b, t])[..., None] * Bt[:, None]
+            y = (h * Ct[:, None]).sum(-1)
+            if D is not None:
+                y = y + x[b, t] * (D if D.dim() == 2 else D[:, None])
+            out[b, t] = y * (1 if z is None else F.silu(z[b, t]))
+        ends.append(h)
+        finals.append(h)
+    return out, torch.stack(finals), torch.stack(ends)
+
+
+def _ssd_inputs(batch=2, length=23, heads=4, P=6, groups=2, N=5):
+    make = (lambda *shape: torch.randn(*shape, dtype=D64).requires_grad_())
+    return {"x": make(batch, length, heads, P), "dt": (torch.randn(batch, length, heads, dtype=D64) - 1).requires_grad_(),
+            "A": (-torch.rand(heads, dtype=D64) - 0.2).requires_grad_(), "B": make(batch, length, groups, N),
+            "C": make(batch, length, groups, N), "D": make(heads, P), "z": make(batch, length, heads, P),
+            "dt_bias": make(heads), "initial_states": make(batch, heads, P, N)}
+
+
+@pytest.mark.parametrize("variant", ["plain", "all options", "seq_idx", "varlen"])
+def test_mamba_chunk_scan_combined_matches_the_recurrence(variant):
+    """Outputs, final and varlen states and every gradient, against the step-by-step recurrence."""
+    torch.manual_seed(0)
+    x = _ssd_inputs(batch=1 if variant == "varlen" else 2)
+    options = {}
+    if variant == "plain":
+        x = {k: x[k] for k in ("x", "dt", "A", "B", "C")}
+    else:
+        options = {"dt_softplus": True, "dt_limit": (0.05, 1.5)}
+    seq_idx = cu_seqlens = None
+    if variant in ("seq_idx", "varlen"):
+        seq_idx = torch.tensor([[0] * 5 + [1] * 9 + [2] * 9, [1] * 4 + [2] * 19][:x["x"].shape[0]])
+    if variant == "varlen":
+        cu_seqlens = torch.tensor([0, 5, 14, 23])
+
+    def ours(**x):
+        return mamba_ssm.mamba_chunk_scan_combined(**x, chunk_size=256, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                                   return_final_states=True,
+                                                   return_varlen_states=cu_seqlens is not None, **options)
+
+    def loop(**x):
+        out, final, ends = _ssd_loop(**x, seq_idx=seq_idx, **options)
+        return (out, final, ends) if cu_seqlens is not None else (out, final)
+
+    for backend in ("reference", "chunked"):
+        got, grads = run_with_grads(lambda backend=backend, **x: ours(**x, backend=backend), x)
+        want, grads_want = run_with_grads(loop, x)
+        for a, b in zip(got, want, strict=True):
+            assert_close(a, b, 1e-10, f"{variant} {backend}")
+        for name in grads_want:
+            assert_close(grads[name], grads_want[name], 1e-10, f"{variant} {backend} d{name}")
+
+
+def test_mamba_chunk_scan_combined_matches_mambas_reference():
+    """Where mamba_ssm is installed: its pure-PyTorch SSD (which computes dt in float32, hence
+    the bound), grouped B and C, D per channel, z, dt_bias, softplus."""
+    ssd = pytest.importorskip("mamba_ssm.ops.triton.ssd_combined")
+    x = {k: v.detach() for k, v in _ssd_inputs(length=32).items() if k != "initial_states"}
+    want = ssd.ssd_chunk_scan_combined_ref(**x, chunk_size=16, dt_softplus=True)
+    assert_close(mamba_ssm.mamba_chunk_scan_combined(**x, chunk_size=16, dt_softplus=True), want, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)], ids=["float32", "bfloat16"])
+def test_mamba_chunk_scan_combined_matches_mambas_triton_kernels(dtype, bound):
+    """The drop-in against mamba_ssm's own SSD (Triton; its float32 products are tf32), a length
+    that is no multiple of its chunk, grouped B and C: outputs, final states, every gradient."""
+    ssd = pytest.importorskip("mamba_ssm.ops.triton.ssd_combined")
+    torch.manual_seed(0)
+    inputs = {k: v.detach().cuda() for k, v in _ssd_inputs(batch=2, length=300, heads=8, P=64, groups=2, N=64).items()}
+    inputs = {k: v.to(dtype) if k in ("x", "B", "C", "z") else v.float() for k, v in inputs.items()}
+    results = []
+    for function in (mamba_ssm.mamba_chunk_scan_combined, ssd.mamba_chunk_scan_combined):
+        args = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out, final = function(**args, chunk_size=256, dt_softplus=True, return_final_states=True)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
+        results.append((out, final, {k: v.grad for k, v in args.items()}))
+    (out, final, grads), (out_peer, final_peer, grads_peer) = results
+    assert_close(out.float(), out_peer.float(), bound, "out")
+    assert_close(final.float(), final_peer.float(), bound, "final_states")
+    for name in grads:
+        assert_close(grads[name].float(), grads_peer[name].float(), bound, f"d{name}")
+
+
+def test_mamba_chunk_scan_combined_refuses_bad_input():
+    x = {k: v.detach() for k, v in _ssd_inputs().items()}
+    call = mamba_ssm.mamba_chunk_scan_combined
+    with pytest.raises(ValueError, match="groups of B and C must divide"):
+        call(x["x"], x["dt"], x["A"], x["B"][:, :, :1].expand(2, 23, 3, 5), x["C"][:, :, :1].expand(2, 23, 3, 5), 64)
+    with pytest.raises(ValueError, match="A must lie in"):
+        call(x["x"], x["dt"], -x["A"], x["B"], x["C"], 64)
+    with pytest.raises(ValueError, match="return_varlen_states needs cu_seqlens"):
+        call(x["x"], x["dt"], x["A"], x["B"], x["C"], 64, return_varlen_states=True)
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        call(x["x"], x["dt"], x["A"], x["B"], x["C"], 64, cu_seqlens=torch.tensor([0, 23]), return_varlen_states=True)
+    with pytest.raises(ValueError, match="different sequence boundaries"):
+        call(*(x[k][:1] for k in ("x", "dt")), x["A"], x["B"][:1], x["C"][:1], 64, seq_idx=torch.zeros(1, 23, dtype=torch.int64),
+             cu_seqlens=torch.tensor([0, 7, 23]), return_varlen_states=True)
+    with pytest.raises(TypeError, match="seq_idx must be int32 or int64"):
+        call(x["x"], x["dt"], x["A"], x["B"], x["C"], 64, seq_idx=torch.zeros(2, 23))
+    with pytest.raises(ValueError, match="initial_states has shape"):
+        call(x["x"], x["dt"], x["A"], x["B"], x["C"], 64, initial_states=x["initial_states"].transpose(-1, -2))
 
 
 @pytest.mark.parametrize("function", ["lstm", "gru"])
@@ -184,6 +329,7 @@ def _compat_calls():
     A, B = -torch.rand(6, 4, dtype=D64), torch.randn(2, 4, 11, dtype=D64)
     state = torch.randn(2, 6, 4, dtype=D64)
     Wx, R, b = torch.randn(2, 7, 3, 2, 16), 0.2 * torch.randn(3, 2, 16, 16), torch.randn(4, 2, 16)  # gru
+    ssd = {k: v.detach() for k, v in _ssd_inputs().items()}
     return {
         "chunk_gla": lambda: fla.chunk_gla(q, k, v, g_key, output_final_state=True),
         "chunk_simple_gla": lambda: fla.chunk_simple_gla(q, k, v, g),
@@ -193,6 +339,9 @@ def _compat_calls():
         "selective_state_update": lambda: mamba_ssm.selective_state_update(state.clone(), u[..., 0], delta[..., 0], A,
                                                                            B[..., 0], B[..., 0]),
         "flashrnn": lambda: flashrnn.flashrnn(Wx, R, b, function="gru", dtype="float32"),
+        "mamba_chunk_scan_combined": lambda: mamba_ssm.mamba_chunk_scan_combined(
+            *(ssd[k] for k in ("x", "dt", "A", "B", "C")), 256, D=ssd["D"], z=ssd["z"], dt_softplus=True,
+            initial_states=ssd["initial_states"], return_final_states=True),
     }
 
 

@@ -4,8 +4,9 @@ A :class:`Case` builds its inputs once (``make``; our op's argument names, our l
 runs them through one of our backends (``run``); peers (``rnnops.bench.peers``) convert the
 same inputs to their own layouts. Case lists differ by device: the CPU cases are sized for the
 Python-loop reference, the GPU cases are the shapes the kernel issues and the peers' own
-benchmarks name (flash-linear-attention: B8 H16 K=V=128; mamba_ssm: B8 D2048 N16; FlashRNN:
-B16 T1024 with (head dim, heads) from (16, 48) to (768, 1)). ``quick`` cases form
+benchmarks name (flash-linear-attention: B8 H16 K=V=128; mamba_ssm: B8 D2048 N16, and for
+Mamba-2's SSD a 2.7B model's layer, 80 heads of 64 with N128; FlashRNN: B16 T1024 with (head
+dim, heads) from (16, 48) to (768, 1)). ``quick`` cases form
 ``bench --quick``; ``sweep`` marks the cases of the T and B sweeps plotted in the report.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 import rnnops
 
+from ..compat.mamba_ssm import mamba_chunk_scan_combined
 from ..reference.rnn import CELLS
 from . import roofline
 from .roofline import Work
@@ -87,6 +89,26 @@ def delta_case(num_householder: int, gated: bool, B, T, H, K, V, **flags) -> Cas
                 **flags)
 
 
+def ssd_case(B, T, H, P, N, G, **flags) -> Case:
+    """Mamba-2's SSD through ``rnnops.compat.mamba_ssm.mamba_chunk_scan_combined`` (linear
+    attention with a scalar decay per head, B and C shared by groups of heads), as Mamba-2's
+    module calls it: D, dt_bias, softplus; no z (its gated RMSNorm takes z)."""
+    def make(device, dtype):
+        step = torch.rand(H, device=device) * 0.099 + 0.001  # Mamba-2's dt initialisation range
+        return {"x": _randn((B, T, H, P), device, dtype), "dt": _randn((B, T, H), device, dtype, 0.5),
+                "A": -(torch.rand(H, device=device) * 15 + 1), "B": _randn((B, T, G, N), device, dtype),
+                "C": _randn((B, T, G, N), device, dtype), "D": torch.randn(H, device=device),
+                "dt_bias": torch.log(torch.expm1(step))}
+
+    def run(x, backend):
+        return mamba_chunk_scan_combined(x["x"], x["dt"], x["A"], x["B"], x["C"], 256, D=x["D"], dt_bias=x["dt_bias"],
+                                         dt_softplus=True, backend=backend)
+
+    return Case("linear_attn", f"Mamba-2 SSD B{B} T{T} H{H} P{P} N{N} G{G}",
+                dict(B=B, T=T, H=H, P=P, N=N, G=G, gate="ssd"), make, run,
+                lambda dtype: roofline.ssd(B, T, H, P, N, G, dtype), **flags)
+
+
 def selective_scan_case(B, T, Dm, N, **flags) -> Case:
     def make(device, dtype):
         return {"u": _randn((B, T, Dm), device, dtype), "delta": _randn((B, T, Dm), device, dtype, 0.5),
@@ -136,6 +158,7 @@ def cpu_cases() -> list[Case]:
         cases += _linear_family(1, T, 4, 64, 64, sweep="T")
     cases += _linear_family(4, 1024, 4, 64, 64, sweep="B")
     cases.append(delta_case(2, True, 1, 2048, 4, 64, 64, quick=True))
+    cases.append(ssd_case(1, 2048, 8, 16, 32, 2, quick=True))
     cases.append(selective_scan_case(1, 2048, 1024, 16, quick=True, sweep="T"))
     cases += [selective_scan_case(1, T, 1024, 16, sweep="T") for T in (512, 8192)]
     cases += [rnn_case(cell, 8, 256, 1, 256, quick=True) for cell in ("lstm", "gru")]
@@ -154,6 +177,7 @@ def gpu_cases() -> list[Case]:
     for B in (1, 2, 4, 16):
         cases += _linear_family(B, 4096, 16, 128, 128, sweep="B", **big)
     cases += [delta_case(2, True, 8, T, 16, 128, 128, quick=T == 2048, **big) for T in (2048, 4096)]
+    cases.append(ssd_case(8, 2048, 80, 64, 128, 1, quick=True, **big))  # a Mamba-2 2.7B layer
     cases += [selective_scan_case(8, T, 2048, 16, quick=T == 2048, sweep="T", **big) for T in (2048, 8192)]
     cases.append(selective_scan_case(1, 8192, 2048, 16, sweep="B", **big))  # a prompt's prefill: B Dm / 16 programs
     for cell in ("lstm", "gru"):

@@ -215,6 +215,14 @@ def _mamba(function: str):
                 lambda case, y: y.transpose(1, 2), is_reference=lambda device: function == "selective_scan_ref")
 
 
+def _load_mamba_ssd(device, dtype):
+    """Mamba-2's SSD: mamba_ssm's layouts are ours (x [B, L, H, P], B and C [B, L, G, N])."""
+    if device.type != "cuda":
+        raise PeerUnavailable("mamba_ssm's SSD (Triton) needs a CUDA device")
+    fn = _import("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+    return lambda p: fn(p["x"], p["dt"], p["A"], p["B"], p["C"], 256, D=p["D"], dt_bias=p["dt_bias"], dt_softplus=True)
+
+
 PEERS: list[Peer] = [
     _torch_module("lstm"),
     _torch_module("gru"),
@@ -222,6 +230,8 @@ PEERS: list[Peer] = [
     *FLA_PEERS,
     _mamba("selective_scan_fn"),
     _mamba("selective_scan_ref"),
+    Peer("mamba_ssm.mamba_chunk_scan_combined", lambda case: case.shape.get("gate") == "ssd", _load_mamba_ssd,
+         _views("x", "dt", "A", "B", "C", "D", "dt_bias"), compiles_incrementally=True),
 ]
 
 ALWAYS = ("torch.nn.LSTM", "torch.nn.GRU")  # part of torch: timed even without --peers

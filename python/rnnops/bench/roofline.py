@@ -49,6 +49,15 @@ def linear_attn(B, T, H, K, V, gate: str, dtype, chunk=64) -> Work:
     return Work(flops, moved, dtype_name(dtype))
 
 
+def ssd(B, T, H, P, N, G, dtype, chunk=64) -> Work:
+    """Mamba-2's SSD (x, z-less output, dt per head, B and C per group of heads): the scores C B^T
+    counted once per group, as the algorithm shares them (rnnops computes them per head)."""
+    s = dtype.itemsize
+    moved = (B * T * H * (2 * P + 1) + 2 * B * T * G * N) * s
+    flops = 2 * B * T * (G * chunk * N + H * (chunk * P + 2 * N * P))
+    return Work(flops, moved, dtype_name(dtype))
+
+
 def delta_rule(B, T, H, K, V, gated: bool, dtype, chunk=64, num_householder=1) -> Work:
     s = dtype.itemsize
     steps = T * num_householder
