@@ -29,9 +29,10 @@ from .space import Space, next_power_of_two
 
 
 def linear_attn_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> dict:
-    """The shape of a linear_attn call: q (B, T, H, K), v (..., V), g None, (B, T, H) or (B, T, H, K)."""
+    """The shape of a linear_attn call: q (B, T, Hk, K), v (B, T, H, V), g None, (B, T, H) or
+    (B, T, H, K). H is v's heads, which the kernels' grids count."""
     gate = "none" if g is None else ("scalar" if g.dim() == 3 else "per-key")
-    return dict(zip("BTHK", q.shape), V=v.shape[-1], gate=gate)
+    return dict(zip("BTH", v.shape), K=q.shape[-1], V=v.shape[-1], gate=gate)
 
 
 def delta_rule_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, num_householder: int) -> dict:

@@ -75,10 +75,11 @@ def standard_shapes(op: str) -> list[dict]:
     for case in gpu_cases():
         if case.op != op:
             continue
-        frozen = tuple(sorted(case.shape.items()))
+        shape = case.op_shape or case.shape
+        frozen = tuple(sorted(shape.items()))
         if frozen not in seen:
             seen.add(frozen)
-            shapes.append(dict(case.shape))
+            shapes.append(dict(shape))
     return shapes
 
 

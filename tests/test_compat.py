@@ -37,6 +37,20 @@ def test_chunk_simple_gla_with_g_and_g_gamma():
                  1e-6)
 
 
+def test_gla_takes_flas_grouped_value_heads():
+    """fla's GVA: q and k with 2 heads, v, g (and g_gamma) with 6; each q / k head serves 3
+    consecutive value heads."""
+    q, k, v = _qkv(H=6)
+    q, k = q[:, :, :2], k[:, :, :2]
+    g_key, g = F.logsigmoid(torch.randn(2, 13, 6, 8, dtype=D64)), F.logsigmoid(torch.randn(2, 13, 6, dtype=D64))
+    q6, k6 = q.repeat_interleave(3, dim=2), k.repeat_interleave(3, dim=2)
+    assert_close(fla.chunk_gla(q, k, v, g_key)[0], rnnops.linear_attn(q6, k6, v, g_key)[0], 1e-12)
+    gamma = F.logsigmoid(torch.randn(6, dtype=D64))
+    assert_close(fla.chunk_simple_gla(q, k, v, g_gamma=gamma)[0],
+                 rnnops.linear_attn(q6, k6, v, gamma.expand(2, 13, 6))[0], 1e-12)
+    assert_close(fla.chunk_simple_gla(q, k, v, g)[0], rnnops.linear_attn(q6, k6, v, g)[0], 1e-12)
+
+
 def test_chunk_delta_rules_match_fla_naive():
     delta_naive = pytest.importorskip("fla.ops.delta_rule.naive").delta_rule_recurrence
     gated_naive = pytest.importorskip("fla.ops.gated_delta_rule.naive").naive_recurrent_gated_delta_rule
@@ -246,6 +260,24 @@ def test_mamba_chunk_scan_combined_matches_the_recurrence(variant):
             assert_close(a, b, 1e-10, f"{variant} {backend}")
         for name in grads_want:
             assert_close(grads[name], grads_want[name], 1e-10, f"{variant} {backend} d{name}")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "seq_idx"])
+def test_mamba_chunk_scan_combined_on_the_triton_kernels(packed):
+    """The Triton backend (the interpreter on a CPU) reads B and C as grouped q / k heads in
+    place: float32 outputs, final states and every gradient against the fp64 recurrence."""
+    torch.manual_seed(0)
+    x = {k: v.detach().float() for k, v in _ssd_inputs(length=40, heads=4, P=16, groups=2, N=16).items()}
+    seq_idx = torch.tensor([[0] * 17 + [1] * 23, [0] * 40]) if packed else None
+    options = {"D": x.pop("D"), "z": x.pop("z"), "dt_bias": x.pop("dt_bias"), "dt_softplus": True, "seq_idx": seq_idx}
+    got, grads = run_with_grads(lambda **x: mamba_ssm.mamba_chunk_scan_combined(
+        **x, chunk_size=256, return_final_states=True, backend="triton", **options), x)
+    want, grads_want = run_with_grads(lambda **x: _ssd_loop(**x, **options)[:2],
+                                      {k: v.double() for k, v in x.items()})
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, 1e-5)
+    for name in grads_want:
+        assert_close(grads[name], grads_want[name], 1e-5, f"d{name}")
 
 
 def test_mamba_chunk_scan_combined_matches_mambas_reference():

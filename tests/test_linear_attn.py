@@ -118,8 +118,16 @@ def test_varlen_gradients_match_reference():
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
-def test_step_equals_one_token(backend):
+@pytest.mark.parametrize("grouped", [False, True], ids=["heads", "grouped-heads"])
+def test_step_equals_one_token(backend, grouped):
+    """Also with grouped heads (q and k with one head for v's three): the same as the sequence,
+    and as the sequence with q and k repeated per value head."""
     x = make_inputs(T=4, gate="per-key")
+    if grouped:
+        x["q"], x["k"] = x["q"][:, :, :1], x["k"][:, :, :1]
+        repeated = dict(x, q=x["q"].repeat_interleave(3, dim=2), k=x["k"].repeat_interleave(3, dim=2))
+        for want, got in zip(op("reference", **repeated), op(backend, **x), strict=True):
+            assert_close(got, want, 1e-12)
     o_seq, S_seq = op(backend, **x)
     S = x["initial_state"]
     for t in range(4):

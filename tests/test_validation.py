@@ -45,9 +45,9 @@ PACKED = dict(q=torch.randn(1, 5, 3, 4), k=torch.randn(1, 5, 3, 4), v=torch.rand
 
 CASES = {
     # linear_attn
-    "la q rank": (la(q=torch.randn(2, 5, 12)), ValueError, r"linear_attn: q must have 4 dimensions \(B, T, H, K\)"),
+    "la q rank": (la(q=torch.randn(2, 5, 12)), ValueError, r"linear_attn: q must have 4 dimensions \(B, T, Hk, K\)"),
     "la k shape": (la(k=torch.randn(2, 5, 3, 5)), ValueError, r"k has shape \(2, 5, 3, 5\).*K=4 from q"),
-    "la v heads": (la(v=torch.randn(2, 5, 2, 6)), ValueError, r"v has shape.*H=3 from q"),
+    "la v heads": (la(v=torch.randn(2, 5, 2, 6)), ValueError, r"q and k have 3 heads, which must divide v's 2"),
     "la v time": (la(v=torch.randn(2, 4, 3, 6)), ValueError, r"v has shape.*T=5 from q"),
     "la g shape": (la(g=-torch.rand(2, 5, 3, 4, 1)), ValueError, r"g must have shape \(B, T, H\) or \(B, T, H, K\)"),
     "la g key dim": (la(g=-torch.rand(2, 5, 3, 2)), ValueError, r"g has shape .* K=4 from q"),

@@ -28,7 +28,9 @@ recomputed (memory per token: none beyond the inputs; per chunk: one K x V state
 Sequences are always handled as packed: a batch is the packed case with equal lengths.
 ``chunk_indices`` maps each program to (sequence, chunk of that sequence) or (-1, -1) past the
 real chunk count; ``chunk_offsets[i]`` is sequence i's first global chunk. Tensors are
-contiguous (B*T, H, ...): q, k (., H, K); v, o (., H, V); g (., H) or (., H, K).
+contiguous (B*T, H, ...): q, k (., H / GROUP, K); v, o (., H, V); g (., H) or (., H, K). GROUP
+consecutive (value) heads share a q / k head; every kernel works per value head, so dq and dk
+come out per value head, (., H, K), and the caller sums each group's.
 
 Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk; the state kernels' BK/BV are
 the configuration's state tile, the others' its chunk tiles):
@@ -107,8 +109,15 @@ def _load_last_decay(G, last, cols, i_h, H: tl.constexpr, K: tl.constexpr, GATE:
 
 
 @triton.jit
+def _qk_rows(rows, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr):
+    """Offsets of the q and k rows value head i_h reads: GROUP consecutive value heads share one
+    q / k head (H // GROUP of them: grouped heads, Mamba-2's B and C groups, GVA)."""
+    return (rows * (H // GROUP) + i_h // GROUP) * K
+
+
+@triton.jit
 def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_seqlens,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                       HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """h[chunk] = the state entering each chunk of one sequence; final_state after the last."""
@@ -123,8 +132,8 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
-                      other=0.0)
+        b_k = tl.load(k + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
+                      mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
                       other=0.0)
         if GATE != 0:
@@ -140,7 +149,7 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
 
 @triton.jit
 def fused_fwd_kernel(q, k, v, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+                     H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                      HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
                      DELTA: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
     """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
@@ -169,14 +178,14 @@ def fused_fwd_kernel(q, k, v, W, G, o, initial_state, final_state, chunk_offsets
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+        qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
         tile_mask = row_mask[:, None] & (rk[None, :] < K)
-        b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
-        b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+        b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
+        b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         if DELTA:
-            b_W = tl.load(W + tile, mask=tile_mask, other=0.0)
+            b_W = tl.load(W + (rows[:, None] * H + i_h) * K + rk[None, :], mask=tile_mask, other=0.0)
             b_v = (b_v.to(tl.float32) - tl.dot(b_W, S.to(b_W.dtype), input_precision=PRECISION)).to(b_W.dtype)
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
         scores = _masked_scores(qk, G, None, rows, row_mask, i_h, H, GATE, BT)
@@ -215,7 +224,7 @@ def _factors(G, t0, rows, row_mask, rk, kmask, i_h, H: tl.constexpr, K: tl.const
 
 
 @triton.jit
-def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr,
                         PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                         KP: tl.constexpr, SPAN_LIMIT: tl.constexpr, FACTORED: tl.constexpr):
     """Per-key decay: A[i, j] = sum_d q_id k_jd exp(G_id - G_jd) for j <= i (else 0), stored as
@@ -236,7 +245,7 @@ def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, 
         span = _chunk_span(G, t0, last, i_h, H, K, KP)
         if not FACTORED:
             if span > SPAN_LIMIT:
-                _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H, K, PRECISION, BT, BC, BK, KP)
+                _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H, GROUP, K, PRECISION, BT, BC, BK, KP)
         elif span <= SPAN_LIMIT:
             rows = t0 + tl.arange(0, BT)
             row_mask = rows < eos
@@ -244,10 +253,10 @@ def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, 
             for i_k in range(tl.cdiv(K, BK)):
                 rk = i_k * BK + tl.arange(0, BK)
                 kmask = rk < K
-                tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+                qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
                 tile_mask = row_mask[:, None] & kmask[None, :]
-                b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
-                b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+                b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
+                b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
                 up, down = _factors(G, t0, rows, row_mask, rk, kmask, i_h, H, K)
                 scores += tl.dot((b_q * up).to(b_q.dtype), tl.trans((b_k * down).to(b_k.dtype)),
                                  input_precision=PRECISION)
@@ -257,8 +266,8 @@ def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, 
 
 
 @triton.jit
-def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr):
+def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr,
+                      PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr):
     """intra_scores_kernel's chunks of strong decay, by sub-chunks (its docstring)."""
     r = tl.arange(0, BC)
     for i_i in tl.static_range(BT // BC):
@@ -268,12 +277,13 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, K: tl.con
             if i_j == i_i:
                 every_k = tl.arange(0, KP)
                 tile_mask = row_mask[:, None] & (every_k < K)[None, :]
-                q_diag = tl.load(q + (rows[:, None] * H + i_h) * K + every_k[None, :], mask=tile_mask,
+                q_diag = tl.load(q + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + every_k[None, :], mask=tile_mask,
                                  other=0.0).to(tl.float32)
                 g_diag = tl.load(G + (rows[:, None] * H + i_h) * K + every_k[None, :], mask=tile_mask, other=0.0)
                 for c in range(BC):
                     col = tl.minimum(t0 + i_i * BC + c, last)  # past the end: feeds masked rows only
-                    k_col = tl.load(k + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0).to(tl.float32)
+                    k_col = tl.load(k + _qk_rows(col, i_h, H, GROUP, K) + every_k, mask=every_k < K,
+                                    other=0.0).to(tl.float32)
                     g_col = tl.load(G + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
                     exponent = tl.where(r[:, None] >= c, g_diag - g_col[None, :], float("-inf"))
                     column = tl.sum(q_diag * k_col[None, :] * tl.exp(exponent), axis=1)
@@ -287,9 +297,9 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, K: tl.con
                     for i_k in range(tl.cdiv(K, BK)):
                         rk = i_k * BK + tl.arange(0, BK)
                         kmask = rk < K
-                        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :],
+                        b_q = tl.load(q + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
                                       mask=row_mask[:, None] & kmask[None, :], other=0.0)
-                        b_k = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :],
+                        b_k = tl.load(k + _qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :],
                                       mask=col_mask[:, None] & kmask[None, :], other=0.0)
                         g_row = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :],
                                         mask=row_mask[:, None] & kmask[None, :], other=0.0)
@@ -319,7 +329,8 @@ def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.cons
 
 
 @triton.jit
-def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
+def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, GROUP: tl.constexpr,
+                  K: tl.constexpr,
                   V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile; one pass over the K
@@ -336,13 +347,13 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
-            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
             tile_mask = row_mask[:, None] & (rk[None, :] < K)
-            b_q = tl.load(q + tile, mask=tile_mask, other=0.0)
+            b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
             b_S = tl.load(h + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                           mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
             if GATE != 2:
-                qk += tl.dot(b_q, tl.trans(tl.load(k + tile, mask=tile_mask, other=0.0)), input_precision=PRECISION)
+                qk += tl.dot(b_q, tl.trans(tl.load(k + qk_tile, mask=tile_mask, other=0.0)), input_precision=PRECISION)
             if GATE == 2:
                 b_q = (b_q * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
             acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
@@ -355,7 +366,7 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
 
 @triton.jit
 def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlens, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                       HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dh[chunk] = the gradient of the state leaving each chunk, walking one sequence backwards;
@@ -372,8 +383,8 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
-                      other=0.0)
+        b_q = tl.load(q + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
+                      mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
                        other=0.0)
         # scale folded into q: the product then accumulates into dS in place, where scale times
@@ -412,7 +423,8 @@ def d_scores_kernel(do, v, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr
 
 
 @triton.jit
-def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
+                     K: tl.constexpr,
                      PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      KP: tl.constexpr, SPAN_LIMIT: tl.constexpr, FACTORED: tl.constexpr):
     """Per-key decay, the intra-chunk parts of the gradients (fp32):
@@ -427,7 +439,7 @@ def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.const
         span = _chunk_span(G, t0, last, i_h, H, K, KP)
         if not FACTORED:
             if span > SPAN_LIMIT:
-                _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H, K, PRECISION, BT, BC, BK)
+                _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H, GROUP, K, PRECISION, BT, BC, BK)
         elif span <= SPAN_LIMIT:
             rows = t0 + tl.arange(0, BT)
             row_mask = rows < eos
@@ -435,13 +447,13 @@ def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.const
                            other=0.0).to(q.dtype.element_ty)  # rounded once, as the dot would each K tile
             # one gradient at a time: both in one K loop took 150 registers (one program an SM) at 8
             # warps, and spilled at 4 or on an A100; apart, 120-128 (SASS, bf16)
-            _factored_gradient(k, b_dA, G, dq, t0, rows, row_mask, i_h, H, K, PRECISION, BK, True)
-            _factored_gradient(q, tl.trans(b_dA), G, dk, t0, rows, row_mask, i_h, H, K, PRECISION, BK, False)
+            _factored_gradient(k, b_dA, G, dq, t0, rows, row_mask, i_h, H, GROUP, K, PRECISION, BK, True)
+            _factored_gradient(q, tl.trans(b_dA), G, dk, t0, rows, row_mask, i_h, H, GROUP, K, PRECISION, BK, False)
 
 
 @triton.jit
-def _factored_gradient(x, dA_tile, G, out, t0, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr,
-                       PRECISION: tl.constexpr, BK: tl.constexpr, FOR_QUERIES: tl.constexpr):
+def _factored_gradient(x, dA_tile, G, out, t0, rows, row_mask, i_h, H: tl.constexpr, GROUP: tl.constexpr,
+                       K: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr, FOR_QUERIES: tl.constexpr):
     """A factored chunk's intra-chunk dq (FOR_QUERIES: x the keys, dA_tile = dA) or dk (x the
     queries, dA_tile = dA^T), K tile by K tile: dq = e^(G - G_first) * (dA @ (k e^(G_first - G))),
     dk = e^(G_first - G) * (dA^T @ (q e^(G - G_first)))."""
@@ -455,14 +467,15 @@ def _factored_gradient(x, dA_tile, G, out, t0, rows, row_mask, i_h, H: tl.conste
             inner, outer = down, up
         else:
             inner, outer = up, down
-        b_x = tl.load(x + tile, mask=tile_mask, other=0.0)
+        b_x = tl.load(x + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=tile_mask, other=0.0)
         part = tl.dot(dA_tile, (b_x * inner).to(b_x.dtype), input_precision=PRECISION) * outer
         tl.store(out + tile, part, mask=tile_mask)
 
 
 @triton.jit
-def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexpr, K: tl.constexpr,
-                         PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl.constexpr,
+                         K: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         BK: tl.constexpr):
     """intra_dqk_kernel's chunks of strong decay, by sub-chunks as in _sub_chunk_scores."""
     r = tl.arange(0, BC)
     for i_k in range(tl.cdiv(K, BK)):
@@ -484,7 +497,8 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
                     b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :],
                                    mask=row_mask[:, None], other=0.0)
-                    k_j = tl.load(k + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                    k_j = tl.load(k + _qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
+                                  other=0.0)
                     g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
                     k_part = (k_j * tl.exp(tl.minimum(g_ref[None, :] - g_j, 0.0))).to(k_j.dtype)
                     acc_q += (tl.dot(b_dA.to(k_j.dtype), k_part, input_precision=PRECISION)
@@ -494,7 +508,8 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
                     b_dA = tl.load(dA + (cols[:, None] * H + i_h) * BT + i_i * BC + r[None, :],
                                    mask=col_mask[:, None], other=0.0)
-                    q_j = tl.load(q + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
+                    q_j = tl.load(q + _qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
+                                  other=0.0)
                     g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
                     q_part = (q_j * tl.exp(tl.minimum(g_j - g_ref[None, :], 0.0))).to(q_j.dtype)
                     acc_k += (tl.dot(tl.trans(b_dA).to(q_j.dtype), q_part, input_precision=PRECISION)
@@ -503,8 +518,8 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     for c in range(BC):
                         in_range = (t0 + i_i * BC + c < eos).to(tl.float32)
                         col = tl.minimum(t0 + i_i * BC + c, last)
-                        k_c = tl.load(k + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
-                        q_c = tl.load(q + (col * H + i_h) * K + rk, mask=kmask, other=0.0).to(tl.float32)
+                        k_c = tl.load(k + _qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
+                        q_c = tl.load(q + _qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
                         g_c = tl.load(G + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
                         # dq rows i >= c use dA[i, c]; dk rows i <= c use dA[c, i] (zero past the end)
                         dA_col = tl.load(dA + (rows * H + i_h) * BT + i_i * BC + c, mask=row_mask, other=0.0)
@@ -523,8 +538,8 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
 
 @triton.jit
 def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens, scale,
-               total_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
-               DELTA: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               GATE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
     dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
     tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller
@@ -564,8 +579,9 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             if DELTA:
                 b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
-        b_q = tl.load(q + tile, mask=tile_mask, other=0.0)  # after the V loop: not live across it
-        b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+        qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+        b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)  # after the V loop: not live across it
+        b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
         if GATE == 2:
             b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
             g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
@@ -618,7 +634,8 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
 
 
 @triton.jit
-def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.constexpr, K: tl.constexpr,
+def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.constexpr, GROUP: tl.constexpr,
+              K: tl.constexpr,
               V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr):
     """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile; without
@@ -634,11 +651,11 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
-            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
             tile_mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + tile, mask=tile_mask, other=0.0)
+            b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
             if GATE != 2:
-                qk += tl.dot(tl.load(q + tile, mask=tile_mask, other=0.0), tl.trans(b_k), input_precision=PRECISION)
+                qk += tl.dot(tl.load(q + qk_tile, mask=tile_mask, other=0.0), tl.trans(b_k), input_precision=PRECISION)
             if HAS_DH:
                 b_dS = tl.load(dh + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                                mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)

@@ -36,6 +36,7 @@ class Case:
     quick: bool = False
     sweep: str | None = None  # "T" or "B"
     time_reference: bool = True  # False where the Python-loop reference would take minutes
+    op_shape: dict | None = None  # the shape of the op call it makes, where it differs from ``shape`` (the autotuner's)
 
 
 def _randn(shape, device, dtype, scale=1.0):
@@ -106,7 +107,8 @@ def ssd_case(B, T, H, P, N, G, **flags) -> Case:
 
     return Case("linear_attn", f"Mamba-2 SSD B{B} T{T} H{H} P{P} N{N} G{G}",
                 dict(B=B, T=T, H=H, P=P, N=N, G=G, gate="ssd"), make, run,
-                lambda dtype: roofline.ssd(B, T, H, P, N, G, dtype), **flags)
+                lambda dtype: roofline.ssd(B, T, H, P, N, G, dtype),
+                op_shape=dict(B=B, T=T, H=H, K=N, V=P, gate="scalar"), **flags)
 
 
 def selective_scan_case(B, T, Dm, N, **flags) -> Case:

@@ -8,8 +8,8 @@ correctness check (``to_ours``). On a CPU, peers whose fast path needs a GPU run
 pure-PyTorch reference instead, so that the conversions are tested anywhere.
 
 Semantics that differ and are therefore not compared: FlashRNN's sLSTM (it floors the
-normaliser at 1 and special-cases the first step), fla's GVA head grouping, and fused
-gate activations; the adapters use the peers' plain forms only.
+normaliser at 1 and special-cases the first step) and fused gate activations; the adapters
+use the peers' plain forms only (and no GVA head grouping).
 """
 from __future__ import annotations
 

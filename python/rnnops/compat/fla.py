@@ -1,8 +1,10 @@
 """flash-linear-attention's function names and signatures on rnnops.
 
 Layouts are fla's current defaults (batch-first, [B, T, H, K]); states [N, H, K, V].
-Not supported (a ValueError): ``state_v_first=True``, grouped value heads (v with more heads than
-q and k), fused gate activations (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), and context
+Grouped value heads (fla's GVA: v, g and the states with HV heads, q and k with H dividing HV, each
+serving HV / H consecutive value heads) work for ``chunk_gla`` and ``chunk_simple_gla``.
+Not supported (a ValueError): ``state_v_first=True``, grouped value heads in the delta rules, fused
+gate activations (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), and context
 parallelism (``cp_context``). ``cu_seqlens_cpu`` and ``chunk_indices`` are accepted and unused.
 The ``fused_recurrent_*`` variants compute the same results as their ``chunk_*`` twins.
 """
@@ -43,7 +45,7 @@ def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     if g is not None and g_gamma is not None:
         raise ValueError("chunk_simple_gla: give g or g_gamma, not both")
     if g_gamma is not None:
-        g = g_gamma.to(q.dtype).expand(q.shape[:3])
+        g = g_gamma.to(q.dtype).expand(v.shape[:3])
     return rnnops.linear_attn(q, k, v, g, scale=scale, initial_state=initial_state,
                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 

@@ -78,7 +78,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     the initial state belongs to each row's first sequence if its id is 0, as in mamba_ssm; with
     cu_seqlens the state restarts at every offset (mamba_ssm restarts only at seq_idx changes, so
     give seq_idx with the same boundaries, or none: different boundaries are a ValueError). B and
-    C are broadcast from G groups to the nheads heads (a view; rnnops' Triton kernels copy it).
+    C go to linear_attn as grouped q and k heads, read in place by its Triton kernels.
     """
     op = "mamba_chunk_scan_combined"
     for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
@@ -115,8 +115,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         dt = F.softplus(dt)
     dt = dt.clamp(*dt_limit)
     value = (x * dt.unsqueeze(-1)).to(dtype)
-    key, query = (M.unsqueeze(3).expand(batch, length, groups, heads // groups, dims["N"]).flatten(2, 3)
-                  for M in (B, C))
+    key, query = B, C  # grouped heads: linear_attn's G heads of q and k, each serving nheads / G value heads
     state0 = None if initial_states is None else initial_states.transpose(-1, -2)  # (b, h, N, P)
     packing = None
     if return_varlen_states or seq_idx is not None:

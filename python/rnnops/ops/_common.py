@@ -29,13 +29,13 @@ def state_or_zeros(initial_state: torch.Tensor | None, shape, dtype: torch.dtype
 
 
 def fake_linear_outputs(q: torch.Tensor, v: torch.Tensor, states: int | None):
-    """Output shapes of the linear family without computing them (for tracing): o like q with
-    v's last size, and a (states, H, K, V) state in the accumulation dtype (None: no state).
-    Works for sequences (B, T, H, K) and single steps (B, H, K)."""
-    o = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    """Output shapes of the linear family without computing them (for tracing): o (q's leading
+    sizes, v's heads and V) in q's dtype, and a (states, H, K, V) state in the accumulation dtype
+    (None: no state). Works for sequences (B, T, Hk, K) and single steps (B, Hk, K)."""
+    o = q.new_empty(q.shape[:-2] + v.shape[-2:])
     if states is None:
         return o, None
-    return o, q.new_empty((states,) + q.shape[-2:] + v.shape[-1:], dtype=accumulation_dtype(q.dtype))
+    return o, q.new_empty((states,) + v.shape[-2:-1] + q.shape[-1:] + v.shape[-1:], dtype=accumulation_dtype(q.dtype))
 
 
 def sequence_count(batch: int, cu_seqlens: torch.Tensor | None) -> int:

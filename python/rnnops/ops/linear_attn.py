@@ -30,7 +30,10 @@ def linear_attn(
         o_t = scale * q_t S_t
 
     Args:
-        q, k: (B, T, H, K). v: (B, T, H, V).
+        q, k: (B, T, Hk, K). v: (B, T, H, V). Hk = H, or grouped heads: Hk divides H and each q / k
+            head serves H / Hk consecutive value heads (grouped-value attention; Mamba-2's B and C
+            groups). The ``triton`` backend reads the shared heads in place; the others repeat
+            them.
         g: None (plain linear attention), (B, T, H) scalar log-decay per head (RetNet,
             Mamba-2 SSD, simple GLA) or (B, T, H, K) per-key log-decay (GLA). Must be <= 0.
         scale: defaults to K ** -0.5.
@@ -53,8 +56,10 @@ def linear_attn(
     if dims["T"] == 0:
         final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
         return v.new_empty(v.shape), final if output_final_state else None
-    _, impl = resolve("linear_attn", backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
-                      chunk_size=chunk_size, shape=linear_attn_shape(q, v, g))
+    name, impl = resolve("linear_attn", backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
+                         chunk_size=chunk_size, shape=linear_attn_shape(q, v, g))
+    if name != "triton":
+        q, k = repeat_heads(q, k, dims)
     o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return o, final if output_final_state else None
@@ -72,7 +77,8 @@ def linear_attn_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step of :func:`linear_attn`.
 
-    q, k (B, H, K); v (B, H, V); g None, (B, H) or (B, H, K); state (B, H, K, V) or None (zeros).
+    q, k (B, Hk, K) (Hk divides H: grouped heads, as in :func:`linear_attn`); v (B, H, V); g None,
+    (B, H) or (B, H, K); state (B, H, K, V) or None (zeros).
     Returns o (B, H, V) and the new state (B, H, K, V). The ``triton`` backend runs it as one
     fused kernel (inference: without autograd).
     """
@@ -83,9 +89,18 @@ def linear_attn_step(
     dims, dtype, device, scale, _ = _validate(op, *sequence, state, None, scale, 1)
     if tracing(q):
         return tuple(_LINEAR_ATTN_STEP(q, k, v, g, state, scale, backend))
+    q, k = repeat_heads(q, k, dims)
     _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
                       requires_grad=needs_grad(q, k, v, g, state))
     return impl(q, k, v, g, state=state, scale=scale)
+
+
+def repeat_heads(q, k, dims):
+    """Grouped q and k (Hk heads) repeated to v's H heads, each for its H / Hk value heads."""
+    group = dims["H"] // dims["Hk"]
+    if group == 1:
+        return q, k
+    return q.repeat_interleave(group, dim=-2), k.repeat_interleave(group, dim=-2)
 
 
 def _fake_linear_attn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, backend):
@@ -129,9 +144,11 @@ def _validate(op, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size) -> C
     for name, x in (("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
         check.require_tensor(op, name, x, optional=True)
     dims = check.Dims(op)
-    dims.bind("q", q, "B T H K")
-    dims.bind("k", k, "B T H K")
+    dims.bind("q", q, "B T Hk K")
+    dims.bind("k", k, "B T Hk K")
     dims.bind("v", v, "B T H V")
+    if dims["H"] % dims["Hk"]:
+        raise ValueError(f"{op}: q and k have {dims['Hk']} heads, which must divide v's {dims['H']} (grouped heads)")
     if g is not None:
         dims.bind_one_of("g", g, ("B T H", "B T H K"))
     dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v})

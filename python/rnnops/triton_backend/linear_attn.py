@@ -186,8 +186,9 @@ class ChunkedRun:
     def __init__(self, q, v, g, cu_seqlens, chunk, scale, config):
         """``config``: a ChunkConfig with a ``state_blocks(K, V)`` method (the state kernels' tile)."""
         kernels = _kernels()
-        self.B, self.T, self.H, self.K = q.shape
-        self.V = v.shape[-1]
+        self.B, self.T, self.H, self.V = v.shape
+        self.K = q.shape[-1]
+        self.group = self.H // q.shape[2]  # value heads per q / k head
         self.gate = kernels.NO_GATE if g is None else (kernels.SCALAR_GATE if g.dim() == 3 else kernels.KEY_GATE)
         self.chunk, self.scale, self.config = chunk, scale, config
         self.BK, self.BV = config.blocks(self.K, self.V)
@@ -213,7 +214,8 @@ class ChunkedRun:
         # either way), the gradients at the configuration's (8: 128 registers, two an SM; 4: 222)
         self.KP = next_power_of_two(self.K)  # K rounded up: the kernels that hold all of K at once
         self.per_key = {"KP": self.KP, "SPAN_LIMIT": factored_span_limit(q.dtype), "BC": kernels.SUB_CHUNK}
-        self.common = {"H": self.H, "K": self.K, "GATE": self.gate, "PRECISION": self.precision, "BT": chunk}
+        self.common = {"H": self.H, "GROUP": self.group, "K": self.K, "GATE": self.gate, "PRECISION": self.precision,
+                       "BT": chunk}
 
     @property
     def k_tiles(self) -> int:
@@ -248,7 +250,7 @@ class ChunkedRun:
         for factored in (True, False):
             launch(
                 _kernels().intra_scores_kernel, (self.layout.programs, self.H),
-                q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K,
+                q, k, G, A, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, GROUP=self.group, K=self.K,
                 PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key,
                 **self.sub_chunk_launch)
         return A
@@ -308,21 +310,23 @@ class ChunkedRun:
             kernels.d_scores_kernel, (lay.programs, self.H),
             do, v, dA, lay.chunk_indices, lay.cu_seqlens, self.scale, H=self.H, V=self.V,
             PRECISION=self.precision, BT=self.chunk, BV=self.BV, **self.launch)
-        dq_intra, dk_intra = (empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        dq_intra, dk_intra = (empty(self.per_value_head(q), dtype=torch.float32, device=q.device) for _ in range(2))
         for factored, warps in ((True, self.launch), (False, self.sub_chunk_launch)):
             launch(
                 kernels.intra_dqk_kernel, (lay.programs, self.H),
-                q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K,
+                q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, GROUP=self.group, K=self.K,
                 PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key, **warps)
         return dq_intra, dk_intra
 
     def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None):
-        """dq (q's dtype), dk, and for gated runs dG: per key tile (reverse-cumulated) for
+        """dq (q's dtype; float32 per value head with grouped heads), dk, and for gated runs dG: per key tile (reverse-cumulated) for
         linear attention; with the delta rule's dv2, also dW, and dk and dG partial (fp32)."""
         kernels, lay = _kernels(), self.layout
         delta = dv2 is not None
-        dq = empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = empty(k.shape, dtype=torch.float32 if delta else k.dtype, device=k.device)
+        # grouped heads: float32 per value head, summed over each group by the caller (group_sum)
+        dq = empty(self.per_value_head(q), dtype=torch.float32 if self.group > 1 else q.dtype, device=q.device)
+        dk = empty(self.per_value_head(k), dtype=torch.float32 if delta or self.group > 1 else k.dtype,
+                   device=k.device)
         dW = empty(k.shape, dtype=self.stored_dtype, device=k.device) if delta else None
         dG = None
         if self.gate == kernels.KEY_GATE:
@@ -344,6 +348,16 @@ class ChunkedRun:
             q, k, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, HAS_DH=dh is not None,
             BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dv
+
+    def per_value_head(self, x) -> tuple[int, ...]:
+        """The shape of a gradient of q or k as the kernels write it: (B*T, H, K), one per value head."""
+        return (x.shape[0], self.H) + tuple(x.shape[2:])
+
+    def group_sum(self, dx, dtype):
+        """(B*T, H, K) per value head -> (B*T, H / group, K) in ``dtype``: each q / k head's gradient."""
+        if self.group > 1:
+            dx = dx.view(dx.shape[0], self.H // self.group, self.group, dx.shape[-1]).sum(2)
+        return dx.to(dtype)
 
     def final_state(self, device):
         """An output buffer for the final states: (sequences, H, K, V) float32."""
@@ -394,7 +408,8 @@ class LinearAttnFunction(torch.autograd.Function):
         dv = run.dv(qf, kf, G, A, dh, do)
         dg = None if dG is None else (dG if run.gate == _kernels().KEY_GATE else dG.sum(0))
         g_dtype, initial_dtype = ctx.dtypes
-        return (run.unflat(dq), run.unflat(dk), run.unflat(dv), run.unflat(dg, g_dtype),
+        return (run.unflat(run.group_sum(dq, qf.dtype)), run.unflat(run.group_sum(dk, kf.dtype)), run.unflat(dv),
+                run.unflat(dg, g_dtype),
                 None if d_initial is None else d_initial.to(initial_dtype), None, None, None, None, None)
 
 
