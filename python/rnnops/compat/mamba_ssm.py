@@ -114,7 +114,9 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     if dt_softplus:
         dt = F.softplus(dt)
     dt = dt.clamp(*dt_limit)
-    value = (x * dt.unsqueeze(-1)).to(dtype)
+    # one pass over x in its own dtype (dt rounded to it first; a float32 product would write and
+    # convert a float32 copy of x): the values v = dt' x that linear_attn reads in x's dtype anyway
+    value = x * dt.unsqueeze(-1).to(dtype)
     key, query = B, C  # grouped heads: linear_attn's G heads of q and k, each serving nheads / G value heads
     state0 = None if initial_states is None else initial_states.transpose(-1, -2)  # (b, h, N, P)
     packing = None
@@ -129,11 +131,11 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
                                   output_final_state=bool(return_final_states or return_varlen_states),
                                   cu_seqlens=None if packing is None else packing.cu_seqlens, backend=backend)
     y = y.view(x.shape)
-    if D is not None:
-        y = y + x * (D if D.dim() == 2 else D.unsqueeze(-1))
+    if D is not None:  # one pass: y + D x in x's dtype
+        y = torch.addcmul(y, x, (D if D.dim() == 2 else D.unsqueeze(-1)).to(dtype))
     if z is not None:
         y = y * F.silu(z)
-    outputs = [y.to(x.dtype)]
+    outputs = [y]
     if return_final_states:
         outputs.append((final if packing is None else final[packing.last_of_row]).transpose(-1, -2))
     if return_varlen_states:
