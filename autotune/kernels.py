@@ -36,8 +36,10 @@ def linear_attn_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) 
 
 
 def delta_rule_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, num_householder: int) -> dict:
-    """The shape of a delta_rule / delta_product call (q (B, T, H, K), v (..., V))."""
-    return dict(zip("BTHK", q.shape), V=v.shape[-1], gated=g is not None, num_householder=num_householder)
+    """The shape of a delta_rule / delta_product call (q (B, T, Hk, K), v (..., H, V)); H is v's
+    heads, which the kernels' grids count."""
+    return dict(zip("BT", q.shape), H=v.shape[-2], K=q.shape[-1], V=v.shape[-1], gated=g is not None,
+                num_householder=num_householder)
 
 
 def selective_scan_shape(u: torch.Tensor, A: torch.Tensor) -> dict:

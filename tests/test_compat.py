@@ -37,8 +37,8 @@ def test_chunk_simple_gla_with_g_and_g_gamma():
                  1e-6)
 
 
-def test_gla_takes_flas_grouped_value_heads():
-    """fla's GVA: q and k with 2 heads, v, g (and g_gamma) with 6; each q / k head serves 3
+def test_fla_functions_take_grouped_value_heads():
+    """fla's GVA: q and k with 2 heads, v, g (and g_gamma), beta with 6; each q / k head serves 3
     consecutive value heads."""
     q, k, v = _qkv(H=6)
     q, k = q[:, :, :2], k[:, :, :2]
@@ -49,6 +49,10 @@ def test_gla_takes_flas_grouped_value_heads():
     assert_close(fla.chunk_simple_gla(q, k, v, g_gamma=gamma)[0],
                  rnnops.linear_attn(q6, k6, v, gamma.expand(2, 13, 6))[0], 1e-12)
     assert_close(fla.chunk_simple_gla(q, k, v, g)[0], rnnops.linear_attn(q6, k6, v, g)[0], 1e-12)
+    beta = torch.rand(2, 13, 6, dtype=D64)
+    k, k6 = F.normalize(k, dim=-1), F.normalize(k6, dim=-1)
+    assert_close(fla.chunk_delta_rule(q, k, v, beta)[0], rnnops.delta_rule(q6, k6, v, beta)[0], 1e-12)
+    assert_close(fla.chunk_gated_delta_rule(q, k, v, g, beta)[0], rnnops.delta_rule(q6, k6, v, beta, g)[0], 1e-12)
 
 
 def test_chunk_delta_rules_match_fla_naive():
@@ -78,8 +82,8 @@ def test_fla_refuses_what_rnnops_lacks():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="state_v_first=True is not supported"):
         fla.chunk_gla(q, k, v, -torch.rand_like(q), state_v_first=True)
-    with pytest.raises(ValueError, match="grouped value heads"):
-        fla.chunk_delta_rule(q, k, torch.randn(2, 13, 6, 6, dtype=D64), torch.rand(2, 13, 3, dtype=D64))
+    with pytest.raises(ValueError, match="q and k have 3 heads, which must divide v's 4"):
+        fla.chunk_delta_rule(q, k, torch.randn(2, 13, 4, 6, dtype=D64), torch.rand(2, 13, 4, dtype=D64))
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['head_first'\\]"):
         fla.chunk_gla(q, k, v, -torch.rand_like(q), head_first=True)
 

@@ -148,8 +148,21 @@ def test_varlen_gradients_match_reference():
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
-def test_steps_equal_sequence(backend):
-    x = make_inputs(T=4, gated=True)
+@pytest.mark.parametrize("grouped", [False, True], ids=["heads", "grouped-heads"])
+def test_steps_equal_sequence(backend, grouped):
+    """Also with grouped heads (q and k with one head for v's three), where the sequence equals
+    the sequence with q and k repeated per value head."""
+    def group(x):
+        if grouped:
+            x["q"], x["k"] = x["q"][..., :1, :], x["k"][..., :1, :]
+        return x
+
+    if grouped:
+        x = group(make_inputs(T=4, gated=True, num_householder=2))
+        repeated = dict(x, q=x["q"].repeat_interleave(3, dim=-2), k=x["k"].repeat_interleave(3, dim=-2))
+        for want, got in zip(product("reference", **repeated), product(backend, **x), strict=True):
+            assert_close(got, want, 1e-12)
+    x = group(make_inputs(T=4, gated=True))
     o_seq, S_seq = delta(backend, **x)
     S = x["initial_state"]
     for t in range(4):
@@ -157,7 +170,7 @@ def test_steps_equal_sequence(backend):
                                         state=S, backend=backend)
         assert_close(o_t, o_seq[:, t], 1e-12)
     assert_close(S, S_seq, 1e-12)
-    y = make_inputs(T=3, gated=True, num_householder=2)
+    y = group(make_inputs(T=3, gated=True, num_householder=2))
     o_seq, S_seq = product(backend, **y)
     S = y["initial_state"]
     for t in range(3):

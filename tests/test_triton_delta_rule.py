@@ -95,6 +95,30 @@ def test_fused_forward(gated, shape):
         compare_backends(call, x, 1e-5, test="triton")
 
 
+@pytest.mark.parametrize("variant", ["plain", "gated", "gated-varlen", "gated-fused", "DeltaProduct"])
+def test_grouped_heads(variant):
+    """fla's GVA: q and k with two heads for v's, beta's and g's four; every kernel reads the
+    group's q / k in place (the UT transform, both state walks, the fused forward, dq / dk per
+    value head summed), against the reference, which repeats them."""
+    gated = variant != "plain"
+    offsets, steps = None, 2 if variant == "DeltaProduct" else None
+    if variant.endswith("varlen"):
+        offsets, x = packed_sequences(make_inputs, gated=True, H=4)
+    else:
+        x = make_inputs(H=4, T=37, gated=gated, num_householder=steps, beta_max=2.0)
+    x["q"] = x["q"][:, :, :2].contiguous()
+    x["k"] = x["k"][..., :2, :].contiguous()
+    if steps:
+        call = (lambda backend, **kw: product(backend, 16, steps, **kw))
+    else:
+        call = (lambda backend, **kw: delta(backend, cu_seqlens=offsets, **kw))
+    if variant.endswith("fused"):
+        with _with_config("delta_rule", x, torch.float32, state_block_v=16, fused_forward=1):
+            compare_backends(call, x, 1e-5, test="triton")
+    else:
+        compare_backends(call, x, 1e-5, test="triton")
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("num_householder", [1, 3])
 def test_delta_product(gated, num_householder):

@@ -1,7 +1,8 @@
 """Where a program works in the packed-sequence layout (rnnops.triton_backend._common.ChunkLayout):
 every batch is handled as packed sequences, ``cu_seqlens`` their row offsets, ``chunk_offsets``
 each sequence's first global chunk, ``chunk_indices`` each chunk program's (sequence, chunk);
-and the per-sequence states (sequences, H, K, V) a walk over a sequence's chunks starts from."""
+and the per-sequence states (sequences, H, K, V) a walk over a sequence's chunks starts from;
+and the rows of grouped q / k heads."""
 from __future__ import annotations
 
 import triton
@@ -46,3 +47,11 @@ def sequence_state(state, seq, i_h, rk, rv, H: tl.constexpr, K: tl.constexpr, V:
     if HAS_STATE:
         tile += tl.load(state + (seq * H + i_h) * K * V + offs, mask=mask, other=0.0)
     return offs, mask, tile
+
+
+@triton.jit
+def qk_rows(rows, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr):
+    """Offsets of the q and k rows value head i_h reads in a contiguous (rows, H // GROUP, K)
+    tensor: GROUP consecutive value heads share one q / k head (grouped heads: GVA, Mamba-2's B
+    and C groups; GROUP 1: one each)."""
+    return (rows * (H // GROUP) + i_h // GROUP) * K

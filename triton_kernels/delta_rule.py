@@ -24,6 +24,9 @@ Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks bac
         dG += Gamma beta rowsum(K T^T dW) + rowsum(F) - colsum(F),  F = dL * L,
     then dg = reverse cumsum of dG within the chunk.
 Saved for the backward: the inputs and T; W, U, the states and V_new are recomputed.
+Grouped heads (GROUP value heads a q / k head, ``qk_rows``): beta, g, v and everything derived
+(T, W, U, V_new, the states) are per value head; dq and dk are written per value head (float32)
+and summed over each group by the caller.
 
 Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a power of two):
     ut_inverse, ut_fwd, ut_bwd   (chunks, H)
@@ -40,18 +43,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, sequence_span, sequence_state
+from ._packed import chunk_rows, qk_rows, sequence_span, sequence_state
 
 
 @triton.jit
-def _gram(k, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-          BK: tl.constexpr):
+def _gram(k, rows, row_mask, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr,
+          BT: tl.constexpr, BK: tl.constexpr):
     """k k^T for one chunk (BT x BT, fp32), K in BK tiles."""
     kk = tl.zeros([BT, BT], tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         rk = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & (rk[None, :] < K),
-                      other=0.0)
+        b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
+                      mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
     return kk
 
@@ -111,10 +114,10 @@ def _beta_gamma(beta, G, rows, row_mask, i_h, H: tl.constexpr, GATED: tl.constex
 
 
 @triton.jit
-def _decayed_gram(k, G, rows, row_mask, i_h, H: tl.constexpr, K: tl.constexpr, GATED: tl.constexpr,
-                  PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+def _decayed_gram(k, G, rows, row_mask, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr,
+                  GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """M = k k^T * D of one chunk (BT x BT, fp32)."""
-    return (_gram(k, rows, row_mask, i_h, H, K, PRECISION, BT, BK)
+    return (_gram(k, rows, row_mask, i_h, H, GROUP, K, PRECISION, BT, BK)
             * _pair_decay(G, rows, row_mask, i_h, H, GATED, BT))
 
 
@@ -132,7 +135,8 @@ def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr)
 
 
 @triton.jit
-def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
+                      K: tl.constexpr,
                       GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr,
                       BK: tl.constexpr):
     """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, computed in fp32 and stored as
@@ -144,14 +148,15 @@ def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.conste
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
         b_beta, _ = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
-        M = _decayed_gram(k, G, rows, row_mask, i_h, H, K, GATED, PRECISION, BT, BK)
+        M = _decayed_gram(k, G, rows, row_mask, i_h, H, GROUP, K, GATED, PRECISION, BT, BK)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
         inverse = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), CHUNK_PRECISION, BT)
         tl.store(T_all + _inverse_tile(rows, i_h, H, BT), inverse.to(T_all.dtype.element_ty), mask=row_mask[:, None])
 
 
 @triton.jit
-def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr,
+def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
+                  K: tl.constexpr,
                   V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr):
     """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk (stored in v's dtype)."""
@@ -166,7 +171,7 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + tile, mask=mask, other=0.0)
+            b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=mask, other=0.0)
             rhs = (b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)
             tl.store(W + tile, tl.dot(T, rhs, input_precision=PRECISION).to(W.dtype.element_ty),
                      mask=mask)
@@ -182,7 +187,7 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
 
 @triton.jit
 def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_offsets, cu_seqlens,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
+                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
                       HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
                       BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
     """The chunk loop of one sequence: h[chunk] = S_in, v_new = U - W S_in, S_out."""
@@ -200,7 +205,7 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
         kmask = row_mask[:, None] & (rk[None, :] < K)
         vtile = (rows[:, None] * H + i_h) * V + rv[None, :]
         vmask = row_mask[:, None] & (rv[None, :] < V)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + rk[None, :], mask=kmask, other=0.0)
+        b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=kmask, other=0.0)
         b_W = tl.load(W + (rows[:, None] * H + i_h) * K + rk[None, :], mask=kmask, other=0.0)
         b_u = tl.load(U + vtile, mask=vmask, other=0.0).to(tl.float32)
         b_new = b_u - tl.dot(b_W, S.to(b_W.dtype), input_precision=PRECISION)
@@ -223,7 +228,7 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
 
 @triton.jit
 def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offsets, cu_seqlens, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
+                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
                       HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
                       BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
     """One sequence backwards: dh[chunk] = dS_out, dv_new (input dtype, holding the intra-chunk term on
@@ -244,8 +249,9 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
         ktile = (rows[:, None] * H + i_h) * K + rk[None, :]
         vtile = (rows[:, None] * H + i_h) * V + rv[None, :]
         vmask = row_mask[:, None] & (rv[None, :] < V)
-        b_q = tl.load(q + ktile, mask=kmask, other=0.0)
-        b_k = tl.load(k + ktile, mask=kmask, other=0.0)
+        qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+        b_q = tl.load(q + qk_tile, mask=kmask, other=0.0)
+        b_k = tl.load(k + qk_tile, mask=kmask, other=0.0)
         b_W = tl.load(W + ktile, mask=kmask, other=0.0)
         b_do = tl.load(do + vtile, mask=vmask, other=0.0)
         if GATED:
@@ -282,8 +288,8 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
 
 @triton.jit
 def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, chunk_indices, cu_seqlens,
-                  total_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
-                  PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr):
     """Gradients through the UT transform for one chunk: dv and dbeta; dk_out (k's dtype) = dk
     (fp32, the output and state terms) + the UT terms; gated: dg = reverse cumsum of (dG summed
@@ -316,7 +322,7 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, c
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + tile, mask=mask, other=0.0)
+            b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=mask, other=0.0)
             b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(b_k.dtype)
             y = tl.dot(tl.trans(T_in), b_dW, input_precision=PRECISION)
             k_y = tl.sum(b_k.to(tl.float32) * y, axis=1)
@@ -342,7 +348,7 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, c
             rk = i_k * BK + tl.arange(0, BK)
             tile = (rows[:, None] * H + i_h) * K + rk[None, :]
             mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + tile, mask=mask, other=0.0)
+            b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=mask, other=0.0)
             b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(b_k.dtype)
             k32 = b_k.to(tl.float32)
             y = tl.dot(tl.trans(T_in), b_dW, input_precision=PRECISION)

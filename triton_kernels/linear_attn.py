@@ -58,7 +58,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, sequence_span, sequence_state
+from ._packed import chunk_rows, qk_rows, sequence_span, sequence_state
 
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
 SUB_CHUNK = 16
@@ -109,13 +109,6 @@ def _load_last_decay(G, last, cols, i_h, H: tl.constexpr, K: tl.constexpr, GATE:
 
 
 @triton.jit
-def _qk_rows(rows, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr):
-    """Offsets of the q and k rows value head i_h reads: GROUP consecutive value heads share one
-    q / k head (H // GROUP of them: grouped heads, Mamba-2's B and C groups, GVA)."""
-    return (rows * (H // GROUP) + i_h // GROUP) * K
-
-
-@triton.jit
 def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_seqlens,
                       H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                       HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -132,7 +125,7 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_k = tl.load(k + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
+        b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
                       mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
                       other=0.0)
@@ -178,7 +171,7 @@ def fused_fwd_kernel(q, k, v, W, G, o, initial_state, final_state, chunk_offsets
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+        qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
         tile_mask = row_mask[:, None] & (rk[None, :] < K)
         b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
         b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
@@ -253,7 +246,7 @@ def intra_scores_kernel(q, k, G, A, chunk_indices, cu_seqlens, H: tl.constexpr, 
             for i_k in range(tl.cdiv(K, BK)):
                 rk = i_k * BK + tl.arange(0, BK)
                 kmask = rk < K
-                qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+                qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
                 tile_mask = row_mask[:, None] & kmask[None, :]
                 b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
                 b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
@@ -277,12 +270,12 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl
             if i_j == i_i:
                 every_k = tl.arange(0, KP)
                 tile_mask = row_mask[:, None] & (every_k < K)[None, :]
-                q_diag = tl.load(q + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + every_k[None, :], mask=tile_mask,
+                q_diag = tl.load(q + qk_rows(rows, i_h, H, GROUP, K)[:, None] + every_k[None, :], mask=tile_mask,
                                  other=0.0).to(tl.float32)
                 g_diag = tl.load(G + (rows[:, None] * H + i_h) * K + every_k[None, :], mask=tile_mask, other=0.0)
                 for c in range(BC):
                     col = tl.minimum(t0 + i_i * BC + c, last)  # past the end: feeds masked rows only
-                    k_col = tl.load(k + _qk_rows(col, i_h, H, GROUP, K) + every_k, mask=every_k < K,
+                    k_col = tl.load(k + qk_rows(col, i_h, H, GROUP, K) + every_k, mask=every_k < K,
                                     other=0.0).to(tl.float32)
                     g_col = tl.load(G + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
                     exponent = tl.where(r[:, None] >= c, g_diag - g_col[None, :], float("-inf"))
@@ -297,9 +290,9 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl
                     for i_k in range(tl.cdiv(K, BK)):
                         rk = i_k * BK + tl.arange(0, BK)
                         kmask = rk < K
-                        b_q = tl.load(q + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
+                        b_q = tl.load(q + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
                                       mask=row_mask[:, None] & kmask[None, :], other=0.0)
-                        b_k = tl.load(k + _qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :],
+                        b_k = tl.load(k + qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :],
                                       mask=col_mask[:, None] & kmask[None, :], other=0.0)
                         g_row = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :],
                                         mask=row_mask[:, None] & kmask[None, :], other=0.0)
@@ -347,7 +340,7 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
-            qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+            qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
             tile_mask = row_mask[:, None] & (rk[None, :] < K)
             b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
             b_S = tl.load(h + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
@@ -383,7 +376,7 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_q = tl.load(q + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
+        b_q = tl.load(q + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
                       mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
                        other=0.0)
@@ -467,7 +460,7 @@ def _factored_gradient(x, dA_tile, G, out, t0, rows, row_mask, i_h, H: tl.conste
             inner, outer = down, up
         else:
             inner, outer = up, down
-        b_x = tl.load(x + _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=tile_mask, other=0.0)
+        b_x = tl.load(x + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=tile_mask, other=0.0)
         part = tl.dot(dA_tile, (b_x * inner).to(b_x.dtype), input_precision=PRECISION) * outer
         tl.store(out + tile, part, mask=tile_mask)
 
@@ -497,7 +490,7 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
                     b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :],
                                    mask=row_mask[:, None], other=0.0)
-                    k_j = tl.load(k + _qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
+                    k_j = tl.load(k + qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
                                   other=0.0)
                     g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
                     k_part = (k_j * tl.exp(tl.minimum(g_ref[None, :] - g_j, 0.0))).to(k_j.dtype)
@@ -508,7 +501,7 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
                     b_dA = tl.load(dA + (cols[:, None] * H + i_h) * BT + i_i * BC + r[None, :],
                                    mask=col_mask[:, None], other=0.0)
-                    q_j = tl.load(q + _qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
+                    q_j = tl.load(q + qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
                                   other=0.0)
                     g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
                     q_part = (q_j * tl.exp(tl.minimum(g_j - g_ref[None, :], 0.0))).to(q_j.dtype)
@@ -518,8 +511,8 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     for c in range(BC):
                         in_range = (t0 + i_i * BC + c < eos).to(tl.float32)
                         col = tl.minimum(t0 + i_i * BC + c, last)
-                        k_c = tl.load(k + _qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
-                        q_c = tl.load(q + _qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
+                        k_c = tl.load(k + qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
+                        q_c = tl.load(q + qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
                         g_c = tl.load(G + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
                         # dq rows i >= c use dA[i, c]; dk rows i <= c use dA[c, i] (zero past the end)
                         dA_col = tl.load(dA + (rows * H + i_h) * BT + i_i * BC + c, mask=row_mask, other=0.0)
@@ -579,7 +572,7 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             if DELTA:
                 b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
-        qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+        qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
         b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)  # after the V loop: not live across it
         b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
         if GATE == 2:
@@ -651,7 +644,7 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
-            qk_tile = _qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+            qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
             tile_mask = row_mask[:, None] & (rk[None, :] < K)
             b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
             if GATE != 2:

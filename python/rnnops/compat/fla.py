@@ -1,10 +1,9 @@
 """flash-linear-attention's function names and signatures on rnnops.
 
 Layouts are fla's current defaults (batch-first, [B, T, H, K]); states [N, H, K, V].
-Grouped value heads (fla's GVA: v, g and the states with HV heads, q and k with H dividing HV, each
-serving HV / H consecutive value heads) work for ``chunk_gla`` and ``chunk_simple_gla``.
-Not supported (a ValueError): ``state_v_first=True``, grouped value heads in the delta rules, fused
-gate activations (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), and context
+Grouped value heads (fla's GVA: v, g, beta and the states with HV heads, q and k with H dividing
+HV, each serving HV / H consecutive value heads) work for every function.
+Not supported (a ValueError): ``state_v_first=True``, fused gate activations (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), and context
 parallelism (``cp_context``). ``cu_seqlens_cpu`` and ``chunk_indices`` are accepted and unused.
 The ``fused_recurrent_*`` variants compute the same results as their ``chunk_*`` twins.
 """
@@ -24,11 +23,6 @@ def _common_options(name, kwargs):
                                                     "cp_context")})
     if kwargs:
         raise TypeError(f"{name}() got unexpected keyword arguments {sorted(kwargs)}")
-
-
-def _check_heads(name, q, v):
-    if v.dim() == 4 and q.dim() == 4 and v.shape[2] != q.shape[2]:
-        raise ValueError(f"{name}: grouped value heads (v has {v.shape[2]} heads, q {q.shape[2]}) are not supported")
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
@@ -53,7 +47,6 @@ def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
     _common_options("chunk_delta_rule", kwargs)
-    _check_heads("chunk_delta_rule", q, v)
     return rnnops.delta_rule(q, k, v, beta, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, qk_l2norm=use_qk_l2norm_in_kernel,
                              cu_seqlens=cu_seqlens)
@@ -65,7 +58,6 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     """fla's conventions: g [B, T, H] in log space; with use_beta_sigmoid_in_kernel, beta holds
     logits and the step is sigmoid(beta), or 2 sigmoid(beta) with allow_neg_eigval."""
     _common_options("chunk_gated_delta_rule", kwargs)
-    _check_heads("chunk_gated_delta_rule", q, v)
     negative = False
     if use_beta_sigmoid_in_kernel:
         beta = torch.sigmoid(beta) * (2.0 if allow_neg_eigval else 1.0)

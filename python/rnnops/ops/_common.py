@@ -60,3 +60,19 @@ def add_time_axis(op: str, name: str, x: torch.Tensor | None, layout: str) -> to
 def needs_grad(*tensors) -> bool:
     """Whether autograd will want gradients for any of ``tensors`` (None entries allowed)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_grouped_heads(op: str, dims: check.Dims) -> None:
+    """q and k's heads (Hk) must divide v's (H): each q / k head serves H / Hk consecutive value
+    heads (grouped heads; Hk = H is the usual one each)."""
+    if dims["H"] % dims["Hk"]:
+        raise ValueError(f"{op}: q and k have {dims['Hk']} heads, which must divide v's {dims['H']} (grouped heads)")
+
+
+def repeat_heads(q: torch.Tensor, k: torch.Tensor, dims: check.Dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped q and k (Hk heads, the second-to-last axis) repeated to v's H heads, each for its
+    H / Hk value heads: for the backends that take one q / k head per value head."""
+    group = dims["H"] // dims["Hk"]
+    if group == 1:
+        return q, k
+    return q.repeat_interleave(group, dim=-2), k.repeat_interleave(group, dim=-2)

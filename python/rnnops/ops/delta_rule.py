@@ -9,7 +9,8 @@ from rnnops.autotune.kernels import delta_rule_shape
 
 from .._dispatch import register, resolve
 from .._library import LibraryOp, tracing
-from ._common import Checked, add_time_axis, fake_linear_outputs, needs_grad, sequence_count, state_or_zeros
+from ._common import (Checked, add_time_axis, check_grouped_heads, fake_linear_outputs, needs_grad, repeat_heads,
+                      sequence_count, state_or_zeros)
 
 
 def delta_rule(
@@ -35,7 +36,10 @@ def delta_rule(
         o_t = scale * S^T q_t
 
     Args:
-        q, k: (B, T, H, K); keys are used as given (l2-normalise them, or pass qk_l2norm=True).
+        q, k: (B, T, Hk, K); keys are used as given (l2-normalise them, or pass qk_l2norm=True).
+            Hk = H, or grouped heads (fla's GVA): Hk divides H and each q / k head serves H / Hk
+            consecutive value heads (beta, g, the state per value head). The ``triton`` backend
+            reads the shared heads in place; the others repeat them.
         v: (B, T, H, V).
         beta: (B, T, H) in [0, 1], or in [0, 2] with allow_neg_eigval=True (the transition
             then has eigenvalues in [-1, 1]).
@@ -112,9 +116,9 @@ def delta_rule_step(
     qk_l2norm: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of :func:`delta_rule`: q, k (B, H, K); v (B, H, V); beta, g (B, H);
-    state (B, H, K, V) or None (zeros). Returns o (B, H, V) and the new state. The ``triton``
-    backend runs it as one fused kernel (inference: without autograd)."""
+    """One decoding step of :func:`delta_rule`: q, k (B, Hk, K) (Hk divides H: grouped heads);
+    v (B, H, V); beta, g (B, H); state (B, H, K, V) or None (zeros). Returns o (B, H, V) and the
+    new state. The ``triton`` backend runs it as one fused kernel (inference: without autograd)."""
     op = "delta_rule_step"
     sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
                 (("q", q, "B H K"), ("k", k, "B H K"), ("v", v, "B H V"), ("beta", beta, "B H"), ("g", g, "B H"))]
@@ -139,7 +143,7 @@ def delta_product_step(
     qk_l2norm: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step of :func:`delta_product`: q (B, H, K); k (B, n_h, H, K);
+    """One decoding step of :func:`delta_product`: q (B, Hk, K); k (B, n_h, Hk, K);
     v (B, n_h, H, V); beta (B, n_h, H); g (B, H); state (B, H, K, V) or None (zeros)."""
     op = "delta_product_step"
     sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
@@ -156,6 +160,7 @@ def _step(op, checked: Checked, q, k, v, beta, g, state, qk_l2norm, backend):
     dims, dtype, device, scale, _ = checked
     if qk_l2norm:
         q, k = _l2_normalised(dtype, q, k)
+    q, k = repeat_heads(q, k, dims)
     _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
                       requires_grad=needs_grad(q, k, v, beta, g, state))
     return impl(q, k, v, beta, g, state=state, scale=scale)
@@ -213,16 +218,17 @@ def _validate(op, q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size
     for name, x in (("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens)):
         check.require_tensor(op, name, x, optional=True)
     dims = check.Dims(op)
-    dims.bind("q", q, "B T H K")
+    dims.bind("q", q, "B T Hk K")
     if num_householder is None:
-        dims.bind("k", k, "B T H K")
+        dims.bind("k", k, "B T Hk K")
         dims.bind("v", v, "B T H V")
         dims.bind("beta", beta, "B T H")
     else:
         dims.bind_int("NH", check.positive_int(op, "num_householder", num_householder), "num_householder")
-        dims.bind("k", k, "B T NH H K")
+        dims.bind("k", k, "B T NH Hk K")
         dims.bind("v", v, "B T NH H V")
         dims.bind("beta", beta, "B T NH H")
+    check_grouped_heads(op, dims)
     if g is not None:
         dims.bind("g", g, "B T H")
     dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v, "beta": beta})
@@ -244,11 +250,13 @@ def _run(op, checked: Checked, q, k, v, beta, g, initial_state, output_final_sta
     dims, dtype, device, scale, chunk_size = checked
     if dims["T"] == 0:
         final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
-        return q.new_empty(q.shape[:3] + (dims["V"],)), final if output_final_state else None
+        return q.new_empty(q.shape[:2] + (dims["H"], dims["V"])), final if output_final_state else None
     if qk_l2norm:
         q, k = _l2_normalised(dtype, q, k)
-    _, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size,
-                      shape=delta_rule_shape(q, v, g, dims.sizes.get("NH", 1)))
+    name, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size,
+                         shape=delta_rule_shape(q, v, g, dims.sizes.get("NH", 1)))
+    if name != "triton":
+        q, k = repeat_heads(q, k, dims)
     o, final = impl(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
     return o, final if output_final_state else None

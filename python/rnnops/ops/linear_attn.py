@@ -8,7 +8,8 @@ from rnnops.autotune.kernels import linear_attn_shape
 
 from .._dispatch import register, resolve
 from .._library import LibraryOp, tracing
-from ._common import Checked, add_time_axis, fake_linear_outputs, needs_grad, sequence_count, state_or_zeros
+from ._common import (Checked, add_time_axis, check_grouped_heads, fake_linear_outputs, needs_grad, repeat_heads,
+                      sequence_count, state_or_zeros)
 
 
 def linear_attn(
@@ -95,14 +96,6 @@ def linear_attn_step(
     return impl(q, k, v, g, state=state, scale=scale)
 
 
-def repeat_heads(q, k, dims):
-    """Grouped q and k (Hk heads) repeated to v's H heads, each for its H / Hk value heads."""
-    group = dims["H"] // dims["Hk"]
-    if group == 1:
-        return q, k
-    return q.repeat_interleave(group, dim=-2), k.repeat_interleave(group, dim=-2)
-
-
 def _fake_linear_attn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, backend):
     return fake_linear_outputs(q, v, sequence_count(q.shape[0], cu_seqlens) if output_final_state else None)
 
@@ -147,8 +140,7 @@ def _validate(op, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size) -> C
     dims.bind("q", q, "B T Hk K")
     dims.bind("k", k, "B T Hk K")
     dims.bind("v", v, "B T H V")
-    if dims["H"] % dims["Hk"]:
-        raise ValueError(f"{op}: q and k have {dims['Hk']} heads, which must divide v's {dims['H']} (grouped heads)")
+    check_grouped_heads(op, dims)
     if g is not None:
         dims.bind_one_of("g", g, ("B T H", "B T H K"))
     dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v})

@@ -88,8 +88,8 @@ class _DeltaRun(ChunkedRun):
         # the UT backward holds T^T dU (chunk x V tile, fp32) beside its chunk x chunk matrices:
         # V tiles wider than 64 spill there (compile_check, sm_90, bf16 at chunk 64)
         self.UT_BV = min(self.BV, 64)
-        self.delta = {"H": self.H, "K": self.K, "V": self.V, "GATED": g is not None, "PRECISION": self.precision,
-                      "BT": chunk}
+        self.delta = {"H": self.H, "GROUP": self.group, "K": self.K, "V": self.V, "GATED": g is not None,
+                      "PRECISION": self.precision, "BT": chunk}
         # the chunk x chunk x chunk products (the UT inverse's substitution, the backward's dL)
         # have no head-dim tile, so 16-wide heads' "ieee" is not theirs: with it they ran on CUDA
         # cores and spilled ~9 KB a thread (float32, K = 16, sm_90, Triton 3.6: ut_inverse 34.5 KB
@@ -104,10 +104,11 @@ class _DeltaRun(ChunkedRun):
             T = empty((k.shape[0], self.H, self.chunk), dtype=self.stored_dtype, device=k.device)
             launch(
                 _kernels().ut_inverse_kernel, (lay.programs, self.H),
-                k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATED=self.delta["GATED"],
+                k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, GROUP=self.group, K=self.K,
+                GATED=self.delta["GATED"],
                 PRECISION=self.delta["PRECISION"], CHUNK_PRECISION=self.chunk_precision, BT=self.chunk, BK=self.BK,
                 **self.sub_chunk_launch)
-        W = empty(k.shape, dtype=k.dtype, device=k.device)
+        W = empty(self.per_value_head(k), dtype=k.dtype, device=k.device)
         U = empty(v.shape, dtype=v.dtype, device=v.device)
         launch(
             _kernels().ut_fwd_kernel, (lay.programs, self.H),
@@ -141,10 +142,12 @@ class _DeltaRun(ChunkedRun):
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):
-        """(dk, dv, dbeta, dg): dk in k's dtype, the fp32 partial ``dk`` (dqk's output and state
-        terms) plus the UT terms, written once (in place for float32 k); dg for gated runs."""
+        """(dk, dv, dbeta, dg): dk in k's dtype (float32 per value head for grouped heads, which
+        group_sum adds up), the fp32 partial ``dk`` (dqk's output and state terms) plus the UT
+        terms, written once (in place for float32 k and grouped heads); dg for gated runs."""
         lay = self.layout
-        dk_out = dk if k.dtype == dk.dtype else empty(k.shape, dtype=k.dtype, device=k.device)
+        in_place = k.dtype == dk.dtype or self.group > 1
+        dk_out = dk if in_place else empty(k.shape, dtype=k.dtype, device=k.device)
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
         dbeta = empty(beta.shape, dtype=torch.float32, device=beta.device)
         dg = None if G is None else empty(G.shape, dtype=torch.float32, device=G.device)
@@ -190,7 +193,8 @@ class DeltaRuleFunction(torch.autograd.Function):
         dq, dk, dW, dG = run.dqk(qf, kf, v_new, G, h, dh, do, dv2=dv_new)
         dk, dv, dbeta, dg = run.ut_backward(kf, vf, bf, G, T, dv_new, dW, dk, dG)
         k_dtype, beta_dtype, g_dtype, initial_dtype = ctx.dtypes
-        return (run.unflat(dq), run.unflat(dk, k_dtype), run.unflat(dv), run.unflat(dbeta, beta_dtype),
+        return (run.unflat(run.group_sum(dq, qf.dtype)), run.unflat(run.group_sum(dk, k_dtype)), run.unflat(dv),
+                run.unflat(dbeta, beta_dtype),
                 run.unflat(dg, g_dtype), None if d_initial is None else d_initial.to(initial_dtype),
                 None, None, None, None, None)
 

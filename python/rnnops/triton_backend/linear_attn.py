@@ -327,7 +327,7 @@ class ChunkedRun:
         dq = empty(self.per_value_head(q), dtype=torch.float32 if self.group > 1 else q.dtype, device=q.device)
         dk = empty(self.per_value_head(k), dtype=torch.float32 if delta or self.group > 1 else k.dtype,
                    device=k.device)
-        dW = empty(k.shape, dtype=self.stored_dtype, device=k.device) if delta else None
+        dW = empty(self.per_value_head(k), dtype=self.stored_dtype, device=k.device) if delta else None
         dG = None
         if self.gate == kernels.KEY_GATE:
             dG = empty((q.shape[0], self.H, self.K), dtype=torch.float32, device=q.device)
