@@ -161,6 +161,15 @@ def test_realistic_shapes_on_gpu(gated, dtype, bound):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_heads_on_gpu(dtype, bound):
+    """fla's GVA as Gated DeltaNet models use it: two value heads a q / k head."""
+    x = make_inputs(B=2, T=1000, H=4, K=128, V=128, gated=True, dtype=dtype, device="cuda")
+    x["q"], x["k"] = (x[name][:, :, :2].contiguous() for name in ("q", "k"))
+    compare_backends(lambda backend, **kw: delta(backend, 64, **kw), x, bound, test="triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_forward_on_gpu(gated, dtype, bound):

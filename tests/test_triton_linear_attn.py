@@ -236,6 +236,16 @@ def test_realistic_shapes_on_gpu(gate, dtype, bound):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_heads_on_gpu(gate, dtype, bound):
+    """Grouped heads at Mamba-2's SSD shape (one q / k head for 8 value heads, K 128, V 64)."""
+    x = make_inputs(B=2, T=1000, H=8, K=128, V=64, gate=gate, dtype=dtype, device="cuda")
+    x["q"], x["k"] = (x[name][:, :, :1].contiguous() for name in ("q", "k"))
+    compare_backends(lambda backend, **kw: run(backend, 64, **kw), x, bound, test="triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gate,warps", [("none", 4), ("scalar", 8)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_forward_on_gpu(gate, warps, dtype, bound):
