@@ -25,8 +25,8 @@ Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks bac
     then dg = reverse cumsum of dG within the chunk.
 Saved for the backward: the inputs and T; W, U, the states and V_new are recomputed.
 Grouped heads (GROUP value heads a q / k head, ``qk_rows``): beta, g, v and everything derived
-(T, W, U, V_new, the states) are per value head; dq and dk are written per value head (float32)
-and summed over each group by the caller.
+(T, W, U, V_new, the states) are per value head; dq and dk are written per value head and summed
+over each group by the caller.
 
 Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a power of two):
     ut_inverse, ut_fwd, ut_bwd   (chunks, H)

@@ -142,12 +142,11 @@ class _DeltaRun(ChunkedRun):
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):
-        """(dk, dv, dbeta, dg): dk in k's dtype (float32 per value head for grouped heads, which
-        group_sum adds up), the fp32 partial ``dk`` (dqk's output and state terms) plus the UT
-        terms, written once (in place for float32 k and grouped heads); dg for gated runs."""
+        """(dk, dv, dbeta, dg): dk in k's dtype, per value head (group_sum adds up a group's), the
+        fp32 partial ``dk`` (dqk's output and state terms) plus the UT terms, written once (in place
+        for float32 k); dg for gated runs."""
         lay = self.layout
-        in_place = k.dtype == dk.dtype or self.group > 1
-        dk_out = dk if in_place else empty(k.shape, dtype=k.dtype, device=k.device)
+        dk_out = dk if k.dtype == dk.dtype else empty(dk.shape, dtype=k.dtype, device=k.device)
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
         dbeta = empty(beta.shape, dtype=torch.float32, device=beta.device)
         dg = None if G is None else empty(G.shape, dtype=torch.float32, device=G.device)

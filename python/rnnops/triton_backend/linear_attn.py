@@ -319,14 +319,14 @@ class ChunkedRun:
         return dq_intra, dk_intra
 
     def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None):
-        """dq (q's dtype; float32 per value head with grouped heads), dk, and for gated runs dG: per key tile (reverse-cumulated) for
-        linear attention; with the delta rule's dv2, also dW, and dk and dG partial (fp32)."""
+        """dq (q's dtype), dk, and for gated runs dG: per key tile (reverse-cumulated) for linear
+        attention; with the delta rule's dv2, also dW, and dk and dG partial (fp32). dq and dk are
+        per value head (group_sum adds up a group's)."""
         kernels, lay = _kernels(), self.layout
         delta = dv2 is not None
-        # grouped heads: float32 per value head, summed over each group by the caller (group_sum)
-        dq = empty(self.per_value_head(q), dtype=torch.float32 if self.group > 1 else q.dtype, device=q.device)
-        dk = empty(self.per_value_head(k), dtype=torch.float32 if delta or self.group > 1 else k.dtype,
-                   device=k.device)
+        # grouped heads: per value head, summed over each group by the caller (group_sum)
+        dq = empty(self.per_value_head(q), dtype=q.dtype, device=q.device)
+        dk = empty(self.per_value_head(k), dtype=torch.float32 if delta else k.dtype, device=k.device)
         dW = empty(self.per_value_head(k), dtype=self.stored_dtype, device=k.device) if delta else None
         dG = None
         if self.gate == kernels.KEY_GATE:
@@ -354,9 +354,11 @@ class ChunkedRun:
         return (x.shape[0], self.H) + tuple(x.shape[2:])
 
     def group_sum(self, dx, dtype):
-        """(B*T, H, K) per value head -> (B*T, H / group, K) in ``dtype``: each q / k head's gradient."""
+        """(B*T, H, K) per value head -> (B*T, H / group, K) in ``dtype``: each q / k head's gradient,
+        summed in float32 (the per-value-head parts come in the input dtype: half the traffic of
+        float32 ones; each is rounded once, as an ungrouped head's gradient is)."""
         if self.group > 1:
-            dx = dx.view(dx.shape[0], self.H // self.group, self.group, dx.shape[-1]).sum(2)
+            dx = dx.view(dx.shape[0], self.H // self.group, self.group, dx.shape[-1]).sum(2, dtype=torch.float32)
         return dx.to(dtype)
 
     def final_state(self, device):
