@@ -28,18 +28,23 @@ from .hardware import Hardware, dtype_name
 from .space import Space, next_power_of_two
 
 
+def _qk_heads(q: torch.Tensor, heads: int) -> dict:
+    """{"Hk": q's heads} for grouped q / k heads (fewer than v's ``heads``), else nothing."""
+    return {"Hk": q.shape[-2]} if q.shape[-2] != heads else {}
+
+
 def linear_attn_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> dict:
     """The shape of a linear_attn call: q (B, T, Hk, K), v (B, T, H, V), g None, (B, T, H) or
-    (B, T, H, K). H is v's heads, which the kernels' grids count."""
+    (B, T, H, K). H is v's heads, which the kernels' grids count; Hk only where it differs."""
     gate = "none" if g is None else ("scalar" if g.dim() == 3 else "per-key")
-    return dict(zip("BTH", v.shape), K=q.shape[-1], V=v.shape[-1], gate=gate)
+    return dict(zip("BTH", v.shape), K=q.shape[-1], V=v.shape[-1], gate=gate, **_qk_heads(q, v.shape[2]))
 
 
 def delta_rule_shape(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, num_householder: int) -> dict:
     """The shape of a delta_rule / delta_product call (q (B, T, Hk, K), v (..., H, V)); H is v's
-    heads, which the kernels' grids count."""
+    heads, which the kernels' grids count; Hk only where it differs."""
     return dict(zip("BT", q.shape), H=v.shape[-2], K=q.shape[-1], V=v.shape[-1], gated=g is not None,
-                num_householder=num_householder)
+                num_householder=num_householder, **_qk_heads(q, v.shape[-2]))
 
 
 def selective_scan_shape(u: torch.Tensor, A: torch.Tensor) -> dict:
@@ -54,7 +59,7 @@ def rnn_shape(x_gates: torch.Tensor, cell: str) -> dict:
 
 
 # the names a shape must give per op family (autotune --shapes "B=8,T=4096,..."); others may
-# follow (gate, gated, num_householder for the linear family)
+# follow (gate, gated, num_householder, and Hk, q and k's heads where grouped, for the linear family)
 SHAPE_NAMES = {
     "linear_attn": ("B", "T", "H", "K", "V"),
     "delta_rule": ("B", "T", "H", "K", "V"),
@@ -84,8 +89,10 @@ def bucket(op: str, shape: dict, dtype: torch.dtype) -> str:
     d = dtype_name(dtype)
     if op in ("linear_attn", "delta_rule", "delta_product"):
         variant = shape.get("gate", "gated" if shape.get("gated") else "plain")
+        # grouped q / k heads compile differently (their rows addressed per group: more registers)
+        grouped = ":grouped" if shape.get("Hk", shape["H"]) != shape["H"] else ""
         tokens = shape["B"] * shape["T"] * shape["H"] * shape.get("num_householder", 1)
-        return f"{d}:K{shape['K']}:V{shape['V']}:{variant}:tokens~{next_power_of_two(tokens)}"
+        return f"{d}:K{shape['K']}:V{shape['V']}:{variant}{grouped}:tokens~{next_power_of_two(tokens)}"
     if op == "selective_scan":  # the batch sets the grid (the length only how long each program walks)
         return f"{d}:N{shape['N']}:Dm~{next_power_of_two(shape['Dm'])}:B~{next_power_of_two(shape['B'])}"
     # rnn, the one op left (check_shape admits no other)

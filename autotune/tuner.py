@@ -167,11 +167,13 @@ def dry_run(ops, hardware: Hardware, dtype: torch.dtype, shapes: list[dict] | No
 def case_for(op: str, shape: dict):
     from rnnops.bench import cases
 
+    qk_heads = shape.get("Hk", shape.get("H"))
     if op == "linear_attn":
-        return cases.linear_attn_case(shape["gate"], shape["B"], shape["T"], shape["H"], shape["K"], shape["V"])
+        return cases.linear_attn_case(shape["gate"], shape["B"], shape["T"], shape["H"], shape["K"], shape["V"],
+                                      qk_heads=qk_heads)
     if op in ("delta_rule", "delta_product"):
         return cases.delta_case(shape.get("num_householder", 1), shape["gated"], shape["B"], shape["T"], shape["H"],
-                                shape["K"], shape["V"])
+                                shape["K"], shape["V"], qk_heads=qk_heads)
     if op == "selective_scan":
         return cases.selective_scan_case(shape["B"], shape["T"], shape["Dm"], shape["N"])
     return cases.rnn_case(shape["cell"], shape["B"], shape["T"], shape["H"], shape["D"])

@@ -32,8 +32,8 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 H100 = hardware.named("H100")
 SPILL_TOLERANCE = 32  # bytes stored or loaded per kernel (module docstring)
 COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels must be compiled
-GROUPS = {"linear attention": "linear attention|scalar decay|GLA", "delta rule": "delta rule|DeltaProduct",
-          "selective scan": "Mamba|selective_state_update", "cells": "lstm|gru|elman", "steps": "_step"}
+GROUPS = {"linear attention": "linear attention|scalar decay|GLA|SSD", "delta rule": "delta rule|DeltaProduct",
+          "selective scan": "Mamba-1|selective_state_update", "cells": "lstm|gru|elman", "steps": "_step"}
 
 
 def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, arch: int = 90,

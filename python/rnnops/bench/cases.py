@@ -47,9 +47,18 @@ def _unit(shape, device, dtype):
     return F.normalize(torch.randn(shape, device=device), dim=-1).to(dtype)
 
 
-def linear_attn_case(gate: str, B, T, H, K, V, **flags) -> Case:
+def _grouped(H, qk_heads) -> tuple[int, str, dict]:
+    """(q and k's heads, a name suffix, shape entries) for ``qk_heads`` of v's ``H`` (None: as many)."""
+    Hk = H if qk_heads is None else qk_heads
+    return (Hk, "", {}) if Hk == H else (Hk, f" Hk{Hk}", {"Hk": Hk})
+
+
+def linear_attn_case(gate: str, B, T, H, K, V, qk_heads=None, **flags) -> Case:
+    """``qk_heads``: q and k's heads where grouped (a divisor of H)."""
+    Hk, suffix, grouped = _grouped(H, qk_heads)
+
     def make(device, dtype):
-        x = {"q": _randn((B, T, H, K), device, dtype), "k": _unit((B, T, H, K), device, dtype),
+        x = {"q": _randn((B, T, Hk, K), device, dtype), "k": _unit((B, T, Hk, K), device, dtype),
              "v": _randn((B, T, H, V), device, dtype)}
         if gate == "scalar":
             x["g"] = F.logsigmoid(torch.randn(B, T, H, device=device) + 4).to(dtype)
@@ -61,16 +70,19 @@ def linear_attn_case(gate: str, B, T, H, K, V, **flags) -> Case:
         return rnnops.linear_attn(x["q"], x["k"], x["v"], x.get("g"), backend=backend)[0]
 
     label = {"none": "linear attention", "scalar": "scalar decay", "per-key": "GLA"}[gate]
-    return Case("linear_attn", f"{label} B{B} T{T} H{H} K{K} V{V}", dict(B=B, T=T, H=H, K=K, V=V, gate=gate),
-                make, run, lambda dtype: roofline.linear_attn(B, T, H, K, V, gate, dtype), **flags)
+    return Case("linear_attn", f"{label} B{B} T{T} H{H}{suffix} K{K} V{V}",
+                dict(B=B, T=T, H=H, K=K, V=V, gate=gate, **grouped), make, run,
+                lambda dtype: roofline.linear_attn(B, T, H, K, V, gate, dtype, qk_heads=Hk), **flags)
 
 
-def delta_case(num_householder: int, gated: bool, B, T, H, K, V, **flags) -> Case:
+def delta_case(num_householder: int, gated: bool, B, T, H, K, V, qk_heads=None, **flags) -> Case:
+    """``qk_heads``: q and k's heads where grouped (a divisor of H: fla's GVA)."""
     op = "delta_rule" if num_householder == 1 else "delta_product"
     steps = () if num_householder == 1 else (num_householder,)
+    Hk, suffix, grouped = _grouped(H, qk_heads)
 
     def make(device, dtype):
-        x = {"q": _randn((B, T, H, K), device, dtype), "k": _unit((B, T) + steps + (H, K), device, dtype),
+        x = {"q": _randn((B, T, Hk, K), device, dtype), "k": _unit((B, T) + steps + (Hk, K), device, dtype),
              "v": _randn((B, T) + steps + (H, V), device, dtype),
              "beta": torch.rand((B, T) + steps + (H,), device=device).to(dtype)}
         if gated:
@@ -84,9 +96,10 @@ def delta_case(num_householder: int, gated: bool, B, T, H, K, V, **flags) -> Cas
         return rnnops.delta_product(*args, num_householder=num_householder, backend=backend)[0]
 
     label = ("gated " if gated else "") + ("delta rule" if num_householder == 1 else f"DeltaProduct n_h={num_householder}")
-    return Case(op, f"{label} B{B} T{T} H{H} K{K} V{V}",
-                dict(B=B, T=T, H=H, K=K, V=V, gated=gated, num_householder=num_householder), make, run,
-                lambda dtype: roofline.delta_rule(B, T, H, K, V, gated, dtype, num_householder=num_householder),
+    return Case(op, f"{label} B{B} T{T} H{H}{suffix} K{K} V{V}",
+                dict(B=B, T=T, H=H, K=K, V=V, gated=gated, num_householder=num_householder, **grouped), make, run,
+                lambda dtype: roofline.delta_rule(B, T, H, K, V, gated, dtype, num_householder=num_householder,
+                                                  qk_heads=Hk),
                 **flags)
 
 
@@ -108,7 +121,7 @@ def ssd_case(B, T, H, P, N, G, **flags) -> Case:
     return Case("linear_attn", f"Mamba-2 SSD B{B} T{T} H{H} P{P} N{N} G{G}",
                 dict(B=B, T=T, H=H, P=P, N=N, G=G, gate="ssd"), make, run,
                 lambda dtype: roofline.ssd(B, T, H, P, N, G, dtype),
-                op_shape=dict(B=B, T=T, H=H, K=N, V=P, gate="scalar"), **flags)
+                op_shape=dict(B=B, T=T, H=H, K=N, V=P, gate="scalar", Hk=G), **flags)
 
 
 def selective_scan_case(B, T, Dm, N, **flags) -> Case:

@@ -41,10 +41,11 @@ class Work:
         return max(moved / hardware.memory_bandwidth, flops / peak, special)
 
 
-def linear_attn(B, T, H, K, V, gate: str, dtype, chunk=64) -> Work:
+def linear_attn(B, T, H, K, V, gate: str, dtype, chunk=64, qk_heads=None) -> Work:
+    """``qk_heads``: q and k's heads where grouped (read once per group)."""
     s = dtype.itemsize
     gate_elems = {"none": 0, "scalar": 1, "per-key": K}[gate]
-    moved = B * T * H * (2 * K + 2 * V + gate_elems) * s
+    moved = (B * T * H * (2 * V + gate_elems) + B * T * (qk_heads or H) * 2 * K) * s
     flops = 2 * B * T * H * (chunk * K + chunk * V + 2 * K * V)
     return Work(flops, moved, dtype_name(dtype))
 
@@ -58,10 +59,12 @@ def ssd(B, T, H, P, N, G, dtype, chunk=64) -> Work:
     return Work(flops, moved, dtype_name(dtype))
 
 
-def delta_rule(B, T, H, K, V, gated: bool, dtype, chunk=64, num_householder=1) -> Work:
+def delta_rule(B, T, H, K, V, gated: bool, dtype, chunk=64, num_householder=1, qk_heads=None) -> Work:
+    """``qk_heads``: q and k's heads where grouped (read once per group)."""
     s = dtype.itemsize
     steps = T * num_householder
-    moved = (B * T * H * (K + V + (1 if gated else 0)) + B * steps * H * (K + V + 1)) * s
+    Hk = qk_heads or H
+    moved = (B * T * (Hk * K + H * V + (H if gated else 0)) + B * steps * (Hk * K + H * (V + 1))) * s
     # the UT inverse as the kernels compute it: chunk / 16 products of chunk^3 per chunk (blocked)
     per_step_macs = 2 * chunk * K + (chunk // 16) * chunk * chunk + chunk * (K + V) + 3 * K * V + chunk * V
     return Work(2 * B * steps * H * per_step_macs, moved, dtype_name(dtype))

@@ -210,6 +210,7 @@ def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     forward and backward, with B and T cut to a few chunks (tile shapes do not depend on them)."""
     import rnnops
     from rnnops.autotune.tuner import case_for
+    from rnnops.bench.cases import ssd_case
 
     def forward_backward(case):
         return case.name, lambda: _forward_backward(case, dtype)
@@ -221,6 +222,8 @@ def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     shapes += [("rnn", {"cell": cell, "H": H, "D": D})
                for cell in ("lstm", "gru", "slstm", "elman") for D, H in ((64, 12), (256, 3))]
     calls = [forward_backward(case_for(op, dict(shape, **SMALL_SIZES[op]))) for op, shape in shapes]
+    # Mamba-2's SSD: linear attention with grouped q / k heads (one for both value heads), K 128, V 64
+    calls.append(forward_backward(ssd_case(1, 128, 2, 64, 128, 1)))
 
     B, H, K, V, N, Dm = 2, 2, 128, 128, 16, 2048
     q, k, v = (torch.randn(B, H, d).to(dtype) for d in (K, K, V))
