@@ -6,7 +6,8 @@ A [D, N]; B, C [D, N] (static), [B, N, L] or [B, G, N, L]; D, delta_bias [D]. Th
 to rnnops as transposed views (no copies) and the output comes back as a [B, D, L] view.
 
 ``mamba_chunk_scan_combined`` (Mamba-2's SSD, :func:`rnnops.linear_attn` with a scalar
-log-decay per head and step) is described in its docstring.
+log-decay per head and step) is described in its docstring; ``mamba_chunk_scan`` is its
+state-less form.
 
 ``selective_state_update`` updates ``state`` in place and returns the output, as mamba_ssm's does,
 in Mamba-1's layout (state [B, D, N]) and Mamba-2's multi-head one (state [B, nheads, dim, N]).
@@ -141,6 +142,13 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     if return_varlen_states:
         outputs.append(final.transpose(-1, -2))
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def mamba_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                     backend="auto"):
+    """mamba_ssm's ``mamba_chunk_scan``: :func:`mamba_chunk_scan_combined` without states."""
+    return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                     backend=backend)
 
 
 class _PackedRows:
