@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnops
-from conftest import assert_close, compare_backends
+from conftest import assert_close, compare_backends, run_with_grads
 
 D64 = torch.float64
 
@@ -115,6 +115,24 @@ def test_varlen_gradients_match_reference():
     x = make_inputs(B=1, T=19, gate="scalar", initial=False)
     x["initial_state"] = torch.randn(3, 3, 8, 5, dtype=D64)
     compare_backends(lambda backend, **kw: op(backend, 4, cu_seqlens=offsets, **kw), x, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_value_scale_scales_v(backend):
+    """v_scale s (B, T, H): the same as v * s, outputs and gradients (s's too)."""
+    x = make_inputs(gate="scalar")
+    x["v_scale"] = torch.rand(x["v"].shape[:3], dtype=D64)
+
+    def scaled_by_hand(backend, v, v_scale, **kw):
+        return op(backend, v=v * v_scale[..., None], **kw)
+
+    compare_backends(lambda backend, **kw: op(backend, **kw), x, 1e-12, test=backend)
+    got, grads = run_with_grads(lambda **kw: op(backend, **kw), x)
+    want, grads_want = run_with_grads(lambda **kw: scaled_by_hand(backend, **kw), x)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, 1e-12)
+    for name in grads_want:
+        assert_close(grads[name], grads_want[name], 1e-12, name)
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])

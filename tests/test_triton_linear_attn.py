@@ -109,7 +109,7 @@ def test_grouped_heads(variant, qk_heads):
     dq, dk come back summed over the group (float16: per value head in float16, summed in float32);
     every path that reads q or k (GLA's factored and sub-chunk intra kernels, the fused forward)
     against the reference, which repeats the heads."""
-    gate = variant.split("-")[0]
+    gate = next((gate for gate in GATES if variant.startswith(gate)), "scalar")  # (varlen: scalar decay)
     offsets, config = None, None
     dtype, bound = (torch.float16, 2e-3) if variant.endswith("float16") else (torch.float32, 1e-5)
     if variant == "varlen":
@@ -117,6 +117,29 @@ def test_grouped_heads(variant, qk_heads):
     else:
         x = make_inputs(H=4, gate=gate, gate_scale=20.0 if variant.endswith("strong") else 1.0, dtype=dtype)
     x["q"], x["k"] = (x[name][:, :, :qk_heads].contiguous() for name in ("q", "k"))
+    if variant.endswith("fused"):
+        config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, state_block_v=16, fused_forward=1)
+    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
+    with cache.override("linear_attn", "triton", bucket, config) if config else contextlib.nullcontext():
+        compare_backends(lambda backend, **kw: run(backend, cu_seqlens=offsets, **kw), x, bound, test="triton")
+
+
+@pytest.mark.parametrize("variant", ["none", "scalar", "per-key", "scalar-fused", "scalar-grouped", "varlen",
+                                     "scalar-float16"])
+def test_value_scale(variant):
+    """v_scale (a scale per token and head of v, Mamba-2's dt) applied inside the kernels: the
+    outputs and every gradient, v_scale's included, against the reference (which scales a copy);
+    grouped heads and the fused forward too."""
+    gate = next((gate for gate in GATES if variant.startswith(gate)), "scalar")  # (varlen: scalar decay)
+    offsets, config = None, None
+    dtype, bound = (torch.float16, 2e-3) if variant.endswith("float16") else (torch.float32, 1e-5)
+    if variant == "varlen":
+        offsets, x = packed_sequences(make_inputs, gate="scalar")
+    else:
+        x = make_inputs(H=4, gate=gate, dtype=dtype)
+    x["v_scale"] = torch.rand(x["v"].shape[:3]) * 0.5 + 0.01
+    if variant.endswith("grouped"):
+        x["q"], x["k"] = (x[name][:, :, :2].contiguous() for name in ("q", "k"))
     if variant.endswith("fused"):
         config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, state_block_v=16, fused_forward=1)
     bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)

@@ -30,7 +30,10 @@ Sequences are always handled as packed: a batch is the packed case with equal le
 real chunk count; ``chunk_offsets[i]`` is sequence i's first global chunk. Tensors are
 contiguous (B*T, H, ...): q, k (., H / GROUP, K); v, o (., H, V); g (., H) or (., H, K). GROUP
 consecutive (value) heads share a q / k head; every kernel works per value head, so dq and dk
-come out per value head, (., H, K), and the caller sums each group's.
+come out per value head, (., H, K), and the caller sums each group's. VS (HAS_VSCALE), (., H): a
+scale s per token and head of v (Mamba-2's dt): every kernel that reads v scales the rows of its
+tile as loaded (d_scores: the columns of its dA), and dv_kernel returns s times the gradient of
+s v and, per V tile, rowsum(that gradient * v), which the caller sums into ds.
 
 Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk; the state kernels' BK/BV are
 the configuration's state tile, the others' its chunk tiles):
@@ -109,9 +112,15 @@ def _load_last_decay(G, last, cols, i_h, H: tl.constexpr, K: tl.constexpr, GATE:
 
 
 @triton.jit
-def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_seqlens,
+def _value_scale(VS, rows, row_mask, i_h, H: tl.constexpr):
+    """The per-token value scale s of one chunk's rows (fp32, VS (rows, H)): v is used as s v."""
+    return tl.load(VS + rows * H + i_h, mask=row_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets, cu_seqlens,
                       H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
-                      HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+                      HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """h[chunk] = the state entering each chunk of one sequence; final_state after the last."""
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -129,6 +138,8 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
                       mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
                       other=0.0)
+        if HAS_VSCALE:
+            b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
         if GATE != 0:
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
@@ -141,9 +152,9 @@ def states_fwd_kernel(k, v, G, h, initial_state, final_state, chunk_offsets, cu_
 
 
 @triton.jit
-def fused_fwd_kernel(q, k, v, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
+def fused_fwd_kernel(q, k, v, VS, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
-                     HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
+                     HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
                      DELTA: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
     """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
     scalar decay (GATE 0 or 1): states_fwd_kernel and output_kernel in one, with no per-chunk
@@ -177,6 +188,8 @@ def fused_fwd_kernel(q, k, v, W, G, o, initial_state, final_state, chunk_offsets
         b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        if HAS_VSCALE:
+            b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
         if DELTA:
             b_W = tl.load(W + (rows[:, None] * H + i_h) * K + rk[None, :], mask=tile_mask, other=0.0)
             b_v = (b_v.to(tl.float32) - tl.dot(b_W, S.to(b_W.dtype), input_precision=PRECISION)).to(b_W.dtype)
@@ -322,8 +335,8 @@ def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.cons
 
 
 @triton.jit
-def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, GROUP: tl.constexpr,
-                  K: tl.constexpr,
+def output_kernel(q, k, v, VS, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, GROUP: tl.constexpr,
+                  HAS_VSCALE: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile; one pass over the K
@@ -336,6 +349,8 @@ def output_kernel(q, k, v, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.c
         rv = i_v * BV + tl.arange(0, BV)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        if HAS_VSCALE:
+            b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
         acc = tl.zeros([BT, BV], tl.float32)
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
@@ -395,9 +410,10 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
 
 
 @triton.jit
-def d_scores_kernel(do, v, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr, V: tl.constexpr,
-                    PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """Per-key decay: dA = scale * (do @ v^T) * causal mask, fp32, layout as A."""
+def d_scores_kernel(do, v, VS, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr, V: tl.constexpr,
+                    HAS_VSCALE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per-key decay: dA = scale * (do @ v^T) * causal mask, fp32, layout as A (v scaled by VS:
+    a column factor)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -410,6 +426,8 @@ def d_scores_kernel(do, v, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr
             b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=mask, other=0.0)
             b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=mask, other=0.0)
             acc += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        if HAS_VSCALE:
+            acc *= _value_scale(VS, rows, row_mask, i_h, H)[None, :]
         causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
         tl.store(dA + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], tl.where(causal, acc * scale, 0.0),
                  mask=row_mask[:, None])
@@ -530,9 +548,9 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
 
 
 @triton.jit
-def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens, scale,
-               total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               GATE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens,
+               scale, total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               GATE: tl.constexpr, HAS_VSCALE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
     dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
     tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller
@@ -561,6 +579,8 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
             state_mask = kmask[:, None] & (rv[None, :] < V)
             b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
             b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+            if HAS_VSCALE:
+                b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
             b_S = tl.load(h + state, mask=state_mask, other=0.0)
             b_dS = tl.load(dh + state, mask=state_mask, other=0.0)
             dq_inter += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
@@ -627,8 +647,8 @@ def dqk_kernel(q, k, v, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, c
 
 
 @triton.jit
-def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.constexpr, GROUP: tl.constexpr,
-              K: tl.constexpr,
+def dv_kernel(q, k, v, VS, G, A, dh, do, dv, d_scale, chunk_indices, cu_seqlens, scale, total_rows,
+              H: tl.constexpr, GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, K: tl.constexpr,
               V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr):
     """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile; without
@@ -665,4 +685,9 @@ def dv_kernel(q, k, G, A, dh, do, dv, chunk_indices, cu_seqlens, scale, H: tl.co
         # (scale on the scores, not the product: accumulated in place; ungated 171 -> 164 registers
         # at the H100's tiles, 2 -> 3 programs an SM)
         acc = tl.dot(tl.trans(scores * scale).to(b_do.dtype), b_do, acc, input_precision=PRECISION)
+        if HAS_VSCALE:  # acc is the gradient of s v: dv = s acc, and this V tile's part of ds = rowsum(acc v)
+            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+            tl.store(d_scale + (i_v * total_rows + rows) * H + i_h, tl.sum(acc * b_v.to(tl.float32), axis=1),
+                     mask=row_mask)
+            acc *= _value_scale(VS, rows, row_mask, i_h, H)[:, None]
         tl.store(dv + (rows[:, None] * H + i_h) * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)

@@ -67,7 +67,8 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         h_t = exp(dt'_t A) h_{t-1} + dt'_t x_t B_t^T      (P x N)
         out_t = (h_t C_t + D x_t) * silu(z_t)             (the factor only with z)
 
-    which is linear_attn(q=C, k=B, v=dt' x, g=dt' A, scale=1) with its (N, P) state transposed.
+    which is linear_attn(q=C, k=B, v=x, g=dt' A, scale=1, v_scale=dt') with its (N, P) state
+    transposed.
 
     Returns out [batch, L, nheads, P] in x's dtype, followed by final_states [batch, nheads, P, N]
     with ``return_final_states`` and varlen_states [S, nheads, P, N] (each sequence's last state)
@@ -115,22 +116,22 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     if dt_softplus:
         dt = F.softplus(dt)
     dt = dt.clamp(*dt_limit)
-    # one pass over x in its own dtype (dt rounded to it first; a float32 product would write and
-    # convert a float32 copy of x): the values v = dt' x that linear_attn reads in x's dtype anyway
-    value = x * dt.unsqueeze(-1).to(dtype)
-    key, query = B, C  # grouped heads: linear_attn's G heads of q and k, each serving nheads / G value heads
+    # the values dt' x: x as given with dt' as linear_attn's v_scale (the Triton kernels scale
+    # each tile they read, no scaled copy of x), B and C as grouped q and k heads (G of them, each
+    # serving nheads / G value heads)
+    query, key, value, decay, step = C, B, x, dt * A, dt
     state0 = None if initial_states is None else initial_states.transpose(-1, -2)  # (b, h, N, P)
     packing = None
     if return_varlen_states or seq_idx is not None:
         packing = _PackedRows(op, seq_idx, cu_seqlens if return_varlen_states else None, batch, length,
                               x.device)
-        query, key, value, decay = (t.reshape((1, batch * length) + t.shape[2:]) for t in (query, key, value, dt * A))
+        query, key, value, decay, step = (t.reshape((1, batch * length) + t.shape[2:])
+                                          for t in (query, key, value, decay, step))
         state0 = None if state0 is None else packing.initial_states(state0)
-    else:
-        decay = dt * A
     y, final = rnnops.linear_attn(query, key, value, decay, scale=1.0, initial_state=state0,
                                   output_final_state=bool(return_final_states or return_varlen_states),
-                                  cu_seqlens=None if packing is None else packing.cu_seqlens, backend=backend)
+                                  cu_seqlens=None if packing is None else packing.cu_seqlens, v_scale=step,
+                                  backend=backend)
     y = y.view(x.shape)
     if D is not None:  # one pass: y + D x in x's dtype
         y = torch.addcmul(y, x, (D if D.dim() == 2 else D.unsqueeze(-1)).to(dtype))

@@ -183,12 +183,14 @@ class ChunkedRun:
     linear-attention kernels; shared by forward and backward, and by the delta rule (which
     reuses the cumulative decay, output and dq/dk kernels on its pseudo-values)."""
 
-    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config):
-        """``config``: a ChunkConfig with a ``state_blocks(K, V)`` method (the state kernels' tile)."""
+    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config, v_scale=None):
+        """``config``: a ChunkConfig with a ``state_blocks(K, V)`` method (the state kernels' tile);
+        ``v_scale``: None or the per-token value scale (B, T, H) (linear attention only)."""
         kernels = _kernels()
         self.B, self.T, self.H, self.V = v.shape
         self.K = q.shape[-1]
         self.group = self.H // q.shape[2]  # value heads per q / k head
+        self.v_scale = None if v_scale is None else self.flat(v_scale).float()  # (B*T, H) float32
         self.gate = kernels.NO_GATE if g is None else (kernels.SCALAR_GATE if g.dim() == 3 else kernels.KEY_GATE)
         self.chunk, self.scale, self.config = chunk, scale, config
         self.BK, self.BV = config.blocks(self.K, self.V)
@@ -261,8 +263,8 @@ class ChunkedRun:
         final = self.final_state(k.device) if store_final else None
         launch(
             _kernels().states_fwd_kernel, self.state_grid(),
-            k, v, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
-            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.SBK, BV=self.SBV,
+            k, v, self.v_scale, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
+            HAS_VSCALE=self.v_scale is not None, HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.SBK, BV=self.SBV,
             **self.common, **self.state_launch)
         return h, final
 
@@ -275,8 +277,8 @@ class ChunkedRun:
         final = self.final_state(v.device) if store_final else None
         launch(
             _kernels().fused_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
-            q, k, v, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale, V=self.V,
-            HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, DELTA=W is not None, KP=self.KP,
+            q, k, v, self.v_scale, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale,
+            V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, DELTA=W is not None, KP=self.KP,
             BV=self.SBV, **self.common, **self.state_launch)
         return o, final
 
@@ -285,8 +287,8 @@ class ChunkedRun:
         lay = self.layout
         launch(
             _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
-            q, k, v, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, BK=self.BK, BV=self.BV,
-            **self.common, **self.launch)
+            q, k, v, self.v_scale, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
+            HAS_VSCALE=self.v_scale is not None, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return o
 
     def states_backward(self, q, do, G, d_final, initial_state):
@@ -308,8 +310,8 @@ class ChunkedRun:
         dA = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
         launch(
             kernels.d_scores_kernel, (lay.programs, self.H),
-            do, v, dA, lay.chunk_indices, lay.cu_seqlens, self.scale, H=self.H, V=self.V,
-            PRECISION=self.precision, BT=self.chunk, BV=self.BV, **self.launch)
+            do, v, self.v_scale, dA, lay.chunk_indices, lay.cu_seqlens, self.scale, H=self.H, V=self.V,
+            HAS_VSCALE=self.v_scale is not None, PRECISION=self.precision, BT=self.chunk, BV=self.BV, **self.launch)
         dq_intra, dk_intra = (empty(self.per_value_head(q), dtype=torch.float32, device=q.device) for _ in range(2))
         for factored, warps in ((True, self.launch), (False, self.sub_chunk_launch)):
             launch(
@@ -335,19 +337,25 @@ class ChunkedRun:
             dG = empty((self.k_tiles, q.shape[0], self.H), dtype=torch.float32, device=q.device)
         launch(
             kernels.dqk_kernel, (self.k_tiles, lay.programs, self.H),
-            q, k, v, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices, lay.cu_seqlens,
-            self.scale, lay.total_rows, V=self.V, DELTA=delta, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            q, k, v, self.v_scale, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices,
+            lay.cu_seqlens, self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, DELTA=delta,
+            BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dq, dk, dW, dG
 
-    def dv(self, q, k, G, A, dh, do):
-        """dv in do's dtype; with dh None only the intra-chunk term."""
+    def dv(self, q, k, G, A, dh, do, v=None):
+        """(dv in do's dtype, d v_scale (B*T, H) float32 or None); with dh None only the
+        intra-chunk term. ``v`` (needed with a value scale): the values as given."""
         dv = empty(do.shape, dtype=do.dtype, device=do.device)
         lay = self.layout
+        d_scale = None
+        if self.v_scale is not None:  # a part per V tile, summed here
+            d_scale = empty((self.v_tiles, lay.total_rows, self.H), dtype=torch.float32, device=do.device)
         launch(
             _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
-            q, k, G, A, dh, do, dv, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V, HAS_DH=dh is not None,
-            BK=self.BK, BV=self.BV, **self.common, **self.launch)
-        return dv
+            q, k, v, self.v_scale, G, A, dh, do, dv, d_scale, lay.chunk_indices, lay.cu_seqlens, self.scale,
+            lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_DH=dh is not None, BK=self.BK,
+            BV=self.BV, **self.common, **self.launch)
+        return dv, None if d_scale is None else d_scale.sum(0)
 
     def per_value_head(self, x) -> tuple[int, ...]:
         """The shape of a gradient of q or k as the kernels write it: (B*T, H, K), one per value head."""
@@ -380,13 +388,14 @@ class ChunkedRun:
 
 class LinearAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
-        run = ChunkedRun(q, v, g, cu_seqlens, chunk, scale, config)
+    def forward(ctx, q, k, v, g, v_scale, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
+        run = ChunkedRun(q, v, g, cu_seqlens, chunk, scale, config, v_scale)
         qf, kf, vf, gf = (run.flat(x) for x in (q, k, v, g))
         state0 = None if initial_state is None else initial_state.float().contiguous()
         ctx.save_for_backward(qf, kf, vf, gf, state0)
         ctx.run = run
-        ctx.dtypes = (None if g is None else g.dtype, None if initial_state is None else initial_state.dtype)
+        ctx.dtypes = (None if g is None else g.dtype, None if v_scale is None else v_scale.dtype,
+                      None if initial_state is None else initial_state.dtype)
         if not outputs_wanted():
             return run.unread_outputs(v, output_final_state)
         G = run.cumulative_decay(gf)
@@ -407,19 +416,21 @@ class LinearAttnFunction(torch.autograd.Function):
         h, _ = run.states(kf, vf, G, state0, store_final=False)
         dh, d_initial = run.states_backward(qf, do, G, d_final, state0)
         dq, dk, _, dG = run.dqk(qf, kf, vf, G, h, dh, do, run.intra_gradients(qf, kf, vf, G, do))
-        dv = run.dv(qf, kf, G, A, dh, do)
+        dv, d_scale = run.dv(qf, kf, G, A, dh, do, vf)
         dg = None if dG is None else (dG if run.gate == _kernels().KEY_GATE else dG.sum(0))
-        g_dtype, initial_dtype = ctx.dtypes
+        g_dtype, scale_dtype, initial_dtype = ctx.dtypes
         return (run.unflat(run.group_sum(dq, qf.dtype)), run.unflat(run.group_sum(dk, kf.dtype)), run.unflat(dv),
-                run.unflat(dg, g_dtype),
+                run.unflat(dg, g_dtype), run.unflat(d_scale, scale_dtype),
                 None if d_initial is None else d_initial.to(initial_dtype), None, None, None, None, None)
 
 
 @register("linear_attn", "triton", supports=supports)
-def linear_attn(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+def linear_attn(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size, v_scale=None,
                 config: LinearAttnConfig | None = None):
+    """``v_scale`` (B, T, H): v used as v_scale * v, applied inside the kernels (a row factor of
+    each v tile it multiplies; the backward's dv kernel also returns its gradient)."""
     if config is None:
         config = tuned("linear_attn", "triton", linear_attn_shape(q, v, g), q.dtype, q.device,
                        default_config(q.dtype))
-    return LinearAttnFunction.apply(q, k, v, g, initial_state, scale, cu_seqlens, chunk_size, output_final_state,
-                                    config)
+    return LinearAttnFunction.apply(q, k, v, g, v_scale, initial_state, scale, cu_seqlens, chunk_size,
+                                    output_final_state, config)
