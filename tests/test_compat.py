@@ -226,7 +226,8 @@ def _ssd_loop(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None,
 
 def _ssd_inputs(batch=2, length=23, heads=4, P=6, groups=2, N=5):
     make = (lambda *shape: torch.randn(*shape, dtype=D64).requires_grad_())
-    return {"x": make(batch, length, heads, P), "dt": (torch.randn(batch, length, heads, dtype=D64) - 1).requires_grad_(),
+    return {"x": make(batch, length, heads, P),
+            "dt": (torch.randn(batch, length, heads, dtype=D64) - 1).requires_grad_(),
             "A": (-torch.rand(heads, dtype=D64) - 0.2).requires_grad_(), "B": make(batch, length, groups, N),
             "C": make(batch, length, groups, N), "D": make(heads, P), "z": make(batch, length, heads, P),
             "dt_bias": make(heads), "initial_states": make(batch, heads, P, N)}
@@ -331,8 +332,9 @@ def test_mamba_chunk_scan_combined_refuses_bad_input():
     with pytest.raises(ValueError, match="batch size must be 1"):
         call(x["x"], x["dt"], x["A"], x["B"], x["C"], 64, cu_seqlens=torch.tensor([0, 23]), return_varlen_states=True)
     with pytest.raises(ValueError, match="different sequence boundaries"):
-        call(*(x[k][:1] for k in ("x", "dt")), x["A"], x["B"][:1], x["C"][:1], 64, seq_idx=torch.zeros(1, 23, dtype=torch.int64),
-             cu_seqlens=torch.tensor([0, 7, 23]), return_varlen_states=True)
+        call(*(x[k][:1] for k in ("x", "dt")), x["A"], x["B"][:1], x["C"][:1], 64,
+             seq_idx=torch.zeros(1, 23, dtype=torch.int64), cu_seqlens=torch.tensor([0, 7, 23]),
+             return_varlen_states=True)
     with pytest.raises(TypeError, match="seq_idx must be int32 or int64"):
         call(x["x"], x["dt"], x["A"], x["B"], x["C"], 64, seq_idx=torch.zeros(2, 23))
     with pytest.raises(ValueError, match="initial_states has shape"):

@@ -136,9 +136,8 @@ def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr)
 
 @triton.jit
 def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
-                      K: tl.constexpr,
-                      GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr):
+                      K: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr):
     """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, computed in fp32 and stored as
     T[(row, head), column in chunk] (the layout of linear_attn's intra-chunk scores) in T_all's
     dtype, the input dtype: ut_fwd multiplies with T rounded to it anyway."""
@@ -289,8 +288,8 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
 @triton.jit
 def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, chunk_indices, cu_seqlens,
                   total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr):
+                  GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
     """Gradients through the UT transform for one chunk: dv and dbeta; dk_out (k's dtype) = dk
     (fp32, the output and state terms) + the UT terms; gated: dg = reverse cumsum of (dG summed
     over its K tiles + the UT terms) within the chunk."""

@@ -120,8 +120,8 @@ def _value_scale(VS, rows, row_mask, i_h, H: tl.constexpr):
 @triton.jit
 def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets, cu_seqlens,
                       H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
-                      HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
-                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                      HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+                      PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """h[chunk] = the state entering each chunk of one sequence; final_state after the last."""
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, i_h = i_sh // H, i_sh % H
@@ -154,8 +154,9 @@ def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets,
 @triton.jit
 def fused_fwd_kernel(q, k, v, VS, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
-                     HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
-                     DELTA: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+                     HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+                     PRECISION: tl.constexpr, DELTA: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
+                     BV: tl.constexpr):
     """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
     scalar decay (GATE 0 or 1): states_fwd_kernel and output_kernel in one, with no per-chunk
     states in memory; the state S (all K rows, KP = K rounded up to a power of two, x BV) stays in
@@ -336,9 +337,8 @@ def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.cons
 
 @triton.jit
 def output_kernel(q, k, v, VS, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, GROUP: tl.constexpr,
-                  HAS_VSCALE: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr):
+                  HAS_VSCALE: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
+                  PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile; one pass over the K
     tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -550,7 +550,8 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
 @triton.jit
 def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens,
                scale, total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               GATE: tl.constexpr, HAS_VSCALE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               GATE: tl.constexpr, HAS_VSCALE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
     dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
     tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller

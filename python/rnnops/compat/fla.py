@@ -3,8 +3,9 @@
 Layouts are fla's current defaults (batch-first, [B, T, H, K]); states [N, H, K, V].
 Grouped value heads (fla's GVA: v, g, beta and the states with HV heads, q and k with H dividing
 HV, each serving HV / H consecutive value heads) work for every function.
-Not supported (a ValueError): ``state_v_first=True``, fused gate activations (``use_gate_in_kernel``, ``A_log``, ``dt_bias``), and context
-parallelism (``cp_context``). ``cu_seqlens_cpu`` and ``chunk_indices`` are accepted and unused.
+Not supported (a ValueError): ``state_v_first=True``, fused gate activations
+(``use_gate_in_kernel``, ``A_log``, ``dt_bias``), and context parallelism (``cp_context``).
+``cu_seqlens_cpu`` and ``chunk_indices`` are accepted and unused.
 The ``fused_recurrent_*`` variants compute the same results as their ``chunk_*`` twins.
 """
 from __future__ import annotations

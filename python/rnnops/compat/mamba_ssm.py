@@ -214,7 +214,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     heads = state.dim() == 4
     if heads:  # channels = (head, dim) pairs
         head_dims = tuple(state.shape[1:3])
-        for name, t, lead in (("x", x, 1), ("dt", dt, 1), ("z", z, 1), ("A", A, 0), ("D", D, 0), ("dt_bias", dt_bias, 0)):
+        for name, t, lead in (("x", x, 1), ("dt", dt, 1), ("z", z, 1), ("A", A, 0), ("D", D, 0),
+                              ("dt_bias", dt_bias, 0)):
             if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape[lead:lead + 2]) != head_dims):
                 raise ValueError(f"{op}: with a multi-head state [batch, nheads, dim, dstate], {name} must have "
                                  f"(nheads, dim) = {head_dims} at dimensions {lead}-{lead + 1}, got "

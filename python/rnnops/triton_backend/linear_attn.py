@@ -264,8 +264,8 @@ class ChunkedRun:
         launch(
             _kernels().states_fwd_kernel, self.state_grid(),
             k, v, self.v_scale, G, h, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, V=self.V,
-            HAS_VSCALE=self.v_scale is not None, HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BK=self.SBK, BV=self.SBV,
-            **self.common, **self.state_launch)
+            HAS_VSCALE=self.v_scale is not None, HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final,
+            BK=self.SBK, BV=self.SBV, **self.common, **self.state_launch)
         return h, final
 
     def fused_forward(self, q, k, v, G, initial_state, store_final, W=None):
@@ -278,8 +278,8 @@ class ChunkedRun:
         launch(
             _kernels().fused_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, v, self.v_scale, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale,
-            V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, DELTA=W is not None, KP=self.KP,
-            BV=self.SBV, **self.common, **self.state_launch)
+            V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_INITIAL=initial_state is not None,
+            STORE_FINAL=store_final, DELTA=W is not None, KP=self.KP, BV=self.SBV, **self.common, **self.state_launch)
         return o, final
 
     def output(self, q, k, v, G, A, h):
@@ -316,8 +316,9 @@ class ChunkedRun:
         for factored, warps in ((True, self.launch), (False, self.sub_chunk_launch)):
             launch(
                 kernels.intra_dqk_kernel, (lay.programs, self.H),
-                q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, GROUP=self.group, K=self.K,
-                PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key, **warps)
+                q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, GROUP=self.group,
+                K=self.K, PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key,
+                **warps)
         return dq_intra, dk_intra
 
     def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None):
