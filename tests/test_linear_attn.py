@@ -118,13 +118,16 @@ def test_varlen_gradients_match_reference():
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
-def test_value_scale_scales_v(backend):
-    """v_scale s (B, T, H): the same as v * s, outputs and gradients (s's too)."""
+def test_value_scale_and_skip(backend):
+    """v_scale s (B, T, H) and skip (H, V): the same as v * s and o + skip * v, outputs and
+    gradients (s's and skip's too)."""
     x = make_inputs(gate="scalar")
     x["v_scale"] = torch.rand(x["v"].shape[:3], dtype=D64)
+    x["skip"] = torch.randn(x["v"].shape[2:], dtype=D64)
 
-    def scaled_by_hand(backend, v, v_scale, **kw):
-        return op(backend, v=v * v_scale[..., None], **kw)
+    def scaled_by_hand(backend, v, v_scale, skip, **kw):
+        o, final = op(backend, v=v * v_scale[..., None], **kw)
+        return o + skip * v, final
 
     compare_backends(lambda backend, **kw: op(backend, **kw), x, 1e-12, test=backend)
     got, grads = run_with_grads(lambda **kw: op(backend, **kw), x)

@@ -125,11 +125,12 @@ def test_grouped_heads(variant, qk_heads):
 
 
 @pytest.mark.parametrize("variant", ["none", "scalar", "per-key", "scalar-fused", "scalar-grouped", "varlen",
-                                     "scalar-float16"])
-def test_value_scale(variant):
-    """v_scale (a scale per token and head of v, Mamba-2's dt) applied inside the kernels: the
-    outputs and every gradient, v_scale's included, against the reference (which scales a copy);
-    grouped heads and the fused forward too."""
+                                     "scalar-float16", "scalar-skip-only"])
+def test_value_scale_and_skip(variant):
+    """v_scale (a scale per token and head of v, Mamba-2's dt) and skip (o += skip * v, Mamba's
+    D) applied inside the kernels: the outputs and every gradient, theirs included, against the
+    reference (which scales a copy and adds the skip term after); grouped heads and the fused
+    forward too."""
     gate = next((gate for gate in GATES if variant.startswith(gate)), "scalar")  # (varlen: scalar decay)
     offsets, config = None, None
     dtype, bound = (torch.float16, 2e-3) if variant.endswith("float16") else (torch.float32, 1e-5)
@@ -137,7 +138,9 @@ def test_value_scale(variant):
         offsets, x = packed_sequences(make_inputs, gate="scalar")
     else:
         x = make_inputs(H=4, gate=gate, dtype=dtype)
-    x["v_scale"] = torch.rand(x["v"].shape[:3]) * 0.5 + 0.01
+    if not variant.endswith("skip-only"):
+        x["v_scale"] = torch.rand(x["v"].shape[:3]) * 0.5 + 0.01
+    x["skip"] = torch.randn(x["v"].shape[2:])
     if variant.endswith("grouped"):
         x["q"], x["k"] = (x[name][:, :, :2].contiguous() for name in ("q", "k"))
     if variant.endswith("fused"):

@@ -33,7 +33,9 @@ consecutive (value) heads share a q / k head; every kernel works per value head,
 come out per value head, (., H, K), and the caller sums each group's. VS (HAS_VSCALE), (., H): a
 scale s per token and head of v (Mamba-2's dt): every kernel that reads v scales the rows of its
 tile as loaded (d_scores: the columns of its dA), and dv_kernel returns s times the gradient of
-s v and, per V tile, rowsum(that gradient * v), which the caller sums into ds.
+s v and, per V tile, rowsum(that gradient * v), which the caller sums into ds. SKIP (HAS_SKIP),
+(H, V): o += skip * v (Mamba's D; v as given) in the output and fused forward kernels; dv_kernel
+adds skip * do to dv and writes colsum(do * v) per chunk, which the caller sums into d skip.
 
 Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk; the state kernels' BK/BV are
 the configuration's state tile, the others' its chunk tiles):
@@ -118,6 +120,14 @@ def _value_scale(VS, rows, row_mask, i_h, H: tl.constexpr):
 
 
 @triton.jit
+def _skip_term(v, SKIP, rows, rv, vmask, i_h, H: tl.constexpr, V: tl.constexpr):
+    """skip * v of one (BT x BV) tile, fp32 (SKIP (H, V): Mamba's D; v as given, re-read rather
+    than held through the products)."""
+    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0).to(tl.float32)
+    return b_v * tl.load(SKIP + i_h * V + rv, mask=rv < V, other=0.0)[None, :]
+
+
+@triton.jit
 def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets, cu_seqlens,
                       H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                       HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -152,11 +162,11 @@ def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets,
 
 
 @triton.jit
-def fused_fwd_kernel(q, k, v, VS, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
+def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
-                     HAS_VSCALE: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
-                     PRECISION: tl.constexpr, DELTA: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
-                     BV: tl.constexpr):
+                     HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                     STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr, BT: tl.constexpr,
+                     KP: tl.constexpr, BV: tl.constexpr):
     """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
     scalar decay (GATE 0 or 1): states_fwd_kernel and output_kernel in one, with no per-chunk
     states in memory; the state S (all K rows, KP = K rounded up to a power of two, x BV) stays in
@@ -205,7 +215,10 @@ def fused_fwd_kernel(q, k, v, VS, W, G, o, initial_state, final_state, chunk_off
             v_in = (b_v * tl.exp(g_last - g_rows)[:, None]).to(b_v.dtype)
             S *= tl.exp(g_last)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
-        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=vmask)
+        out = acc * scale
+        if HAS_SKIP:
+            out += _skip_term(v, SKIP, rows, rv, vmask, i_h, H, V)
+        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty), mask=vmask)
         S += tl.dot(tl.trans(b_k), v_in, input_precision=PRECISION)
     if STORE_FINAL:
         tl.store(final_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
@@ -336,11 +349,12 @@ def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.cons
 
 
 @triton.jit
-def output_kernel(q, k, v, VS, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr, GROUP: tl.constexpr,
-                  HAS_VSCALE: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
-                  PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """o = scale * ((q * e^G) @ S_in + scores @ v) for one chunk and V tile; one pass over the K
-    tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded)."""
+def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr):
+    """o = scale * ((q * e^G) @ S_in + scores @ v) (+ skip * v) for one chunk and V tile; one pass
+    over the K tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -369,7 +383,10 @@ def output_kernel(q, k, v, VS, G, A, h, o, chunk_indices, cu_seqlens, scale, H: 
             acc *= tl.exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))[:, None]
         scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
-        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=vmask)
+        out = acc * scale
+        if HAS_SKIP:
+            out += _skip_term(v, SKIP, rows, rv, vmask, i_h, H, V)
+        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
@@ -648,8 +665,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
 
 
 @triton.jit
-def dv_kernel(q, k, v, VS, G, A, dh, do, dv, d_scale, chunk_indices, cu_seqlens, scale, total_rows,
-              H: tl.constexpr, GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, K: tl.constexpr,
+def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indices, cu_seqlens, scale, total_rows,
+              H: tl.constexpr, GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
               V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr):
     """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile; without
@@ -686,9 +703,12 @@ def dv_kernel(q, k, v, VS, G, A, dh, do, dv, d_scale, chunk_indices, cu_seqlens,
         # (scale on the scores, not the product: accumulated in place; ungated 171 -> 164 registers
         # at the H100's tiles, 2 -> 3 programs an SM)
         acc = tl.dot(tl.trans(scores * scale).to(b_do.dtype), b_do, acc, input_precision=PRECISION)
+        if HAS_VSCALE or HAS_SKIP:
+            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0).to(tl.float32)
         if HAS_VSCALE:  # acc is the gradient of s v: dv = s acc, and this V tile's part of ds = rowsum(acc v)
-            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-            tl.store(d_scale + (i_v * total_rows + rows) * H + i_h, tl.sum(acc * b_v.to(tl.float32), axis=1),
-                     mask=row_mask)
+            tl.store(d_scale + (i_v * total_rows + rows) * H + i_h, tl.sum(acc * b_v, axis=1), mask=row_mask)
             acc *= _value_scale(VS, rows, row_mask, i_h, H)[:, None]
+        if HAS_SKIP:  # o += skip v: dv += skip do, and this chunk's part of d skip = colsum(do v)
+            acc += tl.load(SKIP + i_h * V + rv, mask=rv < V, other=0.0)[None, :] * b_do.to(tl.float32)
+            tl.store(d_skip + (i_c * H + i_h) * V + rv, tl.sum(b_do.to(tl.float32) * b_v, axis=0), mask=rv < V)
         tl.store(dv + (rows[:, None] * H + i_h) * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)

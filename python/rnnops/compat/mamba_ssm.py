@@ -67,8 +67,8 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         h_t = exp(dt'_t A) h_{t-1} + dt'_t x_t B_t^T      (P x N)
         out_t = (h_t C_t + D x_t) * silu(z_t)             (the factor only with z)
 
-    which is linear_attn(q=C, k=B, v=x, g=dt' A, scale=1, v_scale=dt') with its (N, P) state
-    transposed.
+    which is linear_attn(q=C, k=B, v=x, g=dt' A, scale=1, v_scale=dt', skip=D) with its (N, P)
+    state transposed.
 
     Returns out [batch, L, nheads, P] in x's dtype, followed by final_states [batch, nheads, P, N]
     with ``return_final_states`` and varlen_states [S, nheads, P, N] (each sequence's last state)
@@ -128,13 +128,12 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         query, key, value, decay, step = (t.reshape((1, batch * length) + t.shape[2:])
                                           for t in (query, key, value, decay, step))
         state0 = None if state0 is None else packing.initial_states(state0)
+    skip = None if D is None else (D if D.dim() == 2 else D.unsqueeze(-1).expand(heads, dims["P"]))
     y, final = rnnops.linear_attn(query, key, value, decay, scale=1.0, initial_state=state0,
                                   output_final_state=bool(return_final_states or return_varlen_states),
                                   cu_seqlens=None if packing is None else packing.cu_seqlens, v_scale=step,
-                                  backend=backend)
+                                  skip=skip, backend=backend)
     y = y.view(x.shape)
-    if D is not None:  # one pass: y + D x in x's dtype
-        y = torch.addcmul(y, x, (D if D.dim() == 2 else D.unsqueeze(-1)).to(dtype))
     if z is not None:
         y = y * F.silu(z)
     outputs = [y]

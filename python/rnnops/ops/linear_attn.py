@@ -24,12 +24,13 @@ def linear_attn(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     v_scale: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Linear attention, a linear RNN with a matrix state S of shape (K, V) per head::
 
         S_t = exp(g_t) * S_{t-1} + k_t^T (s_t v_t)   (decay broadcast over V; s_t = v_scale, or 1)
-        o_t = scale * q_t S_t
+        o_t = scale * q_t S_t (+ skip * v_t)
 
     Args:
         q, k: (B, T, Hk, K). v: (B, T, H, V). Hk = H, or grouped heads: Hk divides H and each q / k
@@ -46,6 +47,8 @@ def linear_attn(
         v_scale: None or (B, T, H), a scale per token and head of v (Mamba-2's dt: its SSD
             inputs are dt x), with its gradient. The ``triton`` backend applies it inside its
             kernels (v is read once as given, no scaled copy); the others scale a copy of v.
+        skip: None or (H, V): o_t += skip * v_t, v as given (Mamba's D skip connection), with
+            its gradient; fused into the ``triton`` backend's output kernels.
         backend: "auto" or a name from ``rnnops.available_backends("linear_attn")``.
 
     Returns:
@@ -53,26 +56,27 @@ def linear_attn(
         float64 inputs) or None. T = 0 gives an empty o and the initial state (or zeros).
     """
     dims, dtype, device, scale, chunk_size = _validate("linear_attn", q, k, v, g, initial_state, cu_seqlens, scale,
-                                                       chunk_size, v_scale)
+                                                       chunk_size, v_scale, skip)
     if tracing(q):
         o, final = _LINEAR_ATTN(q, k, v, g, scale, initial_state, bool(output_final_state), cu_seqlens, chunk_size,
-                                v_scale, backend)
+                                v_scale, skip, backend)
         return o, final if output_final_state else None
     if dims["T"] == 0:
         final = state_or_zeros(initial_state, (dims["N"], dims["H"], dims["K"], dims["V"]), dtype, device)
         return v.new_empty(v.shape), final if output_final_state else None
     name, impl = resolve("linear_attn", backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
                          chunk_size=chunk_size, shape=linear_attn_shape(q, v, g))
-    options = {}
-    if name == "triton":  # its kernels read grouped heads in place and scale v themselves
-        options = {} if v_scale is None else {"v_scale": v_scale}
-    else:
-        q, k = repeat_heads(q, k, dims)
-        if v_scale is not None:
-            v = (v * v_scale.unsqueeze(-1)).to(v.dtype)
-    o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
-                    output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                    **options)
+    if name == "triton":  # its kernels read grouped heads in place and apply v_scale and skip themselves
+        o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
+                        output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                        v_scale=v_scale, skip=skip)
+        return o, final if output_final_state else None
+    q, k = repeat_heads(q, k, dims)
+    values = v if v_scale is None else (v * v_scale.unsqueeze(-1)).to(v.dtype)
+    o, final = impl(q, k, values, g, scale=scale, initial_state=initial_state,
+                    output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    if skip is not None:
+        o = (o + skip * v).to(o.dtype)
     return o, final if output_final_state else None
 
 
@@ -97,7 +101,7 @@ def linear_attn_step(
     g_layout = "B H K" if isinstance(g, torch.Tensor) and g.dim() == 3 else "B H"
     sequence = [add_time_axis(op, name, x, layout) for name, x, layout in
                 (("q", q, "B H K"), ("k", k, "B H K"), ("v", v, "B H V"), ("g", g, g_layout))]
-    dims, dtype, device, scale, _ = _validate(op, *sequence, state, None, scale, 1, None)
+    dims, dtype, device, scale, _ = _validate(op, *sequence, state, None, scale, 1, None, None)
     if tracing(q):
         return tuple(_LINEAR_ATTN_STEP(q, k, v, g, state, scale, backend))
     q, k = repeat_heads(q, k, dims)
@@ -106,7 +110,8 @@ def linear_attn_step(
     return impl(q, k, v, g, state=state, scale=scale)
 
 
-def _fake_linear_attn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, v_scale, backend):
+def _fake_linear_attn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size, v_scale, skip,
+                      backend):
     return fake_linear_outputs(q, v, sequence_count(q.shape[0], cu_seqlens) if output_final_state else None)
 
 
@@ -117,7 +122,7 @@ def _fake_linear_attn_step(q, k, v, g, state, scale, backend):
 _LINEAR_ATTN = LibraryOp(
     "linear_attn",
     "Tensor q, Tensor k, Tensor v, Tensor? g, float? scale, Tensor? initial_state, bool output_final_state, "
-    "Tensor? cu_seqlens, int chunk_size, Tensor? v_scale, str backend",
+    "Tensor? cu_seqlens, int chunk_size, Tensor? v_scale, Tensor? skip, str backend",
     linear_attn,
     _fake_linear_attn,
 )
@@ -141,10 +146,11 @@ for _backend in ("reference", "chunked"):
     register("linear_attn_step", _backend)(_sequence_step(_backend))
 
 
-def _validate(op, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size, v_scale) -> Checked:
+def _validate(op, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size, v_scale, skip) -> Checked:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check.require_tensor(op, name, x)
-    for name, x in (("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens), ("v_scale", v_scale)):
+    for name, x in (("g", g), ("initial_state", initial_state), ("cu_seqlens", cu_seqlens), ("v_scale", v_scale),
+                    ("skip", skip)):
         check.require_tensor(op, name, x, optional=True)
     dims = check.Dims(op)
     dims.bind("q", q, "B T Hk K")
@@ -155,10 +161,12 @@ def _validate(op, q, k, v, g, initial_state, cu_seqlens, scale, chunk_size, v_sc
         dims.bind_one_of("g", g, ("B T H", "B T H K"))
     if v_scale is not None:
         dims.bind("v_scale", v_scale, "B T H")
+    if skip is not None:
+        dims.bind("skip", skip, "H V")
     dtype = check.activation_dtype(op, {"q": q, "k": k, "v": v})
-    check.parameter_dtypes(op, {"g": g, "initial_state": initial_state, "v_scale": v_scale}, dtype)
+    check.parameter_dtypes(op, {"g": g, "initial_state": initial_state, "v_scale": v_scale, "skip": skip}, dtype)
     device = check.same_device(op, {"q": q, "k": k, "v": v, "g": g, "initial_state": initial_state,
-                                    "v_scale": v_scale})
+                                    "v_scale": v_scale, "skip": skip})
     dims.bind_sequences("N", cu_seqlens, device)
     if initial_state is not None:
         dims.bind("initial_state", initial_state, "N H K V")

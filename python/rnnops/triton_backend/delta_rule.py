@@ -132,7 +132,7 @@ class _DeltaRun(ChunkedRun):
         lay = self.layout
         dh = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=q.device)
         # the intra-chunk term in parallel, so the sequential loop only adds the state term
-        dv_new, _ = self.dv(q, k, G, None, None, do)
+        dv_new, *_ = self.dv(q, k, G, None, None, do)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
         launch(
             _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),

@@ -183,14 +183,16 @@ class ChunkedRun:
     linear-attention kernels; shared by forward and backward, and by the delta rule (which
     reuses the cumulative decay, output and dq/dk kernels on its pseudo-values)."""
 
-    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config, v_scale=None):
+    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config, v_scale=None, skip=None):
         """``config``: a ChunkConfig with a ``state_blocks(K, V)`` method (the state kernels' tile);
-        ``v_scale``: None or the per-token value scale (B, T, H) (linear attention only)."""
+        linear attention only: ``v_scale`` None or the per-token value scale (B, T, H), ``skip``
+        None or the (H, V) weights of o += skip * v."""
         kernels = _kernels()
         self.B, self.T, self.H, self.V = v.shape
         self.K = q.shape[-1]
         self.group = self.H // q.shape[2]  # value heads per q / k head
         self.v_scale = None if v_scale is None else self.flat(v_scale).float()  # (B*T, H) float32
+        self.skip = None if skip is None else skip.float().contiguous()  # (H, V) float32
         self.gate = kernels.NO_GATE if g is None else (kernels.SCALAR_GATE if g.dim() == 3 else kernels.KEY_GATE)
         self.chunk, self.scale, self.config = chunk, scale, config
         self.BK, self.BV = config.blocks(self.K, self.V)
@@ -277,8 +279,9 @@ class ChunkedRun:
         final = self.final_state(v.device) if store_final else None
         launch(
             _kernels().fused_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
-            q, k, v, self.v_scale, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens, self.scale,
-            V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_INITIAL=initial_state is not None,
+            q, k, v, self.v_scale, self.skip, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
+            self.scale, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None,
+            HAS_INITIAL=initial_state is not None,
             STORE_FINAL=store_final, DELTA=W is not None, KP=self.KP, BV=self.SBV, **self.common, **self.state_launch)
         return o, final
 
@@ -287,8 +290,9 @@ class ChunkedRun:
         lay = self.layout
         launch(
             _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
-            q, k, v, self.v_scale, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
-            HAS_VSCALE=self.v_scale is not None, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            q, k, v, self.v_scale, self.skip, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
+            HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, BK=self.BK, BV=self.BV,
+            **self.common, **self.launch)
         return o
 
     def states_backward(self, q, do, G, d_final, initial_state):
@@ -344,19 +348,22 @@ class ChunkedRun:
         return dq, dk, dW, dG
 
     def dv(self, q, k, G, A, dh, do, v=None):
-        """(dv in do's dtype, d v_scale (B*T, H) float32 or None); with dh None only the
-        intra-chunk term. ``v`` (needed with a value scale): the values as given."""
+        """(dv in do's dtype, d v_scale (B*T, H) and d skip (H, V) in float32, each None where not
+        given); with dh None only the intra-chunk term. ``v`` (needed with a value scale or a
+        skip): the values as given."""
         dv = empty(do.shape, dtype=do.dtype, device=do.device)
         lay = self.layout
-        d_scale = None
+        d_scale = d_skip = None
         if self.v_scale is not None:  # a part per V tile, summed here
             d_scale = empty((self.v_tiles, lay.total_rows, self.H), dtype=torch.float32, device=do.device)
+        if self.skip is not None:  # a part per chunk program (zeros for the programs past the chunks), summed here
+            d_skip = torch.zeros((lay.programs, self.H, self.V), dtype=torch.float32, device=do.device)
         launch(
             _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
-            q, k, v, self.v_scale, G, A, dh, do, dv, d_scale, lay.chunk_indices, lay.cu_seqlens, self.scale,
-            lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_DH=dh is not None, BK=self.BK,
-            BV=self.BV, **self.common, **self.launch)
-        return dv, None if d_scale is None else d_scale.sum(0)
+            q, k, v, self.v_scale, self.skip, G, A, dh, do, dv, d_scale, d_skip, lay.chunk_indices, lay.cu_seqlens,
+            self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None,
+            HAS_DH=dh is not None, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+        return dv, None if d_scale is None else d_scale.sum(0), None if d_skip is None else d_skip.sum(0)
 
     def per_value_head(self, x) -> tuple[int, ...]:
         """The shape of a gradient of q or k as the kernels write it: (B*T, H, K), one per value head."""
@@ -389,14 +396,13 @@ class ChunkedRun:
 
 class LinearAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, v_scale, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
-        run = ChunkedRun(q, v, g, cu_seqlens, chunk, scale, config, v_scale)
+    def forward(ctx, q, k, v, g, v_scale, skip, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
+        run = ChunkedRun(q, v, g, cu_seqlens, chunk, scale, config, v_scale, skip)
         qf, kf, vf, gf = (run.flat(x) for x in (q, k, v, g))
         state0 = None if initial_state is None else initial_state.float().contiguous()
         ctx.save_for_backward(qf, kf, vf, gf, state0)
         ctx.run = run
-        ctx.dtypes = (None if g is None else g.dtype, None if v_scale is None else v_scale.dtype,
-                      None if initial_state is None else initial_state.dtype)
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in (g, v_scale, skip, initial_state))
         if not outputs_wanted():
             return run.unread_outputs(v, output_final_state)
         G = run.cumulative_decay(gf)
@@ -417,21 +423,23 @@ class LinearAttnFunction(torch.autograd.Function):
         h, _ = run.states(kf, vf, G, state0, store_final=False)
         dh, d_initial = run.states_backward(qf, do, G, d_final, state0)
         dq, dk, _, dG = run.dqk(qf, kf, vf, G, h, dh, do, run.intra_gradients(qf, kf, vf, G, do))
-        dv, d_scale = run.dv(qf, kf, G, A, dh, do, vf)
+        dv, d_scale, d_skip = run.dv(qf, kf, G, A, dh, do, vf)
         dg = None if dG is None else (dG if run.gate == _kernels().KEY_GATE else dG.sum(0))
-        g_dtype, scale_dtype, initial_dtype = ctx.dtypes
+        g_dtype, scale_dtype, skip_dtype, initial_dtype = ctx.dtypes
         return (run.unflat(run.group_sum(dq, qf.dtype)), run.unflat(run.group_sum(dk, kf.dtype)), run.unflat(dv),
                 run.unflat(dg, g_dtype), run.unflat(d_scale, scale_dtype),
+                None if d_skip is None else d_skip.to(skip_dtype),
                 None if d_initial is None else d_initial.to(initial_dtype), None, None, None, None, None)
 
 
 @register("linear_attn", "triton", supports=supports)
 def linear_attn(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size, v_scale=None,
-                config: LinearAttnConfig | None = None):
+                skip=None, config: LinearAttnConfig | None = None):
     """``v_scale`` (B, T, H): v used as v_scale * v, applied inside the kernels (a row factor of
-    each v tile it multiplies; the backward's dv kernel also returns its gradient)."""
+    each v tile it multiplies; the backward's dv kernel also returns its gradient); ``skip`` (H, V):
+    o += skip * v in the output kernels (dv and d skip from the dv kernel)."""
     if config is None:
         config = tuned("linear_attn", "triton", linear_attn_shape(q, v, g), q.dtype, q.device,
                        default_config(q.dtype))
-    return LinearAttnFunction.apply(q, k, v, g, v_scale, initial_state, scale, cu_seqlens, chunk_size,
+    return LinearAttnFunction.apply(q, k, v, g, v_scale, skip, initial_state, scale, cu_seqlens, chunk_size,
                                     output_final_state, config)
