@@ -120,6 +120,14 @@ def _value_scale(VS, rows, row_mask, i_h, H: tl.constexpr):
 
 
 @triton.jit
+def _scaled_values(b_v, VS, rows, row_mask, i_h, H: tl.constexpr, HAS_VSCALE: tl.constexpr):
+    """A (BT x BV) tile of v as the recurrence uses it: its rows times the value scale, if any."""
+    if HAS_VSCALE:
+        return (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
+    return b_v
+
+
+@triton.jit
 def _skip_term(v, SKIP, rows, rv, vmask, i_h, H: tl.constexpr, V: tl.constexpr):
     """skip * v of one (BT x BV) tile, fp32 (SKIP (H, V): Mamba's D; v as given, re-read rather
     than held through the products)."""
@@ -148,8 +156,7 @@ def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets,
                       mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=row_mask[:, None] & (rv[None, :] < V),
                       other=0.0)
-        if HAS_VSCALE:
-            b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
+        b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
         if GATE != 0:
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
@@ -199,8 +206,7 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
         b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-        if HAS_VSCALE:
-            b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
+        b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
         if DELTA:
             b_W = tl.load(W + (rows[:, None] * H + i_h) * K + rk[None, :], mask=tile_mask, other=0.0)
             b_v = (b_v.to(tl.float32) - tl.dot(b_W, S.to(b_W.dtype), input_precision=PRECISION)).to(b_W.dtype)
@@ -363,8 +369,7 @@ def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scal
         rv = i_v * BV + tl.arange(0, BV)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-        if HAS_VSCALE:
-            b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
+        b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
         acc = tl.zeros([BT, BV], tl.float32)
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
@@ -597,8 +602,7 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             state_mask = kmask[:, None] & (rv[None, :] < V)
             b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
             b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-            if HAS_VSCALE:
-                b_v = (b_v * _value_scale(VS, rows, row_mask, i_h, H)[:, None]).to(b_v.dtype)
+            b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
             b_S = tl.load(h + state, mask=state_mask, other=0.0)
             b_dS = tl.load(dh + state, mask=state_mask, other=0.0)
             dq_inter += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
