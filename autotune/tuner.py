@@ -104,10 +104,10 @@ class CompileScreen:
                        config: dict) -> list:
         """ptxas' report (rnnops._ptxas.KernelReport) of each of ``config``'s kernels compiled
         for the hardware's architecture."""
-        from rnnops.triton_backend.compile_check import SMALL_SIZES, capability, config_reports
+        from rnnops.triton_backend.compile_check import capability, config_reports, small_shape
 
         arch = capability(hardware)
-        kernel_shape = tuple(sorted(dict(shape, **SMALL_SIZES[tunable.op]).items()))
+        kernel_shape = tuple(sorted(small_shape(tunable.op, shape).items()))
         key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
         if key not in self.reports:
             self.reports[key] = config_reports(tunable.op, shape, dtype, config, arch)
@@ -231,15 +231,15 @@ class Rejected(Exception):
 
 def vet(op: str, backend: str, shape: dict, device: torch.device, dtype: torch.dtype, config: dict) -> str | None:
     """Why ``config`` must not be measured, or None: one forward and backward at a small size
-    (compile_check.SMALL_SIZES: batch and time cut, the kernels and their tiles unchanged) against
+    (compile_check.small_shape: batch and time cut, the kernels and their tiles unchanged) against
     the float64 reference on the same inputs, rounded to ``dtype``; the output and every input's
     gradient must agree within the bench's tolerance for ``dtype``. Compilers miscompile some legal
     configurations (rnnops.triton_backend.delta_rule.space has one), and the fastest wrong answer
     must never be stored."""
     from rnnops.bench.runner import TOLERANCE, rel_err
-    from rnnops.triton_backend.compile_check import SMALL_SIZES
+    from rnnops.triton_backend.compile_check import small_shape
 
-    small = dict(shape, **SMALL_SIZES[op])
+    small = small_shape(op, shape)
     case = case_for(op, small)
     torch.manual_seed(0)
     trial = inputs_with_grads(case, device, dtype)

@@ -535,3 +535,25 @@ def test_tries_for_another_backend_measure_nothing(tmp_path, monkeypatch):
     assert [backend for backend, _ in measured] == ["cuda", "cuda"] and measured[1][1]["stage_rows"] == 0
     triton_result = next(r for r in results if r.backend == "triton")
     assert triton_result.timings == [] and "stage_rows not variables" in triton_result.notes[0]
+
+
+@pytest.mark.parametrize("shape,small", [
+    ({"B": 8, "T": 4096, "H": 32, "Hk": 16, "K": 128, "V": 128, "gated": True}, {"H": 2, "Hk": 1}),
+    ({"B": 8, "T": 2048, "H": 80, "Hk": 1, "K": 128, "V": 64, "gate": "scalar"}, {"H": 80, "Hk": 1}),
+    ({"B": 8, "T": 4096, "H": 16, "K": 128, "V": 128, "gate": "none"}, {"H": 2}),
+], ids=["GVA", "SSD", "ungrouped"])
+def test_compile_screens_cut_shapes_keeping_the_head_group(shape, small):
+    """The compile screen and the vetting run a shape cut to a few heads: grouped q / k heads keep
+    H / Hk (a constexpr of the kernels) and stay legal, so the screen compiles them (a GVA shape
+    cut to H 2 with Hk 16 had raised inside the screen, which then shipped its first pick
+    unscreened)."""
+    from rnnops.triton_backend.compile_check import small_shape
+
+    op = "delta_rule" if "gated" in shape else "linear_attn"
+    cut = small_shape(op, shape)
+    assert {k: cut[k] for k in small} == small and cut["B"] == 1
+    case = tuner.case_for(op, dict(cut, num_householder=1) if op == "delta_rule" else cut)
+    x = case.make(torch.device("cpu"), torch.float32)
+    assert x["q"].shape[2] == small.get("Hk", small["H"]) and x["v"].shape[2] == small["H"]
+    case.run(x, "chunked")  # a legal call
+

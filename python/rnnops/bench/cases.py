@@ -4,9 +4,9 @@ A :class:`Case` builds its inputs once (``make``; our op's argument names, our l
 runs them through one of our backends (``run``); peers (``rnnops.bench.peers``) convert the
 same inputs to their own layouts. Case lists differ by device: the CPU cases are sized for the
 Python-loop reference, the GPU cases are the shapes the kernel issues and the peers' own
-benchmarks name (flash-linear-attention: B8 H16 K=V=128; mamba_ssm: B8 D2048 N16, and for
-Mamba-2's SSD a 2.7B model's layer, 80 heads of 64 with N128; FlashRNN: B16 T1024 with (head
-dim, heads) from (16, 48) to (768, 1)). ``quick`` cases form
+benchmarks name (flash-linear-attention: B8 H16 K=V=128, and its GVA, 32 value heads on 16 q / k
+heads; mamba_ssm: B8 D2048 N16, and for Mamba-2's SSD a 2.7B model's layer, 80 heads of 64 with
+N128; FlashRNN: B16 T1024 with (head dim, heads) from (16, 48) to (768, 1)). ``quick`` cases form
 ``bench --quick``; ``sweep`` marks the cases of the T and B sweeps plotted in the report.
 """
 from __future__ import annotations
@@ -193,6 +193,8 @@ def gpu_cases() -> list[Case]:
         cases += _linear_family(B, 4096, 16, 128, 128, sweep="B", **big)
     cases += [delta_case(2, True, 8, T, 16, 128, 128, quick=T == 2048, **big) for T in (2048, 4096)]
     cases.append(ssd_case(8, 2048, 80, 64, 128, 1, quick=True, **big))  # a Mamba-2 2.7B layer
+    # Gated DeltaNet with grouped value heads (fla's GVA: 32 value heads, 16 for q and k, as in Qwen3-Next)
+    cases.append(delta_case(1, True, 8, 4096, 32, 128, 128, qk_heads=16, **big))
     cases += [selective_scan_case(8, T, 2048, 16, quick=T == 2048, sweep="T", **big) for T in (2048, 8192)]
     cases.append(selective_scan_case(1, 8192, 2048, 16, sweep="B", **big))  # a prompt's prefill: B Dm / 16 programs
     for cell in ("lstm", "gru"):

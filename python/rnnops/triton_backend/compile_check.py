@@ -194,12 +194,24 @@ SMALL_SIZES = {"linear_attn": {"B": 1, "T": 128, "H": 2}, "delta_rule": {"B": 1,
                "rnn": {"B": 2, "T": 8}}  # sizes that change the grid, not the kernels
 
 
+def small_shape(op: str, shape: dict) -> dict:
+    """``shape`` cut to SMALL_SIZES (sizes that change the grid, not the kernels). Grouped q / k
+    heads keep their group, H / Hk, a constexpr of the kernels: H becomes a multiple of it, with
+    as few q / k heads as that allows."""
+    small = dict(shape, **SMALL_SIZES[op])
+    if "Hk" in shape:
+        group = shape["H"] // shape["Hk"]
+        small["H"] = max(small["H"], group) // group * group
+        small["Hk"] = small["H"] // group
+    return small
+
+
 def config_reports(op: str, shape: dict, dtype: torch.dtype, config: dict, arch: int) -> list[KernelReport]:
     """The Triton kernels of ``op``'s forward and backward at ``shape`` (an autotune standard
-    shape; batch and time are cut to SMALL_SIZES) launched with ``config``, compiled for ``arch``."""
+    shape, cut by :func:`small_shape`) launched with ``config``, compiled for ``arch``."""
     from rnnops.autotune import cache, kernels, tuner
 
-    small = dict(shape, **SMALL_SIZES[op])
+    small = small_shape(op, shape)
     with cache.override(op, "triton", kernels.bucket(op, small, dtype), config), captured_launches() as launches:
         _forward_backward(tuner.case_for(op, small), dtype)
     return compile_launches(launches, arch)
@@ -221,9 +233,9 @@ def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     shapes.append(("selective_scan", {"Dm": 2048, "N": 16}))
     shapes += [("rnn", {"cell": cell, "H": H, "D": D})
                for cell in ("lstm", "gru", "slstm", "elman") for D, H in ((64, 12), (256, 3))]
-    calls = [forward_backward(case_for(op, dict(shape, **SMALL_SIZES[op]))) for op, shape in shapes]
-    # Mamba-2's SSD: linear attention with grouped q / k heads (one for both value heads), K 128, V 64
-    calls.append(forward_backward(ssd_case(1, 128, 2, 64, 128, 1)))
+    calls = [forward_backward(case_for(op, small_shape(op, shape))) for op, shape in shapes]
+    # Mamba-2's SSD as benchmarked: 80 value heads of one q / k group (GROUP 80), K 128, V 64
+    calls.append(forward_backward(ssd_case(1, 128, 80, 64, 128, 1)))
 
     B, H, K, V, N, Dm = 2, 2, 128, 128, 16, 2048
     q, k, v = (torch.randn(B, H, d).to(dtype) for d in (K, K, V))
