@@ -101,6 +101,28 @@ def test_fused_forward(gate, shape):
                          test="triton")
 
 
+def _variant(variant: str, gate_scale: float = 1.0):
+    """(inputs with 4 value heads, cu_seqlens, configuration override, bound) of a test variant
+    named by its gate ("varlen": scalar decay, packed sequences), "-fused" for the fused forward,
+    "-float16" for half inputs."""
+    gate = next((gate for gate in GATES if variant.startswith(gate)), "scalar")
+    dtype, bound = (torch.float16, 2e-3) if variant.endswith("float16") else (torch.float32, 1e-5)
+    offsets, config = None, None
+    if variant == "varlen":
+        offsets, x = packed_sequences(make_inputs, gate=gate, H=4)
+    else:
+        x = make_inputs(H=4, gate=gate, gate_scale=gate_scale, dtype=dtype)
+    if variant.endswith("fused"):
+        config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, state_block_v=16, fused_forward=1)
+    return x, offsets, config, bound
+
+
+def _compare_variant(x, offsets, config, bound):
+    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
+    with cache.override("linear_attn", "triton", bucket, config) if config else contextlib.nullcontext():
+        compare_backends(lambda backend, **kw: run(backend, cu_seqlens=offsets, **kw), x, bound, test="triton")
+
+
 @pytest.mark.parametrize("variant", ["none", "scalar", "per-key", "per-key-strong", "scalar-fused", "varlen",
                                      "scalar-float16"])
 @pytest.mark.parametrize("qk_heads", [1, 2])
@@ -109,19 +131,9 @@ def test_grouped_heads(variant, qk_heads):
     dq, dk come back summed over the group (float16: per value head in float16, summed in float32);
     every path that reads q or k (GLA's factored and sub-chunk intra kernels, the fused forward)
     against the reference, which repeats the heads."""
-    gate = next((gate for gate in GATES if variant.startswith(gate)), "scalar")  # (varlen: scalar decay)
-    offsets, config = None, None
-    dtype, bound = (torch.float16, 2e-3) if variant.endswith("float16") else (torch.float32, 1e-5)
-    if variant == "varlen":
-        offsets, x = packed_sequences(make_inputs, gate="scalar", H=4)
-    else:
-        x = make_inputs(H=4, gate=gate, gate_scale=20.0 if variant.endswith("strong") else 1.0, dtype=dtype)
+    x, offsets, config, bound = _variant(variant, gate_scale=20.0 if variant.endswith("strong") else 1.0)
     x["q"], x["k"] = (x[name][:, :, :qk_heads].contiguous() for name in ("q", "k"))
-    if variant.endswith("fused"):
-        config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, state_block_v=16, fused_forward=1)
-    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
-    with cache.override("linear_attn", "triton", bucket, config) if config else contextlib.nullcontext():
-        compare_backends(lambda backend, **kw: run(backend, cu_seqlens=offsets, **kw), x, bound, test="triton")
+    _compare_variant(x, offsets, config, bound)
 
 
 @pytest.mark.parametrize("variant", ["none", "scalar", "per-key", "scalar-fused", "scalar-grouped", "varlen",
@@ -131,23 +143,13 @@ def test_value_scale_and_skip(variant):
     D) applied inside the kernels: the outputs and every gradient, theirs included, against the
     reference (which scales a copy and adds the skip term after); grouped heads and the fused
     forward too."""
-    gate = next((gate for gate in GATES if variant.startswith(gate)), "scalar")  # (varlen: scalar decay)
-    offsets, config = None, None
-    dtype, bound = (torch.float16, 2e-3) if variant.endswith("float16") else (torch.float32, 1e-5)
-    if variant == "varlen":
-        offsets, x = packed_sequences(make_inputs, gate="scalar")
-    else:
-        x = make_inputs(H=4, gate=gate, dtype=dtype)
+    x, offsets, config, bound = _variant(variant)
     if not variant.endswith("skip-only"):
         x["v_scale"] = torch.rand(x["v"].shape[:3]) * 0.5 + 0.01
     x["skip"] = torch.randn(x["v"].shape[2:])
     if variant.endswith("grouped"):
         x["q"], x["k"] = (x[name][:, :, :2].contiguous() for name in ("q", "k"))
-    if variant.endswith("fused"):
-        config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, state_block_v=16, fused_forward=1)
-    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), torch.float32)
-    with cache.override("linear_attn", "triton", bucket, config) if config else contextlib.nullcontext():
-        compare_backends(lambda backend, **kw: run(backend, cu_seqlens=offsets, **kw), x, bound, test="triton")
+    _compare_variant(x, offsets, config, bound)
 
 
 @pytest.mark.parametrize("gate", GATES)
