@@ -210,8 +210,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             raise ValueError(f"{op}: state_batch_indices must be an int32/int64 tensor of shape ({x.shape[0]},), got "
                              f"{state_batch_indices.dtype} {tuple(state_batch_indices.shape)}")
         rows = state[state_batch_indices]
-    heads = state.dim() == 4
-    if heads:  # channels = (head, dim) pairs
+    multi_head = state.dim() == 4
+    if multi_head:  # channels = (head, dim) pairs
         head_dims = tuple(state.shape[1:3])
         for name, t, lead in (("x", x, 1), ("dt", dt, 1), ("z", z, 1), ("A", A, 0), ("D", D, 0),
                               ("dt_bias", dt_bias, 0)):
@@ -224,7 +224,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         A = A.flatten(0, 1)
         D, dt_bias = (None if t is None else t.flatten() for t in (D, dt_bias))
     out, new_state = rnnops.selective_state_update(rows, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    if heads:
+    if multi_head:
         out, new_state = out.view(out.shape[0], *state.shape[1:3]), new_state.view((-1,) + state.shape[1:])
     if state_batch_indices is None:
         state.copy_(new_state)

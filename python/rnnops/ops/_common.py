@@ -69,6 +69,12 @@ def check_grouped_heads(op: str, dims: check.Dims) -> None:
         raise ValueError(f"{op}: q and k have {dims['Hk']} heads, which must divide v's {dims['H']} (grouped heads)")
 
 
+def reads_grouped_heads(backend: str) -> bool:
+    """Whether a linear-family sequence backend reads grouped q / k heads in place (the Triton
+    kernels); the others get them repeated (:func:`repeat_heads`)."""
+    return backend == "triton"
+
+
 def repeat_heads(q: torch.Tensor, k: torch.Tensor, dims: check.Dims) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped q and k (Hk heads, the second-to-last axis) repeated to v's H heads, each for its
     H / Hk value heads: for the backends that take one q / k head per value head."""

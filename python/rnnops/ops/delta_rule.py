@@ -9,8 +9,8 @@ from rnnops.autotune.kernels import delta_rule_shape
 
 from .._dispatch import register, resolve
 from .._library import LibraryOp, tracing
-from ._common import (Checked, add_time_axis, check_grouped_heads, fake_linear_outputs, needs_grad, repeat_heads,
-                      sequence_count, state_or_zeros)
+from ._common import (Checked, add_time_axis, check_grouped_heads, fake_linear_outputs, needs_grad,
+                      reads_grouped_heads, repeat_heads, sequence_count, state_or_zeros)
 
 
 def delta_rule(
@@ -255,7 +255,7 @@ def _run(op, checked: Checked, q, k, v, beta, g, initial_state, output_final_sta
         q, k = _l2_normalised(dtype, q, k)
     name, impl = resolve(op, backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]), chunk_size=chunk_size,
                          shape=delta_rule_shape(q, v, g, dims.sizes.get("NH", 1)))
-    if name != "triton":
+    if not reads_grouped_heads(name):
         q, k = repeat_heads(q, k, dims)
     o, final = impl(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                     output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)

@@ -8,8 +8,8 @@ from rnnops.autotune.kernels import linear_attn_shape
 
 from .._dispatch import register, resolve
 from .._library import LibraryOp, tracing
-from ._common import (Checked, add_time_axis, check_grouped_heads, fake_linear_outputs, needs_grad, repeat_heads,
-                      sequence_count, state_or_zeros)
+from ._common import (Checked, add_time_axis, check_grouped_heads, fake_linear_outputs, needs_grad,
+                      reads_grouped_heads, repeat_heads, sequence_count, state_or_zeros)
 
 
 def linear_attn(
@@ -66,17 +66,16 @@ def linear_attn(
         return v.new_empty(v.shape), final if output_final_state else None
     name, impl = resolve("linear_attn", backend, device, dtype=dtype, head_dims=(dims["K"], dims["V"]),
                          chunk_size=chunk_size, shape=linear_attn_shape(q, v, g))
-    if name == "triton":  # its kernels read grouped heads in place and apply v_scale and skip themselves
-        o, final = impl(q, k, v, g, scale=scale, initial_state=initial_state,
-                        output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                        v_scale=v_scale, skip=skip)
-        return o, final if output_final_state else None
-    q, k = repeat_heads(q, k, dims)
-    values = v if v_scale is None else (v * v_scale.unsqueeze(-1)).to(v.dtype)
-    o, final = impl(q, k, values, g, scale=scale, initial_state=initial_state,
-                    output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    if skip is not None:
-        o = (o + skip * v).to(o.dtype)
+    options = {"scale": scale, "initial_state": initial_state, "output_final_state": bool(output_final_state),
+               "cu_seqlens": cu_seqlens, "chunk_size": chunk_size}
+    if reads_grouped_heads(name):  # the Triton kernels also apply v_scale and skip themselves
+        o, final = impl(q, k, v, g, v_scale=v_scale, skip=skip, **options)
+    else:
+        q, k = repeat_heads(q, k, dims)
+        values = v if v_scale is None else (v * v_scale.unsqueeze(-1)).to(v.dtype)
+        o, final = impl(q, k, values, g, **options)
+        if skip is not None:
+            o = (o + skip * v).to(o.dtype)
     return o, final if output_final_state else None
 
 
