@@ -180,7 +180,9 @@ class Engine:
         key = (phase, dtype, cell, units, threads, shared)
         if key not in self._co_resident:
             function = self._function(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), shared, True)
-            per_sm = _cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(function.ptr, threads, shared)
+            # get_function gives a RawKernel (cupy 14) or a Function (older); the driver wants the CUfunction
+            pointer = getattr(function, "kernel", function).ptr
+            per_sm = _cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(pointer, threads, shared)
             self._co_resident[key] = per_sm * torch.cuda.get_device_properties(self.device).multi_processor_count
         return self._co_resident[key]
 
