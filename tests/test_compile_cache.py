@@ -108,6 +108,20 @@ def test_restore_lands_where_triton_finds_it_and_overwrites_nothing(tmp_path, ca
     assert (here_cupy / "old_2.cubin").read_bytes() == b"this machine's"
 
 
+def test_restore_says_when_the_archive_was_packed_under_another_triton_build(tmp_path, caches, monkeypatch):
+    # Triton's cache keys cover its own build: a seed packed under Triton 3.6.0 with Python 3.11 had
+    # none of its 784 kernels read by the GPU's Triton 3.6.0 with Python 3.12 (2026-11-27)
+    triton, cupy = caches
+    archive = tmp_path / "cache.tar.xz"
+    monkeypatch.setattr(compile_cache, "_triton_build", lambda: "build-a")
+    compile_cache.pack(archive, SINCE, triton_dir=triton, cupy_dir=cupy)
+    same = compile_cache.restore(archive, tmp_path / "same" / "triton", tmp_path / "same" / "cupy")
+    assert not same.foreign_triton and "not this machine's" not in str(same)
+    monkeypatch.setattr(compile_cache, "_triton_build", lambda: "build-b")
+    other = compile_cache.restore(archive, tmp_path / "other" / "triton", tmp_path / "other" / "cupy")
+    assert other.foreign_triton and "Triton build build-a is not this machine's build-b" in str(other)
+
+
 def test_restore_of_a_truncated_or_foreign_archive_says_why_and_never_raises(tmp_path, caches):
     triton, cupy = caches
     archive = tmp_path / "cache.tar.xz"

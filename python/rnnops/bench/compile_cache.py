@@ -31,6 +31,7 @@ and packs ``$OUT/compile-cache.tar.xz`` at its end; copy that to ``.whl/`` for t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import lzma
@@ -154,7 +155,8 @@ def _write(archive: Path, entries: list[_Entry], since: float, limit: int, slack
                     continue
                 counts["compiled" if entry.written > since else "read" if entry.used > since else "unread"] += 1
             manifest = json.dumps({"label": label, "packed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                   "triton": _triton_version(), "entries": packed.counts}, indent=1).encode()
+                                   "triton": _triton_version(), "triton_build": _triton_build(),
+                                   "entries": packed.counts}, indent=1).encode()
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mtime = len(manifest), int(time.time())
             tar.addfile(info, io.BytesIO(manifest))
@@ -191,23 +193,40 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def _triton_build() -> str | None:
+    """A digest of Triton's own part of every kernel's cache key (``triton_key()``: its compiler
+    and language sources and its native library): the same version differs by build and Python
+    ABI (Triton 3.6.0 under Python 3.11 and 3.12 share no key), and a restored kernel compiled under
+    another build is never read. None without Triton."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return None
+    return hashlib.sha256(triton_key().encode()).hexdigest()[:16]
+
+
 @dataclass
 class Restored:
     """What :func:`restore` did: files written per kind, files already there, members skipped
-    (unexpected names or types, unreadable group files), the archive's manifest, and the error
-    that ended reading it early (a truncated or corrupt archive), if any."""
+    (unexpected names or types, unreadable group files), the archive's manifest, the error
+    that ended reading it early (a truncated or corrupt archive), if any, and whether its Triton
+    kernels were compiled under another Triton build than this machine's (then none is read)."""
 
     written: dict = field(default_factory=dict)
     existing: int = 0
     skipped: int = 0
     manifest: dict = field(default_factory=dict)
     error: str | None = None
+    foreign_triton: bool = False
 
     def __str__(self) -> str:
         source = ", ".join(f"{k} {v}" for k, v in self.manifest.items() if k in ("label", "packed", "triton") and v)
         files = ", ".join(f"{n} {kind} files" for kind, n in sorted(self.written.items())) or "no files"
         text = f"restored {files} ({self.existing} already there, {self.skipped} skipped)"
         text += f" from a cache packed with {source}" if source else ""
+        if self.foreign_triton:
+            text += (f"; its Triton build {self.manifest['triton_build']} is not this machine's {_triton_build()}, so"
+                     " none of its Triton kernels can be read here (pack it under this machine's Triton and Python)")
         return text + (f"; stopped early: {self.error}" if self.error else "")
 
 
@@ -264,6 +283,8 @@ def restore(archive: Path, triton_dir: Path | None = None, cupy_dir: Path | None
                     groups.append(target)
     except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, ValueError) as error:
         restored.error = f"{type(error).__name__}: {error}"
+    packed_under = restored.manifest.get("triton_build") if isinstance(restored.manifest, dict) else None
+    restored.foreign_triton = bool(packed_under and restored.written.get("triton") and packed_under != _triton_build())
     for group in groups:  # (a truncated archive's last entry): Triton 3.6 would load a kernel without its cubin
         if not all(Path(child).is_file() for child in json.loads(group.read_text())["child_paths"].values()):
             group.unlink()
