@@ -9,7 +9,7 @@ import torch
 import rnnops
 from conftest import assert_close, compare_backends
 from rnnops.autotune import cache, hardware, kernels
-from rnnops.cuda_backend import compile_check
+from rnnops.cuda_backend import compile_check, engines
 from rnnops.cuda_backend import rnn as cuda_rnn
 from test_triton_rnn import GATES, make_inputs, run
 
@@ -42,6 +42,32 @@ def test_tensor_core_products_split_over_warps(cell):
     assert cuda_rnn.k_parts(4 * 16, 256, 2) == 2 and cuda_rnn.k_parts(16, 256, 2) == 8
     with cache.override("rnn", "cuda", bucket, {"units": 16, "threads": 256}):
         compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")
+
+
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [{"D": 64}, {"B": 20, "T": 3, "D": 16, "initial": False, "bias": False},
+                                   {"T": 3, "H": 1, "D": 48}], ids=["D64", "B20-D16-no-state-no-bias", "D48"])
+def test_fragment_forward(cell, dtype, bound, shape, monkeypatch):
+    """RNNConfig.fragments 1: the forward in tensor-core fragments (csrc/rnn/rnn.cuh's
+    rnn_fwd_fragments), whose states and pre-activations the backward reads: a 64-wide head (four
+    K steps), a 16-wide one (two) with a second batch tile that has 12 rows past the batch and no
+    initial state or bias, and a 48-wide one in the four-step instantiation (one K step unused)."""
+    x = make_inputs(cell, dtype=dtype, **shape)
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), dtype)
+    simulator, launches = engines.simulator(), []
+    fragments = simulator.rnn_forward_fragments
+    monkeypatch.setattr(simulator, "rnn_forward_fragments", lambda *args: launches.append(args[-2]) or fragments(*args))
+    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "fragments": 1}):
+        compare_backends(run(cell, dtype), x, bound, test="cuda")
+    assert launches and set(launches) == {cuda_rnn.fragment_k_steps(shape["D"], dtype.itemsize)}
+
+
+def test_fragment_forward_applies_to_half_types_up_to_64_units():
+    assert [cuda_rnn.fragment_k_steps(D, 2) for D in (16, 32, 48, 64, 80)] == [2, 2, 4, 4, None]
+    assert cuda_rnn.fragment_k_steps(32, 4) is None
+    legal = cuda_rnn.space(80, "lstm", 2, hardware.named("H100")).legal()
+    assert legal and not any(config["fragments"] for config in legal)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -195,10 +221,16 @@ def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
     assert cuda_rnn.fitting_slice(cuda_rnn.RNNConfig(units=16), 768, "gru", 2, cuda) == (16, 0, 0)
 
 
+def fragment_kernels() -> list[compile_check.Instantiation]:
+    return [compile_check.rnn_fragments_kernel(dtype, cell, k_steps) for dtype in ("__half", "__nv_bfloat16")
+            for cell in range(4) for k_steps in cuda_rnn.FRAGMENT_K_STEPS]
+
+
 def default_kernels() -> list[compile_check.Instantiation]:
+    """The default slice's kernels and every fragment forward."""
     units = cuda_rnn.DEFAULT_CONFIG.units
-    return [compile_check.rnn_kernel(phase, dtype, cell, units)
-            for phase in ("fwd", "bwd") for dtype in ("float", "__nv_bfloat16") for cell in range(4)]
+    return [compile_check.rnn_kernel(phase, dtype, cell, units) for phase in ("fwd", "bwd")
+            for dtype in ("float", "__nv_bfloat16") for cell in range(4)] + fragment_kernels()
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
@@ -217,7 +249,7 @@ def test_every_slice_width_compiles_with_nvrtc():
     takes 16-unit slices, the default 64."""
     compile_check.nvrtc_compile([compile_check.rnn_kernel(phase, dtype, cell, units) for phase in ("fwd", "bwd")
                                  for dtype in ("float", "__nv_bfloat16") for cell in range(4)
-                                 for units in cuda_rnn.UNITS], "sm_90a")
+                                 for units in cuda_rnn.UNITS] + fragment_kernels(), "sm_90a")
 
 
 @pytest.mark.gpu
@@ -226,6 +258,19 @@ def test_every_slice_width_compiles_with_nvrtc():
 def test_realistic_shapes_on_gpu(cell, H, D):
     x = make_inputs(cell, B=16, T=64, H=H, D=D, dtype=torch.bfloat16, device="cuda")
     compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 1e-2), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H,D", [(12, 64), (4, 32)])
+def test_fragment_forward_on_gpu(cell, dtype, bound, H, D):
+    """The fragment forward on tensor cores, whose register layout (PTX's, for mma.m16n8k16) only
+    a GPU checks: the simulator follows the same documentation."""
+    x = make_inputs(cell, B=16, T=64, H=H, D=D, dtype=dtype, device="cuda")
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), dtype)
+    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 256, "fragments": 1}):
+        compare_backends(run(cell, dtype), x, bound, test="cuda")
 
 
 @pytest.mark.gpu

@@ -95,5 +95,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_forward", &rnnops::bindings::scan_forward);
   m.def("scan_backward", &rnnops::bindings::scan_backward);
   m.def("rnn_forward", &rnnops::bindings::rnn_forward);
+  m.def("rnn_forward_fragments", &rnnops::bindings::rnn_forward_fragments);
   m.def("rnn_backward", &rnnops::bindings::rnn_backward);
 }

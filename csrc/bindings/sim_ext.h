@@ -53,6 +53,9 @@ void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, a
 void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
                  at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
                  std::vector<int64_t> launch_shape);
+void rnn_forward_fragments(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
+                           at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell,
+                           int64_t k_steps, std::vector<int64_t> launch_shape);
 void rnn_backward(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tensor pre,
                   at::Tensor d_h_seq, at::Tensor carry, at::Tensor dx, at::Tensor drec_n,
                   std::vector<int64_t> shape, int64_t cell, int64_t units, std::vector<int64_t> launch_shape);

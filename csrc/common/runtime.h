@@ -14,6 +14,17 @@
 //                                    the thread commits; wait<N> returns once all but the N most
 //                                    recent of its groups have landed (a block barrier after it
 //                                    shows them to the other threads)
+//   rnnops::mma_16x8x16<T>           c += a b on one 16 x 8 x 16 tensor-core tile (mma.sync, sm_80+,
+//                                    T __half or __nv_bfloat16, float accumulators) in PTX's
+//                                    fragment layout: lane = 4 group + quad; a's 32-bit registers
+//                                    hold a[row][k, k + 1] at rows group (+8 in a[1], a[3]) and k =
+//                                    2 quad (+8 in a[2], a[3]); b's b[k, k + 1][group] at k = 2 quad
+//                                    (+8 in b[1]); c holds rows group (c[0], c[1]) and group + 8
+//                                    (c[2], c[3]), columns 2 quad and 2 quad + 1. A register's
+//                                    first element is the one at the lower address.
+//   rnnops::load_word, Pair<E>       a 32-bit word of two adjacent half-type elements (a fragment
+//                                    register) loaded from memory; two adjacent elements as one
+//                                    access (aligned to their size)
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -40,6 +51,22 @@ __device__ __forceinline__ void copy_async16(void* shared_dst, const void* globa
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
 }
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ unsigned load_word(const void* p) { return *reinterpret_cast<const unsigned*>(p); }
+template <class T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  if constexpr (cuda::std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(cuda::std::is_same_v<T, __half>, "mma_16x8x16 takes __half or __nv_bfloat16");
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
 template <int kPendingGroups>
 __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPendingGroups) : "memory");
@@ -60,6 +87,15 @@ template <int kPendingGroups>
 inline void copy_async_wait() {
   sim::copy_async_wait(kPendingGroups);
 }
+inline unsigned load_word(const void* p) {
+  unsigned word;
+  std::memcpy(&word, p, sizeof(word));
+  return word;
+}
+template <class T>
+inline void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  sim::mma_16x8x16<T>(c, a, b);
+}
 }  // namespace rnnops
 #endif
 
@@ -79,6 +115,11 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : logf(1.0f + __expf(x)); }
+
+template <class E>
+struct alignas(2 * sizeof(E)) Pair {
+  E lo, hi;
+};
 
 // 16 bytes moved as one load / store (LDG.128, STS.128 where aligned): 4 floats, or the raw bits of
 // 8 half-type values (a struct copy moves bits, no arithmetic)

@@ -263,6 +263,51 @@ __device__ __forceinline__ void for_gradient_chunks(const RNNShape& s, bool resi
 __device__ __forceinline__ float tanh_fast(float x) { return 2.0f * rnnops::sigmoid(2.0f * x) - 1.0f; }
 __device__ __forceinline__ float log_sigmoid(float x) { return fminf(x, 0.0f) - logf(1.0f + __expf(-fabsf(x))); }
 
+// One element's forward step of the cell (equations in rnnops.reference.rnn): from its gates' x_g
+// (``x``), recurrent products plus biases (R_g h)_unit + b_g (``rec``) and its previous states
+// (``prev``, indexed by slot; only the carried ones are read: GRU h; LSTM / sLSTM c, n, m), the new
+// states (state[0] = h_t) and the pre-activations the backward reads.
+template <int CELL>
+struct CellStep {
+  float state[CellInfo<CELL>::S], pre[CellInfo<CELL>::P];
+};
+
+template <int CELL>
+__device__ __forceinline__ CellStep<CELL> cell_step(const float* x, const float* rec, const float* prev) {
+  CellStep<CELL> out;
+  if constexpr (CELL == kGRU) {
+    const float p_r = x[0] + rec[0], p_z = x[1] + rec[1], rec_n = rec[2];
+    const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z);
+    const float p_n = x[2] + reset * rec_n;
+    out.state[0] = (1.0f - update) * tanh_fast(p_n) + update * prev[0];
+    out.pre[0] = p_r;
+    out.pre[1] = p_z;
+    out.pre[2] = p_n;
+    out.pre[3] = rec_n;
+  } else if constexpr (CELL == kElman) {
+    out.pre[0] = x[0] + rec[0];
+    out.state[0] = tanh_fast(out.pre[0]);
+  } else {
+#pragma unroll
+    for (int g = 0; g < 4; ++g) out.pre[g] = x[g] + rec[g];  // i, f, z, o
+    const float p_i = out.pre[0], p_f = out.pre[1], p_o = out.pre[3];
+    const float z_act = tanh_fast(out.pre[2]);
+    if constexpr (CELL == kLSTM) {
+      out.state[1] = rnnops::sigmoid(p_f) * prev[1] + rnnops::sigmoid(p_i) * z_act;
+      out.state[0] = rnnops::sigmoid(p_o) * tanh_fast(out.state[1]);
+    } else {
+      const float log_f = log_sigmoid(p_f);
+      const float m = fmaxf(log_f + prev[3], p_i);
+      const float input_gate = __expf(p_i - m), forget_gate = __expf(log_f + prev[3] - m);
+      out.state[1] = forget_gate * prev[1] + input_gate * z_act;
+      out.state[2] = forget_gate * prev[2] + input_gate;
+      out.state[3] = m;
+      out.state[0] = rnnops::sigmoid(p_o) * out.state[1] / out.state[2];
+    }
+  }
+  return out;
+}
+
 template <class T, int CELL, int U>
 __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* initial, float* states, float* pre,
                         T* h_seq, RNNShape s) {
@@ -365,63 +410,163 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           return in;
         },
         [&](int r, int u, int b, int unit, const StepInputs& in) {
-          auto gate = [&](int g) { return in.x[g] + acc[r * GU + g * U + u] + in.bias[g]; };  // x_g + (R_g h)_unit + b_g
-          auto save = [&](float* buffer, int slot, int slots, float value) {
-            buffer[step_index(s, b, t, slot, slots, unit, head)] = value;
-          };
-          auto save_pre = [&](int slot, float value) {
-            if (s.save_pre) save(pre, slot, P, value);
-          };
-          auto save_state = [&](int slot, float value) {  // for the backward, and the next step if carried
-            save(states, slot, S, value);
-            if (s.stage && slot >= kFirstCarried) carried_at(slot, r, u) = value;
-          };
-          float h_new;
-          if constexpr (CELL == kGRU) {
-            const float p_r = gate(0), p_z = gate(1);
-            const float rec_n = acc[r * GU + 2 * U + u] + in.bias[2];
-            const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z);
-            const float p_n = in.x[2] + reset * rec_n;
-            h_new = (1.0f - update) * tanh_fast(p_n) + update * in.prev[0];
-            save_pre(0, p_r);
-            save_pre(1, p_z);
-            save_pre(2, p_n);
-            save_pre(3, rec_n);
-          } else if constexpr (CELL == kElman) {
-            const float p = gate(0);
-            h_new = tanh_fast(p);
-            save_pre(0, p);
-          } else {
-            const float p_i = gate(0), p_f = gate(1), p_z = gate(2), p_o = gate(3);
-            const float c_prev = in.prev[1];
-            const float z_act = tanh_fast(p_z);
-            float c;
-            if constexpr (CELL == kLSTM) {
-              c = rnnops::sigmoid(p_f) * c_prev + rnnops::sigmoid(p_i) * z_act;
-              h_new = rnnops::sigmoid(p_o) * tanh_fast(c);
-            } else {
-              const float n_prev = in.prev[2], m_prev = in.prev[3];
-              const float log_f = log_sigmoid(p_f);
-              const float m = fmaxf(log_f + m_prev, p_i);
-              const float input_gate = __expf(p_i - m), forget_gate = __expf(log_f + m_prev - m);
-              c = forget_gate * c_prev + input_gate * z_act;
-              const float n = forget_gate * n_prev + input_gate;
-              h_new = rnnops::sigmoid(p_o) * c / n;
-              save_state(2, n);
-              save_state(3, m);
-            }
-            save_state(1, c);
-            save_pre(0, p_i);
-            save_pre(1, p_f);
-            save_pre(2, p_z);
-            save_pre(3, p_o);
+          float rec[G];  // (R_g h)_unit + b_g
+#pragma unroll
+          for (int g = 0; g < G; ++g) rec[g] = acc[r * GU + g * U + u] + in.bias[g];
+          const CellStep<CELL> out = cell_step<CELL>(in.x, rec, in.prev);
+#pragma unroll
+          for (int slot = 0; slot < S; ++slot) {  // for the backward, and the next step if carried
+            states[step_index(s, b, t, slot, S, unit, head)] = out.state[slot];
+            if (s.stage && slot >= kFirstCarried) carried_at(slot, r, u) = out.state[slot];
           }
-          save_state(0, h_new);
+#pragma unroll
+          for (int slot = 0; s.save_pre && slot < P; ++slot)
+            pre[step_index(s, b, t, slot, P, unit, head)] = out.pre[slot];
+          const float h_new = out.state[0];
           h_seq[(((long long)b * s.T + t) * s.H + head) * D + unit] = from_float<T>(h_new);
           // (every reader of h_{t-1} is past the barrier above)
           if (s.splits == 1) h[r * LD + unit] = from_float<T>(h_new);
         });
     block_barrier(s);  // h_t before the next step's product reads it; x_t's buffer before it is refilled
+  }
+}
+
+// The forward of a head that one block holds whole, in tensor-core fragments (mma.sync m16n8k16,
+// half types, D a multiple of 16 up to 16 KS): warp w owns units 8 w .. 8 w + 7 of every gate,
+// and a lane two adjacent units of two batch rows (the accumulator layout: rows group and group +
+// 8, units 2 quad and 2 quad + 1), so a step's products land in the registers of the thread that
+// applies the cell to them. Registers hold the warp's slice of R for the whole sequence (G KS 2
+// words: 32 for an LSTM at D 64), the lane's biases and carried float32 states, and x_{t+1},
+// loaded during step t. Shared memory holds only h: two [16][D] buffers (rows padded as
+// s.pad_rows says), step t reading one and writing the other, so a step ends at one block
+// barrier and its products never go through shared memory (rnn_fwd stores them as float32 tiles,
+// meets at a barrier, reads them back in the pointwise phase and meets at a second). Grid: one
+// block per (head, batch tile), D / 8 warps (at most 64 KS threads, the bound the registers are
+// budgeted for: KS 4, as instantiated, at most 124 registers and no spills for sm_80 and sm_90a;
+// at KS 8 the LSTM's 512 threads spill at 128). Per step and block: 2 G D^2 16 flops on tensor
+// cores, 16 D / 2 32-bit loads of h (conflict-free with padded rows), 2 G D 16 bytes of x read,
+// and the writes of rnn_fwd (h_seq, every step's states, the pre-activations where saved).
+template <class T, int CELL, int KS>
+__global__ void __launch_bounds__(64 * KS)
+    rnn_fwd_fragments(const T* x, const T* R, const float* bias, const float* initial, float* states, float* pre,
+                      T* h_seq, RNNShape s) {
+  using Info = CellInfo<CELL>;
+  constexpr int G = Info::G, S = Info::S, P = Info::P;
+  constexpr int kFirstCarried = CELL == kGRU ? 0 : 1;
+  int head, row0;
+  block_group(s, head, row0);
+  const int D = s.D, k_steps = D / 16, LD = padded<T>(D, s);
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  const int unit = threadIdx.x / 32 * 8 + 2 * quad;  // the lane's units: unit and unit + 1
+  const int rows[2] = {row0 + group, row0 + group + 8};
+  RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
+  T* h_buffers = reinterpret_cast<T*>(smem);  // [2][16][D] (rows of LD): h_{t-1} at even t, then at odd t
+  // the warp's slice of R as b fragments: weights[g][k] = R_g[n][16 k + 2 quad ..] with n the warp's
+  // unit 8 w + group (the b operand's column)
+  unsigned weights[G][KS][2];
+  const int n = threadIdx.x / 32 * 8 + group;
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int k = 0; k < KS; ++k) {
+      const T* row = R + (((long long)g * s.H + head) * D + n) * D + 16 * k + 2 * quad;
+      weights[g][k][0] = k < k_steps ? rnnops::load_word(row) : 0u;
+      weights[g][k][1] = k < k_steps ? rnnops::load_word(row + 8) : 0u;
+    }
+  float bias_of[G][2], carried[S][2][2];  // [..][row i][unit j]; carried: the slots from kFirstCarried
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) bias_of[g][j] = s.has_bias ? bias[(g * s.H + head) * D + unit + j] : 0.0f;
+#pragma unroll
+  for (int slot = kFirstCarried; slot < S; ++slot)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        carried[slot][i][j] =
+            rows[i] < s.B ? previous_state(s, states, initial, slot, rows[i], 0, unit + j, head, S) : 0.0f;
+  for (int idx = threadIdx.x; idx < kRows * D; idx += blockDim.x) {  // h_{-1}, zeros past the batch
+    const int r = idx / D, k = idx % D, b = row0 + r;
+    h_buffers[r * LD + k] = from_float<T>(b < s.B ? previous_state(s, states, initial, 0, b, 0, k, head, S) : 0.0f);
+  }
+  // the lane's x_t (two units a load), loaded a step ahead
+  using Pair = rnnops::Pair<T>;
+  auto load_x = [&](int t, Pair (&into)[2][G]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+        into[i][g] = rows[i] < s.B && t < s.T
+                         ? *reinterpret_cast<const Pair*>(x + ((((long long)rows[i] * s.T + t) * G + g) * s.H + head) *
+                                                                      D + unit)
+                         : Pair{from_float<T>(0.0f), from_float<T>(0.0f)};
+  };
+  Pair x_next[2][G];
+  load_x(0, x_next);
+  __syncthreads();
+  for (int t = 0; t < s.T; ++t) {
+    Pair x_now[2][G];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int g = 0; g < G; ++g) x_now[i][g] = x_next[i][g];
+    load_x(t + 1, x_next);
+    const T* h = h_buffers + (t & 1) * kRows * LD;
+    T* h_out = h_buffers + ((t + 1) & 1) * kRows * LD;
+    float acc[G][4];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[g][e] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KS; ++k) {
+      if (k >= k_steps) break;
+      const T* a_at = h + group * LD + 16 * k + 2 * quad;
+      const unsigned a[4] = {rnnops::load_word(a_at), rnnops::load_word(a_at + 8 * LD), rnnops::load_word(a_at + 8),
+                             rnnops::load_word(a_at + 8 * LD + 8)};
+#pragma unroll
+      for (int g = 0; g < G; ++g) rnnops::mma_16x8x16<T>(acc[g], a, weights[g][k]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float new_states[S][2], new_pre[P][2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float x_in[G], rec[G], prev[S];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          x_in[g] = to_float(j ? x_now[i][g].hi : x_now[i][g].lo);
+          rec[g] = acc[g][2 * i + j] + bias_of[g][j];
+        }
+#pragma unroll
+        for (int slot = kFirstCarried; slot < S; ++slot) prev[slot] = carried[slot][i][j];
+        const CellStep<CELL> out = cell_step<CELL>(x_in, rec, prev);
+#pragma unroll
+        for (int slot = 0; slot < S; ++slot) {
+          new_states[slot][j] = out.state[slot];
+          if (slot >= kFirstCarried) carried[slot][i][j] = out.state[slot];
+        }
+#pragma unroll
+        for (int p = 0; p < P; ++p) new_pre[p][j] = out.pre[p];
+      }
+      const Pair h_new{from_float<T>(new_states[0][0]), from_float<T>(new_states[0][1])};
+      // (rows past the batch feed only their own rows of the next product)
+      *reinterpret_cast<Pair*>(h_out + (group + 8 * i) * LD + unit) = h_new;
+      if (rows[i] < s.B) {
+        const int b = rows[i];
+        *reinterpret_cast<Pair*>(h_seq + (((long long)b * s.T + t) * s.H + head) * D + unit) = h_new;
+#pragma unroll
+        for (int slot = 0; slot < S; ++slot)
+          *reinterpret_cast<rnnops::Pair<float>*>(states + step_index(s, b, t, slot, S, unit, head)) =
+              rnnops::Pair<float>{new_states[slot][0], new_states[slot][1]};
+#pragma unroll
+        for (int p = 0; s.save_pre && p < P; ++p)
+          *reinterpret_cast<rnnops::Pair<float>*>(pre + step_index(s, b, t, p, P, unit, head)) =
+              rnnops::Pair<float>{new_pre[p][0], new_pre[p][1]};
+      }
+    }
+    __syncthreads();  // h_t before step t + 1 reads it (the buffer step t read is rewritten only at t + 1)
   }
 }
 

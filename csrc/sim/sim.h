@@ -6,7 +6,8 @@
 //   __syncthreads, __syncwarp, warp shuffles (__shfl_sync, _xor, _up, _down) and votes
 //   (__ballot_sync, __any_sync, __all_sync), atomicAdd / atomicMax / atomicCAS, __half and
 //   __nv_bfloat16 with their conversions, __ldg, the fast-math intrinsics, nvcuda::wmma fragments
-//   (m16n16k16, half / bfloat16 inputs, float accumulators), a grid-wide barrier for
+//   (m16n16k16, half / bfloat16 inputs, float accumulators), mma.sync's m16n8k16 tile in its
+//   documented register layout (rnnops::mma_16x8x16), a grid-wide barrier for
 //   cooperative launches, and asynchronous 16-byte copies from global to shared memory (a
 //   thread's copies land when it waits for their group, not before, and a misaligned address
 //   fails the launch once its threads are done, as it faults on a GPU).
@@ -52,6 +53,7 @@ struct Warp {
   std::barrier<> barrier;
   alignas(8) unsigned char exchange[kWarpSize][8];
   float fragment[kFragmentElements];
+  unsigned mma_a[kWarpSize][4], mma_b[kWarpSize][2];  // mma_16x8x16's operands, gathered from the lanes
 };
 
 struct Block {
@@ -161,6 +163,33 @@ T exchange(T value, unsigned source) {
   std::memcpy(&out, w.exchange[source % w.lanes], sizeof(T));
   w.barrier.arrive_and_wait();
   return out;
+}
+
+// c += a b for one 16 x 8 x 16 tile from the warp's registers in PTX's mma.m16n8k16 fragment
+// layout (common/runtime.h): every lane's a and b gathered, each lane's own four outputs summed.
+template <class T>
+void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  static_assert(sizeof(T) == 2, "two elements a 32-bit register");
+  Warp& w = current->warp();
+  const unsigned lane = current->lane;
+  std::memcpy(w.mma_a[lane], a, sizeof(a));
+  std::memcpy(w.mma_b[lane], b, sizeof(b));
+  w.barrier.arrive_and_wait();
+  auto element = [](unsigned word, int index) {
+    T pair[2];
+    std::memcpy(pair, &word, sizeof(pair));
+    return float(pair[index]);
+  };
+  auto a_at = [&](int row, int k) { return element(w.mma_a[4 * (row % 8) + k % 8 / 2][row / 8 + 2 * (k / 8)], k % 2); };
+  auto b_at = [&](int k, int n) { return element(w.mma_b[4 * n + k % 8 / 2][k / 8], k % 2); };
+  const int group = static_cast<int>(lane) / 4, quad = static_cast<int>(lane) % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = group + 8 * (i / 2), column = 2 * quad + i % 2;
+    float sum = c[i];
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, column);
+    c[i] = sum;
+  }
+  w.barrier.arrive_and_wait();
 }
 
 inline unsigned ballot(bool predicate) {

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .compile_check import Instantiation, rnn_kernel, scan_kernel
+from .compile_check import Instantiation, rnn_fragments_kernel, rnn_kernel, scan_kernel
 from .simulator import csrc_dir
 
 _DTYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -165,13 +165,12 @@ class Engine:
 
     # ------------------------------------------------------------ fused recurrent cells
 
-    def _rnn(self, phase, args, shape, cell, units, launch_shape, dtype):
+    def _rnn(self, kernel, args, shape, launch_shape):
         grid_x, grid_y, grid_z, threads, shared = launch_shape
         fields = ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage", "gradient_chunks",
                   "pad_rows", "group_begin")
         rnn_shape = _struct([(name, "<i4") for name in fields], tuple(shape))
-        self._launch(rnn_kernel(phase, _DTYPE_NAMES[dtype], cell, units), (grid_x, grid_y, grid_z), (threads,), shared,
-                     (*args, rnn_shape), cooperative=grid_z > 1)
+        self._launch(kernel, (grid_x, grid_y, grid_z), (threads,), shared, (*args, rnn_shape), cooperative=grid_z > 1)
 
     def rnn_co_resident_blocks(self, phase, dtype, cell, units, threads, shared) -> int:
         """Blocks of an rnn kernel that can be resident at once on this GPU (its occupancy at
@@ -188,11 +187,15 @@ class Engine:
 
     def rnn_forward(self, x, R, bias, initial, states, pre, h_seq, shape, cell, units, launch_shape):
         args = tuple(_pointer(t) for t in (x, R, bias, initial, states, pre, h_seq))
-        self._rnn("fwd", args, shape, cell, units, launch_shape, x.dtype)
+        self._rnn(rnn_kernel("fwd", _DTYPE_NAMES[x.dtype], cell, units), args, shape, launch_shape)
+
+    def rnn_forward_fragments(self, x, R, bias, initial, states, pre, h_seq, shape, cell, k_steps, launch_shape):
+        args = tuple(_pointer(t) for t in (x, R, bias, initial, states, pre, h_seq))
+        self._rnn(rnn_fragments_kernel(_DTYPE_NAMES[x.dtype], cell, k_steps), args, shape, launch_shape)
 
     def rnn_backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, shape, cell, units, launch_shape):
         args = tuple(_pointer(t) for t in (R, initial, states, pre, d_h_seq, carry, dx, drec_n))
-        self._rnn("bwd", args, shape, cell, units, launch_shape, R.dtype)
+        self._rnn(rnn_kernel("bwd", _DTYPE_NAMES[R.dtype], cell, units), args, shape, launch_shape)
 
 
 @functools.cache

@@ -31,6 +31,9 @@ ROW_PAD_BYTES = 16
 # float32 or 512 half-type gradients)
 CHUNK_ROW_BYTES = 1024
 UNITS = (16, 32, 64)  # the instantiated slice widths
+# the fragment forward's instantiations (csrc/rnn/rnn.cuh's rnn_fwd_fragments): its largest head, in
+# 16-wide K steps, whose weights a warp holds in registers (D <= 16 KS; at 8 the LSTM spills)
+FRAGMENT_K_STEPS = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class RNNConfig:
     # (csrc/rnn/rnn.cuh's RNNShape.pad_rows; unpadded, a row of a multiple of 128 bytes made every
     # fragment load an 8-way bank conflict): a launch where they do not fit pads none
     pad_rows: int = 1
+    # the forward in tensor-core fragments (csrc/rnn/rnn.cuh's rnn_fwd_fragments: a block a head,
+    # the products in the registers of the threads that apply the cell, one block barrier a step)
+    # where fragment_k_steps allows it; else, and for the backward, the slices above
+    fragments: int = 0
 
 
 DEFAULT_CONFIG = RNNConfig()
@@ -60,6 +67,19 @@ def k_parts(outputs: int, threads: int, element_bytes: int) -> int:
     if element_bytes == 4:
         return 1
     return max(1, threads // 32 // (outputs // 16))
+
+
+def fragment_k_steps(D: int, element_bytes: int) -> int | None:
+    """The fragment forward's instantiation for a head of D units (its K steps, FRAGMENT_K_STEPS),
+    or None where it does not apply: float32 (no tensor cores), or D past 16 times the largest (64)."""
+    if element_bytes != 2:
+        return None
+    return next((k for k in FRAGMENT_K_STEPS if D <= 16 * k), None)
+
+
+def fragment_launch(D: int, element_bytes: int, pad_rows: int) -> tuple[int, int]:
+    """(threads, dynamic shared bytes) of the fragment forward: D / 8 warps, two [16][D] h buffers."""
+    return 4 * D, 2 * ROWS * (D * element_bytes + (ROW_PAD_BYTES if pad_rows else 0))
 
 
 def carried_states(cell: str) -> int:
@@ -136,8 +156,10 @@ def space(D: int, cell: str, element_bytes: int, hardware) -> Space:
     needed = gradient_chunks_needed(D, cell, element_bytes)
     return Space(
         {"units": list(UNITS), "threads": [64, 128, 256], "stage": [0, 1], "gradient_chunks": [1, 2, 4, 8],
-         "pad_rows": [0, 1]},
+         "pad_rows": [0, 1], "fragments": [0, 1]},
         (
+            Constraint("fragments: half types and D <= 64", ("fragments",),
+                       lambda f: not f or fragment_k_steps(D, element_bytes) is not None),
             Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
             Constraint("gradient_chunks <= a step's chunks rounded up to a power of two", ("gradient_chunks",),
                        lambda c: c == 1 or c // 2 < needed),
@@ -199,6 +221,7 @@ class _Launcher:
                                                              chunks, pad_rows)))
         self.shape = [batch, time, heads, dim, self.splits]
         self.saves, self.layout = saves, [stage, chunks, pad_rows]  # RNNShape's stage, gradient_chunks, pad_rows
+        self.fragment_k_steps = fragment_k_steps(dim, dtype.itemsize) if config.fragments else None
 
     def launches(self, phase: str) -> list[tuple[list[int], list[int]]]:
         """(RNNShape's last field, group_begin; the launch shape: grid x, y, z, threads, shared bytes)
@@ -223,6 +246,12 @@ class _Launcher:
         x = _aligned(x)
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
         flags = [int(b is not None), int(initial is not None), int(self.saves), *self.layout]
+        if self.fragment_k_steps is not None:  # one block a head, all of them in one launch
+            threads, shared = fragment_launch(self.shape[3], self.dtype.itemsize, self.layout[2])
+            engine(self.device).rnn_forward_fragments(
+                x, _aligned(R), maybe(b), maybe(initial), states, maybe(pre), h_seq, self.shape + flags + [0],
+                self.cell, self.fragment_k_steps, [self.groups, 1, 1, threads, shared])
+            return pre
         for group_begin, launch in self.launches("fwd"):
             engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq,
                                             self.shape + flags + group_begin, self.cell, self.units, launch)
