@@ -442,7 +442,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
 // barrier and its products never go through shared memory (rnn_fwd stores them as float32 tiles,
 // meets at a barrier, reads them back in the pointwise phase and meets at a second). Grid: one
 // block per (head, batch tile), D / 8 warps (at most 64 KS threads, the bound the registers are
-// budgeted for: KS 4, as instantiated, at most 124 registers and no spills for sm_80 and sm_90a;
+// budgeted for: KS 2 and 4, as instantiated, at most 122 registers and no spills for sm_80 and sm_90a;
 // at KS 8 the LSTM's 512 threads spill at 128). Per step and block: 2 G D^2 16 flops on tensor
 // cores, 16 D / 2 32-bit loads of h (conflict-free with padded rows), 2 G D 16 bytes of x read,
 // and the writes of rnn_fwd (h_seq, every step's states, the pre-activations where saved).
