@@ -308,6 +308,77 @@ __device__ __forceinline__ CellStep<CELL> cell_step(const float* x, const float*
   return out;
 }
 
+// One element's backward step of the cell: from dh (the carried gradient plus d h_seq's), the
+// pre-activations, the states at t (``now``) and t - 1 (``prev``) and the carried gradients of c
+// (n, m), both indexed by slot (only the slots the cell reads are read: GRU h_{t-1}; Elman h_t;
+// LSTM / sLSTM c (n, m) at t and t - 1), the gate gradients dx (GRU's third: d p_n), GRU's
+// drec_n = d p_n r (what the dh_{t-1} product takes for that gate), and what goes to step t - 1:
+// carried[0] the direct part of dh_{t-1} (GRU's dh z; 0 otherwise: the product adds the rest),
+// carried[1 ..] the gradients of c (n, m).
+template <int CELL>
+struct CellGradient {
+  float dx[CellInfo<CELL>::G], drec_n, carried[CellInfo<CELL>::S];
+};
+
+template <int CELL>
+__device__ __forceinline__ CellGradient<CELL> cell_gradient(float dh, const float* pre, const float* now,
+                                                            const float* prev, const float* carried) {
+  CellGradient<CELL> out;
+  out.drec_n = 0.0f;
+  out.carried[0] = 0.0f;
+  if constexpr (CELL == kGRU) {
+    const float p_r = pre[0], p_z = pre[1], p_n = pre[2], rec_n = pre[3];
+    const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z), cand = tanh_fast(p_n);
+    const float d_pn = dh * (1.0f - update) * (1.0f - cand * cand);
+    out.dx[0] = d_pn * rec_n * reset * (1.0f - reset);
+    out.dx[1] = dh * (prev[0] - cand) * update * (1.0f - update);
+    out.dx[2] = d_pn;
+    out.drec_n = d_pn * reset;
+    out.carried[0] = dh * update;
+  } else if constexpr (CELL == kElman) {
+    out.dx[0] = dh * (1.0f - now[0] * now[0]);
+  } else {
+    const float p_i = pre[0], p_f = pre[1], p_z = pre[2], p_o = pre[3];
+    const float c = now[1], c_prev = prev[1];
+    const float z_act = tanh_fast(p_z), o_gate = rnnops::sigmoid(p_o);
+    float dc = carried[1];
+    if constexpr (CELL == kLSTM) {
+      const float i_gate = rnnops::sigmoid(p_i), f_gate = rnnops::sigmoid(p_f), tanh_c = tanh_fast(c);
+      dc += dh * o_gate * (1.0f - tanh_c * tanh_c);
+      out.dx[0] = dc * z_act * i_gate * (1.0f - i_gate);
+      out.dx[1] = dc * c_prev * f_gate * (1.0f - f_gate);
+      out.dx[2] = dc * i_gate * (1.0f - z_act * z_act);
+      out.dx[3] = dh * tanh_c * o_gate * (1.0f - o_gate);
+      out.carried[1] = dc * f_gate;
+    } else {
+      const float n = now[2], m_new = now[3];
+      const float n_prev = prev[2], m_prev = prev[3];
+      float dn = carried[2], dm = carried[3];
+      const float log_f = log_sigmoid(p_f);
+      const float input_gate = __expf(p_i - m_new), forget_gate = __expf(log_f + m_prev - m_new);
+      const float d_po = dh * c / n * o_gate * (1.0f - o_gate);
+      dc += dh * o_gate / n;
+      dn -= dh * o_gate * c / (n * n);
+      const float d_forget = dc * c_prev + dn * n_prev, d_input = dc * z_act + dn;
+      float d_pi = d_input * input_gate, d_logf = d_forget * forget_gate, dm_prev = d_forget * forget_gate;
+      dm += -d_input * input_gate - d_forget * forget_gate;
+      const float lhs = log_f + m_prev;  // m_new = max(lhs, p_i): the larger takes dm, ties split it
+      const float to_lhs = lhs > p_i ? dm : (lhs == p_i ? 0.5f * dm : 0.0f);
+      d_pi += dm - to_lhs;
+      d_logf += to_lhs;
+      dm_prev += to_lhs;
+      out.dx[0] = d_pi;
+      out.dx[1] = d_logf * (1.0f - rnnops::sigmoid(p_f));
+      out.dx[2] = dc * input_gate * (1.0f - z_act * z_act);
+      out.dx[3] = d_po;
+      out.carried[1] = dc * forget_gate;
+      out.carried[2] = dn * forget_gate;
+      out.carried[3] = dm_prev;
+    }
+  }
+  return out;
+}
+
 template <class T, int CELL, int U>
 __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* initial, float* states, float* pre,
                         T* h_seq, RNNShape s) {
@@ -701,67 +772,15 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
           return in;
         },
         [&](int r, int u, int b, int unit, const StepInputs& in) {
-          auto carry_to = [&](int slot, float value) { carried_at(slot, b, unit) = value; };
-          auto put = [&](int g, float value) {  // dx_g; GRU's candidate gate stages its drec_n below instead
-            dx[step_index(s, b, t, g, G, unit, head)] = from_float<T>(value);
-            if (resident && !(CELL == kGRU && g == 2)) stage(r, g * D + unit, value);
-          };
-          const float dh = in.dh;
-          float dh_direct = 0.0f;
-          if constexpr (CELL == kGRU) {
-            const float p_r = in.pre[0], p_z = in.pre[1], p_n = in.pre[2], rec_n = in.pre[3];
-            const float h_prev = in.prev[0];
-            const float reset = rnnops::sigmoid(p_r), update = rnnops::sigmoid(p_z), cand = tanh_fast(p_n);
-            const float d_pn = dh * (1.0f - update) * (1.0f - cand * cand);
-            put(0, d_pn * rec_n * reset * (1.0f - reset));
-            put(1, dh * (h_prev - cand) * update * (1.0f - update));
-            put(2, d_pn);
-            drec_n[step_index(s, b, t, 0, 1, unit, head)] = from_float<T>(d_pn * reset);
-            if (resident) stage(r, 2 * D + unit, d_pn * reset);
-            dh_direct = dh * update;
-          } else if constexpr (CELL == kElman) {
-            const float h_t = in.now[0];
-            put(0, dh * (1.0f - h_t * h_t));
-          } else {
-            const float p_i = in.pre[0], p_f = in.pre[1], p_z = in.pre[2], p_o = in.pre[3];
-            const float c = in.now[1], c_prev = in.prev[1];
-            const float z_act = tanh_fast(p_z), o_gate = rnnops::sigmoid(p_o);
-            float dc = in.carried[1];
-            if constexpr (CELL == kLSTM) {
-              const float i_gate = rnnops::sigmoid(p_i), f_gate = rnnops::sigmoid(p_f), tanh_c = tanh_fast(c);
-              dc += dh * o_gate * (1.0f - tanh_c * tanh_c);
-              put(0, dc * z_act * i_gate * (1.0f - i_gate));
-              put(1, dc * c_prev * f_gate * (1.0f - f_gate));
-              put(2, dc * i_gate * (1.0f - z_act * z_act));
-              put(3, dh * tanh_c * o_gate * (1.0f - o_gate));
-              carry_to(1, dc * f_gate);
-            } else {
-              const float n = in.now[2], m_new = in.now[3];
-              const float n_prev = in.prev[2], m_prev = in.prev[3];
-              float dn = in.carried[2], dm = in.carried[3];
-              const float log_f = log_sigmoid(p_f);
-              const float input_gate = __expf(p_i - m_new), forget_gate = __expf(log_f + m_prev - m_new);
-              const float d_po = dh * c / n * o_gate * (1.0f - o_gate);
-              dc += dh * o_gate / n;
-              dn -= dh * o_gate * c / (n * n);
-              const float d_forget = dc * c_prev + dn * n_prev, d_input = dc * z_act + dn;
-              float d_pi = d_input * input_gate, d_logf = d_forget * forget_gate, dm_prev = d_forget * forget_gate;
-              dm += -d_input * input_gate - d_forget * forget_gate;
-              const float lhs = log_f + m_prev;  // m_new = max(lhs, p_i): the larger takes dm, ties split it
-              const float to_lhs = lhs > p_i ? dm : (lhs == p_i ? 0.5f * dm : 0.0f);
-              d_pi += dm - to_lhs;
-              d_logf += to_lhs;
-              dm_prev += to_lhs;
-              put(0, d_pi);
-              put(1, d_logf * (1.0f - rnnops::sigmoid(p_f)));
-              put(2, dc * input_gate * (1.0f - z_act * z_act));
-              put(3, d_po);
-              carry_to(1, dc * forget_gate);
-              carry_to(2, dn * forget_gate);
-              carry_to(3, dm_prev);
-            }
+          const CellGradient<CELL> grad = cell_gradient<CELL>(in.dh, in.pre, in.now, in.prev, in.carried);
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            dx[step_index(s, b, t, g, G, unit, head)] = from_float<T>(grad.dx[g]);
+            if (resident) stage(r, g * D + unit, CELL == kGRU && g == 2 ? grad.drec_n : grad.dx[g]);
           }
-          carry_to(0, dh_direct);
+          if constexpr (CELL == kGRU) drec_n[step_index(s, b, t, 0, 1, unit, head)] = from_float<T>(grad.drec_n);
+#pragma unroll
+          for (int slot = 0; slot < S; ++slot) carried_at(slot, b, unit) = grad.carried[slot];
         });
     block_barrier(s);  // every slice's gate gradients before the products read them
     // dh_{t-1}[r][slice] = sum over (g, i) of dx_g[r][i] R_g[i][slice], chunk by chunk
