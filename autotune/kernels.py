@@ -226,8 +226,8 @@ _STEP_UNSTAGED = 1000  # pointwise inputs read from global memory during the ste
 _STEP_ROUND = 1000  # each round of gate-gradient chunks past the first (backward): a memory latency
 _WMMA = 32  # one 16 x 16 x 16 tensor-core product in a warp's dependent chain
 _POINTWISE = 20  # one gate element's pointwise update in a thread
-# the fragment forward's fixed part (untimed guess): one block barrier a step where rnn_fwd has two,
-# and its products reach the pointwise phase in registers, not through shared memory
+# the fragment kernels' fixed part (untimed guess): one block barrier a step where the sliced ones
+# have two, and their products reach the pointwise phase in registers, not through shared memory
 _STEP_FRAGMENTS = _STEP_FIXED // 2
 
 
@@ -246,9 +246,9 @@ def _cells_step_cycles(config: dict, shape: dict, hardware: Hardware, element_by
     over the threads), a fixed part, and a head split over blocks pays a grid barrier and an
     exchange through L2 every step. A head that fits one block never meets the others: at 64
     units a step's work is a few products a warp, so the split's barrier, not the work, sets the
-    time, and more blocks do not make a step shorter. The fragment forward (``fragments``, where
-    it applies) has a warp's G K-step chains of half-size products (16 x 8 x 16) and four elements
-    of each gate a thread."""
+    time, and more blocks do not make a step shorter. The fragment kernels (``forward_fragments``,
+    ``backward_fragments``, where they apply) have a warp's G K-step chains of half-size products
+    (16 x 8 x 16) and four elements of each gate a thread."""
     from rnnops.cuda_backend.rnn import ROWS, fragment_k_steps, gradient_chunks_needed, shared_bytes
 
     gates, D, units, threads = _gates(shape), shape["D"], config["units"], config["threads"]
@@ -258,10 +258,11 @@ def _cells_step_cycles(config: dict, shape: dict, hardware: Hardware, element_by
     step = _STEP_FIXED + products + pointwise + (_STEP_SPLIT if splits > 1 else 0)
     step += 0 if config["stage"] else _STEP_UNSTAGED
     rounds = _gradient_rounds(config, shape)
-    forward = step
-    if config.get("fragments") and fragment_k_steps(D, element_bytes) is not None:
-        forward = _STEP_FRAGMENTS + gates * math.ceil(D / 16) * _WMMA // 2 + 4 * gates * _POINTWISE
-    cycles = forward + step + _STEP_ROUND * (rounds - 1)
+    fragments = _STEP_FRAGMENTS + gates * math.ceil(D / 16) * _WMMA // 2 + 4 * gates * _POINTWISE
+    applies = fragment_k_steps(D, element_bytes) is not None
+    forward = fragments if config.get("forward_fragments") and applies else step
+    backward = fragments if config.get("backward_fragments") and applies else step + _STEP_ROUND * (rounds - 1)
+    cycles = forward + backward
     chunks = min(config["gradient_chunks"], gradient_chunks_needed(D, shape["cell"], element_bytes))
     shared = max(shared_bytes(D, shape["cell"], units, element_bytes, threads, config["stage"], chunks,
                               config["pad_rows"]))

@@ -139,13 +139,15 @@ PY
     # shipped padded ones; and the 64-wide head split over four 16-unit blocks meeting at a grid
     # barrier every step, as shipped until 2026-11-27, against one block a head (the cost model
     # now counts a step's latency; the same change at H1 D768 is the shipped configuration); and
-    # the forward in tensor-core fragments (one block barrier a step, the products in the registers
-    # of the threads that apply the cell; H12 D64 only: it takes D <= 64), whose forward kernel the
-    # H200 timed at 4.65 ms against the Triton cells' 2.07 on 2026-11-27
+    # the kernels in tensor-core fragments (one block barrier a step, the products in the registers
+    # of the threads that apply the cell or its gradient; H12 D64 only: they take D <= 64), the
+    # forward alone and both directions: on 2026-11-27 the H200 timed the sliced forward kernel at
+    # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89
     left=$(seconds_until 510)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
-      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" --try '{"fragments": 1}' \
-      '{"stage": 0}' '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}'
+      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \
+      --try '{"forward_fragments": 1}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"stage": 0}' \
+      '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}'
     # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
     # shipped staging of each chunk's rows in shared memory, whose kernels since 2026-11-27 also
     # split the state elements over the warps, not the steps (SASS per element, forward /

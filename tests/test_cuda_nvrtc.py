@@ -25,6 +25,7 @@ from rnnops.cuda_backend import engines, nvrtc
 from rnnops.cuda_backend import rnn as cuda_rnn
 from rnnops.cuda_backend import selective_scan as cuda_scan
 from rnnops.cuda_backend.simulator import csrc_dir
+from test_triton_rnn import GATES
 from test_triton_rnn import make_inputs as rnn_inputs
 from test_triton_rnn import run as rnn_run
 from test_triton_selective_scan import make_inputs as scan_inputs
@@ -100,7 +101,8 @@ def launches(monkeypatch):
     monkeypatch.setenv(engines.SIMULATOR_ENV, "1")  # the backend takes CPU tensors
     monkeypatch.setattr(nvrtc, "_arch", lambda device: "sm_90a")
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
-    for name in ("scan_forward", "scan_backward", "rnn_forward", "rnn_forward_fragments", "rnn_backward"):
+    for name in ("scan_forward", "scan_backward", "rnn_forward", "rnn_forward_fragments", "rnn_backward",
+                 "rnn_backward_fragments"):
         monkeypatch.setattr(nvrtc.Engine, name, _recording(getattr(nvrtc.Engine, name), calls))
     for module in (cuda_scan, cuda_rnn):
         monkeypatch.setattr(module, "engine", lambda device: nvrtc.Engine(device))
@@ -221,17 +223,21 @@ def test_rnn_launches_match_the_kernels(launches, cpp_layouts, cell):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "slstm", "elman"])
-def test_fragment_forward_launches_match_the_kernel(launches, cpp_layouts, cell):
-    """RNNConfig.fragments: a block a (head, batch tile), D / 8 warps, two padded h buffers."""
+def test_fragment_kernel_launches_match_the_kernels(launches, cpp_layouts, cell):
+    """RNNConfig.forward_fragments and backward_fragments: a block a (head, batch tile), D / 8 warps;
+    forward, two padded h buffers; backward, R^T staged, then two padded gate-gradient buffers."""
     x = _leaves(rnn_inputs(cell, B=20, T=3, H=2, D=48, dtype=torch.bfloat16))
     bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), torch.bfloat16)
-    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "fragments": 1}):
+    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "forward_fragments": 1,
+                                                "backward_fragments": 1}):
         out = rnn_run(cell, torch.bfloat16)("cuda", **x)
-    out[0].sum().backward()
+        out[0].sum().backward()
     forward, backward = launches.launches
-    assert forward.name == f"rnnops::rnn::rnn_fwd_fragments<__nv_bfloat16, {CELL_IDS[cell]}, 4>"
-    assert forward.grid == (2 * 2, 1, 1) and forward.block == (4 * 48,) and forward.shared == 2 * 16 * (2 * 48 + 16)
-    assert backward.name.startswith("rnnops::rnn::rnn_bwd<")
+    for launch, phase in ((forward, "fwd"), (backward, "bwd")):
+        assert launch.name == f"rnnops::rnn::rnn_{phase}_fragments<__nv_bfloat16, {CELL_IDS[cell]}, 4>"
+        assert launch.grid == (2 * 2, 1, 1) and launch.block == (4 * 48,)
+    assert forward.shared == 2 * 16 * (2 * 48 + 16)
+    assert backward.shared == 48 * (GATES[cell] * 48 * 2 + 16)
     for launch, call in zip(launches.launches, launches.calls, strict=True):
         check_launch(launch, call, cpp_layouts)
 

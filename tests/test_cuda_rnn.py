@@ -44,30 +44,51 @@ def test_tensor_core_products_split_over_warps(cell):
         compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")
 
 
+def _spy(monkeypatch, name: str) -> list[int]:
+    """The k_steps of every launch of the simulator's ``name`` from now on."""
+    simulator, launched = engines.simulator(), []
+    kernel = getattr(simulator, name)
+    monkeypatch.setattr(simulator, name, lambda *args: launched.append(args[-2]) or kernel(*args))
+    return launched
+
+
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("shape", [{"D": 64}, {"B": 20, "T": 3, "D": 16, "initial": False, "bias": False},
                                    {"T": 3, "H": 1, "D": 48}], ids=["D64", "B20-D16-no-state-no-bias", "D48"])
-def test_fragment_forward(cell, dtype, bound, shape, monkeypatch):
-    """RNNConfig.fragments 1: the forward in tensor-core fragments (csrc/rnn/rnn.cuh's
-    rnn_fwd_fragments), whose states and pre-activations the backward reads: a 64-wide head (four
-    K steps), a 16-wide one (two) with a second batch tile that has 12 rows past the batch and no
-    initial state or bias, and a 48-wide one in the four-step instantiation (one K step unused)."""
+def test_fragment_kernels(cell, dtype, bound, shape, monkeypatch):
+    """RNNConfig.forward_fragments and backward_fragments: both directions in tensor-core fragments
+    (csrc/rnn/rnn.cuh's rnn_fwd_fragments, rnn_bwd_fragments): a 64-wide head (four K steps a
+    gate), a 16-wide one (two) with a second batch tile that has 12 rows past the batch and no
+    initial state or bias, and a 48-wide one in the four-step instantiations (one unused)."""
     x = make_inputs(cell, dtype=dtype, **shape)
     bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), dtype)
-    simulator, launches = engines.simulator(), []
-    fragments = simulator.rnn_forward_fragments
-    monkeypatch.setattr(simulator, "rnn_forward_fragments", lambda *args: launches.append(args[-2]) or fragments(*args))
-    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "fragments": 1}):
+    forward, backward = _spy(monkeypatch, "rnn_forward_fragments"), _spy(monkeypatch, "rnn_backward_fragments")
+    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 128, "forward_fragments": 1,
+                                                "backward_fragments": 1}):
         compare_backends(run(cell, dtype), x, bound, test="cuda")
-    assert launches and set(launches) == {cuda_rnn.fragment_k_steps(shape["D"], dtype.itemsize)}
+    k_steps = cuda_rnn.fragment_k_steps(shape["D"], dtype.itemsize)
+    assert forward and backward and set(forward) == set(backward) == {k_steps}
 
 
-def test_fragment_forward_applies_to_half_types_up_to_64_units():
+@pytest.mark.parametrize("cell", list(GATES))
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_one_direction_in_fragments(cell, direction, monkeypatch):
+    """Either direction alone, the other in slices (the backward reading what the sliced forward
+    saved, and the sliced backward what the fragment forward saved)."""
+    x = make_inputs(cell, dtype=torch.bfloat16, T=4, D=32)
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), torch.bfloat16)
+    launched = _spy(monkeypatch, f"rnn_{direction}_fragments")
+    with cache.override("rnn", "cuda", bucket, {"units": 32, "threads": 128, f"{direction}_fragments": 1}):
+        compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="cuda")
+    assert launched == [2]
+
+
+def test_fragment_kernels_apply_to_half_types_up_to_64_units():
     assert [cuda_rnn.fragment_k_steps(D, 2) for D in (16, 32, 48, 64, 80)] == [2, 2, 4, 4, None]
     assert cuda_rnn.fragment_k_steps(32, 4) is None
     legal = cuda_rnn.space(80, "lstm", 2, hardware.named("H100")).legal()
-    assert legal and not any(config["fragments"] for config in legal)
+    assert legal and not any(config["forward_fragments"] or config["backward_fragments"] for config in legal)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -222,12 +243,12 @@ def test_launch_narrows_a_slice_that_does_not_fit_the_gpu(monkeypatch):
 
 
 def fragment_kernels() -> list[compile_check.Instantiation]:
-    return [compile_check.rnn_fragments_kernel(dtype, cell, k_steps) for dtype in ("__half", "__nv_bfloat16")
-            for cell in range(4) for k_steps in cuda_rnn.FRAGMENT_K_STEPS]
+    return [compile_check.rnn_fragments_kernel(phase, dtype, cell, k_steps) for phase in ("fwd", "bwd")
+            for dtype in ("__half", "__nv_bfloat16") for cell in range(4) for k_steps in cuda_rnn.FRAGMENT_K_STEPS]
 
 
 def default_kernels() -> list[compile_check.Instantiation]:
-    """The default slice's kernels and every fragment forward."""
+    """The default slice's kernels and every fragment kernel."""
     units = cuda_rnn.DEFAULT_CONFIG.units
     return [compile_check.rnn_kernel(phase, dtype, cell, units) for phase in ("fwd", "bwd")
             for dtype in ("float", "__nv_bfloat16") for cell in range(4)] + fragment_kernels()
@@ -264,12 +285,13 @@ def test_realistic_shapes_on_gpu(cell, H, D):
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 1e-2), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("H,D", [(12, 64), (4, 32)])
-def test_fragment_forward_on_gpu(cell, dtype, bound, H, D):
-    """The fragment forward on tensor cores, whose register layout (PTX's, for mma.m16n8k16) only
-    a GPU checks: the simulator follows the same documentation."""
+def test_fragment_kernels_on_gpu(cell, dtype, bound, H, D):
+    """The fragment kernels on tensor cores, whose register layout (PTX's, for mma.m16n8k16) only a
+    GPU checks: the simulator follows the same documentation."""
     x = make_inputs(cell, B=16, T=64, H=H, D=D, dtype=dtype, device="cuda")
     bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), dtype)
-    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 256, "fragments": 1}):
+    with cache.override("rnn", "cuda", bucket, {"units": 64, "threads": 256, "forward_fragments": 1,
+                                                "backward_fragments": 1}):
         compare_backends(run(cell, dtype), x, bound, test="cuda")
 
 

@@ -97,14 +97,15 @@ EVERY_KERNEL = """
             (h_seq.float().sum() + final[1].sum()).backward()
             with torch.no_grad():  # no pre-activation buffer
                 rnnops.rnn(x_gates, R, None, None, cell="lstm", backend="cuda")
-    # the fragment forward: two h buffers and one block barrier a step; 20 batch rows, two tiles
+    # the fragment kernels: two buffers and one block barrier a step; 20 batch rows, two tiles
     from rnnops.autotune import cache, kernels
     x_gates = torch.randn(20, 3, 4, 2, 16).bfloat16().requires_grad_()
     R = (torch.randn(4, 2, 16, 16) / 4).requires_grad_()
     bucket = kernels.bucket("rnn", kernels.rnn_shape(x_gates, "lstm"), torch.bfloat16)
-    with cache.override("rnn", "cuda", bucket, {"units": 16, "threads": 64, "fragments": 1}):
+    with cache.override("rnn", "cuda", bucket, {"units": 16, "threads": 64, "forward_fragments": 1,
+                                                "backward_fragments": 1}):
         h_seq, final = rnnops.rnn(x_gates, R, None, None, cell="lstm", backend="cuda")
-    (h_seq.float().sum() + final[1].sum()).backward()
+        (h_seq.float().sum() + final[1].sum()).backward()
 """
 # the defect each sanitizer must report: the code, and the words of its report
 DEFECTS = {"address": ("sim.out_of_bounds(torch.randn(7))", "heap-buffer-overflow"),

@@ -97,4 +97,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_forward", &rnnops::bindings::rnn_forward);
   m.def("rnn_forward_fragments", &rnnops::bindings::rnn_forward_fragments);
   m.def("rnn_backward", &rnnops::bindings::rnn_backward);
+  m.def("rnn_backward_fragments", &rnnops::bindings::rnn_backward_fragments);
 }

@@ -59,5 +59,9 @@ void rnn_forward_fragments(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tens
 void rnn_backward(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tensor pre,
                   at::Tensor d_h_seq, at::Tensor carry, at::Tensor dx, at::Tensor drec_n,
                   std::vector<int64_t> shape, int64_t cell, int64_t units, std::vector<int64_t> launch_shape);
+void rnn_backward_fragments(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tensor pre,
+                            at::Tensor d_h_seq, at::Tensor carry, at::Tensor dx, at::Tensor drec_n,
+                            std::vector<int64_t> shape, int64_t cell, int64_t k_steps,
+                            std::vector<int64_t> launch_shape);
 
 }  // namespace rnnops::bindings

@@ -19,6 +19,31 @@ void dispatch_cell(int64_t cell, int64_t units, F&& f) {
   TORCH_CHECK(false, "no simulator build for cell=", cell, " units=", units);
 }
 
+// f(T{}, cell, k_steps) for the fragment kernels (rnn_fwd_fragments / rnn_bwd_fragments): half types,
+// a head of up to 16 k_steps units; the sanitized builds only the LSTM's two-step bfloat16 kernels
+template <class F>
+void dispatch_fragments(at::ScalarType dtype, int64_t cell, int64_t k_steps, F&& f) {
+  auto for_type = [&](auto tag) {
+#define RNNOPS_FRAGMENTS(C, KS)  \
+  if (cell == C && k_steps == KS) \
+    return f(tag, std::integral_constant<int, C>{}, std::integral_constant<int, KS>{});
+#ifdef RNNOPS_SIM_SANITIZED
+    RNNOPS_FRAGMENTS(0, 2)
+#else
+    RNNOPS_FRAGMENTS(0, 2) RNNOPS_FRAGMENTS(0, 4) RNNOPS_FRAGMENTS(1, 2) RNNOPS_FRAGMENTS(1, 4)
+    RNNOPS_FRAGMENTS(2, 2) RNNOPS_FRAGMENTS(2, 4) RNNOPS_FRAGMENTS(3, 2) RNNOPS_FRAGMENTS(3, 4)
+#endif
+#undef RNNOPS_FRAGMENTS
+    TORCH_CHECK(false, "no simulator build of the fragment kernels for cell=", cell, " k_steps=", k_steps);
+  };
+#ifndef RNNOPS_SIM_SANITIZED
+  if (dtype == at::kHalf) return for_type(__half{});
+#endif
+  if (dtype == at::kBFloat16) return for_type(__nv_bfloat16{});
+  TORCH_CHECK(false, "no simulator build of the fragment kernels for ", dtype,
+              " (float16 or bfloat16; the sanitized builds bfloat16)");
+}
+
 inline rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
   return rnnops::rnn::RNNShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
                                static_cast<int>(v[3]), static_cast<int>(v[4]), static_cast<int>(v[5]),

@@ -20,4 +20,19 @@ void rnn_backward(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tenso
   });
 }
 
+void rnn_backward_fragments(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tensor pre,
+                            at::Tensor d_h_seq, at::Tensor carry, at::Tensor dx, at::Tensor drec_n,
+                            std::vector<int64_t> shape, int64_t cell, int64_t k_steps,
+                            std::vector<int64_t> launch_shape) {
+  // as rnn_backward, for a head of up to 16 k_steps units
+  const auto s = rnn_shape(shape);
+  dispatch_fragments(R.scalar_type(), cell, k_steps, [&](auto tag, auto c, auto ks) {
+    using T = decltype(tag);
+    launch(rnnops::rnn::rnn_bwd_fragments<T, decltype(c)::value, decltype(ks)::value>,
+           dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4], false,
+           ptr<T>(R), ptr<float>(initial), ptr<float>(states), ptr<float>(pre), ptr<T>(d_h_seq), mut<float>(carry),
+           mut<T>(dx), mut<T>(drec_n), s);
+  });
+}
+
 }  // namespace rnnops::bindings

@@ -25,34 +25,15 @@ void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial
 void rnn_forward_fragments(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
                            at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell,
                            int64_t k_steps, std::vector<int64_t> launch_shape) {
-  // as rnn_forward; the kernel for a half type, the cell and a head of up to 16 k_steps units
+  // as rnn_forward, for a head of up to 16 k_steps units
   const auto s = rnn_shape(shape);
-  auto run = [&](auto tag, auto c, auto ks) {
+  dispatch_fragments(x.scalar_type(), cell, k_steps, [&](auto tag, auto c, auto ks) {
     using T = decltype(tag);
     launch(rnnops::rnn::rnn_fwd_fragments<T, decltype(c)::value, decltype(ks)::value>,
            dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4], false,
            ptr<T>(x), ptr<T>(R), ptr<float>(bias), ptr<float>(initial), mut<float>(states), mut<float>(pre),
            mut<T>(h_seq), s);
-  };
-  auto for_type = [&](auto tag) {
-#define RNNOPS_FRAGMENTS(C, KS)  \
-  if (cell == C && k_steps == KS) \
-    return run(tag, std::integral_constant<int, C>{}, std::integral_constant<int, KS>{});
-#ifdef RNNOPS_SIM_SANITIZED
-    RNNOPS_FRAGMENTS(0, 2)  // LSTM, a head of up to 32 units
-#else
-    RNNOPS_FRAGMENTS(0, 2) RNNOPS_FRAGMENTS(0, 4) RNNOPS_FRAGMENTS(1, 2) RNNOPS_FRAGMENTS(1, 4)
-    RNNOPS_FRAGMENTS(2, 2) RNNOPS_FRAGMENTS(2, 4) RNNOPS_FRAGMENTS(3, 2) RNNOPS_FRAGMENTS(3, 4)
-#endif
-#undef RNNOPS_FRAGMENTS
-    TORCH_CHECK(false, "no simulator build of the fragment forward for cell=", cell, " k_steps=", k_steps);
-  };
-#ifndef RNNOPS_SIM_SANITIZED
-  if (x.scalar_type() == at::kHalf) return for_type(__half{});
-#endif
-  if (x.scalar_type() == at::kBFloat16) return for_type(__nv_bfloat16{});
-  TORCH_CHECK(false, "no simulator build of the fragment forward for ", x.scalar_type(),
-              " (float16 or bfloat16; the sanitized builds bfloat16)");
+  });
 }
 
 }  // namespace rnnops::bindings

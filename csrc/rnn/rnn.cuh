@@ -641,6 +641,170 @@ __global__ void __launch_bounds__(64 * KS)
   }
 }
 
+// The backward of a head that one block holds whole, in tensor-core fragments (half types, D a
+// multiple of 16 up to 16 KS; the forward's layout: warp w owns units 8 w .. 8 w + 7, a lane two
+// adjacent units of two batch rows). A step, last first: each lane's pointwise gradients
+// (cell_gradient) from inputs it loaded into registers during the step before (pre-activations,
+// d h_seq, the states at t - 1; the states at t are the previous step's t - 1) and carried
+// gradients it keeps in registers; the gate gradients go to dx (global, for dR) and to one of two
+// shared [16][G D] buffers (GRU's third gate: drec_n); one block barrier; then dh_{t-1} for the
+// warp's units = sum over (g, u) of dx_g[r][u] R_g[u][i] as mma.sync m16n8k16 tiles (K = G D,
+// two accumulators taking alternate K steps), whose accumulators are the lane's own elements, so
+// the product is the next step's carried dh with no further barrier (the next step writes the
+// other buffer). R_g^T's slice of the warp stays in registers (G KS 2 words), staged once through
+// shared memory. Grid and threads as rnn_fwd_fragments. Per step and block: 2 G D^2 16 flops,
+// 16 G D / 2 32-bit loads of the gate gradients from shared memory, and the global traffic of
+// rnn_bwd (the saved states and pre-activations read, dx written).
+template <class T, int CELL, int KS>
+__global__ void __launch_bounds__(64 * KS, 1)
+    rnn_bwd_fragments(const T* R, const float* initial, const float* states, const float* pre, const T* d_h_seq,
+                      float* carry, T* dx, T* drec_n, RNNShape s) {
+  using Info = CellInfo<CELL>;
+  constexpr int G = Info::G, S = Info::S, P = Info::P;
+  constexpr int PS = CELL == kElman ? 0 : P;  // Elman's gradient reads h_t, not its pre-activation
+  // the state slots the gradient reads, at t and t - 1: c (n, m) for the LSTM / sLSTM, else h
+  constexpr int kFirstRead = CELL == kLSTM || CELL == kSLSTM ? 1 : 0;
+  constexpr int kLastRead = CELL == kLSTM || CELL == kSLSTM ? S : 1;
+  int head, row0;
+  block_group(s, head, row0);
+  const int D = s.D, k_steps = G * D / 16, LG = padded<T>(G * D, s);
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  const int unit = threadIdx.x / 32 * 8 + 2 * quad;  // the lane's units: unit and unit + 1
+  const int rows[2] = {row0 + group, row0 + group + 8};
+  RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
+  T* gradients = reinterpret_cast<T*>(smem);  // [2][16][G D] (rows of LG); first R^T, [D][G D]
+  // the warp's slice of R^T as b fragments: weights[k] = B[16 k + 2 quad ..][n] with B[g D + u][i] =
+  // R_g[u][i] and n the warp's unit 8 w + group, staged through shared memory (rows of LG)
+  for (int idx = threadIdx.x; idx < D * G * D; idx += blockDim.x) {
+    const int i = idx / (G * D), k = idx % (G * D), g = k / D, u = k % D;
+    gradients[i * LG + k] = R[(((long long)g * s.H + head) * D + u) * D + i];
+  }
+  __syncthreads();
+  unsigned weights[G * KS][2];
+  const T* column = gradients + (threadIdx.x / 32 * 8 + group) * LG + 2 * quad;
+#pragma unroll
+  for (int k = 0; k < G * KS; ++k) {
+    weights[k][0] = k < k_steps ? rnnops::load_word(column + 16 * k) : 0u;
+    weights[k][1] = k < k_steps ? rnnops::load_word(column + 16 * k + 8) : 0u;
+  }
+  __syncthreads();  // every lane's weights read before the buffers take gate gradients
+  using Pair = rnnops::Pair<T>;
+  using Pair32 = rnnops::Pair<float>;
+  auto pair_at = [&](const float* buffer, int slot, int slots, int b, int t) {
+    return *reinterpret_cast<const Pair32*>(buffer + step_index(s, b, t, slot, slots, unit, head));
+  };
+  // the carried gradients ([slot][row i][unit j]; slot 0: dh), from the final states' gradients
+  float carried[S][2][2];
+#pragma unroll
+  for (int slot = 0; slot < S; ++slot)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        carried[slot][i][j] = rows[i] < s.B ? carry[(((long long)slot * s.B + rows[i]) * s.H + head) * D + unit + j]
+                                            : 0.0f;
+  // a step's inputs, loaded a step ahead: d h_seq, the pre-activations and the states at t - 1
+  struct Inputs {
+    Pair dh[2];
+    Pair32 pre[PS > 0 ? PS : 1][2], prev[S][2];
+  };
+  auto load_inputs = [&](int t, Inputs& in) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int b = rows[i];
+      if (b >= s.B) continue;  // (never read)
+      in.dh[i] = *reinterpret_cast<const Pair*>(d_h_seq + (((long long)b * s.T + t) * s.H + head) * D + unit);
+#pragma unroll
+      for (int p = 0; p < PS; ++p) in.pre[p][i] = pair_at(pre, p, P, b, t);
+#pragma unroll
+      for (int slot = kFirstRead; slot < kLastRead; ++slot)
+        in.prev[slot][i] = t > 0 ? pair_at(states, slot, S, b, t - 1)
+                                 : Pair32{previous_state(s, states, initial, slot, b, 0, unit, head, S),
+                                          previous_state(s, states, initial, slot, b, 0, unit + 1, head, S)};
+    }
+  };
+  Pair32 now[S][2] = {};  // the states at t (the step before's t - 1); zeros past the batch
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int slot = kFirstRead; slot < kLastRead; ++slot)
+      if (rows[i] < s.B) now[slot][i] = pair_at(states, slot, S, rows[i], s.T - 1);
+  Inputs next = {};
+  load_inputs(s.T - 1, next);
+  for (int t = s.T - 1; t >= 0; --t) {
+    const Inputs in = next;
+    if (t > 0) load_inputs(t - 1, next);
+    T* buffer = gradients + (t & 1) * kRows * LG;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float dx_of[G][2], drec_of[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        auto half = [&](const Pair32& v) { return j ? v.hi : v.lo; };
+        float pre_in[P], now_in[S], prev_in[S], carried_in[S];
+#pragma unroll
+        for (int p = 0; p < PS; ++p) pre_in[p] = half(in.pre[p][i]);
+#pragma unroll
+        for (int slot = kFirstRead; slot < kLastRead; ++slot) {
+          now_in[slot] = half(now[slot][i]);
+          prev_in[slot] = half(in.prev[slot][i]);
+        }
+#pragma unroll
+        for (int slot = 0; slot < S; ++slot) carried_in[slot] = carried[slot][i][j];
+        const float dh = carried[0][i][j] + to_float(j ? in.dh[i].hi : in.dh[i].lo);
+        const CellGradient<CELL> grad = cell_gradient<CELL>(dh, pre_in, now_in, prev_in, carried_in);
+#pragma unroll
+        for (int g = 0; g < G; ++g) dx_of[g][j] = grad.dx[g];
+        drec_of[j] = grad.drec_n;
+#pragma unroll
+        for (int slot = 0; slot < S; ++slot) carried[slot][i][j] = grad.carried[slot];  // (slot 0: the direct part)
+      }
+      T* row = buffer + (group + 8 * i) * LG + unit;  // (rows past the batch: their own product rows only)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const bool rec_n = CELL == kGRU && g == 2;
+        *reinterpret_cast<Pair*>(row + g * D) =
+            Pair{from_float<T>(rec_n ? drec_of[0] : dx_of[g][0]), from_float<T>(rec_n ? drec_of[1] : dx_of[g][1])};
+      }
+      if (rows[i] < s.B) {
+        const int b = rows[i];
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          *reinterpret_cast<Pair*>(dx + step_index(s, b, t, g, G, unit, head)) =
+              Pair{from_float<T>(dx_of[g][0]), from_float<T>(dx_of[g][1])};
+        if constexpr (CELL == kGRU)
+          *reinterpret_cast<Pair*>(drec_n + step_index(s, b, t, 0, 1, unit, head)) =
+              Pair{from_float<T>(drec_of[0]), from_float<T>(drec_of[1])};
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int slot = kFirstRead; slot < kLastRead; ++slot) now[slot][i] = in.prev[slot][i];
+    __syncthreads();  // every lane's gate gradients before the product (the next step writes the other buffer)
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int k = 0; k < G * KS; ++k) {
+      if (k >= k_steps) break;
+      const T* a_at = buffer + group * LG + 16 * k + 2 * quad;
+      const unsigned a[4] = {rnnops::load_word(a_at), rnnops::load_word(a_at + 8 * LG), rnnops::load_word(a_at + 8),
+                             rnnops::load_word(a_at + 8 * LG + 8)};
+      rnnops::mma_16x8x16<T>(acc[k & 1], a, weights[k]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) carried[0][i][j] += acc[0][2 * i + j] + acc[1][2 * i + j];
+  }
+#pragma unroll
+  for (int slot = 0; slot < S; ++slot)  // the initial states' gradients
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (rows[i] < s.B)
+        *reinterpret_cast<Pair32*>(carry + (((long long)slot * s.B + rows[i]) * s.H + head) * D + unit) =
+            Pair32{carried[slot][i][0], carried[slot][i][1]};
+}
+
 template <class T, int CELL, int U>
 __global__ void rnn_bwd(const T* R, const float* initial, const float* states, const float* pre, const T* d_h_seq,
                         float* carry, T* dx, T* drec_n, RNNShape s) {

@@ -40,10 +40,10 @@ def rnn_kernel(phase: str, ctype: str, cell: int, units: int) -> Instantiation:
     return Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_{phase}<{ctype}, {cell}, {units}>")
 
 
-def rnn_fragments_kernel(ctype: str, cell: int, k_steps: int) -> Instantiation:
-    """rnn_fwd_fragments for element type ``ctype`` (a half type), cell id and a head of up to 16
-    ``k_steps`` units (rnnops.cuda_backend.rnn.FRAGMENT_K_STEPS)."""
-    return Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_fwd_fragments<{ctype}, {cell}, {k_steps}>")
+def rnn_fragments_kernel(phase: str, ctype: str, cell: int, k_steps: int) -> Instantiation:
+    """rnn_fwd_fragments / rnn_bwd_fragments for element type ``ctype`` (a half type), cell id and a
+    head of up to 16 ``k_steps`` units (rnnops.cuda_backend.rnn.FRAGMENT_K_STEPS)."""
+    return Instantiation("rnn/rnn.cuh", f"rnnops::rnn::rnn_{phase}_fragments<{ctype}, {cell}, {k_steps}>")
 
 
 def nvcc() -> str | None:

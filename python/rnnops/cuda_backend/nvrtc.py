@@ -191,11 +191,16 @@ class Engine:
 
     def rnn_forward_fragments(self, x, R, bias, initial, states, pre, h_seq, shape, cell, k_steps, launch_shape):
         args = tuple(_pointer(t) for t in (x, R, bias, initial, states, pre, h_seq))
-        self._rnn(rnn_fragments_kernel(_DTYPE_NAMES[x.dtype], cell, k_steps), args, shape, launch_shape)
+        self._rnn(rnn_fragments_kernel("fwd", _DTYPE_NAMES[x.dtype], cell, k_steps), args, shape, launch_shape)
 
     def rnn_backward(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, shape, cell, units, launch_shape):
         args = tuple(_pointer(t) for t in (R, initial, states, pre, d_h_seq, carry, dx, drec_n))
         self._rnn(rnn_kernel("bwd", _DTYPE_NAMES[R.dtype], cell, units), args, shape, launch_shape)
+
+    def rnn_backward_fragments(self, R, initial, states, pre, d_h_seq, carry, dx, drec_n, shape, cell, k_steps,
+                               launch_shape):
+        args = tuple(_pointer(t) for t in (R, initial, states, pre, d_h_seq, carry, dx, drec_n))
+        self._rnn(rnn_fragments_kernel("bwd", _DTYPE_NAMES[R.dtype], cell, k_steps), args, shape, launch_shape)
 
 
 @functools.cache

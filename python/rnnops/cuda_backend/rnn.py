@@ -51,10 +51,12 @@ class RNNConfig:
     # (csrc/rnn/rnn.cuh's RNNShape.pad_rows; unpadded, a row of a multiple of 128 bytes made every
     # fragment load an 8-way bank conflict): a launch where they do not fit pads none
     pad_rows: int = 1
-    # the forward in tensor-core fragments (csrc/rnn/rnn.cuh's rnn_fwd_fragments: a block a head,
-    # the products in the registers of the threads that apply the cell, one block barrier a step)
-    # where fragment_k_steps allows it; else, and for the backward, the slices above
-    fragments: int = 0
+    # the forward / backward in tensor-core fragments (csrc/rnn/rnn.cuh's rnn_fwd_fragments,
+    # rnn_bwd_fragments: a block a head, the products in the registers of the threads that apply
+    # the cell or its gradient, one block barrier a step) where fragment_k_steps allows it; else
+    # the slices above
+    forward_fragments: int = 0
+    backward_fragments: int = 0
 
 
 DEFAULT_CONFIG = RNNConfig()
@@ -77,9 +79,14 @@ def fragment_k_steps(D: int, element_bytes: int) -> int | None:
     return next((k for k in FRAGMENT_K_STEPS if D <= 16 * k), None)
 
 
-def fragment_launch(D: int, element_bytes: int, pad_rows: int) -> tuple[int, int]:
-    """(threads, dynamic shared bytes) of the fragment forward: D / 8 warps, two [16][D] h buffers."""
-    return 4 * D, 2 * ROWS * (D * element_bytes + (ROW_PAD_BYTES if pad_rows else 0))
+def fragment_launch(phase: str, D: int, cell: str, element_bytes: int, pad_rows: int) -> tuple[int, int]:
+    """(threads, dynamic shared bytes) of a fragment kernel: D / 8 warps; forward, two [16][D] h
+    buffers; backward, two [16][G D] gate-gradient buffers, first R^T ([D][G D]) staged, rows padded
+    as ``pad_rows`` says."""
+    pad = ROW_PAD_BYTES if pad_rows else 0
+    if phase == "fwd":
+        return 4 * D, 2 * ROWS * (D * element_bytes + pad)
+    return 4 * D, max(D, 2 * ROWS) * (CELLS[cell].gates * D * element_bytes + pad)
 
 
 def carried_states(cell: str) -> int:
@@ -156,10 +163,10 @@ def space(D: int, cell: str, element_bytes: int, hardware) -> Space:
     needed = gradient_chunks_needed(D, cell, element_bytes)
     return Space(
         {"units": list(UNITS), "threads": [64, 128, 256], "stage": [0, 1], "gradient_chunks": [1, 2, 4, 8],
-         "pad_rows": [0, 1], "fragments": [0, 1]},
+         "pad_rows": [0, 1], "forward_fragments": [0, 1], "backward_fragments": [0, 1]},
         (
-            Constraint("fragments: half types and D <= 64", ("fragments",),
-                       lambda f: not f or fragment_k_steps(D, element_bytes) is not None),
+            Constraint("fragments: half types and D <= 64", ("forward_fragments", "backward_fragments"),
+                       lambda f, b: not (f or b) or fragment_k_steps(D, element_bytes) is not None),
             Constraint("units <= D rounded up to 16", ("units",), lambda u: u <= -(-D // 16) * 16),
             Constraint("gradient_chunks <= a step's chunks rounded up to a power of two", ("gradient_chunks",),
                        lambda c: c == 1 or c // 2 < needed),
@@ -221,7 +228,9 @@ class _Launcher:
                                                              chunks, pad_rows)))
         self.shape = [batch, time, heads, dim, self.splits]
         self.saves, self.layout = saves, [stage, chunks, pad_rows]  # RNNShape's stage, gradient_chunks, pad_rows
-        self.fragment_k_steps = fragment_k_steps(dim, dtype.itemsize) if config.fragments else None
+        k_steps = fragment_k_steps(dim, dtype.itemsize)  # (None where the fragment kernels do not apply)
+        self.fragments = {"fwd": k_steps if config.forward_fragments else None,
+                          "bwd": k_steps if config.backward_fragments else None}
 
     def launches(self, phase: str) -> list[tuple[list[int], list[int]]]:
         """(RNNShape's last field, group_begin; the launch shape: grid x, y, z, threads, shared bytes)
@@ -240,17 +249,21 @@ class _Launcher:
         return [([begin], [min(per_launch, self.groups - begin), 1, self.splits, self.threads, self.shared[phase]])
                 for begin in range(0, self.groups, per_launch)]
 
+    def fragment_launch(self, phase: str) -> list[int]:
+        """The launch shape of a fragment kernel: a block a (head, batch tile) group, in one launch."""
+        return [self.groups, 1, 1, *fragment_launch(phase, self.shape[3], self.cell_name, self.dtype.itemsize,
+                                                    self.layout[2])]
+
     def forward(self, x, R, b, initial, states, h_seq):
         """Runs the forward; returns the pre-activations it saves for the backward (None without
         ``saves``). x at a misaligned address is copied first (_aligned)."""
         x = _aligned(x)
         pre = pre_buffer(self.cell_name, *self.shape[:4], x.device) if self.saves else None
         flags = [int(b is not None), int(initial is not None), int(self.saves), *self.layout]
-        if self.fragment_k_steps is not None:  # one block a head, all of them in one launch
-            threads, shared = fragment_launch(self.shape[3], self.dtype.itemsize, self.layout[2])
+        if self.fragments["fwd"] is not None:  # one block a head, all of them in one launch
             engine(self.device).rnn_forward_fragments(
                 x, _aligned(R), maybe(b), maybe(initial), states, maybe(pre), h_seq, self.shape + flags + [0],
-                self.cell, self.fragment_k_steps, [self.groups, 1, 1, threads, shared])
+                self.cell, self.fragments["fwd"], self.fragment_launch("fwd"))
             return pre
         for group_begin, launch in self.launches("fwd"):
             engine(self.device).rnn_forward(x, R, maybe(b), maybe(initial), states, maybe(pre), h_seq,
@@ -262,6 +275,11 @@ class _Launcher:
         the saved ones.) d h_seq at a misaligned address is copied first (_aligned)."""
         d_h_seq = _aligned(d_h_seq)
         flags = [0, int(initial is not None), 0, *self.layout]
+        if self.fragments["bwd"] is not None:
+            engine(self.device).rnn_backward_fragments(
+                _aligned(R), maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n), self.shape + flags + [0],
+                self.cell, self.fragments["bwd"], self.fragment_launch("bwd"))
+            return
         for group_begin, launch in self.launches("bwd"):
             engine(self.device).rnn_backward(R, maybe(initial), states, pre, d_h_seq, carry, dx, maybe(drec_n),
                                              self.shape + flags + group_begin, self.cell, self.units, launch)
