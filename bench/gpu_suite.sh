@@ -124,11 +124,24 @@ PY
     # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
     # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
     # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
-    left=$(seconds_until 470)
+    left=$(seconds_until 460)
     [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
       '{"block_v": 64}'
+    # ungated linear attention and the plain delta rule, 0.97x and 0.91x of fla f+b on the H200 at
+    # dd69b80, by kernel: our linear-attention dq/dk 0.775 ms against fla's 0.563, at 132 registers
+    # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148); the delta rule's
+    # state walks 0.275 / 0.458 ms a call (forward / backward) against fla's 0.21 / 0.31, which
+    # take 64 state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 /
+    # 236 registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6)
+    left=$(seconds_until 478)
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}'
+    left=$(seconds_until 500)
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" --try '{"state_block_v": 64}' \
+      '{"state_block_v": 64, "state_num_stages": 1}'
     # the CUDA cells with their pointwise inputs read from global memory each step, as until
     # 2026-11-27 (stage 0), against the shipped staging in shared memory (x_t and the backward's
     # saved states, pre-activations and d h_seq copied a step ahead, carried states and gradients
@@ -143,26 +156,17 @@ PY
     # of the threads that apply the cell or its gradient; H12 D64 only: they take D <= 64), the
     # forward alone and both directions: on 2026-11-27 the H200 timed the sliced forward kernel at
     # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89
-    left=$(seconds_until 510)
+    left=$(seconds_until 545)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \
       --try '{"forward_fragments": 1}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"stage": 0}' \
       '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}'
-    # the CUDA scan reading B and C from global memory, as it did until 2026-11-26, against the
-    # shipped staging of each chunk's rows in shared memory, whose kernels since 2026-11-27 also
-    # split the state elements over the warps, not the steps (SASS per element, forward /
-    # backward: about 7 / 37 staged, 23 / 120 from global memory; untimed, and the default: first
-    # of the rest)
-    left=$(seconds_until 545)
-    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
-      --shapes "B=8,T=2048,Dm=2048,N=16" --try '{"stage_rows": 0}'
-    # the Triton scan's forward at 8 channels a program in 2-step sub-blocks: at B8 on the H100
-    # 1.07-1.20x, at B1 (8 segments) on the H200 1.21x (2-step sub-blocks alone 1.20x); each
-    # shipped where it was measured (the other shape and GPU: changes to time)
+    # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
+    # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
+    # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
     left=$(seconds_until 565)
-    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 15)) \
-      --shapes "B=1,T=8192,Dm=2048,N=16" "B=8,T=2048,Dm=2048,N=16" \
-      --try '{"forward_block_d": 8, "forward_unroll": 2}' '{"forward_unroll": 2}'
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
+      --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"chunk": 64}'
   fi
 
   section "compile cache for the next run"
