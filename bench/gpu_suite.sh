@@ -102,10 +102,10 @@ PY
   shopt -s nullglob
   earlier=(bench/results/"$gpu"-*.json)
   shopt -u nullglob
-  # the bench starts no case after its budget (check mode: until 425 s, leaving the A/B checks
+  # the bench starts no case after its budget (check mode: until 405 s, leaving the A/B checks
   # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
   # finished case even if the timeout has to kill it mid-case
-  [ "$MODE" = tune ] && end=520 || end=425
+  [ "$MODE" = tune ] && end=520 || end=405
   budget=$((end - $(date +%s) + START))
   [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
   # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
@@ -116,32 +116,9 @@ PY
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
-    # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
-    # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): do they pay for a
-    # scalar decay (GLA ignores fused_forward)? GLA's forward state walk at the shipped 4 warps x
-    # 2 stages takes 254 registers, two an SM (its 512 walks in two waves; the backward walk 96
-    # since 2026-11-26, four an SM: one wave); one stage 128 (one wave, no prefetch), 8 warps
-    # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
-    # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
-    # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
-    left=$(seconds_until 460)
-    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
-      --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
-      '{"block_v": 64}'
-    # ungated linear attention and the plain delta rule, 0.97x and 0.91x of fla f+b on the H200 at
-    # dd69b80, by kernel: our linear-attention dq/dk 0.775 ms against fla's 0.563, at 132 registers
-    # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148); the delta rule's
-    # state walks 0.275 / 0.458 ms a call (forward / backward) against fla's 0.21 / 0.31, which
-    # take 64 state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 /
-    # 236 registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6)
-    left=$(seconds_until 478)
-    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}'
-    left=$(seconds_until 500)
-    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" --try '{"state_block_v": 64}' \
-      '{"state_block_v": 64, "state_num_stages": 1}'
+    # (in the order of what they decide: a bench that overruns its budget leaves the last ones no
+    # time; on 2026-11-27 it ended 30 s past it, and the first check, then linear attention's, never
+    # started)
     # the CUDA cells with their pointwise inputs read from global memory each step, as until
     # 2026-11-27 (stage 0), against the shipped staging in shared memory (x_t and the backward's
     # saved states, pre-activations and d h_seq copied a step ahead, carried states and gradients
@@ -156,11 +133,41 @@ PY
     # of the threads that apply the cell or its gradient; H12 D64 only: they take D <= 64), the
     # forward alone and both directions: on 2026-11-27 the H200 timed the sliced forward kernel at
     # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89
-    left=$(seconds_until 545)
+    left=$(seconds_until 470)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \
       --try '{"forward_fragments": 1}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"stage": 0}' \
       '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}'
+    # ungated linear attention and the plain delta rule, 0.97x and 0.91x of fla f+b on the H200 at
+    # dd69b80, by kernel: our linear-attention dq/dk 0.775 ms against fla's 0.563, at 132 registers
+    # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148); the delta rule's
+    # state walks 0.275 / 0.458 ms a call (forward / backward) against fla's 0.21 / 0.31, which
+    # take 64 state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 /
+    # 236 registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value
+    # heads on 16 q / k heads, gated; forward 0.67x of fla's), whose bucket ships the compile
+    # screen's 128-wide K tiles at 8 warps and two stages, against the ungrouped gated bucket's
+    # measured 64-wide K at 4 warps and one stage (grouped, its dq/dk spills 48 B)
+    left=$(seconds_until 488)
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}'
+    left=$(seconds_until 525)
+    [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
+      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
+      '{"block_k": 64, "num_warps": 4, "num_stages": 1}'
+    # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
+    # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): do they pay for a
+    # scalar decay (GLA ignores fused_forward)? GLA's forward state walk at the shipped 4 warps x
+    # 2 stages takes 254 registers, two an SM (its 512 walks in two waves; the backward walk 96
+    # since 2026-11-26, four an SM: one wave); one stage 128 (one wave, no prefetch), 8 warps
+    # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
+    # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
+    # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
+    left=$(seconds_until 552)
+    [ "$left" -gt 30 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
+      --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
+      '{"block_v": 64}'
     # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
