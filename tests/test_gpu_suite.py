@@ -1,0 +1,52 @@
+"""bench/gpu_suite.sh's A/B checks, read without a GPU: each names ops the tuner has, shapes those
+ops take (the tuner ranks them as a dry run does) and changes to fields of their configurations,
+so that no device time goes to a check that can only answer "not tried"."""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnops.autotune import hardware, kernels, tuner
+
+SUITE = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.sh"
+
+
+def ab_checks() -> list[dict]:
+    """Each `python -m rnnops autotune ... --try ...` command of the suite: ops, shapes, tries."""
+    text = SUITE.read_text().replace("\\\n", " ")
+    checks = []
+    for line in text.splitlines():
+        if "rnnops autotune" not in line or "--try" not in line:
+            continue
+        words = shlex.split(line[line.index("python -m rnnops autotune"):].replace("$((left - 10))", "1")
+                            .replace("$((left - 15))", "1"))
+        options, current = {}, None
+        for word in words[4:]:
+            if word.startswith("--"):
+                current = options.setdefault(word, [])
+            elif current is not None:
+                current.append(word)
+        checks.append({"ops": options["--ops"], "shapes": options["--shapes"],
+                       "tries": [json.loads(t) for t in options["--try"]]})
+    return checks
+
+
+def test_the_suite_has_ab_checks():
+    assert len(ab_checks()) >= 5
+
+
+@pytest.mark.parametrize("check", ab_checks(), ids=lambda c: " ".join(c["ops"]) + " " + c["shapes"][0])
+def test_ab_check_names_shapes_and_fields_its_ops_take(check):
+    tunables = kernels.tunables(check["ops"])
+    assert tunables, check["ops"]
+    for shape_text in check["shapes"]:
+        shape = tuner.parse_shape(shape_text)
+        for tunable in tunables:
+            kernels.check_shape(tunable.op, shape)
+            count, ranked = tuner.rank(tunable, shape, torch.bfloat16, hardware.named("H100"))
+            assert count and ranked, (tunable.op, tunable.backend, shape_text)
+    fields = [set(tunable.default()) for tunable in tunables]
+    for change in check["tries"]:
+        assert any(set(change) <= f for f in fields), f"{change}: no backend of {check['ops']} has these fields"
