@@ -3,7 +3,9 @@ autograd Function is rnnops._fused_rnn's), registration as backend "cuda".
 
 A block owns 16 batch rows and ``units`` units of one head, with that slice of the recurrent
 weights in shared memory; heads wider than ``units`` split over several blocks that meet at a
-grid barrier every step (a cooperative launch: every block must be resident at once).
+grid barrier every step (a cooperative launch: every block must be resident at once). A head
+of up to 64 units in a half type can instead run either direction in tensor-core fragments
+(RNNConfig.forward_fragments, backward_fragments): a block a head, no slices.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ ROW_PAD_BYTES = 16
 # float32 or 512 half-type gradients)
 CHUNK_ROW_BYTES = 1024
 UNITS = (16, 32, 64)  # the instantiated slice widths
-# the fragment forward's instantiations (csrc/rnn/rnn.cuh's rnn_fwd_fragments): its largest head, in
-# 16-wide K steps, whose weights a warp holds in registers (D <= 16 KS; at 8 the LSTM spills)
+# the fragment kernels' instantiations (csrc/rnn/rnn.cuh's rnn_fwd_fragments, rnn_bwd_fragments): the
+# largest head, in 16-wide K steps, whose weights a warp holds in registers (D <= 16 KS; at 8 the
+# LSTM's forward spills)
 FRAGMENT_K_STEPS = (2, 4)
 
 
@@ -72,7 +75,7 @@ def k_parts(outputs: int, threads: int, element_bytes: int) -> int:
 
 
 def fragment_k_steps(D: int, element_bytes: int) -> int | None:
-    """The fragment forward's instantiation for a head of D units (its K steps, FRAGMENT_K_STEPS),
+    """The fragment kernels' instantiation for a head of D units (its K steps, FRAGMENT_K_STEPS),
     or None where it does not apply: float32 (no tensor cores), or D past 16 times the largest (64)."""
     if element_bytes != 2:
         return None
