@@ -89,6 +89,10 @@ def rank(tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Ha
     return len(legal), tunable.ranked(legal, shape, dtype, hardware)
 
 
+class NotCompiled(Exception):
+    """A configuration's kernels did not compile for the screened architecture."""
+
+
 @dataclass
 class CompileScreen:
     """Screens ranked Triton configurations by compiling them for the hardware's architecture
@@ -103,14 +107,20 @@ class CompileScreen:
     def kernel_reports(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
                        config: dict) -> list:
         """ptxas' report (rnnops._ptxas.KernelReport) of each of ``config``'s kernels compiled
-        for the hardware's architecture."""
-        from rnnops.triton_backend.compile_check import capability, config_reports, small_shape
+        for the hardware's architecture. The launches come from the op's host code, whose errors
+        are bugs and propagate; a failure to compile them raises NotCompiled (e.g. an architecture
+        this Triton cannot target), which the screen notes and gets past."""
+        from rnnops.triton_backend.compile_check import capability, compile_launches, config_launches, small_shape
 
         arch = capability(hardware)
         kernel_shape = tuple(sorted(small_shape(tunable.op, shape).items()))
         key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
         if key not in self.reports:
-            self.reports[key] = config_reports(tunable.op, shape, dtype, config, arch)
+            launches = config_launches(tunable.op, shape, dtype, config)
+            try:
+                self.reports[key] = compile_launches(launches, arch)
+            except Exception as error:  # what Triton or ptxas raise: they name no common type
+                raise NotCompiled(f"{type(error).__name__}: {str(error)[:80]}") from error
         return self.reports[key]
 
     def compiled(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
@@ -134,8 +144,8 @@ class CompileScreen:
         for i, config in enumerate(ranked[:self.top]):
             try:
                 spills, shared, _ = self.compiled(tunable, shape, dtype, hardware, config)
-            except Exception as error:  # e.g. an architecture this Triton cannot target
-                notes.append(f"not compiled for {hardware.arch}: {type(error).__name__}: {str(error)[:80]}")
+            except NotCompiled as error:
+                notes.append(f"not compiled for {hardware.arch}: {error}")
                 return ranked[0]
             if not spills and shared <= limit:
                 return config

@@ -279,13 +279,15 @@ def test_compile_screen_keeps_the_best_ranked_config_that_neither_spills_nor_ove
     outcome = {128: (96, 0), 64: (0, hw.shared_memory_per_block + 1), 32: (0, 1024), 16: (0, 1024)}
     compiled = []
 
-    def fake_reports(op, shape, dtype, config, arch):
+    def fake_compile(launches, arch):  # the launches: (config, shape) from fake_launches
+        config, shape = launches
         compiled.append((arch, config["block_k"], shape["B"], shape["T"]))
         spilled, shared = outcome[config["block_k"]]
         return [KernelReport("output_kernel", 64, 0, 0, 0, 1024),
                 KernelReport("dqk_kernel", 255, spilled, 0, 0, shared)]
 
-    monkeypatch.setattr(triton_compile_check, "config_reports", fake_reports)
+    monkeypatch.setattr(triton_compile_check, "config_launches", lambda op, shape, dtype, config: (config, shape))
+    monkeypatch.setattr(triton_compile_check, "compile_launches", fake_compile)
     screen, notes = tuner.CompileScreen(), []
     assert screen.choose(tunable, shape, torch.bfloat16, hw, ranked, notes)["block_k"] == 32
     assert notes == ["#1 rejected: 96 B spilled (dqk_kernel 96 B)",
@@ -302,6 +304,34 @@ def test_compile_screen_keeps_the_best_ranked_config_that_neither_spills_nor_ove
     notes = []
     assert tuner.CompileScreen(top=3).choose(tunable, shape, torch.bfloat16, hw, copies + ranked, notes) == ranked[2]
     assert len(notes) == 2
+
+
+def test_compile_screen_gets_past_a_compile_error_but_not_a_host_code_error(monkeypatch):
+    """A configuration whose kernels this Triton cannot compile for the architecture: noted, and
+    the model's first pick kept. An error of the op's host code (say, a shape the screen cut
+    wrongly, as a grouped one was on 2026-11-27, when a catch-all shipped the first pick
+    unscreened) is a bug and propagates."""
+    from rnnops.triton_backend import compile_check as triton_compile_check
+
+    hw, tunable = hardware.named("V100"), kernels.find("linear_attn", "triton")
+    shape = {"B": 8, "T": 4096, "H": 16, "K": 128, "V": 128, "gate": "none"}
+    ranked = [{"block_k": bk, "block_v": 64, "num_warps": 8, "num_stages": 2} for bk in (128, 64)]
+
+    def cannot_target(launches, arch):
+        raise RuntimeError(f"sm_{arch} is not supported")
+
+    monkeypatch.setattr(triton_compile_check, "config_launches", lambda op, shape, dtype, config: [])
+    monkeypatch.setattr(triton_compile_check, "compile_launches", cannot_target)
+    notes = []
+    assert tuner.CompileScreen().choose(tunable, shape, torch.bfloat16, hw, ranked, notes) == ranked[0]
+    assert notes == [f"not compiled for {hw.arch}: RuntimeError: sm_70 is not supported"]
+
+    def host_bug(op, shape, dtype, config):
+        raise ValueError("H=2 is not a multiple of Hk=16")
+
+    monkeypatch.setattr(triton_compile_check, "config_launches", host_bug)
+    with pytest.raises(ValueError, match="multiple of Hk"):
+        tuner.CompileScreen().choose(tunable, shape, torch.bfloat16, hw, ranked, [])
 
 
 def test_neighbourhood_moves_along_one_variable_to_the_nearest_legal_values():

@@ -206,15 +206,20 @@ def small_shape(op: str, shape: dict) -> dict:
     return small
 
 
-def config_reports(op: str, shape: dict, dtype: torch.dtype, config: dict, arch: int) -> list[KernelReport]:
-    """The Triton kernels of ``op``'s forward and backward at ``shape`` (an autotune standard
-    shape, cut by :func:`small_shape`) launched with ``config``, compiled for ``arch``."""
+def config_launches(op: str, shape: dict, dtype: torch.dtype, config: dict) -> list[Launch]:
+    """The Triton launches of ``op``'s forward and backward at ``shape`` (an autotune standard
+    shape, cut by :func:`small_shape`) with ``config``, captured (nothing compiles or runs)."""
     from rnnops.autotune import cache, kernels, tuner
 
     small = small_shape(op, shape)
     with cache.override(op, "triton", kernels.bucket(op, small, dtype), config), captured_launches() as launches:
         _forward_backward(tuner.case_for(op, small), dtype)
-    return compile_launches(launches, arch)
+    return launches
+
+
+def config_reports(op: str, shape: dict, dtype: torch.dtype, config: dict, arch: int) -> list[KernelReport]:
+    """:func:`config_launches` compiled for ``arch``."""
+    return compile_launches(config_launches(op, shape, dtype, config), arch)
 
 
 def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
