@@ -142,6 +142,20 @@ def test_inference_writes_no_pre_activations(cell):
         assert_close(a, b, 1e-5, f"output {i}")
 
 
+@pytest.mark.parametrize("cell", list(GATES))
+def test_fragment_forward_in_inference_writes_no_pre_activations(cell, monkeypatch):
+    """The fragment forward under no_grad: no pre-activation buffer (a write would fault)."""
+    x = make_inputs(cell, dtype=torch.bfloat16, T=4, D=32)
+    bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), torch.bfloat16)
+    launched = _spy(monkeypatch, "rnn_forward_fragments")
+    with torch.no_grad(), cache.override("rnn", "cuda", bucket, {"units": 32, "threads": 128, "forward_fragments": 1}):
+        outputs = run(cell, torch.bfloat16)("cuda", **x)
+        expected = run(cell, torch.bfloat16)("reference", **{k: v.double() for k, v in x.items()})
+    for i, (a, b) in enumerate(zip(outputs, expected)):
+        assert_close(a, b, 2e-2, f"output {i}")
+    assert launched == [2]
+
+
 def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values, contiguous, at an address that is not a multiple of 16 bytes."""
     storage = torch.empty(t.numel() + 1, dtype=t.dtype)
