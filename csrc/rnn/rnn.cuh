@@ -40,6 +40,8 @@
 // carries (S, B, H, D) fp32, x_gates and the gate gradients dx (B, T, G, H, D), GRU's drec_n
 // (B, T, H, D) and h_seq (B, T, H, D) of type T.
 // Work per step, batch row and head: 2 G D^2 flops plus about 10 G D pointwise; R is read once.
+// A head of up to 64 units in a half type can instead run in tensor-core fragments, a block a
+// head (rnn_fwd_fragments, rnn_bwd_fragments below: their own header comments).
 #pragma once
 #include "../common/runtime.h"
 
@@ -515,8 +517,9 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
 // block per (head, batch tile), D / 8 warps (at most 64 KS threads, the bound the registers are
 // budgeted for: KS 2 and 4, as instantiated, at most 122 registers and no spills for sm_80 and sm_90a;
 // at KS 8 the LSTM's 512 threads spill at 128). Per step and block: 2 G D^2 16 flops on tensor
-// cores, 16 D / 2 32-bit loads of h (conflict-free with padded rows), 2 G D 16 bytes of x read,
-// and the writes of rnn_fwd (h_seq, every step's states, the pre-activations where saved).
+// cores, four 32-bit loads of h a lane and K step (conflict-free with padded rows), 2 G D 16
+// bytes of x read, and the writes of rnn_fwd (h_seq, every step's states, the pre-activations
+// where saved).
 template <class T, int CELL, int KS>
 __global__ void __launch_bounds__(64 * KS)
     rnn_fwd_fragments(const T* x, const T* R, const float* bias, const float* initial, float* states, float* pre,
@@ -653,8 +656,8 @@ __global__ void __launch_bounds__(64 * KS)
 // the product is the next step's carried dh with no further barrier (the next step writes the
 // other buffer). R_g^T's slice of the warp stays in registers (G KS 2 words), staged once through
 // shared memory. Grid and threads as rnn_fwd_fragments. Per step and block: 2 G D^2 16 flops,
-// 16 G D / 2 32-bit loads of the gate gradients from shared memory, and the global traffic of
-// rnn_bwd (the saved states and pre-activations read, dx written).
+// four 32-bit loads of the gate gradients a lane and K step (G D / 16 K steps), and the global
+// traffic of rnn_bwd (the saved states and pre-activations read, dx written).
 template <class T, int CELL, int KS>
 __global__ void __launch_bounds__(64 * KS, 1)
     rnn_bwd_fragments(const T* R, const float* initial, const float* states, const float* pre, const T* d_h_seq,
