@@ -144,9 +144,11 @@ PY
     # state walks 0.275 / 0.458 ms a call (forward / backward) against fla's 0.21 / 0.31, which
     # take 64 state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 /
     # 236 registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value
-    # heads on 16 q / k heads, gated; forward 0.67x of fla's), whose bucket ships the compile
-    # screen's 128-wide K tiles at 8 warps and two stages, against the ungrouped gated bucket's
-    # measured 64-wide K at 4 warps and one stage (grouped, its dq/dk spills 48 B)
+    # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
+    # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
+    # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
+    # place of the compile screen's 128-wide K at 8 warps and two stages (the least spilling of its
+    # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
     left=$(seconds_until 488)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}'
@@ -154,7 +156,7 @@ PY
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
       --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
-      '{"block_k": 64, "num_warps": 4, "num_stages": 1}'
+      '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
     # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
     # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): do they pay for a
     # scalar decay (GLA ignores fused_forward)? GLA's forward state walk at the shipped 4 warps x
