@@ -133,14 +133,16 @@ PY
     # of the threads that apply the cell or its gradient; H12 D64 only: they take D <= 64), the
     # forward alone and both directions: on 2026-11-27 the H200 timed the sliced forward kernel at
     # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89
-    left=$(seconds_until 470)
+    left=$(seconds_until 480)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \
       --try '{"forward_fragments": 1}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"stage": 0}' \
       '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}'
     # ungated linear attention and the plain delta rule, 0.97x and 0.91x of fla f+b on the H200 at
     # dd69b80, by kernel: our linear-attention dq/dk 0.775 ms against fla's 0.563, at 132 registers
-    # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148); the delta rule's
+    # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148), and the H100's
+    # shipped ungated choice, the fused forward with 4-warp chunk kernels (1.39x there, f+b,
+    # 2026-11-26), never timed on the H200; the delta rule's
     # state walks 0.275 / 0.458 ms a call (forward / backward) against fla's 0.21 / 0.31, which
     # take 64 state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 /
     # 236 registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value
@@ -149,9 +151,10 @@ PY
     # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
     # place of the compile screen's 128-wide K at 8 warps and two stages (the least spilling of its
     # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
-    left=$(seconds_until 488)
+    left=$(seconds_until 500)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}'
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}' \
+      '{"fused_forward": 1, "num_warps": 4}'
     left=$(seconds_until 525)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
