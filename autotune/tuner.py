@@ -16,7 +16,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +133,11 @@ class CompileScreen:
                 max((r.registers for r in reports), default=0))
 
     def choose(self, tunable: kernels.Tunable, shape: dict, dtype: torch.dtype, hardware: Hardware,
-               ranked: list[dict], notes: list[str]) -> dict:
+               ranked: list[dict], notes: list[str], also: Sequence[dict] = ()) -> dict:
+        """The screened pick among the ``top`` ranked and then the legal ones of ``also`` (e.g. the
+        configuration shipped for the bucket, which a model's pick that spills more must not
+        replace: on 2026-11-27 every one of the top six spilled in the GVA delta rule's dq/dk,
+        the least 532 B, where the shipped tiles spilled 24)."""
         limit = hardware.shared_memory_per_block
         scored = []
         # configurations that keep the kernel's screen_at_default variables at their defaults first
@@ -141,7 +145,8 @@ class CompileScreen:
         default = tunable.default()
         fixed = tunable.screen_at_default
         ranked = sorted(ranked, key=lambda c: sum(c.get(v, default[v]) != default[v] for v in fixed))
-        for i, config in enumerate(ranked[:self.top]):
+        candidates = ranked[:self.top] + [c for c in also if c in ranked and c not in ranked[:self.top]]
+        for i, config in enumerate(candidates):
             try:
                 spills, shared, _ = self.compiled(tunable, shape, dtype, hardware, config)
             except NotCompiled as error:
@@ -169,7 +174,9 @@ def dry_run(ops, hardware: Hardware, dtype: torch.dtype, shapes: list[dict] | No
                             ranked[0] if ranked else tunable.default(), tunable.default())
             if screen is not None and tunable.backend == "triton" and ranked:
                 progress(f"compiling {tunable.name} {bucket}")
-                result.config = screen.choose(tunable, shape, dtype, hardware, ranked, result.notes)
+                shipped = cache.shipped_for(hardware.name, cache.key(tunable.op, tunable.backend, bucket))
+                also = [{**tunable.default(), **shipped}] if shipped is not None else []
+                result.config = screen.choose(tunable, shape, dtype, hardware, ranked, result.notes, also)
             results.append(result)
     return results
 

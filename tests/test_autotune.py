@@ -304,6 +304,12 @@ def test_compile_screen_keeps_the_best_ranked_config_that_neither_spills_nor_ove
     notes = []
     assert tuner.CompileScreen(top=3).choose(tunable, shape, torch.bfloat16, hw, copies + ranked, notes) == ranked[2]
     assert len(notes) == 2
+    # the configuration shipped for the bucket is screened after the top few: where every one of
+    # those spills, a shipped one that spills less stays (an illegal one is not screened)
+    outcome.update({128: (96, 0), 64: (64, 1024), 32: (40, 1024), 16: (8, 1024)})
+    screen = tuner.CompileScreen(top=2)
+    assert screen.choose(tunable, shape, torch.bfloat16, hw, ranked, [], also=[ranked[3]]) == ranked[3]
+    assert screen.choose(tunable, shape, torch.bfloat16, hw, ranked, [], also=[dict(ranked[3], block_k=7)]) == ranked[1]
 
 
 def test_compile_screen_gets_past_a_compile_error_but_not_a_host_code_error(monkeypatch):
