@@ -161,6 +161,13 @@ class CompileScreen:
         return min(scored, key=lambda s: s[0])[1] if scored else (ranked[0] if ranked else tunable.default())
 
 
+def shipped_config(tunable: kernels.Tunable, gpu_name: str, bucket: str) -> dict | None:
+    """The configuration shipped for ``gpu_name`` and ``bucket`` (cache.shipped_for) as a launch
+    takes it: variables it predates at the kernel's defaults; None where none is shipped."""
+    shipped = cache.shipped_for(gpu_name, cache.key(tunable.op, tunable.backend, bucket))
+    return None if shipped is None else {**tunable.default(), **shipped}
+
+
 def dry_run(ops, hardware: Hardware, dtype: torch.dtype, shapes: list[dict] | None = None,
             screen: CompileScreen | None = None,
             progress: Callable[[str], None] = lambda text: None) -> list[Result]:
@@ -174,8 +181,8 @@ def dry_run(ops, hardware: Hardware, dtype: torch.dtype, shapes: list[dict] | No
                             ranked[0] if ranked else tunable.default(), tunable.default())
             if screen is not None and tunable.backend == "triton" and ranked:
                 progress(f"compiling {tunable.name} {bucket}")
-                shipped = cache.shipped_for(hardware.name, cache.key(tunable.op, tunable.backend, bucket))
-                also = [{**tunable.default(), **shipped}] if shipped is not None else []
+                shipped = shipped_config(tunable, hardware.name, bucket)
+                also = [shipped] if shipped is not None else []
                 result.config = screen.choose(tunable, shape, dtype, hardware, ranked, result.notes, also)
             results.append(result)
     return results
@@ -460,7 +467,7 @@ class _Tuning:
 
         # the model's best, the kernel's default and the configuration shipped for this GPU (the
         # compile screen's pick, which the measured walk then improves on)
-        shipped = cache.shipped_for(self.hardware.name, cache.key(tunable.op, tunable.backend, bucket))
+        shipped = shipped_config(tunable, self.hardware.name, bucket)
         seeds = []
         for config in ranked[:self.top] + [default, shipped]:
             if config in ranked and config not in seeds:
@@ -543,9 +550,8 @@ def explain(op: str, shape: dict, hardware: Hardware, dtype: torch.dtype,
                 lines.append("      programs per SM (limit; tensor cores): " + ", ".join(occupancy))
         lines.append(f"  default {default}: model cost {cost_default / floor:.1f}x the floor"
                      + ("" if default in ranked else " (not legal here)"))
-        shipped = cache.shipped_for(hardware.name, cache.key(op, tunable.backend, bucket))
-        if shipped is not None:  # as a launch takes it: variables it predates at their defaults
-            shipped = {**default, **shipped}
+        shipped = shipped_config(tunable, hardware.name, bucket)
+        if shipped is not None:
             place = f"rank {ranked.index(shipped) + 1} of {count}" if shipped in ranked else "not legal here"
             lines.append(f"  shipped for {hardware.name} (what runs until tuned): {shipped}: {model(shipped)}, {place}")
         if ranked:
