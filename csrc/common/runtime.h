@@ -22,6 +22,9 @@
 //                                    (+8 in b[1]); c holds rows group (c[0], c[1]) and group + 8
 //                                    (c[2], c[3]), columns 2 quad and 2 quad + 1. A register's
 //                                    first element is the one at the lower address.
+//   rnnops::mma_a_fragment / mma_b_fragment
+//                                    the calling lane's registers of mma_16x8x16's a (a row-major
+//                                    16 x 16 tile) and b (a 16 x 8 tile stored column by column)
 //   rnnops::load_word, Pair<E>       a 32-bit word of two adjacent half-type elements (a fragment
 //                                    register) loaded from memory; two adjacent elements as one
 //                                    access (aligned to their size)
@@ -115,6 +118,28 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : logf(1.0f + __expf(x)); }
+
+// mma_16x8x16's a for the calling lane (lane = 4 group + quad; 1-D blocks) from the row-major
+// 16 x 16 tile at ``tile`` whose rows are ``ld`` elements apart.
+template <class T>
+__device__ __forceinline__ void mma_a_fragment(unsigned (&a)[4], const T* tile, int ld) {
+  const int lane = threadIdx.x % 32;
+  const T* at = tile + lane / 4 * ld + lane % 4 * 2;
+  a[0] = load_word(at);
+  a[1] = load_word(at + 8 * ld);
+  a[2] = load_word(at + 8);
+  a[3] = load_word(at + 8 * ld + 8);
+}
+
+// mma_16x8x16's b for the calling lane from the 16 x 8 tile at ``tile`` stored column by column:
+// a column's 16 k contiguous, columns ``ld`` elements apart (a row-major [n][k] matrix's slice).
+template <class T>
+__device__ __forceinline__ void mma_b_fragment(unsigned (&b)[2], const T* tile, int ld) {
+  const int lane = threadIdx.x % 32;
+  const T* at = tile + lane / 4 * ld + lane % 4 * 2;
+  b[0] = load_word(at);
+  b[1] = load_word(at + 8);
+}
 
 template <class E>
 struct alignas(2 * sizeof(E)) Pair {

@@ -535,17 +535,17 @@ __global__ void __launch_bounds__(64 * KS)
   const int rows[2] = {row0 + group, row0 + group + 8};
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   T* h_buffers = reinterpret_cast<T*>(smem);  // [2][16][D] (rows of LD): h_{t-1} at even t, then at odd t
-  // the warp's slice of R as b fragments: weights[g][k] = R_g[n][16 k + 2 quad ..] with n the warp's
-  // unit 8 w + group (the b operand's column)
+  // the warp's slice of R as b fragments: weights[g][k] the tile of R_g's rows (the b operand's
+  // columns) 8 w .. 8 w + 7, K step k
   unsigned weights[G][KS][2];
-  const int n = threadIdx.x / 32 * 8 + group;
 #pragma unroll
   for (int g = 0; g < G; ++g)
 #pragma unroll
     for (int k = 0; k < KS; ++k) {
-      const T* row = R + (((long long)g * s.H + head) * D + n) * D + 16 * k + 2 * quad;
-      weights[g][k][0] = k < k_steps ? rnnops::load_word(row) : 0u;
-      weights[g][k][1] = k < k_steps ? rnnops::load_word(row + 8) : 0u;
+      weights[g][k][0] = weights[g][k][1] = 0u;
+      if (k < k_steps)
+        rnnops::mma_b_fragment(weights[g][k], R + (((long long)g * s.H + head) * D + threadIdx.x / 32 * 8) * D + 16 * k,
+                               D);
     }
   float bias_of[G][2], carried[S][2][2];  // [..][row i][unit j]; carried: the slots from kFirstCarried
 #pragma unroll
@@ -596,9 +596,8 @@ __global__ void __launch_bounds__(64 * KS)
 #pragma unroll
     for (int k = 0; k < KS; ++k) {
       if (k >= k_steps) break;
-      const T* a_at = h + group * LD + 16 * k + 2 * quad;
-      const unsigned a[4] = {rnnops::load_word(a_at), rnnops::load_word(a_at + 8 * LD), rnnops::load_word(a_at + 8),
-                             rnnops::load_word(a_at + 8 * LD + 8)};
+      unsigned a[4];
+      rnnops::mma_a_fragment(a, h + 16 * k, LD);
 #pragma unroll
       for (int g = 0; g < G; ++g) rnnops::mma_16x8x16<T>(acc[g], a, weights[g][k]);
     }
@@ -676,19 +675,18 @@ __global__ void __launch_bounds__(64 * KS, 1)
   const int rows[2] = {row0 + group, row0 + group + 8};
   RNNOPS_DYNAMIC_SHARED(unsigned char, smem);
   T* gradients = reinterpret_cast<T*>(smem);  // [2][16][G D] (rows of LG); first R^T, [D][G D]
-  // the warp's slice of R^T as b fragments: weights[k] = B[16 k + 2 quad ..][n] with B[g D + u][i] =
-  // R_g[u][i] and n the warp's unit 8 w + group, staged through shared memory (rows of LG)
+  // the warp's slice of R^T as b fragments: weights[k] the tile of B[g D + u][i] = R_g[u][i] at K
+  // step k and the warp's columns i = 8 w .. 8 w + 7, staged through shared memory as rows i (LG apart)
   for (int idx = threadIdx.x; idx < D * G * D; idx += blockDim.x) {
     const int i = idx / (G * D), k = idx % (G * D), g = k / D, u = k % D;
     gradients[i * LG + k] = R[(((long long)g * s.H + head) * D + u) * D + i];
   }
   __syncthreads();
   unsigned weights[G * KS][2];
-  const T* column = gradients + (threadIdx.x / 32 * 8 + group) * LG + 2 * quad;
 #pragma unroll
   for (int k = 0; k < G * KS; ++k) {
-    weights[k][0] = k < k_steps ? rnnops::load_word(column + 16 * k) : 0u;
-    weights[k][1] = k < k_steps ? rnnops::load_word(column + 16 * k + 8) : 0u;
+    weights[k][0] = weights[k][1] = 0u;
+    if (k < k_steps) rnnops::mma_b_fragment(weights[k], gradients + threadIdx.x / 32 * 8 * LG + 16 * k, LG);
   }
   __syncthreads();  // every lane's weights read before the buffers take gate gradients
   using Pair = rnnops::Pair<T>;
@@ -789,9 +787,8 @@ __global__ void __launch_bounds__(64 * KS, 1)
 #pragma unroll
     for (int k = 0; k < G * KS; ++k) {
       if (k >= k_steps) break;
-      const T* a_at = buffer + group * LG + 16 * k + 2 * quad;
-      const unsigned a[4] = {rnnops::load_word(a_at), rnnops::load_word(a_at + 8 * LG), rnnops::load_word(a_at + 8),
-                             rnnops::load_word(a_at + 8 * LG + 8)};
+      unsigned a[4];
+      rnnops::mma_a_fragment(a, buffer + 16 * k, LG);
       rnnops::mma_16x8x16<T>(acc[k & 1], a, weights[k]);
     }
 #pragma unroll
