@@ -209,15 +209,22 @@ def _triton_build() -> str | None:
 class Restored:
     """What :func:`restore` did: files written per kind, files already there, members skipped
     (unexpected names or types, unreadable group files), the archive's manifest, the error
-    that ended reading it early (a truncated or corrupt archive), if any, and whether its Triton
-    kernels were compiled under another Triton build than this machine's (then none is read)."""
+    that ended reading it early (a truncated or corrupt archive), if any, and this machine's
+    Triton build, against which ``foreign_triton`` tells whether its Triton kernels were compiled
+    under another (then none is read)."""
 
     written: dict = field(default_factory=dict)
     existing: int = 0
     skipped: int = 0
     manifest: dict = field(default_factory=dict)
     error: str | None = None
-    foreign_triton: bool = False
+    triton_build: str | None = None  # this machine's (_triton_build)
+
+    @property
+    def foreign_triton(self) -> bool:
+        """Whether Triton kernels came from another Triton build than this machine's."""
+        packed_under = self.manifest.get("triton_build") if isinstance(self.manifest, dict) else None
+        return bool(packed_under and self.written.get("triton") and packed_under != self.triton_build)
 
     def __str__(self) -> str:
         source = ", ".join(f"{k} {v}" for k, v in self.manifest.items() if k in ("label", "packed", "triton") and v)
@@ -225,7 +232,7 @@ class Restored:
         text = f"restored {files} ({self.existing} already there, {self.skipped} skipped)"
         text += f" from a cache packed with {source}" if source else ""
         if self.foreign_triton:
-            text += (f"; its Triton build {self.manifest['triton_build']} is not this machine's {_triton_build()}, so"
+            text += (f"; its Triton build {self.manifest['triton_build']} is not this machine's {self.triton_build}, so"
                      " none of its Triton kernels can be read here (pack it under this machine's Triton and Python)")
         return text + (f"; stopped early: {self.error}" if self.error else "")
 
@@ -283,8 +290,7 @@ def restore(archive: Path, triton_dir: Path | None = None, cupy_dir: Path | None
                     groups.append(target)
     except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, ValueError) as error:
         restored.error = f"{type(error).__name__}: {error}"
-    packed_under = restored.manifest.get("triton_build") if isinstance(restored.manifest, dict) else None
-    restored.foreign_triton = bool(packed_under and restored.written.get("triton") and packed_under != _triton_build())
+    restored.triton_build = _triton_build()
     for group in groups:  # (a truncated archive's last entry): Triton 3.6 would load a kernel without its cubin
         if not all(Path(child).is_file() for child in json.loads(group.read_text())["child_paths"].values()):
             group.unlink()
