@@ -32,9 +32,9 @@ def delta(backend, chunk_size=16, cu_seqlens=None, final=True, **x):
                              allow_neg_eigval=True, backend=backend)
 
 
-def product(backend, chunk_size=16, num_householder=2, **x):
+def product(backend, chunk_size=16, num_householder=2, cu_seqlens=None, **x):
     return rnnops.delta_product(**x, num_householder=num_householder, output_final_state=True,
-                                chunk_size=chunk_size, allow_neg_eigval=True, backend=backend)
+                                chunk_size=chunk_size, cu_seqlens=cu_seqlens, allow_neg_eigval=True, backend=backend)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -124,6 +124,14 @@ def test_grouped_heads(variant):
 def test_delta_product(gated, num_householder):
     x = make_inputs(T=13, gated=gated, num_householder=num_householder, beta_max=2.0)
     compare_backends(lambda backend, **kw: product(backend, 16, num_householder, **kw), x, 1e-5, test="triton")
+
+
+def test_delta_product_varlen():
+    """Packed sequences of 3 Householder steps a token: the kernels' rows are the steps, q, g and
+    o are read and written once a token (token_rows), sequences of 0 and 1 tokens among them."""
+    offsets, x = packed_sequences(make_inputs, gated=True, num_householder=3, beta_max=2.0)
+    compare_backends(lambda backend, **kw: product(backend, 16, 3, cu_seqlens=offsets, **kw), x, 1e-5,
+                     test="triton")
 
 
 @pytest.mark.parametrize("gated", [False, True])

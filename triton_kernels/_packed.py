@@ -55,3 +55,16 @@ def qk_rows(rows, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr):
     tensor: GROUP consecutive value heads share one q / k head (grouped heads: GVA, Mamba-2's B
     and C groups; GROUP 1: one each)."""
     return (rows * (H // GROUP) + i_h // GROUP) * K
+
+
+@triton.jit
+def token_rows(rows, row_mask, STEPS: tl.constexpr):
+    """The rows of the per-token tensors (q, do, o, dq) behind a tile of the kernels' rows, and
+    their mask. DeltaProduct walks STEPS rows a token (its Householder steps, interleaved: a
+    sequence's rows start at a multiple of STEPS) but reads q and do, and writes o and dq, once a
+    token, on its last step (row // STEPS of the (tokens, ...) tensors); the other steps' rows are
+    masked off, as zeros. STEPS 1: the rows themselves."""
+    if STEPS == 1:
+        return rows, row_mask
+    else:
+        return rows // STEPS, row_mask & (rows % STEPS == STEPS - 1)

@@ -63,7 +63,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, qk_rows, sequence_span, sequence_state
+from ._packed import chunk_rows, qk_rows, sequence_span, sequence_state, token_rows
 
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
 SUB_CHUNK = 16
@@ -71,16 +71,17 @@ SUB_CHUNK = 16
 
 @triton.jit
 def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr):
-    """G = inclusive cumulative sum of g inside each chunk, in fp32."""
+                  STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """G = inclusive cumulative sum of g inside each chunk, in fp32. STEPS > 1 (DeltaProduct, scalar
+    decay): g is per token, (rows / STEPS, H), and decays each token's first step (G per row)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         if GATE == 1:
             offs = rows * H + i_h
-            x = tl.load(g + offs, mask=rows < eos, other=0.0).to(tl.float32)
-            tl.store(G + offs, tl.cumsum(x, axis=0), mask=rows < eos)
+            x = tl.load(g + (rows // STEPS) * H + i_h, mask=(rows < eos) & (rows % STEPS == 0), other=0.0)
+            tl.store(G + offs, tl.cumsum(x.to(tl.float32), axis=0), mask=rows < eos)
         else:
             for i_k in range(tl.cdiv(K, BK)):
                 cols = i_k * BK + tl.arange(0, BK)
@@ -172,8 +173,8 @@ def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets,
 def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chunk_offsets, cu_seqlens, scale,
                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                      HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_INITIAL: tl.constexpr,
-                     STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr, BT: tl.constexpr,
-                     KP: tl.constexpr, BV: tl.constexpr):
+                     STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr, STEPS: tl.constexpr,
+                     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
     """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
     scalar decay (GATE 0 or 1): states_fwd_kernel and output_kernel in one, with no per-chunk
     states in memory; the state S (all K rows, KP = K rounded up to a power of two, x BV) stays in
@@ -200,9 +201,11 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
+        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
+        q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+        b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)
         qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
         tile_mask = row_mask[:, None] & (rk[None, :] < K)
-        b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
         b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
@@ -224,7 +227,8 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
         out = acc * scale
         if HAS_SKIP:
             out += _skip_term(v, SKIP, rows, rv, vmask, i_h, H, V)
-        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty), mask=vmask)
+        tl.store(o + (q_rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty),
+                 mask=q_mask[:, None] & (rv[None, :] < V))
         S += tl.dot(tl.trans(b_k), v_in, input_precision=PRECISION)
     if STORE_FINAL:
         tl.store(final_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
@@ -357,15 +361,17 @@ def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.cons
 @triton.jit
 def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr,
                   GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr):
+                  V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, STEPS: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) (+ skip * v) for one chunk and V tile; one pass
-    over the K tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded)."""
+    over the K tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded).
+    q and o per token (token_rows: DeltaProduct's STEPS)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
+        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
         rv = i_v * BV + tl.arange(0, BV)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
@@ -374,13 +380,14 @@ def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scal
         qk = tl.zeros([BT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
-            qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
-            tile_mask = row_mask[:, None] & (rk[None, :] < K)
-            b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)
+            q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+            b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)
             b_S = tl.load(h + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                           mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
             if GATE != 2:
-                qk += tl.dot(b_q, tl.trans(tl.load(k + qk_tile, mask=tile_mask, other=0.0)), input_precision=PRECISION)
+                qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+                b_k = tl.load(k + qk_tile, mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
+                qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
             if GATE == 2:
                 b_q = (b_q * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
             acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
@@ -391,7 +398,8 @@ def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scal
         out = acc * scale
         if HAS_SKIP:
             out += _skip_term(v, SKIP, rows, rv, vmask, i_h, H, V)
-        tl.store(o + (rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty), mask=vmask)
+        tl.store(o + (q_rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty),
+                 mask=q_mask[:, None] & (rv[None, :] < V))
 
 
 @triton.jit
@@ -573,19 +581,21 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
 def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens,
                scale, total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                GATE: tl.constexpr, HAS_VSCALE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
     dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
     tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller
     adds the K tiles).
 
     DELTA (the delta rule, v its pseudo-values, dv2 their gradient): also dW = -dv2 @ S_in^T,
-    and dk and dG are partial (the UT transform adds its terms), dG not yet reverse-cumulated."""
+    and dk and dG are partial (the UT transform adds its terms), dG not yet reverse-cumulated.
+    q, do and dq per token (token_rows: DeltaProduct's STEPS)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
+        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
         rk = i_k * BK + tl.arange(0, BK)
         kmask = rk < K
         tile_mask = row_mask[:, None] & kmask[None, :]
@@ -600,7 +610,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             vmask = row_mask[:, None] & (rv[None, :] < V)
             state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
             state_mask = kmask[:, None] & (rv[None, :] < V)
-            b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+            b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :],
+                           mask=q_mask[:, None] & (rv[None, :] < V), other=0.0)
             b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
             b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
             b_S = tl.load(h + state, mask=state_mask, other=0.0)
@@ -614,8 +625,10 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             if DELTA:
                 b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
+        q_tile_mask = q_mask[:, None] & kmask[None, :]
+        q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+        b_q = tl.load(q + q_tile, mask=q_tile_mask, other=0.0)  # after the V loop: not live across it
         qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
-        b_q = tl.load(q + qk_tile, mask=tile_mask, other=0.0)  # after the V loop: not live across it
         b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
         if GATE == 2:
             b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
@@ -642,7 +655,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
         else:
             b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
-        tl.store(dq + tile, b_dq.to(dq.dtype.element_ty), mask=tile_mask)
+        dq_tile = (q_rows[:, None] * H + i_h) * K + rk[None, :]
+        tl.store(dq + dq_tile, b_dq.to(dq.dtype.element_ty), mask=q_tile_mask)
         if GATE == 2:
             d_gate = b_q.to(tl.float32) * b_dq
         elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
@@ -671,15 +685,17 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
 @triton.jit
 def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indices, cu_seqlens, scale, total_rows,
               H: tl.constexpr, GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
-              V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr):
+              V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr,
+              STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile; without
-    dh (HAS_DH false) only the intra-chunk term (the delta rule's states_bwd adds the state term)."""
+    dh (HAS_DH false) only the intra-chunk term (the delta rule's states_bwd adds the state term).
+    q and do per token (token_rows: DeltaProduct's STEPS)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
+        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
         rv = i_v * BV + tl.arange(0, BV)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         acc = tl.zeros([BT, BV], tl.float32)
@@ -687,10 +703,11 @@ def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indice
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
-            tile_mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
+            b_k = tl.load(k + qk_tile, mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
             if GATE != 2:
-                qk += tl.dot(tl.load(q + qk_tile, mask=tile_mask, other=0.0), tl.trans(b_k), input_precision=PRECISION)
+                q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+                b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)
+                qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
             if HAS_DH:
                 b_dS = tl.load(dh + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
                                mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
@@ -703,7 +720,8 @@ def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indice
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             acc *= tl.exp(tl.load(G + last * H + i_h) - g_rows)[:, None]
         scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=q_mask[:, None] & (rv[None, :] < V),
+                       other=0.0)
         # (scale on the scores, not the product: accumulated in place; ungated 171 -> 164 registers
         # at the H100's tiles, 2 -> 3 programs an SM)
         acc = tl.dot(tl.trans(scores * scale).to(b_do.dtype), b_do, acc, input_precision=PRECISION)

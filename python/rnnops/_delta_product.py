@@ -3,7 +3,8 @@
 The n_h Householder steps of a token become n_h consecutive delta-rule steps of a sequence
 n_h times longer: the gate on the first step, the query on the last (zeros elsewhere), and
 the output read at the last step of each token. ``k``, ``v``, ``beta`` of shape (B, T, n_h,
-...) are already in that interleaved order, so they are only reshaped.
+...) are already in that interleaved order, so they are only reshaped. (The Triton backend does
+without the zeros: its kernels read q and g, and write o, once a token themselves.)
 """
 from __future__ import annotations
 

@@ -9,6 +9,10 @@ Memory: the inputs and the UT inverses T (chunk values per token and head, input
 sixth more than q, k, v at K = V = 128) are saved, so the backward skips the inverse; W, U
 (K + V values per token and head), the chunk states (one K x V state per chunk, input dtype)
 and V_new are recomputed in the backward.
+DeltaProduct (n_h Householder steps a token) runs the same kernels over the steps as rows: k, v
+and beta interleaved by a reshape, while q, g, o and their gradients stay once a token; the
+kernels read and write those only on each token's last step (g on its first), so nothing is
+padded with zeros on the host and o is written once a token (triton_kernels._packed.token_rows).
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ from rnnops.autotune.cache import tuned
 from rnnops.autotune.kernels import delta_rule_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
-from .._delta_product import via_delta_rule
 from .._backward_only import outputs_wanted
 from .._buffers import empty
 from .._dispatch import register
@@ -83,8 +86,8 @@ def _kernels():
 
 
 class _DeltaRun(ChunkedRun):
-    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config: DeltaRuleConfig):
-        super().__init__(q, v, g, cu_seqlens, chunk, scale, config)
+    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config: DeltaRuleConfig, steps):
+        super().__init__(q, v, g, cu_seqlens, chunk, scale, config, steps=steps)
         # the UT backward holds T^T dU (chunk x V tile, fp32) beside its chunk x chunk matrices:
         # V tiles wider than 64 spill there (compile_check, sm_90, bf16 at chunk 64)
         self.UT_BV = min(self.BV, 64)
@@ -138,7 +141,8 @@ class _DeltaRun(ChunkedRun):
             _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
             lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, BKF=self.SBK, BV=self.SBV, **self.delta, **self.state_launch)
+            STORE_D_INITIAL=initial_state is not None, STEPS=self.steps, BKF=self.SBK, BV=self.SBV, **self.delta,
+            **self.state_launch)
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):
@@ -159,9 +163,13 @@ class _DeltaRun(ChunkedRun):
 
 
 class DeltaRuleFunction(torch.autograd.Function):
+    """The delta rule, and DeltaProduct with ``steps`` > 1 Householder steps a token: k, v, beta
+    (B, T * steps, ...) interleaved (``cu_seqlens`` in those rows), q, g and the output (B, T, ...)
+    once a token (ChunkedRun)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, initial_state, scale, cu_seqlens, chunk, output_final_state, config):
-        run = _DeltaRun(q, v, g, cu_seqlens, chunk, scale, config)
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, cu_seqlens, chunk, output_final_state, config, steps):
+        run = _DeltaRun(q, v, g, cu_seqlens, chunk, scale, config, steps)
         qf, kf, vf, bf, gf = (run.flat(x) for x in (q, k, v, beta, g))
         state0 = None if initial_state is None else initial_state.float().contiguous()
         ctx.run = run
@@ -169,7 +177,7 @@ class DeltaRuleFunction(torch.autograd.Function):
                       None if initial_state is None else initial_state.dtype)
         if not outputs_wanted():
             ctx.save_for_backward(qf, kf, vf, bf, gf, state0, None)
-            return run.unread_outputs(v, output_final_state)
+            return run.unread_outputs(q, v, output_final_state)
         G = run.cumulative_decay(gf)
         W, U, T = run.ut(kf, vf, bf, G)
         ctx.save_for_backward(qf, kf, vf, bf, gf, state0, T)
@@ -194,8 +202,8 @@ class DeltaRuleFunction(torch.autograd.Function):
         k_dtype, beta_dtype, g_dtype, initial_dtype = ctx.dtypes
         return (run.unflat(run.group_sum(dq, qf.dtype)), run.unflat(run.group_sum(dk, k_dtype)), run.unflat(dv),
                 run.unflat(dbeta, beta_dtype),
-                run.unflat(dg, g_dtype), None if d_initial is None else d_initial.to(initial_dtype),
-                None, None, None, None, None)
+                run.unflat(run.token_gradient(dg), g_dtype), None if d_initial is None else d_initial.to(initial_dtype),
+                None, None, None, None, None, None)
 
 
 def _tuned(op, q, v, g, steps, config):
@@ -207,12 +215,17 @@ def _tuned(op, q, v, g, steps, config):
 def delta_rule(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                config: DeltaRuleConfig | None = None):
     return DeltaRuleFunction.apply(q, k, v, beta, g, initial_state, scale, cu_seqlens, chunk_size,
-                                   output_final_state, _tuned("delta_rule", q, v, g, 1, config))
-
-
-_interleaved = via_delta_rule(delta_rule)
+                                   output_final_state, _tuned("delta_rule", q, v, g, 1, config), 1)
 
 
 @register("delta_product", "triton", supports=supports)
-def delta_product(q, k, v, beta, g, *, config: DeltaRuleConfig | None = None, **kwargs):
-    return _interleaved(q, k, v, beta, g, config=_tuned("delta_product", q, v, g, k.shape[2], config), **kwargs)
+def delta_product(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                  config: DeltaRuleConfig | None = None):
+    """k, v, beta (B, T, n_h, ...): the delta rule over their n_h steps a token, interleaved (a
+    reshape, no copy), with q and g read and o written once a token by the kernels themselves."""
+    batch, time, steps = k.shape[:3]
+    config = _tuned("delta_product", q, v, g, steps, config)
+    k, v, beta = (x.reshape((batch, time * steps) + x.shape[3:]) for x in (k, v, beta))
+    return DeltaRuleFunction.apply(q, k, v, beta, g, initial_state, scale,
+                                   None if cu_seqlens is None else cu_seqlens * steps, chunk_size,
+                                   output_final_state, config, steps)

@@ -183,12 +183,16 @@ class ChunkedRun:
     linear-attention kernels; shared by forward and backward, and by the delta rule (which
     reuses the cumulative decay, output and dq/dk kernels on its pseudo-values)."""
 
-    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config, v_scale=None, skip=None):
+    def __init__(self, q, v, g, cu_seqlens, chunk, scale, config, v_scale=None, skip=None, steps=1):
         """``config``: a ChunkConfig with a ``state_blocks(K, V)`` method (the state kernels' tile);
         linear attention only: ``v_scale`` None or the per-token value scale (B, T, H), ``skip``
-        None or the (H, V) weights of o += skip * v."""
+        None or the (H, V) weights of o += skip * v. ``steps`` > 1: DeltaProduct's Householder
+        steps a token: k, v (B, T * steps, ...) interleaved, and ``cu_seqlens`` in those rows, but
+        q, g, o and their gradients (B, T, ...) once a token (the kernels' token_rows; g decays
+        each token's first step)."""
         kernels = _kernels()
-        self.B, self.T, self.H, self.V = v.shape
+        self.B, self.T, self.H, self.V = v.shape  # T: the kernels' rows a sequence (steps a token)
+        self.steps = steps
         self.K = q.shape[-1]
         self.group = self.H // q.shape[2]  # value heads per q / k head
         self.v_scale = None if v_scale is None else self.flat(v_scale).float()  # (B*T, H) float32
@@ -235,17 +239,23 @@ class ChunkedRun:
 
     def flat(self, x):
         """(B, T, H, ...) -> contiguous (B*T, H, ...)."""
-        return None if x is None else x.reshape((self.B * self.T,) + x.shape[2:]).contiguous()
+        return None if x is None else x.reshape((-1,) + x.shape[2:]).contiguous()
 
     def cumulative_decay(self, g):
+        """G, float32, (rows, H) or (rows, H, K): g's cumulative sum within each chunk (per row of
+        the kernels: a DeltaProduct's g once a token, on its first step)."""
         if g is None:
             return None
-        G = empty(g.shape, dtype=torch.float32, device=g.device)
+        G = empty((self.layout.total_rows,) + g.shape[1:], dtype=torch.float32, device=g.device)
         launch(
             _kernels().cumsum_kernel, (self.layout.programs, self.H),
             g, G, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
-            BT=self.chunk, BK=self.BK, **self.launch)
+            STEPS=self.steps, BT=self.chunk, BK=self.BK, **self.launch)
         return G
+
+    def token_gradient(self, dG):
+        """The gradient of a per-token g from the per-row ``dG`` (rows, H): its first step's."""
+        return dG if dG is None or self.steps == 1 else dG.view((-1, self.steps) + dG.shape[1:])[:, 0]
 
     def intra_scores(self, q, k, G):
         if self.gate != _kernels().KEY_GATE:
@@ -275,24 +285,25 @@ class ChunkedRun:
         (fused_fwd_kernel; no per-key decay). With ``W`` (the delta rule), ``v`` is its U and each
         chunk's values are U - W S_in."""
         lay = self.layout
-        o = empty(v.shape, dtype=v.dtype, device=v.device)
+        o = empty(self.per_token(q, v), dtype=v.dtype, device=v.device)
         final = self.final_state(v.device) if store_final else None
         launch(
             _kernels().fused_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, v, self.v_scale, self.skip, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
             self.scale, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None,
             HAS_INITIAL=initial_state is not None,
-            STORE_FINAL=store_final, DELTA=W is not None, KP=self.KP, BV=self.SBV, **self.common, **self.state_launch)
+            STORE_FINAL=store_final, DELTA=W is not None, STEPS=self.steps, KP=self.KP, BV=self.SBV, **self.common,
+            **self.state_launch)
         return o, final
 
     def output(self, q, k, v, G, A, h):
-        o = empty(v.shape, dtype=v.dtype, device=v.device)
+        o = empty(self.per_token(q, v), dtype=v.dtype, device=v.device)
         lay = self.layout
         launch(
             _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
-            HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, BK=self.BK, BV=self.BV,
-            **self.common, **self.launch)
+            HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, STEPS=self.steps, BK=self.BK,
+            BV=self.BV, **self.common, **self.launch)
         return o
 
     def states_backward(self, q, do, G, d_final, initial_state):
@@ -337,22 +348,22 @@ class ChunkedRun:
         dW = empty(self.per_value_head(k), dtype=self.stored_dtype, device=k.device) if delta else None
         dG = None
         if self.gate == kernels.KEY_GATE:
-            dG = empty((q.shape[0], self.H, self.K), dtype=torch.float32, device=q.device)
+            dG = empty((lay.total_rows, self.H, self.K), dtype=torch.float32, device=q.device)
         elif self.gate == kernels.SCALAR_GATE:
-            dG = empty((self.k_tiles, q.shape[0], self.H), dtype=torch.float32, device=q.device)
+            dG = empty((self.k_tiles, lay.total_rows, self.H), dtype=torch.float32, device=q.device)
         launch(
             kernels.dqk_kernel, (self.k_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices,
             lay.cu_seqlens, self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, DELTA=delta,
-            BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            STEPS=self.steps, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dq, dk, dW, dG
 
     def dv(self, q, k, G, A, dh, do, v=None):
         """(dv in do's dtype, d v_scale (B*T, H) and d skip (H, V) in float32, each None where not
         given); with dh None only the intra-chunk term. ``v`` (needed with a value scale or a
         skip): the values as given."""
-        dv = empty(do.shape, dtype=do.dtype, device=do.device)
         lay = self.layout
+        dv = empty((lay.total_rows, self.H, self.V), dtype=do.dtype, device=do.device)
         d_scale = d_skip = None
         if self.v_scale is not None:  # a part per V tile, summed here
             d_scale = empty((self.v_tiles, lay.total_rows, self.H), dtype=torch.float32, device=do.device)
@@ -362,12 +373,16 @@ class ChunkedRun:
             _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, dh, do, dv, d_scale, d_skip, lay.chunk_indices, lay.cu_seqlens,
             self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None,
-            HAS_DH=dh is not None, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            HAS_DH=dh is not None, STEPS=self.steps, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dv, None if d_scale is None else d_scale.sum(0), None if d_skip is None else d_skip.sum(0)
 
     def per_value_head(self, x) -> tuple[int, ...]:
         """The shape of a gradient of q or k as the kernels write it: (B*T, H, K), one per value head."""
         return (x.shape[0], self.H) + tuple(x.shape[2:])
+
+    def per_token(self, q, v) -> tuple[int, ...]:
+        """The shape of the output: q's rows (B*T, once a token) by v's heads and V."""
+        return (q.shape[0],) + tuple(v.shape[1:])
 
     def group_sum(self, dx, dtype):
         """(B*T, H, K) per value head -> (B*T, H / group, K) in ``dtype``: each q / k head's gradient,
@@ -381,16 +396,16 @@ class ChunkedRun:
         """An output buffer for the final states: (sequences, H, K, V) float32."""
         return empty((self.layout.sequences, self.H, self.K, self.V), dtype=torch.float32, device=device)
 
-    def unread_outputs(self, v, output_final_state: bool):
+    def unread_outputs(self, q, v, output_final_state: bool):
         """(o, final state) of the right shapes, never written (rnnops._backward_only)."""
         final = self.final_state(v.device) if output_final_state else None
-        return empty(v.shape, dtype=v.dtype, device=v.device), final
+        return empty(q.shape[:2] + v.shape[2:], dtype=v.dtype, device=v.device), final
 
     def unflat(self, x, dtype=None):
         """(B*T, H, ...) -> (B, T, H, ...), optionally cast."""
         if x is None:
             return None
-        x = x.view((self.B, self.T) + x.shape[1:])
+        x = x.view((self.B, -1) + x.shape[1:])
         return x if dtype is None else x.to(dtype)
 
 
@@ -404,7 +419,7 @@ class LinearAttnFunction(torch.autograd.Function):
         ctx.run = run
         ctx.dtypes = tuple(None if x is None else x.dtype for x in (g, v_scale, skip, initial_state))
         if not outputs_wanted():
-            return run.unread_outputs(v, output_final_state)
+            return run.unread_outputs(q, v, output_final_state)
         G = run.cumulative_decay(gf)
         if config.fused_forward and run.gate != _kernels().KEY_GATE:
             o, final = run.fused_forward(qf, kf, vf, G, state0, output_final_state)
