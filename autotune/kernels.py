@@ -182,6 +182,11 @@ def _linear_space(module, shape, dtype, hw):
     return module.space(shape["K"], shape["V"], 64, dtype.itemsize, hw)
 
 
+def _group(shape) -> int:
+    """Value heads a q / k head (1 ungrouped)."""
+    return shape["H"] // shape.get("Hk", shape["H"])
+
+
 def _linear_programs(config, shape):
     return shape["B"] * shape["H"] * math.ceil(shape["T"] / 64) * math.ceil(shape["V"] / config["block_v"])
 
@@ -196,6 +201,30 @@ def _linear_penalty(config, shape):
     v_tiles = math.ceil(shape["V"] / config["block_v"])
     recompute = 1.0 + (v_tiles - 1) * 64 * shape["K"] / (64 * (shape["K"] + shape["V"]) + 2 * shape["K"] * shape["V"])
     return _tile(config["block_k"]) * _tile(config["block_v"]) * recompute
+
+
+# the dq/dk kernel's share of linear attention's forward + backward, and the programs that fill an
+# H100 four deep (132 SMs): below them its time grows as its programs shrink
+_DQK_SHARE, _DQK_FILL = 0.25, 528
+# per-value-head partial gradients of q and k (written, then read by the group sum), relative to the
+# floor's bytes: the SSD at B8 T2048 H80 (one q / k group) spent about 0.7 of its 4.71 ms
+# forward + backward on them (H200, 2026-11-27), 0.05 x their 3.9x the floor's bytes
+_PARTIAL_WEIGHT = 0.05
+
+
+def _linear_attn_penalty(config, shape):
+    """_linear_penalty, and for grouped heads what group_heads trades: the partial gradients of q and
+    k a q / k head (GROUP / group_heads of them, unless that is one) against the dq/dk kernel's
+    programs (GROUP / group_heads a chunk and K tile of each q / k head)."""
+    heads, qk_heads = shape["H"], shape.get("Hk", shape["H"])
+    parts = heads // config["group_heads"]
+    gate = {"none": 0, "scalar": 1, "per-key": shape["K"]}[shape["gate"]]
+    floor_bytes = heads * (2 * shape["V"] + gate) + qk_heads * 2 * shape["K"]  # per token
+    partial_bytes = 4 * parts * shape["K"] if parts > qk_heads else 0  # dq, dk: written and read
+    programs = shape["B"] * math.ceil(shape["T"] / 64) * math.ceil(shape["K"] / config["block_k"]) * parts
+    underfill = max(1.0, _DQK_FILL / programs) - 1.0
+    return (_linear_penalty(config, shape) * (1.0 + _PARTIAL_WEIGHT * partial_bytes / floor_bytes)
+            * (1.0 + _DQK_SHARE * underfill))
 
 
 def _scan_penalty(config, shape):
@@ -271,8 +300,9 @@ def _cells_step_cycles(config: dict, shape: dict, hardware: Hardware, element_by
 
 
 TUNABLES = [
-    Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn", _linear_space, _linear_programs,
-            lambda c: 32 * c["num_warps"], _linear_penalty,
+    Tunable("linear_attn", "triton", "rnnops.triton_backend.linear_attn",
+            lambda m, s, dt, hw: m.space(s["K"], s["V"], 64, dt.itemsize, hw, _group(s)), _linear_programs,
+            lambda c: 32 * c["num_warps"], _linear_attn_penalty,
             ("state_num_warps", "state_num_stages", "state_block_k", "state_block_v", "fused_forward")),
     Tunable("delta_rule", "triton", "rnnops.triton_backend.delta_rule", _linear_space, _linear_programs,
             lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages", "fused_forward")),

@@ -104,16 +104,20 @@ def test_fused_forward(gate, shape):
 def _variant(variant: str, gate_scale: float = 1.0):
     """(inputs with 4 value heads, cu_seqlens, configuration override, bound) of a test variant
     named by its gate ("varlen": scalar decay, packed sequences), "-fused" for the fused forward,
-    "-float16" for half inputs."""
+    "-float16" for half inputs, "-summed" for dq / dk summed over 2 value heads in the dq/dk kernel
+    (group_heads: with one q / k head, two partial sums the group sum adds; with two, each group
+    whole), "-summed4" over 4 (one q / k head: its group whole; two: the common divisor 2)."""
     gate = next((gate for gate in GATES if variant.startswith(gate)), "scalar")
     dtype, bound = (torch.float16, 2e-3) if variant.endswith("float16") else (torch.float32, 1e-5)
     offsets, config = None, None
-    if variant == "varlen":
+    if variant.startswith("varlen"):
         offsets, x = packed_sequences(make_inputs, gate=gate, H=4)
     else:
         x = make_inputs(H=4, gate=gate, gate_scale=gate_scale, dtype=dtype)
     if variant.endswith("fused"):
         config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, state_block_v=16, fused_forward=1)
+    if "-summed" in variant:
+        config = dict(triton_linear_attn.FLOAT32_DEFAULT_CONFIG.__dict__, group_heads=4 if variant.endswith("4") else 2)
     return x, offsets, config, bound
 
 
@@ -124,7 +128,8 @@ def _compare_variant(x, offsets, config, bound):
 
 
 @pytest.mark.parametrize("variant", ["none", "scalar", "per-key", "per-key-strong", "scalar-fused", "varlen",
-                                     "scalar-float16"])
+                                     "scalar-float16", "none-summed", "scalar-summed4", "per-key-summed",
+                                     "varlen-summed"])
 @pytest.mark.parametrize("qk_heads", [1, 2])
 def test_grouped_heads(variant, qk_heads):
     """q and k with fewer heads than v (4): each kernel reads its value head's group in place, and
@@ -137,7 +142,7 @@ def test_grouped_heads(variant, qk_heads):
 
 
 @pytest.mark.parametrize("variant", ["none", "scalar", "per-key", "scalar-fused", "scalar-grouped", "varlen",
-                                     "scalar-float16", "scalar-skip-only"])
+                                     "scalar-float16", "scalar-skip-only", "scalar-grouped-summed4"])
 def test_value_scale_and_skip(variant):
     """v_scale (a scale per token and head of v, Mamba-2's dt) and skip (o += skip * v, Mamba's
     D) applied inside the kernels: the outputs and every gradient, theirs included, against the
@@ -147,7 +152,7 @@ def test_value_scale_and_skip(variant):
     if not variant.endswith("skip-only"):
         x["v_scale"] = torch.rand(x["v"].shape[:3]) * 0.5 + 0.01
     x["skip"] = torch.randn(x["v"].shape[2:])
-    if variant.endswith("grouped"):
+    if "-grouped" in variant:
         x["q"], x["k"] = (x[name][:, :, :2].contiguous() for name in ("q", "k"))
     _compare_variant(x, offsets, config, bound)
 

@@ -30,8 +30,11 @@ Sequences are always handled as packed: a batch is the packed case with equal le
 real chunk count; ``chunk_offsets[i]`` is sequence i's first global chunk. Tensors are
 contiguous (B*T, H, ...): q, k (., H / GROUP, K); v, o (., H, V); g (., H) or (., H, K). GROUP
 consecutive (value) heads share a q / k head; every kernel works per value head, so dq and dk
-come out per value head, (., H, K), and the caller sums each group's. VS (HAS_VSCALE), (., H): a
-scale s per token and head of v (Mamba-2's dt): every kernel that reads v scales the rows of its
+come out per value head, (., H, K), or summed over HEADS of them by dqk_kernel, (., H / HEADS,
+K), and the caller sums each group's. STEPS > 1 (DeltaProduct, through the delta rule): the
+rows are Householder steps, STEPS a token, and q, g, o, do and dq are per token, (B*T / STEPS,
+...), read and written on a token's last step (g its first; _packed.token_rows). VS
+(HAS_VSCALE), (., H): a scale s per token and head of v (Mamba-2's dt): every kernel that reads v scales the rows of its
 tile as loaded (d_scores: the columns of its dA), and dv_kernel returns s times the gradient of
 s v and, per V tile, rowsum(that gradient * v), which the caller sums into ds. SKIP (HAS_SKIP),
 (H, V): o += skip * v (Mamba's D; v as given) in the output and fused forward kernels; dv_kernel
@@ -47,7 +50,7 @@ the configuration's state tile, the others' its chunk tiles):
     output       (V/BV, chunks, H)         o tile; K in BK tiles
     states_bwd   (K/BK, V/BV, seqs * H)    reverse chunk loop
     intra_dqk    (chunks, H)               per-key only: the intra parts of dq, dk from dA; twice
-    dqk          (K/BK, chunks, H)         dq, dk, dG for one K tile; V in BV tiles
+    dqk          (K/BK, chunks, H/HEADS)   dq, dk, dG for one K tile, HEADS value heads; V in BV tiles
     dv           (V/BV, chunks, H)         dv tile; K in BK tiles
 
 Work per call, B*T tokens, H heads (bf16 inputs: 2-byte elements):
@@ -581,7 +584,7 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
 def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens,
                scale, total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                GATE: tl.constexpr, HAS_VSCALE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr,
-               STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               STEPS: tl.constexpr, HEADS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
     dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
     tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller
@@ -589,8 +592,16 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
 
     DELTA (the delta rule, v its pseudo-values, dv2 their gradient): also dW = -dv2 @ S_in^T,
     and dk and dG are partial (the UT transform adds its terms), dG not yet reverse-cumulated.
-    q, do and dq per token (token_rows: DeltaProduct's STEPS)."""
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q, do and dq per token (token_rows: DeltaProduct's STEPS).
+
+    HEADS > 1 (linear attention's grouped heads, HEADS a divisor of GROUP; not DELTA): a program
+    walks HEADS consecutive value heads of one group and writes dq and dk summed over them, in
+    fp32 until stored, into (total_rows, H / HEADS, K) (the caller sums the group's H / HEADS
+    parts, if more than one): HEADS times less of the per-value-head gradients written and read
+    again (Mamba-2's SSD: 80 value heads a q / k group), for H / HEADS programs a chunk and K tile.
+    The group's q and k tiles are read once per head, from L2 after the first."""
+    tl.static_assert(HEADS == 1 or (GROUP % HEADS == 0 and not DELTA))
+    i_k, i_c, i_heads = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
@@ -599,87 +610,102 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
         rk = i_k * BK + tl.arange(0, BK)
         kmask = rk < K
         tile_mask = row_mask[:, None] & kmask[None, :]
-        tile = (rows[:, None] * H + i_h) * K + rk[None, :]
-        dq_inter = tl.zeros([BT, BK], tl.float32)
-        dk_state = tl.zeros([BT, BK], tl.float32)
-        dA = tl.zeros([BT, BT], tl.float32)
-        end_term = tl.zeros([BK], tl.float32)
-        b_dW = tl.zeros([BT, BK], tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            rv = i_v * BV + tl.arange(0, BV)
-            vmask = row_mask[:, None] & (rv[None, :] < V)
-            state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
-            state_mask = kmask[:, None] & (rv[None, :] < V)
-            b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :],
-                           mask=q_mask[:, None] & (rv[None, :] < V), other=0.0)
-            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-            b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
-            b_S = tl.load(h + state, mask=state_mask, other=0.0)
-            b_dS = tl.load(dh + state, mask=state_mask, other=0.0)
-            dq_inter += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
-            dk_state += tl.dot(b_v, tl.trans(b_dS).to(b_v.dtype), input_precision=PRECISION)
-            if GATE != 2:
-                dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-            if GATE != 0:
-                end_term += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
-            if DELTA:
-                b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-                b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
         q_tile_mask = q_mask[:, None] & kmask[None, :]
-        q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
-        b_q = tl.load(q + q_tile, mask=q_tile_mask, other=0.0)  # after the V loop: not live across it
-        qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
-        b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
-        if GATE == 2:
-            b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
-            g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
-            end_term *= tl.exp(g_last)
-            dq_inter *= tl.exp(b_g)
-            dk_state *= tl.exp(g_last[None, :] - b_g)
-        elif GATE == 1:  # a decay per token: row factors, one exponential a row
-            g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-            g_end = tl.load(G + last * H + i_h)
-            end_term *= tl.exp(g_end)
-            dq_inter *= tl.exp(g_rows)[:, None]
-            dk_state *= tl.exp(g_end - g_rows)[:, None]
-        if GATE != 2:
-            causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
-            if GATE == 1:
-                dA = dA * tl.exp(tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
+        if HEADS > 1:
+            dq_sum = tl.zeros([BT, BK], tl.float32)
+            dk_sum = tl.zeros([BT, BK], tl.float32)
+        for j in range(HEADS):
+            i_h = i_heads * HEADS + j
+            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+            dq_inter = tl.zeros([BT, BK], tl.float32)
+            dk_state = tl.zeros([BT, BK], tl.float32)
+            dA = tl.zeros([BT, BT], tl.float32)
+            end_term = tl.zeros([BK], tl.float32)
+            b_dW = tl.zeros([BT, BK], tl.float32)
+            for i_v in range(tl.cdiv(V, BV)):
+                rv = i_v * BV + tl.arange(0, BV)
+                vmask = row_mask[:, None] & (rv[None, :] < V)
+                state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
+                state_mask = kmask[:, None] & (rv[None, :] < V)
+                b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :],
+                               mask=q_mask[:, None] & (rv[None, :] < V), other=0.0)
+                b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+                b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
+                b_S = tl.load(h + state, mask=state_mask, other=0.0)
+                b_dS = tl.load(dh + state, mask=state_mask, other=0.0)
+                dq_inter += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
+                dk_state += tl.dot(b_v, tl.trans(b_dS).to(b_v.dtype), input_precision=PRECISION)
+                if GATE != 2:
+                    dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+                if GATE != 0:
+                    end_term += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
+                if DELTA:
+                    b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+                    b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
+            q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+            b_q = tl.load(q + q_tile, mask=q_tile_mask, other=0.0)  # after the V loop: not live across it
+            qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+            b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
+            if GATE == 2:
+                b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
+                g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
+                end_term *= tl.exp(g_last)
+                dq_inter *= tl.exp(b_g)
+                dk_state *= tl.exp(g_last[None, :] - b_g)
+            elif GATE == 1:  # a decay per token: row factors, one exponential a row
+                g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+                g_end = tl.load(G + last * H + i_h)
+                end_term *= tl.exp(g_end)
+                dq_inter *= tl.exp(g_rows)[:, None]
+                dk_state *= tl.exp(g_end - g_rows)[:, None]
+            if GATE != 2:
+                causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+                if GATE == 1:
+                    dA = dA * tl.exp(tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
+                else:
+                    dA = tl.where(causal, dA, 0.0)
+                dA = (dA * scale).to(b_q.dtype)
+            # dq finished (stored, its gate term taken) before dk's product: the two fp32 tiles are
+            # never live together
+            if GATE == 2:
+                b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
             else:
-                dA = tl.where(causal, dA, 0.0)
-            dA = (dA * scale).to(b_q.dtype)
-        # dq finished (stored, its gate term taken) before dk's product: the two fp32 tiles are
-        # never live together
-        if GATE == 2:
-            b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
-        else:
-            b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
-        dq_tile = (q_rows[:, None] * H + i_h) * K + rk[None, :]
-        tl.store(dq + dq_tile, b_dq.to(dq.dtype.element_ty), mask=q_tile_mask)
-        if GATE == 2:
-            d_gate = b_q.to(tl.float32) * b_dq
-        elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
-            d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
-        if GATE != 0:
-            end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
-        if GATE == 2:
-            b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
-        else:
-            b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
-        tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
-        if DELTA:
-            tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
-        if GATE == 2:
-            d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0) - b_k.to(tl.float32) * b_dk
-            if not DELTA:
-                d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
-            tl.store(dG + tile, d_gate, mask=tile_mask)
-        elif GATE == 1:
-            d_row += tl.where(rows == last, tl.sum(end_term, axis=0), 0.0) - tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
-            if not DELTA:
-                d_row = tl.cumsum(d_row, axis=0, reverse=True)
-            tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)
+                b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
+            if HEADS == 1:
+                dq_tile = (q_rows[:, None] * H + i_h) * K + rk[None, :]
+                tl.store(dq + dq_tile, b_dq.to(dq.dtype.element_ty), mask=q_tile_mask)
+            else:
+                dq_sum += b_dq
+            if GATE == 2:
+                d_gate = b_q.to(tl.float32) * b_dq
+            elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
+                d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
+            if GATE != 0:
+                end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
+            if GATE == 2:
+                b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
+            else:
+                b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
+            if HEADS == 1:
+                tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
+            else:
+                dk_sum += b_dk
+            if DELTA:
+                tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
+            if GATE == 2:
+                d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0) - b_k.to(tl.float32) * b_dk
+                if not DELTA:
+                    d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
+                tl.store(dG + tile, d_gate, mask=tile_mask)
+            elif GATE == 1:
+                d_row += tl.where(rows == last, tl.sum(end_term, axis=0), 0.0) - tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+                if not DELTA:
+                    d_row = tl.cumsum(d_row, axis=0, reverse=True)
+                tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)
+        if HEADS > 1:
+            summed = (rows[:, None] * (H // HEADS) + i_heads) * K + rk[None, :]
+            tl.store(dq + summed, dq_sum.to(dq.dtype.element_ty), mask=tile_mask)
+            tl.store(dk + summed, dk_sum.to(dk.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit

@@ -6,6 +6,7 @@ in the input dtype) and, for per-key decay, the intra-chunk scores (BT fp32 valu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,13 @@ class LinearAttnConfig(ChunkConfig):
     state_block_k: int = 64
     state_block_v: int = 64
     fused_forward: int = 0
+    # grouped q / k heads (GVA, Mamba-2's SSD: GROUP value heads a q / k head): value heads whose dq
+    # and dk one dq/dk program sums (a divisor of GROUP), in fp32, before writing them: GROUP /
+    # group_heads partial gradients a q / k head written and summed again instead of GROUP (the SSD
+    # at B8 T2048 H80: 1.3 GB of its backward's traffic at 1), for that many times fewer programs.
+    # 1 until measured (the GPU suite's A/B). A bucket holds grouped calls of any group size: a call
+    # whose GROUP it does not divide sums their greatest common divisor
+    group_heads: int = 1
 
     def state_blocks(self, K: int, V: int) -> tuple[int, int]:
         """The state kernels' (K, V) tile, no larger than the (power-of-two rounded) head dims."""
@@ -123,13 +131,23 @@ def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space
 STATE_REGISTERS = 64
 
 
-def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
-    """The legal LinearAttnConfig values: chunk_space and the state tile (STATE_REGISTERS)."""
+def group_heads_choices(group: int) -> list[int]:
+    """The group_heads values the space offers for ``group`` value heads a q / k head: one, the
+    whole group (the fewest bytes) and the largest power of two dividing it (between: GROUP / it
+    dq/dk programs a chunk and K tile of each q / k head). Every divisor would be legal, but the
+    space is the product of this with ~27k tile choices: Mamba-2's 80 heads' ten divisors made
+    265k configurations, 0.23 s to enumerate and 1.2 s to rank (these three: 80k)."""
+    return sorted({1, group, group & -group})
+
+
+def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware, group: int = 1) -> Space:
+    """The legal LinearAttnConfig values: chunk_space, the state tile (STATE_REGISTERS) and the
+    value heads a dq/dk program sums (group_heads_choices of ``group``, the value heads a q / k head)."""
     base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     registers = STATE_REGISTERS if dtype_bytes <= 2 else STATE_REGISTERS // 2
     return Space(
         dict(base.variables, state_block_k=powers_of_two(16, 128), state_block_v=powers_of_two(16, 128),
-             fused_forward=[0, 1]),
+             fused_forward=[0, 1], group_heads=group_heads_choices(group)),
         base.constraints + (
             Constraint("state_block_k <= K rounded up to a power of two", ("state_block_k",),
                        lambda bk: bk <= next_power_of_two(K)),
@@ -336,15 +354,15 @@ class ChunkedRun:
                 **warps)
         return dq_intra, dk_intra
 
-    def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None):
+    def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None, heads=1):
         """dq (q's dtype), dk, and for gated runs dG: per key tile (reverse-cumulated) for linear
         attention; with the delta rule's dv2, also dW, and dk and dG partial (fp32). dq and dk are
-        per value head (group_sum adds up a group's)."""
+        per value head, or summed over each ``heads`` value heads of a group (linear attention:
+        LinearAttnConfig.group_heads), (B*T, H / heads, K): group_sum adds up a group's."""
         kernels, lay = _kernels(), self.layout
         delta = dv2 is not None
-        # grouped heads: per value head, summed over each group by the caller (group_sum)
-        dq = empty(self.per_value_head(q), dtype=q.dtype, device=q.device)
-        dk = empty(self.per_value_head(k), dtype=torch.float32 if delta else k.dtype, device=k.device)
+        dq = empty(self.per_value_head(q, heads), dtype=q.dtype, device=q.device)
+        dk = empty(self.per_value_head(k, heads), dtype=torch.float32 if delta else k.dtype, device=k.device)
         dW = empty(self.per_value_head(k), dtype=self.stored_dtype, device=k.device) if delta else None
         dG = None
         if self.gate == kernels.KEY_GATE:
@@ -352,10 +370,10 @@ class ChunkedRun:
         elif self.gate == kernels.SCALAR_GATE:
             dG = empty((self.k_tiles, lay.total_rows, self.H), dtype=torch.float32, device=q.device)
         launch(
-            kernels.dqk_kernel, (self.k_tiles, lay.programs, self.H),
+            kernels.dqk_kernel, (self.k_tiles, lay.programs, self.H // heads),
             q, k, v, self.v_scale, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices,
             lay.cu_seqlens, self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, DELTA=delta,
-            STEPS=self.steps, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            STEPS=self.steps, HEADS=heads, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dq, dk, dW, dG
 
     def dv(self, q, k, G, A, dh, do, v=None):
@@ -376,20 +394,24 @@ class ChunkedRun:
             HAS_DH=dh is not None, STEPS=self.steps, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return dv, None if d_scale is None else d_scale.sum(0), None if d_skip is None else d_skip.sum(0)
 
-    def per_value_head(self, x) -> tuple[int, ...]:
-        """The shape of a gradient of q or k as the kernels write it: (B*T, H, K), one per value head."""
-        return (x.shape[0], self.H) + tuple(x.shape[2:])
+    def per_value_head(self, x, heads=1) -> tuple[int, ...]:
+        """The shape of a gradient of q or k as the kernels write it: (B*T, H / heads, K), one per
+        value head or per ``heads`` of them (dqk)."""
+        return (x.shape[0], self.H // heads) + tuple(x.shape[2:])
 
     def per_token(self, q, v) -> tuple[int, ...]:
         """The shape of the output: q's rows (B*T, once a token) by v's heads and V."""
         return (q.shape[0],) + tuple(v.shape[1:])
 
     def group_sum(self, dx, dtype):
-        """(B*T, H, K) per value head -> (B*T, H / group, K) in ``dtype``: each q / k head's gradient,
-        summed in float32 (the per-value-head parts come in the input dtype: half the traffic of
-        float32 ones; each is rounded once, as an ungrouped head's gradient is)."""
-        if self.group > 1:
-            dx = dx.view(dx.shape[0], self.H // self.group, self.group, dx.shape[-1]).sum(2, dtype=torch.float32)
+        """(B*T, H / heads, K) parts of a group (per value head, or per ``heads`` of them: dqk) ->
+        (B*T, H / group, K) in ``dtype``: each q / k head's gradient, summed in float32 (the parts
+        come in the input dtype: half the traffic of float32 ones; each is rounded once, as an
+        ungrouped head's gradient is)."""
+        qk_heads = self.H // self.group
+        parts = dx.shape[1] // qk_heads
+        if parts > 1:
+            dx = dx.view(dx.shape[0], qk_heads, parts, dx.shape[-1]).sum(2, dtype=torch.float32)
         return dx.to(dtype)
 
     def final_state(self, device):
@@ -437,7 +459,8 @@ class LinearAttnFunction(torch.autograd.Function):
         A = run.intra_scores(qf, kf, G)
         h, _ = run.states(kf, vf, G, state0, store_final=False)
         dh, d_initial = run.states_backward(qf, do, G, d_final, state0)
-        dq, dk, _, dG = run.dqk(qf, kf, vf, G, h, dh, do, run.intra_gradients(qf, kf, vf, G, do))
+        dq, dk, _, dG = run.dqk(qf, kf, vf, G, h, dh, do, run.intra_gradients(qf, kf, vf, G, do),
+                                heads=math.gcd(run.config.group_heads, run.group))
         dv, d_scale, d_skip = run.dv(qf, kf, G, A, dh, do, vf)
         dg = None if dG is None else (dG if run.gate == _kernels().KEY_GATE else dG.sum(0))
         g_dtype, scale_dtype, skip_dtype, initial_dtype = ctx.dtypes
