@@ -282,6 +282,21 @@ def test_grouped_heads_on_gpu(gate, dtype, bound):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group_heads", [4, 8])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_summed_grouped_heads_on_gpu(group_heads, dtype, bound):
+    """dq / dk summed over value heads in the dq/dk kernel (group_heads) at the SSD's head dims,
+    one q / k head for 8 value heads: two partial sums a q / k head, or the group whole; at the
+    32-wide V tiles the GPU suite's A/B tries (no spills)."""
+    x = make_inputs(B=2, T=1000, H=8, K=128, V=64, gate="scalar", dtype=dtype, device="cuda")
+    x["q"], x["k"] = (x[name][:, :, :1].contiguous() for name in ("q", "k"))
+    bucket = kernels.bucket("linear_attn", linear_attn_shape(x["q"], x["v"], x.get("g")), dtype)
+    config = dict(triton_linear_attn.default_config(dtype).__dict__, group_heads=group_heads, block_v=32)
+    with cache.override("linear_attn", "triton", bucket, config):
+        compare_backends(lambda backend, **kw: run(backend, 64, **kw), x, bound, test="triton")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gate,warps", [("none", 4), ("scalar", 8)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_forward_on_gpu(gate, warps, dtype, bound):
