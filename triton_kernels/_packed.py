@@ -63,7 +63,11 @@ def token_rows(rows, row_mask, STEPS: tl.constexpr):
     their mask. DeltaProduct walks STEPS rows a token (its Householder steps, interleaved: a
     sequence's rows start at a multiple of STEPS) but reads q and do, and writes o and dq, once a
     token, on its last step (row // STEPS of the (tokens, ...) tensors); the other steps' rows are
-    masked off, as zeros. STEPS 1: the rows themselves."""
+    masked off, as zeros. Only q needs the mask: every product that takes do pairs its rows with
+    q's (q^T do) or with scores built from q (scores^T do), or makes rows only the masked dq
+    keeps (do S^T, do v^T), so do is read at row // STEPS on every step under the v tile's mask
+    (a mask of its own took registers: the DeltaProduct's dv kernel 114 -> 144, bf16, sm_90).
+    STEPS 1: the rows themselves."""
     if STEPS == 1:
         return rows, row_mask
     else:

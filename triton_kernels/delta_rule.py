@@ -256,7 +256,7 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
         b_k = tl.load(k + qk_tile, mask=kmask, other=0.0)
         b_W = tl.load(W + ktile, mask=kmask, other=0.0)
         do_tile = (q_rows[:, None] * H + i_h) * V + rv[None, :]
-        b_do = tl.load(do + do_tile, mask=q_mask[:, None] & (rv[None, :] < V), other=0.0)
+        b_do = tl.load(do + do_tile, mask=vmask, other=0.0)
         if GATED:
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = tl.load(G + last * H + i_h)

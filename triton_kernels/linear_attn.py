@@ -627,8 +627,7 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
                 vmask = row_mask[:, None] & (rv[None, :] < V)
                 state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
                 state_mask = kmask[:, None] & (rv[None, :] < V)
-                b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :],
-                               mask=q_mask[:, None] & (rv[None, :] < V), other=0.0)
+                b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
                 b_S = tl.load(h + state, mask=state_mask, other=0.0)
@@ -746,8 +745,7 @@ def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indice
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             acc *= tl.exp(tl.load(G + last * H + i_h) - g_rows)[:, None]
         scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
-        b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=q_mask[:, None] & (rv[None, :] < V),
-                       other=0.0)
+        b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         # (scale on the scores, not the product: accumulated in place; ungated 171 -> 164 registers
         # at the H100's tiles, 2 -> 3 programs an SM)
         acc = tl.dot(tl.trans(scores * scale).to(b_do.dtype), b_do, acc, input_precision=PRECISION)
