@@ -210,8 +210,10 @@ class SelectiveScanFunction(torch.autograd.Function):
         lay = run.layout
         f32 = {"dtype": torch.float32, "device": u.device}
         rows = run.batch * run.T
-        du, d_delta = empty((rows, run.Dm), **f32), empty((rows, run.Dm), **f32)
-        dz = empty((rows, run.Dm), **f32) if z is not None else None
+        # in their inputs' dtypes, rounded once as the kernel stores them: fp32 buffers cast after
+        # took three more passes (B8 T2048 Dm2048 bf16: 0.14 ms of 3.34 f+b, H200)
+        du, d_delta = (empty((rows, run.Dm), dtype=x.dtype, device=u.device) for x in (u, delta))
+        dz = empty((rows, run.Dm), dtype=z.dtype, device=u.device) if z is not None else None
         programs = run.programs
         per_program = (programs, run.N, run.Dm)
         dA = empty(per_program, **f32)
