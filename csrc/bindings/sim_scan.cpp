@@ -86,7 +86,7 @@ void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, a
              ptr<T>(u), operand(strides, 0), ptr<T>(delta), operand(strides, 1), ptr<float>(A),
              bc_operand(B, b_layout), bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(strides, 2),
              ptr<float>(delta_bias), ptr<T>(d_out), operand(strides, 3), ptr<float>(chunk_states),
-             ptr<float>(d_final), mut<float>(d_initial), mut<float>(du), mut<float>(d_delta), mut<float>(dz),
+             ptr<float>(d_final), mut<float>(d_initial), mut<T>(du), mut<T>(d_delta), mut<T>(dz),
              mut<float>(dA), mut<float>(dB), mut<float>(dC), mut<float>(dD), mut<float>(d_bias), ptr<int>(cu_seqlens),
              ptr<int>(chunk_offsets), s);
     });

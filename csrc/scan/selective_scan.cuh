@@ -456,7 +456,7 @@ template <class T, int WARPS, int ITEMS>
 __device__ __forceinline__ void bwd_by_state_elements(
     const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
     const T* z, Operand sz, const float* delta_bias, const T* d_out, Operand sdo, const float* chunk_states,
-    const float* d_final, float* d_initial, float* du, float* d_delta, float* dz, float* dA, float* dB, float* dC,
+    const float* d_final, float* d_initial, T* du, T* d_delta, T* dz, float* dA, float* dB, float* dC,
     float* dD, float* d_bias, const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
   constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 8 ? CHUNK : 8, SUBS = CHUNK / SUB;
   const int Dm = shape.Dm, N = shape.N, N4 = (N + 3) / 4 * 4;
@@ -622,13 +622,13 @@ __device__ __forceinline__ void bwd_by_state_elements(
         if (shape.has_z) {
           const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]), sig = rnnops::sigmoid(zz);
           dy *= zz * sig;
-          dz[row * Dm + d] = gout * (yC + d_weight * uu) * sig * (1.0f + zz * (1.0f - sig));
+          dz[row * Dm + d] = from_float<T>(gout * (yC + d_weight * uu) * sig * (1.0f + zz * (1.0f - sig)));
         }
         const float draw = (uu * sB + sA) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
         dD_acc += dy * uu;
         dbias_acc += draw;
-        du[row * Dm + d] = dy * d_weight + dt * sB;
-        d_delta[row * Dm + d] = draw;
+        du[row * Dm + d] = from_float<T>(dy * d_weight + dt * sB);
+        d_delta[row * Dm + d] = from_float<T>(draw);
       }
     }
   }
@@ -663,15 +663,15 @@ template <class T, int WARPS, int ITEMS, bool STAGED>
 __global__ void __launch_bounds__(WARPS * 32, 1)
     selective_scan_bwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
                        BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, const T* d_out,
-                       Operand sdo, const float* chunk_states, const float* d_final, float* d_initial, float* du,
-                       float* d_delta, float* dz, float* dA, float* dB, float* dC, float* dD, float* d_bias,
+                       Operand sdo, const float* chunk_states, const float* d_final, float* d_initial, T* du,
+                       T* d_delta, T* dz, float* dA, float* dB, float* dC, float* dD, float* d_bias,
                        const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
   if constexpr (STAGED) {
     bwd_by_state_elements<T, WARPS, ITEMS>(u, su, delta, sdelta, A, Bm, Cm, D, z, sz, delta_bias, d_out, sdo,
                                            chunk_states, d_final, d_initial, du, d_delta, dz, dA, dB, dC, dD, d_bias,
                                            cu_seqlens, chunk_offsets, shape);
   } else {  // B and C read per lane from global memory: time split over the warps, as below
-    // du, d_delta, dz: contiguous (rows, Dm) fp32 with rows the packed time index; dA (Dm, N),
+    // du, d_delta, dz: contiguous (rows, Dm) of type T with rows the packed time index; dA (Dm, N),
     // dD, d_bias (Dm): summed over sequences; dB, dC in B's / C's layout, contiguous, fp32.
     constexpr int CHUNK = WARPS * ITEMS;
     const int Dm = shape.Dm, N = shape.N;
@@ -856,13 +856,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
         if (shape.has_z) {
           const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
           const float sig = rnnops::sigmoid(zz), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
-          dz[row * Dm + d] = gout * y[i] * sig * (1.0f + zz * (1.0f - sig));
+          dz[row * Dm + d] = from_float<T>(gout * y[i] * sig * (1.0f + zz * (1.0f - sig)));
         }
         const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
         const float draw = (uu * sB[i] + sA[i]) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
         dbias_acc += draw;
-        du[row * Dm + d] = dy[i] * d_weight + dt[i] * sB[i];
-        d_delta[row * Dm + d] = draw;
+        du[row * Dm + d] = from_float<T>(dy[i] * d_weight + dt[i] * sB[i]);
+        d_delta[row * Dm + d] = from_float<T>(draw);
       }
     }
     // block totals: dD and d_bias over warps (lanes are channels), then across sequences (in the

@@ -176,8 +176,10 @@ class SelectiveScanFunction(torch.autograd.Function):
         channels = u.shape[2]
         N = A.shape[1]
         f32 = {"dtype": torch.float32, "device": u.device}
-        du, d_delta = (empty(u.shape, **f32) for _ in range(2))
-        dz = empty(u.shape, **f32) if z is not None else None
+        # the kernel's element type (u's, delta's and z's): rounded once as it stores them, where fp32
+        # buffers cast after took three more passes (B8 T2048 Dm2048 bf16: 0.15 ms of 4.88 f+b, H200)
+        du, d_delta = (empty(u.shape, dtype=u.dtype, device=u.device) for _ in range(2))
+        dz = empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else None
         dA = torch.zeros(A.shape, **f32)
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
         dD = torch.zeros(channels, **f32) if D is not None else None
