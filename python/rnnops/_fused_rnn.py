@@ -6,13 +6,13 @@ reverse with carried gradients in an (S, B, H, D) fp32 buffer, writing the pre-a
 gradients (and GRU's gradient of R_n h + b_n) in the input dtype: they are what the op returns for
 x_gates and, for half inputs, the operands the kernels' own recurrent products and dR take, so
 no float32 copy is written or converted. dR = sum_{b,t} dr_t^T h_{t-1} and db = sum dr
-are then computed here: a batched matmul per gate on strided views (no copy of dr), h_{t-1}
+are then computed here: dR a batched matmul per gate on strided views (no copy of dr), h_{t-1}
 from the saved h_seq (the kernels may keep only the last step's h in the states: the Triton
 cells' resident LSTM and sLSTM do). For half inputs the operands are the half values the forward
 multiplied (h_seq is exactly what the kernels rounded for their tensor-core products; dr as
 returned for x_gates), on tensor cores with fp32 accumulation, dR rounded once to the half
 dtype; fp32 inputs keep fp32 operands and CUDA-core products unless TF32 is allowed. db sums in
-fp32.
+fp32, one reduction over dx for all gates.
 A backend supplies a ``launcher`` with ``forward(x, R, b, initial, states, h_seq) -> pre`` (the
 pre-activations it saved, or None where its backward recomputes them: the Triton cells'
 resident kernels with RNNConfig.recompute, x and b then saved instead; or where no backward will
@@ -73,9 +73,19 @@ class FusedRNNFunction(torch.autograd.Function):
         h0 = initial[0] if initial is not None else torch.zeros((batch, heads, dim), **f32)
         h_prev = torch.cat([h0.to(x_dtype)[:, None], h_seq[:, :-1]], dim=1)
         dR = torch.stack([_sum_outer(d, h_prev) for d in gate_grads]).to(R_dtype)
-        db = None if b is None else torch.stack([d.sum((0, 1), dtype=torch.float32) for d in gate_grads]).to(b.dtype)
+        db = None if b is None else _bias_gradient(dx, drec_n).to(b.dtype)
         d_state = [carry[s].to(dtype) for s, dtype in enumerate(state_dtypes)]
         return (None, dx, dR, db, None, *d_state)
+
+
+def _bias_gradient(dx: torch.Tensor, drec_n: torch.Tensor | None) -> torch.Tensor:
+    """db = sum over (B, T) of each gate's pre-activation gradient, (G, H, D) fp32: one reduction
+    over dx's leading dimensions (one per gate, on strided slices, took 4 passes at 0.11 ms for an
+    LSTM at B16 T1024 H12 D64, H200), GRU's n gate from its recurrent part."""
+    db = dx.sum((0, 1), dtype=torch.float32)
+    if drec_n is not None:
+        db[2] = drec_n.sum((0, 1), dtype=torch.float32)
+    return db
 
 
 def _sum_outer(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
