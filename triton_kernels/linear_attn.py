@@ -660,11 +660,12 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             if GATE != 2:
                 causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
                 if GATE == 1:
-                    dA = dA * tl.exp(tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
+                    exponent = tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf"))
+                    dA = dA * tl.exp(exponent)
                 else:
                     dA = tl.where(causal, dA, 0.0)
                 dA = (dA * scale).to(b_q.dtype)
-            # dq finished (stored, its gate term taken) before dk's product: the two fp32 tiles are
+            # dq finished (stored or summed, its gate term taken) before dk's product: the two fp32 tiles are
             # never live together
             if GATE == 2:
                 b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
@@ -697,7 +698,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
                     d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
                 tl.store(dG + tile, d_gate, mask=tile_mask)
             elif GATE == 1:
-                d_row += tl.where(rows == last, tl.sum(end_term, axis=0), 0.0) - tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+                d_row += (tl.where(rows == last, tl.sum(end_term, axis=0), 0.0)
+                          - tl.sum(b_k.to(tl.float32) * b_dk, axis=1))
                 if not DELTA:
                     d_row = tl.cumsum(d_row, axis=0, reverse=True)
                 tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)
