@@ -581,10 +581,23 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
 
 
 @triton.jit
+def _state_gradient(b_v, b_S, dh, state, state_mask, dk_state, end_term, GATE: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """One V tile's part of dk's state term (v @ dS^T) and, gated, of the end term (rowsum(S * dS)):
+    (dk_state, end_term) with it added."""
+    b_dS = tl.load(dh + state, mask=state_mask, other=0.0)
+    dk_state += tl.dot(b_v, tl.trans(b_dS).to(b_v.dtype), input_precision=PRECISION)
+    if GATE != 0:
+        end_term += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
+    return dk_state, end_term
+
+
+@triton.jit
 def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens,
                scale, total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                GATE: tl.constexpr, HAS_VSCALE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr,
-               STEPS: tl.constexpr, HEADS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               STEPS: tl.constexpr, HEADS: tl.constexpr, TWO_WALKS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr):
     """dq, dk for one chunk and K tile, and (gated) the reverse-cumulated dG of that K tile:
     dG_t = q_t dq_t - k_t dk_t (+ rowsum(S_out * dS_out) on the last token), summed over the
     tile's columns for scalar decay, into dG[K tile] of shape (K tiles, total_rows, H) (the caller
@@ -599,8 +612,15 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
     fp32 until stored, into (total_rows, H / HEADS, K) (the caller sums the group's H / HEADS
     parts, if more than one): HEADS times less of the per-value-head gradients written and read
     again (Mamba-2's SSD: 80 value heads a q / k group), for H / HEADS programs a chunk and K tile.
-    The group's q and k tiles are read once per head, from L2 after the first."""
+    The group's q and k tiles are read once per head, from L2 after the first.
+
+    TWO_WALKS (ungated: GATE 0, not DELTA): the V tiles are walked twice, do's products first (dq
+    finished and stored before dk's state term is taken), then dS's, so two fp32 tiles are live
+    at a time instead of three, for the v tiles read again (from L2): at the H200's 64 x 128 tiles
+    and 8 warps, 132 -> 122 registers, one program an SM -> two (Triton 3.6, sm_90). The gated
+    kernels gain no program an SM that way and the gated delta rule's spill more."""
     tl.static_assert(HEADS == 1 or (GROUP % HEADS == 0 and not DELTA))
+    tl.static_assert(not TWO_WALKS or (GATE == 0 and not DELTA))
     i_k, i_c, i_heads = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -631,13 +651,12 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
                 b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                 b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
                 b_S = tl.load(h + state, mask=state_mask, other=0.0)
-                b_dS = tl.load(dh + state, mask=state_mask, other=0.0)
                 dq_inter += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
-                dk_state += tl.dot(b_v, tl.trans(b_dS).to(b_v.dtype), input_precision=PRECISION)
+                if not TWO_WALKS:
+                    dk_state, end_term = _state_gradient(b_v, b_S, dh, state, state_mask, dk_state, end_term, GATE,
+                                                         PRECISION)
                 if GATE != 2:
                     dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-                if GATE != 0:
-                    end_term += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), axis=1)
                 if DELTA:
                     b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                     b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
@@ -680,6 +699,16 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
                 d_gate = b_q.to(tl.float32) * b_dq
             elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
                 d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
+            if TWO_WALKS:  # dS's products, with dq out (ungated: no end term, no decay)
+                for i_v in range(tl.cdiv(V, BV)):
+                    rv = i_v * BV + tl.arange(0, BV)
+                    vmask = row_mask[:, None] & (rv[None, :] < V)
+                    state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
+                    state_mask = kmask[:, None] & (rv[None, :] < V)
+                    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+                    b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
+                    dk_state, end_term = _state_gradient(b_v, None, dh, state, state_mask, dk_state, end_term, GATE,
+                                                         PRECISION)
             if GATE != 0:
                 end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
             if GATE == 2:

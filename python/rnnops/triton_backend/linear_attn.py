@@ -373,7 +373,8 @@ class ChunkedRun:
             kernels.dqk_kernel, (self.k_tiles, lay.programs, self.H // heads),
             q, k, v, self.v_scale, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices,
             lay.cu_seqlens, self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, DELTA=delta,
-            STEPS=self.steps, HEADS=heads, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            STEPS=self.steps, HEADS=heads, TWO_WALKS=not delta and self.gate == kernels.NO_GATE, BK=self.BK,
+            BV=self.BV, **self.common, **self.launch)
         return dq, dk, dW, dG
 
     def dv(self, q, k, G, A, dh, do, v=None):
