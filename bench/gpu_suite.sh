@@ -141,7 +141,7 @@ PY
     # ungated linear attention and the plain delta rule, 0.97x and 0.91x of fla f+b on the H200 at
     # dd69b80, by kernel: our linear-attention dq/dk 0.775 ms against fla's 0.563, at 132 registers
     # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148; since then its two
-    # walks over the V tiles hold 122 at the shipped tiles, two an SM: untimed), and the H100's
+    # walks over the V tiles hold 120 at the shipped tiles, two an SM: untimed), and the H100's
     # shipped ungated choice, the fused forward with 4-warp chunk kernels (1.39x there, f+b,
     # 2026-11-26), never timed on the H200; the delta rule's
     # state walks 0.275 / 0.458 ms a call (forward / backward) against fla's 0.21 / 0.31, which

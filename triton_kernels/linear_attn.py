@@ -581,6 +581,20 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
 
 
 @triton.jit
+def _dqk_v_tile(v, VS, rows, row_mask, rk, kmask, i_v, i_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                HAS_VSCALE: tl.constexpr, BV: tl.constexpr):
+    """V tile ``i_v`` of dqk_kernel's walks: (its columns, their mask on the chunk's rows, the
+    offsets and mask of its (K tile x V tile) part of a chunk state, and the v tile as the
+    recurrence uses it)."""
+    rv = i_v * BV + tl.arange(0, BV)
+    vmask = row_mask[:, None] & (rv[None, :] < V)
+    state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
+    state_mask = kmask[:, None] & (rv[None, :] < V)
+    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+    return rv, vmask, state, state_mask, _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
+
+
+@triton.jit
 def _state_gradient(b_v, b_S, dh, state, state_mask, dk_state, end_term, GATE: tl.constexpr,
                     PRECISION: tl.constexpr):
     """One V tile's part of dk's state term (v @ dS^T) and, gated, of the end term (rowsum(S * dS)):
@@ -617,7 +631,7 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
     TWO_WALKS (ungated: GATE 0, not DELTA): the V tiles are walked twice, do's products first (dq
     finished and stored before dk's state term is taken), then dS's, so two fp32 tiles are live
     at a time instead of three, for the v tiles read again (from L2): at the H200's 64 x 128 tiles
-    and 8 warps, 132 -> 122 registers, one program an SM -> two (Triton 3.6, sm_90). The gated
+    and 8 warps, 132 -> 120 registers, one program an SM -> two (Triton 3.6, sm_90). The gated
     kernels gain no program an SM that way and the gated delta rule's spill more."""
     tl.static_assert(HEADS == 1 or (GROUP % HEADS == 0 and not DELTA))
     tl.static_assert(not TWO_WALKS or (GATE == 0 and not DELTA))
@@ -643,13 +657,9 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             end_term = tl.zeros([BK], tl.float32)
             b_dW = tl.zeros([BT, BK], tl.float32)
             for i_v in range(tl.cdiv(V, BV)):
-                rv = i_v * BV + tl.arange(0, BV)
-                vmask = row_mask[:, None] & (rv[None, :] < V)
-                state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
-                state_mask = kmask[:, None] & (rv[None, :] < V)
+                rv, vmask, state, state_mask, b_v = _dqk_v_tile(v, VS, rows, row_mask, rk, kmask, i_v, i_c, i_h, H, K,
+                                                                V, HAS_VSCALE, BV)
                 b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-                b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-                b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
                 b_S = tl.load(h + state, mask=state_mask, other=0.0)
                 dq_inter += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
                 if not TWO_WALKS:
@@ -701,12 +711,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
                 d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
             if TWO_WALKS:  # dS's products, with dq out (ungated: no end term, no decay)
                 for i_v in range(tl.cdiv(V, BV)):
-                    rv = i_v * BV + tl.arange(0, BV)
-                    vmask = row_mask[:, None] & (rv[None, :] < V)
-                    state = (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
-                    state_mask = kmask[:, None] & (rv[None, :] < V)
-                    b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-                    b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
+                    _, _, state, state_mask, b_v = _dqk_v_tile(v, VS, rows, row_mask, rk, kmask, i_v, i_c, i_h, H, K, V,
+                                                               HAS_VSCALE, BV)
                     dk_state, end_term = _state_gradient(b_v, None, dh, state, state_mask, dk_state, end_term, GATE,
                                                          PRECISION)
             if GATE != 0:
