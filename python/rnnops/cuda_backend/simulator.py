@@ -90,5 +90,9 @@ def sanitizer_environment(sanitizer: str, every_instantiation: bool = False) -> 
     as sys.executable, not through a shell script such as pyenv's shims: bash crashes under libtsan)."""
     library, options_variable, options = SANITIZERS[sanitizer]
     runtime = subprocess.run(["g++", f"-print-file-name={library}"], capture_output=True, text=True).stdout.strip()
+    # libgomp is not built with ThreadSanitizer, which then sees torch's OpenMP-parallel ops (e.g. a
+    # sum over more than its 32768-element grain: the fused cells' db) race on their own buffers;
+    # the kernels' simulated threads synchronise through std::barrier, which it does see
+    threads = {"OMP_NUM_THREADS": "1"} if sanitizer == "thread" else {}
     return dict(os.environ, LD_PRELOAD=runtime, **{options_variable: options}, RNNOPS_CUDA_SIMULATOR="1",
-                **{SANITIZER_ENV: f"{sanitizer}:every" if every_instantiation else sanitizer})
+                **{SANITIZER_ENV: f"{sanitizer}:every" if every_instantiation else sanitizer}, **threads)
