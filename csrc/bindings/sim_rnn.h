@@ -44,6 +44,14 @@ void dispatch_fragments(at::ScalarType dtype, int64_t cell, int64_t k_steps, F&&
               " (float16 or bfloat16; the sanitized builds bfloat16)");
 }
 
+// Runs a cell kernel at launch_shape (grid x, y, z, threads, dynamic shared bytes), cooperatively
+// where the grid has several blocks a head (z > 1: they meet at grid barriers), as nvrtc.py does
+template <class Kernel, class... Args>
+void launch_cells(Kernel kernel, const std::vector<int64_t>& launch_shape, Args... args) {
+  rnnops::sim::launch(kernel, dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]),
+                      launch_shape[4], launch_shape[2] > 1, args...);
+}
+
 inline rnnops::rnn::RNNShape rnn_shape(const std::vector<int64_t>& v) {
   return rnnops::rnn::RNNShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
                                static_cast<int>(v[3]), static_cast<int>(v[4]), static_cast<int>(v[5]),

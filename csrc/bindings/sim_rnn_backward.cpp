@@ -3,8 +3,6 @@
 
 namespace rnnops::bindings {
 
-using rnnops::sim::launch;
-
 void rnn_backward(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tensor pre,
                   at::Tensor d_h_seq, at::Tensor carry, at::Tensor dx, at::Tensor drec_n,
                   std::vector<int64_t> shape, int64_t cell, int64_t units, std::vector<int64_t> launch_shape) {
@@ -12,10 +10,9 @@ void rnn_backward(at::Tensor R, at::Tensor initial, at::Tensor states, at::Tenso
   dispatch_dtype(R.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_cell(cell, units, [&](auto c, auto u) {
-      launch(rnnops::rnn::rnn_bwd<T, decltype(c)::value, decltype(u)::value>,
-             dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4],
-             s.splits > 1, ptr<T>(R), ptr<float>(initial), ptr<float>(states), ptr<float>(pre), ptr<T>(d_h_seq),
-             mut<float>(carry), mut<T>(dx), mut<T>(drec_n), s);
+      launch_cells(rnnops::rnn::rnn_bwd<T, decltype(c)::value, decltype(u)::value>, launch_shape, ptr<T>(R),
+                   ptr<float>(initial), ptr<float>(states), ptr<float>(pre), ptr<T>(d_h_seq), mut<float>(carry),
+                   mut<T>(dx), mut<T>(drec_n), s);
     });
   });
 }
@@ -28,10 +25,9 @@ void rnn_backward_fragments(at::Tensor R, at::Tensor initial, at::Tensor states,
   const auto s = rnn_shape(shape);
   dispatch_fragments(R.scalar_type(), cell, k_steps, [&](auto tag, auto c, auto ks) {
     using T = decltype(tag);
-    launch(rnnops::rnn::rnn_bwd_fragments<T, decltype(c)::value, decltype(ks)::value>,
-           dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4], false,
-           ptr<T>(R), ptr<float>(initial), ptr<float>(states), ptr<float>(pre), ptr<T>(d_h_seq), mut<float>(carry),
-           mut<T>(dx), mut<T>(drec_n), s);
+    launch_cells(rnnops::rnn::rnn_bwd_fragments<T, decltype(c)::value, decltype(ks)::value>, launch_shape,
+                 ptr<T>(R), ptr<float>(initial), ptr<float>(states), ptr<float>(pre), ptr<T>(d_h_seq),
+                 mut<float>(carry), mut<T>(dx), mut<T>(drec_n), s);
   });
 }
 

@@ -3,8 +3,6 @@
 
 namespace rnnops::bindings {
 
-using rnnops::sim::launch;
-
 void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
                  at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
                  std::vector<int64_t> launch_shape) {
@@ -14,10 +12,9 @@ void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_cell(cell, units, [&](auto c, auto u) {
-      launch(rnnops::rnn::rnn_fwd<T, decltype(c)::value, decltype(u)::value>,
-             dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4],
-             s.splits > 1, ptr<T>(x), ptr<T>(R), ptr<float>(bias), ptr<float>(initial), mut<float>(states),
-             mut<float>(pre), mut<T>(h_seq), s);
+      launch_cells(rnnops::rnn::rnn_fwd<T, decltype(c)::value, decltype(u)::value>, launch_shape, ptr<T>(x),
+                   ptr<T>(R), ptr<float>(bias), ptr<float>(initial), mut<float>(states), mut<float>(pre),
+                   mut<T>(h_seq), s);
     });
   });
 }
@@ -29,10 +26,9 @@ void rnn_forward_fragments(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tens
   const auto s = rnn_shape(shape);
   dispatch_fragments(x.scalar_type(), cell, k_steps, [&](auto tag, auto c, auto ks) {
     using T = decltype(tag);
-    launch(rnnops::rnn::rnn_fwd_fragments<T, decltype(c)::value, decltype(ks)::value>,
-           dim3(launch_shape[0], launch_shape[1], launch_shape[2]), dim3(launch_shape[3]), launch_shape[4], false,
-           ptr<T>(x), ptr<T>(R), ptr<float>(bias), ptr<float>(initial), mut<float>(states), mut<float>(pre),
-           mut<T>(h_seq), s);
+    launch_cells(rnnops::rnn::rnn_fwd_fragments<T, decltype(c)::value, decltype(ks)::value>, launch_shape,
+                 ptr<T>(x), ptr<T>(R), ptr<float>(bias), ptr<float>(initial), mut<float>(states), mut<float>(pre),
+                 mut<T>(h_seq), s);
   });
 }
 
