@@ -11,15 +11,22 @@ from __future__ import annotations
 import torch
 
 
+def interleave(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, n_h, ...) -> (B, T * n_h, ...): a token's n_h Householder steps as consecutive rows."""
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+
+
+def step_offsets(cu_seqlens: torch.Tensor | None, steps: int) -> torch.Tensor | None:
+    """Packed sequences' offsets in the interleaved rows (n_h rows a token)."""
+    return None if cu_seqlens is None else cu_seqlens * steps
+
+
 def via_delta_rule(delta_rule):
     """A delta_product backend implementation from a delta_rule one (same keyword arguments)."""
 
     def delta_product(q, k, v, beta, g, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                       **options):
         batch, time, steps = k.shape[:3]
-
-        def interleave(x):
-            return x.reshape((batch, time * steps) + x.shape[3:])
 
         def on_step(x, position):
             """A per-token tensor on one Householder step, zeros on the others."""
@@ -31,7 +38,7 @@ def via_delta_rule(delta_rule):
             on_step(q, "last"), interleave(k), interleave(v), interleave(beta),
             None if g is None else on_step(g, "first"),
             scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=None if cu_seqlens is None else cu_seqlens * steps, chunk_size=chunk_size, **options,
+            cu_seqlens=step_offsets(cu_seqlens, steps), chunk_size=chunk_size, **options,
         )
         return o.reshape((batch, time, steps) + o.shape[2:])[:, :, -1], final
 

@@ -26,6 +26,7 @@ from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_o
 
 from .._backward_only import outputs_wanted
 from .._buffers import empty
+from .._delta_product import interleave, step_offsets
 from .._dispatch import register
 from ._common import dot_precision, launch
 from .linear_attn import ChunkConfig, ChunkedRun, chunk_space, default_config, supports
@@ -223,9 +224,7 @@ def delta_product(q, k, v, beta, g, *, scale, initial_state, output_final_state,
                   config: DeltaRuleConfig | None = None):
     """k, v, beta (B, T, n_h, ...): the delta rule over their n_h steps a token, interleaved (a
     reshape, no copy), with q and g read and o written once a token by the kernels themselves."""
-    batch, time, steps = k.shape[:3]
+    steps = k.shape[2]
     config = _tuned("delta_product", q, v, g, steps, config)
-    k, v, beta = (x.reshape((batch, time * steps) + x.shape[3:]) for x in (k, v, beta))
-    return DeltaRuleFunction.apply(q, k, v, beta, g, initial_state, scale,
-                                   None if cu_seqlens is None else cu_seqlens * steps, chunk_size,
-                                   output_final_state, config, steps)
+    return DeltaRuleFunction.apply(q, interleave(k), interleave(v), interleave(beta), g, initial_state, scale,
+                                   step_offsets(cu_seqlens, steps), chunk_size, output_final_state, config, steps)
