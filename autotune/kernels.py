@@ -216,11 +216,15 @@ def _linear_attn_penalty(config, shape):
     """_linear_penalty, and for grouped heads what group_heads trades: the partial gradients of q and
     k a q / k head (GROUP / group_heads of them, unless that is one) against the dq/dk kernel's
     programs (GROUP / group_heads a chunk and K tile of each q / k head)."""
+    from rnnops.bench import roofline
+
     heads, qk_heads = shape["H"], shape.get("Hk", shape["H"])
     parts = heads // config["group_heads"]
-    gate = {"none": 0, "scalar": 1, "per-key": shape["K"]}[shape["gate"]]
-    floor_bytes = heads * (2 * shape["V"] + gate) + qk_heads * 2 * shape["K"]  # per token
-    partial_bytes = 4 * parts * shape["K"] if parts > qk_heads else 0  # dq, dk: written and read
+    # a token's bytes in the floor and in the partials (any one element size: the ratio counts)
+    element = torch.bfloat16
+    floor_bytes = roofline.linear_attn(1, 1, heads, shape["K"], shape["V"], shape["gate"], element,
+                                       qk_heads=qk_heads).bytes
+    partial_bytes = 4 * parts * shape["K"] * element.itemsize if parts > qk_heads else 0  # dq, dk: written, read
     programs = shape["B"] * math.ceil(shape["T"] / 64) * math.ceil(shape["K"] / config["block_k"]) * parts
     underfill = max(1.0, _DQK_FILL / programs) - 1.0
     return (_linear_penalty(config, shape) * (1.0 + _PARTIAL_WEIGHT * partial_bytes / floor_bytes)
