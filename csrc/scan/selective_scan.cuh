@@ -34,8 +34,13 @@
 // / dC halving; about 7 more in the replay to the sub-block starts and the per-step gradients),
 // where the step-split backward took 55 (120 from global memory): at B8 Dm2048 T2048 N16 about
 // 0.13 and 0.7 ms of an H100's instruction issue, where its exponential rate allows 0.13 ms
-// forward and its bandwidth 0.09 ms (measured before staging: 1.01 ms forward, 4.6 backward, so
-// latency, not issue, set the time then).
+// forward and its bandwidth 0.09 ms. Measured on the H200 with the rows staged (dd69b80): 0.99 ms
+// forward, 3.72 backward, against mamba_ssm's 0.59 and 2.27: the SASS then showed every chunk
+// waiting for its global loads one step at a time (a step's delta, then after its softplus, whose
+// logf branches, its u; the output's z between the stores of out, which nvcc may not pass): 24
+// memory latencies a 32-step chunk forward, about as many backward (0.99 ms is 15 us a chunk). Each
+// phase now loads all its steps' values before using any (load_items), and the backward stages what
+// its per-step gradients take (StepTerms), so a chunk waits for one round of loads.
 #pragma once
 #include "../common/runtime.h"
 
@@ -106,6 +111,21 @@ __device__ __forceinline__ void read_items(float (&v)[ITEMS], const char* chunk_
   for (int i = 0; i < ITEMS; ++i) v[i] = __ldg(reinterpret_cast<const float*>(row_n + off[i]));
 }
 
+// A lane's values of a (b, t, d) operand at ITEMS consecutive rows r0, r0 + 1, ... as floats (0 from
+// item ``items`` on). Every load is issued before any value is used: a loop that loads a step's
+// values and computes with them (a softplus, whose logf branches) or stores between steps waits a
+// whole memory latency per step, since nvcc does not move a load above a branch or above a store
+// it cannot prove to another address. The kernels load a chunk's values of every operand this way
+// before computing with any of them (SASS: the CUDA scan's forward had waited for delta and u
+// step after step, 16 latencies a 32-step chunk, and its output for z between stores, 8 more).
+template <int ITEMS, class T>
+__device__ __forceinline__ void load_items(float (&v)[ITEMS], const T* p, Operand s, long long batch, long long r0,
+                                           int d, int items) {
+  const T* at = p + batch * s.b + r0 * s.t + d * s.d;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) v[i] = i < items ? to_float(at[i * s.t]) : 0.0f;
+}
+
 // How many of a warp's ITEMS steps from step0 exist before the sequence's end eos (32-bit, so
 // per-step tests inside the loop over n are cheap to recompute).
 template <int ITEMS>
@@ -171,8 +191,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // chunk (in sub-blocks of up to 32 steps) for its groups of four state elements (groups warp,
 // warp + WARPS, ...), four independent recurrences a lane with no barrier between steps, and sums
 // their y terms per step in registers; the warps' sums meet in shared memory ([WARPS][CHUNK][32])
-// and each warp adds D u, gates with z and writes its ITEMS steps. Two barriers a chunk (after the
-// staging, after the sums), where splitting the steps took one per state element; about 7 SASS
+// and each warp adds D u, gates with z (staged with dt: the output waits for no load) and writes
+// its ITEMS steps. Two barriers a chunk (after the staging, after the sums), where splitting the steps took one per state element; about 7 SASS
 // instructions per (step, channel, state element): an exponential, 4 FMUL / FFMA, and a 16-byte
 // broadcast of B and of C per four elements. The state crossing chunk boundaries stays in shared
 // memory ([N4][32]); inside the chunk loop only the element's owner reads and writes it.
@@ -186,34 +206,36 @@ __device__ __forceinline__ void fwd_by_state_elements(
   const auto [lane, warp, d, live, channel, seq, bos, eos, batch, offset, first] =
       block_span(shape, cu_seqlens, chunk_offsets);
   const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
-  RNNOPS_DYNAMIC_SHARED(float, smem);  // carry, B and C rows, dt, dt u, the warps' y sums
+  RNNOPS_DYNAMIC_SHARED(float, smem);  // carry, B and C rows, dt, dt u, the gates, the warps' y sums
   float *carry = smem, *Bstage = carry + N4 * 32, *Cstage = Bstage + CHUNK * N4;
-  float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *y_sums = dtu_stage + CHUNK * 32;
+  float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *gate_stage = dtu_stage + CHUNK * 32;
+  float* y_sums = gate_stage + CHUNK * 32;
 
   for (int n = warp; n < N4; n += WARPS)  // (read after the first chunk's first barrier)
     carry[n * 32 + lane] = (live && initial_state && n < N) ? initial_state[(seq * (long long)Dm + d) * N + n] : 0.0f;
   const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
   const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
   for (long long t0 = bos; t0 < eos; t0 += CHUNK) {
-    const long long chunk = first + (t0 - bos) / CHUNK;
-    // this warp's ITEMS steps: dt and dt u staged for every warp, D u kept for the output; steps
-    // past the end get dt = 0 (the identity step)
-    float y_direct[ITEMS];
+    const long long chunk = first + (t0 - bos) / CHUNK, step0 = t0 + warp * ITEMS, r0 = step0 - offset;
+    const int items = live ? steps_before<ITEMS>(step0, eos) : 0;
+    // this warp's ITEMS steps: delta, u and z, then the chunk's B and C rows, all loads in flight
+    // together; dt, dt u and z's gate staged for every warp, D u kept for the output; steps past
+    // the end get dt = 0 (the identity step)
+    float raw[ITEMS], uu[ITEMS], zz[ITEMS], y_direct[ITEMS];
+    load_items(raw, delta, sdelta, batch, r0, d, items);
+    load_items(uu, u, su, batch, r0, d, items);
+    load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);
+    stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
+    stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int step = warp * ITEMS + i;
-      const long long t = t0 + step;
-      const bool on = live && t < eos;
-      const long long r = t - offset;
-      const float raw = on ? to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias : 0.0f;
-      const float dt = on ? discretise(raw, shape.softplus) : 0.0f;
-      const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
+      const float dt = i < items ? discretise(raw[i] + bias, shape.softplus) : 0.0f;
       dt_stage[step * 32 + lane] = dt;
-      dtu_stage[step * 32 + lane] = dt * uu;
-      y_direct[i] = d_weight * uu;
+      dtu_stage[step * 32 + lane] = dt * uu[i];
+      gate_stage[step * 32 + lane] = shape.has_z ? zz[i] * rnnops::sigmoid(zz[i]) : 1.0f;
+      y_direct[i] = d_weight * uu[i];
     }
-    stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
-    stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
     __syncthreads();  // the staged chunk (every reader of the previous one passed the barrier below)
 
     for (int s0 = 0; s0 < CHUNK; s0 += SUB) {  // (sub-blocks of at most 32 steps: y's registers)
@@ -227,9 +249,11 @@ __device__ __forceinline__ void fwd_by_state_elements(
           const int n = 4 * group + j;
           a2[j] = (live && n < N) ? A[d * N + n] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
           x[j] = carry[n * 32 + lane];
-          if (s0 == 0 && chunk_states && live && n < N)  // (null where no backward will run)
-            chunk_states[(chunk * Dm + d) * N + n] = x[j];
         }
+        if (s0 == 0 && chunk_states && live)  // (null where no backward will run)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (4 * group + j < N) chunk_states[(chunk * Dm + d) * N + 4 * group + j] = x[j];
 #pragma unroll
         for (int s = 0; s < SUB; ++s) {
           const float dt = dt_stage[(s0 + s) * 32 + lane], dtu = dtu_stage[(s0 + s) * 32 + lane];
@@ -250,19 +274,12 @@ __device__ __forceinline__ void fwd_by_state_elements(
     __syncthreads();  // every warp's sums
 
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
+    for (int i = 0; i < ITEMS; ++i) {  // (no loads from global memory between the stores)
       const int step = warp * ITEMS + i;
-      const long long t = t0 + step;
-      if (!(live && t < eos)) continue;
-      const long long r = t - offset;
       float value = y_direct[i];
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) value += y_sums[(w * CHUNK + step) * 32 + lane];
-      if (shape.has_z) {
-        const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
-        value *= zz * rnnops::sigmoid(zz);
-      }
-      out[batch * sout.b + r * sout.t + d * sout.d] = from_float<T>(value);
+      if (i < items) out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] = from_float<T>(value * gate_stage[step * 32 + lane]);
     }
   }
   if (final_state && live)
@@ -302,23 +319,24 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
     const float d_weight = (live && shape.has_d) ? D[d] : 0.0f;
     const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
     for (long long t0 = bos; t0 < eos; t0 += CHUNK) {
-      const long long chunk = first + (t0 - bos) / CHUNK;
+      const long long chunk = first + (t0 - bos) / CHUNK, step0 = t0 + warp * ITEMS, r0 = step0 - offset;
+      const int items = live ? steps_before<ITEMS>(step0, eos) : 0;
+      // per step, once for all n: dt, dt u, where B and C are read (delta and u loaded together
+      // first); steps past the end get dt = 0 (the identity step: e^0 x + 0) and read the
+      // sequence's first row
+      float dt[ITEMS], dtu[ITEMS], y[ITEMS], dt_sum = 0.0f;
+      load_items(dt, delta, sdelta, batch, r0, d, items);
+      load_items(dtu, u, su, batch, r0, d, items);
       if (warp == 0 && live && chunk_states)  // (null where no backward will run)
         for (int n = 0; n < N; ++n) chunk_states[(chunk * Dm + d) * N + n] = carry_in[n * 32 + lane];
-      // per step, once for all n: dt, dt u, where B and C are read; steps past the end get dt = 0
-      // (the identity step: e^0 x + 0) and read the sequence's first row
-      float dt[ITEMS], dtu[ITEMS], y[ITEMS], dt_sum = 0.0f;
       unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
       const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
                  *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
   #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        const long long t = t0 + warp * ITEMS + i;
-        const bool on = live && t < eos;
-        const long long r = t - offset;
-        dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
-                   : 0.0f;
-        const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
+        const bool on = live && step0 + i < eos;
+        const float uu = dtu[i];
+        dt[i] = on ? discretise(dt[i] + bias, shape.softplus) : 0.0f;
         dtu[i] = dt[i] * uu;
         dt_sum += dt[i];
         y[i] = d_weight * uu;
@@ -352,18 +370,13 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
         }
         if (warp == WARPS - 1) carry_out[n * 32 + lane] = x;
       }
+      float zz[ITEMS];  // (z's loads together, before the stores)
+      load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);
   #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const long long t = t0 + warp * ITEMS + i;
-        if (!(live && t < eos)) continue;
-        const long long r = t - offset;
-        float value = y[i];
-        if (shape.has_z) {
-          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
-          value *= zz * rnnops::sigmoid(zz);
-        }
-        out[batch * sout.b + r * sout.t + d * sout.d] = from_float<T>(value);
-      }
+      for (int i = 0; i < ITEMS; ++i)
+        if (i < items)
+          out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] =
+              from_float<T>(shape.has_z ? y[i] * zz[i] * rnnops::sigmoid(zz[i]) : y[i]);
       __syncthreads();  // the last warp's carry before the next chunk (and every read of carry_in)
       float* const swap = carry_in;
       carry_in = carry_out;
@@ -375,6 +388,64 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 }
 
 // ---------------------------------------------------------------- backward
+
+// What a step's gradients take after the walk besides its sums over the state elements, staged per
+// step and lane in shared memory ([3][CHUNK][32]): u, softplus' derivative at the step (1 without)
+// and dz's factor d_out sig(z) (1 + z (1 - sig(z))), so that the stores of du, d delta and dz wait for
+// no global load.
+struct StepTerms {
+  float* at;
+  int steps;  // CHUNK
+  __device__ __forceinline__ void stage(int slot, float u, float draw_factor, float dz_factor) const {
+    at[slot] = u;
+    at[steps * 32 + slot] = draw_factor;
+    at[2 * steps * 32 + slot] = dz_factor;
+  }
+  // du, d delta and dz of a step at element ``row`` of the (rows, Dm) outputs, from dt, dy and the
+  // sums sB = sum_n dx B, sA = sum_n dx a x_{t-1} A, yC = sum_n x C; adds d delta to dbias
+  template <class T>
+  __device__ __forceinline__ void store_gradients(T* du, T* d_delta, T* dz, long long row, int slot, float dt, float dy,
+                                                  float sB, float sA, float yC, float d_weight, int has_z,
+                                                  float& dbias) const {
+    const float uu = at[slot], draw = (uu * sB + sA) * at[steps * 32 + slot];
+    if (has_z) dz[row] = from_float<T>((yC + d_weight * uu) * at[2 * steps * 32 + slot]);
+    dbias += draw;
+    du[row] = from_float<T>(dy * d_weight + dt * sB);
+    d_delta[row] = from_float<T>(draw);
+  }
+};
+
+// The backward's inputs of a warp's ITEMS steps from row r0, ``items`` of which exist (the rest get
+// dt = u = dy = 0, the identity step): delta, u, d_out, z and delta at ``after_row`` (where
+// ``has_after``) loaded together; then dt, dt u and dy = d_out silu(z) in registers, the step terms
+// staged at slots (slot0 + i) * 32 + lane, and dD's part dy u added to dD. Returns dt at after_row
+// (0 without).
+template <int ITEMS, class T>
+__device__ __forceinline__ float backward_step_inputs(float (&dt)[ITEMS], float (&dtu)[ITEMS], float (&dy)[ITEMS],
+                                                      const StepTerms& terms, int slot0, float& dD, const T* u,
+                                                      Operand su, const T* delta, Operand sdelta, const T* z, Operand sz,
+                                                      const T* d_out, Operand sdo, long long batch, long long r0, int d,
+                                                      int items, long long after_row, bool has_after, float bias,
+                                                      const ScanShape& shape) {
+  const int lane = threadIdx.x % 32;
+  float uu[ITEMS], zz[ITEMS], raw_after[1];
+  load_items(dt, delta, sdelta, batch, r0, d, items);
+  load_items(uu, u, su, batch, r0, d, items);
+  load_items(dy, d_out, sdo, batch, r0, d, items);
+  load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);
+  load_items(raw_after, delta, sdelta, batch, after_row, d, has_after);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const float raw = dt[i] + bias, gout = dy[i], sig = shape.has_z ? rnnops::sigmoid(zz[i]) : 0.0f;
+    dt[i] = i < items ? discretise(raw, shape.softplus) : 0.0f;
+    dtu[i] = dt[i] * uu[i];
+    dy[i] = shape.has_z ? gout * zz[i] * sig : gout;
+    dD += dy[i] * uu[i];
+    terms.stage((slot0 + i) * 32 + lane, uu[i], shape.softplus ? rnnops::sigmoid(raw) : 1.0f,
+                gout * sig * (1.0f + zz[i] * (1.0f - sig)));
+  }
+  return has_after ? discretise(raw_after[0] + bias, shape.softplus) : 0.0f;
+}
 
 // Sums v[0..V) over the 32 lanes of a warp by recursive halving (every lane must call): each of
 // the log2(V) halving rounds trades half of a lane's values with its partner, so lane L ends
@@ -448,8 +519,10 @@ __device__ __forceinline__ void add_group_gradient(float* grad, float (&terms)[4
 // and decays in registers) and runs the adjoint dx_t = dy_t C_t + a_{t+1} dx_{t+1} back through it,
 // taking dA per lane, dB and dC summed over its lanes (add_group_gradient) and, per step, its
 // elements' sums of dx B, dx a_t x_{t-1} A and x C; after a barrier the warps' sums give du, d dt
-// and dz of the sub-block's steps. One barrier a sub-block and one a chunk, where splitting the
-// steps took two per state element. Per group and lane in shared memory, touched by its owner
+// and dz of the sub-block's steps, from dt, dy and the step terms (u, softplus' derivative, dz's
+// factor) staged with the chunk. One barrier a sub-block and two a chunk (before the staging, which
+// overwrites what the chunk after's last steps read, and after it), where splitting the steps took
+// two per state element. Per group and lane in shared memory, touched by its owner
 // only: the carried gradient, the decay of the step after the sub-block, dA and the sub-block
 // states. The sums alternate between two buffers by sub-block parity.
 template <class T, int WARPS, int ITEMS>
@@ -470,7 +543,8 @@ __device__ __forceinline__ void bwd_by_state_elements(
   float* starts = dA_acc + N4 * 32;  // [SUBS][N4][32]: the state entering each sub-block
   float *Bstage = starts + SUBS * N4 * 32, *Cstage = Bstage + CHUNK * N4;
   float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *dy_stage = dtu_stage + CHUNK * 32;
-  float* sums = dy_stage + CHUNK * 32;  // [2][3][WARPS][SUB][32]: dx B, dx a x_{t-1} A, x C
+  const StepTerms terms{dy_stage + CHUNK * 32, CHUNK};  // [3][CHUNK][32]
+  float* sums = terms.at + 3 * CHUNK * 32;  // [2][3][WARPS][SUB][32]: dx B, dx a x_{t-1} A, x C
 
   for (int group = warp; 4 * group < N4; group += WARPS)
 #pragma unroll
@@ -487,29 +561,32 @@ __device__ __forceinline__ void bwd_by_state_elements(
   for (long long c = chunks - 1; c >= 0; --c) {
     const long long t0 = bos + c * CHUNK, first_row = batch * rows_per_batch + (t0 - offset);
     const int steps = static_cast<int>(min(eos - t0, static_cast<long long>(CHUNK)));
-    // this warp's ITEMS steps (past the end: dt = u = dy = 0, the identity step)
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int step = warp * ITEMS + i;
-      const long long t = t0 + step, r = t - offset;
-      const bool on = live && t < eos;
-      const float raw = on ? to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias : 0.0f;
-      const float dt = on ? discretise(raw, shape.softplus) : 0.0f;
-      float dy = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
-      if (shape.has_z && on) {
-        const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
-        dy *= zz * rnnops::sigmoid(zz);
-      }
-      dt_stage[step * 32 + lane] = dt;
-      dtu_stage[step * 32 + lane] = on ? dt * to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
-      dy_stage[step * 32 + lane] = dy;
-    }
-    float dt_after = 0.0f;  // dt of the step after the chunk
-    if (live && t0 + CHUNK < eos)
-      dt_after = discretise(
-          to_float(delta[batch * sdelta.b + (t0 + CHUNK - offset) * sdelta.t + d * sdelta.d]) + bias, shape.softplus);
+    const long long step0 = t0 + warp * ITEMS, r0 = step0 - offset;
+    const int items = live ? steps_before<ITEMS>(step0, eos) : 0;
+    if (c < chunks - 1) __syncthreads();  // the chunk after's last steps read dt, dy and the step terms
+    // this warp's ITEMS steps (backward_step_inputs), the state entering the chunk (the first
+    // sub-block's start; the block's 32 channels' rows are contiguous) and the B and C rows: every
+    // load in flight together; then dt, dt u and dy of the warp's steps staged for every warp
+    float dt[ITEMS], dtu[ITEMS], dy[ITEMS];
+    const float dt_after = backward_step_inputs(dt, dtu, dy, terms, warp * ITEMS, dD_acc, u, su, delta, sdelta, z, sz,
+                                                d_out, sdo, batch, r0, d, items, t0 + CHUNK - offset,
+                                                live && t0 + CHUNK < eos, bias, shape);
+    const float* state = chunk_states + ((first + c) * Dm + blockIdx.x * 32LL) * N;
+    in_flight<4>(
+        32 * N4,
+        [&](int f) {
+          const int n = f % N4, channel = f / N4;
+          return n < N && static_cast<int>(blockIdx.x) * 32 + channel < Dm ? state[channel * N + n] : 0.0f;
+        },
+        [&](int f, float value) { starts[f % N4 * 32 + f / N4] = value; });
     stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
     stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      dt_stage[(warp * ITEMS + i) * 32 + lane] = dt[i];
+      dtu_stage[(warp * ITEMS + i) * 32 + lane] = dtu[i];
+      dy_stage[(warp * ITEMS + i) * 32 + lane] = dy[i];
+    }
     __syncthreads();  // the staged chunk (its previous readers passed the last sub-block's barrier)
 
     // the states entering the sub-blocks, from the chunk's stored state
@@ -519,13 +596,10 @@ __device__ __forceinline__ void bwd_by_state_elements(
       for (int j = 0; j < 4; ++j) {
         const int n = 4 * group + j;
         a2[j] = (live && n < N) ? A[d * N + n] * kLog2e : 0.0f;
-        x[j] = (live && n < N) ? chunk_states[((first + c) * Dm + d) * N + n] : 0.0f;
+        x[j] = starts[n * 32 + lane];  // (sub-block 0's, staged)
         a_after[n * 32 + lane] = exp2_approx(dt_after * a2[j]);
       }
-      for (int sb = 0; sb < SUBS; ++sb) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) starts[(sb * N4 + 4 * group + j) * 32 + lane] = x[j];
-        if (sb + 1 == SUBS) break;
+      for (int sb = 0; sb + 1 < SUBS; ++sb) {
 #pragma unroll
         for (int i = 0; i < SUB; ++i) {
           const int s = sb * SUB + i;
@@ -534,6 +608,8 @@ __device__ __forceinline__ void bwd_by_state_elements(
 #pragma unroll
           for (int j = 0; j < 4; ++j) x[j] = exp2_approx(dt * a2[j]) * x[j] + dtu * b.f[j];
         }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) starts[((sb + 1) * N4 + 4 * group + j) * 32 + lane] = x[j];
       }
     }
 
@@ -614,21 +690,9 @@ __device__ __forceinline__ void bwd_by_state_elements(
           sA += part[((1 * WARPS + w) * SUB + i) * 32 + lane];
           yC += part[((2 * WARPS + w) * SUB + i) * 32 + lane];
         }
-        const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
-        const float uu = to_float(u[batch * su.b + r * su.t + d * su.d]);
-        const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
-        const float dt = discretise(raw, shape.softplus), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
-        float dy = gout;
-        if (shape.has_z) {
-          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]), sig = rnnops::sigmoid(zz);
-          dy *= zz * sig;
-          dz[row * Dm + d] = from_float<T>(gout * (yC + d_weight * uu) * sig * (1.0f + zz * (1.0f - sig)));
-        }
-        const float draw = (uu * sB + sA) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
-        dD_acc += dy * uu;
-        dbias_acc += draw;
-        du[row * Dm + d] = from_float<T>(dy * d_weight + dt * sB);
-        d_delta[row * Dm + d] = from_float<T>(draw);
+        const long long row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
+        terms.store_gradients(du, d_delta, dz, row * Dm + d, s * 32 + lane, dt_stage[s * 32 + lane],
+                              dy_stage[s * 32 + lane], sB, sA, yC, d_weight, shape.has_z, dbias_acc);
       }
     }
   }
@@ -698,6 +762,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     float* dcarry = smem;                // [2][N][32]: dx at the first step of the chunk after this one
     float* dA_acc = smem + 2 * N * 32;   // [N][32]
     float* first_a = smem + 3 * N * 32;  // [N][32]: e^(dt A) of the sequence's first step
+    const StepTerms terms{smem + 4 * N * 32, CHUNK};  // [3][CHUNK][32], each lane its own steps'
     const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
 
     if (warp == 0)
@@ -725,40 +790,25 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
       const float* dcarry_in = dcarry + ((c + 1) & 1) * N * 32;  // written by chunk c + 1 (or d_final)
       float* dcarry_out = dcarry + (c & 1) * N * 32;
       const long long t0 = bos + c * CHUNK, step0 = t0 + warp * ITEMS;
-      // per step, once for all n (steps past the end: dt = u = dy = 0, rows at the chunk's first);
-      // over n, sB sums dx B and sA dx a_t x_{t-1} A, from which du = dy D + dt sB and d dt = u sB + sA
-      // follow after the loop (u is read again there rather than held through it)
+      // per step, once for all n (backward_step_inputs; steps past the end read the chunk's first
+      // rows); over n, sB sums dx B, sA dx a_t x_{t-1} A and y x C, from which du, d dt and dz follow
+      // after the loop; dt_after: dt of the step after this warp's last item
       float dt[ITEMS], dtu[ITEMS], dy[ITEMS], y[ITEMS], sB[ITEMS], sA[ITEMS], dt_sum = 0.0f;
       unsigned Boff[ITEMS], Coff[ITEMS];  // bytes from the chunk's first row
       const char *Bchunk = reinterpret_cast<const char*>(Brows.row(t0 - offset)),
                  *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
       const int steps = steps_before<ITEMS>(step0, eos), items = live ? steps : 0;
+      const long long r0 = step0 - offset;
+      const float dt_after = backward_step_inputs(dt, dtu, dy, terms, warp * ITEMS, dD_acc, u, su, delta, sdelta, z, sz,
+                                                  d_out, sdo, batch, r0, d, items, r0 + ITEMS,
+                                                  live && step0 + ITEMS < eos, bias, shape);
   #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        const long long t = step0 + i;
-        const bool on = i < items;
-        const long long r = t - offset;
-        dt[i] = on ? discretise(to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias, shape.softplus)
-                   : 0.0f;
-        const float uu = on ? to_float(u[batch * su.b + r * su.t + d * su.d]) : 0.0f;
-        dy[i] = on ? to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]) : 0.0f;
-        if (shape.has_z && on) {
-          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
-          dy[i] *= zz * rnnops::sigmoid(zz);
-        }
-        dtu[i] = dt[i] * uu;
         dt_sum += dt[i];
-        y[i] = d_weight * uu;
-        sB[i] = 0.0f;
-        sA[i] = 0.0f;
-        Boff[i] = on ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
-        Coff[i] = on ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
+        y[i] = sB[i] = sA[i] = 0.0f;
+        Boff[i] = i < items ? (warp * ITEMS + i) * Brows.step_bytes : 0u;
+        Coff[i] = i < items ? (warp * ITEMS + i) * Crows.step_bytes : 0u;
       }
-      float dt_after = 0.0f;  // dt of the step after this warp's last item
-      if (live && step0 + ITEMS < eos)
-        dt_after = discretise(
-            to_float(delta[batch * sdelta.b + (step0 + ITEMS - offset) * sdelta.t + d * sdelta.d]) + bias,
-            shape.softplus);
       for (int n = 0; n < N; ++n) {
         const float a_n = live ? A[d * N + n] : 0.0f, a2 = a_n * kLog2e;  // e^(dt A) = 2^(dt a2)
         // replay the forward inside the chunk: this warp's segment from a zero carry
@@ -847,23 +897,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
         }
       }
   #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const long long t = step0 + i;
-        if (i >= items) continue;
-        const long long r = t - offset, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
-        const float uu = to_float(u[batch * su.b + r * su.t + d * su.d]);
-        dD_acc += dy[i] * uu;
-        if (shape.has_z) {
-          const float zz = to_float(z[batch * sz.b + r * sz.t + d * sz.d]);
-          const float sig = rnnops::sigmoid(zz), gout = to_float(d_out[batch * sdo.b + r * sdo.t + d * sdo.d]);
-          dz[row * Dm + d] = from_float<T>(gout * y[i] * sig * (1.0f + zz * (1.0f - sig)));
+      for (int i = 0; i < ITEMS; ++i)
+        if (i < items) {
+          const long long t = step0 + i, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
+          terms.store_gradients(du, d_delta, dz, row * Dm + d, (warp * ITEMS + i) * 32 + lane, dt[i], dy[i], sB[i],
+                                sA[i], y[i], d_weight, shape.has_z, dbias_acc);
         }
-        const float raw = to_float(delta[batch * sdelta.b + r * sdelta.t + d * sdelta.d]) + bias;
-        const float draw = (uu * sB[i] + sA[i]) * (shape.softplus ? rnnops::sigmoid(raw) : 1.0f);
-        dbias_acc += draw;
-        du[row * Dm + d] = from_float<T>(dy[i] * d_weight + dt[i] * sB[i]);
-        d_delta[row * Dm + d] = from_float<T>(draw);
-      }
     }
     // block totals: dD and d_bias over warps (lanes are channels), then across sequences (in the
     // replay buffers, which every warp last read before the last element's adjoint barrier)

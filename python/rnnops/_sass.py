@@ -42,8 +42,8 @@ def cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def loops(cubin: bytes) -> list[Loop]:
-    """Every loop (a branch to an earlier address) of the cubin's kernels, in address order."""
+def _functions(cubin: bytes) -> list[list[tuple[int, str]]]:
+    """Each kernel of the cubin as its (address, instruction text) pairs."""
     tool = cuobjdump()
     if tool is None:
         raise FileNotFoundError("cuobjdump not found (it ships with Triton's NVIDIA backend)")
@@ -51,9 +51,18 @@ def loops(cubin: bytes) -> list[Loop]:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    return [[(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, function.splitlines()) if m]
+            for function in re.split(r"\n\s+Function : ", sass)[1:]]
+
+
+def _opcode(text: str) -> str:
+    return _PREDICATE.sub("", text).split()[0]
+
+
+def loops(cubin: bytes) -> list[Loop]:
+    """Every loop (a branch to an earlier address) of the cubin's kernels, in address order."""
     found = []
-    for function in re.split(r"\n\s+Function : ", sass)[1:]:
-        code = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, function.splitlines()) if m]
+    for code in _functions(cubin):
         index = {address: i for i, (address, _) in enumerate(code)}
         spans = [(index[int(m.group(1), 16)], i) for i, (address, text) in enumerate(code)
                  if (m := _BACKWARD_TARGET.search(text)) and int(m.group(1), 16) < address]
@@ -62,7 +71,7 @@ def loops(cubin: bytes) -> list[Loop]:
             own = [k for k in range(first, last + 1) if not any(a <= k <= b for a, b in inner)]
             opcodes = collections.Counter()
             for k in own:
-                opcode = _PREDICATE.sub("", code[k][1]).split()[0]
+                opcode = _opcode(code[k][1])
                 opcodes[opcode if opcode.startswith("MUFU") else opcode.split(".")[0]] += 1
             found.append(Loop(code[first][0], code[last][0], len(own), len(inner), dict(opcodes)))
     return found
@@ -75,3 +84,30 @@ def innermost_exponential_loop(cubin: bytes) -> Loop:
     if not candidates:
         raise LookupError("no innermost loop evaluates exponentials")
     return max(candidates, key=lambda loop: loop.instructions)
+
+
+# what ends a round of loads: an instruction that waits for a load's value or that nvcc does not
+# move a load across (stores, special-function ops such as a logf's or an exponential's, barriers,
+# branches)
+_ROUND_BREAKS = ("STS", "STG", "MUFU", "BAR", "BSYNC", "BRA")
+
+
+def load_rounds(cubin: bytes, load: str) -> list[int]:
+    """The sizes, in address order, of the runs of loads whose opcode starts with ``load`` (e.g.
+    "LDG.E.U16": 16-bit global loads, a half-precision kernel's activations) that nothing in
+    _ROUND_BREAKS interrupts. A phase whose loads form one round waits for one memory latency; one
+    round a step, for as many as it has steps."""
+    rounds: list[int] = []
+    for code in _functions(cubin):
+        open_round = False
+        for _, text in code:
+            opcode = _opcode(text)
+            if opcode.startswith(load):
+                if open_round:
+                    rounds[-1] += 1
+                else:
+                    rounds.append(1)
+                open_round = True
+            elif opcode.split(".")[0] in _ROUND_BREAKS:
+                open_round = False
+    return rounds

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._ptxas import KernelReport, parse_log
-from .._sass import Loop, innermost_exponential_loop
+from .._sass import Loop, innermost_exponential_loop, load_rounds
 from .simulator import csrc_dir
 
 
@@ -138,3 +138,9 @@ def inner_loop(instantiation: Instantiation, arch: str) -> Loop:
     """The kernel's innermost loop that evaluates exponentials, from its SASS (rnnops._sass): for
     the selective scan, the loop over state elements, one iteration per n for ITEMS steps."""
     return innermost_exponential_loop(_compile([instantiation], arch)[1])
+
+
+def activation_load_rounds(instantiation: Instantiation, arch: str) -> list[int]:
+    """The kernel's rounds of 16-bit global loads (rnnops._sass.load_rounds; instantiate it for a
+    half type): how many memory latencies its phases wait for the activations."""
+    return load_rounds(_compile([instantiation], arch)[1], "LDG.E.U16")
