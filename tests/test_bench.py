@@ -318,6 +318,31 @@ def test_profile_lists_where_the_time_goes(monkeypatch, tmp_path):
     assert "## Where the time goes" in markdown and "| case | target | operator | calls | ms | share |" in markdown
 
 
+def test_a_case_comparing_forwards_only_profiles_every_forward(monkeypatch, tmp_path):
+    """Where a target's backward fails (fla's gated ops on Hopper with Triton 3.6), the case's
+    comparison is its forwards: each row also gets its forward's largest operators, and the report
+    a section for them; where every backward runs, nothing of the sort."""
+    case = tiny_cases()[0]
+    forward_only = Target("fla.chunk_simple_gla", "peer", lambda x: x, lambda x: (x["q"] * 2).detach(),
+                          lambda out: out)
+    ours = Target("chunked", "rnnops", lambda x: x, lambda x: case.run(x, "chunked"), lambda out: out)
+    monkeypatch.setattr(runner, "targets_for", lambda *args, **kwargs: ([ours, forward_only], []))
+    rows, notes = run_case(case, CPU, torch.float32, repeats=1, profile=True)
+    assert [row["fwd_bwd"] is None for row in rows] == [False, True]
+    assert any(note.startswith("fla.chunk_simple_gla: backward failed") for note in notes)
+    for row in rows:
+        top = row["kernels_fwd"]
+        assert 0 < len(top) <= 8 and all(k["seconds"] > 0 and 0 < k["share"] <= 1 for k in top)
+    assert any("mul" in k["name"] for k in rows[1]["kernels_fwd"])
+    monkeypatch.setattr(cli, "standard_cases", lambda device: [case])
+    main(["bench", "--repeats", "1", "--profile", "--out", str(tmp_path)])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Where the forward's time goes" in markdown and f"| {case.name} | fla.chunk_simple_gla | aten::mul" in markdown
+    monkeypatch.setattr(runner, "targets_for", lambda *args, **kwargs: ([ours], []))
+    (row,), _ = run_case(case, CPU, torch.float32, repeats=1, profile=True)
+    assert "kernels" in row and "kernels_fwd" not in row
+
+
 def test_host_breakdown_reads_as_the_call_chain_of_a_forward(monkeypatch, tmp_path):
     """On a GPU the profile also lists where a forward call's host time goes (launches are
     asynchronous there): here on the CPU, the chunked linear attention's call chain, then the

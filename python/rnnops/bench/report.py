@@ -71,6 +71,18 @@ def _fraction(row: dict, phase: str = "fwd_bwd") -> str:
 
 # ---------------------------------------------------------------- console
 
+def _breakdown_section(results: dict, key: str, unit: str, title: str, caption: str) -> list[tuple]:
+    """A heading, caption and table of the rows' profiled ``key`` entries (bench.timing.kernel_breakdown);
+    nothing where no row has them."""
+    profiled = [(case, row) for case, rows in case_rows(results).items() for row in rows if row.get(key)]
+    if not profiled:
+        return []
+    return [("h2", title), ("p", caption),
+            ("table", ("case", "target", unit[:-1], "calls", "ms", "share"),
+             [(case, row["target"], k["name"][:70], str(k["calls"]), _ms(k["seconds"]), f"{k['share']:.0%}")
+              for case, row in profiled for k in row[key]])]
+
+
 def format_table(header, lines) -> str:
     lines = [tuple(header)] + [tuple(line) for line in lines]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -161,15 +173,13 @@ def blocks(results: dict, images: dict[str, str]) -> list[tuple]:
         op_notes = [f"{case}: {note}" for case, _ in cases for note in notes.get(case, [])]
         if op_notes:
             out.append(("list", op_notes))
-    profiled = [(case, row) for case, rows in case_rows(results).items() for row in rows if row.get("kernels")]
-    if profiled:
-        unit = "kernels" if results.get("device", "").startswith("cuda") else "operators"
-        out += [("h2", "Where the time goes"),
-                ("p", (f"The largest {unit} of one profiled forward+backward per target (self time; share of "
-                       "the profiled total).")),
-                ("table", ("case", "target", unit[:-1], "calls", "ms", "share"),
-                 [(case, row["target"], k["name"][:70], str(k["calls"]), _ms(k["seconds"]), f"{k['share']:.0%}")
-                  for case, row in profiled for k in row["kernels"]])]
+    unit = "kernels" if results.get("device", "").startswith("cuda") else "operators"
+    out += _breakdown_section(results, "kernels", unit, "Where the time goes",
+                              f"The largest {unit} of one profiled forward+backward per target (self time; share of "
+                              "the profiled total).")
+    out += _breakdown_section(results, "kernels_fwd", unit, "Where the forward's time goes",
+                              f"Cases that compare forwards only (a target's backward failed): the largest {unit} of "
+                              "one profiled forward per target.")
     hosted = [(case, row) for case, rows in case_rows(results).items() for row in rows if row.get("host")]
     if hosted:
         out += [("h2", "Where a forward call's host time goes"),

@@ -88,7 +88,9 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
              stopped_peer: str | None = None, stopped_at_time_limit: bool = False) -> tuple[list[dict], list[str]]:
     """Rows (one per target) and notes for ``case``; with ``profile``, each row also gets the
     largest kernels (GPU) or operators (CPU) of one profiled forward+backward and, on a GPU, the
-    Python functions of a forward call's host time (host_breakdown). ``stopped_peer``:
+    Python functions of a forward call's host time (host_breakdown); where a target's backward
+    failed (fla's gated ops on Hopper with Triton < 3.7.1), so that the case compares forwards
+    only, every row also gets its forward's (``kernels_fwd``). ``stopped_peer``:
     a peer whose precompile worker stopped while warming it (bench.precompile), left out unless
     the worker was killed at its time limit (``stopped_at_time_limit``) and the peer compiles
     incrementally: then the timed run finishes compiling it (its first, untimed call) and times it."""
@@ -117,7 +119,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
         return [], notes
     oracle = next((t.name for t in targets if t.name in ("reference", "chunked")), targets[0].name)
     oracle_out = next(t for t in targets if t.name == oracle).to_ours(outputs[oracle])
-    rows = []
+    rows, forwards = [], []
     for target in targets:
         err = rel_err(target.to_ours(outputs[target.name]), oracle_out)
         row = {"op": case.op, "case": case.name, "shape": case.shape, "sweep": case.sweep, "target": target.name,
@@ -159,6 +161,14 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, *, backends=N
                 row["host"] = host_breakdown(forward, calls=20 if row["fwd"].median < 0.01 else 3)
         row["roofline"] = _roofline(case, dtype, row, hardware)
         rows.append(row)
+        forwards.append(forward)
+    if profile and any(row["fwd_bwd"] is None for row in rows):
+        for row, forward in zip(rows, forwards):
+            if row["fwd"].median <= PROFILE_LIMIT_S:
+                try:
+                    row["kernels_fwd"] = kernel_breakdown(forward, device)
+                except Exception as error:
+                    notes.append(f"{row['target']}: forward not profiled ({type(error).__name__}: {str(error)[:200]})")
     return rows, notes
 
 
