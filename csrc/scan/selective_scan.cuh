@@ -115,9 +115,8 @@ __device__ __forceinline__ void read_items(float (&v)[ITEMS], const char* chunk_
 // item ``items`` on). Every load is issued before any value is used: a loop that loads a step's
 // values and computes with them (a softplus, whose logf branches) or stores between steps waits a
 // whole memory latency per step, since nvcc does not move a load above a branch or above a store
-// it cannot prove to another address. The kernels load a chunk's values of every operand this way
-// before computing with any of them (SASS: the CUDA scan's forward had waited for delta and u
-// step after step, 16 latencies a 32-step chunk, and its output for z between stores, 8 more).
+// it cannot prove to another address (the header: what that cost). The kernels load a chunk's
+// values of every operand this way before computing with any of them.
 template <int ITEMS, class T>
 __device__ __forceinline__ void load_items(float (&v)[ITEMS], const T* p, Operand s, long long batch, long long r0,
                                            int d, int items) {
@@ -192,10 +191,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 // warp + WARPS, ...), four independent recurrences a lane with no barrier between steps, and sums
 // their y terms per step in registers; the warps' sums meet in shared memory ([WARPS][CHUNK][32])
 // and each warp adds D u, gates with z (staged with dt: the output waits for no load) and writes
-// its ITEMS steps. Two barriers a chunk (after the staging, after the sums), where splitting the steps took one per state element; about 7 SASS
-// instructions per (step, channel, state element): an exponential, 4 FMUL / FFMA, and a 16-byte
-// broadcast of B and of C per four elements. The state crossing chunk boundaries stays in shared
-// memory ([N4][32]); inside the chunk loop only the element's owner reads and writes it.
+// its ITEMS steps. Two barriers a chunk (after the staging, after the sums), where splitting the
+// steps took one per state element; about 7 SASS instructions per (step, channel, state element):
+// an exponential, 4 FMUL / FFMA, and a 16-byte broadcast of B and of C per four elements. The state
+// crossing chunk boundaries stays in shared memory ([N4][32]); inside the chunk loop only the
+// element's owner reads and writes it.
 template <class T, int WARPS, int ITEMS>
 __device__ __forceinline__ void fwd_by_state_elements(
     const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
@@ -279,7 +279,8 @@ __device__ __forceinline__ void fwd_by_state_elements(
       float value = y_direct[i];
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) value += y_sums[(w * CHUNK + step) * 32 + lane];
-      if (i < items) out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] = from_float<T>(value * gate_stage[step * 32 + lane]);
+      if (i < items)
+        out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] = from_float<T>(value * gate_stage[step * 32 + lane]);
     }
   }
   if (final_state && live)
@@ -421,12 +422,11 @@ struct StepTerms {
 // staged at slots (slot0 + i) * 32 + lane, and dD's part dy u added to dD. Returns dt at after_row
 // (0 without).
 template <int ITEMS, class T>
-__device__ __forceinline__ float backward_step_inputs(float (&dt)[ITEMS], float (&dtu)[ITEMS], float (&dy)[ITEMS],
-                                                      const StepTerms& terms, int slot0, float& dD, const T* u,
-                                                      Operand su, const T* delta, Operand sdelta, const T* z, Operand sz,
-                                                      const T* d_out, Operand sdo, long long batch, long long r0, int d,
-                                                      int items, long long after_row, bool has_after, float bias,
-                                                      const ScanShape& shape) {
+__device__ __forceinline__ float backward_step_inputs(
+    float (&dt)[ITEMS], float (&dtu)[ITEMS], float (&dy)[ITEMS], const StepTerms& terms, int slot0, float& dD,
+    const T* u, Operand su, const T* delta, Operand sdelta, const T* z, Operand sz, const T* d_out, Operand sdo,
+    long long batch, long long r0, int d, int items, long long after_row, bool has_after, float bias,
+    const ScanShape& shape) {
   const int lane = threadIdx.x % 32;
   float uu[ITEMS], zz[ITEMS], raw_after[1];
   load_items(dt, delta, sdelta, batch, r0, d, items);
@@ -522,8 +522,8 @@ __device__ __forceinline__ void add_group_gradient(float* grad, float (&terms)[4
 // and dz of the sub-block's steps, from dt, dy and the step terms (u, softplus' derivative, dz's
 // factor) staged with the chunk. One barrier a sub-block and two a chunk (before the staging, which
 // overwrites what the chunk after's last steps read, and after it), where splitting the steps took
-// two per state element. Per group and lane in shared memory, touched by its owner
-// only: the carried gradient, the decay of the step after the sub-block, dA and the sub-block
+// two per state element. Per group and lane in shared memory, touched by its owner only: the
+// carried gradient, the decay of the step after the sub-block, dA and the sub-block
 // states. The sums alternate between two buffers by sub-block parity.
 template <class T, int WARPS, int ITEMS>
 __device__ __forceinline__ void bwd_by_state_elements(
