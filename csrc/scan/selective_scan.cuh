@@ -190,12 +190,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 // chunk (in sub-blocks of up to 32 steps) for its groups of four state elements (groups warp,
 // warp + WARPS, ...), four independent recurrences a lane with no barrier between steps, and sums
 // their y terms per step in registers; the warps' sums meet in shared memory ([WARPS][CHUNK][32])
-// and each warp adds D u, gates with z (staged with dt: the output waits for no load) and writes
-// its ITEMS steps. Two barriers a chunk (after the staging, after the sums), where splitting the
-// steps took one per state element; about 7 SASS instructions per (step, channel, state element):
-// an exponential, 4 FMUL / FFMA, and a 16-byte broadcast of B and of C per four elements. The state
-// crossing chunk boundaries stays in shared memory ([N4][32]); inside the chunk loop only the
-// element's owner reads and writes it.
+// and each warp adds D u, gates with z (staged with dt, in the input type: the output waits for no
+// load) and writes its ITEMS steps. Two barriers a chunk (after the staging, after the sums), where
+// splitting the steps took one per state element; about 7 SASS instructions per (step, channel,
+// state element): an exponential, 4 FMUL / FFMA, and a 16-byte broadcast of B and of C per four
+// elements. The state crossing chunk boundaries stays in shared memory ([N4][32]); inside the chunk
+// loop only the element's owner reads and writes it.
 template <class T, int WARPS, int ITEMS>
 __device__ __forceinline__ void fwd_by_state_elements(
     const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
@@ -206,10 +206,12 @@ __device__ __forceinline__ void fwd_by_state_elements(
   const auto [lane, warp, d, live, channel, seq, bos, eos, batch, offset, first] =
       block_span(shape, cu_seqlens, chunk_offsets);
   const BCRows Brows = bc_rows(Bm, batch, channel), Crows = bc_rows(Cm, batch, channel);
-  RNNOPS_DYNAMIC_SHARED(float, smem);  // carry, B and C rows, dt, dt u, the gates, the warps' y sums
+  RNNOPS_DYNAMIC_SHARED(float, smem);  // carry, B and C rows, dt, dt u, the warps' y sums, z
   float *carry = smem, *Bstage = carry + N4 * 32, *Cstage = Bstage + CHUNK * N4;
-  float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *gate_stage = dtu_stage + CHUNK * 32;
-  float* y_sums = gate_stage + CHUNK * 32;
+  float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *y_sums = dtu_stage + CHUNK * 32;
+  // z as loaded (type T: half the bytes of a float gate for half types, which keeps three 34 KB
+  // blocks an SM on the GPUs of 100 KB), read back by the thread that staged it
+  T* z_stage = reinterpret_cast<T*>(y_sums + WARPS * CHUNK * 32);
 
   for (int n = warp; n < N4; n += WARPS)  // (read after the first chunk's first barrier)
     carry[n * 32 + lane] = (live && initial_state && n < N) ? initial_state[(seq * (long long)Dm + d) * N + n] : 0.0f;
@@ -224,7 +226,7 @@ __device__ __forceinline__ void fwd_by_state_elements(
     float raw[ITEMS], uu[ITEMS], zz[ITEMS], y_direct[ITEMS];
     load_items(raw, delta, sdelta, batch, r0, d, items);
     load_items(uu, u, su, batch, r0, d, items);
-    load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);
+    load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);  // (exact in T)
     stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
     stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
 #pragma unroll
@@ -233,7 +235,7 @@ __device__ __forceinline__ void fwd_by_state_elements(
       const float dt = i < items ? discretise(raw[i] + bias, shape.softplus) : 0.0f;
       dt_stage[step * 32 + lane] = dt;
       dtu_stage[step * 32 + lane] = dt * uu[i];
-      gate_stage[step * 32 + lane] = shape.has_z ? zz[i] * rnnops::sigmoid(zz[i]) : 1.0f;
+      z_stage[step * 32 + lane] = from_float<T>(zz[i]);
       y_direct[i] = d_weight * uu[i];
     }
     __syncthreads();  // the staged chunk (every reader of the previous one passed the barrier below)
@@ -279,8 +281,9 @@ __device__ __forceinline__ void fwd_by_state_elements(
       float value = y_direct[i];
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) value += y_sums[(w * CHUNK + step) * 32 + lane];
-      if (i < items)
-        out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] = from_float<T>(value * gate_stage[step * 32 + lane]);
+      const float zz = to_float(z_stage[step * 32 + lane]);
+      if (shape.has_z) value *= zz * rnnops::sigmoid(zz);
+      if (i < items) out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] = from_float<T>(value);
     }
   }
   if (final_state && live)

@@ -37,11 +37,14 @@ class ScanConfig:
 DEFAULT_CONFIG = ScanConfig()
 
 
-def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: bool = True) -> int:
-    """The launch's dynamic shared memory (fp32 values, chunk = warps * items steps, N4 = N rounded
-    up to 4). Staged (the state elements split over the warps), both directions: the chunk's B
-    and C rows (2 x chunk x N4); the forward the carried state (N4 x 32), dt, dt u and z's gate
-    (3 x chunk x 32) and the warps' y sums (warps x chunk x 32); the backward the carried gradient,
+def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: bool = True,
+                         element_bytes: int = 4) -> int:
+    """The launch's dynamic shared memory (fp32 values but where said, chunk = warps * items steps,
+    N4 = N rounded up to 4). Staged (the state elements split over the warps), both directions:
+    the chunk's B and C rows (2 x chunk x N4); the forward the carried state (N4 x 32), dt and dt u
+    (2 x chunk x 32), the warps' y sums (warps x chunk x 32) and z in the input type
+    (chunk x 32 x ``element_bytes``, the inputs' element size; 4, the default, bounds every
+    type); the backward the carried gradient,
     the next step's decay and dA (3 x N4 x 32), the state entering each sub-block of min(chunk, 8)
     steps (chunk / sub x N4 x 32), dt, dt u, dy, u, softplus' derivative and dz's factor (6 x chunk
     x 32) and the warps' sums over their state elements (2 x 3 x warps x sub x 32). Else (the
@@ -53,7 +56,7 @@ def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: boo
     if not staged:
         return (2 * N * 32 if phase == "fwd" else 4 * N * 32 + 3 * chunk * 32) * 4
     if phase == "fwd":
-        return (2 * chunk * n4 + n4 * 32 + 3 * chunk * 32 + warps * chunk * 32) * 4
+        return (2 * chunk * n4 + n4 * 32 + 2 * chunk * 32 + warps * chunk * 32) * 4 + chunk * 32 * element_bytes
     sub = min(chunk, 8)
     return (2 * chunk * n4 + 3 * n4 * 32 + chunk // sub * n4 * 32 + 6 * chunk * 32 + 2 * 3 * warps * sub * 32) * 4
 
@@ -62,7 +65,7 @@ def block_shared_bytes(N: int, warps: int, items: int, staged: bool = True) -> i
     """All the shared memory of the larger direction's block: dynamic_shared_bytes plus, where the
     steps are split over the warps, the static arrays (the forward's segments, 2 x 2 x warps x 32
     fp32; the backward's two phases' segments, the warps' first decays and dA parts, 6 x warps x
-    32 fp32)."""
+    32 fp32). The forward's z counts as fp32, the largest input type."""
     static_forward, static_backward = (0, 0) if staged else (warps * 32 * 4 * 4, warps * 32 * 4 * 6)
     return max(dynamic_shared_bytes("fwd", N, warps, items, staged) + static_forward,
                dynamic_shared_bytes("bwd", N, warps, items, staged) + static_backward)
@@ -163,8 +166,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         engine(u.device).scan_forward(
             u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, maybe(chunk_states), maybe(state0), maybe(final),
             layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), b_layout, c_layout, shape,
-            grid + [config.warps, config.items, dynamic_shared_bytes("fwd", N, config.warps, config.items, staged),
-                    int(staged)])
+            grid + [config.warps, config.items,
+                    dynamic_shared_bytes("fwd", N, config.warps, config.items, staged, u.element_size()), int(staged)])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
         ctx.layout, ctx.shape, ctx.grid, ctx.config, ctx.staged = layout, shape, grid, config, staged
         ctx.bc_layouts = b_layout, c_layout  # of the saved B and C, which the backward reads alike
