@@ -44,14 +44,14 @@ def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: boo
     the chunk's B and C rows (2 x chunk x N4); the forward the carried state (N4 x 32), dt and dt u
     (2 x chunk x 32), the warps' y sums (warps x chunk x 32) and z in the input type
     (chunk x 32 x ``element_bytes``, the inputs' element size; 4, the default, bounds every
-    type); the backward the carried gradient,
-    the next step's decay and dA (3 x N4 x 32), the state entering each sub-block of min(chunk, 8)
-    steps (chunk / sub x N4 x 32), dt, dt u, dy, u, softplus' derivative and dz's factor (6 x chunk
-    x 32) and the warps' sums over their state elements (2 x 3 x warps x sub x 32). Else (the
-    steps split over the warps) the forward's carried state in two halves (2 x N x 32); the
-    backward's carried gradient in two halves, dA and the first decay (4 x N x 32) and each lane's
-    u, softplus' derivative and dz's factor (3 x chunk x 32). The per-step terms are staged so that
-    the stores of a chunk's outputs wait for no global load (csrc: load_items, StepTerms)."""
+    type); the backward the carried gradient, the next step's decay and dA (3 x N4 x 32), the
+    state entering each sub-block of min(chunk, 8) steps (chunk / sub x N4 x 32), dt, dt u, dy, u,
+    softplus' derivative and dz's factor (6 x chunk x 32) and the warps' sums over their state
+    elements (2 x 3 x warps x sub x 32). Else (the steps split over the warps) the forward's
+    carried state in two halves (2 x N x 32); the backward's carried gradient in two halves, dA and
+    the first decay (4 x N x 32) and each lane's u, softplus' derivative and dz's factor (3 x chunk
+    x 32). The per-step terms are staged so that the stores of a chunk's outputs wait for no
+    global load (csrc: load_items, StepTerms)."""
     chunk, n4 = warps * items, -(-N // 4) * 4
     if not staged:
         return (2 * N * 32 if phase == "fwd" else 4 * N * 32 + 3 * chunk * 32) * 4
