@@ -8,6 +8,7 @@ import torch
 
 import rnnops
 from conftest import assert_close, compare_backends
+from rnnops._sass import cuobjdump
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.cuda_backend import compile_check, engines
 from rnnops.cuda_backend import rnn as cuda_rnn
@@ -276,6 +277,18 @@ def test_default_configs_compile_without_spills(arch):
     assert len(reports) == len(kernels)
     for report in reports:
         assert report.spill_stores == 0 and report.spill_loads == 0, report
+
+
+@pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("phase,k_steps", [("fwd", 4), ("bwd", 4 * 4)])
+def test_fragment_products_load_their_k_steps_together(phase, k_steps):
+    """The fragment kernels' products (LSTM, bf16, 64 units: four K steps forward, 16 backward,
+    sm_90a) issue the shared loads of all their K steps as one round (rnnops._sass.load_rounds,
+    four 32-bit loads a K step), ahead of the tensor-core products that wait for them: a K loop
+    that left at the run-time step count had a branch between the steps, one shared-memory
+    latency each (rounds of 4)."""
+    kernel = compile_check.rnn_fragments_kernel(phase, "__nv_bfloat16", 0, 4)
+    assert max(compile_check.sass_load_rounds(kernel, "sm_90a", "LDS")) >= 4 * k_steps
 
 
 @pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")

@@ -153,7 +153,7 @@ def test_a_chunk_waits_for_one_round_of_loads(phase, loads):
     against mamba_ssm's 0.59 and 2.27."""
     config = cuda_scan.DEFAULT_CONFIG
     kernel = compile_check.scan_kernel(phase, "__nv_bfloat16", config.warps, config.items)
-    assert compile_check.activation_load_rounds(kernel, "sm_90a") == [loads]
+    assert compile_check.sass_load_rounds(kernel, "sm_90a", "LDG.E.U16") == [loads]
 
 
 @pytest.mark.gpu

@@ -504,6 +504,19 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   }
 }
 
+// mma_a_fragment of K step k of the row-major tiles at ``tiles`` (16 columns a step, rows ld
+// apart) where only ``steps`` K steps exist: a step past them reads the last one's tile (a valid
+// address), which meets the zero weights the kernels hold for those steps (a row is only changed
+// where it holds a value that is not finite, which its real steps already spread). The fragment
+// kernels' K loops run to their compile-time bound with it, so that nvcc issues the steps' shared
+// loads ahead of the products that wait for them, where a loop that left at the run-time step
+// count issued each step's loads after the previous step's product (a branch between them): one
+// shared-memory latency a K step (SASS, sm_90a, LSTM D64: 4 forward, 16 backward).
+template <class T>
+__device__ __forceinline__ void mma_a_fragment_clamped(unsigned (&a)[4], const T* tiles, int k, int steps, int ld) {
+  rnnops::mma_a_fragment(a, tiles + 16 * min(k, steps - 1), ld);
+}
+
 // The forward of a head that one block holds whole, in tensor-core fragments (mma.sync m16n8k16,
 // half types, D a multiple of 16 up to 16 KS): warp w owns units 8 w .. 8 w + 7 of every gate,
 // and a lane two adjacent units of two batch rows (the accumulator layout: rows group and group +
@@ -594,10 +607,9 @@ __global__ void __launch_bounds__(64 * KS)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[g][e] = 0.0f;
 #pragma unroll
-    for (int k = 0; k < KS; ++k) {
-      if (k >= k_steps) break;
+    for (int k = 0; k < KS; ++k) {  // (steps past D / 16: zero weights)
       unsigned a[4];
-      rnnops::mma_a_fragment(a, h + 16 * k, LD);
+      mma_a_fragment_clamped(a, h, k, k_steps, LD);
 #pragma unroll
       for (int g = 0; g < G; ++g) rnnops::mma_16x8x16<T>(acc[g], a, weights[g][k]);
     }
@@ -785,10 +797,9 @@ __global__ void __launch_bounds__(64 * KS, 1)
     __syncthreads();  // every lane's gate gradients before the product (the next step writes the other buffer)
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-    for (int k = 0; k < G * KS; ++k) {
-      if (k >= k_steps) break;
+    for (int k = 0; k < G * KS; ++k) {  // (steps past G D / 16: zero weights)
       unsigned a[4];
-      rnnops::mma_a_fragment(a, buffer + 16 * k, LG);
+      mma_a_fragment_clamped(a, buffer, k, k_steps, LG);
       rnnops::mma_16x8x16<T>(acc[k & 1], a, weights[k]);
     }
 #pragma unroll

@@ -140,7 +140,8 @@ def inner_loop(instantiation: Instantiation, arch: str) -> Loop:
     return innermost_exponential_loop(_compile([instantiation], arch)[1])
 
 
-def activation_load_rounds(instantiation: Instantiation, arch: str) -> list[int]:
-    """The kernel's rounds of 16-bit global loads (rnnops._sass.load_rounds; instantiate it for a
-    half type): how many memory latencies its phases wait for the activations."""
-    return load_rounds(_compile([instantiation], arch)[1], "LDG.E.U16")
+def sass_load_rounds(instantiation: Instantiation, arch: str, load: str) -> list[int]:
+    """The kernel's rounds of the loads whose opcode starts with ``load`` (rnnops._sass.load_rounds):
+    "LDG.E.U16" for a half-type kernel's activations (how many memory latencies its phases wait
+    for them), "LDS" for shared memory."""
+    return load_rounds(_compile([instantiation], arch)[1], load)
