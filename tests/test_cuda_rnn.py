@@ -291,6 +291,17 @@ def test_fragment_products_load_their_k_steps_together(phase, k_steps):
     assert max(compile_check.sass_load_rounds(kernel, "sm_90a", "LDS")) >= 4 * k_steps
 
 
+@pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("phase", ["fwd", "bwd"])
+def test_sliced_products_load_four_k_steps_together(phase):
+    """The sliced kernels' wmma products (LSTM, bf16, a 64-unit slice, sm_90a) load four K steps'
+    fragments (eight generic loads a step: nvcc does not see the shared space through wmma) as
+    one round before their products (wmma_k_steps); one step at a time, a K loop of run-time
+    length waited a shared-memory latency a step (rounds of 8)."""
+    kernel = compile_check.rnn_kernel(phase, "__nv_bfloat16", 0, 64)
+    assert max(compile_check.sass_load_rounds(kernel, "sm_90a", "LD.E")) >= 4 * 8
+
+
 @pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")
 def test_every_slice_width_compiles_with_nvrtc():
     """NVRTC, which compiles them on a GPU, refuses some C++ nvcc accepts; every shipped entry

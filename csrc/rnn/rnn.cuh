@@ -180,6 +180,38 @@ __device__ __forceinline__ WarpShare warp_share(int tiles) {
   return WarpShare{warp % tiles, tiles, warp / tiles, warps / tiles};
 }
 
+// c += the sum over K steps k = first, first + stride, ... below end of a[:, k:k+16] b[k:k+16, :]
+// in wmma 16 x 16 x 16 tiles (a row-major at a + k, rows lda apart; b column-major at b + k,
+// columns ldb apart), kUnroll K steps at a time with all their fragment loads issued before their
+// products: a loop that loaded one step and multiplied waited a shared-memory latency a step (the
+// K bounds are run-time: head dims and slices), 24 a step for a 768-wide LSTM head's forward
+// slices, 16 for its backward's gradient chunks.
+template <class T, int kUnroll = 4>
+__device__ __forceinline__ void wmma_k_steps(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>& c,
+                                             const T* a, int lda, const T* b, int ldb, int first, int end,
+                                             int stride) {
+  using namespace nvcuda;
+  int k = first;
+  for (; k + (kUnroll - 1) * stride < end; k += kUnroll * stride) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kUnroll];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      wmma::load_matrix_sync(fa[u], a + k + u * stride, lda);
+      wmma::load_matrix_sync(fb[u], b + k + u * stride, ldb);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) wmma::mma_sync(c, fa[u], fb[u], c);
+  }
+  for (; k < end; k += stride) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, a + k, lda);
+    wmma::load_matrix_sync(fb, b + k, ldb);
+    wmma::mma_sync(c, fa, fb, c);
+  }
+}
+
 // The partial [16][outputs] fp32 tiles recurrent_matmul leaves for T (warp_share's parts; one on
 // CUDA cores for float32): rnnops.cuda_backend.rnn.k_parts.
 template <class T>
@@ -213,15 +245,9 @@ __device__ void recurrent_matmul(const T* h, const T* w, float* acc, int D, int 
     using namespace nvcuda;
     const WarpShare share = warp_share(GU / 16);
     for (int tile = share.first_tile; !share.idle() && tile < GU / 16; tile += share.tile_stride) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
       wmma::fill_fragment(c, 0.0f);
-      for (int k = 16 * share.part; k < D; k += 16 * share.parts) {
-        wmma::load_matrix_sync(a, h + k, ld);
-        wmma::load_matrix_sync(b, w + tile * 16 * ld + k, ld);
-        wmma::mma_sync(c, a, b, c);
-      }
+      wmma_k_steps(c, h, ld, w + tile * 16 * ld, ld, 16 * share.part, D, 16 * share.parts);
       wmma::store_matrix_sync(acc + share.part * kRows * GU + tile * 16, c, GU, wmma::mem_row_major);
     }
     if (share.parts > 1) {  // (the same for every thread)
@@ -985,13 +1011,8 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
         for (int j = 0; j < U / 16; ++j) {
           const int tile = share.first_tile + j * share.tile_stride;
           if (share.idle() || tile >= U / 16) break;
-          for (int kk = 16 * share.part; kk < KC && k0 + kk < G * D; kk += 16 * share.parts) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-            wmma::load_matrix_sync(a, gradients + kk, LC);
-            wmma::load_matrix_sync(b, wt + tile * 16 * LW + k0 + kk, LW);
-            wmma::mma_sync(acc[j], a, b, acc[j]);
-          }
+          wmma_k_steps(acc[j], gradients, LC, wt + tile * 16 * LW + k0, LW, 16 * share.part,
+                       KC < G * D - k0 ? KC : G * D - k0, 16 * share.parts);
         }
       });
 #pragma unroll
