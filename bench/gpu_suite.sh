@@ -132,12 +132,16 @@ PY
     # the kernels in tensor-core fragments (one block barrier a step, the products in the registers
     # of the threads that apply the cell or its gradient; H12 D64 only: they take D <= 64), the
     # forward alone and both directions: on 2026-11-27 the H200 timed the sliced forward kernel at
-    # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89
+    # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89. Last, the Triton
+    # cells (the only backend with num_stages) at two stages: their backward's time loop is then
+    # software-pipelined (its step inputs copied a step ahead with cp.async: 40 -> 63 KB of shared
+    # memory at H12 D64, compile_check with Triton 3.6), where every shipped entry takes one; the
+    # forward's loads are not pipelined at any stage count
     left=$(seconds_until 480)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \
       --try '{"forward_fragments": 1}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"stage": 0}' \
-      '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}'
+      '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}' '{"num_stages": 2}'
     # ungated linear attention and the plain delta rule, 0.97x and 0.91x of fla f+b on the H200 at
     # dd69b80, by kernel: our linear-attention dq/dk 0.775 ms against fla's 0.563, at 132 registers
     # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148; since then its two
