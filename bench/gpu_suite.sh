@@ -133,10 +133,11 @@ PY
     # of the threads that apply the cell or its gradient; H12 D64 only: they take D <= 64), the
     # forward alone and both directions: on 2026-11-27 the H200 timed the sliced forward kernel at
     # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89. Last, the Triton
-    # cells (the only backend with num_stages) at two stages: their backward's time loop is then
-    # software-pipelined (its step inputs copied a step ahead with cp.async: 40 -> 63 KB of shared
-    # memory at H12 D64, compile_check with Triton 3.6), where every shipped entry takes one; the
-    # forward's loads are not pipelined at any stage count
+    # cells (the only backend with num_stages) at two stages: both time loops are then
+    # software-pipelined (a step's inputs copied a step ahead with cp.async: at H12 D64 forward 41 ->
+    # 50 KB of shared memory, backward 41 -> 63, compile_check with Triton 3.6), where every shipped
+    # entry takes one stage and each step waits a memory latency for x_t (forward) or its saved
+    # values (backward)
     left=$(seconds_until 480)
     [ "$left" -gt 20 ] && timeout $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \

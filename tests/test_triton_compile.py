@@ -229,6 +229,21 @@ def test_rnn_backward_takes_its_own_warps():
     assert threads == {"rnn_fwd_kernel": 256, "rnn_bwd_kernel": 128}, threads
 
 
+def test_rnn_forward_pipelines_its_time_loop_at_two_stages():
+    """RNNConfig.num_stages reaches the forward's time loop (STAGES, a tl.range stage count): at two,
+    Triton copies a step's inputs into shared memory a step ahead, which takes a stage's buffer
+    (the launch's num_stages alone had left that loop unpipelined: the same shared memory at one
+    and two stages); the backward's loop pipelines either way."""
+    shape = {"cell": "lstm", "H": 2, "D": 64, "B": 16, "T": 8}
+    shared = {}
+    for stages in (1, 2):
+        config = dict(kernels.find("rnn", "triton").default(), num_stages=stages)
+        shared[stages] = {row["name"]: row["shared_bytes"] for row in config_report_rows("rnn", shape, "bfloat16",
+                                                                                           config)}
+    assert shared[2]["rnn_fwd_kernel"] > shared[1]["rnn_fwd_kernel"], shared
+    assert shared[2]["rnn_bwd_kernel"] > shared[1]["rnn_bwd_kernel"], shared
+
+
 def test_autotune_explain_shows_what_ptxas_reports():
     result = subprocess.run([sys.executable, "-m", "rnnops", "autotune", "--explain", "selective_scan",
                              "B=8,T=2048,Dm=2048,N=16", "--gpu", "H100", "--compile-check"],

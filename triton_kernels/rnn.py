@@ -23,8 +23,9 @@ one product, the gradients interleaved into a (BB, 4 BD) operand against R's row
 way (_stacked_weights): one conversion to the operand layout where a product per gate took one
 (LSTM 40 -> 30 barriers a step, GRU 28 -> 24, sLSTM 48 -> 38). It loads the saved slots one by
 one: loaded as one, the split tiles took more conversions where they meet the products' layout.
-(Loading the next step's inputs a step ahead does not hide their latency: Triton converts the
-prefetched tile right after its load, which then waits.)
+(Loading the next step's inputs a step ahead by hand does not hide their latency: Triton converts
+the prefetched tile right after its load, which then waits. Its pipeliner does, where the time loop
+names a stage count: STAGES, below.)
 
 RECOMPUTE (RNNConfig.recompute, resident kernels only; off by default until measured): the
 forward saves no pre-activations and the backward computes them again from x, b and h_{t-1}
@@ -211,13 +212,18 @@ def _load_step(buffer, slot, slots: tl.constexpr, t, rb, ru, mask, T, H: tl.cons
 def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexpr, D: tl.constexpr,
                    CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr,
                    HAS_INITIAL: tl.constexpr, PRECISION: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr,
-                   BKD: tl.constexpr, RESIDENT: tl.constexpr, RECOMPUTE: tl.constexpr, SAVE: tl.constexpr):
+                   BKD: tl.constexpr, RESIDENT: tl.constexpr, RECOMPUTE: tl.constexpr, SAVE: tl.constexpr,
+                   STAGES: tl.constexpr):
     """RESIDENT (one tile spans the head: BD = BKD >= D): R_g^T is loaded once and h, c, n, m are
     carried in registers from step to step, so a step reads only its inputs from memory and
     needs no barrier; else the tiles exchange the states through global memory. RECOMPUTE
     (resident only): the pre-activations are not saved (``pre`` unused). SAVE False (no backward
     will run: inference): no pre-activations either, and a resident kernel writes the states of
-    the last step only (the final states), sparing a store and its layout conversion a state."""
+    the last step only (the final states), sparing a store and its layout conversion a state.
+    STAGES (RNNConfig.num_stages) > 1: Triton's pipeliner copies the steps' inputs (x_t; tiled, the
+    states read back too) into shared memory STAGES - 1 steps ahead (cp.async), so a step no longer
+    waits a memory latency for them; only an explicit tl.range stage count does that (the launch's
+    num_stages left this loop alone: no cp.async in its SASS)."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rb = i_b * BB + tl.arange(0, BB)
     bmask = rb < B
@@ -236,7 +242,7 @@ def rnn_fwd_kernel(x, R, bias, initial, states, pre, h_seq, T, B, H: tl.constexp
         m_r = _prev(states, initial, 3 % S, 0, rb, ru, mask, T, B, S, H, D, i_h, HAS_INITIAL).to(tl.float32)
     else:
         w0, w1, w2, w3, h_r, c_r, n_r, m_r = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # unused
-    for t in range(T):
+    for t in tl.range(0, T, num_stages=STAGES):
         for i_u in range(tl.cdiv(D, BD)):
             ru = i_u * BD + tl.arange(0, BD)
             umask = ru < D

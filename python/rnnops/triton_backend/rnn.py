@@ -134,7 +134,8 @@ class _Launcher:
         resident kernels recompute them)."""
         from triton.runtime.errors import OutOfResources
 
-        flags = {"HAS_BIAS": b is not None, "HAS_INITIAL": initial is not None, "SAVE": self.saves}
+        flags = {"HAS_BIAS": b is not None, "HAS_INITIAL": initial is not None, "SAVE": self.saves,
+                 "STAGES": self.meta["num_stages"]}
         if self.resident:
             pre = None if self.recompute or not self.saves else self._pre(x.device)
             try:
