@@ -27,6 +27,8 @@ class RNNConfig:
     block_k: int = 64  # reduction units per tile
     num_warps: int = 8  # the forward kernel's warps
     backward_num_warps: int = 8  # the backward's (4 spill in the fp16 sLSTM backward at D = 256: compile_check)
+    # both kernels' time loops: at 2, Triton copies a step's inputs into shared memory a step ahead
+    # (cp.async; the forward's loop through its STAGES, the backward's through the launch option)
     num_stages: int = 1
     # 1: resident kernels save no pre-activations, the backward recomputes them (recompute_shared_bytes)
     recompute: int = 0
