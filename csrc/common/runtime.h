@@ -116,7 +116,10 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+// (__fdividef: MUFU.RCP and a multiply, within 2 ulp; an IEEE division added a range check and a
+// call to its slow path each, 20 of them in a fused LSTM step's pointwise code. A denominator past
+// 2^126, where x < -87, gives 0, the sigmoid's value there to float precision)
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : logf(1.0f + __expf(x)); }
 
 // mma_16x8x16's a for the calling lane (lane = 4 group + quad; 1-D blocks) from the row-major
