@@ -203,13 +203,7 @@ __device__ __forceinline__ void wmma_k_steps(nvcuda::wmma::fragment<nvcuda::wmma
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) wmma::mma_sync(c, fa[u], fb[u], c);
   }
-  for (; k < end; k += stride) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-    wmma::load_matrix_sync(fa, a + k, lda);
-    wmma::load_matrix_sync(fb, b + k, ldb);
-    wmma::mma_sync(c, fa, fb, c);
-  }
+  if constexpr (kUnroll > 1) wmma_k_steps<T, 1>(c, a, lda, b, ldb, k, end, stride);  // the last steps
 }
 
 // The partial [16][outputs] fp32 tiles recurrent_matmul leaves for T (warp_share's parts; one on

@@ -37,8 +37,9 @@
 // forward and its bandwidth 0.09 ms. Measured on the H200 with the rows staged (dd69b80): 0.99 ms
 // forward, 3.72 backward, against mamba_ssm's 0.59 and 2.27: the SASS then showed every chunk
 // waiting for its global loads one step at a time (a step's delta, then after its softplus, whose
-// logf branches, its u; the output's z between the stores of out, which nvcc may not pass): 24
-// memory latencies a 32-step chunk forward, about as many backward (0.99 ms is 15 us a chunk). Each
+// logf branches, its u; the output's z between the stores of out, which nvcc may not pass): 32
+// rounds of loads a 32-step chunk forward, 35 backward, each a memory latency (0.99 ms is 15 us a
+// chunk). Each
 // phase now loads all its steps' values before using any (load_items), and the backward stages what
 // its per-step gradients take (StepTerms), so a chunk waits for one round of loads.
 #pragma once
@@ -209,8 +210,8 @@ __device__ __forceinline__ void fwd_by_state_elements(
   RNNOPS_DYNAMIC_SHARED(float, smem);  // carry, B and C rows, dt, dt u, the warps' y sums, z
   float *carry = smem, *Bstage = carry + N4 * 32, *Cstage = Bstage + CHUNK * N4;
   float *dt_stage = Cstage + CHUNK * N4, *dtu_stage = dt_stage + CHUNK * 32, *y_sums = dtu_stage + CHUNK * 32;
-  // z as loaded (type T: half the bytes of a float gate for half types, which keeps three 34 KB
-  // blocks an SM on the GPUs of 100 KB), read back by the thread that staged it
+  // z as loaded (type T: for half types half the bytes of a float gate, 32 KB blocks where a float
+  // gate made 34, three an SM on the GPUs of 100 KB), read back by the thread that staged it
   T* z_stage = reinterpret_cast<T*>(y_sums + WARPS * CHUNK * 32);
 
   for (int n = warp; n < N4; n += WARPS)  // (read after the first chunk's first barrier)
@@ -221,8 +222,8 @@ __device__ __forceinline__ void fwd_by_state_elements(
     const long long chunk = first + (t0 - bos) / CHUNK, step0 = t0 + warp * ITEMS, r0 = step0 - offset;
     const int items = live ? steps_before<ITEMS>(step0, eos) : 0;
     // this warp's ITEMS steps: delta, u and z, then the chunk's B and C rows, all loads in flight
-    // together; dt, dt u and z's gate staged for every warp, D u kept for the output; steps past
-    // the end get dt = 0 (the identity step)
+    // together; dt and dt u staged for every warp, z for the output (its own thread's), D u kept in
+    // registers for it; steps past the end get dt = 0 (the identity step)
     float raw[ITEMS], uu[ITEMS], zz[ITEMS], y_direct[ITEMS];
     load_items(raw, delta, sdelta, batch, r0, d, items);
     load_items(uu, u, su, batch, r0, d, items);
@@ -338,6 +339,8 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
                  *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
   #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
+        // (i < items, spelled from step0: written so, nvcc keeps the offsets below in registers; from
+        // items it recomputed them in the loop over n, 25.8 SASS instructions an exponential, not 23.6)
         const bool on = live && step0 + i < eos;
         const float uu = dtu[i];
         dt[i] = on ? discretise(dt[i] + bias, shape.softplus) : 0.0f;
