@@ -1,5 +1,6 @@
 """Triton fused recurrent cells against the float64 reference: forward, final states and every
 gradient (x_gates, R, b, initial states), interpreter on the CPU, poisoned outputs."""
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import rnnops
 from conftest import assert_close, compare_backends
-from rnnops.autotune import hardware
+from rnnops.autotune import cache, hardware, kernels
 from rnnops.triton_backend import rnn as triton_rnn
 from test_rnn import GATES, STATES
 
@@ -50,12 +51,14 @@ def test_matches_reference(cell, shape):
 @pytest.mark.parametrize("cell", list(GATES))
 @pytest.mark.parametrize("config, D, resident", [({"block_d": 128, "block_k": 128}, 80, True),
                                                  ({"block_d": 128, "block_k": 128, "recompute": 1}, 80, True),
+                                                 ({"block_d": 128, "block_k": 128, "num_stages": 2}, 80, True),
                                                  ({"block_d": 16, "block_k": 16}, 32, False)],
-                         ids=["resident-padded", "resident-recompute", "tiled"])
+                         ids=["resident-padded", "resident-recompute", "resident-two-stages", "tiled"])
 def test_resident_and_tiled_paths(cell, config, D, resident, monkeypatch):
     """Forward and backward hold R and the carried states on chip when one tile spans the head
     (RESIDENT; here with 48 padded units masked off; with recompute the backward computes the
-    pre-activations again, the forward saving none), else they walk the tiles through memory:
+    pre-activations again, the forward saving none; at two stages the time loops name their stage
+    count, which a GPU pipelines: test_two_stages_on_gpu), else they walk the tiles through memory:
     all against the reference."""
     chosen = triton_rnn.RNNConfig(**config)
     launcher = triton_rnn._Launcher(cell, chosen, 3, 4, 2, D, torch.float32, torch.device("cpu"))
@@ -174,6 +177,20 @@ def test_realistic_shapes_on_gpu(cell, dtype, bound, H, D):
     weights), tiled in float32 (its tf32x3 operands do not fit)."""
     x = make_inputs(cell, B=16, T=128, H=H, D=D, dtype=dtype, device="cuda")
     compare_backends(run(cell, dtype), x, bound, test="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", list(GATES))
+def test_two_stages_on_gpu(cell):
+    """RNNConfig.num_stages 2: both time loops copy a step's inputs a step ahead (cp.async, which
+    only a GPU runs): against the reference, bf16, resident (H12 D64) and tiled (D128 in 64-wide
+    tiles), the configuration put in the cache where the shipped one would be read."""
+    for H, D, block in ((12, 64, 64), (2, 128, 64)):
+        x = make_inputs(cell, B=16, T=128, H=H, D=D, dtype=torch.bfloat16, device="cuda")
+        bucket = kernels.bucket("rnn", kernels.rnn_shape(x["x_gates"], cell), torch.bfloat16)
+        config = dataclasses.asdict(triton_rnn.RNNConfig(block_d=block, block_k=block, num_stages=2))
+        with cache.override("rnn", "triton", bucket, config):
+            compare_backends(run(cell, torch.bfloat16), x, 2e-2, test="triton")
 
 
 @pytest.mark.gpu
