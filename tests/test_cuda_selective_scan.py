@@ -8,6 +8,7 @@ import torch
 from conftest import assert_close, compare_backends
 from rnnops._sass import cuobjdump
 from rnnops.autotune import hardware
+from rnnops.compat import mamba_ssm
 from rnnops.cuda_backend import compile_check
 from rnnops.cuda_backend import selective_scan as cuda_scan
 from test_triton_selective_scan import make_inputs, scan
@@ -67,6 +68,27 @@ def test_other_tiles(config, staged):
     read C per channel from global memory."""
     x = make_inputs(T=37, Dm=96 if staged else 6, layout_B="grouped" if staged else "shared")
     compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")
+
+
+@pytest.mark.parametrize("dtype,T,config,bound", [
+    (torch.float32, 45, cuda_scan.DEFAULT_CONFIG, 1e-5), (torch.float32, 45, cuda_scan.ScanConfig(4, 8, stage_rows=0), 1e-5),
+    (torch.bfloat16, 48, cuda_scan.DEFAULT_CONFIG, 2e-2),
+], ids=["float32-staged-rows", "float32-global-rows", "bfloat16-staged-rows"])
+def test_mamba_layout_steps_contiguous(dtype, T, config, bound):
+    """mamba_ssm's (B, D, L) layout, as rnnops.compat.mamba_ssm passes it: u, delta, z and (the
+    output returned transposed, as the compat function does) d_out have contiguous steps, which
+    load_items reads 16 bytes a lane where the lane's ITEMS steps all exist and start aligned.
+    float32 at T 45: channels 180 bytes apart, so aligned and unaligned lanes meet in one load, and
+    the last chunk is partial; Dm 40: a second block with dead lanes."""
+    x = make_inputs(T=T, Dm=40, layout_B="shared", layout_C="shared", dtype=dtype)
+    for name in ("u", "delta", "z"):
+        x[name] = x[name].transpose(1, 2).contiguous().transpose(1, 2)
+
+    def time_last(backend, **kw):
+        out, last = rnnops_scan(backend, config, **kw)
+        return out.transpose(1, 2), last
+
+    compare_backends(time_last, x, bound, test="cuda")
 
 
 def rnnops_scan(backend, config, **x):
@@ -143,17 +165,18 @@ def test_loop_over_state_elements_stays_lean(phase, staged, budget):
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
-@pytest.mark.parametrize("phase,loads", [("fwd", 3 * 8), ("bwd", 4 * 8 + 1)])
-def test_a_chunk_waits_for_one_round_of_loads(phase, loads):
+@pytest.mark.parametrize("phase,loads,words", [("fwd", 3 * 8, 3), ("bwd", 4 * 8 + 1, 4)])
+def test_a_chunk_waits_for_one_round_of_loads(phase, loads, words):
     """The staged kernels (bf16, default tile, sm_90a) issue all of a chunk's activation loads
     together, before anything waits for one (rnnops._sass.load_rounds): the forward a warp's
     ITEMS steps of delta, u and z, the backward of delta, u, d_out and z and delta after the
     chunk; none in the phases that store the outputs. At dd69b80 each step waited for its own
     loads (32 rounds forward, 35 backward): 0.99 ms forward and 3.72 backward on the H200,
-    against mamba_ssm's 0.59 and 2.27."""
+    against mamba_ssm's 0.59 and 2.27. In the same round, predicated, each operand's 16-byte word
+    (a lane's 8 steps where they are contiguous: load_items)."""
     config = cuda_scan.DEFAULT_CONFIG
     kernel = compile_check.scan_kernel(phase, "__nv_bfloat16", config.warps, config.items)
-    assert compile_check.sass_load_rounds(kernel, "sm_90a", "LDG.E.U16") == [loads]
+    assert compile_check.sass_load_rounds(kernel, "sm_90a", ("LDG.E.U16", "LDG.E.128")) == [loads + words]
 
 
 @pytest.mark.gpu
@@ -163,3 +186,20 @@ def test_realistic_shapes_on_gpu(dtype, bound, layout_C):
     """Groups of 32 channels for B: with a shared C every block stages its rows; a static C is per channel."""
     x = make_inputs(B=2, T=2000, Dm=96, N=16, layout_B="grouped", layout_C=layout_C, dtype=dtype, device="cuda")
     compare_backends(scan, x, bound, test="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,T,bound", [(torch.bfloat16, 2000, 1e-2), (torch.float32, 2003, 1e-5)])
+def test_mamba_layout_on_gpu(dtype, T, bound):
+    """The drop-in: rnnops.compat.mamba_ssm.selective_scan_fn on (B, D, L) and (B, N, L) tensors,
+    whose steps the kernels load 16 bytes a lane (a misaligned word would fault here; T 2003
+    leaves most float32 channels unaligned, and a partial last span)."""
+    x = make_inputs(B=2, T=T, Dm=96, N=16, layout_B="shared", layout_C="shared", initial=False, dtype=dtype,
+                    device="cuda")
+    mamba = {k: v.transpose(1, 2).contiguous() if k in ("u", "delta", "z", "B", "C") else v for k, v in x.items()}
+
+    def selective_scan_fn(backend, u, delta, A, B, C, D, z, delta_bias):
+        return mamba_ssm.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
+                                           return_last_state=True, backend=backend)
+
+    compare_backends(selective_scan_fn, mamba, bound, test="cuda")

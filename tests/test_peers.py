@@ -63,9 +63,11 @@ def test_fla_simple_gla_chunk_kernel_gets_a_gate_only_when_gated(gate):
     assert prepared["chunk_g"] is None if gate == "none" else prepared["chunk_g"] is inputs["g"]
 
 
-def test_mamba_layout_conversion(monkeypatch):
+@pytest.mark.parametrize("steps_contiguous", [False, True], ids=["rnnops-layout", "mamba-layout"])
+def test_mamba_layout_conversion(monkeypatch, steps_contiguous):
     """mamba_ssm cannot be installed without its CUDA build; a stand-in written in mamba's own
-    layout ((B, D, L) activations, (B, N, L) for B and C) checks the conversion."""
+    layout ((B, D, L) activations, (B, N, L) for B and C) checks the conversion, from the bench
+    case's inputs in either memory layout."""
     def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
         dt = torch.nn.functional.softplus(delta + delta_bias[:, None])
         x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
@@ -79,7 +81,7 @@ def test_mamba_layout_conversion(monkeypatch):
     module = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
     module.selective_scan_ref = selective_scan_ref
     monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", module)
-    check("mamba_ssm.selective_scan_ref", bench_cases.selective_scan_case(2, 13, 6, 4))
+    check("mamba_ssm.selective_scan_ref", bench_cases.selective_scan_case(2, 13, 6, 4, steps_contiguous))
 
 
 def test_mamba_selective_scan_ref():

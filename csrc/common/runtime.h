@@ -7,7 +7,9 @@
 //   rnnops::is_same_v                std::is_same_v (libcu++'s under NVRTC)
 //   rnnops::exp2_approx              2^x, one MUFU.EX2 on the GPU (ex2.approx.ftz: relative error
 //                                    about 2^-22, results below 2^-126 flushed to 0)
-//   rnnops::Chunk16, in_flight       16-byte copies; a thread's loads of several indices issued together
+//   rnnops::Chunk16, load16, in_flight
+//                                    16-byte copies (load16: one load, 16-byte aligned); a thread's
+//                                    loads of several indices issued together
 //   rnnops::copy_async16 / copy_async_commit / copy_async_wait<N>
 //                                    16 bytes from global to shared memory without registers
 //                                    (cp.async, sm_80+; both addresses 16-byte aligned), in groups
@@ -154,6 +156,19 @@ struct alignas(2 * sizeof(E)) Pair {
 struct alignas(16) Chunk16 {
   float f[4];
 };
+
+// The 16 bytes at p, which must be 16-byte aligned (a GPU raises a misaligned address error, the
+// simulator fails the launch)
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+__device__ __forceinline__ Chunk16 load16(const void* p) { return *reinterpret_cast<const Chunk16*>(p); }
+#else
+inline Chunk16 load16(const void* p) {
+  sim::aligned16(p, "load16: an address is not 16-byte aligned (a misaligned address error on a GPU)");
+  Chunk16 value;
+  std::memcpy(&value, p, sizeof(value));  // (memcpy takes any address: the fault is only recorded)
+  return value;
+}
+#endif
 
 // use(idx, load(idx)) for every idx < total, the block's threads striding over idx, kInFlight
 // indices a thread at a time: all of their loads before any use, so that a thread's global loads

@@ -118,12 +118,35 @@ __device__ __forceinline__ void read_items(float (&v)[ITEMS], const char* chunk_
 // whole memory latency per step, since nvcc does not move a load above a branch or above a store
 // it cannot prove to another address (the header: what that cost). The kernels load a chunk's
 // values of every operand this way before computing with any of them.
+// Where the steps are contiguous (a time stride of 1: mamba_ssm's (B, D, L) layout, which
+// rnnops.compat.mamba_ssm passes as transposed views) a lane whose ITEMS steps all exist and start
+// 16-byte aligned loads them as 16-byte words (ITEMS x the element size a multiple of 16: 8 half-type
+// or 4 / 8 float steps): its lanes' addresses are a channel (T elements) apart, so element by element
+// each warp-wide load touched 32 cache lines for 2 or 4 bytes a lane, where one word takes 16. The
+// choice is per lane and predicated (no branch): the other lanes, and every lane of an operand in
+// another layout, load element by element as before, in the same round.
 template <int ITEMS, class T>
 __device__ __forceinline__ void load_items(float (&v)[ITEMS], const T* p, Operand s, long long batch, long long r0,
                                            int d, int items) {
   const T* at = p + batch * s.b + r0 * s.t + d * s.d;
+  constexpr int kWords = ITEMS * sizeof(T) % sizeof(Chunk16) == 0 ? ITEMS * sizeof(T) / sizeof(Chunk16) : 0;
+  if constexpr (kWords > 0) {
+    const bool whole = s.t == 1 && items == ITEMS && reinterpret_cast<unsigned long long>(at) % sizeof(Chunk16) == 0;
+    Chunk16 words[kWords];
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i) v[i] = i < items ? to_float(at[i * s.t]) : 0.0f;
+    for (int k = 0; k < kWords; ++k) words[k] = whole ? load16(at + k * (sizeof(Chunk16) / sizeof(T))) : Chunk16{};
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) v[i] = !whole && i < items ? to_float(at[i * s.t]) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      T step;
+      memcpy(&step, reinterpret_cast<const char*>(words) + i * sizeof(T), sizeof(T));
+      v[i] = whole ? to_float(step) : v[i];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) v[i] = i < items ? to_float(at[i * s.t]) : 0.0f;
+  }
 }
 
 // How many of a warp's ITEMS steps from step0 exist before the sequence's end eos (32-bit, so
@@ -260,8 +283,8 @@ __device__ __forceinline__ void fwd_by_state_elements(
 #pragma unroll
         for (int s = 0; s < SUB; ++s) {
           const float dt = dt_stage[(s0 + s) * 32 + lane], dtu = dtu_stage[(s0 + s) * 32 + lane];
-          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + (s0 + s) * N4 + 4 * group);
-          const Chunk16 c = *reinterpret_cast<const Chunk16*>(Cstage + (s0 + s) * N4 + 4 * group);
+          const Chunk16 b = load16(Bstage + (s0 + s) * N4 + 4 * group);
+          const Chunk16 c = load16(Cstage + (s0 + s) * N4 + 4 * group);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             x[j] = exp2_approx(dt * a2[j]) * x[j] + dtu * b.f[j];
@@ -610,7 +633,7 @@ __device__ __forceinline__ void bwd_by_state_elements(
         for (int i = 0; i < SUB; ++i) {
           const int s = sb * SUB + i;
           const float dt = dt_stage[s * 32 + lane], dtu = dtu_stage[s * 32 + lane];
-          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + s * N4 + 4 * group);
+          const Chunk16 b = load16(Bstage + s * N4 + 4 * group);
 #pragma unroll
           for (int j = 0; j < 4; ++j) x[j] = exp2_approx(dt * a2[j]) * x[j] + dtu * b.f[j];
         }
@@ -641,7 +664,7 @@ __device__ __forceinline__ void bwd_by_state_elements(
         for (int i = 0; i < SUB; ++i) {  // replay: x_t and a_t = e^(dt_t A) of the sub-block
           const int s = sb * SUB + i;
           const float dt = dt_stage[s * 32 + lane], dtu = dtu_stage[s * 32 + lane];
-          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + s * N4 + 4 * group);
+          const Chunk16 b = load16(Bstage + s * N4 + 4 * group);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             as[i][j] = exp2_approx(dt * a2[j]);
@@ -653,8 +676,8 @@ __device__ __forceinline__ void bwd_by_state_elements(
         for (int i = SUB - 1; i >= 0; --i) {  // the adjoint, backwards
           const int s = sb * SUB + i;
           const float dt = dt_stage[s * 32 + lane], dtu = dtu_stage[s * 32 + lane], dy = dy_stage[s * 32 + lane];
-          const Chunk16 b = *reinterpret_cast<const Chunk16*>(Bstage + s * N4 + 4 * group);
-          const Chunk16 cc = *reinterpret_cast<const Chunk16*>(Cstage + s * N4 + 4 * group);
+          const Chunk16 b = load16(Bstage + s * N4 + 4 * group);
+          const Chunk16 cc = load16(Cstage + s * N4 + 4 * group);
           float sB = 0.0f, sA = 0.0f, yC = 0.0f;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {

@@ -92,10 +92,10 @@ def innermost_exponential_loop(cubin: bytes) -> Loop:
 _ROUND_BREAKS = ("STS", "STG", "MUFU", "BAR", "BSYNC", "BRA")
 
 
-def load_rounds(cubin: bytes, load: str) -> list[int]:
-    """The sizes, in address order, of the runs of loads whose opcode starts with ``load`` (e.g.
-    "LDG.E.U16": 16-bit global loads, a half-precision kernel's activations) that nothing in
-    _ROUND_BREAKS interrupts. A phase whose loads form one round waits for one memory latency; one
+def load_rounds(cubin: bytes, load: str | tuple[str, ...]) -> list[int]:
+    """The sizes, in address order, of the runs of loads whose opcode starts with ``load`` (or with
+    one of them; e.g. "LDG.E.U16": 16-bit global loads, a half-precision kernel's activations) that
+    nothing in _ROUND_BREAKS interrupts. A phase whose loads form one round waits for one memory latency; one
     round a step, for as many as it has steps."""
     rounds: list[int] = []
     for code in _functions(cubin):

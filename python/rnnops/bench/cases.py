@@ -1,13 +1,14 @@
 """Standard benchmark cases: per op family, the inputs, how to run them, and their work.
 
-A :class:`Case` builds its inputs once (``make``; our op's argument names, our layouts) and
-runs them through one of our backends (``run``); peers (``rnnops.bench.peers``) convert the
-same inputs to their own layouts. Case lists differ by device: the CPU cases are sized for the
+A :class:`Case` builds its inputs once (``make``; our op's argument names and shapes) and runs
+them through one of our backends (``run``); peers (``rnnops.bench.peers``) convert the same
+inputs to their own layouts. Case lists differ by device: the CPU cases are sized for the
 Python-loop reference, the GPU cases are the shapes the kernel issues and the peers' own
 benchmarks name (flash-linear-attention: B8 H16 K=V=128, and its GVA, 32 value heads on 16 q / k
-heads; mamba_ssm: B8 D2048 N16, and for Mamba-2's SSD a 2.7B model's layer, 80 heads of 64 with
-N128; FlashRNN: B16 T1024 with (head dim, heads) from (16, 48) to (768, 1)). ``quick`` cases form
-``bench --quick``; ``sweep`` marks the cases of the T and B sweeps plotted in the report.
+heads; mamba_ssm: B8 D2048 N16, also in its own (B, D, L) memory layout, and for Mamba-2's SSD a
+2.7B model's layer, 80 heads of 64 with N128; FlashRNN: B16 T1024 with (head dim, heads) from
+(16, 48) to (768, 1)). ``quick`` cases form ``bench --quick``; ``sweep`` marks the cases of the T
+and B sweeps plotted in the report.
 """
 from __future__ import annotations
 
@@ -124,19 +125,30 @@ def ssd_case(B, T, H, P, N, G, **flags) -> Case:
                 op_shape=dict(B=B, T=T, H=H, K=N, V=P, gate="scalar", Hk=G), **flags)
 
 
-def selective_scan_case(B, T, Dm, N, **flags) -> Case:
+def selective_scan_case(B, T, Dm, N, steps_contiguous=False, **flags) -> Case:
+    """``steps_contiguous``: u, delta, z, B and C in mamba_ssm's memory layout, (B, Dm, T) and (B,
+    N, T), as Mamba's module hands them to selective_scan_fn and rnnops.compat.mamba_ssm passes
+    them on (transposed views, no copies); else rnnops' own (B, T, Dm) and (B, T, N)."""
+    def sequence(shape, device, dtype, scale=1.0):
+        x = _randn(shape, device, dtype, scale)
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if steps_contiguous else x
+
     def make(device, dtype):
-        return {"u": _randn((B, T, Dm), device, dtype), "delta": _randn((B, T, Dm), device, dtype, 0.5),
-                "A": -torch.rand(Dm, N, device=device) * 4 - 0.5, "B": _randn((B, T, N), device, dtype),
-                "C": _randn((B, T, N), device, dtype), "D": torch.randn(Dm, device=device),
-                "z": _randn((B, T, Dm), device, dtype), "delta_bias": torch.randn(Dm, device=device) * 0.1 - 2}
+        return {"u": sequence((B, T, Dm), device, dtype), "delta": sequence((B, T, Dm), device, dtype, 0.5),
+                "A": -torch.rand(Dm, N, device=device) * 4 - 0.5, "B": sequence((B, T, N), device, dtype),
+                "C": sequence((B, T, N), device, dtype), "D": torch.randn(Dm, device=device),
+                "z": sequence((B, T, Dm), device, dtype), "delta_bias": torch.randn(Dm, device=device) * 0.1 - 2}
 
     def run(x, backend):
         return rnnops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
                                      delta_softplus=True, backend=backend)
 
-    return Case("selective_scan", f"Mamba-1 B{B} T{T} D{Dm} N{N}", dict(B=B, T=T, Dm=Dm, N=N), make, run,
-                lambda dtype: roofline.selective_scan(B, T, Dm, N, dtype), **flags)
+    shape = dict(B=B, T=T, Dm=Dm, N=N)
+    if steps_contiguous:  # (the autotuner's shape buckets know no layout: it tunes this one in rnnops')
+        flags["op_shape"] = dict(shape)
+        shape["layout"] = "B D L"
+    return Case("selective_scan", f"Mamba-1 B{B} T{T} D{Dm} N{N}" + (" (B, D, L)" if steps_contiguous else ""), shape,
+                make, run, lambda dtype: roofline.selective_scan(B, T, Dm, N, dtype), **flags)
 
 
 def rnn_case(cell: str, B, T, H, D, **flags) -> Case:
@@ -197,6 +209,8 @@ def gpu_cases() -> list[Case]:
     cases.append(delta_case(1, True, 8, 4096, 32, 128, 128, qk_heads=16, **big))
     cases += [selective_scan_case(8, T, 2048, 16, quick=T == 2048, sweep="T", **big) for T in (2048, 8192)]
     cases.append(selective_scan_case(1, 8192, 2048, 16, sweep="B", **big))  # a prompt's prefill: B Dm / 16 programs
+    # mamba_ssm's own layout (its benchmark's and Mamba's module's): the drop-in through rnnops.compat
+    cases.append(selective_scan_case(8, 2048, 2048, 16, steps_contiguous=True, quick=True, **big))
     for cell in ("lstm", "gru"):
         for D, H in FLASHRNN_HEADS + ((192, 4),):
             cases.append(rnn_case(cell, 16, 1024, H, D, quick=(D, H) in ((64, 12), (768, 1)) and cell == "lstm"))

@@ -140,7 +140,7 @@ def inner_loop(instantiation: Instantiation, arch: str) -> Loop:
     return innermost_exponential_loop(_compile([instantiation], arch)[1])
 
 
-def sass_load_rounds(instantiation: Instantiation, arch: str, load: str) -> list[int]:
+def sass_load_rounds(instantiation: Instantiation, arch: str, load: str | tuple[str, ...]) -> list[int]:
     """The kernel's rounds of the loads whose opcode starts with ``load`` (rnnops._sass.load_rounds):
     "LDG.E.U16" for a half-type kernel's activations (how many memory latencies its phases wait
     for them), "LDS" for shared memory."""
