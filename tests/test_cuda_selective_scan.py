@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_close, compare_backends
-from rnnops._sass import cuobjdump
+from rnnops._sass import STORE_BREAKS, cuobjdump
 from rnnops.autotune import hardware
 from rnnops.compat import mamba_ssm
 from rnnops.cuda_backend import compile_check
@@ -165,18 +165,23 @@ def test_loop_over_state_elements_stays_lean(phase, staged, budget):
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
-@pytest.mark.parametrize("phase,loads,words", [("fwd", 3 * 8, 3), ("bwd", 4 * 8 + 1, 4)])
-def test_a_chunk_waits_for_one_round_of_loads(phase, loads, words):
+@pytest.mark.parametrize("phase,loads,words,staging", [("fwd", 3 * 8, 3, 8), ("bwd", 4 * 8 + 1, 4, 8 + 4)])
+def test_a_chunk_waits_for_one_round_of_loads(phase, loads, words, staging):
     """The staged kernels (bf16, default tile, sm_90a) issue all of a chunk's activation loads
     together, before anything waits for one (rnnops._sass.load_rounds): the forward a warp's
     ITEMS steps of delta, u and z, the backward of delta, u, d_out and z and delta after the
     chunk; none in the phases that store the outputs. At dd69b80 each step waited for its own
     loads (32 rounds forward, 35 backward): 0.99 ms forward and 3.72 backward on the H200,
     against mamba_ssm's 0.59 and 2.27. In the same round, predicated, each operand's 16-byte word
-    (a lane's 8 steps where they are contiguous: load_items)."""
+    (a lane's 8 steps where they are contiguous: load_items). And no store waits for a load before
+    the staging's loads are in flight too (STORE_BREAKS; the branches of their bounds tests wait
+    for nothing): a thread's 4 indices of B and C rows (stage_rows) and, backward, of the chunk's
+    state, where each operand's staging had waited for its own loads (three memory latencies a
+    chunk backward, two forward)."""
     config = cuda_scan.DEFAULT_CONFIG
     kernel = compile_check.scan_kernel(phase, "__nv_bfloat16", config.warps, config.items)
     assert compile_check.sass_load_rounds(kernel, "sm_90a", ("LDG.E.U16", "LDG.E.128")) == [loads + words]
+    assert max(compile_check.sass_load_rounds(kernel, "sm_90a", "LDG.E", STORE_BREAKS)) >= loads + words + staging
 
 
 @pytest.mark.gpu

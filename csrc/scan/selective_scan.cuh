@@ -40,8 +40,10 @@
 // logf branches, its u; the output's z between the stores of out, which nvcc may not pass): 32
 // rounds of loads a 32-step chunk forward, 35 backward, each a memory latency (0.99 ms is 15 us a
 // chunk). Each
-// phase now loads all its steps' values before using any (load_items), and the backward stages what
-// its per-step gradients take (StepTerms), so a chunk waits for one round of loads.
+// phase now loads all its steps' values before using any (load_items), the staging of B and C
+// rows (and backward of the chunk's state) loads while they are in flight (stage_rows), and the
+// backward stages what its per-step gradients take (StepTerms), so a chunk waits for one round of
+// loads. In mamba_ssm's (B, D, L) layout a lane reads its contiguous steps as 16-byte words.
 #pragma once
 #include "../common/runtime.h"
 
@@ -85,21 +87,41 @@ __device__ __forceinline__ bool block_shares_row(const BCOperand& M, int Dm) {
   return M.mode == kShared || (M.mode == kGrouped && first / M.channels_per_group == last_live / M.channels_per_group);
 }
 
-// Copies the B or C rows of a chunk's CHUNK steps from t0 into stage[s * N4 + n] (step-major, n
-// fastest: coalesced reads, conflict-free stores), zeros past the sequence's end eos and for n in
-// [N, N4): a warp then reads four state elements of one step as one 16-byte broadcast. The rows
-// are a few KB, L2-resident; the caller synchronises the block after.
-template <int CHUNK>
-__device__ __forceinline__ void stage_rows(float* stage, const BCRows& rows, long long t0, long long eos,
-                                                   long long offset, int N, int N4) {
+// Copies the B and C rows of a chunk's CHUNK steps from t0 into Bstage / Cstage[s * N4 + n]
+// (step-major, n fastest: coalesced reads, conflict-free stores), zeros past the sequence's end eos
+// and for n in [N, N4): a warp then reads four state elements of one step as one 16-byte broadcast.
+// With STATE (the staged backward) also the state entering the chunk into starts[n * 32 + channel],
+// from the block's 32 channels' stored rows (``state``, contiguous, N each; ``channels`` of them
+// live). Every load is in flight together (a thread's values of each index): staged one operand
+// after the other, each operand's loads waited behind the previous one's stores, a memory latency
+// each. The rows are a few KB, L2-resident; the caller synchronises the block after.
+template <int CHUNK, bool STATE = false>
+__device__ __forceinline__ void stage_rows(float* Bstage, float* Cstage, const BCRows& Brows, const BCRows& Crows,
+                                           long long t0, long long eos, long long offset, int N, int N4,
+                                           const float* state = nullptr, float* starts = nullptr, int channels = 0) {
+  struct Staged {
+    float b, c, state;
+  };
+  constexpr int ROWS = STATE && CHUNK < 32 ? 32 : CHUNK;  // steps, or the state's 32 channels where more
   in_flight<4>(
-      N4 * CHUNK,
+      ROWS * N4,
       [&](int f) {
-        const long long t = t0 + f / N4;
-        const int n = f % N4;
-        return t < eos && n < N ? __ldg(rows.row(t - offset) + n * rows.n_stride) : 0.0f;
+        const int row = f / N4, n = f % N4;
+        const bool on = row < CHUNK && t0 + row < eos && n < N;
+        Staged value{on ? __ldg(Brows.row(t0 + row - offset) + n * Brows.n_stride) : 0.0f,
+                     on ? __ldg(Crows.row(t0 + row - offset) + n * Crows.n_stride) : 0.0f, 0.0f};
+        if constexpr (STATE) value.state = row < 32 && row < channels && n < N ? state[row * N + n] : 0.0f;
+        return value;
       },
-      [&](int f, float value) { stage[f] = value; });
+      [&](int f, Staged value) {
+        const int row = f / N4, n = f % N4;
+        if (row < CHUNK) {
+          Bstage[f] = value.b;
+          Cstage[f] = value.c;
+        }
+        if constexpr (STATE)
+          if (row < 32) starts[n * 32 + row] = value.state;
+      });
 }
 
 // B or C of a warp's ITEMS steps for state element n, from global memory at byte offsets off[i]
@@ -251,8 +273,7 @@ __device__ __forceinline__ void fwd_by_state_elements(
     load_items(raw, delta, sdelta, batch, r0, d, items);
     load_items(uu, u, su, batch, r0, d, items);
     load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);  // (exact in T)
-    stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
-    stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
+    stage_rows<CHUNK>(Bstage, Cstage, Brows, Crows, t0, eos, offset, N, N4);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int step = warp * ITEMS + i;
@@ -445,35 +466,49 @@ struct StepTerms {
   }
 };
 
-// The backward's inputs of a warp's ITEMS steps from row r0, ``items`` of which exist (the rest get
-// dt = u = dy = 0, the identity step): delta, u, d_out, z and delta at ``after_row`` (where
-// ``has_after``) loaded together; then dt, dt u and dy = d_out silu(z) in registers, the step terms
-// staged at slots (slot0 + i) * 32 + lane, and dD's part dy u added to dD. Returns dt at after_row
-// (0 without).
+// The backward's inputs of a warp's ITEMS steps from row r0, ``items`` of which exist: delta, u,
+// d_out, z and delta at ``after_row`` (where ``has_after``), every load issued, nothing computed
+// from them (the staged backward stages its chunk's state and rows while they are in flight).
+template <int ITEMS>
+struct StepLoads {
+  float delta[ITEMS], u[ITEMS], d_out[ITEMS], z[ITEMS], delta_after[1];
+};
+
 template <int ITEMS, class T>
-__device__ __forceinline__ float backward_step_inputs(
-    float (&dt)[ITEMS], float (&dtu)[ITEMS], float (&dy)[ITEMS], const StepTerms& terms, int slot0, float& dD,
-    const T* u, Operand su, const T* delta, Operand sdelta, const T* z, Operand sz, const T* d_out, Operand sdo,
-    long long batch, long long r0, int d, int items, long long after_row, bool has_after, float bias,
-    const ScanShape& shape) {
+__device__ __forceinline__ StepLoads<ITEMS> load_step_inputs(const T* u, Operand su, const T* delta, Operand sdelta,
+                                                             const T* z, Operand sz, const T* d_out, Operand sdo,
+                                                             long long batch, long long r0, int d, int items,
+                                                             long long after_row, bool has_after, int has_z) {
+  StepLoads<ITEMS> in;
+  load_items(in.delta, delta, sdelta, batch, r0, d, items);
+  load_items(in.u, u, su, batch, r0, d, items);
+  load_items(in.d_out, d_out, sdo, batch, r0, d, items);
+  load_items(in.z, z, sz, batch, r0, d, has_z ? items : 0);
+  load_items(in.delta_after, delta, sdelta, batch, after_row, d, has_after);
+  return in;
+}
+
+// From a warp's loaded step inputs (the steps from ``items`` on get dt = u = dy = 0, the identity
+// step): dt, dt u and dy = d_out silu(z) in registers, the step terms staged at slots (slot0 + i) *
+// 32 + lane, and dD's part dy u added to dD. Returns dt at the row after (0 without ``has_after``).
+template <int ITEMS>
+__device__ __forceinline__ float backward_step_inputs(float (&dt)[ITEMS], float (&dtu)[ITEMS], float (&dy)[ITEMS],
+                                                      const StepLoads<ITEMS>& in, const StepTerms& terms, int slot0,
+                                                      float& dD, int items, bool has_after, float bias,
+                                                      const ScanShape& shape) {
   const int lane = threadIdx.x % 32;
-  float uu[ITEMS], zz[ITEMS], raw_after[1];
-  load_items(dt, delta, sdelta, batch, r0, d, items);
-  load_items(uu, u, su, batch, r0, d, items);
-  load_items(dy, d_out, sdo, batch, r0, d, items);
-  load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);
-  load_items(raw_after, delta, sdelta, batch, after_row, d, has_after);
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const float raw = dt[i] + bias, gout = dy[i], sig = shape.has_z ? rnnops::sigmoid(zz[i]) : 0.0f;
+    const float raw = in.delta[i] + bias, gout = in.d_out[i], zz = in.z[i], uu = in.u[i];
+    const float sig = shape.has_z ? rnnops::sigmoid(zz) : 0.0f;
     dt[i] = i < items ? discretise(raw, shape.softplus) : 0.0f;
-    dtu[i] = dt[i] * uu[i];
-    dy[i] = shape.has_z ? gout * zz[i] * sig : gout;
-    dD += dy[i] * uu[i];
-    terms.stage((slot0 + i) * 32 + lane, uu[i], shape.softplus ? rnnops::sigmoid(raw) : 1.0f,
-                gout * sig * (1.0f + zz[i] * (1.0f - sig)));
+    dtu[i] = dt[i] * uu;
+    dy[i] = shape.has_z ? gout * zz * sig : gout;
+    dD += dy[i] * uu;
+    terms.stage((slot0 + i) * 32 + lane, uu, shape.softplus ? rnnops::sigmoid(raw) : 1.0f,
+                gout * sig * (1.0f + zz * (1.0f - sig)));
   }
-  return has_after ? discretise(raw_after[0] + bias, shape.softplus) : 0.0f;
+  return has_after ? discretise(in.delta_after[0] + bias, shape.softplus) : 0.0f;
 }
 
 // Sums v[0..V) over the 32 lanes of a warp by recursive halving (every lane must call): each of
@@ -593,23 +628,18 @@ __device__ __forceinline__ void bwd_by_state_elements(
     const long long step0 = t0 + warp * ITEMS, r0 = step0 - offset;
     const int items = live ? steps_before<ITEMS>(step0, eos) : 0;
     if (c < chunks - 1) __syncthreads();  // the chunk after's last steps read dt, dy and the step terms
-    // this warp's ITEMS steps (backward_step_inputs), the state entering the chunk (the first
-    // sub-block's start; the block's 32 channels' rows are contiguous) and the B and C rows: every
-    // load in flight together; then dt, dt u and dy of the warp's steps staged for every warp
+    // this warp's ITEMS steps (load_step_inputs), the state entering the chunk (the first
+    // sub-block's start) and the B and C rows: every load in flight together (one memory latency a
+    // chunk); then dt, dt u and dy of the warp's steps staged for every warp
+    const bool has_after = live && t0 + CHUNK < eos;
+    const StepLoads<ITEMS> loaded = load_step_inputs<ITEMS>(u, su, delta, sdelta, z, sz, d_out, sdo, batch, r0, d,
+                                                            items, t0 + CHUNK - offset, has_after, shape.has_z);
+    stage_rows<CHUNK, true>(Bstage, Cstage, Brows, Crows, t0, eos, offset, N, N4,
+                            chunk_states + ((first + c) * Dm + blockIdx.x * 32LL) * N, starts,
+                            min(32, Dm - static_cast<int>(blockIdx.x) * 32));
     float dt[ITEMS], dtu[ITEMS], dy[ITEMS];
-    const float dt_after = backward_step_inputs(dt, dtu, dy, terms, warp * ITEMS, dD_acc, u, su, delta, sdelta, z, sz,
-                                                d_out, sdo, batch, r0, d, items, t0 + CHUNK - offset,
-                                                live && t0 + CHUNK < eos, bias, shape);
-    const float* state = chunk_states + ((first + c) * Dm + blockIdx.x * 32LL) * N;
-    in_flight<4>(
-        32 * N4,
-        [&](int f) {
-          const int n = f % N4, channel = f / N4;
-          return n < N && static_cast<int>(blockIdx.x) * 32 + channel < Dm ? state[channel * N + n] : 0.0f;
-        },
-        [&](int f, float value) { starts[f % N4 * 32 + f / N4] = value; });
-    stage_rows<CHUNK>(Bstage, Brows, t0, eos, offset, N, N4);
-    stage_rows<CHUNK>(Cstage, Crows, t0, eos, offset, N, N4);
+    const float dt_after =
+        backward_step_inputs(dt, dtu, dy, loaded, terms, warp * ITEMS, dD_acc, items, has_after, bias, shape);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       dt_stage[(warp * ITEMS + i) * 32 + lane] = dt[i];
@@ -828,9 +858,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
                  *Cchunk = reinterpret_cast<const char*>(Crows.row(t0 - offset));
       const int steps = steps_before<ITEMS>(step0, eos), items = live ? steps : 0;
       const long long r0 = step0 - offset;
-      const float dt_after = backward_step_inputs(dt, dtu, dy, terms, warp * ITEMS, dD_acc, u, su, delta, sdelta, z, sz,
-                                                  d_out, sdo, batch, r0, d, items, r0 + ITEMS,
-                                                  live && step0 + ITEMS < eos, bias, shape);
+      const bool has_after = live && step0 + ITEMS < eos;
+      const float dt_after = backward_step_inputs(
+          dt, dtu, dy,
+          load_step_inputs<ITEMS>(u, su, delta, sdelta, z, sz, d_out, sdo, batch, r0, d, items, r0 + ITEMS, has_after,
+                                  shape.has_z),
+          terms, warp * ITEMS, dD_acc, items, has_after, bias, shape);
   #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         dt_sum += dt[i];

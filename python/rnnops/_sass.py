@@ -89,14 +89,18 @@ def innermost_exponential_loop(cubin: bytes) -> Loop:
 # what ends a round of loads: an instruction that waits for a load's value or that nvcc does not
 # move a load across (stores, special-function ops such as a logf's or an exponential's, barriers,
 # branches)
-_ROUND_BREAKS = ("STS", "STG", "MUFU", "BAR", "BSYNC", "BRA")
+ROUND_BREAKS = ("STS", "STG", "MUFU", "BAR", "BSYNC", "BRA")
+STORE_BREAKS = ("STS", "STG", "BAR")
 
 
-def load_rounds(cubin: bytes, load: str | tuple[str, ...]) -> list[int]:
+def load_rounds(cubin: bytes, load: str | tuple[str, ...], breaks: tuple[str, ...] = ROUND_BREAKS) -> list[int]:
     """The sizes, in address order, of the runs of loads whose opcode starts with ``load`` (or with
     one of them; e.g. "LDG.E.U16": 16-bit global loads, a half-precision kernel's activations) that
-    nothing in _ROUND_BREAKS interrupts. A phase whose loads form one round waits for one memory latency; one
-    round a step, for as many as it has steps."""
+    no opcode in ``breaks`` interrupts. A phase whose loads form one round waits for one memory
+    latency; one round a step, for as many as it has steps. The default breaks (ROUND_BREAKS) end
+    a round at branches and special-function ops too, which nvcc does not move a load across;
+    STORE_BREAKS end it only where a store or barrier waits, so that loads spread over the branches
+    of their bounds tests (which wait for nothing) count as the one round they are."""
     rounds: list[int] = []
     for code in _functions(cubin):
         open_round = False
@@ -108,6 +112,6 @@ def load_rounds(cubin: bytes, load: str | tuple[str, ...]) -> list[int]:
                 else:
                     rounds.append(1)
                 open_round = True
-            elif opcode.split(".")[0] in _ROUND_BREAKS:
+            elif opcode.split(".")[0] in breaks:
                 open_round = False
     return rounds

@@ -7,6 +7,7 @@ templates' instantiations (also for NVRTC)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._ptxas import KernelReport, parse_log
-from .._sass import Loop, innermost_exponential_loop, load_rounds
+from .._sass import ROUND_BREAKS, Loop, innermost_exponential_loop, load_rounds
 from .simulator import csrc_dir
 
 
@@ -59,7 +60,13 @@ def source(instantiations: list[Instantiation]) -> str:
 
 def _compile(instantiations: list[Instantiation], arch: str) -> tuple[str, bytes]:
     """(ptxas' verbose log, the cubin) for ``arch`` (e.g. "sm_80", "sm_90a"); raises RuntimeError
-    with nvcc's output on a compile error."""
+    with nvcc's output on a compile error. Kept per process (the tests ask several questions of
+    one kernel's SASS; the sources do not change while a process runs)."""
+    return _compiled(tuple(instantiations), arch)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(instantiations: tuple[Instantiation, ...], arch: str) -> tuple[str, bytes]:
     compiler = nvcc()
     if compiler is None:
         raise FileNotFoundError("nvcc not found")
@@ -140,8 +147,9 @@ def inner_loop(instantiation: Instantiation, arch: str) -> Loop:
     return innermost_exponential_loop(_compile([instantiation], arch)[1])
 
 
-def sass_load_rounds(instantiation: Instantiation, arch: str, load: str | tuple[str, ...]) -> list[int]:
-    """The kernel's rounds of the loads whose opcode starts with ``load`` (rnnops._sass.load_rounds):
-    "LDG.E.U16" for a half-type kernel's activations (how many memory latencies its phases wait
-    for them), "LDS" for shared memory."""
-    return load_rounds(_compile([instantiation], arch)[1], load)
+def sass_load_rounds(instantiation: Instantiation, arch: str, load: str | tuple[str, ...],
+                     breaks: tuple[str, ...] = ROUND_BREAKS) -> list[int]:
+    """The kernel's rounds of the loads whose opcode starts with ``load`` (rnnops._sass.load_rounds,
+    ``breaks`` ending a round): "LDG.E.U16" for a half-type kernel's activations (how many memory
+    latencies its phases wait for them), "LDS" for shared memory."""
+    return load_rounds(_compile([instantiation], arch)[1], load, breaks)
