@@ -159,6 +159,8 @@ __device__ __forceinline__ void load_items(float (&v)[ITEMS], const T* p, Operan
     for (int k = 0; k < kWords; ++k) words[k] = whole ? load16(at + k * (sizeof(Chunk16) / sizeof(T))) : Chunk16{};
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) v[i] = !whole && i < items ? to_float(at[i * s.t]) : 0.0f;
+    // (unpacked step by step: one T[ITEMS] copy of the words stopped g++ 12.2, the simulator's
+    // compiler, with an internal compiler error)
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       T step;

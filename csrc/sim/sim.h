@@ -110,9 +110,7 @@ inline void sync_grid() {
 
 // Whether p is 16-byte aligned, as a 16-byte access needs; if not, records the fault (``fault``: the
 // access and that a GPU raises a misaligned address error there)
-// (out of line: inlined into the selective scan's loads, g++ 12.2 -O2 stopped with an internal
-// compiler error)
-[[gnu::noinline]] inline bool aligned16(const void* p, const char* fault) {
+inline bool aligned16(const void* p, const char* fault) {
   if (reinterpret_cast<std::uintptr_t>(p) % 16 == 0) return true;
   std::lock_guard<std::mutex> guard(current->grid->fault_mutex);
   current->grid->fault = fault;
