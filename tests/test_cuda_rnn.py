@@ -317,6 +317,22 @@ def test_gate_activations_call_no_division_slow_path(phase):
             assert loop.count("CALL") == 0, (kernel.kernel, loop)
 
 
+@pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("phase", ["fwd", "bwd"])
+def test_pointwise_phase_runs_four_cells_together(phase):
+    """The sliced kernels' pointwise phase (for_slice; bf16, 64 units, sm_90a) computes a thread's
+    four elements' cells between their loads and their stores, so that their chains of
+    exponentials and reciprocals interleave: one run of 4 x 10 MUFU instructions for the LSTM
+    (sigmoids and tanhs of its gates and c), 4 x 6 for the GRU, with no store, branch or barrier
+    between (load_rounds counts runs of any opcode). Computed and stored element by element behind
+    a branch each, a run held one element's: the cell's whole dependent chain alone, four times a
+    step (SASS at ed34e7e: runs of 10 and 6)."""
+    for cell, per_element in ((0, 10), (1, 6)):
+        kernel = compile_check.rnn_kernel(phase, "__nv_bfloat16", cell, 64)
+        runs = compile_check.sass_load_rounds(kernel, "sm_90a", "MUFU", ("STS", "STG", "BSYNC", "BRA", "BAR"))
+        assert max(runs) >= 4 * per_element, (kernel.kernel, runs)
+
+
 @pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")
 def test_every_slice_width_compiles_with_nvrtc():
     """NVRTC, which compiles them on a GPU, refuses some C++ nvcc accepts; every shipped entry

@@ -115,24 +115,44 @@ __device__ __forceinline__ void block_barrier(const RNNShape& s) {
   }
 }
 
-// The block's slice of 16 rows x U units as a thread's elements, four at a time with all of their
-// loads (shared memory, and the initial states' global ones) issued before the first is used
-// (rnnops::in_flight; an element maps to the same thread at every call): load(b, unit) returns an
-// element's inputs, use(r, u, b, unit, inputs) consumes them (r, u: its place in the slice; b,
-// unit: in the batch and the head); rows past the batch and units past the head are skipped.
-template <int U, class Load, class Use>
-__device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0, Load load, Use use) {
+// The block's slice of 16 rows x U units as a thread's elements, four at a time (an element maps to
+// the same thread at every call), in three phases: load(b, unit) returns an element's inputs, all
+// four elements' loads (shared memory, and the initial states' global ones) issued before the
+// first is used; compute(inputs) returns its results, pure arithmetic run for all four without a
+// branch (a slot without an element computes from zeros and is dropped), so that nvcc interleaves
+// the four cells' dependent chains of exponentials and reciprocals; store(r, u, b, unit, results)
+// writes them (r, u: its place in the slice; b, unit: in the batch and the head). Rows past the
+// batch and units past the head are neither loaded nor stored. (Computed and stored element by
+// element, each element's loads and math waited behind the previous element's stores and branch:
+// its whole chain alone, four times a step.)
+template <int U, class Load, class Compute, class Store>
+__device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0, Load load, Compute compute,
+                                          Store store) {
   using Inputs = decltype(load(0, 0));
-  rnnops::in_flight<4>(
-      kRows * U,
-      [&](int idx) {
-        const int b = row0 + idx / U, unit = unit0 + idx % U;
-        return b < s.B && unit < s.D ? load(b, unit) : Inputs{};
-      },
-      [&](int idx, const Inputs& in) {
-        const int r = idx / U, u = idx % U, b = row0 + r, unit = unit0 + u;
-        if (b < s.B && unit < s.D) use(r, u, b, unit, in);
-      });
+  using Results = decltype(compute(Inputs{}));
+  constexpr int kInFlight = 4;
+  const auto element = [&](int idx, int& b, int& unit) {
+    b = row0 + idx / U;
+    unit = unit0 + idx % U;
+    return idx < kRows * U && b < s.B && unit < s.D;
+  };
+  for (int base = threadIdx.x; base < kRows * U; base += blockDim.x * kInFlight) {
+    Inputs in[kInFlight];
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) {
+      int b, unit;
+      in[j] = element(base + j * blockDim.x, b, unit) ? load(b, unit) : Inputs{};
+    }
+    Results out[kInFlight];
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) out[j] = compute(in[j]);
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) {
+      const int idx = base + j * blockDim.x;
+      int b, unit;
+      if (element(idx, b, unit)) store(idx / U, idx % U, b, unit, out[j]);
+    }
+  }
 }
 
 // Asynchronous 16-byte copies (rnnops::copy_async16) of ``planes`` planes of the block's 16 batch
@@ -474,11 +494,12 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
     recurrent_matmul(h, w, acc, D, LD, GU);
     rnnops::copy_async_wait<1>();  // this thread's pieces of x_t (not x_{t+1}'s)
     __syncthreads();
-    // the slice's pointwise update. Staged, its inputs are all in shared memory: x_t, the bias, and
-    // the carried states, each element's written by the thread that reads it next step; else a
-    // thread's global loads of them for four of its elements issue together
+    // the slice's pointwise update (for_slice: four elements' loads, then their cells, then their
+    // stores). Staged, its inputs are all in shared memory: x_t, the bias, the products and the
+    // carried states, each element's written by the thread that reads it next step; else a thread's
+    // global loads of them for four of its elements issue together
     struct StepInputs {
-      float x[G], bias[G], prev[S];  // prev: the carried states (GRU h; LSTM / sLSTM c, n, m)
+      float x[G], bias[G], rec[G], prev[S];  // rec: the products; prev: the carried states (GRU h; LSTM / sLSTM c, n, m)
     };
     const T* x_now = x_steps + (t & 1) * kRows * GU;
     for_slice<U>(
@@ -488,6 +509,7 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
           StepInputs in;
 #pragma unroll
           for (int g = 0; g < G; ++g) {
+            in.rec[g] = acc[r * GU + g * U + u];
             if (s.stage) {
               in.x[g] = to_float(x_now[(g * kRows + r) * U + u]);
               in.bias[g] = bias_slice[g * U + u];
@@ -502,11 +524,13 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
                                     : previous_state(s, states, initial, slot, b, t, unit, head, S);
           return in;
         },
-        [&](int r, int u, int b, int unit, const StepInputs& in) {
+        [&](const StepInputs& in) {
           float rec[G];  // (R_g h)_unit + b_g
 #pragma unroll
-          for (int g = 0; g < G; ++g) rec[g] = acc[r * GU + g * U + u] + in.bias[g];
-          const CellStep<CELL> out = cell_step<CELL>(in.x, rec, in.prev);
+          for (int g = 0; g < G; ++g) rec[g] = in.rec[g] + in.bias[g];
+          return cell_step<CELL>(in.x, rec, in.prev);
+        },
+        [&](int r, int u, int b, int unit, const CellStep<CELL>& out) {
 #pragma unroll
           for (int slot = 0; slot < S; ++slot) {  // for the backward, and the next step if carried
             states[step_index(s, b, t, slot, S, unit, head)] = out.state[slot];
@@ -966,8 +990,8 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
           }
           return in;
         },
-        [&](int r, int u, int b, int unit, const StepInputs& in) {
-          const CellGradient<CELL> grad = cell_gradient<CELL>(in.dh, in.pre, in.now, in.prev, in.carried);
+        [&](const StepInputs& in) { return cell_gradient<CELL>(in.dh, in.pre, in.now, in.prev, in.carried); },
+        [&](int r, int u, int b, int unit, const CellGradient<CELL>& grad) {
 #pragma unroll
           for (int g = 0; g < G; ++g) {
             dx[step_index(s, b, t, g, G, unit, head)] = from_float<T>(grad.dx[g]);
