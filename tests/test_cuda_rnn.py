@@ -333,6 +333,16 @@ def test_pointwise_phase_runs_four_cells_together(phase):
         assert max(runs) >= 4 * per_element, (kernel.kernel, runs)
 
 
+@pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("phase", ["fwd", "bwd"])
+def test_sliced_products_alternate_two_accumulators(phase):
+    """wmma_k_steps' products (bf16, 16-unit slices, sm_90a) alternate between two accumulators,
+    so no tensor-core product waits for more than the one two K steps before it (a chain of 2 a
+    round of four K steps); into one accumulator each waited for the one before (4), a warp's 24
+    K steps of the 768-wide head's forward tile in one chain."""
+    assert compile_check.mma_chain(compile_check.rnn_kernel(phase, "__nv_bfloat16", 0, 16), "sm_90a") == 2
+
+
 @pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")
 def test_every_slice_width_compiles_with_nvrtc():
     """NVRTC, which compiles them on a GPU, refuses some C++ nvcc accepts; every shipped entry

@@ -205,12 +205,20 @@ __device__ __forceinline__ WarpShare warp_share(int tiles) {
 // columns ldb apart), kUnroll K steps at a time with all their fragment loads issued before their
 // products: a loop that loaded one step and multiplied waited a shared-memory latency a step (the
 // K bounds are run-time: head dims and slices), 24 a step for a 768-wide LSTM head's forward
-// slices, 16 for its backward's gradient chunks.
+// slices, 16 for its backward's gradient chunks. A round's products alternate between two
+// accumulators, added at the end: into one, each product waited for the one before, a tensor-core
+// latency a K step (a warp's 24 steps of the 768-wide head's forward tile in one chain). Two, not
+// kUnroll: four held the 16-unit forward at 162 registers, one block an SM of 256 threads (two
+// chains: 128, two blocks).
 template <class T, int kUnroll = 4>
 __device__ __forceinline__ void wmma_k_steps(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>& c,
                                              const T* a, int lda, const T* b, int ldb, int first, int end,
                                              int stride) {
   using namespace nvcuda;
+  constexpr int kChains = kUnroll > 1 ? 2 : 1;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> chains[kChains];
+  chains[0] = c;
+  if constexpr (kChains > 1) wmma::fill_fragment(chains[1], 0.0f);
   int k = first;
   for (; k + (kUnroll - 1) * stride < end; k += kUnroll * stride) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kUnroll];
@@ -221,8 +229,12 @@ __device__ __forceinline__ void wmma_k_steps(nvcuda::wmma::fragment<nvcuda::wmma
       wmma::load_matrix_sync(fb[u], b + k + u * stride, ldb);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) wmma::mma_sync(c, fa[u], fb[u], c);
+    for (int u = 0; u < kUnroll; ++u) wmma::mma_sync(chains[u % kChains], fa[u], fb[u], chains[u % kChains]);
   }
+  if constexpr (kChains > 1)
+#pragma unroll
+    for (int e = 0; e < c.num_elements; ++e) chains[0].x[e] += chains[1].x[e];  // (one element layout a fragment type)
+  c = chains[0];
   if constexpr (kUnroll > 1) wmma_k_steps<T, 1>(c, a, lda, b, ldb, k, end, stride);  // the last steps
 }
 

@@ -115,3 +115,25 @@ def load_rounds(cubin: bytes, load: str | tuple[str, ...], breaks: tuple[str, ..
             elif opcode.split(".")[0] in breaks:
                 open_round = False
     return rounds
+
+
+def longest_mma_chain(cubin: bytes) -> int:
+    """The most tensor-core products (HMMA) in a row each of which accumulates into the one
+    before's result, within a branch-free stretch of code: how many tensor-core latencies the
+    longest such chain waits for (a loop body's, per iteration). A register any other
+    instruction writes starts a new chain."""
+    longest = 0
+    for code in _functions(cubin):
+        depth: dict[str, int] = {}
+        for _, text in code:
+            opcode = _opcode(text)
+            if opcode.split(".")[0] in ("BRA", "BAR", "EXIT", "BSYNC"):
+                depth.clear()
+                continue
+            operands = [o.strip().split(".")[0] for o in _PREDICATE.sub("", text)[len(opcode):].split(",")]
+            if opcode.startswith("HMMA"):
+                depth[operands[0]] = depth.get(operands[-1], 0) + 1
+                longest = max(longest, depth[operands[0]])
+            elif operands and operands[0] in depth:
+                del depth[operands[0]]
+    return longest

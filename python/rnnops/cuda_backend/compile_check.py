@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._ptxas import KernelReport, parse_log
-from .._sass import ROUND_BREAKS, Loop, innermost_exponential_loop, load_rounds
+from .._sass import ROUND_BREAKS, Loop, innermost_exponential_loop, load_rounds, longest_mma_chain
 from .simulator import csrc_dir
 
 
@@ -153,3 +153,8 @@ def sass_load_rounds(instantiation: Instantiation, arch: str, load: str | tuple[
     ``breaks`` ending a round): "LDG.E.U16" for a half-type kernel's activations (how many memory
     latencies its phases wait for them), "LDS" for shared memory."""
     return load_rounds(_compile([instantiation], arch)[1], load, breaks)
+
+
+def mma_chain(instantiation: Instantiation, arch: str) -> int:
+    """The kernel's longest chain of dependent tensor-core products (rnnops._sass.longest_mma_chain)."""
+    return longest_mma_chain(_compile([instantiation], arch)[1])
