@@ -8,7 +8,7 @@ import torch
 
 import rnnops
 from conftest import assert_close, compare_backends
-from rnnops._sass import cuobjdump
+from rnnops._sass import STORE_BREAKS, cuobjdump
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.cuda_backend import compile_check, engines
 from rnnops.cuda_backend import rnn as cuda_rnn
@@ -341,6 +341,18 @@ def test_sliced_products_alternate_two_accumulators(phase):
     round of four K steps); into one accumulator each waited for the one before (4), a warp's 24
     K steps of the 768-wide head's forward tile in one chain."""
     assert compile_check.mma_chain(compile_check.rnn_kernel(phase, "__nv_bfloat16", 0, 16), "sm_90a") == 2
+
+
+@pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+def test_weights_are_staged_eight_loads_at_a_time():
+    """The weights' staging before the time loop (bf16, sm_90a: the sliced kernels' R and R^T
+    slices, the fragment backward's R^T) issues a thread's loads eight at a time before storing
+    them (kStagingInFlight): element by element, each load waited a memory latency, 192 a thread
+    for a 16-unit slice of a 768-wide head (SASS: rounds of 1)."""
+    kernels = [compile_check.rnn_kernel(phase, "__nv_bfloat16", 0, 16) for phase in ("fwd", "bwd")]
+    for kernel in kernels + [compile_check.rnn_fragments_kernel("bwd", "__nv_bfloat16", 0, 4)]:
+        rounds = compile_check.sass_load_rounds(kernel, "sm_90a", "LDG.E.U16", STORE_BREAKS)
+        assert rounds[0] == 8, (kernel.kernel, rounds)
 
 
 @pytest.mark.skipif(compile_check.libnvrtc() is None, reason="needs libnvrtc (RNNOPS_LIBNVRTC)")

@@ -107,6 +107,14 @@ __device__ __forceinline__ float previous_state(const RNNShape& s, const float* 
   return s.has_initial ? initial[(((long long)slot * s.B + b) * s.H + head) * s.D + unit] : 0.0f;
 }
 
+// The weights' staging before the time loop (a block's slice of R or R^T) takes kStagingInFlight
+// elements a thread at a time, their loads in flight together (rnnops::in_flight): element by
+// element, each waited for its global load, 192 memory latencies a thread for a 16-unit slice of
+// a 768-wide LSTM head (up to a microsecond each from DRAM), at every launch. (h_{-1}'s staging,
+// 48 elements a thread at D 768, stays element by element: batched, nvcc rescheduled the time
+// loop of both forward kernels, 1123 -> 1463 instructions a step sliced, 548 -> 690 in fragments.)
+constexpr int kStagingInFlight = 8;
+
 __device__ __forceinline__ void block_barrier(const RNNShape& s) {
   if (s.splits > 1) {
     rnnops::grid_sync();
@@ -456,10 +464,13 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
   auto carried_at = [&](int slot, int r, int u) -> float& {
     return carried[((slot - kFirstCarried) * kRows + r) * U + u];
   };
-  for (int idx = threadIdx.x; idx < GU * D; idx += blockDim.x) {
-    const int n = idx / D, k = idx % D, g = n / U, unit = unit0 + n % U;
-    w[n * LD + k] = unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
-  }
+  rnnops::in_flight<kStagingInFlight>(
+      GU * D,
+      [&](int idx) {
+        const int n = idx / D, k = idx % D, g = n / U, unit = unit0 + n % U;
+        return unit < D ? R[(((long long)g * s.H + head) * D + unit) * D + k] : from_float<T>(0.0f);
+      },
+      [&](int idx, T value) { w[idx / D * LD + idx % D] = value; });
   for (int idx = threadIdx.x; s.stage && idx < GU; idx += blockDim.x) {
     const int g = idx / U, unit = unit0 + idx % U;
     bias_slice[idx] = s.has_bias && unit < D ? bias[(g * s.H + head) * D + unit] : 0.0f;
@@ -745,10 +756,13 @@ __global__ void __launch_bounds__(64 * KS, 1)
   T* gradients = reinterpret_cast<T*>(smem);  // [2][16][G D] (rows of LG); first R^T, [D][G D]
   // the warp's slice of R^T as b fragments: weights[k] the tile of B[g D + u][i] = R_g[u][i] at K
   // step k and the warp's columns i = 8 w .. 8 w + 7, staged through shared memory as rows i (LG apart)
-  for (int idx = threadIdx.x; idx < D * G * D; idx += blockDim.x) {
-    const int i = idx / (G * D), k = idx % (G * D), g = k / D, u = k % D;
-    gradients[i * LG + k] = R[(((long long)g * s.H + head) * D + u) * D + i];
-  }
+  rnnops::in_flight<kStagingInFlight>(
+      D * G * D,
+      [&](int idx) {
+        const int i = idx / (G * D), k = idx % (G * D), g = k / D, u = k % D;
+        return R[(((long long)g * s.H + head) * D + u) * D + i];
+      },
+      [&](int idx, T value) { gradients[idx / (G * D) * LG + idx % (G * D)] = value; });
   __syncthreads();
   unsigned weights[G * KS][2];
 #pragma unroll
@@ -904,10 +918,13 @@ __global__ void rnn_bwd(const T* R, const float* initial, const float* states, c
   float* saved_states = carried + S * kRows * U;                // [3][NS][16][U]
   float* saved_pre = saved_states + 3 * NS * kRows * U;         // [2][PS][16][U]
   T* dh_steps = reinterpret_cast<T*>(saved_pre + 2 * PS * kRows * U);  // [2][16][U]
-  for (int idx = threadIdx.x; idx < G * D * U; idx += blockDim.x) {
-    const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;  // (coalesced reads of R)
-    wt[u * LW + gi] = unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
-  }
+  rnnops::in_flight<kStagingInFlight>(
+      G * D * U,
+      [&](int idx) {
+        const int gi = idx / U, u = idx % U, g = gi / D, i = gi % D, unit = unit0 + u;  // (coalesced reads of R)
+        return unit < D ? R[(((long long)g * s.H + head) * D + i) * D + unit] : from_float<T>(0.0f);
+      },
+      [&](int idx, T value) { wt[idx % U * LW + idx / U] = value; });
   auto carry_index = [&](int slot, int b, int unit) {
     return (((long long)slot * s.B + b) * s.H + head) * D + unit;
   };
