@@ -326,11 +326,15 @@ def test_pointwise_phase_runs_four_cells_together(phase):
     (sigmoids and tanhs of its gates and c), 4 x 6 for the GRU, with no store, branch or barrier
     between (load_rounds counts runs of any opcode). Computed and stored element by element behind
     a branch each, a run held one element's: the cell's whole dependent chain alone, four times a
-    step (SASS at ed34e7e: runs of 10 and 6)."""
+    step (SASS at ed34e7e: runs of 10 and 6). A 16-unit slice, one element a thread at 256
+    threads, computes one cell together (kTogether): every slot computed unconditionally cost it
+    three cells of work a step."""
+    breaks = ("STS", "STG", "BSYNC", "BRA", "BAR")
     for cell, per_element in ((0, 10), (1, 6)):
-        kernel = compile_check.rnn_kernel(phase, "__nv_bfloat16", cell, 64)
-        runs = compile_check.sass_load_rounds(kernel, "sm_90a", "MUFU", ("STS", "STG", "BSYNC", "BRA", "BAR"))
-        assert max(runs) >= 4 * per_element, (kernel.kernel, runs)
+        for units, together in ((64, 4), (16, 1)):
+            kernel = compile_check.rnn_kernel(phase, "__nv_bfloat16", cell, units)
+            runs = compile_check.sass_load_rounds(kernel, "sm_90a", "MUFU", breaks)
+            assert max(runs) == together * per_element, (kernel.kernel, runs)
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")

@@ -71,7 +71,8 @@ def test_other_tiles(config, staged):
 
 
 @pytest.mark.parametrize("dtype,T,config,bound", [
-    (torch.float32, 45, cuda_scan.DEFAULT_CONFIG, 1e-5), (torch.float32, 45, cuda_scan.ScanConfig(4, 8, stage_rows=0), 1e-5),
+    (torch.float32, 45, cuda_scan.DEFAULT_CONFIG, 1e-5),
+    (torch.float32, 45, cuda_scan.ScanConfig(4, 8, stage_rows=0), 1e-5),
     (torch.bfloat16, 48, cuda_scan.DEFAULT_CONFIG, 2e-2),
 ], ids=["float32-staged-rows", "float32-global-rows", "bfloat16-staged-rows"])
 def test_mamba_layout_steps_contiguous(dtype, T, config, bound):

@@ -126,19 +126,22 @@ __device__ __forceinline__ void block_barrier(const RNNShape& s) {
 // The block's slice of 16 rows x U units as a thread's elements, four at a time (an element maps to
 // the same thread at every call), in three phases: load(b, unit) returns an element's inputs, all
 // four elements' loads (shared memory, and the initial states' global ones) issued before the
-// first is used; compute(inputs) returns its results, pure arithmetic run for all four without a
-// branch (a slot without an element computes from zeros and is dropped), so that nvcc interleaves
-// the four cells' dependent chains of exponentials and reciprocals; store(r, u, b, unit, results)
-// writes them (r, u: its place in the slice; b, unit: in the batch and the head). Rows past the
-// batch and units past the head are neither loaded nor stored. (Computed and stored element by
-// element, each element's loads and math waited behind the previous element's stores and branch:
-// its whole chain alone, four times a step.)
+// first is used; compute(inputs) returns its results, pure arithmetic; store(r, u, b, unit,
+// results) writes them (r, u: its place in the slice; b, unit: in the batch and the head). The
+// first kTogether slots, those a block of 256 threads (every shipped entry's) fills, compute
+// without a branch between them, so that nvcc interleaves their cells' dependent chains of
+// exponentials and reciprocals (a slot past the batch computes from zeros and is dropped); the
+// rest only where they hold an element (fewer threads). Rows past the batch and units past the head
+// are neither loaded nor stored. (Computed and stored element by element, each element's loads and
+// math waited behind the previous element's stores and branch: its whole chain alone, four times a
+// step at 64 units. Every slot computed unconditionally cost a 16-unit slice three cells of work
+// a step; a run-time choice of the slots, 15-25 registers a kernel.)
 template <int U, class Load, class Compute, class Store>
 __device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0, Load load, Compute compute,
                                           Store store) {
   using Inputs = decltype(load(0, 0));
   using Results = decltype(compute(Inputs{}));
-  constexpr int kInFlight = 4;
+  constexpr int kInFlight = 4, kTogether = U / 16 < kInFlight ? U / 16 : kInFlight;
   const auto element = [&](int idx, int& b, int& unit) {
     b = row0 + idx / U;
     unit = unit0 + idx % U;
@@ -151,14 +154,14 @@ __device__ __forceinline__ void for_slice(const RNNShape& s, int row0, int unit0
       int b, unit;
       in[j] = element(base + j * blockDim.x, b, unit) ? load(b, unit) : Inputs{};
     }
-    Results out[kInFlight];
+    Results out[kTogether];
 #pragma unroll
-    for (int j = 0; j < kInFlight; ++j) out[j] = compute(in[j]);
+    for (int j = 0; j < kTogether; ++j) out[j] = compute(in[j]);
 #pragma unroll
     for (int j = 0; j < kInFlight; ++j) {
       const int idx = base + j * blockDim.x;
       int b, unit;
-      if (element(idx, b, unit)) store(idx / U, idx % U, b, unit, out[j]);
+      if (element(idx, b, unit)) store(idx / U, idx % U, b, unit, j < kTogether ? out[j] : compute(in[j]));
     }
   }
 }
@@ -522,7 +525,8 @@ __global__ void rnn_fwd(const T* x, const T* R, const float* bias, const float* 
     // carried states, each element's written by the thread that reads it next step; else a thread's
     // global loads of them for four of its elements issue together
     struct StepInputs {
-      float x[G], bias[G], rec[G], prev[S];  // rec: the products; prev: the carried states (GRU h; LSTM / sLSTM c, n, m)
+      // rec: the products (R_g h)_unit; prev: the carried states (GRU h; LSTM / sLSTM c, n, m)
+      float x[G], bias[G], rec[G], prev[S];
     };
     const T* x_now = x_steps + (t & 1) * kRows * GU;
     for_slice<U>(
