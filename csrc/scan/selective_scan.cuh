@@ -152,25 +152,24 @@ __device__ __forceinline__ void load_items(float (&v)[ITEMS], const T* p, Operan
                                            int d, int items) {
   const T* at = p + batch * s.b + r0 * s.t + d * s.d;
   constexpr int kWords = ITEMS * sizeof(T) % sizeof(Chunk16) == 0 ? ITEMS * sizeof(T) / sizeof(Chunk16) : 0;
+  bool whole = false;
+  Chunk16 words[kWords > 0 ? kWords : 1];
   if constexpr (kWords > 0) {
-    const bool whole = s.t == 1 && items == ITEMS && reinterpret_cast<unsigned long long>(at) % sizeof(Chunk16) == 0;
-    Chunk16 words[kWords];
+    whole = s.t == 1 && items == ITEMS && reinterpret_cast<unsigned long long>(at) % sizeof(Chunk16) == 0;
 #pragma unroll
     for (int k = 0; k < kWords; ++k) words[k] = whole ? load16(at + k * (sizeof(Chunk16) / sizeof(T))) : Chunk16{};
+  }
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) v[i] = !whole && i < items ? to_float(at[i * s.t]) : 0.0f;
-    // (unpacked step by step: one T[ITEMS] copy of the words stopped g++ 12.2, the simulator's
-    // compiler, with an internal compiler error)
+  for (int i = 0; i < ITEMS; ++i) v[i] = !whole && i < items ? to_float(at[i * s.t]) : 0.0f;
+  // (unpacked step by step: one T[ITEMS] copy of the words stopped g++ 12.2, the simulator's
+  // compiler, with an internal compiler error)
+  if constexpr (kWords > 0)
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       T step;
       memcpy(&step, reinterpret_cast<const char*>(words) + i * sizeof(T), sizeof(T));
       v[i] = whole ? to_float(step) : v[i];
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) v[i] = i < items ? to_float(at[i * s.t]) : 0.0f;
-  }
 }
 
 // How many of a warp's ITEMS steps from step0 exist before the sequence's end eos (32-bit, so
