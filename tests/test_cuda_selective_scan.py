@@ -166,6 +166,19 @@ def test_loop_over_state_elements_stays_lean(phase, staged, budget):
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+def test_backward_walk_stores_only_what_it_carries():
+    """The staged backward's walk of a sub-block (bf16, default tile, sm_90a; its innermost loop
+    with exponentials, once per group of four state elements) stores 12 values to shared memory:
+    the carried gradient, the decay after the sub-block and dA of its four elements. Its per-step
+    sums over the elements stay in registers until the group loop ends: added into shared memory
+    step by step (36 stores), each step's shared loads waited behind the step before's stores."""
+    config = cuda_scan.DEFAULT_CONFIG
+    loop = compile_check.inner_loop(compile_check.scan_kernel("bwd", "__nv_bfloat16", config.warps, config.items),
+                                    "sm_90a")
+    assert loop.count("STS") == 12, loop
+
+
+@pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize("phase,loads,words,staging", [("fwd", 3 * 8, 3, 8), ("bwd", 4 * 8 + 1, 4, 8 + 4)])
 def test_a_chunk_waits_for_one_round_of_loads(phase, loads, words, staging):
     """The staged kernels (bf16, default tile, sm_90a) issue all of a chunk's activation loads

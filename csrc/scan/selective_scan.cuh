@@ -589,14 +589,20 @@ __device__ __forceinline__ void add_group_gradient(float* grad, float (&terms)[4
 // overwrites what the chunk after's last steps read, and after it), where splitting the steps took
 // two per state element. Per group and lane in shared memory, touched by its owner only: the
 // carried gradient, the decay of the step after the sub-block, dA and the sub-block
-// states. The sums alternate between two buffers by sub-block parity.
+// states. A warp's per-step sums over its groups add up in registers and go to shared memory once a
+// sub-block, alternating between two buffers by sub-block parity: added there step by step (a load
+// and a store a step and sum), each step's shared loads waited behind the step before's stores, which
+// nvcc does not move a load across (SASS, bf16 4 x 8, sm_90a: rounds of 5-8 loads a step; now the
+// sub-block's loads issue in one round of 36, and the loop stores 12 values, not 36). dB and dC are
+// halved over the lanes per half sub-block (HALF steps), so that 16 of their terms are live, not 32:
+// the registers the sums take (246 backward, was 248).
 template <class T, int WARPS, int ITEMS>
 __device__ __forceinline__ void bwd_by_state_elements(
     const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
     const T* z, Operand sz, const float* delta_bias, const T* d_out, Operand sdo, const float* chunk_states,
     const float* d_final, float* d_initial, T* du, T* d_delta, T* dz, float* dA, float* dB, float* dC,
     float* dD, float* d_bias, const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
-  constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 8 ? CHUNK : 8, SUBS = CHUNK / SUB;
+  constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 8 ? CHUNK : 8, SUBS = CHUNK / SUB, HALF = SUB < 4 ? SUB : SUB / 2;
   const int Dm = shape.Dm, N = shape.N, N4 = (N + 3) / 4 * 4;
   const auto [lane, warp, d, live, channel, seq, bos, eos, batch, offset, first] =
       block_span(shape, cu_seqlens, chunk_offsets);
@@ -675,10 +681,7 @@ __device__ __forceinline__ void bwd_by_state_elements(
 
     for (int sb = SUBS - 1; sb >= 0; --sb, parity ^= 1) {
       float* part = sums + parity * 3 * WARPS * SUB * 32;  // [3][WARPS][SUB][32]
-#pragma unroll
-      for (int k = 0; k < 3; ++k)
-#pragma unroll
-        for (int i = 0; i < SUB; ++i) part[((k * WARPS + warp) * SUB + i) * 32 + lane] = 0.0f;
+      float step_sums[3][SUB] = {};  // this warp's groups' sums per step (dx B, dx a x_{t-1} A, x C)
       for (int group = warp; 4 * group < N4; group += WARPS) {
         float an[4], a2[4], xs[SUB][4], as[SUB][4], dx[4], next_a[4], dA_part[4], start[4];
 #pragma unroll
@@ -702,10 +705,10 @@ __device__ __forceinline__ void bwd_by_state_elements(
             xs[i][j] = as[i][j] * (i > 0 ? xs[i - 1][j] : start[j]) + dtu * b.f[j];
           }
         }
-        float dB_terms[4 * SUB], dC_terms[4 * SUB];
+        float dB_terms[4 * HALF], dC_terms[4 * HALF];  // of the half sub-block being walked
 #pragma unroll
         for (int i = SUB - 1; i >= 0; --i) {  // the adjoint, backwards
-          const int s = sb * SUB + i;
+          const int s = sb * SUB + i, h = i % HALF;
           const float dt = dt_stage[s * 32 + lane], dtu = dtu_stage[s * 32 + lane], dy = dy_stage[s * 32 + lane];
           const Chunk16 b = load16(Bstage + s * N4 + 4 * group);
           const Chunk16 cc = load16(Cstage + s * N4 + 4 * group);
@@ -719,15 +722,17 @@ __device__ __forceinline__ void bwd_by_state_elements(
             sB += dx[j] * b.f[j];
             sA += dx[j] * decayed * an[j];
             yC += xs[i][j] * cc.f[j];
-            dB_terms[4 * i + j] = dx[j] * dtu;
-            dC_terms[4 * i + j] = dy * xs[i][j];
+            dB_terms[4 * h + j] = dx[j] * dtu;
+            dC_terms[4 * h + j] = dy * xs[i][j];
           }
-          part[((0 * WARPS + warp) * SUB + i) * 32 + lane] += sB;
-          part[((1 * WARPS + warp) * SUB + i) * 32 + lane] += sA;
-          part[((2 * WARPS + warp) * SUB + i) * 32 + lane] += yC;
+          step_sums[0][i] += sB;
+          step_sums[1][i] += sA;
+          step_sums[2][i] += yC;
+          if (h == 0) {  // the half's first step: its dB and dC terms are complete
+            add_group_gradient<HALF>(dB, dB_terms, first_row + s, steps - s, gB, N, 4 * group);
+            add_group_gradient<HALF>(dC, dC_terms, first_row + s, steps - s, gC, N, 4 * group);
+          }
         }
-        add_group_gradient<SUB>(dB, dB_terms, first_row + sb * SUB, steps - sb * SUB, gB, N, 4 * group);
-        add_group_gradient<SUB>(dC, dC_terms, first_row + sb * SUB, steps - sb * SUB, gC, N, 4 * group);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int n = 4 * group + j;
@@ -738,6 +743,10 @@ __device__ __forceinline__ void bwd_by_state_elements(
             d_initial[(seq * (long long)Dm + d) * N + n] = next_a[j] * dx[j];
         }
       }
+#pragma unroll
+      for (int k = 0; k < 3; ++k)
+#pragma unroll
+        for (int i = 0; i < SUB; ++i) part[((k * WARPS + warp) * SUB + i) * 32 + lane] = step_sums[k][i];
       __syncthreads();  // every warp's sums of the sub-block
       for (int i = warp; i < SUB; i += WARPS) {  // its steps: du, d dt, dz from the sums over n
         const int s = sb * SUB + i;
