@@ -12,12 +12,18 @@
 #                                        op for up to 220 s, export the choices to $OUT/tuned.json,
 #                                        measure one whole space (--exhaustive: how near the search
 #                                        gets), then the bench with the tuned choices)
+#        bash bench/gpu_suite.sh profile (instead of the tests, compute-sanitizer, the bench and the A/B
+#                                        checks: Nsight Compute on the kernels of the cases where
+#                                        rnnops trails a peer, each beside the peer's, into
+#                                        $OUT/kernels.md: durations, throughputs, occupancy and the
+#                                        largest stall reasons, rnnops.bench.kernel_profile; the
+#                                        raw logs in $OUT/ncu-logs.tar.xz)
 #        BENCH_OPS="rnn selective_scan" bash bench/gpu_suite.sh   (the bench times only these op
 #                                        families: a run that must reach the ones its budget left out)
 #        BENCH_CASES="GLA|D768" bash bench/gpu_suite.sh   (only the cases whose name the regex finds)
 set -uo pipefail
 MODE=${1:-check}
-case "$MODE" in check|tune) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune]" >&2; exit 2 ;; esac
+case "$MODE" in check|tune|profile) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune|profile]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rnnops-gpu}
 mkdir -p "$OUT"
@@ -72,7 +78,7 @@ PY
     # may stop it short of all (the table says how many it measured)
     timeout 150 python -m rnnops autotune --exhaustive --ops rnn --shapes "cell=lstm,B=16,T=1024,H=24,D=32" \
       --budget-s 130
-  else
+  elif [ "$MODE" = check ]; then
     section "GPU tests"
     # 8 workers: most of the time is compiling (Triton and NVRTC: hundreds of specialisations on a
     # cold cache, about a second each); up to 50 failures are listed rather than stopping at the
@@ -91,10 +97,9 @@ PY
     done
   fi
 
-  section bench
   # the peers' autotuning choices stored by earlier runs on this GPU model (results files'
   # peer_autotune): their autotuners then compile one configuration a kernel instead of tens.
-  # Those files also order the op families: the ones they timed longest ago go first
+  # Those files also order the bench's op families: the ones they timed longest ago go first
   # (--stalest-first), so that runs the budget stops (2 of 9 cases on 2026-11-27) take turns.
   # fla stores its choices itself; TRITON_CACHE_AUTOTUNING has every other Triton autotuner
   # (FlashRNN's triton_fused forward) store them too (it changes no compiled kernel's hash)
@@ -102,16 +107,71 @@ PY
   shopt -s nullglob
   earlier=(bench/results/"$gpu"-*.json)
   shopt -u nullglob
-  # the bench starts no case after its budget (check mode: until 405 s, leaving the A/B checks
-  # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
-  # finished case even if the timeout has to kill it mid-case
-  [ "$MODE" = tune ] && end=520 || end=405
-  budget=$((end - $(date +%s) + START))
-  [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
-  # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
-  timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
-    ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases "$BENCH_CASES"} \
-    ${earlier[0]:+--peer-choices-from "${earlier[@]}" --stalest-first "${earlier[@]}"}
+
+  if [ "$MODE" = profile ]; then
+    section "Nsight Compute: the kernels of the cases rnnops trails a peer on, beside the peer's"
+    # (case regex | target | flags), most wanted first
+    mapfile -t profiled <<'CASES'
+^Mamba-1 B8 T2048 D2048 N16$|cuda|
+^Mamba-1 B8 T2048 D2048 N16$|mamba_ssm.selective_scan_fn|
+^delta rule B8 T4096 H16|triton|
+^delta rule B8 T4096 H16|fla.chunk_delta_rule|
+^lstm B16 T1024 H1 D768$|cuda|
+^lstm B16 T1024 H1 D768$|flashrnn.cuda_fused|
+^gated delta rule B8 T4096 H32 Hk16|triton|--forward-only
+^gated delta rule B8 T4096 H32 Hk16|fla.chunk_gated_delta_rule|--forward-only
+^lstm B16 T1024 H12 D64$|cuda|
+^lstm B16 T1024 H12 D64$|flashrnn.cuda_fused|
+^Mamba-1 B8 T2048 D2048 N16$|triton|
+CASES
+    # PROFILE_END: the second after the suite's start after which no ncu process starts (560; a call
+    # right after a check run, on the machine still warm from it, has its caches: PROFILE_END=200
+    # profiles the first few pairs). First every target once, side by side and unprofiled, so that
+    # their kernels compile (Triton's and cupy's disk caches) and the peers' autotuners choose
+    # before ncu runs them one by one (without a profiler, rnnops.bench.kernel_profile run's
+    # cudaProfilerStart and Stop do nothing)
+    end=${PROFILE_END:-560}
+    for entry in "${profiled[@]}"; do
+      IFS='|' read -r case target flags <<<"$entry"
+      # shellcheck disable=SC2086  # flags: zero or more words
+      timeout $((end / 4)) python -m rnnops.bench.kernel_profile run --case "$case" --target "$target" $flags \
+        ${earlier[0]:+--peer-choices-from "${earlier[@]}"} </dev/null >/dev/null 2>&1 &
+    done
+    wait
+    # then one ncu process a (case, target): two unprofiled calls, one profiled; sections for
+    # throughput, occupancy, launch shape and the warp-state (stall) counters; clocks left as
+    # they are
+    mkdir -p /tmp/ncu
+    index=0
+    for entry in "${profiled[@]}"; do
+      IFS='|' read -r case target flags <<<"$entry"
+      left=$(seconds_until "$end")
+      [ "$left" -lt 30 ] && { echo "not profiled (time): $case | $target"; continue; }
+      index=$((index + 1))
+      log=/tmp/ncu/ncu-$(printf %02d $index)-$(echo "$case-$target" | tr -c 'A-Za-z0-9.\n' '_').csv
+      # shellcheck disable=SC2086  # flags: zero or more words
+      timeout $((left < 120 ? left : 120)) ncu --profile-from-start off --clock-control none \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --csv --page raw --log-file "$log" \
+        python -m rnnops.bench.kernel_profile run --case "$case" --target "$target" $flags \
+        ${earlier[0]:+--peer-choices-from "${earlier[@]}"} </dev/null || echo "ncu failed or timed out: $case | $target"
+    done
+    section "Nsight Compute summary"
+    python -m rnnops.bench.kernel_profile summarize /tmp/ncu/ncu-*.csv --out "$OUT/kernels.md"
+    tar -cJf "$OUT/ncu-logs.tar.xz" -C /tmp/ncu .
+  else
+    section bench
+    # the bench starts no case after its budget (check mode: until 405 s, leaving the A/B checks
+    # below their time; tune mode: 520 s), its op families taking turns; results.json holds every
+    # finished case even if the timeout has to kill it mid-case
+    [ "$MODE" = tune ] && end=520 || end=405
+    budget=$((end - $(date +%s) + START))
+    [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
+    # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
+    timeout $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
+      ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases "$BENCH_CASES"} \
+      ${earlier[0]:+--peer-choices-from "${earlier[@]}" --stalest-first "${earlier[@]}"}
+  fi
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
@@ -207,7 +267,11 @@ PY
 } 2>&1 | tee "$LOG"
 
 echo
-echo "commit with: cp \$files_at/results.json bench/results/${gpu}-$(date +%F).json  (its peer_autotune serves the next run)"
+if [ "$MODE" = profile ]; then
+  echo "commit with: cp \$files_at/kernels.md bench/results/${gpu}-$(date +%F)-kernels.md"
+else
+  echo "commit with: cp \$files_at/results.json bench/results/${gpu}-$(date +%F).json  (its peer_autotune serves the next run)"
+fi
 echo "keep for the next run (not committed): cp \$files_at/compile-cache.tar.xz .whl/"
 if [ "$MODE" = tune ]; then
   echo "and merge \$files_at/tuned.json's entries (measured choices) into autotune/defaults/"

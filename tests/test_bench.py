@@ -588,3 +588,49 @@ def test_bench_restores_peer_choices_before_running_and_notes_a_bad_file(monkeyp
     main(["bench", "--repeats", "1", "--peer-choices-from", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b")])
     notes = json.loads((tmp_path / "b" / "results.json").read_text())["notes"]
     assert notes["peer choices"][0].startswith("not restored: ") and "missing.json" in notes["peer choices"][0]
+
+
+NCU_LOG = '''==PROF== Connected to process 123 (/usr/bin/python3.12)
+==PROF== Profiling "scan_fwd_kernel": 0%....50%....100% - 9 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","gpu__time_duration.sum",\
+"sm__throughput.avg.pct_of_peak_sustained_elapsed","launch__registers_per_thread",\
+"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",\
+"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",\
+"smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio"
+"","","","","","","","usecond","%","register/thread","ratio","ratio","ratio"
+"0","123","python3.12","host","void rnnops::scan::selective_scan_fwd<__nv_bfloat16, 4, 8, true>(const T1 *, Operand)",\
+"1","7","1,234.5","61.3","128","0.5","7.25","2.5"
+"1","123","python3.12","host","scan_bwd_kernel","1","7","500","12","246","3","0.25","-"
+==PROF== Disconnected from process 123
+'''
+
+
+def test_kernel_profile_summary_reads_ncu_raw_logs(tmp_path):
+    """ncu's --csv --page raw log as a table: ncu's own lines skipped, a kernel's template arguments
+    and parameters dropped, thousands separators and time units read, the stall reasons ranked, a
+    metric the log lacks or cannot give shown as '-'."""
+    from rnnops.bench import kernel_profile
+
+    log = tmp_path / "ncu-1.csv"
+    log.write_text(NCU_LOG)
+    table = kernel_profile.summary_table(log)
+    assert table.startswith("ncu-1: 2 kernels, 1734 us")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line.split()[1] not in ("kernel", "---")]
+    first, second = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
+    assert first[0] == "void rnnops::scan::selective_scan_fwd" and first[1] == "1234.5"
+    assert first[2] == "61" and first[3] == "-" and first[8] == "128"
+    assert first[-1] == "long_scoreboard 7.2, short_scoreboard 2.5, barrier 0.5"
+    assert second[0] == "scan_bwd_kernel" and second[-1] == "barrier 3, long_scoreboard 0.25"
+    (tmp_path / "empty.csv").write_text("==PROF== Connected to process 9\n")
+    assert "no profiled kernels" in kernel_profile.summary_table(tmp_path / "empty.csv")
+
+
+def test_kernel_profile_run_needs_a_gpu_and_one_case(monkeypatch):
+    from rnnops.bench import kernel_profile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        kernel_profile.main(["run", "--case", "Mamba-1 B8 T2048", "--target", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="must find one case, found 'Mamba-1 B8 T2048 D2048 N16', "):
+        kernel_profile.main(["run", "--case", "Mamba-1 B8 T2048", "--target", "cuda"])
