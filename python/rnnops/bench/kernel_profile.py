@@ -6,10 +6,10 @@ it achieves.
     python -m rnnops.bench.kernel_profile run --case REGEX --target NAME [--forward-only]
                                               [--peer-choices-from RESULTS.json ...]
         One standard GPU case (the regular expression must find exactly one name) through one
-        target (an rnnops backend or a peer, as the bench names them): two untimed calls (the
-        kernels compile, the peers' autotuners choose), then one forward (+ backward) between
-        cudaProfilerStart and cudaProfilerStop, so that ``ncu --profile-from-start off`` profiles
-        those kernels alone.
+        target (an rnnops backend or a peer, as the bench names them): a forward and one call
+        like the profiled one, unprofiled (the kernels compile, the peers' autotuners choose), then
+        one forward (+ backward) between cudaProfilerStart and cudaProfilerStop, so that
+        ``ncu --profile-from-start off`` profiles those kernels alone.
     python -m rnnops.bench.kernel_profile summarize NCU.csv ... [--out FILE]
         ncu's logs (``--csv --page raw --log-file``) as one markdown table per log.
 
@@ -127,15 +127,17 @@ def run(case_pattern: str, target_name: str, forward_only: bool, peer_choices_fr
     torch.manual_seed(0)
     state = target.prepare(case.make(device, dtype))  # (a peer's layout copies stay out of the profile)
 
+    with torch.no_grad():
+        cotangent = torch.randn_like(target.call(state))  # (the first of the unprofiled calls)
+
     def call():
         if forward_only:
             with torch.no_grad():
-                return target.call(state)
-        out = target.call(fresh_leaves(state)[0])
-        out.backward(torch.randn_like(out))
+                target.call(state)
+        else:
+            target.call(fresh_leaves(state)[0]).backward(cotangent)
 
-    for _ in range(2):
-        call()
+    call()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     call()
