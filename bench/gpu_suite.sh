@@ -138,7 +138,7 @@ CASES
         ${earlier[0]:+--peer-choices-from "${earlier[@]}"} </dev/null >/dev/null 2>&1 &
     done
     wait
-    # then one ncu process a (case, target): two unprofiled calls, one profiled; sections for
+    # then one ncu process a (case, target): a forward and a call unprofiled, one profiled; sections for
     # throughput, occupancy, launch shape and the warp-state (stall) counters; clocks left as
     # they are
     mkdir -p /tmp/ncu
