@@ -131,11 +131,17 @@ CASES
     # before ncu runs them one by one (without a profiler, rnnops.bench.kernel_profile run's
     # cudaProfilerStart and Stop do nothing)
     end=${PROFILE_END:-560}
+    # profile_run ENTRY: sets case and target, and run to the entry's kernel_profile command
+    profile_run() {
+      local flags
+      IFS='|' read -r case target flags <<<"$1"
+      # shellcheck disable=SC2206  # flags: zero or more words
+      run=(python -m rnnops.bench.kernel_profile run --case "$case" --target "$target" $flags
+           ${earlier[0]:+--peer-choices-from "${earlier[@]}"})
+    }
     for entry in "${profiled[@]}"; do
-      IFS='|' read -r case target flags <<<"$entry"
-      # shellcheck disable=SC2086  # flags: zero or more words
-      timeout $((end / 4)) python -m rnnops.bench.kernel_profile run --case "$case" --target "$target" $flags \
-        ${earlier[0]:+--peer-choices-from "${earlier[@]}"} </dev/null >/dev/null 2>&1 &
+      profile_run "$entry"
+      timeout $((end / 4)) "${run[@]}" </dev/null >/dev/null 2>&1 &
     done
     wait
     # then one ncu process a (case, target): a forward and a call unprofiled, one profiled; sections for
@@ -144,17 +150,14 @@ CASES
     mkdir -p /tmp/ncu
     index=0
     for entry in "${profiled[@]}"; do
-      IFS='|' read -r case target flags <<<"$entry"
+      profile_run "$entry"
       left=$(seconds_until "$end")
       [ "$left" -lt 30 ] && { echo "not profiled (time): $case | $target"; continue; }
       index=$((index + 1))
       log=/tmp/ncu/ncu-$(printf %02d $index)-$(echo "$case-$target" | tr -c 'A-Za-z0-9.\n' '_').csv
-      # shellcheck disable=SC2086  # flags: zero or more words
       timeout $((left < 120 ? left : 120)) ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --csv --page raw --log-file "$log" \
-        python -m rnnops.bench.kernel_profile run --case "$case" --target "$target" $flags \
-        ${earlier[0]:+--peer-choices-from "${earlier[@]}"} </dev/null || echo "ncu failed or timed out: $case | $target"
+        --csv --page raw --log-file "$log" "${run[@]}" </dev/null || echo "ncu failed or timed out: $case | $target"
     done
     section "Nsight Compute summary"
     python -m rnnops.bench.kernel_profile summarize /tmp/ncu/ncu-*.csv --out "$OUT/kernels.md"
