@@ -145,7 +145,7 @@ class TuneCache:
         if k not in self._chosen:
             timed = [(entry["seconds"], name.split("|")[1]) for name, entry in self.entries.items()
                      if name.startswith(f"{op}|") and name.endswith(f"|{bucket}") and entry.get("seconds")]
-            self._chosen[k] = min(timed)[1] if timed else None
+            self._chosen[k] = min(timed)[1] if timed else shipped_backend(self.identity["gpu"], op, bucket)
         return self._chosen[k]
 
     def put(self, new_entries: dict) -> None:
@@ -195,6 +195,27 @@ def shipped_defaults(gpu_name: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+@functools.cache
+def _shipped_backends() -> dict:
+    try:
+        return json.loads((DEFAULTS_DIR / "backends.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def shipped_backend(gpu_name: str, op: str, bucket: str) -> str | None:
+    """The backend a GPU suite run timed fastest forward+backward for ``op`` at the bucket
+    ``bucket`` on the offline GPU ``gpu_name`` matches (autotune/defaults/backends.json: per GPU,
+    "op|bucket" -> the backend and the measurement that chose it), or None: exact buckets only,
+    since one backend beating another at one size says little about the next. A device's own
+    tuned timings come first (TuneCache.best_backend)."""
+    from .hardware import match_name
+
+    known = match_name(gpu_name)
+    entry = _shipped_backends().get(_slug(known.name), {}).get(f"{op}|{bucket}") if known else None
+    return entry.get("backend") if isinstance(entry, dict) else None
 
 
 def shipped_for(gpu_name: str, k: str) -> dict | None:

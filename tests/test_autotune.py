@@ -471,6 +471,32 @@ def test_untuned_buckets_take_the_nearest_tuned_size_then_the_shipped_defaults(t
     assert device_cache.config_for(prefix + "1048576") == {"block_k": 16} and device_cache.config_for("x|y|z") is None
 
 
+def test_untimed_buckets_take_the_backend_a_suite_run_timed_fastest(tmp_path):
+    """autotune/defaults/backends.json: every entry names an offline GPU, an op's registered
+    backend and a bucket of the op's standard shapes, with its evidence; a device's cache without
+    timings for the bucket takes it, one with timings its own fastest, other buckets and GPUs none."""
+    from rnnops import _dispatch
+
+    shipped = json.loads((cache.DEFAULTS_DIR / "backends.json").read_text())
+    slugs = {cache._slug(hardware.named(gpu).name) for gpu in GPUS}
+    assert shipped and set(shipped) <= slugs
+    for entries in shipped.values():
+        for name, entry in entries.items():
+            op, bucket = name.split("|")
+            assert entry["backend"] in _dispatch.available(op) and entry["measured"]
+            assert bucket in {kernels.bucket(op, shape, dtype) for shape in tuner.standard_shapes(op)
+                              for dtype in (torch.bfloat16, torch.float16, torch.float32)}
+    h200 = dict(IDENTITY, gpu="NVIDIA H200")
+    scan = "bfloat16:N16:Dm~2048:B~8"
+    assert TuneCache(tmp_path / "h200.json", h200).best_backend("selective_scan", scan) == "cuda"
+    assert TuneCache(tmp_path / "h200.json", h200).best_backend("selective_scan", "bfloat16:N16:Dm~2048:B~1") is None
+    assert _cache(tmp_path).best_backend("selective_scan", scan) is None  # the H100: not timed there since
+    tuned = TuneCache(tmp_path / "h200.json", h200)
+    tuned.put({f"selective_scan|triton|{scan}": {"config": {}, "seconds": 1.0},
+               f"selective_scan|cuda|{scan}": {"config": {}, "seconds": 2.0}})
+    assert tuned.best_backend("selective_scan", scan) == "triton"
+
+
 def test_device_timer_measures_and_compiles_ahead_in_worker_processes():
     """On the CPU through Triton's interpreter (the workers inherit TRITON_INTERPRET=1): a legal
     configuration is run and vetted in a worker process, one its config type rejects fails there

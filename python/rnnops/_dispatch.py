@@ -3,12 +3,14 @@
 Each op registers one implementation per backend. Backends, in the order ``auto`` tries them:
 
 - CUDA tensors: the backend the autotune cache measured fastest for the call's shape bucket,
-  then ``triton``, ``cuda``, ``chunked``, ``reference``. Triton before CUDA because every GPU
-  bench that timed both for the same case found the Triton kernels faster forward+backward as
-  they are now: the LSTM B16 T1024 H12 D64 6.99 against 12.2 ms (H100, commit 2c039d7) and 11.0
-  against 19.1 (H200, 7bdaaa5), Mamba-1's scan B8 T2048 Dm2048 N16 3.48 against 5.60 ms (H100,
-  2c039d7; the H200 had the CUDA scan faster before the Triton scan's rewrite). Where the Triton
-  kernels cannot run (the cells' head dims above 256) the CUDA ones still do; ``python -m rnnops
+  else the one a GPU suite run timed fastest there on the same GPU model
+  (autotune/defaults/backends.json: the H200's Mamba-1 scan at B8, CUDA 2.87 against Triton
+  3.12 ms forward+backward, 3.29 against 4.32 in mamba's (B, D, L) layout, commit 76b5d92), then
+  ``triton``, ``cuda``, ``chunked``, ``reference``. Triton before CUDA because the benches have
+  mostly found the Triton kernels faster forward+backward: the LSTM B16 T1024 H12 D64 6.62
+  against 8.89 ms (H200, 76b5d92), Mamba-1's scan 3.48 against 5.60 ms on the H100 (2c039d7,
+  before the CUDA scan's one-round loads, not timed there since). Where the Triton kernels
+  cannot run (the cells' head dims above 256) the CUDA ones still do; ``python -m rnnops
   autotune`` measures both on the device and its choice then comes first.
 - CPU tensors: ``chunked``, ``reference``.
 
