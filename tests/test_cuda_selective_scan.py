@@ -104,6 +104,25 @@ def test_mamba_layout_steps_contiguous(dtype, T, config, bound):
     compare_backends(time_last, x, bound, test="cuda")
 
 
+@pytest.mark.parametrize("config", [cuda_scan.DEFAULT_CONFIG, cuda_scan.ScanConfig(4, 8, stage_rows=0)],
+                         ids=["staged-rows", "global-rows"])
+def test_outputs_and_gradients_keep_us_dimension_order(config):
+    """The output, du, d delta and dz take u's dimension order: mamba's (B, D, L) tensors, passed as
+    (B, T, D) views (here x and z sliced from a (B, 2D, L) tensor, as Mamba splits xz), get
+    (B, D, L)-contiguous results, which autograd hands on to (B, D, L) tensors without copying."""
+    x = make_inputs(B=2, T=48, Dm=40, N=4, layout_B="shared", layout_C="shared", initial=False,
+                    dtype=torch.bfloat16)
+    xz = torch.randn(2, 80, 48, dtype=torch.bfloat16, requires_grad=True)
+    u, z = (part.transpose(1, 2) for part in xz.chunk(2, dim=1))
+    delta = x["delta"].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    out, _ = cuda_scan.selective_scan(u, delta, x["A"], x["B"], x["C"], x["D"], z, x["delta_bias"], True,
+                                      initial_state=None, output_final_state=False, cu_seqlens=None, config=config)
+    assert out.stride() == (40 * 48, 1, 48)
+    grads = torch.autograd.grad(out, (u, delta, z), torch.randn_like(out))
+    for grad in grads:  # dense (B, D, L), not xz's 80-row layout
+        assert grad.stride() == (40 * 48, 1, 48) and not grad.isnan().any()
+
+
 def rnnops_scan(backend, config, **x):
     """The scan with an explicit tile configuration for the cuda backend."""
     if backend == "cuda":
@@ -188,6 +207,21 @@ def test_backward_walk_stores_only_what_it_carries():
     loop = compile_check.inner_loop(compile_check.scan_kernel("bwd", "__nv_bfloat16", config.warps, config.items),
                                     "sm_90a")
     assert loop.count("STS") == 12, loop
+
+
+@pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("staged", [True, False], ids=["staged-rows", "global-rows"])
+@pytest.mark.parametrize("phase,outputs", [("fwd", 1), ("bwd", 3)])
+def test_contiguous_steps_are_stored_as_16_byte_words(phase, outputs, staged):
+    """bf16, default tile, sm_90a: where a lane's 8 steps are contiguous (outputs in mamba's (B, D,
+    L) order) the forward stores out and the backward du, d delta and dz as one 16-byte word each
+    (STG.E.128; store_items), beside the element-by-element stores of every other layout."""
+    from rnnops._sass import _functions
+
+    config = cuda_scan.DEFAULT_CONFIG
+    _, cubin = compile_check._compile([compile_check.scan_kernel(phase, "__nv_bfloat16", config.warps, config.items,
+                                                                 staged)], "sm_90a")
+    assert sum("STG.E.128" in instruction for function in _functions(cubin) for _, instruction in function) == outputs
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None or cuobjdump() is None, reason="needs nvcc and cuobjdump")

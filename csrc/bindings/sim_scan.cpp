@@ -76,7 +76,7 @@ void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, a
                    at::Tensor dD, at::Tensor d_bias, at::Tensor cu_seqlens, at::Tensor chunk_offsets,
                    std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> c_layout,
                    std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
-  // strides: u, delta, z, d_out (b, t, d each); launch_shape as the forward's
+  // strides: u, delta, z, d_out and the gradients du, d_delta, dz (b, t, d each); launch_shape as the forward's
   const auto s = scan_shape(shape);
   dispatch_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -87,7 +87,7 @@ void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, a
              bc_operand(B, b_layout), bc_operand(C, c_layout), ptr<float>(D), ptr<T>(z), operand(strides, 2),
              ptr<float>(delta_bias), ptr<T>(d_out), operand(strides, 3), ptr<float>(chunk_states),
              ptr<float>(d_final), mut<float>(d_initial), mut<T>(du), mut<T>(d_delta), mut<T>(dz),
-             mut<float>(dA), mut<float>(dB), mut<float>(dC), mut<float>(dD), mut<float>(d_bias), ptr<int>(cu_seqlens),
+             operand(strides, 4), mut<float>(dA), mut<float>(dB), mut<float>(dC), mut<float>(dD), mut<float>(d_bias), ptr<int>(cu_seqlens),
              ptr<int>(chunk_offsets), s);
     });
   });

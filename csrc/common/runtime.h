@@ -158,15 +158,20 @@ struct alignas(16) Chunk16 {
 };
 
 // The 16 bytes at p, which must be 16-byte aligned (a GPU raises a misaligned address error, the
-// simulator fails the launch)
+// simulator fails the launch): load16 reads them, store16 writes them
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 __device__ __forceinline__ Chunk16 load16(const void* p) { return *reinterpret_cast<const Chunk16*>(p); }
+__device__ __forceinline__ void store16(void* p, const Chunk16& value) { *reinterpret_cast<Chunk16*>(p) = value; }
 #else
 inline Chunk16 load16(const void* p) {
   sim::aligned16(p, "load16: an address is not 16-byte aligned (a misaligned address error on a GPU)");
   Chunk16 value;
   std::memcpy(&value, p, sizeof(value));  // (memcpy takes any address: the fault is only recorded)
   return value;
+}
+inline void store16(void* p, const Chunk16& value) {
+  if (sim::aligned16(p, "store16: an address is not 16-byte aligned (a misaligned address error on a GPU)"))
+    std::memcpy(p, &value, sizeof(value));
 }
 #endif
 

@@ -43,7 +43,12 @@
 // phase now loads all its steps' values before using any (load_items), the staging of B and C
 // rows (and backward of the chunk's state) loads while they are in flight (stage_rows), and the
 // backward stages what its per-step gradients take (StepTerms), so a chunk waits for one round of
-// loads. In mamba_ssm's (B, D, L) layout a lane reads its contiguous steps as 16-byte words.
+// loads. In mamba_ssm's (B, D, L) layout a lane reads its contiguous steps as 16-byte words, and
+// writes out, du, ddelta and dz (which the op allocates in u's dimension order) likewise
+// (store_items; the staged backward keeps a chunk's gradients in its step terms' slots and stores
+// them at the chunk's end, a lane its ITEMS steps). The H200 at 76b5d92 timed the staged kernels
+// at 0.61 / 2.23 ms (B, T, D) and 0.53 / 2.09 (B, D, L), mamba_ssm's 0.59 / 2.27, but the (B, D, L)
+// gradients came out (B, T, D)-contiguous and autograd spent 0.64 ms copying them to the leaves.
 #pragma once
 #include "../common/runtime.h"
 
@@ -170,6 +175,33 @@ __device__ __forceinline__ void load_items(float (&v)[ITEMS], const T* p, Operan
       memcpy(&step, reinterpret_cast<const char*>(words) + i * sizeof(T), sizeof(T));
       v[i] = whole ? to_float(step) : v[i];
     }
+}
+
+// The store of load_items: a lane's values v[0 .. items) to ITEMS consecutive rows r0, r0 + 1, ... of
+// a (b, t, d) operand of type T. Where the steps are contiguous (the outputs and gradients take u's
+// dimension order, so (B, D, L) inputs get (B, D, L) outputs) a lane whose ITEMS steps all exist and
+// start 16-byte aligned stores them as 16-byte words, where element by element each warp-wide store
+// wrote 2 or 4 bytes to each of 32 cache lines; other lanes store element by element.
+template <int ITEMS, class T>
+__device__ __forceinline__ void store_items(T* p, Operand s, long long batch, long long r0, int d, int items,
+                                            const float (&v)[ITEMS]) {
+  T* at = p + batch * s.b + r0 * s.t + d * s.d;
+  constexpr int kWords = ITEMS * sizeof(T) % sizeof(Chunk16) == 0 ? ITEMS * sizeof(T) / sizeof(Chunk16) : 0;
+  if constexpr (kWords > 0)
+    if (s.t == 1 && items == ITEMS && reinterpret_cast<unsigned long long>(at) % sizeof(Chunk16) == 0) {
+      Chunk16 words[kWords];
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const T step = from_float<T>(v[i]);
+        memcpy(reinterpret_cast<char*>(words) + i * sizeof(T), &step, sizeof(T));
+      }
+#pragma unroll
+      for (int k = 0; k < kWords; ++k) store16(at + k * (sizeof(Chunk16) / sizeof(T)), words[k]);
+      return;
+    }
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+    if (i < items) at[i * s.t] = from_float<T>(v[i]);
 }
 
 // How many of a warp's ITEMS steps from step0 exist before the sequence's end eos (32-bit, so
@@ -321,16 +353,17 @@ __device__ __forceinline__ void fwd_by_state_elements(
     }
     __syncthreads();  // every warp's sums
 
+    float values[ITEMS];  // (no loads from global memory between the stores)
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {  // (no loads from global memory between the stores)
+    for (int i = 0; i < ITEMS; ++i) {
       const int step = warp * ITEMS + i;
-      float value = y_direct[i];
+      values[i] = y_direct[i];
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) value += y_sums[(w * CHUNK + step) * 32 + lane];
+      for (int w = 0; w < WARPS; ++w) values[i] += y_sums[(w * CHUNK + step) * 32 + lane];
       const float zz = to_float(z_stage[step * 32 + lane]);
-      if (shape.has_z) value *= zz * rnnops::sigmoid(zz);
-      if (i < items) out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] = from_float<T>(value);
+      if (shape.has_z) values[i] *= zz * rnnops::sigmoid(zz);
     }
+    store_items(out, sout, batch, r0, d, items, values);
   }
   if (final_state && live)
     for (int n = warp; n < N; n += WARPS)  // (written before the last chunk's second barrier, or above)
@@ -426,9 +459,8 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
       load_items(zz, z, sz, batch, r0, d, shape.has_z ? items : 0);
   #pragma unroll
       for (int i = 0; i < ITEMS; ++i)
-        if (i < items)
-          out[batch * sout.b + (r0 + i) * sout.t + d * sout.d] =
-              from_float<T>(shape.has_z ? y[i] * zz[i] * rnnops::sigmoid(zz[i]) : y[i]);
+        if (shape.has_z) y[i] *= zz[i] * rnnops::sigmoid(zz[i]);
+      store_items(out, sout, batch, r0, d, items, y);
       __syncthreads();  // the last warp's carry before the next chunk (and every read of carry_in)
       float* const swap = carry_in;
       carry_in = carry_out;
@@ -441,10 +473,17 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 
 // ---------------------------------------------------------------- backward
 
+// du, d delta and dz of one step and channel
+struct StepGradients {
+  float du, d_delta, dz;
+};
+
 // What a step's gradients take after the walk besides its sums over the state elements, staged per
 // step and lane in shared memory ([3][CHUNK][32]): u, softplus' derivative at the step (1 without)
-// and dz's factor d_out sig(z) (1 + z (1 - sig(z))), so that the stores of du, d delta and dz wait for
-// no global load.
+// and dz's factor d_out sig(z) (1 + z (1 - sig(z))), so that the gradients' stores wait for no
+// global load. The staged backward then keeps each step's gradients in its slots (read only by the
+// thread that writes them) and stores a chunk's at its end, a lane its ITEMS consecutive steps
+// (store_items: 16-byte words where the steps are contiguous).
 struct StepTerms {
   float* at;
   int steps;  // CHUNK
@@ -453,17 +492,31 @@ struct StepTerms {
     at[steps * 32 + slot] = draw_factor;
     at[2 * steps * 32 + slot] = dz_factor;
   }
-  // du, d delta and dz of a step at element ``row`` of the (rows, Dm) outputs, from dt, dy and the
-  // sums sB = sum_n dx B, sA = sum_n dx a x_{t-1} A, yC = sum_n x C; adds d delta to dbias
-  template <class T>
-  __device__ __forceinline__ void store_gradients(T* du, T* d_delta, T* dz, long long row, int slot, float dt, float dy,
-                                                  float sB, float sA, float yC, float d_weight, int has_z,
-                                                  float& dbias) const {
+  // du, d delta and dz of the step and lane of ``slot``, from dt, dy and the sums sB = sum_n dx B,
+  // sA = sum_n dx a x_{t-1} A, yC = sum_n x C; adds d delta to dbias
+  __device__ __forceinline__ StepGradients gradients(int slot, float dt, float dy, float sB, float sA, float yC,
+                                                     float d_weight, float& dbias) const {
     const float uu = at[slot], draw = (uu * sB + sA) * at[steps * 32 + slot];
-    if (has_z) dz[row] = from_float<T>((yC + d_weight * uu) * at[2 * steps * 32 + slot]);
     dbias += draw;
-    du[row] = from_float<T>(dy * d_weight + dt * sB);
-    d_delta[row] = from_float<T>(draw);
+    return {dy * d_weight + dt * sB, draw, (yC + d_weight * uu) * at[2 * steps * 32 + slot]};
+  }
+  __device__ __forceinline__ void keep(int slot, const StepGradients& g) const {
+    at[slot] = g.du;
+    at[steps * 32 + slot] = g.d_delta;
+    at[2 * steps * 32 + slot] = g.dz;
+  }
+  // the kept gradients of this lane's ITEMS steps from step first (``items`` of them exist) to du,
+  // d delta and dz, at rows r0, r0 + 1, ... of the gradients' layout sg
+  template <int ITEMS, class T>
+  __device__ __forceinline__ void store_kept(T* du, T* d_delta, T* dz, Operand sg, long long batch, long long r0,
+                                             int d, int items, int first, int lane, int has_z) const {
+    T* const to[3] = {du, d_delta, dz};
+    for (int k = 0; k < (has_z ? 3 : 2); ++k) {
+      float v[ITEMS];
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) v[i] = at[(k * steps + first + i) * 32 + lane];
+      store_items(to[k], sg, batch, r0, d, items, v);
+    }
   }
 };
 
@@ -600,7 +653,7 @@ template <class T, int WARPS, int ITEMS>
 __device__ __forceinline__ void bwd_by_state_elements(
     const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm, BCOperand Cm, const float* D,
     const T* z, Operand sz, const float* delta_bias, const T* d_out, Operand sdo, const float* chunk_states,
-    const float* d_final, float* d_initial, T* du, T* d_delta, T* dz, float* dA, float* dB, float* dC,
+    const float* d_final, float* d_initial, T* du, T* d_delta, T* dz, Operand sgrad, float* dA, float* dB, float* dC,
     float* dD, float* d_bias, const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
   constexpr int CHUNK = WARPS * ITEMS, SUB = CHUNK < 8 ? CHUNK : 8, SUBS = CHUNK / SUB, HALF = SUB < 4 ? SUB : SUB / 2;
   const int Dm = shape.Dm, N = shape.N, N4 = (N + 3) / 4 * 4;
@@ -759,11 +812,12 @@ __device__ __forceinline__ void bwd_by_state_elements(
           sA += part[((1 * WARPS + w) * SUB + i) * 32 + lane];
           yC += part[((2 * WARPS + w) * SUB + i) * 32 + lane];
         }
-        const long long row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
-        terms.store_gradients(du, d_delta, dz, row * Dm + d, s * 32 + lane, dt_stage[s * 32 + lane],
-                              dy_stage[s * 32 + lane], sB, sA, yC, d_weight, shape.has_z, dbias_acc);
+        terms.keep(s * 32 + lane, terms.gradients(s * 32 + lane, dt_stage[s * 32 + lane], dy_stage[s * 32 + lane],
+                                                  sB, sA, yC, d_weight, dbias_acc));
       }
     }
+    __syncthreads();  // every step's gradients kept
+    terms.store_kept<ITEMS>(du, d_delta, dz, sgrad, batch, r0, d, items, warp * ITEMS, lane, shape.has_z);
   }
   if (chunks == 0 && d_initial && live)  // an empty sequence: the initial state is the final one
     for (int n = warp; n < N; n += WARPS) {
@@ -797,14 +851,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
     selective_scan_bwd(const T* u, Operand su, const T* delta, Operand sdelta, const float* A, BCOperand Bm,
                        BCOperand Cm, const float* D, const T* z, Operand sz, const float* delta_bias, const T* d_out,
                        Operand sdo, const float* chunk_states, const float* d_final, float* d_initial, T* du,
-                       T* d_delta, T* dz, float* dA, float* dB, float* dC, float* dD, float* d_bias,
+                       T* d_delta, T* dz, Operand sgrad, float* dA, float* dB, float* dC, float* dD, float* d_bias,
                        const int* cu_seqlens, const int* chunk_offsets, ScanShape shape) {
   if constexpr (STAGED) {
     bwd_by_state_elements<T, WARPS, ITEMS>(u, su, delta, sdelta, A, Bm, Cm, D, z, sz, delta_bias, d_out, sdo,
-                                           chunk_states, d_final, d_initial, du, d_delta, dz, dA, dB, dC, dD, d_bias,
-                                           cu_seqlens, chunk_offsets, shape);
+                                           chunk_states, d_final, d_initial, du, d_delta, dz, sgrad, dA, dB, dC, dD,
+                                           d_bias, cu_seqlens, chunk_offsets, shape);
   } else {  // B and C read per lane from global memory: time split over the warps, as below
-    // du, d_delta, dz: contiguous (rows, Dm) of type T with rows the packed time index; dA (Dm, N),
+    // du, d_delta, dz: of type T, in the (b, t, d) layout sgrad (the op gives them u's dimension order); dA (Dm, N),
     // dD, d_bias (Dm): summed over sequences; dB, dC in B's / C's layout, contiguous, fp32.
     constexpr int CHUNK = WARPS * ITEMS;
     const int Dm = shape.Dm, N = shape.N;
@@ -972,13 +1026,19 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
           }
         }
       }
+      float g_du[ITEMS], g_delta[ITEMS], g_z[ITEMS];
   #pragma unroll
-      for (int i = 0; i < ITEMS; ++i)
-        if (i < items) {
-          const long long t = step0 + i, row = shape.packed ? t : (seq * rows_per_batch + (t - bos));
-          terms.store_gradients(du, d_delta, dz, row * Dm + d, (warp * ITEMS + i) * 32 + lane, dt[i], dy[i], sB[i],
-                                sA[i], y[i], d_weight, shape.has_z, dbias_acc);
-        }
+      for (int i = 0; i < ITEMS; ++i) {
+        StepGradients g{0.0f, 0.0f, 0.0f};
+        if (i < items)
+          g = terms.gradients((warp * ITEMS + i) * 32 + lane, dt[i], dy[i], sB[i], sA[i], y[i], d_weight, dbias_acc);
+        g_du[i] = g.du;
+        g_delta[i] = g.d_delta;
+        g_z[i] = g.dz;
+      }
+      store_items(du, sgrad, batch, r0, d, items, g_du);
+      store_items(d_delta, sgrad, batch, r0, d, items, g_delta);
+      if (shape.has_z) store_items(dz, sgrad, batch, r0, d, items, g_z);
     }
     // block totals: dD and d_bias over warps (lanes are channels), then across sequences (in the
     // replay buffers, which every warp last read before the last element's adjoint barrier)

@@ -137,7 +137,7 @@ class Engine:
         bc = [("data", "<u8"), ("mode", "<i4"), ("b", "<i8"), ("t", "<i8"), ("g", "<i8"), ("n", "<i8"),
               ("channels_per_group", "<i4")]
         scan_shape = [(name, "<i4") for name in ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus")]
-        ops = [_struct(operand, tuple(strides[3 * k: 3 * k + 3])) for k in range(4)]
+        ops = [_struct(operand, tuple(strides[3 * k: 3 * k + 3])) for k in range(len(strides) // 3)]
         bcs = [_struct(bc, (int(_pointer(M)), *layout)) for M, layout in ((B, b_layout), (C, c_layout))]
         return ops, bcs, _struct(scan_shape, tuple(shape))
 
@@ -158,7 +158,7 @@ class Engine:
         ops, (bm, cm), scan_shape = self._scan_args(strides, b_layout, B, c_layout, C, shape)
         args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, cm, _pointer(D), _pointer(z), ops[2],
                 _pointer(delta_bias), _pointer(d_out), ops[3], _pointer(chunk_states), _pointer(d_final),
-                _pointer(d_initial), _pointer(du), _pointer(d_delta), _pointer(dz), _pointer(dA), _pointer(dB),
+                _pointer(d_initial), _pointer(du), _pointer(d_delta), _pointer(dz), ops[4], _pointer(dA), _pointer(dB),
                 _pointer(dC), _pointer(dD), _pointer(d_bias), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
         self._launch(scan_kernel("bwd", _DTYPE_NAMES[u.dtype], warps, items, bool(staged)), (grid_x, grid_y),
                      (32 * warps,), shared, args)
