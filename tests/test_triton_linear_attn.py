@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnops
-from conftest import HAS_CUDA, compare_backends, packed_sequences
+from conftest import HAS_CUDA, compare_backends, packed_sequences, run_with_grads
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.triton_backend import _common, linear_attn as triton_linear_attn
@@ -52,6 +52,25 @@ def test_matches_reference(gate, shape):
 def test_strong_decay(gate):
     x = make_inputs(T=70, gate=gate, gate_scale=20.0)
     compare_backends(lambda backend, **kw: run(backend, 32, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("op", ["scalar", "per-key", "gated delta rule"])
+def test_decay_gradient_of_a_lone_token_is_exactly_zero(op):
+    """One token and no initial state: the output does not depend on g at all (its decay acts on the
+    empty state before it), so dg is 0. Its terms q dq and k dk carry the token's own pair
+    (q dA k, decay 1) and the last token's own part of the final state (k^T v): equal, O(1), and
+    cancelling only to float32's rounding, which had left dg ~1e-7 where it is 0 (and, at g ~ -20
+    and 13 tokens, 3e-5 relative error in the gated delta rule's). They now stay out of dG
+    (triton_kernels/linear_attn.py: DIAGONAL, LAST)."""
+    from test_triton_delta_rule import delta
+    from test_triton_delta_rule import make_inputs as delta_inputs
+
+    if op == "gated delta rule":
+        x, fn = delta_inputs(B=2, T=1, gated=True, gate_scale=20.0, initial=False), delta
+    else:
+        x, fn = make_inputs(T=1, gate=op, gate_scale=20.0, initial=False), run
+    _, grads = run_with_grads(lambda **kw: fn("triton", **kw), x)
+    assert grads["g"].abs().max() == 0.0
 
 
 def test_per_key_chunks_weak_and_strong_in_one_call():

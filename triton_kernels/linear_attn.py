@@ -22,6 +22,12 @@ Gradients (do the output gradient, dS_out the gradient of the state leaving a ch
     dk     = s * intra^T(dA) + e^(G_last - G) * (v @ dS_out^T)
     dG_t   = q_t * dq_t - k_t * dk_t   (+ rowsum(S_out * dS_out) on the last token)
     dg     = reverse cumsum of dG within the chunk
+dG's two products share terms that cancel exactly: each token's own pair (q_t dA_tt k_t, decay 1)
+and the last token's own part of S_out (k_last^T v_last against its row of the state term). Where
+the decay is strong they dominate what is left, and float32 rounding of the sums they enter had
+left dG noise of their size (a lone token's dg ~1e-7 where it is 0; 3e-5 relative error in the
+gated delta rule at g ~ -20): dqk_kernel forms dG without them and adds them to dq and dk after
+(DIAGONAL, and LAST for linear attention; the delta rule's dq/dk kernel has no registers to spare).
 Nothing but the inputs is saved for the backward: G, the chunk states and the scores are
 recomputed (memory per token: none beyond the inputs; per chunk: one K x V state in the input dtype).
 
@@ -446,7 +452,8 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
 def d_scores_kernel(do, v, VS, dA, chunk_indices, cu_seqlens, scale, H: tl.constexpr, V: tl.constexpr,
                     HAS_VSCALE: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """Per-key decay: dA = scale * (do @ v^T) * causal mask, fp32, layout as A (v scaled by VS:
-    a column factor)."""
+    a column factor). intra_dqk_kernel takes the pairs below the diagonal, dqk_kernel the
+    diagonal's (DIAGONAL there)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -471,8 +478,9 @@ def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.const
                      K: tl.constexpr,
                      PRECISION: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      KP: tl.constexpr, SPAN_LIMIT: tl.constexpr, FACTORED: tl.constexpr):
-    """Per-key decay, the intra-chunk parts of the gradients (fp32):
-        dq_i = sum_{j <= i} dA_ij k_j e^(G_i - G_j),   dk_j = sum_{i >= j} dA_ij q_i e^(G_i - G_j)
+    """Per-key decay, the intra-chunk parts of the gradients but the diagonal's (fp32; dqk_kernel's
+    DIAGONAL):
+        dq_i = sum_{j < i} dA_ij k_j e^(G_i - G_j),   dk_j = sum_{i > j} dA_ij q_i e^(G_i - G_j)
     as in intra_scores_kernel: a chunk of decay span at most SPAN_LIMIT by two products per K tile,
     dq = e^(G - G_first) * (dA @ (k e^(G_first - G))), dk = e^(G_first - G) * (dA^T @ (q e^(G - G_first)));
     others by sub-chunks (factored below the diagonal, exact on it); launched twice as
@@ -487,7 +495,8 @@ def intra_dqk_kernel(q, k, G, dA, dq, dk, chunk_indices, cu_seqlens, H: tl.const
         elif span <= SPAN_LIMIT:
             rows = t0 + tl.arange(0, BT)
             row_mask = rows < eos
-            b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
+            below = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
+            b_dA = tl.load(dA + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None] & below,
                            other=0.0).to(q.dtype.element_ty)  # rounded once, as the dot would each K tile
             # one gradient at a time: both in one K loop took 150 registers (one program an SM) at 8
             # warps, and spilled at 4 or on an A100; apart, 120-128 (SASS, bf16)
@@ -565,14 +574,14 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                         k_c = tl.load(k + qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
                         q_c = tl.load(q + qk_rows(col, i_h, H, GROUP, K) + rk, mask=kmask, other=0.0).to(tl.float32)
                         g_c = tl.load(G + (col * H + i_h) * K + rk, mask=kmask, other=0.0)
-                        # dq rows i >= c use dA[i, c]; dk rows i <= c use dA[c, i] (zero past the end)
+                        # dq rows i > c use dA[i, c]; dk rows i < c use dA[c, i] (zero past the end)
                         dA_col = tl.load(dA + (rows * H + i_h) * BT + i_i * BC + c, mask=row_mask, other=0.0)
                         dA_row = in_range * tl.load(dA + (col * H + i_h) * BT + i_i * BC + r, mask=row_mask,
                                                     other=0.0)
-                        below = r[:, None] >= c
+                        below = r[:, None] > c
                         acc_q += tl.where(below, dA_col[:, None] * k_c[None, :]
                                           * tl.exp(tl.where(below, g_i - g_c[None, :], 0.0)), 0.0)
-                        above = r[:, None] <= c
+                        above = r[:, None] < c
                         acc_k += tl.where(above, dA_row[:, None] * q_c[None, :]
                                           * tl.exp(tl.where(above, g_c[None, :] - g_i, 0.0)), 0.0)
             offs = (rows[:, None] * H + i_h) * K + rk[None, :]
@@ -607,7 +616,7 @@ def _state_gradient(b_v, b_S, dh, state, state_mask, dk_state, end_term, GATE: t
 
 
 @triton.jit
-def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens,
+def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq, dk, dW, dG, chunk_indices, cu_seqlens,
                scale, total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                GATE: tl.constexpr, HAS_VSCALE: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr,
                STEPS: tl.constexpr, HEADS: tl.constexpr, TWO_WALKS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -674,7 +683,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             b_q = tl.load(q + q_tile, mask=q_tile_mask, other=0.0)  # after the V loop: not live across it
             qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
             b_k = tl.load(k + qk_tile, mask=tile_mask, other=0.0)
-            if GATE == 2:
+            if GATE == 2:  # dA's diagonal (scaled), from d_scores_kernel
+                diagonal = tl.load(d_scores + (rows * H + i_h) * BT + tl.arange(0, BT), mask=row_mask, other=0.0)
                 b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
                 g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
                 end_term *= tl.exp(g_last)
@@ -687,12 +697,13 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
                 dq_inter *= tl.exp(g_rows)[:, None]
                 dk_state *= tl.exp(g_end - g_rows)[:, None]
             if GATE != 2:
-                causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
-                if GATE == 1:
-                    exponent = tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf"))
-                    dA = dA * tl.exp(exponent)
+                if GATE == 1:  # the diagonal apart, as the per-key decay's (DIAGONAL below)
+                    diagonal = scale * tl.sum(tl.where(tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :], dA, 0.0),
+                                              axis=1)
+                    below = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
+                    dA = dA * tl.exp(tl.where(below, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
                 else:
-                    dA = tl.where(causal, dA, 0.0)
+                    dA = tl.where(tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :], dA, 0.0)
                 dA = (dA * scale).to(b_q.dtype)
             # dq finished (stored or summed, its gate term taken) before dk's product: the two fp32 tiles are
             # never live together
@@ -700,27 +711,50 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
                 b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
             else:
                 b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
+            # DIAGONAL (gated): the pairs i = j enter dq and dk apart, after dG's terms q dq - k dk are
+            # taken: they are the same there (q_i dA_ii k_i, decay 1) and cancel, but only to float32's
+            # rounding of sums they dominate where the decay is strong, which had left dG noise of their
+            # size (T = 1: dg ~1e-7 where it is 0; GLA and the gated delta rule at g ~ -20)
+            if GATE == 2:
+                d_gate = b_q.to(tl.float32) * b_dq
+            elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
+                d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
+            if GATE != 0:
+                b_dq += diagonal[:, None] * b_k.to(tl.float32)
             if HEADS == 1:
                 dq_tile = (q_rows[:, None] * H + i_h) * K + rk[None, :]
                 tl.store(dq + dq_tile, b_dq.to(dq.dtype.element_ty), mask=q_tile_mask)
             else:
                 dq_sum += b_dq
-            if GATE == 2:
-                d_gate = b_q.to(tl.float32) * b_dq
-            elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
-                d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
             if TWO_WALKS:  # dS's products, with dq out (ungated: no end term, no decay)
                 for i_v in range(tl.cdiv(V, BV)):
                     _, _, state, state_mask, b_v = _dqk_v_tile(v, VS, rows, row_mask, rk, kmask, i_v, i_c, i_h, H, K, V,
                                                                HAS_VSCALE, BV)
                     dk_state, end_term = _state_gradient(b_v, None, dh, state, state_mask, dk_state, end_term, GATE,
                                                          PRECISION)
+            # LAST (gated linear attention): likewise the last token's own part of S_out, k_last^T v_last
+            # (decay 1), enters neither the end term nor the last row's k dk (its state term, added to dk
+            # after them). Not with DELTA: it took the gated delta rule's spills at the H200's tiles from
+            # 4 to 128 B (Triton 3.6); DIAGONAL alone took its lone-token dg to 0 and, at g ~ -20, its
+            # relative error from 3e-5 to 7e-6
+            is_last = rows[:, None] == last
+            if GATE != 0 and not DELTA:
+                last_state = tl.sum(tl.where(is_last, dk_state, 0.0), axis=0)
+                dk_state = tl.where(is_last, 0.0, dk_state)
             if GATE != 0:
                 end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
             if GATE == 2:
                 b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
+                d_gate += tl.where(is_last, end_term[None, :], 0.0) - b_k.to(tl.float32) * b_dk
             else:
                 b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
+            if GATE == 1:
+                d_row += (tl.where(rows == last, tl.sum(end_term, axis=0), 0.0)
+                          - tl.sum(b_k.to(tl.float32) * b_dk, axis=1))
+            if GATE != 0 and not DELTA:
+                b_dk += tl.where(is_last, last_state[None, :], 0.0)
+            if GATE != 0:
+                b_dk += diagonal[:, None] * b_q.to(tl.float32)
             if HEADS == 1:
                 tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
             else:
@@ -728,13 +762,10 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, dv2, dq, dk, dW, d
             if DELTA:
                 tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
             if GATE == 2:
-                d_gate += tl.where(rows[:, None] == last, end_term[None, :], 0.0) - b_k.to(tl.float32) * b_dk
                 if not DELTA:
                     d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
                 tl.store(dG + tile, d_gate, mask=tile_mask)
             elif GATE == 1:
-                d_row += (tl.where(rows == last, tl.sum(end_term, axis=0), 0.0)
-                          - tl.sum(b_k.to(tl.float32) * b_dk, axis=1))
                 if not DELTA:
                     d_row = tl.cumsum(d_row, axis=0, reverse=True)
                 tl.store(dG + (i_k * total_rows + rows) * H + i_h, d_row, mask=row_mask)

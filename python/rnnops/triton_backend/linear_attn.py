@@ -336,10 +336,11 @@ class ChunkedRun:
         return dh, d_initial
 
     def intra_gradients(self, q, k, v, G, do):
-        """Per-key decay: the intra-chunk parts of dq and dk (fp32), else (None, None)."""
+        """Per-key decay: the intra-chunk parts of dq and dk but the diagonal's (fp32) and dA, whose
+        diagonal dqk_kernel takes; else (None, None, None)."""
         kernels, lay = _kernels(), self.layout
         if self.gate != kernels.KEY_GATE:
-            return None, None
+            return None, None, None
         dA = empty((q.shape[0], self.H, self.chunk), dtype=torch.float32, device=q.device)
         launch(
             kernels.d_scores_kernel, (lay.programs, self.H),
@@ -352,9 +353,9 @@ class ChunkedRun:
                 q, k, G, dA, dq_intra, dk_intra, lay.chunk_indices, lay.cu_seqlens, H=self.H, GROUP=self.group,
                 K=self.K, PRECISION=self.precision, BT=self.chunk, BK=self.BK, FACTORED=factored, **self.per_key,
                 **warps)
-        return dq_intra, dk_intra
+        return dq_intra, dk_intra, dA
 
-    def dqk(self, q, k, v, G, h, dh, do, intra=(None, None), dv2=None, heads=1):
+    def dqk(self, q, k, v, G, h, dh, do, intra=(None, None, None), dv2=None, heads=1):
         """dq (q's dtype), dk, and for gated runs dG: per key tile (reverse-cumulated) for linear
         attention; with the delta rule's dv2, also dW, and dk and dG partial (fp32). dq and dk are
         per value head, or summed over each ``heads`` value heads of a group (linear attention:
@@ -371,7 +372,7 @@ class ChunkedRun:
             dG = empty((self.k_tiles, lay.total_rows, self.H), dtype=torch.float32, device=q.device)
         launch(
             kernels.dqk_kernel, (self.k_tiles, lay.programs, self.H // heads),
-            q, k, v, self.v_scale, G, h, dh, do, intra[0], intra[1], dv2, dq, dk, dW, dG, lay.chunk_indices,
+            q, k, v, self.v_scale, G, h, dh, do, *intra, dv2, dq, dk, dW, dG, lay.chunk_indices,
             lay.cu_seqlens, self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, DELTA=delta,
             STEPS=self.steps, HEADS=heads, TWO_WALKS=not delta and self.gate == kernels.NO_GATE, BK=self.BK,
             BV=self.BV, **self.common, **self.launch)
