@@ -14,7 +14,10 @@ float32 cells and GLA's sub-chunk kernels on one and not the other). SPILL_ALLOW
 kernels allowed more: the gated DeltaProduct's dq/dk at the H100's measured tiles (64 x 128 at 4
 warps, 255 registers, its V loop one iteration) stores 52 B since its per-token q and do take
 offsets of their own and q a mask (28 B when the host interleaved them with zeros; 32 x 128
-tiles spill nothing, unmeasured). Running out of registers spills hundreds of bytes to tens of
+tiles spill nothing, unmeasured), and 72 B since its dG leaves each token's own pair out (added
+to dq and dk after: an accuracy fix), which took the gated delta rule's dq/dk from 16 to 44 B;
+both with Triton 3.9's ptxas. With Triton 3.6's, the GPU machine's, the same change took them
+from 20 and 32 B to 20 and 4 B. Running out of registers spills hundreds of bytes to tens of
 kilobytes, which these tests exist to catch.
 """
 import ast
@@ -35,7 +38,8 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 
 H100 = hardware.named("H100")
 SPILL_TOLERANCE = 32  # bytes stored or loaded per kernel (module docstring)
-SPILL_ALLOWANCES = {("DeltaProduct", "dqk_kernel"): 64}  # (case containing, kernel): bytes (module docstring)
+SPILL_ALLOWANCES = {("DeltaProduct", "dqk_kernel"): 80,  # (case containing, kernel): bytes (module docstring)
+                    ("gated delta rule", "dqk_kernel"): 48}
 COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels must be compiled
 GROUPS = {"linear attention": "linear attention|scalar decay|GLA|SSD", "delta rule": "delta rule|DeltaProduct",
           "selective scan": "Mamba-1|selective_state_update", "cells": "lstm|gru|elman", "steps": "_step"}
