@@ -225,18 +225,24 @@ CASES
     [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}' \
       '{"fused_forward": 1, "num_warps": 4}'
-    left=$(seconds_until 520)
+    left=$(seconds_until 515)
     [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
       --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
       '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
+    # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92, by kernel: our state walk
+    # 0.287 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32, two waves) and
+    # our output kernel 0.249 against 0.165
+    left=$(seconds_until 530)
+    [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops delta_product --budget-s $((left - 10)) \
+      --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
     # dd69b80) with dq and dk summed over value heads inside the dq/dk kernel (group_heads, new,
     # untimed): 16 or all 80 heads a program against one, where the per-value-head partials (1.3 GB
     # at 1) were about 0.7 ms of its 4.71. The shipped 64 x 64 tiles at 8 warps spill 80 B with
     # the sums in registers (255 registers); 32-wide V tiles 224 and 32-wide K tiles 185, none
     # (compile_check, Triton 3.9)
-    left=$(seconds_until 538)
+    left=$(seconds_until 543)
     [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
       --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"group_heads": 16, "block_v": 32}' \
       '{"group_heads": 80, "block_v": 32}' '{"group_heads": 16, "block_k": 32}' '{"block_v": 32}'
@@ -248,7 +254,7 @@ CASES
     # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
     # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
     # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
-    left=$(seconds_until 555)
+    left=$(seconds_until 558)
     [ "$left" -gt 30 ] && timeout -k 10 $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
@@ -256,7 +262,7 @@ CASES
     # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
-    left=$(seconds_until 567)
+    left=$(seconds_until 569)
     [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
       --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"chunk": 64}'
   fi
