@@ -3,7 +3,7 @@ compute-sanitizer (memcheck, racecheck) in the GPU suite: ``compute-sanitizer --
 python bench/sanitize.py``; and the Triton cells' resident kernels at a head padded to its tile
 (48 units in 64), saving their pre-activations, recomputing them, and saving nothing (no_grad);
 the Triton scan's segment passes on packed sequences (some segments empty); the scans also under
-no_grad."""
+no_grad; the CUDA scan also in mamba's (B, D, L) layout."""
 import rnnops
 import torch
 from rnnops.cuda_backend import rnn as cuda_rnn
@@ -46,6 +46,16 @@ def main() -> None:
         (y.sum() + last.sum()).backward()
         with torch.no_grad():  # the CUDA scan's inference forward: no chunk-state buffer
             rnnops.selective_scan(u, delta, A, B, C, D, z, None, True, return_last_state=True, backend="cuda")
+    # mamba's (B, D, L) layout: the output and gradients in that order too, a lane's steps stored as
+    # 16-byte words where they all exist and start aligned (bf16 at T 48; float32 at T 37: mixed)
+    for dtype, T in ((torch.float32, 37), (torch.bfloat16, 48)):
+        u_, delta_, z_ = (torch.randn(2, 40, T, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+                          for _ in range(3))
+        B_ = torch.randn(2, T, 16, device=device)
+        for C in (torch.randn(2, T, 4, 16, device=device), torch.randn(2, T, 16, device=device)):
+            y, last = rnnops.selective_scan(u_, delta_, A, B_, C, D, z_, None, True, return_last_state=True,
+                                            backend="cuda")
+            (y.float().sum() + last.sum()).backward()
     initial = torch.randn(3, 40, 16, device=device, requires_grad=True)
 
     def packed_triton_scan():
