@@ -61,7 +61,9 @@ def test_decay_gradient_of_a_lone_token_is_exactly_zero(op):
     (q dA k, decay 1) and the last token's own part of the final state (k^T v): equal, O(1), and
     cancelling only to float32's rounding, which had left dg ~1e-7 where it is 0 (and, at g ~ -20
     and 13 tokens, 3e-5 relative error in the gated delta rule's). They now stay out of dG
-    (triton_kernels/linear_attn.py: DIAGONAL, LAST)."""
+    (triton_kernels/linear_attn.py: DIAGONAL, LAST). The delta rule keeps the LAST pair (registers):
+    with one token both of its sums add the same products over K, exactly equal here (the
+    interpreter sums them in one order); the test fails there on DIAGONAL's pair."""
     from test_triton_delta_rule import delta
     from test_triton_delta_rule import make_inputs as delta_inputs
 
