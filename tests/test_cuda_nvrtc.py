@@ -274,3 +274,22 @@ def test_rnn_co_resident_blocks_asks_the_driver_for_the_launched_function(launch
     ((function, threads, shared),) = launches.occupancy_queries
     assert function.name == "rnnops::rnn::rnn_bwd<__nv_bfloat16, 0, 16>" and function.cooperative
     assert function.max_dynamic_shared_size_bytes == shared == 200_000 and threads == 256
+
+
+def test_an_engine_finds_each_function_once_and_opts_in_only_to_more_shared_memory(launches, monkeypatch):
+    """Per launch the engine looked its function up (a driver call), set its shared-memory opt-in
+    (another) and wrapped torch's stream anew; one engine per device now keeps the function with
+    the opt-in it has and the stream's wrapper, and asks the driver again only for more shared memory."""
+    import cupy  # the fixture's stand-in
+
+    found, wrapped = [], []
+    get_function, from_external = cupy.RawModule.get_function, _Stream.from_external
+    monkeypatch.setattr(cupy.RawModule, "get_function", lambda self, name: found.append(name) or get_function(self, name))
+    monkeypatch.setattr(_Stream, "from_external", classmethod(lambda cls, handle: wrapped.append(handle) or
+                                                              from_external.__func__(cls, handle)))
+    engine = nvrtc.Engine(torch.device("cuda"))
+    instance = nvrtc.scan_kernel("bwd", "__nv_bfloat16", 4, 8, True)
+    for shared in (60_000, 50_000, 90_000, 20_000):
+        engine._launch(instance, (1, 1), (128,), shared, ())
+    assert found == [instance.kernel] and len(wrapped) == 1
+    assert [launch.shared_opt_in for launch in launches.launches] == [60_000, 60_000, 90_000, 90_000]

@@ -80,9 +80,14 @@ def _pointer(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr() if t.numel() else 0)
 
 
+@functools.cache
+def _struct_dtype(fields: tuple[tuple[str, str], ...]) -> np.dtype:
+    return np.dtype(list(fields), align=True)
+
+
 def _struct(fields: list[tuple[str, str]], values: tuple):
-    dtype = np.dtype(fields, align=True)
-    return np.array(values, dtype=dtype)[()]
+    """A by-value kernel argument: ``values`` as a C struct with these (name, type) fields."""
+    return np.array(values, dtype=_struct_dtype(tuple(fields)))[()]
 
 
 class _StreamHandle:
@@ -106,22 +111,38 @@ def _cupy_stream(cupy, pointer: int):
 
 
 class Engine:
+    """The launches on one device (``engine(device)`` keeps one per device). What a launch needs
+    besides its arguments is looked up once and kept: each kernel's function (a driver call to
+    find it) with the dynamic shared memory it was allowed so far (a driver call to allow more:
+    only when a launch needs more than before), and cupy's wrapper of each torch stream."""
+
     def __init__(self, device: torch.device):
         self.device = device
         self.arch = _arch(device)
         self._co_resident: dict[tuple, int] = {}  # rnn_co_resident_blocks' answers
+        self._functions: dict[tuple[Instantiation, bool], list] = {}  # -> [function, shared bytes allowed]
+        self._streams: dict[int, object] = {}  # torch's stream handle -> cupy's view of it
 
     def _function(self, instance: Instantiation, shared_bytes: int, cooperative: bool):
-        function = _module(instance.header, (instance.kernel,), self.arch, cooperative).get_function(instance.kernel)
-        if shared_bytes > 48 * 1024:
-            function.max_dynamic_shared_size_bytes = shared_bytes
-        return function
+        entry = self._functions.get((instance, cooperative))
+        if entry is None:
+            module = _module(instance.header, (instance.kernel,), self.arch, cooperative)
+            entry = self._functions[instance, cooperative] = [module.get_function(instance.kernel), 48 * 1024]
+        if shared_bytes > entry[1]:  # above 48 KB a block needs the function's opt-in (an attribute, kept)
+            entry[0].max_dynamic_shared_size_bytes = entry[1] = shared_bytes
+        return entry[0]
+
+    def _stream(self, cupy):
+        pointer = torch.cuda.current_stream(self.device).cuda_stream
+        if pointer not in self._streams:
+            self._streams[pointer] = _cupy_stream(cupy, pointer)
+        return self._streams[pointer]
 
     def _launch(self, instance: Instantiation, grid, block, shared_bytes: int, args, cooperative: bool = False):
         cupy = _cupy()
         kernel = instance.kernel
         function = self._function(instance, shared_bytes, cooperative)
-        stream = _cupy_stream(cupy, torch.cuda.current_stream(self.device).cuda_stream)
+        stream = self._stream(cupy)
         try:
             with stream:
                 function(tuple(grid), tuple(block), args, shared_mem=shared_bytes)
