@@ -80,14 +80,20 @@ def _pointer(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr() if t.numel() else 0)
 
 
-@functools.cache
-def _struct_dtype(fields: tuple[tuple[str, str], ...]) -> np.dtype:
-    return np.dtype(list(fields), align=True)
+# the kernels' by-value struct arguments, as numpy (C-aligned) record types: csrc's Operand,
+# BCOperand, ScanShape and the cells' shape (field order as there)
+_OPERAND = np.dtype([("b", "<i8"), ("t", "<i8"), ("d", "<i8")], align=True)
+_BC_OPERAND = np.dtype([("data", "<u8"), ("mode", "<i4"), ("b", "<i8"), ("t", "<i8"), ("g", "<i8"), ("n", "<i8"),
+                        ("channels_per_group", "<i4")], align=True)
+_SCAN_SHAPE = np.dtype([(name, "<i4") for name in ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus")],
+                       align=True)
+_RNN_SHAPE = np.dtype([(name, "<i4") for name in ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre",
+                                                  "stage", "gradient_chunks", "pad_rows", "group_begin")], align=True)
 
 
-def _struct(fields: list[tuple[str, str]], values: tuple):
-    """A by-value kernel argument: ``values`` as a C struct with these (name, type) fields."""
-    return np.array(values, dtype=_struct_dtype(tuple(fields)))[()]
+def _struct(dtype: np.dtype, values: tuple):
+    """A by-value kernel argument: ``values`` as a C struct of record type ``dtype``."""
+    return np.array(values, dtype=dtype)[()]
 
 
 class _StreamHandle:
@@ -154,13 +160,9 @@ class Engine:
     # ------------------------------------------------------------ selective scan
 
     def _scan_args(self, strides, b_layout, B, c_layout, C, shape):
-        operand = [("b", "<i8"), ("t", "<i8"), ("d", "<i8")]
-        bc = [("data", "<u8"), ("mode", "<i4"), ("b", "<i8"), ("t", "<i8"), ("g", "<i8"), ("n", "<i8"),
-              ("channels_per_group", "<i4")]
-        scan_shape = [(name, "<i4") for name in ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus")]
-        ops = [_struct(operand, tuple(strides[3 * k: 3 * k + 3])) for k in range(len(strides) // 3)]
-        bcs = [_struct(bc, (int(_pointer(M)), *layout)) for M, layout in ((B, b_layout), (C, c_layout))]
-        return ops, bcs, _struct(scan_shape, tuple(shape))
+        ops = [_struct(_OPERAND, tuple(strides[3 * k: 3 * k + 3])) for k in range(len(strides) // 3)]
+        bcs = [_struct(_BC_OPERAND, (int(_pointer(M)), *layout)) for M, layout in ((B, b_layout), (C, c_layout))]
+        return ops, bcs, _struct(_SCAN_SHAPE, tuple(shape))
 
     def scan_forward(self, u, delta, A, B, C, D, z, delta_bias, out, chunk_states, initial_state, final_state,
                      cu_seqlens, chunk_offsets, strides, b_layout, c_layout, shape, launch_shape):
@@ -188,9 +190,7 @@ class Engine:
 
     def _rnn(self, kernel, args, shape, launch_shape):
         grid_x, grid_y, grid_z, threads, shared = launch_shape
-        fields = ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage", "gradient_chunks",
-                  "pad_rows", "group_begin")
-        rnn_shape = _struct([(name, "<i4") for name in fields], tuple(shape))
+        rnn_shape = _struct(_RNN_SHAPE, tuple(shape))
         self._launch(kernel, (grid_x, grid_y, grid_z), (threads,), shared, (*args, rnn_shape), cooperative=grid_z > 1)
 
     def rnn_co_resident_blocks(self, phase, dtype, cell, units, threads, shared) -> int:
