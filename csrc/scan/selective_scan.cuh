@@ -139,6 +139,16 @@ __device__ __forceinline__ void read_items(float (&v)[ITEMS], const char* chunk_
   for (int i = 0; i < ITEMS; ++i) v[i] = __ldg(reinterpret_cast<const float*>(row_n + off[i]));
 }
 
+// The 16-byte words a lane's ITEMS steps of type T fill (0 where they fill no whole number), and
+// whether the steps at ``at`` move as such words: contiguous (a time stride of 1), all ``items``
+// of them present and 16-byte aligned (load_items and store_items choose alike).
+template <int ITEMS, class T>
+constexpr int kStepWords = ITEMS * sizeof(T) % sizeof(Chunk16) == 0 ? ITEMS * sizeof(T) / sizeof(Chunk16) : 0;
+template <int ITEMS, class T>
+__device__ __forceinline__ bool steps_as_words(const T* at, Operand s, int items) {
+  return s.t == 1 && items == ITEMS && reinterpret_cast<unsigned long long>(at) % sizeof(Chunk16) == 0;
+}
+
 // A lane's values of a (b, t, d) operand at ITEMS consecutive rows r0, r0 + 1, ... as floats (0 from
 // item ``items`` on). Every load is issued before any value is used: a loop that loads a step's
 // values and computes with them (a softplus, whose logf branches) or stores between steps waits a
@@ -156,11 +166,11 @@ template <int ITEMS, class T>
 __device__ __forceinline__ void load_items(float (&v)[ITEMS], const T* p, Operand s, long long batch, long long r0,
                                            int d, int items) {
   const T* at = p + batch * s.b + r0 * s.t + d * s.d;
-  constexpr int kWords = ITEMS * sizeof(T) % sizeof(Chunk16) == 0 ? ITEMS * sizeof(T) / sizeof(Chunk16) : 0;
+  constexpr int kWords = kStepWords<ITEMS, T>;
   bool whole = false;
   Chunk16 words[kWords > 0 ? kWords : 1];
   if constexpr (kWords > 0) {
-    whole = s.t == 1 && items == ITEMS && reinterpret_cast<unsigned long long>(at) % sizeof(Chunk16) == 0;
+    whole = steps_as_words<ITEMS>(at, s, items);
 #pragma unroll
     for (int k = 0; k < kWords; ++k) words[k] = whole ? load16(at + k * (sizeof(Chunk16) / sizeof(T))) : Chunk16{};
   }
@@ -186,9 +196,9 @@ template <int ITEMS, class T>
 __device__ __forceinline__ void store_items(T* p, Operand s, long long batch, long long r0, int d, int items,
                                             const float (&v)[ITEMS]) {
   T* at = p + batch * s.b + r0 * s.t + d * s.d;
-  constexpr int kWords = ITEMS * sizeof(T) % sizeof(Chunk16) == 0 ? ITEMS * sizeof(T) / sizeof(Chunk16) : 0;
+  constexpr int kWords = kStepWords<ITEMS, T>;
   if constexpr (kWords > 0)
-    if (s.t == 1 && items == ITEMS && reinterpret_cast<unsigned long long>(at) % sizeof(Chunk16) == 0) {
+    if (steps_as_words<ITEMS>(at, s, items)) {
       Chunk16 words[kWords];
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
