@@ -31,6 +31,10 @@ LOG="$OUT/suite.log"
 START=$(date +%s)
 section() { echo; echo "=== $* ($(date +%T))"; }
 seconds_until() { echo $((START + $1 - $(date +%s))); }  # seconds left until $1 s after the start
+# limit SECONDS COMMAND...: COMMAND stopped after SECONDS, and killed 10 s later if it has not
+# stopped: a process stuck in compiled code does not act on timeout's SIGTERM (on 2026-11-28 the
+# bench, compiling fla's chunk_gla, outlived its timeout and the call's 600 s with it)
+limit() { timeout -k 10 "$@"; }
 
 # the results files' prefix: the GPU's name, lower case, dashes for spaces
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-' | tr '[:upper:]' '[:lower:]')
@@ -72,11 +76,11 @@ PY
 
   if [ "$MODE" = tune ]; then
     section autotune
-    timeout -k 10 250 python -m rnnops autotune --ops all --budget-s 220 --export "$OUT/tuned.json"
+    limit 250 python -m rnnops autotune --ops all --budget-s 220 --export "$OUT/tuned.json"
     section "autotune --exhaustive (the search's check)"
     # 180 legal configurations, each compiled in a worker process first (8 at a time); the budget
     # may stop it short of all (the table says how many it measured)
-    timeout -k 10 150 python -m rnnops autotune --exhaustive --ops rnn --shapes "cell=lstm,B=16,T=1024,H=24,D=32" \
+    limit 150 python -m rnnops autotune --exhaustive --ops rnn --shapes "cell=lstm,B=16,T=1024,H=24,D=32" \
       --budget-s 130
   elif [ "$MODE" = check ]; then
     section "GPU tests"
@@ -87,13 +91,13 @@ PY
     # asynchronous and runs alone after. The 25 slowest tests are listed (186 of the 560 s on
     # 2026-11-27, when the bench then reached 2 of its 9 cases)
     overlap=tests/test_bench.py::test_gpu_timing_runs_calls_back_to_back
-    CUDA_LAUNCH_BLOCKING=1 timeout -k 10 200 python -m pytest -m gpu -q -n 8 --maxfail=50 -p no:cacheprovider \
+    CUDA_LAUNCH_BLOCKING=1 limit 200 python -m pytest -m gpu -q -n 8 --maxfail=50 -p no:cacheprovider \
       --durations=25 --deselect $overlap tests
-    timeout -k 10 30 python -m pytest -q -p no:cacheprovider $overlap
+    limit 30 python -m pytest -q -p no:cacheprovider $overlap
 
     section "compute-sanitizer"
     for tool in memcheck racecheck; do
-      timeout -k 10 60 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
+      limit 60 compute-sanitizer --tool $tool --error-exitcode 1 python bench/sanitize.py && echo "$tool: clean"
     done
   fi
 
@@ -142,7 +146,7 @@ CASES
     }
     for entry in "${profiled[@]}"; do
       profile_run "$entry"
-      timeout -k 10 $((end / 4)) "${run[@]}" </dev/null >/dev/null 2>&1 &
+      limit $((end / 4)) "${run[@]}" </dev/null >/dev/null 2>&1 &
     done
     wait
     # then one ncu process a (case, target): a forward and a call unprofiled, one profiled; sections for
@@ -156,7 +160,7 @@ CASES
       [ "$left" -lt 30 ] && { echo "not profiled (time): $case | $target"; continue; }
       index=$((index + 1))
       log=/tmp/ncu/ncu-$(printf %02d $index)-$(echo "$case-$target" | tr -c 'A-Za-z0-9.\n' '_').csv
-      timeout -k 10 $((left < 120 ? left : 120)) ncu --profile-from-start off --clock-control none \
+      limit $((left < 120 ? left : 120)) ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --csv --page raw --log-file "$log" "${run[@]}" </dev/null || echo "ncu failed or timed out: $case | $target"
     done
@@ -172,7 +176,7 @@ CASES
     budget=$((end - $(date +%s) + START))
     [ "$budget" -lt 20 ] && budget=20  # (`timeout 0` would mean no limit at all)
     # shellcheck disable=SC2086  # BENCH_OPS is a list of op families, one word each
-    timeout -k 10 $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
+    limit $((budget + 60)) python -m rnnops bench --quick --peers --profile --budget-s "$budget" --out "$OUT" \
       ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases "$BENCH_CASES"} \
       ${earlier[0]:+--peer-choices-from "${earlier[@]}" --stalest-first "${earlier[@]}"}
   fi
@@ -203,7 +207,7 @@ CASES
     # entry takes one stage and each step waits a memory latency for x_t (forward) or its saved
     # values (backward)
     left=$(seconds_until 480)
-    [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
+    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \
       --try '{"forward_fragments": 1}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"stage": 0}' \
       '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}' '{"num_stages": 2}'
@@ -222,11 +226,11 @@ CASES
     # place of the compile screen's 128-wide K at 8 warps and two stages (the least spilling of its
     # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
     left=$(seconds_until 500)
-    [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
+    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}' \
       '{"fused_forward": 1, "num_warps": 4}'
     left=$(seconds_until 515)
-    [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
+    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
       --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
       '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
@@ -234,7 +238,7 @@ CASES
     # 0.287 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32, two waves) and
     # our output kernel 0.249 against 0.165
     left=$(seconds_until 530)
-    [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops delta_product --budget-s $((left - 10)) \
+    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops delta_product --budget-s $((left - 10)) \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
     # dd69b80) with dq and dk summed over value heads inside the dq/dk kernel (group_heads, new,
@@ -243,7 +247,7 @@ CASES
     # the sums in registers (255 registers); 32-wide V tiles 224 and 32-wide K tiles 185, none
     # (compile_check, Triton 3.9)
     left=$(seconds_until 543)
-    [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
+    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
       --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"group_heads": 16, "block_v": 32}' \
       '{"group_heads": 80, "block_v": 32}' '{"group_heads": 16, "block_k": 32}' '{"block_v": 32}'
     # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
@@ -255,7 +259,7 @@ CASES
     # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
     # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
     left=$(seconds_until 558)
-    [ "$left" -gt 30 ] && timeout -k 10 $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
+    [ "$left" -gt 30 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
       '{"block_v": 64}'
@@ -263,7 +267,7 @@ CASES
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
     left=$(seconds_until 569)
-    [ "$left" -gt 20 ] && timeout -k 10 $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
+    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
       --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"chunk": 64}'
   fi
 
@@ -271,7 +275,7 @@ CASES
   # the device returns at most 8 files from $OUT: report.html embeds the plots, so they go
   rm -f "$OUT"/*.png
   left=$(seconds_until 592)
-  timeout -k 10 $((left > 10 ? left : 10)) python -m rnnops.bench.compile_cache pack "$OUT/compile-cache.tar.xz" \
+  limit $((left > 10 ? left : 10)) python -m rnnops.bench.compile_cache pack "$OUT/compile-cache.tar.xz" \
     --since "$START" --label "$gpu"
   rm -f "$OUT"/*.tmp  # a pack stopped by its timeout
 } 2>&1 | tee "$LOG"
