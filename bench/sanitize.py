@@ -41,7 +41,8 @@ def main() -> None:
     # C in groups of 10 channels (every block reads B and C from global memory) or shared (each
     # block stages the chunk's B and C rows in shared memory, and its forward's four warps each
     # walk a group of four state elements; the second block 8 channels live)
-    for C in (torch.randn(2, 37, 4, 16, device=device), torch.randn(2, 37, 16, device=device)):
+    grouped_C, shared_C = torch.randn(2, 37, 4, 16, device=device), torch.randn(2, 37, 16, device=device)
+    for C in (grouped_C, shared_C):
         y, last = rnnops.selective_scan(u, delta, A, B, C, D, z, None, True, return_last_state=True, backend="cuda")
         (y.sum() + last.sum()).backward()
         with torch.no_grad():  # the CUDA scan's inference forward: no chunk-state buffer
@@ -52,15 +53,15 @@ def main() -> None:
         u_, delta_, z_ = (torch.randn(2, 40, T, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
                           for _ in range(3))
         B_ = torch.randn(2, T, 16, device=device)
-        for C in (torch.randn(2, T, 4, 16, device=device), torch.randn(2, T, 16, device=device)):
-            y, last = rnnops.selective_scan(u_, delta_, A, B_, C, D, z_, None, True, return_last_state=True,
+        for C_ in (torch.randn(2, T, 4, 16, device=device), torch.randn(2, T, 16, device=device)):
+            y, last = rnnops.selective_scan(u_, delta_, A, B_, C_, D, z_, None, True, return_last_state=True,
                                             backend="cuda")
             (y.float().sum() + last.sum()).backward()
     initial = torch.randn(3, 40, 16, device=device, requires_grad=True)
 
     def packed_triton_scan():
         return triton_scan.selective_scan(
-            u[:1], delta[:1], A, B[:1], C[:1], None, z[:1], None, True, initial_state=initial, output_final_state=True,
+            u[:1], delta[:1], A, B[:1], shared_C[:1], None, z[:1], None, True, initial_state=initial, output_final_state=True,
             cu_seqlens=torch.tensor([0, 5, 20, 37], device=device),
             config=triton_scan.SelectiveScanConfig(chunk=16, segments=3))
 
