@@ -6,6 +6,7 @@ import multiprocessing
 import operator
 import os
 import re
+import time
 import warnings
 
 import pytest
@@ -512,6 +513,37 @@ def test_device_timer_measures_and_compiles_ahead_in_worker_processes():
         shape_timer.measure(dict(good, unroll=2))
     with pytest.raises(tuner.Unsupported, match="needs a CUDA device"):
         tuner.device_timer(torch.device("meta"), torch.float32)(tunable, shape, bucket)
+
+
+def test_a_measurement_after_the_gpu_idled_spins_it_up_first(monkeypatch):
+    """The first measurement of a shape, and one after a second without work, follows 0.3 s of
+    untimed calls (an idle GPU's low clocks made the first of four A/B configurations 1.6x slower
+    than its bench time); one right after another does not."""
+    spins = []
+    monkeypatch.setattr(tuner, "measure_config", lambda *args: spins.append(args[-1]) or 1.0)
+    shape = {"cell": "gru", "B": 2, "T": 3, "H": 1, "D": 16}
+    tunable = kernels.find("rnn", "triton")
+    bucket = kernels.bucket("rnn", shape, torch.float32)
+    good = {"block_b": 16, "block_d": 16, "block_k": 16, "num_warps": 2, "num_stages": 1}
+    shape_timer = tuner.device_timer(torch.device("cpu"), torch.float32)(tunable, shape, bucket)
+    shape_timer.measure(good)
+    shape_timer.measure(dict(good, num_warps=4))
+    clock = time.perf_counter() + 1.5
+    monkeypatch.setattr(tuner.time, "perf_counter", lambda: clock)
+    shape_timer.measure(good)
+    assert spins == [0.3, 0.0, 0.3]
+
+
+def test_spin_up_calls_back_to_back_for_its_seconds_on_a_gpu_only(monkeypatch):
+    from rnnops.bench import timing
+
+    calls = []
+    timing.spin_up(lambda: calls.append(1), torch.device("cpu"), 0.05)
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    began = time.perf_counter()
+    timing.spin_up(lambda: calls.append(1), torch.device("cuda"), 0.05)
+    assert time.perf_counter() - began >= 0.05 and len(calls) > 1
 
 
 def test_a_configuration_whose_answer_is_wrong_is_rejected_before_it_is_timed(monkeypatch, tmp_path):

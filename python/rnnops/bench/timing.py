@@ -45,6 +45,20 @@ def batch_size(estimate: float, repeats: int, min_seconds: float, max_seconds: f
     return max(1, count)
 
 
+def spin_up(fn: Callable[[], object], device: torch.device, seconds: float) -> None:
+    """Call ``fn()`` back to back for ``seconds`` of wall time on a GPU (nothing elsewhere): an
+    idle GPU runs at low clocks for its first tens of milliseconds of work, which a short
+    measurement taken first would count (the tuner's A/B check on the H200, 2026-11-28: each of
+    four configurations timed faster than the one before, the first 1.6x slower than the bench's
+    time of it)."""
+    if device.type != "cuda":
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+        torch.cuda.synchronize(device)
+
+
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 5,
             min_seconds: float = 0.0, max_seconds: float = float("inf")) -> Timing:
     """Time ``fn()`` after ``warmup`` calls: ``repeats`` times, more (up to 100) until
