@@ -91,8 +91,12 @@ PY
     # asynchronous and runs alone after. The 25 slowest tests are listed (186 of the 560 s on
     # 2026-11-27, when the bench then reached 2 of its 9 cases)
     overlap=tests/test_bench.py::test_gpu_timing_runs_calls_back_to_back
-    CUDA_LAUNCH_BLOCKING=1 limit 200 python -m pytest -m gpu -q -n 8 --maxfail=50 -p no:cacheprovider \
-      --durations=25 --deselect $overlap tests
+    # a test process the limit stops writes its threads' stacks first (tests/conftest.py): on
+    # 2026-11-28 all 118 tests passed, then pytest printed nothing more until the limit
+    stacks=/tmp/rnnops-stacks && rm -rf $stacks && mkdir -p $stacks
+    RNNOPS_STACKS_ON_TERM=$stacks CUDA_LAUNCH_BLOCKING=1 limit 200 python -m pytest -m gpu -q -n 8 --maxfail=50 \
+      -p no:cacheprovider --durations=25 --deselect $overlap tests
+    for file in $stacks/*; do [ -s "$file" ] && { echo "--- stopped by the limit: $file"; cat "$file"; }; done
     limit 30 python -m pytest -q -p no:cacheprovider $overlap
 
     section "compute-sanitizer"

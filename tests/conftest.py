@@ -13,6 +13,17 @@ if not HAS_CUDA:  # kernels run on CPU tensors: Triton's interpreter (set before
     os.environ.setdefault("RNNOPS_CUDA_SIMULATOR", "1")
 
 
+if os.environ.get("RNNOPS_STACKS_ON_TERM"):
+    # a folder: every test process (pytest's and each xdist worker's) writes its threads' stacks
+    # there on SIGTERM, then stops as before; the GPU suite's time limit sends one, so a run that
+    # hangs says where (2026-11-28: its GPU tests all passed, then ran into the limit without a summary)
+    import faulthandler
+    import signal
+
+    _STACKS = open(os.path.join(os.environ["RNNOPS_STACKS_ON_TERM"], f"stacks-{os.getpid()}.txt"), "w")
+    faulthandler.register(signal.SIGTERM, file=_STACKS, all_threads=True, chain=True)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
