@@ -534,6 +534,18 @@ def test_a_measurement_after_the_gpu_idled_spins_it_up_first(monkeypatch):
     assert spins == [0.3, 0.0, 0.3]
 
 
+def test_each_timed_call_starts_from_cleared_gradients():
+    """As the bench times a call: a second call's gradients are its own, not added to the first's
+    (which costs a pass over every input)."""
+    shape = {"cell": "gru", "B": 2, "T": 3, "H": 1, "D": 16}
+    case = tuner.case_for("rnn", shape)
+    x = tuner.inputs_with_grads(case, torch.device("cpu"), torch.float32)
+    tuner.forward_backward(case, x, "reference")
+    once = {k: v.grad.clone() for k, v in x.items() if isinstance(v, torch.Tensor) and v.grad is not None}
+    tuner.forward_backward(case, x, "reference")
+    assert once and all(torch.equal(x[k].grad, g) for k, g in once.items())
+
+
 def test_spin_up_calls_back_to_back_for_its_seconds_on_a_gpu_only(monkeypatch):
     from rnnops.bench import timing
 
