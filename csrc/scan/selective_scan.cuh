@@ -45,8 +45,9 @@
 // backward stages what its per-step gradients take (StepTerms), so a chunk waits for one round of
 // loads. In mamba_ssm's (B, D, L) layout a lane reads its contiguous steps as 16-byte words, and
 // writes out, du, ddelta and dz (which the op allocates in u's dimension order) likewise
-// (store_items; the staged backward keeps a chunk's gradients in its step terms' slots and stores
-// them at the chunk's end, a lane its ITEMS steps). The H200 at 76b5d92 timed the staged kernels
+// (store_items; there the staged backward keeps a chunk's gradients in its step terms' slots and
+// stores them at the chunk's end, a lane its ITEMS steps; in other layouts it stores each step's at
+// once, as before: kept, the H200 timed (B, T, D) 3.01 ms f+b at 4e23ac8, 2.87 before). The H200 at 76b5d92 timed the staged kernels
 // at 0.61 / 2.23 ms (B, T, D) and 0.53 / 2.09 (B, D, L), mamba_ssm's 0.59 / 2.27, but the (B, D, L)
 // gradients came out (B, T, D)-contiguous and autograd spent 0.64 ms copying them to the leaves.
 #pragma once
@@ -510,6 +511,13 @@ struct StepTerms {
     dbias += draw;
     return {dy * d_weight + dt * sB, draw, (yC + d_weight * uu) * at[2 * steps * 32 + slot]};
   }
+  // whether a block keeps its chunk's gradients to store them as words at the chunk's end (the
+  // gradients' steps contiguous, T's ITEMS steps filling whole 16-byte words), or stores each step's
+  // at once (element by element either way: keeping them costs shared stores and a barrier a chunk)
+  template <int ITEMS, class T>
+  static __device__ __forceinline__ bool keeps(Operand sg) {
+    return kStepWords<ITEMS, T> > 0 && sg.t == 1;
+  }
   __device__ __forceinline__ void keep(int slot, const StepGradients& g) const {
     at[slot] = g.du;
     at[steps * 32 + slot] = g.d_delta;
@@ -527,6 +535,15 @@ struct StepTerms {
       for (int i = 0; i < ITEMS; ++i) v[i] = at[(k * steps + first + i) * 32 + lane];
       store_items(to[k], sg, batch, r0, d, items, v);
     }
+  }
+  // the gradients of one step at row ``row`` of the gradients' layout sg
+  template <class T>
+  static __device__ __forceinline__ void store_step(T* du, T* d_delta, T* dz, Operand sg, long long batch,
+                                                    long long row, int d, const StepGradients& g, int has_z) {
+    const long long at = batch * sg.b + row * sg.t + d * sg.d;
+    du[at] = from_float<T>(g.du);
+    d_delta[at] = from_float<T>(g.d_delta);
+    if (has_z) dz[at] = from_float<T>(g.dz);
   }
 };
 
@@ -691,6 +708,7 @@ __device__ __forceinline__ void bwd_by_state_elements(
   const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
   float dD_acc = 0.0f, dbias_acc = 0.0f;
   int parity = 0;
+  const bool keep_steps = StepTerms::keeps<ITEMS, T>(sgrad);  // (the same for every thread of the block)
   const long long chunks = (eos - bos + CHUNK - 1) / CHUNK;
   for (long long c = chunks - 1; c >= 0; --c) {
     const long long t0 = bos + c * CHUNK, first_row = batch * rows_per_batch + (t0 - offset);
@@ -822,12 +840,18 @@ __device__ __forceinline__ void bwd_by_state_elements(
           sA += part[((1 * WARPS + w) * SUB + i) * 32 + lane];
           yC += part[((2 * WARPS + w) * SUB + i) * 32 + lane];
         }
-        terms.keep(s * 32 + lane, terms.gradients(s * 32 + lane, dt_stage[s * 32 + lane], dy_stage[s * 32 + lane],
-                                                  sB, sA, yC, d_weight, dbias_acc));
+        const StepGradients g = terms.gradients(s * 32 + lane, dt_stage[s * 32 + lane], dy_stage[s * 32 + lane], sB,
+                                                sA, yC, d_weight, dbias_acc);
+        if (keep_steps)
+          terms.keep(s * 32 + lane, g);
+        else
+          StepTerms::store_step(du, d_delta, dz, sgrad, batch, t - offset, d, g, shape.has_z);
       }
     }
-    __syncthreads();  // every step's gradients kept
-    terms.store_kept<ITEMS>(du, d_delta, dz, sgrad, batch, r0, d, items, warp * ITEMS, lane, shape.has_z);
+    if (keep_steps) {
+      __syncthreads();  // every step's gradients kept
+      terms.store_kept<ITEMS>(du, d_delta, dz, sgrad, batch, r0, d, items, warp * ITEMS, lane, shape.has_z);
+    }
   }
   if (chunks == 0 && d_initial && live)  // an empty sequence: the initial state is the final one
     for (int n = warp; n < N; n += WARPS) {
