@@ -189,50 +189,39 @@ CASES
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
     # (in the order of what they decide: a bench that overruns its budget leaves the last ones no
-    # time; on 2026-11-27 it ended 30 s past it, and the first check, then linear attention's, never
-    # started)
-    # the CUDA cells with their pointwise inputs read from global memory each step, as until
-    # 2026-11-27 (stage 0), against the shipped staging in shared memory (x_t and the backward's
-    # saved states, pre-activations and d h_seq copied a step ahead, carried states and gradients
-    # kept there; SASS: global loads 50 -> 12 forward, 58 -> 22 backward; untimed); the backward of
-    # the 768-wide head copying its 6 chunks of gate gradients a step in one round (shipped, since
-    # 2026-11-27: one memory latency a step) against one chunk a round (six); and the products'
-    # shared tiles with unpadded rows (8-way bank conflicts on every fragment load) against the
-    # shipped padded ones; and the 64-wide head split over four 16-unit blocks meeting at a grid
-    # barrier every step, as shipped until 2026-11-27, against one block a head (the cost model
-    # now counts a step's latency; the same change at H1 D768 is the shipped configuration); and
-    # the kernels in tensor-core fragments (one block barrier a step, the products in the registers
-    # of the threads that apply the cell or its gradient; H12 D64 only: they take D <= 64), the
-    # forward alone and both directions: on 2026-11-27 the H200 timed the sliced forward kernel at
-    # 4.65 ms against the Triton cells' 2.07, the backward at 6.60 against 3.89. Last, the Triton
-    # cells (the only backend with num_stages) at two stages: both time loops are then
-    # software-pipelined (a step's inputs copied a step ahead with cp.async: at H12 D64 forward 41 ->
-    # 50 KB of shared memory, backward 41 -> 63, compile_check with Triton 3.6), where every shipped
-    # entry takes one stage and each step waits a memory latency for x_t (forward) or its saved
-    # values (backward)
+    # time; on 2026-11-28 it ended about 30 s past it, and the delta rule's check had 11 s)
+    # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
+    # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
+    # cp.async; 1.24x f+b) and the CUDA LSTM in tensor-core fragments both ways (one block barrier
+    # a step, the products in the registers of the threads that apply the cell; 1.46x); here
+    # against the former entries (one stage; the sliced kernels), and for the GRU, whose entries
+    # take neither (untimed). (Retired after that run, the CUDA cells at H12 D64 / H1 D768: their
+    # pointwise inputs read from global memory each step 0.66x / 0.93x, unpadded product tiles
+    # 0.72x / 0.64x, the 768-wide head's gate gradients one chunk a round 0.86x, the 64-wide head on
+    # four 16-unit blocks 1.09x of the sliced kernels, the forward alone in fragments 1.06x)
     left=$(seconds_until 480)
     [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
-      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=1,D=768" \
-      --try '{"forward_fragments": 1}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"stage": 0}' \
-      '{"gradient_chunks": 1}' '{"pad_rows": 0}' '{"units": 16}' '{"num_stages": 2}'
-    # ungated linear attention and the plain delta rule, 0.97x and 0.91x of fla f+b on the H200 at
-    # dd69b80, by kernel: our linear-attention dq/dk 0.775 ms against fla's 0.563, at 132 registers
-    # (8 warps: one program an SM; 64-wide V tiles 90, two an SM; 4 warps 148; since then its two
-    # walks over the V tiles hold 120 at the shipped tiles, two an SM: untimed), and the H100's
-    # shipped ungated choice, the fused forward with 4-warp chunk kernels (1.39x there, f+b,
-    # 2026-11-26), never timed on the H200; the delta rule's
-    # state walks 0.275 / 0.458 ms a call (forward / backward) against fla's 0.21 / 0.31, which
-    # take 64 state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 /
-    # 236 registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value
-    # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
-    # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
-    # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
-    # place of the compile screen's 128-wide K at 8 warps and two stages (the least spilling of its
-    # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
+      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=gru,B=16,T=1024,H=12,D=64" \
+      --try '{"num_stages": 1}' '{"num_stages": 2}' '{"forward_fragments": 0, "backward_fragments": 0}' \
+      '{"forward_fragments": 1, "backward_fragments": 1}'
+    # ungated linear attention at 512 Ki tokens (B8 T4096 H16): since the A/B at 4e23ac8 the H200
+    # ships the fused forward with 4-warp chunk kernels there (1.25x f+b, the tuner then adding
+    # each call's gradients to the last's; 64-wide V tiles 1.04x, 4 warps at one stage 1.09x), as
+    # the H100 does from 512 Ki tokens (1.39x there, 2026-11-26); here against the former entry, and
+    # at 1 Mi tokens, whose H200 entry is still the former one
     left=$(seconds_until 500)
     [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" --try '{"block_v": 64}' '{"num_warps": 4, "num_stages": 1}' \
-      '{"fused_forward": 1, "num_warps": 4}'
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=8192,H=16,K=128,V=128,gate=none" \
+      --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
+    # The delta rule's state walks 0.275 / 0.458 ms a call (forward / backward; 0.91x of fla f+b
+    # at dd69b80 and 4e23ac8) against fla's 0.21 / 0.31, which take 64 state columns where ours
+    # take 32 (512 walks in two waves; at 64, 256 in one: 156 / 236 registers, 96 / 120 KB, two an
+    # SM; compile_check, Triton 3.6). And fla's GVA case (32 value heads on 16 q / k heads, gated;
+    # forward 0.67x of fla's at the tiles tried here), whose bucket ships the ungrouped gated
+    # bucket's measured 64-wide K at 4 warps and one stage since 2026-11-27 (Triton 3.6: dq/dk
+    # spills 24 B; the output kernel 240 registers, two an SM), in place of the compile screen's
+    # 128-wide K at 8 warps and two stages (the least spilling of its six, 532 B in dq/dk; the
+    # output kernel 168 registers at 8 warps, one an SM)
     left=$(seconds_until 515)
     [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
