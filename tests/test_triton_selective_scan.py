@@ -89,6 +89,22 @@ def test_mamba_layout_strides_without_copies():
     compare_backends(scan, strided, 1e-5, test="triton")
 
 
+def test_gradients_keep_us_dimension_order():
+    """du, d delta and dz take u's dimension order: mamba's (B, D, L) tensors, passed as (B, T, D)
+    views (here u and z sliced from a (B, 2D, L) tensor, as Mamba splits xz), get (B, D, L)-dense
+    gradients, which autograd hands on to them without copying; the output stays (B, T, D)-dense."""
+    x = make_inputs(layout_B="shared", layout_C="shared", initial=False)
+    xz = torch.randn(2, 12, 23, requires_grad=True)
+    u, z = (part.transpose(1, 2) for part in xz.chunk(2, dim=1))
+    delta = x["delta"].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    out, _ = triton_scan.selective_scan(u, delta, x["A"], x["B"], x["C"], x["D"], z, x["delta_bias"], True,
+                                        initial_state=None, output_final_state=False, cu_seqlens=None)
+    assert out.is_contiguous()
+    grads = torch.autograd.grad(out, (u, delta, z), torch.randn_like(out))
+    for grad in grads:  # dense (B, D, L), not xz's 12-row layout
+        assert grad.stride() == (6 * 23, 1, 23) and not grad.isnan().any()
+
+
 def test_float16_activations():
     compare_backends(scan, make_inputs(dtype=torch.float16), 2e-3, test="triton")
 

@@ -39,7 +39,9 @@ instructions per (step, channel, state element) at BD 8 and 75 at BD 16 (BD 32 s
 with its loads together spills at BD 16), both recomputations included, a sixth of them the
 shuffles of dB and dC's sums over the channels (was 211 with associative scans per n).
 Every factor a_t <= 1 for A <= 0: stable for any length and any |A dt|.
-Layouts: u, delta, z, out (B, T, Dm) with any strides; B, C (fp32) shared (B, T, N) or grouped
+Layouts: u, delta, z, out (B, T, Dm) with any strides, du, d_delta and dz with any one set of
+strides (the op gives them u's dimension order, so mamba's (B, D, L) views get (B, D, L)
+gradients, which autograd would otherwise copy into the leaves); B, C (fp32) shared (B, T, N) or grouped
 (B, T, G, N), any strides, a channel block never straddling two groups (BD divides Dm / G);
 every state-shaped operand contiguous n-major, (N, Dm) per sequence or chunk (_state_offsets):
 A, static B and C, the initial, final and stored states, and their gradients. Work per step and
@@ -398,6 +400,7 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                     du, d_delta, dz, dA, dB, dC, dD, d_bias, cu_seqlens, chunk_offsets, total_rows,
                     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_zb, s_zt, s_zd, s_ob, s_ot, s_od,
                     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, channels_per_group_B, channels_per_group_C,
+                    s_gb, s_gt, s_gd,
                     Dm: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PACKED: tl.constexpr,
@@ -413,7 +416,8 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
     backwards with G = dL/dx entering the step:
         g = G + dy C,  du = dt sum_n g B (+ dy D),  ddt = sum_n g (A a x_prev + u B),
         dA += g a x_prev dt,  dB = sum_ch g dt u,  dC = sum_ch dy x,  G <- a g.
-    du, d_delta, dz are written in the (contiguous, (B or 1, T, Dm)) fp32 buffers; dA, dD,
+    du, d_delta, dz are written in their inputs' dtypes to (B or 1, T, Dm) buffers of strides
+    (s_gb, s_gt, s_gd) (the op gives them u's dimension order); dA, dD,
     d_bias (per program, to be summed), dB, dC (per channel block: (Dm / BD, T_total, N) for
     time-varying B/C, (program, N, Dm) for static ones) are partial sums for the caller."""
     i_d, pid = tl.program_id(0), tl.program_id(1)
@@ -464,7 +468,8 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                 X = _advance(X, A2, dt, raw_u.to(tl.float32), B_t)
             for i in tl.static_range(UNROLL - 1, -1, -1):
                 row = bos + c * BT + k * UNROLL + i
-                _, mask, raw_delta, raw_u, B_t, C_t, raw_z, raw_d_out = steps[i]
+                b_row, mask, raw_delta, raw_u, B_t, C_t, raw_z, raw_d_out = steps[i]
+                grad_offs = b * s_gb + b_row * s_gt + ch * s_gd
                 dt, slope = _discretised_dt(raw_delta, mask, bias, HAS_BIAS, SOFTPLUS)
                 b_u = raw_u.to(tl.float32)
                 g_out, dy, b_z, sig = _output_gradient(raw_d_out, raw_z, HAS_Z)
@@ -491,11 +496,11 @@ def scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, d_out, h, checkpoints, 
                              mask=n_mask & (rn * 0 + row < eos))
                 if HAS_Z:
                     y = tl.sum(x * C_t, axis=0) + d_weight * b_u
-                    tl.store(dz + row * Dm + ch, g_out * y * sig * (1.0 + b_z * (1.0 - sig)), mask=mask)
+                    tl.store(dz + grad_offs, g_out * y * sig * (1.0 + b_z * (1.0 - sig)), mask=mask)
                 dD_acc += dy * b_u
                 dbias_acc += tl.where(mask, d_raw, 0.0)
-                tl.store(du + row * Dm + ch, d_u, mask=mask)
-                tl.store(d_delta + row * Dm + ch, d_raw, mask=mask)
+                tl.store(du + grad_offs, d_u, mask=mask)
+                tl.store(d_delta + grad_offs, d_raw, mask=mask)
                 G = a * g
     program_offs = pid * N * Dm + state_offs
     tl.store(dA + program_offs, dA_acc, mask=state_mask)
