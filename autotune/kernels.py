@@ -264,6 +264,12 @@ _POINTWISE = 20  # one gate element's pointwise update in a thread
 _STEP_FRAGMENTS = _STEP_FIXED // 2
 
 
+# The Triton cells at one stage: each step of their time loops waits a memory latency for its
+# inputs (x_t forward, the saved values backward), which two stages copy a step ahead (cp.async);
+# the H200's A/B at H12 D64 (2026-11-28): one stage 1.24x the time of two
+_CELLS_UNPIPELINED = 1.24
+
+
 def _cells_blocks(config: dict, shape: dict) -> int:
     """The CUDA cells' blocks: each (head, batch tile) group's head in slices of ``units``."""
     from rnnops.cuda_backend.rnn import ROWS
@@ -327,7 +333,8 @@ TUNABLES = [
     Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw, dt.itemsize),
             lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],
-            lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16)),
+            lambda c, s: _tile(c["block_d"]) * _tile(c["block_k"]) * max(1.0, c["block_b"] / max(s["B"], 16))
+            * (1.0 if c["num_stages"] > 1 else _CELLS_UNPIPELINED),
             ("backward_num_warps",)),
     Tunable("rnn", "cuda", "rnnops.cuda_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], s["cell"], dt.itemsize, hw),

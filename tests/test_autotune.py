@@ -220,6 +220,17 @@ def test_cuda_cells_rank_one_block_a_head_where_it_fits():
             assert split > 2 * whole
 
 
+def test_triton_cells_rank_two_stages_first():
+    """At one stage each step of the Triton cells' time loops waits a memory latency for its inputs
+    (kernels._CELLS_UNPIPELINED: one stage timed 1.24x two at H12 D64 on the H200), so the model
+    ranks a pipelined configuration first wherever one is legal."""
+    tunable, hw = kernels.find("rnn", "triton"), hardware.named("H200")
+    for cell, D in (("lstm", 64), ("gru", 32), ("lstm", 256)):
+        shape = {"cell": cell, "B": 16, "T": 1024, "H": 768 // D, "D": D}
+        _, ranked = tuner.rank(tunable, shape, torch.bfloat16, hw)
+        assert ranked[0]["num_stages"] == 2, (cell, D, ranked[0])
+
+
 def test_dry_run_exports_no_configuration_for_a_bucket_with_none_legal(tmp_path):
     """A 768-wide LSTM head fits no CUDA slice in an L4's 99 KB a block: its bucket ships nothing
     (the launch then says why it cannot run) rather than the kernel's default."""
