@@ -190,6 +190,21 @@ CASES
     # each A/B check has until its end time, and starts no measurement in its last 15 s.
     # (in the order of what they decide: a bench that overruns its budget leaves the last ones no
     # time; on 2026-11-28 it ended about 30 s past it, and the delta rule's check had 11 s)
+    # First what decides a change (the delta rule's state tiles, untried in three runs), then what
+    # checks the shipped ones. The delta rule's state walks 0.275 / 0.458 ms a call (forward /
+    # backward; 0.91x of fla f+b at dd69b80 and 4e23ac8) against fla's 0.21 / 0.31, which take 64
+    # state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 / 236
+    # registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value heads on 16 q / k heads, gated;
+    # forward 0.67x of fla's at the tiles tried here), whose bucket ships the ungrouped gated
+    # bucket's measured 64-wide K at 4 warps and one stage since 2026-11-27 (Triton 3.6: dq/dk
+    # spills 24 B; the output kernel 240 registers, two an SM), in place of the compile screen's
+    # 128-wide K at 8 warps and two stages (the least spilling of its six, 532 B in dq/dk; the
+    # output kernel 168 registers at 8 warps, one an SM)
+    left=$(seconds_until 480)
+    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
+      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
+      '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
     # cp.async; 1.24x f+b) and the CUDA LSTM in tensor-core fragments both ways (one block barrier
@@ -199,7 +214,7 @@ CASES
     # pointwise inputs read from global memory each step 0.66x / 0.93x, unpadded product tiles
     # 0.72x / 0.64x, the 768-wide head's gate gradients one chunk a round 0.86x, the 64-wide head on
     # four 16-unit blocks 1.09x of the sliced kernels, the forward alone in fragments 1.06x)
-    left=$(seconds_until 480)
+    left=$(seconds_until 500)
     [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=gru,B=16,T=1024,H=12,D=64" \
       --try '{"num_stages": 1}' '{"num_stages": 2}' '{"forward_fragments": 0, "backward_fragments": 0}' \
@@ -209,24 +224,10 @@ CASES
     # each call's gradients to the last's; 64-wide V tiles 1.04x, 4 warps at one stage 1.09x), as
     # the H100 does from 512 Ki tokens (1.39x there, 2026-11-26); here against the former entry, and
     # at 1 Mi tokens, whose H200 entry is still the former one
-    left=$(seconds_until 500)
+    left=$(seconds_until 515)
     [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=8192,H=16,K=128,V=128,gate=none" \
       --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
-    # The delta rule's state walks 0.275 / 0.458 ms a call (forward / backward; 0.91x of fla f+b
-    # at dd69b80 and 4e23ac8) against fla's 0.21 / 0.31, which take 64 state columns where ours
-    # take 32 (512 walks in two waves; at 64, 256 in one: 156 / 236 registers, 96 / 120 KB, two an
-    # SM; compile_check, Triton 3.6). And fla's GVA case (32 value heads on 16 q / k heads, gated;
-    # forward 0.67x of fla's at the tiles tried here), whose bucket ships the ungrouped gated
-    # bucket's measured 64-wide K at 4 warps and one stage since 2026-11-27 (Triton 3.6: dq/dk
-    # spills 24 B; the output kernel 240 registers, two an SM), in place of the compile screen's
-    # 128-wide K at 8 warps and two stages (the least spilling of its six, 532 B in dq/dk; the
-    # output kernel 168 registers at 8 warps, one an SM)
-    left=$(seconds_until 515)
-    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
-      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
-      '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
     # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92, by kernel: our state walk
     # 0.287 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32, two waves) and
     # our output kernel 0.249 against 0.165
