@@ -58,6 +58,21 @@ def qk_rows(rows, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def query_rows(rows, row_mask, t0, end, STEPS: tl.constexpr, QT: tl.constexpr):
+    """The queries of a chunk (its ``rows`` from t0, ``row_mask``, the chunk's exclusive end row
+    ``end``) as a tile of QT: (their rows among the kernels' rows, their rows of the per-token
+    tensors, their mask). STEPS 1: the chunk's rows and mask (QT its length). DeltaProduct's
+    queries sit on every STEPS-th row, a token's last step (token_rows), so its kernels multiply a
+    tile of ceil(chunk / STEPS) queries (QT: that, rounded up to a power of two, at least 16) where
+    a chunk-tall one wasted the other steps' rows as zeros."""
+    if STEPS == 1:
+        return rows, rows, row_mask
+    else:
+        rq = t0 + (STEPS - 1 - t0 % STEPS) % STEPS + tl.arange(0, QT) * STEPS
+        return rq, rq // STEPS, rq < end
+
+
+@triton.jit
 def token_rows(rows, row_mask, STEPS: tl.constexpr):
     """The rows of the per-token tensors (q, do, o, dq) behind a tile of the kernels' rows, and
     their mask. DeltaProduct walks STEPS rows a token (its Householder steps, interleaved: a

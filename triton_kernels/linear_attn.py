@@ -39,7 +39,8 @@ consecutive (value) heads share a q / k head; every kernel works per value head,
 come out per value head, (., H, K), or summed over HEADS of them by dqk_kernel, (., H / HEADS,
 K), and the caller sums each group's. STEPS > 1 (DeltaProduct, through the delta rule): the
 rows are Householder steps, STEPS a token, and q, g, o, do and dq are per token, (B*T / STEPS,
-...), read and written on a token's last step (g its first; _packed.token_rows). VS
+...), read and written on a token's last step (g its first; _packed.token_rows); the output,
+fused forward and dv kernels take a chunk's QT queries as one tile (_packed.query_rows). VS
 (HAS_VSCALE), (., H): a scale s per token and head of v (Mamba-2's dt): every kernel that reads v scales the rows of its
 tile as loaded (d_scores: the columns of its dA), and dv_kernel returns s times the gradient of
 s v and, per V tile, rowsum(that gradient * v), which the caller sums into ds. SKIP (HAS_SKIP),
@@ -53,11 +54,11 @@ the configuration's state tile, the others' its chunk tiles):
     intra_scores (chunks, H)               per-key only: A for one chunk, K in BK tiles; launched
                                            twice, factored chunks and the others (each program
                                            leaves the other kind's chunks alone)
-    output       (V/BV, chunks, H)         o tile; K in BK tiles
+    output       (V/BV, chunks, H)         o tile (the chunk's QT queries); K in BK tiles
     states_bwd   (K/BK, V/BV, seqs * H)    reverse chunk loop
     intra_dqk    (chunks, H)               per-key only: the intra parts of dq, dk from dA; twice
     dqk          (K/BK, chunks, H/HEADS)   dq, dk, dG for one K tile, HEADS value heads; V in BV tiles
-    dv           (V/BV, chunks, H)         dv tile; K in BK tiles
+    dv           (V/BV, chunks, H)         dv tile from the chunk's QT queries' scores; K in BK tiles
 
 Work per call, B*T tokens, H heads (bf16 inputs: 2-byte elements):
     forward  reads q, k (K each), v (V), g (0, 1 or K) and writes o (V) per token and head;
@@ -72,7 +73,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, qk_rows, sequence_span, sequence_state, token_rows
+from ._packed import chunk_rows, qk_rows, query_rows, sequence_span, sequence_state, token_rows
 
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
 SUB_CHUNK = 16
@@ -183,7 +184,7 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
                      H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE: tl.constexpr,
                      HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_INITIAL: tl.constexpr,
                      STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr, STEPS: tl.constexpr,
-                     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+                     BT: tl.constexpr, QT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
     """The forward of one sequence, head and V tile in one walk over its chunks, for no gate or a
     scalar decay (GATE 0 or 1): states_fwd_kernel and output_kernel in one, with no per-chunk
     states in memory; the state S (all K rows, KP = K rounded up to a power of two, x BV) stays in
@@ -210,7 +211,7 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
+        rq, q_rows, q_mask = query_rows(rows, row_mask, t0, tl.minimum(t0 + BT, eos), STEPS, QT)
         q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
         b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)
         qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
@@ -223,19 +224,22 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
             b_W = tl.load(W + (rows[:, None] * H + i_h) * K + rk[None, :], mask=tile_mask, other=0.0)
             b_v = (b_v.to(tl.float32) - tl.dot(b_W, S.to(b_W.dtype), input_precision=PRECISION)).to(b_W.dtype)
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-        scores = _masked_scores(qk, G, None, rows, row_mask, i_h, H, GATE, BT)
+        scores = _masked_scores(qk, G, None, rq, q_mask, rows, row_mask, i_h, H, GATE, STEPS, BT)
         acc = tl.dot(b_q, S.to(b_v.dtype), input_precision=PRECISION)
         v_in = b_v  # v as it enters the state
         if GATE == 1:  # a decay per token, applied as row factors of (q S) and of v rather than of q and k
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             g_last = tl.load(G + (tl.minimum(t0 + BT, eos) - 1) * H + i_h)
-            acc *= tl.exp(g_rows)[:, None]
+            g_queries = g_rows
+            if STEPS > 1:
+                g_queries = tl.load(G + rq * H + i_h, mask=q_mask, other=0.0)
+            acc *= tl.exp(g_queries)[:, None]
             v_in = (b_v * tl.exp(g_last - g_rows)[:, None]).to(b_v.dtype)
             S *= tl.exp(g_last)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
         out = acc * scale
         if HAS_SKIP:
-            out += _skip_term(v, SKIP, rows, rv, vmask, i_h, H, V)
+            out += _skip_term(v, SKIP, rq, rv, q_mask[:, None] & (rv[None, :] < V), i_h, H, V)
         tl.store(o + (q_rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty),
                  mask=q_mask[:, None] & (rv[None, :] < V))
         S += tl.dot(tl.trans(b_k), v_in, input_precision=PRECISION)
@@ -353,16 +357,24 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl
 
 
 @triton.jit
-def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.constexpr, BT: tl.constexpr):
-    """The chunk's masked (BT, BT) scores: from A for per-key decay, else ``qk`` (q k^T, fp32,
-    which the caller accumulates in its own loop over K tiles) times the decay."""
+def _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.constexpr,
+                   STEPS: tl.constexpr, BT: tl.constexpr):
+    """The chunk's masked scores of its queries at rows ``rq`` (query_rows; the chunk's ``rows``
+    where STEPS is 1) against its keys at ``rows``: from A for per-key decay (STEPS 1), else ``qk``
+    (q k^T, fp32, which the caller accumulates in its own loop over K tiles) times the decay."""
     if GATE == 2:
-        return tl.load(A + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=row_mask[:, None],
+        return tl.load(A + (rq[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=q_mask[:, None],
                        other=0.0)
-    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+    if STEPS == 1:  # the same mask, which the compiler then sees is constant (the fused forward: no spills)
+        causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+    else:
+        causal = rows[None, :] <= rq[:, None]
     if GATE == 1:
-        g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-        exponent = tl.where(causal, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf"))
+        g_keys = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
+        g_queries = g_keys
+        if STEPS > 1:
+            g_queries = tl.load(G + rq * H + i_h, mask=q_mask, other=0.0)
+        exponent = tl.where(causal, tl.minimum(g_queries[:, None] - g_keys[None, :], 0.0), float("-inf"))
         return qk * tl.exp(exponent)
     return tl.where(causal, qk, 0.0)
 
@@ -371,22 +383,22 @@ def _masked_scores(qk, G, A, rows, row_mask, i_h, H: tl.constexpr, GATE: tl.cons
 def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr,
                   GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, STEPS: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr):
+                  QT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) (+ skip * v) for one chunk and V tile; one pass
     over the K tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded).
-    q and o per token (token_rows: DeltaProduct's STEPS)."""
+    q and o per token, the chunk's QT queries (query_rows: DeltaProduct's STEPS)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
+        rq, q_rows, q_mask = query_rows(rows, row_mask, t0, last + 1, STEPS, QT)
         rv = i_v * BV + tl.arange(0, BV)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
         b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
-        acc = tl.zeros([BT, BV], tl.float32)
-        qk = tl.zeros([BT, BT], tl.float32)
+        acc = tl.zeros([QT, BV], tl.float32)
+        qk = tl.zeros([QT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
@@ -398,15 +410,15 @@ def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scal
                 b_k = tl.load(k + qk_tile, mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
                 qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
             if GATE == 2:
-                b_q = (b_q * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
+                b_q = (b_q * tl.exp(_load_decay(G, rq, q_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
             acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
         if GATE == 1:  # a decay per token: a row factor of (q S), not of every q tile
-            acc *= tl.exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))[:, None]
-        scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
+            acc *= tl.exp(tl.load(G + rq * H + i_h, mask=q_mask, other=0.0))[:, None]
+        scores = _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H, GATE, STEPS, BT)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
         out = acc * scale
         if HAS_SKIP:
-            out += _skip_term(v, SKIP, rows, rv, vmask, i_h, H, V)
+            out += _skip_term(v, SKIP, rq, rv, q_mask[:, None] & (rv[None, :] < V), i_h, H, V)
         tl.store(o + (q_rows[:, None] * H + i_h) * V + rv[None, :], out.to(o.dtype.element_ty),
                  mask=q_mask[:, None] & (rv[None, :] < V))
 
@@ -779,20 +791,20 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
 def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indices, cu_seqlens, scale, total_rows,
               H: tl.constexpr, GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
               V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr,
-              STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+              STEPS: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile; without
     dh (HAS_DH false) only the intra-chunk term (the delta rule's states_bwd adds the state term).
-    q and do per token (token_rows: DeltaProduct's STEPS)."""
+    q and do per token, the chunk's QT queries (query_rows: DeltaProduct's STEPS)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
+        rq, q_rows, q_mask = query_rows(rows, row_mask, t0, last + 1, STEPS, QT)
         rv = i_v * BV + tl.arange(0, BV)
         vmask = row_mask[:, None] & (rv[None, :] < V)
         acc = tl.zeros([BT, BV], tl.float32)
-        qk = tl.zeros([BT, BT], tl.float32)
+        qk = tl.zeros([QT, BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             rk = i_k * BK + tl.arange(0, BK)
             qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
@@ -812,8 +824,9 @@ def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indice
         if HAS_DH and GATE == 1:  # a decay per token: a row factor of (k dS), not of every k tile
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             acc *= tl.exp(tl.load(G + last * H + i_h) - g_rows)[:, None]
-        scores = _masked_scores(qk, G, A, rows, row_mask, i_h, H, GATE, BT)
-        b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+        scores = _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H, GATE, STEPS, BT)
+        b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=q_mask[:, None] & (rv[None, :] < V),
+                       other=0.0)
         # (scale on the scores, not the product: accumulated in place; ungated 171 -> 164 registers
         # at the H100's tiles, 2 -> 3 programs an SM)
         acc = tl.dot(tl.trans(scores * scale).to(b_do.dtype), b_do, acc, input_precision=PRECISION)
@@ -823,6 +836,7 @@ def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indice
             tl.store(d_scale + (i_v * total_rows + rows) * H + i_h, tl.sum(acc * b_v, axis=1), mask=row_mask)
             acc *= _value_scale(VS, rows, row_mask, i_h, H)[:, None]
         if HAS_SKIP:  # o += skip v: dv += skip do, and this chunk's part of d skip = colsum(do v)
+            tl.static_assert(STEPS == 1, "a skip term takes one row a token (do's rows are the chunk's)")
             acc += tl.load(SKIP + i_h * V + rv, mask=rv < V, other=0.0)[None, :] * b_do.to(tl.float32)
             tl.store(d_skip + (i_c * H + i_h) * V + rv, tl.sum(b_do.to(tl.float32) * b_v, axis=0), mask=rv < V)
         tl.store(dv + (rows[:, None] * H + i_h) * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)

@@ -242,6 +242,9 @@ class ChunkedRun:
         self.per_key = {"KP": self.KP, "SPAN_LIMIT": factored_span_limit(q.dtype), "BC": kernels.SUB_CHUNK}
         self.common = {"H": self.H, "GROUP": self.group, "K": self.K, "GATE": self.gate, "PRECISION": self.precision,
                        "BT": chunk}
+        # the output, fused forward and dv kernels' query tile (_packed.query_rows): a chunk's
+        # ceil(chunk / steps) queries, a power of two and at least 16 for the tensor cores
+        self.QT = chunk if steps == 1 else max(16, next_power_of_two(-(-chunk // steps)))
 
     @property
     def k_tiles(self) -> int:
@@ -310,7 +313,8 @@ class ChunkedRun:
             q, k, v, self.v_scale, self.skip, W, G, o, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
             self.scale, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None,
             HAS_INITIAL=initial_state is not None,
-            STORE_FINAL=store_final, DELTA=W is not None, STEPS=self.steps, KP=self.KP, BV=self.SBV, **self.common,
+            STORE_FINAL=store_final, DELTA=W is not None, STEPS=self.steps, QT=self.QT, KP=self.KP, BV=self.SBV,
+            **self.common,
             **self.state_launch)
         return o, final
 
@@ -320,8 +324,8 @@ class ChunkedRun:
         launch(
             _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
-            HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, STEPS=self.steps, BK=self.BK,
-            BV=self.BV, **self.common, **self.launch)
+            HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, STEPS=self.steps, QT=self.QT,
+            BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return o
 
     def states_backward(self, q, do, G, d_final, initial_state):
@@ -393,7 +397,8 @@ class ChunkedRun:
             _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, dh, do, dv, d_scale, d_skip, lay.chunk_indices, lay.cu_seqlens,
             self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None,
-            HAS_DH=dh is not None, STEPS=self.steps, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            HAS_DH=dh is not None, STEPS=self.steps, QT=self.QT, BK=self.BK, BV=self.BV, **self.common,
+            **self.launch)
         return dv, None if d_scale is None else d_scale.sum(0), None if d_skip is None else d_skip.sum(0)
 
     def per_value_head(self, x, heads=1) -> tuple[int, ...]:
