@@ -92,7 +92,7 @@ PY
     # 2026-11-27, when the bench then reached 2 of its 9 cases)
     overlap=tests/test_bench.py::test_gpu_timing_runs_calls_back_to_back
     # a test process the limit stops writes its threads' stacks first (tests/conftest.py): on
-    # 2026-11-28 all 118 tests passed, then pytest printed nothing more until the limit
+    # 2026-11-28 (cold caches) the limit stopped them after 117 of 144, with no summary
     stacks=/tmp/rnnops-stacks && rm -rf $stacks && mkdir -p $stacks
     RNNOPS_STACKS_ON_TERM=$stacks CUDA_LAUNCH_BLOCKING=1 limit 200 python -m pytest -m gpu -q -n 8 --maxfail=50 \
       -p no:cacheprovider --durations=25 --deselect $overlap tests

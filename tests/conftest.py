@@ -16,7 +16,7 @@ if not HAS_CUDA:  # kernels run on CPU tensors: Triton's interpreter (set before
 if os.environ.get("RNNOPS_STACKS_ON_TERM"):
     # a folder: every test process (pytest's and each xdist worker's) writes its threads' stacks
     # there on SIGTERM, then stops as before; the GPU suite's time limit sends one, so a run that
-    # hangs says where (2026-11-28: its GPU tests all passed, then ran into the limit without a summary)
+    # runs out of time says where (2026-11-28: the limit stopped the GPU tests after 117 of 144, no summary)
     import faulthandler
     import signal
 
