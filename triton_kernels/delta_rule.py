@@ -43,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, qk_rows, sequence_span, sequence_state, token_rows
+from ._packed import chunk_rows, qk_rows, query_rows, sequence_span, sequence_state
 
 
 @triton.jit
@@ -229,10 +229,11 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
 def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offsets, cu_seqlens, scale,
                       H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
                       HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
-                      STEPS: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
+                      STEPS: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr, BKF: tl.constexpr,
+                      BV: tl.constexpr):
     """One sequence backwards: dh[chunk] = dS_out, dv_new (input dtype, holding the intra-chunk term on
     entry: linear_attn's dv_kernel) += the state term, and d_initial = dS_in of the first chunk.
-    q and do per token (token_rows: DeltaProduct's STEPS)."""
+    q and do per token, a chunk's QT queries (query_rows: DeltaProduct's STEPS)."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
@@ -249,19 +250,22 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
         ktile = (rows[:, None] * H + i_h) * K + rk[None, :]
         vtile = (rows[:, None] * H + i_h) * V + rv[None, :]
         vmask = row_mask[:, None] & (rv[None, :] < V)
-        q_rows, q_mask = token_rows(rows, row_mask, STEPS)
+        rq, q_rows, q_mask = query_rows(rows, row_mask, t0, tl.minimum(t0 + BT, eos), STEPS, QT)
         q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
         b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)
         qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
         b_k = tl.load(k + qk_tile, mask=kmask, other=0.0)
         b_W = tl.load(W + ktile, mask=kmask, other=0.0)
         do_tile = (q_rows[:, None] * H + i_h) * V + rv[None, :]
-        b_do = tl.load(do + do_tile, mask=vmask, other=0.0)
+        b_do = tl.load(do + do_tile, mask=q_mask[:, None] & (rv[None, :] < V), other=0.0)
         if GATED:
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = tl.load(G + last * H + i_h)
             g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-            q_in, q_scale = (b_q * tl.exp(g)[:, None]).to(b_q.dtype), scale
+            g_queries = g
+            if STEPS > 1:
+                g_queries = tl.load(G + rq * H + i_h, mask=q_mask, other=0.0)
+            q_in, q_scale = (b_q * tl.exp(g_queries)[:, None]).to(b_q.dtype), scale
         elif q.dtype.element_ty == tl.float32:
             q_in, q_scale = b_q, scale
         else:

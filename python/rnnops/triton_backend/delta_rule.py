@@ -142,8 +142,8 @@ class _DeltaRun(ChunkedRun):
             _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
             q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
             lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, STEPS=self.steps, BKF=self.SBK, BV=self.SBV, **self.delta,
-            **self.state_launch)
+            STORE_D_INITIAL=initial_state is not None, STEPS=self.steps, QT=self.QT, BKF=self.SBK, BV=self.SBV,
+            **self.delta, **self.state_launch)
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):

@@ -242,8 +242,9 @@ class ChunkedRun:
         self.per_key = {"KP": self.KP, "SPAN_LIMIT": factored_span_limit(q.dtype), "BC": kernels.SUB_CHUNK}
         self.common = {"H": self.H, "GROUP": self.group, "K": self.K, "GATE": self.gate, "PRECISION": self.precision,
                        "BT": chunk}
-        # the output, fused forward and dv kernels' query tile (_packed.query_rows): a chunk's
-        # ceil(chunk / steps) queries, a power of two and at least 16 for the tensor cores
+        # the output, fused forward, dv and delta-rule state backward kernels' query tile
+        # (_packed.query_rows): a chunk's ceil(chunk / steps) queries, a power of two and at least
+        # 16 for the tensor cores
         self.QT = chunk if steps == 1 else max(16, next_power_of_two(-(-chunk // steps)))
 
     @property
