@@ -187,21 +187,27 @@ CASES
 
   if [ "$MODE" = check ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
-    # each A/B check has until its end time, and starts no measurement in its last 15 s.
+    # ab END OP ARGS...: `autotune --ops OP ARGS` (an A/B check with --try) until END s after the
+    # start, measuring nothing in its last 10 s; skipped with under 20 s left
+    ab() {
+      local end=$1 op=$2 left
+      shift 2
+      left=$(seconds_until "$end")
+      [ "$left" -gt 20 ] && limit "$left" python -m rnnops autotune --ops "$op" --budget-s $((left - 10)) "$@"
+    }
     # (in the order of what they decide: a bench that overruns its budget leaves the last ones no
     # time; on 2026-11-28 it ended about 30 s past it, and the delta rule's check had 11 s)
     # First what decides a change (the delta rule's state tiles, untried in three runs), then what
     # checks the shipped ones. The delta rule's state walks 0.275 / 0.458 ms a call (forward /
     # backward; 0.91x of fla f+b at dd69b80 and 4e23ac8) against fla's 0.21 / 0.31, which take 64
     # state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 / 236
-    # registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value heads on 16 q / k heads, gated;
-    # forward 0.67x of fla's at the tiles tried here), whose bucket ships the ungrouped gated
-    # bucket's measured 64-wide K at 4 warps and one stage since 2026-11-27 (Triton 3.6: dq/dk
-    # spills 24 B; the output kernel 240 registers, two an SM), in place of the compile screen's
-    # 128-wide K at 8 warps and two stages (the least spilling of its six, 532 B in dq/dk; the
-    # output kernel 168 registers at 8 warps, one an SM)
-    left=$(seconds_until 480)
-    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops delta_rule --budget-s $((left - 10)) \
+    # registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value
+    # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
+    # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
+    # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
+    # place of the compile screen's 128-wide K at 8 warps and two stages (the least spilling of its
+    # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
+    ab 480 delta_rule \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
       --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
       '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
@@ -214,8 +220,7 @@ CASES
     # pointwise inputs read from global memory each step 0.66x / 0.93x, unpadded product tiles
     # 0.72x / 0.64x, the 768-wide head's gate gradients one chunk a round 0.86x, the 64-wide head on
     # four 16-unit blocks 1.09x of the sliced kernels, the forward alone in fragments 1.06x)
-    left=$(seconds_until 500)
-    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops rnn --budget-s $((left - 10)) \
+    ab 500 rnn \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=gru,B=16,T=1024,H=12,D=64" \
       --try '{"num_stages": 1}' '{"num_stages": 2}' '{"forward_fragments": 0, "backward_fragments": 0}' \
       '{"forward_fragments": 1, "backward_fragments": 1}'
@@ -224,15 +229,13 @@ CASES
     # each call's gradients to the last's; 64-wide V tiles 1.04x, 4 warps at one stage 1.09x), as
     # the H100 does from 512 Ki tokens (1.39x there, 2026-11-26); here against the former entry, and
     # at 1 Mi tokens, whose H200 entry is still the former one
-    left=$(seconds_until 515)
-    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
+    ab 515 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=8192,H=16,K=128,V=128,gate=none" \
       --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
     # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92, by kernel: our state walk
     # 0.287 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32, two waves) and
     # our output kernel 0.249 against 0.165
-    left=$(seconds_until 530)
-    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops delta_product --budget-s $((left - 10)) \
+    ab 530 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
     # dd69b80) with dq and dk summed over value heads inside the dq/dk kernel (group_heads, new,
@@ -240,8 +243,7 @@ CASES
     # at 1) were about 0.7 ms of its 4.71. The shipped 64 x 64 tiles at 8 warps spill 80 B with
     # the sums in registers (255 registers); 32-wide V tiles 224 and 32-wide K tiles 185, none
     # (compile_check, Triton 3.9)
-    left=$(seconds_until 543)
-    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 10)) \
+    ab 543 linear_attn \
       --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"group_heads": 16, "block_v": 32}' \
       '{"group_heads": 80, "block_v": 32}' '{"group_heads": 16, "block_k": 32}' '{"block_v": 32}'
     # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
@@ -252,16 +254,14 @@ CASES
     # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
     # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
     # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
-    left=$(seconds_until 558)
-    [ "$left" -gt 30 ] && limit $left python -m rnnops autotune --ops linear_attn --budget-s $((left - 15)) \
+    ab 558 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
       --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
       '{"block_v": 64}'
     # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
-    left=$(seconds_until 569)
-    [ "$left" -gt 20 ] && limit $left python -m rnnops autotune --ops selective_scan --budget-s $((left - 10)) \
+    ab 569 selective_scan \
       --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"chunk": 64}'
   fi
 

@@ -14,16 +14,15 @@ SUITE = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.sh"
 
 
 def ab_checks() -> list[dict]:
-    """Each `python -m rnnops autotune ... --try ...` command of the suite: ops, shapes, tries."""
+    """Each A/B check of the suite (`ab END OP ARGS`: autotune --ops OP ARGS): ops, shapes, tries."""
     text = SUITE.read_text().replace("\\\n", " ")
     checks = []
     for line in text.splitlines():
-        if "rnnops autotune" not in line or "--try" not in line:
+        words = shlex.split(line.strip()) if line.strip().startswith("ab ") else []
+        if "--try" not in words:
             continue
-        words = shlex.split(line[line.index("python -m rnnops autotune"):].replace("$((left - 10))", "1")
-                            .replace("$((left - 15))", "1"))
-        options, current = {}, None
-        for word in words[4:]:
+        options, current = {"--ops": [words[2]]}, None
+        for word in words[3:]:
             if word.startswith("--"):
                 current = options.setdefault(word, [])
             elif current is not None:
