@@ -73,6 +73,16 @@ def query_rows(rows, row_mask, t0, end, STEPS: tl.constexpr, QT: tl.constexpr):
 
 
 @triton.jit
+def query_decay(G, g_rows, rq, q_mask, i_h, H: tl.constexpr, STEPS: tl.constexpr):
+    """The cumulative log-decay G (rows, H) at a chunk's queries (query_rows' ``rq``): ``g_rows``,
+    the chunk's rows' as loaded, where STEPS is 1 (its queries are its rows), else loaded at rq."""
+    if STEPS == 1:
+        return g_rows
+    else:
+        return tl.load(G + rq * H + i_h, mask=q_mask, other=0.0)
+
+
+@triton.jit
 def token_rows(rows, row_mask, STEPS: tl.constexpr):
     """The rows of the per-token tensors (q, do, o, dq) behind a tile of the kernels' rows, and
     their mask. DeltaProduct walks STEPS rows a token (its Householder steps, interleaved: a

@@ -43,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, qk_rows, query_rows, sequence_span, sequence_state
+from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span, sequence_state
 
 
 @triton.jit
@@ -262,10 +262,7 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = tl.load(G + last * H + i_h)
             g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-            g_queries = g
-            if STEPS > 1:
-                g_queries = tl.load(G + rq * H + i_h, mask=q_mask, other=0.0)
-            q_in, q_scale = (b_q * tl.exp(g_queries)[:, None]).to(b_q.dtype), scale
+            q_in, q_scale = (b_q * tl.exp(query_decay(G, g, rq, q_mask, i_h, H, STEPS))[:, None]).to(b_q.dtype), scale
         elif q.dtype.element_ty == tl.float32:
             q_in, q_scale = b_q, scale
         else:

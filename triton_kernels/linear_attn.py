@@ -73,7 +73,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._packed import chunk_rows, qk_rows, query_rows, sequence_span, sequence_state, token_rows
+from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span, sequence_state, token_rows
 
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
 SUB_CHUNK = 16
@@ -230,10 +230,7 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
         if GATE == 1:  # a decay per token, applied as row factors of (q S) and of v rather than of q and k
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             g_last = tl.load(G + (tl.minimum(t0 + BT, eos) - 1) * H + i_h)
-            g_queries = g_rows
-            if STEPS > 1:
-                g_queries = tl.load(G + rq * H + i_h, mask=q_mask, other=0.0)
-            acc *= tl.exp(g_queries)[:, None]
+            acc *= tl.exp(query_decay(G, g_rows, rq, q_mask, i_h, H, STEPS))[:, None]
             v_in = (b_v * tl.exp(g_last - g_rows)[:, None]).to(b_v.dtype)
             S *= tl.exp(g_last)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
@@ -371,9 +368,7 @@ def _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H: tl.constexpr, G
         causal = rows[None, :] <= rq[:, None]
     if GATE == 1:
         g_keys = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-        g_queries = g_keys
-        if STEPS > 1:
-            g_queries = tl.load(G + rq * H + i_h, mask=q_mask, other=0.0)
+        g_queries = query_decay(G, g_keys, rq, q_mask, i_h, H, STEPS)
         exponent = tl.where(causal, tl.minimum(g_queries[:, None] - g_keys[None, :], 0.0), float("-inf"))
         return qk * tl.exp(exponent)
     return tl.where(causal, qk, 0.0)
