@@ -47,9 +47,10 @@
 // writes out, du, ddelta and dz (which the op allocates in u's dimension order) likewise
 // (store_items; there the staged backward keeps a chunk's gradients in its step terms' slots and
 // stores them at the chunk's end, a lane its ITEMS steps; in other layouts it stores each step's at
-// once, as before: kept, the H200 timed (B, T, D) 3.01 ms f+b at 4e23ac8, 2.87 before). The H200 at 76b5d92 timed the staged kernels
-// at 0.61 / 2.23 ms (B, T, D) and 0.53 / 2.09 (B, D, L), mamba_ssm's 0.59 / 2.27, but the (B, D, L)
-// gradients came out (B, T, D)-contiguous and autograd spent 0.64 ms copying them to the leaves.
+// once, as before: kept, the H200 timed (B, T, D) 3.01 ms f+b at 4e23ac8, 2.87 before). The H200
+// at 76b5d92 timed the staged kernels at 0.61 / 2.23 ms (B, T, D) and 0.53 / 2.09 (B, D, L),
+// mamba_ssm's 0.59 / 2.27, but the (B, D, L) gradients came out (B, T, D)-contiguous and autograd
+// spent 0.64 ms copying them to the leaves.
 #pragma once
 #include "../common/runtime.h"
 
