@@ -58,13 +58,13 @@ def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, 
     return rows
 
 
-def config_report_rows(op: str, shape: dict, dtype: str, config: dict) -> list[dict]:
-    """compile_check.config_reports' rows for ``op`` at ``shape`` with ``config`` (sm_90), run in
-    a process without TRITON_INTERPRET."""
+def config_report_rows(op: str, shape: dict, dtype: str, config: dict, kernels: frozenset[str] | None = None) -> list[dict]:
+    """compile_check.config_reports' rows for ``op`` at ``shape`` with ``config`` (sm_90; only the
+    ``kernels`` named, if given), run in a process without TRITON_INTERPRET."""
     script = ("import json, torch\n"
               "from dataclasses import asdict\n"
               "from rnnops.triton_backend.compile_check import config_reports\n"
-              f"rows = config_reports({op!r}, {shape!r}, torch.{dtype}, {config!r}, 90)\n"
+              f"rows = config_reports({op!r}, {shape!r}, torch.{dtype}, {config!r}, 90, {kernels!r})\n"
               "print(json.dumps([asdict(r) for r in rows]))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
                             check=False, timeout=600)
@@ -182,9 +182,11 @@ def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores(
     (sm_90, Triton 3.6 and 3.9) and their launch failed with out of memory on an H100. A few KB
     stay: tf32x3's split operands, as at K = 128."""
     shape = {"B": 2, "T": 256, "H": 2, "K": 16, "V": 32, "gated": True, "num_householder": 1}
-    rows = config_report_rows("delta_rule", shape, "float32", kernels.find("delta_rule", "triton").default())
+    chunk_products = frozenset({"ut_inverse_kernel", "ut_bwd_kernel"})
+    rows = config_report_rows("delta_rule", shape, "float32", kernels.find("delta_rule", "triton").default(),
+                              chunk_products)
     stacks = {row["name"]: row["stack_bytes"] for row in rows}
-    assert {"ut_inverse_kernel", "ut_bwd_kernel"} <= stacks.keys()
+    assert stacks.keys() == chunk_products
     assert max(stacks.values()) < 4096, stacks
 
 

@@ -217,9 +217,12 @@ def config_launches(op: str, shape: dict, dtype: torch.dtype, config: dict) -> l
     return launches
 
 
-def config_reports(op: str, shape: dict, dtype: torch.dtype, config: dict, arch: int) -> list[KernelReport]:
-    """:func:`config_launches` compiled for ``arch``."""
-    return compile_launches(config_launches(op, shape, dtype, config), arch)
+def config_reports(op: str, shape: dict, dtype: torch.dtype, config: dict, arch: int,
+                   kernels: frozenset[str] | None = None) -> list[KernelReport]:
+    """:func:`config_launches` compiled for ``arch``; only the kernels named in ``kernels``, if given."""
+    launches = config_launches(op, shape, dtype, config)
+    return compile_launches([launch for launch in launches if kernels is None or launch.kernel.__name__ in kernels],
+                            arch)
 
 
 def standard_calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
