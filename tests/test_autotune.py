@@ -42,7 +42,7 @@ def test_spaces_are_legal_and_match_brute_force(gpu, tunable):
     # set the grid (the linear family's 27 standard shapes share one head shape)
     spaces = {tuple((k, v) for k, v in shape.items() if k not in ("B", "T", "H")): shape
               for shape in tuner.standard_shapes(tunable.op)}
-    for shape in spaces.values():
+    for index, shape in enumerate(spaces.values()):
         space = tunable.space(shape, torch.bfloat16, hw)
         legal = space.legal()
         # the documented gap: a 768-wide head whose smallest weight slice (16 units of every gate, with the
@@ -51,8 +51,11 @@ def test_spaces_are_legal_and_match_brute_force(gpu, tunable):
             cuda_rnn.shared_bytes(shape["D"], shape["cell"], 16, 2, 64, 0, 1, 0)
         ) > hw.shared_memory_per_block
         assert bool(legal) != too_wide, (gpu, shape)
-        # the same configurations, in the same order (sorted by value in declaration order), keys in that order
-        assert legal == sorted(space.brute_force(), key=operator.itemgetter(*space.variables))
+        # the same configurations, in the same order (sorted by value in declaration order), keys in that
+        # order; against the brute force at one head shape a GPU, each shape on some GPU (filtering
+        # the whole product of the domains at every shape took linear attention's check 6 s a GPU)
+        if index == GPUS.index(gpu) % len(spaces):
+            assert legal == sorted(space.brute_force(), key=operator.itemgetter(*space.variables))
         assert all(list(config) == list(space.variables) for config in legal)
         for config in legal:
             assert tunable.threads(config) <= hw.max_threads_per_block
