@@ -198,10 +198,12 @@ CASES
     # (in the order of what they decide: a bench that overruns its budget leaves the last ones no
     # time; on 2026-11-28 it ended about 30 s past it, and the delta rule's check had 11 s)
     # First what decides a change (the delta rule's state tiles, untried in three runs), then what
-    # checks the shipped ones. The delta rule's state walks 0.275 / 0.458 ms a call (forward /
-    # backward; 0.91x of fla f+b at dd69b80 and 4e23ac8) against fla's 0.21 / 0.31, which take 64
-    # state columns where ours take 32 (512 walks in two waves; at 64, 256 in one: 156 / 236
-    # registers, 96 / 120 KB, two an SM; compile_check, Triton 3.6). And fla's GVA case (32 value
+    # checks the shipped ones. The delta rule's state walks 0.278 / 0.454 ms a call (forward /
+    # backward; 0.91x of fla f+b at dd69b80 and 4e23ac8) against fla's 0.21 / 0.31 (its own
+    # autotuning: 64 state columns forward, 64 / 32 backward ungated / gated). Ours take 32: the
+    # forward's 512 walks at 80 KB, two an SM, run in two waves, at 64 its 256 in one (96 KB, two
+    # an SM); the backward's two waves either way (108 KB at 32, two an SM; 120 KB at 64, one), so
+    # 64 columns forward alone, then both ways (compile_check, Triton 3.6). And fla's GVA case (32 value
     # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
     # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
     # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
@@ -209,7 +211,7 @@ CASES
     # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
     ab 480 delta_rule \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
-      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 1}' \
+      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_backward_block_v": 64}' \
       '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
@@ -234,7 +236,7 @@ CASES
       --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
     # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92, by kernel: our state walk
     # 0.287 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32, two waves) and
-    # our output kernel 0.249 against 0.165
+    # our output kernel 0.249 against 0.165 (state_block_v: the forward walk's columns alone)
     ab 530 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at

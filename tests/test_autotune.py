@@ -396,8 +396,8 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
 
     tunable = kernels.find(op, "triton")
     count, ranked = tuner.rank(tunable, shape, torch.bfloat16, hardware.named("H100"))
-    cap = measurement_cap(count)
-    assert cap == min(-(-count // 10), 48)
+    cap = measurement_cap(count, len(ranked[0]))
+    assert cap == min(-(-count // 10), max(48, 7 * len(ranked[0])))
     near, top_near = 0, 0
     for seed in range(40):
         seconds = _synthetic_landscape(ranked, seed)
@@ -409,7 +409,7 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
         assert found.seconds == min(map(seconds, calls))
         near += found.seconds <= 1.03 * best
         top_near += min(map(seconds, ranked[:cap])) <= 1.03 * best  # measuring the model's first tenth instead
-    assert near >= 30 and near >= top_near + 10  # delta rule 31 against 3, rnn 38 against 10
+    assert near >= 30 and near >= top_near + 10  # delta rule 31 against 0 (63 measured), rnn 38 against 10
 
 
 def test_search_skips_failures_and_stops_when_told():

@@ -95,6 +95,25 @@ def test_fused_forward(gated, shape):
         compare_backends(call, x, 1e-5, test="triton")
 
 
+@pytest.mark.parametrize("forward_v,backward_v", [(16, 32), (32, 16)])
+def test_state_walks_take_their_own_v_tiles(forward_v, backward_v, monkeypatch):
+    """state_block_v (the forward walk) and state_backward_block_v (the backward walk) apart: V = 32
+    in two 16-wide walks one way and one 32-wide walk the other, gated, with states in and out."""
+    walks = {}
+
+    def launch(kernel, grid, *args, **kwargs):
+        walks[kernel.__name__] = (grid[0], kwargs.get("BV"))
+        return original(kernel, grid, *args, **kwargs)
+
+    original = triton_delta_rule.launch
+    monkeypatch.setattr(triton_delta_rule, "launch", launch)
+    x = make_inputs(T=37, gated=True, beta_max=2.0)
+    with _with_config("delta_rule", x, torch.float32, state_block_v=forward_v, state_backward_block_v=backward_v):
+        compare_backends(lambda backend, **kw: delta(backend, **kw), x, 1e-5, test="triton")
+    assert walks["states_fwd_kernel"] == (32 // forward_v, forward_v)
+    assert walks["states_bwd_kernel"] == (32 // backward_v, backward_v)
+
+
 @pytest.mark.parametrize("variant", ["plain", "gated", "gated-varlen", "gated-fused", "DeltaProduct"])
 def test_grouped_heads(variant):
     """fla's GVA: q and k with two heads for v's, beta's and g's four; every kernel reads the
@@ -153,7 +172,8 @@ def test_head_dims_are_checked():
 @pytest.mark.parametrize("gpu", ["A100", "H100"])
 def test_config_space(gpu):
     legal = triton_delta_rule.space(256, 128, 64, 2, hardware.named(gpu)).legal()
-    assert legal and all(256 * p["state_block_v"] <= 128 * 32 * p["state_num_warps"] for p in legal)
+    assert legal and all(256 * max(p["state_block_v"], p["state_backward_block_v"]) <= 128 * 32 * p["state_num_warps"]
+                         for p in legal)
     defaults = dict(triton_delta_rule.DEFAULT_CONFIG.__dict__)
     assert defaults in triton_delta_rule.space(128, 128, 64, 2, hardware.named(gpu)).legal()
     assert triton_delta_rule.FLOAT32_DEFAULT_CONFIG.__dict__ in triton_delta_rule.space(

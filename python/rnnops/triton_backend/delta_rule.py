@@ -34,11 +34,19 @@ from .linear_attn import ChunkConfig, ChunkedRun, chunk_space, default_config, s
 
 @dataclass(frozen=True)
 class DeltaRuleConfig(ChunkConfig):
-    """ChunkConfig plus the V tile of the state loops, which hold all of K (rounded up to a
-    power of two: V_new = U - W S_in reduces over the whole of K) times ``state_block_v`` of the
-    state in registers."""
+    """ChunkConfig plus the V tiles of the state loops, which hold all of K (rounded up to a
+    power of two: V_new = U - W S_in reduces over the whole of K) times ``state_block_v``
+    (forward) or ``state_backward_block_v`` (backward) columns of the state in registers."""
 
     state_block_v: int = 32
+    # the backward walk's (states_bwd_kernel) V tile, apart from the forward's: at B8 H16, K = V =
+    # 128 on an H200 (Triton 3.6, bf16, 2 stages) the forward walk takes 80 KB of shared memory at
+    # 32 columns (two programs an SM: its 512 walks in two waves) and 96 KB at 64 (256 walks, one
+    # wave), while the backward's 108 KB at 32 and 120 KB at 64 keep two waves either way (two an
+    # SM at 32, one at 64), so 64 halves the forward's waves and only doubles the backward's work
+    # a walk. flash-linear-attention's own autotuning on the H200 picked 64 for its forward walk,
+    # 64 or 32 for its backward (ungated / gated). Which wins is for measuring (the GPU suite's A/B)
+    state_backward_block_v: int = 32
     # 1: the forward's state walk also computes the outputs (linear_attn's fused_fwd_kernel with
     # DELTA: V_new = U - W S_in in the walk), writing neither the chunk states nor V_new, which
     # the backward recomputes either way; the two-pass forward's states and V_new were about a
@@ -47,8 +55,15 @@ class DeltaRuleConfig(ChunkConfig):
     fused_forward: int = 0
 
     def state_blocks(self, K: int, V: int) -> tuple[int, int]:
-        """The state kernels' (K, V) tile: all of K, state_block_v of V (both powers of two)."""
+        """The forward state walk's (K, V) tile: all of K, state_block_v of V (both powers of two)."""
         return next_power_of_two(K), min(self.state_block_v, next_power_of_two(V))
+
+    def backward_state_block_v(self, V: int) -> int:
+        """The backward state walk's V tile (its K tile: all of K, as the forward's)."""
+        return min(self.state_backward_block_v, next_power_of_two(V))
+
+    def tile_widths(self, K: int, V: int) -> tuple[int, ...]:
+        return super().tile_widths(K, V) + (self.backward_state_block_v(V),)
 
 
 DEFAULT_CONFIG = DeltaRuleConfig()
@@ -61,12 +76,18 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     """The legal DeltaRuleConfig values: chunk_space and the state kernels'."""
     base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     return Space(
-        dict(base.variables, state_block_v=powers_of_two(16, 64), fused_forward=[0, 1]),
+        dict(base.variables, state_block_v=powers_of_two(16, 64), state_backward_block_v=powers_of_two(16, 64),
+             fused_forward=[0, 1]),
         base.constraints + (
             Constraint("state_block_v <= V rounded up to a power of two", ("state_block_v",),
                        lambda bv: bv <= next_power_of_two(V)),
+            Constraint("state_backward_block_v <= V rounded up to a power of two", ("state_backward_block_v",),
+                       lambda bv: bv <= next_power_of_two(V)),
             Constraint("the full-K fp32 state tile fits in 128 registers per thread",
                        ("state_block_v", "state_num_warps"),
+                       lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
+            Constraint("the backward walk's full-K fp32 state tile fits in 128 registers per thread",
+                       ("state_backward_block_v", "state_num_warps"),
                        lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
             Constraint("fused_forward: the pipelined q, k, W and U chunk tiles fit in shared memory",
                        ("state_block_v", "state_num_stages", "fused_forward"),
@@ -138,11 +159,12 @@ class _DeltaRun(ChunkedRun):
         # the intra-chunk term in parallel, so the sequential loop only adds the state term
         dv_new, *_ = self.dv(q, k, G, None, None, do)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
+        block_v = self.config.backward_state_block_v(self.V)
         launch(
-            _kernels().states_bwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
+            _kernels().states_bwd_kernel, (-(-self.V // block_v), lay.sequences * self.H),
             q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
             lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, STEPS=self.steps, QT=self.QT, BKF=self.SBK, BV=self.SBV,
+            STORE_D_INITIAL=initial_state is not None, STEPS=self.steps, QT=self.QT, BKF=self.SBK, BV=block_v,
             **self.delta, **self.state_launch)
         return dh, dv_new, d_initial
 

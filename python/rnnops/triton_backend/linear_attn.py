@@ -46,6 +46,11 @@ class ChunkConfig:
         """Tiles of the chunk-parallel kernels, no larger than the (power-of-two rounded) head dims."""
         return min(self.block_k, next_power_of_two(K)), min(self.block_v, next_power_of_two(V))
 
+    def tile_widths(self, K: int, V: int) -> tuple[int, ...]:
+        """Every head-dim tile width the op's kernels take (dot_precision's ``tile_dims``): the chunk
+        kernels' and the state kernels' (``state_blocks``, each subclass's)."""
+        return self.blocks(K, V) + self.state_blocks(K, V)
+
 
 @dataclass(frozen=True)
 class LinearAttnConfig(ChunkConfig):
@@ -220,7 +225,7 @@ class ChunkedRun:
         self.BK, self.BV = config.blocks(self.K, self.V)
         self.SBK, self.SBV = config.state_blocks(self.K, self.V)
         self.layout = ChunkLayout.build(self.B, self.T, chunk, cu_seqlens, q.device)
-        self.precision = dot_precision(q.dtype, tile_dims=(self.BK, self.BV, self.SBK, self.SBV))
+        self.precision = dot_precision(q.dtype, tile_dims=config.tile_widths(self.K, self.V))
         # what goes from kernel to kernel (the chunk states h, their gradients dh; the delta rule's
         # dV_new, dW and the UT inverse T) is stored in the input dtype: for half inputs every kernel
         # that reads it rounds it to half for its dot products anyway, so this halves the largest
