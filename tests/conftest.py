@@ -13,13 +13,12 @@ if not HAS_CUDA:  # kernels run on CPU tensors: Triton's interpreter (set before
     os.environ.setdefault("RNNOPS_CUDA_SIMULATOR", "1")
 
 
-
 def _patch_triton_language_once_per_launch() -> None:
     """Triton's interpreter (3.9) patches triton.language's builtins for a kernel's launch and then
     again at every call of a @triton.jit helper inside it (inspect.getmembers over tl, tl.tensor and
     tl.math each time, ~0.2 ms): the scan's and the cells' per-step helpers spent three quarters of
     their interpreter tests' time there (the Triton scan's, the cells' and grouped linear attention's
-    tests: 110 -> 30 s). Here a helper call patches only where its module sees a language module
+    tests: 110 -> 48 s). Here a helper call patches only where its module sees a language module
     the launch has not patched yet (triton.language.core, from Triton's own helpers such as
     tl.zeros), and those patches are undone with the launch's. A builtin left unpatched would fail
     loudly (a call outside a kernel's scope), not compute something else."""
