@@ -58,7 +58,8 @@ def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, 
     return rows
 
 
-def config_report_rows(op: str, shape: dict, dtype: str, config: dict, kernels: frozenset[str] | None = None) -> list[dict]:
+def config_report_rows(op: str, shape: dict, dtype: str, config: dict,
+                       kernels: frozenset[str] | None = None) -> list[dict]:
     """compile_check.config_reports' rows for ``op`` at ``shape`` with ``config`` (sm_90; only the
     ``kernels`` named, if given), run in a process without TRITON_INTERPRET."""
     script = ("import json, torch\n"
