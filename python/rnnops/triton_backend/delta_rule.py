@@ -75,20 +75,19 @@ FLOAT32_DEFAULT_CONFIG = DeltaRuleConfig(block_k=32, block_v=32, state_num_warps
 def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     """The legal DeltaRuleConfig values: chunk_space and the state kernels'."""
     base = chunk_space(K, V, chunk, dtype_bytes, hardware)
+
+    def walk_tile(columns: str) -> tuple[Constraint, ...]:
+        """A state walk's V tile (``columns``, the forward's or the backward's variable)."""
+        return (Constraint(f"{columns} <= V rounded up to a power of two", (columns,),
+                           lambda bv: bv <= next_power_of_two(V)),
+                Constraint(f"the full-K fp32 state tile of {columns} columns fits in 128 registers per thread",
+                           (columns, "state_num_warps"),
+                           lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w))
+
     return Space(
         dict(base.variables, state_block_v=powers_of_two(16, 64), state_backward_block_v=powers_of_two(16, 64),
              fused_forward=[0, 1]),
-        base.constraints + (
-            Constraint("state_block_v <= V rounded up to a power of two", ("state_block_v",),
-                       lambda bv: bv <= next_power_of_two(V)),
-            Constraint("state_backward_block_v <= V rounded up to a power of two", ("state_backward_block_v",),
-                       lambda bv: bv <= next_power_of_two(V)),
-            Constraint("the full-K fp32 state tile fits in 128 registers per thread",
-                       ("state_block_v", "state_num_warps"),
-                       lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
-            Constraint("the backward walk's full-K fp32 state tile fits in 128 registers per thread",
-                       ("state_backward_block_v", "state_num_warps"),
-                       lambda bv, w: next_power_of_two(K) * bv <= 128 * hardware.warp_size * w),
+        base.constraints + walk_tile("state_block_v") + walk_tile("state_backward_block_v") + (
             Constraint("fused_forward: the pipelined q, k, W and U chunk tiles fit in shared memory",
                        ("state_block_v", "state_num_stages", "fused_forward"),
                        lambda bv, s, f: not f or s * chunk * (3 * next_power_of_two(K) + bv) * dtype_bytes
