@@ -203,7 +203,10 @@ CASES
     # autotuning: 64 state columns forward, 64 / 32 backward ungated / gated). Ours take 32: the
     # forward's 512 walks at 80 KB, two an SM, run in two waves, at 64 its 256 in one (96 KB, two
     # an SM); the backward's two waves either way (108 KB at 32, two an SM; 120 KB at 64, one), so
-    # 64 columns forward alone, then both ways (compile_check, Triton 3.6). And fla's GVA case (32 value
+    # 64 columns forward alone, then both ways (compile_check, Triton 3.6); then three pipeline
+    # stages: fla's backward walk at 32 columns and 4 warps took 0.347 ms at three, 0.573 at two
+    # (its autotuning records, 4e23ac8), one program an SM either way; ours at three 152 registers /
+    # 160 KB backward, 92 / 116 KB forward (one an SM each; two at two stages). And fla's GVA case (32 value
     # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
     # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
     # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
@@ -212,6 +215,7 @@ CASES
     ab 480 delta_rule \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
       --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_backward_block_v": 64}' \
+      '{"state_num_stages": 3}' '{"state_block_v": 64, "state_num_stages": 3}' \
       '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
@@ -234,9 +238,12 @@ CASES
     ab 515 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=8192,H=16,K=128,V=128,gate=none" \
       --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
-    # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92, by kernel: our state walk
-    # 0.287 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32, two waves) and
-    # our output kernel 0.249 against 0.165 (state_block_v: the forward walk's columns alone)
+    # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92 and 4e23ac8, by kernel:
+    # our state walk 0.284 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32,
+    # two waves) and our output kernel 0.249 against 0.163; since then the output kernel takes
+    # chunks of 64 tokens (query tiles of 64 rows on wgmma, where 32 were on mma.sync) and the walk
+    # stores a state a token chunk (half of them: 134 MB fewer written and read), untimed
+    # (state_block_v: the forward walk's columns alone)
     ab 530 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at

@@ -31,6 +31,10 @@ over each group by the caller.
 Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a power of two):
     ut_inverse, ut_fwd, ut_bwd   (chunks, H)
     states_fwd/_bwd              (V/BV, sequences * H)
+DeltaProduct (n_h steps a token as rows): the forward's states_fwd stores S_in of every n_h-th
+chunk only, for linear_attn's output kernel in chunks of BT tokens (n_h row-chunks, KEY_TILES):
+B*T*n_h / BT states of K*V written and read where every row-chunk's were n_h times that (B8 T2048
+n_h 2 H16 K=V=128, bf16: 134 MB each way instead of 268).
 Work per token and head: forward 2*(2*BT*K + (BT/16)*BT^2 + BT*(K+V) + 3*K*V + BT*V) flops (the
 inverse's blocked products are the (BT/16)*BT^2); reads q, k, v, beta (, g), writes o, and
 moves T (BT values), W, U, V_new and one K*V state per chunk, all in the input dtype.
@@ -185,19 +189,24 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
 
 
 @triton.jit
-def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_offsets, cu_seqlens,
+def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_offsets, state_offsets, cu_seqlens,
                       H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
                       HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
-                      BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
-    """The chunk loop of one sequence: h[chunk] = S_in, v_new = U - W S_in, S_out."""
+                      STATE_EVERY: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
+    """The chunk loop of one sequence: v_new = U - W S_in, S_out, and S_in of every STATE_EVERY-th
+    chunk into h (1: every chunk's, in the chunk layout; DeltaProduct's forward: its steps, a state
+    a token chunk, at ``state_offsets``, the sequences' first token chunks)."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
-    bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
+    bos, eos, _first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
+    first_state = tl.load(state_offsets + seq).to(tl.int64)
     rk = tl.arange(0, BKF)
     rv = i_v * BV + tl.arange(0, BV)
     state_offs, state_mask, S = sequence_state(initial_state, seq, i_h, rk, rv, H, K, V, HAS_INITIAL)
     for n in range(chunks):
-        tl.store(h + ((first + n) * H + i_h) * K * V + state_offs, S.to(h.dtype.element_ty), mask=state_mask)
+        if n % STATE_EVERY == 0:
+            tl.store(h + ((first_state + n // STATE_EVERY) * H + i_h) * K * V + state_offs, S.to(h.dtype.element_ty),
+                     mask=state_mask)
         t0 = bos + n * BT
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos

@@ -39,8 +39,9 @@ consecutive (value) heads share a q / k head; every kernel works per value head,
 come out per value head, (., H, K), or summed over HEADS of them by dqk_kernel, (., H / HEADS,
 K), and the caller sums each group's. STEPS > 1 (DeltaProduct, through the delta rule): the
 rows are Householder steps, STEPS a token, and q, g, o, do and dq are per token, (B*T / STEPS,
-...), read and written on a token's last step (g its first; _packed.token_rows); the output,
-fused forward and dv kernels take a chunk's QT queries as one tile (_packed.query_rows). VS
+...), read and written on a token's last step (g its first; _packed.token_rows); the fused
+forward and dv kernels take a chunk's QT queries as one tile (_packed.query_rows), the output
+kernel chunks of BT tokens, STEPS row-chunks (KEY_TILES), with their own states and G. VS
 (HAS_VSCALE), (., H): a scale s per token and head of v (Mamba-2's dt): every kernel that reads v scales the rows of its
 tile as loaded (d_scores: the columns of its dA), and dv_kernel returns s times the gradient of
 s v and, per V tile, rowsum(that gradient * v), which the caller sums into ds. SKIP (HAS_SKIP),
@@ -49,12 +50,13 @@ adds skip * do to dv and writes colsum(do * v) per chunk, which the caller sums 
 
 Grids and tiling (BT chunk, BK/BV tiles of K/V, BC = 16 sub-chunk; the state kernels' BK/BV are
 the configuration's state tile, the others' its chunk tiles):
-    cumsum       (chunks, H)               one chunk's g, all of K in BK tiles
+    cumsum       (chunks, H)               one chunk's g, all of K in BK tiles (or its TILES row tiles)
     states_fwd   (K/BK, V/BV, seqs * H)    the chunk loop of one sequence, S tile in registers
     intra_scores (chunks, H)               per-key only: A for one chunk, K in BK tiles; launched
                                            twice, factored chunks and the others (each program
                                            leaves the other kind's chunks alone)
-    output       (V/BV, chunks, H)         o tile (the chunk's QT queries); K in BK tiles
+    output       (V/BV, chunks, H)         o tile (the chunk's QT queries); K in BK tiles, keys in
+                                           KEY_TILES tiles of BT rows
     states_bwd   (K/BK, V/BV, seqs * H)    reverse chunk loop
     intra_dqk    (chunks, H)               per-key only: the intra parts of dq, dk from dA; twice
     dqk          (K/BK, chunks, H/HEADS)   dq, dk, dG for one K tile, HEADS value heads; V in BV tiles
@@ -81,17 +83,24 @@ SUB_CHUNK = 16
 
 @triton.jit
 def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
-                  STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """G = inclusive cumulative sum of g inside each chunk, in fp32. STEPS > 1 (DeltaProduct, scalar
-    decay): g is per token, (rows / STEPS, H), and decays each token's first step (G per row)."""
+                  STEPS: tl.constexpr, TILES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """G = inclusive cumulative sum of g inside each chunk of TILES * BT rows, in fp32. STEPS > 1
+    (DeltaProduct, scalar decay): g is per token, (rows / STEPS, H), and decays each token's first
+    step (G per row); TILES > 1 (scalar decay): BT rows at a time (DeltaProduct's token chunks of
+    STEPS row-chunks, not a power of two for every STEPS)."""
+    tl.static_assert(TILES == 1 or GATE == 1)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, TILES * BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         if GATE == 1:
-            offs = rows * H + i_h
-            x = tl.load(g + (rows // STEPS) * H + i_h, mask=(rows < eos) & (rows % STEPS == 0), other=0.0)
-            tl.store(G + offs, tl.cumsum(x.to(tl.float32), axis=0), mask=rows < eos)
+            carry = 0.0
+            for tile in tl.static_range(TILES):
+                rows = t0 + tile * BT + tl.arange(0, BT)
+                x = tl.load(g + (rows // STEPS) * H + i_h, mask=(rows < eos) & (rows % STEPS == 0), other=0.0)
+                x = x.to(tl.float32)
+                tl.store(G + rows * H + i_h, tl.cumsum(x, axis=0) + carry, mask=rows < eos)
+                carry += tl.sum(x, axis=0)
         else:
             for i_k in range(tl.cdiv(K, BK)):
                 cols = i_k * BK + tl.arange(0, BK)
@@ -377,40 +386,49 @@ def _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H: tl.constexpr, G
 @triton.jit
 def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr,
                   GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, STEPS: tl.constexpr, BT: tl.constexpr,
-                  QT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """o = scale * ((q * e^G) @ S_in + scores @ v) (+ skip * v) for one chunk and V tile; one pass
-    over the K tiles reads q once for both terms (a scalar decay: e^G (q @ S_in), q as loaded).
-    q and o per token, the chunk's QT queries (query_rows: DeltaProduct's STEPS)."""
+                  V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, STEPS: tl.constexpr,
+                  KEY_TILES: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """o = scale * ((q * e^G) @ S_in + scores @ v) (+ skip * v) for one chunk of KEY_TILES * BT rows
+    and V tile; one pass over the K tiles reads q once for both terms (a scalar decay: e^G (q @ S_in),
+    q as loaded), the scores taken against the chunk's keys BT rows at a time. q and o per token, the
+    chunk's QT queries (query_rows: DeltaProduct's STEPS). KEY_TILES > 1 (DeltaProduct: STEPS, a chunk
+    of BT tokens; its states, G and chunk_indices in chunks of that many rows): query tiles of BT
+    tokens, on warpgroup tensor cores where a row-chunk's BT / STEPS were not (mma.sync at 32 rows),
+    and one state read a token chunk instead of STEPS (the state walk stores only those)."""
+    tl.static_assert(KEY_TILES == 1 or (STEPS > 1 and GATE != 2))
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
+    valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, KEY_TILES * BT)
     if valid:
-        rows = t0 + tl.arange(0, BT)
-        row_mask = rows < eos
-        rq, q_rows, q_mask = query_rows(rows, row_mask, t0, last + 1, STEPS, QT)
+        first_rows = t0 + tl.arange(0, BT)
+        rq, q_rows, q_mask = query_rows(first_rows, first_rows < eos, t0, last + 1, STEPS, QT)
         rv = i_v * BV + tl.arange(0, BV)
-        vmask = row_mask[:, None] & (rv[None, :] < V)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
-        b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
         acc = tl.zeros([QT, BV], tl.float32)
-        qk = tl.zeros([QT, BT], tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            rk = i_k * BK + tl.arange(0, BK)
-            q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
-            b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)
-            b_S = tl.load(h + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
-                          mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
-            if GATE != 2:
-                qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
-                b_k = tl.load(k + qk_tile, mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
-                qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-            if GATE == 2:
-                b_q = (b_q * tl.exp(_load_decay(G, rq, q_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
-            acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
-        if GATE == 1:  # a decay per token: a row factor of (q S), not of every q tile
-            acc *= tl.exp(tl.load(G + rq * H + i_h, mask=q_mask, other=0.0))[:, None]
-        scores = _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H, GATE, STEPS, BT)
-        acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
+        for tile in tl.static_range(KEY_TILES):
+            rows = t0 + tile * BT + tl.arange(0, BT)
+            row_mask = rows < eos
+            vmask = row_mask[:, None] & (rv[None, :] < V)
+            b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
+            b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
+            qk = tl.zeros([QT, BT], tl.float32)
+            for i_k in range(tl.cdiv(K, BK)):
+                rk = i_k * BK + tl.arange(0, BK)
+                q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+                b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)
+                if tile == 0:
+                    b_S = tl.load(h + (i_c * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
+                                  mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.0)
+                if GATE != 2:
+                    qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
+                    b_k = tl.load(k + qk_tile, mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
+                    qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+                if tile == 0:
+                    if GATE == 2:
+                        b_q = (b_q * tl.exp(_load_decay(G, rq, q_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
+                    acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
+            if tile == 0 and GATE == 1:  # a decay per token: a row factor of (q S), not of every q tile
+                acc *= tl.exp(tl.load(G + rq * H + i_h, mask=q_mask, other=0.0))[:, None]
+            scores = _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H, GATE, STEPS, BT)
+            acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
         out = acc * scale
         if HAS_SKIP:
             out += _skip_term(v, SKIP, rq, rv, q_mask[:, None] & (rv[None, :] < V), i_h, H, V)

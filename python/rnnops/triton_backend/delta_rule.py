@@ -13,6 +13,9 @@ DeltaProduct (n_h Householder steps a token) runs the same kernels over the step
 and beta interleaved by a reshape, while q, g, o and their gradients stay once a token; the
 kernels read and write those only on each token's last step (g on its first), so nothing is
 padded with zeros on the host and o is written once a token (triton_kernels._packed.token_rows).
+Its forward's output kernel takes chunks of ``chunk_size`` tokens (n_h row-chunks: ChunkedRun's
+``output_layout``), the chunk states of those alone, and their own cumulative decay; the backward
+keeps every row-chunk's state (dW = -dV_new S_in^T needs each).
 """
 from __future__ import annotations
 
@@ -140,16 +143,19 @@ class _DeltaRun(ChunkedRun):
             **self.delta, **self.launch)
         return W, U, T
 
-    def delta_states(self, k, W, U, G, initial_state, store_final):
+    def delta_states(self, k, W, U, G, initial_state, store_final, for_output=False):
+        """(h, V_new, final state): h the chunk states, S_in of every chunk, or ``for_output`` of
+        every chunk of ``output_layout`` (DeltaProduct: a token chunk's)."""
         lay = self.layout
-        h = empty((lay.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=k.device)
+        states = self.output_layout if for_output else lay
+        h = empty((states.programs, self.H, self.K, self.V), dtype=self.stored_dtype, device=k.device)
         v_new = empty(U.shape, dtype=U.dtype, device=U.device)
         final = self.final_state(k.device) if store_final else None
         launch(
             _kernels().states_fwd_kernel, (-(-self.V // self.SBV), lay.sequences * self.H),
-            k, W, U, G, h, v_new, initial_state, final, lay.chunk_offsets, lay.cu_seqlens,
+            k, W, U, G, h, v_new, initial_state, final, lay.chunk_offsets, states.chunk_offsets, lay.cu_seqlens,
             HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, BKF=self.SBK, BV=self.SBV,
-            **self.delta, **self.state_launch)
+            STATE_EVERY=self.steps if for_output else 1, **self.delta, **self.state_launch)
         return h, v_new, final
 
     def delta_states_backward(self, q, k, W, G, do, d_final, initial_state):
@@ -206,8 +212,8 @@ class DeltaRuleFunction(torch.autograd.Function):
         if config.fused_forward:
             o, final = run.fused_forward(qf, kf, U, G, state0, output_final_state, W=W)
         else:
-            h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state)
-            o = run.output(qf, kf, v_new, G, None, h)
+            h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state, for_output=True)
+            o = run.output(qf, kf, v_new, run.output_decay(gf, G), None, h)
         return run.unflat(o), final
 
     @staticmethod

@@ -6,6 +6,7 @@ in the input dtype) and, for per-key decay, the intra-chunk scores (BT fp32 valu
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -247,10 +248,20 @@ class ChunkedRun:
         self.per_key = {"KP": self.KP, "SPAN_LIMIT": factored_span_limit(q.dtype), "BC": kernels.SUB_CHUNK}
         self.common = {"H": self.H, "GROUP": self.group, "K": self.K, "GATE": self.gate, "PRECISION": self.precision,
                        "BT": chunk}
-        # the output, fused forward, dv and delta-rule state backward kernels' query tile
-        # (_packed.query_rows): a chunk's ceil(chunk / steps) queries, a power of two and at least
-        # 16 for the tensor cores
+        # the fused forward, dv and delta-rule state backward kernels' query tile (_packed.query_rows):
+        # a chunk's ceil(chunk / steps) queries, a power of two and at least 16 for the tensor cores
         self.QT = chunk if steps == 1 else max(16, next_power_of_two(-(-chunk // steps)))
+        self.cu_seqlens = cu_seqlens
+
+    @functools.cached_property
+    def output_layout(self) -> ChunkLayout:
+        """The output kernel's chunks: ``layout``'s, or DeltaProduct's of ``chunk`` tokens, ``steps``
+        row-chunks each (query tiles of ``chunk`` rows, as the delta rule's; its forward's state walk
+        stores the states of these alone, 1 / steps of the row-chunks' K x V states)."""
+        if self.steps == 1:
+            return self.layout
+        return ChunkLayout.build(self.B, self.T, self.chunk * self.steps, self.cu_seqlens,
+                                 self.layout.cu_seqlens.device)
 
     @property
     def k_tiles(self) -> int:
@@ -268,17 +279,24 @@ class ChunkedRun:
         """(B, T, H, ...) -> contiguous (B*T, H, ...)."""
         return None if x is None else x.reshape((-1,) + x.shape[2:]).contiguous()
 
-    def cumulative_decay(self, g):
+    def cumulative_decay(self, g, output_chunks=False):
         """G, float32, (rows, H) or (rows, H, K): g's cumulative sum within each chunk (per row of
-        the kernels: a DeltaProduct's g once a token, on its first step)."""
+        the kernels: a DeltaProduct's g once a token, on its first step), or with ``output_chunks``
+        within each of the output kernel's chunks (``output_layout``)."""
         if g is None:
             return None
-        G = empty((self.layout.total_rows,) + g.shape[1:], dtype=torch.float32, device=g.device)
+        lay = self.output_layout if output_chunks else self.layout
+        G = empty((lay.total_rows,) + g.shape[1:], dtype=torch.float32, device=g.device)
         launch(
-            _kernels().cumsum_kernel, (self.layout.programs, self.H),
-            g, G, self.layout.chunk_indices, self.layout.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
-            STEPS=self.steps, BT=self.chunk, BK=self.BK, **self.launch)
+            _kernels().cumsum_kernel, (lay.programs, self.H),
+            g, G, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
+            STEPS=self.steps, TILES=self.steps if output_chunks else 1, BT=self.chunk, BK=self.BK, **self.launch)
         return G
+
+    def output_decay(self, g, G):
+        """The cumulative decay the output kernel takes: ``G`` (cumulative_decay's of g), or for
+        DeltaProduct's token chunks g's within those."""
+        return G if self.steps == 1 else self.cumulative_decay(g, output_chunks=True)
 
     def token_gradient(self, dG):
         """The gradient of a per-token g from the per-row ``dG`` (rows, H): its first step's."""
@@ -325,13 +343,14 @@ class ChunkedRun:
         return o, final
 
     def output(self, q, k, v, G, A, h):
+        """o from the chunk states ``h`` and cumulative decay ``G`` of ``output_layout``'s chunks."""
         o = empty(self.per_token(q, v), dtype=v.dtype, device=v.device)
-        lay = self.layout
+        lay = self.output_layout
         launch(
             _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
-            HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, STEPS=self.steps, QT=self.QT,
-            BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, STEPS=self.steps,
+            KEY_TILES=self.steps, QT=self.chunk, BK=self.BK, BV=self.BV, **self.common, **self.launch)
         return o
 
     def states_backward(self, q, do, G, d_final, initial_state):
