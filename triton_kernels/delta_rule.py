@@ -4,13 +4,14 @@ Per head, S: K x V, beta_t the step size, g_t an optional scalar log-decay, scal
     S <- e^(g_t) S;   S <- S + beta_t k_t (v_t - S^T k_t)^T;   o_t = s * S^T q_t
 Per chunk of BT tokens (G the inclusive cumulative log-decay, Gamma = e^G, D_ij = e^(G_i - G_j)):
     L      = strictly_lower(beta_i (k_i . k_j) D_ij),   T = (I + L)^-1        (UT transform)
-    W      = T diag(beta Gamma) K,   U = T diag(beta) V                        (``ut_fwd``)
+    W      = T diag(beta Gamma) K,   U = T diag(beta) V          (``ut_fwd``, or ungated ``ut_inverse``)
     V_new  = U - W S_in                          (the chunk's pseudo-values)  (``states_fwd``)
     S_out  = Gamma_last S_in + (K * e^(G_last - G))^T V_new
     o      = s [(Gamma q) S_in + (q k^T * D, j <= i) V_new]   (linear_attn's output kernel)
-T comes from ``ut_inverse`` (blocked forward substitution, see _unit_lower_inverse), once in
-the forward and once in the backward, and is read by ``ut_fwd`` and ``ut_bwd``. All exponents
-are <= 0 and clamped so, as in linear_attn.
+T comes from ``ut_inverse`` (blocked forward substitution, see _unit_lower_inverse) in the
+forward, which for ungated inputs also forms W and U from it (``ut_fwd`` does for gated ones);
+it is saved for the backward, whose ``ut_fwd`` recomputes W and U from it and ``ut_bwd``
+differentiates through it. All exponents are <= 0 and clamped so, as in linear_attn.
 
 Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks backwards):
     dV_new = s (q k^T * D, j <= i)^T do + (K * e^(G_last - G)) dh             (= dU)
@@ -33,8 +34,8 @@ Grids (BT chunk, BV tile of V; the state kernels hold all of K, rounded up to a 
     states_fwd/_bwd              (V/BV, sequences * H)
 DeltaProduct (n_h steps a token as rows): the forward's states_fwd stores S_in of every n_h-th
 chunk only, for linear_attn's output kernel in chunks of BT tokens (n_h row-chunks, KEY_TILES):
-B*T*n_h / BT states of K*V written and read where every row-chunk's were n_h times that (B8 T2048
-n_h 2 H16 K=V=128, bf16: 134 MB each way instead of 268).
+B*T / BT states of K*V (T tokens) written and read, where the row-chunks' were n_h times as many
+(B8 T2048 n_h 2 H16 K=V=128, bf16: 134 MB each way instead of 268).
 Work per token and head: forward 2*(2*BT*K + (BT/16)*BT^2 + BT*(K+V) + 3*K*V + BT*V) flops (the
 inverse's blocked products are the (BT/16)*BT^2); reads q, k, v, beta (, g), writes o, and
 moves T (BT values), W, U, V_new and one K*V state per chunk, all in the input dtype.
@@ -139,30 +140,58 @@ def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr)
 
 
 @triton.jit
-def ut_inverse_kernel(k, beta, G, T_all, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
-                      K: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr,
-                      BT: tl.constexpr, BK: tl.constexpr):
-    """T = (I + strictly_lower(diag(beta) M))^-1 for one chunk, computed in fp32 and stored as
-    T[(row, head), column in chunk] (the layout of linear_attn's intra-chunk scores) in T_all's
-    dtype, the input dtype: ut_fwd multiplies with T rounded to it anyway."""
+def _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H: tl.constexpr, GROUP: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk, T in the input dtype (stored in
+    v's dtype)."""
+    for i_k in range(tl.cdiv(K, BK)):
+        rk = i_k * BK + tl.arange(0, BK)
+        tile = (rows[:, None] * H + i_h) * K + rk[None, :]
+        mask = row_mask[:, None] & (rk[None, :] < K)
+        b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=mask, other=0.0)
+        rhs = (b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)
+        tl.store(W + tile, tl.dot(T, rhs, input_precision=PRECISION).to(W.dtype.element_ty), mask=mask)
+    for i_v in range(tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        tile = (rows[:, None] * H + i_h) * V + rv[None, :]
+        mask = row_mask[:, None] & (rv[None, :] < V)
+        b_v = tl.load(v + tile, mask=mask, other=0.0)
+        rhs = (b_v * b_beta[:, None]).to(b_v.dtype)
+        tl.store(U + tile, tl.dot(T, rhs, input_precision=PRECISION).to(U.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ut_inverse_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+                      CHUNK_PRECISION: tl.constexpr, APPLY: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr):
+    """The forward's UT transform of one chunk: T = (I + strictly_lower(diag(beta) M))^-1, computed in
+    fp32 and stored as T[(row, head), column in chunk] (the layout of linear_attn's intra-chunk
+    scores) in T_all's dtype, the input dtype, for ut_fwd_kernel and the backward. APPLY: then W and
+    U from T so rounded, as ut_fwd_kernel forms them from the stored T (which is then not read back,
+    and k's tiles come from L2): ungated only, where the kernel keeps the standalone inverse's 128
+    registers (four programs an SM for its latency-bound substitution chain); gated it took 148-162
+    whatever the order of its loads (three an SM; bf16, sm_90, Triton 3.6, the H200's tiles)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < eos
-        b_beta, _ = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
+        b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
         M = _decayed_gram(k, G, rows, row_mask, i_h, H, GROUP, K, GATED, PRECISION, BT, BK)
         strict = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
-        inverse = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), CHUNK_PRECISION, BT)
-        tl.store(T_all + _inverse_tile(rows, i_h, H, BT), inverse.to(T_all.dtype.element_ty), mask=row_mask[:, None])
+        T = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * M, 0.0), CHUNK_PRECISION, BT)
+        T = T.to(T_all.dtype.element_ty)
+        tl.store(T_all + _inverse_tile(rows, i_h, H, BT), T, mask=row_mask[:, None])
+        if APPLY:
+            _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H, GROUP, K, V, PRECISION, BK, BV)
 
 
 @triton.jit
 def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
-                  K: tl.constexpr,
-                  V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr):
-    """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk (stored in v's dtype)."""
+                  K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
+    """W and U for one chunk from the saved T (the backward's recomputation)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -170,22 +199,7 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
         row_mask = rows < eos
         b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
         T = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
-        for i_k in range(tl.cdiv(K, BK)):
-            rk = i_k * BK + tl.arange(0, BK)
-            tile = (rows[:, None] * H + i_h) * K + rk[None, :]
-            mask = row_mask[:, None] & (rk[None, :] < K)
-            b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=mask, other=0.0)
-            rhs = (b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)
-            tl.store(W + tile, tl.dot(T, rhs, input_precision=PRECISION).to(W.dtype.element_ty),
-                     mask=mask)
-        for i_v in range(tl.cdiv(V, BV)):
-            rv = i_v * BV + tl.arange(0, BV)
-            tile = (rows[:, None] * H + i_h) * V + rv[None, :]
-            mask = row_mask[:, None] & (rv[None, :] < V)
-            b_v = tl.load(v + tile, mask=mask, other=0.0)
-            rhs = (b_v * b_beta[:, None]).to(b_v.dtype)
-            tl.store(U + tile, tl.dot(T, rhs, input_precision=PRECISION).to(U.dtype.element_ty),
-                     mask=mask)
+        _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H, GROUP, K, V, PRECISION, BK, BV)
 
 
 @triton.jit

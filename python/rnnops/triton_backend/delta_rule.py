@@ -124,23 +124,25 @@ class _DeltaRun(ChunkedRun):
         self.chunk_precision = dot_precision(q.dtype)
 
     def ut(self, k, v, beta, G, T=None):
-        """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) in the input dtype
-        (computed unless given: the forward's, saved for the backward)."""
+        """(W, U, T): T = the chunks' UT-transform inverses, (rows, H, chunk) in the input dtype,
+        computed unless given (the forward's, saved for the backward), ungated with W and U in the
+        same kernel (ut_inverse_kernel's APPLY)."""
         lay = self.layout
-        if T is None:
-            T = empty((k.shape[0], self.H, self.chunk), dtype=self.stored_dtype, device=k.device)
-            launch(
-                _kernels().ut_inverse_kernel, (lay.programs, self.H),
-                k, beta, G, T, lay.chunk_indices, lay.cu_seqlens, H=self.H, GROUP=self.group, K=self.K,
-                GATED=self.delta["GATED"],
-                PRECISION=self.delta["PRECISION"], CHUNK_PRECISION=self.chunk_precision, BT=self.chunk, BK=self.BK,
-                **self.sub_chunk_launch)
         W = empty(self.per_value_head(k), dtype=k.dtype, device=k.device)
         U = empty(v.shape, dtype=v.dtype, device=v.device)
-        launch(
-            _kernels().ut_fwd_kernel, (lay.programs, self.H),
-            k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, BK=self.BK, BV=self.BV,
-            **self.delta, **self.launch)
+        applied = False
+        if T is None:
+            T = empty((k.shape[0], self.H, self.chunk), dtype=self.stored_dtype, device=k.device)
+            applied = not self.delta["GATED"]
+            launch(
+                _kernels().ut_inverse_kernel, (lay.programs, self.H),
+                k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, CHUNK_PRECISION=self.chunk_precision,
+                APPLY=applied, BK=self.BK, BV=self.UT_BV, **self.delta, **self.sub_chunk_launch)
+        if not applied:
+            launch(
+                _kernels().ut_fwd_kernel, (lay.programs, self.H),
+                k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, BK=self.BK, BV=self.BV,
+                **self.delta, **self.launch)
         return W, U, T
 
     def delta_states(self, k, W, U, G, initial_state, store_final, for_output=False):
