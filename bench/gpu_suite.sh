@@ -203,10 +203,12 @@ CASES
     # autotuning: 64 state columns forward, 64 / 32 backward ungated / gated). Ours take 32: the
     # forward's 512 walks at 80 KB, two an SM, run in two waves, at 64 its 256 in one (96 KB, two
     # an SM); the backward's two waves either way (108 KB at 32, two an SM; 120 KB at 64, one), so
-    # 64 columns forward alone, then both ways (compile_check, Triton 3.6); then three pipeline
-    # stages: fla's backward walk at 32 columns and 4 warps took 0.347 ms at three, 0.573 at two
-    # (its autotuning records, 4e23ac8), one program an SM either way; ours at three 152 registers /
-    # 160 KB backward, 92 / 116 KB forward (one an SM each; two at two stages). And fla's GVA case (32 value
+    # 64 columns forward alone, then both ways (compile_check, Triton 3.6); then the backward walk at
+    # three pipeline stages (state_backward_num_stages), where it scales q's product instead of q:
+    # fla's backward walk at 32 columns and 4 warps took 0.347 ms at three stages, 0.573 at two (its
+    # autotuning records, 4e23ac8), one program an SM either way, and ours at three compiles to
+    # what fla's does (534 SASS instructions a chunk against its 531, 114 registers, 168 KB, one an
+    # SM) where at two it takes 714 (146 registers, 108 KB, two an SM). And fla's GVA case (32 value
     # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
     # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
     # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
@@ -215,7 +217,7 @@ CASES
     ab 480 delta_rule \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
       --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_backward_block_v": 64}' \
-      '{"state_num_stages": 3}' '{"state_block_v": 64, "state_num_stages": 3}' \
+      '{"state_backward_num_stages": 3}' '{"state_block_v": 64, "state_backward_num_stages": 3}' \
       '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with

@@ -409,7 +409,9 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
         assert found.seconds == min(map(seconds, calls))
         near += found.seconds <= 1.03 * best
         top_near += min(map(seconds, ranked[:cap])) <= 1.03 * best  # measuring the model's first tenth instead
-    assert near >= 30 and near >= top_near + 10  # delta rule 31 against 0 (63 measured), rnn 38 against 10
+    # delta rule 25 against 0 (70 of 35208 measured, ten variables: nine had 31 of 40 at 63 before the
+    # backward walk's own pipeline depth doubled the space), rnn 38 against 10 (48 of 486)
+    assert near >= {"delta_rule": 25, "rnn": 35}[op] and near >= top_near + 10
 
 
 def test_search_skips_failures_and_stops_when_told():

@@ -155,6 +155,25 @@ def test_delta_product_varlen():
                      test="triton")
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_backward_walk_takes_its_own_stages(stages, monkeypatch):
+    """state_backward_num_stages reaches the backward walk alone, and with it whether half inputs
+    fold the scale into q (two stages) or scale q's product (three): float16, plain."""
+    walks = {}
+
+    def launch(kernel, grid, *args, **kwargs):
+        walks[kernel.__name__] = (kwargs["num_stages"], kwargs.get("FOLD_SCALE"))
+        return original(kernel, grid, *args, **kwargs)
+
+    original = triton_delta_rule.launch
+    monkeypatch.setattr(triton_delta_rule, "launch", launch)
+    x = make_inputs(T=37, dtype=torch.float16, beta_max=2.0)
+    with _with_config("delta_rule", x, torch.float16, state_num_stages=1, state_backward_num_stages=stages):
+        compare_backends(lambda backend, **kw: delta(backend, **kw), x, 2e-3, test="triton")
+    assert walks["states_fwd_kernel"] == (1, None)
+    assert walks["states_bwd_kernel"] == (stages, stages <= 2)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("shape", [{}, dict(B=1, T=150, H=1, K=128, V=128, chunk=64)], ids=["small", "K128-chunk64"])
 def test_float16(gated, shape):
@@ -244,8 +263,9 @@ def test_unit_lower_inverse(chunk):
 
 
 def test_state_kernels_launch_with_their_own_warps_and_stages(monkeypatch):
-    """The chunk-walking state kernels take state_num_warps / state_num_stages, the UT inverse (16 x 16
-    blocks) at most 4 warps, every other kernel num_warps / num_stages."""
+    """The chunk-walking state kernels take state_num_warps / state_num_stages (the backward walk
+    state_backward_num_stages), the UT inverse (16 x 16 blocks) at most 4 warps, every other
+    kernel num_warps / num_stages."""
     from rnnops.triton_backend import _common
     from rnnops.triton_backend import linear_attn as triton_linear_attn
 
@@ -257,7 +277,8 @@ def test_state_kernels_launch_with_their_own_warps_and_stages(monkeypatch):
 
     monkeypatch.setattr(triton_delta_rule, "launch", recording_launch)
     monkeypatch.setattr(triton_linear_attn, "launch", recording_launch)
-    config = triton_delta_rule.DeltaRuleConfig(num_warps=8, num_stages=3, state_num_warps=2, state_num_stages=1)
+    config = triton_delta_rule.DeltaRuleConfig(num_warps=8, num_stages=3, state_num_warps=2, state_num_stages=1,
+                                               state_backward_num_stages=1)
     x = make_inputs(T=20, gated=True)
     q, k, v, beta, g = (x[n].requires_grad_() for n in ("q", "k", "v", "beta", "g"))
     o, _ = triton_delta_rule.delta_rule(q, k, v, beta, g, scale=1.0, initial_state=None, output_final_state=False,

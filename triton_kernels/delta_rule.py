@@ -252,11 +252,12 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
 def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offsets, cu_seqlens, scale,
                       H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr,
                       HAS_D_FINAL: tl.constexpr, STORE_D_INITIAL: tl.constexpr, PRECISION: tl.constexpr,
-                      STEPS: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr, BKF: tl.constexpr,
-                      BV: tl.constexpr):
+                      FOLD_SCALE: tl.constexpr, STEPS: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr,
+                      BKF: tl.constexpr, BV: tl.constexpr):
     """One sequence backwards: dh[chunk] = dS_out, dv_new (input dtype, holding the intra-chunk term on
     entry: linear_attn's dv_kernel) += the state term, and d_initial = dS_in of the first chunk.
-    q and do per token, a chunk's QT queries (query_rows: DeltaProduct's STEPS)."""
+    q and do per token, a chunk's QT queries (query_rows: DeltaProduct's STEPS). FOLD_SCALE (half
+    inputs; ungated only): the scale multiplies q's tile rather than the product (below)."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
     bos, eos, first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)
@@ -286,15 +287,16 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
             g_last = tl.load(G + last * H + i_h)
             g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             q_in, q_scale = (b_q * tl.exp(query_decay(G, g, rq, q_mask, i_h, H, STEPS))[:, None]).to(b_q.dtype), scale
-        elif q.dtype.element_ty == tl.float32:
-            q_in, q_scale = b_q, scale
-        else:
-            # half inputs: scale folded into q, which then reaches its product through registers,
-            # and the pipeline keeps no copies of q's tiles: 118784 -> 110592 B of shared memory at
-            # the H100's tiles (4 warps, 32 columns, 2 stages), two programs an SM instead of one
-            # (Triton 3.6 and 3.9, sm_90; float32 and the gated kernel grow instead: float32
-            # 147 -> 197 KB, past an A100's 163, gated 99 -> 115 KB, at the edge of two an SM)
+        elif FOLD_SCALE:
+            # scale folded into q, which then reaches its product through registers, and the pipeline
+            # keeps no copies of q's tiles: 118784 -> 110592 B of shared memory at the H100's tiles
+            # (4 warps, 32 columns, 2 stages), two programs an SM instead of one (Triton 3.6 and 3.9,
+            # sm_90), for ~190 more SASS instructions a chunk (FMUL, F2FP, PRMT, STS and a barrier:
+            # DeltaRuleConfig.state_backward_num_stages). float32 and the gated kernel grow instead
+            # (float32 147 -> 197 KB, past an A100's 163; gated 99 -> 115 KB, at the edge of two an SM)
             q_in, q_scale = (b_q * scale).to(b_q.dtype), 1.0
+        else:
+            q_in, q_scale = b_q, scale
         # the state term (K * e^(G_last - G)) dS: the decay as a row factor of the product, so k's
         # tile feeds it unchanged (scaling k took a register copy of it and a shared-memory round
         # trip: gated, H100 tiles, bf16, Triton 3.6: 1109 -> 931 SASS instructions a chunk, 17 -> 11

@@ -50,6 +50,17 @@ class DeltaRuleConfig(ChunkConfig):
     # a walk. flash-linear-attention's own autotuning on the H200 picked 64 for its forward walk,
     # 64 or 32 for its backward (ungated / gated). Which wins is for measuring (the GPU suite's A/B)
     state_backward_block_v: int = 32
+    # and its own pipeline depth (state_num_stages: the forward walk's): flash-linear-attention's
+    # backward walk at 32 columns and 4 warps took 0.347 ms at three stages and 0.573 at two on an
+    # H200 (its autotuning records, B8 T4096 H16 K=V=128), one program an SM either way, while
+    # its forward walk took the same at two, three or four. At three the walk takes q's tiles as
+    # pipelined and applies the scale to their product (FOLD_SCALE off: 534 SASS instructions a
+    # chunk, 114 registers, 168 KB, where folding the scale into q took 727, 152, 160 KB, one
+    # program an SM either way); at one or two it folds the scale into q for half inputs, which
+    # keeps q's tiles out of the pipeline (two stages, 32 columns: 108 KB against 116, two programs
+    # an SM instead of one; bf16, sm_90, Triton 3.6, the H200's tiles). Which wins is for measuring
+    # (the GPU suite's A/B; the tuner searches it, doubling the space on Hopper: 35208 legal on an H100)
+    state_backward_num_stages: int = 2
     # 1: the forward's state walk also computes the outputs (linear_attn's fused_fwd_kernel with
     # DELTA: V_new = U - W S_in in the walk), writing neither the chunk states nor V_new, which
     # the backward recomputes either way; the two-pass forward's states and V_new were about a
@@ -67,6 +78,10 @@ class DeltaRuleConfig(ChunkConfig):
 
     def tile_widths(self, K: int, V: int) -> tuple[int, ...]:
         return super().tile_widths(K, V) + (self.backward_state_block_v(V),)
+
+    def backward_state_launch(self) -> dict:
+        """The backward state walk's warps and pipeline stages."""
+        return {"num_warps": self.state_num_warps, "num_stages": self.state_backward_num_stages}
 
 
 DEFAULT_CONFIG = DeltaRuleConfig()
@@ -89,7 +104,7 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
 
     return Space(
         dict(base.variables, state_block_v=powers_of_two(16, 64), state_backward_block_v=powers_of_two(16, 64),
-             fused_forward=[0, 1]),
+             state_backward_num_stages=[1, 2, 3], fused_forward=[0, 1]),
         base.constraints + walk_tile("state_block_v") + walk_tile("state_backward_block_v") + (
             Constraint("fused_forward: the pipelined q, k, W and U chunk tiles fit in shared memory",
                        ("state_block_v", "state_num_stages", "fused_forward"),
@@ -98,7 +113,8 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
             Constraint("Hopper: the state kernels pipeline two stages or more (Triton 3.6 compiles "
                        "states_fwd_kernel at one stage into wgmma reads past its shared memory: an illegal "
                        "memory access, compute-sanitizer on an H200, 2026-11-26)",
-                       ("state_num_stages",), lambda s: hardware.compute_capability[0] != 9 or s >= 2),
+                       ("state_num_stages", "state_backward_num_stages"),
+                       lambda s, sb: hardware.compute_capability[0] != 9 or min(s, sb) >= 2),
         ),
     )
 
@@ -167,12 +183,14 @@ class _DeltaRun(ChunkedRun):
         dv_new, *_ = self.dv(q, k, G, None, None, do)
         d_initial = None if initial_state is None else empty(initial_state.shape, dtype=torch.float32, device=q.device)
         block_v = self.config.backward_state_block_v(self.V)
+        walk = self.config.backward_state_launch()
         launch(
             _kernels().states_bwd_kernel, (-(-self.V // block_v), lay.sequences * self.H),
             q, k, W, G, do, dh, dv_new, None if d_final is None else d_final.float().contiguous(), d_initial,
             lay.chunk_offsets, lay.cu_seqlens, self.scale, HAS_D_FINAL=d_final is not None,
-            STORE_D_INITIAL=initial_state is not None, STEPS=self.steps, QT=self.QT, BKF=self.SBK, BV=block_v,
-            **self.delta, **self.state_launch)
+            STORE_D_INITIAL=initial_state is not None,
+            FOLD_SCALE=q.dtype != torch.float32 and walk["num_stages"] <= 2, STEPS=self.steps, QT=self.QT,
+            BKF=self.SBK, BV=block_v, **self.delta, **walk)
         return dh, dv_new, d_initial
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):
