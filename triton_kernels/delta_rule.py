@@ -208,8 +208,9 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
                       HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PRECISION: tl.constexpr,
                       STATE_EVERY: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr):
     """The chunk loop of one sequence: v_new = U - W S_in, S_out, and S_in of every STATE_EVERY-th
-    chunk into h (1: every chunk's, in the chunk layout; DeltaProduct's forward: its steps, a state
-    a token chunk, at ``state_offsets``, the sequences' first token chunks)."""
+    chunk into h, indexed from ``state_offsets`` (each sequence's first state): 1 and the chunk
+    layout's offsets, every chunk's; DeltaProduct's forward n_h and its token chunks' offsets, one
+    state a token chunk."""
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     seq, i_h = i_sh // H, i_sh % H
     bos, eos, _first, chunks = sequence_span(chunk_offsets, cu_seqlens, seq)

@@ -150,6 +150,8 @@ class _DeltaRun(ChunkedRun):
         if T is None:
             T = empty((k.shape[0], self.H, self.chunk), dtype=self.stored_dtype, device=k.device)
             applied = not self.delta["GATED"]
+            # its W and U take V tiles of at most 64 (UT_BV): at 128 the kernel took 188 registers, not
+            # the inverse's 128 (bf16, sm_90, Triton 3.6)
             launch(
                 _kernels().ut_inverse_kernel, (lay.programs, self.H),
                 k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, CHUNK_PRECISION=self.chunk_precision,
