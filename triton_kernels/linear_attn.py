@@ -92,7 +92,6 @@ def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.conste
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, TILES * BT)
     if valid:
-        rows = t0 + tl.arange(0, BT)
         if GATE == 1:
             carry = 0.0
             for tile in tl.static_range(TILES):
@@ -102,6 +101,7 @@ def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.conste
                 tl.store(G + rows * H + i_h, tl.cumsum(x, axis=0) + carry, mask=rows < eos)
                 carry += tl.sum(x, axis=0)
         else:
+            rows = t0 + tl.arange(0, BT)
             for i_k in range(tl.cdiv(K, BK)):
                 cols = i_k * BK + tl.arange(0, BK)
                 offs = (rows[:, None] * H + i_h) * K + cols[None, :]
