@@ -60,6 +60,23 @@ def test_strong_gate():
     compare_backends(lambda backend, **kw: delta(backend, 32, **kw), x, 1e-5, test="triton")
 
 
+@pytest.fixture
+def launched(monkeypatch):
+    """The last launch of each kernel the Triton delta rule makes (its own and linear attention's):
+    kernel name -> (grid, launch keywords), launched as it would have been."""
+    from rnnops.triton_backend import _common
+
+    launches = {}
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        launches[kernel.__name__] = (grid, kwargs)
+        return _common.launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_delta_rule, "launch", recording_launch)
+    monkeypatch.setattr(triton_linear_attn, "launch", recording_launch)
+    return launches
+
+
 def _with_config(op, x, dtype, **changes):
     """A cache override for ``op``'s bucket at these inputs: its default configuration with ``changes``."""
     shape = kernels.delta_rule_shape(x["q"], x["v"], x.get("g"), x["k"].shape[2] if op == "delta_product" else 1)
@@ -96,20 +113,13 @@ def test_fused_forward(gated, shape):
 
 
 @pytest.mark.parametrize("forward_v,backward_v", [(16, 32), (32, 16)])
-def test_state_walks_take_their_own_v_tiles(forward_v, backward_v, monkeypatch):
+def test_state_walks_take_their_own_v_tiles(forward_v, backward_v, launched):
     """state_block_v (the forward walk) and state_backward_block_v (the backward walk) apart: V = 32
     in two 16-wide walks one way and one 32-wide walk the other, gated, with states in and out."""
-    walks = {}
-
-    def launch(kernel, grid, *args, **kwargs):
-        walks[kernel.__name__] = (grid[0], kwargs.get("BV"))
-        return original(kernel, grid, *args, **kwargs)
-
-    original = triton_delta_rule.launch
-    monkeypatch.setattr(triton_delta_rule, "launch", launch)
     x = make_inputs(T=37, gated=True, beta_max=2.0)
     with _with_config("delta_rule", x, torch.float32, state_block_v=forward_v, state_backward_block_v=backward_v):
         compare_backends(lambda backend, **kw: delta(backend, **kw), x, 1e-5, test="triton")
+    walks = {name: (grid[0], kwargs.get("BV")) for name, (grid, kwargs) in launched.items()}
     assert walks["states_fwd_kernel"] == (32 // forward_v, forward_v)
     assert walks["states_bwd_kernel"] == (32 // backward_v, backward_v)
 
@@ -156,20 +166,13 @@ def test_delta_product_varlen():
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-def test_backward_walk_takes_its_own_stages(stages, monkeypatch):
+def test_backward_walk_takes_its_own_stages(stages, launched):
     """state_backward_num_stages reaches the backward walk alone, and with it whether half inputs
     fold the scale into q (two stages) or scale q's product (three): float16, plain."""
-    walks = {}
-
-    def launch(kernel, grid, *args, **kwargs):
-        walks[kernel.__name__] = (kwargs["num_stages"], kwargs.get("FOLD_SCALE"))
-        return original(kernel, grid, *args, **kwargs)
-
-    original = triton_delta_rule.launch
-    monkeypatch.setattr(triton_delta_rule, "launch", launch)
     x = make_inputs(T=37, dtype=torch.float16, beta_max=2.0)
     with _with_config("delta_rule", x, torch.float16, state_num_stages=1, state_backward_num_stages=stages):
         compare_backends(lambda backend, **kw: delta(backend, **kw), x, 2e-3, test="triton")
+    walks = {name: (kwargs["num_stages"], kwargs.get("FOLD_SCALE")) for name, (_, kwargs) in launched.items()}
     assert walks["states_fwd_kernel"] == (1, None)
     assert walks["states_bwd_kernel"] == (stages, stages <= 2)
 
@@ -262,21 +265,10 @@ def test_unit_lower_inverse(chunk):
     assert ((T.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 
-def test_state_kernels_launch_with_their_own_warps_and_stages(monkeypatch):
+def test_state_kernels_launch_with_their_own_warps_and_stages(launched):
     """The chunk-walking state kernels take state_num_warps / state_num_stages (the backward walk
     state_backward_num_stages), the UT inverse (16 x 16 blocks) at most 4 warps, every other
     kernel num_warps / num_stages."""
-    from rnnops.triton_backend import _common
-    from rnnops.triton_backend import linear_attn as triton_linear_attn
-
-    launched = {}
-
-    def recording_launch(kernel, grid, *args, **kwargs):
-        launched[kernel.__name__] = (kwargs["num_warps"], kwargs["num_stages"])
-        return _common.launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(triton_delta_rule, "launch", recording_launch)
-    monkeypatch.setattr(triton_linear_attn, "launch", recording_launch)
     config = triton_delta_rule.DeltaRuleConfig(num_warps=8, num_stages=3, state_num_warps=2, state_num_stages=1,
                                                state_backward_num_stages=1)
     x = make_inputs(T=20, gated=True)
@@ -284,8 +276,9 @@ def test_state_kernels_launch_with_their_own_warps_and_stages(monkeypatch):
     o, _ = triton_delta_rule.delta_rule(q, k, v, beta, g, scale=1.0, initial_state=None, output_final_state=False,
                                         cu_seqlens=None, chunk_size=16, config=config)
     o.sum().backward()
-    states = {name: launch for name, launch in launched.items() if name.startswith("states_")}
+    warps_stages = {name: (kwargs["num_warps"], kwargs["num_stages"]) for name, (_, kwargs) in launched.items()}
+    states = {name: launch for name, launch in warps_stages.items() if name.startswith("states_")}
     assert set(states) == {"states_fwd_kernel", "states_bwd_kernel"} and set(states.values()) == {(2, 1)}
-    assert launched.pop("ut_inverse_kernel") == (4, 3)
-    others = {launch for name, launch in launched.items() if not name.startswith("states_")}
-    assert others == {(8, 3)} and len(launched) == 8  # and cumsum, UT forward / backward, output, dv, dq/dk
+    assert warps_stages.pop("ut_inverse_kernel") == (4, 3)
+    others = {launch for name, launch in warps_stages.items() if not name.startswith("states_")}
+    assert others == {(8, 3)} and len(warps_stages) == 8  # and cumsum, UT forward / backward, output, dv, dq/dk
