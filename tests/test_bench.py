@@ -258,6 +258,87 @@ def test_compile_only_autotuning_launches_each_configuration_once_and_restores_t
     assert (Autotuner.__dict__["do_bench"], Autotuner.__dict__["check_disk_cache"]) == before
 
 
+def test_autotuners_compile_every_configuration_side_by_side_before_timing_any(monkeypatch):
+    """An autotuner about to time its configurations (no stored choice) first compiles each one
+    (a warm-up launch inside triton.AsyncCompileMode), then times them as before; one that takes
+    a stored choice compiles nothing more. Inside compile_only_autotuning (as the precompile
+    workers nest them) likewise, and nothing is stored."""
+    from triton.runtime import _async_compile
+    from triton.runtime.autotuner import Autotuner, Config
+
+    launches, writes = [], []
+
+    class Kernel:  # the autotuned JIT function: a launch, or a compile where AsyncCompileMode is on
+        def run(self, *args, **kwargs):
+            compiling = _async_compile.active_mode.get() is not None
+            launches.append(("compile" if compiling else "time", args, kwargs["BLOCK"], kwargs["warmup"]))
+
+    def triton_look_up(self, tuning_key, configs, bench_fn):  # Triton's check_disk_cache, in small
+        if tuning_key == ("stored",):
+            return True
+        bench_fn()
+        writes.append(tuning_key)
+        return False
+
+    def triton_run(self, *args, **kwargs):  # Triton's Autotuner.run, in small: look up, else time each
+        def benchmark():
+            for config in self.configs:
+                self.do_bench(lambda c=config: self.fn.run(*args, **kwargs, **c.all_kwargs()), quantiles=(0.5,))
+        self.check_disk_cache(kwargs["key"], self.configs, benchmark)
+
+    monkeypatch.setattr(Autotuner, "check_disk_cache", triton_look_up)
+    monkeypatch.setattr(Autotuner, "run", triton_run)
+    monkeypatch.setattr(Autotuner, "do_bench", property(lambda self: lambda call, quantiles: call()))
+    before = Autotuner.__dict__["run"], Autotuner.__dict__["check_disk_cache"]
+    tuner = Autotuner.__new__(Autotuner)
+    tuner.fn, tuner.configs = Kernel(), [Config({"BLOCK": 16}), Config({"BLOCK": 32})]
+    expected = [("compile", ("x",), 16, True), ("compile", ("x",), 32, True),
+                ("time", ("x",), 16, False), ("time", ("x",), 32, False)]
+    with precompile_module.autotuner_compiles_side_by_side(threads=2) as patched:
+        assert patched
+        tuner.run("x", key=("fresh",), grid=(1,), warmup=False)
+        tuner.run("x", key=("stored",), grid=(1,), warmup=False)
+    assert launches == expected and writes == [("fresh",)]
+    launches.clear(), writes.clear()
+    with precompile_module.autotuner_compiles_side_by_side(threads=2), precompile_module.compile_only_autotuning():
+        tuner.run("x", key=("fresh",), grid=(1,), warmup=False)
+    assert launches == expected and writes == []
+    assert (Autotuner.__dict__["run"], Autotuner.__dict__["check_disk_cache"]) == before
+    with precompile_module.autotuner_compiles_side_by_side(threads=1) as patched:  # one thread: nothing to gain
+        assert not patched and Autotuner.__dict__["run"] is before[0]
+
+
+@pytest.mark.gpu
+def test_a_real_autotuner_has_every_configuration_compiled_when_it_times_the_first(monkeypatch, tmp_path):
+    import triton
+    import triton.language as tl
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # cold: no compiled kernel, no stored choice
+    compiled_at_first_timing = []
+
+    def timing(kernel_call, quantiles):
+        if not compiled_at_first_timing:
+            kernel_cache = next(iter(double.fn.device_caches.values()))[0]
+            compiled_at_first_timing.append(len(kernel_cache))
+        kernel_call()
+        return [1.0] * len(quantiles)
+
+    @triton.autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((64, 1), (128, 2), (256, 4))],
+                     key=["n"], do_bench=timing, cache_results=True)
+    @triton.jit
+    def double(x, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x + offsets, tl.load(x + offsets, mask=offsets < n) * 2, mask=offsets < n)
+
+    x = torch.arange(1000.0, device="cuda")
+    with precompile_module.autotuner_compiles_side_by_side(threads=3) as patched:
+        assert patched
+        double[lambda meta: (triton.cdiv(1000, meta["BLOCK"]),)](x, 1000)
+    assert compiled_at_first_timing == [3]
+    # each configuration timed once (x doubled), then the chosen one launched
+    torch.testing.assert_close(x, torch.arange(1000.0, device="cuda") * 16)
+
+
 def test_a_worker_past_its_time_is_killed_with_the_processes_it_started(tmp_path):
     from rnnops._workers import run_side_by_side
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -27,7 +28,7 @@ import rnnops
 
 from . import peer_choices, report
 from .cases import families_in_turn, standard_cases
-from .precompile import precompile
+from .precompile import autotuner_compiles_side_by_side, precompile
 from .runner import run_case
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -216,6 +217,7 @@ def main(args: argparse.Namespace) -> int:
     workers = args.precompile if args.precompile is not None else (
         min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` still gets the finished cases
+    compiles = contextlib.ExitStack()
     stopped_in, timed_out = {}, frozenset()  # case -> the peer its precompile worker was warming when it stopped
     try:
         if workers > 0 and cases:
@@ -227,6 +229,8 @@ def main(args: argparse.Namespace) -> int:
             notes["precompiled"] = [(f"{warmed.clean} of {len(cases)} cases warmed up in {workers} processes "
                                      f"in {warmed.seconds:.0f} s before timing (at most {timeout_s:.0f} s)")]
             stopped_in, timed_out = warmed.stopped_in, warmed.timed_out
+        if device.type == "cuda" and args.peers:  # the rest of a peer's autotuning compiles, if any, at once
+            compiles.enter_context(autotuner_compiles_side_by_side())
         for index, case in enumerate(in_turn, 1):
             if args.budget_s is not None and time.perf_counter() - progress.start > args.budget_s:
                 notes["interrupted"] = stopped(f"time budget of {args.budget_s:g} s spent")
@@ -245,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         notes["interrupted"] = stopped("interrupted")
     finally:
+        compiles.close()
         signal.signal(signal.SIGTERM, previous)
     progress.close()
     results = collect()

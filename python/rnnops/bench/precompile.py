@@ -11,7 +11,9 @@ configurations per kernel, a cold case's 100 s on an H200, nearly all of it comp
 warmed with their autotuners compiling and launching each configuration once but timing none
 and storing no choice (``compile_only_autotuning``): choices timed while other workers share
 the GPU must not become the configurations a peer is measured with. The timed process then
-autotunes on an otherwise idle GPU, as the peer's users do, from compiled kernels.
+autotunes on an otherwise idle GPU, as the peer's users do, from compiled kernels. In both, an
+autotuner about to time compiles all its configurations side by side first
+(``autotuner_compiles_side_by_side``).
 
 Nothing here changes what is timed; it changes when compiling happens. A worker that fails or
 crashes only loses its warm-up: the timed run meets the same error and reports it. A worker
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +92,63 @@ def compile_only_autotuning():
             setattr(Autotuner, name, attribute)
 
 
+COMPILE_THREADS = min(8, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def autotuner_compiles_side_by_side(threads: int = COMPILE_THREADS):
+    """Within: a Triton autotuner about to time its configurations (Triton's ``check_disk_cache``
+    found no stored choice: autotuners with ``cache_results``, which fla turns on and the GPU
+    suite's TRITON_CACHE_AUTOTUNING=1 gives every other) first compiles all of them at once, on
+    ``threads`` threads (triton.AsyncCompileMode; Triton's passes and ptxas run outside the GIL:
+    twelve configurations of fla's chunk_gla output kernel compiled for sm_90 in 5.4 s on one
+    thread, 3.0 s on two cores), then times them one after another from its in-memory cache as
+    before. fla's chunk_gla autotunes a few
+    hundred configurations over its kernels, which compiled one at a time took minutes on the
+    GPU machine: longer than any run gave it (rnnops.bench.cases._linear_family). Nothing timed
+    changes, only when compiling happens; a configuration that fails to compile is left to the
+    autotuner's own run, which meets the error again and handles it as it always does. Yields
+    False, changing nothing, with fewer than two threads or a Triton without AsyncCompileMode
+    (3.4) or ``check_disk_cache``."""
+    try:
+        from triton import AsyncCompileMode
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        AsyncCompileMode = None
+    if threads < 2 or AsyncCompileMode is None or "check_disk_cache" not in Autotuner.__dict__:
+        yield False
+        return
+    triton_run, triton_check = Autotuner.__dict__["run"], Autotuner.__dict__["check_disk_cache"]
+
+    def run_noting_its_call(self, *args, **kwargs):  # the launch's arguments, for the compiles below
+        self.rnnops_call = args, kwargs
+        try:
+            return triton_run(self, *args, **kwargs)
+        finally:
+            self.rnnops_call = None
+
+    def compile_all(self, configs):
+        args, kwargs = self.rnnops_call
+        with ThreadPoolExecutor(threads) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for config in configs:
+                with contextlib.suppress(Exception):  # left to the autotuner's own launch of it
+                    self.fn.run(*args, **{**kwargs, **config.all_kwargs(), "warmup": True})
+
+    def check_compiling_first(self, tuning_key, configs, bench_fn):
+        def compile_then_bench():
+            if getattr(self, "rnnops_call", None) is not None:
+                compile_all(self, configs)
+            bench_fn()
+
+        return triton_check(self, tuning_key, configs, compile_then_bench)
+
+    Autotuner.run, Autotuner.check_disk_cache = run_noting_its_call, check_compiling_first
+    try:
+        yield True
+    finally:
+        Autotuner.run, Autotuner.check_disk_cache = triton_run, triton_check
+
+
 def warm_up(case: Case, device: torch.device, dtype: torch.dtype, backends: Sequence[str] | None = None,
             peers: bool = False, progress_file: Path | None = None) -> int:
     """One forward+backward of ``case`` through each of our backends and, with ``peers``, each
@@ -130,7 +190,10 @@ def warm_named(case_name: str, device: str, dtype: str, backends: Sequence[str] 
     case = next((c for c in standard_cases(device_) if c.name == case_name), None)
     if case is None:
         sys.exit(3)
-    with compile_only_autotuning() if peers else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if peers:  # compile_only_autotuning's time-nothing look-up wraps the side-by-side compiles
+            stack.enter_context(autotuner_compiles_side_by_side())
+            stack.enter_context(compile_only_autotuning())
         warm_up(case, device_, getattr(torch, dtype), backends, peers, progress_file and Path(progress_file))
 
 
