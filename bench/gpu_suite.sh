@@ -208,7 +208,11 @@ CASES
     # fla's backward walk at 32 columns and 4 warps took 0.347 ms at three stages, 0.573 at two (its
     # autotuning records, 4e23ac8), one program an SM either way, and ours at three compiles to
     # what fla's does (534 SASS instructions a chunk against its 531, 114 registers, 168 KB, one an
-    # SM) where at two it takes 714 (146 registers, 108 KB, two an SM). And fla's GVA case (32 value
+    # SM) where at two it takes 714 (146 registers, 108 KB, two an SM). fla's own choices at these
+    # shapes (its stored autotuning, 4e23ac8): forward 64 columns at 3 stages (ungated; 4 gated),
+    # 0.214 ms; backward 64 columns at 3 stages ungated (0.319), 32 at 2 gated: the second and third
+    # tries are those (ours: forward 139 KB, one an SM; backward 197 KB, 255 registers, no spill).
+    # And fla's GVA case (32 value
     # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
     # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
     # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
@@ -216,7 +220,9 @@ CASES
     # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
     ab 480 delta_rule \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
-      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_backward_block_v": 64}' \
+      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 3}' \
+      '{"state_backward_block_v": 64, "state_backward_num_stages": 3}' \
+      '{"state_block_v": 64, "state_backward_block_v": 64}' \
       '{"state_backward_num_stages": 3}' '{"state_block_v": 64, "state_backward_num_stages": 3}' \
       '{"block_k": 128, "num_warps": 8, "num_stages": 2}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
