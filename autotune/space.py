@@ -72,7 +72,11 @@ class Space:
             for c in constraints:  # (the solver takes a test's truth value: no wrapper per call)
                 problem.addConstraint(c.test, list(c.variables))
             values = sorted(tuple(solution[name] for name in members) for solution in problem.getSolutions())
-            parts.append([dict(zip(members, row)) for row in values])
+            rows = [dict(zip(members, row)) for row in values]
+            if len(rows) == 1 and parts:  # (a variable with one legal value joins the part before: one
+                parts[-1] = [config | rows[0] for config in parts[-1]]  # merge less a configuration)
+            else:
+                parts.append(rows)
             names += members
         combined = [functools.reduce(operator.or_, combination) for combination in itertools.product(*parts)]
         if names == list(self.variables):  # groups of consecutive variables: the product is in order

@@ -267,10 +267,10 @@ def test_unit_lower_inverse(chunk):
 
 def test_state_kernels_launch_with_their_own_warps_and_stages(launched):
     """The chunk-walking state kernels take state_num_warps / state_num_stages (the backward walk
-    state_backward_num_stages), the UT inverse (16 x 16 blocks) at most 4 warps, every other
+    state_backward_num_stages), the UT inverse inverse_num_warps (and num_stages), every other
     kernel num_warps / num_stages."""
     config = triton_delta_rule.DeltaRuleConfig(num_warps=8, num_stages=3, state_num_warps=2, state_num_stages=1,
-                                               state_backward_num_stages=1)
+                                               state_backward_num_stages=1, inverse_num_warps=2)
     x = make_inputs(T=20, gated=True)
     q, k, v, beta, g = (x[n].requires_grad_() for n in ("q", "k", "v", "beta", "g"))
     o, _ = triton_delta_rule.delta_rule(q, k, v, beta, g, scale=1.0, initial_state=None, output_final_state=False,
@@ -279,6 +279,6 @@ def test_state_kernels_launch_with_their_own_warps_and_stages(launched):
     warps_stages = {name: (kwargs["num_warps"], kwargs["num_stages"]) for name, (_, kwargs) in launched.items()}
     states = {name: launch for name, launch in warps_stages.items() if name.startswith("states_")}
     assert set(states) == {"states_fwd_kernel", "states_bwd_kernel"} and set(states.values()) == {(2, 1)}
-    assert warps_stages.pop("ut_inverse_kernel") == (4, 3)
+    assert warps_stages.pop("ut_inverse_kernel") == (2, 3)
     others = {launch for name, launch in warps_stages.items() if not name.startswith("states_")}
     assert others == {(8, 3)} and len(warps_stages) == 8  # and cumsum, UT forward / backward, output, dv, dq/dk

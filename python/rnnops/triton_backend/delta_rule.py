@@ -67,6 +67,17 @@ class DeltaRuleConfig(ChunkConfig):
     # third of its traffic (B8 T4096 H16 K=V=128: 268 + 134 MB written, read again by the output
     # kernel). Off until measured (the GPU suite's A/B).
     fused_forward: int = 0
+    # warps of the UT inverse (ut_inverse_kernel), a latency-bound chain of 15 substitution steps
+    # over the chunk's 16 x 16 diagonal blocks whose row sums cross warps (shuffles, and shared
+    # memory and a block barrier at each step: 5 barriers a step at 4 warps). At 2 warps the gated
+    # kernel takes 197 registers (five programs an SM, 10 warps) against 128 (four, 16 warps), but
+    # ~10.3k warp instructions a chunk against ~12.8k; the ungated one, which also forms W and U
+    # (APPLY), spills 52 B at 2 (bf16, sm_90, Triton 3.6, the H200's tiles). flash-linear-attention's
+    # fused k k^T + inverse kernel, ~11k warp instructions a chunk, chose 1 warp of its 1, 2 and 4 on
+    # the H200 and ran 23 ns a chunk and head against our inverse's 41 at 4 (its autotuning record,
+    # B8 T4096 H32; ours 4e23ac8, H16). Which wins is for measuring (the GPU suite's A/B; the space
+    # offers 4 alone until then)
+    inverse_num_warps: int = 4
 
     def state_blocks(self, K: int, V: int) -> tuple[int, int]:
         """The forward state walk's (K, V) tile: all of K, state_block_v of V (both powers of two)."""
@@ -104,7 +115,10 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
 
     return Space(
         dict(base.variables, state_block_v=powers_of_two(16, 64), state_backward_block_v=powers_of_two(16, 64),
-             state_backward_num_stages=[1, 2, 3], fused_forward=[0, 1]),
+             state_backward_num_stages=[1, 2, 3], fused_forward=[0, 1],
+             # 4 alone until an A/B measures 2 (DeltaRuleConfig.inverse_num_warps): both would double
+             # every GPU's space, the A100's to 141372 configurations, 137 ms to enumerate
+             inverse_num_warps=[4]),
         base.constraints + walk_tile("state_block_v") + walk_tile("state_backward_block_v") + (
             Constraint("fused_forward: the pipelined q, k, W and U chunk tiles fit in shared memory",
                        ("state_block_v", "state_num_stages", "fused_forward"),
@@ -155,7 +169,8 @@ class _DeltaRun(ChunkedRun):
             launch(
                 _kernels().ut_inverse_kernel, (lay.programs, self.H),
                 k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, CHUNK_PRECISION=self.chunk_precision,
-                APPLY=applied, BK=self.BK, BV=self.UT_BV, **self.delta, **self.sub_chunk_launch)
+                APPLY=applied, BK=self.BK, BV=self.UT_BV, **self.delta,
+                **dict(self.launch, num_warps=self.config.inverse_num_warps))
         if not applied:
             launch(
                 _kernels().ut_fwd_kernel, (lay.programs, self.H),

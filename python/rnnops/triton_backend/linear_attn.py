@@ -235,10 +235,9 @@ class ChunkedRun:
         self.stored_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         self.state_launch = {"num_warps": config.state_num_warps, "num_stages": config.state_num_stages}
-        # the kernels built on 16 x 16 blocks (GLA's sub-chunks, the delta rule's UT inverse): more
-        # than 4 warps only add registers (compile_check, sm_90, bf16: GLA's spill at 8, and at 2
-        # too; the UT inverse takes 149 registers at 8 warps, one program per SM, and 110-114 at
-        # 4, four per SM, for a latency-bound chain of 15 substitution steps)
+        # GLA's kernels built on 16 x 16 sub-chunks: more than 4 warps only add registers
+        # (compile_check, sm_90, bf16: they spill at 8, and at 2 too). (The delta rule's UT inverse,
+        # also on 16 x 16 blocks, has its own: DeltaRuleConfig.inverse_num_warps)
         self.sub_chunk_launch = dict(self.launch, num_warps=min(config.num_warps, 4))
         # GLA's intra-chunk kernels, each launched for the chunks it factors whole and for the
         # others (the 16 x 16 sub-chunks: at most 4 warps). Factored, the scores at 4 warps too
