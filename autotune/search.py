@@ -49,6 +49,12 @@ def measurement_cap(legal: int, variables: int, fraction: float = 0.1, floor: in
     return min(max(math.ceil(fraction * legal), min(legal, floor)), max(ceiling, per_variable * variables))
 
 
+def movable_variables(legal: Sequence[dict]) -> int:
+    """How many variables take more than one value among the ``legal`` configurations (those a walk
+    can move; measurement_cap's ``variables``)."""
+    return sum(len({config[name] for config in legal}) > 1 for name in (legal[0] if legal else ()))
+
+
 class Neighbourhood:
     """For each variable, the legal values it can take with every other variable held: the
     one-variable moves of the search (built once per space, O(legal * variables))."""

@@ -486,7 +486,7 @@ class _Tuning:
         for config in ranked[:self.top] + [default, shipped]:
             if config in ranked and config not in seeds:
                 seeds.append(config)
-        cap = search.measurement_cap(count, len(default), self.fraction)
+        cap = search.measurement_cap(count, search.movable_variables(ranked), self.fraction)
         if self.tries is not None:  # the A/B check: exactly these, legal or not
             base = shipped or default
             seeds = [base]
