@@ -334,7 +334,8 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl
                     k_col = tl.load(k + qk_rows(col, i_h, H, GROUP, K) + every_k, mask=every_k < K,
                                     other=0.0).to(tl.float32)
                     g_col = tl.load(G + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
-                    exponent = tl.where(r[:, None] >= c, g_diag - g_col[None, :], float("-inf"))
+                    # (clamped: rows past the end read G as 0 against a valid column's)
+                    exponent = tl.where(r[:, None] >= c, tl.minimum(g_diag - g_col[None, :], 0.0), float("-inf"))
                     column = tl.sum(q_diag * k_col[None, :] * tl.exp(exponent), axis=1)
                     tl.store(A + (rows * H + i_h) * BT + i_i * BC + c, column, mask=row_mask)
             else:
@@ -604,8 +605,8 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                         dA_row = in_range * tl.load(dA + (col * H + i_h) * BT + i_i * BC + r, mask=row_mask,
                                                     other=0.0)
                         below = r[:, None] > c
-                        acc_q += tl.where(below, dA_col[:, None] * k_c[None, :]
-                                          * tl.exp(tl.where(below, g_i - g_c[None, :], 0.0)), 0.0)
+                        acc_q += tl.where(below, dA_col[:, None] * k_c[None, :]  # (clamped: rows past the end)
+                                          * tl.exp(tl.where(below, tl.minimum(g_i - g_c[None, :], 0.0), 0.0)), 0.0)
                         above = r[:, None] < c
                         acc_k += tl.where(above, dA_row[:, None] * q_c[None, :]
                                           * tl.exp(tl.where(above, g_c[None, :] - g_i, 0.0)), 0.0)
