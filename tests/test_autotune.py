@@ -372,7 +372,7 @@ def _synthetic_landscape(ranked, seed):
     import random
 
     rng = random.Random(seed)
-    domains = {n: sorted({c[n] for c in ranked}) for n in ranked[0]}
+    domains = {n: d for n in ranked[0] if len(d := sorted({c[n] for c in ranked})) > 1}  # (one value: no bowl)
     bowls = {n: (rng.uniform(0, len(d) - 1), rng.uniform(0.0, 0.3)) for n, d in domains.items()}
     couplings = {(a, b): rng.gauss(0, 0.05) for a in domains for b in domains if a < b}
     rank_of = {tuple(sorted(c.items())): i for i, c in enumerate(ranked)}
