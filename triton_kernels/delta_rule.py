@@ -48,6 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._math import exp
 from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span, sequence_state
 
 
@@ -70,7 +71,7 @@ def _pair_decay(G, rows, row_mask, i_h, H: tl.constexpr, GATED: tl.constexpr, BT
     causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
     if GATED:
         g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-        return tl.exp(tl.where(causal, tl.minimum(g[:, None] - g[None, :], 0.0), float("-inf")))
+        return exp(tl.where(causal, tl.minimum(g[:, None] - g[None, :], 0.0), float("-inf")))
     return tl.where(causal, 1.0, 0.0)
 
 
@@ -112,7 +113,7 @@ def _beta_gamma(beta, G, rows, row_mask, i_h, H: tl.constexpr, GATED: tl.constex
     """(beta, Gamma = e^G) of one chunk's rows, fp32 (Gamma 0 past the sequence's end)."""
     b_beta = tl.load(beta + rows * H + i_h, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:
-        gamma = tl.exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))
+        gamma = exp(tl.load(G + rows * H + i_h, mask=row_mask, other=0.0))
     else:
         gamma = tl.where(row_mask, 1.0, 0.0)
     return b_beta, gamma
@@ -237,13 +238,13 @@ def states_fwd_kernel(k, W, U, G, h, v_new, initial_state, final_state, chunk_of
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = tl.load(G + last * H + i_h)
             g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-            S *= tl.exp(g_last)
+            S *= exp(g_last)
             # (K * e^(G_last - G))^T V_new as K^T (e^(G_last - G) * V_new): the decay scales V_new's
             # rows in registers, k's tile feeds the product unchanged (scaling it took a register copy
             # and a shared-memory round trip: H100 tiles, bf16, Triton 3.6: 754 -> 497 SASS
             # instructions a chunk, 9 -> 3 exponentials, 164 -> 116 registers, but 74 -> 80 KB of
             # shared memory, two programs an SM instead of three, as the plain kernel; A100 767 -> 602)
-            b_new *= tl.exp(tl.minimum(g_last - g, 0.0))[:, None]
+            b_new *= exp(tl.minimum(g_last - g, 0.0))[:, None]
         S += tl.dot(tl.trans(b_k), b_new.to(b_k.dtype), input_precision=PRECISION)
     if STORE_FINAL:
         tl.store(final_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
@@ -287,7 +288,7 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = tl.load(G + last * H + i_h)
             g = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-            q_in, q_scale = (b_q * tl.exp(query_decay(G, g, rq, q_mask, i_h, H, STEPS))[:, None]).to(b_q.dtype), scale
+            q_in, q_scale = (b_q * exp(query_decay(G, g, rq, q_mask, i_h, H, STEPS))[:, None]).to(b_q.dtype), scale
         elif FOLD_SCALE:
             # scale folded into q, which then reaches its product through registers, and the pipeline
             # keeps no copies of q's tiles: 118784 -> 110592 B of shared memory at the H100's tiles
@@ -305,11 +306,11 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
         # of shared memory, which now fits its 163)
         b_state = tl.dot(b_k, dS.to(b_k.dtype), input_precision=PRECISION)
         if GATED:
-            b_state *= tl.exp(tl.minimum(g_last - g, 0.0))[:, None]
+            b_state *= exp(tl.minimum(g_last - g, 0.0))[:, None]
         b_dv = tl.load(dv_new + vtile, mask=vmask, other=0.0).to(tl.float32) + b_state
         tl.store(dv_new + vtile, b_dv.to(dv_new.dtype.element_ty), mask=vmask)
         if GATED:
-            dS *= tl.exp(g_last)
+            dS *= exp(g_last)
         dS += q_scale * tl.dot(tl.trans(q_in), b_do, input_precision=PRECISION)
         dS -= tl.dot(tl.trans(b_W), b_dv.to(b_W.dtype), input_precision=PRECISION)
     if STORE_D_INITIAL:

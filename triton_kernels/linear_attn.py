@@ -75,6 +75,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._math import exp
 from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span, sequence_state, token_rows
 
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
@@ -181,8 +182,8 @@ def states_fwd_kernel(k, v, VS, G, h, initial_state, final_state, chunk_offsets,
             last = tl.minimum(t0 + BT, eos) - 1
             g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
             b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
-            S *= tl.exp(g_last)[:, None]
-            b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(b_v.dtype)
+            S *= exp(g_last)[:, None]
+            b_k = (b_k * exp(g_last[None, :] - b_g)).to(b_v.dtype)
         S += tl.dot(tl.trans(b_k), b_v, input_precision=PRECISION)
     if STORE_FINAL:
         tl.store(final_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
@@ -239,9 +240,9 @@ def fused_fwd_kernel(q, k, v, VS, SKIP, W, G, o, initial_state, final_state, chu
         if GATE == 1:  # a decay per token, applied as row factors of (q S) and of v rather than of q and k
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
             g_last = tl.load(G + (tl.minimum(t0 + BT, eos) - 1) * H + i_h)
-            acc *= tl.exp(query_decay(G, g_rows, rq, q_mask, i_h, H, STEPS))[:, None]
-            v_in = (b_v * tl.exp(g_last - g_rows)[:, None]).to(b_v.dtype)
-            S *= tl.exp(g_last)
+            acc *= exp(query_decay(G, g_rows, rq, q_mask, i_h, H, STEPS))[:, None]
+            v_in = (b_v * exp(g_last - g_rows)[:, None]).to(b_v.dtype)
+            S *= exp(g_last)
         acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
         out = acc * scale
         if HAS_SKIP:
@@ -269,7 +270,7 @@ def _factors(G, t0, rows, row_mask, rk, kmask, i_h, H: tl.constexpr, K: tl.const
     e^span for valid rows; rows past the end (G read as 0) get 1 and e^G_first <= 1."""
     g = tl.load(G + (rows[:, None] * H + i_h) * K + rk[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
     g_first = tl.load(G + (t0 * H + i_h) * K + rk, mask=kmask, other=0.0)
-    return tl.exp(tl.minimum(g - g_first[None, :], 0.0)), tl.exp(g_first[None, :] - g)
+    return exp(tl.minimum(g - g_first[None, :], 0.0)), exp(g_first[None, :] - g)
 
 
 @triton.jit
@@ -336,7 +337,7 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl
                     g_col = tl.load(G + (col * H + i_h) * K + every_k, mask=every_k < K, other=0.0)
                     # (clamped: rows past the end read G as 0 against a valid column's)
                     exponent = tl.where(r[:, None] >= c, tl.minimum(g_diag - g_col[None, :], 0.0), float("-inf"))
-                    column = tl.sum(q_diag * k_col[None, :] * tl.exp(exponent), axis=1)
+                    column = tl.sum(q_diag * k_col[None, :] * exp(exponent), axis=1)
                     tl.store(A + (rows * H + i_h) * BT + i_i * BC + c, column, mask=row_mask)
             else:
                 cols = t0 + i_j * BC + r
@@ -356,8 +357,8 @@ def _sub_chunk_scores(q, k, G, A, t0, eos, last, i_h, H: tl.constexpr, GROUP: tl
                         g_col = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :],
                                         mask=col_mask[:, None] & kmask[None, :], other=0.0)
                         g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
-                        q_part = (b_q * tl.exp(tl.minimum(g_row - g_ref[None, :], 0.0))).to(b_q.dtype)
-                        k_part = (b_k * tl.exp(tl.minimum(g_ref[None, :] - g_col, 0.0))).to(b_k.dtype)
+                        q_part = (b_q * exp(tl.minimum(g_row - g_ref[None, :], 0.0))).to(b_q.dtype)
+                        k_part = (b_k * exp(tl.minimum(g_ref[None, :] - g_col, 0.0))).to(b_k.dtype)
                         block += tl.dot(q_part, tl.trans(k_part), input_precision=PRECISION)
                 tl.store(A + (rows[:, None] * H + i_h) * BT + i_j * BC + r[None, :], block,
                          mask=row_mask[:, None])
@@ -380,7 +381,7 @@ def _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H: tl.constexpr, G
         g_keys = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
         g_queries = query_decay(G, g_keys, rq, q_mask, i_h, H, STEPS)
         exponent = tl.where(causal, tl.minimum(g_queries[:, None] - g_keys[None, :], 0.0), float("-inf"))
-        return qk * tl.exp(exponent)
+        return qk * exp(exponent)
     return tl.where(causal, qk, 0.0)
 
 
@@ -424,10 +425,10 @@ def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scal
                     qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
                 if tile == 0:
                     if GATE == 2:
-                        b_q = (b_q * tl.exp(_load_decay(G, rq, q_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
+                        b_q = (b_q * exp(_load_decay(G, rq, q_mask, rk, i_h, H, K, GATE))).to(b_v.dtype)
                     acc += tl.dot(b_q, b_S.to(b_v.dtype), input_precision=PRECISION)
             if tile == 0 and GATE == 1:  # a decay per token: a row factor of (q S), not of every q tile
-                acc *= tl.exp(tl.load(G + rq * H + i_h, mask=q_mask, other=0.0))[:, None]
+                acc *= exp(tl.load(G + rq * H + i_h, mask=q_mask, other=0.0))[:, None]
             scores = _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H, GATE, STEPS, BT)
             acc += tl.dot(scores.to(b_v.dtype), b_v, input_precision=PRECISION)
         out = acc * scale
@@ -465,8 +466,8 @@ def states_bwd_kernel(q, do, G, dh, d_final, d_initial, chunk_offsets, cu_seqlen
         # registers, 2 -> 4 walks an SM; ungated 100 -> 84, scalar decay 120 -> 90)
         if GATE != 0:
             last = tl.minimum(t0 + BT, eos) - 1
-            dS *= tl.exp(_load_last_decay(G, last, rk, i_h, H, K, GATE))[:, None]
-            b_q = (b_q * (scale * tl.exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)))).to(b_do.dtype)
+            dS *= exp(_load_last_decay(G, last, rk, i_h, H, K, GATE))[:, None]
+            b_q = (b_q * (scale * exp(_load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)))).to(b_do.dtype)
         else:
             b_q = (b_q * scale).to(b_do.dtype)
         dS += tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
@@ -579,9 +580,9 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     k_j = tl.load(k + qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
                                   other=0.0)
                     g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
-                    k_part = (k_j * tl.exp(tl.minimum(g_ref[None, :] - g_j, 0.0))).to(k_j.dtype)
+                    k_part = (k_j * exp(tl.minimum(g_ref[None, :] - g_j, 0.0))).to(k_j.dtype)
                     acc_q += (tl.dot(b_dA.to(k_j.dtype), k_part, input_precision=PRECISION)
-                              * tl.exp(tl.minimum(g_i - g_ref[None, :], 0.0)))
+                              * exp(tl.minimum(g_i - g_ref[None, :], 0.0)))
                 elif i_j > i_i:  # dk_i from queries of block j, factored around block j's first token
                     ref = tl.minimum(t0 + i_j * BC, last)  # past the end: block j's queries are zeros
                     g_ref = tl.load(G + (ref * H + i_h) * K + rk, mask=kmask, other=0.0)
@@ -590,9 +591,9 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                     q_j = tl.load(q + qk_rows(cols, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=other_mask,
                                   other=0.0)
                     g_j = tl.load(G + (cols[:, None] * H + i_h) * K + rk[None, :], mask=other_mask, other=0.0)
-                    q_part = (q_j * tl.exp(tl.minimum(g_j - g_ref[None, :], 0.0))).to(q_j.dtype)
+                    q_part = (q_j * exp(tl.minimum(g_j - g_ref[None, :], 0.0))).to(q_j.dtype)
                     acc_k += (tl.dot(tl.trans(b_dA).to(q_j.dtype), q_part, input_precision=PRECISION)
-                              * tl.exp(tl.minimum(g_ref[None, :] - g_i, 0.0)))
+                              * exp(tl.minimum(g_ref[None, :] - g_i, 0.0)))
                 else:  # the diagonal block, exactly, one partner token at a time
                     for c in range(BC):
                         in_range = (t0 + i_i * BC + c < eos).to(tl.float32)
@@ -606,10 +607,10 @@ def _sub_chunk_gradients(q, k, G, dA, dq, dk, t0, eos, last, i_h, H: tl.constexp
                                                     other=0.0)
                         below = r[:, None] > c
                         acc_q += tl.where(below, dA_col[:, None] * k_c[None, :]  # (clamped: rows past the end)
-                                          * tl.exp(tl.where(below, tl.minimum(g_i - g_c[None, :], 0.0), 0.0)), 0.0)
+                                          * exp(tl.where(below, tl.minimum(g_i - g_c[None, :], 0.0), 0.0)), 0.0)
                         above = r[:, None] < c
                         acc_k += tl.where(above, dA_row[:, None] * q_c[None, :]
-                                          * tl.exp(tl.where(above, g_c[None, :] - g_i, 0.0)), 0.0)
+                                          * exp(tl.where(above, g_c[None, :] - g_i, 0.0)), 0.0)
             offs = (rows[:, None] * H + i_h) * K + rk[None, :]
             tl.store(dq + offs, acc_q, mask=tile_mask)
             tl.store(dk + offs, acc_k, mask=tile_mask)
@@ -713,21 +714,21 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
                 diagonal = tl.load(d_scores + (rows * H + i_h) * BT + tl.arange(0, BT), mask=row_mask, other=0.0)
                 b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
                 g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
-                end_term *= tl.exp(g_last)
-                dq_inter *= tl.exp(b_g)
-                dk_state *= tl.exp(g_last[None, :] - b_g)
+                end_term *= exp(g_last)
+                dq_inter *= exp(b_g)
+                dk_state *= exp(g_last[None, :] - b_g)
             elif GATE == 1:  # a decay per token: row factors, one exponential a row
                 g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
                 g_end = tl.load(G + last * H + i_h)
-                end_term *= tl.exp(g_end)
-                dq_inter *= tl.exp(g_rows)[:, None]
-                dk_state *= tl.exp(g_end - g_rows)[:, None]
+                end_term *= exp(g_end)
+                dq_inter *= exp(g_rows)[:, None]
+                dk_state *= exp(g_end - g_rows)[:, None]
             if GATE != 2:
                 if GATE == 1:  # the diagonal apart, as the per-key decay's (DIAGONAL below)
                     diagonal = scale * tl.sum(tl.where(tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :], dA, 0.0),
                                               axis=1)
                     below = tl.arange(0, BT)[:, None] > tl.arange(0, BT)[None, :]
-                    dA = dA * tl.exp(tl.where(below, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
+                    dA = dA * exp(tl.where(below, tl.minimum(g_rows[:, None] - g_rows[None, :], 0.0), float("-inf")))
                 else:
                     dA = tl.where(tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :], dA, 0.0)
                 dA = (dA * scale).to(b_q.dtype)
@@ -833,11 +834,11 @@ def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indice
                 if GATE == 2:
                     g_last = _load_last_decay(G, last, rk, i_h, H, K, GATE)
                     b_g = _load_decay(G, rows, row_mask, rk, i_h, H, K, GATE)
-                    b_k = (b_k * tl.exp(g_last[None, :] - b_g)).to(do.dtype.element_ty)
+                    b_k = (b_k * exp(g_last[None, :] - b_g)).to(do.dtype.element_ty)
                 acc += tl.dot(b_k, b_dS.to(do.dtype.element_ty), input_precision=PRECISION)
         if HAS_DH and GATE == 1:  # a decay per token: a row factor of (k dS), not of every k tile
             g_rows = tl.load(G + rows * H + i_h, mask=row_mask, other=0.0)
-            acc *= tl.exp(tl.load(G + last * H + i_h) - g_rows)[:, None]
+            acc *= exp(tl.load(G + last * H + i_h) - g_rows)[:, None]
         scores = _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H, GATE, STEPS, BT)
         b_do = tl.load(do + (q_rows[:, None] * H + i_h) * V + rv[None, :], mask=q_mask[:, None] & (rv[None, :] < V),
                        other=0.0)
