@@ -268,9 +268,10 @@ CASES
     # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
     # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): do they pay for a
     # scalar decay (GLA ignores fused_forward)? GLA's forward state walk at the shipped 4 warps x
-    # 2 stages takes 254 registers, two an SM (its 512 walks in two waves; the backward walk 96
-    # since 2026-11-26, four an SM: one wave); one stage 128 (one wave, no prefetch), 8 warps
-    # 117-123 (SASS, Triton 3.6). 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
+    # 2 stages took 254 registers, two an SM, until its k tile was loaded key-major (now 102
+    # registers, 49 KB, four an SM: its 512 walks in one wave, as the backward walk's 96 since
+    # 2026-11-26), so the stage and warp tries are now about prefetch alone (SASS, Triton 3.6).
+    # 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
     # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
     # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
     ab 558 linear_attn \
