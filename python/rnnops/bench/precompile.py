@@ -103,13 +103,12 @@ def autotuner_compiles_side_by_side(threads: int = COMPILE_THREADS):
     ``threads`` threads (triton.AsyncCompileMode; Triton's passes and ptxas run outside the GIL:
     twelve configurations of fla's chunk_gla output kernel compiled for sm_90 in 5.4 s on one
     thread, 3.0 s on two cores), then times them one after another from its in-memory cache as
-    before. fla's chunk_gla autotunes a few
-    hundred configurations over its kernels, which compiled one at a time took minutes on the
-    GPU machine: longer than any run gave it (rnnops.bench.cases._linear_family). Nothing timed
-    changes, only when compiling happens; a configuration that fails to compile is left to the
-    autotuner's own run, which meets the error again and handles it as it always does. Yields
-    False, changing nothing, with fewer than two threads or a Triton without AsyncCompileMode
-    (3.4) or ``check_disk_cache``."""
+    before. fla's chunk_gla autotunes a few hundred configurations over its kernels, which
+    compiled one at a time took minutes on the GPU machine: longer than any run gave it
+    (rnnops.bench.cases._linear_family). Nothing timed changes, only when compiling happens; a
+    configuration that fails to compile is left to the autotuner's own run, which meets the error
+    again and handles it as it always does. Yields False, changing nothing, with fewer than two
+    threads or a Triton without AsyncCompileMode (3.4) or ``check_disk_cache``."""
     try:
         from triton import AsyncCompileMode
         from triton.runtime.autotuner import Autotuner
