@@ -108,7 +108,7 @@ def autotuner_compiles_side_by_side(threads: int = COMPILE_THREADS):
     (rnnops.bench.cases._linear_family). Nothing timed changes, only when compiling happens; a
     configuration that fails to compile is left to the autotuner's own run, which meets the error
     again and handles it as it always does. Yields False, changing nothing, with fewer than two
-    threads or a Triton without AsyncCompileMode (3.4) or ``check_disk_cache``."""
+    threads or a Triton without AsyncCompileMode or ``check_disk_cache`` (before 3.4)."""
     try:
         from triton import AsyncCompileMode
         from triton.runtime.autotuner import Autotuner
