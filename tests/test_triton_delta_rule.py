@@ -60,6 +60,19 @@ def test_strong_gate():
     compare_backends(lambda backend, **kw: delta(backend, 32, **kw), x, 1e-5, test="triton")
 
 
+def test_strong_gate_of_a_short_sequence():
+    """Six tokens at g ~ -20: dg is small (1e-7 .. 1e-3), and the last token's own state term
+    (k_last . dk_last, decay 1) had entered both dG's end term and the last row's k dk, which
+    cancel only to float32's rounding of the sums they enter: every dg off by ~4e-7 (the reverse
+    cumulative sum), 3e-4 relative (bench/fuzz_backends.py, case seed 1402273985; now 2e-6). Now
+    neither holds it (the delta rule's LAST in triton_kernels/linear_attn.py's dqk_kernel). The
+    DeltaProduct's dg there stays at 1.6e-5 .. 6.6e-5 (2.1e-5 .. 6.6e-5 before; chunked 1e-6): its
+    tokens' own steps meet at decay 1 too, a cancellation left for now."""
+    torch.manual_seed(1402273985)
+    x = make_inputs(B=1, T=6, H=1, K=64, gated=True, initial=False, gate_scale=20.0)
+    compare_backends(lambda backend, **kw: delta(backend, **kw), x, 1e-5, test="triton")
+
+
 @pytest.fixture
 def launched(monkeypatch):
     """The last launch of each kernel the Triton delta rule makes (its own and linear attention's):

@@ -27,7 +27,8 @@ and the last token's own part of S_out (k_last^T v_last against its row of the s
 the decay is strong they dominate what is left, and float32 rounding of the sums they enter had
 left dG noise of their size (a lone token's dg ~1e-7 where it is 0; 3e-5 relative error in the
 gated delta rule at g ~ -20): dqk_kernel forms dG without them and adds them to dq and dk after
-(DIAGONAL, and LAST for linear attention; the delta rule's dq/dk kernel has no registers to spare).
+(DIAGONAL), and leaves the last token's state term out of both dG's end term and its last row,
+where dk is that term alone (LAST).
 Nothing but the inputs is saved for the backward: G, the chunk states and the scores are
 recomputed (memory per token: none beyond the inputs; per chunk: one K x V state in the input dtype).
 
@@ -774,27 +775,23 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
                                                                HAS_VSCALE, BV)
                     dk_state, end_term = _state_gradient(b_v, None, dh, state, state_mask, dk_state, end_term, GATE,
                                                          PRECISION)
-            # LAST (gated linear attention): likewise the last token's own part of S_out, k_last^T v_last
-            # (decay 1), enters neither the end term nor the last row's k dk (its state term, added to dk
-            # after them). Not with DELTA: it took the gated delta rule's spills at the H200's tiles from
-            # 4 to 128 B (Triton 3.6); DIAGONAL alone took its lone-token dg to 0 and, at g ~ -20, its
-            # relative error from 3e-5 to 7e-6
+            # LAST: likewise the last token's own part of S_out, k_last^T v_last (decay 1), its row of
+            # the state term, enters neither the end term nor dG's last row: the last row's k dk is that
+            # term alone (no later query sees the last key; its own pair is DIAGONAL's, so its column of
+            # dA, and of the intra dk, is 0), so dG's last row takes the end term without it. Neither
+            # tile is rebuilt (moving the state term out of dk and back took the gated delta rule's
+            # spills from 4 to 128 B; Triton 3.6, the H200's tiles). Six tokens at g ~ -20 had every dg
+            # of the delta rule off by ~4e-7, 3e-4 relative (its dG is small there)
             is_last = rows[:, None] == last
-            if GATE != 0 and not DELTA:
-                last_state = tl.sum(tl.where(is_last, dk_state, 0.0), axis=0)
-                dk_state = tl.where(is_last, 0.0, dk_state)
             if GATE != 0:
-                end_term += tl.sum(b_k.to(tl.float32) * dk_state, axis=0)
+                end_term += tl.sum(tl.where(is_last, 0.0, b_k.to(tl.float32) * dk_state), axis=0)
             if GATE == 2:
                 b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
-                d_gate += tl.where(is_last, end_term[None, :], 0.0) - b_k.to(tl.float32) * b_dk
+                d_gate += tl.where(is_last, end_term[None, :], -b_k.to(tl.float32) * b_dk)
             else:
                 b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
             if GATE == 1:
-                d_row += (tl.where(rows == last, tl.sum(end_term, axis=0), 0.0)
-                          - tl.sum(b_k.to(tl.float32) * b_dk, axis=1))
-            if GATE != 0 and not DELTA:
-                b_dk += tl.where(is_last, last_state[None, :], 0.0)
+                d_row += tl.where(rows == last, tl.sum(end_term, axis=0), -tl.sum(b_k.to(tl.float32) * b_dk, axis=1))
             if GATE != 0:
                 b_dk += diagonal[:, None] * b_q.to(tl.float32)
             if HEADS == 1:
