@@ -35,11 +35,3 @@ def test_a_failure_compares_the_other_backends_and_reproduces(monkeypatch, capsy
     assert json.loads(capsys.readouterr().out)["errors"] == record["errors"]
     with pytest.raises(SystemExit):
         fuzz.main(["--families", "nonsense"])
-
-
-@pytest.mark.xfail(strict=True, reason="known: the gated DeltaProduct's dg at g ~ -20 in sequences of one or two "
-                                       "tokens, 3.3e-4 relative (3.1e-3 before LAST; chunked 1.4e-7); cause not found "
-                                       "(not the pairs of a token's own steps in dA: leaving those out took it to 3e-3)")
-def test_known_failure_gated_delta_product_of_short_sequences():
-    """A fuzz case (2026-11-28, --seed 3303) that still fails: XPASS (strict) once it is fixed."""
-    assert fuzz.check("delta-triton", 750430823) is None

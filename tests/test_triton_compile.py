@@ -17,8 +17,10 @@ offsets of their own and q a mask (28 B when the host interleaved them with zero
 tiles spill nothing, unmeasured), and 72 B since its dG leaves each token's own pair out (added
 to dq and dk after: an accuracy fix), which took the gated delta rule's dq/dk from 16 to 44 B;
 both with Triton 3.9's ptxas. With Triton 3.6's, the GPU machine's, the same change took them
-from 20 and 32 B to 20 and 4 B. Running out of registers spills hundreds of bytes to tens of
-kilobytes, which these tests exist to catch.
+from 20 and 32 B to 20 and 4 B. The gated DeltaProduct's dG also leaves out the pairs of a
+token's own steps (TOKEN_PAIRS, an accuracy fix: two more dots with masked dA): 60 -> 92 B (3.9),
+36 -> 80 B (3.6; 276 B before its dW was stored as soon as whole). Running out of registers
+spills hundreds of bytes to tens of kilobytes, which these tests exist to catch.
 """
 import ast
 import json
@@ -38,7 +40,7 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 
 H100 = hardware.named("H100")
 SPILL_TOLERANCE = 32  # bytes stored or loaded per kernel (module docstring)
-SPILL_ALLOWANCES = {("DeltaProduct", "dqk_kernel"): 80,  # (case containing, kernel): bytes (module docstring)
+SPILL_ALLOWANCES = {("DeltaProduct", "dqk_kernel"): 96,  # (case containing, kernel): bytes (module docstring)
                     ("gated delta rule", "dqk_kernel"): 48}
 COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels must be compiled
 GROUPS = {"linear attention": "linear attention|scalar decay|GLA|SSD", "delta rule": "delta rule|DeltaProduct",

@@ -60,17 +60,36 @@ def test_strong_gate():
     compare_backends(lambda backend, **kw: delta(backend, 32, **kw), x, 1e-5, test="triton")
 
 
-def test_strong_gate_of_a_short_sequence():
+@pytest.mark.parametrize("num_householder", [None, 2, 3])
+def test_strong_gate_of_a_short_sequence(num_householder):
     """Six tokens at g ~ -20: dg is small (1e-7 .. 1e-3), and the last token's own state term
     (k_last . dk_last, decay 1) had entered both dG's end term and the last row's k dk, which
     cancel only to float32's rounding of the sums they enter: every dg off by ~4e-7 (the reverse
     cumulative sum), 3e-4 relative (bench/fuzz_backends.py, case seed 1402273985; now 2e-6). Now
     neither holds it (the delta rule's LAST in triton_kernels/linear_attn.py's dqk_kernel). The
-    DeltaProduct's dg there stays at 1.6e-5 .. 6.6e-5 (2.1e-5 .. 6.6e-5 before; chunked 1e-6): its
-    tokens' own steps meet at decay 1 too, a cancellation left for now."""
+    DeltaProduct's steps of one token meet at decay 1 too: its dg was off by 1.6e-5 .. 6.6e-5 until
+    dG left those pairs out (TOKEN_PAIRS; now 1e-7 .. 8e-7)."""
     torch.manual_seed(1402273985)
-    x = make_inputs(B=1, T=6, H=1, K=64, gated=True, initial=False, gate_scale=20.0)
-    compare_backends(lambda backend, **kw: delta(backend, **kw), x, 1e-5, test="triton")
+    x = make_inputs(B=1, T=6, H=1, K=64, gated=True, initial=False, gate_scale=20.0, num_householder=num_householder)
+    if num_householder is None:
+        compare_backends(lambda backend, **kw: delta(backend, **kw), x, 1e-5, test="triton")
+    else:
+        compare_backends(lambda backend, **kw: product(backend, 16, num_householder, **kw), x, 1e-5, test="triton")
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_strong_gate_of_products_of_one_or_two_tokens(chunk):
+    """Packed DeltaProduct sequences of one, two, one and no tokens, three steps a token, at g ~ -20
+    with initial states (bench/fuzz_backends.py, case seed 750430823): a lone token's dg is
+    e^g-small (3e-8), and the pairs of its own steps in dG (q dq - k dk, the end term, the UT's F),
+    each ~1e-1, had cancelled to float32's rounding: exactly 0 instead, 3.3e-4 relative over dg
+    (chunked 1.4e-7). TOKEN_PAIRS leaves them out of dG: 2e-7."""
+    torch.manual_seed(750430823)
+    x = make_inputs(B=1, T=4, H=1, K=48, V=32, gated=True, num_householder=3, gate_scale=20.0)
+    x["initial_state"] = torch.randn(4, 1, 48, 32)
+    offsets = torch.tensor([0, 1, 3, 4, 4])
+    compare_backends(lambda backend, **kw: product(backend, chunk, 3, cu_seqlens=offsets, **kw), x, 1e-5,
+                     test="triton")
 
 
 @pytest.fixture

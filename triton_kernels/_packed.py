@@ -97,3 +97,23 @@ def token_rows(rows, row_mask, STEPS: tl.constexpr):
         return rows, row_mask
     else:
         return rows // STEPS, row_mask & (rows % STEPS == STEPS - 1)
+
+
+@triton.jit
+def token_pairs(pairs, rows, STEPS: tl.constexpr, SAME: tl.constexpr):
+    """A chunk's BT x BT matrix of row pairs (i, j) over ``rows``, kept where both rows are steps
+    of one token (SAME) or of different tokens (not SAME), zero elsewhere.
+
+    TOKEN_PAIRS (gated DeltaProduct): G is the same on every step of a token (g sits on its
+    first), so the gate terms of a pair within one token (what it adds to dG_i and takes from
+    dG_j, decay e^(G_i - G_j) = 1) have both rows at or past a token's first row or both before
+    it, and cancel in the reverse cumulative sum that makes dg at that row, the only row of a
+    token whose dg is read. dG leaves them out (they still enter dq, dk and the UT's dk, after
+    dG's products are taken), which is exact, where summing them left float32 noise of their
+    size against a dg that strong decay makes small (packed sequences of one or two tokens at
+    g ~ -20, 3 steps a token: every dg off by ~5e-8, 3e-4 relative; now 2e-7)."""
+    same = rows[:, None] // STEPS == rows[None, :] // STEPS
+    if SAME:
+        return tl.where(same, pairs, 0.0)
+    else:
+        return tl.where(same, 0.0, pairs)

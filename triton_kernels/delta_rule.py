@@ -22,7 +22,8 @@ Backward (dh the gradient of the state leaving a chunk; ``states_bwd`` walks bac
     through T (``ut_bwd``): dT = dU (beta V)^T + dW (beta Gamma K)^T,  dL = -T^T dT T^T,
         dv = beta T^T dU,  dk += beta Gamma T^T dW + (E + E^T) K  with E = dL * beta_i * D,
         dbeta = rowsum(V T^T dU) + rowsum(Gamma K T^T dW) + rowsum(dL * KK * D),
-        dG += Gamma beta rowsum(K T^T dW) + rowsum(F) - colsum(F),  F = dL * L,
+        dG += Gamma beta rowsum(K T^T dW) + rowsum(F) - colsum(F),  F = dL * L
+              (DeltaProduct: F over pairs of steps of different tokens, TOKEN_PAIRS),
     then dg = reverse cumsum of dG within the chunk.
 Saved for the backward: the inputs and T; W, U, the states and V_new are recomputed.
 Grouped heads (GROUP value heads a q / k head, ``qk_rows``): beta, g, v and everything derived
@@ -49,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ._math import exp
-from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span, sequence_state
+from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span, sequence_state, token_pairs
 
 
 @triton.jit
@@ -320,11 +321,12 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
 @triton.jit
 def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, chunk_indices, cu_seqlens,
                   total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr):
+                  GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, STEPS: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Gradients through the UT transform for one chunk: dv and dbeta; dk_out (k's dtype) = dk
     (fp32, the output and state terms) + the UT terms; gated: dg = reverse cumsum of (dG summed
-    over its K tiles + the UT terms) within the chunk."""
+    over its K tiles + the UT terms) within the chunk. Gated DeltaProduct (STEPS > 1): dG's pair
+    terms F leave out the pairs of a token's own steps (TOKEN_PAIRS, _packed.token_pairs)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -383,11 +385,19 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, c
             b_dW = tl.load(dW + tile, mask=mask, other=0.0).to(b_k.dtype)
             k32 = b_k.to(tl.float32)
             y = tl.dot(tl.trans(T_in), b_dW, input_precision=PRECISION)
-            P = tl.dot(dLD_in, b_k, input_precision=PRECISION)
-            Q = tl.dot(tl.trans(E_in), b_k, input_precision=PRECISION)
-            k_p = tl.sum(k32 * P, axis=1)
-            d_beta += k_p
-            d_gate += b_beta * k_p - tl.sum(k32 * Q, axis=1)
+            if GATED and STEPS > 1:  # TOKEN_PAIRS: dG's products first, a token's own pairs after
+                P = tl.dot(token_pairs(dLD_in, rows, STEPS, False), b_k, input_precision=PRECISION)
+                Q = tl.dot(tl.trans(token_pairs(E_in, rows, STEPS, False)), b_k, input_precision=PRECISION)
+                d_gate += b_beta * tl.sum(k32 * P, axis=1) - tl.sum(k32 * Q, axis=1)
+                P += tl.dot(token_pairs(dLD_in, rows, STEPS, True), b_k, input_precision=PRECISION)
+                Q += tl.dot(tl.trans(token_pairs(E_in, rows, STEPS, True)), b_k, input_precision=PRECISION)
+                d_beta += tl.sum(k32 * P, axis=1)
+            else:
+                P = tl.dot(dLD_in, b_k, input_precision=PRECISION)
+                Q = tl.dot(tl.trans(E_in), b_k, input_precision=PRECISION)
+                k_p = tl.sum(k32 * P, axis=1)
+                d_beta += k_p
+                d_gate += b_beta * k_p - tl.sum(k32 * Q, axis=1)
             b_dk = tl.load(dk + tile, mask=mask, other=0.0) + (b_beta * gamma)[:, None] * y
             tl.store(dk_out + tile, (b_dk + b_beta[:, None] * P + Q).to(dk_out.dtype.element_ty), mask=mask)
         tl.store(dbeta + rows * H + i_h, d_beta, mask=row_mask)

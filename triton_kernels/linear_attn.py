@@ -28,7 +28,8 @@ the decay is strong they dominate what is left, and float32 rounding of the sums
 left dG noise of their size (a lone token's dg ~1e-7 where it is 0; 3e-5 relative error in the
 gated delta rule at g ~ -20): dqk_kernel forms dG without them and adds them to dq and dk after
 (DIAGONAL), and leaves the last token's state term out of both dG's end term and its last row,
-where dk is that term alone (LAST).
+where dk is that term alone (LAST). DeltaProduct's steps of one token share G, so every pair of
+them cancels so: dG leaves them all out (TOKEN_PAIRS, _packed.token_pairs; the UT's too).
 Nothing but the inputs is saved for the backward: G, the chunk states and the scores are
 recomputed (memory per token: none beyond the inputs; per chunk: one K x V state in the input dtype).
 
@@ -77,7 +78,16 @@ import triton
 import triton.language as tl
 
 from ._math import exp
-from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span, sequence_state, token_rows
+from ._packed import (
+    chunk_rows,
+    qk_rows,
+    query_decay,
+    query_rows,
+    sequence_span,
+    sequence_state,
+    token_pairs,
+    token_rows,
+)
 
 NO_GATE, SCALAR_GATE, KEY_GATE = 0, 1, 2
 SUB_CHUNK = 16
@@ -687,6 +697,7 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
     kernels gain no program an SM that way and the gated delta rule's spill more."""
     tl.static_assert(HEADS == 1 or (GROUP % HEADS == 0 and not DELTA))
     tl.static_assert(not TWO_WALKS or (GATE == 0 and not DELTA))
+    tl.static_assert(STEPS == 1 or GATE != 2)
     i_k, i_c, i_heads = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -722,6 +733,10 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
                 if DELTA:
                     b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                     b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
+            # DeltaProduct: dW stored once whole, for the registers TOKEN_PAIRS' dots take (gated, the
+            # H100's tiles, Triton 3.6: 276 B spilled if stored last, 80 B so); the delta rule's last, below
+            if DELTA and STEPS > 1:
+                tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
             q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
             b_q = tl.load(q + q_tile, mask=q_tile_mask, other=0.0)  # after the V loop: not live across it
             qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
@@ -752,6 +767,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
             # never live together
             if GATE == 2:
                 b_dq = scale * dq_inter + tl.load(dq_intra + tile, mask=tile_mask, other=0.0)
+            elif GATE == 1 and STEPS > 1:  # TOKEN_PAIRS: a token's own pairs once dG's products are taken
+                b_dq = scale * dq_inter + tl.dot(token_pairs(dA, rows, STEPS, False), b_k, input_precision=PRECISION)
             else:
                 b_dq = scale * dq_inter + tl.dot(dA, b_k, input_precision=PRECISION)
             # DIAGONAL (gated): the pairs i = j enter dq and dk apart, after dG's terms q dq - k dk are
@@ -762,6 +779,8 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
                 d_gate = b_q.to(tl.float32) * b_dq
             elif GATE == 1:  # summed over the tile's K first: the reverse cumulative sum runs over a row vector
                 d_row = tl.sum(b_q.to(tl.float32) * b_dq, axis=1)
+            if GATE == 1 and STEPS > 1:
+                b_dq += tl.dot(token_pairs(dA, rows, STEPS, True), b_k, input_precision=PRECISION)
             if GATE != 0:
                 b_dq += diagonal[:, None] * b_k.to(tl.float32)
             if HEADS == 1:
@@ -782,23 +801,29 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
             # tile is rebuilt (moving the state term out of dk and back took the gated delta rule's
             # spills from 4 to 128 B; Triton 3.6, the H200's tiles). Six tokens at g ~ -20 had every dg
             # of the delta rule off by ~4e-7, 3e-4 relative (its dG is small there)
-            is_last = rows[:, None] == last
+            # (DeltaProduct: the last token's steps, TOKEN_PAIRS; STEPS 1: the last row)
+            in_last_token = rows // STEPS == last // STEPS
             if GATE != 0:
-                end_term += tl.sum(tl.where(is_last, 0.0, b_k.to(tl.float32) * dk_state), axis=0)
+                end_term += tl.sum(tl.where(in_last_token[:, None], 0.0, b_k.to(tl.float32) * dk_state), axis=0)
             if GATE == 2:
                 b_dk = dk_state + tl.load(dk_intra + tile, mask=tile_mask, other=0.0)
-                d_gate += tl.where(is_last, end_term[None, :], -b_k.to(tl.float32) * b_dk)
+                d_gate += tl.where(in_last_token[:, None], end_term[None, :], -b_k.to(tl.float32) * b_dk)
+            elif GATE == 1 and STEPS > 1:
+                b_dk = dk_state + tl.dot(tl.trans(token_pairs(dA, rows, STEPS, False)), b_q, input_precision=PRECISION)
             else:
                 b_dk = dk_state + tl.dot(tl.trans(dA), b_q, input_precision=PRECISION)
             if GATE == 1:
-                d_row += tl.where(rows == last, tl.sum(end_term, axis=0), -tl.sum(b_k.to(tl.float32) * b_dk, axis=1))
+                d_row += tl.where(rows == last, tl.sum(end_term, axis=0),
+                                  tl.where(in_last_token, 0.0, -tl.sum(b_k.to(tl.float32) * b_dk, axis=1)))
+            if GATE == 1 and STEPS > 1:
+                b_dk += tl.dot(tl.trans(token_pairs(dA, rows, STEPS, True)), b_q, input_precision=PRECISION)
             if GATE != 0:
                 b_dk += diagonal[:, None] * b_q.to(tl.float32)
             if HEADS == 1:
                 tl.store(dk + tile, b_dk.to(dk.dtype.element_ty), mask=tile_mask)
             else:
                 dk_sum += b_dk
-            if DELTA:
+            if DELTA and STEPS == 1:  # (stored once whole, the gated delta rule's spilled 68 B instead of 20)
                 tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
             if GATE == 2:
                 if not DELTA:

@@ -222,8 +222,8 @@ class _DeltaRun(ChunkedRun):
         launch(
             _kernels().ut_bwd_kernel, (lay.programs, self.H),
             k, v, beta, G, T, dv_new, dW, dk, dk_out, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens,
-            lay.total_rows, CHUNK_PRECISION=self.chunk_precision, BK=self.BK, BV=self.UT_BV, **self.delta,
-            **self.launch)
+            lay.total_rows, CHUNK_PRECISION=self.chunk_precision, STEPS=self.steps, BK=self.BK, BV=self.UT_BV,
+            **self.delta, **self.launch)
         return dk_out, dv, dbeta, dg
 
 
