@@ -252,10 +252,12 @@ CASES
     # two waves) and our output kernel 0.249 against 0.163; since then the output kernel takes
     # chunks of 64 tokens (query tiles of 64 rows on wgmma, where 32 were on mma.sync) and the walk
     # stores a state a token chunk (half of them: 134 MB fewer written and read), untimed
-    # (state_block_v: the forward walk's columns alone; then the UT inverse at 2 warps)
+    # (state_block_v: the forward walk's columns alone; then the UT inverse at 2 warps; then 32-wide K
+    # chunk tiles: since its dG leaves out the pairs of a token's own steps (TOKEN_PAIRS, two more
+    # dots), the shipped 64-wide tiles' dq/dk spills 80 B, the 32-wide none (244 registers; Triton 3.6)
     ab 530 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}' \
-      '{"inverse_num_warps": 2}'
+      '{"inverse_num_warps": 2}' '{"block_k": 32}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
     # dd69b80) with dq and dk summed over value heads inside the dq/dk kernel (group_heads, new,
     # untimed): 16 or all 80 heads a program against one, where the per-value-head partials (1.3 GB
