@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 import rnnops
-from conftest import compare_backends, packed_sequences
+from conftest import as_float64, assert_close, compare_backends, packed_sequences
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.triton_backend import delta_rule as triton_delta_rule
 from rnnops.triton_backend import linear_attn as triton_linear_attn
@@ -195,6 +195,26 @@ def test_delta_product_varlen():
     offsets, x = packed_sequences(make_inputs, gated=True, num_householder=3, beta_max=2.0)
     compare_backends(lambda backend, **kw: product(backend, 16, 3, cu_seqlens=offsets, **kw), x, 1e-5,
                      test="triton")
+
+
+def test_gated_delta_product_forward_takes_both_decays_from_one_cumsum(monkeypatch):
+    """The row chunks' G (the UT transform, the state walk) and the token chunks' (the output
+    kernel) come from one cumsum_kernel launch (forward_decays), and are right (the outputs)."""
+    from rnnops.triton_backend import _common
+
+    launches = []
+
+    def counting_launch(kernel, grid, *args, **kwargs):
+        launches.append(kernel.__name__)
+        return _common.launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_delta_rule, "launch", counting_launch)
+    monkeypatch.setattr(triton_linear_attn, "launch", counting_launch)
+    x = make_inputs(T=37, gated=True, num_householder=3)
+    with torch.no_grad():
+        o, _ = product("triton", 16, 3, **x)
+    assert launches.count("cumsum_kernel") == 1
+    assert_close(o, product("reference", 16, 3, **as_float64(x))[0], 1e-5, "output")
 
 
 @pytest.mark.parametrize("stages", [2, 3])

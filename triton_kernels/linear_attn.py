@@ -94,12 +94,13 @@ SUB_CHUNK = 16
 
 
 @triton.jit
-def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
+def cumsum_kernel(g, G, G_rows, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
                   STEPS: tl.constexpr, TILES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """G = inclusive cumulative sum of g inside each chunk of TILES * BT rows, in fp32. STEPS > 1
     (DeltaProduct, scalar decay): g is per token, (rows / STEPS, H), and decays each token's first
     step (G per row); TILES > 1 (scalar decay): BT rows at a time (DeltaProduct's token chunks of
-    STEPS row-chunks, not a power of two for every STEPS)."""
+    STEPS row-chunks, not a power of two for every STEPS), and G_rows the sum inside each of those
+    BT rows (the row chunks' G besides the token chunks', one pass)."""
     tl.static_assert(TILES == 1 or GATE == 1)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, TILES * BT)
@@ -110,7 +111,10 @@ def cumsum_kernel(g, G, chunk_indices, cu_seqlens, H: tl.constexpr, K: tl.conste
                 rows = t0 + tile * BT + tl.arange(0, BT)
                 x = tl.load(g + (rows // STEPS) * H + i_h, mask=(rows < eos) & (rows % STEPS == 0), other=0.0)
                 x = x.to(tl.float32)
-                tl.store(G + rows * H + i_h, tl.cumsum(x, axis=0) + carry, mask=rows < eos)
+                within = tl.cumsum(x, axis=0)
+                tl.store(G + rows * H + i_h, within + carry, mask=rows < eos)
+                if TILES > 1:
+                    tl.store(G_rows + rows * H + i_h, within, mask=rows < eos)
                 carry += tl.sum(x, axis=0)
         else:
             rows = t0 + tl.arange(0, BT)

@@ -243,14 +243,14 @@ class DeltaRuleFunction(torch.autograd.Function):
         if not outputs_wanted():
             ctx.save_for_backward(qf, kf, vf, bf, gf, state0, None)
             return run.unread_outputs(q, v, output_final_state)
-        G = run.cumulative_decay(gf)
+        G, G_out = run.forward_decays(gf)
         W, U, T = run.ut(kf, vf, bf, G)
         ctx.save_for_backward(qf, kf, vf, bf, gf, state0, T)
         if config.fused_forward:
             o, final = run.fused_forward(qf, kf, U, G, state0, output_final_state, W=W)
         else:
             h, v_new, final = run.delta_states(kf, W, U, G, state0, output_final_state, for_output=True)
-            o = run.output(qf, kf, v_new, run.output_decay(gf, G), None, h)
+            o = run.output(qf, kf, v_new, G_out, None, h)
         return run.unflat(o), final
 
     @staticmethod

@@ -278,24 +278,34 @@ class ChunkedRun:
         """(B, T, H, ...) -> contiguous (B*T, H, ...)."""
         return None if x is None else x.reshape((-1,) + x.shape[2:]).contiguous()
 
-    def cumulative_decay(self, g, output_chunks=False):
+    def cumulative_decay(self, g):
         """G, float32, (rows, H) or (rows, H, K): g's cumulative sum within each chunk (per row of
-        the kernels: a DeltaProduct's g once a token, on its first step), or with ``output_chunks``
-        within each of the output kernel's chunks (``output_layout``)."""
+        the kernels: a DeltaProduct's g once a token, on its first step)."""
+        return None if g is None else self._cumulative_decays(g, self.layout)[0]
+
+    def forward_decays(self, g):
+        """(G, the cumulative decay the output kernel takes): G twice, or for DeltaProduct's token
+        chunks (``output_layout``, steps row chunks each) g's within those besides, one launch."""
         if g is None:
-            return None
-        lay = self.output_layout if output_chunks else self.layout
-        G = empty((lay.total_rows,) + g.shape[1:], dtype=torch.float32, device=g.device)
+            return None, None
+        if self.steps == 1:
+            G = self.cumulative_decay(g)
+            return G, G
+        G_out, G = self._cumulative_decays(g, self.output_layout)
+        return G, G_out
+
+    def _cumulative_decays(self, g, lay):
+        """cumsum_kernel over ``lay``'s chunks: (G within them, G within each chunk of rows; None
+        where they are the same chunks)."""
+        tiles = 1 if lay is self.layout else self.steps
+        shape = (lay.total_rows,) + g.shape[1:]
+        G = empty(shape, dtype=torch.float32, device=g.device)
+        G_rows = empty(shape, dtype=torch.float32, device=g.device) if tiles > 1 else None
         launch(
             _kernels().cumsum_kernel, (lay.programs, self.H),
-            g, G, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
-            STEPS=self.steps, TILES=self.steps if output_chunks else 1, BT=self.chunk, BK=self.BK, **self.launch)
-        return G
-
-    def output_decay(self, g, G):
-        """The cumulative decay the output kernel takes: ``G`` (cumulative_decay's of g), or for
-        DeltaProduct's token chunks g's within those."""
-        return G if self.steps == 1 else self.cumulative_decay(g, output_chunks=True)
+            g, G, G_rows, lay.chunk_indices, lay.cu_seqlens, H=self.H, K=self.K, GATE=self.gate,
+            STEPS=self.steps, TILES=tiles, BT=self.chunk, BK=self.BK, **self.launch)
+        return G, G_rows
 
     def token_gradient(self, dG):
         """The gradient of a per-token g from the per-row ``dG`` (rows, H): its first step's."""
