@@ -738,7 +738,7 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
                     b_dv2 = tl.load(dv2 + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
                     b_dW -= tl.dot(b_dv2.to(b_do.dtype), tl.trans(b_S).to(b_do.dtype), input_precision=PRECISION)
             # DeltaProduct: dW stored once whole, for the registers TOKEN_PAIRS' dots take (gated, the
-            # H100's tiles, Triton 3.6: 276 B spilled if stored last, 80 B so); the delta rule's last, below
+            # H200's tiles, Triton 3.6: 276 B spilled if stored last, 80 B so); the delta rule's last, below
             if DELTA and STEPS > 1:
                 tl.store(dW + tile, b_dW.to(dW.dtype.element_ty), mask=tile_mask)
             q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
