@@ -82,8 +82,8 @@ def test_strong_gate_of_products_of_one_or_two_tokens(chunk):
     """Packed DeltaProduct sequences of one, two, one and no tokens, three steps a token, at g ~ -20
     with initial states (bench/fuzz_backends.py, case seed 750430823): a lone token's dg is
     e^g-small (3e-8), and the pairs of its own steps in dG (q dq - k dk, the end term, the UT's F),
-    each ~1e-1, had cancelled to float32's rounding: exactly 0 instead, 3.3e-4 relative over dg
-    (chunked 1.4e-7). TOKEN_PAIRS leaves them out of dG: 2e-7."""
+    not decayed at all, had cancelled to float32's rounding of their sums: exactly 0 instead, 3.3e-4
+    relative over dg (chunked 1.4e-7). TOKEN_PAIRS leaves them out of dG: 2e-7."""
     torch.manual_seed(750430823)
     x = make_inputs(B=1, T=4, H=1, K=48, V=32, gated=True, num_householder=3, gate_scale=20.0)
     x["initial_state"] = torch.randn(4, 1, 48, 32)
