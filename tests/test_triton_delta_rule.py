@@ -240,6 +240,13 @@ def test_float16(gated, shape):
     compare_backends(lambda backend, **kw: delta(backend, chunk, **kw), x, 2e-3, test="triton")
 
 
+def test_float16_gated_delta_product():
+    """Half inputs through TOKEN_PAIRS: dA's two parts (a token's own steps, the others') rounded
+    to float16 before their products, as the whole was."""
+    x = make_inputs(gated=True, dtype=torch.float16, num_householder=3)
+    compare_backends(lambda backend, **kw: product(backend, 16, 3, **kw), x, 2e-3, test="triton")
+
+
 def test_head_dims_are_checked():
     with pytest.raises(ValueError, match="V must be a multiple of 16 in \\[16, 256\\], got 24"):
         delta("triton", **make_inputs(V=24))
