@@ -92,20 +92,25 @@ def test_strong_gate_of_products_of_one_or_two_tokens(chunk):
                      test="triton")
 
 
-@pytest.fixture
-def launched(monkeypatch):
-    """The last launch of each kernel the Triton delta rule makes (its own and linear attention's):
-    kernel name -> (grid, launch keywords), launched as it would have been."""
+def _record_launches(monkeypatch, record):
+    """Every kernel launch the Triton delta rule makes (its own and linear attention's) passes
+    through ``record(kernel name, grid, launch keywords)``, then launches as it would have."""
     from rnnops.triton_backend import _common
 
-    launches = {}
-
     def recording_launch(kernel, grid, *args, **kwargs):
-        launches[kernel.__name__] = (grid, kwargs)
+        record(kernel.__name__, grid, kwargs)
         return _common.launch(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(triton_delta_rule, "launch", recording_launch)
     monkeypatch.setattr(triton_linear_attn, "launch", recording_launch)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The last launch of each kernel the Triton delta rule makes: kernel name -> (grid, launch
+    keywords)."""
+    launches = {}
+    _record_launches(monkeypatch, lambda name, grid, kwargs: launches.__setitem__(name, (grid, kwargs)))
     return launches
 
 
@@ -200,16 +205,8 @@ def test_delta_product_varlen():
 def test_gated_delta_product_forward_takes_both_decays_from_one_cumsum(monkeypatch):
     """The row chunks' G (the UT transform, the state walk) and the token chunks' (the output
     kernel) come from one cumsum_kernel launch (forward_decays), and are right (the outputs)."""
-    from rnnops.triton_backend import _common
-
     launches = []
-
-    def counting_launch(kernel, grid, *args, **kwargs):
-        launches.append(kernel.__name__)
-        return _common.launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(triton_delta_rule, "launch", counting_launch)
-    monkeypatch.setattr(triton_linear_attn, "launch", counting_launch)
+    _record_launches(monkeypatch, lambda name, grid, kwargs: launches.append(name))
     x = make_inputs(T=37, gated=True, num_householder=3)
     with torch.no_grad():
         o, _ = product("triton", 16, 3, **x)
