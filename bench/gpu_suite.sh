@@ -212,9 +212,11 @@ CASES
     # shapes (its stored autotuning, 4e23ac8): forward 64 columns at 3 stages (ungated; 4 gated),
     # 0.214 ms; backward 64 columns at 3 stages ungated (0.319), 32 at 2 gated: the second and third
     # tries are those (ours: forward 139 KB, one an SM; backward 197 KB, 255 registers, no spill).
-    # The last try: the gated UT inverse at 2 warps (DeltaRuleConfig.inverse_num_warps; fla's own
-    # inverse ran 23 ns a chunk and head at 1 warp, ours 41 at 4). And fla's GVA case (32 value
-    # heads on 16 q / k heads, gated; forward 0.67x of fla's at the tiles tried here), whose bucket
+    # The last try: the gated UT inverse at 8 warps (DeltaRuleConfig.inverse_num_warps: its chunk x
+    # chunk products over two warpgroups; its substitution steps, right-looking since the run at
+    # 4e23ac8, take no block barrier at 4 or 8; fla's own inverse ran 23 ns a chunk and head at 1
+    # warp, ours 41 at 4 before). And fla's GVA case (32 value heads on 16 q / k heads, gated;
+    # forward 0.67x of fla's at the tiles tried here), whose bucket
     # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
     # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
     # place of the compile screen's 128-wide K at 8 warps and two stages (the least spilling of its
@@ -225,7 +227,7 @@ CASES
       '{"state_backward_block_v": 64, "state_backward_num_stages": 3}' \
       '{"state_block_v": 64, "state_backward_block_v": 64}' \
       '{"state_backward_num_stages": 3}' '{"state_block_v": 64, "state_backward_num_stages": 3}' \
-      '{"block_k": 128, "num_warps": 8, "num_stages": 2}' '{"inverse_num_warps": 2}'
+      '{"block_k": 128, "num_warps": 8, "num_stages": 2}' '{"inverse_num_warps": 8}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
     # cp.async; 1.24x f+b) and the CUDA LSTM in tensor-core fragments both ways (one block barrier
@@ -252,12 +254,13 @@ CASES
     # two waves) and our output kernel 0.249 against 0.163; since then the output kernel takes
     # chunks of 64 tokens (query tiles of 64 rows on wgmma, where 32 were on mma.sync) and the walk
     # stores a state a token chunk (half of them: 134 MB fewer written and read), untimed
-    # (state_block_v: the forward walk's columns alone; then the UT inverse at 2 warps; then 32-wide K
-    # chunk tiles: since its dG leaves out the pairs of a token's own steps (TOKEN_PAIRS, two more
-    # dots), the shipped 64-wide tiles' dq/dk spills 80 B, the 32-wide none (244 registers; Triton 3.6)
+    # (state_block_v: the forward walk's columns alone; then 32-wide K chunk tiles: since its dG
+    # leaves out the pairs of a token's own steps (TOKEN_PAIRS, two more dots), the shipped 64-wide
+    # tiles' dq/dk spills 80 B, the 32-wide none (244 registers; Triton 3.6). Its UT inverse is the
+    # delta rule's: that A/B tries its warps)
     ab 530 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}' \
-      '{"inverse_num_warps": 2}' '{"block_k": 32}'
+      '{"block_k": 32}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
     # dd69b80) with dq and dk summed over value heads inside the dq/dk kernel (group_heads, new,
     # untimed): 16 or all 80 heads a program against one, where the per-value-head partials (1.3 GB

@@ -4,8 +4,8 @@ the standard calls launch compiles, fits the GPU's shared memory per block, and,
 shipped for the GPU (rnnops.triton_backend.compile_check; ptxas' report). Triton's interpreter,
 which runs the numerical tests on CPUs, checks none of this.
 
-float32 inputs (tf32x3 dot products) still spill in the delta rule's state and UT kernels: those
-are checked to compile and fit, not for spills.
+float32 inputs (tf32x3 dot products) still spill in the delta rule's state kernels and UT backward:
+those are checked to compile and fit, not for spills (the UT inverse is, by its own test).
 
 "Without spills" allows SPILL_TOLERANCE bytes per kernel: ptxas sometimes keeps a kernel at 128
 registers for occupancy and moves a few bytes to local memory, and which kernels it does that to
@@ -194,6 +194,39 @@ def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores(
     stacks = {row["name"]: row["stack_bytes"] for row in rows}
     assert stacks.keys() == chunk_products
     assert max(stacks.values()) < 4096, stacks
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ut_inverse_substitution_has_no_block_barrier(dtype):
+    """The UT inverse's forward substitution on the chunk's 16 x 16 diagonal blocks
+    (_unit_lower_inverse), 15 dependent steps, takes a column of L times a finished row each step:
+    its sums stay within the warps (no shared memory, no block barrier: sm_90, 4 warps, the default
+    configurations) where a row at a time took 5-6 barriers a step for its layout conversions (Triton
+    3.6 and 3.9), and float32 spills nothing (1.1-1.8 KB did). Checked in its SASS: the loops without
+    tensor-core instructions are the substitution's alone."""
+    script = ("import dataclasses, json, torch\n"
+              "from rnnops import _sass\n"
+              "from rnnops.triton_backend import delta_rule\n"
+              "from rnnops.triton_backend.compile_check import compile_launch, config_launches\n"
+              f"dtype = torch.{dtype}\n"
+              "config = delta_rule.default_config(dtype, delta_rule.DEFAULT_CONFIG, delta_rule.FLOAT32_DEFAULT_CONFIG)\n"
+              "rows = []\n"
+              "for gated in (True, False):\n"
+              "    shape = {'K': 128, 'V': 128, 'gated': gated, 'num_householder': 1}\n"
+              "    (launch,) = [launch for launch in config_launches('delta_rule', shape, dtype,\n"
+              "                 dataclasses.asdict(config)) if launch.kernel.__name__ == 'ut_inverse_kernel']\n"
+              "    compiled, report = compile_launch(launch, 90)\n"
+              "    rows.append({'gated': gated, 'spill': max(report.spill_stores, report.spill_loads),\n"
+              "                 'loops': [loop.opcodes for loop in _sass.loops(compiled.asm['cubin'])]})\n"
+              "print(json.dumps(rows))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
+                            check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for row in json.loads(result.stdout):
+        substitution = [loop for loop in row["loops"] if not loop.get("HGMMA")]
+        assert len(substitution) == 1, row
+        assert not substitution[0].get("BAR"), row
+        assert row["spill"] <= SPILL_TOLERANCE, row
 
 
 def test_scan_in_segments_compiles_without_spills():

@@ -79,25 +79,31 @@ def _pair_decay(G, rows, row_mask, i_h, H: tl.constexpr, GATED: tl.constexpr, BT
 @triton.jit
 def _unit_lower_inverse(L, PRECISION: tl.constexpr, BT: tl.constexpr):
     """(I + L)^-1 for strictly lower-triangular L (BT x BT, fp32), blocked by BC = 16 rows.
-    The inverses of the BC x BC diagonal blocks, assembled into a block-diagonal D: forward
+    The inverses X of the BC x BC diagonal blocks, assembled into a block-diagonal D: forward
     substitution on all BT / BC blocks at once (15 steps on a (BT/BC, BC, BC) tile, where
-    substituting the whole matrix would take BT - 1 steps on BT x BT). Then the blocks below:
+    substituting the whole matrix would take BT - 1 steps on BT x BT), right-looking: from X = I,
+    step j takes row j of X, final once the rows above it are subtracted, off every row below it
+    times L's column j (X -= L[:, j] X[j, :]). Both are sums over one axis of the tile whose
+    results broadcast back along that same axis, so no step converts a layout: at 4 warps (a
+    diagonal block a warp) a step is 77 SASS instructions, 16 shuffles and no block barrier, where
+    taking row i of L into a sum against X's rows (the left-looking form) was 99-105 with 20-24
+    shuffles and 5-6 barriers (bf16, sm_90, Triton 3.6 and 3.9). Then the blocks below:
     T = D (I - L_off T), L_off the part of L below the diagonal blocks, is solved by iterating
     T <- D - P T with P = D L_off from T = D; step n makes block sub-diagonal n exact (P is
     strictly block-lower), so BT / BC - 1 steps, one BT^3 product each, give T with the
     rounding of blocked forward substitution. The products run at ``PRECISION``: "tf32" for
-    half inputs, whose kernels round T to half precision for their dot products anyway.
-    float32 ("tf32x3") spills ~1.1 KB per thread at BT = 64 and 4 warps on sm_90 (compile_check)."""
+    half inputs, whose kernels round T to half precision for their dot products anyway, "tf32x3"
+    for float32 (no spill at BT = 64 and 4 warps on sm_90; 1.1-1.8 KB a thread left-looking)."""
     BC: tl.constexpr = 16
     NB: tl.constexpr = BT // BC
     same_block = tl.arange(0, NB)[:, None, None, None] == tl.arange(0, NB)[None, None, :, None]
     diagonal = tl.sum(tl.where(same_block, tl.reshape(L, (NB, BC, NB, BC)), 0.0), axis=2)
     o = tl.arange(0, BC)
     blocks = tl.zeros([NB, BC, BC], tl.float32) + tl.where(o[:, None] == o[None, :], 1.0, 0.0)[None, :, :]
-    for i in range(1, BC):
-        row = o[None, :, None] == i
-        l_i = tl.sum(tl.where(row, diagonal, 0.0), axis=1)
-        blocks = tl.where(row, blocks - tl.sum(l_i[:, :, None] * blocks, axis=1)[:, None, :], blocks)
+    for j in range(BC - 1):
+        column = tl.sum(tl.where(o[None, None, :] == j, diagonal, 0.0), axis=2)
+        row = tl.sum(tl.where(o[None, :, None] == j, blocks, 0.0), axis=1)
+        blocks -= column[:, :, None] * row[:, None, :]
     diagonal_inverse = tl.reshape(tl.where(same_block, blocks[:, :, None, :], 0.0), (BT, BT))
     T = diagonal_inverse
     if NB > 1:

@@ -93,26 +93,59 @@ def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
         jit.JITFunction.run, _common.interpreting, cache.for_device = saved
 
 
+def _specialisation(launch: Launch, backend) -> tuple[object, object]:
+    """The (ASTSource, options) that running ``launch`` would compile for ``backend``."""
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel, kwargs = launch.kernel, dict(launch.kwargs, debug=False)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def _compile(source, options, target) -> tuple[object, KernelReport]:
+    """Triton's compiled kernel of ``source`` and its report (ptxas' log, the shared memory, the
+    threads, and from the PTX the tensor-core path and the lane-divergent sums)."""
+    import triton
+    from triton import knobs
+
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True  # ptxas prints its report only when it runs
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(source, target=target, options=options.__dict__)
+    (report,) = parse_log(log.getvalue())
+    return compiled, replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
+                             tensor_cores=tensor_core_path(compiled.asm["ptx"]),
+                             lane_divergent_sums=lane_divergent_sums(compiled.asm["ptx"]))
+
+
+def compile_launch(launch: Launch, arch: int) -> tuple[object, KernelReport]:
+    """One launch's compiled kernel for compute capability ``arch`` (its ``asm``: "ptx", "cubin",
+    for reading its SASS with rnnops._sass) and its report; compiled afresh, nothing stored."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    return _compile(*_specialisation(launch, make_backend(target)), target)
+
+
 def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> list[KernelReport]:
     """Compile each distinct specialisation among ``launches`` for compute capability ``arch``
     (80, 90, ...); raises what Triton raises on a compile error. With ``loops``, each report also
     counts the instructions, exponentials, shuffles and block barriers of the kernel's innermost
     loop that evaluates exponentials (its SASS; 0 where it has none)."""
     import triton
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import make_backend
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     reports, seen = [], set()
     for launch in launches:
-        kernel, kwargs = launch.kernel, dict(launch.kwargs, debug=False)
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*launch.args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-        source = ASTSource(kernel, signature, constexprs, attrs)
+        source, options = _specialisation(launch, backend)
         key = (source.hash(), str(options))
         if key in seen:
             continue
@@ -122,15 +155,7 @@ def compile_launches(launches: list[Launch], arch: int, loops: bool = False) -> 
         stored = _StoredReport(f"{triton.__version__}|{backend.hash()}|{key[0]}|{key[1]}|{loops}|{_READER}")
         report = stored.read()
         if report is None:
-            log = io.StringIO()
-            with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
-                knobs.compilation.always_compile = True  # ptxas prints its report only when it runs
-                knobs.nvidia.dump_ptxas_log = True
-                compiled = triton.compile(source, target=target, options=options.__dict__)
-            (report,) = parse_log(log.getvalue())
-            report = replace(report, shared_bytes=compiled.metadata.shared, threads=32 * options.num_warps,
-                             tensor_cores=tensor_core_path(compiled.asm["ptx"]),
-                             lane_divergent_sums=lane_divergent_sums(compiled.asm["ptx"]))
+            compiled, report = _compile(source, options, target)
             if loops:
                 with contextlib.suppress(LookupError):
                     loop = innermost_exponential_loop(compiled.asm["cubin"])

@@ -68,15 +68,15 @@ class DeltaRuleConfig(ChunkConfig):
     # kernel). Off until measured (the GPU suite's A/B).
     fused_forward: int = 0
     # warps of the UT inverse (ut_inverse_kernel), a latency-bound chain of 15 substitution steps
-    # over the chunk's 16 x 16 diagonal blocks whose row sums cross warps (shuffles, and shared
-    # memory and a block barrier at each step: 5 barriers a step at 4 warps). At 2 warps the gated
-    # kernel takes 197 registers (five programs an SM, 10 warps) against 128 (four, 16 warps), but
-    # ~10.3k warp instructions a chunk against ~12.8k; the ungated one, which also forms W and U
-    # (APPLY), spills 52 B at 2 (bf16, sm_90, Triton 3.6, the H200's tiles). flash-linear-attention's
-    # fused k k^T + inverse kernel, ~11k warp instructions a chunk, chose 1 warp of its 1, 2 and 4 on
-    # the H200 and ran 23 ns a chunk and head against our inverse's 41 at 4 (its autotuning record,
-    # B8 T4096 H32; ours 4e23ac8, H16). Which wins is for measuring (the GPU suite's A/B; the space
-    # offers 4 alone until then)
+    # over the chunk's 16 x 16 diagonal blocks. At 4 warps, a diagonal block a warp, a step's sums
+    # stay within warps: 77 SASS instructions, no block barrier (128 registers gated, four programs
+    # an SM); at 8 the same loop (128 registers, two an SM), and its BT^3 products split into
+    # 64 x 32 halves over two warpgroups; at 2, 197 instructions and 3 barriers a step (198
+    # registers) (bf16, sm_90, Triton 3.6, the H200's tiles). flash-linear-attention's fused
+    # k k^T + inverse kernel chose 1 warp of its 1, 2 and 4 on the H200 and ran 23 ns a chunk and
+    # head against our inverse's 41 at 4 (its autotuning record, B8 T4096 H32; ours 4e23ac8, H16,
+    # when a step took 5 barriers). Which of 4 and 8 wins is for measuring (the GPU suite's A/B;
+    # the space offers 4 alone until then)
     inverse_num_warps: int = 4
 
     def state_blocks(self, K: int, V: int) -> tuple[int, int]:
@@ -116,7 +116,7 @@ def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     return Space(
         dict(base.variables, state_block_v=powers_of_two(16, 64), state_backward_block_v=powers_of_two(16, 64),
              state_backward_num_stages=[1, 2, 3], fused_forward=[0, 1],
-             # 4 alone until an A/B measures 2 (DeltaRuleConfig.inverse_num_warps): both would double
+             # 4 alone until an A/B measures 8 (DeltaRuleConfig.inverse_num_warps): both would double
              # every GPU's space, the A100's to 141372 configurations, 137 ms to enumerate
              inverse_num_warps=[4]),
         base.constraints + walk_tile("state_block_v") + walk_tile("state_backward_block_v") + (
