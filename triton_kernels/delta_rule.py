@@ -84,10 +84,12 @@ def _unit_lower_inverse(L, PRECISION: tl.constexpr, BT: tl.constexpr):
     substituting the whole matrix would take BT - 1 steps on BT x BT), right-looking: from X = I,
     step j takes row j of X, final once the rows above it are subtracted, off every row below it
     times L's column j (X -= L[:, j] X[j, :]). Both are sums over one axis of the tile whose
-    results broadcast back along that same axis, so no step converts a layout: at 4 warps (a
-    diagonal block a warp) a step is 77 SASS instructions, 16 shuffles and no block barrier, where
-    taking row i of L into a sum against X's rows (the left-looking form) was 99-105 with 20-24
-    shuffles and 5-6 barriers (bf16, sm_90, Triton 3.6 and 3.9). Then the blocks below:
+    results broadcast back along that same axis, so no step converts a layout; unrolled, the
+    columns (which X does not change) are taken off the chain of X's rows. At 4 warps (a diagonal
+    block a warp) a step is about 45 SASS instructions and no block barrier, where taking row i of
+    L into a sum against X's rows (the left-looking form, a loop) was 99-105 with 5-6 barriers
+    (bf16, sm_90, Triton 3.6 and 3.9; sm_80 splits a block's columns over two warps: 2-3 barriers
+    a step, 5 before). Then the blocks below:
     T = D (I - L_off T), L_off the part of L below the diagonal blocks, is solved by iterating
     T <- D - P T with P = D L_off from T = D; step n makes block sub-diagonal n exact (P is
     strictly block-lower), so BT / BC - 1 steps, one BT^3 product each, give T with the
@@ -100,7 +102,7 @@ def _unit_lower_inverse(L, PRECISION: tl.constexpr, BT: tl.constexpr):
     diagonal = tl.sum(tl.where(same_block, tl.reshape(L, (NB, BC, NB, BC)), 0.0), axis=2)
     o = tl.arange(0, BC)
     blocks = tl.zeros([NB, BC, BC], tl.float32) + tl.where(o[:, None] == o[None, :], 1.0, 0.0)[None, :, :]
-    for j in range(BC - 1):
+    for j in tl.static_range(BC - 1):
         column = tl.sum(tl.where(o[None, None, :] == j, diagonal, 0.0), axis=2)
         row = tl.sum(tl.where(o[None, :, None] == j, blocks, 0.0), axis=1)
         blocks -= column[:, :, None] * row[:, None, :]

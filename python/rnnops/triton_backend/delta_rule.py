@@ -69,9 +69,9 @@ class DeltaRuleConfig(ChunkConfig):
     fused_forward: int = 0
     # warps of the UT inverse (ut_inverse_kernel), a latency-bound chain of 15 substitution steps
     # over the chunk's 16 x 16 diagonal blocks. At 4 warps, a diagonal block a warp, a step's sums
-    # stay within warps: 77 SASS instructions, no block barrier (128 registers gated, four programs
-    # an SM); at 8 the same loop (128 registers, two an SM), and its BT^3 products split into
-    # 64 x 32 halves over two warpgroups; at 2, 197 instructions and 3 barriers a step (198
+    # stay within warps: 2128 SASS instructions, 10 block barriers in all (the products' staging;
+    # 128 registers gated, four programs an SM); at 8, 1856 and 13 (128 registers, two an SM), its
+    # BT^3 products split into 64 x 32 halves over two warpgroups; at 2, 5072 and 71 (218
     # registers) (bf16, sm_90, Triton 3.6, the H200's tiles). flash-linear-attention's fused
     # k k^T + inverse kernel chose 1 warp of its 1, 2 and 4 on the H200 and ran 23 ns a chunk and
     # head against our inverse's 41 at 4 (its autotuning record, B8 T4096 H32; ours 4e23ac8, H16,
