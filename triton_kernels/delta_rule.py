@@ -56,9 +56,13 @@ from ._packed import chunk_rows, qk_rows, query_decay, query_rows, sequence_span
 @triton.jit
 def _gram(k, rows, row_mask, i_h, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr,
           BT: tl.constexpr, BK: tl.constexpr):
-    """k k^T for one chunk (BT x BT, fp32), K in BK tiles."""
+    """k k^T for one chunk (BT x BT, fp32), K in BK tiles, their loads pipelined at two stages
+    (cp.async: the next tile's in flight while one is multiplied) whatever the launch's
+    num_stages: at the H100's and H200's 1 (the chunk kernels') the tiles loaded one after the
+    other, a memory latency each, in the latency-bound inverse (no register or shared memory
+    more: bf16, sm_90, Triton 3.6 and 3.9)."""
     kk = tl.zeros([BT, BT], tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
+    for i_k in tl.range(tl.cdiv(K, BK), num_stages=2):
         rk = i_k * BK + tl.arange(0, BK)
         b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :],
                       mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)
