@@ -419,14 +419,17 @@ def _masked_scores(qk, G, A, rq, q_mask, rows, row_mask, i_h, H: tl.constexpr, G
 def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scale, H: tl.constexpr,
                   GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, GATE: tl.constexpr, PRECISION: tl.constexpr, STEPS: tl.constexpr,
-                  KEY_TILES: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                  KEY_TILES: tl.constexpr, K_STAGES: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
     """o = scale * ((q * e^G) @ S_in + scores @ v) (+ skip * v) for one chunk of KEY_TILES * BT rows
     and V tile; one pass over the K tiles reads q once for both terms (a scalar decay: e^G (q @ S_in),
     q as loaded), the scores taken against the chunk's keys BT rows at a time. q and o per token, the
     chunk's QT queries (query_rows: DeltaProduct's STEPS). KEY_TILES > 1 (DeltaProduct: STEPS, a chunk
     of BT tokens; its states, G and chunk_indices in chunks of that many rows): query tiles of BT
     tokens, on warpgroup tensor cores where a row-chunk's BT / STEPS were not (mma.sync at 32 rows),
-    and one state read a token chunk instead of STEPS (the state walk stores only those)."""
+    and one state read a token chunk instead of STEPS (the state walk stores only those).
+    K_STAGES: the K loop's pipeline stages (a tile's q, k and state copied into shared memory a
+    tile ahead, cp.async)."""
     tl.static_assert(KEY_TILES == 1 or (STEPS > 1 and GATE != 2))
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, KEY_TILES * BT)
@@ -442,7 +445,7 @@ def output_kernel(q, k, v, VS, SKIP, G, A, h, o, chunk_indices, cu_seqlens, scal
             b_v = tl.load(v + (rows[:, None] * H + i_h) * V + rv[None, :], mask=vmask, other=0.0)
             b_v = _scaled_values(b_v, VS, rows, row_mask, i_h, H, HAS_VSCALE)
             qk = tl.zeros([QT, BT], tl.float32)
-            for i_k in range(tl.cdiv(K, BK)):
+            for i_k in tl.range(tl.cdiv(K, BK), num_stages=K_STAGES):
                 rk = i_k * BK + tl.arange(0, BK)
                 q_tile = qk_rows(q_rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
                 b_q = tl.load(q + q_tile, mask=q_mask[:, None] & (rk[None, :] < K), other=0.0)

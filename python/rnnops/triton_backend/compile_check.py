@@ -70,12 +70,14 @@ def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
     """Within the block, Triton kernel launches are recorded instead of run, and the Triton
     backends accept CPU tensors (their outputs stay as allocated). With ``gpu`` (a name of
     rnnops.autotune.hardware) launches use that GPU's shipped default configurations, as they
-    would on it before tuning; without, each kernel's DEFAULT_CONFIG."""
+    would on it before tuning, and the host code's decisions by a block's shared memory (the
+    Triton cells' resident weights, the output kernel's stages) take that GPU's; without, each
+    kernel's DEFAULT_CONFIG, and no limit (as on the CPU)."""
     from triton.runtime import jit
 
-    from rnnops.autotune import cache
+    from rnnops.autotune import cache, hardware
 
-    from . import _common
+    from . import _common, linear_attn, rnn
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check needs compiled kernels: run it without TRITON_INTERPRET=1")
@@ -85,12 +87,16 @@ def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
         launches.append(Launch(kernel, args, kwargs))
 
     offline = None if gpu is None else _LargestShippedBucket(gpu)
+    limit = None if gpu is None else hardware.named(gpu).shared_memory_per_block
     saved = jit.JITFunction.run, _common.interpreting, cache.for_device
+    saved_limits = linear_attn.block_shared_memory, rnn.block_shared_memory
     jit.JITFunction.run, _common.interpreting, cache.for_device = record, lambda: True, lambda device: offline
+    linear_attn.block_shared_memory = rnn.block_shared_memory = lambda device: limit
     try:
         yield launches
     finally:
         jit.JITFunction.run, _common.interpreting, cache.for_device = saved
+        linear_attn.block_shared_memory, rnn.block_shared_memory = saved_limits
 
 
 def _specialisation(launch: Launch, backend) -> tuple[object, object]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rnnops.autotune.cache import tuned
+from rnnops.autotune.hardware import block_shared_memory
 from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
@@ -99,6 +100,26 @@ def default_config(dtype: torch.dtype, half=DEFAULT_CONFIG, single=FLOAT32_DEFAU
     return single if dtype == torch.float32 else half
 
 
+def chunk_tiles_bytes(block_k: int, block_v: int, stages: int, chunk: int, dtype_bytes: int) -> int:
+    """The shared memory a chunk kernel's pipelined q / k / v tiles and the chunk's fp32 scores take,
+    by the space's model (an upper bound: e.g. the delta rule's output kernel at 64 x 128 tiles and
+    two stages, bf16, 80 KB by ptxas against 112 KB here)."""
+    return stages * chunk * (2 * block_k + 2 * block_v) * dtype_bytes + 4 * chunk * chunk
+
+
+def output_stages(config, block_k: int, block_v: int, chunk: int, dtype_bytes: int, limit: int | None) -> int:
+    """The output kernel's K-loop pipeline stages: the configuration's, at least two where two fit a
+    block's shared memory ``limit`` (chunk_tiles_bytes; None: no limit). The shipped H100 and H200
+    entries take one stage for the chunk kernels (their backward kernels spill at two), at which the
+    output kernel loaded its q, k and state tiles one K tile after the other; at two they are copied
+    a tile ahead (cp.async) and it holds fewer registers (bf16, sm_90, Triton 3.6: the delta rule's
+    216 -> 178, gated 242 -> 180, GLA's 128 -> 109; 49 -> 80 KB, two programs an SM either way)."""
+    stages = max(2, config.num_stages)
+    if limit is not None and chunk_tiles_bytes(block_k, block_v, stages, chunk, dtype_bytes) > limit:
+        return config.num_stages
+    return stages
+
+
 def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space:
     """The legal ChunkConfig values for head dims K, V as integer constraints.
 
@@ -124,7 +145,7 @@ def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space
                        lambda bk, bv, w: bk * bv + chunk * chunk <= registers * hardware.warp_size * w),
             Constraint("pipelined q/k/v tiles and the chunk's scores fit in shared memory",
                        ("block_k", "block_v", "num_stages"),
-                       lambda bk, bv, s: s * chunk * (2 * bk + 2 * bv) * dtype_bytes + 4 * chunk * chunk
+                       lambda bk, bv, s: chunk_tiles_bytes(bk, bv, s, chunk, dtype_bytes)
                        <= hardware.shared_memory_per_block),
         ),
     )
@@ -234,6 +255,8 @@ class ChunkedRun:
         # read rounded values where they read float32 before); float32 inputs keep float32 throughout
         self.stored_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        self.output_stages = output_stages(config, self.BK, self.BV, chunk, q.dtype.itemsize,
+                                           block_shared_memory(q.device))
         self.state_launch = {"num_warps": config.state_num_warps, "num_stages": config.state_num_stages}
         # GLA's kernels built on 16 x 16 sub-chunks: more than 4 warps only add registers
         # (compile_check, sm_90, bf16: they spill at 8, and at 2 too). (The delta rule's UT inverse,
@@ -359,7 +382,8 @@ class ChunkedRun:
             _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
             HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, STEPS=self.steps,
-            KEY_TILES=self.steps, QT=self.chunk, BK=self.BK, BV=self.BV, **self.common, **self.launch)
+            KEY_TILES=self.steps, K_STAGES=self.output_stages, QT=self.chunk, BK=self.BK, BV=self.BV,
+            **self.common, **self.launch)
         return o
 
     def states_backward(self, q, do, G, d_final, initial_state):
