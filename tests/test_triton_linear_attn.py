@@ -267,16 +267,16 @@ def test_launch_falls_back_to_one_stage_when_shared_memory_runs_out():
 
 
 @pytest.mark.parametrize("gpu,tiles,stages,expected", [
-    ("H100", (64, 128), 1, 2),  # the shipped Hopper entries: the output kernel pipelined anyway
+    ("H100", (64, 128), 1, 2),  # the shipped Hopper entries: the output and dv kernels pipelined anyway
     ("A100", (64, 64), 3, 3),  # more stages are kept
     ("RTX 4090", (128, 128), 1, 1),  # two copies of the tiles would not fit its ~100 KB
     ("RTX 4090", (64, 64), 1, 2),
     (None, (128, 128), 1, 2),  # no limit (the interpreter)
 ])
-def test_output_kernel_takes_two_stages_where_they_fit(gpu, tiles, stages, expected):
+def test_k_loops_take_two_stages_where_they_fit(gpu, tiles, stages, expected):
     config = triton_linear_attn.LinearAttnConfig(block_k=tiles[0], block_v=tiles[1], num_stages=stages)
     limit = None if gpu is None else hardware.named(gpu).shared_memory_per_block
-    assert triton_linear_attn.output_stages(config, *tiles, 64, 2, limit) == expected
+    assert triton_linear_attn.k_loop_stages(config, *tiles, 64, 2, limit) == expected
 
 
 def test_auto_does_not_pick_triton_on_the_cpu():

@@ -850,10 +850,12 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
 def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indices, cu_seqlens, scale, total_rows,
               H: tl.constexpr, GROUP: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_SKIP: tl.constexpr, K: tl.constexpr,
               V: tl.constexpr, GATE: tl.constexpr, HAS_DH: tl.constexpr, PRECISION: tl.constexpr,
-              STEPS: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+              STEPS: tl.constexpr, K_STAGES: tl.constexpr, BT: tl.constexpr, QT: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr):
     """dv = scale * scores^T @ do + (k * e^(G_last - G)) @ dS_out for one chunk and V tile; without
     dh (HAS_DH false) only the intra-chunk term (the delta rule's states_bwd adds the state term).
-    q and do per token, the chunk's QT queries (query_rows: DeltaProduct's STEPS)."""
+    q and do per token, the chunk's QT queries (query_rows: DeltaProduct's STEPS). K_STAGES: the K
+    loop's pipeline stages, as output_kernel's."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     valid, t0, eos, last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -864,7 +866,7 @@ def dv_kernel(q, k, v, VS, SKIP, G, A, dh, do, dv, d_scale, d_skip, chunk_indice
         vmask = row_mask[:, None] & (rv[None, :] < V)
         acc = tl.zeros([BT, BV], tl.float32)
         qk = tl.zeros([QT, BT], tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
+        for i_k in tl.range(tl.cdiv(K, BK), num_stages=K_STAGES):
             rk = i_k * BK + tl.arange(0, BK)
             qk_tile = qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :]
             b_k = tl.load(k + qk_tile, mask=row_mask[:, None] & (rk[None, :] < K), other=0.0)

@@ -107,13 +107,14 @@ def chunk_tiles_bytes(block_k: int, block_v: int, stages: int, chunk: int, dtype
     return stages * chunk * (2 * block_k + 2 * block_v) * dtype_bytes + 4 * chunk * chunk
 
 
-def output_stages(config, block_k: int, block_v: int, chunk: int, dtype_bytes: int, limit: int | None) -> int:
-    """The output kernel's K-loop pipeline stages: the configuration's, at least two where two fit a
-    block's shared memory ``limit`` (chunk_tiles_bytes; None: no limit). The shipped H100 and H200
-    entries take one stage for the chunk kernels (their backward kernels spill at two), at which the
-    output kernel loaded its q, k and state tiles one K tile after the other; at two they are copied
-    a tile ahead (cp.async) and it holds fewer registers (bf16, sm_90, Triton 3.6: the delta rule's
-    216 -> 178, gated 242 -> 180, GLA's 128 -> 109; 49 -> 80 KB, two programs an SM either way)."""
+def k_loop_stages(config, block_k: int, block_v: int, chunk: int, dtype_bytes: int, limit: int | None) -> int:
+    """The pipeline stages of the output and dv kernels' K loops: the configuration's, at least two
+    where two fit a block's shared memory ``limit`` (chunk_tiles_bytes; None: no limit). The shipped
+    H100 and H200 entries take one stage for the chunk kernels (dq/dk and the UT backward spill at
+    two), at which these loaded their q, k and state tiles one K tile after the other; at two they
+    are copied a tile ahead (cp.async) and hold fewer registers or as many (bf16, sm_90, Triton 3.6,
+    the output kernel: the delta rule's 216 -> 178, gated 242 -> 180, GLA's 128 -> 109; 48 -> 80 KB,
+    two programs an SM either way)."""
     stages = max(2, config.num_stages)
     if limit is not None and chunk_tiles_bytes(block_k, block_v, stages, chunk, dtype_bytes) > limit:
         return config.num_stages
@@ -255,7 +256,7 @@ class ChunkedRun:
         # read rounded values where they read float32 before); float32 inputs keep float32 throughout
         self.stored_dtype = q.dtype
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        self.output_stages = output_stages(config, self.BK, self.BV, chunk, q.dtype.itemsize,
+        self.k_loop_stages = k_loop_stages(config, self.BK, self.BV, chunk, q.dtype.itemsize,
                                            block_shared_memory(q.device))
         self.state_launch = {"num_warps": config.state_num_warps, "num_stages": config.state_num_stages}
         # GLA's kernels built on 16 x 16 sub-chunks: more than 4 warps only add registers
@@ -382,7 +383,7 @@ class ChunkedRun:
             _kernels().output_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, h, o, lay.chunk_indices, lay.cu_seqlens, self.scale, V=self.V,
             HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None, STEPS=self.steps,
-            KEY_TILES=self.steps, K_STAGES=self.output_stages, QT=self.chunk, BK=self.BK, BV=self.BV,
+            KEY_TILES=self.steps, K_STAGES=self.k_loop_stages, QT=self.chunk, BK=self.BK, BV=self.BV,
             **self.common, **self.launch)
         return o
 
@@ -455,8 +456,8 @@ class ChunkedRun:
             _kernels().dv_kernel, (self.v_tiles, lay.programs, self.H),
             q, k, v, self.v_scale, self.skip, G, A, dh, do, dv, d_scale, d_skip, lay.chunk_indices, lay.cu_seqlens,
             self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, HAS_SKIP=self.skip is not None,
-            HAS_DH=dh is not None, STEPS=self.steps, QT=self.QT, BK=self.BK, BV=self.BV, **self.common,
-            **self.launch)
+            HAS_DH=dh is not None, STEPS=self.steps, K_STAGES=self.k_loop_stages, QT=self.QT, BK=self.BK,
+            BV=self.BV, **self.common, **self.launch)
         return dv, None if d_scale is None else d_scale.sum(0), None if d_skip is None else d_skip.sum(0)
 
     def per_value_head(self, x, heads=1) -> tuple[int, ...]:
