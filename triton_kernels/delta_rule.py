@@ -155,17 +155,18 @@ def _load_inverse(T_all, rows, row_mask, i_h, H: tl.constexpr, BT: tl.constexpr)
 
 @triton.jit
 def _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H: tl.constexpr, GROUP: tl.constexpr,
-                   K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                   K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr):
     """W = T diag(beta Gamma) K and U = T diag(beta) V for one chunk, T in the input dtype (stored in
     v's dtype)."""
-    for i_k in range(tl.cdiv(K, BK)):
+    for i_k in tl.range(tl.cdiv(K, BK), num_stages=STAGES):
         rk = i_k * BK + tl.arange(0, BK)
         tile = (rows[:, None] * H + i_h) * K + rk[None, :]
         mask = row_mask[:, None] & (rk[None, :] < K)
         b_k = tl.load(k + qk_rows(rows, i_h, H, GROUP, K)[:, None] + rk[None, :], mask=mask, other=0.0)
         rhs = (b_k * (b_beta * gamma)[:, None]).to(b_k.dtype)
         tl.store(W + tile, tl.dot(T, rhs, input_precision=PRECISION).to(W.dtype.element_ty), mask=mask)
-    for i_v in range(tl.cdiv(V, BV)):
+    for i_v in tl.range(tl.cdiv(V, BV), num_stages=STAGES):
         rv = i_v * BV + tl.arange(0, BV)
         tile = (rows[:, None] * H + i_h) * V + rv[None, :]
         mask = row_mask[:, None] & (rv[None, :] < V)
@@ -177,15 +178,17 @@ def _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H: tl.cons
 @triton.jit
 def ut_inverse_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
-                      CHUNK_PRECISION: tl.constexpr, APPLY: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr):
+                      CHUNK_PRECISION: tl.constexpr, APPLY: tl.constexpr, STAGES: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr):
     """The forward's UT transform of one chunk: T = (I + strictly_lower(diag(beta) M))^-1, computed in
     fp32 and stored as T[(row, head), column in chunk] (the layout of linear_attn's intra-chunk
     scores) in T_all's dtype, the input dtype, for ut_fwd_kernel and the backward. APPLY: then W and
     U from T so rounded, as ut_fwd_kernel forms them from the stored T (which is then not read back,
     and k's tiles come from L2): ungated only, where the kernel keeps the standalone inverse's 128
     registers (four programs an SM for its latency-bound substitution chain); gated it took 148-162
-    whatever the order of its loads (three an SM; bf16, sm_90, Triton 3.6, the H200's tiles)."""
+    whatever the order of its loads (three an SM; bf16, sm_90, Triton 3.6, the H200's tiles). Their
+    loops take STAGES, the chunk kernels' stages: at two, where the H200's entries take one, 146
+    registers (three an SM)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -198,14 +201,16 @@ def ut_inverse_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: 
         T = T.to(T_all.dtype.element_ty)
         tl.store(T_all + _inverse_tile(rows, i_h, H, BT), T, mask=row_mask[:, None])
         if APPLY:
-            _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H, GROUP, K, V, PRECISION, BK, BV)
+            _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H, GROUP, K, V, PRECISION, STAGES, BK,
+                           BV)
 
 
 @triton.jit
 def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.constexpr, GROUP: tl.constexpr,
-                  K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr):
-    """W and U for one chunk from the saved T (the backward's recomputation)."""
+                  K: tl.constexpr, V: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """W and U for one chunk from the saved T (the gated forward's, and the backward's
+    recomputation), k's and v's tiles pipelined at STAGES (linear_attn's k_loop_stages)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     valid, t0, eos, _last = chunk_rows(chunk_indices, cu_seqlens, i_c, BT)
     if valid:
@@ -213,7 +218,8 @@ def ut_fwd_kernel(k, v, beta, G, T_all, W, U, chunk_indices, cu_seqlens, H: tl.c
         row_mask = rows < eos
         b_beta, gamma = _beta_gamma(beta, G, rows, row_mask, i_h, H, GATED)
         T = _load_inverse(T_all, rows, row_mask, i_h, H, BT)
-        _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H, GROUP, K, V, PRECISION, BK, BV)
+        _apply_inverse(T, k, v, W, U, b_beta, gamma, rows, row_mask, i_h, H, GROUP, K, V, PRECISION, STAGES, BK,
+                       BV)
 
 
 @triton.jit

@@ -169,13 +169,13 @@ class _DeltaRun(ChunkedRun):
             launch(
                 _kernels().ut_inverse_kernel, (lay.programs, self.H),
                 k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, CHUNK_PRECISION=self.chunk_precision,
-                APPLY=applied, BK=self.BK, BV=self.UT_BV, **self.delta,
+                APPLY=applied, STAGES=self.config.num_stages, BK=self.BK, BV=self.UT_BV, **self.delta,
                 **dict(self.launch, num_warps=self.config.inverse_num_warps))
         if not applied:
             launch(
                 _kernels().ut_fwd_kernel, (lay.programs, self.H),
-                k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, BK=self.BK, BV=self.BV,
-                **self.delta, **self.launch)
+                k, v, beta, G, T, W, U, lay.chunk_indices, lay.cu_seqlens, STAGES=self.k_loop_stages, BK=self.BK,
+                BV=self.BV, **self.delta, **self.launch)
         return W, U, T
 
     def delta_states(self, k, W, U, G, initial_state, store_final, for_output=False):

@@ -108,7 +108,8 @@ def chunk_tiles_bytes(block_k: int, block_v: int, stages: int, chunk: int, dtype
 
 
 def k_loop_stages(config, block_k: int, block_v: int, chunk: int, dtype_bytes: int, limit: int | None) -> int:
-    """The pipeline stages of the output and dv kernels' K loops: the configuration's, at least two
+    """The pipeline stages of the output and dv kernels' K loops (and the delta rule's ut_fwd's K and
+    V loops): the configuration's, at least two
     where two fit a block's shared memory ``limit`` (chunk_tiles_bytes; None: no limit). The shipped
     H100 and H200 entries take one stage for the chunk kernels (dq/dk and the UT backward spill at
     two), at which these loaded their q, k and state tiles one K tile after the other; at two they
