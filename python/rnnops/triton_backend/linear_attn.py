@@ -108,14 +108,13 @@ def chunk_tiles_bytes(block_k: int, block_v: int, stages: int, chunk: int, dtype
 
 
 def k_loop_stages(config, block_k: int, block_v: int, chunk: int, dtype_bytes: int, limit: int | None) -> int:
-    """The pipeline stages of the output and dv kernels' K loops (and the delta rule's ut_fwd's K and
-    V loops): the configuration's, at least two
-    where two fit a block's shared memory ``limit`` (chunk_tiles_bytes; None: no limit). The shipped
-    H100 and H200 entries take one stage for the chunk kernels (dq/dk and the UT backward spill at
-    two), at which these loaded their q, k and state tiles one K tile after the other; at two they
-    are copied a tile ahead (cp.async) and hold fewer registers or as many (bf16, sm_90, Triton 3.6,
-    the output kernel: the delta rule's 216 -> 178, gated 242 -> 180, GLA's 128 -> 109; 48 -> 80 KB,
-    two programs an SM either way)."""
+    """The pipeline stages of the output and dv kernels' K loops (and of the delta rule's ut_fwd's K
+    and V loops): the configuration's, at least two where two fit a block's shared memory ``limit``
+    (chunk_tiles_bytes; None: no limit). The shipped H100 and H200 entries take one stage for the
+    chunk kernels (dq/dk and the UT backward spill at two), at which these loaded their tiles one
+    after the other; at two they are copied a tile ahead (cp.async) and the kernels hold as many
+    registers or fewer (bf16, sm_90, Triton 3.6, the output kernel: the delta rule's 216 -> 178,
+    gated 242 -> 180, GLA's 128 -> 109; 48 -> 80 KB, two programs an SM either way)."""
     stages = max(2, config.num_stages)
     if limit is not None and chunk_tiles_bytes(block_k, block_v, stages, chunk, dtype_bytes) > limit:
         return config.num_stages
