@@ -278,11 +278,14 @@ CASES
     # 2026-11-26), so the stage and warp tries are now about prefetch alone (SASS, Triton 3.6).
     # 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
     # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
-    # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one)
+    # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one). Two stages for
+    # GLA's chunk kernels, whose shipped entries take one (Triton 3.6's screen: at two its sub-chunk
+    # scores spill 4 B): the factored intra-chunk scores 224 -> 160 registers, two programs an SM ->
+    # three (its output and dv kernels pipeline their K loops at two either way since k_loop_stages)
     ab 558 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
-      --try '{"state_num_stages": 1}' '{"state_num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}' \
-      '{"block_v": 64}'
+      --try '{"num_stages": 2}' '{"state_num_stages": 1}' '{"state_num_warps": 8}' \
+      '{"fused_forward": 1, "num_warps": 4}' '{"block_v": 64}'
     # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
