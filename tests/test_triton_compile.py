@@ -196,41 +196,42 @@ def test_float32_delta_rule_at_head_dim_16_keeps_chunk_products_on_tensor_cores(
     assert max(stacks.values()) < 4096, stacks
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_ut_inverse_latency_chain_in_sass(dtype):
+def test_ut_inverse_latency_chain_in_sass():
     """The UT inverse's forward substitution on the chunk's 16 x 16 diagonal blocks
     (_unit_lower_inverse), 15 dependent steps, takes a column of L times a finished row each step:
     its sums stay within the warps (no shared memory, no block barrier: sm_90, 4 warps, the default
-    configurations) where a row at a time took 5-6 barriers a step for its layout conversions (Triton
-    3.6 and 3.9), and float32 spills nothing (1.1-1.8 KB did). Checked in its SASS: unrolled, so
-    every loop left multiplies on tensor cores (the k k^T product's; ungated, W's and U's), and the
-    barriers are their staging's (10 gated, 21 ungated; the left-looking steps added 75). At one
-    pipeline stage (the H100's and H200's chunk kernels) k's tiles still load with cp.async
-    (LDGSTS: _gram's own two stages)."""
+    configurations at one pipeline stage, as the H100's and H200's entries) where a row at a time
+    took 5-6 barriers a step for its layout conversions (Triton 3.6 and 3.9), and float32 spills
+    nothing (1.1-1.8 KB did). Checked in its SASS (bfloat16 gated and not, float32 gated): unrolled,
+    so every loop left multiplies on tensor cores (the k k^T product's; ungated, W's and U's), and
+    the barriers are their staging's (10 gated, 21 ungated; the left-looking steps added 75); k's
+    tiles load with cp.async (LDGSTS: _gram's own two stages) though the launch takes one."""
     script = ("import collections, dataclasses, json, torch\n"
               "from rnnops import _sass\n"
               "from rnnops.triton_backend import delta_rule\n"
               "from rnnops.triton_backend.compile_check import compile_launch, config_launches\n"
-              f"dtype = torch.{dtype}\n"
-              "config = delta_rule.default_config(dtype, delta_rule.DEFAULT_CONFIG, delta_rule.FLOAT32_DEFAULT_CONFIG)\n"
-              "config = dataclasses.replace(config, num_stages=1)\n"
               "rows = []\n"
-              "for gated in (True, False):\n"
+              "for dtype, gated in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)):\n"
+              "    config = delta_rule.default_config(dtype, delta_rule.DEFAULT_CONFIG,\n"
+              "                                       delta_rule.FLOAT32_DEFAULT_CONFIG)\n"
+              "    config = dataclasses.asdict(dataclasses.replace(config, num_stages=1))\n"
               "    shape = {'K': 128, 'V': 128, 'gated': gated, 'num_householder': 1}\n"
-              "    (launch,) = [launch for launch in config_launches('delta_rule', shape, dtype,\n"
-              "                 dataclasses.asdict(config)) if launch.kernel.__name__ == 'ut_inverse_kernel']\n"
+              "    (launch,) = [launch for launch in config_launches('delta_rule', shape, dtype, config)\n"
+              "                 if launch.kernel.__name__ == 'ut_inverse_kernel']\n"
               "    compiled, report = compile_launch(launch, 90)\n"
               "    cubin = compiled.asm['cubin']\n"
               "    opcodes = collections.Counter(_sass._opcode(text).split('.')[0]\n"
               "                                  for code in _sass._functions(cubin) for _, text in code)\n"
-              "    rows.append({'gated': gated, 'spill': max(report.spill_stores, report.spill_loads),\n"
+              "    rows.append({'case': f'{dtype} gated={gated}', 'spill': max(report.spill_stores, report.spill_loads),\n"
               "                 'barriers': opcodes['BAR'], 'async_copies': opcodes['LDGSTS'],\n"
               "                 'loops': [loop.opcodes for loop in _sass.loops(cubin)]})\n"
               "print(json.dumps(rows))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
                             check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    for row in json.loads(result.stdout):
+    rows = json.loads(result.stdout)
+    assert len(rows) == 3
+    for row in rows:
         assert all(loop.get("HGMMA") for loop in row["loops"]), row
         assert row["barriers"] <= 32, row
         assert row["async_copies"], row
