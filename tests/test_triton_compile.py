@@ -206,7 +206,7 @@ def test_ut_inverse_latency_chain_in_sass():
     so every loop left multiplies on tensor cores (the k k^T product's; ungated, W's and U's), and
     the barriers are their staging's (10 gated, 21 ungated; the left-looking steps added 75); k's
     tiles load with cp.async (LDGSTS: _gram's own two stages) though the launch takes one."""
-    script = ("import collections, dataclasses, json, torch\n"
+    script = ("import dataclasses, json, torch\n"
               "from rnnops import _sass\n"
               "from rnnops.triton_backend import delta_rule\n"
               "from rnnops.triton_backend.compile_check import compile_launch, config_launches\n"
@@ -220,8 +220,7 @@ def test_ut_inverse_latency_chain_in_sass():
               "                 if launch.kernel.__name__ == 'ut_inverse_kernel']\n"
               "    compiled, report = compile_launch(launch, 90)\n"
               "    cubin = compiled.asm['cubin']\n"
-              "    opcodes = collections.Counter(_sass._opcode(text).split('.')[0]\n"
-              "                                  for code in _sass._functions(cubin) for _, text in code)\n"
+              "    opcodes = _sass.opcodes(cubin)\n"
               "    rows.append({'case': f'{dtype} gated={gated}', 'spill': max(report.spill_stores, report.spill_loads),\n"
               "                 'barriers': opcodes['BAR'], 'async_copies': opcodes['LDGSTS'],\n"
               "                 'loops': [loop.opcodes for loop in _sass.loops(cubin)]})\n"

@@ -59,6 +59,19 @@ def _opcode(text: str) -> str:
     return _PREDICATE.sub("", text).split()[0]
 
 
+def _counted(text: str) -> str:
+    """An instruction's opcode as Loop.opcodes and opcodes count it: MUFU's kept whole (MUFU.EX2),
+    the others without modifiers (BAR, LDGSTS)."""
+    opcode = _opcode(text)
+    return opcode if opcode.startswith("MUFU") else opcode.split(".")[0]
+
+
+def opcodes(cubin: bytes) -> collections.Counter:
+    """How many of each opcode the cubin's kernels hold, each instruction once (a loop's body is
+    not multiplied by its trips)."""
+    return collections.Counter(_counted(text) for code in _functions(cubin) for _, text in code)
+
+
 def loops(cubin: bytes) -> list[Loop]:
     """Every loop (a branch to an earlier address) of the cubin's kernels, in address order."""
     found = []
@@ -69,11 +82,8 @@ def loops(cubin: bytes) -> list[Loop]:
         for first, last in spans:
             inner = [(a, b) for a, b in spans if first <= a and b <= last and (a, b) != (first, last)]
             own = [k for k in range(first, last + 1) if not any(a <= k <= b for a, b in inner)]
-            opcodes = collections.Counter()
-            for k in own:
-                opcode = _opcode(code[k][1])
-                opcodes[opcode if opcode.startswith("MUFU") else opcode.split(".")[0]] += 1
-            found.append(Loop(code[first][0], code[last][0], len(own), len(inner), dict(opcodes)))
+            counts = collections.Counter(_counted(code[k][1]) for k in own)
+            found.append(Loop(code[first][0], code[last][0], len(own), len(inner), dict(counts)))
     return found
 
 
