@@ -18,7 +18,7 @@ from rnnops.bench import cli, report, roofline, runner
 from rnnops.bench import precompile as precompile_module
 from rnnops.bench.precompile import precompile, warm_up
 from rnnops.bench.runner import Target, run_case
-from rnnops.bench.timing import batch_size, host_breakdown, measure, peak_memory
+from rnnops.bench.timing import batch_size, call_estimate, host_breakdown, measure, peak_memory
 
 CPU = torch.device("cpu")
 
@@ -522,6 +522,19 @@ def test_gpu_batch_size_takes_the_default_unlimited_time():
     assert batch_size(0.1, repeats=5, min_seconds=0.3, max_seconds=2.0) == 5
     assert batch_size(0.5, repeats=5, min_seconds=0.3, max_seconds=2.0) == 4
     assert batch_size(3.0, repeats=5, min_seconds=0.3, max_seconds=2.0) == 1
+
+
+def test_a_slow_first_call_does_not_size_the_batch():
+    """A first call that compiled (a second here, 3 ms after) is timed again before the batch is
+    sized, where it would have left one sample; a call that is slow every time is not repeated for
+    nothing more than its estimate (once more at most)."""
+    first_compiles = iter([1.2, 0.003, 0.003])
+    estimate = call_estimate(lambda: next(first_compiles), repeats=5, max_seconds=2.0)
+    assert estimate == 0.003 and batch_size(estimate, repeats=5, min_seconds=0.3, max_seconds=2.0) == 100
+    calls = []
+    assert call_estimate(lambda: calls.append(1) or 0.1, repeats=5, max_seconds=2.0) == 0.1 and len(calls) == 1
+    slow = iter([3.0, 3.1])
+    assert call_estimate(lambda: next(slow), repeats=5, max_seconds=2.0) == 3.0
 
 
 @pytest.mark.gpu

@@ -45,6 +45,20 @@ def batch_size(estimate: float, repeats: int, min_seconds: float, max_seconds: f
     return max(1, count)
 
 
+def call_estimate(synchronised_call: Callable[[], float], repeats: int, max_seconds: float) -> float:
+    """One call's seconds, to size a GPU batch by (batch_size), from ``synchronised_call()`` (which
+    makes one synchronised call and returns its wall seconds): a second call where the first took
+    so long that fewer than ``repeats`` would fit in ``max_seconds``, and the faster of the two. A
+    first call can compile, autotune or allocate: on the H200 (2026-11-28) the delta rule's and
+    fla's chunk_gla's forward+backward were timed once each so, where their calls took 3 and 7 ms
+    (the delta rule's one sample 3.57 ms, with no queued call to hide its host work: its kernels
+    sum to 2.86, and the A/B check timed it at 2.91)."""
+    estimate = synchronised_call()
+    if estimate * repeats > max_seconds:
+        estimate = min(estimate, synchronised_call())
+    return estimate
+
+
 def spin_up(fn: Callable[[], object], device: torch.device, seconds: float) -> None:
     """Call ``fn()`` back to back for ``seconds`` of wall time on a GPU (nothing elsewhere): an
     idle GPU runs at low clocks for its first tens of milliseconds of work, which a short
@@ -70,7 +84,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
     the last, so a call's host work overlaps the previous call's kernels, and shows in its interval
     only where it takes longer than they do (then the call is host-bound: see Timing.host_samples).
     The batch's size comes from the last warm-up call's synchronised time (a GPU makes that one
-    even at ``warmup=0``), and an untimed call goes first so that the first timed one also starts
+    even at ``warmup=0``; two where the first was slow: call_estimate), and an untimed call goes first so that the first timed one also starts
     behind queued work."""
     for _ in range(warmup - 1):
         fn()
@@ -87,10 +101,14 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
             if (len(samples) >= repeats and spent >= min_seconds) or spent >= max_seconds or len(samples) >= 100:
                 return Timing(samples)
     torch.cuda.synchronize(device)
-    begin = time.perf_counter()
-    fn()  # the last warm-up call
-    torch.cuda.synchronize(device)
-    estimate = time.perf_counter() - begin  # an upper bound: host and device time, not overlapped
+
+    def synchronised_call() -> float:  # an upper bound on a call's time: host and device, not overlapped
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - begin
+
+    estimate = call_estimate(synchronised_call, repeats, max_seconds)  # the last warm-up call(s)
     count = batch_size(estimate, repeats, min_seconds, max_seconds)
     if estimate < 0.05:  # (for longer calls the host's share is negligible)
         fn()
