@@ -197,37 +197,34 @@ CASES
     }
     # (in the order of what they decide: a bench that overruns its budget leaves the last ones no
     # time; on 2026-11-28 it ended about 30 s past it, and the delta rule's check had 11 s)
-    # First what decides a change (the delta rule's state tiles, untried in three runs), then what
-    # checks the shipped ones. The delta rule's state walks 0.278 / 0.454 ms a call (forward /
-    # backward; 0.91x of fla f+b at dd69b80 and 4e23ac8) against fla's 0.21 / 0.31 (its own
-    # autotuning: 64 state columns forward, 64 / 32 backward ungated / gated). Ours take 32: the
-    # forward's 512 walks at 80 KB, two an SM, run in two waves, at 64 its 256 in one (96 KB, two
-    # an SM); the backward's two waves either way (108 KB at 32, two an SM; 120 KB at 64, one), so
-    # 64 columns forward alone, then both ways (compile_check, Triton 3.6); then the backward walk at
-    # three pipeline stages (state_backward_num_stages), where it scales q's product instead of q:
-    # fla's backward walk at 32 columns and 4 warps took 0.347 ms at three stages, 0.573 at two (its
-    # autotuning records, 4e23ac8), one program an SM either way, and ours at three compiles to
-    # what fla's does (534 SASS instructions a chunk against its 531, 114 registers, 168 KB, one an
-    # SM) where at two it takes 714 (146 registers, 108 KB, two an SM). fla's own choices at these
-    # shapes (its stored autotuning, 4e23ac8): forward 64 columns at 3 stages (ungated; 4 gated),
-    # 0.214 ms; backward 64 columns at 3 stages ungated (0.319), 32 at 2 gated: the second and third
-    # tries are those (ours: forward 139 KB, one an SM; backward 197 KB, 255 registers, no spill).
-    # The last try: the gated UT inverse at 8 warps (DeltaRuleConfig.inverse_num_warps: its chunk x
-    # chunk products over two warpgroups; its substitution steps, right-looking since the run at
-    # 4e23ac8, take no block barrier at 4 or 8; fla's own inverse ran 23 ns a chunk and head at 1
-    # warp, ours 41 at 4 before). And fla's GVA case (32 value heads on 16 q / k heads, gated;
-    # forward 0.67x of fla's at the tiles tried here), whose bucket
-    # ships the ungrouped gated bucket's measured 64-wide K at 4 warps and one stage since
-    # 2026-11-27 (Triton 3.6: dq/dk spills 24 B; the output kernel 240 registers, two an SM), in
-    # place of the compile screen's 128-wide K at 8 warps and two stages (the least spilling of its
-    # six, 532 B in dq/dk; the output kernel 168 registers at 8 warps, one an SM)
+    # First what decides a change. The delta rule's state walks: at c34bbff (2026-11-28) the A/B
+    # timed the plain bucket (B8 T4096 H16) with 64 state columns forward at 1.04x of 32 (2.81
+    # against 2.91 ms f+b; three stages there too 1.04x; 64 both ways 1.03x; the backward walk at
+    # three stages 0.94x, 64 columns and three stages backward 1.00x, 128-wide K at 8 warps 0.80x,
+    # the UT inverse at 8 warps 0.94x: retired). The H200's plain entry at 512 Ki tokens ships 64
+    # since; here against 32 again, and for the gated GVA bucket (32 value heads on 16 q / k heads;
+    # forward 0.95x of fla's at c34bbff), never reached in three runs, first. fla's own choices (its
+    # stored autotuning, 4e23ac8): forward 64 columns at 3 stages (ungated; 4 gated), backward 64 at
+    # 3 ungated, 32 at 2 gated. Our forward walk's 512 programs at 32 columns run in two waves (80
+    # KB, two an SM), its 256 at 64 in one (96 KB); the backward's two either way (compile_check,
+    # Triton 3.6)
     ab 480 delta_rule \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gated=0" "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" \
-      --try '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 3}' \
-      '{"state_backward_block_v": 64, "state_backward_num_stages": 3}' \
-      '{"state_block_v": 64, "state_backward_block_v": 64}' \
-      '{"state_backward_num_stages": 3}' '{"state_block_v": 64, "state_backward_num_stages": 3}' \
-      '{"block_k": 128, "num_warps": 8, "num_stages": 2}' '{"inverse_num_warps": 8}'
+      --shapes "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" "B=8,T=4096,H=16,K=128,V=128,gated=0" \
+      --try '{"state_block_v": 32}' '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 3}' \
+      '{"state_block_v": 64, "state_backward_block_v": 64}'
+    # The scalar decay's dq/dk kernel: 1.128 of its 2.35 ms f+b at c34bbff (the ungated one's 0.395
+    # at 4 warps, 143 registers, three programs an SM); at the shipped 64 x 128 tiles and 8 warps it
+    # takes 230 registers, one program an SM; at 4 warps 219, two an SM (the output and dv kernels
+    # two an SM either way); at 64-wide V tiles 135, still one (Triton 3.6). Two stages for GLA's
+    # chunk kernels, whose shipped entries take one (Triton 3.6's screen: at two its sub-chunk
+    # scores spill 4 B): the factored intra-chunk scores 224 -> 160 registers, two programs an SM ->
+    # three. (GLA was 1.40x
+    # / 1.70x of fla's chunk_gla fwd / f+b at c34bbff; the scalar decay's forward 0.59x of
+    # chunk_simple_gla's, its backward uncompared: fla refuses it on Triton 3.6 on Hopper)
+    ab 495 linear_attn \
+      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=scalar" "B=8,T=4096,H=16,K=128,V=128,gate=per-key" \
+      --try '{"num_warps": 4}' '{"fused_forward": 1, "num_warps": 4}' '{"block_v": 64}' '{"num_stages": 2}' \
+      '{"state_num_stages": 1}' '{"state_num_warps": 8}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
     # cp.async; 1.24x f+b) and the CUDA LSTM in tensor-core fragments both ways (one block barrier
@@ -237,7 +234,7 @@ CASES
     # pointwise inputs read from global memory each step 0.66x / 0.93x, unpadded product tiles
     # 0.72x / 0.64x, the 768-wide head's gate gradients one chunk a round 0.86x, the 64-wide head on
     # four 16-unit blocks 1.09x of the sliced kernels, the forward alone in fragments 1.06x)
-    ab 500 rnn \
+    ab 510 rnn \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=gru,B=16,T=1024,H=12,D=64" \
       --try '{"num_stages": 1}' '{"num_stages": 2}' '{"forward_fragments": 0, "backward_fragments": 0}' \
       '{"forward_fragments": 1, "backward_fragments": 1}'
@@ -246,7 +243,7 @@ CASES
     # each call's gradients to the last's; 64-wide V tiles 1.04x, 4 warps at one stage 1.09x), as
     # the H100 does from 512 Ki tokens (1.39x there, 2026-11-26); here against the former entry, and
     # at 1 Mi tokens, whose H200 entry is still the former one
-    ab 515 linear_attn \
+    ab 525 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=8192,H=16,K=128,V=128,gate=none" \
       --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
     # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92 and 4e23ac8, by kernel:
@@ -258,7 +255,7 @@ CASES
     # leaves out the pairs of a token's own steps (TOKEN_PAIRS, two more dots), the shipped 64-wide
     # tiles' dq/dk spills 80 B, the 32-wide none (244 registers; Triton 3.6). Its UT inverse is the
     # delta rule's: that A/B tries its warps)
-    ab 530 delta_product \
+    ab 540 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}' \
       '{"block_k": 32}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
@@ -267,25 +264,9 @@ CASES
     # at 1) were about 0.7 ms of its 4.71. The shipped 64 x 64 tiles at 8 warps spill 80 B with
     # the sums in registers (255 registers); 32-wide V tiles 224 and 32-wide K tiles 185, none
     # (compile_check, Triton 3.9)
-    ab 543 linear_attn \
+    ab 555 linear_attn \
       --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"group_heads": 16, "block_v": 32}' \
       '{"group_heads": 80, "block_v": 32}' '{"group_heads": 16, "block_k": 32}' '{"block_v": 32}'
-    # linear attention: the H100 ships the fused forward and 4-warp chunk kernels for ungated
-    # inputs from 512 Ki tokens since 2026-11-26 (1.39x f+b at B8 T4096): do they pay for a
-    # scalar decay (GLA ignores fused_forward)? GLA's forward state walk at the shipped 4 warps x
-    # 2 stages took 254 registers, two an SM, until its k tile was loaded key-major (now 102
-    # registers, 49 KB, four an SM: its 512 walks in one wave, as the backward walk's 96 since
-    # 2026-11-26), so the stage and warp tries are now about prefetch alone (SASS, Triton 3.6).
-    # 64-wide V tiles: the scalar-decay dq/dk kernel (1.245 ms, 40% of
-    # the scalar f+b, on the H100 at bc01c04) 207 -> 115 registers at 8 warps, one program an SM
-    # -> two; its output and dv kernels two -> three (GLA's dq/dk stays at one). Two stages for
-    # GLA's chunk kernels, whose shipped entries take one (Triton 3.6's screen: at two its sub-chunk
-    # scores spill 4 B): the factored intra-chunk scores 224 -> 160 registers, two programs an SM ->
-    # three (its output and dv kernels pipeline their K loops at two either way since k_loop_stages)
-    ab 558 linear_attn \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=per-key" "B=8,T=4096,H=16,K=128,V=128,gate=scalar" \
-      --try '{"num_stages": 2}' '{"state_num_stages": 1}' '{"state_num_warps": 8}' \
-      '{"fused_forward": 1, "num_warps": 4}' '{"block_v": 64}'
     # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
