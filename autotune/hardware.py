@@ -160,6 +160,17 @@ def from_device(index: int = 0) -> Hardware:
 
 
 @functools.cache
+def sm_registers(device) -> int | None:
+    """The 32-bit registers of one SM of a CUDA ``device`` (from_device); None for other devices
+    (Triton's interpreter: no limit)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return from_device(device.index if device.index is not None else torch.cuda.current_device()).registers_per_sm
+
+
+@functools.cache
 def block_shared_memory(device) -> int | None:
     """The opt-in shared memory of one block on a CUDA ``device`` (from_device); None for other
     devices (Triton's interpreter, the CUDA simulator: no limit)."""

@@ -116,7 +116,7 @@ class CompileScreen:
         kernel_shape = tuple(sorted(small_shape(tunable.op, shape).items()))
         key = (arch, tunable.op, kernel_shape, dtype, tuple(sorted(config.items())))
         if key not in self.reports:
-            launches = config_launches(tunable.op, shape, dtype, config)
+            launches = config_launches(tunable.op, shape, dtype, config, hardware)
             try:
                 self.reports[key] = compile_launches(launches, arch)
             except Exception as error:  # what Triton or ptxas raise: they name no common type

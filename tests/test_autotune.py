@@ -301,7 +301,7 @@ def test_compile_screen_keeps_the_best_ranked_config_that_neither_spills_nor_ove
         return [KernelReport("output_kernel", 64, 0, 0, 0, 1024),
                 KernelReport("dqk_kernel", 255, spilled, 0, 0, shared)]
 
-    monkeypatch.setattr(triton_compile_check, "config_launches", lambda op, shape, dtype, config: (config, shape))
+    monkeypatch.setattr(triton_compile_check, "config_launches", lambda op, shape, dtype, config, hardware: (config, shape))
     monkeypatch.setattr(triton_compile_check, "compile_launches", fake_compile)
     screen, notes = tuner.CompileScreen(), []
     assert screen.choose(tunable, shape, torch.bfloat16, hw, ranked, notes)["block_k"] == 32
@@ -341,13 +341,13 @@ def test_compile_screen_gets_past_a_compile_error_but_not_a_host_code_error(monk
     def cannot_target(launches, arch):
         raise RuntimeError(f"sm_{arch} is not supported")
 
-    monkeypatch.setattr(triton_compile_check, "config_launches", lambda op, shape, dtype, config: [])
+    monkeypatch.setattr(triton_compile_check, "config_launches", lambda op, shape, dtype, config, hardware: [])
     monkeypatch.setattr(triton_compile_check, "compile_launches", cannot_target)
     notes = []
     assert tuner.CompileScreen().choose(tunable, shape, torch.bfloat16, hw, ranked, notes) == ranked[0]
     assert notes == [f"not compiled for {hw.arch}: RuntimeError: sm_70 is not supported"]
 
-    def host_bug(op, shape, dtype, config):
+    def host_bug(op, shape, dtype, config, hardware):
         raise ValueError("H=2 is not a multiple of Hk=16")
 
     monkeypatch.setattr(triton_compile_check, "config_launches", host_bug)
@@ -414,9 +414,9 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
 
     tunable = kernels.find(op, "triton")
     count, ranked = tuner.rank(tunable, shape, torch.bfloat16, hardware.named("H100"))
-    # one value each: the delta rule's inverse_num_warps, the cells' recompute at D=128
+    # one value each: the delta rule's inverse_num_warps and dqk_programs_per_sm, the cells' recompute at D=128
     variables = movable_variables(ranked)
-    assert variables == len(ranked[0]) - 1
+    assert variables == len(ranked[0]) - {"delta_rule": 2, "rnn": 1}[op]
     cap = measurement_cap(count, variables)
     assert cap == min(-(-count // 10), max(48, 7 * variables))
     near, top_near, layout = 0, 0, _LandscapeLayout(ranked)

@@ -61,13 +61,14 @@ def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, 
 
 
 def config_report_rows(op: str, shape: dict, dtype: str, config: dict,
-                       kernels: frozenset[str] | None = None) -> list[dict]:
+                       kernels: frozenset[str] | None = None, gpu: str | None = None) -> list[dict]:
     """compile_check.config_reports' rows for ``op`` at ``shape`` with ``config`` (sm_90; only the
-    ``kernels`` named, if given), run in a process without TRITON_INTERPRET."""
+    ``kernels`` named, if given; with ``gpu``'s limits where named), run in a process without
+    TRITON_INTERPRET."""
     script = ("import json, torch\n"
               "from dataclasses import asdict\n"
               "from rnnops.triton_backend.compile_check import config_reports\n"
-              f"rows = config_reports({op!r}, {shape!r}, torch.{dtype}, {config!r}, 90, {kernels!r})\n"
+              f"rows = config_reports({op!r}, {shape!r}, torch.{dtype}, {config!r}, 90, {kernels!r}, {gpu!r})\n"
               "print(json.dumps([asdict(r) for r in rows]))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
                             check=False, timeout=600)
@@ -260,6 +261,31 @@ def test_fused_linear_attention_forward_compiles_on_warpgroup_tensor_cores(gate,
     assert len(fused) == 1 and "output_kernel" not in [row["name"] for row in rows], rows
     assert fused[0]["tensor_cores"] == "wgmma", describe(fused[0])
     assert max(fused[0]["spill_stores"], fused[0]["spill_loads"]) <= SPILL_TOLERANCE, describe(fused[0])
+
+
+def test_dqk_register_cap_reaches_ptxas():
+    """dqk_programs_per_sm at the H200's tiles (8 warps): ptxas holds the dq/dk kernel to
+    65536 / (programs x 256 threads) registers a thread, nothing spilled. The scalar decay at 64-wide
+    V tiles, two programs: 128 (uncapped 135 with Triton 3.6, one program; the shipped 128-wide V
+    tiles 230); GLA at 32-wide K tiles, three: 80 (uncapped 88, two). A cap the launch dropped would
+    leave GLA's above it (Triton 3.6 and 3.9)."""
+    script = ("import json, torch\n"
+              "from rnnops.autotune.cache import shipped_defaults\n"
+              "from rnnops.triton_backend.compile_check import config_reports\n"
+              "rows = []\n"
+              "for gate, change in (('scalar', {'block_v': 64, 'dqk_programs_per_sm': 2}),\n"
+              "                     ('per-key', {'block_k': 32, 'dqk_programs_per_sm': 3})):\n"
+              "    config = shipped_defaults('H200')[f'linear_attn|triton|bfloat16:K128:V128:{gate}:tokens~524288']\n"
+              "    (report,) = config_reports('linear_attn', {'K': 128, 'V': 128, 'gate': gate}, torch.bfloat16,\n"
+              "                               dict(config, **change), 90, frozenset({'dqk_kernel'}), 'H200')\n"
+              "    rows.append((gate, report.threads, report.registers, report.spill_stores + report.spill_loads))\n"
+              "print(json.dumps(rows))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
+                            check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (scalar, per_key) = json.loads(result.stdout)
+    assert scalar[1] == 256 and scalar[2] <= 128 and scalar[3] == 0, scalar  # (Triton 3.9: 116)
+    assert per_key[1] == 256 and per_key[2] == 80 and per_key[3] <= SPILL_TOLERANCE, per_key  # (3.9: 8 B spilled)
 
 
 def test_fused_delta_rule_forward_compiles_on_warpgroup_tensor_cores():

@@ -15,6 +15,7 @@ from conftest import HAS_CUDA, compare_backends, packed_sequences, run_with_grad
 from rnnops.autotune import cache, hardware, kernels
 from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.triton_backend import _common, linear_attn as triton_linear_attn
+from rnnops.triton_backend._common import register_cap
 
 GATES = ["none", "scalar", "per-key"]
 
@@ -277,6 +278,21 @@ def test_k_loops_take_two_stages_where_they_fit(gpu, tiles, stages, expected):
     config = triton_linear_attn.LinearAttnConfig(block_k=tiles[0], block_v=tiles[1], num_stages=stages)
     limit = None if gpu is None else hardware.named(gpu).shared_memory_per_block
     assert triton_linear_attn.k_loop_stages(config, *tiles, 64, 2, limit) == expected
+
+
+@pytest.mark.parametrize("programs,warps,registers,expected", [
+    (1, 8, 65536, {}),  # no cap asked
+    (2, 8, None, {}),  # no SM to fit (Triton's interpreter)
+    (2, 8, 65536, {"maxnreg": 128}),
+    (3, 8, 65536, {"maxnreg": 80}),  # 85 rounded down to whole blocks of 256 a warp
+    (2, 4, 65536, {"maxnreg": 255}),  # 256 would fit; a thread addresses 255
+    (3, 4, 65536, {"maxnreg": 168}),
+])
+def test_register_cap_fits_the_programs_an_sm(programs, warps, registers, expected):
+    cap = register_cap(programs, warps, registers)
+    assert cap == expected
+    if cap:
+        assert hardware.named("H200").programs_per_sm(32 * warps, cap["maxnreg"], 0)[0] >= programs
 
 
 def test_auto_does_not_pick_triton_on_the_cpu():

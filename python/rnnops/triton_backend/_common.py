@@ -45,6 +45,19 @@ def chunk_reason(chunk: int) -> str | None:
     return f"chunk_size must be 16, 32, 64 or 128, got {chunk}"
 
 
+def register_cap(programs_per_sm: int, num_warps: int, sm_registers: int | None) -> dict:
+    """Launch options capping a kernel's registers a thread (Triton's ``maxnreg``, ptxas's
+    -maxrregcount) so that ``programs_per_sm`` programs of ``num_warps`` warps fit an SM's
+    ``sm_registers``: a multiple of 8 (registers go to warps in blocks of 256), at most 255; none
+    where ``programs_per_sm`` is 1 or the SM is unknown (Triton's interpreter). ptxas otherwise
+    takes what its schedule likes up to 255, whatever that leaves of the SM for other programs:
+    e.g. the scalar decay's dq/dk kernel at 64 x 64 tiles and 8 warps, 135 registers, one program
+    an SM, and 128 capped, two, neither spilling (Triton 3.6, sm_90, bf16)."""
+    if programs_per_sm <= 1 or sm_registers is None:
+        return {}
+    return {"maxnreg": min(255, sm_registers // (programs_per_sm * num_warps * 32) // 8 * 8)}
+
+
 def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None, tile_dims: tuple[int, ...] = ()) -> str:
     """``input_precision`` of the kernels' dot products. float32 inputs get "tf32x3" (each operand
     split into two TF32 parts, three tensor-core products: float32 accuracy at tensor-core speed;

@@ -71,13 +71,13 @@ def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
     backends accept CPU tensors (their outputs stay as allocated). With ``gpu`` (a name of
     rnnops.autotune.hardware) launches use that GPU's shipped default configurations, as they
     would on it before tuning, and the host code's decisions by a block's shared memory (the
-    Triton cells' resident weights, the output kernel's stages) take that GPU's; without, each
-    kernel's DEFAULT_CONFIG, and no limit (as on the CPU)."""
+    Triton cells' resident weights, the output kernel's stages) or an SM's registers (register_cap)
+    take that GPU's; without, each kernel's DEFAULT_CONFIG, and no limit (as on the CPU)."""
     from triton.runtime import jit
 
     from rnnops.autotune import cache, hardware
 
-    from . import _common, linear_attn, rnn
+    from . import _common
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check needs compiled kernels: run it without TRITON_INTERPRET=1")
@@ -87,16 +87,32 @@ def captured_launches(gpu: str | None = None) -> Iterator[list[Launch]]:
         launches.append(Launch(kernel, args, kwargs))
 
     offline = None if gpu is None else _LargestShippedBucket(gpu)
-    limit = None if gpu is None else hardware.named(gpu).shared_memory_per_block
     saved = jit.JITFunction.run, _common.interpreting, cache.for_device
-    saved_limits = linear_attn.block_shared_memory, rnn.block_shared_memory
     jit.JITFunction.run, _common.interpreting, cache.for_device = record, lambda: True, lambda device: offline
-    linear_attn.block_shared_memory = rnn.block_shared_memory = lambda device: limit
     try:
-        yield launches
+        with device_limits(None if gpu is None else hardware.named(gpu)):
+            yield launches
     finally:
         jit.JITFunction.run, _common.interpreting, cache.for_device = saved
-        linear_attn.block_shared_memory, rnn.block_shared_memory = saved_limits
+
+
+@contextlib.contextmanager
+def device_limits(hardware) -> Iterator[None]:
+    """Within the block, the host code's look-ups of a block's shared memory and an SM's registers
+    (which pick the output kernel's stages, the Triton cells' resident weights, register_cap's
+    caps) return ``hardware``'s (an rnnops.autotune.hardware.Hardware), or None (no limit, as on
+    the CPU) without."""
+    from . import linear_attn, rnn
+
+    limit = None if hardware is None else hardware.shared_memory_per_block
+    registers = None if hardware is None else hardware.registers_per_sm
+    saved = linear_attn.block_shared_memory, rnn.block_shared_memory, linear_attn.sm_registers
+    linear_attn.block_shared_memory = rnn.block_shared_memory = lambda device: limit
+    linear_attn.sm_registers = lambda device: registers
+    try:
+        yield
+    finally:
+        linear_attn.block_shared_memory, rnn.block_shared_memory, linear_attn.sm_registers = saved
 
 
 def _specialisation(launch: Launch, backend) -> tuple[object, object]:
@@ -237,21 +253,26 @@ def small_shape(op: str, shape: dict) -> dict:
     return small
 
 
-def config_launches(op: str, shape: dict, dtype: torch.dtype, config: dict) -> list[Launch]:
+def config_launches(op: str, shape: dict, dtype: torch.dtype, config: dict, hardware=None) -> list[Launch]:
     """The Triton launches of ``op``'s forward and backward at ``shape`` (an autotune standard
-    shape, cut by :func:`small_shape`) with ``config``, captured (nothing compiles or runs)."""
+    shape, cut by :func:`small_shape`) with ``config``, captured (nothing compiles or runs), with
+    ``hardware``'s limits where given (device_limits)."""
     from rnnops.autotune import cache, kernels, tuner
 
     small = small_shape(op, shape)
-    with cache.override(op, "triton", kernels.bucket(op, small, dtype), config), captured_launches() as launches:
+    with (cache.override(op, "triton", kernels.bucket(op, small, dtype), config), captured_launches() as launches,
+          device_limits(hardware)):
         _forward_backward(tuner.case_for(op, small), dtype)
     return launches
 
 
 def config_reports(op: str, shape: dict, dtype: torch.dtype, config: dict, arch: int,
-                   kernels: frozenset[str] | None = None) -> list[KernelReport]:
-    """:func:`config_launches` compiled for ``arch``; only the kernels named in ``kernels``, if given."""
-    launches = config_launches(op, shape, dtype, config)
+                   kernels: frozenset[str] | None = None, gpu: str | None = None) -> list[KernelReport]:
+    """:func:`config_launches` compiled for ``arch``, with ``gpu``'s limits where named (an
+    rnnops.autotune.hardware name); only the kernels named in ``kernels``, if given."""
+    from rnnops.autotune import hardware
+
+    launches = config_launches(op, shape, dtype, config, None if gpu is None else hardware.named(gpu))
     return compile_launches([launch for launch in launches if kernels is None or launch.kernel.__name__ in kernels],
                             arch)
 

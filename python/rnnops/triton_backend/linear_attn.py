@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rnnops.autotune.cache import tuned
-from rnnops.autotune.hardware import block_shared_memory
+from rnnops.autotune.hardware import block_shared_memory, sm_registers
 from rnnops.autotune.kernels import linear_attn_shape
 from rnnops.autotune.space import Constraint, Space, next_power_of_two, powers_of_two
 
@@ -21,7 +21,7 @@ from .._backward_only import outputs_wanted
 from .._buffers import empty
 from .._dispatch import register
 from ._common import (ChunkLayout, chunk_reason, device_reason, dot_precision, dtype_reason, head_dim_reason,
-                      join_reasons, launch)
+                      join_reasons, launch, register_cap)
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,12 @@ class ChunkConfig:
     # tiles: 116 KB, one program per SM, four waves of its 512; one stage: 32 KB, two per SM by
     # registers, two waves; compile_check): which wins is for measuring (the tuner walks it)
     state_num_stages: int = 2
+    # the dq/dk kernel's registers capped so that this many of its programs fit an SM (register_cap;
+    # 1: no cap): its time is each program's chain of dependent loads and products, so programs an
+    # SM set it (H200, B8 T4096 H16, c34bbff: the scalar decay's at 230 registers and 8 warps, one
+    # an SM, 1.128 ms; the ungated one's at 143 and 4 warps, three an SM, 0.395). 1 alone in the
+    # space until the GPU suite's A/B measures 2 (a cap that spills costs more than it gains)
+    dqk_programs_per_sm: int = 1
 
     def blocks(self, K: int, V: int) -> tuple[int, int]:
         """Tiles of the chunk-parallel kernels, no larger than the (power-of-two rounded) head dims."""
@@ -136,7 +142,8 @@ def chunk_space(K: int, V: int, chunk: int, dtype_bytes: int, hardware) -> Space
     registers = 96 if dtype_bytes <= 2 else 48
     return Space(
         {"block_k": powers_of_two(16, 128), "block_v": powers_of_two(16, 128), "num_warps": [1, 2, 4, 8],
-         "num_stages": [1, 2, 3, 4], "state_num_warps": [2, 4, 8], "state_num_stages": [1, 2, 3]},
+         "num_stages": [1, 2, 3, 4], "state_num_warps": [2, 4, 8], "state_num_stages": [1, 2, 3],
+         "dqk_programs_per_sm": [1]},
         (
             Constraint("block_k <= K rounded up to a power of two", ("block_k",), lambda bk: bk <= next_power_of_two(K)),
             Constraint("block_v <= V rounded up to a power of two", ("block_v",), lambda bv: bv <= next_power_of_two(V)),
@@ -258,6 +265,8 @@ class ChunkedRun:
         self.launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         self.k_loop_stages = k_loop_stages(config, self.BK, self.BV, chunk, q.dtype.itemsize,
                                            block_shared_memory(q.device))
+        self.dqk_launch = dict(self.launch, **register_cap(config.dqk_programs_per_sm, config.num_warps,
+                                                           sm_registers(q.device)))
         self.state_launch = {"num_warps": config.state_num_warps, "num_stages": config.state_num_stages}
         # GLA's kernels built on 16 x 16 sub-chunks: more than 4 warps only add registers
         # (compile_check, sm_90, bf16: they spill at 8, and at 2 too). (The delta rule's UT inverse,
@@ -438,7 +447,7 @@ class ChunkedRun:
             q, k, v, self.v_scale, G, h, dh, do, *intra, dv2, dq, dk, dW, dG, lay.chunk_indices,
             lay.cu_seqlens, self.scale, lay.total_rows, V=self.V, HAS_VSCALE=self.v_scale is not None, DELTA=delta,
             STEPS=self.steps, HEADS=heads, TWO_WALKS=not delta and self.gate == kernels.NO_GATE, BK=self.BK,
-            BV=self.BV, **self.common, **self.launch)
+            BV=self.BV, **self.common, **self.dqk_launch)
         return dq, dk, dW, dG
 
     def dv(self, q, k, G, A, dh, do, v=None):
