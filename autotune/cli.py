@@ -82,21 +82,42 @@ def table(results: list[tuner.Result]) -> str:
 
 
 def tries_table(results: list[tuner.Result]) -> str:
-    """--try: each measured configuration's time against the first (the shipped one); then the
-    notes (why a change failed or was not tried)."""
+    """--try: each measured configuration's time against the first (the shipped one); then, per
+    change profiled, the kernels whose time moved by 3% or more (shipped ms -> changed ms); then
+    the notes (why a change failed or was not tried)."""
     from rnnops.bench.report import format_table
 
-    lines, notes = [], [f"note: {r.backend}.{r.op} {note}" for r in results for note in r.notes]
+    lines, moved = [], []
+    notes = [f"note: {r.backend}.{r.op} {note}" for r in results for note in r.notes]
     for r in results:
         if not r.timings:
             continue
         base, base_seconds = r.timings[0]
-        for config, seconds in r.timings:
+        for i, (config, seconds) in enumerate(r.timings):
             change = {k: v for k, v in config.items() if base.get(k) != v} or "shipped"
             speedup = f"{base_seconds / seconds:.2f}x" if seconds and base_seconds else "-"
             lines.append((r.op, r.backend, r.bucket, str(change),
                           "failed" if seconds is None else f"{seconds * 1e3:.3f}", speedup))
-    return "\n".join([format_table(("op", "backend", "bucket", "change", "ms", "x shipped"), lines), *notes])
+            if 0 < i < len(r.kernel_seconds):
+                moved.append(f"kernels: {r.op} {r.bucket} {change}: "
+                             + (kernel_moves(r.kernel_seconds[0], r.kernel_seconds[i]) or "none moved 3%"))
+    return "\n".join([format_table(("op", "backend", "bucket", "change", "ms", "x shipped"), lines), *moved, *notes])
+
+
+def kernel_moves(shipped: dict[str, float], changed: dict[str, float], threshold: float = 0.03) -> str:
+    """The kernels whose time differs by ``threshold`` or more between two profiles ({name:
+    seconds}), largest difference first, as "name 1.128 -> 0.612 ms" (a kernel only one ran: "-")."""
+    def ms(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+    names = sorted(set(shipped) | set(changed), key=lambda n: -abs(changed.get(n, 0.0) - shipped.get(n, 0.0)))
+    parts = []
+    for name in names:
+        before, after = shipped.get(name), changed.get(name)
+        if before and after and abs(after - before) < threshold * before:
+            continue
+        parts.append(f"{name[:40]} {ms(before)} -> {ms(after)} ms")
+    return ", ".join(parts)
 
 
 def main(args: argparse.Namespace) -> int:

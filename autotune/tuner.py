@@ -44,6 +44,8 @@ class Result:
     measured: int = 0
     notes: list[str] = field(default_factory=list)
     timings: list[tuple[dict, float | None]] = field(default_factory=list)  # every measured config, in order
+    # --try: each measured configuration's kernels (ShapeTimer.kernels: name -> seconds of one call)
+    kernel_seconds: list[dict[str, float]] = field(default_factory=list)
     wall_seconds: float = 0.0  # the tuning of this bucket, end to end (compiling, vetting, measuring)
 
     @property
@@ -227,6 +229,26 @@ def measure_config(tunable: kernels.Tunable, case, inputs: list[dict], bucket: s
     ``spin_up_s`` seconds of the same calls untimed (timing.spin_up)."""
     from rnnops.bench.timing import measure, spin_up
 
+    step = _rotating_step(tunable, case, inputs)
+    with cache.override(tunable.op, tunable.backend, bucket, config):
+        spin_up(step, device, spin_up_s)
+        return measure(step, device, warmup=1, repeats=5, min_seconds=0.05, max_seconds=1.0).median
+
+
+def config_kernels(tunable: kernels.Tunable, case, inputs: list[dict], bucket: str, config: dict,
+                   device: torch.device) -> dict[str, float]:
+    """{kernel name: seconds} of one forward + backward with ``config`` (timing.kernel_breakdown,
+    the largest 12; a kernel launched twice, e.g. the state walk recomputed, summed)."""
+    from rnnops.bench.timing import kernel_breakdown
+
+    step = _rotating_step(tunable, case, inputs)
+    with cache.override(tunable.op, tunable.backend, bucket, config):
+        step()  # anything the profiled call would otherwise compile or allocate first
+        return {row["name"]: row["seconds"] for row in kernel_breakdown(step, device, top=12)}
+
+
+def _rotating_step(tunable: kernels.Tunable, case, inputs: list[dict]) -> Callable[[], None]:
+    """A forward + backward call on each of ``inputs`` in turn."""
     state = {"i": 0}
 
     def step():
@@ -234,9 +256,7 @@ def measure_config(tunable: kernels.Tunable, case, inputs: list[dict], bucket: s
         state["i"] += 1
         forward_backward(case, x, tunable.backend)
 
-    with cache.override(tunable.op, tunable.backend, bucket, config):
-        spin_up(step, device, spin_up_s)
-        return measure(step, device, warmup=1, repeats=5, min_seconds=0.05, max_seconds=1.0).median
+    return step
 
 
 class Unsupported(Exception):
@@ -246,10 +266,13 @@ class Unsupported(Exception):
 @dataclass
 class ShapeTimer:
     """Times one kernel at one shape: ``measure(config)`` -> seconds; ``prepare(configs)`` may
-    compile configurations ahead of their measurement (returns how many it prepared)."""
+    compile configurations ahead of their measurement (returns how many it prepared);
+    ``kernels(config)`` -> {kernel name: seconds} of one call, by the profiler (the A/B check's
+    account of where a change gained or lost)."""
 
     measure: Callable[[dict], float]
     prepare: Callable[[list[dict]], int] = lambda configs: 0
+    kernels: Callable[[dict], dict[str, float]] = lambda config: {}
 
 
 # (tunable, shape, bucket) -> ShapeTimer; raises Unsupported for a kernel it cannot time
@@ -388,7 +411,10 @@ def device_timer(device: torch.device, dtype: torch.dtype, compile_workers: int 
             idle_since[0] = time.perf_counter()
             return seconds
 
-        return ShapeTimer(measure, prepare)
+        def kernel_seconds(config: dict) -> dict[str, float]:
+            return config_kernels(tunable, case, inputs, bucket, config, device)
+
+        return ShapeTimer(measure, prepare, kernel_seconds)
 
     return for_shape
 
@@ -503,6 +529,18 @@ class _Tuning:
                                          count if self.exhaustive else cap, should_stop=self.over_budget,
                                          prepare=shape_timer.prepare)
         result.timings = [(dict(key), seconds) for key, seconds in found.timings.items()]
+        if self.tries is not None:  # where each change gained or lost, kernel by kernel
+            for config, seconds in result.timings:
+                if seconds is None or self.over_budget():
+                    break
+                try:
+                    profile = shape_timer.kernels(config)
+                except Exception as error:  # a profiler that cannot start costs the account, not the A/B
+                    result.notes.append(f"kernels not profiled: {type(error).__name__}: {str(error)[:120]}")
+                    break
+                if not profile:  # a timer that profiles nothing
+                    break
+                result.kernel_seconds.append(profile)
         if self.exhaustive and found.measured == count and found.seconds:
             replay = search.coordinate_search(ranked, seeds, lambda c: found.timings[search.config_key(c)], cap)
             if replay.seconds:

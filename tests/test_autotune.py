@@ -654,8 +654,13 @@ def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothi
     shape = {"B": 8, "T": 4096, "H": 16, "K": 128, "V": 128, "gated": False, "num_householder": 1}
     measured = []
 
+    def kernels_of(config):  # block_k 32: dq/dk faster; state_num_stages 1: the walk 1% slower (not shown)
+        return {"dqk_kernel": 2e-4 if config["block_k"] == 32 else 4e-4,
+                "states_bwd_kernel": 3.03e-4 if config["state_num_stages"] == 1 else 3e-4}
+
     def timer(tunable, shape, bucket):
-        return tuner.ShapeTimer(lambda config: measured.append(config) or (8e-4 if config["block_k"] == 32 else 1e-3))
+        return tuner.ShapeTimer(lambda config: measured.append(config) or (8e-4 if config["block_k"] == 32 else 1e-3),
+                                kernels=kernels_of)
 
     changes = [{"block_k": 32}, {"state_num_stages": 1}]
     foreign = {"num_warps": 4, "items": 8}  # another backend's variable: noted, not measured
@@ -667,7 +672,18 @@ def test_tries_measure_the_shipped_configuration_and_its_changes_and_store_nothi
     assert result.config == dict(shipped, block_k=32) and device_cache.entries == {}
     text = cli.tries_table([result])
     assert "shipped" in text and "{'block_k': 32}" in text and "1.25x" in text and " triton " in text
+    assert f"kernels: delta_rule {result.bucket} {{'block_k': 32}}: dqk_kernel 0.400 -> 0.200 ms" in text
+    assert f"kernels: delta_rule {result.bucket} {{'state_num_stages': 1}}: none moved 3%" in text
     assert text.endswith(f"note: triton.delta_rule {result.notes[0]}")
+
+
+def test_kernel_moves_name_what_changed_most_first():
+    from rnnops.autotune.cli import kernel_moves
+
+    shipped = {"dqk_kernel": 1.128e-3, "output_kernel": 2.56e-4, "states_fwd_kernel": 1.56e-4}
+    changed = {"dqk_kernel": 6.1e-4, "output_kernel": 2.6e-4, "fused_fwd_kernel": 1.8e-4}
+    assert kernel_moves(shipped, changed) == ("dqk_kernel 1.128 -> 0.610 ms, fused_fwd_kernel - -> 0.180 ms, "
+                                              "states_fwd_kernel 0.156 -> - ms")
 
 
 def test_tries_for_another_backend_measure_nothing(tmp_path, monkeypatch):
