@@ -19,7 +19,9 @@ to dq and dk after: an accuracy fix), which took the gated delta rule's dq/dk fr
 both with Triton 3.9's ptxas. With Triton 3.6's, the GPU machine's, the same change took them
 from 20 and 32 B to 20 and 4 B. The gated DeltaProduct's dG also leaves out the pairs of a
 token's own steps (TOKEN_PAIRS, an accuracy fix: two more dots with masked dA): 60 -> 92 B (3.9),
-36 -> 80 B (3.6; 276 B before its dW was stored as soon as whole). Running out of registers
+36 -> 80 B (3.6; 276 B before its dW was stored as soon as whole). Its partial dk in k's dtype
+(the delta rule's dq/dk wrote it in float32): 92 -> 128 B (3.9), 80 -> 52 B (3.6; the plain
+delta rule's 241 -> 176 registers, the gated one's 12 B -> none). Running out of registers
 spills hundreds of bytes to tens of kilobytes, which these tests exist to catch.
 """
 import ast
@@ -40,7 +42,7 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 
 H100 = hardware.named("H100")
 SPILL_TOLERANCE = 32  # bytes stored or loaded per kernel (module docstring)
-SPILL_ALLOWANCES = {("DeltaProduct", "dqk_kernel"): 96,  # (case containing, kernel): bytes (module docstring)
+SPILL_ALLOWANCES = {("DeltaProduct", "dqk_kernel"): 128,  # (case containing, kernel): bytes (module docstring)
                     ("gated delta rule", "dqk_kernel"): 48}
 COMPILING_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels must be compiled
 GROUPS = {"linear attention": "linear attention|scalar decay|GLA|SSD", "delta rule": "delta rule|DeltaProduct",

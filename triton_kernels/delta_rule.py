@@ -337,12 +337,12 @@ def states_bwd_kernel(q, k, W, G, do, dh, dv_new, d_final, d_initial, chunk_offs
 
 
 @triton.jit
-def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, chunk_indices, cu_seqlens,
+def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dv, dbeta, dG, dg, chunk_indices, cu_seqlens,
                   total_rows, H: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   GATED: tl.constexpr, PRECISION: tl.constexpr, CHUNK_PRECISION: tl.constexpr, STEPS: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Gradients through the UT transform for one chunk: dv and dbeta; dk_out (k's dtype) = dk
-    (fp32, the output and state terms) + the UT terms; gated: dg = reverse cumsum of (dG summed
+    """Gradients through the UT transform for one chunk: dv and dbeta; dk (k's dtype, holding the
+    output and state terms on entry) += the UT terms, summed in fp32; gated: dg = reverse cumsum of (dG summed
     over its K tiles + the UT terms) within the chunk. Gated DeltaProduct (STEPS > 1): dG's pair
     terms F leave out the pairs of a token's own steps (TOKEN_PAIRS, _packed.token_pairs)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -417,7 +417,7 @@ def ut_bwd_kernel(k, v, beta, G, T_all, dU, dW, dk, dk_out, dv, dbeta, dG, dg, c
                 d_beta += k_p
                 d_gate += b_beta * k_p - tl.sum(k32 * Q, axis=1)
             b_dk = tl.load(dk + tile, mask=mask, other=0.0) + (b_beta * gamma)[:, None] * y
-            tl.store(dk_out + tile, (b_dk + b_beta[:, None] * P + Q).to(dk_out.dtype.element_ty), mask=mask)
+            tl.store(dk + tile, (b_dk + b_beta[:, None] * P + Q).to(dk.dtype.element_ty), mask=mask)
         tl.store(dbeta + rows * H + i_h, d_beta, mask=row_mask)
         if GATED:
             for i_k in range(tl.cdiv(K, BK)):

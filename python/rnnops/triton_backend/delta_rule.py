@@ -212,19 +212,17 @@ class _DeltaRun(ChunkedRun):
 
     def ut_backward(self, k, v, beta, G, T, dv_new, dW, dk, dG):
         """(dk, dv, dbeta, dg): dk in k's dtype, per value head (group_sum adds up a group's), the
-        fp32 partial ``dk`` (dqk's output and state terms) plus the UT terms, written once (in place
-        for float32 k); dg for gated runs."""
+        partial ``dk`` (dqk's output and state terms) plus the UT terms, in place; dg for gated runs."""
         lay = self.layout
-        dk_out = dk if k.dtype == dk.dtype else empty(dk.shape, dtype=k.dtype, device=k.device)
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
         dbeta = empty(beta.shape, dtype=torch.float32, device=beta.device)
         dg = None if G is None else empty(G.shape, dtype=torch.float32, device=G.device)
         launch(
             _kernels().ut_bwd_kernel, (lay.programs, self.H),
-            k, v, beta, G, T, dv_new, dW, dk, dk_out, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens,
+            k, v, beta, G, T, dv_new, dW, dk, dv, dbeta, dG, dg, lay.chunk_indices, lay.cu_seqlens,
             lay.total_rows, CHUNK_PRECISION=self.chunk_precision, STEPS=self.steps, BK=self.BK, BV=self.UT_BV,
             **self.delta, **self.launch)
-        return dk_out, dv, dbeta, dg
+        return dk, dv, dbeta, dg
 
 
 class DeltaRuleFunction(torch.autograd.Function):
