@@ -207,15 +207,15 @@ CASES
     # stored autotuning, 4e23ac8): forward 64 columns at 3 stages (ungated; 4 gated), backward 64 at
     # 3 ungated, 32 at 2 gated. Our forward walk's 512 programs at 32 columns run in two waves (80
     # KB, two an SM), its 256 at 64 in one (96 KB); the backward's two either way (compile_check,
-    # Triton 3.6). Last, the dq/dk kernel (since its partial dk is stored in k's dtype: plain 176
+    # Triton 3.6). Then the dq/dk kernel (since its partial dk is stored in k's dtype: plain 176
     # registers, two programs an SM) capped for three (168, 12 B spilled; gated 1.4 KB), and the
     # chunk kernels at 8 warps and 64-wide V tiles with dq/dk capped at 128 registers: two 8-warp
     # programs an SM where the shipped 4-warp ones are two (plain: no spill; gated 40 B)
     ab 480 delta_rule \
       --shapes "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" "B=8,T=4096,H=16,K=128,V=128,gated=0" \
-      --try '{"state_block_v": 32}' '{"state_block_v": 64}' '{"state_block_v": 64, "state_num_stages": 3}' \
-      '{"state_block_v": 64, "state_backward_block_v": 64}' \
-      '{"dqk_programs_per_sm": 3}' '{"num_warps": 8, "block_v": 64, "dqk_programs_per_sm": 2}'
+      --try '{"state_block_v": 64}' '{"dqk_programs_per_sm": 3}' \
+      '{"num_warps": 8, "block_v": 64, "dqk_programs_per_sm": 2}' '{"state_block_v": 32}' \
+      '{"state_block_v": 64, "state_num_stages": 3}' '{"state_block_v": 64, "state_backward_block_v": 64}'
     # The scalar decay's dq/dk kernel: 1.128 of its 2.35 ms f+b at c34bbff (the ungated one's 0.395
     # at 4 warps, 143 registers, three programs an SM): its programs' time is a chain of dependent
     # loads and products, so programs an SM set the kernel's. At the shipped 64 x 128 tiles and 8
