@@ -18,12 +18,14 @@
 #                                        $OUT/kernels.md: durations, throughputs, occupancy and the
 #                                        largest stall reasons, rnnops.bench.kernel_profile; the
 #                                        raw logs in $OUT/ncu-logs.tar.xz)
+#        bash bench/gpu_suite.sh ab     (the A/B checks alone, with the whole call's time: a second
+#                                        call after a check-mode one, on the warm machine)
 #        BENCH_OPS="rnn selective_scan" bash bench/gpu_suite.sh   (the bench times only these op
 #                                        families: a run that must reach the ones its budget left out)
 #        BENCH_CASES="GLA|D768" bash bench/gpu_suite.sh   (only the cases whose name the regex finds)
 set -uo pipefail
 MODE=${1:-check}
-case "$MODE" in check|tune|profile) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune|profile]" >&2; exit 2 ;; esac
+case "$MODE" in check|tune|profile|ab) ;; *) echo "usage: bash bench/gpu_suite.sh [check|tune|profile|ab]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rnnops-gpu}
 mkdir -p "$OUT"
@@ -116,7 +118,9 @@ PY
   earlier=(bench/results/"$gpu"-*.json)
   shopt -u nullglob
 
-  if [ "$MODE" = profile ]; then
+  if [ "$MODE" = ab ]; then
+    :  # no bench: the A/B checks below take the call's time
+  elif [ "$MODE" = profile ]; then
     section "Nsight Compute: the kernels of the cases rnnops trails a peer on, beside the peer's"
     # (case regex | target | flags), most wanted first: the largest gaps of the H200 runs at dd69b80
     # and 76b5d92 (GVA forward 0.67x, the 768-wide LSTM head 0.71x, DeltaProduct forward 0.91x, the
@@ -185,18 +189,24 @@ CASES
       ${earlier[0]:+--peer-choices-from "${earlier[@]}" --stalest-first "${earlier[@]}"}
   fi
 
-  if [ "$MODE" = check ]; then
+  if [ "$MODE" = check ] || [ "$MODE" = ab ]; then
     section "A/B: the shipped configuration against candidate changes (nothing stored)"
-    # ab END OP ARGS...: `autotune --ops OP ARGS` (an A/B check with --try) until END s after the
-    # start, measuring nothing in its last 10 s; skipped with under 20 s left
+    # ab SHARE OP ARGS...: `autotune --ops OP ARGS` (an A/B check with --try) until the shares so far
+    # (percent) of the A/B checks' time, from here until 569 s after the start, are spent (one that
+    # ends early leaves its time to the next), measuring nothing in its last 10 s; skipped with under
+    # 20 s left. (Fixed ends gave the first check 60 s and each other 15 s after the check-mode bench
+    # of 2026-11-28, too few for a second shape; `ab` mode gives them about 520 s)
+    ab_start=$(date +%s)
+    ab_window=$(seconds_until 569)
+    ab_shares=0
     ab() {
-      local end=$1 op=$2 left
+      local share=$1 op=$2 left
       shift 2
-      left=$(seconds_until "$end")
+      ab_shares=$((ab_shares + share))
+      left=$((ab_start + ab_window * ab_shares / 100 - $(date +%s)))
       [ "$left" -gt 20 ] && limit "$left" python -m rnnops autotune --ops "$op" --budget-s $((left - 10)) "$@"
     }
-    # (in the order of what they decide: a bench that overruns its budget leaves the last ones no
-    # time; on 2026-11-28 it ended about 30 s past it, and the delta rule's check had 11 s)
+    # (in the order of what they decide: a bench that overruns its budget leaves the last ones less)
     # First what decides a change. The delta rule's state walks: at c34bbff (2026-11-28) the A/B
     # timed the plain bucket (B8 T4096 H16) with 64 state columns forward at 1.04x of 32 (2.81
     # against 2.91 ms f+b; three stages there too 1.04x; 64 both ways 1.03x; the backward walk at
@@ -211,7 +221,7 @@ CASES
     # registers, two programs an SM) capped for three (168, 12 B spilled; gated 1.4 KB), and the
     # chunk kernels at 8 warps and 64-wide V tiles with dq/dk capped at 128 registers: two 8-warp
     # programs an SM where the shipped 4-warp ones are two (plain: no spill; gated 40 B)
-    ab 480 delta_rule \
+    ab 30 delta_rule \
       --shapes "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" "B=8,T=4096,H=16,K=128,V=128,gated=0" \
       --try '{"state_block_v": 64}' '{"dqk_programs_per_sm": 3}' \
       '{"num_warps": 8, "block_v": 64, "dqk_programs_per_sm": 2}' '{"state_block_v": 32}' \
@@ -227,7 +237,7 @@ CASES
     # registers, two programs an SM -> three), the state walks at one stage or 8 warps (Triton 3.6).
     # (GLA was 1.40x / 1.70x of fla's chunk_gla fwd / f+b at c34bbff; the scalar decay's forward
     # 0.59x of chunk_simple_gla's, its backward uncompared: fla refuses it on Triton 3.6 on Hopper)
-    ab 495 linear_attn \
+    ab 30 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=scalar" "B=8,T=4096,H=16,K=128,V=128,gate=per-key" \
       --try '{"block_v": 64, "dqk_programs_per_sm": 2}' '{"block_k": 32, "dqk_programs_per_sm": 3}' \
       '{"num_warps": 4}' '{"fused_forward": 1, "state_num_warps": 8}' '{"num_stages": 2}' \
@@ -241,7 +251,7 @@ CASES
     # pointwise inputs read from global memory each step 0.66x / 0.93x, unpadded product tiles
     # 0.72x / 0.64x, the 768-wide head's gate gradients one chunk a round 0.86x, the 64-wide head on
     # four 16-unit blocks 1.09x of the sliced kernels, the forward alone in fragments 1.06x)
-    ab 510 rnn \
+    ab 10 rnn \
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=gru,B=16,T=1024,H=12,D=64" \
       --try '{"num_stages": 1}' '{"num_stages": 2}' '{"forward_fragments": 0, "backward_fragments": 0}' \
       '{"forward_fragments": 1, "backward_fragments": 1}'
@@ -250,7 +260,7 @@ CASES
     # each call's gradients to the last's; 64-wide V tiles 1.04x, 4 warps at one stage 1.09x), as
     # the H100 does from 512 Ki tokens (1.39x there, 2026-11-26); here against the former entry, and
     # at 1 Mi tokens, whose H200 entry is still the former one
-    ab 525 linear_attn \
+    ab 8 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=8192,H=16,K=128,V=128,gate=none" \
       --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
     # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92 and 4e23ac8, by kernel:
@@ -262,7 +272,7 @@ CASES
     # leaves out the pairs of a token's own steps (TOKEN_PAIRS, two more dots), the shipped 64-wide
     # tiles' dq/dk spills 80 B, the 32-wide none (244 registers; Triton 3.6). Its UT inverse is the
     # delta rule's: that A/B tries its warps)
-    ab 540 delta_product \
+    ab 8 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}' \
       '{"block_k": 32}'
     # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
@@ -271,13 +281,13 @@ CASES
     # at 1) were about 0.7 ms of its 4.71. The shipped 64 x 64 tiles at 8 warps spill 80 B with
     # the sums in registers (255 registers); 32-wide V tiles 224 and 32-wide K tiles 185, none
     # (compile_check, Triton 3.9)
-    ab 555 linear_attn \
+    ab 7 linear_attn \
       --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"group_heads": 16, "block_v": 32}' \
       '{"group_heads": 80, "block_v": 32}' '{"group_heads": 16, "block_k": 32}' '{"block_v": 32}'
     # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
-    ab 569 selective_scan \
+    ab 7 selective_scan \
       --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"chunk": 64}'
   fi
 
@@ -293,6 +303,8 @@ CASES
 echo
 if [ "$MODE" = profile ]; then
   echo "commit with: cp \$files_at/kernels.md bench/results/${gpu}-$(date +%F)-kernels.md"
+elif [ "$MODE" = ab ]; then
+  echo "the A/B tables are the record (suite.log): log them in bench/results/README.md"
 else
   echo "commit with: cp \$files_at/results.json bench/results/${gpu}-$(date +%F).json  (its peer_autotune serves the next run)"
 fi

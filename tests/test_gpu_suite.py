@@ -14,7 +14,8 @@ SUITE = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.sh"
 
 
 def ab_checks() -> list[dict]:
-    """Each A/B check of the suite (`ab END OP ARGS`: autotune --ops OP ARGS): ops, shapes, tries."""
+    """Each A/B check of the suite (`ab SHARE OP ARGS`: autotune --ops OP ARGS for SHARE percent of the
+    A/B checks' time): share, ops, shapes, tries."""
     text = SUITE.read_text().replace("\\\n", " ")
     checks = []
     for line in text.splitlines():
@@ -27,13 +28,18 @@ def ab_checks() -> list[dict]:
                 current = options.setdefault(word, [])
             elif current is not None:
                 current.append(word)
-        checks.append({"ops": options["--ops"], "shapes": options["--shapes"],
+        checks.append({"share": int(words[1]), "ops": options["--ops"], "shapes": options["--shapes"],
                        "tries": [json.loads(t) for t in options["--try"]]})
     return checks
 
 
 def test_the_suite_has_ab_checks():
     assert len(ab_checks()) >= 5
+
+
+def test_ab_shares_spend_the_whole_window():
+    """The last check ends where the A/B checks' time does (569 s into the call), no earlier."""
+    assert sum(check["share"] for check in ab_checks()) == 100
 
 
 @pytest.mark.parametrize("check", ab_checks(), ids=lambda c: " ".join(c["ops"]) + " " + c["shapes"][0])

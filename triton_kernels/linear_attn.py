@@ -835,7 +835,7 @@ def dqk_kernel(q, k, v, VS, G, h, dh, do, dq_intra, dk_intra, d_scores, dv2, dq,
             if GATE == 2:
                 if not DELTA:
                     d_gate = tl.cumsum(d_gate, axis=0, reverse=True)
-                tl.store(dG + tile, d_gate, mask=tile_mask)
+                tl.store(dG + tile, d_gate.to(dG.dtype.element_ty), mask=tile_mask)
             elif GATE == 1:
                 if not DELTA:
                     d_row = tl.cumsum(d_row, axis=0, reverse=True)

@@ -251,6 +251,7 @@ class ChunkedRun:
         self.v_scale = None if v_scale is None else self.flat(v_scale).float()  # (B*T, H) float32
         self.skip = None if skip is None else skip.float().contiguous()  # (H, V) float32
         self.gate = kernels.NO_GATE if g is None else (kernels.SCALAR_GATE if g.dim() == 3 else kernels.KEY_GATE)
+        self.g_dtype = None if g is None else g.dtype
         self.chunk, self.scale, self.config = chunk, scale, config
         self.BK, self.BV = config.blocks(self.K, self.V)
         self.SBK, self.SBV = config.state_blocks(self.K, self.V)
@@ -428,8 +429,10 @@ class ChunkedRun:
         return dq_intra, dk_intra, dA
 
     def dqk(self, q, k, v, G, h, dh, do, intra=(None, None, None), dv2=None, heads=1):
-        """dq (q's dtype), dk, and for gated runs dG: per key tile (reverse-cumulated) for linear
-        attention; with the delta rule's dv2, also dW, and dk (k's dtype) and dG (fp32) partial: the
+        """dq (q's dtype), dk, and for gated runs dG, linear attention's reverse-cumulated dg: a
+        per-key decay's in g's dtype (rounded once from fp32, as a conversion after would: at B8
+        T4096 H16 K128 bf16 its 268 MB fp32 buffer and the conversion's pass cost 0.5 GB of traffic),
+        a scalar decay's per K tile in fp32 (the caller sums them); with the delta rule's dv2, also dW, and dk (k's dtype) and dG (fp32) partial: the
         UT backward adds its terms to dk in fp32 and rounds it once more (half inputs: fla's
         chunk_bwd_dqkwg too writes dk in k's dtype; a float32 partial cost 268 MB more traffic at
         B8 T4096 H16 K128, for dk's relative error 7.7e-4 against 7.3e-4 in float16, the delta
@@ -442,8 +445,8 @@ class ChunkedRun:
         dk = empty(self.per_value_head(k, heads), dtype=k.dtype, device=k.device)
         dW = empty(self.per_value_head(k), dtype=self.stored_dtype, device=k.device) if delta else None
         dG = None
-        if self.gate == kernels.KEY_GATE:
-            dG = empty((lay.total_rows, self.H, self.K), dtype=torch.float32, device=q.device)
+        if self.gate == kernels.KEY_GATE:  # dg itself (reverse-cumulated in fp32), in g's dtype
+            dG = empty((lay.total_rows, self.H, self.K), dtype=self.g_dtype, device=q.device)
         elif self.gate == kernels.SCALAR_GATE:
             dG = empty((self.k_tiles, lay.total_rows, self.H), dtype=torch.float32, device=q.device)
         launch(
