@@ -84,8 +84,8 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, 
     the last, so a call's host work overlaps the previous call's kernels, and shows in its interval
     only where it takes longer than they do (then the call is host-bound: see Timing.host_samples).
     The batch's size comes from the last warm-up call's synchronised time (a GPU makes that one
-    even at ``warmup=0``; two where the first was slow: call_estimate), and an untimed call goes first so that the first timed one also starts
-    behind queued work."""
+    even at ``warmup=0``; two where the first was slow: call_estimate), and an untimed call goes
+    first so that the first timed one also starts behind queued work."""
     for _ in range(warmup - 1):
         fn()
     if device.type != "cuda":

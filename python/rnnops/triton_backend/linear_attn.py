@@ -431,14 +431,15 @@ class ChunkedRun:
     def dqk(self, q, k, v, G, h, dh, do, intra=(None, None, None), dv2=None, heads=1):
         """dq (q's dtype), dk, and for gated runs dG, linear attention's reverse-cumulated dg: a
         per-key decay's in g's dtype (rounded once from fp32, as a conversion after would: at B8
-        T4096 H16 K128 bf16 its 268 MB fp32 buffer and the conversion's pass cost 0.5 GB of traffic),
-        a scalar decay's per K tile in fp32 (the caller sums them); with the delta rule's dv2, also dW, and dk (k's dtype) and dG (fp32) partial: the
-        UT backward adds its terms to dk in fp32 and rounds it once more (half inputs: fla's
-        chunk_bwd_dqkwg too writes dk in k's dtype; a float32 partial cost 268 MB more traffic at
-        B8 T4096 H16 K128, for dk's relative error 7.7e-4 against 7.3e-4 in float16, the delta
-        rule's other gradients' 6.3-7.1e-4, interpreter, B1 T192 H2 K=V=64). dq and dk are
-        per value head, or summed over each ``heads`` value heads of a group (linear attention:
-        LinearAttnConfig.group_heads), (B*T, H / heads, K): group_sum adds up a group's."""
+        T4096 H16 K128 bf16 its 268 MB fp32 buffer and the conversion's pass cost 0.5 GB of
+        traffic), a scalar decay's per K tile in fp32 (the caller sums them). With the delta rule's
+        dv2, also dW, and dk (k's dtype) and dG (fp32) partial: the UT backward adds its terms to dk
+        in fp32 and rounds it once more (half inputs: fla's chunk_bwd_dqkwg too writes dk in k's
+        dtype; a float32 partial cost 268 MB more traffic at B8 T4096 H16 K128, for dk's relative
+        error 7.7e-4 against 7.3e-4 in float16, the delta rule's other gradients' 6.3-7.1e-4,
+        interpreter, B1 T192 H2 K=V=64). dq and dk are per value head, or summed over each
+        ``heads`` value heads of a group (linear attention: LinearAttnConfig.group_heads),
+        (B*T, H / heads, K): group_sum adds up a group's."""
         kernels, lay = _kernels(), self.layout
         delta = dv2 is not None
         dq = empty(self.per_value_head(q, heads), dtype=q.dtype, device=q.device)
