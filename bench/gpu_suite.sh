@@ -122,16 +122,19 @@ PY
     :  # no bench: the A/B checks below take the call's time
   elif [ "$MODE" = profile ]; then
     section "Nsight Compute: the kernels of the cases rnnops trails a peer on, beside the peer's"
-    # (case regex | target | flags), most wanted first: the largest gaps of the H200 runs at dd69b80
-    # and 76b5d92 (GVA forward 0.67x, the 768-wide LSTM head 0.71x, DeltaProduct forward 0.91x, the
-    # 64-wide heads 0.93x, the Triton scan 0.92x)
+    # (case regex | target | flags), most wanted first: the largest gaps of the H200 runs at c34bbff,
+    # dd69b80 and 76b5d92 (the delta rule's f+b 0.98x, its backward state walk 0.458 ms against
+    # fla's 0.316, which SASS read offline does not explain; the GVA forward 0.95x, the scalar
+    # decay's 0.59x, the 768-wide LSTM head 0.71x, the 64-wide heads 0.93x, the Triton scan 0.92x)
     mapfile -t profiled <<'CASES'
+^delta rule B8 T4096 H16|triton|
+^delta rule B8 T4096 H16|fla.chunk_delta_rule|
 ^gated delta rule B8 T4096 H32 Hk16|triton|--forward-only
 ^gated delta rule B8 T4096 H32 Hk16|fla.chunk_gated_delta_rule|--forward-only
+^scalar decay B8 T4096 H16|triton|--forward-only
+^scalar decay B8 T4096 H16|fla.chunk_simple_gla|--forward-only
 ^lstm B16 T1024 H1 D768$|cuda|
 ^lstm B16 T1024 H1 D768$|flashrnn.cuda_fused|
-^gated DeltaProduct n_h=2 B8 T2048 H16|triton|--forward-only
-^gated DeltaProduct n_h=2 B8 T2048 H16|fla.chunk_gated_delta_product|--forward-only
 ^lstm B16 T1024 H12 D64$|cuda|
 ^lstm B16 T1024 H12 D64$|flashrnn.cuda_fused|
 ^Mamba-1 B8 T2048 D2048 N16$|triton|
