@@ -235,15 +235,15 @@ CASES
     # warps it takes 230 registers, one program an SM; at 64-wide V tiles 135, still one, and capped
     # at 128 (dqk_programs_per_sm 2, Triton's maxnreg) two, nothing spilled; at 4 warps 219, two.
     # GLA's (8 warps, 144 registers since it stores dg in g's dtype, one an SM) capped at 128: two,
-    # nothing spilled; at 32-wide K tiles capped at 80: three, nothing spilled (uncapped 88, two). Then the forward: the scalar decay's fused walk at 8 warps (at 4 it
-    # spills), GLA's chunk kernels at two stages (the factored intra-chunk scores 224 -> 160
-    # registers, two programs an SM -> three), the state walks at one stage or 8 warps (Triton 3.6).
+    # nothing spilled; at 32-wide K tiles 78 uncapped, three. Then the forward: the scalar decay's
+    # fused walk at 8 warps (at 4 it spills), GLA's chunk kernels at two stages (the factored
+    # intra-chunk scores 224 -> 160 registers, two programs an SM -> three), the state walks at one
+    # stage or 8 warps (Triton 3.6).
     # (GLA was 1.40x / 1.70x of fla's chunk_gla fwd / f+b at c34bbff; the scalar decay's forward
     # 0.59x of chunk_simple_gla's, its backward uncompared: fla refuses it on Triton 3.6 on Hopper)
     ab 30 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=scalar" "B=8,T=4096,H=16,K=128,V=128,gate=per-key" \
-      --try '{"block_v": 64, "dqk_programs_per_sm": 2}' '{"dqk_programs_per_sm": 2}' \
-      '{"block_k": 32, "dqk_programs_per_sm": 3}' \
+      --try '{"block_v": 64, "dqk_programs_per_sm": 2}' '{"dqk_programs_per_sm": 2}' '{"block_k": 32}' \
       '{"num_warps": 4}' '{"fused_forward": 1, "state_num_warps": 8}' '{"num_stages": 2}' \
       '{"state_num_stages": 1}' '{"state_num_warps": 8}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at

@@ -267,27 +267,30 @@ def test_fused_linear_attention_forward_compiles_on_warpgroup_tensor_cores(gate,
 
 def test_dqk_register_cap_reaches_ptxas():
     """dqk_programs_per_sm at the H200's tiles (8 warps): ptxas holds the dq/dk kernel to
-    65536 / (programs x 256 threads) registers a thread, nothing spilled. The scalar decay at 64-wide
-    V tiles, two programs: 128 (uncapped 135 with Triton 3.6, one program; the shipped 128-wide V
-    tiles 230); GLA at 32-wide K tiles, three: 80 (uncapped 88, two). A cap the launch dropped would
-    leave GLA's above it (Triton 3.6 and 3.9)."""
+    65536 / (programs x 256 threads) registers a thread. The scalar decay's shipped 64 x 128 tiles
+    take 230 uncapped (Triton 3.6; one program an SM): capped for two, 128 or fewer, spilling (what
+    a cap the launch dropped could not do). The A/B's candidates, both capped for two, spill nothing
+    with Triton 3.6 (the GPU machine's): the scalar decay at 64-wide V tiles (135 uncapped; 3.9:
+    nothing either) and GLA at its shipped tiles (144 uncapped; 3.9: 48 B)."""
     script = ("import json, torch\n"
               "from rnnops.autotune.cache import shipped_defaults\n"
               "from rnnops.triton_backend.compile_check import config_reports\n"
               "rows = []\n"
-              "for gate, change in (('scalar', {'block_v': 64, 'dqk_programs_per_sm': 2}),\n"
-              "                     ('per-key', {'block_k': 32, 'dqk_programs_per_sm': 3})):\n"
+              "for gate, change in (('scalar', {'dqk_programs_per_sm': 2}),\n"
+              "                     ('scalar', {'block_v': 64, 'dqk_programs_per_sm': 2}),\n"
+              "                     ('per-key', {'dqk_programs_per_sm': 2})):\n"
               "    config = shipped_defaults('H200')[f'linear_attn|triton|bfloat16:K128:V128:{gate}:tokens~524288']\n"
               "    (report,) = config_reports('linear_attn', {'K': 128, 'V': 128, 'gate': gate}, torch.bfloat16,\n"
               "                               dict(config, **change), 90, frozenset({'dqk_kernel'}), 'H200')\n"
-              "    rows.append((gate, report.threads, report.registers, report.spill_stores + report.spill_loads))\n"
+              "    rows.append((report.threads, report.registers, report.spill_stores + report.spill_loads))\n"
               "print(json.dumps(rows))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
                             check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    (scalar, per_key) = json.loads(result.stdout)
-    assert scalar[1] == 256 and scalar[2] <= 128 and scalar[3] == 0, scalar  # (Triton 3.9: 116)
-    assert per_key[1] == 256 and per_key[2] == 80 and per_key[3] <= SPILL_TOLERANCE, per_key  # (3.9: 8 B spilled)
+    held, scalar, per_key = json.loads(result.stdout)
+    assert held[0] == 256 and held[1] <= 128 and held[2] > 0, held
+    assert scalar[0] == 256 and scalar[1] <= 128 and scalar[2] == 0, scalar
+    assert per_key[0] == 256 and per_key[1] <= 128 and per_key[2] <= 64, per_key  # (Triton 3.9: 48 B; 3.6: none)
 
 
 def test_fused_delta_rule_forward_compiles_on_warpgroup_tensor_cores():
