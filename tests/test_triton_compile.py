@@ -62,6 +62,15 @@ def compile_reports(case: str, dtypes: tuple[str, ...], gpu: str | None = None, 
     return rows
 
 
+def compiled_script_json(script: str, env: dict = COMPILING_ENV):
+    """What ``script`` printed as JSON, run by this Python in a process without TRITON_INTERPRET
+    (kernels must be compiled) and with ``env``; its stderr's end if it fails."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
+
+
 def config_report_rows(op: str, shape: dict, dtype: str, config: dict,
                        kernels: frozenset[str] | None = None, gpu: str | None = None) -> list[dict]:
     """compile_check.config_reports' rows for ``op`` at ``shape`` with ``config`` (sm_90; only the
@@ -72,10 +81,7 @@ def config_report_rows(op: str, shape: dict, dtype: str, config: dict,
               "from rnnops.triton_backend.compile_check import config_reports\n"
               f"rows = config_reports({op!r}, {shape!r}, torch.{dtype}, {config!r}, 90, {kernels!r}, {gpu!r})\n"
               "print(json.dumps([asdict(r) for r in rows]))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
-                            check=False, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout)
+    return compiled_script_json(script)
 
 
 def describe(row: dict) -> str:
@@ -228,10 +234,7 @@ def test_ut_inverse_latency_chain_in_sass():
               "                 'barriers': opcodes['BAR'], 'async_copies': opcodes['LDGSTS'],\n"
               "                 'loops': [loop.opcodes for loop in _sass.loops(cubin)]})\n"
               "print(json.dumps(rows))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
-                            check=False, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = json.loads(result.stdout)
+    rows = compiled_script_json(script)
     assert len(rows) == 3
     for row in rows:
         assert all(loop.get("HGMMA") for loop in row["loops"]), row
@@ -284,10 +287,7 @@ def test_dqk_register_cap_reaches_ptxas():
               "                               dict(config, **change), 90, frozenset({'dqk_kernel'}), 'H200')\n"
               "    rows.append((report.threads, report.registers, report.spill_stores + report.spill_loads))\n"
               "print(json.dumps(rows))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=COMPILING_ENV,
-                            check=False, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    held, scalar, per_key = json.loads(result.stdout)
+    held, scalar, per_key = compiled_script_json(script)
     assert held[0] == 256 and held[1] <= 128 and held[2] > 0, held
     assert scalar[0] == 256 and scalar[1] <= 128 and scalar[2] == 0, scalar
     assert per_key[0] == 256 and per_key[1] <= 128 and per_key[2] <= 64, per_key  # (Triton 3.9: 48 B; 3.6: none)
@@ -388,11 +388,7 @@ def test_a_checked_specialisation_is_read_back_not_compiled_again(tmp_path):
               "first = check(90, case='linear_attn_step')\n"
               "triton.compile = lambda *args, **kwargs: sys.exit('compiled again')\n"
               "print(json.dumps([first, check(90, case='linear_attn_step')]))\n")
-    env = dict(COMPILING_ENV, TRITON_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    first, second = json.loads(result.stdout)
+    first, second = compiled_script_json(script, dict(COMPILING_ENV, TRITON_CACHE_DIR=str(tmp_path)))
     assert first and first == second
     assert len(list((tmp_path / "rnnops-ptxas").glob("*.json"))) == len({r["name"] + r["dtype"] for r in first})
 
