@@ -210,42 +210,41 @@ CASES
       [ "$left" -gt 20 ] && limit "$left" python -m rnnops autotune --ops "$op" --budget-s $((left - 10)) "$@"
     }
     # (in the order of what they decide: a bench that overruns its budget leaves the last ones less)
-    # First what decides a change. The delta rule's state walks: at c34bbff (2026-11-28) the A/B
-    # timed the plain bucket (B8 T4096 H16) with 64 state columns forward at 1.04x of 32 (2.81
-    # against 2.91 ms f+b; three stages there too 1.04x; 64 both ways 1.03x; the backward walk at
-    # three stages 0.94x, 64 columns and three stages backward 1.00x, 128-wide K at 8 warps 0.80x,
-    # the UT inverse at 8 warps 0.94x: retired). The H200's plain entry at 512 Ki tokens ships 64
-    # since; here against 32 again, and for the gated GVA bucket (32 value heads on 16 q / k heads;
-    # forward 0.95x of fla's at c34bbff), never reached in three runs, first. fla's own choices (its
-    # stored autotuning, 4e23ac8): forward 64 columns at 3 stages (ungated; 4 gated), backward 64 at
-    # 3 ungated, 32 at 2 gated. Our forward walk's 512 programs at 32 columns run in two waves (80
-    # KB, two an SM), its 256 at 64 in one (96 KB); the backward's two either way (compile_check,
-    # Triton 3.6). Then the dq/dk kernel (since its partial dk is stored in k's dtype: plain 176
-    # registers, two programs an SM) capped for three (168, 12 B spilled; gated 1.4 KB), and the
-    # chunk kernels at 8 warps and 64-wide V tiles with dq/dk capped at 128 registers: two 8-warp
-    # programs an SM where the shipped 4-warp ones are two (plain: no spill; gated 40 B)
+    # First what decides a change. The delta rule's state walks and dq/dk: at f0d91df (2026-11-28)
+    # the GVA gated bucket (32 value heads on 16 q / k heads, B8 T4096) timed 64 state columns both
+    # ways at 1.09x of 32 (6.52 against 7.09 ms f+b; forward alone 1.04x, forward at three stages
+    # 1.03x) and its dq/dk capped for three at 0.79x, 8 warps at 64-wide V tiles capped for two at
+    # 0.82x (retired). The H200's GVA entry walks 64 columns both ways since; here against 32, with
+    # three stages each way (fla's own stored choices, 4e23ac8: forward 64 columns at 3 stages
+    # ungated, 4 gated; backward 64 at 3 ungated, 32 at 2 gated), and 64 both ways for the
+    # ungated-heads gated bucket. Then the plain bucket (its forward walks 64 columns since
+    # c34bbff's A/B, 1.04x), never reached since: 64 columns backward too, and its dq/dk (176
+    # registers, two programs an SM since its partial dk is stored in k's dtype) capped for three
+    # (168, 12 B spilled)
     ab 30 delta_rule \
-      --shapes "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" "B=8,T=4096,H=16,K=128,V=128,gated=0" \
-      --try '{"state_block_v": 64}' '{"dqk_programs_per_sm": 3}' \
-      '{"num_warps": 8, "block_v": 64, "dqk_programs_per_sm": 2}' '{"state_block_v": 32}' \
-      '{"state_block_v": 64, "state_num_stages": 3}' '{"state_block_v": 64, "state_backward_block_v": 64}'
-    # The scalar decay's dq/dk kernel: 1.128 of its 2.35 ms f+b at c34bbff (the ungated one's 0.395
-    # at 4 warps, 143 registers, three programs an SM): its programs' time is a chain of dependent
-    # loads and products, so programs an SM set the kernel's. At the shipped 64 x 128 tiles and 8
-    # warps it takes 230 registers, one program an SM; at 64-wide V tiles 135, still one, and capped
-    # at 128 (dqk_programs_per_sm 2, Triton's maxnreg) two, nothing spilled; at 4 warps 219, two.
-    # GLA's (8 warps, 144 registers since it stores dg in g's dtype, one an SM) capped at 128: two,
-    # nothing spilled; at 32-wide K tiles 78 uncapped, three. Then the forward: the scalar decay's
-    # fused walk at 8 warps (at 4 it spills), GLA's chunk kernels at two stages (the factored
-    # intra-chunk scores 224 -> 160 registers, two programs an SM -> three), the state walks at one
-    # stage or 8 warps (Triton 3.6).
+      --shapes "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
+      "B=8,T=4096,H=16,K=128,V=128,gated=0" \
+      --try '{"state_block_v": 32, "state_backward_block_v": 32}' '{"state_backward_num_stages": 3}' \
+      '{"state_num_stages": 3}' '{"state_block_v": 64, "state_backward_block_v": 64}' \
+      '{"dqk_programs_per_sm": 3}'
+    # The scalar decay's dq/dk kernel (1.128 of its 2.35 ms f+b at c34bbff: a chain of dependent
+    # loads and products a program, so programs an SM set its time): at f0d91df 64-wide V tiles
+    # with its registers capped for two programs an SM (128, nothing spilled) took 1.786 ms f+b
+    # against 2.164 (1.21x: dq/dk 1.129 -> 0.647 ms; the H200 ships it from 512 Ki tokens since),
+    # 4 warps at the former 128-wide tiles 1.874 (1.15x: dq/dk 0.590, 219 registers, two an SM),
+    # 64-wide V alone 1.03x, capped at 128-wide tiles 0.85x (it spills), 32-wide K 0.69x, the fused
+    # forward at 8 warps and the state walks at one stage or 8 warps 0.99x (retired). Here: the
+    # former entry, 4 warps at either tile. GLA's (8 warps, 144 registers since it stores dg in g's
+    # dtype, one an SM), never reached: capped for two (128, nothing spilled), at 32-wide K tiles
+    # (78 uncapped, three an SM), at 4 warps, and its chunk kernels at two stages (the factored
+    # intra-chunk scores 224 -> 160 registers, two programs an SM -> three; Triton 3.6).
     # (GLA was 1.40x / 1.70x of fla's chunk_gla fwd / f+b at c34bbff; the scalar decay's forward
     # 0.59x of chunk_simple_gla's, its backward uncompared: fla refuses it on Triton 3.6 on Hopper)
     ab 30 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=scalar" "B=8,T=4096,H=16,K=128,V=128,gate=per-key" \
-      --try '{"block_v": 64, "dqk_programs_per_sm": 2}' '{"dqk_programs_per_sm": 2}' '{"block_k": 32}' \
-      '{"num_warps": 4}' '{"fused_forward": 1, "state_num_warps": 8}' '{"num_stages": 2}' \
-      '{"state_num_stages": 1}' '{"state_num_warps": 8}'
+      --try '{"block_v": 128, "dqk_programs_per_sm": 1}' '{"num_warps": 4}' \
+      '{"num_warps": 4, "block_v": 128, "dqk_programs_per_sm": 1}' '{"dqk_programs_per_sm": 2}' \
+      '{"block_k": 32}' '{"num_stages": 2}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
     # cp.async; 1.24x f+b) and the CUDA LSTM in tensor-core fragments both ways (one block barrier
@@ -259,14 +258,12 @@ CASES
       --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=gru,B=16,T=1024,H=12,D=64" \
       --try '{"num_stages": 1}' '{"num_stages": 2}' '{"forward_fragments": 0, "backward_fragments": 0}' \
       '{"forward_fragments": 1, "backward_fragments": 1}'
-    # ungated linear attention at 512 Ki tokens (B8 T4096 H16): since the A/B at 4e23ac8 the H200
-    # ships the fused forward with 4-warp chunk kernels there (1.25x f+b, the tuner then adding
-    # each call's gradients to the last's; 64-wide V tiles 1.04x, 4 warps at one stage 1.09x), as
-    # the H100 does from 512 Ki tokens (1.39x there, 2026-11-26); here against the former entry, and
-    # at 1 Mi tokens, whose H200 entry is still the former one
+    # ungated linear attention at 1 Mi tokens (B8 T8192 H16): the H200's entry there is the former
+    # one (two-pass forward at 8 warps), where 512 Ki tokens ships the fused forward with 4-warp
+    # chunk kernels since the A/B at 4e23ac8 (1.25x f+b; f0d91df timed the former there at 0.94x
+    # of it), as the H100 does from 512 Ki tokens (1.39x there, 2026-11-26)
     ab 8 linear_attn \
-      --shapes "B=8,T=4096,H=16,K=128,V=128,gate=none" "B=8,T=8192,H=16,K=128,V=128,gate=none" \
-      --try '{"fused_forward": 0, "num_warps": 8}' '{"fused_forward": 1, "num_warps": 4}'
+      --shapes "B=8,T=8192,H=16,K=128,V=128,gate=none" --try '{"fused_forward": 1, "num_warps": 4}'
     # the gated DeltaProduct's forward, 0.91x of fla's on the H200 at 76b5d92 and 4e23ac8, by kernel:
     # our state walk 0.284 ms against fla's 0.195 (its 64 state columns, one wave of walks; ours 32,
     # two waves) and our output kernel 0.249 against 0.163; since then the output kernel takes
@@ -279,15 +276,14 @@ CASES
     ab 8 delta_product \
       --shapes "B=8,T=2048,H=16,K=128,V=128,gated=1,num_householder=2" --try '{"state_block_v": 64}' \
       '{"block_k": 32}'
-    # Mamba-2's SSD (80 value heads on one q / k head; 1.11x of mamba_ssm f+b on the H200 at
-    # dd69b80) with dq and dk summed over value heads inside the dq/dk kernel (group_heads, new,
-    # untimed): 16 or all 80 heads a program against one, where the per-value-head partials (1.3 GB
-    # at 1) were about 0.7 ms of its 4.71. The shipped 64 x 64 tiles at 8 warps spill 80 B with
-    # the sums in registers (255 registers); 32-wide V tiles 224 and 32-wide K tiles 185, none
-    # (compile_check, Triton 3.9)
+    # Mamba-2's SSD (80 value heads on one q / k head): at f0d91df its dq/dk kernel summing dq and dk
+    # over all 80 value heads at 32-wide V tiles (group_heads 80, 255 registers, no spill with Triton
+    # 3.6) took 3.44 ms f+b against one head a program at 64-wide tiles 3.97 (1.15x; 16 heads
+    # 1.13x, 16 at 32-wide K tiles 1.03x, 32-wide V alone 0.98x): shipped on the H200 since. Here
+    # the summed heads at 32-wide K tiles and the whole 64-wide V tile (185 and 255 registers)
     ab 7 linear_attn \
-      --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"group_heads": 16, "block_v": 32}' \
-      '{"group_heads": 80, "block_v": 32}' '{"group_heads": 16, "block_k": 32}' '{"block_v": 32}'
+      --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"block_v": 64, "block_k": 32}' \
+      '{"block_v": 64}' '{"group_heads": 16}'
     # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
     # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
     # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)

@@ -270,17 +270,16 @@ def test_fused_linear_attention_forward_compiles_on_warpgroup_tensor_cores(gate,
 
 def test_dqk_register_cap_reaches_ptxas():
     """dqk_programs_per_sm at the H200's tiles (8 warps): ptxas holds the dq/dk kernel to
-    65536 / (programs x 256 threads) registers a thread. The scalar decay's shipped 64 x 128 tiles
+    65536 / (programs x 256 threads) registers a thread. The scalar decay's former 64 x 128 tiles
     take 230 uncapped (Triton 3.6; one program an SM): capped for two, 128 or fewer, spilling (what
-    a cap the launch dropped could not do). The A/B's candidates, both capped for two, spill nothing
-    with Triton 3.6 (the GPU machine's): the scalar decay at 64-wide V tiles (135 uncapped; 3.9:
-    nothing either) and GLA at its shipped tiles (144 uncapped; 3.9: 48 B)."""
+    a cap the launch dropped could not do). Its shipped entry (64-wide V tiles capped for two since
+    the A/B at f0d91df: 135 uncapped; 3.9: nothing either) spills nothing with Triton 3.6 (the GPU
+    machine's), nor GLA's shipped tiles capped for two (144 uncapped; 3.9: 48 B)."""
     script = ("import json, torch\n"
               "from rnnops.autotune.cache import shipped_defaults\n"
               "from rnnops.triton_backend.compile_check import config_reports\n"
               "rows = []\n"
-              "for gate, change in (('scalar', {'dqk_programs_per_sm': 2}),\n"
-              "                     ('scalar', {'block_v': 64, 'dqk_programs_per_sm': 2}),\n"
+              "for gate, change in (('scalar', {'block_v': 128}), ('scalar', {}),\n"
               "                     ('per-key', {'dqk_programs_per_sm': 2})):\n"
               "    config = shipped_defaults('H200')[f'linear_attn|triton|bfloat16:K128:V128:{gate}:tokens~524288']\n"
               "    (report,) = config_reports('linear_attn', {'K': 128, 'V': 128, 'gate': gate}, torch.bfloat16,\n"

@@ -46,8 +46,11 @@ class ChunkConfig:
     # the dq/dk kernel's registers capped so that this many of its programs fit an SM (register_cap;
     # 1: no cap): its time is each program's chain of dependent loads and products, so programs an
     # SM set it (H200, B8 T4096 H16, c34bbff: the scalar decay's at 230 registers and 8 warps, one
-    # an SM, 1.128 ms; the ungated one's at 143 and 4 warps, three an SM, 0.395). 1 alone in the
-    # space until the GPU suite's A/B measures 2 (a cap that spills costs more than it gains)
+    # an SM, 1.128 ms; the ungated one's at 143 and 4 warps, three an SM, 0.395). Linear
+    # attention's space offers 1 and 2 since the A/B at f0d91df timed the scalar decay's dq/dk at
+    # 64-wide V tiles capped for two at 0.647 ms against the shipped 1.129 (f+b 1.21x); the delta
+    # rule's offers 1 (capped for three 0.79x, 8 warps at 64-wide V tiles for two 0.82x: GVA, same
+    # run). A cap that spills costs more than it gains: the tuner's compile screen passes over it
     dqk_programs_per_sm: int = 1
 
     def blocks(self, K: int, V: int) -> tuple[int, int]:
@@ -176,13 +179,14 @@ def group_heads_choices(group: int) -> list[int]:
 
 
 def space(K: int, V: int, chunk: int, dtype_bytes: int, hardware, group: int = 1) -> Space:
-    """The legal LinearAttnConfig values: chunk_space, the state tile (STATE_REGISTERS) and the
-    value heads a dq/dk program sums (group_heads_choices of ``group``, the value heads a q / k head)."""
+    """The legal LinearAttnConfig values: chunk_space, the state tile (STATE_REGISTERS), the
+    value heads a dq/dk program sums (group_heads_choices of ``group``, the value heads a q / k head)
+    and the dq/dk programs an SM its registers are capped for (1, no cap, or 2)."""
     base = chunk_space(K, V, chunk, dtype_bytes, hardware)
     registers = STATE_REGISTERS if dtype_bytes <= 2 else STATE_REGISTERS // 2
     return Space(
         dict(base.variables, state_block_k=powers_of_two(16, 128), state_block_v=powers_of_two(16, 128),
-             fused_forward=[0, 1], group_heads=group_heads_choices(group)),
+             fused_forward=[0, 1], group_heads=group_heads_choices(group), dqk_programs_per_sm=[1, 2]),
         base.constraints + (
             Constraint("state_block_k <= K rounded up to a power of two", ("state_block_k",),
                        lambda bk: bk <= next_power_of_two(K)),
