@@ -238,16 +238,29 @@ def _scan_penalty(config, shape):
     leave an H100's 528 schedulers idle below about two each (the model's programs and threads
     are the backward's); segments multiply both directions' programs for 1.6x the forward's
     instructions and 1.1x the backward's."""
-    segments = _scan_segments(config, shape)
+    segments = _scan_segments(config["segments"], config["chunk"], shape)
     forward_programs = shape["B"] * math.ceil(shape["Dm"] / config["forward_block_d"]) * segments
     forward = (1.0 + 8.0 / config["forward_block_d"]) * max(1.0, 1024 / forward_programs) * (1.6 if segments > 1 else 1)
     backward = (1.0 + 8.0 / config["block_d"]) * (1.1 if segments > 1 else 1)
     return (1.0 + 8.0 / config["chunk"]) * (0.8 * backward + 0.2 * forward)
 
 
-def _scan_segments(config, shape) -> int:
-    """The Triton scan's segments per sequence at ``shape`` (no more than its chunks)."""
-    return min(config.get("segments", 1), math.ceil(shape["T"] / config["chunk"]))
+def _scan_segments(segments: int, chunk: int, shape) -> int:
+    """A scan's segments per sequence at ``shape`` (no more than its chunks of ``chunk`` steps)."""
+    return min(segments, math.ceil(shape["T"] / chunk))
+
+
+def _cuda_scan_segments(config, shape) -> int:
+    return _scan_segments(config["segments"], config["warps"] * config["items"], shape)
+
+
+def _cuda_scan_penalty(config, shape):
+    """The CUDA scan, per (step, channel, state element), SASS sm_90a at 4 x 8: about 7 / 37
+    instructions forward / backward with B and C staged in shared memory, 23 / 120 reading them
+    from global memory (3.2x); segments multiply the blocks for about 1.35x the forward's work
+    and 1.1x the backward's (four fifths of the instructions)."""
+    split = 0.8 * 1.1 + 0.2 * 1.35 if _cuda_scan_segments(config, shape) > 1 else 1.0
+    return (1.0 + 4.0 / config["items"]) * (1.0 if config["stage_rows"] else 3.2) * split
 
 
 # A CUDA cells step's latency in cycles, per direction (module docstring; _cells_step_cycles). The
@@ -320,16 +333,13 @@ TUNABLES = [
             lambda c: 32 * c["num_warps"], _linear_penalty, ("state_num_warps", "state_num_stages", "fused_forward")),
     Tunable("selective_scan", "triton", "rnnops.triton_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["Dm"], s["N"], hw),
-            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]) * _scan_segments(c, s),
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / c["block_d"]) * _scan_segments(c["segments"], c["chunk"], s),
             lambda c: 32 * max(1, c["block_d"] // 32), _scan_penalty, ("forward_unroll",),
             registers=255),  # the backward's: N 16, 8-32 channels, Triton 3.6 and 3.9
     Tunable("selective_scan", "cuda", "rnnops.cuda_backend.selective_scan",
             lambda m, s, dt, hw: m.space(s["N"], hw),
-            lambda c, s: s["B"] * math.ceil(s["Dm"] / 32), lambda c: 32 * c["warps"],
-            # per (step, channel, state element), SASS sm_90a at 4 x 8: about 7 / 37 instructions
-            # forward / backward with B and C staged in shared memory, 23 / 120 reading them from
-            # global memory (3.2x)
-            lambda c, s: (1.0 + 4.0 / c["items"]) * (1.0 if c["stage_rows"] else 3.2)),
+            lambda c, s: s["B"] * math.ceil(s["Dm"] / 32) * _cuda_scan_segments(c, s), lambda c: 32 * c["warps"],
+            _cuda_scan_penalty),
     Tunable("rnn", "triton", "rnnops.triton_backend.rnn",
             lambda m, s, dt, hw: m.space(s["D"], _gates(s), hw, dt.itemsize),
             lambda c, s: s["H"] * math.ceil(s["B"] / c["block_b"]), lambda c: 32 * c["num_warps"],

@@ -221,7 +221,7 @@ CASES
     # c34bbff's A/B, 1.04x), never reached since: 64 columns backward too, and its dq/dk (176
     # registers, two programs an SM since its partial dk is stored in k's dtype) capped for three
     # (168, 12 B spilled)
-    ab 30 delta_rule \
+    ab 25 delta_rule \
       --shapes "B=8,T=4096,H=32,K=128,V=128,gated=1,Hk=16" "B=8,T=4096,H=16,K=128,V=128,gated=1" \
       "B=8,T=4096,H=16,K=128,V=128,gated=0" \
       --try '{"state_block_v": 32, "state_backward_block_v": 32}' '{"state_backward_num_stages": 3}' \
@@ -240,11 +240,21 @@ CASES
     # intra-chunk scores 224 -> 160 registers, two programs an SM -> three; Triton 3.6).
     # (GLA was 1.40x / 1.70x of fla's chunk_gla fwd / f+b at c34bbff; the scalar decay's forward
     # 0.59x of chunk_simple_gla's, its backward uncompared: fla refuses it on Triton 3.6 on Hopper)
-    ab 30 linear_attn \
+    ab 25 linear_attn \
       --shapes "B=8,T=4096,H=16,K=128,V=128,gate=scalar" "B=8,T=4096,H=16,K=128,V=128,gate=per-key" \
       --try '{"block_v": 128, "dqk_programs_per_sm": 1}' '{"num_warps": 4}' \
       '{"num_warps": 4, "block_v": 128, "dqk_programs_per_sm": 1}' '{"dqk_programs_per_sm": 2}' \
       '{"block_k": 32}' '{"num_stages": 2}'
+    # Mamba-1 at batch 1 (B1 T8192 Dm2048 N16): at f0d91df the CUDA scan took 1.20 / 4.27 ms fwd / f+b
+    # against mamba_ssm's 0.347 / 1.82 (its 64 blocks of 32 channels each walked all 8192 steps,
+    # half the H200's SMs idle); since then it splits each sequence into segments (LOCAL passes,
+    # their composition, the main kernels per segment: 512 blocks at 8), and the Hopper entries at
+    # batch 1 take 8 segments at 4 warps x 8 steps (the batch-8 tile), untimed. Here against one
+    # segment (and the former 8-warp entry), 4 and 16; the Triton scan's (8 segments, 64-step
+    # chunks, 1.22x of 32 on the H200) against 16 segments too
+    ab 12 selective_scan \
+      --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"segments": 1}' '{"segments": 1, "warps": 8}' \
+      '{"segments": 4}' '{"segments": 16}'
     # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
     # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
     # cp.async; 1.24x f+b) and the CUDA LSTM in tensor-core fragments both ways (one block barrier
@@ -281,14 +291,9 @@ CASES
     # 3.6) took 3.44 ms f+b against one head a program at 64-wide tiles 3.97 (1.15x; 16 heads
     # 1.13x, 16 at 32-wide K tiles 1.03x, 32-wide V alone 0.98x): shipped on the H200 since. Here
     # the summed heads at 32-wide K tiles and the whole 64-wide V tile (185 and 255 registers)
-    ab 7 linear_attn \
+    ab 12 linear_attn \
       --shapes "B=8,T=2048,H=80,K=128,V=64,gate=scalar,Hk=1" --try '{"block_v": 64, "block_k": 32}' \
       '{"block_v": 64}' '{"group_heads": 16}'
-    # the Triton scan at batch 1 in 64-step chunks, 1.22x on the H200 (shipped there, 2026-11-27):
-    # on the other GPU. (Retired after that run: the CUDA scan reading B and C from global memory,
-    # 0.98x; the Triton scan's forward at 8 channels in 2-step sub-blocks at B8, 0.94x on the H200)
-    ab 7 selective_scan \
-      --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"chunk": 64}'
   fi
 
   section "compile cache for the next run"

@@ -2,11 +2,12 @@
 compute-sanitizer (memcheck, racecheck) in the GPU suite: ``compute-sanitizer --tool memcheck
 python bench/sanitize.py``; and the Triton cells' resident kernels at a head padded to its tile
 (48 units in 64), saving their pre-activations, recomputing them, and saving nothing (no_grad);
-the Triton scan's segment passes on packed sequences (some segments empty); the scans also under
+both scans' segment passes on packed sequences (some segments empty); the scans also under
 no_grad; the CUDA scan also in mamba's (B, D, L) layout."""
 import rnnops
 import torch
 from rnnops.cuda_backend import rnn as cuda_rnn
+from rnnops.cuda_backend import selective_scan as cuda_scan
 from rnnops.triton_backend import rnn as triton_rnn
 from rnnops.triton_backend import selective_scan as triton_scan
 
@@ -69,8 +70,16 @@ def main() -> None:
     (y.sum() + last.sum()).backward()
     with torch.no_grad():  # the inference forward: no chunk states stored
         packed_triton_scan()
+    # the CUDA scan's segments on the same packed sequences (4-step chunks: 2, 4 and 5 of them in 3
+    # segments, one empty), rows staged (shared C) and read per lane (grouped C)
+    for C in (grouped_C, shared_C):
+        y, last = cuda_scan.selective_scan(
+            u[:1], delta[:1], A, B[:1], C[:1], None, z[:1], None, True, initial_state=initial,
+            output_final_state=True, cu_seqlens=torch.tensor([0, 5, 20, 37], device=device),
+            config=cuda_scan.ScanConfig(1, 4, segments=3))
+        (y.sum() + last.sum()).backward()
     torch.cuda.synchronize()
-    print("sanitize: every CUDA kernel, the resident Triton cells and the Triton scan's segments ran")
+    print("sanitize: every CUDA kernel, the resident Triton cells and both scans' segments ran")
 
 
 if __name__ == "__main__":

@@ -77,8 +77,8 @@ def test_cuda_configs_the_model_accepts_compile_within_its_budget(gpu, arch):
     hw = hardware.named(gpu)
     scan_configs = kernels.find("selective_scan", "cuda").space({"N": 16}, torch.bfloat16, hw).legal()
     rnn_configs = kernels.find("rnn", "cuda").space({"D": 768, "cell": "lstm"}, torch.bfloat16, hw).legal()
-    instantiations = [compile_check.scan_kernel(p, "__nv_bfloat16", c["warps"], c["items"], bool(c["stage_rows"]))
-                      for c in scan_configs for p in ("fwd", "bwd")]
+    tiles = sorted({(c["warps"], c["items"], bool(c["stage_rows"])) for c in scan_configs})  # (any segments)
+    instantiations = [compile_check.scan_kernel(p, "__nv_bfloat16", *tile) for tile in tiles for p in ("fwd", "bwd")]
     instantiations += [compile_check.rnn_kernel(p, "__nv_bfloat16", 0, u)
                        for u in sorted({c["units"] for c in rnn_configs}) for p in ("fwd", "bwd")]
     reports = compile_check.ptxas_reports(instantiations, arch)

@@ -101,8 +101,8 @@ def launches(monkeypatch):
     monkeypatch.setenv(engines.SIMULATOR_ENV, "1")  # the backend takes CPU tensors
     monkeypatch.setattr(nvrtc, "_arch", lambda device: "sm_90a")
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=7))
-    for name in ("scan_forward", "scan_backward", "rnn_forward", "rnn_forward_fragments", "rnn_backward",
-                 "rnn_backward_fragments"):
+    for name in ("scan_forward", "scan_backward", "scan_forward_local", "scan_backward_local", "scan_compose",
+                 "rnn_forward", "rnn_forward_fragments", "rnn_backward", "rnn_backward_fragments"):
         monkeypatch.setattr(nvrtc.Engine, name, _recording(getattr(nvrtc.Engine, name), calls))
     for module in (cuda_scan, cuda_rnn):
         monkeypatch.setattr(module, "engine", lambda device: nvrtc.Engine(device))
@@ -132,7 +132,7 @@ def cpp_layouts():
     """g++'s (sizeof, {field: (offsetof, sizeof)}) of the structs the kernels take by value."""
     structs = {"rnnops::scan::Operand": ("b", "t", "d"),
                "rnnops::scan::BCOperand": ("data", "mode", "b", "t", "g", "n", "channels_per_group"),
-               "rnnops::scan::ScanShape": ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus"),
+               "rnnops::scan::ScanShape": ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus", "segments"),
                "rnnops::rnn::RNNShape": ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre", "stage",
                                          "gradient_chunks", "pad_rows", "group_begin")}
     lines = ['#include <cstddef>', '#include <cstdio>', '#include "rnn/rnn.cuh"', '#include "scan/selective_scan.cuh"',
@@ -174,6 +174,9 @@ def check_launch(launch, call: dict, cpp_layouts) -> None:
                 named += 1
             continue
         struct = param.removeprefix("const ").split()[0]
+        if struct == "int":
+            assert isinstance(arg, np.int32), f"{launch.name}: {param} got {type(arg).__name__}"
+            continue
         size, fields = cpp_layouts[struct]
         assert isinstance(arg, np.void), f"{launch.name}: {param} got {type(arg).__name__}"
         assert arg.dtype.itemsize == size, f"{launch.name}: {struct} is {size} bytes, numpy packs {arg.dtype.itemsize}"
@@ -208,6 +211,26 @@ def test_selective_scan_launches_match_the_kernels(launches, cpp_layouts, layout
     assert {launch.stream for launch in launches.launches} == {7}, "on torch's current stream"
     module = launches.modules[0]
     assert f"-I{csrc_dir()}" in module.options and "--gpu-architecture=sm_90a" in module.options
+
+
+@pytest.mark.parametrize("layout_B,layout_C,staged", [("grouped", "static", "false"), ("shared", "shared", "true")])
+def test_selective_scan_segment_launches_match_the_kernels(launches, cpp_layouts, monkeypatch, layout_B, layout_C,
+                                                           staged):
+    """In segments (ScanConfig.segments): each direction's LOCAL pass over the segments, their
+    composition, then the main kernel over the segments (T = 23 in 8-step chunks: 3 segments)."""
+    monkeypatch.setattr(cuda_scan, "DEFAULT_CONFIG", cuda_scan.ScanConfig(2, 4, segments=4))
+    x = _leaves(scan_inputs(layout_B=layout_B, layout_C=layout_C))
+    out = scan("cuda", **x)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    local = "rnnops::scan::selective_scan_{}_local<float, " + staged + ">"
+    assert [launch.name for launch in launches.launches] == [
+        local.format("fwd"), "rnnops::scan::selective_scan_compose<false>",
+        f"rnnops::scan::selective_scan_fwd<float, 2, 4, {staged}>",
+        local.format("bwd"), "rnnops::scan::selective_scan_compose<true>",
+        f"rnnops::scan::selective_scan_bwd<float, 2, 4, {staged}>"]
+    for launch, call in zip(launches.launches, launches.calls, strict=True):
+        check_launch(launch, call, cpp_layouts)
+    assert [launch.grid[1] for launch in launches.launches] == [2 * 3, 2, 2 * 3] * 2  # (B 2)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "slstm", "elman"])

@@ -123,6 +123,32 @@ def test_outputs_and_gradients_keep_us_dimension_order(config):
         assert grad.stride() == (40 * 48, 1, 48) and not grad.isnan().any()
 
 
+@pytest.mark.parametrize("config,staged", [
+    (cuda_scan.ScanConfig(1, 4, segments=4), True), (cuda_scan.ScanConfig(1, 4, segments=8), True),
+    (cuda_scan.ScanConfig(2, 4, segments=3), False), (cuda_scan.ScanConfig(4, 8, segments=16), True),
+], ids=["4-segments-staged-rows", "8-segments-some-empty", "3-segments-global-rows", "16-segments-one-chunk"])
+def test_segments(config, staged):
+    """Each sequence split into segments walked by blocks of their own (the LOCAL passes, the
+    composition, then the main kernels from the values it gives): T = 37 in 4-step chunks is 10
+    chunks, in 4 segments of 3, 3, 3 and 1 or in 8 of 2 (the last three empty); in 8-step chunks and
+    3 segments of 2 chunks (B and C from global memory: C grouped in 2-channel groups); 16 capped at
+    the 2 chunks of 32 steps. With an initial state, D, z and delta_bias, every gradient."""
+    x = make_inputs(T=37, Dm=96 if staged else 6, layout_B="grouped" if staged else "shared")
+    compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")
+
+
+def test_varlen_in_segments(monkeypatch):
+    """Packed sequences of 5, 0, 12, 1 and 12 steps (2, 0, 3, 1 and 3 chunks of 4 steps), each in 3
+    segments (empty ones among them), with initial states; the half-type kernels' segments too
+    (bf16 loads of delta, u, z and d_out in the LOCAL passes)."""
+    monkeypatch.setattr(cuda_scan, "DEFAULT_CONFIG", cuda_scan.ScanConfig(1, 4, segments=3))
+    offsets = torch.tensor([0, 5, 5, 17, 18, 30])
+    x = make_inputs(B=1, T=30, initial=False, layout_C="shared")
+    x["initial_state"] = torch.randn(5, 6, 4)
+    compare_backends(lambda backend, **kw: scan(backend, cu_seqlens=offsets, **kw), x, 1e-5, test="cuda")
+    compare_backends(scan, make_inputs(T=37, dtype=torch.bfloat16, layout_C="shared"), 2e-2, test="cuda")
+
+
 def rnnops_scan(backend, config, **x):
     """The scan with an explicit tile configuration for the cuda backend."""
     if backend == "cuda":
@@ -153,9 +179,13 @@ def test_config_space():
 
 
 def default_kernels() -> list[compile_check.Instantiation]:
-    config = cuda_scan.DEFAULT_CONFIG
-    return [compile_check.scan_kernel(phase, dtype, config.warps, config.items, staged)
-            for phase in ("fwd", "bwd") for dtype in ("float", "__half", "__nv_bfloat16") for staged in (True, False)]
+    """The default tiles' kernels and the segments' (LOCAL passes, composition), every element type."""
+    config, dtypes = cuda_scan.DEFAULT_CONFIG, ("float", "__half", "__nv_bfloat16")
+    return ([compile_check.scan_kernel(phase, dtype, config.warps, config.items, staged)
+             for phase in ("fwd", "bwd") for dtype in dtypes for staged in (True, False)]
+            + [compile_check.scan_segment_kernel(phase, dtype, staged)
+               for phase in ("fwd_local", "bwd_local") for dtype in dtypes for staged in (True, False)]
+            + [compile_check.scan_segment_kernel("compose", reverse=reverse) for reverse in (False, True)])
 
 
 @pytest.mark.skipif(compile_check.nvcc() is None, reason="needs nvcc")
@@ -251,6 +281,17 @@ def test_realistic_shapes_on_gpu(dtype, bound, layout_C):
     """Groups of 32 channels for B: with a shared C every block stages its rows; a static C is per channel."""
     x = make_inputs(B=2, T=2000, Dm=96, N=16, layout_B="grouped", layout_C=layout_C, dtype=dtype, device="cuda")
     compare_backends(scan, x, bound, test="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout_C", ["shared", "static"], ids=["staged-rows", "global-rows"])
+def test_segments_on_gpu(layout_C):
+    """Batch 1 in 8 segments (what the Hopper entries at batch 1 ship): NVRTC's build of the LOCAL
+    passes and the composition, launched."""
+    x = make_inputs(B=1, T=4000, Dm=96, N=16, layout_B="shared", layout_C=layout_C, dtype=torch.bfloat16,
+                    device="cuda")
+    compare_backends(lambda backend, **kw: rnnops_scan(backend, cuda_scan.ScanConfig(segments=8), **kw), x, 1e-2,
+                     test="cuda")
 
 
 @pytest.mark.gpu

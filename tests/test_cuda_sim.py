@@ -77,8 +77,11 @@ EVERY_KERNEL = """
     sim.grid_barrier(3)
     import rnnops  # every CUDA kernel on small cases, forward and backward, and the inference forward
     # the scan over two chunks, 13 state elements: staged, every warp owns a group, the last padded
+    # (and in two segments: the LOCAL passes and their composition)
+    from rnnops.autotune import cache, kernels
     x = {k: torch.randn(1, 33, 6, requires_grad=True) for k in ("u", "delta", "z")}
     A, B = -torch.rand(6, 13), torch.randn(1, 33, 13)
+    bucket = kernels.bucket("selective_scan", kernels.selective_scan_shape(x["u"], A), torch.float32)
     for C in (torch.randn(1, 33, 3, 13), torch.randn(1, 33, 13)):  # B, C from global memory / staged in shared
         def scan():
             return rnnops.selective_scan(x["u"], x["delta"], A, B, C, torch.randn(6), x["z"], torch.randn(6), True,
@@ -87,6 +90,9 @@ EVERY_KERNEL = """
         (y.sum() + last.sum()).backward()
         with torch.no_grad():  # no chunk-state buffer
             scan()
+        with cache.override("selective_scan", "cuda", bucket, {"segments": 2}):
+            y, last = scan()
+            (y.sum() + last.sum()).backward()
     for dtype in (torch.float32, torch.bfloat16):  # CUDA cores / tensor cores
         # two heads in one block each (h and the gate gradients kept on chip) / one split over blocks
         # (under ThreadSanitizer the simulated tensor-core products take most of the time)
@@ -98,7 +104,6 @@ EVERY_KERNEL = """
             with torch.no_grad():  # no pre-activation buffer
                 rnnops.rnn(x_gates, R, None, None, cell="lstm", backend="cuda")
     # the fragment kernels: two buffers and one block barrier a step; 20 batch rows, two tiles
-    from rnnops.autotune import cache, kernels
     x_gates = torch.randn(20, 3, 4, 2, 16).bfloat16().requires_grad_()
     R = (torch.randn(4, 2, 16, 16) / 4).requires_grad_()
     bucket = kernels.bucket("rnn", kernels.rnn_shape(x_gates, "lstm"), torch.bfloat16)

@@ -94,6 +94,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("out_of_bounds", &out_of_bounds);
   m.def("scan_forward", &rnnops::bindings::scan_forward);
   m.def("scan_backward", &rnnops::bindings::scan_backward);
+  m.def("scan_forward_local", &rnnops::bindings::scan_forward_local);
+  m.def("scan_backward_local", &rnnops::bindings::scan_backward_local);
+  m.def("scan_compose", &rnnops::bindings::scan_compose);
   m.def("rnn_forward", &rnnops::bindings::rnn_forward);
   m.def("rnn_forward_fragments", &rnnops::bindings::rnn_forward_fragments);
   m.def("rnn_backward", &rnnops::bindings::rnn_backward);

@@ -50,6 +50,16 @@ void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, a
                    at::Tensor dD, at::Tensor d_bias, at::Tensor cu_seqlens, at::Tensor chunk_offsets,
                    std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> c_layout,
                    std::vector<int64_t> shape, std::vector<int64_t> launch_shape);
+void scan_forward_local(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor delta_bias,
+                        at::Tensor segment_states, at::Tensor dt_sums, at::Tensor cu_seqlens, at::Tensor chunk_offsets,
+                        std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> shape,
+                        std::vector<int64_t> launch_shape);
+void scan_backward_local(at::Tensor delta, at::Tensor z, at::Tensor d_out, at::Tensor A, at::Tensor C,
+                         at::Tensor delta_bias, at::Tensor segment_grads, at::Tensor dt_sums, at::Tensor cu_seqlens,
+                         at::Tensor chunk_offsets, std::vector<int64_t> strides, std::vector<int64_t> c_layout,
+                         std::vector<int64_t> shape, std::vector<int64_t> launch_shape);
+void scan_compose(at::Tensor values, at::Tensor dt_sums, at::Tensor A, at::Tensor entering, at::Tensor leaving,
+                  std::vector<int64_t> sizes);
 void rnn_forward(at::Tensor x, at::Tensor R, at::Tensor bias, at::Tensor initial, at::Tensor states,
                  at::Tensor pre, at::Tensor h_seq, std::vector<int64_t> shape, int64_t cell, int64_t units,
                  std::vector<int64_t> launch_shape);

@@ -18,9 +18,9 @@ Operand operand(const std::vector<int64_t>& strides, int k) {  // strides: (b, t
   return Operand{strides[3 * k], strides[3 * k + 1], strides[3 * k + 2]};
 }
 
-ScanShape scan_shape(const std::vector<int64_t>& v) {  // Dm, N, packed, has_d, has_z, has_bias, softplus
+ScanShape scan_shape(const std::vector<int64_t>& v) {  // Dm, N, packed, has_d, has_z, has_bias, softplus, segments
   return ScanShape{static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]), static_cast<int>(v[3]),
-                   static_cast<int>(v[4]), static_cast<int>(v[5]), static_cast<int>(v[6])};
+                   static_cast<int>(v[4]), static_cast<int>(v[5]), static_cast<int>(v[6]), static_cast<int>(v[7])};
 }
 
 BCOperand bc_operand(const at::Tensor& t, const std::vector<int64_t>& s) {
@@ -91,6 +91,51 @@ void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, a
              ptr<int>(chunk_offsets), s);
     });
   });
+}
+
+void scan_forward_local(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor delta_bias,
+                        at::Tensor segment_states, at::Tensor dt_sums, at::Tensor cu_seqlens, at::Tensor chunk_offsets,
+                        std::vector<int64_t> strides, std::vector<int64_t> b_layout, std::vector<int64_t> shape,
+                        std::vector<int64_t> launch_shape) {
+  // strides: u, delta (b, t, d each); launch_shape: grid x, grid y (segments of every sequence), the main kernels'
+  // chunk, dynamic shared bytes, staged (the rows staged in shared memory)
+  const auto s = scan_shape(shape);
+  dispatch_dtype(u.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const auto kernel =
+        launch_shape[4] ? rnnops::scan::selective_scan_fwd_local<T, true> : rnnops::scan::selective_scan_fwd_local<T, false>;
+    launch(kernel, dim3(launch_shape[0], launch_shape[1]), dim3(32), launch_shape[3], false,
+           ptr<T>(u), operand(strides, 0), ptr<T>(delta), operand(strides, 1), ptr<float>(A), bc_operand(B, b_layout),
+           ptr<float>(delta_bias), mut<float>(segment_states), mut<float>(dt_sums), ptr<int>(cu_seqlens),
+           ptr<int>(chunk_offsets), s, static_cast<int>(launch_shape[2]));
+  });
+}
+
+void scan_backward_local(at::Tensor delta, at::Tensor z, at::Tensor d_out, at::Tensor A, at::Tensor C,
+                         at::Tensor delta_bias, at::Tensor segment_grads, at::Tensor dt_sums, at::Tensor cu_seqlens,
+                         at::Tensor chunk_offsets, std::vector<int64_t> strides, std::vector<int64_t> c_layout,
+                         std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
+  // strides: delta, z, d_out (b, t, d each); launch_shape as scan_forward_local's
+  const auto s = scan_shape(shape);
+  dispatch_dtype(delta.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const auto kernel =
+        launch_shape[4] ? rnnops::scan::selective_scan_bwd_local<T, true> : rnnops::scan::selective_scan_bwd_local<T, false>;
+    launch(kernel, dim3(launch_shape[0], launch_shape[1]), dim3(32), launch_shape[3], false,
+           ptr<T>(delta), operand(strides, 0), ptr<T>(z), operand(strides, 1), ptr<T>(d_out), operand(strides, 2),
+           ptr<float>(A), bc_operand(C, c_layout), ptr<float>(delta_bias), mut<float>(segment_grads),
+           mut<float>(dt_sums), ptr<int>(cu_seqlens), ptr<int>(chunk_offsets), s, static_cast<int>(launch_shape[2]));
+  });
+}
+
+void scan_compose(at::Tensor values, at::Tensor dt_sums, at::Tensor A, at::Tensor entering, at::Tensor leaving,
+                  std::vector<int64_t> sizes) {
+  // sizes: channels, N, segments, reverse, sequences
+  const int64_t channels = sizes[0], N = sizes[1];
+  const auto kernel = sizes[3] ? rnnops::scan::selective_scan_compose<true> : rnnops::scan::selective_scan_compose<false>;
+  launch(kernel, dim3((channels * N + 127) / 128, sizes[4]), dim3(128), 0, false, mut<float>(values),
+         ptr<float>(dt_sums), ptr<float>(A), ptr<float>(entering), mut<float>(leaving), static_cast<int>(channels),
+         static_cast<int>(N), static_cast<int>(sizes[2]));
 }
 
 }  // namespace rnnops::bindings

@@ -35,6 +35,15 @@ def scan_kernel(phase: str, ctype: str, warps: int, items: int, staged: bool = T
                          f"rnnops::scan::selective_scan_{phase}<{ctype}, {warps}, {items}, {str(staged).lower()}>")
 
 
+def scan_segment_kernel(phase: str, ctype: str | None = None, staged: bool = True,
+                        reverse: bool = False) -> Instantiation:
+    """The selective scan's segment kernels: selective_scan_fwd_local / _bwd_local (``phase``
+    "fwd_local", "bwd_local") for element type ``ctype``, their rows staged in shared memory or
+    read per lane; or selective_scan_compose ("compose"), the segments in order or ``reverse``."""
+    arguments = str(reverse).lower() if phase == "compose" else f"{ctype}, {str(staged).lower()}"
+    return Instantiation("scan/selective_scan.cuh", f"rnnops::scan::selective_scan_{phase}<{arguments}>")
+
+
 def rnn_kernel(phase: str, ctype: str, cell: int, units: int) -> Instantiation:
     """rnn_fwd / rnn_bwd for element type ``ctype``, cell id (rnnops._fused_rnn.CELL_IDS) and
     ``units`` units of a head per block."""

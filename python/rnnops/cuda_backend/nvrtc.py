@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .compile_check import Instantiation, rnn_fragments_kernel, rnn_kernel, scan_kernel
+from .compile_check import Instantiation, rnn_fragments_kernel, rnn_kernel, scan_kernel, scan_segment_kernel
 from .simulator import csrc_dir
 
 _DTYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -85,8 +85,8 @@ def _pointer(t: torch.Tensor) -> np.uint64:
 _OPERAND = np.dtype([("b", "<i8"), ("t", "<i8"), ("d", "<i8")], align=True)
 _BC_OPERAND = np.dtype([("data", "<u8"), ("mode", "<i4"), ("b", "<i8"), ("t", "<i8"), ("g", "<i8"), ("n", "<i8"),
                         ("channels_per_group", "<i4")], align=True)
-_SCAN_SHAPE = np.dtype([(name, "<i4") for name in ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus")],
-                       align=True)
+_SCAN_SHAPE = np.dtype([(name, "<i4") for name in ("Dm", "N", "packed", "has_d", "has_z", "has_bias", "softplus",
+                                                   "segments")], align=True)
 _RNN_SHAPE = np.dtype([(name, "<i4") for name in ("B", "T", "H", "D", "splits", "has_bias", "has_initial", "save_pre",
                                                   "stage", "gradient_chunks", "pad_rows", "group_begin")], align=True)
 
@@ -185,6 +185,33 @@ class Engine:
                 _pointer(dC), _pointer(dD), _pointer(d_bias), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape)
         self._launch(scan_kernel("bwd", _DTYPE_NAMES[u.dtype], warps, items, bool(staged)), (grid_x, grid_y),
                      (32 * warps,), shared, args)
+
+    def scan_forward_local(self, u, delta, A, B, delta_bias, segment_states, dt_sums, cu_seqlens, chunk_offsets,
+                           strides, b_layout, shape, launch_shape):
+        grid_x, grid_y, chunk, shared, staged = launch_shape
+        ops, (bm, _), scan_shape = self._scan_args(strides, b_layout, B, b_layout, B, shape)
+        args = (_pointer(u), ops[0], _pointer(delta), ops[1], _pointer(A), bm, _pointer(delta_bias),
+                _pointer(segment_states), _pointer(dt_sums), _pointer(cu_seqlens), _pointer(chunk_offsets), scan_shape,
+                np.int32(chunk))
+        self._launch(scan_segment_kernel("fwd_local", _DTYPE_NAMES[u.dtype], bool(staged)), (grid_x, grid_y), (32,),
+                     shared, args)
+
+    def scan_backward_local(self, delta, z, d_out, A, C, delta_bias, segment_grads, dt_sums, cu_seqlens,
+                            chunk_offsets, strides, c_layout, shape, launch_shape):
+        grid_x, grid_y, chunk, shared, staged = launch_shape
+        ops, (cm, _), scan_shape = self._scan_args(strides, c_layout, C, c_layout, C, shape)
+        args = (_pointer(delta), ops[0], _pointer(z), ops[1], _pointer(d_out), ops[2], _pointer(A), cm,
+                _pointer(delta_bias), _pointer(segment_grads), _pointer(dt_sums), _pointer(cu_seqlens),
+                _pointer(chunk_offsets), scan_shape, np.int32(chunk))
+        self._launch(scan_segment_kernel("bwd_local", _DTYPE_NAMES[delta.dtype], bool(staged)), (grid_x, grid_y),
+                     (32,), shared, args)
+
+    def scan_compose(self, values, dt_sums, A, entering, leaving, sizes):
+        channels, N, segments, reverse, sequences = sizes
+        args = (_pointer(values), _pointer(dt_sums), _pointer(A), _pointer(entering), _pointer(leaving),
+                np.int32(channels), np.int32(N), np.int32(segments))
+        self._launch(scan_segment_kernel("compose", reverse=bool(reverse)), (-(-channels * N // 128), sequences),
+                     (128,), 0, args)
 
     # ------------------------------------------------------------ fused recurrent cells
 

@@ -3,7 +3,8 @@ Function, registration as backend "cuda".
 
 Memory: besides the inputs, the forward saves the state entering every chunk of
 warps * items steps (Dm x N fp32 per chunk and sequence); the backward replays the forward
-inside each chunk from it.
+inside each chunk from it. With ``segments`` > 1 each direction also takes Dm x N fp32 and Dm
+dt sums per segment and sequence.
 """
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ class ScanConfig:
     # 1: where every block's channels share their B and C rows (_rows_shared), each chunk's rows are
     # staged in shared memory (the kernels' STAGED instantiation); 0: read from global memory always
     stage_rows: int = 1
+    # runs of chunks each sequence is split into, walked by blocks of their own, for batches too
+    # small to fill the GPU (B x Dm / 32 blocks): a LOCAL pass over each (forward its end state
+    # from zero, backward the gradient it passes back from zero), a composition over the
+    # segments, then the main kernels per segment (csrc/scan, "segments"): about 1.3 - 1.4x the
+    # forward's work and 1.1x the backward's over ``segments`` x the blocks
+    segments: int = 1
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -61,6 +68,18 @@ def dynamic_shared_bytes(phase: str, N: int, warps: int, items: int, staged: boo
     return (2 * chunk * n4 + 3 * n4 * 32 + chunk // sub * n4 * 32 + 6 * chunk * 32 + 2 * 3 * warps * sub * 32) * 4
 
 
+# the LOCAL passes over a sequence's segments (csrc/scan: selective_scan_fwd_local, _bwd_local): steps a
+# block, state elements a lane carries (kLocalItems, kLocalStates)
+LOCAL_ITEMS, LOCAL_STATES = 16, 16
+
+
+def local_shared_bytes(staged: bool) -> int:
+    """The dynamic shared memory of a LOCAL pass's launch: two per-step terms of LOCAL_ITEMS steps
+    and 32 lanes, and where its rows are staged those of LOCAL_ITEMS steps and LOCAL_STATES state
+    elements (fp32)."""
+    return (2 * LOCAL_ITEMS * 32 + (LOCAL_ITEMS * LOCAL_STATES if staged else 0)) * 4
+
+
 def block_shared_bytes(N: int, warps: int, items: int, staged: bool = True) -> int:
     """All the shared memory of the larger direction's block: dynamic_shared_bytes plus, where the
     steps are split over the warps, the static arrays (the forward's segments, 2 x 2 x warps x 32
@@ -75,7 +94,7 @@ def space(N: int, hardware) -> Space:
     # every configuration compiles without spills for sm_80 and sm_90a (the tests compile each one
     # the model accepts)
     return Space(
-        {"warps": [1, 2, 4, 8], "items": [4, 8], "stage_rows": [0, 1]},
+        {"warps": [1, 2, 4, 8], "items": [4, 8], "stage_rows": [0, 1], "segments": [1, 2, 4, 8, 16]},
         (
             Constraint("each direction's shared memory (block_shared_bytes) fits a block", ("warps", "items", "stage_rows"),
                        lambda w, i, staged: block_shared_bytes(N, w, i, bool(staged))
@@ -158,16 +177,29 @@ class SelectiveScanFunction(torch.autograd.Function):
         f32 = {"dtype": torch.float32, "device": u.device}
         chunk_states = empty((layout.programs, channels, N), **f32) if saves else None
         final = empty((layout.sequences, channels, N), **f32) if output_final_state else None
+        # (T bounds a packed sequence's length; a grid's y extent is at most 65535)
+        segments = max(1, min(config.segments, -(-time // chunk), 65535 // layout.sequences))
         shape = [channels, N, int(cu_seqlens is not None), int(D is not None), int(z is not None),
-                 int(delta_bias is not None), int(softplus)]
+                 int(delta_bias is not None), int(softplus), segments]
         b_layout, c_layout = _bc_layout(B, channels), _bc_layout(C, channels)
         staged = _stages(config, b_layout, c_layout, N, u.device)
-        grid = [-(-channels // 32), layout.sequences]
-        engine(u.device).scan_forward(
-            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, maybe(chunk_states), maybe(state0), maybe(final),
-            layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), b_layout, c_layout, shape,
-            grid + [config.warps, config.items,
-                    dynamic_shared_bytes("fwd", N, config.warps, config.items, staged, u.element_size()), int(staged)])
+        grid = [-(-channels // 32), layout.sequences * segments]
+        run = engine(u.device)
+        entering, leaving = state0, final
+        if segments > 1:  # each segment's end state from zero, then the states entering them
+            entering, dt_sums = empty((grid[1], channels, N), **f32), empty((grid[1], channels), **f32)
+            run.scan_forward_local(u, delta, A, B, maybe(delta_bias), entering, dt_sums, layout.cu_seqlens,
+                                   layout.chunk_offsets, _strides(u, delta), b_layout, shape,
+                                   grid + [chunk, local_shared_bytes(staged), int(staged)])
+            run.scan_compose(entering, dt_sums, A, maybe(state0), maybe(final),
+                             [channels, N, segments, 0, layout.sequences])
+            leaving = None  # (the composition wrote the final state)
+        run.scan_forward(
+            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), out, maybe(chunk_states), maybe(entering),
+            maybe(leaving), layout.cu_seqlens, layout.chunk_offsets, _strides(u, delta, z, out), b_layout, c_layout,
+            shape, grid + [config.warps, config.items,
+                           dynamic_shared_bytes("fwd", N, config.warps, config.items, staged, u.element_size()),
+                           int(staged)])
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states, state0)
         ctx.layout, ctx.shape, ctx.grid, ctx.config, ctx.staged = layout, shape, grid, config, staged
         ctx.bc_layouts = b_layout, c_layout  # of the saved B and C, which the backward reads alike
@@ -192,11 +224,24 @@ class SelectiveScanFunction(torch.autograd.Function):
         dD = torch.zeros(channels, **f32) if D is not None else None
         d_bias = torch.zeros(channels, **f32) if delta_bias is not None else None
         d_initial = empty(state0.shape, **f32) if state0 is not None else None
-        engine(u.device).scan_backward(
-            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), d_out, chunk_states,
-            maybe(None if d_final is None else d_final.float().contiguous()), maybe(d_initial), du, d_delta, maybe(dz),
-            dA, dB, dC, maybe(dD), maybe(d_bias), layout.cu_seqlens, layout.chunk_offsets,
-            _strides(u, delta, z, d_out, du), *ctx.bc_layouts, ctx.shape,
+        d_final = None if d_final is None else d_final.float().contiguous()
+        run, segments = engine(u.device), ctx.shape[-1]
+        entering, leaving = d_final, d_initial  # the gradients entering the last step, leaving the first
+        if segments > 1:  # the gradient each segment passes back from zero, then the gradients entering their ends
+            spans = ctx.grid[1]
+            entering, dt_sums = empty((spans, channels, N), **f32), empty((spans, channels), **f32)
+            run.scan_backward_local(delta, maybe(z), d_out, A, C, maybe(delta_bias), entering, dt_sums,
+                                    layout.cu_seqlens, layout.chunk_offsets, _strides(delta, z, d_out),
+                                    ctx.bc_layouts[1], ctx.shape,
+                                    ctx.grid + [config.warps * config.items, local_shared_bytes(ctx.staged),
+                                                int(ctx.staged)])
+            run.scan_compose(entering, dt_sums, A, maybe(d_final), maybe(d_initial),
+                             [channels, N, segments, 1, layout.sequences])
+            leaving = None  # (the composition wrote the initial state's gradient)
+        run.scan_backward(
+            u, delta, A, B, C, maybe(D), maybe(z), maybe(delta_bias), d_out, chunk_states, maybe(entering),
+            maybe(leaving), du, d_delta, maybe(dz), dA, dB, dC, maybe(dD), maybe(d_bias), layout.cu_seqlens,
+            layout.chunk_offsets, _strides(u, delta, z, d_out, du), *ctx.bc_layouts, ctx.shape,
             ctx.grid + [config.warps, config.items,
                         dynamic_shared_bytes("bwd", N, config.warps, config.items, ctx.staged), int(ctx.staged)])
         grads = [du, d_delta, dA, dB, dC, dD, dz, d_bias, d_initial]
