@@ -179,12 +179,13 @@ def test_config_space():
 
 
 def default_kernels() -> list[compile_check.Instantiation]:
-    """The default tiles' kernels and the segments' (LOCAL passes, composition), every element type."""
+    """The default tiles' kernels, every element type, and the segments' (LOCAL passes: float32 and
+    bfloat16, for which float16 differs in its conversions alone; the composition)."""
     config, dtypes = cuda_scan.DEFAULT_CONFIG, ("float", "__half", "__nv_bfloat16")
     return ([compile_check.scan_kernel(phase, dtype, config.warps, config.items, staged)
              for phase in ("fwd", "bwd") for dtype in dtypes for staged in (True, False)]
-            + [compile_check.scan_segment_kernel(phase, dtype, staged)
-               for phase in ("fwd_local", "bwd_local") for dtype in dtypes for staged in (True, False)]
+            + [compile_check.scan_segment_kernel(phase, dtype, staged) for phase in ("fwd_local", "bwd_local")
+               for dtype in ("float", "__nv_bfloat16") for staged in (True, False)]
             + [compile_check.scan_segment_kernel("compose", reverse=reverse) for reverse in (False, True)])
 
 

@@ -46,6 +46,17 @@ void dispatch_scan_tiles(const std::vector<int64_t>& launch_shape, F&& f) {
   TORCH_CHECK(false, "no simulator build for warps=", warps, " items=", items);
 }
 
+// f(T{}) for the scan's element type T (the sanitized builds: float32 alone, what their test runs)
+template <class F>
+void dispatch_scan_dtype(at::ScalarType dtype, F&& f) {
+#ifdef RNNOPS_SIM_SANITIZED
+  TORCH_CHECK(dtype == at::kFloat, "the sanitized simulator builds the scan for float32 only, got ", dtype);
+  return f(float{});
+#else
+  return dispatch_dtype(dtype, f);
+#endif
+}
+
 }  // namespace
 
 void scan_forward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at::Tensor C,
@@ -56,7 +67,7 @@ void scan_forward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, at
   // strides: u, delta, z, out (b, t, d each); launch_shape: grid x, grid y, warps, items, dynamic shared bytes,
   // staged (B and C rows staged in shared memory)
   const auto s = scan_shape(shape);
-  dispatch_dtype(u.scalar_type(), [&](auto tag) {
+  dispatch_scan_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_scan_tiles(launch_shape, [&](auto w, auto i, auto staged) {
       launch(rnnops::scan::selective_scan_fwd<T, decltype(w)::value, decltype(i)::value, decltype(staged)::value>,
@@ -78,7 +89,7 @@ void scan_backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B, a
                    std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
   // strides: u, delta, z, d_out and the gradients du, d_delta, dz (b, t, d each); launch_shape as the forward's
   const auto s = scan_shape(shape);
-  dispatch_dtype(u.scalar_type(), [&](auto tag) {
+  dispatch_scan_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_scan_tiles(launch_shape, [&](auto w, auto i, auto staged) {
       launch(rnnops::scan::selective_scan_bwd<T, decltype(w)::value, decltype(i)::value, decltype(staged)::value>,
@@ -100,7 +111,7 @@ void scan_forward_local(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor
   // strides: u, delta (b, t, d each); launch_shape: grid x, grid y (segments of every sequence), the main kernels'
   // chunk, dynamic shared bytes, staged (the rows staged in shared memory)
   const auto s = scan_shape(shape);
-  dispatch_dtype(u.scalar_type(), [&](auto tag) {
+  dispatch_scan_dtype(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const auto kernel =
         launch_shape[4] ? rnnops::scan::selective_scan_fwd_local<T, true> : rnnops::scan::selective_scan_fwd_local<T, false>;
@@ -117,7 +128,7 @@ void scan_backward_local(at::Tensor delta, at::Tensor z, at::Tensor d_out, at::T
                          std::vector<int64_t> shape, std::vector<int64_t> launch_shape) {
   // strides: delta, z, d_out (b, t, d each); launch_shape as scan_forward_local's
   const auto s = scan_shape(shape);
-  dispatch_dtype(delta.scalar_type(), [&](auto tag) {
+  dispatch_scan_dtype(delta.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const auto kernel =
         launch_shape[4] ? rnnops::scan::selective_scan_bwd_local<T, true> : rnnops::scan::selective_scan_bwd_local<T, false>;
