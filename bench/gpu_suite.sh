@@ -255,19 +255,20 @@ CASES
     ab 12 selective_scan \
       --shapes "B=1,T=8192,Dm=2048,N=16" --try '{"segments": 1}' '{"segments": 1, "warps": 8}' \
       '{"segments": 4}' '{"segments": 16}'
-    # The cells' 64-wide heads: since the A/B checks at 4e23ac8 the H200 ships the Triton LSTM at
-    # two stages (its time loops software-pipelined: a step's inputs copied a step ahead with
-    # cp.async; 1.24x f+b) and the CUDA LSTM in tensor-core fragments both ways (one block barrier
-    # a step, the products in the registers of the threads that apply the cell; 1.46x); here
-    # against the former entries (one stage; the sliced kernels), and for the GRU, whose entries
-    # take neither (untimed). (Retired after that run, the CUDA cells at H12 D64 / H1 D768: their
-    # pointwise inputs read from global memory each step 0.66x / 0.93x, unpadded product tiles
-    # 0.72x / 0.64x, the 768-wide head's gate gradients one chunk a round 0.86x, the 64-wide head on
-    # four 16-unit blocks 1.09x of the sliced kernels, the forward alone in fragments 1.06x)
+    # The cells: the H200's LSTM H12 D64 entries chosen by the A/B at 4e23ac8 (Triton at two stages,
+    # CUDA in tensor-core fragments both ways) timed at f0d91df by the bench at 5.29 and 6.04 ms f+b
+    # (the A/B's 5.35 and 6.09; retired here). The GRU at H12 D64, whose entries take neither
+    # (untimed), against them; and the LSTM at H24 D32, whose Triton forward took 1.85 ms at f0d91df
+    # against FlashRNN triton_fused's 1.51 (0.82x; at H48 D16 1.10x, H12 D64 1.01x): its entry runs a
+    # 16 x 32 tile at 8 warps, here at 4 and 2. (Retired after 4e23ac8, the CUDA cells at H12 D64 /
+    # H1 D768: their pointwise inputs read from global memory each step 0.66x / 0.93x, unpadded
+    # product tiles 0.72x / 0.64x, the 768-wide head's gate gradients one chunk a round 0.86x, the
+    # 64-wide head on four 16-unit blocks 1.09x of the sliced kernels, the forward alone in
+    # fragments 1.06x)
     ab 10 rnn \
-      --shapes "cell=lstm,B=16,T=1024,H=12,D=64" "cell=gru,B=16,T=1024,H=12,D=64" \
-      --try '{"num_stages": 1}' '{"num_stages": 2}' '{"forward_fragments": 0, "backward_fragments": 0}' \
-      '{"forward_fragments": 1, "backward_fragments": 1}'
+      --shapes "cell=gru,B=16,T=1024,H=12,D=64" "cell=lstm,B=16,T=1024,H=24,D=32" \
+      --try '{"num_stages": 2}' '{"forward_fragments": 1, "backward_fragments": 1}' '{"num_warps": 4}' \
+      '{"num_warps": 2}' '{"num_warps": 4, "backward_num_warps": 4}'
     # ungated linear attention at 1 Mi tokens (B8 T8192 H16): the H200's entry there is the former
     # one (two-pass forward at 8 warps), where 512 Ki tokens ships the fused forward with 4-warp
     # chunk kernels since the A/B at 4e23ac8 (1.25x f+b; f0d91df timed the former there at 0.94x

@@ -131,9 +131,10 @@ def test_segments(config, staged):
     """Each sequence split into segments walked by blocks of their own (the LOCAL passes, the
     composition, then the main kernels from the values it gives): T = 37 in 4-step chunks is 10
     chunks, in 4 segments of 3, 3, 3 and 1 or in 8 of 2 (the last three empty); in 8-step chunks and
-    3 segments of 2 chunks (B and C from global memory: C grouped in 2-channel groups); 16 capped at
-    the 2 chunks of 32 steps. With an initial state, D, z and delta_bias, every gradient."""
-    x = make_inputs(T=37, Dm=96 if staged else 6, layout_B="grouped" if staged else "shared")
+    3 segments of 2 chunks (B and C from global memory: C grouped in 2-channel groups); the shipped
+    4 x 8 tile's 16 capped at the 2 chunks of 32 steps. Staged: B and C shared, Dm 40 (a second
+    block, 8 channels live). With an initial state, D, z and delta_bias, every gradient."""
+    x = make_inputs(T=37, Dm=40 if staged else 6, layout_C="shared" if staged else "grouped")
     compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")
 
 
