@@ -37,6 +37,7 @@ import test_triton_linear_attn as linear_tests
 import test_triton_rnn as rnn_tests
 import test_triton_selective_scan as scan_tests
 import torch
+from rnnops.autotune import cache, kernels
 from conftest import as_float64, rel_err, run_with_grads
 
 BOUNDS = {"triton": 1e-4, "cuda": 1e-5}
@@ -106,6 +107,9 @@ def scan_case(rng: random.Random):
              layout_B=layouts[0], layout_C=layouts[1], initial=rng.random() < 0.5, extras=rng.random() < 0.7,
              A_scale=rng.choice([1.0, 3.0, 50.0]))
     softplus, time_contiguous = rng.random() < 0.8, rng.random() < 0.3
+    # each sequence in segments walked apart (both backends' ``segments``), in short chunks so that
+    # a short sequence has several (some segments empty where there are more than chunks)
+    segments = rng.choice([1, 1, 2, 3, 8])
     offsets = _packed(rng, p["T"]) if packed else None
     cu = None if offsets is None else torch.tensor(offsets)
 
@@ -122,8 +126,15 @@ def scan_case(rng: random.Random):
                     x[name] = x[name].transpose(1, 2).contiguous().transpose(1, 2)
         return x
 
-    return (dict(p, softplus=softplus, time_contiguous=time_contiguous, offsets=offsets), make,
-            lambda backend, **kw: scan_tests.scan(backend, softplus=softplus, cu_seqlens=cu, **kw))
+    def op(backend, **kw):
+        tiles = {"triton": {"chunk": 16}, "cuda": {"warps": 1, "items": 4}}.get(backend)
+        if segments == 1 or tiles is None:
+            return scan_tests.scan(backend, softplus=softplus, cu_seqlens=cu, **kw)
+        bucket = kernels.bucket("selective_scan", kernels.selective_scan_shape(kw["u"], kw["A"]), kw["u"].dtype)
+        with cache.override("selective_scan", backend, bucket, dict(tiles, segments=segments)):
+            return scan_tests.scan(backend, softplus=softplus, cu_seqlens=cu, **kw)
+
+    return (dict(p, softplus=softplus, time_contiguous=time_contiguous, offsets=offsets, segments=segments), make, op)
 
 
 def rnn_case(rng: random.Random):
