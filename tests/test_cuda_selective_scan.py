@@ -133,8 +133,9 @@ def test_segments(config, staged):
     chunks, in 4 segments of 3, 3, 3 and 1 or in 8 of 2 (the last three empty); in 8-step chunks and
     3 segments of 2 chunks (B and C from global memory: C grouped in 2-channel groups); the shipped
     4 x 8 tile's 16 capped at the 2 chunks of 32 steps. Staged: B and C shared, Dm 40 (a second
-    block, 8 channels live). With an initial state, D, z and delta_bias, every gradient."""
-    x = make_inputs(T=37, Dm=40 if staged else 6, layout_C="shared" if staged else "grouped")
+    block, 8 channels live), N 20 (the LOCAL passes carry 16 state elements at a time: two runs,
+    the second partial). With an initial state, D, z and delta_bias, every gradient."""
+    x = make_inputs(T=37, Dm=40 if staged else 6, N=20 if staged else 4, layout_C="shared" if staged else "grouped")
     compare_backends(lambda backend, **kw: rnnops_scan(backend, config, **kw), x, 1e-5, test="cuda")
 
 
