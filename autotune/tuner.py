@@ -525,9 +525,10 @@ class _Tuning:
             if len(seeds) == 1:  # no change is about this kernel (another backend's): nothing to compare
                 return result
             cap = len(seeds)
+        neighbourhood = search.Neighbourhood(ranked)  # (the exhaustive check searches the space twice)
         found = search.coordinate_search(ranked, ranked if self.exhaustive else seeds, measure,
                                          count if self.exhaustive else cap, should_stop=self.over_budget,
-                                         prepare=shape_timer.prepare)
+                                         prepare=shape_timer.prepare, neighbourhood=neighbourhood)
         result.timings = [(dict(key), seconds) for key, seconds in found.timings.items()]
         if self.tries is not None:  # where each change gained or lost, kernel by kernel
             for config, seconds in result.timings:
@@ -542,7 +543,8 @@ class _Tuning:
                     break
                 result.kernel_seconds.append(profile)
         if self.exhaustive and found.measured == count and found.seconds:
-            replay = search.coordinate_search(ranked, seeds, lambda c: found.timings[search.config_key(c)], cap)
+            replay = search.coordinate_search(ranked, seeds, lambda c: found.timings[search.config_key(c)], cap,
+                                              neighbourhood=neighbourhood)
             if replay.seconds:
                 result.notes.insert(0, f"search alone: {replay.seconds / found.seconds:.3f}x the best, "
                                        f"measuring {replay.measured} of {count}")  # first: the table cuts notes

@@ -410,7 +410,7 @@ def _synthetic_landscape(ranked, seed, layout=None):
     ("rnn", {"cell": "lstm", "B": 16, "T": 1024, "H": 6, "D": 128}),
 ])
 def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
-    from rnnops.autotune.search import coordinate_search, measurement_cap, movable_variables
+    from rnnops.autotune.search import Neighbourhood, coordinate_search, measurement_cap, movable_variables
 
     tunable = kernels.find(op, "triton")
     count, ranked = tuner.rank(tunable, shape, torch.bfloat16, hardware.named("H100"))
@@ -419,12 +419,12 @@ def test_search_gets_near_the_best_measuring_a_tenth_of_the_space(op, shape):
     assert variables == len(ranked[0]) - {"delta_rule": 2, "rnn": 1}[op]
     cap = measurement_cap(count, variables)
     assert cap == min(-(-count // 10), max(48, 7 * variables))
-    near, top_near, layout = 0, 0, _LandscapeLayout(ranked)
+    near, top_near, layout, neighbourhood = 0, 0, _LandscapeLayout(ranked), Neighbourhood(ranked)
     for seed in range(40):
         seconds = _synthetic_landscape(ranked, seed, layout)
         calls = []
         found = coordinate_search(ranked, ranked[:2], lambda c, calls=calls, seconds=seconds: calls.append(c)
-                                  or seconds(c), cap)
+                                  or seconds(c), cap, neighbourhood=neighbourhood)
         best = min(seconds.all)
         assert found.measured == len(calls) <= cap and len({tuple(sorted(c.items())) for c in calls}) == len(calls)
         assert found.seconds == min(map(seconds, calls))

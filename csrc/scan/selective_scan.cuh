@@ -1109,7 +1109,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1)
   }
 }
 
-
 // ---------------------------------------------------------------- segments
 //
 // A sequence split into shape.segments runs of chunks (block_span), walked in parallel: for batches
