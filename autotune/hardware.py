@@ -160,22 +160,24 @@ def from_device(index: int = 0) -> Hardware:
 
 
 @functools.cache
+def _device_hardware(device) -> Hardware | None:
+    """from_device of a CUDA ``device`` (its index, or the current device); None for other devices."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return from_device(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def sm_registers(device) -> int | None:
     """The 32-bit registers of one SM of a CUDA ``device`` (from_device); None for other devices
     (Triton's interpreter: no limit)."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    return from_device(device.index if device.index is not None else torch.cuda.current_device()).registers_per_sm
+    hardware = _device_hardware(device)
+    return None if hardware is None else hardware.registers_per_sm
 
 
-@functools.cache
 def block_shared_memory(device) -> int | None:
     """The opt-in shared memory of one block on a CUDA ``device`` (from_device); None for other
     devices (Triton's interpreter, the CUDA simulator: no limit)."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    return from_device(device.index if device.index is not None else torch.cuda.current_device()).shared_memory_per_block
+    hardware = _device_hardware(device)
+    return None if hardware is None else hardware.shared_memory_per_block
