@@ -1185,6 +1185,24 @@ struct LocalSteps {
   }
 };
 
+// e^(dt A) = 2^(dt a2): channel d's a2 of state elements [n0, n0 + kLocalStates) (0 past N or for a
+// dead lane), a LOCAL pass's run of them
+__device__ __forceinline__ void local_decays(float (&a2)[kLocalStates], const float* A, int d, int N, int n0,
+                                             bool live) {
+#pragma unroll
+  for (int j = 0; j < kLocalStates; ++j) a2[j] = (live && n0 + j < N) ? A[d * N + n0 + j] * kLog2e : 0.0f;
+}
+
+// A lane's values of a run into row ``span`` of a (spans, Dm, N) fp32 buffer (a live lane's, and
+// state elements below N only)
+__device__ __forceinline__ void store_local_run(float* to, const float (&v)[kLocalStates], int span, int Dm, int d,
+                                                int N, int n0, bool live) {
+  if (live)
+#pragma unroll
+    for (int j = 0; j < kLocalStates; ++j)
+      if (n0 + j < N) to[(span * (long long)Dm + d) * N + n0 + j] = v[j];
+}
+
 // Forward LOCAL pass: per segment (blockIdx.y, as block_span with the main kernels' chunk) and
 // channel, its end state from a zero state into segment_states (spans, Dm, N) and its sum of dt
 // into dt_sums (spans, Dm).
@@ -1202,12 +1220,8 @@ __global__ void __launch_bounds__(32, 1)
   const float bias = (live && shape.has_bias) ? delta_bias[d] : 0.0f;
   float dt_sum = 0.0f;
   for (int n0 = 0; n0 < N; n0 += kLocalStates) {
-    float x[kLocalStates], a2[kLocalStates];
-#pragma unroll
-    for (int j = 0; j < kLocalStates; ++j) {
-      a2[j] = (live && n0 + j < N) ? A[d * N + n0 + j] * kLog2e : 0.0f;  // e^(dt A) = 2^(dt a2)
-      x[j] = 0.0f;
-    }
+    float x[kLocalStates] = {}, a2[kLocalStates];
+    local_decays(a2, A, d, N, n0, live);
     for (long long t0 = bos; t0 < eos; t0 += kLocalItems) {
       const int items = live ? steps_before<kLocalItems>(t0, eos) : 0;
       float raw[kLocalItems], uu[kLocalItems];
@@ -1232,10 +1246,7 @@ __global__ void __launch_bounds__(32, 1)
         }
       }
     }
-    if (live)
-#pragma unroll
-      for (int j = 0; j < kLocalStates; ++j)
-        if (n0 + j < N) segment_states[(span * (long long)Dm + d) * N + n0 + j] = x[j];
+    store_local_run(segment_states, x, span, Dm, d, N, n0, live);
   }
   if (live) dt_sums[span * (long long)Dm + d] = dt_sum;
 }
@@ -1260,12 +1271,8 @@ __global__ void __launch_bounds__(32, 1)
   const long long blocks = (eos - bos + kLocalItems - 1) / kLocalItems;
   float dt_sum = 0.0f;
   for (int n0 = 0; n0 < N; n0 += kLocalStates) {
-    float g[kLocalStates], a2[kLocalStates];  // g: e^(dt_{t+1} A) dx_{t+1}, the gradient passed to x_t
-#pragma unroll
-    for (int j = 0; j < kLocalStates; ++j) {
-      a2[j] = (live && n0 + j < N) ? A[d * N + n0 + j] * kLog2e : 0.0f;
-      g[j] = 0.0f;
-    }
+    float g[kLocalStates] = {}, a2[kLocalStates];  // g: e^(dt_{t+1} A) dx_{t+1}, the gradient passed to x_t
+    local_decays(a2, A, d, N, n0, live);
     for (long long k = blocks - 1; k >= 0; --k) {
       const long long t0 = bos + k * kLocalItems;
       const int items = live ? steps_before<kLocalItems>(t0, eos) : 0;
@@ -1292,10 +1299,7 @@ __global__ void __launch_bounds__(32, 1)
         }
       }
     }
-    if (live)
-#pragma unroll
-      for (int j = 0; j < kLocalStates; ++j)
-        if (n0 + j < N) segment_grads[(span * (long long)Dm + d) * N + n0 + j] = g[j];
+    store_local_run(segment_grads, g, span, Dm, d, N, n0, live);
   }
   if (live) dt_sums[span * (long long)Dm + d] = dt_sum;
 }
